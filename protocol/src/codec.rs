@@ -1,0 +1,433 @@
+//! The one codec: bincode configuration, envelope versioning and framing.
+//!
+//! A frame is a big-endian `u32` payload length followed by the payload, a bincode
+//! encoding of an [`Envelope`] under [`config`]. The payload starts with the sender's
+//! protocol version, which is checked before the rest is decoded, so a peer of another
+//! version gets [`FrameError::VersionMismatch`], not a garbled message.
+//!
+//! Changing the wire format (another serializer, other options) is a change to this
+//! file only. The byte fixtures in the tests below fail on any accidental change.
+
+use bincode::config::{Configuration, Limit, Varint};
+use bytes::{Buf, BytesMut};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::messages::{Envelope, Message};
+use crate::PROTOCOL_VERSION;
+
+/// Length of the frame header.
+pub const HEADER_LEN: usize = 4;
+
+/// Hard ceiling for any decode, whatever the configured frame limit: bincode refuses to
+/// allocate beyond it even if a length field inside a payload claims more.
+pub const DECODE_LIMIT: usize = 64 << 20;
+
+type WireConfig = Configuration<bincode::config::LittleEndian, Varint, Limit<DECODE_LIMIT>>;
+
+/// The pinned bincode configuration.
+pub const fn config() -> WireConfig {
+    bincode::config::standard().with_limit::<DECODE_LIMIT>()
+}
+
+/// What can go wrong turning bytes into messages and back.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    /// The frame's declared payload length exceeds the limit.
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge {
+        /// Declared or actual payload length.
+        len: usize,
+        /// The limit in force.
+        max: usize,
+    },
+    /// The payload is not a valid envelope.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    /// The peer speaks another protocol version.
+    #[error("protocol version mismatch: peer speaks version {theirs}, this side speaks {ours}")]
+    VersionMismatch {
+        /// The peer's version.
+        theirs: u16,
+        /// Ours.
+        ours: u16,
+    },
+    /// A value could not be encoded (a bug, not a peer's fault).
+    #[error("cannot encode: {0}")]
+    Encode(String),
+}
+
+/// Encodes any serde value under the pinned configuration (no framing).
+pub fn encode_value<T: Serialize>(value: &T) -> Result<Vec<u8>, FrameError> {
+    bincode::serde::encode_to_vec(value, config()).map_err(|e| FrameError::Encode(e.to_string()))
+}
+
+/// Decodes a value encoded by [`encode_value`]; trailing bytes are an error.
+pub fn decode_value<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FrameError> {
+    let (value, used) = bincode::serde::decode_from_slice(bytes, config())
+        .map_err(|e| FrameError::Malformed(e.to_string()))?;
+    if used != bytes.len() {
+        return Err(FrameError::Malformed(format!(
+            "{} trailing bytes after the value",
+            bytes.len() - used
+        )));
+    }
+    Ok(value)
+}
+
+/// A whole frame (header and payload) carrying `message` at [`PROTOCOL_VERSION`].
+pub fn encode_frame(message: &Message, max_frame: usize) -> Result<Vec<u8>, FrameError> {
+    encode_envelope(
+        &Envelope {
+            version: PROTOCOL_VERSION,
+            message: message.clone(),
+        },
+        max_frame,
+    )
+}
+
+/// A whole frame carrying `envelope` as it is (tests use it to speak other versions).
+pub fn encode_envelope(envelope: &Envelope, max_frame: usize) -> Result<Vec<u8>, FrameError> {
+    let mut out = vec![0; HEADER_LEN];
+    bincode::serde::encode_into_std_write(envelope, &mut out, config())
+        .map_err(|e| FrameError::Encode(e.to_string()))?;
+    let len = out.len() - HEADER_LEN;
+    if len > max_frame {
+        return Err(FrameError::TooLarge { len, max: max_frame });
+    }
+    out[..HEADER_LEN].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(out)
+}
+
+/// The payload length a header declares, checked against `max_frame`.
+pub fn payload_len(header: [u8; HEADER_LEN], max_frame: usize) -> Result<usize, FrameError> {
+    let len = u32::from_be_bytes(header) as usize;
+    if len > max_frame {
+        return Err(FrameError::TooLarge { len, max: max_frame });
+    }
+    Ok(len)
+}
+
+/// Decodes one payload: version first, then the message; trailing bytes are an error.
+pub fn decode_payload(payload: &[u8]) -> Result<Envelope, FrameError> {
+    let (version, used): (u16, usize) = bincode::serde::decode_from_slice(payload, config())
+        .map_err(|e| FrameError::Malformed(format!("no version: {e}")))?;
+    if version != PROTOCOL_VERSION {
+        return Err(FrameError::VersionMismatch {
+            theirs: version,
+            ours: PROTOCOL_VERSION,
+        });
+    }
+    let message: Message = decode_value(&payload[used..])?;
+    Ok(Envelope { version, message })
+}
+
+/// Incremental frame decoder over a byte buffer, in the manner of mini-redis: partial
+/// input is `Ok(None)` ("incomplete"), bad input is an error, and a complete frame is
+/// consumed from the buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct FrameDecoder {
+    max_frame: usize,
+}
+
+impl FrameDecoder {
+    /// A decoder that refuses payloads longer than `max_frame`.
+    pub fn new(max_frame: usize) -> Self {
+        Self { max_frame }
+    }
+
+    /// Takes one frame from the front of `buf` if it holds a whole one.
+    pub fn decode(&self, buf: &mut BytesMut) -> Result<Option<Envelope>, FrameError> {
+        if buf.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let header: [u8; HEADER_LEN] = buf[..HEADER_LEN].try_into().expect("length checked");
+        let len = payload_len(header, self.max_frame)?;
+        if buf.len() < HEADER_LEN + len {
+            buf.reserve(HEADER_LEN + len - buf.len());
+            return Ok(None);
+        }
+        buf.advance(HEADER_LEN);
+        let payload = buf.split_to(len);
+        decode_payload(&payload).map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inventory::*;
+    use crate::messages::*;
+    use proptest::prelude::*;
+    use uuid::Uuid;
+
+    fn frame(m: &Message) -> Vec<u8> {
+        encode_frame(m, crate::DEFAULT_MAX_FRAME).unwrap()
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Byte fixtures: a change here is a wire change and needs a PROTOCOL_VERSION bump.
+    #[test]
+    fn wire_fixtures_are_stable() {
+        let cases: Vec<(Message, &str)> = vec![
+            (
+                Message::error(ErrorCode::TokenUsed, "used"),
+                "000000080100030475736564",
+            ),
+            (
+                Message::Hello(Hello {
+                    protocol_version: 1,
+                    agent_version: "0.1.0".into(),
+                    boot_epoch: 1_700_000_000,
+                }),
+                "0000000e01010105302e312e30fc00f15365",
+            ),
+            (
+                Message::Heartbeat(Heartbeat {
+                    seq: 3,
+                    sent_at_ms: 1_700_000_000_000,
+                    uptime_secs: 60,
+                    load_avg_1m: 0.5,
+                    memory_used_bytes: 1024,
+                    inventory_digest: [0xab; 32],
+                }),
+                "00000038010503fd00d0ca9f170300003c000000000000e03ffb0004abababababababababababababababababababababababababababababababab",
+            ),
+            (Message::Ping(Ping { nonce: 42 }), "00000003010b2a"),
+            (
+                Message::HelloAck(HelloAck {
+                    protocol_version: 1,
+                    controller_version: "0.1.0".into(),
+                    agent_id: Uuid::from_u128(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef),
+                    server_time_ms: 5,
+                    heartbeat_interval_ms: 10_000,
+                }),
+                "0000001e01020105302e312e30100123456789abcdef0123456789abcdef0afb1027",
+            ),
+        ];
+        for (message, expected) in cases {
+            assert_eq!(hex(&frame(&message)), expected, "fixture of {}", message.kind());
+            let mut buf = BytesMut::from(&frame(&message)[..]);
+            let env = FrameDecoder::new(1 << 20).decode(&mut buf).unwrap().unwrap();
+            assert_eq!(env.message, message);
+        }
+    }
+
+    #[test]
+    fn partial_input_is_incomplete_not_an_error() {
+        let bytes = frame(&Message::Ping(Ping { nonce: 7 }));
+        let decoder = FrameDecoder::new(1 << 20);
+        for cut in 0..bytes.len() {
+            let mut buf = BytesMut::from(&bytes[..cut]);
+            assert_eq!(decoder.decode(&mut buf), Ok(None), "cut at {cut}");
+            assert_eq!(buf.len(), cut, "incomplete input is left in place");
+        }
+    }
+
+    #[test]
+    fn oversized_frames_are_refused_from_the_header() {
+        let decoder = FrameDecoder::new(100);
+        let mut buf = BytesMut::from(&101u32.to_be_bytes()[..]);
+        assert_eq!(
+            decoder.decode(&mut buf),
+            Err(FrameError::TooLarge { len: 101, max: 100 })
+        );
+        let big = Message::error(ErrorCode::Internal, "x".repeat(200));
+        assert!(matches!(
+            encode_frame(&big, 100),
+            Err(FrameError::TooLarge { max: 100, .. })
+        ));
+    }
+
+    #[test]
+    fn garbage_is_malformed_and_other_versions_are_named() {
+        let decoder = FrameDecoder::new(1 << 20);
+        let mut buf = BytesMut::from(&[0, 0, 0, 3, 1, 0xff, 0xff][..]);
+        assert!(matches!(decoder.decode(&mut buf), Err(FrameError::Malformed(_))));
+
+        let other = Envelope {
+            version: 9,
+            message: Message::Ping(Ping { nonce: 1 }),
+        };
+        let mut buf = BytesMut::from(&encode_envelope(&other, 1 << 20).unwrap()[..]);
+        assert_eq!(
+            decoder.decode(&mut buf),
+            Err(FrameError::VersionMismatch { theirs: 9, ours: PROTOCOL_VERSION })
+        );
+
+        let mut trailing = frame(&Message::Ping(Ping { nonce: 1 }));
+        trailing.push(0);
+        trailing[3] += 1;
+        let mut buf = BytesMut::from(&trailing[..]);
+        assert!(matches!(decoder.decode(&mut buf), Err(FrameError::Malformed(_))));
+    }
+
+    #[test]
+    fn two_frames_in_one_buffer_decode_in_order() {
+        let a = Message::Ping(Ping { nonce: 1 });
+        let b = Message::Pong(Pong { nonce: 2 });
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&frame(&a));
+        buf.extend_from_slice(&frame(&b));
+        let d = FrameDecoder::new(1 << 20);
+        assert_eq!(d.decode(&mut buf).unwrap().unwrap().message, a);
+        assert_eq!(d.decode(&mut buf).unwrap().unwrap().message, b);
+        assert_eq!(d.decode(&mut buf), Ok(None));
+    }
+
+    fn text() -> impl Strategy<Value = String> {
+        "[ -~]{0,24}"
+    }
+
+    fn opt_text() -> impl Strategy<Value = Option<String>> {
+        proptest::option::of(text())
+    }
+
+    fn inventory() -> impl Strategy<Value = Inventory> {
+        (
+            any::<i64>(),
+            opt_text(),
+            (opt_text(), any::<u32>(), proptest::collection::vec(text(), 0..4)),
+            (any::<u64>(), any::<u64>()),
+            proptest::collection::vec((text(), opt_text(), proptest::option::of(any::<bool>())), 0..3),
+            proptest::collection::vec((text(), opt_text(), proptest::option::of(any::<u32>())), 0..3),
+            proptest::option::of((any::<u32>(), proptest::option::of(any::<u32>()))),
+        )
+            .prop_map(|(at, host, (brand, cpus, flags), (mem, swap), disks, nics, pk)| Inventory {
+                collected_at_ms: at,
+                hostname: host,
+                cpu: CpuInfo {
+                    brand,
+                    logical_cpus: cpus,
+                    flags,
+                    caches: vec![CacheInfo { level: 1, kind: "Data".into(), size_bytes: 32768, shared_by_cpus: Some(2) }],
+                    ..Default::default()
+                },
+                memory: MemoryInfo { total_bytes: mem, swap_total_bytes: swap },
+                disks: disks
+                    .into_iter()
+                    .map(|(device, model, rotational)| Disk {
+                        device,
+                        model,
+                        rotational,
+                        mounts: vec![Mount { mount_point: "/".into(), filesystem: "ext4".into(), total_bytes: 1 }],
+                        ..Default::default()
+                    })
+                    .collect(),
+                nics: nics
+                    .into_iter()
+                    .map(|(name, mac, speed_mbps)| Nic { name, mac, speed_mbps, ..Default::default() })
+                    .collect(),
+                packages: pk.map(|(installed, pending)| PackageInfo {
+                    manager: "dpkg".into(),
+                    installed,
+                    pending_updates: pending,
+                    pending_security_updates: None,
+                }),
+                ..Default::default()
+            })
+    }
+
+    fn issued() -> impl Strategy<Value = IssuedCertificate> {
+        (text(), text(), any::<i64>(), any::<i64>()).prop_map(|(cert_pem, serial, a, b)| {
+            IssuedCertificate { cert_pem, serial, issued_at_ms: a, not_after_ms: b }
+        })
+    }
+
+    fn error_code() -> impl Strategy<Value = ErrorCode> {
+        prop_oneof![
+            Just(ErrorCode::VersionMismatch),
+            Just(ErrorCode::TokenUnknown),
+            Just(ErrorCode::TokenExpired),
+            Just(ErrorCode::TokenUsed),
+            Just(ErrorCode::CsrRejected),
+            Just(ErrorCode::Unexpected),
+            Just(ErrorCode::Revoked),
+            Just(ErrorCode::Internal),
+        ]
+    }
+
+    /// Every variant of [`Message`]; the match in `kind()` keeps this list honest.
+    fn message() -> impl Strategy<Value = Message> {
+        prop_oneof![
+            (error_code(), text()).prop_map(|(code, message)| Message::Error(ErrorReply { code, message })),
+            (any::<u16>(), text(), any::<u64>()).prop_map(|(p, v, b)| Message::Hello(Hello {
+                protocol_version: p,
+                agent_version: v,
+                boot_epoch: b
+            })),
+            (any::<u16>(), text(), any::<u128>(), any::<i64>(), any::<u64>()).prop_map(
+                |(p, v, id, t, hb)| Message::HelloAck(HelloAck {
+                    protocol_version: p,
+                    controller_version: v,
+                    agent_id: Uuid::from_u128(id),
+                    server_time_ms: t,
+                    heartbeat_interval_ms: hb
+                })
+            ),
+            (any::<u16>(), any::<[u8; 32]>(), text(), text(), text()).prop_map(|(p, s, c, h, v)| {
+                Message::EnrollRequest(EnrollRequest {
+                    protocol_version: p,
+                    token_secret: s,
+                    csr_pem: c,
+                    hostname: h,
+                    agent_version: v,
+                })
+            }),
+            (any::<u128>(), issued(), text(), proptest::collection::vec(text(), 0..3), text()).prop_map(
+                |(id, certificate, ca_pem, controller_addresses, server_name)| Message::Enrolled(Enrolled {
+                    agent_id: Uuid::from_u128(id),
+                    certificate,
+                    ca_pem,
+                    controller_addresses,
+                    server_name
+                })
+            ),
+            (any::<u64>(), any::<i64>(), any::<u64>(), -1e9f64..1e9, any::<u64>(), any::<[u8; 32]>())
+                .prop_map(|(seq, sent_at_ms, uptime_secs, load_avg_1m, memory_used_bytes, inventory_digest)| {
+                    Message::Heartbeat(Heartbeat { seq, sent_at_ms, uptime_secs, load_avg_1m, memory_used_bytes, inventory_digest })
+                }),
+            (any::<i64>(), any::<bool>()).prop_map(|(t, w)| Message::HeartbeatAck(HeartbeatAck {
+                server_time_ms: t,
+                inventory_wanted: w
+            })),
+            inventory().prop_map(|i| Message::InventoryReport(Box::new(i))),
+            any::<bool>().prop_map(|changed| Message::InventoryAck(InventoryAck { changed })),
+            text().prop_map(|csr_pem| Message::RenewRequest(RenewRequest { csr_pem })),
+            issued().prop_map(Message::Renewed),
+            any::<u64>().prop_map(|nonce| Message::Ping(Ping { nonce })),
+            any::<u64>().prop_map(|nonce| Message::Pong(Pong { nonce })),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn every_message_round_trips(m in message()) {
+            let bytes = frame(&m);
+            let mut buf = BytesMut::from(&bytes[..]);
+            let env = FrameDecoder::new(1 << 20).decode(&mut buf).unwrap().unwrap();
+            prop_assert_eq!(env.version, PROTOCOL_VERSION);
+            prop_assert_eq!(env.message, m);
+            prop_assert!(buf.is_empty());
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic_and_never_overrun(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let mut buf = BytesMut::from(&bytes[..]);
+            let before = buf.len();
+            match FrameDecoder::new(128).decode(&mut buf) {
+                Ok(None) => prop_assert_eq!(buf.len(), before),
+                Ok(Some(_)) | Err(FrameError::Malformed(_)) | Err(FrameError::VersionMismatch { .. }) => {
+                    let len = u32::from_be_bytes(bytes[..4].try_into().unwrap()) as usize;
+                    prop_assert!(len <= 128);
+                    prop_assert_eq!(buf.len(), before - HEADER_LEN - len);
+                }
+                Err(FrameError::TooLarge { len, max }) => prop_assert!(len > max),
+                Err(FrameError::Encode(_)) => prop_assert!(false, "decoding never encodes"),
+            }
+        }
+    }
+}

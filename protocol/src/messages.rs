@@ -1,0 +1,245 @@
+//! Every message an agent and the controller exchange.
+//!
+//! One exchange is one bidirectional QUIC stream: the side that opens it writes one
+//! request frame and finishes its half, the other side answers with one frame. The
+//! agent opens streams for reports (hello, heartbeats, inventory, renewal); the
+//! controller opens streams for commands (ping now; validation and control later).
+//!
+//! Variants are only ever appended: bincode encodes a variant by its position, and
+//! `Error` stays first so that a peer of another version can still read why it was
+//! refused.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::clock::UnixMillis;
+use crate::inventory::Inventory;
+
+/// What travels in one frame: the protocol version and one message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// [`crate::PROTOCOL_VERSION`] of the sender.
+    pub version: u16,
+    /// The message itself.
+    pub message: Message,
+}
+
+/// The closed set of messages.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Message {
+    /// The request could not be served; the stream ends here.
+    Error(ErrorReply),
+    /// Agent → controller: first exchange of every session.
+    Hello(Hello),
+    /// Controller → agent: the session is accepted.
+    HelloAck(HelloAck),
+    /// Agent → controller (enrollment endpoint): a join token and a CSR.
+    EnrollRequest(EnrollRequest),
+    /// Controller → agent: the agent's identity and certificate.
+    Enrolled(Enrolled),
+    /// Agent → controller: still alive, with a few live figures.
+    Heartbeat(Heartbeat),
+    /// Controller → agent: heartbeat recorded.
+    HeartbeatAck(HeartbeatAck),
+    /// Agent → controller: the full host inventory.
+    InventoryReport(Box<Inventory>),
+    /// Controller → agent: inventory stored.
+    InventoryAck(InventoryAck),
+    /// Agent → controller: a CSR for a fresh certificate before the current one expires.
+    RenewRequest(RenewRequest),
+    /// Controller → agent: the renewed certificate.
+    Renewed(IssuedCertificate),
+    /// Controller → agent: are you there (round-trip measurement).
+    Ping(Ping),
+    /// Agent → controller: answer to [`Message::Ping`].
+    Pong(Pong),
+}
+
+impl Message {
+    /// A short name for logs and errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Error(_) => "error",
+            Message::Hello(_) => "hello",
+            Message::HelloAck(_) => "hello-ack",
+            Message::EnrollRequest(_) => "enroll-request",
+            Message::Enrolled(_) => "enrolled",
+            Message::Heartbeat(_) => "heartbeat",
+            Message::HeartbeatAck(_) => "heartbeat-ack",
+            Message::InventoryReport(_) => "inventory-report",
+            Message::InventoryAck(_) => "inventory-ack",
+            Message::RenewRequest(_) => "renew-request",
+            Message::Renewed(_) => "renewed",
+            Message::Ping(_) => "ping",
+            Message::Pong(_) => "pong",
+        }
+    }
+
+    /// An error reply with `code` and a human message.
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        Message::Error(ErrorReply {
+            code,
+            message: message.into(),
+        })
+    }
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    /// What went wrong, for programs.
+    pub code: ErrorCode,
+    /// What went wrong, for people.
+    pub message: String,
+}
+
+impl std::fmt::Display for ErrorReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}: {}", self.code, self.message)
+    }
+}
+
+/// Error codes carried in [`ErrorReply`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// The peers speak different protocol versions.
+    VersionMismatch,
+    /// The join token is not known to this controller.
+    TokenUnknown,
+    /// The join token has expired.
+    TokenExpired,
+    /// The join token was already used.
+    TokenUsed,
+    /// The certificate signing request is unusable.
+    CsrRejected,
+    /// The message is not valid here (wrong order, wrong endpoint).
+    Unexpected,
+    /// The agent has been revoked.
+    Revoked,
+    /// The controller failed to serve a valid request.
+    Internal,
+}
+
+/// First message of every agent session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The agent's [`crate::PROTOCOL_VERSION`].
+    pub protocol_version: u16,
+    /// The agent's software version.
+    pub agent_version: String,
+    /// Host boot time (seconds since the epoch); part of usage idempotency keys later.
+    pub boot_epoch: u64,
+}
+
+/// Acceptance of a session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HelloAck {
+    /// The controller's [`crate::PROTOCOL_VERSION`].
+    pub protocol_version: u16,
+    /// The controller's software version.
+    pub controller_version: String,
+    /// The agent id the controller read from the verified certificate.
+    pub agent_id: Uuid,
+    /// The controller's wall clock, for skew warnings.
+    pub server_time_ms: UnixMillis,
+    /// How often the controller expects heartbeats; liveness is judged against it.
+    pub heartbeat_interval_ms: u64,
+}
+
+/// Join request sent to the enrollment endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnrollRequest {
+    /// The agent's [`crate::PROTOCOL_VERSION`].
+    pub protocol_version: u16,
+    /// The secret part of the join token.
+    pub token_secret: [u8; 32],
+    /// PEM certificate signing request made from the agent's locally generated key.
+    /// Only its public key is used: names are chosen by the controller.
+    pub csr_pem: String,
+    /// The host name, for people reading the registry.
+    pub hostname: String,
+    /// The agent's software version.
+    pub agent_version: String,
+}
+
+/// A certificate issued by the controller's CA.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IssuedCertificate {
+    /// PEM of the certificate.
+    pub cert_pem: String,
+    /// Serial number, lower-case hex.
+    pub serial: String,
+    /// When the controller issued it (its `not_before` is set a little earlier for skew).
+    pub issued_at_ms: UnixMillis,
+    /// End of validity.
+    pub not_after_ms: UnixMillis,
+}
+
+/// Successful enrollment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Enrolled {
+    /// The identity the controller chose; also the certificate's URI SAN.
+    pub agent_id: Uuid,
+    /// The agent certificate.
+    pub certificate: IssuedCertificate,
+    /// PEM of the controller CA (its SHA-256 must equal the token's pinned fingerprint).
+    pub ca_pem: String,
+    /// Where to open mutually authenticated sessions (`host:port`).
+    pub controller_addresses: Vec<String>,
+    /// TLS server name to verify on those sessions.
+    pub server_name: String,
+}
+
+/// Periodic liveness report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// Increases by one per heartbeat within a session.
+    pub seq: u64,
+    /// Agent wall clock when sent.
+    pub sent_at_ms: UnixMillis,
+    /// Host uptime in seconds.
+    pub uptime_secs: u64,
+    /// One-minute load average.
+    pub load_avg_1m: f64,
+    /// Memory in use, bytes.
+    pub memory_used_bytes: u64,
+    /// SHA-256 of the inventory the agent last reported (all zero when none).
+    pub inventory_digest: [u8; 32],
+}
+
+/// Heartbeat recorded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeartbeatAck {
+    /// The controller's wall clock.
+    pub server_time_ms: UnixMillis,
+    /// The controller does not hold the inventory with the heartbeat's digest; send it.
+    pub inventory_wanted: bool,
+}
+
+/// Inventory stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InventoryAck {
+    /// The controller recorded a change against the previous inventory.
+    pub changed: bool,
+}
+
+/// Certificate renewal request, sent over an authenticated session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RenewRequest {
+    /// PEM CSR of a freshly generated key.
+    pub csr_pem: String,
+}
+
+/// Round-trip probe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ping {
+    /// Echoed in the [`Pong`].
+    pub nonce: u64,
+}
+
+/// Answer to a [`Ping`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Pong {
+    /// The ping's nonce.
+    pub nonce: u64,
+}
