@@ -1,0 +1,19 @@
+//! The Surplus host agent.
+//!
+//! It enrolls once with a join token ([`enroll`]), then keeps a mutually authenticated
+//! QUIC session with the controller ([`session`]): hello, inventory ([`inventory`]),
+//! heartbeats, certificate renewal, and answers to the controller's requests. It never
+//! runs an arbitrary command: what the controller may ask for is a closed set of
+//! messages matched in one place.
+
+pub mod backoff;
+pub mod config;
+pub mod enroll;
+pub mod identity;
+pub mod inventory;
+pub mod net;
+pub mod session;
+
+pub use config::{AgentConfig, LogFormat};
+pub use identity::Identity;
+pub use session::{Runner, Session, SessionError};

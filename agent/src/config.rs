@@ -1,0 +1,100 @@
+//! Agent configuration: a TOML file plus `SURPLUS_AGENT_*` environment overrides.
+//!
+//! Every field has a default, so an empty file (or none) is a valid configuration.
+//! `deploy/agent.example.toml` documents each field and is loaded by a test.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Everything the agent can be told.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Where the agent keeps its key, certificate and identity.
+    pub data_dir: PathBuf,
+    /// Heartbeat period used until the controller states its own in the hello answer.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// How often the inventory is collected again; it is re-sent only when it changed.
+    #[serde(with = "humantime_serde")]
+    pub inventory_interval: Duration,
+    /// How often package counts and pending updates are re-read (they cost a process
+    /// start of the package manager).
+    #[serde(with = "humantime_serde")]
+    pub package_scan_interval: Duration,
+    /// First reconnect delay after a lost session.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_min: Duration,
+    /// Largest reconnect delay; delays double up to it, with jitter.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_max: Duration,
+    /// How long one request may wait for its answer.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// A session with no traffic for this long is considered lost.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Keep-alive period of the QUIC connection.
+    #[serde(with = "humantime_serde")]
+    pub keep_alive: Duration,
+    /// Largest frame accepted or sent, in bytes.
+    pub max_frame_size: usize,
+    /// Controller addresses (`host:port`) overriding those received at enrollment.
+    pub controller_addresses: Vec<String>,
+    /// `human` or `json`.
+    pub log_format: LogFormat,
+    /// Log filter in `tracing` syntax (`info`, `surplus_agent=debug`, ...).
+    pub log_filter: String,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("/var/lib/surplus-agent"),
+            heartbeat_interval: Duration::from_secs(10),
+            inventory_interval: Duration::from_secs(60),
+            package_scan_interval: Duration::from_secs(6 * 3600),
+            reconnect_min: Duration::from_secs(1),
+            reconnect_max: Duration::from_secs(60),
+            request_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+            keep_alive: Duration::from_secs(5),
+            max_frame_size: surplus_protocol::DEFAULT_MAX_FRAME,
+            controller_addresses: Vec::new(),
+            log_format: LogFormat::Human,
+            log_filter: "info".into(),
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Loads defaults, then `file` if given, then `SURPLUS_AGENT_*` variables
+    /// (`SURPLUS_AGENT_HEARTBEAT_INTERVAL=5s`).
+    pub fn load(file: Option<&Path>) -> Result<Self, config::ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(path) = file {
+            builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml).required(true));
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("SURPLUS_AGENT")
+                .prefix_separator("_")
+                .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("controller_addresses"),
+        );
+        builder.build()?.try_deserialize()
+    }
+}

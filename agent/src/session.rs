@@ -1,0 +1,351 @@
+//! The agent's session with the controller, and the loop that keeps one open.
+//!
+//! A session is one mutually authenticated QUIC connection. It starts with the hello
+//! exchange, then sends the inventory, then heartbeats; the inventory is re-sent when
+//! it changes or when the controller asks for it; the certificate is renewed about two
+//! thirds into its life. The controller may open streams too (ping now; commands
+//! later). When a session ends the runner reconnects with exponential backoff and
+//! jitter, except when the controller says this agent is revoked.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream};
+use surplus_certs::{agent_csr, cert_info_pem, new_agent_key};
+use surplus_protocol::clock::Clock;
+use surplus_protocol::messages::*;
+use surplus_protocol::quic::{self, ExchangeError, codes};
+use surplus_protocol::{Inventory, PROTOCOL_VERSION};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::AgentConfig;
+use crate::identity::{Identity, IdentityError};
+use crate::inventory::{self, InventoryCollector};
+use crate::net::{self, ConnectError};
+
+/// Why a session could not be opened or ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The connection could not be established.
+    #[error("cannot connect to the controller at {addresses}: {source}")]
+    Connect {
+        /// The addresses tried.
+        addresses: String,
+        /// The failure.
+        source: ConnectError,
+    },
+    /// The controller refuses this agent's certificate as revoked.
+    #[error("this agent has been revoked by the controller; enroll again with a new join token")]
+    Revoked,
+    /// Controller and agent speak different protocol versions.
+    #[error("protocol version mismatch: {0}")]
+    VersionMismatch(String),
+    /// The controller refused a request.
+    #[error("controller refused {what}: {reply}")]
+    Refused {
+        /// Which request.
+        what: &'static str,
+        /// The refusal.
+        reply: ErrorReply,
+    },
+    /// The controller answered with the wrong message.
+    #[error("unexpected answer to {what}: {got}")]
+    Unexpected {
+        /// Which request.
+        what: &'static str,
+        /// What came back.
+        got: &'static str,
+    },
+    /// An exchange failed.
+    #[error(transparent)]
+    Exchange(#[from] ExchangeError),
+    /// The connection closed.
+    #[error("session lost: {0}")]
+    Lost(ConnectionError),
+    /// The identity could not be used or stored.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// A certificate operation failed.
+    #[error(transparent)]
+    Cert(#[from] surplus_certs::CertError),
+}
+
+/// Whether a connection error means the controller refuses us as revoked.
+pub fn is_revocation(error: &ConnectionError) -> bool {
+    match error {
+        ConnectionError::ApplicationClosed(close) => close.error_code == codes::CLOSE_REVOKED,
+        ConnectionError::ConnectionClosed(close) => u64::from(close.error_code) == codes::TLS_CERTIFICATE_REVOKED,
+        ConnectionError::TransportError(e) => u64::from(e.code) == codes::TLS_CERTIFICATE_REVOKED,
+        _ => false,
+    }
+}
+
+impl SessionError {
+    fn from_exchange(e: ExchangeError) -> Self {
+        let conn_err = match &e {
+            ExchangeError::Connection(c) => Some(c.clone()),
+            ExchangeError::Write(quinn::WriteError::ConnectionLost(c)) => Some(c.clone()),
+            ExchangeError::Read(quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(c))) => Some(c.clone()),
+            _ => None,
+        };
+        match conn_err {
+            Some(c) if is_revocation(&c) => SessionError::Revoked,
+            Some(ConnectionError::ApplicationClosed(close)) if close.error_code == codes::CLOSE_VERSION_MISMATCH => {
+                SessionError::VersionMismatch(String::from_utf8_lossy(&close.reason).into_owned())
+            }
+            Some(c) => SessionError::Lost(c),
+            None => SessionError::Exchange(e),
+        }
+    }
+
+    /// Whether retrying cannot help.
+    pub fn is_final(&self) -> bool {
+        matches!(self, SessionError::Revoked | SessionError::Identity(_))
+    }
+}
+
+/// An open, greeted session.
+pub struct Session {
+    endpoint: Endpoint,
+    connection: Connection,
+    ack: HelloAck,
+    max_frame: usize,
+    timeout: Duration,
+}
+
+impl Session {
+    /// Connects with `identity` and exchanges hellos.
+    pub async fn open(config: &AgentConfig, identity: &Identity) -> Result<Self, SessionError> {
+        let tls = surplus_certs::session_client_config(&identity.ca_pem, &identity.certificate.cert_pem, &identity.key_pem)?;
+        let addresses = if config.controller_addresses.is_empty() {
+            &identity.controller_addresses
+        } else {
+            &config.controller_addresses
+        };
+        let (endpoint, connection) =
+            net::connect_any(tls, addresses, &identity.server_name, config).await.map_err(|source| {
+                match source.connection_error() {
+                    Some(e) if is_revocation(e) => SessionError::Revoked,
+                    _ => SessionError::Connect { addresses: addresses.join(", "), source },
+                }
+            })?;
+        let hello = Message::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            boot_epoch: sysinfo::System::boot_time().unwrap_or(0),
+        });
+        let answer = quic::request(&connection, &hello, config.max_frame_size, config.request_timeout)
+            .await
+            .map_err(SessionError::from_exchange)?;
+        let ack = match answer {
+            Message::HelloAck(ack) => ack,
+            Message::Error(reply) if reply.code == ErrorCode::VersionMismatch => {
+                return Err(SessionError::VersionMismatch(reply.message));
+            }
+            Message::Error(reply) => return Err(SessionError::Refused { what: "hello", reply }),
+            other => return Err(SessionError::Unexpected { what: "hello", got: other.kind() }),
+        };
+        Ok(Self { endpoint, connection, ack, max_frame: config.max_frame_size, timeout: config.request_timeout })
+    }
+
+    /// The controller's hello answer.
+    pub fn hello_ack(&self) -> &HelloAck {
+        &self.ack
+    }
+
+    /// The underlying connection (tests use it to send raw frames).
+    pub fn connection(&self) -> &Connection {
+        &self.connection
+    }
+
+    /// One request/response exchange.
+    pub async fn request(&self, message: &Message) -> Result<Message, SessionError> {
+        quic::request(&self.connection, message, self.max_frame, self.timeout)
+            .await
+            .map_err(SessionError::from_exchange)
+    }
+
+    /// Sends the inventory; returns whether the controller recorded a change.
+    pub async fn send_inventory(&self, inventory: Inventory) -> Result<bool, SessionError> {
+        match self.request(&Message::InventoryReport(Box::new(inventory))).await? {
+            Message::InventoryAck(ack) => Ok(ack.changed),
+            Message::Error(reply) => Err(SessionError::Refused { what: "inventory", reply }),
+            other => Err(SessionError::Unexpected { what: "inventory", got: other.kind() }),
+        }
+    }
+
+    /// Asks for a fresh certificate for a freshly generated key and stores it.
+    pub async fn renew(&self, identity: &mut Identity, data_dir: &std::path::Path) -> Result<(), SessionError> {
+        let (key, key_pem) = new_agent_key()?;
+        let csr_pem = agent_csr(&key, &identity.agent_id.to_string())?;
+        let issued = match self.request(&Message::RenewRequest(RenewRequest { csr_pem })).await? {
+            Message::Renewed(issued) => issued,
+            Message::Error(reply) => return Err(SessionError::Refused { what: "renewal", reply }),
+            other => return Err(SessionError::Unexpected { what: "renewal", got: other.kind() }),
+        };
+        let info = cert_info_pem(&issued.cert_pem)?;
+        if info.agent_id != Some(identity.agent_id) || info.public_key != key.public_key_raw() {
+            return Err(SessionError::Unexpected { what: "renewal", got: "a certificate for another agent or key" });
+        }
+        identity.key_pem = key_pem;
+        identity.certificate = issued;
+        identity.save(data_dir)?;
+        Ok(())
+    }
+
+    /// Closes the session politely.
+    pub async fn close(self, reason: &str) {
+        self.connection.close(codes::CLOSE_NORMAL, reason.as_bytes());
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// Answers one stream the controller opened.
+async fn serve_controller_stream(mut send: SendStream, mut recv: RecvStream, max_frame: usize) {
+    let request = match quic::read_frame(&mut recv, max_frame).await {
+        Ok(envelope) => envelope.message,
+        Err(e) => {
+            tracing::warn!(error = %e, "refusing a bad frame from the controller");
+            quic::refuse_stream(&mut send, &mut recv, &e);
+            return;
+        }
+    };
+    let answer = match request {
+        Message::Ping(ping) => Message::Pong(Pong { nonce: ping.nonce }),
+        other => Message::error(ErrorCode::Unexpected, format!("agent does not serve {}", other.kind())),
+    };
+    if let Err(e) = quic::write_frame(&mut send, &answer, max_frame).await {
+        tracing::debug!(error = %e, "answer to the controller not delivered");
+    }
+}
+
+/// Keeps a session open until cancelled or revoked.
+pub struct Runner {
+    config: AgentConfig,
+    clock: Arc<dyn Clock>,
+    identity: Identity,
+    collector: InventoryCollector,
+}
+
+impl Runner {
+    /// A runner for the identity enrolled in `config.data_dir`.
+    pub fn new(config: AgentConfig, clock: Arc<dyn Clock>) -> Result<Self, IdentityError> {
+        let identity = Identity::load(&config.data_dir)?;
+        let collector = InventoryCollector::new(config.package_scan_interval);
+        Ok(Self { config, clock, identity, collector })
+    }
+
+    /// Runs sessions until `cancel` fires (`Ok`) or retrying cannot help (`Err`).
+    pub async fn run(mut self, cancel: CancellationToken) -> Result<(), SessionError> {
+        let mut attempt = 0u32;
+        loop {
+            let outcome = tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                outcome = self.session(&cancel, &mut attempt) => outcome,
+            };
+            match outcome {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_final() => {
+                    tracing::error!(agent_id = %self.identity.agent_id, error = %e, "agent stops");
+                    return Err(e);
+                }
+                Err(e) => {
+                    let wait = crate::backoff::delay(attempt, self.config.reconnect_min, self.config.reconnect_max, rand::random());
+                    attempt = attempt.saturating_add(1);
+                    tracing::warn!(error = %e, retry_in = ?wait, "session ended; reconnecting");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn collect(&mut self) -> Inventory {
+        let now = self.clock.now_ms();
+        let mut collector = std::mem::replace(&mut self.collector, InventoryCollector::new(self.config.package_scan_interval));
+        let (collector, inventory) = tokio::task::spawn_blocking(move || {
+            let inv = collector.collect(now);
+            (collector, inv)
+        })
+        .await
+        .expect("inventory collection does not panic");
+        self.collector = collector;
+        inventory
+    }
+
+    async fn session(&mut self, cancel: &CancellationToken, attempt: &mut u32) -> Result<(), SessionError> {
+        let session = Session::open(&self.config, &self.identity).await?;
+        *attempt = 0;
+        let ack = session.hello_ack().clone();
+        tracing::info!(agent_id = %ack.agent_id, controller = %ack.controller_version, "session open");
+        let skew = (ack.server_time_ms - self.clock.now_ms()).abs();
+        if skew > 60_000 {
+            tracing::warn!(skew_ms = skew, "agent and controller clocks differ by more than a minute");
+        }
+
+        let inventory = self.collect().await;
+        let mut digest = inventory::digest(&inventory);
+        session.send_inventory(inventory).await?;
+
+        let heartbeat_every = match ack.heartbeat_interval_ms {
+            0 => self.config.heartbeat_interval,
+            ms => Duration::from_millis(ms),
+        };
+        let mut heartbeat = tokio::time::interval(heartbeat_every);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut rescan = tokio::time::interval(self.config.inventory_interval);
+        rescan.tick().await;
+        let jitter = rand::random::<f64>() * 2.0 - 1.0;
+        let mut seq = 0u64;
+
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => {
+                    session.close("agent shutting down").await;
+                    return Ok(());
+                }
+                incoming = session.connection.accept_bi() => {
+                    let (send, recv) = incoming.map_err(|e| SessionError::from_exchange(e.into()))?;
+                    tokio::spawn(serve_controller_stream(send, recv, self.config.max_frame_size));
+                }
+                _ = heartbeat.tick() => {
+                    seq += 1;
+                    let (uptime_secs, load_avg_1m, memory_used_bytes) = inventory::live_figures();
+                    let beat = Message::Heartbeat(Heartbeat {
+                        seq,
+                        sent_at_ms: self.clock.now_ms(),
+                        uptime_secs,
+                        load_avg_1m,
+                        memory_used_bytes,
+                        inventory_digest: digest,
+                    });
+                    match session.request(&beat).await? {
+                        Message::HeartbeatAck(a) if a.inventory_wanted => {
+                            let inventory = self.collect().await;
+                            digest = inventory::digest(&inventory);
+                            session.send_inventory(inventory).await?;
+                        }
+                        Message::HeartbeatAck(_) => {}
+                        Message::Error(reply) => return Err(SessionError::Refused { what: "heartbeat", reply }),
+                        other => return Err(SessionError::Unexpected { what: "heartbeat", got: other.kind() }),
+                    }
+                    if self.clock.now_ms() >= self.identity.renew_at_ms(jitter) {
+                        session.renew(&mut self.identity, &self.config.data_dir).await?;
+                        tracing::info!(serial = %self.identity.certificate.serial, not_after_ms = self.identity.certificate.not_after_ms, "certificate renewed");
+                    }
+                }
+                _ = rescan.tick() => {
+                    let inventory = self.collect().await;
+                    let fresh = inventory::digest(&inventory);
+                    if fresh != digest {
+                        tracing::info!("inventory changed; reporting it");
+                        digest = fresh;
+                        session.send_inventory(inventory).await?;
+                    }
+                }
+            }
+        }
+    }
+}
