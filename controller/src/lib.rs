@@ -1,0 +1,44 @@
+//! The Surplus controller.
+//!
+//! - [`service::Controller`]: the operations (enroll, renew, revoke, join tokens).
+//! - [`server`]: QUIC session and enrollment endpoints, HTTP API, maintenance loop.
+//! - [`registry`]: live sessions, liveness and uptime rules (pure).
+//! - [`store`]: storage behind one trait; SQLite embedded.
+//! - [`http`] and [`api`]: the HTTP/JSON API and its shapes (also used by the CLI).
+//! - [`datadir`]: CA, server certificate, database and config on disk.
+//! - [`demo`]: a controller and a local agent in one process.
+
+pub mod api;
+pub mod config;
+pub mod datadir;
+pub mod demo;
+pub mod http;
+pub mod registry;
+pub mod server;
+pub mod service;
+pub mod store;
+
+pub use config::ControllerConfig;
+pub use server::{RunningController, start};
+pub use service::Controller;
+
+/// Starts tracing output to stderr in the configured format.
+pub fn init_logs(format: config::LogFormat, filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        config::LogFormat::Json => builder.json().try_init(),
+        config::LogFormat::Human => builder.try_init(),
+    };
+}
+
+/// Parses `key=value` label arguments.
+pub fn parse_labels(args: &[String]) -> anyhow::Result<store::Labels> {
+    args.iter()
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').ok_or_else(|| anyhow::anyhow!("label {kv:?} is not key=value"))?;
+            http::validate_label(k, v).map_err(|_| anyhow::anyhow!("label {kv:?}: keys are 1-63 of [A-Za-z0-9-_./], values at most 255 printable characters"))?;
+            Ok((k.to_owned(), v.to_owned()))
+        })
+        .collect()
+}

@@ -1,0 +1,134 @@
+//! Controller configuration: `controller.toml` in the data directory (written
+//! commented by `surplus-controller init`) plus `SURPLUS_CONTROLLER_*` overrides.
+//! Every field has a default; `deploy/controller.example.toml` is loaded by a test.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use surplus_agent::LogFormat;
+
+/// Everything the controller can be told.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ControllerConfig {
+    /// UDP address of the mutually authenticated agent sessions.
+    pub session_listen: SocketAddr,
+    /// UDP address of the enrollment endpoint (join token for certificate).
+    pub enroll_listen: SocketAddr,
+    /// TCP address of the HTTP API; loopback by default.
+    pub http_listen: SocketAddr,
+    /// Names (DNS names or IP addresses) in the controller's server certificate; the
+    /// first is the TLS server name agents verify.
+    pub server_names: Vec<String>,
+    /// Session addresses agents are told to use (`host:port`); empty: derived from
+    /// `session_listen` and the first server name.
+    pub advertise_session: Vec<String>,
+    /// Enrollment addresses written into join tokens; empty: derived likewise.
+    pub advertise_enroll: Vec<String>,
+    /// Lifetime of agent certificates.
+    #[serde(with = "humantime_serde")]
+    pub agent_cert_lifetime: Duration,
+    /// How far agent certificates are back-dated to tolerate clock skew.
+    #[serde(with = "humantime_serde")]
+    pub cert_backdate: Duration,
+    /// Default lifetime of join tokens.
+    #[serde(with = "humantime_serde")]
+    pub join_token_ttl: Duration,
+    /// Heartbeat period agents are told to keep.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// Missed heartbeats after which an agent is `unreachable`.
+    pub missed_heartbeats: u32,
+    /// How often revocations made by other processes are picked up from storage.
+    #[serde(with = "humantime_serde")]
+    pub revocation_poll: Duration,
+    /// A silent session is dropped after this long.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// QUIC keep-alive period.
+    #[serde(with = "humantime_serde")]
+    pub keep_alive: Duration,
+    /// How long one exchange may take before its stream is reset.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Largest frame accepted or sent, bytes.
+    pub max_frame_size: usize,
+    /// `human` or `json`.
+    pub log_format: LogFormat,
+    /// Log filter in `tracing` syntax.
+    pub log_filter: String,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        Self {
+            session_listen: "0.0.0.0:7070".parse().expect("literal"),
+            enroll_listen: "0.0.0.0:7071".parse().expect("literal"),
+            http_listen: "127.0.0.1:7080".parse().expect("literal"),
+            server_names: vec!["localhost".into(), "127.0.0.1".into()],
+            advertise_session: Vec::new(),
+            advertise_enroll: Vec::new(),
+            agent_cert_lifetime: Duration::from_secs(24 * 3600),
+            cert_backdate: Duration::from_secs(300),
+            join_token_ttl: Duration::from_secs(30 * 60),
+            heartbeat_interval: Duration::from_secs(10),
+            missed_heartbeats: 3,
+            revocation_poll: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(30),
+            keep_alive: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(10),
+            max_frame_size: surplus_protocol::DEFAULT_MAX_FRAME,
+            log_format: LogFormat::Human,
+            log_filter: "info".into(),
+        }
+    }
+}
+
+fn advertised(explicit: &[String], listen: SocketAddr, names: &[String]) -> Vec<String> {
+    if !explicit.is_empty() {
+        return explicit.to_vec();
+    }
+    let host = if listen.ip().is_unspecified() {
+        names.first().cloned().unwrap_or_else(|| "localhost".into())
+    } else {
+        listen.ip().to_string()
+    };
+    vec![format!("{host}:{}", listen.port())]
+}
+
+impl ControllerConfig {
+    /// Loads defaults, then `file` when it exists, then `SURPLUS_CONTROLLER_*` variables.
+    pub fn load(file: &Path) -> Result<Self, config::ConfigError> {
+        config::Config::builder()
+            .add_source(config::File::from(file).format(config::FileFormat::Toml).required(false))
+            .add_source(
+                config::Environment::with_prefix("SURPLUS_CONTROLLER")
+                    .prefix_separator("_")
+                    .try_parsing(true)
+                    .list_separator(",")
+                    .with_list_parse_key("server_names")
+                    .with_list_parse_key("advertise_session")
+                    .with_list_parse_key("advertise_enroll"),
+            )
+            .build()?
+            .try_deserialize()
+    }
+
+    /// Session addresses given to agents at enrollment.
+    pub fn session_addresses(&self) -> Vec<String> {
+        advertised(&self.advertise_session, self.session_listen, &self.server_names)
+    }
+
+    /// Enrollment addresses written into join tokens.
+    pub fn enroll_addresses(&self) -> Vec<String> {
+        advertised(&self.advertise_enroll, self.enroll_listen, &self.server_names)
+    }
+
+    /// The TLS name agents verify.
+    pub fn server_name(&self) -> String {
+        self.server_names.first().cloned().unwrap_or_else(|| "localhost".into())
+    }
+}

@@ -1,0 +1,206 @@
+//! The HTTP/JSON API. Thin: it authenticates, parses, calls [`Controller`] or the
+//! store, and renders. Every error is `{ "error": code, "message": text }`.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequestParts, Path, Request, State};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use uuid::Uuid;
+
+use crate::api::*;
+use crate::datadir::api_token_hash;
+use crate::service::Controller;
+use crate::store::{Principal, Role, StoreError};
+
+/// An API failure.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into() }
+    }
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+    fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(ErrorBody { error: self.code.into(), message: self.message })).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(what) => ApiError::not_found(format!("{what} not found")),
+            other => {
+                tracing::error!(error = %other, "storage failure in API");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "storage failure")
+            }
+        }
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        ApiError::bad_request(r.body_text())
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+/// The authenticated caller, put in the request by the auth layer.
+#[derive(Debug, Clone)]
+struct Caller(Principal);
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        parts
+            .extensions
+            .get::<Caller>()
+            .cloned()
+            .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing bearer token"))
+    }
+}
+
+impl Caller {
+    fn require(&self, role: Role) -> Result<(), ApiError> {
+        if self.0.role == role || self.0.role == Role::Admin {
+            Ok(())
+        } else {
+            Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", format!("this needs the {} role", role.as_str())))
+        }
+    }
+}
+
+async fn authenticate(State(ctl): State<Arc<Controller>>, mut request: Request, next: Next) -> Result<Response, ApiError> {
+    let token = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing bearer token (Authorization: Bearer ...)"))?;
+    let principal = ctl
+        .store
+        .api_principal(&api_token_hash(token))
+        .await?
+        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "unknown or revoked API token"))?;
+    request.extensions_mut().insert(Caller(principal));
+    Ok(next.run(request).await)
+}
+
+fn parse_id(text: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(text).map_err(|_| ApiError::bad_request(format!("{text:?} is not an agent id (a UUID)")))
+}
+
+/// The API router.
+pub fn router(ctl: Arc<Controller>) -> Router {
+    let authed = Router::new()
+        .route("/v1/agents", get(list_agents))
+        .route("/v1/agents/{id}", get(show_agent))
+        .route("/v1/agents/{id}/inventory/history", get(inventory_history))
+        .route("/v1/agents/{id}/revoke", post(revoke_agent))
+        .route("/v1/tokens", post(create_token))
+        .route_layer(middleware::from_fn_with_state(ctl.clone(), authenticate));
+    Router::new()
+        .route("/v1/health", get(health))
+        .merge(authed)
+        .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .with_state(ctl)
+}
+
+async fn health(State(ctl): State<Arc<Controller>>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "status": "ok",
+        "version": env!("CARGO_PKG_VERSION"),
+        "connected_agents": ctl.registry.connected(),
+    }))
+}
+
+async fn list_agents(State(ctl): State<Arc<Controller>>, caller: Caller) -> ApiResult<Vec<AgentView>> {
+    caller.require(Role::Admin)?;
+    let now = ctl.clock.now_ms();
+    let agents = ctl.store.agents().await?;
+    Ok(Json(agents.iter().map(|a| AgentView::new(a, ctl.registry.connection(a.id).is_some(), now)).collect()))
+}
+
+async fn show_agent(State(ctl): State<Arc<Controller>>, caller: Caller, Path(id): Path<String>) -> ApiResult<AgentDetail> {
+    caller.require(Role::Admin)?;
+    let id = parse_id(&id)?;
+    let agent = ctl.store.agent(id).await?.ok_or_else(|| ApiError::not_found(format!("agent {id} not found")))?;
+    let sessions = ctl.store.sessions(id, 20).await?;
+    let history = ctl.store.inventory_history(id, 50).await?;
+    Ok(Json(AgentDetail {
+        agent: AgentView::new(&agent, ctl.registry.connection(id).is_some(), ctl.clock.now_ms()),
+        inventory: agent.inventory,
+        sessions,
+        inventory_history: history
+            .into_iter()
+            .map(|h| InventoryChangeView { recorded_at_ms: h.recorded_at_ms, digest: h.digest })
+            .collect(),
+    }))
+}
+
+async fn inventory_history(State(ctl): State<Arc<Controller>>, caller: Caller, Path(id): Path<String>) -> ApiResult<Vec<crate::store::InventoryChange>> {
+    caller.require(Role::Admin)?;
+    let id = parse_id(&id)?;
+    ctl.store.agent(id).await?.ok_or_else(|| ApiError::not_found(format!("agent {id} not found")))?;
+    Ok(Json(ctl.store.inventory_history(id, 1000).await?))
+}
+
+async fn revoke_agent(State(ctl): State<Arc<Controller>>, caller: Caller, Path(id): Path<String>) -> ApiResult<AgentView> {
+    caller.require(Role::Admin)?;
+    let id = parse_id(&id)?;
+    ctl.revoke(id).await?;
+    let agent = ctl.store.agent(id).await?.ok_or_else(|| ApiError::not_found(format!("agent {id} not found")))?;
+    Ok(Json(AgentView::new(&agent, false, ctl.clock.now_ms())))
+}
+
+async fn create_token(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    body: Result<Json<CreateTokenRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<crate::service::CreatedToken>), ApiError> {
+    caller.require(Role::Admin)?;
+    let Json(body) = body?;
+    let ttl = match body.ttl.as_deref() {
+        None => ctl.config.join_token_ttl,
+        Some(text) => humantime::parse_duration(text).map_err(|e| ApiError::bad_request(format!("ttl {text:?}: {e}")))?,
+    };
+    if ttl.is_zero() || ttl > std::time::Duration::from_secs(30 * 86_400) {
+        return Err(ApiError::bad_request("ttl must be more than zero and at most 30 days"));
+    }
+    for (k, v) in &body.labels {
+        validate_label(k, v)?;
+    }
+    let created = ctl.create_join_token(ttl, body.labels, &caller.0.account).await?;
+    Ok((StatusCode::CREATED, Json(created)))
+}
+
+/// Labels are short and printable so they are safe in tables, logs and (later) templates.
+pub fn validate_label(key: &str, value: &str) -> Result<(), ApiError> {
+    let key_ok = !key.is_empty() && key.len() <= 63 && key.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
+    let value_ok = value.len() <= 255 && value.chars().all(|c| !c.is_control());
+    if key_ok && value_ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!("label {key:?}={value:?}: keys are 1-63 of [A-Za-z0-9-_./], values at most 255 printable characters")))
+    }
+}

@@ -1,0 +1,145 @@
+//! `surplus-controller`: initialise a data directory, serve, and administer it locally.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use surplus_controller::datadir::{self, DataDir};
+use surplus_controller::store::Store;
+use surplus_protocol::clock;
+use uuid::Uuid;
+
+#[derive(Parser)]
+#[command(name = "surplus-controller", version, about = "Surplus controller")]
+struct Cli {
+    /// Data directory (CA, database, controller.toml).
+    #[arg(long, global = true, env = "SURPLUS_CONTROLLER_DATA_DIR", default_value = "/var/lib/surplus-controller")]
+    data_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the CA, server certificate, database, admin API token and config file.
+    Init {
+        /// Name agents use to reach this controller (repeatable); the first is verified.
+        #[arg(long = "server-name")]
+        server_names: Vec<String>,
+    },
+    /// Run the controller until Ctrl-C or SIGTERM.
+    Serve,
+    /// Join tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Registered agents.
+    Agent {
+        #[command(subcommand)]
+        command: AgentCommand,
+    },
+    /// A fresh controller and one local agent in one process (Ctrl-C stops it).
+    Demo,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a one-time join token.
+    Create {
+        /// Lifetime, such as 30m or 2h.
+        #[arg(long, default_value = "30m")]
+        ttl: humantime::Duration,
+        /// Label for the agent that enrolls with it, key=value (repeatable).
+        #[arg(long = "label")]
+        labels: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AgentCommand {
+    /// List agents.
+    List,
+    /// Revoke an agent; a running controller cuts it off within seconds.
+    Revoke {
+        /// Agent id.
+        id: Uuid,
+    },
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn main_inner(cli: Cli) -> anyhow::Result<()> {
+    let dir = DataDir::new(&cli.data_dir);
+    let clock = clock::system();
+    match cli.command {
+        Command::Init { server_names } => {
+            surplus_controller::init_logs(Default::default(), "warn");
+            let report = datadir::init(&dir, &server_names, clock.now_ms()).await?;
+            println!("initialised {}", dir.path().display());
+            println!("CA fingerprint (SHA-256): {}", surplus_certs::fingerprint_display(&report.ca_fingerprint));
+            println!("admin API token (shown once, stored hashed): {}", report.admin_token);
+            println!("configuration: {}", dir.config_file().display());
+        }
+        Command::Serve => {
+            let config = dir.load_config()?;
+            surplus_controller::init_logs(config.log_format, &config.log_filter);
+            let running = surplus_controller::start(&dir, config, clock).await?;
+            shutdown_signal().await;
+            tracing::info!("shutting down");
+            running.shutdown().await;
+        }
+        Command::Token { command: TokenCommand::Create { ttl, labels } } => {
+            surplus_controller::init_logs(Default::default(), "warn");
+            let config = dir.load_config()?;
+            let ca = dir.load_ca()?;
+            let store = std::sync::Arc::new(dir.open_store().await?);
+            let labels = surplus_controller::parse_labels(&labels)?;
+            let ctl = surplus_controller::Controller::new(config, store, clock, ca);
+            let ttl: Duration = ttl.into();
+            let created = ctl.create_join_token(ttl, labels, "cli").await?;
+            println!("{}", created.token);
+            eprintln!("expires in {}; enroll with: surplus-agent enroll --token <token>", humantime::format_duration(ttl));
+        }
+        Command::Agent { command } => {
+            surplus_controller::init_logs(Default::default(), "warn");
+            dir.load_ca()?;
+            let store = dir.open_store().await?;
+            match command {
+                AgentCommand::List => {
+                    for a in store.agents().await? {
+                        println!("{}  {:<12} {}", a.id, a.status.as_str(), a.hostname);
+                    }
+                }
+                AgentCommand::Revoke { id } => {
+                    let newly = store.revoke_agent(id, clock.now_ms()).await.with_context(|| format!("revoking {id}"))?;
+                    println!("{}", if newly { format!("agent {id} revoked") } else { format!("agent {id} was already revoked") });
+                }
+            }
+        }
+        Command::Demo => {
+            surplus_controller::init_logs(Default::default(), "warn");
+            surplus_controller::demo::run(None, shutdown_signal()).await?;
+        }
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match main_inner(Cli::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

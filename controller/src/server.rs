@@ -1,0 +1,430 @@
+//! The running controller: QUIC session and enrollment endpoints, the HTTP API, and
+//! the maintenance loop (liveness, last-seen writes, revocations from other processes).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use quinn::crypto::rustls::QuicServerConfig;
+use quinn::{Connection, Endpoint, Incoming, RecvStream, SendStream};
+use surplus_protocol::clock::Clock;
+use surplus_protocol::messages::*;
+use surplus_protocol::quic::{self, ExchangeError, codes};
+use surplus_protocol::{FrameError, PROTOCOL_VERSION};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::config::ControllerConfig;
+use crate::datadir::DataDir;
+use crate::registry::RegistryEvent;
+use crate::service::Controller;
+use crate::store::{AgentStatus, SessionRecord, Store};
+
+/// A running controller; dropping it without [`RunningController::shutdown`] aborts it.
+pub struct RunningController {
+    /// Shared state and operations.
+    pub controller: Arc<Controller>,
+    /// Bound UDP address of agent sessions.
+    pub session_addr: SocketAddr,
+    /// Bound UDP address of enrollment.
+    pub enroll_addr: SocketAddr,
+    /// Bound TCP address of the HTTP API.
+    pub http_addr: SocketAddr,
+    cancel: CancellationToken,
+    endpoints: Vec<Endpoint>,
+    tasks: JoinSet<()>,
+}
+
+fn server_endpoint(tls: rustls::ServerConfig, addr: SocketAddr, config: &ControllerConfig) -> anyhow::Result<Endpoint> {
+    let quic = QuicServerConfig::try_from(tls).context("TLS configuration unusable for QUIC")?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    server.transport_config(Arc::new(quic::transport_config(config.idle_timeout, config.keep_alive, config.max_frame_size)));
+    Endpoint::server(server, addr).with_context(|| format!("binding UDP {addr}"))
+}
+
+/// Starts a controller on the data directory with `config`.
+pub async fn start(dir: &DataDir, mut config: ControllerConfig, clock: Arc<dyn Clock>) -> anyhow::Result<RunningController> {
+    let ca = dir.load_ca()?;
+    let store = Arc::new(dir.open_store().await?);
+    store.close_dangling(clock.now_ms()).await?;
+    let (server_cert, server_key) = dir.server_identity(&ca, &config.server_names, clock.now_ms())?;
+
+    let revoked_list = surplus_certs::RevocationList::default();
+    revoked_list.replace(store.revoked_agents().await?);
+    let session_tls = surplus_certs::session_server_config(ca.cert_pem(), &server_cert, &server_key, revoked_list.clone())?;
+    let enroll_tls = surplus_certs::enroll_server_config(ca.cert_pem(), &server_cert, &server_key)?;
+    let session_ep = server_endpoint(session_tls, config.session_listen, &config)?;
+    let enroll_ep = server_endpoint(enroll_tls, config.enroll_listen, &config)?;
+    let http_listener = tokio::net::TcpListener::bind(config.http_listen)
+        .await
+        .with_context(|| format!("binding TCP {}", config.http_listen))?;
+    config.session_listen = session_ep.local_addr()?;
+    config.enroll_listen = enroll_ep.local_addr()?;
+    config.http_listen = http_listener.local_addr()?;
+
+    let mut controller = Controller::new(config.clone(), store, clock, ca);
+    controller.revoked = revoked_list;
+    let controller = Arc::new(controller);
+    let cancel = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    tasks.spawn(accept_loop(controller.clone(), session_ep.clone(), cancel.clone(), Kind::Session));
+    tasks.spawn(accept_loop(controller.clone(), enroll_ep.clone(), cancel.clone(), Kind::Enroll));
+    tasks.spawn(maintenance(controller.clone(), cancel.clone()));
+    let router = crate::http::router(controller.clone());
+    let http_cancel = cancel.clone();
+    tasks.spawn(async move {
+        let serve = axum::serve(http_listener, router).with_graceful_shutdown(http_cancel.cancelled_owned());
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    });
+    tracing::info!(
+        session = %config.session_listen,
+        enroll = %config.enroll_listen,
+        http = %config.http_listen,
+        ca_fingerprint = %surplus_certs::fingerprint_display(&surplus_certs::fingerprint(controller_ca_der(&controller).as_ref())),
+        "controller listening"
+    );
+    Ok(RunningController {
+        controller,
+        session_addr: config.session_listen,
+        enroll_addr: config.enroll_listen,
+        http_addr: config.http_listen,
+        cancel,
+        endpoints: vec![session_ep, enroll_ep],
+        tasks,
+    })
+}
+
+fn controller_ca_der(c: &Controller) -> rustls::pki_types::CertificateDer<'static> {
+    surplus_certs::certs_from_pem(c.ca_pem(), "CA").expect("loaded CA parses").remove(0)
+}
+
+impl RunningController {
+    /// Stops accepting, closes every session with "shutting down", and waits for the
+    /// tasks to finish (bounded).
+    pub async fn shutdown(mut self) {
+        self.cancel.cancel();
+        for ep in &self.endpoints {
+            ep.close(codes::CLOSE_SHUTDOWN, b"controller shutting down");
+        }
+        let drain = async {
+            while self.tasks.join_next().await.is_some() {}
+            for ep in &self.endpoints {
+                ep.wait_idle().await;
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(5), drain).await.is_err() {
+            tracing::warn!("shutdown took too long; aborting remaining tasks");
+            self.tasks.abort_all();
+        }
+    }
+
+    /// The HTTP base URL.
+    pub fn http_url(&self) -> String {
+        format!("http://{}", self.http_addr)
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Session,
+    Enroll,
+}
+
+async fn accept_loop(ctl: Arc<Controller>, endpoint: Endpoint, cancel: CancellationToken, kind: Kind) {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                let ctl = ctl.clone();
+                match kind {
+                    Kind::Session => connections.spawn(serve_session(ctl, incoming)),
+                    Kind::Enroll => connections.spawn(serve_enrollment(ctl, incoming)),
+                };
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+    // Sessions end when the endpoint closes; give them a moment to record it.
+    let _ = tokio::time::timeout(Duration::from_secs(3), async { while connections.join_next().await.is_some() {} }).await;
+}
+
+async fn serve_enrollment(ctl: Arc<Controller>, incoming: Incoming) {
+    let peer = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "enrollment handshake failed");
+            return;
+        }
+    };
+    let max = ctl.config.max_frame_size;
+    let exchange = async {
+        let (mut send, mut recv) = conn.accept_bi().await?;
+        let request = match quic::read_frame(&mut recv, max).await {
+            Ok(env) => env.message,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "bad enrollment frame");
+                answer_bad_frame(&mut send, &mut recv, &e, max).await;
+                return Ok(());
+            }
+        };
+        let answer = match request {
+            Message::EnrollRequest(req) => match ctl.enroll(&req).await {
+                Ok(enrolled) => Message::Enrolled(enrolled),
+                Err(reply) => Message::Error(reply),
+            },
+            other => Message::error(ErrorCode::Unexpected, format!("the enrollment endpoint serves enroll-request only, not {}", other.kind())),
+        };
+        quic::write_frame(&mut send, &answer, max).await?;
+        let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+        Ok::<_, ExchangeError>(())
+    };
+    match tokio::time::timeout(ctl.config.request_timeout * 2, exchange).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "enrollment exchange failed"),
+        Err(_) => tracing::debug!(%peer, "enrollment connection timed out"),
+    }
+    conn.close(codes::CLOSE_NORMAL, b"done");
+}
+
+/// Answers a frame we could not read: version mismatches get a readable error frame,
+/// anything else resets the stream with the code that says why.
+async fn answer_bad_frame(send: &mut SendStream, recv: &mut RecvStream, error: &ExchangeError, max: usize) {
+    if let ExchangeError::Frame(FrameError::VersionMismatch { theirs, ours }) = error {
+        let msg = Message::error(ErrorCode::VersionMismatch, format!("controller speaks protocol version {ours}, agent sent version {theirs}"));
+        let _ = quic::write_frame(send, &msg, max).await;
+        let _ = recv.stop(codes::STREAM_VERSION_MISMATCH);
+    } else {
+        quic::refuse_stream(send, recv, error);
+    }
+}
+
+fn peer_agent_id(conn: &Connection) -> Option<Uuid> {
+    let certs = conn.peer_identity()?.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok()?;
+    surplus_certs::agent_id_of(certs.first()?)
+}
+
+/// Reads the hello; `Err` carries the close code and reason.
+async fn read_hello(ctl: &Controller, conn: &Connection) -> Result<(Hello, SendStream), (quinn::VarInt, String)> {
+    let max = ctl.config.max_frame_size;
+    let accepted = tokio::time::timeout(ctl.config.request_timeout, conn.accept_bi()).await;
+    let (mut send, mut recv) = match accepted {
+        Ok(Ok(streams)) => streams,
+        Ok(Err(e)) => return Err((codes::CLOSE_PROTOCOL, format!("no hello: {e}"))),
+        Err(_) => return Err((codes::CLOSE_PROTOCOL, "no hello in time".into())),
+    };
+    match quic::read_frame(&mut recv, max).await {
+        Ok(Envelope { message: Message::Hello(hello), .. }) if hello.protocol_version == PROTOCOL_VERSION => Ok((hello, send)),
+        Ok(Envelope { message: Message::Hello(hello), .. }) => {
+            let text = format!("controller speaks protocol version {PROTOCOL_VERSION}, agent speaks {}", hello.protocol_version);
+            let _ = quic::write_frame(&mut send, &Message::error(ErrorCode::VersionMismatch, &text), max).await;
+            Err((codes::CLOSE_VERSION_MISMATCH, text))
+        }
+        Ok(env) => {
+            let text = format!("the first message of a session must be hello, not {}", env.message.kind());
+            let _ = quic::write_frame(&mut send, &Message::error(ErrorCode::Unexpected, &text), max).await;
+            Err((codes::CLOSE_PROTOCOL, text))
+        }
+        Err(e @ ExchangeError::Frame(FrameError::VersionMismatch { .. })) => {
+            answer_bad_frame(&mut send, &mut recv, &e, max).await;
+            Err((codes::CLOSE_VERSION_MISMATCH, e.to_string()))
+        }
+        Err(e) => {
+            quic::refuse_stream(&mut send, &mut recv, &e);
+            Err((codes::CLOSE_PROTOCOL, format!("unreadable hello: {e}")))
+        }
+    }
+}
+
+async fn serve_session(ctl: Arc<Controller>, incoming: Incoming) {
+    let peer = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::info!(%peer, error = %e, "session handshake refused");
+            return;
+        }
+    };
+    let Some(agent_id) = peer_agent_id(&conn) else {
+        // The verifier guarantees an agent name; this is defence in depth.
+        conn.close(codes::CLOSE_PROTOCOL, b"no agent identity");
+        return;
+    };
+    let (hello, mut send) = match read_hello(&ctl, &conn).await {
+        Ok(h) => h,
+        Err((code, reason)) => {
+            tracing::warn!(%agent_id, %peer, %reason, "session refused");
+            // Let the error frame reach the agent before the close does.
+            let _ = tokio::time::timeout(Duration::from_millis(500), conn.closed()).await;
+            conn.close(code, reason.as_bytes());
+            return;
+        }
+    };
+
+    let now = ctl.clock.now_ms();
+    let session_id = Uuid::now_v7();
+    let record = SessionRecord {
+        id: session_id,
+        agent_id,
+        remote_addr: peer.to_string(),
+        agent_version: hello.agent_version.chars().take(64).collect(),
+        started_at_ms: now,
+        ended_at_ms: None,
+        end_reason: None,
+    };
+    if let Err(e) = ctl.store.session_started(&record).await {
+        tracing::error!(%agent_id, error = %e, "session not recorded; closing it");
+        conn.close(codes::CLOSE_SHUTDOWN, b"controller storage unavailable");
+        return;
+    }
+    if let Some(previous) = ctl.registry.attach(agent_id, session_id, conn.clone(), now) {
+        previous.close(codes::CLOSE_REPLACED, b"replaced by a newer session");
+    }
+    set_status(&ctl, agent_id, AgentStatus::Online).await;
+    ctl.registry.publish(RegistryEvent::Online(agent_id));
+    tracing::info!(%agent_id, %peer, version = %hello.agent_version, "agent online");
+
+    let ack = Message::HelloAck(HelloAck {
+        protocol_version: PROTOCOL_VERSION,
+        controller_version: env!("CARGO_PKG_VERSION").into(),
+        agent_id,
+        server_time_ms: now,
+        heartbeat_interval_ms: ctl.config.heartbeat_interval.as_millis() as u64,
+    });
+    if let Err(e) = quic::write_frame(&mut send, &ack, ctl.config.max_frame_size).await {
+        tracing::debug!(%agent_id, error = %e, "hello answer not delivered");
+    }
+
+    let reason = loop {
+        match conn.accept_bi().await {
+            Ok((send, recv)) => {
+                tokio::spawn(serve_agent_stream(ctl.clone(), agent_id, session_id, send, recv));
+            }
+            Err(e) => break e,
+        }
+    };
+    if ctl.registry.detach(agent_id, session_id) {
+        set_status(&ctl, agent_id, AgentStatus::Unreachable).await;
+        ctl.registry.publish(RegistryEvent::Disconnected(agent_id));
+    }
+    tracing::info!(%agent_id, reason = %reason, "session ended");
+    if let Err(e) = ctl.store.session_ended(session_id, ctl.clock.now_ms(), &reason.to_string()).await {
+        tracing::error!(%agent_id, error = %e, "session end not recorded");
+    }
+}
+
+async fn set_status(ctl: &Controller, agent_id: Uuid, status: AgentStatus) {
+    if let Err(e) = ctl.store.set_status(agent_id, status, ctl.clock.now_ms()).await {
+        tracing::error!(%agent_id, ?status, error = %e, "status not recorded");
+    }
+}
+
+async fn serve_agent_stream(ctl: Arc<Controller>, agent_id: Uuid, session_id: Uuid, mut send: SendStream, mut recv: RecvStream) {
+    let max = ctl.config.max_frame_size;
+    let read = tokio::time::timeout(ctl.config.request_timeout, quic::read_frame(&mut recv, max)).await;
+    let request = match read {
+        Ok(Ok(env)) => env.message,
+        Ok(Err(e)) => {
+            tracing::warn!(%agent_id, peer = %send_peer(&ctl, agent_id), error = %e, "bad frame from agent; stream reset");
+            answer_bad_frame(&mut send, &mut recv, &e, max).await;
+            return;
+        }
+        Err(_) => {
+            let e = ExchangeError::Timeout(ctl.config.request_timeout);
+            tracing::warn!(%agent_id, "agent did not finish its frame in time; stream reset");
+            quic::refuse_stream(&mut send, &mut recv, &e);
+            return;
+        }
+    };
+    let answer = handle(&ctl, agent_id, session_id, request).await;
+    if let Err(e) = quic::write_frame(&mut send, &answer, max).await {
+        tracing::debug!(%agent_id, error = %e, "answer not delivered");
+    }
+}
+
+fn send_peer(ctl: &Controller, agent_id: Uuid) -> String {
+    ctl.registry.connection(agent_id).map(|c| c.remote_address().to_string()).unwrap_or_else(|| "?".into())
+}
+
+/// The one place agent requests are matched.
+async fn handle(ctl: &Controller, agent_id: Uuid, session_id: Uuid, request: Message) -> Message {
+    match request {
+        Message::Heartbeat(beat) => {
+            let now = ctl.clock.now_ms();
+            if ctl.registry.heartbeat(agent_id, session_id, now) == Some(true) {
+                set_status(ctl, agent_id, AgentStatus::Online).await;
+                ctl.registry.publish(RegistryEvent::Online(agent_id));
+            }
+            ctl.registry.publish(RegistryEvent::Heartbeat(agent_id));
+            Message::HeartbeatAck(HeartbeatAck {
+                server_time_ms: now,
+                inventory_wanted: ctl.registry.inventory_digest(agent_id) != Some(beat.inventory_digest),
+            })
+        }
+        Message::InventoryReport(inventory) => {
+            let digest = surplus_agent::inventory::digest(&inventory);
+            let json = serde_json::to_value(&*inventory).expect("inventory serializes");
+            match ctl.store.save_inventory(agent_id, &json, &surplus_certs::hex(&digest), ctl.clock.now_ms()).await {
+                Ok(changed) => {
+                    ctl.registry.set_inventory_digest(agent_id, digest);
+                    if changed {
+                        ctl.registry.publish(RegistryEvent::InventoryChanged(agent_id));
+                    }
+                    Message::InventoryAck(InventoryAck { changed })
+                }
+                Err(e) => {
+                    tracing::error!(%agent_id, error = %e, "inventory not stored");
+                    Message::error(ErrorCode::Internal, "inventory not stored")
+                }
+            }
+        }
+        Message::RenewRequest(renew) => match ctl.renew(agent_id, &renew.csr_pem).await {
+            Ok(issued) => Message::Renewed(issued),
+            Err(reply) => Message::Error(reply),
+        },
+        other => Message::error(ErrorCode::Unexpected, format!("the controller does not serve {} on a session stream", other.kind())),
+    }
+}
+
+/// Periodic work: last-seen writes, overdue agents, revocations made elsewhere.
+async fn maintenance(ctl: Arc<Controller>, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_poll = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let now = ctl.clock.now_ms();
+        if let Err(e) = ctl.store.touch(&ctl.registry.take_seen()).await {
+            tracing::error!(error = %e, "last-seen times not recorded");
+        }
+        let interval_ms = ctl.config.heartbeat_interval.as_millis() as i64;
+        for agent_id in ctl.registry.mark_overdue(now, interval_ms, ctl.config.missed_heartbeats) {
+            tracing::warn!(%agent_id, "heartbeats missed; agent unreachable");
+            set_status(&ctl, agent_id, AgentStatus::Unreachable).await;
+            ctl.registry.publish(RegistryEvent::Unreachable(agent_id));
+        }
+        if last_poll.elapsed() >= ctl.config.revocation_poll {
+            last_poll = tokio::time::Instant::now();
+            match ctl.store.revoked_agents().await {
+                Ok(ids) => {
+                    for id in ids {
+                        if !ctl.revoked.is_revoked(&id) || ctl.registry.connection(id).is_some() {
+                            tracing::info!(agent_id = %id, "revocation picked up from storage");
+                            ctl.cut_off(id);
+                        }
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "revocations not read"),
+            }
+        }
+    }
+}

@@ -1,0 +1,198 @@
+//! The controller's operations, independent of how they are reached (QUIC, HTTP, CLI).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use surplus_certs::{CertAuthority, RevocationList};
+use surplus_protocol::clock::{Clock, UnixMillis};
+use surplus_protocol::messages::{EnrollRequest, Enrolled, ErrorCode, ErrorReply, IssuedCertificate};
+use surplus_protocol::quic::codes;
+use surplus_protocol::token::JoinToken;
+use surplus_protocol::PROTOCOL_VERSION;
+use uuid::Uuid;
+
+use crate::config::ControllerConfig;
+use crate::registry::{Registry, RegistryEvent};
+use crate::store::{EnrollOutcome, Labels, NewAgent, NewJoinToken, Store, StoreError, TokenRefusal};
+
+/// A join token just created.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct CreatedToken {
+    /// Token id.
+    pub id: Uuid,
+    /// The printable token; shown once, only its secret's hash is stored.
+    pub token: String,
+    /// Expiry.
+    pub expires_at_ms: UnixMillis,
+    /// Where agents enroll.
+    pub enroll_addresses: Vec<String>,
+    /// The pinned CA fingerprint, `AB:CD:...`.
+    pub ca_fingerprint: String,
+    /// Labels agents enrolled with it get.
+    pub labels: Labels,
+}
+
+/// Shared controller state and operations.
+#[derive(Debug)]
+pub struct Controller {
+    /// Configuration in force (listen addresses are the bound ones).
+    pub config: ControllerConfig,
+    /// Storage.
+    pub store: Arc<dyn Store>,
+    /// Wall clock.
+    pub clock: Arc<dyn Clock>,
+    /// Revoked agents, consulted by the TLS verifier.
+    pub revoked: RevocationList,
+    /// Live sessions.
+    pub registry: Registry,
+    ca: CertAuthority,
+}
+
+fn reply(code: ErrorCode, message: impl Into<String>) -> ErrorReply {
+    ErrorReply { code, message: message.into() }
+}
+
+impl Controller {
+    /// A controller over `store` with `ca`.
+    pub fn new(config: ControllerConfig, store: Arc<dyn Store>, clock: Arc<dyn Clock>, ca: CertAuthority) -> Self {
+        Self { config, store, clock, revoked: RevocationList::default(), registry: Registry::default(), ca }
+    }
+
+    /// The CA certificate PEM.
+    pub fn ca_pem(&self) -> &str {
+        self.ca.cert_pem()
+    }
+
+    /// Creates a one-time join token valid for `ttl`.
+    pub async fn create_join_token(&self, ttl: Duration, labels: Labels, created_by: &str) -> Result<CreatedToken, StoreError> {
+        let now = self.clock.now_ms();
+        let secret: [u8; 32] = rand::random();
+        let expires_at_ms = now + ttl.as_millis() as i64;
+        let id = Uuid::now_v7();
+        self.store
+            .create_join_token(&NewJoinToken {
+                id,
+                secret_hash: surplus_certs::hex(&surplus_certs::sha256(&secret)),
+                labels: labels.clone(),
+                created_at_ms: now,
+                expires_at_ms,
+                created_by: created_by.to_owned(),
+            })
+            .await?;
+        let enroll_addresses = self.config.enroll_addresses();
+        let token = JoinToken {
+            secret,
+            ca_fingerprint: self.ca.fingerprint(),
+            enroll_addresses: enroll_addresses.clone(),
+            server_name: self.config.server_name(),
+            expires_at_ms,
+        };
+        Ok(CreatedToken {
+            id,
+            token: token.encode(),
+            expires_at_ms,
+            enroll_addresses,
+            ca_fingerprint: surplus_certs::fingerprint_display(&self.ca.fingerprint()),
+            labels,
+        })
+    }
+
+    /// Serves an enrollment request: consumes the token and issues the certificate.
+    pub async fn enroll(&self, request: &EnrollRequest) -> Result<Enrolled, ErrorReply> {
+        if request.protocol_version != PROTOCOL_VERSION {
+            return Err(reply(
+                ErrorCode::VersionMismatch,
+                format!("agent speaks protocol {}, controller speaks {PROTOCOL_VERSION}", request.protocol_version),
+            ));
+        }
+        let now = self.clock.now_ms();
+        let agent_id = Uuid::now_v7();
+        let certificate = self.issue(&request.csr_pem, agent_id, now)?;
+        let agent = NewAgent {
+            id: agent_id,
+            hostname: request.hostname.chars().take(255).collect(),
+            agent_version: request.agent_version.chars().take(64).collect(),
+            cert_serial: certificate.serial.clone(),
+            cert_issued_at_ms: certificate.issued_at_ms,
+            cert_not_after_ms: certificate.not_after_ms,
+        };
+        let secret_hash = surplus_certs::hex(&surplus_certs::sha256(&request.token_secret));
+        match self.store.enroll_agent(&secret_hash, now, &agent).await {
+            Ok(EnrollOutcome::Registered(labels)) => {
+                tracing::info!(%agent_id, hostname = %agent.hostname, ?labels, "agent enrolled");
+                self.registry.publish(RegistryEvent::Enrolled(agent_id));
+                Ok(Enrolled {
+                    agent_id,
+                    certificate,
+                    ca_pem: self.ca.cert_pem().to_owned(),
+                    controller_addresses: self.config.session_addresses(),
+                    server_name: self.config.server_name(),
+                })
+            }
+            Ok(EnrollOutcome::Refused(refusal)) => {
+                tracing::warn!(hostname = %agent.hostname, %refusal, "enrollment refused");
+                let code = match refusal {
+                    TokenRefusal::Unknown => ErrorCode::TokenUnknown,
+                    TokenRefusal::Expired => ErrorCode::TokenExpired,
+                    TokenRefusal::Used => ErrorCode::TokenUsed,
+                };
+                Err(reply(code, refusal.to_string()))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "enrollment failed in storage");
+                Err(reply(ErrorCode::Internal, "the controller could not record the enrollment"))
+            }
+        }
+    }
+
+    fn issue(&self, csr_pem: &str, agent_id: Uuid, now: UnixMillis) -> Result<IssuedCertificate, ErrorReply> {
+        self.ca
+            .sign_agent_csr(
+                csr_pem,
+                agent_id,
+                now,
+                self.config.agent_cert_lifetime.as_millis() as i64,
+                self.config.cert_backdate.as_millis() as i64,
+            )
+            .map_err(|e| reply(ErrorCode::CsrRejected, e.to_string()))
+    }
+
+    /// Issues a fresh certificate to a connected, non-revoked agent.
+    pub async fn renew(&self, agent_id: Uuid, csr_pem: &str) -> Result<IssuedCertificate, ErrorReply> {
+        if self.revoked.is_revoked(&agent_id) {
+            return Err(reply(ErrorCode::Revoked, "agent is revoked"));
+        }
+        let certificate = self.issue(csr_pem, agent_id, self.clock.now_ms())?;
+        if let Err(e) = self
+            .store
+            .record_certificate(agent_id, &certificate.serial, certificate.issued_at_ms, certificate.not_after_ms)
+            .await
+        {
+            tracing::error!(%agent_id, error = %e, "renewal not recorded");
+            return Err(reply(ErrorCode::Internal, "the controller could not record the certificate"));
+        }
+        tracing::info!(%agent_id, serial = %certificate.serial, "certificate renewed");
+        self.registry.publish(RegistryEvent::Renewed { agent_id, serial: certificate.serial.clone() });
+        Ok(certificate)
+    }
+
+    /// Revokes an agent: recorded, refused at the next handshake, and its live session
+    /// (if any) closed now. `Ok(false)` when it already was revoked.
+    pub async fn revoke(&self, agent_id: Uuid) -> Result<bool, StoreError> {
+        let newly = self.store.revoke_agent(agent_id, self.clock.now_ms()).await?;
+        self.cut_off(agent_id);
+        if newly {
+            tracing::info!(%agent_id, "agent revoked");
+        }
+        Ok(newly)
+    }
+
+    /// Adds `agent_id` to the revocation list and closes its session.
+    pub fn cut_off(&self, agent_id: Uuid) {
+        let newly = self.revoked.revoke(agent_id);
+        let kicked = self.registry.kick(agent_id, codes::CLOSE_REVOKED, "agent certificate revoked");
+        if newly || kicked {
+            self.registry.publish(RegistryEvent::Revoked(agent_id));
+        }
+    }
+}

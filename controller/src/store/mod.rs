@@ -1,0 +1,284 @@
+//! Storage: one trait, one implementation per backend.
+//!
+//! Callers see [`Store`] only, so PostgreSQL can be added beside [`sqlite::SqliteStore`]
+//! without touching them. Everything that must be atomic (consuming a join token and
+//! registering the agent; status changes with their uptime accounting) is one method,
+//! one transaction.
+
+pub mod sqlite;
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use surplus_protocol::clock::UnixMillis;
+use uuid::Uuid;
+
+/// Labels: ordered key/value pairs.
+pub type Labels = BTreeMap<String, String>;
+
+/// Storage failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database failed.
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Schema migration failed.
+    #[error("database migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A record references something that does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// A stored value does not parse (the database was edited by hand?).
+    #[error("stored value is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Why a join token was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TokenRefusal {
+    /// No token with this secret.
+    #[error("unknown join token")]
+    Unknown,
+    /// Past its expiry.
+    #[error("join token has expired")]
+    Expired,
+    /// Already consumed.
+    #[error("join token was already used")]
+    Used,
+}
+
+/// Outcome of [`Store::enroll_agent`].
+#[derive(Debug)]
+pub enum EnrollOutcome {
+    /// The token was consumed and the agent registered, with the token's labels.
+    Registered(Labels),
+    /// The token was refused; nothing changed.
+    Refused(TokenRefusal),
+}
+
+/// Agent status as the registry shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentStatus {
+    /// Enrolled, never connected.
+    Enrolled,
+    /// Connected and heartbeating.
+    Online,
+    /// Disconnected or heartbeats missed.
+    Unreachable,
+    /// Refused for good.
+    Revoked,
+}
+
+impl AgentStatus {
+    /// Storage form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentStatus::Enrolled => "enrolled",
+            AgentStatus::Online => "online",
+            AgentStatus::Unreachable => "unreachable",
+            AgentStatus::Revoked => "revoked",
+        }
+    }
+
+    /// Parses the storage form.
+    pub fn parse(s: &str) -> Result<Self, StoreError> {
+        Ok(match s {
+            "enrolled" => AgentStatus::Enrolled,
+            "online" => AgentStatus::Online,
+            "unreachable" => AgentStatus::Unreachable,
+            "revoked" => AgentStatus::Revoked,
+            other => return Err(StoreError::Corrupt(format!("agent status {other:?}"))),
+        })
+    }
+}
+
+/// A new join token (only the hash of its secret is stored).
+#[derive(Debug, Clone)]
+pub struct NewJoinToken {
+    /// Token id.
+    pub id: Uuid,
+    /// Hex SHA-256 of the secret.
+    pub secret_hash: String,
+    /// Labels given to the agent that uses it.
+    pub labels: Labels,
+    /// Creation time.
+    pub created_at_ms: UnixMillis,
+    /// Expiry.
+    pub expires_at_ms: UnixMillis,
+    /// Who created it (account or `cli`).
+    pub created_by: String,
+}
+
+/// A new agent, registered in the same transaction that consumes its token.
+#[derive(Debug, Clone)]
+pub struct NewAgent {
+    /// Controller-chosen id.
+    pub id: Uuid,
+    /// Host name the agent reported.
+    pub hostname: String,
+    /// Agent software version.
+    pub agent_version: String,
+    /// First certificate serial.
+    pub cert_serial: String,
+    /// Its issue time.
+    pub cert_issued_at_ms: UnixMillis,
+    /// Its expiry.
+    pub cert_not_after_ms: UnixMillis,
+}
+
+/// An agent as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    /// Agent id.
+    pub id: Uuid,
+    /// Host name.
+    pub hostname: String,
+    /// Labels from the join token.
+    pub labels: Labels,
+    /// Registry status.
+    pub status: AgentStatus,
+    /// Current certificate serial.
+    pub cert_serial: String,
+    /// Current certificate expiry.
+    pub cert_not_after_ms: UnixMillis,
+    /// Agent software version (last hello).
+    pub agent_version: String,
+    /// Enrollment time.
+    pub enrolled_at_ms: UnixMillis,
+    /// First session.
+    pub first_seen_ms: Option<UnixMillis>,
+    /// Last heartbeat or session event.
+    pub last_seen_ms: Option<UnixMillis>,
+    /// Start of the current online period.
+    pub online_since_ms: Option<UnixMillis>,
+    /// Online time accumulated over closed periods.
+    pub online_total_ms: i64,
+    /// Revocation time.
+    pub revoked_at_ms: Option<UnixMillis>,
+    /// Current inventory (JSON), if reported.
+    pub inventory: Option<serde_json::Value>,
+    /// Hex SHA-256 of the current inventory.
+    pub inventory_digest: Option<String>,
+    /// When the current inventory was recorded.
+    pub inventory_updated_ms: Option<UnixMillis>,
+}
+
+/// One agent session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    /// Session id.
+    pub id: Uuid,
+    /// Agent id.
+    pub agent_id: Uuid,
+    /// Peer address.
+    pub remote_addr: String,
+    /// Agent software version.
+    pub agent_version: String,
+    /// Start.
+    pub started_at_ms: UnixMillis,
+    /// End, when ended.
+    pub ended_at_ms: Option<UnixMillis>,
+    /// Why it ended.
+    pub end_reason: Option<String>,
+}
+
+/// One recorded inventory change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InventoryChange {
+    /// When it was recorded.
+    pub recorded_at_ms: UnixMillis,
+    /// Hex SHA-256 of the inventory.
+    pub digest: String,
+    /// The inventory.
+    pub inventory: serde_json::Value,
+}
+
+/// Roles of API principals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Everything.
+    Admin,
+    /// Sells capacity: its own hosts and listings.
+    Provider,
+    /// Buys capacity: its own reservations.
+    Client,
+    /// Runs a private pool.
+    PoolOwner,
+}
+
+impl Role {
+    /// Storage form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Provider => "provider",
+            Role::Client => "client",
+            Role::PoolOwner => "pool_owner",
+        }
+    }
+
+    /// Parses the storage form.
+    pub fn parse(s: &str) -> Result<Self, StoreError> {
+        Ok(match s {
+            "admin" => Role::Admin,
+            "provider" => Role::Provider,
+            "client" => Role::Client,
+            "pool_owner" => Role::PoolOwner,
+            other => return Err(StoreError::Corrupt(format!("role {other:?}"))),
+        })
+    }
+}
+
+/// Who an API token belongs to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Principal {
+    /// Account name.
+    pub account: String,
+    /// Role.
+    pub role: Role,
+}
+
+/// The storage contract.
+#[async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    /// Stores a new join token.
+    async fn create_join_token(&self, token: &NewJoinToken) -> Result<(), StoreError>;
+    /// Consumes the token with `secret_hash` and registers `agent`, atomically: of two
+    /// racing calls with one token exactly one registers.
+    async fn enroll_agent(&self, secret_hash: &str, now_ms: UnixMillis, agent: &NewAgent) -> Result<EnrollOutcome, StoreError>;
+    /// Records a renewed certificate as the agent's current one.
+    async fn record_certificate(&self, agent_id: Uuid, serial: &str, issued_at_ms: UnixMillis, not_after_ms: UnixMillis) -> Result<(), StoreError>;
+    /// One agent.
+    async fn agent(&self, id: Uuid) -> Result<Option<AgentRecord>, StoreError>;
+    /// All agents, oldest enrollment first.
+    async fn agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
+    /// Revokes an agent; `Ok(false)` when it already was. Unknown id: `NotFound`.
+    async fn revoke_agent(&self, id: Uuid, now_ms: UnixMillis) -> Result<bool, StoreError>;
+    /// Ids of every revoked agent.
+    async fn revoked_agents(&self) -> Result<Vec<Uuid>, StoreError>;
+    /// Sets an agent's status (never out of `revoked`), accounting online time.
+    async fn set_status(&self, id: Uuid, status: AgentStatus, now_ms: UnixMillis) -> Result<(), StoreError>;
+    /// Records last-seen times in one transaction.
+    async fn touch(&self, seen: &[(Uuid, UnixMillis)]) -> Result<(), StoreError>;
+    /// Records a session start (and the agent version it announced).
+    async fn session_started(&self, session: &SessionRecord) -> Result<(), StoreError>;
+    /// Records a session end.
+    async fn session_ended(&self, id: Uuid, now_ms: UnixMillis, reason: &str) -> Result<(), StoreError>;
+    /// Recent sessions of an agent, newest first.
+    async fn sessions(&self, agent_id: Uuid, limit: u32) -> Result<Vec<SessionRecord>, StoreError>;
+    /// Closes sessions and online periods left open by a controller that stopped
+    /// without doing so (crash); run at start-up.
+    async fn close_dangling(&self, now_ms: UnixMillis) -> Result<(), StoreError>;
+    /// Stores an inventory; returns whether it differs from the previous one (and was
+    /// added to the history).
+    async fn save_inventory(&self, agent_id: Uuid, inventory: &serde_json::Value, digest: &str, now_ms: UnixMillis) -> Result<bool, StoreError>;
+    /// Inventory changes of an agent, newest first.
+    async fn inventory_history(&self, agent_id: Uuid, limit: u32) -> Result<Vec<InventoryChange>, StoreError>;
+    /// Stores an API token (hash only).
+    async fn create_api_token(&self, token_hash: &str, principal: &Principal, label: &str, now_ms: UnixMillis) -> Result<(), StoreError>;
+    /// The principal of a token hash, unless revoked.
+    async fn api_principal(&self, token_hash: &str) -> Result<Option<Principal>, StoreError>;
+}
