@@ -6,7 +6,9 @@ use std::time::Duration;
 /// fraction `unit` (in `[0, 1)`) of `min * 2^attempt`, never below `min / 2` and never
 /// above `max`.
 pub fn delay(attempt: u32, min: Duration, max: Duration, unit: f64) -> Duration {
-    let ceiling = min.saturating_mul(2u32.saturating_pow(attempt.min(30))).min(max);
+    let ceiling = min
+        .saturating_mul(2u32.saturating_pow(attempt.min(30)))
+        .min(max);
     let floor = (min / 2).min(ceiling);
     floor + (ceiling - floor).mul_f64(unit.clamp(0.0, 1.0))
 }

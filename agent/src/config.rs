@@ -86,7 +86,11 @@ impl AgentConfig {
     pub fn load(file: Option<&Path>) -> Result<Self, config::ConfigError> {
         let mut builder = config::Config::builder();
         if let Some(path) = file {
-            builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml).required(true));
+            builder = builder.add_source(
+                config::File::from(path)
+                    .format(config::FileFormat::Toml)
+                    .required(true),
+            );
         }
         builder = builder.add_source(
             config::Environment::with_prefix("SURPLUS_AGENT")

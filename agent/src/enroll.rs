@@ -7,12 +7,14 @@
 
 use std::path::Path;
 
-use surplus_certs::{CertError, agent_csr, cert_info_pem, certs_from_pem, fingerprint, new_agent_key};
+use surplus_certs::{
+    CertError, agent_csr, cert_info_pem, certs_from_pem, fingerprint, new_agent_key,
+};
+use surplus_protocol::PROTOCOL_VERSION;
 use surplus_protocol::clock::UnixMillis;
 use surplus_protocol::messages::{EnrollRequest, ErrorReply, Message};
 use surplus_protocol::quic::{self, ExchangeError};
 use surplus_protocol::token::{JoinToken, TokenFormatError};
-use surplus_protocol::PROTOCOL_VERSION;
 use uuid::Uuid;
 
 use crate::config::AgentConfig;
@@ -26,10 +28,14 @@ pub enum EnrollError {
     #[error(transparent)]
     Token(#[from] TokenFormatError),
     /// The token's own expiry has passed (the controller would refuse it too).
-    #[error("join token expired {0} s ago; ask the operator for a new one (`surplus tokens create`)")]
+    #[error(
+        "join token expired {0} s ago; ask the operator for a new one (`surplus tokens create`)"
+    )]
     Expired(i64),
     /// This data directory already holds an identity.
-    #[error("{path} already holds the identity of agent {agent_id}; use another --data-dir or remove it to enroll again")]
+    #[error(
+        "{path} already holds the identity of agent {agent_id}; use another --data-dir or remove it to enroll again"
+    )]
     AlreadyEnrolled {
         /// Existing agent id.
         agent_id: Uuid,
@@ -62,7 +68,11 @@ pub enum EnrollError {
 }
 
 /// Enrolls with `token_text` and writes the identity into `config.data_dir`.
-pub async fn enroll(token_text: &str, config: &AgentConfig, now_ms: UnixMillis) -> Result<Identity, EnrollError> {
+pub async fn enroll(
+    token_text: &str,
+    config: &AgentConfig,
+    now_ms: UnixMillis,
+) -> Result<Identity, EnrollError> {
     let token = JoinToken::parse(token_text)?;
     if token.expires_at_ms <= now_ms {
         return Err(EnrollError::Expired((now_ms - token.expires_at_ms) / 1000));
@@ -82,9 +92,13 @@ pub async fn enroll(token_text: &str, config: &AgentConfig, now_ms: UnixMillis) 
     let (key, key_pem) = new_agent_key()?;
     let csr_pem = agent_csr(&key, &hostname)?;
     let tls = surplus_certs::pinned_client_config(token.ca_fingerprint)?;
-    let (_endpoint, conn) = net::connect_any(tls, &token.enroll_addresses, &token.server_name, config)
-        .await
-        .map_err(|e| EnrollError::Unreachable { addresses: token.enroll_addresses.join(", "), reason: e.to_string() })?;
+    let (_endpoint, conn) =
+        net::connect_any(tls, &token.enroll_addresses, &token.server_name, config)
+            .await
+            .map_err(|e| EnrollError::Unreachable {
+                addresses: token.enroll_addresses.join(", "),
+                reason: e.to_string(),
+            })?;
 
     let request = Message::EnrollRequest(EnrollRequest {
         protocol_version: PROTOCOL_VERSION,
@@ -93,29 +107,47 @@ pub async fn enroll(token_text: &str, config: &AgentConfig, now_ms: UnixMillis) 
         hostname,
         agent_version: env!("CARGO_PKG_VERSION").into(),
     });
-    let answer = quic::request(&conn, &request, config.max_frame_size, config.request_timeout).await;
+    let answer = quic::request(
+        &conn,
+        &request,
+        config.max_frame_size,
+        config.request_timeout,
+    )
+    .await;
     conn.close(quic::codes::CLOSE_NORMAL, b"enrolled");
     let enrolled = match answer? {
         Message::Enrolled(e) => e,
         Message::Error(e) => return Err(EnrollError::Refused(e)),
-        other => return Err(EnrollError::BadAnswer(format!("unexpected {}", other.kind()))),
+        other => {
+            return Err(EnrollError::BadAnswer(format!(
+                "unexpected {}",
+                other.kind()
+            )));
+        }
     };
 
     let ca = certs_from_pem(&enrolled.ca_pem, "CA certificate")?;
     if fingerprint(&ca[0]) != token.ca_fingerprint {
-        return Err(EnrollError::BadAnswer("the CA sent does not match the pinned fingerprint".into()));
+        return Err(EnrollError::BadAnswer(
+            "the CA sent does not match the pinned fingerprint".into(),
+        ));
     }
     let info = cert_info_pem(&enrolled.certificate.cert_pem)?;
     if info.agent_id != Some(enrolled.agent_id) {
-        return Err(EnrollError::BadAnswer("the certificate does not name the agent id sent with it".into()));
+        return Err(EnrollError::BadAnswer(
+            "the certificate does not name the agent id sent with it".into(),
+        ));
     }
     if info.public_key != key.public_key_raw() {
-        return Err(EnrollError::BadAnswer("the certificate is not for this agent's key".into()));
+        return Err(EnrollError::BadAnswer(
+            "the certificate is not for this agent's key".into(),
+        ));
     }
     let identity = Identity {
         agent_id: enrolled.agent_id,
         key_pem,
         certificate: enrolled.certificate,
+        received_at_ms: now_ms,
         ca_pem: enrolled.ca_pem,
         controller_addresses: enrolled.controller_addresses,
         server_name: enrolled.server_name,

@@ -28,6 +28,9 @@ pub struct Identity {
     pub key_pem: String,
     /// The current certificate.
     pub certificate: IssuedCertificate,
+    /// When this agent received the certificate, by its own clock. Renewal is timed
+    /// from here, so a skewed agent clock neither renews early nor late.
+    pub received_at_ms: UnixMillis,
     /// PEM of the controller CA.
     pub ca_pem: String,
     /// Controller session addresses, `host:port`.
@@ -82,27 +85,37 @@ impl Identity {
         let path = Self::path(data_dir);
         let text = match fs::read_to_string(&path) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(IdentityError::Missing(path)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(IdentityError::Missing(path));
+            }
             Err(source) => return Err(IdentityError::Io { path, source }),
         };
-        serde_json::from_str(&text).map_err(|e| IdentityError::Damaged { path, reason: e.to_string() })
+        serde_json::from_str(&text).map_err(|e| IdentityError::Damaged {
+            path,
+            reason: e.to_string(),
+        })
     }
 
     /// Writes the identity atomically with mode 0600.
     pub fn save(&self, data_dir: &Path) -> Result<(), IdentityError> {
         let path = Self::path(data_dir);
-        let io = |source| IdentityError::Io { path: path.clone(), source };
+        let io = |source| IdentityError::Io {
+            path: path.clone(),
+            source,
+        };
         fs::create_dir_all(data_dir).map_err(io)?;
         fs::set_permissions(data_dir, fs::Permissions::from_mode(0o700)).map_err(io)?;
         let text = serde_json::to_vec_pretty(self).expect("identity serializes");
         write_atomic(&path, &text, 0o600).map_err(io)
     }
 
-    /// When the certificate should be renewed: about two thirds into its life, moved by
-    /// `jitter` (a fraction in `[-1, 1]` of a twentieth of the life) so that agents
-    /// enrolled together do not renew together.
+    /// When (by the agent's clock) the certificate should be renewed: about two thirds
+    /// into its life counted from its receipt, moved by `jitter` (a fraction in
+    /// `[-1, 1]` of a twentieth of the life) so that agents enrolled together do not
+    /// renew together.
     pub fn renew_at_ms(&self, jitter: f64) -> UnixMillis {
-        renew_at_ms(self.certificate.issued_at_ms, self.certificate.not_after_ms, jitter)
+        let life = self.certificate.not_after_ms - self.certificate.issued_at_ms;
+        renew_at_ms(self.received_at_ms, self.received_at_ms + life, jitter)
     }
 }
 
@@ -118,7 +131,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = path.with_extension("tmp");
     {
-        let mut f = fs::OpenOptions::new().create(true).write(true).truncate(true).mode(mode).open(&tmp)?;
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
         f.set_permissions(fs::Permissions::from_mode(mode))?;
         f.write_all(bytes)?;
         f.sync_all()?;
@@ -142,6 +160,7 @@ mod tests {
                 issued_at_ms: 0,
                 not_after_ms: 90_000,
             },
+            received_at_ms: 0,
             ca_pem: "CA".into(),
             controller_addresses: vec!["127.0.0.1:7070".into()],
             server_name: "localhost".into(),
@@ -152,14 +171,32 @@ mod tests {
     fn identity_round_trips_with_private_permissions() {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
-        assert!(matches!(Identity::load(&data), Err(IdentityError::Missing(_))));
+        assert!(matches!(
+            Identity::load(&data),
+            Err(IdentityError::Missing(_))
+        ));
         let id = identity();
         id.save(&data).unwrap();
         assert_eq!(Identity::load(&data).unwrap(), id);
-        let mode = fs::metadata(Identity::path(&data)).unwrap().permissions().mode();
+        let mode = fs::metadata(Identity::path(&data))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         fs::write(Identity::path(&data), "{").unwrap();
-        assert!(matches!(Identity::load(&data), Err(IdentityError::Damaged { .. })));
+        assert!(matches!(
+            Identity::load(&data),
+            Err(IdentityError::Damaged { .. })
+        ));
+    }
+
+    #[test]
+    fn renewal_is_timed_by_the_agent_clock_whatever_the_skew() {
+        let mut id = identity();
+        id.certificate.issued_at_ms = 1_000_000; // controller clock
+        id.certificate.not_after_ms = 1_090_000;
+        id.received_at_ms = 5_000_000; // agent clock, far ahead
+        assert_eq!(id.renew_at_ms(0.0), 5_060_000);
     }
 
     #[test]

@@ -16,7 +16,10 @@ use surplus_protocol::codec;
 use surplus_protocol::inventory::*;
 
 fn read(path: impl AsRef<Path>) -> Option<String> {
-    fs::read_to_string(path).ok().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty())
+    fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
 }
 
 fn read_u64(path: impl AsRef<Path>) -> Option<u64> {
@@ -33,12 +36,18 @@ pub struct InventoryCollector {
 impl InventoryCollector {
     /// A collector that refreshes package facts every `package_interval`.
     pub fn new(package_interval: Duration) -> Self {
-        Self { package_interval, packages: None }
+        Self {
+            package_interval,
+            packages: None,
+        }
     }
 
     /// The current inventory; blocking (reads files, may start the package manager).
     pub fn collect(&mut self, now_ms: UnixMillis) -> Inventory {
-        let stale = self.packages.as_ref().is_none_or(|(at, _)| at.elapsed() >= self.package_interval);
+        let stale = self
+            .packages
+            .as_ref()
+            .is_none_or(|(at, _)| at.elapsed() >= self.package_interval);
         if stale {
             self.packages = Some((Instant::now(), packages()));
         }
@@ -109,11 +118,15 @@ pub fn parse_cpuinfo(text: &str) -> CpuInfo {
     let mut physical = None::<String>;
     let mut flags = BTreeSet::new();
     for line in text.lines() {
-        let Some((key, value)) = line.split_once(':') else { continue };
+        let Some((key, value)) = line.split_once(':') else {
+            continue;
+        };
         let (key, value) = (key.trim(), value.trim());
         match key {
             "processor" => cpu.logical_cpus += 1,
-            "vendor_id" | "CPU implementer" if cpu.vendor.is_none() => cpu.vendor = Some(value.to_owned()),
+            "vendor_id" | "CPU implementer" if cpu.vendor.is_none() => {
+                cpu.vendor = Some(value.to_owned())
+            }
             "model name" | "Model" if cpu.brand.is_none() => cpu.brand = Some(value.to_owned()),
             "physical id" => {
                 sockets.insert(value.to_owned());
@@ -139,7 +152,12 @@ pub fn parse_cpuinfo(text: &str) -> CpuInfo {
 /// The nominal clock in a brand string such as `... CPU @ 2.40GHz`.
 pub fn brand_ghz(brand: &str) -> Option<u32> {
     let at = brand.rfind('@')?;
-    let ghz: f64 = brand[at + 1..].trim().strip_suffix("GHz")?.trim().parse().ok()?;
+    let ghz: f64 = brand[at + 1..]
+        .trim()
+        .strip_suffix("GHz")?
+        .trim()
+        .parse()
+        .ok()?;
     Some((ghz * 1000.0).round() as u32)
 }
 
@@ -181,7 +199,10 @@ fn sorted_entries(dir: &Path) -> Vec<std::path::PathBuf> {
 fn caches(dir: &Path) -> Vec<CacheInfo> {
     sorted_entries(dir)
         .into_iter()
-        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("index")))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("index"))
+        })
         .filter_map(|p| {
             Some(CacheInfo {
                 level: read(p.join("level"))?.parse().ok()?,
@@ -202,20 +223,33 @@ fn numa_nodes(dir: &Path) -> Vec<NumaNode> {
             let meminfo = read(p.join("meminfo")).unwrap_or_default();
             let memory_bytes = meminfo.lines().find_map(|l| {
                 let (_, rest) = l.split_once("MemTotal:")?;
-                rest.split_whitespace().next()?.parse::<u64>().ok().map(|kb| kb * 1024)
+                rest.split_whitespace()
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+                    .map(|kb| kb * 1024)
             });
-            Some(NumaNode { id, cpus: read(p.join("cpulist")).unwrap_or_default(), memory_bytes })
+            Some(NumaNode {
+                id,
+                cpus: read(p.join("cpulist")).unwrap_or_default(),
+                memory_bytes,
+            })
         })
         .collect()
 }
 
 fn disks(dir: &Path) -> Vec<Disk> {
-    let mounts: Vec<sysinfo::Disk> = sysinfo::Disks::new_with_refreshed_list().map(Vec::from).unwrap_or_default();
+    let mounts: Vec<sysinfo::Disk> = sysinfo::Disks::new_with_refreshed_list()
+        .map(Vec::from)
+        .unwrap_or_default();
     sorted_entries(dir)
         .into_iter()
         .filter_map(|p| {
             let device = p.file_name()?.to_string_lossy().into_owned();
-            if ["loop", "ram", "zram", "dm-", "sr", "nbd"].iter().any(|x| device.starts_with(x)) {
+            if ["loop", "ram", "zram", "dm-", "sr", "nbd"]
+                .iter()
+                .any(|x| device.starts_with(x))
+            {
                 return None;
             }
             let mut disk_mounts: Vec<Mount> = mounts
@@ -252,7 +286,10 @@ fn nics(dir: &Path) -> Vec<Nic> {
             Some(Nic {
                 mac: read(p.join("address")).filter(|m| m != "00:00:00:00:00:00"),
                 // The kernel reports -1 or refuses the read when the link is down or unknown.
-                speed_mbps: read(p.join("speed")).and_then(|s| s.parse::<i64>().ok()).filter(|s| *s > 0).map(|s| s as u32),
+                speed_mbps: read(p.join("speed"))
+                    .and_then(|s| s.parse::<i64>().ok())
+                    .filter(|s| *s > 0)
+                    .map(|s| s as u32),
                 mtu: read(p.join("mtu")).and_then(|s| s.parse().ok()),
                 is_virtual: !p.join("device").exists(),
                 name,
@@ -301,14 +338,19 @@ fn gpus(dir: &Path) -> Vec<Gpu> {
 /// Fills model and memory of NVIDIA adapters from `nvidia-smi`, when it is installed.
 fn nvidia_details(gpus: &mut [Gpu]) {
     let Ok(out) = Command::new("nvidia-smi")
-        .args(["--query-gpu=pci.bus_id,name,memory.total", "--format=csv,noheader,nounits"])
+        .args([
+            "--query-gpu=pci.bus_id,name,memory.total",
+            "--format=csv,noheader,nounits",
+        ])
         .output()
     else {
         return;
     };
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let fields: Vec<&str> = line.split(',').map(str::trim).collect();
-        let [bus, name, mib] = fields[..] else { continue };
+        let [bus, name, mib] = fields[..] else {
+            continue;
+        };
         // nvidia-smi prints 00000000:01:00.0, sysfs 0000:01:00.0
         let bus = bus.to_lowercase();
         if let Some(g) = gpus.iter_mut().find(|g| bus.ends_with(&g.pci_address)) {
@@ -322,39 +364,54 @@ fn nvidia_details(gpus: &mut [Gpu]) {
 pub fn hypervisor_from_dmi(vendor: &str, product: &str) -> Option<&'static str> {
     let v = vendor.to_lowercase();
     let p = product.to_lowercase();
-    Some(if v.contains("qemu") || p.contains("kvm") || p.contains("qemu") {
-        "kvm"
-    } else if v.contains("vmware") {
-        "vmware"
-    } else if v.contains("xen") || p.contains("hvm domu") {
-        "xen"
-    } else if v.contains("microsoft") && p.contains("virtual") {
-        "hyper-v"
-    } else if v.contains("innotek") || p.contains("virtualbox") {
-        "virtualbox"
-    } else if v.contains("amazon ec2") {
-        "aws-nitro"
-    } else if v.contains("google") {
-        "gce"
-    } else if p.contains("openstack") {
-        "openstack"
-    } else {
-        return None;
-    })
+    Some(
+        if v.contains("qemu") || p.contains("kvm") || p.contains("qemu") {
+            "kvm"
+        } else if v.contains("vmware") {
+            "vmware"
+        } else if v.contains("xen") || p.contains("hvm domu") {
+            "xen"
+        } else if v.contains("microsoft") && p.contains("virtual") {
+            "hyper-v"
+        } else if v.contains("innotek") || p.contains("virtualbox") {
+            "virtualbox"
+        } else if v.contains("amazon ec2") {
+            "aws-nitro"
+        } else if v.contains("google") {
+            "gce"
+        } else if p.contains("openstack") {
+            "openstack"
+        } else {
+            return None;
+        },
+    )
 }
 
 /// Detects a container runtime from the markers it leaves.
-pub fn container_from_markers(dockerenv: bool, containerenv: bool, pid1_environ: &str, pid1_cgroup: &str) -> Option<String> {
+pub fn container_from_markers(
+    dockerenv: bool,
+    containerenv: bool,
+    pid1_environ: &str,
+    pid1_cgroup: &str,
+) -> Option<String> {
     if dockerenv {
         return Some("docker".into());
     }
     if containerenv {
         return Some("podman".into());
     }
-    if let Some(value) = pid1_environ.split('\0').find_map(|kv| kv.strip_prefix("container=")) {
+    if let Some(value) = pid1_environ
+        .split('\0')
+        .find_map(|kv| kv.strip_prefix("container="))
+    {
         return Some(value.to_owned());
     }
-    for (marker, name) in [("kubepods", "kubernetes"), ("docker", "docker"), ("lxc", "lxc"), ("containerd", "containerd")] {
+    for (marker, name) in [
+        ("kubepods", "kubernetes"),
+        ("docker", "docker"),
+        ("lxc", "lxc"),
+        ("containerd", "containerd"),
+    ] {
         if pid1_cgroup.contains(marker) {
             return Some(name.into());
         }
@@ -366,12 +423,17 @@ fn virtualization(cpu: &CpuInfo) -> Virtualization {
     let dmi_vendor = read("/sys/class/dmi/id/sys_vendor");
     let dmi_product = read("/sys/class/dmi/id/product_name");
     let cpu_hypervisor_flag = cpu.flags.iter().any(|f| f == "hypervisor");
-    let mut hypervisor = hypervisor_from_dmi(dmi_vendor.as_deref().unwrap_or(""), dmi_product.as_deref().unwrap_or(""))
-        .map(str::to_owned);
+    let mut hypervisor = hypervisor_from_dmi(
+        dmi_vendor.as_deref().unwrap_or(""),
+        dmi_product.as_deref().unwrap_or(""),
+    )
+    .map(str::to_owned);
     if hypervisor.is_none() && cpu_hypervisor_flag {
         hypervisor = Some(read("/sys/hypervisor/type").unwrap_or_else(|| "unknown".into()));
     }
-    let environ = fs::read("/proc/1/environ").map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let environ = fs::read("/proc/1/environ")
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
     Virtualization {
         hypervisor,
         container: container_from_markers(
@@ -388,13 +450,22 @@ fn virtualization(cpu: &CpuInfo) -> Virtualization {
 
 /// Installed packages in a dpkg status file.
 pub fn dpkg_installed(status: &str) -> u32 {
-    status.lines().filter(|l| l.starts_with("Status: ") && l.ends_with(" installed")).count() as u32
+    status
+        .lines()
+        .filter(|l| l.starts_with("Status: ") && l.ends_with(" installed"))
+        .count() as u32
 }
 
 /// `(pending, security)` upgrades in `apt-get -s upgrade` output.
 pub fn apt_pending(simulation: &str) -> (u32, u32) {
-    let inst: Vec<&str> = simulation.lines().filter(|l| l.starts_with("Inst ")).collect();
-    let security = inst.iter().filter(|l| l.to_lowercase().contains("security")).count();
+    let inst: Vec<&str> = simulation
+        .lines()
+        .filter(|l| l.starts_with("Inst "))
+        .collect();
+    let security = inst
+        .iter()
+        .filter(|l| l.to_lowercase().contains("security"))
+        .count();
     (inst.len() as u32, security as u32)
 }
 
@@ -414,7 +485,10 @@ fn packages() -> Option<PackageInfo> {
             pending_security_updates: pending.map(|p| p.1),
         });
     }
-    let out = Command::new("rpm").args(["-qa", "--qf", "x\n"]).output().ok()?;
+    let out = Command::new("rpm")
+        .args(["-qa", "--qf", "x\n"])
+        .output()
+        .ok()?;
     out.status.success().then(|| PackageInfo {
         manager: "rpm".into(),
         installed: String::from_utf8_lossy(&out.stdout).lines().count() as u32,
@@ -426,13 +500,18 @@ fn packages() -> Option<PackageInfo> {
 /// Live figures for heartbeats: `(uptime seconds, 1-minute load, memory used bytes)`.
 pub fn live_figures() -> (u64, f64, u64) {
     let meminfo = read("/proc/meminfo").unwrap_or_default();
-    let used = match (meminfo_kb(&meminfo, "MemTotal"), meminfo_kb(&meminfo, "MemAvailable")) {
+    let used = match (
+        meminfo_kb(&meminfo, "MemTotal"),
+        meminfo_kb(&meminfo, "MemAvailable"),
+    ) {
         (Some(t), Some(a)) => t.saturating_sub(a) * 1024,
         _ => 0,
     };
     (
         sysinfo::System::uptime().unwrap_or(0),
-        sysinfo::System::load_average().map(|l| l.one).unwrap_or(0.0),
+        sysinfo::System::load_average()
+            .map(|l| l.one)
+            .unwrap_or(0.0),
         used,
     )
 }
@@ -471,19 +550,40 @@ mod tests {
         assert_eq!(cpulist_len("0-3,8-11"), Some(8));
         assert_eq!(cpulist_len("5"), Some(1));
         assert_eq!(cpulist_len("3-1"), None);
-        assert_eq!(meminfo_kb("MemTotal:       16384 kB\nMemFree: 1 kB", "MemTotal"), Some(16384));
+        assert_eq!(
+            meminfo_kb("MemTotal:       16384 kB\nMemFree: 1 kB", "MemTotal"),
+            Some(16384)
+        );
         assert_eq!(meminfo_kb("MemTotalX: 5 kB", "MemTotal"), None);
     }
 
     #[test]
     fn virtualization_is_named_from_its_markers() {
-        assert_eq!(hypervisor_from_dmi("QEMU", "Standard PC (Q35 + ICH9, 2009)"), Some("kvm"));
-        assert_eq!(hypervisor_from_dmi("Microsoft Corporation", "Virtual Machine"), Some("hyper-v"));
+        assert_eq!(
+            hypervisor_from_dmi("QEMU", "Standard PC (Q35 + ICH9, 2009)"),
+            Some("kvm")
+        );
+        assert_eq!(
+            hypervisor_from_dmi("Microsoft Corporation", "Virtual Machine"),
+            Some("hyper-v")
+        );
         assert_eq!(hypervisor_from_dmi("Dell Inc.", "PowerEdge R640"), None);
-        assert_eq!(container_from_markers(true, false, "", ""), Some("docker".into()));
-        assert_eq!(container_from_markers(false, false, "PATH=/bin\0container=lxc\0", ""), Some("lxc".into()));
-        assert_eq!(container_from_markers(false, false, "", "0::/kubepods/burstable/pod1"), Some("kubernetes".into()));
-        assert_eq!(container_from_markers(false, false, "", "0::/init.scope"), None);
+        assert_eq!(
+            container_from_markers(true, false, "", ""),
+            Some("docker".into())
+        );
+        assert_eq!(
+            container_from_markers(false, false, "PATH=/bin\0container=lxc\0", ""),
+            Some("lxc".into())
+        );
+        assert_eq!(
+            container_from_markers(false, false, "", "0::/kubepods/burstable/pod1"),
+            Some("kubernetes".into())
+        );
+        assert_eq!(
+            container_from_markers(false, false, "", "0::/init.scope"),
+            None
+        );
     }
 
     #[test]

@@ -47,7 +47,9 @@ enum Command {
 fn init_logs(config: &AgentConfig) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log_filter));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match config.log_format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Human => builder.init(),
@@ -55,7 +57,8 @@ fn init_logs(config: &AgentConfig) {
 }
 
 async fn shutdown_signal(cancel: CancellationToken) {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
@@ -65,7 +68,8 @@ async fn shutdown_signal(cancel: CancellationToken) {
 }
 
 async fn main_inner(cli: Cli) -> anyhow::Result<()> {
-    let mut config = AgentConfig::load(cli.config.as_deref()).context("reading agent configuration")?;
+    let mut config =
+        AgentConfig::load(cli.config.as_deref()).context("reading agent configuration")?;
     if let Some(dir) = cli.data_dir {
         config.data_dir = dir;
     }
@@ -78,8 +82,14 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         Command::Enroll { token } => {
             let identity = surplus_agent::enroll::enroll(&token, &config, clock.now_ms()).await?;
             println!("enrolled as agent {}", identity.agent_id);
-            println!("identity written to {}", surplus_agent::Identity::path(&config.data_dir).display());
-            println!("start reporting with: surplus-agent run --data-dir {}", config.data_dir.display());
+            println!(
+                "identity written to {}",
+                surplus_agent::Identity::path(&config.data_dir).display()
+            );
+            println!(
+                "start reporting with: surplus-agent run --data-dir {}",
+                config.data_dir.display()
+            );
         }
         Command::Run => {
             let runner = Runner::new(config, clock)?;
@@ -90,18 +100,54 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         Command::Inventory { json } => {
             let interval = config.package_scan_interval;
             let now = clock.now_ms();
-            let inv = tokio::task::spawn_blocking(move || InventoryCollector::new(interval).collect(now)).await?;
+            let inv =
+                tokio::task::spawn_blocking(move || InventoryCollector::new(interval).collect(now))
+                    .await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&inv)?);
             } else {
                 println!("host        {}", inv.hostname.as_deref().unwrap_or("-"));
-                println!("os          {} {} (kernel {})", inv.os.name.as_deref().unwrap_or("-"), inv.os.version.as_deref().unwrap_or(""), inv.os.kernel.as_deref().unwrap_or("-"));
-                println!("cpu         {} x {} ({} logical)", inv.cpu.sockets.unwrap_or(1), inv.cpu.brand.as_deref().unwrap_or("unknown"), inv.cpu.logical_cpus);
-                println!("memory      {:.1} GiB", inv.memory.total_bytes as f64 / (1u64 << 30) as f64);
-                println!("disks       {}", inv.disks.iter().map(|d| d.device.as_str()).collect::<Vec<_>>().join(", "));
-                println!("nics        {}", inv.nics.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(", "));
+                println!(
+                    "os          {} {} (kernel {})",
+                    inv.os.name.as_deref().unwrap_or("-"),
+                    inv.os.version.as_deref().unwrap_or(""),
+                    inv.os.kernel.as_deref().unwrap_or("-")
+                );
+                println!(
+                    "cpu         {} x {} ({} logical)",
+                    inv.cpu.sockets.unwrap_or(1),
+                    inv.cpu.brand.as_deref().unwrap_or("unknown"),
+                    inv.cpu.logical_cpus
+                );
+                println!(
+                    "memory      {:.1} GiB",
+                    inv.memory.total_bytes as f64 / (1u64 << 30) as f64
+                );
+                println!(
+                    "disks       {}",
+                    inv.disks
+                        .iter()
+                        .map(|d| d.device.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                println!(
+                    "nics        {}",
+                    inv.nics
+                        .iter()
+                        .map(|n| n.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
                 println!("gpus        {}", inv.gpus.len());
-                println!("virtual     {}", inv.virtualization.hypervisor.as_deref().or(inv.virtualization.container.as_deref()).unwrap_or("none detected"));
+                println!(
+                    "virtual     {}",
+                    inv.virtualization
+                        .hypervisor
+                        .as_deref()
+                        .or(inv.virtualization.container.as_deref())
+                        .unwrap_or("none detected")
+                );
             }
         }
     }

@@ -66,7 +66,13 @@ pub async fn connect_any(
     )));
     let mut last = None;
     for target in targets {
-        let bind: SocketAddr = if target.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("literal address");
+        let bind: SocketAddr = if target.is_ipv6() {
+            "[::]:0"
+        } else {
+            "0.0.0.0:0"
+        }
+        .parse()
+        .expect("literal address");
         let endpoint = Endpoint::client(bind).map_err(ConnectError::Socket)?;
         let attempt = match endpoint.connect_with(client.clone(), target, server_name) {
             Ok(connecting) => connecting.await,
@@ -80,5 +86,7 @@ pub async fn connect_any(
             }
         }
     }
-    Err(ConnectError::Failed(last.expect("at least one target was tried")))
+    Err(ConnectError::Failed(
+        last.expect("at least one target was tried"),
+    ))
 }

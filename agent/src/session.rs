@@ -16,6 +16,7 @@ use surplus_protocol::clock::Clock;
 use surplus_protocol::messages::*;
 use surplus_protocol::quic::{self, ExchangeError, codes};
 use surplus_protocol::{Inventory, PROTOCOL_VERSION};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::AgentConfig;
@@ -74,7 +75,9 @@ pub enum SessionError {
 pub fn is_revocation(error: &ConnectionError) -> bool {
     match error {
         ConnectionError::ApplicationClosed(close) => close.error_code == codes::CLOSE_REVOKED,
-        ConnectionError::ConnectionClosed(close) => u64::from(close.error_code) == codes::TLS_CERTIFICATE_REVOKED,
+        ConnectionError::ConnectionClosed(close) => {
+            u64::from(close.error_code) == codes::TLS_CERTIFICATE_REVOKED
+        }
         ConnectionError::TransportError(e) => u64::from(e.code) == codes::TLS_CERTIFICATE_REVOKED,
         _ => false,
     }
@@ -84,13 +87,13 @@ impl SessionError {
     fn from_exchange(e: ExchangeError) -> Self {
         let conn_err = match &e {
             ExchangeError::Connection(c) => Some(c.clone()),
-            ExchangeError::Write(quinn::WriteError::ConnectionLost(c)) => Some(c.clone()),
-            ExchangeError::Read(quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(c))) => Some(c.clone()),
             _ => None,
         };
         match conn_err {
             Some(c) if is_revocation(&c) => SessionError::Revoked,
-            Some(ConnectionError::ApplicationClosed(close)) if close.error_code == codes::CLOSE_VERSION_MISMATCH => {
+            Some(ConnectionError::ApplicationClosed(close))
+                if close.error_code == codes::CLOSE_VERSION_MISMATCH =>
+            {
                 SessionError::VersionMismatch(String::from_utf8_lossy(&close.reason).into_owned())
             }
             Some(c) => SessionError::Lost(c),
@@ -116,36 +119,64 @@ pub struct Session {
 impl Session {
     /// Connects with `identity` and exchanges hellos.
     pub async fn open(config: &AgentConfig, identity: &Identity) -> Result<Self, SessionError> {
-        let tls = surplus_certs::session_client_config(&identity.ca_pem, &identity.certificate.cert_pem, &identity.key_pem)?;
+        let tls = surplus_certs::session_client_config(
+            &identity.ca_pem,
+            &identity.certificate.cert_pem,
+            &identity.key_pem,
+        )?;
         let addresses = if config.controller_addresses.is_empty() {
             &identity.controller_addresses
         } else {
             &config.controller_addresses
         };
         let (endpoint, connection) =
-            net::connect_any(tls, addresses, &identity.server_name, config).await.map_err(|source| {
-                match source.connection_error() {
+            net::connect_any(tls, addresses, &identity.server_name, config)
+                .await
+                .map_err(|source| match source.connection_error() {
                     Some(e) if is_revocation(e) => SessionError::Revoked,
-                    _ => SessionError::Connect { addresses: addresses.join(", "), source },
-                }
-            })?;
+                    _ => SessionError::Connect {
+                        addresses: addresses.join(", "),
+                        source,
+                    },
+                })?;
         let hello = Message::Hello(Hello {
             protocol_version: PROTOCOL_VERSION,
             agent_version: env!("CARGO_PKG_VERSION").into(),
             boot_epoch: sysinfo::System::boot_time().unwrap_or(0),
         });
-        let answer = quic::request(&connection, &hello, config.max_frame_size, config.request_timeout)
-            .await
-            .map_err(SessionError::from_exchange)?;
+        let answer = quic::request(
+            &connection,
+            &hello,
+            config.max_frame_size,
+            config.request_timeout,
+        )
+        .await
+        .map_err(SessionError::from_exchange)?;
         let ack = match answer {
             Message::HelloAck(ack) => ack,
             Message::Error(reply) if reply.code == ErrorCode::VersionMismatch => {
                 return Err(SessionError::VersionMismatch(reply.message));
             }
-            Message::Error(reply) => return Err(SessionError::Refused { what: "hello", reply }),
-            other => return Err(SessionError::Unexpected { what: "hello", got: other.kind() }),
+            Message::Error(reply) => {
+                return Err(SessionError::Refused {
+                    what: "hello",
+                    reply,
+                });
+            }
+            other => {
+                return Err(SessionError::Unexpected {
+                    what: "hello",
+                    got: other.kind(),
+                });
+            }
         };
-        Ok(Self { endpoint, connection, ack, max_frame: config.max_frame_size, timeout: config.request_timeout })
+        Ok(Self {
+            endpoint,
+            connection,
+            ack,
+            max_frame: config.max_frame_size,
+            timeout: config.request_timeout,
+        })
     }
 
     /// The controller's hello answer.
@@ -167,35 +198,67 @@ impl Session {
 
     /// Sends the inventory; returns whether the controller recorded a change.
     pub async fn send_inventory(&self, inventory: Inventory) -> Result<bool, SessionError> {
-        match self.request(&Message::InventoryReport(Box::new(inventory))).await? {
+        match self
+            .request(&Message::InventoryReport(Box::new(inventory)))
+            .await?
+        {
             Message::InventoryAck(ack) => Ok(ack.changed),
-            Message::Error(reply) => Err(SessionError::Refused { what: "inventory", reply }),
-            other => Err(SessionError::Unexpected { what: "inventory", got: other.kind() }),
+            Message::Error(reply) => Err(SessionError::Refused {
+                what: "inventory",
+                reply,
+            }),
+            other => Err(SessionError::Unexpected {
+                what: "inventory",
+                got: other.kind(),
+            }),
         }
     }
 
     /// Asks for a fresh certificate for a freshly generated key and stores it.
-    pub async fn renew(&self, identity: &mut Identity, data_dir: &std::path::Path) -> Result<(), SessionError> {
+    pub async fn renew(
+        &self,
+        identity: &mut Identity,
+        data_dir: &std::path::Path,
+        now_ms: surplus_protocol::clock::UnixMillis,
+    ) -> Result<(), SessionError> {
         let (key, key_pem) = new_agent_key()?;
         let csr_pem = agent_csr(&key, &identity.agent_id.to_string())?;
-        let issued = match self.request(&Message::RenewRequest(RenewRequest { csr_pem })).await? {
+        let issued = match self
+            .request(&Message::RenewRequest(RenewRequest { csr_pem }))
+            .await?
+        {
             Message::Renewed(issued) => issued,
-            Message::Error(reply) => return Err(SessionError::Refused { what: "renewal", reply }),
-            other => return Err(SessionError::Unexpected { what: "renewal", got: other.kind() }),
+            Message::Error(reply) => {
+                return Err(SessionError::Refused {
+                    what: "renewal",
+                    reply,
+                });
+            }
+            other => {
+                return Err(SessionError::Unexpected {
+                    what: "renewal",
+                    got: other.kind(),
+                });
+            }
         };
         let info = cert_info_pem(&issued.cert_pem)?;
         if info.agent_id != Some(identity.agent_id) || info.public_key != key.public_key_raw() {
-            return Err(SessionError::Unexpected { what: "renewal", got: "a certificate for another agent or key" });
+            return Err(SessionError::Unexpected {
+                what: "renewal",
+                got: "a certificate for another agent or key",
+            });
         }
         identity.key_pem = key_pem;
         identity.certificate = issued;
+        identity.received_at_ms = now_ms;
         identity.save(data_dir)?;
         Ok(())
     }
 
     /// Closes the session politely.
     pub async fn close(self, reason: &str) {
-        self.connection.close(codes::CLOSE_NORMAL, reason.as_bytes());
+        self.connection
+            .close(codes::CLOSE_NORMAL, reason.as_bytes());
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }
 }
@@ -212,7 +275,10 @@ async fn serve_controller_stream(mut send: SendStream, mut recv: RecvStream, max
     };
     let answer = match request {
         Message::Ping(ping) => Message::Pong(Pong { nonce: ping.nonce }),
-        other => Message::error(ErrorCode::Unexpected, format!("agent does not serve {}", other.kind())),
+        other => Message::error(
+            ErrorCode::Unexpected,
+            format!("agent does not serve {}", other.kind()),
+        ),
     };
     if let Err(e) = quic::write_frame(&mut send, &answer, max_frame).await {
         tracing::debug!(error = %e, "answer to the controller not delivered");
@@ -224,33 +290,47 @@ pub struct Runner {
     config: AgentConfig,
     clock: Arc<dyn Clock>,
     identity: Identity,
-    collector: InventoryCollector,
+    /// `None` while a collection runs.
+    collector: Option<InventoryCollector>,
 }
 
 impl Runner {
     /// A runner for the identity enrolled in `config.data_dir`.
     pub fn new(config: AgentConfig, clock: Arc<dyn Clock>) -> Result<Self, IdentityError> {
         let identity = Identity::load(&config.data_dir)?;
-        let collector = InventoryCollector::new(config.package_scan_interval);
-        Ok(Self { config, clock, identity, collector })
+        let collector = Some(InventoryCollector::new(config.package_scan_interval));
+        Ok(Self {
+            config,
+            clock,
+            identity,
+            collector,
+        })
+    }
+
+    /// The id of the agent this runner runs.
+    pub fn agent_id(&self) -> uuid::Uuid {
+        self.identity.agent_id
     }
 
     /// Runs sessions until `cancel` fires (`Ok`) or retrying cannot help (`Err`).
     pub async fn run(mut self, cancel: CancellationToken) -> Result<(), SessionError> {
         let mut attempt = 0u32;
         loop {
-            let outcome = tokio::select! {
-                _ = cancel.cancelled() => return Ok(()),
-                outcome = self.session(&cancel, &mut attempt) => outcome,
-            };
-            match outcome {
+            // The session watches `cancel` itself, at points where stopping loses
+            // nothing (never in the middle of a renewal).
+            match self.session(&cancel, &mut attempt).await {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_final() => {
                     tracing::error!(agent_id = %self.identity.agent_id, error = %e, "agent stops");
                     return Err(e);
                 }
                 Err(e) => {
-                    let wait = crate::backoff::delay(attempt, self.config.reconnect_min, self.config.reconnect_max, rand::random());
+                    let wait = crate::backoff::delay(
+                        attempt,
+                        self.config.reconnect_min,
+                        self.config.reconnect_max,
+                        rand::random(),
+                    );
                     attempt = attempt.saturating_add(1);
                     tracing::warn!(error = %e, retry_in = ?wait, "session ended; reconnecting");
                     tokio::select! {
@@ -262,32 +342,36 @@ impl Runner {
         }
     }
 
-    async fn collect(&mut self) -> Inventory {
+    /// Starts an inventory collection on the blocking pool; the collector travels with
+    /// it and comes back with the result, so heartbeats never wait for a slow scan.
+    fn start_collection(&mut self) -> Option<JoinHandle<(InventoryCollector, Inventory)>> {
+        let mut collector = self.collector.take()?;
         let now = self.clock.now_ms();
-        let mut collector = std::mem::replace(&mut self.collector, InventoryCollector::new(self.config.package_scan_interval));
-        let (collector, inventory) = tokio::task::spawn_blocking(move || {
-            let inv = collector.collect(now);
-            (collector, inv)
-        })
-        .await
-        .expect("inventory collection does not panic");
-        self.collector = collector;
-        inventory
+        Some(tokio::task::spawn_blocking(move || {
+            let inventory = collector.collect(now);
+            (collector, inventory)
+        }))
     }
 
-    async fn session(&mut self, cancel: &CancellationToken, attempt: &mut u32) -> Result<(), SessionError> {
-        let session = Session::open(&self.config, &self.identity).await?;
+    async fn session(
+        &mut self,
+        cancel: &CancellationToken,
+        attempt: &mut u32,
+    ) -> Result<(), SessionError> {
+        let session = tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            opened = Session::open(&self.config, &self.identity) => opened?,
+        };
         *attempt = 0;
         let ack = session.hello_ack().clone();
         tracing::info!(agent_id = %ack.agent_id, controller = %ack.controller_version, "session open");
         let skew = (ack.server_time_ms - self.clock.now_ms()).abs();
         if skew > 60_000 {
-            tracing::warn!(skew_ms = skew, "agent and controller clocks differ by more than a minute");
+            tracing::warn!(
+                skew_ms = skew,
+                "agent and controller clocks differ by more than a minute"
+            );
         }
-
-        let inventory = self.collect().await;
-        let mut digest = inventory::digest(&inventory);
-        session.send_inventory(inventory).await?;
 
         let heartbeat_every = match ack.heartbeat_interval_ms {
             0 => self.config.heartbeat_interval,
@@ -299,6 +383,10 @@ impl Runner {
         rescan.tick().await;
         let jitter = rand::random::<f64>() * 2.0 - 1.0;
         let mut seq = 0u64;
+        // Digest of the inventory the controller holds; all zero until one was sent.
+        let mut reported = [0u8; 32];
+        let mut must_send = true;
+        let mut collecting = self.start_collection();
 
         loop {
             tokio::select! {
@@ -310,6 +398,20 @@ impl Runner {
                     let (send, recv) = incoming.map_err(|e| SessionError::from_exchange(e.into()))?;
                     tokio::spawn(serve_controller_stream(send, recv, self.config.max_frame_size));
                 }
+                done = async { collecting.as_mut().expect("guarded by the select condition").await }, if collecting.is_some() => {
+                    collecting = None;
+                    let (collector, inventory) = done.expect("inventory collection does not panic");
+                    self.collector = Some(collector);
+                    let digest = inventory::digest(&inventory);
+                    if must_send || digest != reported {
+                        if !must_send {
+                            tracing::info!("inventory changed; reporting it");
+                        }
+                        session.send_inventory(inventory).await?;
+                        reported = digest;
+                        must_send = false;
+                    }
+                }
                 _ = heartbeat.tick() => {
                     seq += 1;
                     let (uptime_secs, load_avg_1m, memory_used_bytes) = inventory::live_figures();
@@ -319,31 +421,25 @@ impl Runner {
                         uptime_secs,
                         load_avg_1m,
                         memory_used_bytes,
-                        inventory_digest: digest,
+                        inventory_digest: reported,
                     });
                     match session.request(&beat).await? {
-                        Message::HeartbeatAck(a) if a.inventory_wanted => {
-                            let inventory = self.collect().await;
-                            digest = inventory::digest(&inventory);
-                            session.send_inventory(inventory).await?;
+                        Message::HeartbeatAck(a) => {
+                            if a.inventory_wanted && !must_send {
+                                must_send = true;
+                                collecting = collecting.or_else(|| self.start_collection());
+                            }
                         }
-                        Message::HeartbeatAck(_) => {}
                         Message::Error(reply) => return Err(SessionError::Refused { what: "heartbeat", reply }),
                         other => return Err(SessionError::Unexpected { what: "heartbeat", got: other.kind() }),
                     }
                     if self.clock.now_ms() >= self.identity.renew_at_ms(jitter) {
-                        session.renew(&mut self.identity, &self.config.data_dir).await?;
+                        session.renew(&mut self.identity, &self.config.data_dir, self.clock.now_ms()).await?;
                         tracing::info!(serial = %self.identity.certificate.serial, not_after_ms = self.identity.certificate.not_after_ms, "certificate renewed");
                     }
                 }
                 _ = rescan.tick() => {
-                    let inventory = self.collect().await;
-                    let fresh = inventory::digest(&inventory);
-                    if fresh != digest {
-                        tracing::info!("inventory changed; reporting it");
-                        digest = fresh;
-                        session.send_inventory(inventory).await?;
-                    }
+                    collecting = collecting.or_else(|| self.start_collection());
                 }
             }
         }

@@ -21,15 +21,14 @@ use std::sync::{Arc, RwLock};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
-    SerialNumber,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName as TlsName, RootCertStore, SignatureScheme};
 use surplus_protocol::clock::UnixMillis;
 use surplus_protocol::messages::IssuedCertificate;
@@ -112,23 +111,41 @@ fn random_serial() -> SerialNumber {
 fn first_cert(pem: &str, what: &'static str) -> Result<CertificateDer<'static>, CertError> {
     CertificateDer::pem_slice_iter(pem.as_bytes())
         .next()
-        .ok_or(CertError::Pem { what, reason: "no certificate".into() })?
-        .map_err(|e| CertError::Pem { what, reason: e.to_string() })
+        .ok_or(CertError::Pem {
+            what,
+            reason: "no certificate".into(),
+        })?
+        .map_err(|e| CertError::Pem {
+            what,
+            reason: e.to_string(),
+        })
 }
 
 /// Every certificate in a PEM text.
-pub fn certs_from_pem(pem: &str, what: &'static str) -> Result<Vec<CertificateDer<'static>>, CertError> {
+pub fn certs_from_pem(
+    pem: &str,
+    what: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, CertError> {
     let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| CertError::Pem { what, reason: e.to_string() })?;
+        .map_err(|e| CertError::Pem {
+            what,
+            reason: e.to_string(),
+        })?;
     if certs.is_empty() {
-        return Err(CertError::Pem { what, reason: "no certificate".into() });
+        return Err(CertError::Pem {
+            what,
+            reason: "no certificate".into(),
+        });
     }
     Ok(certs)
 }
 
 fn key_from_pem(pem: &str, what: &'static str) -> Result<PrivateKeyDer<'static>, CertError> {
-    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| CertError::Pem { what, reason: e.to_string() })
+    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| CertError::Pem {
+        what,
+        reason: e.to_string(),
+    })
 }
 
 /// The controller's certificate authority.
@@ -171,7 +188,11 @@ impl CertAuthority {
         let key = KeyPair::from_pem(key_pem)?;
         let cert_der = first_cert(cert_pem, "CA certificate")?;
         let issuer = Issuer::from_ca_cert_der(&cert_der, key)?;
-        Ok(Self { cert_pem: cert_pem.to_owned(), cert_der, issuer })
+        Ok(Self {
+            cert_pem: cert_pem.to_owned(),
+            cert_der,
+            issuer,
+        })
     }
 
     /// PEM of the CA certificate.
@@ -200,9 +221,13 @@ impl CertAuthority {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(names.to_vec())?;
         params.distinguished_name = DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, names.first().map(String::as_str).unwrap_or("surplus-controller"));
+        params.distinguished_name.push(
+            DnType::CommonName,
+            names
+                .first()
+                .map(String::as_str)
+                .unwrap_or("surplus-controller"),
+        );
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.not_before = to_time(now_ms - 3_600_000);
@@ -224,10 +249,13 @@ impl CertAuthority {
         lifetime_ms: i64,
         backdate_ms: i64,
     ) -> Result<IssuedCertificate, CertError> {
-        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| CertError::Csr(e.to_string()))?;
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| CertError::Csr(e.to_string()))?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(DnType::CommonName, format!("agent {agent_id}"));
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("agent {agent_id}"));
         params.subject_alt_names = vec![SanType::URI(agent_uri(agent_id).try_into()?)];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -280,7 +308,8 @@ pub struct CertInfo {
 
 /// Parses the fields Surplus uses from a DER certificate.
 pub fn cert_info(der: &[u8]) -> Result<CertInfo, CertError> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| CertError::Parse(e.to_string()))?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| CertError::Parse(e.to_string()))?;
     let mut agent_id = None;
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for name in &san.value.general_names {
@@ -322,7 +351,10 @@ impl RevocationList {
 
     /// Whether `id` is revoked.
     pub fn is_revoked(&self, id: &Uuid) -> bool {
-        self.0.read().expect("revocation lock poisoned").contains(id)
+        self.0
+            .read()
+            .expect("revocation lock poisoned")
+            .contains(id)
     }
 
     /// Replaces the whole set (reloaded from storage).
@@ -337,7 +369,10 @@ struct NoAgentName;
 
 impl std::fmt::Display for NoAgentName {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "client certificate carries no {AGENT_URI_PREFIX}<uuid> name")
+        write!(
+            f,
+            "client certificate carries no {AGENT_URI_PREFIX}<uuid> name"
+        )
     }
 }
 
@@ -362,12 +397,17 @@ impl ClientCertVerifier for AgentCertVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
         let id = agent_id_of(end_entity).ok_or_else(|| {
-            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(Arc::new(NoAgentName))))
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+                Arc::new(NoAgentName),
+            )))
         })?;
         if self.revoked.is_revoked(&id) {
-            return Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked));
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Revoked,
+            ));
         }
         Ok(ClientCertVerified::assertion())
     }
@@ -404,7 +444,9 @@ fn tls13_server(
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?;
     let mut config = match verifier {
-        Some(v) => builder.with_client_cert_verifier(v).with_single_cert(chain, key)?,
+        Some(v) => builder
+            .with_client_cert_verifier(v)
+            .with_single_cert(chain, key)?,
         None => builder.with_no_client_auth().with_single_cert(chain, key)?,
     };
     config.alpn_protocols = vec![alpn.to_vec()];
@@ -414,7 +456,10 @@ fn tls13_server(
 
 /// Server chain: the server certificate followed by the CA, so a pinning agent can find
 /// the CA by fingerprint.
-fn server_chain(server_cert_pem: &str, ca_pem: &str) -> Result<Vec<CertificateDer<'static>>, CertError> {
+fn server_chain(
+    server_cert_pem: &str,
+    ca_pem: &str,
+) -> Result<Vec<CertificateDer<'static>>, CertError> {
     let mut chain = certs_from_pem(server_cert_pem, "server certificate")?;
     chain.push(first_cert(ca_pem, "CA certificate")?);
     Ok(chain)
@@ -496,15 +541,20 @@ impl ServerCertVerifier for PinnedCaVerifier {
             .iter()
             .find(|c| fingerprint(c) == self.pinned)
             .ok_or_else(|| {
-                rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(Arc::new(
-                    PinMismatch { pinned: self.pinned },
-                ))))
+                rustls::Error::InvalidCertificate(rustls::CertificateError::Other(
+                    rustls::OtherError(Arc::new(PinMismatch {
+                        pinned: self.pinned,
+                    })),
+                ))
             })?;
         let mut roots = RootCertStore::empty();
         roots.add(ca.clone().into_owned())?;
-        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
-            .build()
-            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            self.provider.clone(),
+        )
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
         inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
     }
 
@@ -514,7 +564,12 @@ impl ServerCertVerifier for PinnedCaVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -523,23 +578,35 @@ impl ServerCertVerifier for PinnedCaVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
-fn tls13_client() -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier>, CertError> {
-    Ok(rustls::ClientConfig::builder_with_provider(provider()).with_protocol_versions(&[&rustls::version::TLS13])?)
+fn tls13_client()
+-> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier>, CertError> {
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?)
 }
 
 /// TLS of an agent enrolling: trusts only the CA with the pinned fingerprint.
 pub fn pinned_client_config(pinned: [u8; 32]) -> Result<rustls::ClientConfig, CertError> {
     let mut config = tls13_client()?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinnedCaVerifier { pinned, provider: provider() }))
+        .with_custom_certificate_verifier(Arc::new(PinnedCaVerifier {
+            pinned,
+            provider: provider(),
+        }))
         .with_no_client_auth();
     config.alpn_protocols = vec![ENROLL_ALPN.to_vec()];
     config.enable_early_data = false;
@@ -556,7 +623,10 @@ pub fn session_client_config(
     roots.add(first_cert(ca_pem, "CA certificate")?)?;
     let mut config = tls13_client()?
         .with_root_certificates(roots)
-        .with_client_auth_cert(certs_from_pem(cert_pem, "agent certificate")?, key_from_pem(key_pem, "agent key")?)?;
+        .with_client_auth_cert(
+            certs_from_pem(cert_pem, "agent certificate")?,
+            key_from_pem(key_pem, "agent key")?,
+        )?;
     config.alpn_protocols = vec![ALPN.to_vec()];
     config.enable_early_data = false;
     Ok(config)
@@ -574,7 +644,9 @@ mod tests {
         let (key, _) = new_agent_key().unwrap();
         let csr = agent_csr(&key, "evil.example").unwrap();
         let id = Uuid::now_v7();
-        let issued = ca.sign_agent_csr(&csr, id, NOW, 86_400_000, 300_000).unwrap();
+        let issued = ca
+            .sign_agent_csr(&csr, id, NOW, 86_400_000, 300_000)
+            .unwrap();
         let info = cert_info_pem(&issued.cert_pem).unwrap();
         assert_eq!(info.agent_id, Some(id));
         assert_eq!(info.serial, issued.serial);
@@ -592,24 +664,32 @@ mod tests {
             ca.sign_agent_csr("not a csr", Uuid::nil(), NOW, 1000, 0),
             Err(CertError::Csr(_))
         ));
-        let mut der = rustls::pki_types::CertificateSigningRequestDer::from_pem_slice(csr.as_bytes())
-            .unwrap()
-            .as_ref()
-            .to_vec();
+        let mut der =
+            rustls::pki_types::CertificateSigningRequestDer::from_pem_slice(csr.as_bytes())
+                .unwrap()
+                .as_ref()
+                .to_vec();
         let n = der.len();
         der[n - 5] ^= 0xff; // corrupt the signature
         let pem = format!(
             "-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n",
             base64_encode(&der)
         );
-        assert!(matches!(ca.sign_agent_csr(&pem, Uuid::nil(), NOW, 1000, 0), Err(CertError::Csr(_))));
+        assert!(matches!(
+            ca.sign_agent_csr(&pem, Uuid::nil(), NOW, 1000, 0),
+            Err(CertError::Csr(_))
+        ));
     }
 
     fn base64_encode(bytes: &[u8]) -> String {
         const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
         let mut out = String::new();
         for chunk in bytes.chunks(3) {
-            let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+            let b = [
+                chunk[0],
+                *chunk.get(1).unwrap_or(&0),
+                *chunk.get(2).unwrap_or(&0),
+            ];
             let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
             for i in 0..4 {
                 if i <= chunk.len() {
@@ -633,13 +713,21 @@ mod tests {
     #[test]
     fn tls_configurations_build() {
         let (ca, _) = CertAuthority::generate("test CA", NOW).unwrap();
-        let (cert, key) = ca.issue_server(&["localhost".into(), "127.0.0.1".into()], NOW, 86_400_000).unwrap();
+        let (cert, key) = ca
+            .issue_server(&["localhost".into(), "127.0.0.1".into()], NOW, 86_400_000)
+            .unwrap();
         session_server_config(ca.cert_pem(), &cert, &key, RevocationList::default()).unwrap();
         enroll_server_config(ca.cert_pem(), &cert, &key).unwrap();
         pinned_client_config(ca.fingerprint()).unwrap();
         let (agent_key, agent_key_pem) = new_agent_key().unwrap();
         let issued = ca
-            .sign_agent_csr(&agent_csr(&agent_key, "h").unwrap(), Uuid::now_v7(), NOW, 1000, 0)
+            .sign_agent_csr(
+                &agent_csr(&agent_key, "h").unwrap(),
+                Uuid::now_v7(),
+                NOW,
+                1000,
+                0,
+            )
             .unwrap();
         session_client_config(ca.cert_pem(), &issued.cert_pem, &agent_key_pem).unwrap();
     }

@@ -58,11 +58,19 @@ pub struct AgentView {
 impl AgentView {
     /// The view of a stored agent at `now_ms`.
     pub fn new(a: &AgentRecord, connected: bool, now_ms: UnixMillis) -> Self {
-        let (online_ms, uptime_ratio) = measured_uptime(a.first_seen_ms, a.online_total_ms, a.online_since_ms, now_ms);
+        let (online_ms, uptime_ratio) = measured_uptime(
+            a.first_seen_ms,
+            a.online_total_ms,
+            a.online_since_ms,
+            now_ms,
+        );
         let inv = a.inventory.as_ref();
         let os = inv.and_then(|i| {
             let name = i.pointer("/os/name")?.as_str()?;
-            let version = i.pointer("/os/version").and_then(|v| v.as_str()).unwrap_or("");
+            let version = i
+                .pointer("/os/version")
+                .and_then(|v| v.as_str())
+                .unwrap_or("");
             Some(format!("{name} {version}").trim().to_owned())
         });
         Self {

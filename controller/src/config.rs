@@ -103,7 +103,11 @@ impl ControllerConfig {
     /// Loads defaults, then `file` when it exists, then `SURPLUS_CONTROLLER_*` variables.
     pub fn load(file: &Path) -> Result<Self, config::ConfigError> {
         config::Config::builder()
-            .add_source(config::File::from(file).format(config::FileFormat::Toml).required(false))
+            .add_source(
+                config::File::from(file)
+                    .format(config::FileFormat::Toml)
+                    .required(false),
+            )
             .add_source(
                 config::Environment::with_prefix("SURPLUS_CONTROLLER")
                     .prefix_separator("_")
@@ -119,16 +123,27 @@ impl ControllerConfig {
 
     /// Session addresses given to agents at enrollment.
     pub fn session_addresses(&self) -> Vec<String> {
-        advertised(&self.advertise_session, self.session_listen, &self.server_names)
+        advertised(
+            &self.advertise_session,
+            self.session_listen,
+            &self.server_names,
+        )
     }
 
     /// Enrollment addresses written into join tokens.
     pub fn enroll_addresses(&self) -> Vec<String> {
-        advertised(&self.advertise_enroll, self.enroll_listen, &self.server_names)
+        advertised(
+            &self.advertise_enroll,
+            self.enroll_listen,
+            &self.server_names,
+        )
     }
 
     /// The TLS name agents verify.
     pub fn server_name(&self) -> String {
-        self.server_names.first().cloned().unwrap_or_else(|| "localhost".into())
+        self.server_names
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "localhost".into())
     }
 }

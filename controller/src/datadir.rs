@@ -63,32 +63,49 @@ impl DataDir {
 
     /// Loads the configuration of this directory.
     pub fn load_config(&self) -> anyhow::Result<ControllerConfig> {
-        ControllerConfig::load(&self.config_file()).with_context(|| format!("reading {}", self.config_file().display()))
+        ControllerConfig::load(&self.config_file())
+            .with_context(|| format!("reading {}", self.config_file().display()))
     }
 
     /// Loads the CA, failing clearly when the directory was never initialised.
     pub fn load_ca(&self) -> anyhow::Result<CertAuthority> {
         if !self.ca_cert().exists() {
-            bail!("{} is not an initialised controller data directory (run `surplus-controller init --data-dir {}`)", self.0.display(), self.0.display());
+            bail!(
+                "{} is not an initialised controller data directory (run `surplus-controller init --data-dir {}`)",
+                self.0.display(),
+                self.0.display()
+            );
         }
-        let cert = fs::read_to_string(self.ca_cert()).with_context(|| format!("reading {}", self.ca_cert().display()))?;
-        let key = fs::read_to_string(self.ca_key()).with_context(|| format!("reading {}", self.ca_key().display()))?;
+        let cert = fs::read_to_string(self.ca_cert())
+            .with_context(|| format!("reading {}", self.ca_cert().display()))?;
+        let key = fs::read_to_string(self.ca_key())
+            .with_context(|| format!("reading {}", self.ca_key().display()))?;
         Ok(CertAuthority::from_pem(&cert, &key)?)
     }
 
     /// Opens the database.
     pub async fn open_store(&self) -> anyhow::Result<SqliteStore> {
-        SqliteStore::open(&self.database()).await.with_context(|| format!("opening {}", self.database().display()))
+        SqliteStore::open(&self.database())
+            .await
+            .with_context(|| format!("opening {}", self.database().display()))
     }
 
     /// Re-issues the server certificate when it is missing, expires within 30 days, or
     /// does not carry the configured names. Returns `(cert PEM, key PEM)`.
-    pub fn server_identity(&self, ca: &CertAuthority, names: &[String], now_ms: UnixMillis) -> anyhow::Result<(String, String)> {
-        let current = fs::read_to_string(self.server_cert()).ok().zip(fs::read_to_string(self.server_key()).ok());
+    pub fn server_identity(
+        &self,
+        ca: &CertAuthority,
+        names: &[String],
+        now_ms: UnixMillis,
+    ) -> anyhow::Result<(String, String)> {
+        let current = fs::read_to_string(self.server_cert())
+            .ok()
+            .zip(fs::read_to_string(self.server_key()).ok());
         let names_file = self.0.join("server.names");
         let wanted = names.join("\n");
         if let Some((cert, key)) = current {
-            let fresh = surplus_certs::cert_info_pem(&cert).is_ok_and(|i| i.not_after_ms - now_ms > SERVER_CERT_RENEW_BEFORE_MS);
+            let fresh = surplus_certs::cert_info_pem(&cert)
+                .is_ok_and(|i| i.not_after_ms - now_ms > SERVER_CERT_RENEW_BEFORE_MS);
             let same_names = fs::read_to_string(&names_file).is_ok_and(|n| n == wanted);
             if fresh && same_names {
                 return Ok((cert, key));
@@ -125,17 +142,30 @@ pub fn api_token_hash(token: &str) -> String {
 }
 
 /// Creates a data directory: CA, server certificate, database, admin token, config.
-pub async fn init(dir: &DataDir, server_names: &[String], now_ms: UnixMillis) -> anyhow::Result<InitReport> {
+pub async fn init(
+    dir: &DataDir,
+    server_names: &[String],
+    now_ms: UnixMillis,
+) -> anyhow::Result<InitReport> {
     if dir.ca_cert().exists() {
-        bail!("{} is already initialised (its CA exists); refusing to replace it", dir.path().display());
+        bail!(
+            "{} is already initialised (its CA exists); refusing to replace it",
+            dir.path().display()
+        );
     }
     fs::create_dir_all(dir.path()).with_context(|| format!("creating {}", dir.path().display()))?;
     fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700))?;
     if !dir.config_file().exists() {
         let mut text = DEFAULT_CONFIG.to_owned();
         if !server_names.is_empty() {
-            let list = server_names.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", ");
-            text.push_str(&format!("\n# Set by `init --server-name`.\nserver_names = [{list}]\n"));
+            let list = server_names
+                .iter()
+                .map(|n| format!("{n:?}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            text.push_str(&format!(
+                "\n# Set by `init --server-name`.\nserver_names = [{list}]\n"
+            ));
         }
         write_atomic(&dir.config_file(), text.as_bytes(), 0o644)?;
     }
@@ -147,7 +177,18 @@ pub async fn init(dir: &DataDir, server_names: &[String], now_ms: UnixMillis) ->
     let store = dir.open_store().await?;
     let (admin_token, hash) = new_api_token();
     store
-        .create_api_token(&hash, &Principal { account: "admin".into(), role: Role::Admin }, "created by init", now_ms)
+        .create_api_token(
+            &hash,
+            &Principal {
+                account: "admin".into(),
+                role: Role::Admin,
+            },
+            "created by init",
+            now_ms,
+        )
         .await?;
-    Ok(InitReport { admin_token, ca_fingerprint: ca.fingerprint() })
+    Ok(InitReport {
+        admin_token,
+        ca_fingerprint: ca.fingerprint(),
+    })
 }

@@ -20,18 +20,29 @@ fn gib(bytes: u64) -> String {
 }
 
 /// Runs the demo until `stop` resolves.
-pub async fn run(data_dir: Option<PathBuf>, stop: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run(
+    data_dir: Option<PathBuf>,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let temp;
     let root = match data_dir {
         Some(d) => d,
         None => {
-            temp = tempfile::Builder::new().prefix("surplus-demo-").tempdir().context("creating a temporary directory")?;
+            temp = tempfile::Builder::new()
+                .prefix("surplus-demo-")
+                .tempdir()
+                .context("creating a temporary directory")?;
             temp.path().to_path_buf()
         }
     };
     let dir = DataDir::new(root.join("controller"));
     let clock = clock::system();
-    let report = datadir::init(&dir, &["localhost".into(), "127.0.0.1".into()], clock.now_ms()).await?;
+    let report = datadir::init(
+        &dir,
+        &["localhost".into(), "127.0.0.1".into()],
+        clock.now_ms(),
+    )
+    .await?;
     let mut config = dir.load_config()?;
     config.session_listen = "127.0.0.1:0".parse()?;
     config.enroll_listen = "127.0.0.1:0".parse()?;
@@ -44,14 +55,30 @@ pub async fn run(data_dir: Option<PathBuf>, stop: impl std::future::Future<Outpu
 
     println!("Surplus demo");
     println!("  data directory   {}", root.display());
-    println!("  CA fingerprint   {}", surplus_certs::fingerprint_display(&report.ca_fingerprint));
-    println!("  QUIC sessions    {} (enrollment {})", running.session_addr, running.enroll_addr);
+    println!(
+        "  CA fingerprint   {}",
+        surplus_certs::fingerprint_display(&report.ca_fingerprint)
+    );
+    println!(
+        "  QUIC sessions    {} (enrollment {})",
+        running.session_addr, running.enroll_addr
+    );
     println!("  HTTP API         {}", running.http_url());
     println!("  admin API token  {}", report.admin_token);
 
-    let token = ctl.create_join_token(Duration::from_secs(600), [("demo".to_owned(), "true".to_owned())].into(), "demo").await?;
-    let agent_config = AgentConfig { data_dir: root.join("agent"), ..AgentConfig::default() };
-    let identity = surplus_agent::enroll::enroll(&token.token, &agent_config, clock.now_ms()).await?;
+    let token = ctl
+        .create_join_token(
+            Duration::from_secs(600),
+            [("demo".to_owned(), "true".to_owned())].into(),
+            "demo",
+        )
+        .await?;
+    let agent_config = AgentConfig {
+        data_dir: root.join("agent"),
+        ..AgentConfig::default()
+    };
+    let identity =
+        surplus_agent::enroll::enroll(&token.token, &agent_config, clock.now_ms()).await?;
     println!("  agent enrolled   {}", identity.agent_id);
 
     let cancel = CancellationToken::new();
@@ -70,7 +97,11 @@ pub async fn run(data_dir: Option<PathBuf>, stop: impl std::future::Future<Outpu
         anyhow::bail!("the local agent did not report its inventory within a minute");
     }
 
-    let agent = ctl.store.agent(identity.agent_id).await?.context("agent vanished from the registry")?;
+    let agent = ctl
+        .store
+        .agent(identity.agent_id)
+        .await?
+        .context("agent vanished from the registry")?;
     let view = crate::api::AgentView::new(&agent, true, clock.now_ms());
     let inv = agent.inventory.unwrap_or_default();
     println!();
@@ -80,14 +111,39 @@ pub async fn run(data_dir: Option<PathBuf>, stop: impl std::future::Future<Outpu
     println!("  status    {:?}", view.status);
     println!("  labels    {:?}", view.labels);
     println!("  os        {}", view.os.as_deref().unwrap_or("-"));
-    println!("  kernel    {}", inv.pointer("/os/kernel").and_then(|v| v.as_str()).unwrap_or("-"));
-    println!("  cpu       {} ({} logical)", inv.pointer("/cpu/brand").and_then(|v| v.as_str()).unwrap_or("-"), view.cpus.unwrap_or(0));
+    println!(
+        "  kernel    {}",
+        inv.pointer("/os/kernel")
+            .and_then(|v| v.as_str())
+            .unwrap_or("-")
+    );
+    println!(
+        "  cpu       {} ({} logical)",
+        inv.pointer("/cpu/brand")
+            .and_then(|v| v.as_str())
+            .unwrap_or("-"),
+        view.cpus.unwrap_or(0)
+    );
     println!("  memory    {}", gib(view.memory_bytes.unwrap_or(0)));
-    println!("  disks     {}", inv.pointer("/disks").and_then(|d| d.as_array()).map_or(0, |d| d.len()));
-    println!("  nics      {}", inv.pointer("/nics").and_then(|d| d.as_array()).map_or(0, |d| d.len()));
+    println!(
+        "  disks     {}",
+        inv.pointer("/disks")
+            .and_then(|d| d.as_array())
+            .map_or(0, |d| d.len())
+    );
+    println!(
+        "  nics      {}",
+        inv.pointer("/nics")
+            .and_then(|d| d.as_array())
+            .map_or(0, |d| d.len())
+    );
     println!();
     println!("Try, in another terminal:");
-    println!("  cargo run --bin surplus -- --controller {} --token {} agents list", running.http_url(), report.admin_token);
+    println!(
+        "  cargo run --bin surplus -- --controller {} --token {} agents list",
+        running.http_url(),
+        report.admin_token
+    );
     println!("Ctrl-C stops the agent and the controller.");
 
     stop.await;

@@ -28,7 +28,11 @@ pub struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into() }
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
     }
     fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
@@ -40,7 +44,14 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(ErrorBody { error: self.code.into(), message: self.message })).into_response()
+        (
+            self.status,
+            Json(ErrorBody {
+                error: self.code.into(),
+                message: self.message,
+            }),
+        )
+            .into_response()
     }
 }
 
@@ -50,7 +61,11 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound(what) => ApiError::not_found(format!("{what} not found")),
             other => {
                 tracing::error!(error = %other, "storage failure in API");
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "storage failure")
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "storage failure",
+                )
             }
         }
     }
@@ -71,11 +86,13 @@ struct Caller(Principal);
 impl<S: Send + Sync> FromRequestParts<S> for Caller {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
-        parts
-            .extensions
-            .get::<Caller>()
-            .cloned()
-            .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing bearer token"))
+        parts.extensions.get::<Caller>().cloned().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing bearer token",
+            )
+        })
     }
 }
 
@@ -84,30 +101,51 @@ impl Caller {
         if self.0.role == role || self.0.role == Role::Admin {
             Ok(())
         } else {
-            Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", format!("this needs the {} role", role.as_str())))
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("this needs the {} role", role.as_str()),
+            ))
         }
     }
 }
 
-async fn authenticate(State(ctl): State<Arc<Controller>>, mut request: Request, next: Next) -> Result<Response, ApiError> {
+async fn authenticate(
+    State(ctl): State<Arc<Controller>>,
+    mut request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
     let token = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
-        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing bearer token (Authorization: Bearer ...)"))?;
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing bearer token (Authorization: Bearer ...)",
+            )
+        })?;
     let principal = ctl
         .store
         .api_principal(&api_token_hash(token))
         .await?
-        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "unknown or revoked API token"))?;
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "unknown or revoked API token",
+            )
+        })?;
     request.extensions_mut().insert(Caller(principal));
     Ok(next.run(request).await)
 }
 
 fn parse_id(text: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(text).map_err(|_| ApiError::bad_request(format!("{text:?} is not an agent id (a UUID)")))
+    Uuid::parse_str(text)
+        .map_err(|_| ApiError::bad_request(format!("{text:?} is not an agent id (a UUID)")))
 }
 
 /// The API router.
@@ -134,42 +172,80 @@ async fn health(State(ctl): State<Arc<Controller>>) -> Json<serde_json::Value> {
     }))
 }
 
-async fn list_agents(State(ctl): State<Arc<Controller>>, caller: Caller) -> ApiResult<Vec<AgentView>> {
+async fn list_agents(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+) -> ApiResult<Vec<AgentView>> {
     caller.require(Role::Admin)?;
     let now = ctl.clock.now_ms();
     let agents = ctl.store.agents().await?;
-    Ok(Json(agents.iter().map(|a| AgentView::new(a, ctl.registry.connection(a.id).is_some(), now)).collect()))
+    Ok(Json(
+        agents
+            .iter()
+            .map(|a| AgentView::new(a, ctl.registry.connection(a.id).is_some(), now))
+            .collect(),
+    ))
 }
 
-async fn show_agent(State(ctl): State<Arc<Controller>>, caller: Caller, Path(id): Path<String>) -> ApiResult<AgentDetail> {
+async fn show_agent(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<AgentDetail> {
     caller.require(Role::Admin)?;
     let id = parse_id(&id)?;
-    let agent = ctl.store.agent(id).await?.ok_or_else(|| ApiError::not_found(format!("agent {id} not found")))?;
+    let agent = ctl
+        .store
+        .agent(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("agent {id} not found")))?;
     let sessions = ctl.store.sessions(id, 20).await?;
     let history = ctl.store.inventory_history(id, 50).await?;
     Ok(Json(AgentDetail {
-        agent: AgentView::new(&agent, ctl.registry.connection(id).is_some(), ctl.clock.now_ms()),
+        agent: AgentView::new(
+            &agent,
+            ctl.registry.connection(id).is_some(),
+            ctl.clock.now_ms(),
+        ),
         inventory: agent.inventory,
         sessions,
         inventory_history: history
             .into_iter()
-            .map(|h| InventoryChangeView { recorded_at_ms: h.recorded_at_ms, digest: h.digest })
+            .map(|h| InventoryChangeView {
+                recorded_at_ms: h.recorded_at_ms,
+                digest: h.digest,
+            })
             .collect(),
     }))
 }
 
-async fn inventory_history(State(ctl): State<Arc<Controller>>, caller: Caller, Path(id): Path<String>) -> ApiResult<Vec<crate::store::InventoryChange>> {
+async fn inventory_history(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Vec<crate::store::InventoryChange>> {
     caller.require(Role::Admin)?;
     let id = parse_id(&id)?;
-    ctl.store.agent(id).await?.ok_or_else(|| ApiError::not_found(format!("agent {id} not found")))?;
+    ctl.store
+        .agent(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("agent {id} not found")))?;
     Ok(Json(ctl.store.inventory_history(id, 1000).await?))
 }
 
-async fn revoke_agent(State(ctl): State<Arc<Controller>>, caller: Caller, Path(id): Path<String>) -> ApiResult<AgentView> {
+async fn revoke_agent(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<AgentView> {
     caller.require(Role::Admin)?;
     let id = parse_id(&id)?;
     ctl.revoke(id).await?;
-    let agent = ctl.store.agent(id).await?.ok_or_else(|| ApiError::not_found(format!("agent {id} not found")))?;
+    let agent = ctl
+        .store
+        .agent(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("agent {id} not found")))?;
     Ok(Json(AgentView::new(&agent, false, ctl.clock.now_ms())))
 }
 
@@ -182,25 +258,36 @@ async fn create_token(
     let Json(body) = body?;
     let ttl = match body.ttl.as_deref() {
         None => ctl.config.join_token_ttl,
-        Some(text) => humantime::parse_duration(text).map_err(|e| ApiError::bad_request(format!("ttl {text:?}: {e}")))?,
+        Some(text) => humantime::parse_duration(text)
+            .map_err(|e| ApiError::bad_request(format!("ttl {text:?}: {e}")))?,
     };
     if ttl.is_zero() || ttl > std::time::Duration::from_secs(30 * 86_400) {
-        return Err(ApiError::bad_request("ttl must be more than zero and at most 30 days"));
+        return Err(ApiError::bad_request(
+            "ttl must be more than zero and at most 30 days",
+        ));
     }
     for (k, v) in &body.labels {
         validate_label(k, v)?;
     }
-    let created = ctl.create_join_token(ttl, body.labels, &caller.0.account).await?;
+    let created = ctl
+        .create_join_token(ttl, body.labels, &caller.0.account)
+        .await?;
     Ok((StatusCode::CREATED, Json(created)))
 }
 
 /// Labels are short and printable so they are safe in tables, logs and (later) templates.
 pub fn validate_label(key: &str, value: &str) -> Result<(), ApiError> {
-    let key_ok = !key.is_empty() && key.len() <= 63 && key.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
+    let key_ok = !key.is_empty()
+        && key.len() <= 63
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
     let value_ok = value.len() <= 255 && value.chars().all(|c| !c.is_control());
     if key_ok && value_ok {
         Ok(())
     } else {
-        Err(ApiError::bad_request(format!("label {key:?}={value:?}: keys are 1-63 of [A-Za-z0-9-_./], values at most 255 printable characters")))
+        Err(ApiError::bad_request(format!(
+            "label {key:?}={value:?}: keys are 1-63 of [A-Za-z0-9-_./], values at most 255 printable characters"
+        )))
     }
 }

@@ -15,7 +15,12 @@ use uuid::Uuid;
 #[command(name = "surplus-controller", version, about = "Surplus controller")]
 struct Cli {
     /// Data directory (CA, database, controller.toml).
-    #[arg(long, global = true, env = "SURPLUS_CONTROLLER_DATA_DIR", default_value = "/var/lib/surplus-controller")]
+    #[arg(
+        long,
+        global = true,
+        env = "SURPLUS_CONTROLLER_DATA_DIR",
+        default_value = "/var/lib/surplus-controller"
+    )]
     data_dir: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -70,7 +75,8 @@ enum AgentCommand {
 }
 
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
@@ -85,8 +91,14 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             surplus_controller::init_logs(Default::default(), "warn");
             let report = datadir::init(&dir, &server_names, clock.now_ms()).await?;
             println!("initialised {}", dir.path().display());
-            println!("CA fingerprint (SHA-256): {}", surplus_certs::fingerprint_display(&report.ca_fingerprint));
-            println!("admin API token (shown once, stored hashed): {}", report.admin_token);
+            println!(
+                "CA fingerprint (SHA-256): {}",
+                surplus_certs::fingerprint_display(&report.ca_fingerprint)
+            );
+            println!(
+                "admin API token (shown once, stored hashed): {}",
+                report.admin_token
+            );
             println!("configuration: {}", dir.config_file().display());
         }
         Command::Serve => {
@@ -97,7 +109,9 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             tracing::info!("shutting down");
             running.shutdown().await;
         }
-        Command::Token { command: TokenCommand::Create { ttl, labels } } => {
+        Command::Token {
+            command: TokenCommand::Create { ttl, labels },
+        } => {
             surplus_controller::init_logs(Default::default(), "warn");
             let config = dir.load_config()?;
             let ca = dir.load_ca()?;
@@ -107,7 +121,10 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             let ttl: Duration = ttl.into();
             let created = ctl.create_join_token(ttl, labels, "cli").await?;
             println!("{}", created.token);
-            eprintln!("expires in {}; enroll with: surplus-agent enroll --token <token>", humantime::format_duration(ttl));
+            eprintln!(
+                "expires in {}; enroll with: surplus-agent enroll --token <token>",
+                humantime::format_duration(ttl)
+            );
         }
         Command::Agent { command } => {
             surplus_controller::init_logs(Default::default(), "warn");
@@ -120,8 +137,18 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
                     }
                 }
                 AgentCommand::Revoke { id } => {
-                    let newly = store.revoke_agent(id, clock.now_ms()).await.with_context(|| format!("revoking {id}"))?;
-                    println!("{}", if newly { format!("agent {id} revoked") } else { format!("agent {id} was already revoked") });
+                    let newly = store
+                        .revoke_agent(id, clock.now_ms())
+                        .await
+                        .with_context(|| format!("revoking {id}"))?;
+                    println!(
+                        "{}",
+                        if newly {
+                            format!("agent {id} revoked")
+                        } else {
+                            format!("agent {id} was already revoked")
+                        }
+                    );
                 }
             }
         }

@@ -79,7 +79,10 @@ pub struct Registry {
 
 impl Default for Registry {
     fn default() -> Self {
-        Self { live: Mutex::new(HashMap::new()), events: broadcast::channel(4096).0 }
+        Self {
+            live: Mutex::new(HashMap::new()),
+            events: broadcast::channel(4096).0,
+        }
     }
 }
 
@@ -100,10 +103,23 @@ impl Registry {
 
     /// Makes `session_id` the agent's current session; returns the connection of the
     /// session it replaces, which the caller closes.
-    pub fn attach(&self, agent_id: Uuid, session_id: Uuid, connection: Connection, now_ms: UnixMillis) -> Option<Connection> {
+    pub fn attach(
+        &self,
+        agent_id: Uuid,
+        session_id: Uuid,
+        connection: Connection,
+        now_ms: UnixMillis,
+    ) -> Option<Connection> {
         let previous = self.live().insert(
             agent_id,
-            Live { session_id, connection, last_heartbeat_ms: now_ms, online: true, seen_dirty: true, inventory_digest: None },
+            Live {
+                session_id,
+                connection,
+                last_heartbeat_ms: now_ms,
+                online: true,
+                seen_dirty: true,
+                inventory_digest: None,
+            },
         );
         previous.map(|p| p.connection)
     }
@@ -111,7 +127,10 @@ impl Registry {
     /// Removes the session if it is still the agent's current one.
     pub fn detach(&self, agent_id: Uuid, session_id: Uuid) -> bool {
         let mut live = self.live();
-        if live.get(&agent_id).is_some_and(|l| l.session_id == session_id) {
+        if live
+            .get(&agent_id)
+            .is_some_and(|l| l.session_id == session_id)
+        {
             live.remove(&agent_id);
             true
         } else {
@@ -122,7 +141,9 @@ impl Registry {
     /// Records a heartbeat; returns `Some(true)` when the agent was overdue and is back.
     pub fn heartbeat(&self, agent_id: Uuid, session_id: Uuid, now_ms: UnixMillis) -> Option<bool> {
         let mut live = self.live();
-        let l = live.get_mut(&agent_id).filter(|l| l.session_id == session_id)?;
+        let l = live
+            .get_mut(&agent_id)
+            .filter(|l| l.session_id == session_id)?;
         l.last_heartbeat_ms = now_ms;
         l.seen_dirty = true;
         let back = !l.online;
@@ -202,7 +223,10 @@ mod tests {
     fn an_agent_is_overdue_only_after_the_allowed_misses() {
         assert!(!overdue(0, 30_000, 10_000, 3));
         assert!(overdue(0, 30_001, 10_000, 3));
-        assert!(overdue(0, 10_001, 10_000, 0), "zero misses allowed is treated as one");
+        assert!(
+            overdue(0, 10_001, 10_000, 0),
+            "zero misses allowed is treated as one"
+        );
     }
 
     #[test]

@@ -12,8 +12,8 @@ use surplus_protocol::clock::Clock;
 use surplus_protocol::messages::*;
 use surplus_protocol::quic::{self, ExchangeError, codes};
 use surplus_protocol::{FrameError, PROTOCOL_VERSION};
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::config::ControllerConfig;
@@ -34,26 +34,46 @@ pub struct RunningController {
     pub http_addr: SocketAddr,
     cancel: CancellationToken,
     endpoints: Vec<Endpoint>,
-    tasks: JoinSet<()>,
+    /// Every task of this controller, so that shutdown can wait for all of them: after
+    /// it returns, nothing of this controller touches the database or the sockets.
+    tasks: TaskTracker,
 }
 
-fn server_endpoint(tls: rustls::ServerConfig, addr: SocketAddr, config: &ControllerConfig) -> anyhow::Result<Endpoint> {
+fn server_endpoint(
+    tls: rustls::ServerConfig,
+    addr: SocketAddr,
+    config: &ControllerConfig,
+) -> anyhow::Result<Endpoint> {
     let quic = QuicServerConfig::try_from(tls).context("TLS configuration unusable for QUIC")?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    server.transport_config(Arc::new(quic::transport_config(config.idle_timeout, config.keep_alive, config.max_frame_size)));
+    server.transport_config(Arc::new(quic::transport_config(
+        config.idle_timeout,
+        config.keep_alive,
+        config.max_frame_size,
+    )));
     Endpoint::server(server, addr).with_context(|| format!("binding UDP {addr}"))
 }
 
 /// Starts a controller on the data directory with `config`.
-pub async fn start(dir: &DataDir, mut config: ControllerConfig, clock: Arc<dyn Clock>) -> anyhow::Result<RunningController> {
+pub async fn start(
+    dir: &DataDir,
+    mut config: ControllerConfig,
+    clock: Arc<dyn Clock>,
+) -> anyhow::Result<RunningController> {
     let ca = dir.load_ca()?;
     let store = Arc::new(dir.open_store().await?);
     store.close_dangling(clock.now_ms()).await?;
-    let (server_cert, server_key) = dir.server_identity(&ca, &config.server_names, clock.now_ms())?;
+    let (server_cert, server_key) =
+        dir.server_identity(&ca, &config.server_names, clock.now_ms())?;
 
     let revoked_list = surplus_certs::RevocationList::default();
     revoked_list.replace(store.revoked_agents().await?);
-    let session_tls = surplus_certs::session_server_config(ca.cert_pem(), &server_cert, &server_key, revoked_list.clone())?;
+    let session_tls = surplus_certs::session_server_config(
+        ca.cert_pem(),
+        &server_cert,
+        &server_key,
+        revoked_list.clone(),
+    )?;
     let enroll_tls = surplus_certs::enroll_server_config(ca.cert_pem(), &server_cert, &server_key)?;
     let session_ep = server_endpoint(session_tls, config.session_listen, &config)?;
     let enroll_ep = server_endpoint(enroll_tls, config.enroll_listen, &config)?;
@@ -68,14 +88,27 @@ pub async fn start(dir: &DataDir, mut config: ControllerConfig, clock: Arc<dyn C
     controller.revoked = revoked_list;
     let controller = Arc::new(controller);
     let cancel = CancellationToken::new();
-    let mut tasks = JoinSet::new();
-    tasks.spawn(accept_loop(controller.clone(), session_ep.clone(), cancel.clone(), Kind::Session));
-    tasks.spawn(accept_loop(controller.clone(), enroll_ep.clone(), cancel.clone(), Kind::Enroll));
+    let tasks = TaskTracker::new();
+    tasks.spawn(accept_loop(
+        controller.clone(),
+        session_ep.clone(),
+        cancel.clone(),
+        Kind::Session,
+        tasks.clone(),
+    ));
+    tasks.spawn(accept_loop(
+        controller.clone(),
+        enroll_ep.clone(),
+        cancel.clone(),
+        Kind::Enroll,
+        tasks.clone(),
+    ));
     tasks.spawn(maintenance(controller.clone(), cancel.clone()));
     let router = crate::http::router(controller.clone());
     let http_cancel = cancel.clone();
     tasks.spawn(async move {
-        let serve = axum::serve(http_listener, router).with_graceful_shutdown(http_cancel.cancelled_owned());
+        let serve = axum::serve(http_listener, router)
+            .with_graceful_shutdown(http_cancel.cancelled_owned());
         if let Err(e) = serve.await {
             tracing::error!(error = %e, "HTTP server failed");
         }
@@ -99,26 +132,28 @@ pub async fn start(dir: &DataDir, mut config: ControllerConfig, clock: Arc<dyn C
 }
 
 fn controller_ca_der(c: &Controller) -> rustls::pki_types::CertificateDer<'static> {
-    surplus_certs::certs_from_pem(c.ca_pem(), "CA").expect("loaded CA parses").remove(0)
+    surplus_certs::certs_from_pem(c.ca_pem(), "CA")
+        .expect("loaded CA parses")
+        .remove(0)
 }
 
 impl RunningController {
-    /// Stops accepting, closes every session with "shutting down", and waits for the
-    /// tasks to finish (bounded).
-    pub async fn shutdown(mut self) {
+    /// Stops accepting, closes every session with "shutting down", and waits until
+    /// every task of this controller has finished (recording the sessions' ends).
+    pub async fn shutdown(self) {
         self.cancel.cancel();
         for ep in &self.endpoints {
             ep.close(codes::CLOSE_SHUTDOWN, b"controller shutting down");
         }
-        let drain = async {
-            while self.tasks.join_next().await.is_some() {}
-            for ep in &self.endpoints {
-                ep.wait_idle().await;
-            }
-        };
-        if tokio::time::timeout(Duration::from_secs(5), drain).await.is_err() {
-            tracing::warn!("shutdown took too long; aborting remaining tasks");
-            self.tasks.abort_all();
+        self.tasks.close();
+        if tokio::time::timeout(Duration::from_secs(30), self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::error!("controller tasks did not finish within 30 s of shutdown");
+        }
+        for ep in &self.endpoints {
+            let _ = tokio::time::timeout(Duration::from_secs(5), ep.wait_idle()).await;
         }
     }
 
@@ -134,24 +169,25 @@ enum Kind {
     Enroll,
 }
 
-async fn accept_loop(ctl: Arc<Controller>, endpoint: Endpoint, cancel: CancellationToken, kind: Kind) {
-    let mut connections = JoinSet::new();
+async fn accept_loop(
+    ctl: Arc<Controller>,
+    endpoint: Endpoint,
+    cancel: CancellationToken,
+    kind: Kind,
+    tasks: TaskTracker,
+) {
     loop {
-        tokio::select! {
+        let incoming = tokio::select! {
             _ = cancel.cancelled() => break,
-            incoming = endpoint.accept() => {
-                let Some(incoming) = incoming else { break };
-                let ctl = ctl.clone();
-                match kind {
-                    Kind::Session => connections.spawn(serve_session(ctl, incoming)),
-                    Kind::Enroll => connections.spawn(serve_enrollment(ctl, incoming)),
-                };
-            }
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-        }
+            incoming = endpoint.accept() => incoming,
+        };
+        let Some(incoming) = incoming else { break };
+        let ctl = ctl.clone();
+        match kind {
+            Kind::Session => tasks.spawn(serve_session(ctl, incoming, tasks.clone())),
+            Kind::Enroll => tasks.spawn(serve_enrollment(ctl, incoming)),
+        };
     }
-    // Sessions end when the endpoint closes; give them a moment to record it.
-    let _ = tokio::time::timeout(Duration::from_secs(3), async { while connections.join_next().await.is_some() {} }).await;
 }
 
 async fn serve_enrollment(ctl: Arc<Controller>, incoming: Incoming) {
@@ -179,7 +215,13 @@ async fn serve_enrollment(ctl: Arc<Controller>, incoming: Incoming) {
                 Ok(enrolled) => Message::Enrolled(enrolled),
                 Err(reply) => Message::Error(reply),
             },
-            other => Message::error(ErrorCode::Unexpected, format!("the enrollment endpoint serves enroll-request only, not {}", other.kind())),
+            other => Message::error(
+                ErrorCode::Unexpected,
+                format!(
+                    "the enrollment endpoint serves enroll-request only, not {}",
+                    other.kind()
+                ),
+            ),
         };
         quic::write_frame(&mut send, &answer, max).await?;
         let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
@@ -195,9 +237,17 @@ async fn serve_enrollment(ctl: Arc<Controller>, incoming: Incoming) {
 
 /// Answers a frame we could not read: version mismatches get a readable error frame,
 /// anything else resets the stream with the code that says why.
-async fn answer_bad_frame(send: &mut SendStream, recv: &mut RecvStream, error: &ExchangeError, max: usize) {
+async fn answer_bad_frame(
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    error: &ExchangeError,
+    max: usize,
+) {
     if let ExchangeError::Frame(FrameError::VersionMismatch { theirs, ours }) = error {
-        let msg = Message::error(ErrorCode::VersionMismatch, format!("controller speaks protocol version {ours}, agent sent version {theirs}"));
+        let msg = Message::error(
+            ErrorCode::VersionMismatch,
+            format!("controller speaks protocol version {ours}, agent sent version {theirs}"),
+        );
         let _ = quic::write_frame(send, &msg, max).await;
         let _ = recv.stop(codes::STREAM_VERSION_MISMATCH);
     } else {
@@ -206,12 +256,18 @@ async fn answer_bad_frame(send: &mut SendStream, recv: &mut RecvStream, error: &
 }
 
 fn peer_agent_id(conn: &Connection) -> Option<Uuid> {
-    let certs = conn.peer_identity()?.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok()?;
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
     surplus_certs::agent_id_of(certs.first()?)
 }
 
 /// Reads the hello; `Err` carries the close code and reason.
-async fn read_hello(ctl: &Controller, conn: &Connection) -> Result<(Hello, SendStream), (quinn::VarInt, String)> {
+async fn read_hello(
+    ctl: &Controller,
+    conn: &Connection,
+) -> Result<(Hello, SendStream), (quinn::VarInt, String)> {
     let max = ctl.config.max_frame_size;
     let accepted = tokio::time::timeout(ctl.config.request_timeout, conn.accept_bi()).await;
     let (mut send, mut recv) = match accepted {
@@ -220,15 +276,37 @@ async fn read_hello(ctl: &Controller, conn: &Connection) -> Result<(Hello, SendS
         Err(_) => return Err((codes::CLOSE_PROTOCOL, "no hello in time".into())),
     };
     match quic::read_frame(&mut recv, max).await {
-        Ok(Envelope { message: Message::Hello(hello), .. }) if hello.protocol_version == PROTOCOL_VERSION => Ok((hello, send)),
-        Ok(Envelope { message: Message::Hello(hello), .. }) => {
-            let text = format!("controller speaks protocol version {PROTOCOL_VERSION}, agent speaks {}", hello.protocol_version);
-            let _ = quic::write_frame(&mut send, &Message::error(ErrorCode::VersionMismatch, &text), max).await;
+        Ok(Envelope {
+            message: Message::Hello(hello),
+            ..
+        }) if hello.protocol_version == PROTOCOL_VERSION => Ok((hello, send)),
+        Ok(Envelope {
+            message: Message::Hello(hello),
+            ..
+        }) => {
+            let text = format!(
+                "controller speaks protocol version {PROTOCOL_VERSION}, agent speaks {}",
+                hello.protocol_version
+            );
+            let _ = quic::write_frame(
+                &mut send,
+                &Message::error(ErrorCode::VersionMismatch, &text),
+                max,
+            )
+            .await;
             Err((codes::CLOSE_VERSION_MISMATCH, text))
         }
         Ok(env) => {
-            let text = format!("the first message of a session must be hello, not {}", env.message.kind());
-            let _ = quic::write_frame(&mut send, &Message::error(ErrorCode::Unexpected, &text), max).await;
+            let text = format!(
+                "the first message of a session must be hello, not {}",
+                env.message.kind()
+            );
+            let _ = quic::write_frame(
+                &mut send,
+                &Message::error(ErrorCode::Unexpected, &text),
+                max,
+            )
+            .await;
             Err((codes::CLOSE_PROTOCOL, text))
         }
         Err(e @ ExchangeError::Frame(FrameError::VersionMismatch { .. })) => {
@@ -242,7 +320,7 @@ async fn read_hello(ctl: &Controller, conn: &Connection) -> Result<(Hello, SendS
     }
 }
 
-async fn serve_session(ctl: Arc<Controller>, incoming: Incoming) {
+async fn serve_session(ctl: Arc<Controller>, incoming: Incoming, tasks: TaskTracker) {
     let peer = incoming.remote_address();
     let conn = match incoming.await {
         Ok(c) => c,
@@ -304,7 +382,13 @@ async fn serve_session(ctl: Arc<Controller>, incoming: Incoming) {
     let reason = loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
-                tokio::spawn(serve_agent_stream(ctl.clone(), agent_id, session_id, send, recv));
+                tasks.spawn(serve_agent_stream(
+                    ctl.clone(),
+                    agent_id,
+                    session_id,
+                    send,
+                    recv,
+                ));
             }
             Err(e) => break e,
         }
@@ -314,20 +398,35 @@ async fn serve_session(ctl: Arc<Controller>, incoming: Incoming) {
         ctl.registry.publish(RegistryEvent::Disconnected(agent_id));
     }
     tracing::info!(%agent_id, reason = %reason, "session ended");
-    if let Err(e) = ctl.store.session_ended(session_id, ctl.clock.now_ms(), &reason.to_string()).await {
+    if let Err(e) = ctl
+        .store
+        .session_ended(session_id, ctl.clock.now_ms(), &reason.to_string())
+        .await
+    {
         tracing::error!(%agent_id, error = %e, "session end not recorded");
     }
 }
 
 async fn set_status(ctl: &Controller, agent_id: Uuid, status: AgentStatus) {
-    if let Err(e) = ctl.store.set_status(agent_id, status, ctl.clock.now_ms()).await {
+    if let Err(e) = ctl
+        .store
+        .set_status(agent_id, status, ctl.clock.now_ms())
+        .await
+    {
         tracing::error!(%agent_id, ?status, error = %e, "status not recorded");
     }
 }
 
-async fn serve_agent_stream(ctl: Arc<Controller>, agent_id: Uuid, session_id: Uuid, mut send: SendStream, mut recv: RecvStream) {
+async fn serve_agent_stream(
+    ctl: Arc<Controller>,
+    agent_id: Uuid,
+    session_id: Uuid,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
     let max = ctl.config.max_frame_size;
-    let read = tokio::time::timeout(ctl.config.request_timeout, quic::read_frame(&mut recv, max)).await;
+    let read =
+        tokio::time::timeout(ctl.config.request_timeout, quic::read_frame(&mut recv, max)).await;
     let request = match read {
         Ok(Ok(env)) => env.message,
         Ok(Err(e)) => {
@@ -349,7 +448,10 @@ async fn serve_agent_stream(ctl: Arc<Controller>, agent_id: Uuid, session_id: Uu
 }
 
 fn send_peer(ctl: &Controller, agent_id: Uuid) -> String {
-    ctl.registry.connection(agent_id).map(|c| c.remote_address().to_string()).unwrap_or_else(|| "?".into())
+    ctl.registry
+        .connection(agent_id)
+        .map(|c| c.remote_address().to_string())
+        .unwrap_or_else(|| "?".into())
 }
 
 /// The one place agent requests are matched.
@@ -364,17 +466,28 @@ async fn handle(ctl: &Controller, agent_id: Uuid, session_id: Uuid, request: Mes
             ctl.registry.publish(RegistryEvent::Heartbeat(agent_id));
             Message::HeartbeatAck(HeartbeatAck {
                 server_time_ms: now,
-                inventory_wanted: ctl.registry.inventory_digest(agent_id) != Some(beat.inventory_digest),
+                inventory_wanted: ctl.registry.inventory_digest(agent_id)
+                    != Some(beat.inventory_digest),
             })
         }
         Message::InventoryReport(inventory) => {
             let digest = surplus_agent::inventory::digest(&inventory);
             let json = serde_json::to_value(&*inventory).expect("inventory serializes");
-            match ctl.store.save_inventory(agent_id, &json, &surplus_certs::hex(&digest), ctl.clock.now_ms()).await {
+            match ctl
+                .store
+                .save_inventory(
+                    agent_id,
+                    &json,
+                    &surplus_certs::hex(&digest),
+                    ctl.clock.now_ms(),
+                )
+                .await
+            {
                 Ok(changed) => {
                     ctl.registry.set_inventory_digest(agent_id, digest);
                     if changed {
-                        ctl.registry.publish(RegistryEvent::InventoryChanged(agent_id));
+                        ctl.registry
+                            .publish(RegistryEvent::InventoryChanged(agent_id));
                     }
                     Message::InventoryAck(InventoryAck { changed })
                 }
@@ -388,7 +501,13 @@ async fn handle(ctl: &Controller, agent_id: Uuid, session_id: Uuid, request: Mes
             Ok(issued) => Message::Renewed(issued),
             Err(reply) => Message::Error(reply),
         },
-        other => Message::error(ErrorCode::Unexpected, format!("the controller does not serve {} on a session stream", other.kind())),
+        other => Message::error(
+            ErrorCode::Unexpected,
+            format!(
+                "the controller does not serve {} on a session stream",
+                other.kind()
+            ),
+        ),
     }
 }
 
@@ -407,7 +526,10 @@ async fn maintenance(ctl: Arc<Controller>, cancel: CancellationToken) {
             tracing::error!(error = %e, "last-seen times not recorded");
         }
         let interval_ms = ctl.config.heartbeat_interval.as_millis() as i64;
-        for agent_id in ctl.registry.mark_overdue(now, interval_ms, ctl.config.missed_heartbeats) {
+        for agent_id in ctl
+            .registry
+            .mark_overdue(now, interval_ms, ctl.config.missed_heartbeats)
+        {
             tracing::warn!(%agent_id, "heartbeats missed; agent unreachable");
             set_status(&ctl, agent_id, AgentStatus::Unreachable).await;
             ctl.registry.publish(RegistryEvent::Unreachable(agent_id));

@@ -4,16 +4,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use surplus_certs::{CertAuthority, RevocationList};
+use surplus_protocol::PROTOCOL_VERSION;
 use surplus_protocol::clock::{Clock, UnixMillis};
-use surplus_protocol::messages::{EnrollRequest, Enrolled, ErrorCode, ErrorReply, IssuedCertificate};
+use surplus_protocol::messages::{
+    EnrollRequest, Enrolled, ErrorCode, ErrorReply, IssuedCertificate,
+};
 use surplus_protocol::quic::codes;
 use surplus_protocol::token::JoinToken;
-use surplus_protocol::PROTOCOL_VERSION;
 use uuid::Uuid;
 
 use crate::config::ControllerConfig;
 use crate::registry::{Registry, RegistryEvent};
-use crate::store::{EnrollOutcome, Labels, NewAgent, NewJoinToken, Store, StoreError, TokenRefusal};
+use crate::store::{
+    EnrollOutcome, Labels, NewAgent, NewJoinToken, Store, StoreError, TokenRefusal,
+};
 
 /// A join token just created.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -49,13 +53,28 @@ pub struct Controller {
 }
 
 fn reply(code: ErrorCode, message: impl Into<String>) -> ErrorReply {
-    ErrorReply { code, message: message.into() }
+    ErrorReply {
+        code,
+        message: message.into(),
+    }
 }
 
 impl Controller {
     /// A controller over `store` with `ca`.
-    pub fn new(config: ControllerConfig, store: Arc<dyn Store>, clock: Arc<dyn Clock>, ca: CertAuthority) -> Self {
-        Self { config, store, clock, revoked: RevocationList::default(), registry: Registry::default(), ca }
+    pub fn new(
+        config: ControllerConfig,
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        ca: CertAuthority,
+    ) -> Self {
+        Self {
+            config,
+            store,
+            clock,
+            revoked: RevocationList::default(),
+            registry: Registry::default(),
+            ca,
+        }
     }
 
     /// The CA certificate PEM.
@@ -64,7 +83,12 @@ impl Controller {
     }
 
     /// Creates a one-time join token valid for `ttl`.
-    pub async fn create_join_token(&self, ttl: Duration, labels: Labels, created_by: &str) -> Result<CreatedToken, StoreError> {
+    pub async fn create_join_token(
+        &self,
+        ttl: Duration,
+        labels: Labels,
+        created_by: &str,
+    ) -> Result<CreatedToken, StoreError> {
         let now = self.clock.now_ms();
         let secret: [u8; 32] = rand::random();
         let expires_at_ms = now + ttl.as_millis() as i64;
@@ -102,7 +126,10 @@ impl Controller {
         if request.protocol_version != PROTOCOL_VERSION {
             return Err(reply(
                 ErrorCode::VersionMismatch,
-                format!("agent speaks protocol {}, controller speaks {PROTOCOL_VERSION}", request.protocol_version),
+                format!(
+                    "agent speaks protocol {}, controller speaks {PROTOCOL_VERSION}",
+                    request.protocol_version
+                ),
             ));
         }
         let now = self.clock.now_ms();
@@ -140,12 +167,20 @@ impl Controller {
             }
             Err(e) => {
                 tracing::error!(error = %e, "enrollment failed in storage");
-                Err(reply(ErrorCode::Internal, "the controller could not record the enrollment"))
+                Err(reply(
+                    ErrorCode::Internal,
+                    "the controller could not record the enrollment",
+                ))
             }
         }
     }
 
-    fn issue(&self, csr_pem: &str, agent_id: Uuid, now: UnixMillis) -> Result<IssuedCertificate, ErrorReply> {
+    fn issue(
+        &self,
+        csr_pem: &str,
+        agent_id: Uuid,
+        now: UnixMillis,
+    ) -> Result<IssuedCertificate, ErrorReply> {
         self.ca
             .sign_agent_csr(
                 csr_pem,
@@ -158,28 +193,46 @@ impl Controller {
     }
 
     /// Issues a fresh certificate to a connected, non-revoked agent.
-    pub async fn renew(&self, agent_id: Uuid, csr_pem: &str) -> Result<IssuedCertificate, ErrorReply> {
+    pub async fn renew(
+        &self,
+        agent_id: Uuid,
+        csr_pem: &str,
+    ) -> Result<IssuedCertificate, ErrorReply> {
         if self.revoked.is_revoked(&agent_id) {
             return Err(reply(ErrorCode::Revoked, "agent is revoked"));
         }
         let certificate = self.issue(csr_pem, agent_id, self.clock.now_ms())?;
         if let Err(e) = self
             .store
-            .record_certificate(agent_id, &certificate.serial, certificate.issued_at_ms, certificate.not_after_ms)
+            .record_certificate(
+                agent_id,
+                &certificate.serial,
+                certificate.issued_at_ms,
+                certificate.not_after_ms,
+            )
             .await
         {
             tracing::error!(%agent_id, error = %e, "renewal not recorded");
-            return Err(reply(ErrorCode::Internal, "the controller could not record the certificate"));
+            return Err(reply(
+                ErrorCode::Internal,
+                "the controller could not record the certificate",
+            ));
         }
         tracing::info!(%agent_id, serial = %certificate.serial, "certificate renewed");
-        self.registry.publish(RegistryEvent::Renewed { agent_id, serial: certificate.serial.clone() });
+        self.registry.publish(RegistryEvent::Renewed {
+            agent_id,
+            serial: certificate.serial.clone(),
+        });
         Ok(certificate)
     }
 
     /// Revokes an agent: recorded, refused at the next handshake, and its live session
     /// (if any) closed now. `Ok(false)` when it already was revoked.
     pub async fn revoke(&self, agent_id: Uuid) -> Result<bool, StoreError> {
-        let newly = self.store.revoke_agent(agent_id, self.clock.now_ms()).await?;
+        let newly = self
+            .store
+            .revoke_agent(agent_id, self.clock.now_ms())
+            .await?;
         self.cut_off(agent_id);
         if newly {
             tracing::info!(%agent_id, "agent revoked");
@@ -190,7 +243,9 @@ impl Controller {
     /// Adds `agent_id` to the revocation list and closes its session.
     pub fn cut_off(&self, agent_id: Uuid) {
         let newly = self.revoked.revoke(agent_id);
-        let kicked = self.registry.kick(agent_id, codes::CLOSE_REVOKED, "agent certificate revoked");
+        let kicked =
+            self.registry
+                .kick(agent_id, codes::CLOSE_REVOKED, "agent certificate revoked");
         if newly || kicked {
             self.registry.publish(RegistryEvent::Revoked(agent_id));
         }

@@ -13,8 +13,8 @@ use bytes::{Buf, BytesMut};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::messages::{Envelope, Message};
 use crate::PROTOCOL_VERSION;
+use crate::messages::{Envelope, Message};
 
 /// Length of the frame header.
 pub const HEADER_LEN: usize = 4;
@@ -93,7 +93,10 @@ pub fn encode_envelope(envelope: &Envelope, max_frame: usize) -> Result<Vec<u8>,
         .map_err(|e| FrameError::Encode(e.to_string()))?;
     let len = out.len() - HEADER_LEN;
     if len > max_frame {
-        return Err(FrameError::TooLarge { len, max: max_frame });
+        return Err(FrameError::TooLarge {
+            len,
+            max: max_frame,
+        });
     }
     out[..HEADER_LEN].copy_from_slice(&(len as u32).to_be_bytes());
     Ok(out)
@@ -103,7 +106,10 @@ pub fn encode_envelope(envelope: &Envelope, max_frame: usize) -> Result<Vec<u8>,
 pub fn payload_len(header: [u8; HEADER_LEN], max_frame: usize) -> Result<usize, FrameError> {
     let len = u32::from_be_bytes(header) as usize;
     if len > max_frame {
-        return Err(FrameError::TooLarge { len, max: max_frame });
+        return Err(FrameError::TooLarge {
+            len,
+            max: max_frame,
+        });
     }
     Ok(len)
 }
@@ -209,9 +215,17 @@ mod tests {
             ),
         ];
         for (message, expected) in cases {
-            assert_eq!(hex(&frame(&message)), expected, "fixture of {}", message.kind());
+            assert_eq!(
+                hex(&frame(&message)),
+                expected,
+                "fixture of {}",
+                message.kind()
+            );
             let mut buf = BytesMut::from(&frame(&message)[..]);
-            let env = FrameDecoder::new(1 << 20).decode(&mut buf).unwrap().unwrap();
+            let env = FrameDecoder::new(1 << 20)
+                .decode(&mut buf)
+                .unwrap()
+                .unwrap();
             assert_eq!(env.message, message);
         }
     }
@@ -246,7 +260,10 @@ mod tests {
     fn garbage_is_malformed_and_other_versions_are_named() {
         let decoder = FrameDecoder::new(1 << 20);
         let mut buf = BytesMut::from(&[0, 0, 0, 3, 1, 0xff, 0xff][..]);
-        assert!(matches!(decoder.decode(&mut buf), Err(FrameError::Malformed(_))));
+        assert!(matches!(
+            decoder.decode(&mut buf),
+            Err(FrameError::Malformed(_))
+        ));
 
         let other = Envelope {
             version: 9,
@@ -255,14 +272,20 @@ mod tests {
         let mut buf = BytesMut::from(&encode_envelope(&other, 1 << 20).unwrap()[..]);
         assert_eq!(
             decoder.decode(&mut buf),
-            Err(FrameError::VersionMismatch { theirs: 9, ours: PROTOCOL_VERSION })
+            Err(FrameError::VersionMismatch {
+                theirs: 9,
+                ours: PROTOCOL_VERSION
+            })
         );
 
         let mut trailing = frame(&Message::Ping(Ping { nonce: 1 }));
         trailing.push(0);
         trailing[3] += 1;
         let mut buf = BytesMut::from(&trailing[..]);
-        assert!(matches!(decoder.decode(&mut buf), Err(FrameError::Malformed(_))));
+        assert!(matches!(
+            decoder.decode(&mut buf),
+            Err(FrameError::Malformed(_))
+        ));
     }
 
     #[test]
@@ -290,50 +313,84 @@ mod tests {
         (
             any::<i64>(),
             opt_text(),
-            (opt_text(), any::<u32>(), proptest::collection::vec(text(), 0..4)),
+            (
+                opt_text(),
+                any::<u32>(),
+                proptest::collection::vec(text(), 0..4),
+            ),
             (any::<u64>(), any::<u64>()),
-            proptest::collection::vec((text(), opt_text(), proptest::option::of(any::<bool>())), 0..3),
-            proptest::collection::vec((text(), opt_text(), proptest::option::of(any::<u32>())), 0..3),
+            proptest::collection::vec(
+                (text(), opt_text(), proptest::option::of(any::<bool>())),
+                0..3,
+            ),
+            proptest::collection::vec(
+                (text(), opt_text(), proptest::option::of(any::<u32>())),
+                0..3,
+            ),
             proptest::option::of((any::<u32>(), proptest::option::of(any::<u32>()))),
         )
-            .prop_map(|(at, host, (brand, cpus, flags), (mem, swap), disks, nics, pk)| Inventory {
-                collected_at_ms: at,
-                hostname: host,
-                cpu: CpuInfo {
-                    brand,
-                    logical_cpus: cpus,
-                    flags,
-                    caches: vec![CacheInfo { level: 1, kind: "Data".into(), size_bytes: 32768, shared_by_cpus: Some(2) }],
+            .prop_map(
+                |(at, host, (brand, cpus, flags), (mem, swap), disks, nics, pk)| Inventory {
+                    collected_at_ms: at,
+                    hostname: host,
+                    cpu: CpuInfo {
+                        brand,
+                        logical_cpus: cpus,
+                        flags,
+                        caches: vec![CacheInfo {
+                            level: 1,
+                            kind: "Data".into(),
+                            size_bytes: 32768,
+                            shared_by_cpus: Some(2),
+                        }],
+                        ..Default::default()
+                    },
+                    memory: MemoryInfo {
+                        total_bytes: mem,
+                        swap_total_bytes: swap,
+                    },
+                    disks: disks
+                        .into_iter()
+                        .map(|(device, model, rotational)| Disk {
+                            device,
+                            model,
+                            rotational,
+                            mounts: vec![Mount {
+                                mount_point: "/".into(),
+                                filesystem: "ext4".into(),
+                                total_bytes: 1,
+                            }],
+                            ..Default::default()
+                        })
+                        .collect(),
+                    nics: nics
+                        .into_iter()
+                        .map(|(name, mac, speed_mbps)| Nic {
+                            name,
+                            mac,
+                            speed_mbps,
+                            ..Default::default()
+                        })
+                        .collect(),
+                    packages: pk.map(|(installed, pending)| PackageInfo {
+                        manager: "dpkg".into(),
+                        installed,
+                        pending_updates: pending,
+                        pending_security_updates: None,
+                    }),
                     ..Default::default()
                 },
-                memory: MemoryInfo { total_bytes: mem, swap_total_bytes: swap },
-                disks: disks
-                    .into_iter()
-                    .map(|(device, model, rotational)| Disk {
-                        device,
-                        model,
-                        rotational,
-                        mounts: vec![Mount { mount_point: "/".into(), filesystem: "ext4".into(), total_bytes: 1 }],
-                        ..Default::default()
-                    })
-                    .collect(),
-                nics: nics
-                    .into_iter()
-                    .map(|(name, mac, speed_mbps)| Nic { name, mac, speed_mbps, ..Default::default() })
-                    .collect(),
-                packages: pk.map(|(installed, pending)| PackageInfo {
-                    manager: "dpkg".into(),
-                    installed,
-                    pending_updates: pending,
-                    pending_security_updates: None,
-                }),
-                ..Default::default()
-            })
+            )
     }
 
     fn issued() -> impl Strategy<Value = IssuedCertificate> {
         (text(), text(), any::<i64>(), any::<i64>()).prop_map(|(cert_pem, serial, a, b)| {
-            IssuedCertificate { cert_pem, serial, issued_at_ms: a, not_after_ms: b }
+            IssuedCertificate {
+                cert_pem,
+                serial,
+                issued_at_ms: a,
+                not_after_ms: b,
+            }
         })
     }
 
@@ -353,43 +410,83 @@ mod tests {
     /// Every variant of [`Message`]; the match in `kind()` keeps this list honest.
     fn message() -> impl Strategy<Value = Message> {
         prop_oneof![
-            (error_code(), text()).prop_map(|(code, message)| Message::Error(ErrorReply { code, message })),
+            (error_code(), text())
+                .prop_map(|(code, message)| Message::Error(ErrorReply { code, message })),
             (any::<u16>(), text(), any::<u64>()).prop_map(|(p, v, b)| Message::Hello(Hello {
                 protocol_version: p,
                 agent_version: v,
                 boot_epoch: b
             })),
-            (any::<u16>(), text(), any::<u128>(), any::<i64>(), any::<u64>()).prop_map(
-                |(p, v, id, t, hb)| Message::HelloAck(HelloAck {
+            (
+                any::<u16>(),
+                text(),
+                any::<u128>(),
+                any::<i64>(),
+                any::<u64>()
+            )
+                .prop_map(|(p, v, id, t, hb)| Message::HelloAck(HelloAck {
                     protocol_version: p,
                     controller_version: v,
                     agent_id: Uuid::from_u128(id),
                     server_time_ms: t,
                     heartbeat_interval_ms: hb
-                })
+                })),
+            (any::<u16>(), any::<[u8; 32]>(), text(), text(), text()).prop_map(
+                |(p, s, c, h, v)| {
+                    Message::EnrollRequest(EnrollRequest {
+                        protocol_version: p,
+                        token_secret: s,
+                        csr_pem: c,
+                        hostname: h,
+                        agent_version: v,
+                    })
+                }
             ),
-            (any::<u16>(), any::<[u8; 32]>(), text(), text(), text()).prop_map(|(p, s, c, h, v)| {
-                Message::EnrollRequest(EnrollRequest {
-                    protocol_version: p,
-                    token_secret: s,
-                    csr_pem: c,
-                    hostname: h,
-                    agent_version: v,
-                })
-            }),
-            (any::<u128>(), issued(), text(), proptest::collection::vec(text(), 0..3), text()).prop_map(
-                |(id, certificate, ca_pem, controller_addresses, server_name)| Message::Enrolled(Enrolled {
-                    agent_id: Uuid::from_u128(id),
-                    certificate,
-                    ca_pem,
-                    controller_addresses,
-                    server_name
-                })
-            ),
-            (any::<u64>(), any::<i64>(), any::<u64>(), -1e9f64..1e9, any::<u64>(), any::<[u8; 32]>())
-                .prop_map(|(seq, sent_at_ms, uptime_secs, load_avg_1m, memory_used_bytes, inventory_digest)| {
-                    Message::Heartbeat(Heartbeat { seq, sent_at_ms, uptime_secs, load_avg_1m, memory_used_bytes, inventory_digest })
-                }),
+            (
+                any::<u128>(),
+                issued(),
+                text(),
+                proptest::collection::vec(text(), 0..3),
+                text()
+            )
+                .prop_map(
+                    |(id, certificate, ca_pem, controller_addresses, server_name)| {
+                        Message::Enrolled(Enrolled {
+                            agent_id: Uuid::from_u128(id),
+                            certificate,
+                            ca_pem,
+                            controller_addresses,
+                            server_name,
+                        })
+                    }
+                ),
+            (
+                any::<u64>(),
+                any::<i64>(),
+                any::<u64>(),
+                -1e9f64..1e9,
+                any::<u64>(),
+                any::<[u8; 32]>()
+            )
+                .prop_map(
+                    |(
+                        seq,
+                        sent_at_ms,
+                        uptime_secs,
+                        load_avg_1m,
+                        memory_used_bytes,
+                        inventory_digest,
+                    )| {
+                        Message::Heartbeat(Heartbeat {
+                            seq,
+                            sent_at_ms,
+                            uptime_secs,
+                            load_avg_1m,
+                            memory_used_bytes,
+                            inventory_digest,
+                        })
+                    }
+                ),
             (any::<i64>(), any::<bool>()).prop_map(|(t, w)| Message::HeartbeatAck(HeartbeatAck {
                 server_time_ms: t,
                 inventory_wanted: w

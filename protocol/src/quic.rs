@@ -48,12 +48,12 @@ pub enum ExchangeError {
     /// The connection is gone.
     #[error("connection lost: {0}")]
     Connection(#[from] quinn::ConnectionError),
-    /// Writing the frame failed (the peer reset or stopped the stream, or the connection died).
+    /// Writing the frame failed (the peer stopped the stream).
     #[error("write failed: {0}")]
-    Write(#[from] quinn::WriteError),
-    /// Reading the frame failed.
+    Write(quinn::WriteError),
+    /// Reading the frame failed (the peer reset the stream, or it ended early).
     #[error("read failed: {0}")]
-    Read(#[from] quinn::ReadExactError),
+    Read(quinn::ReadExactError),
     /// The stream was already finished.
     #[error("stream closed: {0}")]
     Closed(#[from] quinn::ClosedStream),
@@ -63,6 +63,28 @@ pub enum ExchangeError {
     /// No answer in time.
     #[error("no answer within {0:?}")]
     Timeout(Duration),
+}
+
+// A lost connection is reported as such, with its cause (TLS alert, close reason),
+// whichever stream operation noticed it.
+impl From<quinn::WriteError> for ExchangeError {
+    fn from(e: quinn::WriteError) -> Self {
+        match e {
+            quinn::WriteError::ConnectionLost(c) => ExchangeError::Connection(c),
+            other => ExchangeError::Write(other),
+        }
+    }
+}
+
+impl From<quinn::ReadExactError> for ExchangeError {
+    fn from(e: quinn::ReadExactError) -> Self {
+        match e {
+            quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(c)) => {
+                ExchangeError::Connection(c)
+            }
+            other => ExchangeError::Read(other),
+        }
+    }
 }
 
 impl ExchangeError {
@@ -91,7 +113,10 @@ impl ExchangeError {
 }
 
 /// Reads one frame from `recv`, refusing payloads over `max_frame` from the header alone.
-pub async fn read_frame(recv: &mut RecvStream, max_frame: usize) -> Result<Envelope, ExchangeError> {
+pub async fn read_frame(
+    recv: &mut RecvStream,
+    max_frame: usize,
+) -> Result<Envelope, ExchangeError> {
     let mut header = [0u8; HEADER_LEN];
     recv.read_exact(&mut header).await?;
     let len = codec::payload_len(header, max_frame)?;

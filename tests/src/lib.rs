@@ -1,0 +1,268 @@
+//! Harness for the end-to-end tests: a controller on loopback ports in a temporary data
+//! directory, agents enrolled through real join tokens, and waiting on registry events
+//! instead of sleeping.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use surplus_agent::{AgentConfig, Identity, Runner, SessionError};
+use surplus_controller::datadir::{self, DataDir};
+use surplus_controller::registry::RegistryEvent;
+use surplus_controller::{Controller, ControllerConfig, RunningController};
+use surplus_protocol::clock::{self, Clock};
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// How long any wait in a test may take before it fails.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// A controller under test.
+pub struct TestController {
+    /// Temporary root (data directory and agents' directories).
+    pub root: tempfile::TempDir,
+    /// The controller's data directory.
+    pub dir: DataDir,
+    /// The admin API token.
+    pub admin_token: String,
+    /// The configuration it runs with (bound ports after the first start).
+    pub config: ControllerConfig,
+    /// Its clock.
+    pub clock: Arc<dyn Clock>,
+    running: Option<RunningController>,
+}
+
+/// Fast settings for tests: loopback, ephemeral ports, short heartbeats.
+pub fn test_config() -> ControllerConfig {
+    ControllerConfig {
+        session_listen: "127.0.0.1:0".parse().expect("literal"),
+        enroll_listen: "127.0.0.1:0".parse().expect("literal"),
+        http_listen: "127.0.0.1:0".parse().expect("literal"),
+        heartbeat_interval: Duration::from_millis(500),
+        missed_heartbeats: 4,
+        revocation_poll: Duration::from_millis(200),
+        request_timeout: Duration::from_secs(5),
+        ..ControllerConfig::default()
+    }
+}
+
+impl TestController {
+    /// Initialises and starts a controller with [`test_config`] and the system clock.
+    pub async fn start() -> Self {
+        Self::start_with(test_config(), clock::system()).await
+    }
+
+    /// Initialises and starts a controller with `config` and `clock`.
+    pub async fn start_with(config: ControllerConfig, clock: Arc<dyn Clock>) -> Self {
+        // `RUST_LOG=surplus_agent=debug cargo test -- --nocapture` shows what happened.
+        if std::env::var_os("RUST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_test_writer()
+                .try_init();
+        }
+        let root = tempfile::tempdir().expect("temporary directory");
+        let dir = DataDir::new(root.path().join("controller"));
+        let report = datadir::init(&dir, &[], clock.now_ms())
+            .await
+            .expect("init");
+        let mut me = Self {
+            root,
+            dir,
+            admin_token: report.admin_token,
+            config,
+            clock,
+            running: None,
+        };
+        me.boot().await;
+        me
+    }
+
+    async fn boot(&mut self) {
+        let running = surplus_controller::start(&self.dir, self.config.clone(), self.clock.clone())
+            .await
+            .expect("controller starts");
+        // Keep the bound ports so a restart comes back on the same addresses.
+        self.config.session_listen = running.session_addr;
+        self.config.enroll_listen = running.enroll_addr;
+        self.config.http_listen = running.http_addr;
+        self.running = Some(running);
+    }
+
+    /// The running controller.
+    pub fn ctl(&self) -> &Arc<Controller> {
+        &self
+            .running
+            .as_ref()
+            .expect("controller is running")
+            .controller
+    }
+
+    /// The HTTP API base URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.config.http_listen)
+    }
+
+    /// Registry events from now on.
+    pub fn events(&self) -> Events {
+        Events(self.ctl().registry.subscribe())
+    }
+
+    /// Stops the controller.
+    pub async fn stop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+    }
+
+    /// Starts it again on the same data directory and ports.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        self.boot().await;
+    }
+
+    /// A join token.
+    pub async fn token(&self, labels: &[(&str, &str)]) -> String {
+        let labels: BTreeMap<String, String> = labels
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect();
+        self.ctl()
+            .create_join_token(Duration::from_secs(600), labels, "test")
+            .await
+            .expect("token")
+            .token
+    }
+
+    /// A fresh agent data directory under the test root.
+    pub fn agent_dir(&self, name: &str) -> PathBuf {
+        self.root.path().join("agents").join(name)
+    }
+
+    /// Enrolls an agent named `name` with a fresh token.
+    pub async fn enroll(&self, name: &str, labels: &[(&str, &str)]) -> (AgentConfig, Identity) {
+        let config = agent_config(&self.agent_dir(name));
+        let token = self.token(labels).await;
+        let identity = surplus_agent::enroll::enroll(&token, &config, clock::system().now_ms())
+            .await
+            .expect("enrollment");
+        (config, identity)
+    }
+
+    /// An authenticated GET on the API, as JSON.
+    pub async fn api_get(&self, path: &str) -> (u16, serde_json::Value) {
+        let r = reqwest::Client::new()
+            .get(format!("{}{path}", self.url()))
+            .bearer_auth(&self.admin_token)
+            .send()
+            .await
+            .expect("API reachable");
+        let status = r.status().as_u16();
+        (status, r.json().await.expect("JSON body"))
+    }
+
+    /// An authenticated POST on the API, as JSON.
+    pub async fn api_post(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        let r = reqwest::Client::new()
+            .post(format!("{}{path}", self.url()))
+            .bearer_auth(&self.admin_token)
+            .json(&body)
+            .send()
+            .await
+            .expect("API reachable");
+        let status = r.status().as_u16();
+        (status, r.json().await.expect("JSON body"))
+    }
+}
+
+/// Agent settings for tests: quick reconnects and timeouts.
+pub fn agent_config(data_dir: &Path) -> AgentConfig {
+    AgentConfig {
+        data_dir: data_dir.to_path_buf(),
+        reconnect_min: Duration::from_millis(50),
+        reconnect_max: Duration::from_millis(500),
+        request_timeout: Duration::from_secs(5),
+        idle_timeout: Duration::from_secs(5),
+        keep_alive: Duration::from_secs(1),
+        ..AgentConfig::default()
+    }
+}
+
+/// An agent running in a task.
+pub struct RunningAgent {
+    /// Its id.
+    pub id: Uuid,
+    cancel: CancellationToken,
+    task: JoinHandle<Result<(), SessionError>>,
+}
+
+impl RunningAgent {
+    /// Runs the agent enrolled in `config.data_dir`.
+    pub fn spawn(config: AgentConfig, clock: Arc<dyn Clock>) -> Self {
+        let runner = Runner::new(config, clock).expect("identity present");
+        let cancel = CancellationToken::new();
+        let agent_id = runner.agent_id();
+        let task = tokio::spawn(runner.run(cancel.clone()));
+        Self {
+            id: agent_id,
+            cancel,
+            task,
+        }
+    }
+
+    /// Waits for the agent to stop on its own (it does only when retrying cannot help).
+    pub async fn finished(self) -> Result<(), SessionError> {
+        tokio::time::timeout(PATIENCE, self.task)
+            .await
+            .expect("agent stops in time")
+            .expect("agent task does not panic")
+    }
+
+    /// Stops the agent.
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        let _ = tokio::time::timeout(PATIENCE, self.task).await;
+    }
+}
+
+/// Registry events, with waiting helpers.
+pub struct Events(broadcast::Receiver<RegistryEvent>);
+
+impl Events {
+    /// Waits until `want` has seen an event it accepts; fails the test after [`PATIENCE`].
+    pub async fn until(&mut self, what: &str, mut want: impl FnMut(&RegistryEvent) -> bool) {
+        let found = tokio::time::timeout(PATIENCE, async {
+            loop {
+                match self.0.recv().await {
+                    Ok(e) if want(&e) => return,
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => {
+                        panic!("controller stopped while waiting for {what}")
+                    }
+                }
+            }
+        })
+        .await;
+        assert!(found.is_ok(), "timed out waiting for {what}");
+    }
+
+    /// Waits until every id in `ids` has produced an event `kind` accepts.
+    pub async fn until_all(
+        &mut self,
+        what: &str,
+        ids: &[Uuid],
+        kind: impl Fn(&RegistryEvent) -> Option<Uuid>,
+    ) {
+        let mut left: std::collections::HashSet<Uuid> = ids.iter().copied().collect();
+        self.until(what, |e| {
+            if let Some(id) = kind(e) {
+                left.remove(&id);
+            }
+            left.is_empty()
+        })
+        .await;
+    }
+}

@@ -90,17 +90,29 @@ struct Client {
 }
 
 impl Client {
-    async fn call<T: DeserializeOwned>(&self, method: reqwest::Method, path: &str, body: Option<serde_json::Value>) -> anyhow::Result<T> {
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<T> {
         let url = format!("{}{}", self.base.trim_end_matches('/'), path);
         let mut request = self.http.request(method, &url).bearer_auth(&self.token);
         if let Some(b) = body {
             request = request.json(&b);
         }
-        let response = request.send().await.map_err(|e| anyhow::anyhow!("cannot reach the controller at {}: {e}", self.base))?;
+        let response = request
+            .send()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot reach the controller at {}: {e}", self.base))?;
         let status = response.status();
-        let bytes = response.bytes().await.context("reading the controller's answer")?;
+        let bytes = response
+            .bytes()
+            .await
+            .context("reading the controller's answer")?;
         if status.is_success() {
-            return serde_json::from_slice(&bytes).with_context(|| format!("unexpected answer from {url}"));
+            return serde_json::from_slice(&bytes)
+                .with_context(|| format!("unexpected answer from {url}"));
         }
         let detail = serde_json::from_slice::<ErrorBody>(&bytes)
             .map(|e| format!("{} ({})", e.message, e.error))
@@ -115,8 +127,14 @@ impl Client {
 fn when(ms: Option<i64>, now: i64) -> String {
     match ms {
         None => "never".into(),
-        Some(t) if now >= t => format!("{} ago", humantime::format_duration(std::time::Duration::from_secs(((now - t) / 1000) as u64))),
-        Some(t) => format!("in {}", humantime::format_duration(std::time::Duration::from_secs(((t - now) / 1000) as u64))),
+        Some(t) if now >= t => format!(
+            "{} ago",
+            humantime::format_duration(std::time::Duration::from_secs(((now - t) / 1000) as u64))
+        ),
+        Some(t) => format!(
+            "in {}",
+            humantime::format_duration(std::time::Duration::from_secs(((t - now) / 1000) as u64))
+        ),
     }
 }
 
@@ -124,17 +142,33 @@ fn agents_table(agents: &[AgentView]) -> Table {
     let now = surplus_protocol::clock::SystemClock.now();
     let mut table = Table::new();
     table.load_preset(UTF8_BORDERS_ONLY);
-    table.set_header(["ID", "HOST", "STATUS", "LAST SEEN", "UPTIME", "CPUS", "MEMORY", "LABELS"]);
+    table.set_header([
+        "ID",
+        "HOST",
+        "STATUS",
+        "LAST SEEN",
+        "UPTIME",
+        "CPUS",
+        "MEMORY",
+        "LABELS",
+    ]);
     for a in agents {
         table.add_row([
             a.id.to_string(),
             a.hostname.clone(),
             format!("{:?}", a.status).to_lowercase(),
             when(a.last_seen_ms, now),
-            a.uptime_ratio.map_or("-".into(), |r| format!("{:.1}%", r * 100.0)),
+            a.uptime_ratio
+                .map_or("-".into(), |r| format!("{:.1}%", r * 100.0)),
             a.cpus.map_or("-".into(), |c| c.to_string()),
-            a.memory_bytes.map_or("-".into(), |m| format!("{:.1} GiB", m as f64 / (1u64 << 30) as f64)),
-            a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","),
+            a.memory_bytes.map_or("-".into(), |m| {
+                format!("{:.1} GiB", m as f64 / (1u64 << 30) as f64)
+            }),
+            a.labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(","),
         ]);
     }
     table
@@ -152,57 +186,99 @@ impl Now for surplus_protocol::clock::SystemClock {
 
 fn print<T: serde::Serialize>(json: bool, value: &T, human: impl FnOnce()) {
     if json {
-        println!("{}", serde_json::to_string_pretty(value).expect("API values serialize"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(value).expect("API values serialize")
+        );
     } else {
         human();
     }
 }
 
 async fn main_inner(cli: Cli) -> anyhow::Result<()> {
-    let config_path = cli.config.clone().or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config/surplus/cli.toml")));
+    let config_path = cli.config.clone().or_else(|| {
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config/surplus/cli.toml"))
+    });
     let file: FileConfig = match config_path {
-        Some(p) if p.exists() => toml::from_str(&std::fs::read_to_string(&p)?).with_context(|| format!("reading {}", p.display()))?,
+        Some(p) if p.exists() => toml::from_str(&std::fs::read_to_string(&p)?)
+            .with_context(|| format!("reading {}", p.display()))?,
         _ => FileConfig::default(),
     };
-    let base = cli.controller.or(file.controller).unwrap_or_else(|| "http://127.0.0.1:7080".into());
+    let base = cli
+        .controller
+        .or(file.controller)
+        .unwrap_or_else(|| "http://127.0.0.1:7080".into());
     let token = cli
         .token
         .or(file.token)
         .context("no API token: pass --token, set SURPLUS_TOKEN, or put token = \"...\" in ~/.config/surplus/cli.toml")?;
-    let client = Client { http: reqwest::Client::new(), base, token };
+    let client = Client {
+        http: reqwest::Client::new(),
+        base,
+        token,
+    };
     let get = reqwest::Method::GET;
     let post = reqwest::Method::POST;
     match cli.command {
-        Command::Agents { command: AgentsCommand::List } => {
+        Command::Agents {
+            command: AgentsCommand::List,
+        } => {
             let agents: Vec<AgentView> = client.call(get, "/v1/agents", None).await?;
             print(cli.json, &agents, || println!("{}", agents_table(&agents)));
         }
-        Command::Agents { command: AgentsCommand::Show { id } } => {
+        Command::Agents {
+            command: AgentsCommand::Show { id },
+        } => {
             let detail: AgentDetail = client.call(get, &format!("/v1/agents/{id}"), None).await?;
             print(cli.json, &detail, || {
                 println!("{}", agents_table(std::slice::from_ref(&detail.agent)));
-                println!("certificate {} expires {}", detail.agent.cert_serial, when(Some(detail.agent.cert_not_after_ms), surplus_protocol::clock::SystemClock.now()));
+                println!(
+                    "certificate {} expires {}",
+                    detail.agent.cert_serial,
+                    when(
+                        Some(detail.agent.cert_not_after_ms),
+                        surplus_protocol::clock::SystemClock.now()
+                    )
+                );
                 if let Some(inv) = &detail.inventory {
-                    println!("inventory:\n{}", serde_json::to_string_pretty(inv).expect("json"));
+                    println!(
+                        "inventory:\n{}",
+                        serde_json::to_string_pretty(inv).expect("json")
+                    );
                 }
                 println!("sessions (newest first):");
                 for s in &detail.sessions {
-                    println!("  {}  from {}  {}", s.id, s.remote_addr, s.end_reason.as_deref().unwrap_or("open"));
+                    println!(
+                        "  {}  from {}  {}",
+                        s.id,
+                        s.remote_addr,
+                        s.end_reason.as_deref().unwrap_or("open")
+                    );
                 }
                 println!("inventory changes: {}", detail.inventory_history.len());
             });
         }
-        Command::Agents { command: AgentsCommand::Revoke { id } } => {
-            let agent: AgentView = client.call(post, &format!("/v1/agents/{id}/revoke"), None).await?;
+        Command::Agents {
+            command: AgentsCommand::Revoke { id },
+        } => {
+            let agent: AgentView = client
+                .call(post, &format!("/v1/agents/{id}/revoke"), None)
+                .await?;
             print(cli.json, &agent, || println!("agent {} revoked", agent.id));
         }
-        Command::Tokens { command: TokensCommand::Create { ttl, labels } } => {
+        Command::Tokens {
+            command: TokensCommand::Create { ttl, labels },
+        } => {
             let labels = surplus_controller::parse_labels(&labels)?;
             let body = serde_json::to_value(CreateTokenRequest { ttl, labels })?;
             let created: CreatedToken = client.call(post, "/v1/tokens", Some(body)).await?;
             print(cli.json, &created, || {
                 println!("{}", created.token);
-                eprintln!("enrolls at {}; CA {}", created.enroll_addresses.join(", "), created.ca_fingerprint);
+                eprintln!(
+                    "enrolls at {}; CA {}",
+                    created.enroll_addresses.join(", "),
+                    created.ca_fingerprint
+                );
             });
         }
     }

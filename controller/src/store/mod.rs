@@ -248,9 +248,20 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn create_join_token(&self, token: &NewJoinToken) -> Result<(), StoreError>;
     /// Consumes the token with `secret_hash` and registers `agent`, atomically: of two
     /// racing calls with one token exactly one registers.
-    async fn enroll_agent(&self, secret_hash: &str, now_ms: UnixMillis, agent: &NewAgent) -> Result<EnrollOutcome, StoreError>;
+    async fn enroll_agent(
+        &self,
+        secret_hash: &str,
+        now_ms: UnixMillis,
+        agent: &NewAgent,
+    ) -> Result<EnrollOutcome, StoreError>;
     /// Records a renewed certificate as the agent's current one.
-    async fn record_certificate(&self, agent_id: Uuid, serial: &str, issued_at_ms: UnixMillis, not_after_ms: UnixMillis) -> Result<(), StoreError>;
+    async fn record_certificate(
+        &self,
+        agent_id: Uuid,
+        serial: &str,
+        issued_at_ms: UnixMillis,
+        not_after_ms: UnixMillis,
+    ) -> Result<(), StoreError>;
     /// One agent.
     async fn agent(&self, id: Uuid) -> Result<Option<AgentRecord>, StoreError>;
     /// All agents, oldest enrollment first.
@@ -260,13 +271,23 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Ids of every revoked agent.
     async fn revoked_agents(&self) -> Result<Vec<Uuid>, StoreError>;
     /// Sets an agent's status (never out of `revoked`), accounting online time.
-    async fn set_status(&self, id: Uuid, status: AgentStatus, now_ms: UnixMillis) -> Result<(), StoreError>;
+    async fn set_status(
+        &self,
+        id: Uuid,
+        status: AgentStatus,
+        now_ms: UnixMillis,
+    ) -> Result<(), StoreError>;
     /// Records last-seen times in one transaction.
     async fn touch(&self, seen: &[(Uuid, UnixMillis)]) -> Result<(), StoreError>;
     /// Records a session start (and the agent version it announced).
     async fn session_started(&self, session: &SessionRecord) -> Result<(), StoreError>;
     /// Records a session end.
-    async fn session_ended(&self, id: Uuid, now_ms: UnixMillis, reason: &str) -> Result<(), StoreError>;
+    async fn session_ended(
+        &self,
+        id: Uuid,
+        now_ms: UnixMillis,
+        reason: &str,
+    ) -> Result<(), StoreError>;
     /// Recent sessions of an agent, newest first.
     async fn sessions(&self, agent_id: Uuid, limit: u32) -> Result<Vec<SessionRecord>, StoreError>;
     /// Closes sessions and online periods left open by a controller that stopped
@@ -274,11 +295,27 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn close_dangling(&self, now_ms: UnixMillis) -> Result<(), StoreError>;
     /// Stores an inventory; returns whether it differs from the previous one (and was
     /// added to the history).
-    async fn save_inventory(&self, agent_id: Uuid, inventory: &serde_json::Value, digest: &str, now_ms: UnixMillis) -> Result<bool, StoreError>;
+    async fn save_inventory(
+        &self,
+        agent_id: Uuid,
+        inventory: &serde_json::Value,
+        digest: &str,
+        now_ms: UnixMillis,
+    ) -> Result<bool, StoreError>;
     /// Inventory changes of an agent, newest first.
-    async fn inventory_history(&self, agent_id: Uuid, limit: u32) -> Result<Vec<InventoryChange>, StoreError>;
+    async fn inventory_history(
+        &self,
+        agent_id: Uuid,
+        limit: u32,
+    ) -> Result<Vec<InventoryChange>, StoreError>;
     /// Stores an API token (hash only).
-    async fn create_api_token(&self, token_hash: &str, principal: &Principal, label: &str, now_ms: UnixMillis) -> Result<(), StoreError>;
+    async fn create_api_token(
+        &self,
+        token_hash: &str,
+        principal: &Principal,
+        label: &str,
+        now_ms: UnixMillis,
+    ) -> Result<(), StoreError>;
     /// The principal of a token hash, unless revoked.
     async fn api_principal(&self, token_hash: &str) -> Result<Option<Principal>, StoreError>;
 }

@@ -5,7 +5,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
 use sqlx::{Row, SqlitePool};
 use surplus_protocol::clock::UnixMillis;
 use uuid::Uuid;
@@ -44,7 +46,10 @@ fn agent_from_row(row: &SqliteRow) -> Result<AgentRecord, StoreError> {
         online_since_ms: row.try_get("online_since_ms")?,
         online_total_ms: row.try_get("online_total_ms")?,
         revoked_at_ms: row.try_get("revoked_at_ms")?,
-        inventory: inventory.as_deref().map(|s| parse_json(s, "inventory")).transpose()?,
+        inventory: inventory
+            .as_deref()
+            .map(|s| parse_json(s, "inventory"))
+            .transpose()?,
         inventory_digest: row.try_get("inventory_digest")?,
         inventory_updated_ms: row.try_get("inventory_updated_ms")?,
     })
@@ -80,7 +85,10 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new().max_connections(8).connect_with(options).await?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(options)
+            .await?;
         MIGRATOR.run(&pool).await?;
         Ok(Self { pool })
     }
@@ -101,7 +109,12 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn enroll_agent(&self, secret_hash: &str, now_ms: UnixMillis, a: &NewAgent) -> Result<EnrollOutcome, StoreError> {
+    async fn enroll_agent(
+        &self,
+        secret_hash: &str,
+        now_ms: UnixMillis,
+        a: &NewAgent,
+    ) -> Result<EnrollOutcome, StoreError> {
         let mut tx = self.pool.begin().await?;
         // The conditional update is the atomic consumption: only one transaction can
         // move used_at_ms from NULL.
@@ -116,13 +129,17 @@ impl Store for SqliteStore {
         .fetch_optional(&mut *tx)
         .await?;
         let Some(row) = consumed else {
-            let state = sqlx::query("SELECT used_at_ms, expires_at_ms FROM join_tokens WHERE secret_hash = $1")
-                .bind(secret_hash)
-                .fetch_optional(&mut *tx)
-                .await?;
+            let state = sqlx::query(
+                "SELECT used_at_ms, expires_at_ms FROM join_tokens WHERE secret_hash = $1",
+            )
+            .bind(secret_hash)
+            .fetch_optional(&mut *tx)
+            .await?;
             let refusal = match state {
                 None => TokenRefusal::Unknown,
-                Some(r) if r.try_get::<Option<i64>, _>("used_at_ms")?.is_some() => TokenRefusal::Used,
+                Some(r) if r.try_get::<Option<i64>, _>("used_at_ms")?.is_some() => {
+                    TokenRefusal::Used
+                }
                 Some(_) => TokenRefusal::Expired,
             };
             return Ok(EnrollOutcome::Refused(refusal));
@@ -155,14 +172,21 @@ impl Store for SqliteStore {
         Ok(EnrollOutcome::Registered(labels))
     }
 
-    async fn record_certificate(&self, agent_id: Uuid, serial: &str, issued_at_ms: UnixMillis, not_after_ms: UnixMillis) -> Result<(), StoreError> {
+    async fn record_certificate(
+        &self,
+        agent_id: Uuid,
+        serial: &str,
+        issued_at_ms: UnixMillis,
+        not_after_ms: UnixMillis,
+    ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        let updated = sqlx::query("UPDATE agents SET cert_serial = $1, cert_not_after_ms = $2 WHERE id = $3")
-            .bind(serial)
-            .bind(not_after_ms)
-            .bind(agent_id.to_string())
-            .execute(&mut *tx)
-            .await?;
+        let updated =
+            sqlx::query("UPDATE agents SET cert_serial = $1, cert_not_after_ms = $2 WHERE id = $3")
+                .bind(serial)
+                .bind(not_after_ms)
+                .bind(agent_id.to_string())
+                .execute(&mut *tx)
+                .await?;
         if updated.rows_affected() == 0 {
             return Err(StoreError::NotFound(format!("agent {agent_id}")));
         }
@@ -207,7 +231,12 @@ impl Store for SqliteStore {
             Some("revoked") => return Ok(false),
             Some(_) => {}
         }
-        sqlx::query(SET_STATUS).bind("revoked").bind(now_ms).bind(id.to_string()).execute(&mut *tx).await?;
+        sqlx::query(SET_STATUS)
+            .bind("revoked")
+            .bind(now_ms)
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
         sqlx::query("UPDATE agents SET revoked_at_ms = $1 WHERE id = $2")
             .bind(now_ms)
             .bind(id.to_string())
@@ -224,8 +253,18 @@ impl Store for SqliteStore {
         ids.iter().map(|s| parse_uuid(s)).collect()
     }
 
-    async fn set_status(&self, id: Uuid, status: AgentStatus, now_ms: UnixMillis) -> Result<(), StoreError> {
-        sqlx::query(SET_STATUS).bind(status.as_str()).bind(now_ms).bind(id.to_string()).execute(&self.pool).await?;
+    async fn set_status(
+        &self,
+        id: Uuid,
+        status: AgentStatus,
+        now_ms: UnixMillis,
+    ) -> Result<(), StoreError> {
+        sqlx::query(SET_STATUS)
+            .bind(status.as_str())
+            .bind(now_ms)
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -264,7 +303,12 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn session_ended(&self, id: Uuid, now_ms: UnixMillis, reason: &str) -> Result<(), StoreError> {
+    async fn session_ended(
+        &self,
+        id: Uuid,
+        now_ms: UnixMillis,
+        reason: &str,
+    ) -> Result<(), StoreError> {
         sqlx::query("UPDATE sessions SET ended_at_ms = $1, end_reason = $2 WHERE id = $3 AND ended_at_ms IS NULL")
             .bind(now_ms)
             .bind(reason)
@@ -305,12 +349,19 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn save_inventory(&self, agent_id: Uuid, inventory: &serde_json::Value, digest: &str, now_ms: UnixMillis) -> Result<bool, StoreError> {
+    async fn save_inventory(
+        &self,
+        agent_id: Uuid,
+        inventory: &serde_json::Value,
+        digest: &str,
+        now_ms: UnixMillis,
+    ) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let current: Option<Option<String>> = sqlx::query_scalar("SELECT inventory_digest FROM agents WHERE id = $1")
-            .bind(agent_id.to_string())
-            .fetch_optional(&mut *tx)
-            .await?;
+        let current: Option<Option<String>> =
+            sqlx::query_scalar("SELECT inventory_digest FROM agents WHERE id = $1")
+                .bind(agent_id.to_string())
+                .fetch_optional(&mut *tx)
+                .await?;
         let Some(current) = current else {
             return Err(StoreError::NotFound(format!("agent {agent_id}")));
         };
@@ -337,7 +388,11 @@ impl Store for SqliteStore {
         Ok(changed)
     }
 
-    async fn inventory_history(&self, agent_id: Uuid, limit: u32) -> Result<Vec<InventoryChange>, StoreError> {
+    async fn inventory_history(
+        &self,
+        agent_id: Uuid,
+        limit: u32,
+    ) -> Result<Vec<InventoryChange>, StoreError> {
         sqlx::query("SELECT recorded_at_ms, digest, inventory FROM inventory_history WHERE agent_id = $1 ORDER BY recorded_at_ms DESC, id DESC LIMIT $2")
             .bind(agent_id.to_string())
             .bind(limit as i64)
@@ -354,7 +409,13 @@ impl Store for SqliteStore {
             .collect()
     }
 
-    async fn create_api_token(&self, token_hash: &str, p: &Principal, label: &str, now_ms: UnixMillis) -> Result<(), StoreError> {
+    async fn create_api_token(
+        &self,
+        token_hash: &str,
+        p: &Principal,
+        label: &str,
+        now_ms: UnixMillis,
+    ) -> Result<(), StoreError> {
         sqlx::query("INSERT INTO api_tokens (id, token_hash, account, role, label, created_at_ms) VALUES ($1, $2, $3, $4, $5, $6)")
             .bind(Uuid::now_v7().to_string())
             .bind(token_hash)
@@ -368,10 +429,18 @@ impl Store for SqliteStore {
     }
 
     async fn api_principal(&self, token_hash: &str) -> Result<Option<Principal>, StoreError> {
-        let row = sqlx::query("SELECT account, role FROM api_tokens WHERE token_hash = $1 AND revoked_at_ms IS NULL")
-            .bind(token_hash)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|r| Ok(Principal { account: r.try_get("account")?, role: Role::parse(r.try_get("role")?)? })).transpose()
+        let row = sqlx::query(
+            "SELECT account, role FROM api_tokens WHERE token_hash = $1 AND revoked_at_ms IS NULL",
+        )
+        .bind(token_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            Ok(Principal {
+                account: r.try_get("account")?,
+                role: Role::parse(r.try_get("role")?)?,
+            })
+        })
+        .transpose()
     }
 }
