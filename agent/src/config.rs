@@ -84,6 +84,15 @@ impl AgentConfig {
     /// Loads defaults, then `file` if given, then `SURPLUS_AGENT_*` variables
     /// (`SURPLUS_AGENT_HEARTBEAT_INTERVAL=5s`).
     pub fn load(file: Option<&Path>) -> Result<Self, config::ConfigError> {
+        Self::load_with_env(file, None)
+    }
+
+    /// As [`AgentConfig::load`], reading variables from `env` instead of the process
+    /// environment when given (tests).
+    pub fn load_with_env(
+        file: Option<&Path>,
+        env: Option<config::Map<String, String>>,
+    ) -> Result<Self, config::ConfigError> {
         let mut builder = config::Config::builder();
         if let Some(path) = file {
             builder = builder.add_source(
@@ -97,7 +106,8 @@ impl AgentConfig {
                 .prefix_separator("_")
                 .try_parsing(true)
                 .list_separator(",")
-                .with_list_parse_key("controller_addresses"),
+                .with_list_parse_key("controller_addresses")
+                .source(env),
         );
         builder.build()?.try_deserialize()
     }

@@ -102,6 +102,15 @@ fn advertised(explicit: &[String], listen: SocketAddr, names: &[String]) -> Vec<
 impl ControllerConfig {
     /// Loads defaults, then `file` when it exists, then `SURPLUS_CONTROLLER_*` variables.
     pub fn load(file: &Path) -> Result<Self, config::ConfigError> {
+        Self::load_with_env(file, None)
+    }
+
+    /// As [`ControllerConfig::load`], reading variables from `env` instead of the
+    /// process environment when given (tests).
+    pub fn load_with_env(
+        file: &Path,
+        env: Option<config::Map<String, String>>,
+    ) -> Result<Self, config::ConfigError> {
         config::Config::builder()
             .add_source(
                 config::File::from(file)
@@ -115,7 +124,8 @@ impl ControllerConfig {
                     .list_separator(",")
                     .with_list_parse_key("server_names")
                     .with_list_parse_key("advertise_session")
-                    .with_list_parse_key("advertise_enroll"),
+                    .with_list_parse_key("advertise_enroll")
+                    .source(env),
             )
             .build()?
             .try_deserialize()

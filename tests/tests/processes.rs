@@ -1,0 +1,293 @@
+//! The binaries as an operator uses them: `surplus-controller init / serve / token
+//! create / agent revoke`, `surplus-agent enroll / run`, and the `surplus` CLI, each a
+//! real process talking over loopback.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The directory cargo put the workspace binaries in (`target/<profile>`), next to
+/// this test's own `deps/` directory. `cargo test --workspace` builds them first.
+fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --workspace`, which builds every binary",
+        path.display()
+    );
+    path
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null()).output().expect("process starts")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Kills the child when the test ends, however it ends.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Child {
+    /// Waits for the process to exit by itself, at most `limit`.
+    fn wait_for_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.0.try_wait().expect("child status") {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+/// Runs `probe` until it returns `Some`, at most `limit`; these are processes, so
+/// there is no event to await.
+fn eventually<T>(what: &str, limit: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn an_operator_enrolls_watches_and_revokes_an_agent_with_the_binaries() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("controller");
+    let agent_dir = root.path().join("agent");
+    let (session, enroll, http) = (free_udp_port(), free_udp_port(), free_tcp_port());
+    let url = format!("http://127.0.0.1:{http}");
+    let controller_env = [
+        (
+            "SURPLUS_CONTROLLER_SESSION_LISTEN",
+            format!("127.0.0.1:{session}"),
+        ),
+        (
+            "SURPLUS_CONTROLLER_ENROLL_LISTEN",
+            format!("127.0.0.1:{enroll}"),
+        ),
+        (
+            "SURPLUS_CONTROLLER_HTTP_LISTEN",
+            format!("127.0.0.1:{http}"),
+        ),
+        ("SURPLUS_CONTROLLER_HEARTBEAT_INTERVAL", "500ms".into()),
+        ("SURPLUS_CONTROLLER_REVOCATION_POLL", "300ms".into()),
+    ];
+
+    // init prints the admin token once.
+    let out = run(Command::new(bin("surplus-controller"))
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["init", "--server-name", "localhost"]));
+    assert!(out.status.success(), "init: {}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let admin = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("admin API token (shown once, stored hashed): "))
+        .expect("admin token printed")
+        .to_owned();
+    let again = run(Command::new(bin("surplus-controller"))
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("init"));
+    assert!(
+        !again.status.success() && text(&again.stderr).contains("already initialised"),
+        "a second init refuses"
+    );
+
+    let mut serve = Child(
+        Command::new(bin("surplus-controller"))
+            .arg("--data-dir")
+            .arg(&data)
+            .arg("serve")
+            .envs(controller_env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let surplus = |args: &[&str]| {
+        run(Command::new(bin("surplus"))
+            .args(["--controller", &url, "--token", &admin])
+            .args(args)
+            .env_remove("SURPLUS_CONFIG")
+            .env("HOME", root.path()))
+    };
+    eventually("the API to answer", Duration::from_secs(20), || {
+        surplus(&["agents", "list", "--json"])
+            .status
+            .success()
+            .then_some(())
+    });
+
+    // A join token through the CLI, and enrollment with it.
+    let out = surplus(&[
+        "tokens", "create", "--ttl", "10m", "--label", "role=cli", "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let created: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let token = created["token"].as_str().unwrap().to_owned();
+    let out = run(Command::new(bin("surplus-agent"))
+        .arg("--data-dir")
+        .arg(&agent_dir)
+        .args(["enroll", "--token", &token]));
+    assert!(out.status.success(), "enroll: {}", text(&out.stderr));
+    let mode = std::fs::metadata(agent_dir.join("identity.json"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(
+        mode & 0o777,
+        0o600,
+        "the identity holds the private key and is private"
+    );
+    let out = run(Command::new(bin("surplus-agent"))
+        .arg("--data-dir")
+        .arg(&agent_dir)
+        .args(["enroll", "--token", &token]));
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("already holds"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let mut agent = Child(
+        Command::new(bin("surplus-agent"))
+            .arg("--data-dir")
+            .arg(&agent_dir)
+            .arg("run")
+            .env("SURPLUS_AGENT_RECONNECT_MIN", "100ms")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let id = eventually(
+        "the agent to be online with its inventory",
+        Duration::from_secs(30),
+        || {
+            let out = surplus(&["agents", "list", "--json"]);
+            let list: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            let a = list.as_array()?.first()?;
+            (a["status"] == "online" && a["cpus"].is_u64())
+                .then(|| a["id"].as_str().unwrap().to_owned())
+        },
+    );
+    let out = surplus(&["agents", "list"]);
+    let table = text(&out.stdout);
+    assert!(
+        table.contains(&id) && table.contains("online") && table.contains("role=cli"),
+        "{table}"
+    );
+    let out = surplus(&["agents", "show", &id]);
+    assert!(
+        out.status.success() && text(&out.stdout).contains("logical_cpus"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    // The local administration commands work beside a running controller.
+    let out = run(Command::new(bin("surplus-controller"))
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["token", "create", "--ttl", "5m", "--label", "a=b"]));
+    assert!(
+        out.status.success() && text(&out.stdout).starts_with("surplus-join-1."),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // Wrong credentials and an unreachable controller are clear errors.
+    let out = run(Command::new(bin("surplus"))
+        .args([
+            "--controller",
+            &url,
+            "--token",
+            "spl_wrong",
+            "agents",
+            "list",
+        ])
+        .env("HOME", root.path()));
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("refused the API token"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(Command::new(bin("surplus"))
+        .args([
+            "--controller",
+            "http://127.0.0.1:9",
+            "--token",
+            &admin,
+            "agents",
+            "list",
+        ])
+        .env("HOME", root.path()));
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("cannot reach the controller"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // Revocation from the controller host: the running controller cuts the agent off,
+    // and the agent stops, saying why.
+    let out = run(Command::new(bin("surplus-controller"))
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["agent", "revoke", &id]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let status = agent
+        .wait_for_exit(Duration::from_secs(20))
+        .expect("the revoked agent stops");
+    assert!(!status.success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(agent.0.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(stderr.contains("revoked"), "{stderr}");
+
+    // SIGTERM stops the controller cleanly.
+    let pid = serve.0.id().to_string();
+    assert!(
+        run(Command::new("kill").args(["-TERM", &pid]))
+            .status
+            .success()
+    );
+    let status = serve
+        .wait_for_exit(Duration::from_secs(20))
+        .expect("the controller stops on SIGTERM");
+    assert!(status.success(), "{status}");
+}
