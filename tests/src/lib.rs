@@ -82,9 +82,24 @@ impl TestController {
     }
 
     async fn boot(&mut self) {
-        let running = surplus_controller::start(&self.dir, self.config.clone(), self.clock.clone())
-            .await
-            .expect("controller starts");
+        // After an in-process shutdown, quinn releases a UDP socket when its endpoint
+        // driver next runs; a restart may have to wait for that. (A real restart is a
+        // new process.) A handle leaked by the old controller would exhaust this.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let running = loop {
+            match surplus_controller::start(&self.dir, self.config.clone(), self.clock.clone())
+                .await
+            {
+                Ok(r) => break r,
+                Err(e)
+                    if tokio::time::Instant::now() < deadline
+                        && format!("{e:#}").contains("in use") =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("controller starts: {e:#}"),
+            }
+        };
         // Keep the bound ports so a restart comes back on the same addresses.
         self.config.session_listen = running.session_addr;
         self.config.enroll_listen = running.enroll_addr;
