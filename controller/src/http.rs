@@ -159,6 +159,7 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         .route_layer(middleware::from_fn_with_state(ctl.clone(), authenticate));
     Router::new()
         .route("/v1/health", get(health))
+        .route("/metrics", get(metrics))
         .merge(authed)
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .with_state(ctl)
@@ -170,6 +171,31 @@ async fn health(State(ctl): State<Arc<Controller>>) -> Json<serde_json::Value> {
         "version": env!("CARGO_PKG_VERSION"),
         "connected_agents": ctl.registry.connected(),
     }))
+}
+
+/// Prometheus text exposition; unauthenticated like most scrape targets (the API
+/// listens on loopback by default).
+async fn metrics(State(ctl): State<Arc<Controller>>) -> Result<Response, ApiError> {
+    let by_status = ctl
+        .store
+        .agent_status_counts()
+        .await?
+        .into_iter()
+        .map(|(s, n)| (s.as_str(), n))
+        .collect();
+    let snapshot = crate::metrics::Snapshot {
+        connected: ctl.registry.connected() as i64,
+        by_status,
+    };
+    let body = ctl.metrics.render(&snapshot);
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response())
 }
 
 async fn list_agents(

@@ -13,6 +13,7 @@ pub mod config;
 pub mod datadir;
 pub mod demo;
 pub mod http;
+pub mod metrics;
 pub mod registry;
 pub mod server;
 pub mod service;

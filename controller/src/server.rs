@@ -326,6 +326,7 @@ async fn serve_session(ctl: Arc<Controller>, incoming: Incoming, tasks: TaskTrac
         Ok(c) => c,
         Err(e) => {
             tracing::info!(%peer, error = %e, "session handshake refused");
+            ctl.metrics.handshake_failures.inc();
             return;
         }
     };
@@ -366,6 +367,7 @@ async fn serve_session(ctl: Arc<Controller>, incoming: Incoming, tasks: TaskTrac
     }
     set_status(&ctl, agent_id, AgentStatus::Online).await;
     ctl.registry.publish(RegistryEvent::Online(agent_id));
+    ctl.metrics.sessions.inc();
     tracing::info!(%agent_id, %peer, version = %hello.agent_version, "agent online");
 
     let ack = Message::HelloAck(HelloAck {
@@ -431,12 +433,14 @@ async fn serve_agent_stream(
         Ok(Ok(env)) => env.message,
         Ok(Err(e)) => {
             tracing::warn!(%agent_id, peer = %send_peer(&ctl, agent_id), error = %e, "bad frame from agent; stream reset");
+            ctl.metrics.frame_rejected(rejection_reason(&e));
             answer_bad_frame(&mut send, &mut recv, &e, max).await;
             return;
         }
         Err(_) => {
             let e = ExchangeError::Timeout(ctl.config.request_timeout);
             tracing::warn!(%agent_id, "agent did not finish its frame in time; stream reset");
+            ctl.metrics.frame_rejected("timeout");
             quic::refuse_stream(&mut send, &mut recv, &e);
             return;
         }
@@ -444,6 +448,16 @@ async fn serve_agent_stream(
     let answer = handle(&ctl, agent_id, session_id, request).await;
     if let Err(e) = quic::write_frame(&mut send, &answer, max).await {
         tracing::debug!(%agent_id, error = %e, "answer not delivered");
+    }
+}
+
+fn rejection_reason(e: &ExchangeError) -> &'static str {
+    match e {
+        ExchangeError::Frame(FrameError::TooLarge { .. }) => "too_large",
+        ExchangeError::Frame(FrameError::Malformed(_)) => "malformed",
+        ExchangeError::Frame(FrameError::VersionMismatch { .. }) => "version_mismatch",
+        ExchangeError::Timeout(_) => "timeout",
+        _ => "stream_error",
     }
 }
 
@@ -459,6 +473,7 @@ async fn handle(ctl: &Controller, agent_id: Uuid, session_id: Uuid, request: Mes
     match request {
         Message::Heartbeat(beat) => {
             let now = ctl.clock.now_ms();
+            ctl.metrics.heartbeats.inc();
             if ctl.registry.heartbeat(agent_id, session_id, now) == Some(true) {
                 set_status(ctl, agent_id, AgentStatus::Online).await;
                 ctl.registry.publish(RegistryEvent::Online(agent_id));
@@ -484,6 +499,7 @@ async fn handle(ctl: &Controller, agent_id: Uuid, session_id: Uuid, request: Mes
                 .await
             {
                 Ok(changed) => {
+                    ctl.metrics.inventory(changed);
                     ctl.registry.set_inventory_digest(agent_id, digest);
                     if changed {
                         ctl.registry

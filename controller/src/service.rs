@@ -49,6 +49,8 @@ pub struct Controller {
     pub revoked: RevocationList,
     /// Live sessions.
     pub registry: Registry,
+    /// Counters for `/metrics`.
+    pub metrics: crate::metrics::Metrics,
     ca: CertAuthority,
 }
 
@@ -73,6 +75,7 @@ impl Controller {
             clock,
             revoked: RevocationList::default(),
             registry: Registry::default(),
+            metrics: crate::metrics::Metrics::default(),
             ca,
         }
     }
@@ -124,6 +127,7 @@ impl Controller {
     /// Serves an enrollment request: consumes the token and issues the certificate.
     pub async fn enroll(&self, request: &EnrollRequest) -> Result<Enrolled, ErrorReply> {
         if request.protocol_version != PROTOCOL_VERSION {
+            self.metrics.enrollment("version_mismatch");
             return Err(reply(
                 ErrorCode::VersionMismatch,
                 format!(
@@ -134,7 +138,9 @@ impl Controller {
         }
         let now = self.clock.now_ms();
         let agent_id = Uuid::now_v7();
-        let certificate = self.issue(&request.csr_pem, agent_id, now)?;
+        let certificate = self
+            .issue(&request.csr_pem, agent_id, now)
+            .inspect_err(|_| self.metrics.enrollment("csr_rejected"))?;
         let agent = NewAgent {
             id: agent_id,
             hostname: request.hostname.chars().take(255).collect(),
@@ -147,6 +153,7 @@ impl Controller {
         match self.store.enroll_agent(&secret_hash, now, &agent).await {
             Ok(EnrollOutcome::Registered(labels)) => {
                 tracing::info!(%agent_id, hostname = %agent.hostname, ?labels, "agent enrolled");
+                self.metrics.enrollment("registered");
                 self.registry.publish(RegistryEvent::Enrolled(agent_id));
                 Ok(Enrolled {
                     agent_id,
@@ -158,15 +165,17 @@ impl Controller {
             }
             Ok(EnrollOutcome::Refused(refusal)) => {
                 tracing::warn!(hostname = %agent.hostname, %refusal, "enrollment refused");
-                let code = match refusal {
-                    TokenRefusal::Unknown => ErrorCode::TokenUnknown,
-                    TokenRefusal::Expired => ErrorCode::TokenExpired,
-                    TokenRefusal::Used => ErrorCode::TokenUsed,
+                let (code, outcome) = match refusal {
+                    TokenRefusal::Unknown => (ErrorCode::TokenUnknown, "token_unknown"),
+                    TokenRefusal::Expired => (ErrorCode::TokenExpired, "token_expired"),
+                    TokenRefusal::Used => (ErrorCode::TokenUsed, "token_used"),
                 };
+                self.metrics.enrollment(outcome);
                 Err(reply(code, refusal.to_string()))
             }
             Err(e) => {
                 tracing::error!(error = %e, "enrollment failed in storage");
+                self.metrics.enrollment("error");
                 Err(reply(
                     ErrorCode::Internal,
                     "the controller could not record the enrollment",
@@ -219,6 +228,7 @@ impl Controller {
             ));
         }
         tracing::info!(%agent_id, serial = %certificate.serial, "certificate renewed");
+        self.metrics.renewals.inc();
         self.registry.publish(RegistryEvent::Renewed {
             agent_id,
             serial: certificate.serial.clone(),
@@ -247,6 +257,7 @@ impl Controller {
             self.registry
                 .kick(agent_id, codes::CLOSE_REVOKED, "agent certificate revoked");
         if newly || kicked {
+            self.metrics.revocations.inc();
             self.registry.publish(RegistryEvent::Revoked(agent_id));
         }
     }

@@ -443,6 +443,21 @@ async fn bad_frames_reset_only_their_stream() {
         .until_all("good agents still heartbeating", &good_ids, heartbeat)
         .await;
     assert_eq!(tc.ctl().registry.connected(), 3);
+    let metrics = reqwest::get(format!("{}/metrics", tc.url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "surplus_frames_rejected_total{reason=\"too_large\"} 1",
+        "surplus_frames_rejected_total{reason=\"malformed\"} 1",
+        "surplus_frames_rejected_total{reason=\"version_mismatch\"} 1",
+        "surplus_agents_connected 3",
+        "surplus_agents{status=\"online\"} 3",
+    ] {
+        assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
+    }
     session.close("done").await;
     for a in good {
         a.stop().await;

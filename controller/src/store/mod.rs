@@ -268,6 +268,8 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
     /// Revokes an agent; `Ok(false)` when it already was. Unknown id: `NotFound`.
     async fn revoke_agent(&self, id: Uuid, now_ms: UnixMillis) -> Result<bool, StoreError>;
+    /// Number of agents in each status.
+    async fn agent_status_counts(&self) -> Result<Vec<(AgentStatus, i64)>, StoreError>;
     /// Ids of every revoked agent.
     async fn revoked_agents(&self) -> Result<Vec<Uuid>, StoreError>;
     /// Sets an agent's status (never out of `revoked`), accounting online time.

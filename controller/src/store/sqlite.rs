@@ -246,6 +246,16 @@ impl Store for SqliteStore {
         Ok(true)
     }
 
+    async fn agent_status_counts(&self) -> Result<Vec<(AgentStatus, i64)>, StoreError> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT status, COUNT(*) FROM agents GROUP BY status ORDER BY status")
+                .fetch_all(&self.pool)
+                .await?;
+        rows.into_iter()
+            .map(|(s, n)| Ok((AgentStatus::parse(&s)?, n)))
+            .collect()
+    }
+
     async fn revoked_agents(&self) -> Result<Vec<Uuid>, StoreError> {
         let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM agents WHERE status = 'revoked'")
             .fetch_all(&self.pool)
