@@ -12,6 +12,8 @@ pub mod enroll;
 pub mod identity;
 pub mod inventory;
 pub mod net;
+pub mod runtime;
+
 pub mod session;
 
 pub use config::{AgentConfig, LogFormat};

@@ -44,29 +44,6 @@ enum Command {
     },
 }
 
-fn init_logs(config: &AgentConfig) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log_filter));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match config.log_format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Human => builder.init(),
-    }
-}
-
-async fn shutdown_signal(cancel: CancellationToken) {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("stopping");
-    cancel.cancel();
-}
-
 async fn main_inner(cli: Cli) -> anyhow::Result<()> {
     let mut config =
         AgentConfig::load(cli.config.as_deref()).context("reading agent configuration")?;
@@ -76,7 +53,7 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
     if let Some(format) = cli.log_format {
         config.log_format = format;
     }
-    init_logs(&config);
+    surplus_agent::runtime::init_logs(config.log_format, &config.log_filter);
     let clock = clock::system();
     match cli.command {
         Command::Enroll { token } => {
@@ -94,7 +71,12 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         Command::Run => {
             let runner = Runner::new(config, clock)?;
             let cancel = CancellationToken::new();
-            tokio::spawn(shutdown_signal(cancel.clone()));
+            let on_signal = cancel.clone();
+            tokio::spawn(async move {
+                surplus_agent::runtime::shutdown_signal().await;
+                tracing::info!("stopping");
+                on_signal.cancel();
+            });
             runner.run(cancel).await?;
         }
         Command::Inventory { json } => {

@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use crate::api::*;
 use crate::datadir::api_token_hash;
-use crate::service::Controller;
+use crate::service::{CommandError, Controller};
 use crate::store::{Principal, Role, StoreError};
 
 /// An API failure.
@@ -155,6 +155,7 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         .route("/v1/agents/{id}", get(show_agent))
         .route("/v1/agents/{id}/inventory/history", get(inventory_history))
         .route("/v1/agents/{id}/revoke", post(revoke_agent))
+        .route("/v1/agents/{id}/ping", post(ping_agent))
         .route("/v1/tokens", post(create_token))
         .route_layer(middleware::from_fn_with_state(ctl.clone(), authenticate));
     Router::new()
@@ -273,6 +274,45 @@ async fn revoke_agent(
         .await?
         .ok_or_else(|| ApiError::not_found(format!("agent {id} not found")))?;
     Ok(Json(AgentView::new(&agent, false, ctl.clock.now_ms())))
+}
+
+async fn ping_agent(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<serde_json::Value> {
+    caller.require(Role::Admin)?;
+    let id = parse_id(&id)?;
+    let agent = ctl
+        .store
+        .agent(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("agent {id} not found")))?;
+    match ctl.ping(id).await {
+        Ok(rtt) => Ok(Json(
+            serde_json::json!({ "agent_id": id, "rtt_ms": rtt.as_secs_f64() * 1000.0 }),
+        )),
+        Err(CommandError::Offline) => {
+            let seen = agent.last_seen_ms.map_or("never seen".to_owned(), |t| {
+                format!("last seen at {t} ms since the epoch")
+            });
+            Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "agent_offline",
+                format!("agent {id} is not connected ({seen})"),
+            ))
+        }
+        Err(e @ CommandError::Timeout(_)) => Err(ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "agent_timeout",
+            format!("agent {id}: {e}"),
+        )),
+        Err(e) => Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "agent_error",
+            format!("agent {id}: {e}"),
+        )),
+    }
 }
 
 async fn create_token(

@@ -23,18 +23,7 @@ pub use config::ControllerConfig;
 pub use server::{RunningController, start};
 pub use service::Controller;
 
-/// Starts tracing output to stderr in the configured format.
-pub fn init_logs(format: config::LogFormat, filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        config::LogFormat::Json => builder.json().try_init(),
-        config::LogFormat::Human => builder.try_init(),
-    };
-}
+pub use surplus_agent::runtime::init_logs;
 
 /// Parses `key=value` label arguments.
 pub fn parse_labels(args: &[String]) -> anyhow::Result<store::Labels> {

@@ -74,15 +74,6 @@ enum AgentCommand {
     },
 }
 
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-}
-
 async fn main_inner(cli: Cli) -> anyhow::Result<()> {
     let dir = DataDir::new(&cli.data_dir);
     let clock = clock::system();
@@ -105,7 +96,7 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             let config = dir.load_config()?;
             surplus_controller::init_logs(config.log_format, &config.log_filter);
             let running = surplus_controller::start(&dir, config, clock).await?;
-            shutdown_signal().await;
+            surplus_agent::runtime::shutdown_signal().await;
             tracing::info!("shutting down");
             running.shutdown().await;
         }
@@ -154,7 +145,7 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Demo => {
             surplus_controller::init_logs(Default::default(), "warn");
-            surplus_controller::demo::run(None, shutdown_signal()).await?;
+            surplus_controller::demo::run(None, surplus_agent::runtime::shutdown_signal()).await?;
         }
     }
     Ok(())

@@ -190,6 +190,9 @@ async fn accept_loop(
     }
 }
 
+/// Largest frame on the enrollment endpoint.
+const ENROLL_MAX_FRAME: usize = 16 * 1024;
+
 async fn serve_enrollment(ctl: Arc<Controller>, incoming: Incoming) {
     let peer = incoming.remote_address();
     let conn = match incoming.await {
@@ -199,7 +202,9 @@ async fn serve_enrollment(ctl: Arc<Controller>, incoming: Incoming) {
             return;
         }
     };
-    let max = ctl.config.max_frame_size;
+    // Peers here are unauthenticated: an enrollment request is a CSR and a few names,
+    // so frames are capped far below the session limit.
+    let max = ctl.config.max_frame_size.min(ENROLL_MAX_FRAME);
     let exchange = async {
         let (mut send, mut recv) = conn.accept_bi().await?;
         let request = match quic::read_frame(&mut recv, max).await {

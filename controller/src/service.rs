@@ -19,6 +19,23 @@ use crate::store::{
     EnrollOutcome, Labels, NewAgent, NewJoinToken, Store, StoreError, TokenRefusal,
 };
 
+/// Why a command to an agent did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// The agent has no open session.
+    #[error("agent is not connected")]
+    Offline,
+    /// The agent did not answer in time.
+    #[error("agent did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The agent answered with the wrong message.
+    #[error("agent answered with {0}")]
+    BadAnswer(&'static str),
+    /// The exchange failed.
+    #[error("exchange with the agent failed: {0}")]
+    Failed(String),
+}
+
 /// A join token just created.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct CreatedToken {
@@ -248,6 +265,32 @@ impl Controller {
             tracing::info!(%agent_id, "agent revoked");
         }
         Ok(newly)
+    }
+
+    /// Opens a stream to a connected agent and measures the round trip of a ping: the
+    /// controller-initiated direction that commands use.
+    pub async fn ping(&self, agent_id: Uuid) -> Result<Duration, CommandError> {
+        let conn = self
+            .registry
+            .connection(agent_id)
+            .ok_or(CommandError::Offline)?;
+        let nonce: u64 = rand::random();
+        let started = tokio::time::Instant::now();
+        let answer = surplus_protocol::quic::request(
+            &conn,
+            &surplus_protocol::Message::Ping(surplus_protocol::Ping { nonce }),
+            self.config.max_frame_size,
+            self.config.request_timeout,
+        )
+        .await;
+        match answer {
+            Ok(surplus_protocol::Message::Pong(pong)) if pong.nonce == nonce => {
+                Ok(started.elapsed())
+            }
+            Ok(other) => Err(CommandError::BadAnswer(other.kind())),
+            Err(surplus_protocol::quic::ExchangeError::Timeout(t)) => Err(CommandError::Timeout(t)),
+            Err(e) => Err(CommandError::Failed(e.to_string())),
+        }
     }
 
     /// Adds `agent_id` to the revocation list and closes its session.

@@ -85,6 +85,34 @@ async fn three_agents_enroll_and_report_this_host() {
     );
     assert_eq!(detail["inventory_history"].as_array().unwrap().len(), 1);
     assert_eq!(detail["sessions"].as_array().unwrap().len(), 1);
+
+    // The controller opens streams too: a ping reaches each agent and comes back.
+    for id in &ids {
+        let (status, body) = tc
+            .api_post(&format!("/v1/agents/{id}/ping"), serde_json::json!({}))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body["rtt_ms"].as_f64().unwrap() > 0.0);
+    }
+    let first = agents.remove(0);
+    first.stop().await;
+    let (status, body) = tc
+        .api_post(
+            &format!("/v1/agents/{}/ping", ids[0]),
+            serde_json::json!({}),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (503, Some("agent_offline")),
+        "{body}"
+    );
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains(&ids[0].to_string())
+    );
     for a in agents {
         a.stop().await;
     }

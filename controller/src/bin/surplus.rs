@@ -61,6 +61,11 @@ enum AgentsCommand {
         /// Agent id.
         id: String,
     },
+    /// Measure the round trip controller → agent → controller.
+    Ping {
+        /// Agent id.
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -265,6 +270,19 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
                 .call(post, &format!("/v1/agents/{id}/revoke"), None)
                 .await?;
             print(cli.json, &agent, || println!("agent {} revoked", agent.id));
+        }
+        Command::Agents {
+            command: AgentsCommand::Ping { id },
+        } => {
+            let answer: serde_json::Value = client
+                .call(post, &format!("/v1/agents/{id}/ping"), None)
+                .await?;
+            print(cli.json, &answer, || {
+                println!(
+                    "agent {id} answered in {:.2} ms",
+                    answer["rtt_ms"].as_f64().unwrap_or(0.0)
+                )
+            });
         }
         Command::Tokens {
             command: TokensCommand::Create { ttl, labels },
