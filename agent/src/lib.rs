@@ -13,6 +13,7 @@ pub mod identity;
 pub mod inventory;
 pub mod net;
 pub mod runtime;
+pub mod security;
 
 pub mod session;
 

@@ -42,6 +42,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the security checks and print the report (exit status 0 whatever it finds).
+    Security {
+        /// Check the host tree under this directory instead of the running host.
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 async fn main_inner(cli: Cli) -> anyhow::Result<()> {
@@ -78,6 +87,40 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
                 on_signal.cancel();
             });
             runner.run(cancel).await?;
+        }
+        Command::Security { root, json } => {
+            let host = surplus_agent::security::HostRoot::new(&root, Some(&config.data_dir));
+            let report =
+                tokio::task::spawn_blocking(move || surplus_agent::security::run(&host)).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                for f in &report.findings {
+                    let status = match f.status {
+                        surplus_protocol::security::CheckStatus::Pass => "pass",
+                        surplus_protocol::security::CheckStatus::Fail => "FAIL",
+                        surplus_protocol::security::CheckStatus::NotApplicable => "n/a",
+                    };
+                    println!(
+                        "{status:<5} {:<9} {:<30} {}",
+                        format!("{:?}", f.severity).to_lowercase(),
+                        f.id,
+                        f.evidence
+                    );
+                    if f.status == surplus_protocol::security::CheckStatus::Fail {
+                        println!("{:46}fix: {}", "", f.remediation);
+                    }
+                }
+                let scope = if report.live {
+                    "this host".to_owned()
+                } else {
+                    format!("the tree under {}", report.root)
+                };
+                println!(
+                    "\nhardening index {} / 100 ({}) for {scope}",
+                    report.hardening_index, report.band
+                );
+            }
         }
         Command::Inventory { json } => {
             let interval = config.package_scan_interval;

@@ -12,6 +12,7 @@ pub mod codec;
 pub mod inventory;
 pub mod messages;
 pub mod quic;
+pub mod security;
 pub mod token;
 
 pub use codec::{FrameDecoder, FrameError};

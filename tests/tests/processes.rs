@@ -214,8 +214,12 @@ fn an_operator_enrolls_watches_and_revokes_an_agent_with_the_binaries() {
         table.contains(&id) && table.contains("online") && table.contains("role=cli"),
         "{table}"
     );
-        let out = surplus(&["agents", "ping", &id]);
-    assert!(out.status.success() && text(&out.stdout).contains("answered in"), "{}", text(&out.stderr));
+    let out = surplus(&["agents", "ping", &id]);
+    assert!(
+        out.status.success() && text(&out.stdout).contains("answered in"),
+        "{}",
+        text(&out.stderr)
+    );
     let out = surplus(&["agents", "show", &id]);
     assert!(
         out.status.success() && text(&out.stdout).contains("logical_cpus"),
