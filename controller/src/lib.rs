@@ -8,6 +8,7 @@
 //! - [`datadir`]: CA, server certificate, database and config on disk.
 //! - [`demo`]: a controller and a local agent in one process.
 
+pub mod acceptance;
 pub mod api;
 pub mod config;
 pub mod datadir;
