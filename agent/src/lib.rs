@@ -7,6 +7,7 @@
 //! messages matched in one place.
 
 pub mod backoff;
+pub mod bench;
 pub mod config;
 pub mod enroll;
 pub mod identity;

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -42,6 +43,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the benchmark suite and print what the controller would see.
+    Bench {
+        /// Time budget for the whole suite, such as 60s.
+        #[arg(long, default_value = "60s")]
+        budget: humantime::Duration,
+        /// Directory for the storage test's scratch file (deleted afterwards).
+        #[arg(long, default_value = "/var/tmp")]
+        scratch_dir: PathBuf,
+        /// Size of the scratch file, MiB.
+        #[arg(long, default_value_t = 256)]
+        storage_mib: u64,
+        /// Timed repetitions of each measurement.
+        #[arg(long, default_value_t = 5)]
+        repetitions: u32,
+        /// Small sizes: a smoke test, not a measurement.
+        #[arg(long)]
+        quick: bool,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the security checks and print the report (exit status 0 whatever it finds).
     Security {
         /// Check the host tree under this directory instead of the running host.
@@ -51,6 +73,44 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Runs the benchmark suite on a blocking thread with a progress bar; Ctrl-C cancels.
+async fn run_bench(
+    plan: surplus_protocol::bench::BenchPlan,
+    package_interval: Duration,
+) -> anyhow::Result<surplus_protocol::bench::BenchReport> {
+    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let on_signal = cancel.clone();
+    tokio::spawn(async move {
+        surplus_agent::runtime::shutdown_signal().await;
+        on_signal.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    let report = tokio::task::spawn_blocking(move || {
+        let inventory = InventoryCollector::new(package_interval).collect(0);
+        let bar = indicatif::ProgressBar::new(1);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} ({elapsed})")
+                .expect("static template"),
+        );
+        let report = surplus_agent::bench::run(
+            &plan,
+            surplus_agent::bench::last_level_cache(&inventory),
+            &cancel,
+            |p| {
+                bar.set_length(u64::from(p.total));
+                bar.set_position(u64::from(p.done));
+                bar.set_message(p.step);
+            },
+        );
+        bar.finish_and_clear();
+        report
+    })
+    .await?;
+    if report.cancelled {
+        eprintln!("cancelled: the figures below are incomplete");
+    }
+    Ok(report)
 }
 
 async fn main_inner(cli: Cli) -> anyhow::Result<()> {
@@ -87,6 +147,68 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
                 on_signal.cancel();
             });
             runner.run(cancel).await?;
+        }
+        Command::Bench {
+            budget,
+            scratch_dir,
+            storage_mib,
+            repetitions,
+            quick,
+            json,
+        } => {
+            let plan = surplus_protocol::bench::BenchPlan {
+                budget_ms: Duration::from(budget).as_millis() as u64,
+                scratch_dir: scratch_dir.display().to_string(),
+                storage_bytes: storage_mib << 20,
+                repetitions,
+                quick,
+            };
+            let report = run_bench(plan, config.package_scan_interval).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "{:<20} {:>14} {:<8} {:>7} {:>7}  note",
+                    "benchmark", "value", "unit", "cv", "score"
+                );
+                for r in &report.results {
+                    let score = if r.score > 0.0 {
+                        format!("{:.2}", r.score)
+                    } else {
+                        "-".into()
+                    };
+                    println!(
+                        "{:<20} {:>14.1} {:<8} {:>6.1}% {:>7}  {}",
+                        r.id,
+                        r.value,
+                        r.unit,
+                        r.cv * 100.0,
+                        score,
+                        r.note.as_deref().unwrap_or("")
+                    );
+                }
+                let levels: Vec<String> = report
+                    .cache_levels_bytes
+                    .iter()
+                    .map(|b| format!("{} KiB", b >> 10))
+                    .collect();
+                println!(
+                    "cache levels (from latency): {}",
+                    if levels.is_empty() {
+                        "-".into()
+                    } else {
+                        levels.join(", ")
+                    }
+                );
+                for s in &report.skipped {
+                    println!("skipped: {s}");
+                }
+                println!(
+                    "composite score {:.2} in {:.1} s",
+                    report.composite_score,
+                    report.duration_ms as f64 / 1000.0
+                );
+            }
         }
         Command::Security { root, json } => {
             let host = surplus_agent::security::HostRoot::new(&root, Some(&config.data_dir));

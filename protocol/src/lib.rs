@@ -7,6 +7,7 @@
 //!
 //! It must not know about storage, HTTP or the host: it is the contract, not a service.
 
+pub mod bench;
 pub mod clock;
 pub mod codec;
 pub mod inventory;
