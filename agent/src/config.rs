@@ -52,6 +52,8 @@ pub struct AgentConfig {
     pub keep_alive: Duration,
     /// Largest frame accepted or sent, in bytes.
     pub max_frame_size: usize,
+    /// Where the storage benchmark puts its scratch file (deleted after each run).
+    pub bench_scratch_dir: PathBuf,
     /// Controller addresses (`host:port`) overriding those received at enrollment.
     pub controller_addresses: Vec<String>,
     /// `human` or `json`.
@@ -73,6 +75,7 @@ impl Default for AgentConfig {
             idle_timeout: Duration::from_secs(30),
             keep_alive: Duration::from_secs(5),
             max_frame_size: surplus_protocol::DEFAULT_MAX_FRAME,
+            bench_scratch_dir: PathBuf::from("/var/tmp"),
             controller_addresses: Vec::new(),
             log_format: LogFormat::Human,
             log_filter: "info".into(),

@@ -102,6 +102,15 @@ fn collect_without_packages(now_ms: UnixMillis) -> Inventory {
     }
 }
 
+/// Size of the last-level data or unified cache of CPU 0, bytes.
+pub fn last_level_cache_bytes() -> Option<u64> {
+    caches(Path::new("/sys/devices/system/cpu/cpu0/cache"))
+        .into_iter()
+        .filter(|c| c.kind != "Instruction")
+        .max_by_key(|c| c.level)
+        .map(|c| c.size_bytes)
+}
+
 /// A `/proc/meminfo` value in kB.
 pub fn meminfo_kb(meminfo: &str, key: &str) -> Option<u64> {
     meminfo.lines().find_map(|line| {

@@ -17,6 +17,7 @@ pub mod runtime;
 pub mod security;
 
 pub mod session;
+pub mod validation;
 
 pub use config::{AgentConfig, LogFormat};
 pub use identity::Identity;

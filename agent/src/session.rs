@@ -23,6 +23,7 @@ use crate::config::AgentConfig;
 use crate::identity::{Identity, IdentityError};
 use crate::inventory::{self, InventoryCollector};
 use crate::net::{self, ConnectError};
+use crate::validation::Validations;
 
 /// Why a session could not be opened or ended.
 #[derive(Debug, thiserror::Error)]
@@ -263,8 +264,15 @@ impl Session {
     }
 }
 
-/// Answers one stream the controller opened.
-async fn serve_controller_stream(mut send: SendStream, mut recv: RecvStream, max_frame: usize) {
+/// Answers one stream the controller opened: the one place controller requests are
+/// matched. There is no request that runs an arbitrary command.
+async fn serve_controller_stream(
+    mut send: SendStream,
+    mut recv: RecvStream,
+    validations: Arc<Validations>,
+    conn: Connection,
+    max_frame: usize,
+) {
     let request = match quic::read_frame(&mut recv, max_frame).await {
         Ok(envelope) => envelope.message,
         Err(e) => {
@@ -275,6 +283,19 @@ async fn serve_controller_stream(mut send: SendStream, mut recv: RecvStream, max
     };
     let answer = match request {
         Message::Ping(ping) => Message::Pong(Pong { nonce: ping.nonce }),
+        Message::RunValidation(run) => {
+            let run_id = run.run_id;
+            tracing::info!(%run_id, bench = run.bench.is_some(), security = run.security, "validation run ordered");
+            match validations.run(run, &mut send, conn).await {
+                Ok(()) => tracing::info!(%run_id, "validation run reported"),
+                Err(e) => tracing::warn!(%run_id, error = %e, "validation run not delivered"),
+            }
+            return;
+        }
+        Message::CancelValidation(c) => Message::CancelAck(CancelAck {
+            run_id: c.run_id,
+            was_running: validations.cancel(c.run_id),
+        }),
         other => Message::error(
             ErrorCode::Unexpected,
             format!("agent does not serve {}", other.kind()),
@@ -282,6 +303,14 @@ async fn serve_controller_stream(mut send: SendStream, mut recv: RecvStream, max
     };
     if let Err(e) = quic::write_frame(&mut send, &answer, max_frame).await {
         tracing::debug!(error = %e, "answer to the controller not delivered");
+    }
+}
+
+struct StopRuns(Arc<Validations>);
+
+impl Drop for StopRuns {
+    fn drop(&mut self) {
+        self.0.cancel_all();
     }
 }
 
@@ -387,6 +416,9 @@ impl Runner {
         let mut reported = [0u8; 32];
         let mut must_send = true;
         let mut collecting = self.start_collection();
+        let validations = Validations::new(&self.config);
+        // However the session ends, runs it ordered stop.
+        let _stop_runs = StopRuns(validations.clone());
 
         loop {
             tokio::select! {
@@ -396,7 +428,7 @@ impl Runner {
                 }
                 incoming = session.connection.accept_bi() => {
                     let (send, recv) = incoming.map_err(|e| SessionError::from_exchange(e.into()))?;
-                    tokio::spawn(serve_controller_stream(send, recv, self.config.max_frame_size));
+                                        tokio::spawn(serve_controller_stream(send, recv, validations.clone(), session.connection.clone(), self.config.max_frame_size));
                 }
                 done = async { collecting.as_mut().expect("guarded by the select condition").await }, if collecting.is_some() => {
                     collecting = None;

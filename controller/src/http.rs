@@ -156,6 +156,12 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         .route("/v1/agents/{id}/inventory/history", get(inventory_history))
         .route("/v1/agents/{id}/revoke", post(revoke_agent))
         .route("/v1/agents/{id}/ping", post(ping_agent))
+        .route(
+            "/v1/agents/{id}/validation",
+            post(order_validation).get(agent_validations),
+        )
+        .route("/v1/validations/{run}", get(show_validation))
+        .route("/v1/validations/{run}/cancel", post(cancel_validation))
         .route("/v1/tokens", post(create_token))
         .route_layer(middleware::from_fn_with_state(ctl.clone(), authenticate));
     Router::new()
@@ -311,6 +317,142 @@ async fn ping_agent(
             StatusCode::BAD_GATEWAY,
             "agent_error",
             format!("agent {id}: {e}"),
+        )),
+    }
+}
+
+/// A run as the API shows it: the stored record plus live progress while running.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct RunView {
+    /// The stored run.
+    #[serde(flatten)]
+    pub run: crate::store::ValidationRun,
+    /// Latest progress, while running.
+    pub progress: Option<surplus_protocol::messages::ValidationProgress>,
+}
+
+fn run_view(ctl: &Controller, run: crate::store::ValidationRun) -> RunView {
+    let progress = ctl.validation_progress(run.id).flatten();
+    RunView { run, progress }
+}
+
+async fn order_validation(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    body: Result<Json<crate::validation::ValidationOptions>, JsonRejection>,
+) -> Result<(StatusCode, Json<RunView>), ApiError> {
+    caller.require(Role::Admin)?;
+    let id = parse_id(&id)?;
+    let Json(options) = body?;
+    let agent = ctl
+        .store
+        .agent(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("agent {id} not found")))?;
+    match ctl.start_validation(id, &options, &caller.0.account).await {
+        Ok(run) => Ok((StatusCode::ACCEPTED, Json(run_view(&ctl, run)))),
+        Err(crate::validation::StartError::Invalid(why)) => Err(ApiError::bad_request(why)),
+        Err(crate::validation::StartError::Offline) => Err(offline(id, &agent)),
+        Err(crate::validation::StartError::Store(e)) => Err(e.into()),
+    }
+}
+
+fn offline(id: Uuid, agent: &crate::store::AgentRecord) -> ApiError {
+    let seen = agent.last_seen_ms.map_or("never seen".to_owned(), |t| {
+        format!("last seen at {t} ms since the epoch")
+    });
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "agent_offline",
+        format!("agent {id} is not connected ({seen})"),
+    )
+}
+
+async fn agent_validations(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<serde_json::Value> {
+    caller.require(Role::Admin)?;
+    let id = parse_id(&id)?;
+    ctl.store
+        .agent(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("agent {id} not found")))?;
+    let runs: Vec<RunView> = ctl
+        .store
+        .validation_runs(id, 100)
+        .await?
+        .into_iter()
+        .map(|r| run_view(&ctl, r))
+        .collect();
+    let latest = runs
+        .iter()
+        .find(|r| r.run.status != crate::store::RunStatus::Running);
+    Ok(Json(
+        serde_json::json!({ "latest": latest, "history": runs }),
+    ))
+}
+
+async fn show_validation(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    Path(run): Path<String>,
+) -> ApiResult<RunView> {
+    caller.require(Role::Admin)?;
+    let run_id = Uuid::parse_str(&run)
+        .map_err(|_| ApiError::bad_request(format!("{run:?} is not a run id (a UUID)")))?;
+    let run = ctl
+        .store
+        .validation_run(run_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("validation run {run_id} not found")))?;
+    Ok(Json(run_view(&ctl, run)))
+}
+
+async fn cancel_validation(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    Path(run): Path<String>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    caller.require(Role::Admin)?;
+    let run_id = Uuid::parse_str(&run)
+        .map_err(|_| ApiError::bad_request(format!("{run:?} is not a run id (a UUID)")))?;
+    let run = ctl
+        .store
+        .validation_run(run_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("validation run {run_id} not found")))?;
+    if run.status != crate::store::RunStatus::Running {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_running",
+            format!(
+                "validation run {run_id} already ended ({})",
+                run.status.as_str()
+            ),
+        ));
+    }
+    match ctl.cancel_validation(&run).await {
+        Ok(was_running) => Ok((
+            StatusCode::ACCEPTED,
+            Json(serde_json::json!({ "run_id": run_id, "cancelling": was_running })),
+        )),
+        Err(CommandError::Offline) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "agent_offline",
+            format!("agent {} is not connected", run.agent_id),
+        )),
+        Err(e @ CommandError::Timeout(_)) => Err(ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "agent_timeout",
+            e.to_string(),
+        )),
+        Err(e) => Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "agent_error",
+            e.to_string(),
         )),
     }
 }

@@ -19,6 +19,7 @@ pub mod registry;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod validation;
 
 pub use config::ControllerConfig;
 pub use server::{RunningController, start};

@@ -37,6 +37,15 @@ pub enum RegistryEvent {
     },
     /// An agent was revoked (and cut off if connected).
     Revoked(Uuid),
+    /// A validation run reported progress.
+    ValidationProgress(Uuid),
+    /// A validation run ended.
+    ValidationFinished {
+        /// The run.
+        run_id: Uuid,
+        /// How it ended.
+        status: crate::store::RunStatus,
+    },
 }
 
 /// Whether an agent last heard from at `last_ms` is overdue at `now_ms`.

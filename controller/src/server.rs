@@ -88,7 +88,7 @@ pub async fn start(
     controller.revoked = revoked_list;
     let controller = Arc::new(controller);
     let cancel = CancellationToken::new();
-    let tasks = TaskTracker::new();
+    let tasks = controller.tasks.clone();
     tasks.spawn(accept_loop(
         controller.clone(),
         session_ep.clone(),
@@ -518,6 +518,10 @@ async fn handle(ctl: &Controller, agent_id: Uuid, session_id: Uuid, request: Mes
                 }
             }
         }
+        Message::Ping(ping) => Message::Pong(Pong { nonce: ping.nonce }),
+        Message::NetworkProbe(probe) => Message::NetworkProbeAck(NetworkProbeAck {
+            received: probe.data.len() as u64,
+        }),
         Message::RenewRequest(renew) => match ctl.renew(agent_id, &renew.csr_pem).await {
             Ok(issued) => Message::Renewed(issued),
             Err(reply) => Message::Error(reply),

@@ -68,6 +68,12 @@ pub struct Controller {
     pub registry: Registry,
     /// Counters for `/metrics`.
     pub metrics: crate::metrics::Metrics,
+    /// Every task of this controller, so that shutdown can wait for all of them.
+    pub tasks: tokio_util::task::TaskTracker,
+    /// Latest progress of the validation runs in flight.
+    pub progress: std::sync::Mutex<
+        std::collections::HashMap<Uuid, Option<surplus_protocol::messages::ValidationProgress>>,
+    >,
     ca: CertAuthority,
 }
 
@@ -93,6 +99,8 @@ impl Controller {
             revoked: RevocationList::default(),
             registry: Registry::default(),
             metrics: crate::metrics::Metrics::default(),
+            tasks: tokio_util::task::TaskTracker::new(),
+            progress: Default::default(),
             ca,
         }
     }

@@ -184,6 +184,66 @@ async fn inventory_history_records_changes_only() {
 }
 
 #[tokio::test]
+async fn a_validation_run_ends_once_and_a_crash_fails_runs_left_running() {
+    let (_d, s) = store().await;
+    token(&*s, "t", i64::MAX).await;
+    let a = new_agent("01");
+    s.enroll_agent("t", 0, &a).await.unwrap();
+    let run = |id| ValidationRun {
+        id,
+        agent_id: a.id,
+        requested_by: "admin".into(),
+        requested_at_ms: 1,
+        request: serde_json::json!({"bench": true}),
+        status: RunStatus::Running,
+        finished_at_ms: None,
+        agent_version: None,
+        bench: None,
+        security: None,
+        error: None,
+    };
+    let (first, second) = (Uuid::now_v7(), Uuid::now_v7());
+    s.create_validation_run(&run(first)).await.unwrap();
+    s.create_validation_run(&run(second)).await.unwrap();
+    let done = ValidationRun {
+        status: RunStatus::Succeeded,
+        finished_at_ms: Some(5),
+        bench: Some(serde_json::json!({"composite_score": 1.0})),
+        ..run(first)
+    };
+    assert!(s.finish_validation_run(&done).await.unwrap());
+    assert!(
+        !s.finish_validation_run(&ValidationRun {
+            status: RunStatus::Failed,
+            ..done.clone()
+        })
+        .await
+        .unwrap(),
+        "a run ends once"
+    );
+    s.close_dangling(9).await.unwrap();
+    let runs = s.validation_runs(a.id, 10).await.unwrap();
+    assert_eq!(runs.len(), 2);
+    let by_id = |id| runs.iter().find(|r| r.id == id).unwrap();
+    assert_eq!(by_id(first).status, RunStatus::Succeeded);
+    assert_eq!(
+        by_id(first).bench,
+        Some(serde_json::json!({"composite_score": 1.0}))
+    );
+    assert_eq!(
+        (by_id(second).status, by_id(second).finished_at_ms),
+        (RunStatus::Failed, Some(9))
+    );
+    assert!(
+        by_id(second)
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("controller stopped")
+    );
+}
+
+#[tokio::test]
 async fn api_tokens_resolve_to_their_principal() {
     let (_d, s) = store().await;
     let p = Principal {

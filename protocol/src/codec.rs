@@ -497,6 +497,86 @@ mod tests {
             issued().prop_map(Message::Renewed),
             any::<u64>().prop_map(|nonce| Message::Ping(Ping { nonce })),
             any::<u64>().prop_map(|nonce| Message::Pong(Pong { nonce })),
+            (
+                any::<u128>(),
+                proptest::option::of((any::<u64>(), any::<u32>(), any::<bool>(), any::<u64>())),
+                any::<bool>()
+            )
+                .prop_map(|(id, bench, security)| Message::RunValidation(
+                    ValidationRequest {
+                        run_id: Uuid::from_u128(id),
+                        bench: bench.map(|(budget_ms, repetitions, quick, network_bytes)| {
+                            BenchRequest {
+                                budget_ms,
+                                repetitions,
+                                quick,
+                                network_bytes,
+                            }
+                        }),
+                        security,
+                    }
+                )),
+            (any::<u128>(), any::<u32>(), any::<u32>(), text()).prop_map(
+                |(id, done, total, step)| Message::ValidationProgress(ValidationProgress {
+                    run_id: Uuid::from_u128(id),
+                    done,
+                    total,
+                    step
+                })
+            ),
+            (
+                any::<u128>(),
+                text(),
+                any::<bool>(),
+                any::<u8>(),
+                0.0f64..1e9
+            )
+                .prop_map(|(id, agent_version, cancelled, index, value)| {
+                    Message::ValidationResult(Box::new(ValidationReport {
+                        run_id: Uuid::from_u128(id),
+                        agent_version,
+                        bench: Some(crate::bench::BenchReport {
+                            plan: crate::bench::BenchPlan::default(),
+                            results: vec![crate::bench::BenchResult {
+                                id: "cpu.int.single".into(),
+                                unit: "Mops/s".into(),
+                                value,
+                                repetitions: vec![value],
+                                cv: 0.0,
+                                reference: 1.0,
+                                score: value,
+                                duration_ms: 1,
+                                note: None,
+                            }],
+                            cache_levels_bytes: vec![32768],
+                            composite_score: value,
+                            skipped: vec![],
+                            cancelled,
+                            duration_ms: 2,
+                        }),
+                        security: Some(crate::security::SecurityReport {
+                            root: "/".into(),
+                            live: true,
+                            findings: vec![],
+                            hardening_index: index.min(100),
+                            band: "good".into(),
+                        }),
+                        cancelled,
+                    }))
+                }),
+            any::<u128>().prop_map(|id| Message::CancelValidation(CancelValidation {
+                run_id: Uuid::from_u128(id)
+            })),
+            (any::<u128>(), any::<bool>()).prop_map(|(id, was_running)| Message::CancelAck(
+                CancelAck {
+                    run_id: Uuid::from_u128(id),
+                    was_running
+                }
+            )),
+            proptest::collection::vec(any::<u8>(), 0..64)
+                .prop_map(|data| Message::NetworkProbe(NetworkProbe { data })),
+            any::<u64>()
+                .prop_map(|received| Message::NetworkProbeAck(NetworkProbeAck { received })),
         ]
     }
 

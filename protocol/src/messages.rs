@@ -12,8 +12,10 @@
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::bench::BenchReport;
 use crate::clock::UnixMillis;
 use crate::inventory::Inventory;
+use crate::security::SecurityReport;
 
 /// What travels in one frame: the protocol version and one message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -51,8 +53,23 @@ pub enum Message {
     Renewed(IssuedCertificate),
     /// Controller → agent: are you there (round-trip measurement).
     Ping(Ping),
-    /// Agent → controller: answer to [`Message::Ping`].
+    /// Agent → controller: answer to [`Message::Ping`] (and the reverse).
     Pong(Pong),
+    /// Controller → agent: run validation tests. The agent answers with any number of
+    /// [`Message::ValidationProgress`] frames, then one [`Message::ValidationResult`].
+    RunValidation(ValidationRequest),
+    /// Agent → controller: a validation run moved on.
+    ValidationProgress(ValidationProgress),
+    /// Agent → controller: the final frame of a validation run.
+    ValidationResult(Box<ValidationReport>),
+    /// Controller → agent: stop a running validation.
+    CancelValidation(CancelValidation),
+    /// Agent → controller: answer to [`Message::CancelValidation`].
+    CancelAck(CancelAck),
+    /// Agent → controller: bytes for the network throughput measurement.
+    NetworkProbe(NetworkProbe),
+    /// Controller → agent: how many probe bytes arrived.
+    NetworkProbeAck(NetworkProbeAck),
 }
 
 impl Message {
@@ -72,6 +89,13 @@ impl Message {
             Message::Renewed(_) => "renewed",
             Message::Ping(_) => "ping",
             Message::Pong(_) => "pong",
+            Message::RunValidation(_) => "run-validation",
+            Message::ValidationProgress(_) => "validation-progress",
+            Message::ValidationResult(_) => "validation-result",
+            Message::CancelValidation(_) => "cancel-validation",
+            Message::CancelAck(_) => "cancel-ack",
+            Message::NetworkProbe(_) => "network-probe",
+            Message::NetworkProbeAck(_) => "network-probe-ack",
         }
     }
 
@@ -242,4 +266,87 @@ pub struct Ping {
 pub struct Pong {
     /// The ping's nonce.
     pub nonce: u64,
+}
+
+/// What a validation run should measure.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ValidationRequest {
+    /// The controller's id of the run.
+    pub run_id: Uuid,
+    /// Run the benchmark suite with these settings.
+    pub bench: Option<BenchRequest>,
+    /// Run the security checks.
+    pub security: bool,
+}
+
+/// Benchmark settings the controller may choose. Where the scratch file goes is the
+/// agent's own configuration: the controller never picks paths on a provider's host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BenchRequest {
+    /// Time budget, ms.
+    pub budget_ms: u64,
+    /// Timed repetitions per measurement.
+    pub repetitions: u32,
+    /// Small sizes (smoke test).
+    pub quick: bool,
+    /// Bytes sent to the controller for the throughput measurement (bounded by the agent).
+    pub network_bytes: u64,
+}
+
+/// Progress of a validation run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ValidationProgress {
+    /// The run.
+    pub run_id: Uuid,
+    /// Steps finished.
+    pub done: u32,
+    /// Steps in all.
+    pub total: u32,
+    /// Step under way.
+    pub step: String,
+}
+
+/// The outcome of a validation run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ValidationReport {
+    /// The run.
+    pub run_id: Uuid,
+    /// Agent software version that measured.
+    pub agent_version: String,
+    /// Benchmark figures, when asked for.
+    pub bench: Option<BenchReport>,
+    /// Security findings, when asked for.
+    pub security: Option<SecurityReport>,
+    /// The run was cancelled; the figures are partial.
+    pub cancelled: bool,
+}
+
+/// Stop a validation run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CancelValidation {
+    /// The run.
+    pub run_id: Uuid,
+}
+
+/// Answer to a cancellation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CancelAck {
+    /// The run.
+    pub run_id: Uuid,
+    /// The agent was running it (and now stops).
+    pub was_running: bool,
+}
+
+/// Throughput probe payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NetworkProbe {
+    /// Bytes to carry.
+    pub data: Vec<u8>,
+}
+
+/// Throughput probe receipt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NetworkProbeAck {
+    /// Bytes received in the probe.
+    pub received: u64,
 }

@@ -131,9 +131,20 @@ pub async fn write_frame(
     message: &Message,
     max_frame: usize,
 ) -> Result<(), ExchangeError> {
+    send_frame(send, message, max_frame).await?;
+    send.finish()?;
+    Ok(())
+}
+
+/// Writes one frame and leaves the stream open for more (progress frames of a long
+/// exchange; the last frame goes through [`write_frame`]).
+pub async fn send_frame(
+    send: &mut SendStream,
+    message: &Message,
+    max_frame: usize,
+) -> Result<(), ExchangeError> {
     let bytes = codec::encode_frame(message, max_frame)?;
     send.write_all(&bytes).await?;
-    send.finish()?;
     Ok(())
 }
 

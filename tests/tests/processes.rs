@@ -214,6 +214,18 @@ fn an_operator_enrolls_watches_and_revokes_an_agent_with_the_binaries() {
         table.contains(&id) && table.contains("online") && table.contains("role=cli"),
         "{table}"
     );
+    // Security validation through the CLI: ordered, awaited, stored, listed.
+    let out = surplus(&["validate", &id, "--security", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let validation: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(validation["status"], "succeeded", "{validation}");
+    assert!(validation["security"]["hardening_index"].is_u64());
+    let out = surplus(&["validations", "list", &id]);
+    assert!(
+        out.status.success() && text(&out.stdout).contains("succeeded"),
+        "{}",
+        text(&out.stdout)
+    );
     let out = surplus(&["agents", "ping", &id]);
     assert!(
         out.status.success() && text(&out.stdout).contains("answered in"),

@@ -241,6 +241,70 @@ pub struct Principal {
     pub role: Role,
 }
 
+/// Where a validation run stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunStatus {
+    /// Ordered, not finished.
+    Running,
+    /// Finished with results.
+    Succeeded,
+    /// Stopped on request; results are partial.
+    Cancelled,
+    /// Ended without results (agent lost, controller restarted, timeout).
+    Failed,
+}
+
+impl RunStatus {
+    /// Storage form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Running => "running",
+            RunStatus::Succeeded => "succeeded",
+            RunStatus::Cancelled => "cancelled",
+            RunStatus::Failed => "failed",
+        }
+    }
+
+    /// Parses the storage form.
+    pub fn parse(s: &str) -> Result<Self, StoreError> {
+        Ok(match s {
+            "running" => RunStatus::Running,
+            "succeeded" => RunStatus::Succeeded,
+            "cancelled" => RunStatus::Cancelled,
+            "failed" => RunStatus::Failed,
+            other => return Err(StoreError::Corrupt(format!("run status {other:?}"))),
+        })
+    }
+}
+
+/// A validation run as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ValidationRun {
+    /// Run id.
+    pub id: Uuid,
+    /// The agent measured.
+    pub agent_id: Uuid,
+    /// Who ordered it.
+    pub requested_by: String,
+    /// When.
+    pub requested_at_ms: UnixMillis,
+    /// What was ordered (JSON of the request).
+    pub request: serde_json::Value,
+    /// Where it stands.
+    pub status: RunStatus,
+    /// When it ended.
+    pub finished_at_ms: Option<UnixMillis>,
+    /// Agent version that measured.
+    pub agent_version: Option<String>,
+    /// Benchmark report (JSON).
+    pub bench: Option<serde_json::Value>,
+    /// Security report (JSON).
+    pub security: Option<serde_json::Value>,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
 /// The storage contract.
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug + 'static {
@@ -310,6 +374,18 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         agent_id: Uuid,
         limit: u32,
     ) -> Result<Vec<InventoryChange>, StoreError>;
+    /// Records a newly ordered validation run (status running).
+    async fn create_validation_run(&self, run: &ValidationRun) -> Result<(), StoreError>;
+    /// Records the end of a run; only a running run can end (`Ok(false)` otherwise).
+    async fn finish_validation_run(&self, run: &ValidationRun) -> Result<bool, StoreError>;
+    /// One run.
+    async fn validation_run(&self, id: Uuid) -> Result<Option<ValidationRun>, StoreError>;
+    /// Runs of an agent, newest first.
+    async fn validation_runs(
+        &self,
+        agent_id: Uuid,
+        limit: u32,
+    ) -> Result<Vec<ValidationRun>, StoreError>;
     /// Stores an API token (hash only).
     async fn create_api_token(
         &self,

@@ -55,6 +55,26 @@ fn agent_from_row(row: &SqliteRow) -> Result<AgentRecord, StoreError> {
     })
 }
 
+fn run_from_row(row: &SqliteRow) -> Result<ValidationRun, StoreError> {
+    let json = |col: &str| -> Result<Option<serde_json::Value>, StoreError> {
+        let text: Option<String> = row.try_get(col)?;
+        text.as_deref().map(|t| parse_json(t, col)).transpose()
+    };
+    Ok(ValidationRun {
+        id: parse_uuid(row.try_get("id")?)?,
+        agent_id: parse_uuid(row.try_get("agent_id")?)?,
+        requested_by: row.try_get("requested_by")?,
+        requested_at_ms: row.try_get("requested_at_ms")?,
+        request: json("request")?.unwrap_or_default(),
+        status: RunStatus::parse(row.try_get("status")?)?,
+        finished_at_ms: row.try_get("finished_at_ms")?,
+        agent_version: row.try_get("agent_version")?,
+        bench: json("bench")?,
+        security: json("security")?,
+        error: row.try_get("error")?,
+    })
+}
+
 fn session_from_row(row: &SqliteRow) -> Result<SessionRecord, StoreError> {
     Ok(SessionRecord {
         id: parse_uuid(row.try_get("id")?)?,
@@ -345,6 +365,10 @@ impl Store for SqliteStore {
             .bind(now_ms)
             .execute(&mut *tx)
             .await?;
+        sqlx::query("UPDATE validation_runs SET status = 'failed', finished_at_ms = $1, error = 'the controller stopped during the run' WHERE status = 'running'")
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
         // Online periods end at the last moment the agent was seen, not now.
         sqlx::query(
             "UPDATE agents SET
@@ -416,6 +440,61 @@ impl Store for SqliteStore {
                     inventory: parse_json(row.try_get("inventory")?, "inventory")?,
                 })
             })
+            .collect()
+    }
+
+    async fn create_validation_run(&self, run: &ValidationRun) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO validation_runs (id, agent_id, requested_by, requested_at_ms, request, status) VALUES ($1, $2, $3, $4, $5, $6)")
+            .bind(run.id.to_string())
+            .bind(run.agent_id.to_string())
+            .bind(&run.requested_by)
+            .bind(run.requested_at_ms)
+            .bind(run.request.to_string())
+            .bind(run.status.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn finish_validation_run(&self, run: &ValidationRun) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE validation_runs SET status = $1, finished_at_ms = $2, agent_version = $3, bench = $4, security = $5, error = $6
+             WHERE id = $7 AND status = 'running'",
+        )
+        .bind(run.status.as_str())
+        .bind(run.finished_at_ms)
+        .bind(&run.agent_version)
+        .bind(run.bench.as_ref().map(|v| v.to_string()))
+        .bind(run.security.as_ref().map(|v| v.to_string()))
+        .bind(&run.error)
+        .bind(run.id.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn validation_run(&self, id: Uuid) -> Result<Option<ValidationRun>, StoreError> {
+        sqlx::query("SELECT * FROM validation_runs WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(run_from_row)
+            .transpose()
+    }
+
+    async fn validation_runs(
+        &self,
+        agent_id: Uuid,
+        limit: u32,
+    ) -> Result<Vec<ValidationRun>, StoreError> {
+        sqlx::query("SELECT * FROM validation_runs WHERE agent_id = $1 ORDER BY requested_at_ms DESC, id DESC LIMIT $2")
+            .bind(agent_id.to_string())
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(run_from_row)
             .collect()
     }
 

@@ -1,0 +1,247 @@
+//! Validation runs ordered on agents (A3, A4 through C2/C3): the controller opens a
+//! stream to the agent, records progress as it arrives, and stores the final report as
+//! history. A run ends exactly once: succeeded, cancelled, or failed with the reason
+//! (agent lost mid-run, no answer within its budget, controller stopped).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use surplus_protocol::messages::*;
+use surplus_protocol::quic::{self, ExchangeError};
+use uuid::Uuid;
+
+use crate::registry::RegistryEvent;
+use crate::service::{CommandError, Controller};
+use crate::store::{RunStatus, StoreError, ValidationRun};
+
+/// Extra time beyond a run's budget before the controller gives up on it.
+const GRACE: Duration = Duration::from_secs(120);
+
+/// What to run, as the API and CLI ask for it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ValidationOptions {
+    /// Run the benchmark suite.
+    pub bench: bool,
+    /// Run the security checks.
+    pub security: bool,
+    /// Small benchmark sizes (a smoke test, not a measurement).
+    pub quick: bool,
+    /// Benchmark time budget, such as `60s`.
+    pub budget: String,
+    /// Timed repetitions of each measurement.
+    pub repetitions: u32,
+    /// Bytes for the network throughput probe.
+    pub network_bytes: u64,
+}
+
+impl Default for ValidationOptions {
+    fn default() -> Self {
+        Self {
+            bench: true,
+            security: true,
+            quick: false,
+            budget: "60s".into(),
+            repetitions: 5,
+            network_bytes: 16 << 20,
+        }
+    }
+}
+
+/// Why a run could not be ordered.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The options do not make sense.
+    #[error("{0}")]
+    Invalid(String),
+    /// The agent is not connected.
+    #[error("agent is not connected")]
+    Offline,
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl ValidationOptions {
+    /// The wire request for run `run_id`.
+    pub fn request(&self, run_id: Uuid) -> Result<(ValidationRequest, Duration), StartError> {
+        if !self.bench && !self.security {
+            return Err(StartError::Invalid(
+                "nothing to run: ask for bench, security or both".into(),
+            ));
+        }
+        let budget = humantime::parse_duration(&self.budget)
+            .map_err(|e| StartError::Invalid(format!("budget {:?}: {e}", self.budget)))?;
+        if budget.is_zero() || budget > Duration::from_secs(3600) {
+            return Err(StartError::Invalid(
+                "budget must be more than zero and at most an hour".into(),
+            ));
+        }
+        if !(1..=20).contains(&self.repetitions) {
+            return Err(StartError::Invalid(
+                "repetitions must be between 1 and 20".into(),
+            ));
+        }
+        let bench = self.bench.then_some(BenchRequest {
+            budget_ms: budget.as_millis() as u64,
+            repetitions: self.repetitions,
+            quick: self.quick,
+            network_bytes: self.network_bytes,
+        });
+        Ok((
+            ValidationRequest {
+                run_id,
+                bench,
+                security: self.security,
+            },
+            budget,
+        ))
+    }
+}
+
+impl Controller {
+    /// Orders a validation run on a connected agent; the run proceeds in the background.
+    pub async fn start_validation(
+        self: &Arc<Self>,
+        agent_id: Uuid,
+        options: &ValidationOptions,
+        requested_by: &str,
+    ) -> Result<ValidationRun, StartError> {
+        let run_id = Uuid::now_v7();
+        let (request, budget) = options.request(run_id)?;
+        let conn = self
+            .registry
+            .connection(agent_id)
+            .ok_or(StartError::Offline)?;
+        let run = ValidationRun {
+            id: run_id,
+            agent_id,
+            requested_by: requested_by.to_owned(),
+            requested_at_ms: self.clock.now_ms(),
+            request: serde_json::to_value(options).expect("options serialize"),
+            status: RunStatus::Running,
+            finished_at_ms: None,
+            agent_version: None,
+            bench: None,
+            security: None,
+            error: None,
+        };
+        self.store.create_validation_run(&run).await?;
+        self.progress
+            .lock()
+            .expect("progress lock")
+            .insert(run_id, None);
+        tracing::info!(%run_id, %agent_id, bench = options.bench, security = options.security, "validation run ordered");
+        let ctl = self.clone();
+        let stored = run.clone();
+        self.tasks
+            .spawn(async move { ctl.drive(stored, conn, request, budget).await });
+        Ok(run)
+    }
+
+    async fn drive(
+        &self,
+        mut run: ValidationRun,
+        conn: quinn::Connection,
+        request: ValidationRequest,
+        budget: Duration,
+    ) {
+        let max = self.config.max_frame_size;
+        let exchange = async {
+            let (mut send, mut recv) = conn.open_bi().await?;
+            quic::write_frame(&mut send, &Message::RunValidation(request), max).await?;
+            loop {
+                match quic::read_frame(&mut recv, max).await?.message {
+                    Message::ValidationProgress(p) => {
+                        self.progress
+                            .lock()
+                            .expect("progress lock")
+                            .insert(run.id, Some(p));
+                        self.registry
+                            .publish(RegistryEvent::ValidationProgress(run.id));
+                    }
+                    Message::ValidationResult(report) => return Ok(Ok(*report)),
+                    Message::Error(e) => return Ok(Err(format!("agent refused: {e}"))),
+                    other => return Ok(Err(format!("agent answered with {}", other.kind()))),
+                }
+            }
+        };
+        let outcome: Result<Result<ValidationReport, String>, ExchangeError> =
+            match tokio::time::timeout(budget + GRACE, exchange).await {
+                Ok(r) => r,
+                Err(_) => Err(ExchangeError::Timeout(budget + GRACE)),
+            };
+        run.finished_at_ms = Some(self.clock.now_ms());
+        match outcome {
+            Ok(Ok(report)) => {
+                run.status = if report.cancelled {
+                    RunStatus::Cancelled
+                } else {
+                    RunStatus::Succeeded
+                };
+                run.agent_version = Some(report.agent_version);
+                run.bench = report
+                    .bench
+                    .map(|b| serde_json::to_value(b).expect("report serializes"));
+                run.security = report
+                    .security
+                    .map(|s| serde_json::to_value(s).expect("report serializes"));
+            }
+            Ok(Err(reason)) => {
+                run.status = RunStatus::Failed;
+                run.error = Some(reason);
+            }
+            Err(ExchangeError::Connection(e)) => {
+                run.status = RunStatus::Failed;
+                run.error = Some(format!("the agent disconnected during the run: {e}"));
+            }
+            Err(e) => {
+                run.status = RunStatus::Failed;
+                run.error = Some(e.to_string());
+            }
+        }
+        match self.store.finish_validation_run(&run).await {
+            Ok(true) => {
+                tracing::info!(run_id = %run.id, status = run.status.as_str(), error = ?run.error, "validation run ended")
+            }
+            Ok(false) => tracing::warn!(run_id = %run.id, "validation run had already ended"),
+            Err(e) => tracing::error!(run_id = %run.id, error = %e, "validation result not stored"),
+        }
+        self.progress.lock().expect("progress lock").remove(&run.id);
+        self.registry.publish(RegistryEvent::ValidationFinished {
+            run_id: run.id,
+            status: run.status,
+        });
+    }
+
+    /// The latest progress of a run in flight (`None` when not running here).
+    pub fn validation_progress(&self, run_id: Uuid) -> Option<Option<ValidationProgress>> {
+        self.progress
+            .lock()
+            .expect("progress lock")
+            .get(&run_id)
+            .cloned()
+    }
+
+    /// Asks the agent to stop a run; `Ok(true)` when the agent was running it.
+    pub async fn cancel_validation(&self, run: &ValidationRun) -> Result<bool, CommandError> {
+        let conn = self
+            .registry
+            .connection(run.agent_id)
+            .ok_or(CommandError::Offline)?;
+        let answer = quic::request(
+            &conn,
+            &Message::CancelValidation(CancelValidation { run_id: run.id }),
+            self.config.max_frame_size,
+            self.config.request_timeout,
+        )
+        .await;
+        match answer {
+            Ok(Message::CancelAck(ack)) => Ok(ack.was_running),
+            Ok(other) => Err(CommandError::BadAnswer(other.kind())),
+            Err(ExchangeError::Timeout(t)) => Err(CommandError::Timeout(t)),
+            Err(e) => Err(CommandError::Failed(e.to_string())),
+        }
+    }
+}
