@@ -25,3 +25,14 @@ pub async fn shutdown_signal() {
         _ = term.recv() => {}
     }
 }
+
+/// The exit status of a command's outcome; an error is printed with its causes.
+pub fn exit_code(result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -143,6 +143,25 @@ async fn authenticate(
     Ok(next.run(request).await)
 }
 
+/// The agent named by a path segment: 400 when it is no UUID, 404 when unknown.
+async fn load_agent(ctl: &Controller, text: &str) -> Result<crate::store::AgentRecord, ApiError> {
+    let id = parse_id(text)?;
+    ctl.store
+        .agent(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("agent {id} not found")))
+}
+
+/// The validation run named by a path segment: 400 when it is no UUID, 404 when unknown.
+async fn load_run(ctl: &Controller, text: &str) -> Result<crate::store::ValidationRun, ApiError> {
+    let id = Uuid::parse_str(text)
+        .map_err(|_| ApiError::bad_request(format!("{text:?} is not a run id (a UUID)")))?;
+    ctl.store
+        .validation_run(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("validation run {id} not found")))
+}
+
 fn parse_id(text: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(text)
         .map_err(|_| ApiError::bad_request(format!("{text:?} is not an agent id (a UUID)")))
@@ -226,12 +245,8 @@ async fn show_agent(
     Path(id): Path<String>,
 ) -> ApiResult<AgentDetail> {
     caller.require(Role::Admin)?;
-    let id = parse_id(&id)?;
-    let agent = ctl
-        .store
-        .agent(id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("agent {id} not found")))?;
+    let agent = load_agent(&ctl, &id).await?;
+    let id = agent.id;
     let sessions = ctl.store.sessions(id, 20).await?;
     let history = ctl.store.inventory_history(id, 50).await?;
     Ok(Json(AgentDetail {
@@ -258,11 +273,7 @@ async fn inventory_history(
     Path(id): Path<String>,
 ) -> ApiResult<Vec<crate::store::InventoryChange>> {
     caller.require(Role::Admin)?;
-    let id = parse_id(&id)?;
-    ctl.store
-        .agent(id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("agent {id} not found")))?;
+    let id = load_agent(&ctl, &id).await?.id;
     Ok(Json(ctl.store.inventory_history(id, 1000).await?))
 }
 
@@ -288,26 +299,13 @@ async fn ping_agent(
     Path(id): Path<String>,
 ) -> ApiResult<serde_json::Value> {
     caller.require(Role::Admin)?;
-    let id = parse_id(&id)?;
-    let agent = ctl
-        .store
-        .agent(id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("agent {id} not found")))?;
+    let agent = load_agent(&ctl, &id).await?;
+    let id = agent.id;
     match ctl.ping(id).await {
         Ok(rtt) => Ok(Json(
             serde_json::json!({ "agent_id": id, "rtt_ms": rtt.as_secs_f64() * 1000.0 }),
         )),
-        Err(CommandError::Offline) => {
-            let seen = agent.last_seen_ms.map_or("never seen".to_owned(), |t| {
-                format!("last seen at {t} ms since the epoch")
-            });
-            Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "agent_offline",
-                format!("agent {id} is not connected ({seen})"),
-            ))
-        }
+        Err(CommandError::Offline) => Err(offline(id, &agent)),
         Err(e @ CommandError::Timeout(_)) => Err(ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,
             "agent_timeout",
@@ -343,13 +341,9 @@ async fn order_validation(
     body: Result<Json<crate::validation::ValidationOptions>, JsonRejection>,
 ) -> Result<(StatusCode, Json<RunView>), ApiError> {
     caller.require(Role::Admin)?;
-    let id = parse_id(&id)?;
+    let agent = load_agent(&ctl, &id).await?;
+    let id = agent.id;
     let Json(options) = body?;
-    let agent = ctl
-        .store
-        .agent(id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("agent {id} not found")))?;
     match ctl.start_validation(id, &options, &caller.0.account).await {
         Ok(run) => Ok((StatusCode::ACCEPTED, Json(run_view(&ctl, run)))),
         Err(crate::validation::StartError::Invalid(why)) => Err(ApiError::bad_request(why)),
@@ -375,11 +369,7 @@ async fn agent_validations(
     Path(id): Path<String>,
 ) -> ApiResult<serde_json::Value> {
     caller.require(Role::Admin)?;
-    let id = parse_id(&id)?;
-    ctl.store
-        .agent(id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("agent {id} not found")))?;
+    let id = load_agent(&ctl, &id).await?.id;
     let runs: Vec<RunView> = ctl
         .store
         .validation_runs(id, 100)
@@ -401,13 +391,7 @@ async fn show_validation(
     Path(run): Path<String>,
 ) -> ApiResult<RunView> {
     caller.require(Role::Admin)?;
-    let run_id = Uuid::parse_str(&run)
-        .map_err(|_| ApiError::bad_request(format!("{run:?} is not a run id (a UUID)")))?;
-    let run = ctl
-        .store
-        .validation_run(run_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("validation run {run_id} not found")))?;
+    let run = load_run(&ctl, &run).await?;
     Ok(Json(run_view(&ctl, run)))
 }
 
@@ -417,13 +401,8 @@ async fn cancel_validation(
     Path(run): Path<String>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     caller.require(Role::Admin)?;
-    let run_id = Uuid::parse_str(&run)
-        .map_err(|_| ApiError::bad_request(format!("{run:?} is not a run id (a UUID)")))?;
-    let run = ctl
-        .store
-        .validation_run(run_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("validation run {run_id} not found")))?;
+    let run = load_run(&ctl, &run).await?;
+    let run_id = run.id;
     if run.status != crate::store::RunStatus::Running {
         return Err(ApiError::new(
             StatusCode::CONFLICT,

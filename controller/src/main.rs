@@ -153,11 +153,5 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    match main_inner(Cli::parse()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    surplus_agent::runtime::exit_code(main_inner(Cli::parse()).await)
 }

@@ -243,6 +243,42 @@ async fn a_validation_run_ends_once_and_a_crash_fails_runs_left_running() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_never_see_a_busy_database() {
+    // Read-then-write transactions (inventory, revocation) racing plain writers
+    // (last-seen batches) must wait their turn, not fail with SQLITE_BUSY.
+    let (_d, s) = store().await;
+    token(&*s, "t", i64::MAX).await;
+    let mut agents = Vec::new();
+    for i in 0..8 {
+        token(&*s, &format!("t{i}"), i64::MAX).await;
+        let a = new_agent(&format!("{i:02}"));
+        s.enroll_agent(&format!("t{i}"), 0, &a).await.unwrap();
+        agents.push(a.id);
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, id) in agents.iter().copied().enumerate() {
+        let s = s.clone();
+        tasks.spawn(async move {
+            for round in 0..25i64 {
+                let inventory = serde_json::json!({ "round": round });
+                s.save_inventory(id, &inventory, &format!("d{round}"), round)
+                    .await?;
+                s.touch(&[(id, round)]).await?;
+            }
+            if i % 2 == 0 {
+                s.revoke_agent(id, 99).await?;
+            }
+            Ok::<_, StoreError>(())
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap().expect("no write is refused");
+    }
+    assert_eq!(s.revoked_agents().await.unwrap().len(), 4);
+    assert_eq!(s.inventory_history(agents[1], 100).await.unwrap().len(), 25);
+}
+
 #[tokio::test]
 async fn api_tokens_resolve_to_their_principal() {
     let (_d, s) = store().await;

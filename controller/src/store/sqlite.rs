@@ -1,4 +1,9 @@
 //! The embedded default backend: SQLite in WAL mode with `synchronous=FULL`.
+//!
+//! Every transaction that writes starts with `BEGIN IMMEDIATE` ([`SqliteStore::write_tx`]):
+//! a deferred transaction that reads first cannot upgrade to a write once another
+//! connection has committed, and SQLite refuses it at once with `SQLITE_BUSY` instead
+//! of waiting. Taking the write lock up front makes it wait (`busy_timeout`) instead.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -97,6 +102,11 @@ const SET_STATUS: &str = "UPDATE agents SET
   WHERE id = $3 AND status <> 'revoked'";
 
 impl SqliteStore {
+    /// A transaction holding the write lock from its first statement.
+    async fn write_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
+        self.pool.begin_with("BEGIN IMMEDIATE").await
+    }
+
     /// Opens (creating if needed) the database file and applies migrations.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
@@ -135,7 +145,7 @@ impl Store for SqliteStore {
         now_ms: UnixMillis,
         a: &NewAgent,
     ) -> Result<EnrollOutcome, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         // The conditional update is the atomic consumption: only one transaction can
         // move used_at_ms from NULL.
         let consumed = sqlx::query(
@@ -199,7 +209,7 @@ impl Store for SqliteStore {
         issued_at_ms: UnixMillis,
         not_after_ms: UnixMillis,
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let updated =
             sqlx::query("UPDATE agents SET cert_serial = $1, cert_not_after_ms = $2 WHERE id = $3")
                 .bind(serial)
@@ -241,7 +251,7 @@ impl Store for SqliteStore {
     }
 
     async fn revoke_agent(&self, id: Uuid, now_ms: UnixMillis) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let status: Option<String> = sqlx::query_scalar("SELECT status FROM agents WHERE id = $1")
             .bind(id.to_string())
             .fetch_optional(&mut *tx)
@@ -302,7 +312,7 @@ impl Store for SqliteStore {
         if seen.is_empty() {
             return Ok(());
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         for (id, at) in seen {
             sqlx::query("UPDATE agents SET last_seen_ms = $1 WHERE id = $2 AND (last_seen_ms IS NULL OR last_seen_ms < $1)")
                 .bind(at)
@@ -315,7 +325,7 @@ impl Store for SqliteStore {
     }
 
     async fn session_started(&self, s: &SessionRecord) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         sqlx::query("INSERT INTO sessions (id, agent_id, remote_addr, agent_version, started_at_ms) VALUES ($1, $2, $3, $4, $5)")
             .bind(s.id.to_string())
             .bind(s.agent_id.to_string())
@@ -360,7 +370,7 @@ impl Store for SqliteStore {
     }
 
     async fn close_dangling(&self, now_ms: UnixMillis) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         sqlx::query("UPDATE sessions SET ended_at_ms = $1, end_reason = 'controller stopped' WHERE ended_at_ms IS NULL")
             .bind(now_ms)
             .execute(&mut *tx)
@@ -390,7 +400,7 @@ impl Store for SqliteStore {
         digest: &str,
         now_ms: UnixMillis,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let current: Option<Option<String>> =
             sqlx::query_scalar("SELECT inventory_digest FROM agents WHERE id = $1")
                 .bind(agent_id.to_string())
