@@ -309,3 +309,80 @@ fn an_operator_enrolls_watches_and_revokes_an_agent_with_the_binaries() {
         .expect("the controller stops on SIGTERM");
     assert!(status.success(), "{status}");
 }
+
+/// A TLS-terminating proxy in front of `backend`, as an operator would put before the
+/// loopback-only API; returns its port.
+async fn tls_proxy(backend: std::net::SocketAddr, cert_pem: &str, key_pem: &str) -> u16 {
+    use rustls::pki_types::pem::PemObject;
+    let chain = surplus_certs::certs_from_pem(cert_pem, "proxy cert").unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(surplus_certs::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut upstream) = tokio::net::TcpStream::connect(backend).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut upstream).await;
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn the_cli_reaches_the_api_through_a_tls_proxy() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let tc = surplus_tests::TestController::start().await;
+        let now = surplus_protocol::clock::Clock::now_ms(&surplus_protocol::clock::SystemClock);
+        let (ca, _) = surplus_certs::CertAuthority::generate("proxy CA", now).unwrap();
+        let (cert, key) = ca
+            .issue_server(&["localhost".into()], now, 3_600_000)
+            .unwrap();
+        let port = tls_proxy(tc.config.http_listen, &cert, &key).await;
+        let ca_file = tc.root.path().join("proxy-ca.pem");
+        std::fs::write(&ca_file, ca.cert_pem()).unwrap();
+        let url = format!("https://localhost:{port}");
+        let (token, home) = (tc.admin_token.clone(), tc.root.path().to_path_buf());
+        let cli = move |extra: &[&str]| {
+            let mut cmd = Command::new(bin("surplus"));
+            cmd.args(["--controller", &url, "--token", &token])
+                .args(extra)
+                .env("HOME", &home)
+                .env_remove("SURPLUS_CA_CERT");
+            run(&mut cmd)
+        };
+        let ca_arg = ca_file.display().to_string();
+        let out = tokio::task::spawn_blocking({
+            let cli = cli.clone();
+            move || cli(&["--ca-cert", &ca_arg, "agents", "list", "--json"])
+        })
+        .await
+        .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout).trim(), "[]");
+        let out = tokio::task::spawn_blocking(move || cli(&["agents", "list"]))
+            .await
+            .unwrap();
+        assert!(!out.status.success(), "an unknown CA is refused");
+        let stderr = text(&out.stderr);
+        assert!(
+            stderr.contains("cannot reach the controller")
+                && stderr.to_lowercase().contains("certificate"),
+            "the cause is named: {stderr}"
+        );
+    });
+}

@@ -29,6 +29,10 @@ struct Cli {
     /// CLI configuration file.
     #[arg(long, global = true, env = "SURPLUS_CONFIG")]
     config: Option<PathBuf>,
+    /// Extra CA certificate (PEM) to trust for an `https://` controller URL, on top of
+    /// the system's (for a TLS proxy with an internal CA).
+    #[arg(long, global = true, env = "SURPLUS_CA_CERT")]
+    ca_cert: Option<PathBuf>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -136,6 +140,7 @@ enum TokensCommand {
 struct FileConfig {
     controller: Option<String>,
     token: Option<String>,
+    ca_cert: Option<PathBuf>,
 }
 
 struct Client {
@@ -156,10 +161,16 @@ impl Client {
         if let Some(b) = body {
             request = request.json(&b);
         }
-        let response = request
-            .send()
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot reach the controller at {}: {e}", self.base))?;
+        let response = request.send().await.map_err(|e| {
+            // reqwest's own message hides the cause (refused, TLS, DNS): show the chain.
+            let mut why = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                why.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            anyhow::anyhow!("cannot reach the controller at {}: {why}", self.base)
+        })?;
         let status = response.status();
         let bytes = response
             .bytes()
@@ -367,8 +378,16 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         .token
         .or(file.token)
         .context("no API token: pass --token, set SURPLUS_TOKEN, or put token = \"...\" in ~/.config/surplus/cli.toml")?;
+    let mut http = reqwest::Client::builder();
+    if let Some(path) = cli.ca_cert.or(file.ca_cert) {
+        let pem = std::fs::read(&path)
+            .with_context(|| format!("reading CA certificate {}", path.display()))?;
+        let ca = reqwest::Certificate::from_pem(&pem)
+            .with_context(|| format!("{} is not a PEM certificate", path.display()))?;
+        http = http.add_root_certificate(ca);
+    }
     let client = Client {
-        http: reqwest::Client::new(),
+        http: http.build().context("building the HTTP client")?,
         base,
         token,
     };
