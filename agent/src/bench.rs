@@ -783,17 +783,6 @@ pub fn run(
     }
 }
 
-/// The last-level cache of an inventory, bytes.
-pub fn last_level_cache(inventory: &surplus_protocol::Inventory) -> Option<u64> {
-    inventory
-        .cpu
-        .caches
-        .iter()
-        .filter(|c| c.kind != "Instruction")
-        .max_by_key(|c| c.level)
-        .map(|c| c.size_bytes)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

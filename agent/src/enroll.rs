@@ -5,8 +5,6 @@
 //! answer is checked again (CA fingerprint, agent name in the certificate, our public
 //! key in the certificate) before the identity is written.
 
-use std::path::Path;
-
 use surplus_certs::{
     CertError, agent_csr, cert_info_pem, certs_from_pem, fingerprint, new_agent_key,
 };
@@ -154,9 +152,4 @@ pub async fn enroll(
     };
     identity.save(&config.data_dir)?;
     Ok(identity)
-}
-
-/// Whether `data_dir` holds an identity.
-pub fn is_enrolled(data_dir: &Path) -> bool {
-    Identity::path(data_dir).exists()
 }

@@ -78,7 +78,6 @@ enum Command {
 /// Runs the benchmark suite on a blocking thread with a progress bar; Ctrl-C cancels.
 async fn run_bench(
     plan: surplus_protocol::bench::BenchPlan,
-    package_interval: Duration,
 ) -> anyhow::Result<surplus_protocol::bench::BenchReport> {
     let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let on_signal = cancel.clone();
@@ -87,7 +86,6 @@ async fn run_bench(
         on_signal.store(true, std::sync::atomic::Ordering::Relaxed);
     });
     let report = tokio::task::spawn_blocking(move || {
-        let inventory = InventoryCollector::new(package_interval).collect(0);
         let bar = indicatif::ProgressBar::new(1);
         bar.set_style(
             indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} ({elapsed})")
@@ -95,7 +93,7 @@ async fn run_bench(
         );
         let report = surplus_agent::bench::run(
             &plan,
-            surplus_agent::bench::last_level_cache(&inventory),
+            surplus_agent::inventory::last_level_cache_bytes(),
             &cancel,
             |p| {
                 bar.set_length(u64::from(p.total));
@@ -163,7 +161,7 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
                 repetitions,
                 quick,
             };
-            let report = run_bench(plan, config.package_scan_interval).await?;
+            let report = run_bench(plan).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

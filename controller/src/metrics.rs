@@ -3,6 +3,8 @@
 //! Counters are incremented where things happen; gauges that describe the registry
 //! are computed when scraped, so they cannot drift from the truth.
 
+use std::sync::atomic::AtomicI64;
+
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -95,10 +97,10 @@ impl Metrics {
             "Frames refused (each reset one stream)",
             self.frames_rejected.clone(),
         );
-        let connected = Gauge::<i64, AtomicI64Compat>::default();
+        let connected = Gauge::<i64, AtomicI64>::default();
         connected.set(snapshot.connected);
         registry.register("agents_connected", "Agents with an open session", connected);
-        let by_status = Family::<Labels, Gauge<i64, AtomicI64Compat>>::default();
+        let by_status = Family::<Labels, Gauge<i64, AtomicI64>>::default();
         for (status, n) in &snapshot.by_status {
             by_status.get_or_create(&vec![("status", *status)]).set(*n);
         }
@@ -108,8 +110,6 @@ impl Metrics {
         out
     }
 }
-
-type AtomicI64Compat = std::sync::atomic::AtomicI64;
 
 #[cfg(test)]
 mod tests {

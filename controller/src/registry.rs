@@ -216,11 +216,6 @@ impl Registry {
     pub fn connected(&self) -> usize {
         self.live().len()
     }
-
-    /// Ids of agents with an open session.
-    pub fn connected_ids(&self) -> Vec<Uuid> {
-        self.live().keys().copied().collect()
-    }
 }
 
 #[cfg(test)]
