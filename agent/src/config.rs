@@ -60,6 +60,8 @@ pub struct AgentConfig {
     pub log_format: LogFormat,
     /// Log filter in `tracing` syntax (`info`, `surplus_agent=debug`, ...).
     pub log_filter: String,
+    /// `[control]`: the driver that translates control commands on this host.
+    pub control: crate::control::ControlConfig,
 }
 
 impl Default for AgentConfig {
@@ -79,6 +81,7 @@ impl Default for AgentConfig {
             controller_addresses: Vec::new(),
             log_format: LogFormat::Human,
             log_filter: "info".into(),
+            control: crate::control::ControlConfig::default(),
         }
     }
 }

@@ -2,13 +2,16 @@
 //!
 //! It enrolls once with a join token ([`enroll`]), then keeps a mutually authenticated
 //! QUIC session with the controller ([`session`]): hello, inventory ([`inventory`]),
-//! heartbeats, certificate renewal, and answers to the controller's requests. It never
-//! runs an arbitrary command: what the controller may ask for is a closed set of
-//! messages matched in one place.
+//! heartbeats, certificate renewal, and answers to the controller's requests, among
+//! them the primary control interface ([`control`]) and its compatibility kit
+//! ([`compat`]). It never runs an arbitrary command: what the controller may ask for is
+//! a closed set of messages matched in one place.
 
 pub mod backoff;
 pub mod bench;
+pub mod compat;
 pub mod config;
+pub mod control;
 pub mod enroll;
 pub mod identity;
 pub mod inventory;

@@ -64,6 +64,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the compatibility kit against the configured control driver: one scenario
+    /// per operation of the primary control interface (exit status 1 unless fully
+    /// compatible).
+    Compat {
+        /// Send the results to the controller (opens a short session with this agent's
+        /// identity; a running agent's session reconnects right after).
+        #[arg(long)]
+        report: bool,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the security checks and print the report (exit status 0 whatever it finds).
     Security {
         /// Check the host tree under this directory instead of the running host.
@@ -208,6 +220,52 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
+        Command::Compat { report, json } => {
+            let driver = surplus_agent::control::open_driver(&config.control, &config.data_dir)
+                .await
+                .context("the configured control driver cannot start")?;
+            // The suite keeps its own book, so it never touches the agent's instances.
+            let book = tempfile_dir(&config.data_dir)?;
+            let plane = surplus_agent::control::ControlPlane::open(
+                driver,
+                book.clone(),
+                clock.clone(),
+                &config.control,
+            )
+            .await?;
+            let profile = surplus_agent::control::compat_profile(&config.control);
+            let result = tokio::time::timeout(
+                surplus_agent::compat::SUITE_BUDGET,
+                surplus_agent::compat::run_suite(&plane, &profile, clock.now_ms()),
+            )
+            .await;
+            let _ = std::fs::remove_dir_all(&book);
+            let result = result.context("the compatibility kit did not finish within 5 minutes")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&result)?);
+            } else {
+                for c in &result.checks {
+                    println!(
+                        "{:<5} {:<14} {}",
+                        if c.passed { "pass" } else { "FAIL" },
+                        c.operation,
+                        c.message.as_deref().unwrap_or("")
+                    );
+                }
+                println!("\n{} driver: {:?} compatible", result.driver, result.level);
+            }
+            let fully = result.level == surplus_protocol::control::CompatLevel::Fully;
+            if report {
+                let identity = surplus_agent::Identity::load(&config.data_dir)?;
+                let session = surplus_agent::Session::open(&config, &identity).await?;
+                let ack = session.report_compat(result).await;
+                session.close("compat report sent").await;
+                println!("reported to the controller as agent {}", ack?.agent_id);
+            }
+            if !fully {
+                anyhow::bail!("the driver is not fully compatible");
+            }
+        }
         Command::Security { root, json } => {
             let host = surplus_agent::security::HostRoot::new(&root, Some(&config.data_dir));
             let report =
@@ -297,6 +355,13 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A fresh directory for the compatibility kit's own records.
+fn tempfile_dir(data_dir: &std::path::Path) -> anyhow::Result<PathBuf> {
+    let dir = data_dir.join(format!("compat-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
 }
 
 #[tokio::main]

@@ -20,6 +20,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::AgentConfig;
+use crate::control::ControlPlane;
 use crate::identity::{Identity, IdentityError};
 use crate::inventory::{self, InventoryCollector};
 use crate::net::{self, ConnectError};
@@ -50,6 +51,9 @@ pub enum SessionError {
         /// The refusal.
         reply: ErrorReply,
     },
+    /// The control plane's book could not be opened.
+    #[error("cannot open the control records: {0}")]
+    Control(std::io::Error),
     /// The controller answered with the wrong message.
     #[error("unexpected answer to {what}: {got}")]
     Unexpected {
@@ -256,6 +260,24 @@ impl Session {
         Ok(())
     }
 
+    /// Sends the compatibility kit's results.
+    pub async fn report_compat(
+        &self,
+        report: surplus_protocol::control::CompatReport,
+    ) -> Result<CompatAck, SessionError> {
+        match self.request(&Message::CompatReport(report)).await? {
+            Message::CompatAck(ack) => Ok(ack),
+            Message::Error(reply) => Err(SessionError::Refused {
+                what: "compat report",
+                reply,
+            }),
+            other => Err(SessionError::Unexpected {
+                what: "compat report",
+                got: other.kind(),
+            }),
+        }
+    }
+
     /// Closes the session politely.
     pub async fn close(self, reason: &str) {
         self.connection
@@ -270,6 +292,7 @@ async fn serve_controller_stream(
     mut send: SendStream,
     mut recv: RecvStream,
     validations: Arc<Validations>,
+    control: Arc<ControlPlane>,
     conn: Connection,
     max_frame: usize,
 ) {
@@ -296,6 +319,14 @@ async fn serve_controller_stream(
             run_id: c.run_id,
             was_running: validations.cancel(c.run_id),
         }),
+        Message::Control(command) => {
+            let action = command.action();
+            let outcome = control.handle(command).await;
+            if let Err(e) = &outcome {
+                tracing::info!(action, error = %e, "control command refused");
+            }
+            Message::ControlResult(outcome)
+        }
         other => Message::error(
             ErrorCode::Unexpected,
             format!("agent does not serve {}", other.kind()),
@@ -321,6 +352,8 @@ pub struct Runner {
     identity: Identity,
     /// `None` while a collection runs.
     collector: Option<InventoryCollector>,
+    /// Made from the configuration when the runner starts, unless given.
+    control: Option<Arc<ControlPlane>>,
 }
 
 impl Runner {
@@ -333,7 +366,14 @@ impl Runner {
             clock,
             identity,
             collector,
+            control: None,
         })
+    }
+
+    /// Uses `control` instead of building one from the configuration.
+    pub fn with_control(mut self, control: Arc<ControlPlane>) -> Self {
+        self.control = Some(control);
+        self
     }
 
     /// The id of the agent this runner runs.
@@ -343,11 +383,17 @@ impl Runner {
 
     /// Runs sessions until `cancel` fires (`Ok`) or retrying cannot help (`Err`).
     pub async fn run(mut self, cancel: CancellationToken) -> Result<(), SessionError> {
+        let control = match self.control.take() {
+            Some(c) => c,
+            None => crate::control::start(&self.config, self.clock.clone())
+                .await
+                .map_err(SessionError::Control)?,
+        };
         let mut attempt = 0u32;
         loop {
             // The session watches `cancel` itself, at points where stopping loses
             // nothing (never in the middle of a renewal).
-            match self.session(&cancel, &mut attempt).await {
+            match self.session(&cancel, &mut attempt, &control).await {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_final() => {
                     tracing::error!(agent_id = %self.identity.agent_id, error = %e, "agent stops");
@@ -386,6 +432,7 @@ impl Runner {
         &mut self,
         cancel: &CancellationToken,
         attempt: &mut u32,
+        control: &Arc<ControlPlane>,
     ) -> Result<(), SessionError> {
         let session = tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
@@ -428,7 +475,7 @@ impl Runner {
                 }
                 incoming = session.connection.accept_bi() => {
                     let (send, recv) = incoming.map_err(|e| SessionError::from_exchange(e.into()))?;
-                                        tokio::spawn(serve_controller_stream(send, recv, validations.clone(), session.connection.clone(), self.config.max_frame_size));
+                                        tokio::spawn(serve_controller_stream(send, recv, validations.clone(), control.clone(), session.connection.clone(), self.config.max_frame_size));
                 }
                 done = async { collecting.as_mut().expect("guarded by the select condition").await }, if collecting.is_some() => {
                     collecting = None;

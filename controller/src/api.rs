@@ -14,6 +14,28 @@ pub struct ErrorBody {
     pub error: String,
     /// What went wrong, for people.
     pub message: String,
+    /// The request field at fault, for `bad_request`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    /// The agent concerned, for agent errors (`agent_offline`, `agent_timeout`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<uuid::Uuid>,
+    /// When that agent was last seen, for `agent_offline`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen_ms: Option<i64>,
+}
+
+/// `POST /v1/api-tokens`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateApiTokenRequest {
+    /// The account the token acts for.
+    pub account: String,
+    /// `client`, `provider`, `pool_owner` or `admin`.
+    pub role: String,
+    /// A note on what the token is for.
+    #[serde(default)]
+    pub label: Option<String>,
 }
 
 /// An agent as listed.

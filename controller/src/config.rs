@@ -54,6 +54,10 @@ pub struct ControllerConfig {
     /// How long one exchange may take before its stream is reset.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// How long a control command may take on the agent (a stop waits for the
+    /// instance's grace period) before the API answers 504.
+    #[serde(with = "humantime_serde")]
+    pub control_timeout: Duration,
     /// Largest frame accepted or sent, bytes.
     pub max_frame_size: usize,
     /// `human` or `json`.
@@ -80,6 +84,7 @@ impl Default for ControllerConfig {
             idle_timeout: Duration::from_secs(30),
             keep_alive: Duration::from_secs(5),
             request_timeout: Duration::from_secs(10),
+            control_timeout: Duration::from_secs(60),
             max_frame_size: surplus_protocol::DEFAULT_MAX_FRAME,
             log_format: LogFormat::Human,
             log_filter: "info".into(),

@@ -24,6 +24,8 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    field: Option<String>,
+    agent: Option<(Uuid, Option<i64>)>,
 }
 
 impl ApiError {
@@ -32,7 +34,17 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            field: None,
+            agent: None,
         }
+    }
+    fn with_field(mut self, field: String) -> Self {
+        self.field = Some(field);
+        self
+    }
+    fn with_agent(mut self, agent_id: Uuid, last_seen_ms: Option<i64>) -> Self {
+        self.agent = Some((agent_id, last_seen_ms));
+        self
     }
     fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
@@ -49,6 +61,9 @@ impl IntoResponse for ApiError {
             Json(ErrorBody {
                 error: self.code.into(),
                 message: self.message,
+                field: self.field,
+                agent_id: self.agent.map(|a| a.0),
+                last_seen_ms: self.agent.and_then(|a| a.1),
             }),
         )
             .into_response()
@@ -182,6 +197,11 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         .route("/v1/validations/{run}", get(show_validation))
         .route("/v1/validations/{run}/cancel", post(cancel_validation))
         .route("/v1/tokens", post(create_token))
+        .route("/v1/api-tokens", post(create_api_token))
+        .route("/v1/control", post(control))
+        .route("/v1/instances", get(list_instances))
+        .route("/v1/volumes", get(list_volumes))
+        .route("/v1/agents/{id}/compat", get(agent_compat))
         .route_layer(middleware::from_fn_with_state(ctl.clone(), authenticate));
     Router::new()
         .route("/v1/health", get(health))
@@ -477,4 +497,167 @@ pub fn validate_label(key: &str, value: &str) -> Result<(), ApiError> {
             "label {key:?}={value:?}: keys are 1-63 of [A-Za-z0-9-_./], values at most 255 printable characters"
         )))
     }
+}
+
+impl From<crate::control::ControlError> for ApiError {
+    fn from(e: crate::control::ControlError) -> Self {
+        use crate::control::ControlError as E;
+        use surplus_protocol::control::FailureKind as K;
+        let message = e.to_string();
+        match e {
+            E::Invalid(i) => ApiError::new(StatusCode::BAD_REQUEST, "bad_request", i.to_string())
+                .with_field(i.field),
+            E::NotFound(_) => ApiError::not_found(message),
+            E::Forbidden(_) => ApiError::new(StatusCode::FORBIDDEN, "forbidden", message),
+            E::Conflict(_) => ApiError::new(StatusCode::CONFLICT, "conflict", message),
+            E::Offline {
+                agent_id,
+                last_seen_ms,
+                ..
+            } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "agent_offline", message)
+                .with_agent(agent_id, last_seen_ms),
+            E::Timeout { agent_id, .. } => {
+                ApiError::new(StatusCode::GATEWAY_TIMEOUT, "agent_timeout", message)
+                    .with_agent(agent_id, None)
+            }
+            E::Agent { agent_id, failure } => {
+                let (status, code) = match failure.kind {
+                    K::InvalidParameter => (StatusCode::BAD_REQUEST, "bad_request"),
+                    K::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+                    K::Unsupported => (StatusCode::NOT_IMPLEMENTED, "unsupported"),
+                    K::Conflict => (StatusCode::CONFLICT, "conflict"),
+                    K::Driver => (StatusCode::BAD_GATEWAY, "driver_error"),
+                };
+                let mut error = ApiError::new(status, code, message).with_agent(agent_id, None);
+                if let Some(field) = failure.field {
+                    error = error.with_field(field);
+                }
+                error
+            }
+            E::Exchange { agent_id, .. } => {
+                ApiError::new(StatusCode::BAD_GATEWAY, "agent_error", message)
+                    .with_agent(agent_id, None)
+            }
+            E::Store(e) => e.into(),
+        }
+    }
+}
+
+async fn control(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    body: Result<Json<serde_json::Value>, JsonRejection>,
+) -> ApiResult<crate::control::ControlResponse> {
+    let Json(body) = body?;
+    let request =
+        crate::control::parse_request(body).map_err(crate::control::ControlError::from)?;
+    Ok(Json(ctl.control(&caller.0, request).await?))
+}
+
+/// `GET /v1/instances?state=running&label=k=v&id=i-...`: DescribeInstances as a query.
+async fn list_instances(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> ApiResult<crate::control::ControlResponse> {
+    let mut filters = surplus_protocol::control::Filters::default();
+    for (k, v) in form_pairs(query.as_deref().unwrap_or("")) {
+        match k.as_str() {
+            "id" => filters.ids.push(v),
+            "state" => filters.states.push(
+                surplus_protocol::control::InstanceState::parse(&v).ok_or_else(|| {
+                    ApiError::bad_request(format!("state: {v:?} is not an instance state"))
+                        .with_field("state".into())
+                })?,
+            ),
+            "label" => {
+                let (lk, lv) = v.split_once('=').ok_or_else(|| {
+                    ApiError::bad_request(format!("label: {v:?} is not key=value"))
+                        .with_field("label".into())
+                })?;
+                filters.labels.insert(lk.to_owned(), lv.to_owned());
+            }
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown query parameter {other:?} (id, state, label)"
+                ))
+                .with_field(other.to_owned()));
+            }
+        }
+    }
+    let mut body = serde_json::to_value(filters).expect("filters serialize");
+    body["action"] = "DescribeInstances".into();
+    let request =
+        crate::control::parse_request(body).map_err(crate::control::ControlError::from)?;
+    Ok(Json(ctl.control(&caller.0, request).await?))
+}
+
+/// `GET /v1/volumes`: DescribeVolumes of everything the caller may see.
+async fn list_volumes(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+) -> ApiResult<crate::control::ControlResponse> {
+    let request = crate::control::ControlRequest::DescribeVolumes { ids: vec![] };
+    Ok(Json(ctl.control(&caller.0, request).await?))
+}
+
+fn form_pairs(query: &str) -> Vec<(String, String)> {
+    form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect()
+}
+
+async fn agent_compat(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<serde_json::Value> {
+    caller.require(Role::Provider)?;
+    let id = load_agent(&ctl, &id).await?.id;
+    let (report, at) = ctl.store.compat_report(id).await?.ok_or_else(|| {
+        ApiError::not_found(format!(
+            "agent {id} has not reported compatibility results (run surplus-agent compat --report)"
+        ))
+    })?;
+    let mut value = serde_json::to_value(report).expect("report serializes");
+    value["reported_at_ms"] = at.into();
+    value["agent_id"] = id.to_string().into();
+    Ok(Json(value))
+}
+
+/// `POST /v1/api-tokens {"account": "alice", "role": "client"}` (admin): a token for an
+/// account, shown once.
+async fn create_api_token(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    body: Result<Json<CreateApiTokenRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    caller.require(Role::Admin)?;
+    let Json(body) = body?;
+    surplus_protocol::control::validate_name("account", &body.account)
+        .map_err(|e| ApiError::bad_request(e.to_string()).with_field(e.field))?;
+    let role = Role::parse(&body.role).map_err(|_| {
+        ApiError::bad_request(format!(
+            "role: {:?} is not admin, provider, client or pool_owner",
+            body.role
+        ))
+        .with_field("role".into())
+    })?;
+    let (token, hash) = crate::datadir::new_api_token();
+    let principal = Principal {
+        account: body.account.clone(),
+        role,
+    };
+    ctl.store
+        .create_api_token(
+            &hash,
+            &principal,
+            body.label.as_deref().unwrap_or(""),
+            ctl.clock.now_ms(),
+        )
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({ "account": body.account, "role": role.as_str(), "token": token })),
+    ))
 }

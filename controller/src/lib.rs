@@ -2,6 +2,7 @@
 //!
 //! - [`service::Controller`]: the operations (enroll, renew, revoke, join tokens).
 //! - [`server`]: QUIC session and enrollment endpoints, HTTP API, maintenance loop.
+//! - [`control`]: the primary control interface: parsing, authorisation, routing to agents.
 //! - [`registry`]: live sessions, liveness and uptime rules (pure).
 //! - [`store`]: storage behind one trait; SQLite embedded.
 //! - [`http`] and [`api`]: the HTTP/JSON API and its shapes (also used by the CLI).
@@ -11,6 +12,7 @@
 pub mod acceptance;
 pub mod api;
 pub mod config;
+pub mod control;
 pub mod datadir;
 pub mod demo;
 pub mod http;

@@ -32,6 +32,10 @@ pub struct Metrics {
     pub revocations: Counter,
     /// Frames refused by reason; each reset one stream.
     pub frames_rejected: Family<Labels, Counter>,
+    /// Control commands sent to agents, by action.
+    pub control_commands: Family<Labels, Counter>,
+    /// Seconds spent waiting for agents' answers to control commands, by action.
+    pub control_seconds: Family<Labels, Counter<f64, std::sync::atomic::AtomicU64>>,
 }
 
 /// Values read at scrape time.
@@ -49,6 +53,15 @@ impl Metrics {
         self.enrollments
             .get_or_create(&vec![("outcome", outcome)])
             .inc();
+    }
+
+    /// Counts a control command and the time its round trip took.
+    pub fn observe_control(&self, action: &'static str, took: std::time::Duration) {
+        let labels = vec![("action", action)];
+        self.control_commands.get_or_create(&labels).inc();
+        self.control_seconds
+            .get_or_create(&labels)
+            .inc_by(took.as_secs_f64());
     }
 
     /// Counts a refused frame.
@@ -92,6 +105,16 @@ impl Metrics {
             self.renewals.clone(),
         );
         registry.register("revocations", "Agents revoked", self.revocations.clone());
+        registry.register(
+            "control_commands",
+            "Control commands sent to agents",
+            self.control_commands.clone(),
+        );
+        registry.register(
+            "control_seconds",
+            "Seconds waiting for agents to answer control commands",
+            self.control_seconds.clone(),
+        );
         registry.register(
             "frames_rejected",
             "Frames refused (each reset one stream)",

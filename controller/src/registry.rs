@@ -39,6 +39,10 @@ pub enum RegistryEvent {
     Revoked(Uuid),
     /// A validation run reported progress.
     ValidationProgress(Uuid),
+    /// The instances of a (re)connected agent were reconciled with its report.
+    Reconciled(Uuid),
+    /// An agent reported its driver's compatibility results.
+    CompatReported(Uuid),
     /// A validation run ended.
     ValidationFinished {
         /// The run.
@@ -210,6 +214,13 @@ impl Registry {
             }
             None => false,
         }
+    }
+
+    /// Ids of the agents with an open session.
+    pub fn connected_agents(&self) -> Vec<Uuid> {
+        let mut ids: Vec<Uuid> = self.live().keys().copied().collect();
+        ids.sort();
+        ids
     }
 
     /// Number of agents with an open session.

@@ -385,6 +385,16 @@ async fn serve_session(ctl: Arc<Controller>, incoming: Incoming, tasks: TaskTrac
     if let Err(e) = quic::write_frame(&mut send, &ack, ctl.config.max_frame_size).await {
         tracing::debug!(%agent_id, error = %e, "hello answer not delivered");
     }
+    // Settle instances whose commands a crash or a lost session cut off.
+    let reconciling = ctl.clone();
+    tasks.spawn(async move {
+        match reconciling.reconcile(agent_id).await {
+            Ok(()) => reconciling
+                .registry
+                .publish(RegistryEvent::Reconciled(agent_id)),
+            Err(e) => tracing::warn!(%agent_id, error = %e, "instances not reconciled"),
+        }
+    });
 
     let reason = loop {
         match conn.accept_bi().await {
@@ -526,6 +536,29 @@ async fn handle(ctl: &Controller, agent_id: Uuid, session_id: Uuid, request: Mes
             Ok(issued) => Message::Renewed(issued),
             Err(reply) => Message::Error(reply),
         },
+        Message::CompatReport(report) => {
+            // The level is recomputed here: an agent reports results, not verdicts.
+            let report = surplus_protocol::control::CompatReport {
+                level: surplus_protocol::control::compat_level(&report.checks),
+                ..report
+            };
+            match ctl
+                .store
+                .save_compat_report(agent_id, &report, ctl.clock.now_ms())
+                .await
+            {
+                Ok(()) => {
+                    tracing::info!(%agent_id, driver = %report.driver, level = ?report.level, "compatibility reported");
+                    ctl.registry
+                        .publish(RegistryEvent::CompatReported(agent_id));
+                    Message::CompatAck(surplus_protocol::CompatAck { agent_id })
+                }
+                Err(e) => {
+                    tracing::error!(%agent_id, error = %e, "compatibility report not stored");
+                    Message::error(ErrorCode::Internal, "compatibility report not stored")
+                }
+            }
+        }
         other => Message::error(
             ErrorCode::Unexpected,
             format!(

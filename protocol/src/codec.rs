@@ -162,6 +162,7 @@ impl FrameDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::control::*;
     use crate::inventory::*;
     use crate::messages::*;
     use proptest::prelude::*;
@@ -212,6 +213,13 @@ mod tests {
                     heartbeat_interval_ms: 10_000,
                 }),
                 "0000001e01020105302e312e30100123456789abcdef0123456789abcdef0afb1027",
+            ),
+            (
+                Message::Control(crate::control::Command::Lifecycle {
+                    op: crate::control::Lifecycle::Stop,
+                    ids: vec!["i-0123456789abcdef".into()],
+                }),
+                "00000018011401010112692d30313233343536373839616263646566",
             ),
         ];
         for (message, expected) in cases {
@@ -577,6 +585,229 @@ mod tests {
                 .prop_map(|data| Message::NetworkProbe(NetworkProbe { data })),
             any::<u64>()
                 .prop_map(|received| Message::NetworkProbeAck(NetworkProbeAck { received })),
+            command().prop_map(Message::Control),
+            control_result().prop_map(Message::ControlResult),
+            (text(), any::<bool>(), opt_text(), any::<i64>()).prop_map(
+                |(driver, passed, message, at)| {
+                    let checks = vec![CompatCheck {
+                        operation: "run".into(),
+                        passed,
+                        message,
+                    }];
+                    Message::CompatReport(CompatReport {
+                        driver,
+                        level: compat_level(&checks),
+                        checks,
+                        ran_at_ms: at,
+                    })
+                }
+            ),
+            any::<u128>().prop_map(|id| Message::CompatAck(CompatAck {
+                agent_id: Uuid::from_u128(id)
+            })),
+        ]
+    }
+
+    fn labels() -> impl Strategy<Value = std::collections::BTreeMap<String, String>> {
+        proptest::collection::btree_map(text(), text(), 0..3)
+    }
+
+    fn limits() -> impl Strategy<Value = Limits> {
+        (
+            proptest::option::of(any::<u32>()),
+            proptest::option::of(any::<u64>()),
+        )
+            .prop_map(|(millicpus, memory_bytes)| Limits {
+                millicpus,
+                memory_bytes,
+            })
+    }
+
+    fn run_spec() -> impl Strategy<Value = RunSpec> {
+        (
+            opt_text(),
+            opt_text(),
+            proptest::collection::vec(text(), 0..3),
+            labels(),
+            limits(),
+            labels(),
+            any::<(u16, u16, bool)>(),
+            text(),
+        )
+            .prop_map(
+                |(name, image, command, env, limits, labels, (h, i, udp), mount)| RunSpec {
+                    name,
+                    image,
+                    command,
+                    env,
+                    limits,
+                    ports: vec![PortMapping {
+                        host_port: h,
+                        instance_port: i,
+                        protocol: if udp {
+                            PortProtocol::Udp
+                        } else {
+                            PortProtocol::Tcp
+                        },
+                    }],
+                    labels,
+                    volumes: vec![VolumeAttachment {
+                        volume_id: mount.clone(),
+                        mount_path: mount,
+                    }],
+                },
+            )
+    }
+
+    fn instance_state() -> impl Strategy<Value = InstanceState> {
+        proptest::sample::select(InstanceState::ALL.to_vec())
+    }
+
+    fn command() -> impl Strategy<Value = Command> {
+        let lifecycle = proptest::sample::select(vec![
+            Lifecycle::Start,
+            Lifecycle::Stop,
+            Lifecycle::Reboot,
+            Lifecycle::Terminate,
+        ]);
+        prop_oneof![
+            (text(), run_spec())
+                .prop_map(|(instance_id, spec)| Command::RunInstances { instance_id, spec }),
+            (lifecycle, proptest::collection::vec(text(), 0..3))
+                .prop_map(|(op, ids)| Command::Lifecycle { op, ids }),
+            (
+                proptest::collection::vec(text(), 0..3),
+                proptest::collection::vec(instance_state(), 0..3),
+                labels()
+            )
+                .prop_map(|(ids, states, labels)| Command::DescribeInstances(
+                    Filters {
+                        ids,
+                        states,
+                        labels
+                    }
+                )),
+            proptest::collection::vec(text(), 0..3)
+                .prop_map(|ids| Command::DescribeInstanceStatus { ids }),
+            text().prop_map(|instance_id| Command::DescribeInstanceAttribute {
+                instance_id,
+                attribute: AttributeName::Ports
+            }),
+            (
+                text(),
+                proptest::option::of(limits()),
+                proptest::option::of(labels())
+            )
+                .prop_map(|(instance_id, limits, labels)| {
+                    Command::ModifyInstanceAttribute {
+                        instance_id,
+                        limits,
+                        labels,
+                    }
+                }),
+            (text(), opt_text(), any::<u64>()).prop_map(|(volume_id, name, size_bytes)| {
+                Command::CreateVolume {
+                    volume_id,
+                    name,
+                    size_bytes,
+                }
+            }),
+            text().prop_map(|volume_id| Command::DeleteVolume { volume_id }),
+            proptest::collection::vec(text(), 0..3)
+                .prop_map(|ids| Command::DescribeVolumes { ids }),
+            (text(), text()).prop_map(|(volume_id, snapshot_id)| Command::CreateSnapshot {
+                volume_id,
+                snapshot_id
+            }),
+        ]
+    }
+
+    fn control_result() -> impl Strategy<Value = Result<ControlReply, ControlFailure>> {
+        prop_oneof![
+            (
+                text(),
+                run_spec(),
+                instance_state(),
+                opt_text(),
+                any::<(i64, i64)>()
+            )
+                .prop_map(|(id, spec, state, reason, (a, b))| {
+                    Ok(ControlReply::Instances(vec![Instance {
+                        id,
+                        spec,
+                        state,
+                        state_reason: reason.clone(),
+                        driver: "process".into(),
+                        native_id: reason,
+                        launched_at_ms: a,
+                        state_changed_at_ms: b,
+                    }]))
+                }),
+            (text(), instance_state(), instance_state()).prop_map(
+                |(instance_id, previous, current)| {
+                    Ok(ControlReply::StateChanges(vec![StateChange {
+                        instance_id,
+                        previous,
+                        current,
+                    }]))
+                }
+            ),
+            (
+                text(),
+                instance_state(),
+                proptest::option::of(any::<i32>()),
+                limits(),
+                proptest::option::of(any::<u32>())
+            )
+                .prop_map(|(instance_id, state, exit_code, applied, processes)| {
+                    Ok(ControlReply::Statuses(vec![InstanceStatus {
+                        instance_id,
+                        state,
+                        state_reason: None,
+                        exit_code,
+                        applied,
+                        processes,
+                    }]))
+                }),
+            (text(), labels()).prop_map(|(instance_id, l)| Ok(ControlReply::Attribute {
+                instance_id,
+                value: AttributeValue::Labels(l)
+            })),
+            (
+                text(),
+                any::<u64>(),
+                proptest::option::of(any::<u64>()),
+                opt_text(),
+                any::<i64>()
+            )
+                .prop_map(|(id, size_bytes, used_bytes, attached_to, at)| Ok(
+                    ControlReply::Volumes(vec![Volume {
+                        id,
+                        name: None,
+                        size_bytes,
+                        used_bytes,
+                        state: VolumeState::InUse,
+                        attached_to,
+                        native_id: None,
+                        created_at_ms: at,
+                    }])
+                )),
+            (text(), text(), any::<u64>(), any::<i64>()).prop_map(
+                |(id, volume_id, size_bytes, at)| {
+                    Ok(ControlReply::Snapshot(Snapshot {
+                        id,
+                        volume_id,
+                        size_bytes,
+                        location: "/x".into(),
+                        created_at_ms: at,
+                    }))
+                }
+            ),
+            (opt_text(), text()).prop_map(|(field, message)| Err(ControlFailure {
+                kind: FailureKind::NotFound,
+                field,
+                message
+            })),
         ]
     }
 

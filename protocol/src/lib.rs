@@ -10,6 +10,7 @@
 pub mod bench;
 pub mod clock;
 pub mod codec;
+pub mod control;
 pub mod inventory;
 pub mod messages;
 pub mod quic;

@@ -3,7 +3,7 @@
 //! One exchange is one bidirectional QUIC stream: the side that opens it writes one
 //! request frame and finishes its half, the other side answers with one frame. The
 //! agent opens streams for reports (hello, heartbeats, inventory, renewal); the
-//! controller opens streams for commands (ping now; validation and control later).
+//! controller opens streams for commands (ping, validation, control).
 //!
 //! Variants are only ever appended: bincode encodes a variant by its position, and
 //! `Error` stays first so that a peer of another version can still read why it was
@@ -14,6 +14,7 @@ use uuid::Uuid;
 
 use crate::bench::BenchReport;
 use crate::clock::UnixMillis;
+use crate::control::{Command, CompatReport, ControlFailure, ControlReply};
 use crate::inventory::Inventory;
 use crate::security::SecurityReport;
 
@@ -70,6 +71,14 @@ pub enum Message {
     NetworkProbe(NetworkProbe),
     /// Controller → agent: how many probe bytes arrived.
     NetworkProbeAck(NetworkProbeAck),
+    /// Controller → agent: one operation of the primary control interface.
+    Control(Command),
+    /// Agent → controller: the answer to [`Message::Control`].
+    ControlResult(Result<ControlReply, ControlFailure>),
+    /// Agent → controller: conformance results of the agent's driver.
+    CompatReport(CompatReport),
+    /// Controller → agent: the report is stored.
+    CompatAck(CompatAck),
 }
 
 impl Message {
@@ -96,6 +105,10 @@ impl Message {
             Message::CancelAck(_) => "cancel-ack",
             Message::NetworkProbe(_) => "network-probe",
             Message::NetworkProbeAck(_) => "network-probe-ack",
+            Message::Control(_) => "control",
+            Message::ControlResult(_) => "control-result",
+            Message::CompatReport(_) => "compat-report",
+            Message::CompatAck(_) => "compat-ack",
         }
     }
 
@@ -349,4 +362,11 @@ pub struct NetworkProbe {
 pub struct NetworkProbeAck {
     /// Bytes received in the probe.
     pub received: u64,
+}
+
+/// Receipt of a [`CompatReport`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompatAck {
+    /// The report is stored under this agent.
+    pub agent_id: Uuid,
 }

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use surplus_agent::control::{ControlConfig, DriverKind};
 use surplus_agent::{AgentConfig, Identity, Runner, SessionError};
 use surplus_controller::datadir::{self, DataDir};
 use surplus_controller::registry::RegistryEvent;
@@ -45,6 +46,9 @@ pub fn test_config() -> ControllerConfig {
         missed_heartbeats: 4,
         revocation_poll: Duration::from_millis(200),
         request_timeout: Duration::from_secs(5),
+        control_timeout: Duration::from_secs(20),
+        idle_timeout: Duration::from_secs(3),
+        keep_alive: Duration::from_millis(500),
         ..ControllerConfig::default()
     }
 }
@@ -202,8 +206,106 @@ pub fn agent_config(data_dir: &Path) -> AgentConfig {
         request_timeout: Duration::from_secs(5),
         idle_timeout: Duration::from_secs(5),
         keep_alive: Duration::from_secs(1),
+        // Control tests choose a driver; the others leave the host alone.
+        control: ControlConfig {
+            driver: DriverKind::None,
+            ..ControlConfig::default()
+        },
         ..AgentConfig::default()
     }
+}
+
+/// The name of the image container tests run: busybox from Debian's `busybox-static`,
+/// imported into the local engine (there is no registry to pull from).
+pub const BUSYBOX_IMAGE: &str = "surplus/busybox:latest";
+
+/// Makes [`BUSYBOX_IMAGE`] unless the engine has it: a root file system holding the
+/// static busybox and a link per applet, `docker import`ed. Fails with what is missing.
+pub fn busybox_image() -> &'static str {
+    static BUILT: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if *built {
+        return BUSYBOX_IMAGE;
+    }
+    let docker = |args: &[&str]| std::process::Command::new("docker").args(args).output();
+    let have = docker(&["image", "inspect", BUSYBOX_IMAGE])
+        .expect("the docker CLI must be installed for the container driver tests");
+    if !have.status.success() {
+        let busybox = Path::new("/bin/busybox");
+        assert!(
+            busybox.exists(),
+            "/bin/busybox is missing: install Debian's busybox-static (.ci/run does)"
+        );
+        let root = tempfile::tempdir().expect("temporary directory");
+        let bin = root.path().join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::copy(busybox, bin.join("busybox")).unwrap();
+        let list = std::process::Command::new(busybox)
+            .arg("--list")
+            .output()
+            .unwrap();
+        for applet in String::from_utf8_lossy(&list.stdout).lines() {
+            if applet != "busybox" {
+                std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
+            }
+        }
+        for d in ["tmp", "data", "proc", "sys", "dev", "etc"] {
+            std::fs::create_dir_all(root.path().join(d)).unwrap();
+        }
+        let tar = std::process::Command::new("tar")
+            .args(["-C", &root.path().display().to_string(), "-c", "."])
+            .output()
+            .expect("tar runs");
+        assert!(tar.status.success(), "tar of the busybox root failed");
+        let mut import = std::process::Command::new("docker")
+            .args(["import", "-", BUSYBOX_IMAGE])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("docker import starts");
+        use std::io::Write;
+        import.stdin.take().unwrap().write_all(&tar.stdout).unwrap();
+        assert!(
+            import.wait().unwrap().success(),
+            "docker import of the busybox root failed"
+        );
+    }
+    *built = true;
+    BUSYBOX_IMAGE
+}
+
+/// A control configuration for tests: a short stop grace, a cgroup parent of its own
+/// (tests run side by side), the busybox image, and the shipped Docker mapping.
+pub fn control_config(driver: DriverKind, tag: &str) -> ControlConfig {
+    let mut c = ControlConfig {
+        driver,
+        stop_grace: Duration::from_secs(2),
+        ..ControlConfig::default()
+    };
+    c.process.cgroup_parent = format!("surplus-test-{}-{tag}", std::process::id());
+    if matches!(driver, DriverKind::Docker | DriverKind::Mapped) {
+        c.compat_image = busybox_image().into();
+        c.docker.helper_image = BUSYBOX_IMAGE.into();
+    }
+    c.mapped.file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/mapped-docker.toml");
+    c
+}
+
+/// A workspace binary (`surplus`, `surplus-agent`, ...) from `target/<profile>`, next to
+/// the test's own `deps/` directory. `cargo test --workspace` builds them first.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --workspace`, which builds every binary",
+        path.display()
+    );
+    path
 }
 
 /// An agent running in a task.

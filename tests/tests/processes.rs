@@ -3,26 +3,10 @@
 //! real process talking over loopback.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// The directory cargo put the workspace binaries in (`target/<profile>`), next to
-/// this test's own `deps/` directory. `cargo test --workspace` builds them first.
-fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<test>");
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run the tests with `cargo test --workspace`, which builds every binary",
-        path.display()
-    );
-    path
-}
+use surplus_tests::bin;
 
 fn run(cmd: &mut Command) -> Output {
     cmd.stdin(Stdio::null()).output().expect("process starts")

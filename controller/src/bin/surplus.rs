@@ -4,6 +4,9 @@
 //! `SURPLUS_TOKEN`, then `~/.config/surplus/cli.toml` (`controller = "..."`,
 //! `token = "..."`). Tables for people, `--json` for scripts.
 
+#[path = "surplus/control_cli.rs"]
+mod control_cli;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -11,6 +14,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 use serde::de::DeserializeOwned;
+use serde_json::json;
 use surplus_controller::api::{AgentDetail, AgentView, CreateTokenRequest, ErrorBody};
 use surplus_controller::http::RunView;
 use surplus_controller::service::CreatedToken;
@@ -79,6 +83,57 @@ enum Command {
     Validations {
         #[command(subcommand)]
         command: ValidationsCommand,
+    },
+    /// Run an instance (RunInstances): `surplus run --cpus 0.5 --memory 64MiB -- /bin/sleep 600`.
+    Run(control_cli::RunArgs),
+    /// Start stopped instances.
+    Start {
+        /// Instance ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Stop instances (SIGTERM, then SIGKILL after the agent's grace period).
+    Stop {
+        /// Instance ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Restart running instances.
+    Reboot {
+        /// Instance ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Terminate instances: stop them and remove what the host holds for them.
+    Terminate {
+        /// Instance ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Describe instances (DescribeInstances, or DescribeInstanceStatus with --status).
+    Describe(control_cli::DescribeArgs),
+    /// Volumes and snapshots.
+    Volumes {
+        #[command(subcommand)]
+        command: control_cli::VolumesCommand,
+    },
+    /// API tokens for accounts (admin).
+    ApiTokens {
+        #[command(subcommand)]
+        command: ApiTokensCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ApiTokensCommand {
+    /// Create an API token for an account; it is printed once.
+    Create {
+        /// Account name.
+        #[arg(long)]
+        account: String,
+        /// client, provider, pool_owner or admin.
+        #[arg(long, default_value = "client")]
+        role: String,
     },
 }
 
@@ -549,6 +604,60 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
                 println!("validation run {run}: cancellation sent")
             });
         }
+        Command::Run(args) => control(&client, cli.json, control_cli::run_body(args)?).await?,
+        Command::Start { ids } => {
+            control(
+                &client,
+                cli.json,
+                json!({ "action": "StartInstances", "ids": ids }),
+            )
+            .await?
+        }
+        Command::Stop { ids } => {
+            control(
+                &client,
+                cli.json,
+                json!({ "action": "StopInstances", "ids": ids }),
+            )
+            .await?
+        }
+        Command::Reboot { ids } => {
+            control(
+                &client,
+                cli.json,
+                json!({ "action": "RebootInstances", "ids": ids }),
+            )
+            .await?
+        }
+        Command::Terminate { ids } => {
+            control(
+                &client,
+                cli.json,
+                json!({ "action": "TerminateInstances", "ids": ids }),
+            )
+            .await?
+        }
+        Command::Describe(args) => {
+            control(&client, cli.json, control_cli::describe_body(&args)?).await?
+        }
+        Command::Volumes { command } => {
+            control(&client, cli.json, control_cli::volumes_body(command)?).await?
+        }
+        Command::ApiTokens {
+            command: ApiTokensCommand::Create { account, role },
+        } => {
+            let created: serde_json::Value = client
+                .call(
+                    post,
+                    "/v1/api-tokens",
+                    Some(json!({ "account": account, "role": role })),
+                )
+                .await?;
+            print(cli.json, &created, || {
+                println!("{}", created["token"].as_str().unwrap_or_default());
+                eprintln!("API token for account {account} ({role}); it is not shown again");
+            });
+        }
         Command::Tokens {
             command: TokensCommand::Create { ttl, labels },
         } => {
@@ -565,6 +674,15 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             });
         }
     }
+    Ok(())
+}
+
+/// One `POST /v1/control`, printed as a table or JSON.
+async fn control(client: &Client, json: bool, body: serde_json::Value) -> anyhow::Result<()> {
+    let response: surplus_controller::control::ControlResponse = client
+        .call(reqwest::Method::POST, "/v1/control", Some(body))
+        .await?;
+    print(json, &response, || control_cli::show(&response));
     Ok(())
 }
 

@@ -305,6 +305,47 @@ pub struct ValidationRun {
     pub error: Option<String>,
 }
 
+/// An instance run through the primary control interface, as the controller keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceRow {
+    /// The agent that hosts it.
+    pub agent_id: Uuid,
+    /// The account that ran it.
+    pub account: String,
+    /// The client's idempotency token.
+    pub client_token: Option<String>,
+    /// Digest of the RunInstances request, to recognise a token reused for another one.
+    pub request_hash: String,
+    /// The agent's latest record (the requested spec while pending).
+    pub record: surplus_protocol::control::Instance,
+    /// When the controller accepted it.
+    pub created_at_ms: UnixMillis,
+    /// When the record last changed.
+    pub updated_at_ms: UnixMillis,
+}
+
+/// The outcome of claiming an instance id for a RunInstances request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Claim {
+    /// The row was inserted: go and run it.
+    Created,
+    /// The same account already used this client token: here is that instance.
+    Existing(Box<InstanceRow>),
+}
+
+/// A volume created through the primary control interface.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VolumeRow {
+    /// The agent that holds it.
+    pub agent_id: Uuid,
+    /// The account that created it.
+    pub account: String,
+    /// The agent's latest record.
+    pub record: surplus_protocol::control::Volume,
+    /// When the record last changed.
+    pub updated_at_ms: UnixMillis,
+}
+
 /// The storage contract.
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug + 'static {
@@ -396,4 +437,37 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<(), StoreError>;
     /// The principal of a token hash, unless revoked.
     async fn api_principal(&self, token_hash: &str) -> Result<Option<Principal>, StoreError>;
+    /// Inserts `row` unless the account already used its client token, atomically: of
+    /// two racing requests with one token exactly one is `Created`.
+    async fn claim_instance(&self, row: &InstanceRow) -> Result<Claim, StoreError>;
+    /// One instance.
+    async fn instance(&self, id: &str) -> Result<Option<InstanceRow>, StoreError>;
+    /// Instances of one account (all with `None`), oldest first.
+    async fn instances(&self, account: Option<&str>) -> Result<Vec<InstanceRow>, StoreError>;
+    /// Instances hosted by one agent.
+    async fn agent_instances(&self, agent_id: Uuid) -> Result<Vec<InstanceRow>, StoreError>;
+    /// Replaces the record of known instances (unknown ids are ignored).
+    async fn update_instances(
+        &self,
+        records: &[surplus_protocol::control::Instance],
+        now_ms: UnixMillis,
+    ) -> Result<(), StoreError>;
+    /// Inserts or replaces a volume.
+    async fn put_volume(&self, row: &VolumeRow) -> Result<(), StoreError>;
+    /// One volume.
+    async fn volume(&self, id: &str) -> Result<Option<VolumeRow>, StoreError>;
+    /// Volumes of one account (all with `None`).
+    async fn volumes(&self, account: Option<&str>) -> Result<Vec<VolumeRow>, StoreError>;
+    /// Stores an agent's latest compatibility results.
+    async fn save_compat_report(
+        &self,
+        agent_id: Uuid,
+        report: &surplus_protocol::control::CompatReport,
+        now_ms: UnixMillis,
+    ) -> Result<(), StoreError>;
+    /// An agent's latest compatibility results and when they arrived.
+    async fn compat_report(
+        &self,
+        agent_id: Uuid,
+    ) -> Result<Option<(surplus_protocol::control::CompatReport, UnixMillis)>, StoreError>;
 }

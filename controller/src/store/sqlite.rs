@@ -35,6 +35,31 @@ fn parse_json<T: serde::de::DeserializeOwned>(s: &str, what: &str) -> Result<T, 
     serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
 }
 
+fn instance_from_row(row: &SqliteRow) -> Result<InstanceRow, StoreError> {
+    Ok(InstanceRow {
+        agent_id: parse_uuid(row.try_get("agent_id")?)?,
+        account: row.try_get("account")?,
+        client_token: row.try_get("client_token")?,
+        request_hash: row.try_get("request_hash")?,
+        record: parse_json(row.try_get("record")?, "instance record")?,
+        created_at_ms: row.try_get("created_at_ms")?,
+        updated_at_ms: row.try_get("updated_at_ms")?,
+    })
+}
+
+fn volume_from_row(row: &SqliteRow) -> Result<VolumeRow, StoreError> {
+    Ok(VolumeRow {
+        agent_id: parse_uuid(row.try_get("agent_id")?)?,
+        account: row.try_get("account")?,
+        record: parse_json(row.try_get("record")?, "volume record")?,
+        updated_at_ms: row.try_get("updated_at_ms")?,
+    })
+}
+
+fn json_text<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).expect("records serialize")
+}
+
 fn agent_from_row(row: &SqliteRow) -> Result<AgentRecord, StoreError> {
     let inventory: Option<String> = row.try_get("inventory")?;
     Ok(AgentRecord {
@@ -539,6 +564,159 @@ impl Store for SqliteStore {
                 account: r.try_get("account")?,
                 role: Role::parse(r.try_get("role")?)?,
             })
+        })
+        .transpose()
+    }
+
+    async fn claim_instance(&self, row: &InstanceRow) -> Result<Claim, StoreError> {
+        let mut tx = self.write_tx().await?;
+        if let Some(token) = &row.client_token {
+            let existing =
+                sqlx::query("SELECT * FROM instances WHERE account = $1 AND client_token = $2")
+                    .bind(&row.account)
+                    .bind(token)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if let Some(existing) = existing {
+                return Ok(Claim::Existing(Box::new(instance_from_row(&existing)?)));
+            }
+        }
+        sqlx::query("INSERT INTO instances (id, agent_id, account, client_token, request_hash, state, record, created_at_ms, updated_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)")
+            .bind(&row.record.id)
+            .bind(row.agent_id.to_string())
+            .bind(&row.account)
+            .bind(&row.client_token)
+            .bind(&row.request_hash)
+            .bind(row.record.state.as_str())
+            .bind(json_text(&row.record))
+            .bind(row.created_at_ms)
+            .bind(row.updated_at_ms)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Claim::Created)
+    }
+
+    async fn instance(&self, id: &str) -> Result<Option<InstanceRow>, StoreError> {
+        sqlx::query("SELECT * FROM instances WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(instance_from_row)
+            .transpose()
+    }
+
+    async fn instances(&self, account: Option<&str>) -> Result<Vec<InstanceRow>, StoreError> {
+        sqlx::query(
+            "SELECT * FROM instances WHERE $1 IS NULL OR account = $1 ORDER BY created_at_ms, id",
+        )
+        .bind(account)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(instance_from_row)
+        .collect()
+    }
+
+    async fn agent_instances(&self, agent_id: Uuid) -> Result<Vec<InstanceRow>, StoreError> {
+        sqlx::query("SELECT * FROM instances WHERE agent_id = $1 ORDER BY created_at_ms, id")
+            .bind(agent_id.to_string())
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(instance_from_row)
+            .collect()
+    }
+
+    async fn update_instances(
+        &self,
+        records: &[surplus_protocol::control::Instance],
+        now_ms: UnixMillis,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.write_tx().await?;
+        for r in records {
+            sqlx::query(
+                "UPDATE instances SET state = $1, record = $2, updated_at_ms = $3 WHERE id = $4",
+            )
+            .bind(r.state.as_str())
+            .bind(json_text(r))
+            .bind(now_ms)
+            .bind(&r.id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn put_volume(&self, row: &VolumeRow) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO volumes (id, agent_id, account, state, record, created_at_ms, updated_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO UPDATE SET state = excluded.state, record = excluded.record, updated_at_ms = excluded.updated_at_ms")
+            .bind(&row.record.id)
+            .bind(row.agent_id.to_string())
+            .bind(&row.account)
+            .bind(row.record.state.as_str())
+            .bind(json_text(&row.record))
+            .bind(row.record.created_at_ms)
+            .bind(row.updated_at_ms)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn volume(&self, id: &str) -> Result<Option<VolumeRow>, StoreError> {
+        sqlx::query("SELECT * FROM volumes WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(volume_from_row)
+            .transpose()
+    }
+
+    async fn volumes(&self, account: Option<&str>) -> Result<Vec<VolumeRow>, StoreError> {
+        sqlx::query(
+            "SELECT * FROM volumes WHERE $1 IS NULL OR account = $1 ORDER BY created_at_ms, id",
+        )
+        .bind(account)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(volume_from_row)
+        .collect()
+    }
+
+    async fn save_compat_report(
+        &self,
+        agent_id: Uuid,
+        report: &surplus_protocol::control::CompatReport,
+        now_ms: UnixMillis,
+    ) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO compat_reports (agent_id, driver, level, report, reported_at_ms) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (agent_id) DO UPDATE SET driver = excluded.driver, level = excluded.level, report = excluded.report, reported_at_ms = excluded.reported_at_ms")
+            .bind(agent_id.to_string())
+            .bind(&report.driver)
+            .bind(json_text(&report.level).trim_matches('"').to_owned())
+            .bind(json_text(report))
+            .bind(now_ms)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn compat_report(
+        &self,
+        agent_id: Uuid,
+    ) -> Result<Option<(surplus_protocol::control::CompatReport, UnixMillis)>, StoreError> {
+        let row =
+            sqlx::query("SELECT report, reported_at_ms FROM compat_reports WHERE agent_id = $1")
+                .bind(agent_id.to_string())
+                .fetch_optional(&self.pool)
+                .await?;
+        row.map(|r| {
+            Ok((
+                parse_json(r.try_get("report")?, "compat report")?,
+                r.try_get("reported_at_ms")?,
+            ))
         })
         .transpose()
     }

@@ -1,0 +1,323 @@
+//! Control groups for the process driver, on either hierarchy a host may have: the
+//! unified v2 tree (most current distributions) or v1 with separate `cpu` and `memory`
+//! controllers (older hosts, some sandboxes). Both are files under a root that tests can
+//! point elsewhere; nothing here runs a program.
+
+use std::path::{Path, PathBuf};
+
+use surplus_protocol::control::Limits;
+
+/// CFS period used for CPU quotas, µs.
+pub const CPU_PERIOD_US: u64 = 100_000;
+
+/// Which hierarchy a host offers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Hierarchy {
+    /// One tree with `cgroup.controllers`.
+    V2 {
+        /// Mount point (`/sys/fs/cgroup`).
+        root: PathBuf,
+    },
+    /// Separate mounts per controller.
+    V1 {
+        /// The `cpu` controller's mount.
+        cpu: PathBuf,
+        /// The `memory` controller's mount.
+        memory: PathBuf,
+    },
+}
+
+impl Hierarchy {
+    /// Finds what `root` (normally `/sys/fs/cgroup`) offers. A v2 tree counts only if
+    /// it can delegate `cpu` and `memory`; a hybrid host (v1 controllers plus an empty
+    /// unified tree) is v1.
+    pub fn detect(root: &Path) -> Result<Self, String> {
+        if let Ok(controllers) = std::fs::read_to_string(root.join("cgroup.controllers")) {
+            let has = |c: &str| controllers.split_whitespace().any(|x| x == c);
+            if has("cpu") && has("memory") {
+                return Ok(Hierarchy::V2 {
+                    root: root.to_owned(),
+                });
+            }
+        }
+        let cpu = ["cpu", "cpu,cpuacct", "cpuacct,cpu"]
+            .iter()
+            .map(|n| root.join(n))
+            .find(|p| p.join("cpu.cfs_quota_us").exists());
+        let memory = root.join("memory");
+        match cpu {
+            Some(cpu) if memory.join("memory.limit_in_bytes").exists() => {
+                Ok(Hierarchy::V1 { cpu, memory })
+            }
+            _ => Err(format!(
+                "no usable cgroup hierarchy under {}: need cgroup v2 with the cpu and memory controllers, or v1 cpu and memory mounts",
+                root.display()
+            )),
+        }
+    }
+
+    /// `v1` or `v2`.
+    pub fn version(&self) -> &'static str {
+        match self {
+            Hierarchy::V2 { .. } => "v2",
+            Hierarchy::V1 { .. } => "v1",
+        }
+    }
+}
+
+/// One instance's group (in both v1 controllers, or one v2 directory).
+#[derive(Debug, Clone)]
+pub struct Group {
+    hierarchy: Hierarchy,
+    /// The directories: one for v2, cpu then memory for v1.
+    dirs: Vec<PathBuf>,
+}
+
+fn write(path: &Path, value: &str) -> std::io::Result<()> {
+    std::fs::write(path, value)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+}
+
+impl Group {
+    /// The group `parent/name` (not created yet).
+    pub fn new(hierarchy: &Hierarchy, parent: &str, name: &str) -> Self {
+        let dirs = match hierarchy {
+            Hierarchy::V2 { root } => vec![root.join(parent).join(name)],
+            Hierarchy::V1 { cpu, memory } => {
+                vec![cpu.join(parent).join(name), memory.join(parent).join(name)]
+            }
+        };
+        Self {
+            hierarchy: hierarchy.clone(),
+            dirs,
+        }
+    }
+
+    /// The first directory, which names the group in records.
+    pub fn path(&self) -> &Path {
+        &self.dirs[0]
+    }
+
+    /// Does the group exist?
+    pub fn exists(&self) -> bool {
+        self.dirs.iter().all(|d| d.is_dir())
+    }
+
+    /// Creates the group (and, on v2, delegates cpu and memory to it).
+    pub fn create(&self) -> std::io::Result<()> {
+        if let Hierarchy::V2 { root } = &self.hierarchy {
+            let parent = self.dirs[0].parent().expect("group has a parent");
+            std::fs::create_dir_all(parent)?;
+            // Enable the controllers on every level from the root down to the parent.
+            let mut level = root.clone();
+            write(&level.join("cgroup.subtree_control"), "+cpu +memory")?;
+            for part in parent.strip_prefix(root).expect("under root").components() {
+                level.push(part);
+                write(&level.join("cgroup.subtree_control"), "+cpu +memory")?;
+            }
+        }
+        for d in &self.dirs {
+            std::fs::create_dir_all(d)?;
+        }
+        Ok(())
+    }
+
+    /// Files that a child process writes `0` into to join the group before it runs
+    /// anything (see the process driver's `pre_exec`).
+    pub fn procs_files(&self) -> Vec<PathBuf> {
+        self.dirs.iter().map(|d| d.join("cgroup.procs")).collect()
+    }
+
+    /// Applies `limits`; `None` fields lift the limit.
+    pub fn set_limits(&self, limits: &Limits) -> std::io::Result<()> {
+        let quota = limits
+            .millicpus
+            .map(|m| u64::from(m) * CPU_PERIOD_US / 1000);
+        match &self.hierarchy {
+            Hierarchy::V2 { .. } => {
+                let d = &self.dirs[0];
+                let cpu = match quota {
+                    Some(q) => format!("{q} {CPU_PERIOD_US}"),
+                    None => format!("max {CPU_PERIOD_US}"),
+                };
+                write(&d.join("cpu.max"), &cpu)?;
+                let mem = limits
+                    .memory_bytes
+                    .map_or("max".to_owned(), |b| b.to_string());
+                write(&d.join("memory.max"), &mem)?;
+                if d.join("memory.swap.max").exists() {
+                    // The limit is on memory, not memory plus swap.
+                    write(
+                        &d.join("memory.swap.max"),
+                        if limits.memory_bytes.is_some() {
+                            "0"
+                        } else {
+                            "max"
+                        },
+                    )?;
+                }
+            }
+            Hierarchy::V1 { .. } => {
+                let (cpu, mem) = (&self.dirs[0], &self.dirs[1]);
+                write(&cpu.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+                write(
+                    &cpu.join("cpu.cfs_quota_us"),
+                    &quota.map_or("-1".to_owned(), |q| q.to_string()),
+                )?;
+                // memsw must stay >= memory: lift it first, set memory, then pin it.
+                let memsw = mem.join("memory.memsw.limit_in_bytes");
+                if memsw.exists() {
+                    write(&memsw, "-1")?;
+                }
+                write(
+                    &mem.join("memory.limit_in_bytes"),
+                    &limits
+                        .memory_bytes
+                        .map_or("-1".to_owned(), |b| b.to_string()),
+                )?;
+                if let (true, Some(b)) = (memsw.exists(), limits.memory_bytes) {
+                    write(&memsw, &b.to_string())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Limits as the kernel now enforces them (read back, not remembered).
+    pub fn read_limits(&self) -> std::io::Result<Limits> {
+        let read = |p: PathBuf| -> std::io::Result<String> {
+            Ok(std::fs::read_to_string(p)?.trim().to_owned())
+        };
+        let (quota, period, memory) = match &self.hierarchy {
+            Hierarchy::V2 { .. } => {
+                let d = &self.dirs[0];
+                let cpu = read(d.join("cpu.max"))?;
+                let mut parts = cpu.split_whitespace();
+                let quota = parts.next().and_then(|q| q.parse::<u64>().ok());
+                let period = parts.next().and_then(|p| p.parse::<u64>().ok());
+                let memory = read(d.join("memory.max"))?.parse::<u64>().ok();
+                (quota, period, memory)
+            }
+            Hierarchy::V1 { .. } => {
+                let quota = read(self.dirs[0].join("cpu.cfs_quota_us"))?
+                    .parse::<u64>()
+                    .ok();
+                let period = read(self.dirs[0].join("cpu.cfs_period_us"))?
+                    .parse::<u64>()
+                    .ok();
+                // v1 reports "no limit" as a huge page-rounded number.
+                let memory = read(self.dirs[1].join("memory.limit_in_bytes"))?
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|&b| b < 1 << 62);
+                (quota, period, memory)
+            }
+        };
+        Ok(Limits {
+            millicpus: match (quota, period) {
+                (Some(q), Some(p)) if p > 0 => u32::try_from(q * 1000 / p).ok(),
+                _ => None,
+            },
+            memory_bytes: memory,
+        })
+    }
+
+    /// Process ids in the group.
+    pub fn pids(&self) -> std::io::Result<Vec<i32>> {
+        let mut pids = Vec::new();
+        for f in self.procs_files() {
+            match std::fs::read_to_string(&f) {
+                Ok(text) => pids.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok())),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        pids.sort_unstable();
+        pids.dedup();
+        Ok(pids)
+    }
+
+    /// Sends `signal` to every process in the group.
+    pub fn signal(&self, signal: i32) -> std::io::Result<usize> {
+        let pids = self.pids()?;
+        for &pid in &pids {
+            // SAFETY: kill(2) with a pid read from the group and a valid signal number
+            // has no memory effects; a process that already ended gives ESRCH.
+            unsafe { libc::kill(pid, signal) };
+        }
+        Ok(pids.len())
+    }
+
+    /// Removes the (empty) group.
+    pub fn remove(&self) -> std::io::Result<()> {
+        for d in &self.dirs {
+            match std::fs::remove_dir(d) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(std::io::Error::new(
+                        e.kind(),
+                        format!("{}: {e}", d.display()),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A v2 tree laid out as the kernel would, in a temporary directory: the files the
+    /// driver writes and reads back.
+    #[test]
+    fn v2_limits_are_written_and_read_back_in_kernel_format() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(
+            root.path().join("cgroup.controllers"),
+            "cpuset cpu io memory pids\n",
+        )
+        .unwrap();
+        std::fs::write(root.path().join("cgroup.subtree_control"), "").unwrap();
+        let h = Hierarchy::detect(root.path()).unwrap();
+        assert_eq!(h.version(), "v2");
+        let g = Group::new(&h, "surplus", "i-0000000000000001");
+        std::fs::create_dir_all(root.path().join("surplus")).unwrap();
+        std::fs::write(root.path().join("surplus/cgroup.subtree_control"), "").unwrap();
+        g.create().unwrap();
+        assert_eq!(
+            std::fs::read_to_string(root.path().join("surplus/cgroup.subtree_control")).unwrap(),
+            "+cpu +memory"
+        );
+        let limits = Limits {
+            millicpus: Some(500),
+            memory_bytes: Some(64 << 20),
+        };
+        g.set_limits(&limits).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(g.path().join("cpu.max")).unwrap(),
+            "50000 100000"
+        );
+        assert_eq!(
+            std::fs::read_to_string(g.path().join("memory.max")).unwrap(),
+            "67108864"
+        );
+        assert_eq!(g.read_limits().unwrap(), limits);
+        g.set_limits(&Limits::default()).unwrap();
+        assert_eq!(g.read_limits().unwrap(), Limits::default());
+    }
+
+    #[test]
+    fn a_hybrid_host_with_an_empty_unified_tree_is_v1() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(root.path().join("cgroup.controllers"), "\n").unwrap();
+        assert!(Hierarchy::detect(root.path()).is_err());
+        std::fs::create_dir_all(root.path().join("cpu,cpuacct")).unwrap();
+        std::fs::write(root.path().join("cpu,cpuacct/cpu.cfs_quota_us"), "-1").unwrap();
+        std::fs::create_dir_all(root.path().join("memory")).unwrap();
+        std::fs::write(root.path().join("memory/memory.limit_in_bytes"), "1").unwrap();
+        assert_eq!(Hierarchy::detect(root.path()).unwrap().version(), "v1");
+    }
+}

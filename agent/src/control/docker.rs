@@ -1,0 +1,391 @@
+//! The `docker` driver: the Docker Engine API over its Unix socket, through bollard.
+//!
+//! An instance is the container `surplus-<id>` with the instance's labels plus
+//! `surplus.instance`, its limits as `NanoCpus` and `Memory` (swap pinned to the same
+//! figure), its ports as port bindings and its volumes as the Docker volumes
+//! `surplus-<vol-id>`. A snapshot is a tar archive of the volume, read through a
+//! stopped helper container that mounts it read-only.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bollard::Docker;
+use bollard::models::{
+    ContainerCreateBody, ContainerUpdateBody, HostConfig, PortBinding, VolumeCreateRequest,
+};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, DownloadFromContainerOptionsBuilder,
+    RemoveContainerOptionsBuilder, RemoveVolumeOptionsBuilder, StopContainerOptionsBuilder,
+};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use surplus_protocol::control::*;
+use tokio::io::AsyncWriteExt;
+
+use super::{Driver, DriverError, Mount, Observed};
+
+/// `[control.docker]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DockerConfig {
+    /// The engine's Unix socket.
+    pub socket: PathBuf,
+    /// A local image holding `/bin/sh`-free busybox or anything else; used only to
+    /// read volumes for snapshots (the container is never started).
+    pub helper_image: String,
+    /// Where snapshot archives go; empty means `<data_dir>/control/snapshots`.
+    pub snapshot_dir: PathBuf,
+}
+
+impl Default for DockerConfig {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from("/var/run/docker.sock"),
+            helper_image: "surplus/busybox:latest".into(),
+            snapshot_dir: PathBuf::new(),
+        }
+    }
+}
+
+/// The Docker driver.
+pub struct DockerDriver {
+    docker: Docker,
+    helper_image: String,
+    snapshots: PathBuf,
+}
+
+/// The container name of an instance.
+pub fn container_name(id: &str) -> String {
+    format!("surplus-{id}")
+}
+
+/// The Docker volume name of a volume.
+pub fn volume_name(id: &str) -> String {
+    format!("surplus-{id}")
+}
+
+fn engine(context: &str, e: bollard::errors::Error) -> DriverError {
+    DriverError::failed(&format!("docker engine: {context}"), e)
+}
+
+fn status_of(e: &bollard::errors::Error) -> Option<u16> {
+    match e {
+        bollard::errors::Error::DockerResponseServerError { status_code, .. } => Some(*status_code),
+        _ => None,
+    }
+}
+
+/// Limits in the engine's terms: `(NanoCpus, Memory, MemorySwap)`; zero lifts a limit.
+pub fn engine_limits(limits: &Limits) -> (i64, i64, i64) {
+    let nano = limits.millicpus.map_or(0, |m| i64::from(m) * 1_000_000);
+    let memory = limits.memory_bytes.map_or(0, |b| b as i64);
+    // Swap equal to memory: the limit is on memory, not memory plus swap.
+    let swap = if memory > 0 { memory } else { -1 };
+    (nano, memory, swap)
+}
+
+impl DockerDriver {
+    /// Connects to the engine and checks it answers.
+    pub async fn open(config: &DockerConfig, data_dir: &Path) -> Result<Self, DriverError> {
+        let socket = config.socket.display().to_string();
+        let docker = Docker::connect_with_unix(&socket, 60, bollard::API_DEFAULT_VERSION)
+            .map_err(|e| engine(&format!("cannot use {socket}"), e))?
+            .negotiate_version()
+            .await
+            .map_err(|e| engine(&format!("no engine answers on {socket}"), e))?;
+        let snapshots = if config.snapshot_dir.as_os_str().is_empty() {
+            data_dir.join("control").join("snapshots")
+        } else {
+            config.snapshot_dir.clone()
+        };
+        std::fs::create_dir_all(&snapshots)
+            .map_err(|e| DriverError::failed(&snapshots.display().to_string(), e))?;
+        tracing::info!(socket = %socket, api = ?docker.client_version(), "docker driver ready");
+        Ok(Self {
+            docker,
+            helper_image: config.helper_image.clone(),
+            snapshots,
+        })
+    }
+
+    fn create_body(
+        &self,
+        id: &str,
+        spec: &RunSpec,
+        mounts: &[Mount],
+    ) -> Result<ContainerCreateBody, DriverError> {
+        let image = spec
+            .image
+            .clone()
+            .ok_or_else(|| Invalid::new("image", "the docker driver needs an image"))?;
+        let mut labels: HashMap<String, String> = spec.labels.clone().into_iter().collect();
+        labels.insert("surplus.instance".into(), id.into());
+        let (nano_cpus, memory, memory_swap) = engine_limits(&spec.limits);
+        let mut bindings: HashMap<String, Option<Vec<PortBinding>>> = HashMap::new();
+        for p in &spec.ports {
+            bindings
+                .entry(format!("{}/{}", p.instance_port, p.protocol.as_str()))
+                .or_insert_with(|| Some(Vec::new()))
+                .get_or_insert_with(Vec::new)
+                .push(PortBinding {
+                    host_ip: None,
+                    host_port: Some(p.host_port.to_string()),
+                });
+        }
+        Ok(ContainerCreateBody {
+            image: Some(image),
+            cmd: (!spec.command.is_empty()).then(|| spec.command.clone()),
+            env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+            labels: Some(labels),
+            exposed_ports: Some(bindings.keys().cloned().collect()),
+            host_config: Some(HostConfig {
+                nano_cpus: Some(nano_cpus),
+                memory: Some(memory),
+                memory_swap: Some(memory_swap),
+                port_bindings: Some(bindings),
+                binds: Some(
+                    mounts
+                        .iter()
+                        .map(|m| format!("{}:{}", m.native_id, m.attachment.mount_path))
+                        .collect(),
+                ),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    }
+}
+
+#[async_trait]
+impl Driver for DockerDriver {
+    fn name(&self) -> String {
+        "docker".into()
+    }
+
+    async fn run(&self, id: &str, spec: &RunSpec, mounts: &[Mount]) -> Result<String, DriverError> {
+        let name = container_name(id);
+        let body = self.create_body(id, spec, mounts)?;
+        let options = CreateContainerOptionsBuilder::new().name(&name).build();
+        let native = match self.docker.create_container(Some(options), body).await {
+            Ok(created) => created.id,
+            // A retry: the container exists from the first attempt.
+            Err(e) if status_of(&e) == Some(409) => self
+                .docker
+                .inspect_container(&name, None)
+                .await
+                .map_err(|e| engine("inspect", e))?
+                .id
+                .unwrap_or(name.clone()),
+            Err(e) => return Err(engine("create container", e)),
+        };
+        match self.docker.start_container(&native, None).await {
+            Ok(()) => Ok(native),
+            Err(e) if status_of(&e) == Some(304) => Ok(native),
+            Err(e) => Err(engine("start container", e)),
+        }
+    }
+
+    async fn start(&self, instance: &Instance, _: &[Mount]) -> Result<(), DriverError> {
+        match self
+            .docker
+            .start_container(&container_name(&instance.id), None)
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if status_of(&e) == Some(304) => Ok(()),
+            Err(e) => Err(engine("start container", e)),
+        }
+    }
+
+    async fn stop(&self, instance: &Instance, grace: Duration) -> Result<(), DriverError> {
+        let options = StopContainerOptionsBuilder::new()
+            .t(grace.as_secs().try_into().unwrap_or(i32::MAX))
+            .build();
+        match self
+            .docker
+            .stop_container(&container_name(&instance.id), Some(options))
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if status_of(&e) == Some(304) => Ok(()),
+            Err(e) => Err(engine("stop container", e)),
+        }
+    }
+
+    async fn reboot(
+        &self,
+        instance: &Instance,
+        _: &[Mount],
+        grace: Duration,
+    ) -> Result<(), DriverError> {
+        let options = bollard::query_parameters::RestartContainerOptionsBuilder::new()
+            .t(grace.as_secs().try_into().unwrap_or(i32::MAX))
+            .build();
+        self.docker
+            .restart_container(&container_name(&instance.id), Some(options))
+            .await
+            .map_err(|e| engine("restart container", e))
+    }
+
+    async fn terminate(&self, instance: &Instance, grace: Duration) -> Result<(), DriverError> {
+        let name = container_name(&instance.id);
+        if !grace.is_zero() {
+            let _ = self.stop(instance, grace).await;
+        }
+        let options = RemoveContainerOptionsBuilder::new().force(true).build();
+        match self.docker.remove_container(&name, Some(options)).await {
+            Ok(()) => Ok(()),
+            Err(e) if status_of(&e) == Some(404) => Ok(()),
+            Err(e) => Err(engine("remove container", e)),
+        }
+    }
+
+    async fn observe(&self, instance: &Instance) -> Result<Observed, DriverError> {
+        let inspected = match self
+            .docker
+            .inspect_container(&container_name(&instance.id), None)
+            .await
+        {
+            Ok(i) => i,
+            Err(e) if status_of(&e) == Some(404) => {
+                return Ok(Observed {
+                    gone: true,
+                    ..Default::default()
+                });
+            }
+            Err(e) => return Err(engine("inspect container", e)),
+        };
+        let state = inspected.state.unwrap_or_default();
+        let host = inspected.host_config.unwrap_or_default();
+        let running = state.running.unwrap_or(false);
+        Ok(Observed {
+            gone: false,
+            running,
+            exit_code: state
+                .exit_code
+                .filter(|_| {
+                    !running
+                        && state
+                            .finished_at
+                            .as_deref()
+                            .is_some_and(|f| !f.starts_with("0001"))
+                })
+                .map(|c| c as i32),
+            applied: Limits {
+                millicpus: host
+                    .nano_cpus
+                    .filter(|&n| n > 0)
+                    .map(|n| (n / 1_000_000) as u32),
+                memory_bytes: host.memory.filter(|&m| m > 0).map(|m| m as u64),
+            },
+            processes: None,
+        })
+    }
+
+    async fn set_limits(&self, instance: &Instance, limits: &Limits) -> Result<(), DriverError> {
+        let (nano, memory, swap) = engine_limits(limits);
+        let body = ContainerUpdateBody {
+            nano_cpus: Some(nano),
+            memory: Some(memory),
+            memory_swap: Some(swap),
+            ..Default::default()
+        };
+        self.docker
+            .update_container(&container_name(&instance.id), body)
+            .await
+            .map_err(|e| engine("update container", e))
+    }
+
+    async fn create_volume(&self, id: &str, size_bytes: u64) -> Result<String, DriverError> {
+        let name = volume_name(id);
+        let labels = HashMap::from([
+            ("surplus.volume".to_owned(), id.to_owned()),
+            ("surplus.size_bytes".to_owned(), size_bytes.to_string()),
+        ]);
+        self.docker
+            .create_volume(VolumeCreateRequest {
+                name: Some(name.clone()),
+                labels: Some(labels),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| engine("create volume", e))?;
+        Ok(name)
+    }
+
+    async fn delete_volume(&self, volume: &Volume) -> Result<(), DriverError> {
+        let options = RemoveVolumeOptionsBuilder::new().force(false).build();
+        match self
+            .docker
+            .remove_volume(&volume_name(&volume.id), Some(options))
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if status_of(&e) == Some(404) => Ok(()),
+            Err(e) => Err(engine("remove volume", e)),
+        }
+    }
+
+    async fn snapshot(
+        &self,
+        volume: &Volume,
+        snapshot_id: &str,
+    ) -> Result<(String, u64), DriverError> {
+        let helper = format!("surplus-snapshot-{snapshot_id}");
+        let body = ContainerCreateBody {
+            image: Some(self.helper_image.clone()),
+            // Never started, but the engine wants a command for an image without one.
+            cmd: Some(vec!["true".into()]),
+            labels: Some(HashMap::from([(
+                "surplus.snapshot".to_owned(),
+                snapshot_id.to_owned(),
+            )])),
+            host_config: Some(HostConfig {
+                binds: Some(vec![format!("{}:/volume:ro", volume_name(&volume.id))]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let options = CreateContainerOptionsBuilder::new().name(&helper).build();
+        self.docker
+            .create_container(Some(options), body)
+            .await
+            .map_err(|e| {
+                engine(
+                    &format!("create snapshot helper from {}", self.helper_image),
+                    e,
+                )
+            })?;
+        let path = self.snapshots.join(format!("{snapshot_id}.tar"));
+        let copied = async {
+            let mut file = tokio::fs::File::create(&path)
+                .await
+                .map_err(|e| DriverError::failed(&path.display().to_string(), e))?;
+            let options = DownloadFromContainerOptionsBuilder::new()
+                .path("/volume")
+                .build();
+            let mut stream = self.docker.download_from_container(&helper, Some(options));
+            let mut size = 0u64;
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| engine("read volume archive", e))?;
+                size += chunk.len() as u64;
+                file.write_all(&chunk)
+                    .await
+                    .map_err(|e| DriverError::failed("write snapshot", e))?;
+            }
+            file.sync_all()
+                .await
+                .map_err(|e| DriverError::failed("write snapshot", e))?;
+            Ok::<u64, DriverError>(size)
+        }
+        .await;
+        let options = RemoveContainerOptionsBuilder::new().force(true).build();
+        let _ = self.docker.remove_container(&helper, Some(options)).await;
+        let size = copied.inspect_err(|_| {
+            let _ = std::fs::remove_file(&path);
+        })?;
+        Ok((path.display().to_string(), size))
+    }
+}

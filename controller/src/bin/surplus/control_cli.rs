@@ -1,0 +1,362 @@
+//! `surplus run|start|stop|reboot|terminate|describe|volumes`: the primary control
+//! interface from the command line. Every command is one `POST /v1/control`.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
+use serde_json::{Value, json};
+use surplus_controller::control::ControlResponse;
+use surplus_protocol::control::{InstanceState, Limits};
+
+/// `surplus run`.
+#[derive(Args)]
+pub struct RunArgs {
+    /// Agent to run on (optional when the volumes or a single connected agent decide).
+    #[arg(long)]
+    agent: Option<String>,
+    /// Image (docker and mapped drivers).
+    #[arg(long)]
+    image: Option<String>,
+    /// A name.
+    #[arg(long)]
+    name: Option<String>,
+    /// vCPU limit, such as 0.5.
+    #[arg(long)]
+    cpus: Option<f64>,
+    /// Memory limit, such as 64MiB or 1GiB.
+    #[arg(long)]
+    memory: Option<String>,
+    /// Port mapping HOST:INSTANCE[/udp] (repeatable).
+    #[arg(long = "port", short = 'p')]
+    ports: Vec<String>,
+    /// Label key=value (repeatable).
+    #[arg(long = "label", short = 'l')]
+    labels: Vec<String>,
+    /// Environment variable KEY=VALUE (repeatable).
+    #[arg(long = "env", short = 'e')]
+    env: Vec<String>,
+    /// Volume to attach, VOLUME_ID:/path (repeatable).
+    #[arg(long = "volume", short = 'v')]
+    volumes: Vec<String>,
+    /// Idempotency token: retrying with the same token starts one instance.
+    #[arg(long)]
+    client_token: Option<String>,
+    /// Executable and arguments (after `--`).
+    #[arg(last = true)]
+    command: Vec<String>,
+}
+
+/// `surplus describe`.
+#[derive(Args)]
+pub struct DescribeArgs {
+    /// Instance ids (default: all yours).
+    ids: Vec<String>,
+    /// Only instances in this state (repeatable).
+    #[arg(long = "state")]
+    states: Vec<String>,
+    /// Only instances with this label key=value (repeatable).
+    #[arg(long = "label")]
+    labels: Vec<String>,
+    /// Show what the hosts report (limits read back, processes, exit codes).
+    #[arg(long)]
+    status: bool,
+}
+
+/// `surplus volumes ...`.
+#[derive(Subcommand)]
+pub enum VolumesCommand {
+    /// Your volumes.
+    List,
+    /// Create a volume.
+    Create {
+        /// Size, such as 1GiB.
+        #[arg(long)]
+        size: String,
+        /// A name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Agent to create it on.
+        #[arg(long)]
+        agent: Option<String>,
+    },
+    /// Delete a volume (it must not be attached).
+    Delete {
+        /// Volume id.
+        id: String,
+    },
+    /// Snapshot a volume.
+    Snapshot {
+        /// Volume id.
+        id: String,
+    },
+}
+
+/// Parses `64MiB`, `1GiB`, `512M`, `4096`: binary units, as container tools do.
+pub fn parse_size(text: &str) -> anyhow::Result<u64> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let number: f64 = number
+        .parse()
+        .with_context(|| format!("{text:?} is not a size"))?;
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        other => bail!("{text:?}: unknown unit {other:?} (use KiB, MiB, GiB or TiB)"),
+    };
+    Ok((number * factor as f64).round() as u64)
+}
+
+fn pairs(args: &[String], what: &str) -> anyhow::Result<BTreeMap<String, String>> {
+    args.iter()
+        .map(|kv| {
+            let (k, v) = kv
+                .split_once('=')
+                .with_context(|| format!("{what} {kv:?} is not key=value"))?;
+            Ok((k.to_owned(), v.to_owned()))
+        })
+        .collect()
+}
+
+/// The `POST /v1/control` body of `surplus run`.
+pub fn run_body(a: RunArgs) -> anyhow::Result<Value> {
+    let limits = Limits {
+        millicpus: a.cpus.map(|c| (c * 1000.0).round() as u32),
+        memory_bytes: a.memory.as_deref().map(parse_size).transpose()?,
+    };
+    let mut ports = Vec::new();
+    for p in &a.ports {
+        let (mapping, protocol) = p.split_once('/').unwrap_or((p, "tcp"));
+        let (host, instance) = mapping
+            .split_once(':')
+            .with_context(|| format!("port {p:?} is not HOST:INSTANCE[/udp]"))?;
+        ports.push(json!({
+            "host_port": host.parse::<u16>().with_context(|| format!("port {p:?}"))?,
+            "instance_port": instance.parse::<u16>().with_context(|| format!("port {p:?}"))?,
+            "protocol": protocol,
+        }));
+    }
+    let volumes: Vec<Value> = a
+        .volumes
+        .iter()
+        .map(|v| {
+            let (id, path) = v
+                .split_once(':')
+                .with_context(|| format!("volume {v:?} is not VOLUME_ID:/path"))?;
+            Ok(json!({ "volume_id": id, "mount_path": path }))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let mut body = json!({
+        "action": "RunInstances",
+        "command": a.command,
+        "env": pairs(&a.env, "env")?,
+        "labels": pairs(&a.labels, "label")?,
+        "limits": limits,
+        "ports": ports,
+        "volumes": volumes,
+    });
+    for (key, value) in [
+        ("agent_id", a.agent),
+        ("image", a.image),
+        ("name", a.name),
+        ("client_token", a.client_token),
+    ] {
+        if let Some(v) = value {
+            body[key] = v.into();
+        }
+    }
+    Ok(body)
+}
+
+/// The `POST /v1/control` body of `surplus describe`.
+pub fn describe_body(a: &DescribeArgs) -> anyhow::Result<Value> {
+    if a.status {
+        return Ok(json!({ "action": "DescribeInstanceStatus", "ids": a.ids }));
+    }
+    for s in &a.states {
+        if InstanceState::parse(s).is_none() {
+            bail!(
+                "--state {s:?}: one of pending, running, stopping, stopped, shutting-down, terminated"
+            );
+        }
+    }
+    Ok(json!({
+        "action": "DescribeInstances",
+        "ids": a.ids,
+        "states": a.states,
+        "labels": pairs(&a.labels, "label")?,
+    }))
+}
+
+/// The body of a volumes command.
+pub fn volumes_body(c: VolumesCommand) -> anyhow::Result<Value> {
+    Ok(match c {
+        VolumesCommand::List => json!({ "action": "DescribeVolumes" }),
+        VolumesCommand::Create { size, name, agent } => {
+            let mut body = json!({ "action": "CreateVolume", "size_bytes": parse_size(&size)? });
+            if let Some(n) = name {
+                body["name"] = n.into();
+            }
+            if let Some(a) = agent {
+                body["agent_id"] = a.into();
+            }
+            body
+        }
+        VolumesCommand::Delete { id } => json!({ "action": "DeleteVolume", "volume_id": id }),
+        VolumesCommand::Snapshot { id } => json!({ "action": "CreateSnapshot", "volume_id": id }),
+    })
+}
+
+fn limits_text(l: &Limits) -> (String, String) {
+    (
+        l.millicpus
+            .map_or("-".into(), |m| format!("{}", m as f64 / 1000.0)),
+        l.memory_bytes
+            .map_or("-".into(), |b| format!("{} MiB", b >> 20)),
+    )
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_BORDERS_ONLY);
+    t.set_header(header.to_vec());
+    t
+}
+
+/// Prints a control answer for people.
+pub fn show(response: &ControlResponse) {
+    match response {
+        ControlResponse::Instances(list) => {
+            let mut t = table(&[
+                "instance",
+                "name",
+                "state",
+                "agent",
+                "image / command",
+                "cpus",
+                "memory",
+                "labels",
+                "reason",
+            ]);
+            for v in list {
+                let i = &v.instance;
+                let (cpu, mem) = limits_text(&i.spec.limits);
+                let what = i
+                    .spec
+                    .image
+                    .clone()
+                    .unwrap_or_else(|| i.spec.command.join(" "));
+                let labels: Vec<String> = i
+                    .spec
+                    .labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                let state = if v.stale {
+                    format!("{} (stale)", i.state)
+                } else {
+                    i.state.to_string()
+                };
+                t.add_row(vec![
+                    i.id.clone(),
+                    i.spec.name.clone().unwrap_or_default(),
+                    state,
+                    v.agent_id.to_string()[..8].to_owned(),
+                    what,
+                    cpu,
+                    mem,
+                    labels.join(","),
+                    i.state_reason.clone().unwrap_or_default(),
+                ]);
+            }
+            println!("{t}");
+        }
+        ControlResponse::StateChanges(changes) => {
+            for c in changes {
+                println!("{}  {} -> {}", c.instance_id, c.previous, c.current);
+            }
+        }
+        ControlResponse::Statuses(list) => {
+            let mut t = table(&[
+                "instance",
+                "state",
+                "cpus (applied)",
+                "memory (applied)",
+                "processes",
+                "exit code",
+                "reason",
+            ]);
+            for s in list {
+                let (cpu, mem) = limits_text(&s.applied);
+                t.add_row(vec![
+                    s.instance_id.clone(),
+                    s.state.to_string(),
+                    cpu,
+                    mem,
+                    s.processes.map_or("-".into(), |p| p.to_string()),
+                    s.exit_code.map_or("-".into(), |c| c.to_string()),
+                    s.state_reason.clone().unwrap_or_default(),
+                ]);
+            }
+            println!("{t}");
+        }
+        ControlResponse::Attribute { instance_id, value } => {
+            println!(
+                "{instance_id}: {}",
+                serde_json::to_string(value).expect("serializes")
+            );
+        }
+        ControlResponse::Volumes(list) => {
+            let mut t = table(&[
+                "volume",
+                "name",
+                "state",
+                "size",
+                "used",
+                "attached to",
+                "agent",
+            ]);
+            for v in list {
+                let vol = &v.volume;
+                t.add_row(vec![
+                    vol.id.clone(),
+                    vol.name.clone().unwrap_or_default(),
+                    vol.state.as_str().to_owned(),
+                    format!("{} MiB", vol.size_bytes >> 20),
+                    vol.used_bytes.map_or("-".into(), |b| format!("{b} B")),
+                    vol.attached_to.clone().unwrap_or_default(),
+                    v.agent_id.to_string()[..8].to_owned(),
+                ]);
+            }
+            println!("{t}");
+        }
+        ControlResponse::Snapshot(s) => {
+            println!(
+                "{}  of {}  {} bytes at {}",
+                s.id, s.volume_id, s.size_bytes, s.location
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_use_binary_units() {
+        assert_eq!(parse_size("64MiB").unwrap(), 64 << 20);
+        assert_eq!(parse_size("1g").unwrap(), 1 << 30);
+        assert_eq!(parse_size("0.5GiB").unwrap(), 512 << 20);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("5 parsecs").is_err());
+    }
+}

@@ -1,0 +1,1150 @@
+//! The controller's side of the primary control interface: parsing `POST /v1/control`
+//! bodies, deciding who may do what, routing each command over QUIC to the agent that
+//! hosts the instance or volume, and keeping the last answer so that descriptions
+//! survive an offline agent and a restarted agent is reconciled.
+//!
+//! [`parse_request`] and [`authorise`] are pure; [`Controller::control`] is the thin
+//! I/O layer around them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use surplus_protocol::Message;
+use surplus_protocol::clock::UnixMillis;
+use surplus_protocol::control::*;
+use uuid::Uuid;
+
+use crate::service::Controller;
+use crate::store::{Claim, InstanceRow, Principal, Role, StoreError, VolumeRow};
+
+/// A request of the primary control interface, as the API receives it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ControlRequest {
+    /// RunInstances.
+    Run {
+        /// Where to run it; optional when the volumes or a single agent decide.
+        agent_id: Option<Uuid>,
+        /// Idempotency token.
+        client_token: Option<String>,
+        /// What to run.
+        spec: RunSpec,
+    },
+    /// Start, Stop, Reboot, TerminateInstances.
+    Lifecycle {
+        /// Which.
+        op: Lifecycle,
+        /// Instances.
+        ids: Vec<String>,
+    },
+    /// DescribeInstances.
+    Describe(Filters),
+    /// DescribeInstanceStatus.
+    Status {
+        /// Instances (empty: all the caller's).
+        ids: Vec<String>,
+    },
+    /// DescribeInstanceAttribute.
+    Attribute {
+        /// Instance.
+        instance_id: String,
+        /// Attribute.
+        attribute: AttributeName,
+    },
+    /// ModifyInstanceAttribute.
+    Modify {
+        /// Instance.
+        instance_id: String,
+        /// New limits.
+        limits: Option<Limits>,
+        /// New labels.
+        labels: Option<BTreeMap<String, String>>,
+    },
+    /// CreateVolume.
+    CreateVolume {
+        /// Where.
+        agent_id: Option<Uuid>,
+        /// Name.
+        name: Option<String>,
+        /// Size.
+        size_bytes: u64,
+    },
+    /// DeleteVolume.
+    DeleteVolume {
+        /// Volume.
+        volume_id: String,
+    },
+    /// DescribeVolumes.
+    DescribeVolumes {
+        /// Volumes (empty: all the caller's).
+        ids: Vec<String>,
+    },
+    /// CreateSnapshot.
+    CreateSnapshot {
+        /// Volume.
+        volume_id: String,
+    },
+}
+
+/// Every action `POST /v1/control` accepts.
+pub const ACTIONS: &[&str] = &[
+    "RunInstances",
+    "StartInstances",
+    "StopInstances",
+    "RebootInstances",
+    "TerminateInstances",
+    "DescribeInstances",
+    "DescribeInstanceStatus",
+    "DescribeInstanceAttribute",
+    "ModifyInstanceAttribute",
+    "CreateVolume",
+    "DeleteVolume",
+    "DescribeVolumes",
+    "CreateSnapshot",
+];
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IdsBody {
+    #[serde(alias = "instance_ids")]
+    ids: Vec<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct OptionalIdsBody {
+    #[serde(alias = "instance_ids", alias = "volume_ids")]
+    ids: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AttributeBody {
+    instance_id: String,
+    attribute: AttributeName,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModifyBody {
+    instance_id: String,
+    #[serde(default)]
+    limits: Option<Limits>,
+    #[serde(default)]
+    labels: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateVolumeBody {
+    #[serde(default)]
+    agent_id: Option<Uuid>,
+    #[serde(default)]
+    name: Option<String>,
+    size_bytes: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VolumeBody {
+    volume_id: String,
+}
+
+fn typed<T: serde::de::DeserializeOwned>(body: Value) -> Result<T, Invalid> {
+    serde_path_to_error::deserialize(body).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        // serde names unknown and missing fields in its message; keep it whole.
+        let field = if path == "." {
+            inner
+                .split('`')
+                .nth(1)
+                .map_or_else(|| "body".to_owned(), str::to_owned)
+        } else {
+            path
+        };
+        Invalid::new(field, inner)
+    })
+}
+
+fn check_ids(field: &str, prefix: &str, ids: &[String]) -> Result<(), Invalid> {
+    for (n, id) in ids.iter().enumerate() {
+        validate_id(&format!("{field}[{n}]"), prefix, id)?;
+    }
+    Ok(())
+}
+
+/// Parses a `POST /v1/control` body: `{ "action": ..., ...fields }`. Unknown actions,
+/// unknown fields and bad values are refused naming the field.
+pub fn parse_request(body: Value) -> Result<ControlRequest, Invalid> {
+    let Value::Object(mut map) = body else {
+        return Err(Invalid::new("body", "must be a JSON object"));
+    };
+    let action = match map.remove("action") {
+        Some(Value::String(a)) => a,
+        Some(_) => return Err(Invalid::new("action", "must be a string")),
+        None => {
+            return Err(Invalid::new(
+                "action",
+                format!("missing; one of {}", ACTIONS.join(", ")),
+            ));
+        }
+    };
+    let lifecycle =
+        |op: Lifecycle, map: serde_json::Map<String, Value>| -> Result<ControlRequest, Invalid> {
+            let IdsBody { ids } = typed(Value::Object(map))?;
+            if ids.is_empty() {
+                return Err(Invalid::new("ids", "name at least one instance"));
+            }
+            check_ids("ids", INSTANCE_PREFIX, &ids)?;
+            Ok(ControlRequest::Lifecycle { op, ids })
+        };
+    let request = match action.as_str() {
+        "RunInstances" => {
+            let agent_id = match map.remove("agent_id") {
+                None | Some(Value::Null) => None,
+                Some(v) => Some(typed::<Uuid>(v).map_err(|e| Invalid::new("agent_id", e.reason))?),
+            };
+            let client_token = match map.remove("client_token") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(t))
+                    if !t.is_empty() && t.len() <= 64 && !t.chars().any(char::is_control) =>
+                {
+                    Some(t)
+                }
+                Some(_) => {
+                    return Err(Invalid::new(
+                        "client_token",
+                        "must be 1-64 printable characters",
+                    ));
+                }
+            };
+            let spec: RunSpec = typed(Value::Object(map))?;
+            spec.validate()?;
+            ControlRequest::Run {
+                agent_id,
+                client_token,
+                spec,
+            }
+        }
+        "StartInstances" => lifecycle(Lifecycle::Start, map)?,
+        "StopInstances" => lifecycle(Lifecycle::Stop, map)?,
+        "RebootInstances" => lifecycle(Lifecycle::Reboot, map)?,
+        "TerminateInstances" => lifecycle(Lifecycle::Terminate, map)?,
+        "DescribeInstances" => {
+            let filters: Filters = typed(Value::Object(map))?;
+            check_ids("ids", INSTANCE_PREFIX, &filters.ids)?;
+            ControlRequest::Describe(filters)
+        }
+        "DescribeInstanceStatus" => {
+            let OptionalIdsBody { ids } = typed(Value::Object(map))?;
+            check_ids("ids", INSTANCE_PREFIX, &ids)?;
+            ControlRequest::Status { ids }
+        }
+        "DescribeInstanceAttribute" => {
+            let b: AttributeBody = typed(Value::Object(map))?;
+            validate_id("instance_id", INSTANCE_PREFIX, &b.instance_id)?;
+            ControlRequest::Attribute {
+                instance_id: b.instance_id,
+                attribute: b.attribute,
+            }
+        }
+        "ModifyInstanceAttribute" => {
+            let b: ModifyBody = typed(Value::Object(map))?;
+            validate_id("instance_id", INSTANCE_PREFIX, &b.instance_id)?;
+            if b.limits.is_none() && b.labels.is_none() {
+                return Err(Invalid::new("limits", "give limits, labels or both"));
+            }
+            if let Some(l) = &b.limits {
+                l.validate("limits")?;
+            }
+            for (k, v) in b.labels.iter().flatten() {
+                validate_label(k, v)?;
+            }
+            ControlRequest::Modify {
+                instance_id: b.instance_id,
+                limits: b.limits,
+                labels: b.labels,
+            }
+        }
+        "CreateVolume" => {
+            let b: CreateVolumeBody = typed(Value::Object(map))?;
+            if let Some(n) = &b.name {
+                validate_name("name", n)?;
+            }
+            if b.size_bytes == 0 {
+                return Err(Invalid::new("size_bytes", "must be more than zero"));
+            }
+            ControlRequest::CreateVolume {
+                agent_id: b.agent_id,
+                name: b.name,
+                size_bytes: b.size_bytes,
+            }
+        }
+        "DeleteVolume" => {
+            let b: VolumeBody = typed(Value::Object(map))?;
+            validate_id("volume_id", VOLUME_PREFIX, &b.volume_id)?;
+            ControlRequest::DeleteVolume {
+                volume_id: b.volume_id,
+            }
+        }
+        "DescribeVolumes" => {
+            let OptionalIdsBody { ids } = typed(Value::Object(map))?;
+            check_ids("ids", VOLUME_PREFIX, &ids)?;
+            ControlRequest::DescribeVolumes { ids }
+        }
+        "CreateSnapshot" => {
+            let b: VolumeBody = typed(Value::Object(map))?;
+            validate_id("volume_id", VOLUME_PREFIX, &b.volume_id)?;
+            ControlRequest::CreateSnapshot {
+                volume_id: b.volume_id,
+            }
+        }
+        other => {
+            return Err(Invalid::new(
+                "action",
+                format!("unknown action {other:?}; one of {}", ACTIONS.join(", ")),
+            ));
+        }
+    };
+    Ok(request)
+}
+
+/// May `caller` act on something `owner` owns? Admins may act on everything; clients
+/// on what their account made. (Reservation holders join here with issue C.)
+pub fn authorise(caller: &Principal, owner: &str) -> bool {
+    caller.role == Role::Admin || caller.account == owner
+}
+
+/// May `caller` create instances and volumes at all?
+pub fn may_create(caller: &Principal) -> bool {
+    matches!(caller.role, Role::Admin | Role::Client)
+}
+
+/// Digest of what a RunInstances asks for, to recognise a reused client token.
+pub fn request_hash(agent_id: Uuid, spec: &RunSpec) -> String {
+    let text = serde_json::to_string(&(agent_id, spec)).expect("specs serialize");
+    surplus_certs::hex(&surplus_certs::sha256(text.as_bytes()))
+}
+
+/// Why a control request failed; the API maps each to a status.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// A value is not acceptable (400).
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    /// No such instance or volume (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// The caller may not (403).
+    #[error("{0}")]
+    Forbidden(String),
+    /// Conflicts with the current state or an earlier request (409).
+    #[error("{0}")]
+    Conflict(String),
+    /// The hosting agent is not connected (503).
+    #[error("agent {agent_id} is not connected ({seen})")]
+    Offline {
+        /// The agent.
+        agent_id: Uuid,
+        /// When it was last seen.
+        last_seen_ms: Option<UnixMillis>,
+        /// A sentence about it.
+        seen: String,
+    },
+    /// The agent did not answer in time (504).
+    #[error("agent {agent_id} did not answer within {after:?}")]
+    Timeout {
+        /// The agent.
+        agent_id: Uuid,
+        /// The limit.
+        after: Duration,
+    },
+    /// The agent answered with a failure.
+    #[error("agent {agent_id}: {failure}")]
+    Agent {
+        /// The agent.
+        agent_id: Uuid,
+        /// What it said.
+        failure: ControlFailure,
+    },
+    /// The exchange broke (502).
+    #[error("agent {agent_id}: {message}")]
+    Exchange {
+        /// The agent.
+        agent_id: Uuid,
+        /// What happened.
+        message: String,
+    },
+    /// Storage failed (500).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// An instance as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceView {
+    /// The agent's record.
+    #[serde(flatten)]
+    pub instance: Instance,
+    /// The agent hosting it.
+    pub agent_id: Uuid,
+    /// The owning account.
+    pub account: String,
+    /// The agent could not be asked: this is its last known record.
+    pub stale: bool,
+}
+
+/// A volume as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VolumeView {
+    /// The agent's record.
+    #[serde(flatten)]
+    pub volume: Volume,
+    /// The agent holding it.
+    pub agent_id: Uuid,
+    /// The owning account.
+    pub account: String,
+    /// The agent could not be asked: this is its last known record.
+    pub stale: bool,
+}
+
+/// The answer of `POST /v1/control`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ControlResponse {
+    /// RunInstances, DescribeInstances.
+    Instances(Vec<InstanceView>),
+    /// Lifecycle operations.
+    StateChanges(Vec<StateChange>),
+    /// DescribeInstanceStatus.
+    Statuses(Vec<InstanceStatus>),
+    /// Attribute reads and changes.
+    Attribute {
+        /// Instance.
+        instance_id: String,
+        /// Value.
+        value: AttributeValue,
+    },
+    /// Volume operations.
+    Volumes(Vec<VolumeView>),
+    /// CreateSnapshot.
+    Snapshot(Snapshot),
+}
+
+impl Controller {
+    /// Sends one command to an agent and waits for the translated answer.
+    pub async fn agent_command(
+        &self,
+        agent_id: Uuid,
+        command: Command,
+    ) -> Result<ControlReply, ControlError> {
+        let Some(conn) = self.registry.connection(agent_id) else {
+            return Err(self.offline(agent_id).await);
+        };
+        let action = command.action();
+        let started = std::time::Instant::now();
+        let answer = surplus_protocol::quic::request(
+            &conn,
+            &Message::Control(command),
+            self.config.max_frame_size,
+            self.config.control_timeout,
+        )
+        .await;
+        self.metrics.observe_control(action, started.elapsed());
+        match answer {
+            Ok(Message::ControlResult(Ok(reply))) => Ok(reply),
+            Ok(Message::ControlResult(Err(failure))) => {
+                Err(ControlError::Agent { agent_id, failure })
+            }
+            Ok(other) => Err(ControlError::Exchange {
+                agent_id,
+                message: format!("answered {} to a control command", other.kind()),
+            }),
+            Err(surplus_protocol::quic::ExchangeError::Timeout(after)) => {
+                Err(ControlError::Timeout { agent_id, after })
+            }
+            Err(surplus_protocol::quic::ExchangeError::Connection(e)) => {
+                tracing::info!(%agent_id, error = %e, "agent lost during a control command");
+                Err(self.offline(agent_id).await)
+            }
+            Err(e) => Err(ControlError::Exchange {
+                agent_id,
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    async fn offline(&self, agent_id: Uuid) -> ControlError {
+        let last_seen_ms = self
+            .store
+            .agent(agent_id)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|a| a.last_seen_ms);
+        let seen = last_seen_ms.map_or("never seen".to_owned(), |t| {
+            format!("last seen at {t} ms since the epoch")
+        });
+        ControlError::Offline {
+            agent_id,
+            last_seen_ms,
+            seen,
+        }
+    }
+
+    async fn owned_instance(
+        &self,
+        caller: &Principal,
+        id: &str,
+    ) -> Result<InstanceRow, ControlError> {
+        let row = self
+            .store
+            .instance(id)
+            .await?
+            .ok_or_else(|| ControlError::NotFound(format!("instance {id} not found")))?;
+        if !authorise(caller, &row.account) {
+            return Err(ControlError::Forbidden(format!(
+                "instance {id} belongs to another account"
+            )));
+        }
+        Ok(row)
+    }
+
+    async fn owned_volume(&self, caller: &Principal, id: &str) -> Result<VolumeRow, ControlError> {
+        let row = self
+            .store
+            .volume(id)
+            .await?
+            .ok_or_else(|| ControlError::NotFound(format!("volume {id} not found")))?;
+        if !authorise(caller, &row.account) {
+            return Err(ControlError::Forbidden(format!(
+                "volume {id} belongs to another account"
+            )));
+        }
+        Ok(row)
+    }
+
+    /// The agent a new instance or volume goes to.
+    async fn placement(&self, asked: Option<Uuid>) -> Result<Uuid, ControlError> {
+        if let Some(id) = asked {
+            let agent =
+                self.store.agent(id).await?.ok_or_else(|| {
+                    Invalid::new("agent_id", format!("agent {id} is not enrolled"))
+                })?;
+            if agent.status == crate::store::AgentStatus::Revoked {
+                return Err(Invalid::new("agent_id", format!("agent {id} is revoked")).into());
+            }
+            return Ok(id);
+        }
+        let connected = self.registry.connected_agents();
+        match connected.as_slice() {
+            [only] => Ok(*only),
+            [] => Err(Invalid::new("agent_id", "no agent is connected to run it").into()),
+            many => Err(Invalid::new(
+                "agent_id",
+                format!(
+                    "required when several agents ({}) are connected",
+                    many.len()
+                ),
+            )
+            .into()),
+        }
+    }
+
+    fn instance_view(&self, row: &InstanceRow, instance: Instance, stale: bool) -> InstanceView {
+        InstanceView {
+            instance,
+            agent_id: row.agent_id,
+            account: row.account.clone(),
+            stale,
+        }
+    }
+
+    /// Serves one control request for `caller`.
+    pub async fn control(
+        &self,
+        caller: &Principal,
+        request: ControlRequest,
+    ) -> Result<ControlResponse, ControlError> {
+        match request {
+            ControlRequest::Run {
+                agent_id,
+                client_token,
+                spec,
+            } => {
+                self.run_instance(caller, agent_id, client_token, spec)
+                    .await
+            }
+            ControlRequest::Lifecycle { op, ids } => {
+                let mut rows = Vec::with_capacity(ids.len());
+                for id in &ids {
+                    rows.push(self.owned_instance(caller, id).await?);
+                }
+                let mut changes = Vec::new();
+                for (agent_id, ids) in group(rows.iter().map(|r| (r.agent_id, r.record.id.clone())))
+                {
+                    match self
+                        .agent_command(agent_id, Command::Lifecycle { op, ids })
+                        .await?
+                    {
+                        ControlReply::StateChanges(c) => changes.extend(c),
+                        other => return Err(unexpected(agent_id, &other)),
+                    }
+                }
+                // Keep the stored records in step with what the agents now say.
+                let now = self.clock.now_ms();
+                let updated: Vec<Instance> = rows
+                    .into_iter()
+                    .filter_map(|r| {
+                        let c = changes.iter().find(|c| c.instance_id == r.record.id)?;
+                        let mut record = r.record;
+                        if record.state != c.current {
+                            record.state = c.current;
+                            record.state_reason = None;
+                            record.state_changed_at_ms = now;
+                        }
+                        Some(record)
+                    })
+                    .collect();
+                self.store.update_instances(&updated, now).await?;
+                Ok(ControlResponse::StateChanges(changes))
+            }
+            ControlRequest::Describe(filters) => {
+                let rows = self.visible_instances(caller, &filters.ids).await?;
+                let mut out = Vec::new();
+                for (agent_id, ids) in group(rows.iter().map(|r| (r.agent_id, r.record.id.clone())))
+                {
+                    let command = Command::DescribeInstances(Filters {
+                        ids: ids.clone(),
+                        ..filters.clone()
+                    });
+                    match self.agent_command(agent_id, command).await {
+                        Ok(ControlReply::Instances(list)) => {
+                            self.store
+                                .update_instances(&list, self.clock.now_ms())
+                                .await?;
+                            for i in list {
+                                let row = rows
+                                    .iter()
+                                    .find(|r| r.record.id == i.id)
+                                    .expect("asked for");
+                                out.push(self.instance_view(row, i, false));
+                            }
+                        }
+                        Ok(other) => return Err(unexpected(agent_id, &other)),
+                        // An unreachable host does not hide its instances: show the last
+                        // known records, marked stale.
+                        Err(
+                            ControlError::Offline { .. }
+                            | ControlError::Timeout { .. }
+                            | ControlError::Exchange { .. },
+                        ) => {
+                            for row in rows.iter().filter(|r| r.agent_id == agent_id) {
+                                if filters.matches(&row.record) {
+                                    out.push(self.instance_view(row, row.record.clone(), true));
+                                }
+                            }
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                out.sort_by_key(|v| (v.instance.launched_at_ms, v.instance.id.clone()));
+                Ok(ControlResponse::Instances(out))
+            }
+            ControlRequest::Status { ids } => {
+                let rows = self.visible_instances(caller, &ids).await?;
+                let mut out = Vec::new();
+                for (agent_id, ids) in group(rows.iter().map(|r| (r.agent_id, r.record.id.clone())))
+                {
+                    match self
+                        .agent_command(agent_id, Command::DescribeInstanceStatus { ids })
+                        .await?
+                    {
+                        ControlReply::Statuses(s) => out.extend(s),
+                        other => return Err(unexpected(agent_id, &other)),
+                    }
+                }
+                Ok(ControlResponse::Statuses(out))
+            }
+            ControlRequest::Attribute {
+                instance_id,
+                attribute,
+            } => {
+                let row = self.owned_instance(caller, &instance_id).await?;
+                let reply = self
+                    .agent_command(
+                        row.agent_id,
+                        Command::DescribeInstanceAttribute {
+                            instance_id,
+                            attribute,
+                        },
+                    )
+                    .await?;
+                attribute_response(row.agent_id, reply)
+            }
+            ControlRequest::Modify {
+                instance_id,
+                limits,
+                labels,
+            } => {
+                let row = self.owned_instance(caller, &instance_id).await?;
+                let reply = self
+                    .agent_command(
+                        row.agent_id,
+                        Command::ModifyInstanceAttribute {
+                            instance_id,
+                            limits,
+                            labels: labels.clone(),
+                        },
+                    )
+                    .await?;
+                let mut record = row.record.clone();
+                if let Some(l) = limits {
+                    record.spec.limits = l;
+                }
+                if let Some(l) = labels {
+                    record.spec.labels = l;
+                }
+                self.store
+                    .update_instances(&[record], self.clock.now_ms())
+                    .await?;
+                attribute_response(row.agent_id, reply)
+            }
+            ControlRequest::CreateVolume {
+                agent_id,
+                name,
+                size_bytes,
+            } => {
+                if !may_create(caller) {
+                    return Err(ControlError::Forbidden(
+                        "creating volumes needs the client role".into(),
+                    ));
+                }
+                let agent_id = self.placement(agent_id).await?;
+                let volume_id = new_id(VOLUME_PREFIX);
+                let reply = self
+                    .agent_command(
+                        agent_id,
+                        Command::CreateVolume {
+                            volume_id,
+                            name,
+                            size_bytes,
+                        },
+                    )
+                    .await?;
+                self.volumes_response(agent_id, &caller.account, reply)
+                    .await
+            }
+            ControlRequest::DeleteVolume { volume_id } => {
+                let row = self.owned_volume(caller, &volume_id).await?;
+                let reply = self
+                    .agent_command(row.agent_id, Command::DeleteVolume { volume_id })
+                    .await?;
+                self.volumes_response(row.agent_id, &row.account, reply)
+                    .await
+            }
+            ControlRequest::DescribeVolumes { ids } => {
+                let rows = match ids.is_empty() {
+                    true => {
+                        let account =
+                            (caller.role != Role::Admin).then_some(caller.account.as_str());
+                        self.store.volumes(account).await?
+                    }
+                    false => {
+                        let mut rows = Vec::new();
+                        for id in &ids {
+                            rows.push(self.owned_volume(caller, id).await?);
+                        }
+                        rows
+                    }
+                };
+                let mut out = Vec::new();
+                for (agent_id, ids) in group(rows.iter().map(|r| (r.agent_id, r.record.id.clone())))
+                {
+                    match self
+                        .agent_command(agent_id, Command::DescribeVolumes { ids })
+                        .await
+                    {
+                        Ok(ControlReply::Volumes(list)) => {
+                            for v in list {
+                                let row = rows
+                                    .iter()
+                                    .find(|r| r.record.id == v.id)
+                                    .expect("asked for");
+                                self.store
+                                    .put_volume(&VolumeRow {
+                                        record: v.clone(),
+                                        updated_at_ms: self.clock.now_ms(),
+                                        ..row.clone()
+                                    })
+                                    .await?;
+                                out.push(VolumeView {
+                                    volume: v,
+                                    agent_id,
+                                    account: row.account.clone(),
+                                    stale: false,
+                                });
+                            }
+                        }
+                        Ok(other) => return Err(unexpected(agent_id, &other)),
+                        Err(
+                            ControlError::Offline { .. }
+                            | ControlError::Timeout { .. }
+                            | ControlError::Exchange { .. },
+                        ) => {
+                            out.extend(rows.iter().filter(|r| r.agent_id == agent_id).map(|r| {
+                                VolumeView {
+                                    volume: r.record.clone(),
+                                    agent_id,
+                                    account: r.account.clone(),
+                                    stale: true,
+                                }
+                            }));
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                out.sort_by_key(|v| (v.volume.created_at_ms, v.volume.id.clone()));
+                Ok(ControlResponse::Volumes(out))
+            }
+            ControlRequest::CreateSnapshot { volume_id } => {
+                let row = self.owned_volume(caller, &volume_id).await?;
+                let snapshot_id = new_id(SNAPSHOT_PREFIX);
+                match self
+                    .agent_command(
+                        row.agent_id,
+                        Command::CreateSnapshot {
+                            volume_id,
+                            snapshot_id,
+                        },
+                    )
+                    .await?
+                {
+                    ControlReply::Snapshot(s) => Ok(ControlResponse::Snapshot(s)),
+                    other => Err(unexpected(row.agent_id, &other)),
+                }
+            }
+        }
+    }
+
+    async fn visible_instances(
+        &self,
+        caller: &Principal,
+        ids: &[String],
+    ) -> Result<Vec<InstanceRow>, ControlError> {
+        if ids.is_empty() {
+            let account = (caller.role != Role::Admin).then_some(caller.account.as_str());
+            return Ok(self.store.instances(account).await?);
+        }
+        let mut rows = Vec::with_capacity(ids.len());
+        for id in ids {
+            rows.push(self.owned_instance(caller, id).await?);
+        }
+        Ok(rows)
+    }
+
+    async fn volumes_response(
+        &self,
+        agent_id: Uuid,
+        account: &str,
+        reply: ControlReply,
+    ) -> Result<ControlResponse, ControlError> {
+        let ControlReply::Volumes(list) = reply else {
+            return Err(unexpected(agent_id, &reply));
+        };
+        let mut out = Vec::new();
+        for v in list {
+            self.store
+                .put_volume(&VolumeRow {
+                    agent_id,
+                    account: account.to_owned(),
+                    record: v.clone(),
+                    updated_at_ms: self.clock.now_ms(),
+                })
+                .await?;
+            out.push(VolumeView {
+                volume: v,
+                agent_id,
+                account: account.to_owned(),
+                stale: false,
+            });
+        }
+        Ok(ControlResponse::Volumes(out))
+    }
+
+    async fn run_instance(
+        &self,
+        caller: &Principal,
+        agent_id: Option<Uuid>,
+        client_token: Option<String>,
+        spec: RunSpec,
+    ) -> Result<ControlResponse, ControlError> {
+        if !may_create(caller) {
+            return Err(ControlError::Forbidden(
+                "running instances needs the client role".into(),
+            ));
+        }
+        // Volumes decide the host: they live on one agent.
+        let mut volume_agent = None;
+        for (n, a) in spec.volumes.iter().enumerate() {
+            let row = self
+                .owned_volume(caller, &a.volume_id)
+                .await
+                .map_err(|e| match e {
+                    ControlError::NotFound(m) => {
+                        Invalid::new(format!("volumes[{n}].volume_id"), m).into()
+                    }
+                    other => other,
+                })?;
+            if volume_agent.is_some_and(|v| v != row.agent_id)
+                || agent_id.is_some_and(|a| a != row.agent_id)
+            {
+                return Err(Invalid::new(
+                    format!("volumes[{n}].volume_id"),
+                    "volumes live on one agent; all of them and the instance must be on the same one",
+                )
+                .into());
+            }
+            volume_agent = Some(row.agent_id);
+        }
+        let agent_id = self.placement(agent_id.or(volume_agent)).await?;
+        let now = self.clock.now_ms();
+        let instance_id = new_id(INSTANCE_PREFIX);
+        let row = InstanceRow {
+            agent_id,
+            account: caller.account.clone(),
+            client_token: client_token.clone(),
+            request_hash: request_hash(agent_id, &spec),
+            record: Instance {
+                id: instance_id.clone(),
+                spec: spec.clone(),
+                state: InstanceState::Pending,
+                state_reason: None,
+                driver: String::new(),
+                native_id: None,
+                launched_at_ms: now,
+                state_changed_at_ms: now,
+            },
+            created_at_ms: now,
+            updated_at_ms: now,
+        };
+        let row = match self.store.claim_instance(&row).await? {
+            Claim::Created => row,
+            Claim::Existing(existing) => {
+                if existing.request_hash != row.request_hash && client_token.is_some() {
+                    return Err(ControlError::Conflict(format!(
+                        "client token {:?} was used for a different request (instance {})",
+                        client_token.unwrap_or_default(),
+                        existing.record.id
+                    )));
+                }
+                // A retry: send the original command again (the agent is idempotent by
+                // instance id), so a first attempt that timed out still completes.
+                *existing
+            }
+        };
+        let command = Command::RunInstances {
+            instance_id: row.record.id.clone(),
+            spec: row.record.spec.clone(),
+        };
+        let reply = match self.agent_command(row.agent_id, command).await {
+            Ok(reply) => reply,
+            Err(ControlError::Agent { agent_id, failure }) => {
+                // The agent keeps a terminated record of a failed start; mirror it.
+                let mut record = row.record.clone();
+                record.state = InstanceState::Terminated;
+                record.state_reason = Some(format!("failed to start: {failure}"));
+                self.store
+                    .update_instances(&[record], self.clock.now_ms())
+                    .await?;
+                return Err(ControlError::Agent { agent_id, failure });
+            }
+            Err(e) => return Err(e),
+        };
+        match reply {
+            ControlReply::Instances(list) => {
+                self.store
+                    .update_instances(&list, self.clock.now_ms())
+                    .await?;
+                Ok(ControlResponse::Instances(
+                    list.into_iter()
+                        .map(|i| self.instance_view(&row, i, false))
+                        .collect(),
+                ))
+            }
+            other => Err(unexpected(row.agent_id, &other)),
+        }
+    }
+
+    /// Brings the stored records of one agent in line with what it reports; run when
+    /// an agent (re)connects, so a command that was cut off by a crash is settled.
+    pub async fn reconcile(&self, agent_id: Uuid) -> Result<(), ControlError> {
+        let rows = self.store.agent_instances(agent_id).await?;
+        if !rows.is_empty() {
+            let ControlReply::Instances(reported) = self
+                .agent_command(agent_id, Command::DescribeInstances(Filters::default()))
+                .await?
+            else {
+                return Err(ControlError::Exchange {
+                    agent_id,
+                    message: "unexpected answer to DescribeInstances".into(),
+                });
+            };
+            let now = self.clock.now_ms();
+            let mut records: Vec<Instance> = reported
+                .iter()
+                .filter(|i| rows.iter().any(|r| r.record.id == i.id))
+                .cloned()
+                .collect();
+            for row in &rows {
+                let known = reported.iter().any(|i| i.id == row.record.id);
+                if !known && row.record.state != InstanceState::Terminated {
+                    let mut record = row.record.clone();
+                    record.state = InstanceState::Terminated;
+                    record.state_reason = Some(
+                        "the agent has no record of this instance (it was lost before it started)"
+                            .into(),
+                    );
+                    record.state_changed_at_ms = now;
+                    records.push(record);
+                }
+            }
+            self.store.update_instances(&records, now).await?;
+            tracing::info!(%agent_id, instances = records.len(), "instances reconciled");
+        }
+        Ok(())
+    }
+}
+
+fn group(items: impl Iterator<Item = (Uuid, String)>) -> Vec<(Uuid, Vec<String>)> {
+    let mut by_agent: HashMap<Uuid, Vec<String>> = HashMap::new();
+    let mut order = Vec::new();
+    for (agent, id) in items {
+        by_agent.entry(agent).or_insert_with(|| {
+            order.push(agent);
+            Vec::new()
+        });
+        by_agent.get_mut(&agent).expect("inserted").push(id);
+    }
+    order
+        .into_iter()
+        .map(|a| (a, by_agent.remove(&a).expect("present")))
+        .collect()
+}
+
+fn unexpected(agent_id: Uuid, reply: &ControlReply) -> ControlError {
+    ControlError::Exchange {
+        agent_id,
+        message: format!("unexpected answer {reply:?}"),
+    }
+}
+
+fn attribute_response(
+    agent_id: Uuid,
+    reply: ControlReply,
+) -> Result<ControlResponse, ControlError> {
+    match reply {
+        ControlReply::Attribute { instance_id, value } => {
+            Ok(ControlResponse::Attribute { instance_id, value })
+        }
+        other => Err(unexpected(agent_id, &other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn field(body: Value) -> String {
+        parse_request(body).unwrap_err().field
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        assert_eq!(field(json!({})), "action");
+        assert_eq!(field(json!({"action": "LaunchRockets"})), "action");
+        assert_eq!(
+            field(json!({"action": "RunInstances", "imagee": "x"})),
+            "imagee"
+        );
+        assert_eq!(
+            field(json!({"action": "RunInstances", "limits": {"millicpus": "lots"}})),
+            "limits.millicpus"
+        );
+        assert_eq!(
+            field(json!({"action": "RunInstances", "name": "a;rm -rf /"})),
+            "name"
+        );
+        assert_eq!(field(json!({"action": "StopInstances"})), "ids");
+        assert_eq!(
+            field(json!({"action": "StopInstances", "ids": ["../etc"]})),
+            "ids[0]"
+        );
+        assert_eq!(field(json!({"action": "CreateVolume"})), "size_bytes");
+        assert_eq!(
+            field(json!({"action": "DeleteVolume", "volume_id": "vol-../../x"})),
+            "volume_id"
+        );
+        assert_eq!(
+            field(json!({"action": "RunInstances", "agent_id": "nope"})),
+            "agent_id"
+        );
+    }
+
+    #[test]
+    fn a_full_run_request_parses() {
+        let r = parse_request(json!({
+            "action": "RunInstances",
+            "client_token": "t-1",
+            "image": "surplus/busybox:latest",
+            "command": ["sleep", "60"],
+            "limits": {"millicpus": 500, "memory_bytes": 67108864},
+            "ports": [{"host_port": 8080, "instance_port": 80}],
+            "labels": {"team": "$(whoami)"},
+        }))
+        .unwrap();
+        let ControlRequest::Run {
+            client_token, spec, ..
+        } = r
+        else {
+            panic!("{r:?}")
+        };
+        assert_eq!(client_token.as_deref(), Some("t-1"));
+        assert_eq!(spec.labels["team"], "$(whoami)");
+        assert_eq!(spec.ports[0].protocol, PortProtocol::Tcp);
+    }
+
+    #[test]
+    fn only_owners_and_admins_may_act() {
+        let alice = Principal {
+            account: "alice".into(),
+            role: Role::Client,
+        };
+        let admin = Principal {
+            account: "admin".into(),
+            role: Role::Admin,
+        };
+        let provider = Principal {
+            account: "p".into(),
+            role: Role::Provider,
+        };
+        assert!(authorise(&alice, "alice"));
+        assert!(!authorise(&alice, "bob"));
+        assert!(authorise(&admin, "bob"));
+        assert!(may_create(&alice) && may_create(&admin) && !may_create(&provider));
+    }
+
+    #[test]
+    fn grouping_keeps_first_seen_agent_order() {
+        let a = Uuid::from_u128(1);
+        let b = Uuid::from_u128(2);
+        let g = group([(b, "x".into()), (a, "y".into()), (b, "z".into())].into_iter());
+        assert_eq!(
+            g,
+            vec![(b, vec!["x".into(), "z".into()]), (a, vec!["y".into()])]
+        );
+    }
+}
