@@ -291,6 +291,43 @@ pub fn control_config(driver: DriverKind, tag: &str) -> ControlConfig {
     c
 }
 
+/// Removes a test's cgroups when it ends, however it ends: kills what is left in them,
+/// then removes the instance groups and their parent.
+pub struct CgroupGuard(pub String);
+
+impl Drop for CgroupGuard {
+    fn drop(&mut self) {
+        for controller in ["cpu", "memory"] {
+            let parent = Path::new("/sys/fs/cgroup").join(controller).join(&self.0);
+            let Ok(entries) = std::fs::read_dir(&parent) else {
+                continue;
+            };
+            for entry in entries.flatten().filter(|e| e.path().is_dir()) {
+                for _ in 0..50 {
+                    let procs = std::fs::read_to_string(entry.path().join("cgroup.procs"))
+                        .unwrap_or_default();
+                    for pid in procs.lines() {
+                        let _ = std::process::Command::new("kill")
+                            .args(["-9", pid])
+                            .status();
+                    }
+                    if std::fs::remove_dir(entry.path()).is_ok() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            // A group just emptied may stay busy for a moment while the kernel frees it.
+            for _ in 0..50 {
+                if std::fs::remove_dir(&parent).is_ok() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
 /// A workspace binary (`surplus`, `surplus-agent`, ...) from `target/<profile>`, next to
 /// the test's own `deps/` directory. `cargo test --workspace` builds them first.
 pub fn bin(name: &str) -> PathBuf {

@@ -9,7 +9,7 @@ use surplus_agent::compat::run_suite;
 use surplus_agent::control::{self, ControlPlane, DriverKind};
 use surplus_protocol::clock::{self, Clock};
 use surplus_protocol::control::*;
-use surplus_tests::control_config;
+use surplus_tests::{CgroupGuard, control_config};
 
 async fn plane(driver: DriverKind, tag: &str, dir: &std::path::Path) -> Arc<ControlPlane> {
     let config = control_config(driver, tag);
@@ -23,7 +23,16 @@ async fn plane(driver: DriverKind, tag: &str, dir: &std::path::Path) -> Arc<Cont
         .expect("book opens")
 }
 
+fn cgroups(tag: &str) -> CgroupGuard {
+    CgroupGuard(
+        control_config(DriverKind::Process, tag)
+            .process
+            .cgroup_parent,
+    )
+}
+
 async fn kit(driver: DriverKind, tag: &str) {
+    let _cgroups = cgroups(tag);
     let dir = tempfile::tempdir().unwrap();
     let plane = plane(driver, tag, dir.path()).await;
     let profile = control::compat_profile(&control_config(driver, tag));
@@ -114,6 +123,7 @@ fn spec(command: &[&str]) -> RunSpec {
 
 #[tokio::test]
 async fn a_restarted_agent_readopts_running_processes_and_reports_crashes() {
+    let _cgroups = cgroups("readopt");
     let dir = tempfile::tempdir().unwrap();
     let id = new_id(INSTANCE_PREFIX);
     {
@@ -182,6 +192,7 @@ fn kill9(pid: i32) {
 
 #[tokio::test]
 async fn hostile_values_are_refused_or_passed_literally() {
+    let _cgroups = cgroups("hostile");
     let dir = tempfile::tempdir().unwrap();
     let plane = plane(DriverKind::Process, "hostile", dir.path()).await;
     let refused = |c: Command| {
@@ -243,4 +254,498 @@ async fn hostile_values_are_refused_or_passed_literally() {
         },
     )
     .await;
+}
+
+mod through_the_controller {
+    use std::time::Duration;
+
+    use serde_json::{Value, json};
+    use surplus_agent::control::DriverKind;
+    use surplus_controller::control::ControlResponse;
+    use surplus_controller::registry::RegistryEvent;
+    use surplus_protocol::clock;
+    use surplus_protocol::control::InstanceState;
+    use surplus_tests::{
+        BUSYBOX_IMAGE, CgroupGuard, RunningAgent, TestController, bin, control_config,
+    };
+
+    /// `surplus <args> --json` as a user runs it; the parsed answer, or the error text.
+    async fn cli(tc: &TestController, token: &str, args: &[&str]) -> Result<Value, String> {
+        let out = tokio::process::Command::new(bin("surplus"))
+            .args(["--controller", &tc.url(), "--token", token, "--json"])
+            .args(args)
+            .env_remove("SURPLUS_CONFIG")
+            .env("HOME", tc.root.path())
+            .output()
+            .await
+            .expect("surplus runs");
+        if out.status.success() {
+            Ok(serde_json::from_slice(&out.stdout).expect("--json prints JSON"))
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    fn response(v: Value) -> ControlResponse {
+        serde_json::from_value(v).expect("a control response")
+    }
+
+    fn instance_id(v: Value) -> String {
+        match response(v) {
+            ControlResponse::Instances(l) => l[0].instance.id.clone(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    async fn state_via_cli(tc: &TestController, id: &str) -> InstanceState {
+        match response(cli(tc, &tc.admin_token, &["describe", id]).await.unwrap()) {
+            ControlResponse::Instances(l) => l[0].instance.state,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    async fn lifecycle(tc: &TestController, id: &str, verb: &str, want: InstanceState) {
+        let v = cli(tc, &tc.admin_token, &[verb, id])
+            .await
+            .unwrap_or_else(|e| panic!("{verb}: {e}"));
+        match response(v) {
+            ControlResponse::StateChanges(c) => assert_eq!(c[0].current, want, "{verb}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(state_via_cli(tc, id).await, want, "describe after {verb}");
+    }
+
+    async fn online(driver: DriverKind, tag: &str) -> (TestController, RunningAgent, CgroupGuard) {
+        let guard = CgroupGuard(control_config(driver, tag).process.cgroup_parent);
+        let tc = TestController::start().await;
+        let mut events = tc.events();
+        let (mut config, identity) = tc.enroll(tag, &[]).await;
+        config.control = control_config(driver, tag);
+        let agent = RunningAgent::spawn(config, clock::system());
+        let id = identity.agent_id;
+        events
+            .until("agent online", |e| *e == RegistryEvent::Online(id))
+            .await;
+        (tc, agent, guard)
+    }
+
+    /// What the host itself says the limits are: the cgroup files, or the engine.
+    async fn host_limits(driver: DriverKind, tag: &str, id: &str) -> (String, String) {
+        match driver {
+            DriverKind::Process => {
+                let parent = control_config(driver, tag).process.cgroup_parent;
+                let read = |p: String| std::fs::read_to_string(p).unwrap().trim().to_owned();
+                (
+                    read(format!("/sys/fs/cgroup/cpu/{parent}/{id}/cpu.cfs_quota_us")),
+                    read(format!(
+                        "/sys/fs/cgroup/memory/{parent}/{id}/memory.limit_in_bytes"
+                    )),
+                )
+            }
+            _ => {
+                let out = tokio::process::Command::new("docker")
+                    .args([
+                        "inspect",
+                        "-f",
+                        "{{.HostConfig.NanoCpus}} {{.HostConfig.Memory}}",
+                        &format!("surplus-{id}"),
+                    ])
+                    .output()
+                    .await
+                    .unwrap();
+                let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+                let (a, b) = text.split_once(' ').expect("two figures");
+                (a.to_owned(), b.to_owned())
+            }
+        }
+    }
+
+    async fn full_lifecycle(driver: DriverKind, tag: &str, expected: (&str, &str)) {
+        let (tc, agent, _cgroups) = online(driver, tag).await;
+        let mut run = vec![
+            "run",
+            "--cpus",
+            "0.5",
+            "--memory",
+            "64MiB",
+            "--label",
+            "team=blue",
+        ];
+        if driver != DriverKind::Process {
+            run.extend(["--image", BUSYBOX_IMAGE]);
+        }
+        run.extend(["--", "sleep", "600"]);
+        let id = instance_id(cli(&tc, &tc.admin_token, &run).await.unwrap());
+
+        let status = cli(&tc, &tc.admin_token, &["describe", "--status", &id])
+            .await
+            .unwrap();
+        assert_eq!(status["statuses"][0]["state"], "running");
+        assert_eq!(
+            status["statuses"][0]["applied"],
+            json!({"millicpus": 500, "memory_bytes": 64 << 20})
+        );
+        let (cpu, mem) = host_limits(driver, tag, &id).await;
+        assert_eq!(
+            (cpu.as_str(), mem.as_str()),
+            expected,
+            "limits as the host applies them"
+        );
+
+        lifecycle(&tc, &id, "stop", InstanceState::Stopped).await;
+        lifecycle(&tc, &id, "start", InstanceState::Running).await;
+        lifecycle(&tc, &id, "reboot", InstanceState::Running).await;
+        lifecycle(&tc, &id, "terminate", InstanceState::Terminated).await;
+
+        let created = cli(
+            &tc,
+            &tc.admin_token,
+            &["volumes", "create", "--size", "64MiB", "--name", "scratch"],
+        )
+        .await
+        .unwrap();
+        let vol = created["volumes"][0]["id"].as_str().unwrap().to_owned();
+        let mut with_volume = vec!["run", "--volume"];
+        let attach = format!("{vol}:/data");
+        with_volume.push(&attach);
+        if driver != DriverKind::Process {
+            with_volume.extend(["--image", BUSYBOX_IMAGE]);
+        }
+        with_volume.extend(["--", "sleep", "600"]);
+        let user = instance_id(cli(&tc, &tc.admin_token, &with_volume).await.unwrap());
+        let listed = cli(&tc, &tc.admin_token, &["volumes", "list"])
+            .await
+            .unwrap();
+        assert_eq!(listed["volumes"][0]["state"], "in-use");
+        assert_eq!(listed["volumes"][0]["attached_to"], user.as_str());
+        let snap = cli(&tc, &tc.admin_token, &["volumes", "snapshot", &vol])
+            .await
+            .unwrap();
+        assert!(std::path::Path::new(snap["snapshot"]["location"].as_str().unwrap()).exists());
+        let refused = cli(&tc, &tc.admin_token, &["volumes", "delete", &vol])
+            .await
+            .unwrap_err();
+        assert!(
+            refused.contains("409") && refused.contains("attached"),
+            "{refused}"
+        );
+        lifecycle(&tc, &user, "terminate", InstanceState::Terminated).await;
+        let deleted = cli(&tc, &tc.admin_token, &["volumes", "delete", &vol])
+            .await
+            .unwrap();
+        assert_eq!(deleted["volumes"][0]["state"], "deleted");
+        agent.stop().await;
+    }
+
+    #[tokio::test]
+    async fn the_full_lifecycle_through_the_cli_on_the_process_driver() {
+        full_lifecycle(DriverKind::Process, "cli-process", ("50000", "67108864")).await;
+    }
+
+    #[tokio::test]
+    async fn the_full_lifecycle_through_the_cli_on_the_docker_driver() {
+        full_lifecycle(DriverKind::Docker, "cli-docker", ("500000000", "67108864")).await;
+    }
+
+    #[tokio::test]
+    async fn the_full_lifecycle_through_the_cli_on_the_mapped_driver() {
+        full_lifecycle(DriverKind::Mapped, "cli-mapped", ("500000000", "67108864")).await;
+    }
+
+    async fn post(tc: &TestController, token: &str, body: Value) -> (u16, Value) {
+        let r = reqwest::Client::new()
+            .post(format!("{}/v1/control", tc.url()))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn tokens_make_runs_idempotent_and_only_owners_control_instances() {
+        let (tc, agent, _cgroups) = online(DriverKind::Process, "api").await;
+        let (_, alice) = tc
+            .api_post(
+                "/v1/api-tokens",
+                json!({"account": "alice", "role": "client"}),
+            )
+            .await;
+        let (_, mallory) = tc
+            .api_post(
+                "/v1/api-tokens",
+                json!({"account": "mallory", "role": "client"}),
+            )
+            .await;
+        let (alice, mallory) = (
+            alice["token"].as_str().unwrap(),
+            mallory["token"].as_str().unwrap(),
+        );
+
+        let run = json!({"action": "RunInstances", "client_token": "deploy-42", "command": ["sleep", "600"]});
+        let (s1, first) = post(&tc, alice, run.clone()).await;
+        let (s2, second) = post(&tc, alice, run.clone()).await;
+        assert_eq!((s1, s2), (200, 200), "{first} {second}");
+        let id = first["instances"][0]["id"].as_str().unwrap().to_owned();
+        assert_eq!(
+            second["instances"][0]["id"],
+            id.as_str(),
+            "one instance for one token"
+        );
+        let (_, status) = post(
+            &tc,
+            alice,
+            json!({"action": "DescribeInstanceStatus", "ids": [id]}),
+        )
+        .await;
+        assert_eq!(status["statuses"][0]["processes"], 1, "started once");
+        let (s, e) = post(&tc, alice, json!({"action": "RunInstances", "client_token": "deploy-42", "command": ["sleep", "1"]})).await;
+        assert_eq!(
+            (s, e["error"].as_str()),
+            (409, Some("conflict")),
+            "a token reused for another request: {e}"
+        );
+
+        for verb in ["StopInstances", "TerminateInstances"] {
+            let (s, e) = post(&tc, mallory, json!({"action": verb, "ids": [id]})).await;
+            assert_eq!(
+                (s, e["error"].as_str()),
+                (403, Some("forbidden")),
+                "{verb}: {e}"
+            );
+        }
+        let (_, mine) = post(&tc, mallory, json!({"action": "DescribeInstances"})).await;
+        assert_eq!(
+            mine["instances"],
+            json!([]),
+            "others' instances are not listed"
+        );
+        let (s, e) = post(
+            &tc,
+            alice,
+            json!({"action": "StopInstances", "ids": ["i-00000000000000ff"]}),
+        )
+        .await;
+        assert_eq!(s, 404, "{e}");
+        assert!(
+            e["message"]
+                .as_str()
+                .unwrap()
+                .contains("i-00000000000000ff")
+        );
+        for (body, field) in [
+            (json!({"action": "Reticulate"}), "action"),
+            (
+                json!({"action": "RunInstances", "name": "x; rm -rf /", "command": ["true"]}),
+                "name",
+            ),
+            (
+                json!({"action": "RunInstances", "command": ["true"], "volumes": [{"volume_id": "vol-../../etc", "mount_path": "/d"}]}),
+                "volumes[0].volume_id",
+            ),
+            (
+                json!({"action": "RunInstances", "limits": {"memory_bytes": "much"}}),
+                "limits.memory_bytes",
+            ),
+            (
+                json!({"action": "CreateVolume", "size_bytes": 1, "colour": "red"}),
+                "colour",
+            ),
+        ] {
+            let (s, e) = post(&tc, alice, body).await;
+            assert_eq!((s, e["field"].as_str()), (400, Some(field)), "{e}");
+        }
+        let (s, stopped) = post(&tc, alice, json!({"action": "StopInstances", "ids": [id]})).await;
+        assert_eq!(s, 200, "{stopped}");
+
+        // The agent goes away: commands say which agent and when it was last seen;
+        // descriptions show the last known record, marked stale.
+        let agent_id = agent.id;
+        let mut events = tc.events();
+        agent.stop().await;
+        events
+            .until(
+                "agent gone",
+                |e| matches!(e, RegistryEvent::Disconnected(a) if *a == agent_id),
+            )
+            .await;
+        let (s, e) = post(&tc, alice, json!({"action": "StartInstances", "ids": [id]})).await;
+        assert_eq!(
+            (s, e["error"].as_str()),
+            (503, Some("agent_offline")),
+            "{e}"
+        );
+        assert_eq!(e["agent_id"], agent_id.to_string());
+        assert!(e["last_seen_ms"].as_i64().is_some());
+        let (s, cached) = post(
+            &tc,
+            alice,
+            json!({"action": "DescribeInstances", "ids": [id]}),
+        )
+        .await;
+        assert_eq!(s, 200);
+        assert_eq!(cached["instances"][0]["stale"], true);
+        assert_eq!(cached["instances"][0]["state"], "stopped");
+    }
+
+    /// A real `surplus-agent` process, killed with SIGKILL in the middle of a stop.
+    struct AgentProcess(std::process::Child);
+
+    impl Drop for AgentProcess {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn agent_process(config: &std::path::Path, dir: &std::path::Path) -> AgentProcess {
+        AgentProcess(
+            std::process::Command::new(bin("surplus-agent"))
+                .arg("--config")
+                .arg(config)
+                .arg("--data-dir")
+                .arg(dir)
+                .arg("run")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("surplus-agent starts"),
+        )
+    }
+
+    #[tokio::test]
+    async fn an_agent_killed_mid_command_fails_the_command_and_is_reconciled_on_return() {
+        let tag = "killed";
+        let _cgroups = CgroupGuard(
+            control_config(DriverKind::Process, tag)
+                .process
+                .cgroup_parent,
+        );
+        let tc = TestController::start().await;
+        let (config, identity) = tc.enroll(tag, &[]).await;
+        let agent_id = identity.agent_id;
+        let file = tc.root.path().join("agent.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "reconnect_min = \"50ms\"\nreconnect_max = \"500ms\"\nidle_timeout = \"5s\"\nkeep_alive = \"1s\"\n\n[control]\ndriver = \"process\"\nstop_grace = \"3s\"\n\n[control.process]\ncgroup_parent = \"{}\"\n",
+                control_config(DriverKind::Process, tag).process.cgroup_parent
+            ),
+        )
+        .unwrap();
+
+        // The compatibility kit, run by an operator on the host and reported.
+        let compat = tokio::process::Command::new(bin("surplus-agent"))
+            .arg("--config")
+            .arg(&file)
+            .arg("--data-dir")
+            .arg(&config.data_dir)
+            .args(["compat", "--report"])
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            compat.status.success(),
+            "{}",
+            String::from_utf8_lossy(&compat.stderr)
+        );
+        let (s, report) = tc.api_get(&format!("/v1/agents/{agent_id}/compat")).await;
+        assert_eq!(
+            (s, report["level"].as_str()),
+            (200, Some("fully")),
+            "{report}"
+        );
+        assert_eq!(report["checks"].as_array().unwrap().len(), 11);
+
+        let mut events = tc.events();
+        let mut process = agent_process(&file, &config.data_dir);
+        events
+            .until("agent online", |e| *e == RegistryEvent::Online(agent_id))
+            .await;
+        // An instance that ignores SIGTERM, so a stop waits out the grace period.
+        let (_, ran) = tc
+            .api_post("/v1/control", json!({"action": "RunInstances", "command": ["sh", "-c", "trap '' TERM; sleep 600 & wait"]}))
+            .await;
+        let id = ran["instances"][0]["id"]
+            .as_str()
+            .expect("an instance")
+            .to_owned();
+        let url = tc.url();
+        let token = tc.admin_token.clone();
+        let stop_id = id.clone();
+        let stopping = tokio::spawn(async move {
+            let r = reqwest::Client::new()
+                .post(format!("{url}/v1/control"))
+                .bearer_auth(token)
+                .json(&json!({"action": "StopInstances", "ids": [stop_id]}))
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, d) = tc
+                .api_post(
+                    "/v1/control",
+                    json!({"action": "DescribeInstances", "ids": [id]}),
+                )
+                .await;
+            if d["instances"][0]["state"] == "stopping" {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never seen stopping: {d}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        process.0.kill().unwrap();
+        process.0.wait().unwrap();
+        let (s, e) = stopping.await.unwrap();
+        // The connection loss ends the command, not the 20 s control timeout.
+        assert_eq!(
+            (s, e["error"].as_str()),
+            (503, Some("agent_offline")),
+            "{e}"
+        );
+
+        // Back again: the interrupted stop is settled against the host (the processes
+        // ignored SIGTERM and were never killed), without a second copy.
+        let mut events = tc.events();
+        let _process = agent_process(&file, &config.data_dir);
+        events
+            .until("reconciled", |e| *e == RegistryEvent::Reconciled(agent_id))
+            .await;
+        let (_, d) = tc
+            .api_post(
+                "/v1/control",
+                json!({"action": "DescribeInstances", "ids": [id]}),
+            )
+            .await;
+        assert_eq!(d["instances"][0]["state"], "running", "{d}");
+        assert_eq!(d["instances"][0]["stale"], false);
+        let (_, st) = tc
+            .api_post(
+                "/v1/control",
+                json!({"action": "DescribeInstanceStatus", "ids": [id]}),
+            )
+            .await;
+        assert_eq!(
+            st["statuses"][0]["processes"], 2,
+            "sh and sleep, once: {st}"
+        );
+        let (s, t) = tc
+            .api_post(
+                "/v1/control",
+                json!({"action": "TerminateInstances", "ids": [id]}),
+            )
+            .await;
+        assert_eq!(
+            (s, t["state_changes"][0]["current"].as_str()),
+            (200, Some("terminated")),
+            "{t}"
+        );
+    }
 }

@@ -508,10 +508,15 @@ impl ControlPlane {
                         continue;
                     }
                     let lock = self.lock(&instance.id);
-                    let _guard = lock.lock().await;
-                    // Re-read under the lock: an operation may have finished meanwhile.
-                    let current = self.book.instance(&instance.id).unwrap_or(instance);
-                    let current = self.refresh(current).await?;
+                    // An operation under way (a stop waiting out its grace period) is
+                    // shown in its transitional state rather than waited for.
+                    let current = match lock.try_lock() {
+                        Ok(_guard) => {
+                            let current = self.book.instance(&instance.id).unwrap_or(instance);
+                            self.refresh(current).await?
+                        }
+                        Err(_) => self.book.instance(&instance.id).unwrap_or(instance),
+                    };
                     if filters.matches(&current) {
                         out.push(current);
                     }
