@@ -622,9 +622,19 @@ impl Controller {
                     });
                     match self.agent_command(agent_id, command).await {
                         Ok(ControlReply::Instances(list)) => {
-                            self.store
-                                .update_instances(&list, self.clock.now_ms())
-                                .await?;
+                            // Write only what changed: describing is read-mostly.
+                            let changed: Vec<Instance> = list
+                                .iter()
+                                .filter(|i| {
+                                    rows.iter().any(|r| r.record.id == i.id && r.record != **i)
+                                })
+                                .cloned()
+                                .collect();
+                            if !changed.is_empty() {
+                                self.store
+                                    .update_instances(&changed, self.clock.now_ms())
+                                    .await?;
+                            }
                             for i in list {
                                 let row = rows
                                     .iter()

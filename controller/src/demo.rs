@@ -73,10 +73,14 @@ pub async fn run(
             "demo",
         )
         .await?;
-    let agent_config = AgentConfig {
+    let mut agent_config = AgentConfig {
         data_dir: root.join("agent"),
         ..AgentConfig::default()
     };
+    // The local agent runs instances as processes in cgroups of its own (this needs
+    // root; without it, control commands are answered with the reason).
+    agent_config.control.process.cgroup_parent = "surplus-demo".into();
+    agent_config.control.stop_grace = Duration::from_secs(3);
     let identity =
         surplus_agent::enroll::enroll(&token.token, &agent_config, clock.now_ms()).await?;
     println!("  agent enrolled   {}", identity.agent_id);
@@ -144,7 +148,17 @@ pub async fn run(
         running.http_url(),
         report.admin_token
     );
-    println!("Ctrl-C stops the agent and the controller.");
+    println!(
+        "  cargo run --bin surplus -- --controller {} --token {} run --cpus 0.5 --memory 64MiB -- sleep 600",
+        running.http_url(),
+        report.admin_token
+    );
+    println!(
+        "  cargo run --bin surplus -- --controller {} --token {} describe --status",
+        running.http_url(),
+        report.admin_token
+    );
+    println!("Ctrl-C stops the agent and the controller (instances it ran keep running).");
 
     stop.await;
     println!("stopping...");

@@ -367,6 +367,25 @@ impl RunningAgent {
         }
     }
 
+    /// Runs the agent with a control plane of the caller's making.
+    pub fn spawn_with_control(
+        config: AgentConfig,
+        clock: Arc<dyn Clock>,
+        control: Arc<surplus_agent::control::ControlPlane>,
+    ) -> Self {
+        let runner = Runner::new(config, clock)
+            .expect("identity present")
+            .with_control(control);
+        let cancel = CancellationToken::new();
+        let agent_id = runner.agent_id();
+        let task = tokio::spawn(runner.run(cancel.clone()));
+        Self {
+            id: agent_id,
+            cancel,
+            task,
+        }
+    }
+
     /// Waits for the agent to stop on its own (it does only when retrying cannot help).
     pub async fn finished(self) -> Result<(), SessionError> {
         tokio::time::timeout(PATIENCE, self.task)
