@@ -482,21 +482,11 @@ async fn create_token(
     Ok((StatusCode::CREATED, Json(created)))
 }
 
-/// Labels are short and printable so they are safe in tables, logs and (later) templates.
+/// Labels follow the one rule of the control interface (`protocol::control`): short,
+/// printable, and data wherever they go.
 pub fn validate_label(key: &str, value: &str) -> Result<(), ApiError> {
-    let key_ok = !key.is_empty()
-        && key.len() <= 63
-        && key
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
-    let value_ok = value.len() <= 255 && value.chars().all(|c| !c.is_control());
-    if key_ok && value_ok {
-        Ok(())
-    } else {
-        Err(ApiError::bad_request(format!(
-            "label {key:?}={value:?}: keys are 1-63 of [A-Za-z0-9-_./], values at most 255 printable characters"
-        )))
-    }
+    surplus_protocol::control::validate_label(key, value)
+        .map_err(|e| ApiError::bad_request(e.to_string()).with_field(e.field))
 }
 
 impl From<crate::control::ControlError> for ApiError {

@@ -33,8 +33,11 @@ pub use surplus_agent::runtime::init_logs;
 pub fn parse_labels(args: &[String]) -> anyhow::Result<store::Labels> {
     args.iter()
         .map(|kv| {
-            let (k, v) = kv.split_once('=').ok_or_else(|| anyhow::anyhow!("label {kv:?} is not key=value"))?;
-            http::validate_label(k, v).map_err(|_| anyhow::anyhow!("label {kv:?}: keys are 1-63 of [A-Za-z0-9-_./], values at most 255 printable characters"))?;
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("label {kv:?} is not key=value"))?;
+            surplus_protocol::control::validate_label(k, v)
+                .map_err(|e| anyhow::anyhow!("label {kv:?}: {}", e.reason))?;
             Ok((k.to_owned(), v.to_owned()))
         })
         .collect()

@@ -356,7 +356,10 @@ pub struct RunningAgent {
 impl RunningAgent {
     /// Runs the agent enrolled in `config.data_dir`.
     pub fn spawn(config: AgentConfig, clock: Arc<dyn Clock>) -> Self {
-        let runner = Runner::new(config, clock).expect("identity present");
+        Self::spawn_runner(Runner::new(config, clock).expect("identity present"))
+    }
+
+    fn spawn_runner(runner: Runner) -> Self {
         let cancel = CancellationToken::new();
         let agent_id = runner.agent_id();
         let task = tokio::spawn(runner.run(cancel.clone()));

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use surplus_agent::compat::run_suite;
 use surplus_agent::control::{self, ControlPlane, DriverKind};
-use surplus_protocol::clock::{self, Clock};
+use surplus_protocol::clock;
 use surplus_protocol::control::*;
 use surplus_tests::{CgroupGuard, control_config};
 

@@ -454,6 +454,24 @@ impl MappedDriver {
         v
     }
 
+    /// A lifecycle operation on an instance: its variables plus the grace period.
+    async fn lifecycle(
+        &self,
+        op: &'static str,
+        instance: &Instance,
+        mounts: &[Mount],
+        grace: Duration,
+    ) -> Result<(), DriverError> {
+        let mut vars = self.instance_vars(
+            &instance.id,
+            instance.native_id.as_deref(),
+            &instance.spec,
+            mounts,
+        );
+        vars.insert("grace_secs".into(), json!(grace.as_secs()));
+        self.perform(op, vars, None).await.map(drop)
+    }
+
     fn step_failed(op: &str, n: usize, e: impl std::fmt::Display) -> DriverError {
         DriverError::Failed(format!("{op} step {n}: {e}"))
     }
@@ -703,24 +721,12 @@ impl Driver for MappedDriver {
     }
 
     async fn start(&self, instance: &Instance, mounts: &[Mount]) -> Result<(), DriverError> {
-        let vars = self.instance_vars(
-            &instance.id,
-            instance.native_id.as_deref(),
-            &instance.spec,
-            mounts,
-        );
-        self.perform("start", vars, None).await.map(drop)
+        self.lifecycle("start", instance, mounts, Duration::ZERO)
+            .await
     }
 
     async fn stop(&self, instance: &Instance, grace: Duration) -> Result<(), DriverError> {
-        let mut vars = self.instance_vars(
-            &instance.id,
-            instance.native_id.as_deref(),
-            &instance.spec,
-            &[],
-        );
-        vars.insert("grace_secs".into(), json!(grace.as_secs()));
-        self.perform("stop", vars, None).await.map(drop)
+        self.lifecycle("stop", instance, &[], grace).await
     }
 
     async fn reboot(
@@ -733,25 +739,11 @@ impl Driver for MappedDriver {
             self.stop(instance, grace).await?;
             return self.start(instance, mounts).await;
         }
-        let mut vars = self.instance_vars(
-            &instance.id,
-            instance.native_id.as_deref(),
-            &instance.spec,
-            mounts,
-        );
-        vars.insert("grace_secs".into(), json!(grace.as_secs()));
-        self.perform("reboot", vars, None).await.map(drop)
+        self.lifecycle("reboot", instance, mounts, grace).await
     }
 
     async fn terminate(&self, instance: &Instance, grace: Duration) -> Result<(), DriverError> {
-        let mut vars = self.instance_vars(
-            &instance.id,
-            instance.native_id.as_deref(),
-            &instance.spec,
-            &[],
-        );
-        vars.insert("grace_secs".into(), json!(grace.as_secs()));
-        self.perform("terminate", vars, None).await.map(drop)
+        self.lifecycle("terminate", instance, &[], grace).await
     }
 
     async fn observe(&self, instance: &Instance) -> Result<Observed, DriverError> {
