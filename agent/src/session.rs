@@ -3,9 +3,10 @@
 //! A session is one mutually authenticated QUIC connection. It starts with the hello
 //! exchange, then sends the inventory, then heartbeats; the inventory is re-sent when
 //! it changes or when the controller asks for it; the certificate is renewed about two
-//! thirds into its life. The controller may open streams too (ping now; commands
-//! later). When a session ends the runner reconnects with exponential backoff and
-//! jitter, except when the controller says this agent is revoked.
+//! thirds into its life. The controller opens streams too (ping, validation runs,
+//! control commands), each served on its own task. When a session ends the runner
+//! reconnects with exponential backoff and jitter, except when the controller says
+//! this agent is revoked.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -191,6 +191,35 @@ fn kill9(pid: i32) {
 }
 
 #[tokio::test]
+async fn a_start_that_fails_is_an_error_and_leaves_a_terminated_record() {
+    let _cgroups = cgroups("fails");
+    let dir = tempfile::tempdir().unwrap();
+    let plane = plane(DriverKind::Process, "fails", dir.path()).await;
+    let id = new_id(INSTANCE_PREFIX);
+    let e = plane
+        .handle(Command::RunInstances {
+            instance_id: id.clone(),
+            spec: spec(&["/nonexistent/program"]),
+        })
+        .await
+        .expect_err("nothing to start");
+    assert_eq!(e.kind, FailureKind::Driver);
+    assert!(e.message.contains("/nonexistent/program"), "{e}");
+    let record = describe(&plane, &id).await;
+    assert_eq!(record.state, InstanceState::Terminated);
+    assert!(record.state_reason.unwrap().starts_with("failed to start"));
+    // Operations on it say why they cannot run.
+    let e = plane
+        .handle(Command::Lifecycle {
+            op: Lifecycle::Start,
+            ids: vec![id],
+        })
+        .await
+        .expect_err("terminated is final");
+    assert_eq!(e.kind, FailureKind::Conflict);
+}
+
+#[tokio::test]
 async fn hostile_values_are_refused_or_passed_literally() {
     let _cgroups = cgroups("hostile");
     let dir = tempfile::tempdir().unwrap();

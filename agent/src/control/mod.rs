@@ -454,6 +454,20 @@ impl ControlPlane {
         Ok(instance)
     }
 
+    /// The record as the host now shows it, and `true`; or, while an operation on it
+    /// is under way (a stop waiting out its grace period, a start), the record in its
+    /// transitional state and `false`, rather than waiting for it.
+    async fn current(&self, instance: Instance) -> Result<(Instance, bool), ControlFailure> {
+        let lock = self.lock(&instance.id);
+        let guard = lock.try_lock();
+        // Re-read: an operation may have finished since the list was taken.
+        let latest = self.book.instance(&instance.id).unwrap_or(instance);
+        match guard {
+            Ok(_guard) => Ok((self.refresh(latest).await?, true)),
+            Err(_) => Ok((latest, false)),
+        }
+    }
+
     fn mounts(&self, spec: &RunSpec) -> Result<Vec<Mount>, ControlFailure> {
         spec.volumes
             .iter()
@@ -507,16 +521,7 @@ impl ControlPlane {
                     if !filters.ids.is_empty() && !filters.ids.contains(&instance.id) {
                         continue;
                     }
-                    let lock = self.lock(&instance.id);
-                    // An operation under way (a stop waiting out its grace period) is
-                    // shown in its transitional state rather than waited for.
-                    let current = match lock.try_lock() {
-                        Ok(_guard) => {
-                            let current = self.book.instance(&instance.id).unwrap_or(instance);
-                            self.refresh(current).await?
-                        }
-                        Err(_) => self.book.instance(&instance.id).unwrap_or(instance),
-                    };
+                    let (current, _) = self.current(instance).await?;
                     if filters.matches(&current) {
                         out.push(current);
                     }
@@ -536,8 +541,8 @@ impl ControlPlane {
                     if !ids.is_empty() && !ids.contains(&instance.id) {
                         continue;
                     }
-                    let instance = self.refresh(instance).await?;
-                    let seen = if instance.state == InstanceState::Terminated {
+                    let (instance, settled) = self.current(instance).await?;
+                    let seen = if instance.state == InstanceState::Terminated || !settled {
                         Observed::default()
                     } else {
                         self.driver.observe(&instance).await?
@@ -747,7 +752,8 @@ impl ControlPlane {
                 self.store(&back)?;
                 let settled = self.refresh(back).await.unwrap_or(instance);
                 let reason = format!("{} failed: {failure}", op.as_str());
-                self.settle(settled, previous, Some(reason))?;
+                let state = settled.state;
+                self.settle(settled, state, Some(reason))?;
                 Err(failure)
             }
         }
