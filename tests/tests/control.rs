@@ -61,6 +61,86 @@ async fn the_compatibility_kit_passes_on_the_mapped_docker_api() {
     kit(DriverKind::Mapped, "mapped").await;
 }
 
+/// A provider whose API covers compute but whose storage is two programs and no
+/// snapshots: the kit runs the programs (allow-listed, argv only), reports snapshots as
+/// unsupported, and rates the driver highly, not fully, compatible.
+#[tokio::test]
+async fn a_partial_mapping_with_programs_is_rated_by_what_it_supports() {
+    let dir = tempfile::tempdir().unwrap();
+    let volumes = dir.path().join("provider-volumes");
+    std::fs::create_dir_all(&volumes).unwrap();
+    let docker = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/mapped-docker.toml"
+    ))
+    .unwrap();
+    // The shipped compute operations, and a constant naming where volumes go.
+    let compute = docker[..docker.find("[[ops.volume_create.steps]]").unwrap()].replace(
+        "[constants]\n",
+        &format!("[constants]\nvolumes_dir = \"{}\"\n", volumes.display()),
+    );
+    let mapping = format!(
+        r#"allowed_programs = ["/bin/mkdir", "/bin/rm", "/bin/echo"]
+{compute}
+[[ops.volume_create.steps]]
+program = "/bin/mkdir"
+args = ["-p", "{{{{volumes_dir}}}}/{{{{volume_id}}}}"]
+
+[[ops.volume_create.steps]]
+program = "/bin/echo"
+args = ['{{"Name": "{{{{volumes_dir}}}}/{{{{volume_id}}}}"}}']
+
+[[ops.volume_delete.steps]]
+program = "/bin/rm"
+args = ["-rf", "--", "{{{{volume_native_id}}}}"]
+"#
+    );
+    let file = dir.path().join("partial.toml");
+    std::fs::write(&file, mapping).unwrap();
+    let mut config = control_config(DriverKind::Mapped, "partial");
+    config.mapped.file = file;
+    let driver = control::open_driver(&config, dir.path())
+        .await
+        .expect("the mapping loads");
+    let plane = ControlPlane::open(driver, dir.path().join("control"), clock::system(), &config)
+        .await
+        .unwrap();
+    let report = run_suite(
+        &plane,
+        &control::compat_profile(&config),
+        clock::system().now_ms(),
+    )
+    .await;
+    let by_op = |op: &str| {
+        report
+            .checks
+            .iter()
+            .find(|c| c.operation == op)
+            .unwrap()
+            .clone()
+    };
+    for op in COMPUTE_OPERATIONS
+        .iter()
+        .chain(&["volume-create", "volume-attach", "volume-delete"])
+    {
+        assert!(by_op(op).passed, "{op}: {:?}", by_op(op).message);
+    }
+    let snapshot = by_op("snapshot");
+    assert!(!snapshot.passed);
+    assert!(
+        snapshot
+            .message
+            .unwrap()
+            .contains("does not support snapshot")
+    );
+    assert_eq!(report.level, CompatLevel::Highly);
+    assert_eq!(
+        std::fs::read_dir(&volumes).unwrap().count(),
+        0,
+        "the delete program ran"
+    );
+}
+
 async fn call(plane: &ControlPlane, command: Command) -> ControlReply {
     let action = command.action();
     plane
