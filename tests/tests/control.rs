@@ -698,6 +698,68 @@ mod through_the_controller {
         assert_eq!(cached["instances"][0]["state"], "stopped");
     }
 
+    #[tokio::test]
+    async fn a_command_longer_than_the_control_timeout_is_a_504_and_still_completes() {
+        let tag = "slow";
+        let _cgroups = CgroupGuard(
+            control_config(DriverKind::Process, tag)
+                .process
+                .cgroup_parent,
+        );
+        let config = surplus_controller::ControllerConfig {
+            control_timeout: Duration::from_secs(1),
+            ..surplus_tests::test_config()
+        };
+        let tc = TestController::start_with(config, clock::system()).await;
+        let mut events = tc.events();
+        let (mut agent_config, identity) = tc.enroll(tag, &[]).await;
+        agent_config.control = control_config(DriverKind::Process, tag);
+        agent_config.control.stop_grace = Duration::from_secs(3);
+        let agent = RunningAgent::spawn(agent_config, clock::system());
+        let agent_id = identity.agent_id;
+        events
+            .until("online", |e| *e == RegistryEvent::Online(agent_id))
+            .await;
+        let (_, ran) = tc
+            .api_post("/v1/control", json!({"action": "RunInstances", "command": ["sh", "-c", "trap '' TERM; sleep 600 & wait"]}))
+            .await;
+        let id = ran["instances"][0]["id"]
+            .as_str()
+            .expect("an instance")
+            .to_owned();
+        let (s, e) = tc
+            .api_post(
+                "/v1/control",
+                json!({"action": "StopInstances", "ids": [id]}),
+            )
+            .await;
+        assert_eq!(
+            (s, e["error"].as_str()),
+            (504, Some("agent_timeout")),
+            "{e}"
+        );
+        assert_eq!(e["agent_id"], agent_id.to_string());
+        // The agent finishes the stop (SIGKILL after the grace period) on its own.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let (_, d) = tc
+                .api_post(
+                    "/v1/control",
+                    json!({"action": "DescribeInstances", "ids": [id]}),
+                )
+                .await;
+            if d["instances"][0]["state"] == "stopped" {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the stop never completed: {d}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        agent.stop().await;
+    }
+
     /// A real `surplus-agent` process, killed with SIGKILL in the middle of a stop.
     struct AgentProcess(std::process::Child);
 
