@@ -58,6 +58,10 @@ pub struct ControllerConfig {
     /// instance's grace period) before the API answers 504.
     #[serde(with = "humantime_serde")]
     pub control_timeout: Duration,
+    /// How long terminated instances are listed by DescribeInstances without ids
+    /// (they stay stored, and are described when asked for by id).
+    #[serde(with = "humantime_serde")]
+    pub terminated_retention: Duration,
     /// Largest frame accepted or sent, bytes.
     pub max_frame_size: usize,
     /// `human` or `json`.
@@ -85,6 +89,7 @@ impl Default for ControllerConfig {
             keep_alive: Duration::from_secs(5),
             request_timeout: Duration::from_secs(10),
             control_timeout: Duration::from_secs(60),
+            terminated_retention: Duration::from_secs(3600),
             max_frame_size: surplus_protocol::DEFAULT_MAX_FRAME,
             log_format: LogFormat::Human,
             log_filter: "info".into(),

@@ -582,7 +582,26 @@ impl Controller {
                 for id in &ids {
                     rows.push(self.owned_instance(caller, id).await?);
                 }
+                // Terminated is final: answered here, without the agent (which may have
+                // forgotten the instance after its retention).
                 let mut changes = Vec::new();
+                let (ended, rows): (Vec<_>, Vec<_>) = rows
+                    .into_iter()
+                    .partition(|r| r.record.state == InstanceState::Terminated);
+                for row in &ended {
+                    if op != Lifecycle::Terminate {
+                        return Err(ControlError::Conflict(format!(
+                            "instance {} is terminated; it cannot {}",
+                            row.record.id,
+                            op.as_str()
+                        )));
+                    }
+                    changes.push(StateChange {
+                        instance_id: row.record.id.clone(),
+                        previous: InstanceState::Terminated,
+                        current: InstanceState::Terminated,
+                    });
+                }
                 for (agent_id, ids) in group(rows.iter().map(|r| (r.agent_id, r.record.id.clone())))
                 {
                     match self
@@ -613,7 +632,14 @@ impl Controller {
             }
             ControlRequest::Describe(filters) => {
                 let rows = self.visible_instances(caller, &filters.ids).await?;
-                let mut out = Vec::new();
+                let (ended, rows): (Vec<_>, Vec<_>) = rows
+                    .into_iter()
+                    .partition(|r| r.record.state == InstanceState::Terminated);
+                let mut out: Vec<InstanceView> = ended
+                    .iter()
+                    .filter(|r| filters.matches(&r.record))
+                    .map(|r| self.instance_view(r, r.record.clone(), false))
+                    .collect();
                 for (agent_id, ids) in group(rows.iter().map(|r| (r.agent_id, r.record.id.clone())))
                 {
                     let command = Command::DescribeInstances(Filters {
@@ -665,7 +691,20 @@ impl Controller {
             }
             ControlRequest::Status { ids } => {
                 let rows = self.visible_instances(caller, &ids).await?;
-                let mut out = Vec::new();
+                let (ended, rows): (Vec<_>, Vec<_>) = rows
+                    .into_iter()
+                    .partition(|r| r.record.state == InstanceState::Terminated);
+                let mut out: Vec<InstanceStatus> = ended
+                    .into_iter()
+                    .map(|r| InstanceStatus {
+                        instance_id: r.record.id,
+                        state: InstanceState::Terminated,
+                        state_reason: r.record.state_reason,
+                        exit_code: None,
+                        applied: Limits::default(),
+                        processes: None,
+                    })
+                    .collect();
                 for (agent_id, ids) in group(rows.iter().map(|r| (r.agent_id, r.record.id.clone())))
                 {
                     match self
@@ -845,8 +884,18 @@ impl Controller {
         ids: &[String],
     ) -> Result<Vec<InstanceRow>, ControlError> {
         if ids.is_empty() {
+            // Instances terminated longer ago than the retention are shown only when
+            // asked for by id.
             let account = (caller.role != Role::Admin).then_some(caller.account.as_str());
-            return Ok(self.store.instances(account).await?);
+            let now = self.clock.now_ms();
+            let horizon =
+                i64::try_from(self.config.terminated_retention.as_millis()).unwrap_or(i64::MAX);
+            let mut rows = self.store.instances(account).await?;
+            rows.retain(|r| {
+                r.record.state != InstanceState::Terminated
+                    || now.saturating_sub(r.record.state_changed_at_ms) < horizon
+            });
+            return Ok(rows);
         }
         let mut rows = Vec::with_capacity(ids.len());
         for id in ids {

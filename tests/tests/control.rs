@@ -300,6 +300,51 @@ async fn a_start_that_fails_is_an_error_and_leaves_a_terminated_record() {
 }
 
 #[tokio::test]
+async fn terminated_instances_are_forgotten_after_the_retention() {
+    let _cgroups = cgroups("retention");
+    let dir = tempfile::tempdir().unwrap();
+    let config = control_config(DriverKind::Process, "retention");
+    let driver = control::open_driver(&config, dir.path()).await.unwrap();
+    let clock = clock::ManualClock::new(1_700_000_000_000);
+    let plane = ControlPlane::open(driver, dir.path().join("control"), clock.clone(), &config)
+        .await
+        .unwrap();
+    let id = new_id(INSTANCE_PREFIX);
+    call(
+        &plane,
+        Command::RunInstances {
+            instance_id: id.clone(),
+            spec: spec(&["sleep", "600"]),
+        },
+    )
+    .await;
+    call(
+        &plane,
+        Command::Lifecycle {
+            op: Lifecycle::Terminate,
+            ids: vec![id.clone()],
+        },
+    )
+    .await;
+    clock.advance_ms(59 * 60 * 1000);
+    assert_eq!(
+        describe(&plane, &id).await.state,
+        InstanceState::Terminated,
+        "kept within the hour"
+    );
+    clock.advance_ms(2 * 60 * 1000);
+    match call(&plane, Command::DescribeInstances(Filters::default())).await {
+        ControlReply::Instances(list) => assert!(list.is_empty(), "{list:?}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        !dir.path()
+            .join(format!("control/instances/{id}.json"))
+            .exists()
+    );
+}
+
+#[tokio::test]
 async fn hostile_values_are_refused_or_passed_literally() {
     let _cgroups = cgroups("hostile");
     let dir = tempfile::tempdir().unwrap();
@@ -757,6 +802,87 @@ mod through_the_controller {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        agent.stop().await;
+    }
+
+    #[tokio::test]
+    async fn terminated_is_final_and_old_ones_are_listed_only_by_id() {
+        let tag = "final";
+        let _cgroups = CgroupGuard(
+            control_config(DriverKind::Process, tag)
+                .process
+                .cgroup_parent,
+        );
+        let config = surplus_controller::ControllerConfig {
+            terminated_retention: Duration::ZERO,
+            ..surplus_tests::test_config()
+        };
+        let tc = TestController::start_with(config, clock::system()).await;
+        let mut events = tc.events();
+        let (mut agent_config, identity) = tc.enroll(tag, &[]).await;
+        agent_config.control = control_config(DriverKind::Process, tag);
+        agent_config.control.terminated_retention = Duration::ZERO;
+        let agent = RunningAgent::spawn(agent_config, clock::system());
+        events
+            .until("online", |e| *e == RegistryEvent::Online(identity.agent_id))
+            .await;
+        let (_, ran) = tc
+            .api_post(
+                "/v1/control",
+                json!({"action": "RunInstances", "command": ["sleep", "600"]}),
+            )
+            .await;
+        let id = ran["instances"][0]["id"]
+            .as_str()
+            .expect("an instance")
+            .to_owned();
+        tc.api_post(
+            "/v1/control",
+            json!({"action": "TerminateInstances", "ids": [id]}),
+        )
+        .await;
+        let (_, all) = tc
+            .api_post("/v1/control", json!({"action": "DescribeInstances"}))
+            .await;
+        assert_eq!(
+            all["instances"],
+            json!([]),
+            "past the retention, not listed"
+        );
+        let (_, one) = tc
+            .api_post(
+                "/v1/control",
+                json!({"action": "DescribeInstances", "ids": [id]}),
+            )
+            .await;
+        assert_eq!(one["instances"][0]["state"], "terminated", "{one}");
+        let (s, again) = tc
+            .api_post(
+                "/v1/control",
+                json!({"action": "TerminateInstances", "ids": [id]}),
+            )
+            .await;
+        assert_eq!(
+            (s, again["state_changes"][0]["current"].as_str()),
+            (200, Some("terminated"))
+        );
+        let (s, e) = tc
+            .api_post(
+                "/v1/control",
+                json!({"action": "StartInstances", "ids": [id]}),
+            )
+            .await;
+        assert_eq!((s, e["error"].as_str()), (409, Some("conflict")), "{e}");
+        let (s, st) = tc
+            .api_post(
+                "/v1/control",
+                json!({"action": "DescribeInstanceStatus", "ids": [id]}),
+            )
+            .await;
+        assert_eq!(
+            (s, st["statuses"][0]["state"].as_str()),
+            (200, Some("terminated"))
+        );
         agent.stop().await;
     }
 

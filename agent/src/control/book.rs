@@ -94,6 +94,17 @@ impl Book {
         Ok(())
     }
 
+    /// Forgets an instance, on disk first.
+    pub fn remove_instance(&self, id: &str) -> std::io::Result<()> {
+        match std::fs::remove_file(self.dir.join("instances").join(format!("{id}.json"))) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        self.instances.lock().expect("book poisoned").remove(id);
+        Ok(())
+    }
+
     /// Every volume.
     pub fn volumes(&self) -> Vec<Volume> {
         let mut all: Vec<_> = self

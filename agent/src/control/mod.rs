@@ -52,6 +52,9 @@ pub struct ControlConfig {
     pub stop_grace: Duration,
     /// Largest volume a client may create, in bytes.
     pub max_volume_bytes: u64,
+    /// How long terminated instances stay in the agent's records (and descriptions).
+    #[serde(with = "humantime_serde")]
+    pub terminated_retention: Duration,
     /// `[control.process]`.
     pub process: process::ProcessConfig,
     /// `[control.docker]`.
@@ -70,6 +73,7 @@ impl Default for ControlConfig {
             driver: DriverKind::Process,
             stop_grace: Duration::from_secs(10),
             max_volume_bytes: 1 << 40,
+            terminated_retention: Duration::from_secs(3600),
             process: process::ProcessConfig::default(),
             docker: docker::DockerConfig::default(),
             mapped: mapped::MappedConfig::default(),
@@ -306,6 +310,7 @@ pub struct ControlPlane {
     clock: Arc<dyn Clock>,
     grace: Duration,
     max_volume_bytes: u64,
+    retention: Duration,
     /// One lock per instance or volume id: operations on one thing are serialised,
     /// operations on different things run side by side.
     locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -327,6 +332,7 @@ impl ControlPlane {
             clock,
             grace: config.stop_grace,
             max_volume_bytes: config.max_volume_bytes,
+            retention: config.terminated_retention,
             locks: Default::default(),
         });
         plane.recover().await;
@@ -349,7 +355,32 @@ impl ControlPlane {
 
     /// Re-reads every instance an earlier agent process left: running ones are
     /// re-adopted, interrupted operations are settled.
+    /// Forgets instances terminated longer ago than the retention, so that records
+    /// and descriptions do not grow for ever. The controller keeps its own copy.
+    fn prune(&self) {
+        let now = self.clock.now_ms();
+        let horizon = i64::try_from(self.retention.as_millis()).unwrap_or(i64::MAX);
+        for i in self.book.instances() {
+            if i.state == InstanceState::Terminated
+                && now.saturating_sub(i.state_changed_at_ms) >= horizon
+            {
+                match self.book.remove_instance(&i.id) {
+                    Ok(()) => {
+                        self.locks
+                            .lock()
+                            .expect("lock table poisoned")
+                            .remove(&i.id);
+                    }
+                    Err(e) => {
+                        tracing::warn!(instance = %i.id, error = %e, "terminated record not removed")
+                    }
+                }
+            }
+        }
+    }
+
     async fn recover(&self) {
+        self.prune();
         for instance in self.book.instances() {
             if instance.state == InstanceState::Terminated {
                 continue;
@@ -516,6 +547,7 @@ impl ControlPlane {
                 Ok(ControlReply::StateChanges(changes))
             }
             Command::DescribeInstances(filters) => {
+                self.prune();
                 let mut out = Vec::new();
                 for instance in self.book.instances() {
                     if !filters.ids.is_empty() && !filters.ids.contains(&instance.id) {
