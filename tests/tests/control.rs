@@ -74,11 +74,18 @@ async fn a_partial_mapping_with_programs_is_rated_by_what_it_supports() {
         "/../deploy/mapped-docker.toml"
     ))
     .unwrap();
-    // The shipped compute operations, and a constant naming where volumes go.
-    let compute = docker[..docker.find("[[ops.volume_create.steps]]").unwrap()].replace(
-        "[constants]\n",
-        &format!("[constants]\nvolumes_dir = \"{}\"\n", volumes.display()),
-    );
+    // The shipped compute operations, a constant naming where volumes go, and the
+    // engine's container id captured as the instance's native id.
+    let compute = docker[..docker.find("[[ops.volume_create.steps]]").unwrap()]
+        .replace(
+            "[constants]\n",
+            &format!("[constants]\nvolumes_dir = \"{}\"\n", volumes.display()),
+        )
+        .replacen(
+            "accept = [201, 409]",
+            "accept = [201]\ncapture = { native_id = \"/Id\" }",
+            1,
+        );
     let mapping = format!(
         r#"allowed_programs = ["/bin/mkdir", "/bin/rm", "/bin/echo"]
 {compute}
@@ -134,6 +141,19 @@ args = ["-rf", "--", "{{{{volume_native_id}}}}"]
             .contains("does not support snapshot")
     );
     assert_eq!(report.level, CompatLevel::Highly);
+    match call(&plane, Command::DescribeInstances(Filters::default())).await {
+        ControlReply::Instances(list) => {
+            assert_eq!(list.len(), 2);
+            for i in list {
+                let native = i.native_id.unwrap();
+                assert!(
+                    native.len() == 64 && native.bytes().all(|b| b.is_ascii_hexdigit()),
+                    "{native}"
+                );
+            }
+        }
+        other => panic!("{other:?}"),
+    }
     assert_eq!(
         std::fs::read_dir(&volumes).unwrap().count(),
         0,

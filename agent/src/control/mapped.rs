@@ -476,13 +476,14 @@ impl MappedDriver {
         DriverError::Failed(format!("{op} step {n}: {e}"))
     }
 
-    /// Runs an operation's steps; returns the last step's answer.
+    /// Runs an operation's steps; returns the last step's answer and the variables as
+    /// the steps left them (with what they captured).
     async fn perform(
         &self,
         op: &'static str,
         mut vars: BTreeMap<String, Value>,
         save_to: Option<&Path>,
-    ) -> Result<Answer, DriverError> {
+    ) -> Result<(Answer, BTreeMap<String, Value>), DriverError> {
         let operation = self
             .mapping
             .ops
@@ -521,7 +522,7 @@ impl MappedDriver {
         }
         match failure {
             Some(e) => Err(e),
-            None => Ok(last),
+            None => Ok((last, vars)),
         }
     }
 
@@ -715,9 +716,15 @@ impl Driver for MappedDriver {
     async fn run(&self, id: &str, spec: &RunSpec, mounts: &[Mount]) -> Result<String, DriverError> {
         let mut vars = self.instance_vars(id, None, spec, mounts);
         vars.insert("grace_secs".into(), json!(0));
-        let answer = self.perform("run", vars, None).await?;
-        let _ = answer;
-        Ok(id.to_owned())
+        // A step may capture `native_id` (a container id, say); otherwise the
+        // instance id names it on the provider's side.
+        let (_, vars) = self.perform("run", vars, None).await?;
+        Ok(vars
+            .get("native_id")
+            .and_then(Value::as_str)
+            .filter(|n| !n.is_empty())
+            .unwrap_or(id)
+            .to_owned())
     }
 
     async fn start(&self, instance: &Instance, mounts: &[Mount]) -> Result<(), DriverError> {
@@ -826,7 +833,7 @@ impl Driver for MappedDriver {
         let mut vars = self.base_vars();
         vars.insert("volume_id".into(), json!(id));
         vars.insert("size_bytes".into(), json!(size_bytes));
-        let answer = self.perform("volume_create", vars, None).await?;
+        let (answer, _) = self.perform("volume_create", vars, None).await?;
         Ok(answer
             .json
             .get("Name")
