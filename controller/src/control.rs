@@ -605,10 +605,19 @@ impl Controller {
                 for (agent_id, ids) in group(rows.iter().map(|r| (r.agent_id, r.record.id.clone())))
                 {
                     match self
-                        .agent_command(agent_id, Command::Lifecycle { op, ids })
+                        .agent_command(
+                            agent_id,
+                            Command::Lifecycle {
+                                op,
+                                ids: ids.clone(),
+                            },
+                        )
                         .await?
                     {
-                        ControlReply::StateChanges(c) => changes.extend(c),
+                        // An agent speaks only for the instances it was asked about.
+                        ControlReply::StateChanges(c) => {
+                            changes.extend(c.into_iter().filter(|c| ids.contains(&c.instance_id)))
+                        }
                         other => return Err(unexpected(agent_id, &other)),
                     }
                 }
@@ -652,7 +661,11 @@ impl Controller {
                             let changed: Vec<Instance> = list
                                 .iter()
                                 .filter(|i| {
-                                    rows.iter().any(|r| r.record.id == i.id && r.record != **i)
+                                    rows.iter().any(|r| {
+                                        r.record.id == i.id
+                                            && r.agent_id == agent_id
+                                            && r.record != **i
+                                    })
                                 })
                                 .cloned()
                                 .collect();
@@ -662,11 +675,17 @@ impl Controller {
                                     .await?;
                             }
                             for i in list {
-                                let row = rows
+                                // Only what was asked for, and only from its own host: an
+                                // agent cannot answer for instances it does not hold.
+                                match rows
                                     .iter()
-                                    .find(|r| r.record.id == i.id)
-                                    .expect("asked for");
-                                out.push(self.instance_view(row, i, false));
+                                    .find(|r| r.record.id == i.id && r.agent_id == agent_id)
+                                {
+                                    Some(row) => out.push(self.instance_view(row, i, false)),
+                                    None => {
+                                        tracing::warn!(%agent_id, instance = %i.id, "agent described an instance it was not asked for")
+                                    }
+                                }
                             }
                         }
                         Ok(other) => return Err(unexpected(agent_id, &other)),
@@ -708,10 +727,15 @@ impl Controller {
                 for (agent_id, ids) in group(rows.iter().map(|r| (r.agent_id, r.record.id.clone())))
                 {
                     match self
-                        .agent_command(agent_id, Command::DescribeInstanceStatus { ids })
+                        .agent_command(
+                            agent_id,
+                            Command::DescribeInstanceStatus { ids: ids.clone() },
+                        )
                         .await?
                     {
-                        ControlReply::Statuses(s) => out.extend(s),
+                        ControlReply::Statuses(s) => {
+                            out.extend(s.into_iter().filter(|s| ids.contains(&s.instance_id)))
+                        }
                         other => return Err(unexpected(agent_id, &other)),
                     }
                 }
@@ -777,21 +801,26 @@ impl Controller {
                     .agent_command(
                         agent_id,
                         Command::CreateVolume {
-                            volume_id,
+                            volume_id: volume_id.clone(),
                             name,
                             size_bytes,
                         },
                     )
                     .await?;
-                self.volumes_response(agent_id, &caller.account, reply)
+                self.volumes_response(agent_id, &caller.account, &volume_id, reply)
                     .await
             }
             ControlRequest::DeleteVolume { volume_id } => {
                 let row = self.owned_volume(caller, &volume_id).await?;
                 let reply = self
-                    .agent_command(row.agent_id, Command::DeleteVolume { volume_id })
+                    .agent_command(
+                        row.agent_id,
+                        Command::DeleteVolume {
+                            volume_id: volume_id.clone(),
+                        },
+                    )
                     .await?;
-                self.volumes_response(row.agent_id, &row.account, reply)
+                self.volumes_response(row.agent_id, &row.account, &volume_id, reply)
                     .await
             }
             ControlRequest::DescribeVolumes { ids } => {
@@ -818,10 +847,13 @@ impl Controller {
                     {
                         Ok(ControlReply::Volumes(list)) => {
                             for v in list {
-                                let row = rows
+                                let Some(row) = rows
                                     .iter()
-                                    .find(|r| r.record.id == v.id)
-                                    .expect("asked for");
+                                    .find(|r| r.record.id == v.id && r.agent_id == agent_id)
+                                else {
+                                    tracing::warn!(%agent_id, volume = %v.id, "agent described a volume it was not asked for");
+                                    continue;
+                                };
                                 self.store
                                     .put_volume(&VolumeRow {
                                         record: v.clone(),
@@ -908,13 +940,15 @@ impl Controller {
         &self,
         agent_id: Uuid,
         account: &str,
+        volume_id: &str,
         reply: ControlReply,
     ) -> Result<ControlResponse, ControlError> {
         let ControlReply::Volumes(list) = reply else {
             return Err(unexpected(agent_id, &reply));
         };
         let mut out = Vec::new();
-        for v in list {
+        // The agent speaks only for the volume it was asked about.
+        for v in list.into_iter().filter(|v| v.id == volume_id) {
             self.store
                 .put_volume(&VolumeRow {
                     agent_id,
@@ -1023,7 +1057,9 @@ impl Controller {
             Err(e) => return Err(e),
         };
         match reply {
-            ControlReply::Instances(list) => {
+            ControlReply::Instances(mut list) => {
+                // The agent speaks only for the instance it was asked to run.
+                list.retain(|i| i.id == row.record.id);
                 self.store
                     .update_instances(&list, self.clock.now_ms())
                     .await?;
