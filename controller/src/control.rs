@@ -499,31 +499,13 @@ impl Controller {
         caller: &Principal,
         id: &str,
     ) -> Result<InstanceRow, ControlError> {
-        let row = self
-            .store
-            .instance(id)
-            .await?
-            .ok_or_else(|| ControlError::NotFound(format!("instance {id} not found")))?;
-        if !authorise(caller, &row.account) {
-            return Err(ControlError::Forbidden(format!(
-                "instance {id} belongs to another account"
-            )));
-        }
-        Ok(row)
+        let row = self.store.instance(id).await?;
+        owned(caller, "instance", id, row, |r| &r.account)
     }
 
     async fn owned_volume(&self, caller: &Principal, id: &str) -> Result<VolumeRow, ControlError> {
-        let row = self
-            .store
-            .volume(id)
-            .await?
-            .ok_or_else(|| ControlError::NotFound(format!("volume {id} not found")))?;
-        if !authorise(caller, &row.account) {
-            return Err(ControlError::Forbidden(format!(
-                "volume {id} belongs to another account"
-            )));
-        }
-        Ok(row)
+        let row = self.store.volume(id).await?;
+        owned(caller, "volume", id, row, |r| &r.account)
     }
 
     /// The agent a new instance or volume goes to.
@@ -1111,6 +1093,23 @@ impl Controller {
         }
         Ok(())
     }
+}
+
+/// `row` when it exists (404) and `caller` may act on it (403).
+fn owned<T>(
+    caller: &Principal,
+    what: &str,
+    id: &str,
+    row: Option<T>,
+    account: impl Fn(&T) -> &String,
+) -> Result<T, ControlError> {
+    let row = row.ok_or_else(|| ControlError::NotFound(format!("{what} {id} not found")))?;
+    if !authorise(caller, account(&row)) {
+        return Err(ControlError::Forbidden(format!(
+            "{what} {id} belongs to another account"
+        )));
+    }
+    Ok(row)
 }
 
 fn group(items: impl Iterator<Item = (Uuid, String)>) -> Vec<(Uuid, Vec<String>)> {

@@ -376,17 +376,11 @@ impl RunningAgent {
         clock: Arc<dyn Clock>,
         control: Arc<surplus_agent::control::ControlPlane>,
     ) -> Self {
-        let runner = Runner::new(config, clock)
-            .expect("identity present")
-            .with_control(control);
-        let cancel = CancellationToken::new();
-        let agent_id = runner.agent_id();
-        let task = tokio::spawn(runner.run(cancel.clone()));
-        Self {
-            id: agent_id,
-            cancel,
-            task,
-        }
+        Self::spawn_runner(
+            Runner::new(config, clock)
+                .expect("identity present")
+                .with_control(control),
+        )
     }
 
     /// Waits for the agent to stop on its own (it does only when retrying cannot help).

@@ -763,6 +763,42 @@ mod through_the_controller {
         assert_eq!(cached["instances"][0]["state"], "stopped");
     }
 
+    /// Runs an instance that ignores SIGTERM, so a stop waits out the grace period.
+    async fn run_stubborn(tc: &TestController) -> String {
+        let (_, ran) = tc
+            .api_post(
+                "/v1/control",
+                json!({"action": "RunInstances", "command": ["sh", "-c", "trap '' TERM; sleep 600 & wait"]}),
+            )
+            .await;
+        ran["instances"][0]["id"]
+            .as_str()
+            .expect("an instance")
+            .to_owned()
+    }
+
+    /// Polls DescribeInstances until the instance is in `state` (real processes and
+    /// signals: there is no event to await), at most 15 s.
+    async fn until_state(tc: &TestController, id: &str, state: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let (_, d) = tc
+                .api_post(
+                    "/v1/control",
+                    json!({"action": "DescribeInstances", "ids": [id]}),
+                )
+                .await;
+            if d["instances"][0]["state"] == state {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{id} never {state}: {d}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     #[tokio::test]
     async fn a_command_longer_than_the_control_timeout_is_a_504_and_still_completes() {
         let tag = "slow";
@@ -785,13 +821,7 @@ mod through_the_controller {
         events
             .until("online", |e| *e == RegistryEvent::Online(agent_id))
             .await;
-        let (_, ran) = tc
-            .api_post("/v1/control", json!({"action": "RunInstances", "command": ["sh", "-c", "trap '' TERM; sleep 600 & wait"]}))
-            .await;
-        let id = ran["instances"][0]["id"]
-            .as_str()
-            .expect("an instance")
-            .to_owned();
+        let id = run_stubborn(&tc).await;
         let (s, e) = tc
             .api_post(
                 "/v1/control",
@@ -805,23 +835,7 @@ mod through_the_controller {
         );
         assert_eq!(e["agent_id"], agent_id.to_string());
         // The agent finishes the stop (SIGKILL after the grace period) on its own.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-        loop {
-            let (_, d) = tc
-                .api_post(
-                    "/v1/control",
-                    json!({"action": "DescribeInstances", "ids": [id]}),
-                )
-                .await;
-            if d["instances"][0]["state"] == "stopped" {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the stop never completed: {d}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        until_state(&tc, &id, "stopped").await;
         agent.stop().await;
     }
 
@@ -980,14 +994,7 @@ mod through_the_controller {
         events
             .until("agent online", |e| *e == RegistryEvent::Online(agent_id))
             .await;
-        // An instance that ignores SIGTERM, so a stop waits out the grace period.
-        let (_, ran) = tc
-            .api_post("/v1/control", json!({"action": "RunInstances", "command": ["sh", "-c", "trap '' TERM; sleep 600 & wait"]}))
-            .await;
-        let id = ran["instances"][0]["id"]
-            .as_str()
-            .expect("an instance")
-            .to_owned();
+        let id = run_stubborn(&tc).await;
         let url = tc.url();
         let token = tc.admin_token.clone();
         let stop_id = id.clone();
@@ -1001,23 +1008,7 @@ mod through_the_controller {
                 .unwrap();
             (r.status().as_u16(), r.json::<Value>().await.unwrap())
         });
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let (_, d) = tc
-                .api_post(
-                    "/v1/control",
-                    json!({"action": "DescribeInstances", "ids": [id]}),
-                )
-                .await;
-            if d["instances"][0]["state"] == "stopping" {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "never seen stopping: {d}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        until_state(&tc, &id, "stopping").await;
         process.0.kill().unwrap();
         process.0.wait().unwrap();
         let (s, e) = stopping.await.unwrap();

@@ -95,13 +95,7 @@ impl DockerDriver {
             .negotiate_version()
             .await
             .map_err(|e| engine(&format!("no engine answers on {socket}"), e))?;
-        let snapshots = if config.snapshot_dir.as_os_str().is_empty() {
-            data_dir.join("control").join("snapshots")
-        } else {
-            config.snapshot_dir.clone()
-        };
-        std::fs::create_dir_all(&snapshots)
-            .map_err(|e| DriverError::failed(&snapshots.display().to_string(), e))?;
+        let snapshots = super::snapshot_dir(&config.snapshot_dir, data_dir)?;
         tracing::info!(socket = %socket, api = ?docker.client_version(), "docker driver ready");
         Ok(Self {
             docker,

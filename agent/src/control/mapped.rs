@@ -369,13 +369,7 @@ impl MappedDriver {
         let mapping = Mapping::parse(&text).map_err(|e| {
             DriverError::Failed(format!("mapping file {}: {e}", config.file.display()))
         })?;
-        let snapshots = if config.snapshot_dir.as_os_str().is_empty() {
-            data_dir.join("control").join("snapshots")
-        } else {
-            config.snapshot_dir.clone()
-        };
-        std::fs::create_dir_all(&snapshots)
-            .map_err(|e| DriverError::failed(&snapshots.display().to_string(), e))?;
+        let snapshots = super::snapshot_dir(&config.snapshot_dir, data_dir)?;
         tracing::info!(mapping = %mapping.name, operations = mapping.ops.len(), "mapped driver ready");
         Ok(Self { mapping, snapshots })
     }

@@ -244,6 +244,22 @@ impl Driver for NoDriver {
     }
 }
 
+/// Where a driver keeps snapshots: the configured directory, or
+/// `<data_dir>/control/snapshots`; created if missing.
+pub fn snapshot_dir(
+    configured: &std::path::Path,
+    data_dir: &std::path::Path,
+) -> Result<PathBuf, DriverError> {
+    let dir = if configured.as_os_str().is_empty() {
+        data_dir.join("control").join("snapshots")
+    } else {
+        configured.to_owned()
+    };
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| DriverError::failed(&dir.display().to_string(), e))?;
+    Ok(dir)
+}
+
 /// Builds the configured driver. `data_dir` holds logs, volumes and snapshots unless
 /// the configuration says otherwise.
 pub async fn open_driver(
