@@ -161,6 +161,54 @@ args = ["-rf", "--", "{{{{volume_native_id}}}}"]
     );
 }
 
+/// The mapped driver over TCP: the shipped Docker mapping pointed at a TCP address
+/// that relays to the engine's socket (as a provider's API on another port would be).
+#[tokio::test]
+async fn the_mapped_driver_speaks_http_over_tcp_too() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let relay = tokio::spawn(async move {
+        loop {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut unix = tokio::net::UnixStream::connect("/var/run/docker.sock")
+                    .await
+                    .unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut tcp, &mut unix).await;
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let docker = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/mapped-docker.toml"
+    ))
+    .unwrap();
+    let over_tcp = docker.replace(
+        "unix_socket = \"/var/run/docker.sock\"",
+        &format!("address = \"{address}\""),
+    );
+    assert_ne!(over_tcp, docker);
+    let file = dir.path().join("tcp.toml");
+    std::fs::write(&file, over_tcp).unwrap();
+    let mut config = control_config(DriverKind::Mapped, "tcp");
+    config.mapped.file = file;
+    let driver = control::open_driver(&config, dir.path())
+        .await
+        .expect("the mapping loads");
+    let plane = ControlPlane::open(driver, dir.path().join("control"), clock::system(), &config)
+        .await
+        .unwrap();
+    let report = run_suite(
+        &plane,
+        &control::compat_profile(&config),
+        clock::system().now_ms(),
+    )
+    .await;
+    assert_eq!(report.level, CompatLevel::Fully, "{:#?}", report.checks);
+    relay.abort();
+}
+
 async fn call(plane: &ControlPlane, command: Command) -> ControlReply {
     let action = command.action();
     plane
