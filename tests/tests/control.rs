@@ -6,21 +6,42 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use surplus_agent::compat::run_suite;
+use surplus_agent::control::ControlConfig;
 use surplus_agent::control::{self, ControlPlane, DriverKind};
-use surplus_protocol::clock;
+use surplus_protocol::clock::{self, Clock};
 use surplus_protocol::control::*;
 use surplus_tests::{CgroupGuard, control_config};
 
 async fn plane(driver: DriverKind, tag: &str, dir: &std::path::Path) -> Arc<ControlPlane> {
-    let config = control_config(driver, tag);
-    let driver = control::open_driver(&config, dir)
-        .await
-        .unwrap_or_else(|e| {
-            panic!("the {tag} driver must start on this host (root, cgroups, docker): {e}")
-        });
-    ControlPlane::open(driver, dir.join("control"), clock::system(), &config)
+    plane_with(&control_config(driver, tag), dir, clock::system()).await
+}
+
+/// A control plane over the driver `config` names, its book under `dir`.
+async fn plane_with(
+    config: &ControlConfig,
+    dir: &std::path::Path,
+    clock: Arc<dyn Clock>,
+) -> Arc<ControlPlane> {
+    let driver = control::open_driver(config, dir).await.unwrap_or_else(|e| {
+        panic!(
+            "the {:?} driver must start on this host (root, cgroups, docker): {e}",
+            config.driver
+        )
+    });
+    ControlPlane::open(driver, dir.join("control"), clock, config)
         .await
         .expect("book opens")
+}
+
+/// The compatibility kit against the driver `config` names.
+async fn kit_report(config: &ControlConfig, dir: &std::path::Path) -> CompatReport {
+    let plane = plane_with(config, dir, clock::system()).await;
+    run_suite(
+        &plane,
+        &control::compat_profile(config),
+        clock::system().now_ms(),
+    )
+    .await
 }
 
 fn cgroups(tag: &str) -> CgroupGuard {
@@ -34,9 +55,7 @@ fn cgroups(tag: &str) -> CgroupGuard {
 async fn kit(driver: DriverKind, tag: &str) {
     let _cgroups = cgroups(tag);
     let dir = tempfile::tempdir().unwrap();
-    let plane = plane(driver, tag, dir.path()).await;
-    let profile = control::compat_profile(&control_config(driver, tag));
-    let report = run_suite(&plane, &profile, clock::system().now_ms()).await;
+    let report = kit_report(&control_config(driver, tag), dir.path()).await;
     let failed: Vec<_> = report.checks.iter().filter(|c| !c.passed).collect();
     assert!(failed.is_empty(), "{tag}: failed checks {failed:#?}");
     assert_eq!(
@@ -106,12 +125,7 @@ args = ["-rf", "--", "{{{{volume_native_id}}}}"]
     std::fs::write(&file, mapping).unwrap();
     let mut config = control_config(DriverKind::Mapped, "partial");
     config.mapped.file = file;
-    let driver = control::open_driver(&config, dir.path())
-        .await
-        .expect("the mapping loads");
-    let plane = ControlPlane::open(driver, dir.path().join("control"), clock::system(), &config)
-        .await
-        .unwrap();
+    let plane = plane_with(&config, dir.path(), clock::system()).await;
     let report = run_suite(
         &plane,
         &control::compat_profile(&config),
@@ -193,18 +207,7 @@ async fn the_mapped_driver_speaks_http_over_tcp_too() {
     std::fs::write(&file, over_tcp).unwrap();
     let mut config = control_config(DriverKind::Mapped, "tcp");
     config.mapped.file = file;
-    let driver = control::open_driver(&config, dir.path())
-        .await
-        .expect("the mapping loads");
-    let plane = ControlPlane::open(driver, dir.path().join("control"), clock::system(), &config)
-        .await
-        .unwrap();
-    let report = run_suite(
-        &plane,
-        &control::compat_profile(&config),
-        clock::system().now_ms(),
-    )
-    .await;
+    let report = kit_report(&config, dir.path()).await;
     assert_eq!(report.level, CompatLevel::Fully, "{:#?}", report.checks);
     relay.abort();
 }
@@ -372,11 +375,8 @@ async fn terminated_instances_are_forgotten_after_the_retention() {
     let _cgroups = cgroups("retention");
     let dir = tempfile::tempdir().unwrap();
     let config = control_config(DriverKind::Process, "retention");
-    let driver = control::open_driver(&config, dir.path()).await.unwrap();
     let clock = clock::ManualClock::new(1_700_000_000_000);
-    let plane = ControlPlane::open(driver, dir.path().join("control"), clock.clone(), &config)
-        .await
-        .unwrap();
+    let plane = plane_with(&config, dir.path(), clock.clone()).await;
     let id = new_id(INSTANCE_PREFIX);
     call(
         &plane,
