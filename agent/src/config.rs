@@ -62,6 +62,8 @@ pub struct AgentConfig {
     pub log_filter: String,
     /// `[control]`: the driver that translates control commands on this host.
     pub control: crate::control::ControlConfig,
+    /// `[metering]`: sampling periods, the usage spool, counted applications.
+    pub metering: crate::meter::MeteringConfig,
 }
 
 impl Default for AgentConfig {
@@ -82,6 +84,7 @@ impl Default for AgentConfig {
             log_format: LogFormat::Human,
             log_filter: "info".into(),
             control: crate::control::ControlConfig::default(),
+            metering: crate::meter::MeteringConfig::default(),
         }
     }
 }

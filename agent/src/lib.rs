@@ -15,11 +15,12 @@ pub mod control;
 pub mod enroll;
 pub mod identity;
 pub mod inventory;
+pub mod meter;
 pub mod net;
 pub mod runtime;
 pub mod security;
-
 pub mod session;
+pub mod spool;
 pub mod validation;
 
 pub use config::{AgentConfig, LogFormat};

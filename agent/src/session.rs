@@ -24,8 +24,10 @@ use crate::config::AgentConfig;
 use crate::control::ControlPlane;
 use crate::identity::{Identity, IdentityError};
 use crate::inventory::{self, InventoryCollector};
+use crate::meter::MeterHandle;
 use crate::net::{self, ConnectError};
 use crate::validation::Validations;
+use surplus_protocol::usage::{MeteringAck, UsageBatch};
 
 /// Why a session could not be opened or ended.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +57,9 @@ pub enum SessionError {
     /// The control plane's book could not be opened.
     #[error("cannot open the control records: {0}")]
     Control(std::io::Error),
+    /// The usage spool could not be opened.
+    #[error("cannot start metering: {0}")]
+    Metering(std::io::Error),
     /// The controller answered with the wrong message.
     #[error("unexpected answer to {what}: {got}")]
     Unexpected {
@@ -294,6 +299,7 @@ async fn serve_controller_stream(
     mut recv: RecvStream,
     validations: Arc<Validations>,
     control: Arc<ControlPlane>,
+    meter: Arc<MeterHandle>,
     conn: Connection,
     max_frame: usize,
 ) {
@@ -328,6 +334,16 @@ async fn serve_controller_stream(
             }
             Message::ControlResult(outcome)
         }
+        Message::SetMetering(periods) => match meter.set_periods(periods) {
+            Ok(effective_from_ms) => Message::MeteringAck(MeteringAck {
+                periods: meter.periods(),
+                effective_from_ms,
+            }),
+            Err(e) => Message::error(
+                ErrorCode::Unexpected,
+                format!("metering periods refused: {e}"),
+            ),
+        },
         other => Message::error(
             ErrorCode::Unexpected,
             format!("agent does not serve {}", other.kind()),
@@ -335,6 +351,87 @@ async fn serve_controller_stream(
     };
     if let Err(e) = quic::write_frame(&mut send, &answer, max_frame).await {
         tracing::debug!(error = %e, "answer to the controller not delivered");
+    }
+}
+
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Sends the spool's records in order, in batches, for as long as the session lasts;
+/// each batch leaves the spool only once the controller acknowledged its commit.
+async fn send_usage(
+    conn: Connection,
+    meter: Arc<MeterHandle>,
+    max_frame: usize,
+    timeout: Duration,
+) {
+    let mut failures = 0u32;
+    loop {
+        let spool = meter.spool.clone();
+        let max = meter.batch_records;
+        let pending = tokio::task::spawn_blocking(move || {
+            let s = spool.lock().expect("spool poisoned");
+            s.pending(max).map(|records| (records, s.state()))
+        })
+        .await;
+        let (records, state) = match pending {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "usage spool unreadable");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                continue;
+            }
+            Err(_) => return,
+        };
+        let Some(last) = records.last().map(|r| r.seq) else {
+            // Nothing waiting: sleep until the meter spools more (or a while passes,
+            // in case a wake-up was missed).
+            let _ = tokio::time::timeout(Duration::from_secs(5), meter.spooled.notified()).await;
+            continue;
+        };
+        let count = records.len();
+        let batch = Message::UsageBatch(UsageBatch {
+            records,
+            spool: state,
+        });
+        match quic::request(&conn, &batch, max_frame, timeout).await {
+            Ok(Message::UsageAck(ack)) => {
+                failures = 0;
+                tracing::debug!(
+                    records = count,
+                    stored = ack.stored,
+                    duplicates = ack.duplicates,
+                    rejected = ack.rejected,
+                    "usage batch committed"
+                );
+                let spool = meter.spool.clone();
+                let acked = tokio::task::spawn_blocking(move || {
+                    spool.lock().expect("spool poisoned").ack(last)
+                })
+                .await;
+                if let Ok(Err(e)) = acked {
+                    tracing::error!(error = %e, "usage acknowledgement not recorded; the batch will be sent again");
+                }
+            }
+            Ok(other) => {
+                failures += 1;
+                tracing::warn!(answer = other.kind(), "usage batch not committed; retrying");
+            }
+            Err(ExchangeError::Connection(_)) => return,
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(error = %e, "usage batch not delivered; retrying");
+            }
+        }
+        if failures > 0 {
+            let wait = Duration::from_millis(200 * u64::from(failures.min(25)));
+            tokio::time::sleep(wait).await;
+        }
     }
 }
 
@@ -390,11 +487,19 @@ impl Runner {
                 .await
                 .map_err(SessionError::Control)?,
         };
+        let meter = crate::meter::start(
+            &self.config.data_dir,
+            &self.config.metering,
+            self.clock.clone(),
+            control.clone(),
+            cancel.child_token(),
+        )
+        .map_err(SessionError::Metering)?;
         let mut attempt = 0u32;
         loop {
             // The session watches `cancel` itself, at points where stopping loses
             // nothing (never in the middle of a renewal).
-            match self.session(&cancel, &mut attempt, &control).await {
+            match self.session(&cancel, &mut attempt, &control, &meter).await {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_final() => {
                     tracing::error!(agent_id = %self.identity.agent_id, error = %e, "agent stops");
@@ -434,6 +539,7 @@ impl Runner {
         cancel: &CancellationToken,
         attempt: &mut u32,
         control: &Arc<ControlPlane>,
+        meter: &Arc<MeterHandle>,
     ) -> Result<(), SessionError> {
         let session = tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
@@ -467,6 +573,13 @@ impl Runner {
         let validations = Validations::new(&self.config);
         // However the session ends, runs it ordered stop.
         let _stop_runs = StopRuns(validations.clone());
+        // Usage drains on its own streams, so heartbeats never wait behind a backlog.
+        let _sender = AbortOnDrop(tokio::spawn(send_usage(
+            session.connection.clone(),
+            meter.clone(),
+            self.config.max_frame_size,
+            self.config.request_timeout,
+        )));
 
         loop {
             tokio::select! {
@@ -476,7 +589,7 @@ impl Runner {
                 }
                 incoming = session.connection.accept_bi() => {
                     let (send, recv) = incoming.map_err(|e| SessionError::from_exchange(e.into()))?;
-                                        tokio::spawn(serve_controller_stream(send, recv, validations.clone(), control.clone(), session.connection.clone(), self.config.max_frame_size));
+                                        tokio::spawn(serve_controller_stream(send, recv, validations.clone(), control.clone(), meter.clone(), session.connection.clone(), self.config.max_frame_size));
                 }
                 done = async { collecting.as_mut().expect("guarded by the select condition").await }, if collecting.is_some() => {
                     collecting = None;

@@ -62,6 +62,8 @@ pub struct ControllerConfig {
     /// (they stay stored, and are described when asked for by id).
     #[serde(with = "humantime_serde")]
     pub terminated_retention: Duration,
+    /// The marketplace's commission on every charge, in basis points (1000 = 10%).
+    pub commission_bps: u32,
     /// Largest frame accepted or sent, bytes.
     pub max_frame_size: usize,
     /// `human` or `json`.
@@ -90,6 +92,7 @@ impl Default for ControllerConfig {
             request_timeout: Duration::from_secs(10),
             control_timeout: Duration::from_secs(60),
             terminated_retention: Duration::from_secs(3600),
+            commission_bps: 1000,
             max_frame_size: surplus_protocol::DEFAULT_MAX_FRAME,
             log_format: LogFormat::Human,
             log_filter: "info".into(),

@@ -9,9 +9,11 @@ use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use uuid::Uuid;
+
+pub mod billing;
 
 use crate::api::*;
 use crate::datadir::api_token_hash;
@@ -202,6 +204,20 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         .route("/v1/instances", get(list_instances))
         .route("/v1/volumes", get(list_volumes))
         .route("/v1/agents/{id}/compat", get(agent_compat))
+        .route(
+            "/v1/agents/{id}/metering",
+            get(billing::get_metering).put(billing::put_metering),
+        )
+        .route("/v1/agents/{id}/price-plan", put(billing::put_price_plan))
+        .route("/v1/usage", get(billing::usage))
+        .route("/v1/billing/runs", post(billing::billing_run))
+        .route("/v1/payments", post(billing::payment))
+        .route("/v1/payouts", post(billing::payout))
+        .route("/v1/ledger/accounts/{account}", put(billing::put_account))
+        .route("/v1/ledger/balances", get(billing::balances))
+        .route("/v1/invoices", get(billing::invoices))
+        .route("/v1/invoices/{id}", get(billing::invoice))
+        .route("/v1/statements", get(billing::statements))
         .route_layer(middleware::from_fn_with_state(ctl.clone(), authenticate));
     Router::new()
         .route("/v1/health", get(health))

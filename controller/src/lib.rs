@@ -11,11 +11,14 @@
 
 pub mod acceptance;
 pub mod api;
+pub mod billing;
 pub mod config;
 pub mod control;
 pub mod datadir;
 pub mod demo;
 pub mod http;
+pub mod ledger;
+pub mod metering;
 pub mod metrics;
 pub mod registry;
 pub mod server;

@@ -36,6 +36,8 @@ pub struct Metrics {
     pub control_commands: Family<Labels, Counter>,
     /// Seconds spent waiting for agents' answers to control commands, by action.
     pub control_seconds: Family<Labels, Counter<f64, std::sync::atomic::AtomicU64>>,
+    /// Usage records received, by result (`stored`, `duplicate`, `rejected`).
+    pub usage_records: Family<Labels, Counter>,
 }
 
 /// Values read at scrape time.
@@ -114,6 +116,11 @@ impl Metrics {
             "control_seconds",
             "Seconds waiting for agents to answer control commands",
             self.control_seconds.clone(),
+        );
+        registry.register(
+            "usage_records",
+            "Usage records received, by result",
+            self.usage_records.clone(),
         );
         registry.register(
             "frames_rejected",

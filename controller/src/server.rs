@@ -395,6 +395,15 @@ async fn serve_session(ctl: Arc<Controller>, incoming: Incoming, tasks: TaskTrac
             Err(e) => tracing::warn!(%agent_id, error = %e, "instances not reconciled"),
         }
     });
+    // Periods set through the API while the agent was away.
+    let metering = ctl.clone();
+    tasks.spawn(async move {
+        if let Ok((Some(periods), _)) = metering.store.metering(agent_id).await
+            && let Err(e) = metering.send_metering(agent_id, periods).await
+        {
+            tracing::warn!(%agent_id, error = %e, "metering periods not delivered");
+        }
+    });
 
     let reason = loop {
         match conn.accept_bi().await {
@@ -559,6 +568,7 @@ async fn handle(ctl: &Controller, agent_id: Uuid, session_id: Uuid, request: Mes
                 }
             }
         }
+        Message::UsageBatch(batch) => ctl.ingest_usage(agent_id, batch).await,
         other => Message::error(
             ErrorCode::Unexpected,
             format!(

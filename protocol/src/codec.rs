@@ -221,6 +221,25 @@ mod tests {
                 }),
                 "00000018011401010112692d30313233343536373839616263646566",
             ),
+            (
+                Message::UsageBatch(crate::usage::UsageBatch {
+                    records: vec![crate::usage::UsageRecord {
+                        epoch: 7,
+                        seq: 1,
+                        subject: crate::usage::Subject::Instance("i-0123456789abcdef".into()),
+                        meter: "cpu_ns".into(),
+                        start_ms: 60_000,
+                        end_ms: 120_000,
+                        reading: crate::usage::Reading::Counter {
+                            generation: 2,
+                            total: 1_000,
+                        },
+                        samples: 1,
+                    }],
+                    spool: crate::usage::SpoolState::default(),
+                }),
+                "0000003401180107010112692d30313233343536373839616263646566066370755f6e73fcc0d40100fc80a903000002fbe8030100000000",
+            ),
         ];
         for (message, expected) in cases {
             assert_eq!(
@@ -605,7 +624,81 @@ mod tests {
             any::<u128>().prop_map(|id| Message::CompatAck(CompatAck {
                 agent_id: Uuid::from_u128(id)
             })),
+            proptest::collection::vec(usage_record(), 0..4).prop_map(|records| {
+                Message::UsageBatch(crate::usage::UsageBatch {
+                    records,
+                    spool: crate::usage::SpoolState {
+                        pending_records: 3,
+                        bytes: 4096,
+                        merged_records: 0,
+                        discarded_records: 1,
+                    },
+                })
+            }),
+            (any::<u32>(), any::<u32>(), any::<u32>()).prop_map(
+                |(stored, duplicates, rejected)| {
+                    Message::UsageAck(crate::usage::UsageAck {
+                        stored,
+                        duplicates,
+                        rejected,
+                    })
+                }
+            ),
+            (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(a, b, c)| {
+                Message::SetMetering(crate::usage::MeteringPeriods {
+                    instance_ms: a,
+                    host_ms: b,
+                    subscription_ms: c,
+                })
+            }),
+            (any::<u64>(), any::<i64>()).prop_map(|(a, at)| {
+                Message::MeteringAck(crate::usage::MeteringAck {
+                    periods: crate::usage::MeteringPeriods {
+                        instance_ms: a,
+                        ..Default::default()
+                    },
+                    effective_from_ms: at,
+                })
+            }),
         ]
+    }
+
+    fn usage_record() -> impl Strategy<Value = crate::usage::UsageRecord> {
+        use crate::usage::{Reading, Subject, UsageRecord};
+        (
+            any::<u64>(),
+            any::<u64>(),
+            proptest::option::of(text()),
+            text(),
+            any::<i64>(),
+            any::<bool>(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u32>(),
+        )
+            .prop_map(
+                |(epoch, seq, instance, meter, start_ms, counter, a, b, samples)| UsageRecord {
+                    epoch,
+                    seq,
+                    subject: instance.map_or(Subject::Host, Subject::Instance),
+                    meter,
+                    start_ms,
+                    end_ms: start_ms.saturating_add(1000),
+                    reading: if counter {
+                        Reading::Counter {
+                            generation: a,
+                            total: b,
+                        }
+                    } else {
+                        Reading::Gauge {
+                            last: a,
+                            peak: b,
+                            mean: a / 2,
+                        }
+                    },
+                    samples,
+                },
+            )
     }
 
     fn labels() -> impl Strategy<Value = std::collections::BTreeMap<String, String>> {

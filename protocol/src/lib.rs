@@ -16,6 +16,7 @@ pub mod messages;
 pub mod quic;
 pub mod security;
 pub mod token;
+pub mod usage;
 
 pub use codec::{FrameDecoder, FrameError};
 pub use inventory::Inventory;

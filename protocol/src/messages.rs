@@ -17,6 +17,7 @@ use crate::clock::UnixMillis;
 use crate::control::{Command, CompatReport, ControlFailure, ControlReply};
 use crate::inventory::Inventory;
 use crate::security::SecurityReport;
+use crate::usage::{MeteringAck, MeteringPeriods, UsageAck, UsageBatch};
 
 /// What travels in one frame: the protocol version and one message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -79,6 +80,14 @@ pub enum Message {
     CompatReport(CompatReport),
     /// Controller → agent: the report is stored.
     CompatAck(CompatAck),
+    /// Agent → controller: usage records from the spool, oldest first.
+    UsageBatch(UsageBatch),
+    /// Controller → agent: the batch is committed (acknowledged only after commit).
+    UsageAck(UsageAck),
+    /// Controller → agent: new sampling periods, applied from the next boundary.
+    SetMetering(MeteringPeriods),
+    /// Agent → controller: the periods are applied.
+    MeteringAck(MeteringAck),
 }
 
 impl Message {
@@ -109,6 +118,10 @@ impl Message {
             Message::ControlResult(_) => "control-result",
             Message::CompatReport(_) => "compat-report",
             Message::CompatAck(_) => "compat-ack",
+            Message::UsageBatch(_) => "usage-batch",
+            Message::UsageAck(_) => "usage-ack",
+            Message::SetMetering(_) => "set-metering",
+            Message::MeteringAck(_) => "metering-ack",
         }
     }
 

@@ -24,6 +24,10 @@ pub enum Hierarchy {
         cpu: PathBuf,
         /// The `memory` controller's mount.
         memory: PathBuf,
+        /// The `cpuacct` controller's mount (CPU time), when the host has one.
+        cpuacct: Option<PathBuf>,
+        /// The `blkio` controller's mount (disk bytes), when the host has one.
+        blkio: Option<PathBuf>,
     },
 }
 
@@ -45,10 +49,19 @@ impl Hierarchy {
             .map(|n| root.join(n))
             .find(|p| p.join("cpu.cfs_quota_us").exists());
         let memory = root.join("memory");
+        let cpuacct = [cpu.clone(), Some(root.join("cpuacct"))]
+            .into_iter()
+            .flatten()
+            .find(|p| p.join("cpuacct.usage").exists());
+        let blkio =
+            Some(root.join("blkio")).filter(|p| p.join("blkio.throttle.io_service_bytes").exists());
         match cpu {
-            Some(cpu) if memory.join("memory.limit_in_bytes").exists() => {
-                Ok(Hierarchy::V1 { cpu, memory })
-            }
+            Some(cpu) if memory.join("memory.limit_in_bytes").exists() => Ok(Hierarchy::V1 {
+                cpu,
+                memory,
+                cpuacct,
+                blkio,
+            }),
             _ => Err(format!(
                 "no usable cgroup hierarchy under {}: need cgroup v2 with the cpu and memory controllers, or v1 cpu and memory mounts",
                 root.display()
@@ -63,6 +76,29 @@ impl Hierarchy {
             Hierarchy::V1 { .. } => "v1",
         }
     }
+}
+
+/// Counters of one group (see [`Group::usage`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GroupUsage {
+    /// Changes when the group is created anew.
+    pub generation: u64,
+    /// CPU time, ns.
+    pub cpu_ns: Option<u64>,
+    /// Memory in use, bytes.
+    pub memory_bytes: Option<u64>,
+    /// Bytes read from block devices.
+    pub disk_read_bytes: Option<u64>,
+    /// Bytes written to block devices.
+    pub disk_write_bytes: Option<u64>,
+}
+
+/// The value of `key` in a `key value` per line file.
+fn keyed(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok()).flatten()
+    })
 }
 
 /// One instance's group (in both v1 controllers, or one v2 directory).
@@ -83,8 +119,21 @@ impl Group {
     pub fn new(hierarchy: &Hierarchy, parent: &str, name: &str) -> Self {
         let dirs = match hierarchy {
             Hierarchy::V2 { root } => vec![root.join(parent).join(name)],
-            Hierarchy::V1 { cpu, memory } => {
-                vec![cpu.join(parent).join(name), memory.join(parent).join(name)]
+            Hierarchy::V1 {
+                cpu,
+                memory,
+                cpuacct,
+                blkio,
+            } => {
+                // cpu and memory first (limits read them by position), then the
+                // accounting controllers the process also joins.
+                let mut dirs = vec![cpu.join(parent).join(name), memory.join(parent).join(name)];
+                for extra in [cpuacct, blkio].into_iter().flatten() {
+                    if extra != cpu {
+                        dirs.push(extra.join(parent).join(name));
+                    }
+                }
+                dirs
             }
         };
         Self {
@@ -222,6 +271,70 @@ impl Group {
         })
     }
 
+    /// What the kernel has counted for the group: CPU time, memory in use and block
+    /// I/O bytes (each `None` when the host does not account it), and a generation
+    /// that changes when the group is created anew (its directory's inode).
+    pub fn usage(&self) -> std::io::Result<GroupUsage> {
+        use std::os::unix::fs::MetadataExt;
+        let generation = std::fs::metadata(&self.dirs[0])?.ino();
+        let read = |p: PathBuf| std::fs::read_to_string(p).ok();
+        let mut usage = GroupUsage {
+            generation,
+            ..Default::default()
+        };
+        match &self.hierarchy {
+            Hierarchy::V2 { .. } => {
+                let d = &self.dirs[0];
+                usage.cpu_ns = read(d.join("cpu.stat"))
+                    .and_then(|t| keyed(&t, "usage_usec"))
+                    .map(|us| us * 1000);
+                usage.memory_bytes =
+                    read(d.join("memory.current")).and_then(|t| t.trim().parse().ok());
+                if let Some(io) = read(d.join("io.stat")) {
+                    let (mut r, mut w) = (0, 0);
+                    for line in io.lines() {
+                        for field in line.split_whitespace() {
+                            if let Some(v) = field.strip_prefix("rbytes=") {
+                                r += v.parse::<u64>().unwrap_or(0);
+                            } else if let Some(v) = field.strip_prefix("wbytes=") {
+                                w += v.parse::<u64>().unwrap_or(0);
+                            }
+                        }
+                    }
+                    usage.disk_read_bytes = Some(r);
+                    usage.disk_write_bytes = Some(w);
+                }
+            }
+            Hierarchy::V1 { .. } => {
+                for d in &self.dirs {
+                    if let Some(t) = read(d.join("cpuacct.usage")) {
+                        usage.cpu_ns = t.trim().parse().ok();
+                    }
+                    if let Some(t) = read(d.join("blkio.throttle.io_service_bytes")) {
+                        let (mut r, mut w) = (0, 0);
+                        for line in t.lines() {
+                            let mut parts = line.split_whitespace();
+                            match (parts.next(), parts.next(), parts.next()) {
+                                (Some(_dev), Some("Read"), Some(v)) => {
+                                    r += v.parse::<u64>().unwrap_or(0)
+                                }
+                                (Some(_dev), Some("Write"), Some(v)) => {
+                                    w += v.parse::<u64>().unwrap_or(0)
+                                }
+                                _ => {}
+                            }
+                        }
+                        usage.disk_read_bytes = Some(r);
+                        usage.disk_write_bytes = Some(w);
+                    }
+                }
+                usage.memory_bytes = read(self.dirs[1].join("memory.usage_in_bytes"))
+                    .and_then(|t| t.trim().parse().ok());
+            }
+        }
+        Ok(usage)
+    }
+
     /// Process ids in the group.
     pub fn pids(&self) -> std::io::Result<Vec<i32>> {
         let mut pids = Vec::new();
@@ -272,6 +385,33 @@ mod tests {
 
     /// A v2 tree laid out as the kernel would, in a temporary directory: the files the
     /// driver writes and reads back.
+    #[test]
+    fn v2_usage_is_read_from_the_kernel_files() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(root.path().join("cgroup.controllers"), "cpu memory io\n").unwrap();
+        let h = Hierarchy::detect(root.path()).unwrap();
+        let g = Group::new(&h, "surplus", "i-0000000000000002");
+        std::fs::create_dir_all(g.path()).unwrap();
+        std::fs::write(
+            g.path().join("cpu.stat"),
+            "usage_usec 1500\nuser_usec 1000\nsystem_usec 500\n",
+        )
+        .unwrap();
+        std::fs::write(g.path().join("memory.current"), "4096\n").unwrap();
+        std::fs::write(
+            g.path().join("io.stat"),
+            "8:0 rbytes=100 wbytes=20 rios=1 wios=1\n8:16 rbytes=1 wbytes=2\n",
+        )
+        .unwrap();
+        let u = g.usage().unwrap();
+        assert_eq!(u.cpu_ns, Some(1_500_000));
+        assert_eq!(u.memory_bytes, Some(4096));
+        assert_eq!(
+            (u.disk_read_bytes, u.disk_write_bytes),
+            (Some(101), Some(22))
+        );
+    }
+
     #[test]
     fn v2_limits_are_written_and_read_back_in_kernel_format() {
         let root = tempfile::tempdir().unwrap();

@@ -278,6 +278,67 @@ impl Driver for DockerDriver {
         })
     }
 
+    /// The engine's one-shot statistics of a running container: CPU, memory, block I/O
+    /// and network. The engine's counters restart with each container start, so the
+    /// generation is derived from the start time.
+    async fn usage(
+        &self,
+        instance: &Instance,
+    ) -> Result<Option<super::InstanceUsage>, DriverError> {
+        let name = container_name(&instance.id);
+        let inspected = match self.docker.inspect_container(&name, None).await {
+            Ok(i) => i,
+            Err(e) if status_of(&e) == Some(404) => return Ok(None),
+            Err(e) => return Err(engine("inspect container", e)),
+        };
+        let state = inspected.state.unwrap_or_default();
+        if !state.running.unwrap_or(false) {
+            return Ok(None);
+        }
+        let started = state.started_at.unwrap_or_default();
+        let generation = u64::from_be_bytes(
+            surplus_certs::sha256(started.as_bytes())[..8]
+                .try_into()
+                .expect("8 bytes"),
+        );
+        let options = bollard::query_parameters::StatsOptionsBuilder::new()
+            .stream(false)
+            .one_shot(true)
+            .build();
+        let Some(stats) = self.docker.stats(&name, Some(options)).next().await else {
+            return Ok(None);
+        };
+        let stats = match stats {
+            Ok(s) => s,
+            Err(e) if status_of(&e) == Some(404) => return Ok(None),
+            Err(e) => return Err(engine("container stats", e)),
+        };
+        let blkio = stats
+            .blkio_stats
+            .and_then(|b| b.io_service_bytes_recursive)
+            .unwrap_or_default();
+        let sum_op = |op: &str| {
+            blkio
+                .iter()
+                .filter(|e| e.op.as_deref().is_some_and(|o| o.eq_ignore_ascii_case(op)))
+                .filter_map(|e| e.value)
+                .sum::<u64>()
+        };
+        let networks = stats.networks.unwrap_or_default();
+        Ok(Some(super::InstanceUsage {
+            generation,
+            cpu_ns: stats
+                .cpu_stats
+                .and_then(|c| c.cpu_usage)
+                .and_then(|u| u.total_usage),
+            memory_bytes: stats.memory_stats.and_then(|m| m.usage),
+            disk_read_bytes: Some(sum_op("read")),
+            disk_write_bytes: Some(sum_op("write")),
+            net_rx_bytes: Some(networks.values().filter_map(|n| n.rx_bytes).sum()),
+            net_tx_bytes: Some(networks.values().filter_map(|n| n.tx_bytes).sum()),
+        }))
+    }
+
     async fn set_limits(&self, instance: &Instance, limits: &Limits) -> Result<(), DriverError> {
         let (nano, memory, swap) = engine_limits(limits);
         let body = ContainerUpdateBody {

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use surplus_protocol::clock::Clock;
+use surplus_protocol::clock::{Clock, UnixMillis};
 use surplus_protocol::control::*;
 
 use book::Book;
@@ -187,6 +187,31 @@ pub trait Driver: Send + Sync {
         volume: &Volume,
         snapshot_id: &str,
     ) -> Result<(String, u64), DriverError>;
+    /// The host's counters for an instance, when the driver can read them.
+    async fn usage(&self, _instance: &Instance) -> Result<Option<InstanceUsage>, DriverError> {
+        Ok(None)
+    }
+}
+
+/// An instance's counters as the host keeps them. Each is cumulative since the
+/// counter's `generation` started (a new container, a new cgroup); `None` where the
+/// driver cannot see it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InstanceUsage {
+    /// Changes whenever the host's counters start again from zero.
+    pub generation: u64,
+    /// CPU time, ns.
+    pub cpu_ns: Option<u64>,
+    /// Memory in use now, bytes (a level, not a counter).
+    pub memory_bytes: Option<u64>,
+    /// Bytes read from block devices.
+    pub disk_read_bytes: Option<u64>,
+    /// Bytes written to block devices.
+    pub disk_write_bytes: Option<u64>,
+    /// Network bytes received.
+    pub net_rx_bytes: Option<u64>,
+    /// Network bytes sent.
+    pub net_tx_bytes: Option<u64>,
 }
 
 /// A driver that refuses everything: the agent's configuration says `none`, or the
@@ -330,6 +355,8 @@ pub struct ControlPlane {
     /// One lock per instance or volume id: operations on one thing are serialised,
     /// operations on different things run side by side.
     locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Counters read just before a stop or terminate, for the meter to pick up.
+    usage_notes: std::sync::Mutex<Vec<(String, InstanceUsage, UnixMillis)>>,
 }
 
 impl ControlPlane {
@@ -350,6 +377,7 @@ impl ControlPlane {
             max_volume_bytes: config.max_volume_bytes,
             retention: config.terminated_retention,
             locks: Default::default(),
+            usage_notes: Default::default(),
         });
         plane.recover().await;
         Ok(plane)
@@ -358,6 +386,37 @@ impl ControlPlane {
     /// The driver's name.
     pub fn driver_name(&self) -> String {
         self.driver.name()
+    }
+
+    /// Every instance in the book, terminated ones within the retention included.
+    pub fn instances(&self) -> Vec<Instance> {
+        self.book.instances()
+    }
+
+    /// The host's counters for `instance` (`None` when the driver cannot read them or
+    /// the instance is not on the host).
+    pub async fn usage(&self, instance: &Instance) -> Option<InstanceUsage> {
+        match self.driver.usage(instance).await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(instance = %instance.id, error = %e, "usage not readable");
+                None
+            }
+        }
+    }
+
+    async fn note_usage(&self, instance: &Instance) {
+        if let Some(u) = self.usage(instance).await {
+            self.usage_notes
+                .lock()
+                .expect("usage notes poisoned")
+                .push((instance.id.clone(), u, self.clock.now_ms()));
+        }
+    }
+
+    /// Counters read around stops and terminations since the last call.
+    pub fn take_usage_notes(&self) -> Vec<(String, InstanceUsage, UnixMillis)> {
+        std::mem::take(&mut *self.usage_notes.lock().expect("usage notes poisoned"))
     }
 
     fn lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -775,9 +834,25 @@ impl ControlPlane {
         let mounts = self.mounts(&instance.spec).unwrap_or_default();
         let done = match op {
             Lifecycle::Start => self.driver.start(&working, &mounts).await,
-            Lifecycle::Stop => self.driver.stop(&working, self.grace).await,
-            Lifecycle::Reboot => self.driver.reboot(&working, &mounts, self.grace).await,
-            Lifecycle::Terminate => self.driver.terminate(&working, self.grace).await,
+            Lifecycle::Stop => {
+                self.note_usage(&working).await;
+                let done = self.driver.stop(&working, self.grace).await;
+                self.note_usage(&working).await;
+                done
+            }
+            Lifecycle::Reboot => {
+                self.note_usage(&working).await;
+                self.driver.reboot(&working, &mounts, self.grace).await
+            }
+            Lifecycle::Terminate => {
+                // The last counters: read while the instance runs (a container's vanish
+                // when it stops) and once its processes are gone (a cgroup's are final
+                // then), before the host forgets them.
+                self.note_usage(&working).await;
+                let _ = self.driver.stop(&working, self.grace).await;
+                self.note_usage(&working).await;
+                self.driver.terminate(&working, self.grace).await
+            }
         };
         match done {
             Ok(()) => {

@@ -323,6 +323,31 @@ impl Driver for ProcessDriver {
         Ok(())
     }
 
+    /// CPU, memory and block I/O from the instance's cgroup. Network bytes are not
+    /// measurable: the processes share the host's network namespace, so no counter
+    /// belongs to them alone.
+    async fn usage(
+        &self,
+        instance: &Instance,
+    ) -> Result<Option<super::InstanceUsage>, DriverError> {
+        let group = self.group(&instance.id);
+        if !group.exists() {
+            return Ok(None);
+        }
+        let u = group
+            .usage()
+            .map_err(|e| DriverError::failed("cannot read the instance's cgroup", e))?;
+        Ok(Some(super::InstanceUsage {
+            generation: u.generation,
+            cpu_ns: u.cpu_ns,
+            memory_bytes: u.memory_bytes,
+            disk_read_bytes: u.disk_read_bytes,
+            disk_write_bytes: u.disk_write_bytes,
+            net_rx_bytes: None,
+            net_tx_bytes: None,
+        }))
+    }
+
     async fn observe(&self, instance: &Instance) -> Result<Observed, DriverError> {
         let group = self.group(&instance.id);
         if !group.exists() {

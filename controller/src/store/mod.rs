@@ -346,6 +346,132 @@ pub struct VolumeRow {
     pub updated_at_ms: UnixMillis,
 }
 
+/// What [`Store::ingest_usage`] did with a batch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IngestOutcome {
+    /// Records stored for the first time.
+    pub stored: u32,
+    /// Records already stored (same key).
+    pub duplicates: u32,
+    /// Records refused, with (epoch, seq, reason); stored aside, never counted.
+    pub rejected: Vec<(u64, u64, String)>,
+}
+
+/// A usage history query. `None` fields do not filter.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UsageQuery {
+    /// One agent's records.
+    pub agent_id: Option<Uuid>,
+    /// One subject (`host` or an instance id).
+    pub subject: Option<String>,
+    /// One account's instances.
+    pub account: Option<String>,
+    /// One meter.
+    pub meter: Option<String>,
+    /// Records ending after this.
+    pub from_ms: UnixMillis,
+    /// Records ending at or before this.
+    pub to_ms: UnixMillis,
+    /// Bucket width (an hour or a day).
+    pub bucket_ms: i64,
+}
+
+/// One bucket of usage history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageRow {
+    /// Start of the bucket.
+    pub bucket_start_ms: UnixMillis,
+    /// The agent.
+    pub agent_id: Uuid,
+    /// `host` or an instance id.
+    pub subject: String,
+    /// The meter.
+    pub meter: String,
+    /// `counter` or `gauge`.
+    pub kind: String,
+    /// Counters: the usage in the bucket (sum of deltas).
+    pub total: Option<i64>,
+    /// Gauges: the highest peak in the bucket.
+    pub peak: Option<i64>,
+    /// Gauges: the time-weighted mean over the bucket.
+    pub mean: Option<i64>,
+    /// Records in the bucket.
+    pub records: i64,
+}
+
+/// An instance with a price plan, as a billing run sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Billable {
+    /// The instance.
+    pub instance: InstanceRow,
+    /// Its rate card.
+    pub plan: crate::billing::PricePlan,
+    /// When the plan was attached (the instance was run).
+    pub attached_at_ms: UnixMillis,
+    /// The provider of its host (the agent's `provider` label).
+    pub provider: String,
+}
+
+/// One invoice line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InvoiceLine {
+    /// `inv-...`.
+    pub invoice_id: String,
+    /// The client account.
+    pub client: String,
+    /// The provider account.
+    pub provider: String,
+    /// Period start.
+    pub from_ms: UnixMillis,
+    /// Period end (exclusive).
+    pub to_ms: UnixMillis,
+    /// The instance.
+    pub instance_id: String,
+    /// The charge.
+    #[serde(flatten)]
+    pub charge: crate::billing::Charge,
+    /// The marketplace's share of this line.
+    pub commission: i64,
+    /// Currency.
+    pub currency: String,
+    /// The posting that carries it.
+    pub posting_key: String,
+}
+
+/// A posting as stored, with one account's share of it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AccountEntry {
+    /// Posting key.
+    pub key: String,
+    /// Posting kind.
+    pub kind: String,
+    /// Memo.
+    pub memo: String,
+    /// Currency.
+    pub currency: String,
+    /// This account's amount.
+    pub amount: i64,
+    /// When.
+    pub posted_at_ms: UnixMillis,
+}
+
+/// Why a posting was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum PostError {
+    /// The ledger refused it.
+    #[error(transparent)]
+    Ledger(#[from] crate::ledger::LedgerError),
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<sqlx::Error> for PostError {
+    fn from(e: sqlx::Error) -> Self {
+        PostError::Store(e.into())
+    }
+}
+
 /// The storage contract.
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug + 'static {
@@ -470,4 +596,94 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         &self,
         agent_id: Uuid,
     ) -> Result<Option<(surplus_protocol::control::CompatReport, UnixMillis)>, StoreError>;
+
+    /// Commits a batch of usage records in one transaction: new records are stored
+    /// with their counter deltas, records already stored (same key) are recognised,
+    /// invalid ones are kept aside with the reason.
+    async fn ingest_usage(
+        &self,
+        agent_id: Uuid,
+        records: &[surplus_protocol::usage::UsageRecord],
+        now_ms: UnixMillis,
+    ) -> Result<IngestOutcome, StoreError>;
+    /// Usage history aggregated into buckets.
+    async fn usage(&self, query: &UsageQuery) -> Result<Vec<UsageRow>, StoreError>;
+    /// Sum of counter deltas per meter of one subject, for records ending in
+    /// `(from_ms, to_ms]`.
+    async fn usage_totals(
+        &self,
+        subject: &str,
+        from_ms: UnixMillis,
+        to_ms: UnixMillis,
+    ) -> Result<BTreeMap<String, i64>, StoreError>;
+    /// Stores the sampling periods set for an agent and/or its spool as reported.
+    async fn set_metering(
+        &self,
+        agent_id: Uuid,
+        periods: Option<&surplus_protocol::usage::MeteringPeriods>,
+        spool: Option<&surplus_protocol::usage::SpoolState>,
+        now_ms: UnixMillis,
+    ) -> Result<(), StoreError>;
+    /// An agent's periods set through the API and its spool as last reported.
+    async fn metering(
+        &self,
+        agent_id: Uuid,
+    ) -> Result<
+        (
+            Option<surplus_protocol::usage::MeteringPeriods>,
+            Option<surplus_protocol::usage::SpoolState>,
+        ),
+        StoreError,
+    >;
+    /// Sets the rate card instances run on an agent get from now on.
+    async fn set_agent_price_plan(
+        &self,
+        agent_id: Uuid,
+        plan: &crate::billing::PricePlan,
+        now_ms: UnixMillis,
+    ) -> Result<(), StoreError>;
+    /// Instances with a price plan attached before `to_ms`.
+    async fn billables(&self, to_ms: UnixMillis) -> Result<Vec<Billable>, StoreError>;
+    /// Records a billing run's period; `false` if it overlaps another period.
+    async fn record_billing_run(
+        &self,
+        from_ms: UnixMillis,
+        to_ms: UnixMillis,
+        now_ms: UnixMillis,
+    ) -> Result<bool, StoreError>;
+    /// Applies a posting once (with the invoice lines it carries) in one transaction.
+    async fn post(
+        &self,
+        posting: &crate::ledger::Posting,
+        lines: &[InvoiceLine],
+        now_ms: UnixMillis,
+    ) -> Result<crate::ledger::Applied, PostError>;
+    /// Whether an account may go below zero (overriding the default).
+    async fn set_account_policy(
+        &self,
+        account: &str,
+        allow_negative: bool,
+        now_ms: UnixMillis,
+    ) -> Result<(), StoreError>;
+    /// Balances, of one account or all.
+    async fn balances(
+        &self,
+        account: Option<&str>,
+    ) -> Result<Vec<(String, String, i64)>, StoreError>;
+    /// One account's postings in `[from_ms, to_ms)`.
+    async fn account_entries(
+        &self,
+        account: &str,
+        from_ms: UnixMillis,
+        to_ms: UnixMillis,
+    ) -> Result<Vec<AccountEntry>, StoreError>;
+    /// Invoice lines, filtered by invoice, client, provider and period overlap.
+    async fn invoice_lines(
+        &self,
+        invoice_id: Option<&str>,
+        client: Option<&str>,
+        provider: Option<&str>,
+        from_ms: UnixMillis,
+        to_ms: UnixMillis,
+    ) -> Result<Vec<InvoiceLine>, StoreError>;
 }

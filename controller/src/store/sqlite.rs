@@ -593,6 +593,13 @@ impl Store for SqliteStore {
             .bind(row.updated_at_ms)
             .execute(&mut *tx)
             .await?;
+        // The host's rate card at the time of the run goes with the instance.
+        sqlx::query("INSERT INTO instance_price_plans (instance_id, plan, attached_at_ms) SELECT $1, plan, $2 FROM agent_price_plans WHERE agent_id = $3")
+            .bind(&row.record.id)
+            .bind(row.created_at_ms)
+            .bind(row.agent_id.to_string())
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(Claim::Created)
     }
@@ -719,5 +726,537 @@ impl Store for SqliteStore {
             ))
         })
         .transpose()
+    }
+
+    async fn ingest_usage(
+        &self,
+        agent_id: Uuid,
+        records: &[surplus_protocol::usage::UsageRecord],
+        now_ms: UnixMillis,
+    ) -> Result<IngestOutcome, StoreError> {
+        use std::collections::HashMap;
+        use surplus_protocol::usage::{Reading, Subject, counter_delta, validate_record};
+        let agent = agent_id.to_string();
+        let mut tx = self.write_tx().await?;
+        let mut outcome = IngestOutcome::default();
+        // Per batch caches: an instance's (agent, account), and counter cursors.
+        let mut owners: HashMap<String, Option<(String, String)>> = HashMap::new();
+        let mut cursors: HashMap<(String, String), Option<(u64, u64)>> = HashMap::new();
+        let mut touched: Vec<(String, String)> = Vec::new();
+        for r in records {
+            let key = (
+                i64::try_from(r.epoch).unwrap_or(i64::MAX),
+                i64::try_from(r.seq).unwrap_or(i64::MAX),
+            );
+            let mut problem = validate_record(r).err();
+            let mut account = None;
+            if problem.is_none()
+                && let Subject::Instance(id) = &r.subject
+            {
+                if !owners.contains_key(id) {
+                    let row = sqlx::query("SELECT agent_id, account FROM instances WHERE id = $1")
+                        .bind(id)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                    let owner = match row {
+                        Some(row) => Some((row.try_get("agent_id")?, row.try_get("account")?)),
+                        None => None,
+                    };
+                    owners.insert(id.clone(), owner);
+                }
+                match &owners[id] {
+                    Some((a, acc)) if *a == agent => account = Some(acc.clone()),
+                    Some(_) => problem = Some(format!("instance {id} is not hosted by this agent")),
+                    None => problem = Some(format!("instance {id} is unknown to the controller")),
+                }
+            }
+            let values = match r.reading {
+                Reading::Counter { generation, total } => {
+                    [Some(generation), Some(total), None, None, None]
+                }
+                Reading::Gauge { last, peak, mean } => {
+                    [None, None, Some(last), Some(peak), Some(mean)]
+                }
+            };
+            let as_i64: Vec<Option<i64>> = values
+                .iter()
+                .map(|v| v.map(|v| i64::try_from(v).map_err(|_| v)))
+                .map(|v| match v {
+                    Some(Ok(x)) => Some(x),
+                    _ => None,
+                })
+                .collect();
+            if problem.is_none()
+                && values
+                    .iter()
+                    .zip(&as_i64)
+                    .any(|(v, x)| v.is_some() && x.is_none())
+            {
+                problem = Some("a value exceeds 2^63".into());
+            }
+            if let Some(reason) = problem {
+                let inserted = sqlx::query("INSERT INTO usage_rejected (agent_id, epoch, seq, reason, record, received_at_ms) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING")
+                    .bind(&agent)
+                    .bind(key.0)
+                    .bind(key.1)
+                    .bind(&reason)
+                    .bind(format!("{r:?}"))
+                    .bind(now_ms)
+                    .execute(&mut *tx)
+                    .await?;
+                if inserted.rows_affected() == 1 {
+                    outcome.rejected.push((r.epoch, r.seq, reason));
+                } else {
+                    outcome.duplicates += 1;
+                }
+                continue;
+            }
+            let subject = r.subject.as_str().to_owned();
+            let delta = match r.reading {
+                Reading::Counter { generation, total } => {
+                    let ck = (subject.clone(), r.meter.clone());
+                    if !cursors.contains_key(&ck) {
+                        let row = sqlx::query("SELECT generation, total FROM usage_cursors WHERE agent_id = $1 AND subject = $2 AND meter = $3")
+                            .bind(&agent)
+                            .bind(&ck.0)
+                            .bind(&ck.1)
+                            .fetch_optional(&mut *tx)
+                            .await?;
+                        let prev = match row {
+                            Some(row) => Some((
+                                row.try_get::<i64, _>("generation")? as u64,
+                                row.try_get::<i64, _>("total")? as u64,
+                            )),
+                            None => None,
+                        };
+                        cursors.insert(ck.clone(), prev);
+                    }
+                    Some((
+                        ck,
+                        counter_delta(
+                            cursors[&(subject.clone(), r.meter.clone())],
+                            generation,
+                            total,
+                        ),
+                        generation,
+                        total,
+                    ))
+                }
+                Reading::Gauge { .. } => None,
+            };
+            let kind = if delta.is_some() { "counter" } else { "gauge" };
+            let inserted = sqlx::query("INSERT INTO usage_records (agent_id, epoch, seq, subject, account, meter, start_ms, end_ms, kind, generation, total, delta, last, peak, mean, samples, received_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) ON CONFLICT DO NOTHING")
+                .bind(&agent)
+                .bind(key.0)
+                .bind(key.1)
+                .bind(&subject)
+                .bind(&account)
+                .bind(&r.meter)
+                .bind(r.start_ms)
+                .bind(r.end_ms)
+                .bind(kind)
+                .bind(as_i64[0])
+                .bind(as_i64[1])
+                .bind(delta.as_ref().map_or(0, |d| i64::try_from(d.1).unwrap_or(i64::MAX)))
+                .bind(as_i64[2])
+                .bind(as_i64[3])
+                .bind(as_i64[4])
+                .bind(i64::from(r.samples))
+                .bind(now_ms)
+                .execute(&mut *tx)
+                .await?;
+            if inserted.rows_affected() == 0 {
+                outcome.duplicates += 1;
+                continue;
+            }
+            outcome.stored += 1;
+            if let Some((ck, _, generation, total)) = delta {
+                cursors.insert(ck.clone(), Some((generation, total)));
+                touched.push(ck);
+            }
+        }
+        touched.sort();
+        touched.dedup();
+        for ck in touched {
+            if let Some(Some((generation, total))) = cursors.get(&ck) {
+                sqlx::query("INSERT INTO usage_cursors (agent_id, subject, meter, generation, total) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (agent_id, subject, meter) DO UPDATE SET generation = excluded.generation, total = excluded.total")
+                    .bind(&agent)
+                    .bind(&ck.0)
+                    .bind(&ck.1)
+                    .bind(*generation as i64)
+                    .bind(*total as i64)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    async fn usage(&self, q: &UsageQuery) -> Result<Vec<UsageRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT ((end_ms - 1) / $1) * $1 AS bucket, agent_id, subject, meter, kind, \
+             SUM(delta) AS total, MAX(peak) AS peak, \
+             CAST(SUM(mean * (end_ms - start_ms)) / NULLIF(SUM(end_ms - start_ms), 0) AS BIGINT) AS mean, \
+             MAX(last) AS last, COUNT(*) AS records \
+             FROM usage_records \
+             WHERE end_ms > $2 AND end_ms <= $3 \
+             AND ($4 IS NULL OR agent_id = $4) AND ($5 IS NULL OR subject = $5) \
+             AND ($6 IS NULL OR account = $6) AND ($7 IS NULL OR meter = $7) \
+             GROUP BY bucket, agent_id, subject, meter, kind ORDER BY bucket, subject, meter",
+        )
+        .bind(q.bucket_ms.max(1))
+        .bind(q.from_ms)
+        .bind(q.to_ms)
+        .bind(q.agent_id.map(|a| a.to_string()))
+        .bind(&q.subject)
+        .bind(&q.account)
+        .bind(&q.meter)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let kind: String = r.try_get("kind")?;
+                let counter = kind == "counter";
+                let mean: Option<i64> = r.try_get("mean")?;
+                let last: Option<i64> = r.try_get("last")?;
+                Ok(UsageRow {
+                    bucket_start_ms: r.try_get("bucket")?,
+                    agent_id: parse_uuid(r.try_get("agent_id")?)?,
+                    subject: r.try_get("subject")?,
+                    meter: r.try_get("meter")?,
+                    total: if counter { r.try_get("total")? } else { None },
+                    peak: if counter { None } else { r.try_get("peak")? },
+                    mean: if counter { None } else { mean.or(last) },
+                    records: r.try_get("records")?,
+                    kind,
+                })
+            })
+            .collect()
+    }
+
+    async fn usage_totals(
+        &self,
+        subject: &str,
+        from_ms: UnixMillis,
+        to_ms: UnixMillis,
+    ) -> Result<BTreeMap<String, i64>, StoreError> {
+        let rows = sqlx::query("SELECT meter, SUM(delta) AS total FROM usage_records WHERE subject = $1 AND kind = 'counter' AND end_ms > $2 AND end_ms <= $3 GROUP BY meter")
+            .bind(subject)
+            .bind(from_ms)
+            .bind(to_ms)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("meter")?, r.try_get("total")?)))
+            .collect()
+    }
+
+    async fn set_metering(
+        &self,
+        agent_id: Uuid,
+        periods: Option<&surplus_protocol::usage::MeteringPeriods>,
+        spool: Option<&surplus_protocol::usage::SpoolState>,
+        now_ms: UnixMillis,
+    ) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO metering (agent_id, periods, spool, updated_at_ms) VALUES ($1, $2, $3, $4) ON CONFLICT (agent_id) DO UPDATE SET periods = COALESCE(excluded.periods, metering.periods), spool = COALESCE(excluded.spool, metering.spool), updated_at_ms = excluded.updated_at_ms")
+            .bind(agent_id.to_string())
+            .bind(periods.map(json_text))
+            .bind(spool.map(json_text))
+            .bind(now_ms)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn metering(
+        &self,
+        agent_id: Uuid,
+    ) -> Result<
+        (
+            Option<surplus_protocol::usage::MeteringPeriods>,
+            Option<surplus_protocol::usage::SpoolState>,
+        ),
+        StoreError,
+    > {
+        let row = sqlx::query("SELECT periods, spool FROM metering WHERE agent_id = $1")
+            .bind(agent_id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some(row) = row else {
+            return Ok((None, None));
+        };
+        let periods: Option<String> = row.try_get("periods")?;
+        let spool: Option<String> = row.try_get("spool")?;
+        Ok((
+            periods
+                .map(|p| parse_json(&p, "metering periods"))
+                .transpose()?,
+            spool.map(|s| parse_json(&s, "spool state")).transpose()?,
+        ))
+    }
+
+    async fn set_agent_price_plan(
+        &self,
+        agent_id: Uuid,
+        plan: &crate::billing::PricePlan,
+        now_ms: UnixMillis,
+    ) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO agent_price_plans (agent_id, plan, updated_at_ms) VALUES ($1, $2, $3) ON CONFLICT (agent_id) DO UPDATE SET plan = excluded.plan, updated_at_ms = excluded.updated_at_ms")
+            .bind(agent_id.to_string())
+            .bind(json_text(plan))
+            .bind(now_ms)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn billables(&self, to_ms: UnixMillis) -> Result<Vec<Billable>, StoreError> {
+        let rows = sqlx::query("SELECT i.*, p.plan, p.attached_at_ms, a.labels AS agent_labels FROM instance_price_plans p JOIN instances i ON i.id = p.instance_id JOIN agents a ON a.id = i.agent_id WHERE p.attached_at_ms < $1 ORDER BY i.account, i.id")
+            .bind(to_ms)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let labels: Labels = parse_json(r.try_get("agent_labels")?, "labels")?;
+                Ok(Billable {
+                    instance: instance_from_row(r)?,
+                    plan: parse_json(r.try_get("plan")?, "price plan")?,
+                    attached_at_ms: r.try_get("attached_at_ms")?,
+                    provider: labels
+                        .get(crate::billing::PROVIDER_LABEL)
+                        .cloned()
+                        .unwrap_or_else(|| crate::billing::HOUSE_PROVIDER.to_owned()),
+                })
+            })
+            .collect()
+    }
+
+    async fn record_billing_run(
+        &self,
+        from_ms: UnixMillis,
+        to_ms: UnixMillis,
+        now_ms: UnixMillis,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.write_tx().await?;
+        let overlapping = sqlx::query("SELECT 1 FROM billing_runs WHERE from_ms < $2 AND to_ms > $1 AND NOT (from_ms = $1 AND to_ms = $2)")
+            .bind(from_ms)
+            .bind(to_ms)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if overlapping.is_some() {
+            return Ok(false);
+        }
+        sqlx::query("INSERT INTO billing_runs (from_ms, to_ms, ran_at_ms) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
+            .bind(from_ms)
+            .bind(to_ms)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn post(
+        &self,
+        posting: &crate::ledger::Posting,
+        lines: &[InvoiceLine],
+        now_ms: UnixMillis,
+    ) -> Result<crate::ledger::Applied, PostError> {
+        use crate::ledger::{Applied, LedgerError, check, default_allows_negative};
+        use std::collections::HashMap;
+        let digest = posting.digest();
+        let mut tx = self.write_tx().await?;
+        let existing = sqlx::query("SELECT digest FROM ledger_postings WHERE key = $1")
+            .bind(&posting.key)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if let Some(row) = existing {
+            let d: String = row.try_get("digest")?;
+            return if d == digest {
+                Ok(Applied::Duplicate)
+            } else {
+                Err(LedgerError::KeyReused(posting.key.clone()).into())
+            };
+        }
+        let mut balances: HashMap<(String, String), i64> = HashMap::new();
+        let mut policies: HashMap<String, bool> = HashMap::new();
+        for e in &posting.entries {
+            let b = sqlx::query(
+                "SELECT balance FROM ledger_balances WHERE account = $1 AND currency = $2",
+            )
+            .bind(&e.account)
+            .bind(&e.currency)
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|r| r.try_get::<i64, _>("balance"))
+            .transpose()?
+            .unwrap_or(0);
+            balances.insert((e.account.clone(), e.currency.clone()), b);
+            let p = sqlx::query("SELECT allow_negative FROM ledger_accounts WHERE account = $1")
+                .bind(&e.account)
+                .fetch_optional(&mut *tx)
+                .await?
+                .map(|r| r.try_get::<i64, _>("allow_negative").map(|v| v != 0))
+                .transpose()?
+                .unwrap_or_else(|| default_allows_negative(&e.account));
+            policies.insert(e.account.clone(), p);
+        }
+        let new = check(
+            posting,
+            |a, c| {
+                balances
+                    .get(&(a.to_owned(), c.to_owned()))
+                    .copied()
+                    .unwrap_or(0)
+            },
+            |a| policies.get(a).copied().unwrap_or(false),
+        )?;
+        sqlx::query("INSERT INTO ledger_postings (key, digest, kind, memo, posted_at_ms) VALUES ($1, $2, $3, $4, $5)")
+            .bind(&posting.key)
+            .bind(&digest)
+            .bind(&posting.kind)
+            .bind(&posting.memo)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+        for e in &posting.entries {
+            sqlx::query("INSERT INTO ledger_entries (posting_key, account, currency, amount) VALUES ($1, $2, $3, $4)")
+                .bind(&posting.key)
+                .bind(&e.account)
+                .bind(&e.currency)
+                .bind(e.amount)
+                .execute(&mut *tx)
+                .await?;
+        }
+        for (account, currency, balance) in new {
+            sqlx::query("INSERT INTO ledger_balances (account, currency, balance) VALUES ($1, $2, $3) ON CONFLICT (account, currency) DO UPDATE SET balance = excluded.balance")
+                .bind(&account)
+                .bind(&currency)
+                .bind(balance)
+                .execute(&mut *tx)
+                .await?;
+        }
+        for l in lines {
+            sqlx::query("INSERT INTO invoice_lines (invoice_id, client, provider, from_ms, to_ms, instance_id, meter, quantity, unit, rate, amount, commission, currency, posting_key) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)")
+                .bind(&l.invoice_id)
+                .bind(&l.client)
+                .bind(&l.provider)
+                .bind(l.from_ms)
+                .bind(l.to_ms)
+                .bind(&l.instance_id)
+                .bind(&l.charge.meter)
+                .bind(l.charge.quantity)
+                .bind(&l.charge.unit)
+                .bind(l.charge.rate)
+                .bind(l.charge.amount)
+                .bind(l.commission)
+                .bind(&l.currency)
+                .bind(&posting.key)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(Applied::Posted)
+    }
+
+    async fn set_account_policy(
+        &self,
+        account: &str,
+        allow_negative: bool,
+        now_ms: UnixMillis,
+    ) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO ledger_accounts (account, allow_negative, updated_at_ms) VALUES ($1, $2, $3) ON CONFLICT (account) DO UPDATE SET allow_negative = excluded.allow_negative, updated_at_ms = excluded.updated_at_ms")
+            .bind(account)
+            .bind(i64::from(allow_negative))
+            .bind(now_ms)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn balances(
+        &self,
+        account: Option<&str>,
+    ) -> Result<Vec<(String, String, i64)>, StoreError> {
+        let rows = sqlx::query("SELECT account, currency, balance FROM ledger_balances WHERE $1 IS NULL OR account = $1 ORDER BY account, currency")
+            .bind(account)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("account")?,
+                    r.try_get("currency")?,
+                    r.try_get("balance")?,
+                ))
+            })
+            .collect()
+    }
+
+    async fn account_entries(
+        &self,
+        account: &str,
+        from_ms: UnixMillis,
+        to_ms: UnixMillis,
+    ) -> Result<Vec<AccountEntry>, StoreError> {
+        let rows = sqlx::query("SELECT p.key, p.kind, p.memo, e.currency, e.amount, p.posted_at_ms FROM ledger_entries e JOIN ledger_postings p ON p.key = e.posting_key WHERE e.account = $1 AND p.posted_at_ms >= $2 AND p.posted_at_ms < $3 ORDER BY p.posted_at_ms, p.key")
+            .bind(account)
+            .bind(from_ms)
+            .bind(to_ms)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(AccountEntry {
+                    key: r.try_get("key")?,
+                    kind: r.try_get("kind")?,
+                    memo: r.try_get("memo")?,
+                    currency: r.try_get("currency")?,
+                    amount: r.try_get("amount")?,
+                    posted_at_ms: r.try_get("posted_at_ms")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn invoice_lines(
+        &self,
+        invoice_id: Option<&str>,
+        client: Option<&str>,
+        provider: Option<&str>,
+        from_ms: UnixMillis,
+        to_ms: UnixMillis,
+    ) -> Result<Vec<InvoiceLine>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM invoice_lines WHERE ($1 IS NULL OR invoice_id = $1) AND ($2 IS NULL OR client = $2) AND ($3 IS NULL OR provider = $3) AND from_ms < $5 AND to_ms > $4 ORDER BY from_ms, client, provider, instance_id, meter")
+            .bind(invoice_id)
+            .bind(client)
+            .bind(provider)
+            .bind(from_ms)
+            .bind(to_ms)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(InvoiceLine {
+                    invoice_id: r.try_get("invoice_id")?,
+                    client: r.try_get("client")?,
+                    provider: r.try_get("provider")?,
+                    from_ms: r.try_get("from_ms")?,
+                    to_ms: r.try_get("to_ms")?,
+                    instance_id: r.try_get("instance_id")?,
+                    charge: crate::billing::Charge {
+                        meter: r.try_get("meter")?,
+                        quantity: r.try_get("quantity")?,
+                        unit: r.try_get("unit")?,
+                        rate: r.try_get("rate")?,
+                        amount: r.try_get("amount")?,
+                    },
+                    commission: r.try_get("commission")?,
+                    currency: r.try_get("currency")?,
+                    posting_key: r.try_get("posting_key")?,
+                })
+            })
+            .collect()
     }
 }

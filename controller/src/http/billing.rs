@@ -1,0 +1,707 @@
+//! The metering, usage, ledger and billing endpoints.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use surplus_protocol::usage::MeteringPeriods;
+
+use super::*;
+use crate::billing::{Period, PricePlan};
+use crate::ledger::{self, Applied};
+use crate::store::{AgentRecord, InvoiceLine, PostError, UsageQuery};
+
+const HOUR_MS: i64 = 3_600_000;
+const DAY_MS: i64 = 86_400_000;
+
+/// Query parameters, each at most once, none unknown.
+fn query_map(query: Option<&str>, allowed: &[&str]) -> Result<BTreeMap<String, String>, ApiError> {
+    let mut out = BTreeMap::new();
+    for (k, v) in form_pairs(query.unwrap_or("")) {
+        if !allowed.contains(&k.as_str()) {
+            return Err(ApiError::bad_request(format!(
+                "unknown query parameter {k:?} ({})",
+                allowed.join(", ")
+            ))
+            .with_field(k));
+        }
+        if out.insert(k.clone(), v).is_some() {
+            return Err(ApiError::bad_request(format!("{k} given twice")).with_field(k));
+        }
+    }
+    Ok(out)
+}
+
+fn ms_param(q: &BTreeMap<String, String>, key: &str, default: i64) -> Result<i64, ApiError> {
+    match q.get(key) {
+        None => Ok(default),
+        Some(v) => v.parse::<i64>().map_err(|_| {
+            ApiError::bad_request(format!("{key}: {v:?} is not a time in ms since the epoch"))
+                .with_field(key.into())
+        }),
+    }
+}
+
+/// The provider account of an agent (its `provider` label, or the house's).
+fn provider_of(agent: &AgentRecord) -> String {
+    agent
+        .labels
+        .get(crate::billing::PROVIDER_LABEL)
+        .cloned()
+        .unwrap_or_else(|| crate::billing::HOUSE_PROVIDER.to_owned())
+}
+
+/// Admins, and the provider whose host it is.
+fn require_host_owner(caller: &Caller, agent: &AgentRecord) -> Result<(), ApiError> {
+    match caller.0.role {
+        Role::Admin => Ok(()),
+        Role::Provider if provider_of(agent) == caller.0.account => Ok(()),
+        _ => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("agent {} is not a host of this account", agent.id),
+        )),
+    }
+}
+
+fn invalid(field: &str, message: impl Into<String>) -> ApiError {
+    ApiError::bad_request(message).with_field(field.into())
+}
+
+/// `PUT /v1/agents/{id}/metering` body: periods such as `"30s"`; absent ones stay.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeteringRequest {
+    /// Instance meters.
+    #[serde(default)]
+    pub instance: Option<String>,
+    /// Host meters.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Subscription meters.
+    #[serde(default)]
+    pub subscription: Option<String>,
+}
+
+/// `GET|PUT /v1/agents/{id}/metering` answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MeteringView {
+    /// The agent.
+    pub agent_id: Uuid,
+    /// Periods set through the API (the agent's configuration applies otherwise).
+    pub periods: Option<MeteringPeriods>,
+    /// Whether the connected agent applied them now (`false`: it gets them when it
+    /// connects).
+    pub delivered: bool,
+    /// When the new periods start (the next boundary), when delivered.
+    pub effective_from_ms: Option<i64>,
+    /// The agent's spool as last reported.
+    pub spool: Option<surplus_protocol::usage::SpoolState>,
+}
+
+pub(super) async fn put_metering(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    body: Result<Json<MeteringRequest>, JsonRejection>,
+) -> ApiResult<MeteringView> {
+    let agent = load_agent(&ctl, &id).await?;
+    require_host_owner(&caller, &agent)?;
+    let Json(body) = body?;
+    let (stored, spool) = ctl.store.metering(agent.id).await?;
+    let mut periods = stored.unwrap_or_default();
+    for (field, text, slot) in [
+        ("instance", &body.instance, &mut periods.instance_ms),
+        ("host", &body.host, &mut periods.host_ms),
+        (
+            "subscription",
+            &body.subscription,
+            &mut periods.subscription_ms,
+        ),
+    ] {
+        if let Some(t) = text {
+            let d = humantime::parse_duration(t)
+                .map_err(|e| invalid(field, format!("{field}: {t:?}: {e}")))?;
+            *slot = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        }
+    }
+    periods
+        .validate()
+        .map_err(|e| invalid(e.split(':').next().unwrap_or("periods"), e.clone()))?;
+    let ack = ctl.set_metering(agent.id, periods).await.map_err(|e| {
+        ApiError::new(StatusCode::BAD_GATEWAY, "agent_error", e)
+            .with_agent(agent.id, agent.last_seen_ms)
+    })?;
+    Ok(Json(MeteringView {
+        agent_id: agent.id,
+        periods: Some(periods),
+        delivered: ack.is_some(),
+        effective_from_ms: ack.map(|a| a.effective_from_ms),
+        spool,
+    }))
+}
+
+pub(super) async fn get_metering(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<MeteringView> {
+    let agent = load_agent(&ctl, &id).await?;
+    require_host_owner(&caller, &agent)?;
+    let (periods, spool) = ctl.store.metering(agent.id).await?;
+    Ok(Json(MeteringView {
+        agent_id: agent.id,
+        periods,
+        delivered: false,
+        effective_from_ms: None,
+        spool,
+    }))
+}
+
+/// `GET /v1/usage` answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UsageView {
+    /// `hour` or `day`.
+    pub granularity: String,
+    /// Start of the range.
+    pub from_ms: i64,
+    /// End of the range.
+    pub to_ms: i64,
+    /// Buckets, oldest first.
+    pub rows: Vec<crate::store::UsageRow>,
+}
+
+/// `GET /v1/usage?instance=&agent=&account=&meter=&from=&to=&granularity=hour|day`.
+/// Clients see their own instances; providers one of their hosts (`agent=`); admins
+/// anything. Records count in the bucket their period ends in.
+pub(super) async fn usage(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> ApiResult<UsageView> {
+    let q = query_map(
+        query.as_deref(),
+        &[
+            "instance",
+            "agent",
+            "account",
+            "meter",
+            "from",
+            "to",
+            "granularity",
+        ],
+    )?;
+    let now = ctl.clock.now_ms();
+    let to_ms = ms_param(&q, "to", now)?;
+    let from_ms = ms_param(&q, "from", to_ms - DAY_MS)?;
+    if to_ms <= from_ms {
+        return Err(invalid("to", "to must be after from"));
+    }
+    let (granularity, bucket_ms) = match q.get("granularity").map(String::as_str) {
+        None | Some("hour") => ("hour", HOUR_MS),
+        Some("day") => ("day", DAY_MS),
+        Some(other) => {
+            return Err(invalid(
+                "granularity",
+                format!("granularity: {other:?} is not hour or day"),
+            ));
+        }
+    };
+    let agent_id = match q.get("agent") {
+        Some(a) => Some(load_agent(&ctl, a).await?),
+        None => None,
+    };
+    let mut filter = UsageQuery {
+        agent_id: agent_id.as_ref().map(|a| a.id),
+        subject: q.get("instance").cloned(),
+        account: q.get("account").cloned(),
+        meter: q.get("meter").cloned(),
+        from_ms,
+        to_ms,
+        bucket_ms,
+    };
+    match caller.0.role {
+        Role::Admin => {}
+        Role::Provider => match &agent_id {
+            Some(a) => require_host_owner(&caller, a)?,
+            None => {
+                return Err(invalid(
+                    "agent",
+                    "providers query one of their hosts: give agent=<id>",
+                ));
+            }
+        },
+        _ => {
+            if filter
+                .account
+                .as_ref()
+                .is_some_and(|a| *a != caller.0.account)
+            {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "forbidden",
+                    "clients see their own account's usage",
+                ));
+            }
+            filter.account = Some(caller.0.account.clone());
+        }
+    }
+    let rows = ctl.store.usage(&filter).await?;
+    Ok(Json(UsageView {
+        granularity: granularity.into(),
+        from_ms,
+        to_ms,
+        rows,
+    }))
+}
+
+pub(super) async fn put_price_plan(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    body: Result<Json<PricePlan>, JsonRejection>,
+) -> ApiResult<PricePlan> {
+    let agent = load_agent(&ctl, &id).await?;
+    require_host_owner(&caller, &agent)?;
+    let Json(plan) = body?;
+    plan.validate()
+        .map_err(|(field, message)| invalid(&field, format!("{field}: {message}")))?;
+    ctl.store
+        .set_agent_price_plan(agent.id, &plan, ctl.clock.now_ms())
+        .await?;
+    Ok(Json(plan))
+}
+
+/// `POST /v1/billing/runs` body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BillingRunRequest {
+    /// Period start, ms, on a whole hour.
+    pub from_ms: i64,
+    /// Period end (exclusive), ms, on a whole hour.
+    pub to_ms: i64,
+}
+
+pub(super) async fn billing_run(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    body: Result<Json<BillingRunRequest>, JsonRejection>,
+) -> ApiResult<crate::metering::BillingRun> {
+    caller.require(Role::Admin)?;
+    let Json(body) = body?;
+    let period = Period {
+        from_ms: body.from_ms,
+        to_ms: body.to_ms,
+    };
+    match ctl.billing_run(period).await {
+        Ok(run) => Ok(Json(run)),
+        Err(crate::metering::BillingError::Period(e)) => Err(invalid("from_ms", e)),
+        Err(e @ crate::metering::BillingError::Overlap { .. }) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            e.to_string(),
+        )),
+        Err(crate::metering::BillingError::Store(e)) => Err(e.into()),
+    }
+}
+
+/// `POST /v1/payments` and `POST /v1/payouts` body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoneyRequest {
+    /// The client (payments) or provider (payouts) account name.
+    pub account: String,
+    /// Currency code.
+    pub currency: String,
+    /// Minor units, more than zero.
+    pub amount: i64,
+    /// Payments: `topup` (prepaid credit), `upfront` or `settlement`.
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// Idempotency key: the same request sent again posts nothing twice.
+    pub key: String,
+}
+
+/// Answer of a posting.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PostingView {
+    /// The key.
+    pub key: String,
+    /// `posted` or `duplicate`.
+    pub result: Applied,
+    /// Balances of the accounts touched, after the posting.
+    pub balances: Vec<BalanceView>,
+}
+
+/// One balance.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BalanceView {
+    /// Account.
+    pub account: String,
+    /// Currency.
+    pub currency: String,
+    /// Minor units.
+    pub balance: i64,
+}
+
+fn check_money(body: &MoneyRequest) -> Result<(), ApiError> {
+    surplus_protocol::control::validate_name("account", &body.account)
+        .map_err(|e| invalid("account", e.to_string()))?;
+    ledger::validate_currency(&body.currency).map_err(|e| invalid("currency", e))?;
+    if body.amount <= 0 {
+        return Err(invalid(
+            "amount",
+            "amount must be more than zero (minor units)",
+        ));
+    }
+    if body.key.is_empty() || body.key.len() > 128 {
+        return Err(invalid("key", "key: 1 to 128 characters"));
+    }
+    Ok(())
+}
+
+async fn apply(ctl: &Controller, posting: ledger::Posting) -> ApiResult<PostingView> {
+    let result = match ctl.store.post(&posting, &[], ctl.clock.now_ms()).await {
+        Ok(r) => r,
+        Err(PostError::Ledger(e @ ledger::LedgerError::KeyReused(_))) => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                e.to_string(),
+            ));
+        }
+        Err(PostError::Ledger(e @ ledger::LedgerError::Insufficient { .. })) => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "insufficient_funds",
+                e.to_string(),
+            ));
+        }
+        Err(PostError::Ledger(e)) => return Err(ApiError::bad_request(e.to_string())),
+        Err(PostError::Store(e)) => return Err(e.into()),
+    };
+    let mut balances = Vec::new();
+    for e in &posting.entries {
+        for (account, currency, balance) in ctl.store.balances(Some(&e.account)).await? {
+            if currency == e.currency
+                && !balances
+                    .iter()
+                    .any(|b: &BalanceView| b.account == account && b.currency == currency)
+            {
+                balances.push(BalanceView {
+                    account,
+                    currency,
+                    balance,
+                });
+            }
+        }
+    }
+    Ok(Json(PostingView {
+        key: posting.key,
+        result,
+        balances,
+    }))
+}
+
+pub(super) async fn payment(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    body: Result<Json<MoneyRequest>, JsonRejection>,
+) -> ApiResult<PostingView> {
+    caller.require(Role::Admin)?;
+    let Json(body) = body?;
+    check_money(&body)?;
+    let kind = body.kind.as_deref().unwrap_or("topup");
+    if !["topup", "upfront", "settlement"].contains(&kind) {
+        return Err(invalid(
+            "kind",
+            format!("kind: {kind:?} is not topup, upfront or settlement"),
+        ));
+    }
+    let key = format!("payment:{}", body.key);
+    apply(
+        &ctl,
+        ledger::payment(&key, kind, &body.account, &body.currency, body.amount),
+    )
+    .await
+}
+
+pub(super) async fn payout(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    body: Result<Json<MoneyRequest>, JsonRejection>,
+) -> ApiResult<PostingView> {
+    caller.require(Role::Admin)?;
+    let Json(body) = body?;
+    check_money(&body)?;
+    if body.kind.is_some() {
+        return Err(invalid("kind", "payouts have no kind"));
+    }
+    let key = format!("payout:{}", body.key);
+    apply(
+        &ctl,
+        ledger::payout(&key, &body.account, &body.currency, body.amount),
+    )
+    .await
+}
+
+/// `PUT /v1/ledger/accounts/{account}` body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountPolicy {
+    /// Whether the account may go below zero (`false` makes a client prepaid).
+    pub allow_negative: bool,
+}
+
+pub(super) async fn put_account(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    Path(account): Path<String>,
+    body: Result<Json<AccountPolicy>, JsonRejection>,
+) -> ApiResult<serde_json::Value> {
+    caller.require(Role::Admin)?;
+    ledger::validate_account(&account).map_err(|e| invalid("account", e))?;
+    let Json(body) = body?;
+    if body.allow_negative && (account == ledger::MARKETPLACE || account.starts_with("provider:")) {
+        return Err(invalid(
+            "allow_negative",
+            "providers and the marketplace can only hold what they earned",
+        ));
+    }
+    ctl.store
+        .set_account_policy(&account, body.allow_negative, ctl.clock.now_ms())
+        .await?;
+    Ok(Json(
+        serde_json::json!({ "account": account, "allow_negative": body.allow_negative }),
+    ))
+}
+
+/// The ledger account a caller may read, from an optional `account=` parameter.
+fn readable_account(caller: &Caller, asked: Option<&String>) -> Result<Option<String>, ApiError> {
+    let own = match caller.0.role {
+        Role::Admin => return Ok(asked.cloned()),
+        Role::Provider => ledger::provider(&caller.0.account),
+        _ => ledger::client(&caller.0.account),
+    };
+    match asked {
+        Some(a) if *a != own => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("this token reads {own} only"),
+        )),
+        _ => Ok(Some(own)),
+    }
+}
+
+pub(super) async fn balances(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> ApiResult<Vec<BalanceView>> {
+    let q = query_map(query.as_deref(), &["account"])?;
+    let account = readable_account(&caller, q.get("account"))?;
+    let rows = ctl.store.balances(account.as_deref()).await?;
+    Ok(Json(
+        rows.into_iter()
+            .map(|(account, currency, balance)| BalanceView {
+                account,
+                currency,
+                balance,
+            })
+            .collect(),
+    ))
+}
+
+/// An invoice: one client's charges of one period across every provider.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InvoiceView {
+    /// `inv-...`.
+    pub invoice_id: String,
+    /// The client.
+    pub client: String,
+    /// Period start.
+    pub from_ms: i64,
+    /// Period end (exclusive).
+    pub to_ms: i64,
+    /// Total per currency.
+    pub totals: BTreeMap<String, i64>,
+    /// Lines, grouped by provider, then instance, then meter.
+    pub lines: Vec<InvoiceLine>,
+}
+
+fn invoices_of(lines: Vec<InvoiceLine>) -> Vec<InvoiceView> {
+    let mut by_id: BTreeMap<String, InvoiceView> = BTreeMap::new();
+    for l in lines {
+        let inv = by_id
+            .entry(l.invoice_id.clone())
+            .or_insert_with(|| InvoiceView {
+                invoice_id: l.invoice_id.clone(),
+                client: l.client.clone(),
+                from_ms: l.from_ms,
+                to_ms: l.to_ms,
+                totals: BTreeMap::new(),
+                lines: Vec::new(),
+            });
+        *inv.totals.entry(l.currency.clone()).or_default() += l.charge.amount;
+        inv.lines.push(l);
+    }
+    let mut out: Vec<InvoiceView> = by_id.into_values().collect();
+    for inv in &mut out {
+        inv.lines.sort_by(|a, b| {
+            (&a.provider, &a.instance_id, &a.charge.meter).cmp(&(
+                &b.provider,
+                &b.instance_id,
+                &b.charge.meter,
+            ))
+        });
+    }
+    out.sort_by(|a, b| (a.from_ms, &a.client).cmp(&(b.from_ms, &b.client)));
+    out
+}
+
+fn client_filter(caller: &Caller, asked: Option<&String>) -> Result<Option<String>, ApiError> {
+    match caller.0.role {
+        Role::Admin => Ok(asked.cloned()),
+        _ if asked.is_some_and(|a| *a != caller.0.account) => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "clients see their own invoices",
+        )),
+        _ => Ok(Some(caller.0.account.clone())),
+    }
+}
+
+pub(super) async fn invoices(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> ApiResult<Vec<InvoiceView>> {
+    let q = query_map(query.as_deref(), &["client", "from", "to"])?;
+    let client = client_filter(&caller, q.get("client"))?;
+    let lines = ctl
+        .store
+        .invoice_lines(
+            None,
+            client.as_deref(),
+            None,
+            ms_param(&q, "from", i64::MIN)?,
+            ms_param(&q, "to", i64::MAX)?,
+        )
+        .await?;
+    Ok(Json(invoices_of(lines)))
+}
+
+pub(super) async fn invoice(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<InvoiceView> {
+    let client = client_filter(&caller, None)?;
+    let lines = ctl
+        .store
+        .invoice_lines(Some(&id), client.as_deref(), None, i64::MIN, i64::MAX)
+        .await?;
+    invoices_of(lines)
+        .into_iter()
+        .next()
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("invoice {id} not found")))
+}
+
+/// A provider's statement over a range.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatementView {
+    /// The provider account.
+    pub provider: String,
+    /// Range start.
+    pub from_ms: i64,
+    /// Range end.
+    pub to_ms: i64,
+    /// Charged to clients, per currency.
+    pub gross: BTreeMap<String, i64>,
+    /// The marketplace's commission, per currency.
+    pub commission: BTreeMap<String, i64>,
+    /// Earned: gross less commission, per currency.
+    pub net: BTreeMap<String, i64>,
+    /// Paid out in the range, per currency.
+    pub payouts: BTreeMap<String, i64>,
+    /// Current balance (earned and not paid out), per currency.
+    pub balance: BTreeMap<String, i64>,
+    /// The lines.
+    pub lines: Vec<InvoiceLine>,
+}
+
+pub(super) async fn statements(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> ApiResult<StatementView> {
+    let q = query_map(query.as_deref(), &["provider", "from", "to"])?;
+    let provider = match caller.0.role {
+        Role::Admin => q
+            .get("provider")
+            .cloned()
+            .ok_or_else(|| invalid("provider", "give provider=<account>"))?,
+        Role::Provider => match q.get("provider") {
+            Some(p) if *p != caller.0.account => {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "forbidden",
+                    "providers see their own statements",
+                ));
+            }
+            _ => caller.0.account.clone(),
+        },
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "statements are for providers",
+            ));
+        }
+    };
+    let from_ms = ms_param(&q, "from", i64::MIN)?;
+    let to_ms = ms_param(&q, "to", i64::MAX)?;
+    let lines = ctl
+        .store
+        .invoice_lines(None, None, Some(&provider), from_ms, to_ms)
+        .await?;
+    let mut view = StatementView {
+        provider: provider.clone(),
+        from_ms,
+        to_ms,
+        gross: BTreeMap::new(),
+        commission: BTreeMap::new(),
+        net: BTreeMap::new(),
+        payouts: BTreeMap::new(),
+        balance: BTreeMap::new(),
+        lines: Vec::new(),
+    };
+    // Commission per posting (what was actually posted), not per line rounding.
+    let account = ledger::provider(&provider);
+    let entries = ctl
+        .store
+        .account_entries(&account, i64::MIN, i64::MAX)
+        .await?;
+    let keys: std::collections::BTreeSet<&str> =
+        lines.iter().map(|l| l.posting_key.as_str()).collect();
+    for e in &entries {
+        if keys.contains(e.key.as_str()) {
+            *view.net.entry(e.currency.clone()).or_default() += e.amount;
+        }
+        if e.kind == "payout" && e.posted_at_ms >= from_ms && e.posted_at_ms < to_ms {
+            *view.payouts.entry(e.currency.clone()).or_default() += -e.amount;
+        }
+    }
+    for l in &lines {
+        *view.gross.entry(l.currency.clone()).or_default() += l.charge.amount;
+    }
+    for (c, g) in &view.gross {
+        view.commission
+            .insert(c.clone(), g - view.net.get(c).copied().unwrap_or(0));
+    }
+    for (_, currency, balance) in ctl.store.balances(Some(&account)).await? {
+        view.balance.insert(currency, balance);
+    }
+    view.lines = lines;
+    Ok(Json(view))
+}
