@@ -4,6 +4,8 @@
 //! `SURPLUS_TOKEN`, then `~/.config/surplus/cli.toml` (`controller = "..."`,
 //! `token = "..."`). Tables for people, `--json` for scripts.
 
+#[path = "surplus/billing_cli.rs"]
+mod billing_cli;
 #[path = "surplus/control_cli.rs"]
 mod control_cli;
 
@@ -116,6 +118,59 @@ enum Command {
     Volumes {
         #[command(subcommand)]
         command: control_cli::VolumesCommand,
+    },
+    /// Usage history by hour or day.
+    Usage(billing_cli::UsageArgs),
+    /// Invoices: one per client and period across providers.
+    Invoices {
+        #[command(subcommand)]
+        command: billing_cli::InvoicesCommand,
+    },
+    /// A provider's statement: charges, commission, payouts, balance.
+    Statements {
+        /// Provider account (admins; providers get their own).
+        #[arg(long)]
+        provider: Option<String>,
+    },
+    /// Ledger balances and account policies.
+    Ledger {
+        #[command(subcommand)]
+        command: billing_cli::LedgerCommand,
+    },
+    /// Rate and post a period's usage (admin): `--from-ms`/`--to-ms` on whole hours.
+    Bill {
+        /// Period start, ms since the epoch.
+        #[arg(long)]
+        from_ms: i64,
+        /// Period end (exclusive).
+        #[arg(long)]
+        to_ms: i64,
+    },
+    /// Record a client's payment (admin).
+    Pay(billing_cli::MoneyArgs),
+    /// Record a payout to a provider (admin).
+    Payout(billing_cli::MoneyArgs),
+    /// Set an agent's sampling periods: `surplus metering <agent> --instance 30s`.
+    Metering {
+        /// Agent id.
+        agent: String,
+        /// Instance meters' period.
+        #[arg(long)]
+        instance: Option<String>,
+        /// Host meters' period.
+        #[arg(long)]
+        host: Option<String>,
+        /// Subscription meters' period.
+        #[arg(long)]
+        subscription: Option<String>,
+    },
+    /// Set the rate card of instances run on an agent from now on (a JSON price plan:
+    /// `{"currency":"EUR","per_instance_hour":12}`).
+    PricePlan {
+        /// Agent id.
+        agent: String,
+        /// The plan, as JSON.
+        plan: String,
     },
     /// API tokens for accounts (admin).
     ApiTokens {
@@ -642,6 +697,110 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Volumes { command } => {
             control(&client, cli.json, control_cli::volumes_body(command)?).await?
+        }
+        Command::Usage(args) => {
+            let u: serde_json::Value = client.call(get, &args.query(), None).await?;
+            print(cli.json, &u, || billing_cli::show_usage(&u));
+        }
+        Command::Invoices { command } => {
+            let (path, lines) = match &command {
+                billing_cli::InvoicesCommand::List { client: Some(c) } => {
+                    (format!("/v1/invoices?client={c}"), false)
+                }
+                billing_cli::InvoicesCommand::List { client: None } => {
+                    ("/v1/invoices".into(), false)
+                }
+                billing_cli::InvoicesCommand::Show { id } => (format!("/v1/invoices/{id}"), true),
+            };
+            let v: serde_json::Value = client.call(get, &path, None).await?;
+            let list = match &v {
+                serde_json::Value::Array(a) => a.clone(),
+                one => vec![one.clone()],
+            };
+            print(cli.json, &v, || billing_cli::show_invoices(&list, lines));
+        }
+        Command::Statements { provider } => {
+            let path = match provider {
+                Some(p) => format!("/v1/statements?provider={p}"),
+                None => "/v1/statements".into(),
+            };
+            let v: serde_json::Value = client.call(get, &path, None).await?;
+            print(cli.json, &v, || billing_cli::show_statement(&v));
+        }
+        Command::Ledger {
+            command: billing_cli::LedgerCommand::Balance { account },
+        } => {
+            let path = match account {
+                Some(a) => format!("/v1/ledger/balances?account={a}"),
+                None => "/v1/ledger/balances".into(),
+            };
+            let v: serde_json::Value = client.call(get, &path, None).await?;
+            print(cli.json, &v, || billing_cli::show_balances(&v));
+        }
+        Command::Ledger {
+            command: billing_cli::LedgerCommand::Policy { account, prepaid },
+        } => {
+            let v: serde_json::Value = client
+                .call(
+                    reqwest::Method::PUT,
+                    &format!("/v1/ledger/accounts/{account}"),
+                    Some(json!({ "allow_negative": !prepaid })),
+                )
+                .await?;
+            print(cli.json, &v, || {
+                println!("{account}: allow_negative = {}", !prepaid)
+            });
+        }
+        Command::Bill { from_ms, to_ms } => {
+            let v: serde_json::Value = client
+                .call(
+                    post,
+                    "/v1/billing/runs",
+                    Some(json!({"from_ms": from_ms, "to_ms": to_ms})),
+                )
+                .await?;
+            print(cli.json, &v, || {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default())
+            });
+        }
+        Command::Pay(args) => {
+            let v: serde_json::Value = client.call(post, "/v1/payments", Some(args.body())).await?;
+            print(cli.json, &v, || println!("{}: {}", args.key, v["result"]));
+        }
+        Command::Payout(args) => {
+            let v: serde_json::Value = client.call(post, "/v1/payouts", Some(args.body())).await?;
+            print(cli.json, &v, || println!("{}: {}", args.key, v["result"]));
+        }
+        Command::Metering {
+            agent,
+            instance,
+            host,
+            subscription,
+        } => {
+            let v: serde_json::Value = client
+                .call(
+                    reqwest::Method::PUT,
+                    &format!("/v1/agents/{agent}/metering"),
+                    Some(json!({"instance": instance, "host": host, "subscription": subscription})),
+                )
+                .await?;
+            print(cli.json, &v, || {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default())
+            });
+        }
+        Command::PricePlan { agent, plan } => {
+            let plan: serde_json::Value =
+                serde_json::from_str(&plan).context("the price plan is not JSON")?;
+            let v: serde_json::Value = client
+                .call(
+                    reqwest::Method::PUT,
+                    &format!("/v1/agents/{agent}/price-plan"),
+                    Some(plan),
+                )
+                .await?;
+            print(cli.json, &v, || {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default())
+            });
         }
         Command::ApiTokens {
             command: ApiTokensCommand::Create { account, role },
