@@ -765,6 +765,9 @@ async fn sample_loop(
     config: MeteringConfig,
     cancel: CancellationToken,
 ) {
+    // Records the spool could not take yet (a full or failing disk): kept, in order,
+    // and written with the next ones.
+    let mut unspooled: Vec<UsageRecord> = Vec::new();
     loop {
         let notes = control.take_usage_notes();
         let mut readings = Vec::new();
@@ -782,7 +785,7 @@ async fn sample_loop(
                 .await
                 .unwrap_or_default();
         let now = handle.clock.now_ms();
-        let mut records = Vec::new();
+        let mut records = std::mem::take(&mut unspooled);
         let wait_ms = {
             let mut meter = handle.meter.lock().expect("meter poisoned");
             for (id, usage, at) in notes {
@@ -815,13 +818,18 @@ async fn sample_loop(
         if !records.is_empty() {
             let spool = handle.spool.clone();
             let written = tokio::task::spawn_blocking(move || {
-                spool.lock().expect("spool poisoned").append(records)
+                let result = spool
+                    .lock()
+                    .expect("spool poisoned")
+                    .append(records.clone());
+                result.map_err(|e| (e, records))
             })
             .await;
             match written {
                 Ok(Ok(_)) => handle.spooled.notify_one(),
-                Ok(Err(e)) => {
-                    tracing::error!(error = %e, "usage records could not be spooled; they are kept in memory until the next period")
+                Ok(Err((e, records))) => {
+                    tracing::error!(error = %e, records = records.len(), "usage records could not be spooled; they are kept in memory and written with the next ones");
+                    unspooled = records;
                 }
                 Err(e) => tracing::error!(error = %e, "spool task failed"),
             }

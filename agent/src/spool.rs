@@ -331,34 +331,46 @@ impl Spool {
     }
 
     /// Appends `records`, numbering them (their `seq` is overwritten), and syncs them to
-    /// disk before returning. Returns the records as numbered.
+    /// disk before returning. Returns the records as numbered. On an error nothing is
+    /// numbered (the caller keeps the records and tries again), and bytes a failed
+    /// write may have left are skipped as damage when read.
     pub fn append(&mut self, mut records: Vec<UsageRecord>) -> std::io::Result<Vec<UsageRecord>> {
         if records.is_empty() {
             return Ok(records);
         }
+        let (first_seq, segments) = (self.next_seq, self.segments.len());
+        if let Err(e) = self.write(&mut records) {
+            self.next_seq = first_seq;
+            self.segments.truncate(segments);
+            self.writer = None;
+            return Err(e);
+        }
+        if self.bytes() > self.next_merge_at
+            && let Err(e) = self.shrink()
+        {
+            // The records are on disk: merging is retried on a later append.
+            tracing::error!(error = %e, "usage spool could not merge old records");
+        }
+        Ok(records)
+    }
+
+    fn write(&mut self, records: &mut [UsageRecord]) -> std::io::Result<()> {
         let mut bytes = Vec::new();
-        for r in &mut records {
+        for r in records.iter_mut() {
             r.seq = self.next_seq;
             self.next_seq += 1;
             bytes.extend(frame(r)?);
         }
-        let rotate = self
+        let full = self
             .segments
             .last()
-            .is_none_or(|s| s.bytes >= self.limits.segment_bytes)
-            || self.writer.is_none();
-        if rotate {
+            .is_none_or(|s| s.bytes >= self.limits.segment_bytes);
+        if full || self.writer.is_none() {
             self.writer = None;
-            let reuse = self
-                .segments
-                .last()
-                .is_some_and(|s| s.bytes < self.limits.segment_bytes);
-            if !reuse {
-                let first = records[0].seq;
-                let path = self.dir.join(segment_name(first));
+            if full {
                 self.segments.push(Segment {
                     last: None,
-                    path,
+                    path: self.dir.join(segment_name(records[0].seq)),
                     bytes: 0,
                 });
             }
@@ -367,7 +379,7 @@ impl Spool {
                 .create(true)
                 .append(true)
                 .open(&seg.path)?;
-            if !reuse {
+            if full {
                 sync_dir(&self.dir)?;
             }
             self.writer = Some(file);
@@ -378,10 +390,7 @@ impl Spool {
         let seg = self.segments.last_mut().expect("a segment is open");
         seg.bytes += bytes.len() as u64;
         seg.last = records.last().map(|r| r.seq);
-        if self.bytes() > self.next_merge_at {
-            self.shrink()?;
-        }
-        Ok(records)
+        Ok(())
     }
 
     /// Up to `max` unacknowledged records, oldest first.

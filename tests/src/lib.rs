@@ -328,6 +328,22 @@ impl Drop for CgroupGuard {
     }
 }
 
+/// A UDP port free on loopback now (for a separate process to bind).
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("a free UDP port on loopback")
+        .port()
+}
+
+/// A TCP port free on loopback now (for a separate process to bind).
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("a free TCP port on loopback")
+        .port()
+}
+
 /// A workspace binary (`surplus`, `surplus-agent`, ...) from `target/<profile>`, next to
 /// the test's own `deps/` directory. `cargo test --workspace` builds them first.
 pub fn bin(name: &str) -> PathBuf {

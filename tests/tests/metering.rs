@@ -9,23 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use surplus_agent::control::DriverKind;
-use surplus_tests::{CgroupGuard, bin, control_config};
-
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use surplus_tests::{CgroupGuard, bin, control_config, free_tcp_port, free_udp_port};
 
 /// Kills the child when the test ends, however it ends.
 struct Child(std::process::Child);
