@@ -5,6 +5,7 @@
 //! answer is checked again (CA fingerprint, agent name in the certificate, our public
 //! key in the certificate) before the identity is written.
 
+use quinn::Endpoint;
 use surplus_certs::{
     CertError, agent_csr, cert_info_pem, certs_from_pem, fingerprint, new_agent_key,
 };
@@ -87,22 +88,42 @@ pub async fn enroll(
     }
 
     let hostname = sysinfo::System::host_name().unwrap_or_else(|_| "unknown".into());
+    let identity = request_identity(None, &token, &hostname, config, now_ms).await?;
+    identity.save(&config.data_dir)?;
+    Ok(identity)
+}
+
+/// The network half of enrollment: a fresh key, its CSR sent with the token's secret to
+/// the token's pinned controller (on `endpoint` when given), and the answer checked.
+/// Nothing is written; the caller stores the identity.
+pub async fn request_identity(
+    endpoint: Option<&Endpoint>,
+    token: &JoinToken,
+    hostname: &str,
+    config: &AgentConfig,
+    now_ms: UnixMillis,
+) -> Result<Identity, EnrollError> {
     let (key, key_pem) = new_agent_key()?;
-    let csr_pem = agent_csr(&key, &hostname)?;
+    let csr_pem = agent_csr(&key, hostname)?;
     let tls = surplus_certs::pinned_client_config(token.ca_fingerprint)?;
-    let (_endpoint, conn) =
-        net::connect_any(tls, &token.enroll_addresses, &token.server_name, config)
-            .await
-            .map_err(|e| EnrollError::Unreachable {
-                addresses: token.enroll_addresses.join(", "),
-                reason: e.to_string(),
-            })?;
+    let (_endpoint, conn) = net::connect_on(
+        endpoint,
+        tls,
+        &token.enroll_addresses,
+        &token.server_name,
+        config,
+    )
+    .await
+    .map_err(|e| EnrollError::Unreachable {
+        addresses: token.enroll_addresses.join(", "),
+        reason: e.to_string(),
+    })?;
 
     let request = Message::EnrollRequest(EnrollRequest {
         protocol_version: PROTOCOL_VERSION,
         token_secret: token.secret,
         csr_pem,
-        hostname,
+        hostname: hostname.to_owned(),
         agent_version: env!("CARGO_PKG_VERSION").into(),
     });
     let answer = quic::request(
@@ -150,6 +171,5 @@ pub async fn enroll(
         controller_addresses: enrolled.controller_addresses,
         server_name: enrolled.server_name,
     };
-    identity.save(&config.data_dir)?;
     Ok(identity)
 }

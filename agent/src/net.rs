@@ -45,9 +45,36 @@ async fn resolve(addresses: &[String]) -> Vec<SocketAddr> {
     out
 }
 
+/// The QUIC client configuration for `tls` with the agent's transport settings.
+pub fn client_config(
+    tls: rustls::ClientConfig,
+    config: &AgentConfig,
+) -> Result<ClientConfig, ConnectError> {
+    let quic = QuicClientConfig::try_from(tls).map_err(|e| ConnectError::Tls(e.to_string()))?;
+    let mut client = ClientConfig::new(Arc::new(quic));
+    client.transport_config(Arc::new(surplus_protocol::quic::transport_config(
+        config.idle_timeout,
+        config.keep_alive,
+        config.max_frame_size,
+    )));
+    Ok(client)
+}
+
 /// Connects to the first reachable of `addresses`, verifying `server_name`.
 /// Returns the endpoint too: it must outlive the connection.
 pub async fn connect_any(
+    tls: rustls::ClientConfig,
+    addresses: &[String],
+    server_name: &str,
+    config: &AgentConfig,
+) -> Result<(Endpoint, Connection), ConnectError> {
+    connect_on(None, tls, addresses, server_name, config).await
+}
+
+/// Like [`connect_any`], on `endpoint` when one is given (many simulated agents share
+/// a few sockets in the load generator), else on a fresh one per address.
+pub async fn connect_on(
+    endpoint: Option<&Endpoint>,
     tls: rustls::ClientConfig,
     addresses: &[String],
     server_name: &str,
@@ -57,23 +84,22 @@ pub async fn connect_any(
     if targets.is_empty() {
         return Err(ConnectError::NoAddress(addresses.join(", ")));
     }
-    let quic = QuicClientConfig::try_from(tls).map_err(|e| ConnectError::Tls(e.to_string()))?;
-    let mut client = ClientConfig::new(Arc::new(quic));
-    client.transport_config(Arc::new(surplus_protocol::quic::transport_config(
-        config.idle_timeout,
-        config.keep_alive,
-        config.max_frame_size,
-    )));
+    let client = client_config(tls, config)?;
     let mut last = None;
     for target in targets {
-        let bind: SocketAddr = if target.is_ipv6() {
-            "[::]:0"
-        } else {
-            "0.0.0.0:0"
-        }
-        .parse()
-        .expect("literal address");
-        let endpoint = Endpoint::client(bind).map_err(ConnectError::Socket)?;
+        let endpoint = match endpoint {
+            Some(shared) => shared.clone(),
+            None => {
+                let bind: SocketAddr = if target.is_ipv6() {
+                    "[::]:0"
+                } else {
+                    "0.0.0.0:0"
+                }
+                .parse()
+                .expect("literal address");
+                Endpoint::client(bind).map_err(ConnectError::Socket)?
+            }
+        };
         let attempt = match endpoint.connect_with(client.clone(), target, server_name) {
             Ok(connecting) => connecting.await,
             Err(e) => return Err(ConnectError::Tls(e.to_string())),

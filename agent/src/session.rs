@@ -130,6 +130,16 @@ pub struct Session {
 impl Session {
     /// Connects with `identity` and exchanges hellos.
     pub async fn open(config: &AgentConfig, identity: &Identity) -> Result<Self, SessionError> {
+        Self::open_on(None, config, identity).await
+    }
+
+    /// Like [`Session::open`], on `endpoint` when one is given (the load generator's
+    /// simulated agents share a few sockets).
+    pub async fn open_on(
+        endpoint: Option<&Endpoint>,
+        config: &AgentConfig,
+        identity: &Identity,
+    ) -> Result<Self, SessionError> {
         let tls = surplus_certs::session_client_config(
             &identity.ca_pem,
             &identity.certificate.cert_pem,
@@ -141,7 +151,7 @@ impl Session {
             &config.controller_addresses
         };
         let (endpoint, connection) =
-            net::connect_any(tls, addresses, &identity.server_name, config)
+            net::connect_on(endpoint, tls, addresses, &identity.server_name, config)
                 .await
                 .map_err(|source| match source.connection_error() {
                     Some(e) if is_revocation(e) => SessionError::Revoked,

@@ -1,6 +1,7 @@
 //! Harness for the end-to-end tests: a controller on loopback ports in a temporary data
 //! directory, agents enrolled through real join tokens, and waiting on registry events
-//! instead of sleeping.
+//! instead of sleeping. The load generator (`surplus-loadgen`) lives here too: it is
+//! test tooling, built from the same crates.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -17,6 +18,8 @@ use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+pub mod loadgen;
 
 /// How long any wait in a test may take before it fails.
 pub const PATIENCE: Duration = Duration::from_secs(20);
