@@ -428,6 +428,11 @@ async fn send_usage(
                     tracing::error!(error = %e, "usage acknowledgement not recorded; the batch will be sent again");
                 }
             }
+            Ok(Message::Error(reply)) if reply.code == ErrorCode::Busy => {
+                // The controller sheds load; the records wait in the spool.
+                failures += 1;
+                tracing::debug!("controller busy; usage batch sent again after a pause");
+            }
             Ok(other) => {
                 failures += 1;
                 tracing::warn!(answer = other.kind(), "usage batch not committed; retrying");

@@ -36,8 +36,11 @@ pub struct Metrics {
     pub control_commands: Family<Labels, Counter>,
     /// Seconds spent waiting for agents' answers to control commands, by action.
     pub control_seconds: Family<Labels, Counter<f64, std::sync::atomic::AtomicU64>>,
-    /// Usage records received, by result (`stored`, `duplicate`, `rejected`).
+    /// Usage records received, by result (`stored`, `duplicate`, `rejected`, and `busy`
+    /// for records of batches refused while the ingest queue was full).
     pub usage_records: Family<Labels, Counter>,
+    /// Usage group commits (each one transaction, one fsync, for one or more batches).
+    pub usage_commits: Counter,
 }
 
 /// Values read at scrape time.
@@ -121,6 +124,11 @@ impl Metrics {
             "usage_records",
             "Usage records received, by result",
             self.usage_records.clone(),
+        );
+        registry.register(
+            "usage_commits",
+            "Usage group commits, each one transaction for one or more batches",
+            self.usage_commits.clone(),
         );
         registry.register(
             "frames_rejected",

@@ -579,7 +579,7 @@ async fn handle(ctl: &Controller, agent_id: Uuid, session_id: Uuid, request: Mes
     }
 }
 
-/// Periodic work: last-seen writes, overdue agents, revocations made elsewhere.
+/// Periodic work: database checkpoints, last-seen writes, overdue agents, revocations made elsewhere.
 async fn maintenance(ctl: Arc<Controller>, cancel: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -590,6 +590,9 @@ async fn maintenance(ctl: Arc<Controller>, cancel: CancellationToken) {
             _ = tick.tick() => {}
         }
         let now = ctl.clock.now_ms();
+        if let Err(e) = ctl.store.checkpoint().await {
+            tracing::warn!(error = %e, "database checkpoint failed");
+        }
         if let Err(e) = ctl.store.touch(&ctl.registry.take_seen()).await {
             tracing::error!(error = %e, "last-seen times not recorded");
         }

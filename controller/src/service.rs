@@ -74,6 +74,8 @@ pub struct Controller {
     pub progress: std::sync::Mutex<
         std::collections::HashMap<Uuid, Option<surplus_protocol::messages::ValidationProgress>>,
     >,
+    /// Usage batches waiting for the next group commit (see `metering`).
+    pub(crate) usage_queue: crate::metering::UsageQueue,
     ca: CertAuthority,
 }
 
@@ -101,6 +103,7 @@ impl Controller {
             metrics: crate::metrics::Metrics::default(),
             tasks: tokio_util::task::TaskTracker::new(),
             progress: Default::default(),
+            usage_queue: Default::default(),
             ca,
         }
     }

@@ -310,3 +310,29 @@ async fn a_reopened_database_keeps_everything() {
         Err(StoreError::NotFound(_))
     ));
 }
+
+#[tokio::test]
+async fn last_seen_times_are_recorded_for_many_agents_at_once_and_never_go_back() {
+    let (_d, s) = store().await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        token(&*s, &format!("t{i}"), i64::MAX).await;
+        let a = new_agent(&format!("0{i}"));
+        s.enroll_agent(&format!("t{i}"), 0, &a).await.unwrap();
+        ids.push(a.id);
+    }
+    s.touch(&[(ids[0], 100), (ids[1], 200)]).await.unwrap();
+    s.touch(&[(ids[0], 50), (ids[1], 300)]).await.unwrap();
+    let seen = async |id| s.agent(id).await.unwrap().unwrap().last_seen_ms;
+    assert_eq!(
+        seen(ids[0]).await,
+        Some(100),
+        "an older time does not replace a newer one"
+    );
+    assert_eq!(seen(ids[1]).await, Some(300));
+    assert_eq!(
+        seen(ids[2]).await,
+        None,
+        "an agent not in the list is untouched"
+    );
+}

@@ -431,6 +431,7 @@ mod tests {
             Just(ErrorCode::Unexpected),
             Just(ErrorCode::Revoked),
             Just(ErrorCode::Internal),
+            Just(ErrorCode::Busy),
         ]
     }
 

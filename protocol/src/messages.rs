@@ -168,6 +168,9 @@ pub enum ErrorCode {
     Revoked,
     /// The controller failed to serve a valid request.
     Internal,
+    /// The controller is too busy to take this now (its usage ingest queue is full);
+    /// send it again after a pause.
+    Busy,
 }
 
 /// First message of every agent session.

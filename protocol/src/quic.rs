@@ -191,7 +191,8 @@ pub fn transport_config(
     t.send_window(window * 2);
     t.max_concurrent_bidi_streams(VarInt::from_u32(32));
     t.max_concurrent_uni_streams(VarInt::from_u32(0));
-    t.keep_alive_interval(Some(keep_alive));
+    // Zero: no keep-alives of our own (the peer's packets keep the session alive).
+    t.keep_alive_interval((!keep_alive.is_zero()).then_some(keep_alive));
     if let Ok(idle) = quinn::IdleTimeout::try_from(idle_timeout) {
         t.max_idle_timeout(Some(idle));
     }

@@ -8,8 +8,8 @@
 use std::time::Instant;
 
 use surplus_agent::spool::{Spool, SpoolLimits};
-use surplus_controller::store::Store;
 use surplus_controller::store::sqlite::SqliteStore;
+use surplus_controller::store::{NewAgent, NewJoinToken, Store};
 use surplus_protocol::usage::{Reading, Subject, UsageRecord};
 
 const RECORDS: u64 = 50_000;
@@ -37,11 +37,41 @@ async fn main() {
     let store = SqliteStore::open(&dir.path().join("ingest.db"))
         .await
         .unwrap();
+    // An enrolled agent: the metering row (the spool's state) refers to it.
     let agent = uuid::Uuid::now_v7();
+    store
+        .create_join_token(&NewJoinToken {
+            id: uuid::Uuid::now_v7(),
+            secret_hash: "bench".into(),
+            labels: Default::default(),
+            created_at_ms: 0,
+            expires_at_ms: i64::MAX,
+            created_by: "bench".into(),
+        })
+        .await
+        .unwrap();
+    store
+        .enroll_agent(
+            "bench",
+            0,
+            &NewAgent {
+                id: agent,
+                hostname: "bench".into(),
+                agent_version: "0".into(),
+                cert_serial: "01".into(),
+                cert_issued_at_ms: 0,
+                cert_not_after_ms: i64::MAX,
+            },
+        )
+        .await
+        .unwrap();
     let records: Vec<UsageRecord> = (0..RECORDS).map(record).collect();
     let started = Instant::now();
     for chunk in records.chunks(BATCH) {
-        store.ingest_usage(agent, chunk, 0).await.unwrap();
+        store
+            .ingest_usage(agent, chunk, &Default::default(), 0)
+            .await
+            .unwrap();
     }
     let ingest = RECORDS as f64 / started.elapsed().as_secs_f64();
 

@@ -100,3 +100,122 @@ fn two_hundred_agents_are_all_online_every_record_stored_once_every_command_answ
         "{context}"
     );
 }
+
+/// Batches that arrive together share a group commit, and each still gets its own
+/// answer: all new records stored once, every resent batch recognised in full, even
+/// when the resend lands in the same transaction as the original.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_usage_batches_share_commits_and_each_gets_its_own_answer() {
+    use surplus_protocol::Message;
+    use surplus_protocol::usage::{Reading, Subject, UsageBatch, UsageRecord, meters};
+
+    let tc = surplus_tests::TestController::start().await;
+    let mut agents = Vec::new();
+    for i in 0..4 {
+        agents.push(tc.enroll(&format!("a{i}"), &[]).await.1.agent_id);
+    }
+    let batch = |b: u64| UsageBatch {
+        records: (0..10)
+            .map(|i| UsageRecord {
+                epoch: 7,
+                seq: b * 10 + i,
+                subject: Subject::Host,
+                meter: format!("{}.{i}", meters::HOST_CPU_BUSY_MS),
+                start_ms: 0,
+                end_ms: 1000,
+                reading: Reading::Counter {
+                    generation: 1,
+                    total: b * 100 + i,
+                },
+                samples: 1,
+            })
+            .collect(),
+        spool: Default::default(),
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    for (a, agent) in agents.iter().enumerate() {
+        for b in 0..50u64 {
+            let sends = if b % 10 == 0 { 2 } else { 1 };
+            for _ in 0..sends {
+                let (ctl, agent, batch) = (tc.ctl().clone(), *agent, batch(b));
+                tasks.spawn(async move { (a, ctl.ingest_usage(agent, batch).await) });
+            }
+        }
+    }
+    let (mut stored, mut duplicates, mut answers) = (0u64, 0u64, 0u64);
+    while let Some(done) = tasks.join_next().await {
+        match done.unwrap() {
+            (_, Message::UsageAck(ack)) => {
+                assert_eq!(ack.rejected, 0);
+                assert_eq!(ack.stored + ack.duplicates, 10, "{ack:?}");
+                stored += u64::from(ack.stored);
+                duplicates += u64::from(ack.duplicates);
+                answers += 1;
+            }
+            (a, other) => panic!("agent {a}: {other:?}"),
+        }
+    }
+    assert_eq!(answers, 4 * 55);
+    assert_eq!(stored, 4 * 50 * 10);
+    assert_eq!(duplicates, 4 * 5 * 10);
+    let commits = tc.ctl().metrics.usage_commits.get();
+    assert!(
+        commits < answers,
+        "{commits} commits for {answers} batches arriving together: none shared"
+    );
+}
+
+/// Past its queue limit the controller refuses batches as busy at once instead of
+/// queueing without bound; a refused batch is stored when sent again, and once the
+/// queue drained every batch is taken again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overfull_ingest_queue_answers_busy_and_loses_nothing() {
+    use surplus_protocol::usage::{Reading, Subject, UsageBatch, UsageRecord};
+    use surplus_protocol::{ErrorCode, Message};
+
+    let tc = surplus_tests::TestController::start().await;
+    let agent = tc.enroll("a", &[]).await.1.agent_id;
+    let batch = |b: u64| UsageBatch {
+        records: (0..100)
+            .map(|i| UsageRecord {
+                epoch: 1,
+                seq: b * 100 + i,
+                subject: Subject::Host,
+                meter: "memory_used_bytes".into(),
+                start_ms: 0,
+                end_ms: 1000,
+                reading: Reading::Gauge {
+                    last: 1,
+                    peak: 1,
+                    mean: 1,
+                },
+                samples: 1,
+            })
+            .collect(),
+        spool: Default::default(),
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    for b in 0..500u64 {
+        let ctl = tc.ctl().clone();
+        tasks.spawn(async move { (b, ctl.ingest_usage(agent, batch(b)).await) });
+    }
+    let (mut stored, mut busy) = (0u64, Vec::new());
+    while let Some(done) = tasks.join_next().await {
+        match done.unwrap() {
+            (_, Message::UsageAck(ack)) => stored += u64::from(ack.stored),
+            (b, Message::Error(e)) if e.code == ErrorCode::Busy => busy.push(b),
+            (b, other) => panic!("batch {b}: {other:?}"),
+        }
+    }
+    assert!(
+        !busy.is_empty(),
+        "50,000 records at once stayed under the queue limit"
+    );
+    for b in busy {
+        match tc.ctl().ingest_usage(agent, batch(b)).await {
+            Message::UsageAck(ack) => stored += u64::from(ack.stored),
+            other => panic!("batch {b} sent again alone: {other:?}"),
+        }
+    }
+    assert_eq!(stored, 500 * 100, "every record stored exactly once");
+}

@@ -346,7 +346,18 @@ pub struct VolumeRow {
     pub updated_at_ms: UnixMillis,
 }
 
-/// What [`Store::ingest_usage`] did with a batch.
+/// One agent's usage batch for [`Store::ingest_usage_batches`].
+#[derive(Debug, Clone, Copy)]
+pub struct IngestBatch<'a> {
+    /// The agent that sent it.
+    pub agent_id: Uuid,
+    /// Its records.
+    pub records: &'a [surplus_protocol::usage::UsageRecord],
+    /// Its spool's state.
+    pub spool: &'a surplus_protocol::usage::SpoolState,
+}
+
+/// What [`Store::ingest_usage_batches`] did with a batch.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IngestOutcome {
     /// Records stored for the first time.
@@ -510,6 +521,11 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         status: AgentStatus,
         now_ms: UnixMillis,
     ) -> Result<(), StoreError>;
+    /// Moves committed writes from the write-ahead log into the database, without
+    /// blocking writers; called periodically so that commits never do it themselves.
+    async fn checkpoint(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Records last-seen times in one transaction.
     async fn touch(&self, seen: &[(Uuid, UnixMillis)]) -> Result<(), StoreError>;
     /// Records a session start (and the agent version it announced).
@@ -597,15 +613,32 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         agent_id: Uuid,
     ) -> Result<Option<(surplus_protocol::control::CompatReport, UnixMillis)>, StoreError>;
 
-    /// Commits a batch of usage records in one transaction: new records are stored
-    /// with their counter deltas, records already stored (same key) are recognised,
-    /// invalid ones are kept aside with the reason.
+    /// Commits batches of usage records in one transaction (a group commit: one
+    /// fsync for all of them): new records are stored with their counter deltas,
+    /// records already stored (same key) are recognised, invalid ones are kept aside
+    /// with the reason; each agent's spool state is stored too. One outcome per batch,
+    /// in order; on error nothing is stored.
+    async fn ingest_usage_batches(
+        &self,
+        batches: &[IngestBatch<'_>],
+        now_ms: UnixMillis,
+    ) -> Result<Vec<IngestOutcome>, StoreError>;
+    /// [`Store::ingest_usage_batches`] of one batch.
     async fn ingest_usage(
         &self,
         agent_id: Uuid,
         records: &[surplus_protocol::usage::UsageRecord],
+        spool: &surplus_protocol::usage::SpoolState,
         now_ms: UnixMillis,
-    ) -> Result<IngestOutcome, StoreError>;
+    ) -> Result<IngestOutcome, StoreError> {
+        let batch = IngestBatch {
+            agent_id,
+            records,
+            spool,
+        };
+        let mut outcomes = self.ingest_usage_batches(&[batch], now_ms).await?;
+        Ok(outcomes.pop().unwrap_or_default())
+    }
     /// Usage history aggregated into buckets.
     async fn usage(&self, query: &UsageQuery) -> Result<Vec<UsageRow>, StoreError>;
     /// Sum of counter deltas per meter of one subject, for records ending in

@@ -23,6 +23,34 @@ struct Cli {
 enum Cmd {
     /// Simulated agents against a real controller process on loopback.
     Agents(AgentsArgs),
+    /// surplus-agent and Prometheus node_exporter side by side: idle CPU and RSS,
+    /// binary size, and the agent's peak RSS during the validation suite.
+    Footprint(FootprintArgs),
+}
+
+#[derive(clap::Args)]
+struct FootprintArgs {
+    /// Idle phase.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// node_exporter scrape period.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    scrape: Duration,
+    /// Skip the validation suite at the end.
+    #[arg(long)]
+    no_validation: bool,
+    /// The agent binary (default: `surplus-agent` beside this one).
+    #[arg(long)]
+    agent_bin: Option<PathBuf>,
+    /// The controller binary (default: `surplus-controller` beside this one).
+    #[arg(long)]
+    controller_bin: Option<PathBuf>,
+    /// node_exporter (Debian package `prometheus-node-exporter`).
+    #[arg(long, default_value = "/usr/bin/prometheus-node-exporter")]
+    node_exporter_bin: PathBuf,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -77,13 +105,36 @@ fn beside_me(name: &str) -> Option<PathBuf> {
     p.exists().then_some(p)
 }
 
+fn binary(given: Option<PathBuf>, name: &str) -> anyhow::Result<PathBuf> {
+    given.or_else(|| beside_me(name)).ok_or_else(|| {
+        anyhow::anyhow!(
+            "{name} not found beside surplus-loadgen; build it (cargo build --release) or pass --{}-bin",
+            name.trim_start_matches("surplus-")
+        )
+    })
+}
+
+async fn footprint(a: FootprintArgs) -> anyhow::Result<ExitCode> {
+    let temp = tempfile::tempdir()?;
+    let report = loadgen::footprint::run(loadgen::footprint::FootprintOptions {
+        agent_bin: binary(a.agent_bin, "surplus-agent")?,
+        controller_bin: binary(a.controller_bin, "surplus-controller")?,
+        node_exporter_bin: a.node_exporter_bin,
+        dir: temp.path().to_owned(),
+        duration: a.duration,
+        scrape: a.scrape,
+        validation: !a.no_validation,
+    })
+    .await?;
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_string_pretty(&report)?)?;
+    }
+    println!("{}", loadgen::footprint::table(&report));
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn agents(a: AgentsArgs) -> anyhow::Result<ExitCode> {
-    let controller_bin = match a.controller_bin.or_else(|| beside_me("surplus-controller")) {
-        Some(p) => p,
-        None => anyhow::bail!(
-            "surplus-controller not found beside surplus-loadgen; build it (cargo build --release) or pass --controller-bin"
-        ),
-    };
+    let controller_bin = binary(a.controller_bin, "surplus-controller")?;
     let mut controller_env = Vec::new();
     for kv in &a.controller_env {
         let Some((k, v)) = kv.split_once('=') else {
@@ -157,6 +208,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Cmd::Agents(a) => agents(a).await,
+            Cmd::Footprint(a) => footprint(a).await,
         }
     });
     match result {

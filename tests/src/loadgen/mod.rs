@@ -8,6 +8,7 @@
 //! agents created is checked against the controller's database, record by record.
 //! `surplus-loadgen agents` is the command; docs/PERFORMANCE.md has the numbers.
 
+pub mod footprint;
 pub mod proc;
 pub mod sim;
 
@@ -149,6 +150,8 @@ pub struct Usage {
     pub rejected: u64,
     /// Batches deliberately sent twice.
     pub resent_batches: u64,
+    /// Batches refused as busy (the ingest queue was full) and sent again later.
+    pub busy_refusals: u64,
     /// Records committed per second during the steady phase.
     pub per_second: f64,
     /// Batch round trip (send to commit acknowledgement).
@@ -557,6 +560,7 @@ async fn drive(o: &Options, controller: &ControllerProcess) -> anyhow::Result<Re
     report.usage.duplicates = stats.usage_duplicates.load(Ordering::Relaxed);
     report.usage.rejected = stats.usage_rejected.load(Ordering::Relaxed);
     report.usage.resent_batches = stats.usage_resent_batches.load(Ordering::Relaxed);
+    report.usage.busy_refusals = stats.usage_busy.load(Ordering::Relaxed);
     verify_usage(&controller.data_dir, &sent, &mut report).await?;
 
     report.sessions_opened = stats.sessions_opened.load(Ordering::Relaxed);
@@ -794,9 +798,10 @@ pub fn table(r: &Report) -> String {
         (
             "usage exactly once".into(),
             format!(
-                "{} resent batches, {} duplicates recognised, {} agents with gaps or extras, {} with wrong totals",
+                "{} resent batches, {} duplicates recognised, {} busy refusals, {} agents with gaps or extras, {} with wrong totals",
                 r.usage.resent_batches,
                 r.usage.duplicates,
+                r.usage.busy_refusals,
                 r.usage.agents_with_gaps_or_extras,
                 r.usage.agents_with_wrong_totals
             ),

@@ -20,7 +20,7 @@ use surplus_protocol::control::{
 use surplus_protocol::messages::{ErrorCode, Heartbeat, Message, Pong};
 use surplus_protocol::quic;
 use surplus_protocol::usage::{
-    MeteringAck, Reading, SpoolState, Subject, UsageBatch, UsageRecord, meters,
+    MeteringAck, Reading, SpoolState, Subject, UsageAck, UsageBatch, UsageRecord, meters,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -49,6 +49,10 @@ pub struct Stats {
     pub usage_rejected: AtomicU64,
     /// Batches deliberately sent twice (a lost acknowledgement).
     pub usage_resent_batches: AtomicU64,
+    /// Batches sent for the first time, over all agents (picks the ones to resend).
+    pub usage_first_sends: AtomicU64,
+    /// Batches the controller refused as busy (sent again after a pause).
+    pub usage_busy: AtomicU64,
     /// Usage batch round trips (send to commit acknowledgement), µs.
     pub usage_us: Mutex<Vec<u32>>,
     /// Control commands received from the controller.
@@ -83,7 +87,8 @@ pub struct Behaviour {
     pub usage_period: Duration,
     /// Records per usage period.
     pub usage_records: usize,
-    /// Every n-th batch is sent a second time after its acknowledgement (0: never).
+    /// Every n-th batch (counted over all agents) is sent a second time after its
+    /// acknowledgement (0: never).
     pub resend_every: u64,
     /// How long a control command takes on the simulated host.
     pub control_delay: Duration,
@@ -135,6 +140,9 @@ impl SimAgent {
 
     /// The next usage period's records.
     fn records(&self, start_ms: i64, end_ms: i64, count: usize) -> Vec<UsageRecord> {
+        if count == 0 {
+            return Vec::new();
+        }
         let mut sent = self.sent.lock().expect("sim poisoned");
         let busy = rand::random_range(0..(end_ms - start_ms).max(1) as u64 * 2);
         sent.cpu_busy_total += busy;
@@ -276,12 +284,13 @@ async fn serve_stream(
     }
 }
 
-/// Sends one batch until it is committed; `false` when the session is gone.
+/// Sends one batch: `Some(ack)` once committed, `None` when the controller is busy
+/// (the batch is to be sent again after a pause), `Err` when the session failed.
 async fn send_batch(
     session: &Session,
     records: &[UsageRecord],
     stats: &Stats,
-) -> Result<(), String> {
+) -> Result<Option<UsageAck>, String> {
     let batch = Message::UsageBatch(UsageBatch {
         records: records.to_vec(),
         spool: SpoolState {
@@ -306,7 +315,11 @@ async fn send_batch(
             if ack.rejected > 0 {
                 stats.error("usage records rejected");
             }
-            Ok(())
+            Ok(Some(ack))
+        }
+        Ok(Message::Error(reply)) if reply.code == ErrorCode::Busy => {
+            stats.usage_busy.fetch_add(1, Ordering::Relaxed);
+            Ok(None)
         }
         Ok(other) => Err(format!("usage batch answered with {}", other.kind())),
         Err(e) => Err(format!("usage batch: {e}")),
@@ -340,7 +353,6 @@ pub async fn run(
     mut first: Option<tokio::sync::OwnedSemaphorePermit>,
 ) {
     let mut pending: Vec<UsageRecord> = Vec::new();
-    let mut batches = 0u64;
     let mut next_usage =
         tokio::time::Instant::now() + behaviour.usage_period.mul_f64(rand::random_range(0.0..1.0));
     let mut usage_from = SystemClock.now_ms();
@@ -372,7 +384,6 @@ pub async fn run(
             &drain,
             &stop,
             &mut pending,
-            &mut batches,
             &mut next_usage,
             &mut usage_from,
             config.max_frame_size,
@@ -406,7 +417,6 @@ async fn session_loop(
     drain: &CancellationToken,
     stop: &CancellationToken,
     pending: &mut Vec<UsageRecord>,
-    batches: &mut u64,
     next_usage: &mut tokio::time::Instant,
     usage_from: &mut i64,
     max_frame: usize,
@@ -430,20 +440,27 @@ async fn session_loop(
     let mut seq = 0u64;
     let conn = session.connection().clone();
     let streams = tokio_util::task::TaskTracker::new();
+    let mut retry_at: Option<tokio::time::Instant> = None;
     let result = loop {
         // Deliver what is pending first (after a reconnect, or a failed send).
-        if !pending.is_empty() {
+        let due = retry_at.is_none_or(|t| t <= tokio::time::Instant::now());
+        if !pending.is_empty() && due {
+            retry_at = None;
             match send_batch(session, pending, stats).await {
-                Ok(()) => {
-                    *batches += 1;
-                    if behaviour.resend_every > 0 && *batches % behaviour.resend_every == 0 {
+                Ok(None) => {
+                    // Busy: the records stay pending; heartbeats and commands go on.
+                    let pause = Duration::from_millis(rand::random_range(500..2000));
+                    retry_at = Some(tokio::time::Instant::now() + pause);
+                }
+                Ok(Some(_)) => {
+                    let n = stats.usage_first_sends.fetch_add(1, Ordering::Relaxed) + 1;
+                    if behaviour.resend_every > 0 && n % behaviour.resend_every == 0 {
                         // As if the acknowledgement had been lost: the same batch again
-                        // must be recognised, not stored twice.
+                        // must be recognised in full, not stored twice.
                         stats.usage_resent_batches.fetch_add(1, Ordering::Relaxed);
-                        let before = stats.usage_duplicates.load(Ordering::Relaxed);
-                        send_batch(session, pending, stats).await?;
-                        let dup = stats.usage_duplicates.load(Ordering::Relaxed) - before;
-                        if dup < pending.len() as u64 {
+                        if let Some(ack) = send_batch(session, pending, stats).await?
+                            && (ack.stored > 0 || ack.duplicates as usize != pending.len())
+                        {
                             stats.error("a resent batch was not recognised as duplicate");
                         }
                     }
@@ -456,6 +473,7 @@ async fn session_loop(
         }
         tokio::select! {
             _ = stop.cancelled() => break Ok(()),
+            _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => {}
             incoming = conn.accept_bi() => match incoming {
                 Ok((send, recv)) => {
                     streams.spawn(serve_stream(sim.clone(), stats.clone(), behaviour.clone(), send, recv, max_frame));
