@@ -48,7 +48,8 @@ pub struct ControllerConfig {
     /// A silent session is dropped after this long.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
-    /// QUIC keep-alive period.
+    /// QUIC keep-alive period; zero (the default) sends none: the agents' heartbeats
+    /// and keep-alives keep each session and its NAT binding alive.
     #[serde(with = "humantime_serde")]
     pub keep_alive: Duration,
     /// How long one exchange may take before its stream is reset.
@@ -88,7 +89,7 @@ impl Default for ControllerConfig {
             missed_heartbeats: 3,
             revocation_poll: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(30),
-            keep_alive: Duration::from_secs(5),
+            keep_alive: Duration::ZERO,
             request_timeout: Duration::from_secs(10),
             control_timeout: Duration::from_secs(60),
             terminated_retention: Duration::from_secs(3600),

@@ -24,6 +24,9 @@ use surplus_protocol::usage::{
 };
 use tokio_util::sync::CancellationToken;
 
+/// Most records in one batch, as a real agent's default `[metering] batch_records`.
+const BATCH_RECORDS: usize = 500;
+
 /// Counters and latencies every simulated agent adds to.
 #[derive(Default)]
 pub struct Stats {
@@ -446,7 +449,10 @@ async fn session_loop(
         let due = retry_at.is_none_or(|t| t <= tokio::time::Instant::now());
         if !pending.is_empty() && due {
             retry_at = None;
-            match send_batch(session, pending, stats).await {
+            // At most as many records per batch as a real agent sends (its default
+            // `batch_records`); the rest wait for the next turn.
+            let take = pending.len().min(BATCH_RECORDS);
+            match send_batch(session, &pending[..take], stats).await {
                 Ok(None) => {
                     // Busy: the records stay pending; heartbeats and commands go on.
                     let pause = Duration::from_millis(rand::random_range(500..2000));
@@ -458,15 +464,15 @@ async fn session_loop(
                         // As if the acknowledgement had been lost: the same batch again
                         // must be recognised in full, not stored twice.
                         stats.usage_resent_batches.fetch_add(1, Ordering::Relaxed);
-                        if let Some(ack) = send_batch(session, pending, stats).await?
-                            && (ack.stored > 0 || ack.duplicates as usize != pending.len())
+                        if let Some(ack) = send_batch(session, &pending[..take], stats).await?
+                            && (ack.stored > 0 || ack.duplicates as usize != take)
                         {
                             stats.error("a resent batch was not recognised as duplicate");
                         }
                     }
-                    let last = pending.last().map_or(0, |r| r.seq);
+                    let last = pending[take - 1].seq;
                     sim.sent.lock().expect("sim poisoned").acked = last + 1;
-                    pending.clear();
+                    pending.drain(..take);
                 }
                 Err(e) => break Err(e),
             }
