@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::json;
 
+use super::Api;
 use super::proc::{self, ControllerProcess, Sampler};
 
 /// What to compare.
@@ -93,24 +94,6 @@ impl Drop for Killed {
     }
 }
 
-async fn api(
-    http: &reqwest::Client,
-    ctl: &ControllerProcess,
-    method: reqwest::Method,
-    path: &str,
-    body: Option<Value>,
-) -> anyhow::Result<(u16, Value)> {
-    let mut r = http
-        .request(method, format!("{}{path}", ctl.url))
-        .bearer_auth(&ctl.admin_token);
-    if let Some(b) = body {
-        r = r.json(&b);
-    }
-    let resp = r.send().await?;
-    let status = resp.status().as_u16();
-    Ok((status, resp.json().await.unwrap_or(Value::Null)))
-}
-
 /// Runs the comparison.
 pub async fn run(o: FootprintOptions) -> anyhow::Result<FootprintReport> {
     for (what, p) in [
@@ -133,14 +116,14 @@ pub async fn run(o: FootprintOptions) -> anyhow::Result<FootprintReport> {
 
 async fn measure(o: &FootprintOptions, ctl: &ControllerProcess) -> anyhow::Result<FootprintReport> {
     let http = reqwest::Client::new();
-    let (status, created) = api(
-        &http,
-        ctl,
-        reqwest::Method::POST,
-        "/v1/tokens",
-        Some(json!({})),
-    )
-    .await?;
+    let api = Api {
+        http: http.clone(),
+        url: ctl.url.clone(),
+        token: ctl.admin_token.clone(),
+    };
+    let (status, created) = api
+        .call(reqwest::Method::POST, "/v1/tokens", Some(json!({})))
+        .await?;
     if status != 201 {
         bail!("token refused: {status} {created}");
     }
@@ -228,14 +211,13 @@ async fn measure(o: &FootprintOptions, ctl: &ControllerProcess) -> anyhow::Resul
     if o.validation {
         let identity = surplus_agent::identity::Identity::load(&agent_dir)?;
         let started = Instant::now();
-        let (status, run) = api(
-            &http,
-            ctl,
-            reqwest::Method::POST,
-            &format!("/v1/agents/{}/validation", identity.agent_id),
-            Some(json!({})),
-        )
-        .await?;
+        let (status, run) = api
+            .call(
+                reqwest::Method::POST,
+                &format!("/v1/agents/{}/validation", identity.agent_id),
+                Some(json!({})),
+            )
+            .await?;
         if status != 202 {
             bail!("validation not ordered: {status} {run}");
         }
@@ -246,14 +228,13 @@ async fn measure(o: &FootprintOptions, ctl: &ControllerProcess) -> anyhow::Resul
             .to_owned();
         loop {
             tokio::time::sleep(Duration::from_secs(2)).await;
-            let (_, v) = api(
-                &http,
-                ctl,
-                reqwest::Method::GET,
-                &format!("/v1/validations/{run_id}"),
-                None,
-            )
-            .await?;
+            let (_, v) = api
+                .call(
+                    reqwest::Method::GET,
+                    &format!("/v1/validations/{run_id}"),
+                    None,
+                )
+                .await?;
             let status = v["status"]
                 .as_str()
                 .or(v["run"]["status"].as_str())
