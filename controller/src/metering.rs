@@ -19,7 +19,7 @@ use crate::store::{IngestBatch, IngestOutcome, InvoiceLine, PostError, StoreErro
 /// Most batches one group commit takes.
 const GROUP_MAX_BATCHES: usize = 256;
 /// Records after which a group commit takes no further batch: a commit holds the one
-/// SQLite writer for ~20 µs per record, and other writes (control, sessions) wait.
+/// SQLite writer for tens of µs per record, and other writes (control, sessions) wait.
 const GROUP_MAX_RECORDS: usize = 1000;
 /// Records queued for commit beyond which new batches are refused as busy (about a
 /// second of ingest on the reference host): past it, ingest would only grow a queue
