@@ -262,7 +262,7 @@ impl Controller {
     ) -> Result<Option<MeteringAck>, String> {
         periods.validate()?;
         self.store
-            .set_metering(agent_id, Some(&periods), None, self.clock.now_ms())
+            .set_metering(agent_id, &periods, self.clock.now_ms())
             .await
             .map_err(|e| e.to_string())?;
         self.send_metering(agent_id, periods).await

@@ -649,12 +649,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         from_ms: UnixMillis,
         to_ms: UnixMillis,
     ) -> Result<BTreeMap<String, i64>, StoreError>;
-    /// Stores the sampling periods set for an agent and/or its spool as reported.
+    /// Stores the sampling periods set for an agent (its spool state is stored with
+    /// each usage batch, by [`Store::ingest_usage_batches`]).
     async fn set_metering(
         &self,
         agent_id: Uuid,
-        periods: Option<&surplus_protocol::usage::MeteringPeriods>,
-        spool: Option<&surplus_protocol::usage::SpoolState>,
+        periods: &surplus_protocol::usage::MeteringPeriods,
         now_ms: UnixMillis,
     ) -> Result<(), StoreError>;
     /// An agent's periods set through the API and its spool as last reported.

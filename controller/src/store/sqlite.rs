@@ -832,14 +832,13 @@ impl Store for SqliteStore {
     async fn set_metering(
         &self,
         agent_id: Uuid,
-        periods: Option<&surplus_protocol::usage::MeteringPeriods>,
-        spool: Option<&surplus_protocol::usage::SpoolState>,
+        periods: &surplus_protocol::usage::MeteringPeriods,
         now_ms: UnixMillis,
     ) -> Result<(), StoreError> {
         sqlx::query(UPSERT_METERING)
             .bind(agent_id.to_string())
-            .bind(periods.map(json_text))
-            .bind(spool.map(json_text))
+            .bind(json_text(periods))
+            .bind(None::<String>)
             .bind(now_ms)
             .execute(&self.writer)
             .await?;
