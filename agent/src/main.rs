@@ -257,7 +257,13 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             let fully = result.level == surplus_protocol::control::CompatLevel::Fully;
             if report {
                 let identity = surplus_agent::Identity::load(&config.data_dir)?;
-                let session = surplus_agent::Session::open(&config, &identity).await?;
+                let session = surplus_agent::Session::open_with(
+                    None,
+                    &config,
+                    &identity,
+                    Some(result.isolation.clone()),
+                )
+                .await?;
                 let ack = session.report_compat(result).await;
                 session.close("compat report sent").await;
                 println!("reported to the controller as agent {}", ack?.agent_id);

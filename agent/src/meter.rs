@@ -525,6 +525,7 @@ fn merge_counters(old: Option<InstanceUsage>, new: InstanceUsage) -> InstanceUsa
                 disk_write_bytes: max(o.disk_write_bytes, new.disk_write_bytes),
                 net_rx_bytes: max(o.net_rx_bytes, new.net_rx_bytes),
                 net_tx_bytes: max(o.net_tx_bytes, new.net_tx_bytes),
+                run: new.run,
             }
         }
         _ => new,

@@ -130,7 +130,7 @@ pub struct Session {
 impl Session {
     /// Connects with `identity` and exchanges hellos.
     pub async fn open(config: &AgentConfig, identity: &Identity) -> Result<Self, SessionError> {
-        Self::open_on(None, config, identity).await
+        Self::open_with(None, config, identity, None).await
     }
 
     /// Like [`Session::open`], on `endpoint` when one is given (the load generator's
@@ -139,6 +139,16 @@ impl Session {
         endpoint: Option<&Endpoint>,
         config: &AgentConfig,
         identity: &Identity,
+    ) -> Result<Self, SessionError> {
+        Self::open_with(endpoint, config, identity, None).await
+    }
+
+    /// Like [`Session::open_on`], announcing how the host isolates instances.
+    pub async fn open_with(
+        endpoint: Option<&Endpoint>,
+        config: &AgentConfig,
+        identity: &Identity,
+        isolation: Option<surplus_protocol::control::Isolation>,
     ) -> Result<Self, SessionError> {
         let tls = surplus_certs::session_client_config(
             &identity.ca_pem,
@@ -164,6 +174,7 @@ impl Session {
             protocol_version: PROTOCOL_VERSION,
             agent_version: env!("CARGO_PKG_VERSION").into(),
             boot_epoch: sysinfo::System::boot_time().unwrap_or(0),
+            isolation,
         });
         let answer = quic::request(
             &connection,
@@ -558,7 +569,7 @@ impl Runner {
     ) -> Result<(), SessionError> {
         let session = tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
-            opened = Session::open(&self.config, &self.identity) => opened?,
+            opened = Session::open_with(None, &self.config, &self.identity, Some(control.isolation())) => opened?,
         };
         *attempt = 0;
         let ack = session.hello_ack().clone();

@@ -75,6 +75,9 @@ pub struct AgentView {
     pub memory_bytes: Option<u64>,
     /// OS name and version from the inventory.
     pub os: Option<String>,
+    /// How the host isolates client instances (`host_user` when the provider runs
+    /// them as the agent's own user).
+    pub isolation: Option<surplus_protocol::control::Isolation>,
 }
 
 impl AgentView {
@@ -113,6 +116,7 @@ impl AgentView {
             cpus: inv.and_then(|i| i.pointer("/cpu/logical_cpus")?.as_u64()),
             memory_bytes: inv.and_then(|i| i.pointer("/memory/total_bytes")?.as_u64()),
             os,
+            isolation: a.isolation.clone(),
         }
     }
 }

@@ -85,7 +85,17 @@ pub enum ControlRequest {
         /// Volume.
         volume_id: String,
     },
+    /// The end of an instance's output (`GET /v1/instances/{id}/logs`).
+    Logs {
+        /// Instance.
+        instance_id: String,
+        /// Most bytes of each stream.
+        max_bytes: u32,
+    },
 }
+
+/// Bytes of each stream `GET /v1/instances/{id}/logs` returns unless asked otherwise.
+pub const DEFAULT_LOG_BYTES: u32 = 64 << 10;
 
 /// Every action `POST /v1/control` accepts.
 pub const ACTIONS: &[&str] = &[
@@ -431,6 +441,8 @@ pub enum ControlResponse {
     Volumes(Vec<VolumeView>),
     /// CreateSnapshot.
     Snapshot(Snapshot),
+    /// The end of an instance's output.
+    Logs(InstanceLogs),
 }
 
 impl Controller {
@@ -871,6 +883,33 @@ impl Controller {
                 }
                 out.sort_by_key(|v| (v.volume.created_at_ms, v.volume.id.clone()));
                 Ok(ControlResponse::Volumes(out))
+            }
+            ControlRequest::Logs {
+                instance_id,
+                max_bytes,
+            } => {
+                let row = self.owned_instance(caller, &instance_id).await?;
+                if row.record.state == InstanceState::Terminated {
+                    return Err(ControlError::Conflict(format!(
+                        "instance {instance_id} is terminated; its output is gone"
+                    )));
+                }
+                match self
+                    .agent_command(
+                        row.agent_id,
+                        Command::ReadLogs {
+                            instance_id: instance_id.clone(),
+                            max_bytes,
+                        },
+                    )
+                    .await?
+                {
+                    // Only the output of the instance asked for.
+                    ControlReply::Logs(l) if l.instance_id == instance_id => {
+                        Ok(ControlResponse::Logs(l))
+                    }
+                    other => Err(unexpected(row.agent_id, &other)),
+                }
             }
             ControlRequest::CreateSnapshot { volume_id } => {
                 let row = self.owned_volume(caller, &volume_id).await?;

@@ -202,6 +202,7 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         .route("/v1/api-tokens", post(create_api_token))
         .route("/v1/control", post(control))
         .route("/v1/instances", get(list_instances))
+        .route("/v1/instances/{id}/logs", get(instance_logs))
         .route("/v1/volumes", get(list_volumes))
         .route("/v1/agents/{id}/compat", get(agent_compat))
         .route(
@@ -596,6 +597,54 @@ async fn list_instances(
     let request =
         crate::control::parse_request(body).map_err(crate::control::ControlError::from)?;
     Ok(Json(ctl.control(&caller.0, request).await?))
+}
+
+/// `GET /v1/instances/{id}/logs?max_bytes=N`: the end of an instance's standard output
+/// and error, for its owner (and admins).
+async fn instance_logs(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> ApiResult<surplus_protocol::control::InstanceLogs> {
+    surplus_protocol::control::validate_id("id", surplus_protocol::control::INSTANCE_PREFIX, &id)
+        .map_err(|e| ApiError::bad_request(e.to_string()).with_field("id".into()))?;
+    let mut max_bytes = crate::control::DEFAULT_LOG_BYTES;
+    for (k, v) in form_pairs(query.as_deref().unwrap_or("")) {
+        match k.as_str() {
+            "max_bytes" => {
+                max_bytes = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=surplus_protocol::control::MAX_LOG_BYTES).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::bad_request(format!(
+                            "max_bytes: {v:?} is not 1 to {}",
+                            surplus_protocol::control::MAX_LOG_BYTES
+                        ))
+                        .with_field("max_bytes".into())
+                    })?;
+            }
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown query parameter {other:?} (max_bytes)"
+                ))
+                .with_field(other.to_owned()));
+            }
+        }
+    }
+    let request = crate::control::ControlRequest::Logs {
+        instance_id: id,
+        max_bytes,
+    };
+    match ctl.control(&caller.0, request).await? {
+        crate::control::ControlResponse::Logs(l) => Ok(Json(l)),
+        other => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("unexpected answer {other:?}"),
+        )),
+    }
 }
 
 /// `GET /v1/volumes`: DescribeVolumes of everything the caller may see.

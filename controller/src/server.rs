@@ -362,7 +362,11 @@ async fn serve_session(ctl: Arc<Controller>, incoming: Incoming, tasks: TaskTrac
         ended_at_ms: None,
         end_reason: None,
     };
-    if let Err(e) = ctl.store.session_started(&record).await {
+    if let Err(e) = ctl
+        .store
+        .session_started(&record, hello.isolation.as_ref())
+        .await
+    {
         tracing::error!(%agent_id, error = %e, "session not recorded; closing it");
         conn.close(codes::CLOSE_SHUTDOWN, b"controller storage unavailable");
         return;

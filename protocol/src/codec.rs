@@ -182,15 +182,16 @@ mod tests {
         let cases: Vec<(Message, &str)> = vec![
             (
                 Message::error(ErrorCode::TokenUsed, "used"),
-                "000000080100030475736564",
+                "000000080200030475736564",
             ),
             (
                 Message::Hello(Hello {
-                    protocol_version: 1,
+                    protocol_version: 2,
                     agent_version: "0.1.0".into(),
                     boot_epoch: 1_700_000_000,
+                    isolation: None,
                 }),
-                "0000000e01010105302e312e30fc00f15365",
+                "0000000f02010205302e312e30fc00f1536500",
             ),
             (
                 Message::Heartbeat(Heartbeat {
@@ -201,9 +202,9 @@ mod tests {
                     memory_used_bytes: 1024,
                     inventory_digest: [0xab; 32],
                 }),
-                "00000038010503fd00d0ca9f170300003c000000000000e03ffb0004abababababababababababababababababababababababababababababababab",
+                "00000038020503fd00d0ca9f170300003c000000000000e03ffb0004abababababababababababababababababababababababababababababababab",
             ),
-            (Message::Ping(Ping { nonce: 42 }), "00000003010b2a"),
+            (Message::Ping(Ping { nonce: 42 }), "00000003020b2a"),
             (
                 Message::HelloAck(HelloAck {
                     protocol_version: 1,
@@ -212,14 +213,14 @@ mod tests {
                     server_time_ms: 5,
                     heartbeat_interval_ms: 10_000,
                 }),
-                "0000001e01020105302e312e30100123456789abcdef0123456789abcdef0afb1027",
+                "0000001e02020105302e312e30100123456789abcdef0123456789abcdef0afb1027",
             ),
             (
                 Message::Control(crate::control::Command::Lifecycle {
                     op: crate::control::Lifecycle::Stop,
                     ids: vec!["i-0123456789abcdef".into()],
                 }),
-                "00000018011401010112692d30313233343536373839616263646566",
+                "00000018021401010112692d30313233343536373839616263646566",
             ),
             (
                 Message::UsageBatch(crate::usage::UsageBatch {
@@ -238,7 +239,7 @@ mod tests {
                     }],
                     spool: crate::usage::SpoolState::default(),
                 }),
-                "0000003401180107010112692d30313233343536373839616263646566066370755f6e73fcc0d40100fc80a903000002fbe8030100000000",
+                "0000003402180107010112692d30313233343536373839616263646566066370755f6e73fcc0d40100fc80a903000002fbe8030100000000",
             ),
         ];
         for (message, expected) in cases {
@@ -286,7 +287,7 @@ mod tests {
     #[test]
     fn garbage_is_malformed_and_other_versions_are_named() {
         let decoder = FrameDecoder::new(1 << 20);
-        let mut buf = BytesMut::from(&[0, 0, 0, 3, 1, 0xff, 0xff][..]);
+        let mut buf = BytesMut::from(&[0, 0, 0, 3, PROTOCOL_VERSION as u8, 0xff, 0xff][..]);
         assert!(matches!(
             decoder.decode(&mut buf),
             Err(FrameError::Malformed(_))
@@ -440,11 +441,18 @@ mod tests {
         prop_oneof![
             (error_code(), text())
                 .prop_map(|(code, message)| Message::Error(ErrorReply { code, message })),
-            (any::<u16>(), text(), any::<u64>()).prop_map(|(p, v, b)| Message::Hello(Hello {
-                protocol_version: p,
-                agent_version: v,
-                boot_epoch: b
-            })),
+            (
+                any::<u16>(),
+                text(),
+                any::<u64>(),
+                proptest::option::of(isolation())
+            )
+                .prop_map(|(p, v, b, isolation)| Message::Hello(Hello {
+                    protocol_version: p,
+                    agent_version: v,
+                    boot_epoch: b,
+                    isolation,
+                })),
             (
                 any::<u16>(),
                 text(),
@@ -607,8 +615,8 @@ mod tests {
                 .prop_map(|received| Message::NetworkProbeAck(NetworkProbeAck { received })),
             command().prop_map(Message::Control),
             control_result().prop_map(Message::ControlResult),
-            (text(), any::<bool>(), opt_text(), any::<i64>()).prop_map(
-                |(driver, passed, message, at)| {
+            (text(), any::<bool>(), opt_text(), any::<i64>(), isolation()).prop_map(
+                |(driver, passed, message, at, isolation)| {
                     let checks = vec![CompatCheck {
                         operation: "run".into(),
                         passed,
@@ -618,6 +626,7 @@ mod tests {
                         driver,
                         level: compat_level(&checks),
                         checks,
+                        isolation,
                         ran_at_ms: at,
                     })
                 }
@@ -710,11 +719,35 @@ mod tests {
         (
             proptest::option::of(any::<u32>()),
             proptest::option::of(any::<u64>()),
+            proptest::option::of(any::<u32>()),
         )
-            .prop_map(|(millicpus, memory_bytes)| Limits {
+            .prop_map(|(millicpus, memory_bytes, pids)| Limits {
                 millicpus,
                 memory_bytes,
+                pids,
             })
+    }
+
+    fn isolation() -> impl Strategy<Value = Isolation> {
+        (
+            text(),
+            any::<[bool; 4]>(),
+            proptest::option::of(any::<bool>()),
+            proptest::option::of(any::<u32>()),
+            proptest::collection::vec(text(), 0..2),
+        )
+            .prop_map(
+                |(driver, b, user_namespaces, default_pids, notes)| Isolation {
+                    driver,
+                    host_user: b[0],
+                    own_user: b[1],
+                    capabilities_dropped: b[2],
+                    user_namespaces,
+                    default_pids,
+                    volume_sizes_enforced: b[3],
+                    notes,
+                },
+            )
     }
 
     fn run_spec() -> impl Strategy<Value = RunSpec> {
@@ -813,6 +846,10 @@ mod tests {
                 volume_id,
                 snapshot_id
             }),
+            (text(), any::<u32>()).prop_map(|(instance_id, max_bytes)| Command::ReadLogs {
+                instance_id,
+                max_bytes
+            }),
         ]
     }
 
@@ -894,6 +931,16 @@ mod tests {
                         size_bytes,
                         location: "/x".into(),
                         created_at_ms: at,
+                    }))
+                }
+            ),
+            (text(), text(), text(), any::<bool>()).prop_map(
+                |(instance_id, stdout, stderr, truncated)| {
+                    Ok(ControlReply::Logs(InstanceLogs {
+                        instance_id,
+                        stdout,
+                        stderr,
+                        truncated,
                     }))
                 }
             ),

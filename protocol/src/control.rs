@@ -154,8 +154,9 @@ pub fn transition(from: InstanceState, op: Lifecycle) -> Transition {
     }
 }
 
-/// CPU and memory limits. `None` means unlimited (or the driver's default). No
-/// `skip_serializing_if` here or anywhere on the wire: bincode is not self-describing.
+/// CPU, memory and process limits. `None` means unlimited for CPU and memory, and the
+/// host's default for processes (every driver enforces one). No `skip_serializing_if`
+/// here or anywhere on the wire: bincode is not self-describing.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
@@ -165,10 +166,56 @@ pub struct Limits {
     /// Memory in bytes.
     #[serde(default)]
     pub memory_bytes: Option<u64>,
+    /// Most processes (and threads) the instance may have at once (`pids.max`).
+    #[serde(default)]
+    pub pids: Option<u32>,
 }
 
 /// Smallest memory limit accepted (4 MiB): less cannot start a process.
 pub const MIN_MEMORY_BYTES: u64 = 4 << 20;
+/// Largest process limit accepted: the kernel's own ceiling (`PID_MAX_LIMIT`).
+pub const MAX_PIDS: u32 = 4_194_304;
+
+/// A change of limits (ModifyInstanceAttribute): a field that is absent stays as it
+/// is, `null` lifts the limit (the host's default for processes), a value sets it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsChange {
+    /// New CPU limit.
+    #[serde(default, deserialize_with = "present")]
+    pub millicpus: Option<Option<u32>>,
+    /// New memory limit.
+    #[serde(default, deserialize_with = "present")]
+    pub memory_bytes: Option<Option<u64>>,
+    /// New process limit.
+    #[serde(default, deserialize_with = "present")]
+    pub pids: Option<Option<u32>>,
+}
+
+/// A field that is present, even as `null`, is `Some`: absent (the default) is `None`.
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+impl LimitsChange {
+    /// Does it change anything?
+    pub fn is_empty(&self) -> bool {
+        self.millicpus.is_none() && self.memory_bytes.is_none() && self.pids.is_none()
+    }
+
+    /// `current` with the named fields changed and every other one kept.
+    pub fn apply(&self, current: Limits) -> Limits {
+        Limits {
+            millicpus: self.millicpus.unwrap_or(current.millicpus),
+            memory_bytes: self.memory_bytes.unwrap_or(current.memory_bytes),
+            pids: self.pids.unwrap_or(current.pids),
+        }
+    }
+}
 
 impl Limits {
     /// Checks the bounds; `field` prefixes the names in errors.
@@ -186,6 +233,14 @@ impl Limits {
                 return Err(Invalid::new(
                     format!("{field}.memory_bytes"),
                     format!("{b} is below the 4 MiB minimum"),
+                ));
+            }
+        }
+        if let Some(p) = self.pids {
+            if !(1..=MAX_PIDS).contains(&p) {
+                return Err(Invalid::new(
+                    format!("{field}.pids"),
+                    format!("{p} is outside 1..={MAX_PIDS}"),
                 ));
             }
         }
@@ -673,7 +728,18 @@ pub enum Command {
         /// The id to give the snapshot.
         snapshot_id: String,
     },
+    /// The end of an instance's output (its standard output and error as the host keeps
+    /// them).
+    ReadLogs {
+        /// The instance.
+        instance_id: String,
+        /// Most bytes of each stream, counted from the end.
+        max_bytes: u32,
+    },
 }
+
+/// Most bytes of one stream that ReadLogs returns.
+pub const MAX_LOG_BYTES: u32 = 1 << 20;
 
 impl Command {
     /// The operation's name in the primary control interface.
@@ -694,6 +760,7 @@ impl Command {
             Command::DeleteVolume { .. } => "DeleteVolume",
             Command::DescribeVolumes { .. } => "DescribeVolumes",
             Command::CreateSnapshot { .. } => "CreateSnapshot",
+            Command::ReadLogs { .. } => "ReadLogs",
         }
     }
 }
@@ -718,6 +785,21 @@ pub enum ControlReply {
     Volumes(Vec<Volume>),
     /// CreateSnapshot.
     Snapshot(Snapshot),
+    /// ReadLogs.
+    Logs(InstanceLogs),
+}
+
+/// The end of an instance's output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceLogs {
+    /// The instance.
+    pub instance_id: String,
+    /// Standard output (invalid UTF-8 replaced).
+    pub stdout: String,
+    /// Standard error (invalid UTF-8 replaced).
+    pub stderr: String,
+    /// Earlier output was left out to keep within the size asked for.
+    pub truncated: bool,
 }
 
 /// Why a command failed.
@@ -837,8 +919,37 @@ pub struct CompatReport {
     pub level: CompatLevel,
     /// Per-operation results.
     pub checks: Vec<CompatCheck>,
+    /// How the driver isolated the instances the suite ran.
+    pub isolation: Isolation,
     /// When the suite ran.
     pub ran_at_ms: UnixMillis,
+}
+
+/// How a host isolates client instances: what a provider promises its clients and a
+/// client can check before it runs anything there. Reported with every session's hello
+/// and with the compatibility kit's results.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Isolation {
+    /// The driver (`process`, `docker`, `mapped:<name>`, `none`).
+    pub driver: String,
+    /// Instances run as the agent's own user: the provider turned `allow_host_user`
+    /// on. Off by default.
+    pub host_user: bool,
+    /// Each instance runs as an unprivileged user of its own, never uid 0 (on the host;
+    /// inside a container see `user_namespaces`).
+    pub own_user: bool,
+    /// Every capability is dropped but a documented minimal set, and no-new-privileges
+    /// is set.
+    pub capabilities_dropped: bool,
+    /// Container root is remapped to an unprivileged host user (Docker's user-namespace
+    /// remapping); `None` where it does not apply.
+    pub user_namespaces: Option<bool>,
+    /// The process limit an instance gets when it asks for none.
+    pub default_pids: Option<u32>,
+    /// Writes past a volume's size fail (ENOSPC).
+    pub volume_sizes_enforced: bool,
+    /// What is weaker than the full sandbox, for people.
+    pub notes: Vec<String>,
 }
 
 #[cfg(test)]
@@ -875,7 +986,7 @@ mod tests {
         let spec = RunSpec {
             limits: Limits {
                 millicpus: Some(1),
-                memory_bytes: None,
+                ..Default::default()
             },
             ..Default::default()
         };

@@ -24,7 +24,7 @@ pub use messages::*;
 
 /// Version of the message set. Bumped on any incompatible change to [`messages`]; the
 /// byte fixtures in `codec` tests fail when the encoding changes without a bump.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// ALPN of mutually authenticated agent sessions.
 pub const ALPN: &[u8] = b"surplus/1";

@@ -182,6 +182,8 @@ pub struct Hello {
     pub agent_version: String,
     /// Host boot time (seconds since the epoch); part of usage idempotency keys later.
     pub boot_epoch: u64,
+    /// How the host isolates client instances (`None`: no control plane).
+    pub isolation: Option<crate::control::Isolation>,
 }
 
 /// Acceptance of a session.

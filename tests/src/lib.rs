@@ -188,15 +188,40 @@ impl TestController {
 
     /// An authenticated POST on the API, as JSON.
     pub async fn api_post(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
-        let r = reqwest::Client::new()
-            .post(format!("{}{path}", self.url()))
-            .bearer_auth(&self.admin_token)
-            .json(&body)
-            .send()
+        self.api_as(&self.admin_token, reqwest::Method::POST, path, Some(body))
             .await
-            .expect("API reachable");
+    }
+
+    /// A request on the API with `token`, a JSON body if given; the status and the JSON
+    /// answer.
+    pub async fn api_as(
+        &self,
+        token: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let mut request = reqwest::Client::new()
+            .request(method, format!("{}{path}", self.url()))
+            .bearer_auth(token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let r = request.send().await.expect("API reachable");
         let status = r.status().as_u16();
         (status, r.json().await.expect("JSON body"))
+    }
+
+    /// An API token for `account` in `role`, made with the admin token.
+    pub async fn token_for(&self, account: &str, role: &str) -> String {
+        let (status, body) = self
+            .api_post(
+                "/v1/api-tokens",
+                serde_json::json!({"account": account, "role": role}),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        body["token"].as_str().expect("a token").to_owned()
     }
 }
 
@@ -227,54 +252,106 @@ pub const BUSYBOX_IMAGE: &str = "surplus/busybox:latest";
 pub fn busybox_image() -> &'static str {
     static BUILT: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
     let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
-    if *built {
-        return BUSYBOX_IMAGE;
+    if !*built {
+        import_image(BUSYBOX_IMAGE, &[]);
+        *built = true;
     }
-    let docker = |args: &[&str]| std::process::Command::new("docker").args(args).output();
-    let have = docker(&["image", "inspect", BUSYBOX_IMAGE])
-        .expect("the docker CLI must be installed for the container driver tests");
-    if !have.status.success() {
-        let busybox = Path::new("/bin/busybox");
-        assert!(
-            busybox.exists(),
-            "/bin/busybox is missing: install Debian's busybox-static (.ci/run does)"
-        );
-        let root = tempfile::tempdir().expect("temporary directory");
-        let bin = root.path().join("bin");
-        std::fs::create_dir_all(&bin).unwrap();
-        std::fs::copy(busybox, bin.join("busybox")).unwrap();
-        let list = std::process::Command::new(busybox)
-            .arg("--list")
-            .output()
-            .unwrap();
-        for applet in String::from_utf8_lossy(&list.stdout).lines() {
-            if applet != "busybox" {
-                std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
-            }
-        }
-        for d in ["tmp", "data", "proc", "sys", "dev", "etc"] {
-            std::fs::create_dir_all(root.path().join(d)).unwrap();
-        }
-        let tar = std::process::Command::new("tar")
-            .args(["-C", &root.path().display().to_string(), "-c", "."])
-            .output()
-            .expect("tar runs");
-        assert!(tar.status.success(), "tar of the busybox root failed");
-        let mut import = std::process::Command::new("docker")
-            .args(["import", "-", BUSYBOX_IMAGE])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("docker import starts");
-        use std::io::Write;
-        import.stdin.take().unwrap().write_all(&tar.stdout).unwrap();
-        assert!(
-            import.wait().unwrap().success(),
-            "docker import of the busybox root failed"
-        );
-    }
-    *built = true;
     BUSYBOX_IMAGE
+}
+
+/// The name of the image the isolation tests run: [`BUSYBOX_IMAGE`]'s files plus
+/// `/bin/euid`, a static program that prints its effective uid.
+pub const PROBE_IMAGE: &str = "surplus/probe:latest";
+
+/// Makes [`PROBE_IMAGE`] unless the engine has it.
+pub fn probe_image() -> &'static str {
+    static BUILT: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if !*built {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let euid = euid_probe(dir.path());
+        import_image(PROBE_IMAGE, &[(&euid, "bin/euid")]);
+        *built = true;
+    }
+    PROBE_IMAGE
+}
+
+/// Compiles, into `dir`, a static program that prints its effective uid: the probe of
+/// whether a set-uid-root binary raises a process's privileges (busybox's own applets
+/// drop them by themselves, so they cannot tell). Needs `gcc` and `libc6-dev`.
+pub fn euid_probe(dir: &Path) -> PathBuf {
+    let source = dir.join("euid.c");
+    std::fs::write(
+        &source,
+        "#include <stdio.h>\n#include <unistd.h>\nint main(void) { printf(\"%d\\n\", (int)geteuid()); return 0; }\n",
+    )
+    .unwrap();
+    let out = dir.join("euid");
+    let built = std::process::Command::new("gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&out)
+        .arg(&source)
+        .output()
+        .expect("gcc must be installed for the isolation tests (Debian: gcc, libc6-dev)");
+    assert!(
+        built.status.success(),
+        "gcc -static failed (Debian's libc6-dev provides the static C library): {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    out
+}
+
+/// `docker import`s, as `tag`, a root file system of Debian's static busybox with a
+/// link per applet, plus `extra` files (host path, path in the image), unless the engine
+/// has the image already.
+fn import_image(tag: &str, extra: &[(&Path, &str)]) {
+    let docker = |args: &[&str]| std::process::Command::new("docker").args(args).output();
+    let have = docker(&["image", "inspect", tag])
+        .expect("the docker CLI must be installed for the container driver tests");
+    if have.status.success() {
+        return;
+    }
+    let busybox = Path::new("/bin/busybox");
+    assert!(
+        busybox.exists(),
+        "/bin/busybox is missing: install Debian's busybox-static (.ci/run does)"
+    );
+    let root = tempfile::tempdir().expect("temporary directory");
+    let bin = root.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::copy(busybox, bin.join("busybox")).unwrap();
+    let list = std::process::Command::new(busybox)
+        .arg("--list")
+        .output()
+        .unwrap();
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if applet != "busybox" {
+            std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
+        }
+    }
+    for d in ["tmp", "data", "proc", "sys", "dev", "etc"] {
+        std::fs::create_dir_all(root.path().join(d)).unwrap();
+    }
+    for (from, to) in extra {
+        std::fs::copy(from, root.path().join(to)).unwrap();
+    }
+    let tar = std::process::Command::new("tar")
+        .args(["-C", &root.path().display().to_string(), "-c", "."])
+        .output()
+        .expect("tar runs");
+    assert!(tar.status.success(), "tar of the image root failed");
+    let mut import = std::process::Command::new("docker")
+        .args(["import", "-", tag])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("docker import starts");
+    use std::io::Write;
+    import.stdin.take().unwrap().write_all(&tar.stdout).unwrap();
+    assert!(
+        import.wait().unwrap().success(),
+        "docker import of {tag} failed"
+    );
 }
 
 /// A control configuration for tests: a short stop grace, a cgroup parent of its own
@@ -300,7 +377,7 @@ pub struct CgroupGuard(pub String);
 
 impl Drop for CgroupGuard {
     fn drop(&mut self) {
-        for controller in ["cpu", "memory"] {
+        for controller in ["cpu", "memory", "pids", "cpuacct", "blkio"] {
             let parent = Path::new("/sys/fs/cgroup").join(controller).join(&self.0);
             let Ok(entries) = std::fs::read_dir(&parent) else {
                 continue;

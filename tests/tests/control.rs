@@ -312,14 +312,24 @@ async fn a_restarted_agent_readopts_running_processes_and_reports_crashes() {
         "not duplicated"
     );
 
-    // The process dies behind the agent's back: the state says so, with a reason.
+    // The process dies behind the agent's back: the state says so, with a reason. (The
+    // group also holds the sandbox's supervisor and init; the client's program is PID 2
+    // of the instance's namespace, and the others end with it.)
     let group = std::fs::read_to_string(format!(
         "{}/cgroup.procs",
         again.native_id.as_deref().unwrap()
     ))
     .unwrap();
-    let pid: i32 = group.trim().parse().unwrap();
-    kill9(pid);
+    let workload = group
+        .lines()
+        .find(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.starts_with("NSpid:") && l.split_whitespace().last() == Some("2"))
+        })
+        .expect("the workload is in the group");
+    kill9(workload.trim().parse().unwrap());
     let stopped = eventually_state(&second, &id, InstanceState::Stopped).await;
     assert!(stopped.state_reason.unwrap().contains("ended"));
     call(
@@ -590,6 +600,8 @@ mod through_the_controller {
             "0.5",
             "--memory",
             "64MiB",
+            "--pids",
+            "64",
             "--label",
             "team=blue",
         ];
@@ -605,7 +617,7 @@ mod through_the_controller {
         assert_eq!(status["statuses"][0]["state"], "running");
         assert_eq!(
             status["statuses"][0]["applied"],
-            json!({"millicpus": 500, "memory_bytes": 64 << 20})
+            json!({"millicpus": 500, "memory_bytes": 64 << 20, "pids": 64})
         );
         let (cpu, mem) = host_limits(driver, tag, &id).await;
         assert_eq!(

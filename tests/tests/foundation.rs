@@ -9,10 +9,10 @@ use surplus_agent::{Identity, Session, SessionError};
 use surplus_controller::registry::RegistryEvent;
 use surplus_controller::store::AgentStatus;
 use surplus_protocol::clock::{self, ManualClock};
-use surplus_protocol::codec;
 use surplus_protocol::messages::*;
 use surplus_protocol::quic::{self, codes};
 use surplus_protocol::token::JoinToken;
+use surplus_protocol::{PROTOCOL_VERSION, codec};
 use surplus_tests::{RunningAgent, TestController, agent_config, test_config};
 
 fn online(e: &RegistryEvent) -> Option<uuid::Uuid> {
@@ -240,6 +240,7 @@ async fn attempt_session(tc: &TestController, tls: rustls::ClientConfig) -> Stri
                 protocol_version: 1,
                 agent_version: "probe".into(),
                 boot_epoch: 0,
+                isolation: None,
             });
             match quic::request(&conn, &hello, 1 << 20, Duration::from_secs(5)).await {
                 Ok(m) => panic!("a peer without our certificate got an answer: {m:?}"),
@@ -428,9 +429,20 @@ async fn bad_frames_reset_only_their_stream() {
 
     // Garbage of a legal size.
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(&[0, 0, 0, 6, 1, 0xfe, 0xff, 0xff, 0xff, 0xff])
-        .await
-        .unwrap();
+    send.write_all(&[
+        0,
+        0,
+        0,
+        6,
+        PROTOCOL_VERSION as u8,
+        0xfe,
+        0xff,
+        0xff,
+        0xff,
+        0xff,
+    ])
+    .await
+    .unwrap();
     send.finish().unwrap();
     let err = quic::read_frame(&mut recv, 1 << 20).await.unwrap_err();
     assert_eq!(err.reset_code(), Some(codes::STREAM_MALFORMED), "{err}");
@@ -514,6 +526,7 @@ async fn a_session_must_start_with_a_hello_of_our_version() {
         protocol_version: 99,
         agent_version: "future".into(),
         boot_epoch: 0,
+        isolation: None,
     });
     let answer = quic::request(&conn, &hello, 1 << 20, Duration::from_secs(5))
         .await

@@ -28,6 +28,8 @@ pub enum Hierarchy {
         cpuacct: Option<PathBuf>,
         /// The `blkio` controller's mount (disk bytes), when the host has one.
         blkio: Option<PathBuf>,
+        /// The `pids` controller's mount (process limits), when the host has one.
+        pids: Option<PathBuf>,
     },
 }
 
@@ -55,12 +57,14 @@ impl Hierarchy {
             .find(|p| p.join("cpuacct.usage").exists());
         let blkio =
             Some(root.join("blkio")).filter(|p| p.join("blkio.throttle.io_service_bytes").exists());
+        let pids = Some(root.join("pids")).filter(|p| p.join("cgroup.procs").exists());
         match cpu {
             Some(cpu) if memory.join("memory.limit_in_bytes").exists() => Ok(Hierarchy::V1 {
                 cpu,
                 memory,
                 cpuacct,
                 blkio,
+                pids,
             }),
             _ => Err(format!(
                 "no usable cgroup hierarchy under {}: need cgroup v2 with the cpu and memory controllers, or v1 cpu and memory mounts",
@@ -74,6 +78,15 @@ impl Hierarchy {
         match self {
             Hierarchy::V2 { .. } => "v2",
             Hierarchy::V1 { .. } => "v1",
+        }
+    }
+
+    /// Can this hierarchy limit the number of processes of a group?
+    pub fn limits_pids(&self) -> bool {
+        match self {
+            Hierarchy::V2 { root } => std::fs::read_to_string(root.join("cgroup.controllers"))
+                .is_ok_and(|c| c.split_whitespace().any(|x| x == "pids")),
+            Hierarchy::V1 { pids, .. } => pids.is_some(),
         }
     }
 }
@@ -107,6 +120,8 @@ pub struct Group {
     hierarchy: Hierarchy,
     /// The directories: one for v2, cpu then memory for v1.
     dirs: Vec<PathBuf>,
+    /// The directory holding `pids.max`, when the host limits processes.
+    pids_dir: Option<PathBuf>,
 }
 
 fn write(path: &Path, value: &str) -> std::io::Result<()> {
@@ -117,28 +132,34 @@ fn write(path: &Path, value: &str) -> std::io::Result<()> {
 impl Group {
     /// The group `parent/name` (not created yet).
     pub fn new(hierarchy: &Hierarchy, parent: &str, name: &str) -> Self {
-        let dirs = match hierarchy {
-            Hierarchy::V2 { root } => vec![root.join(parent).join(name)],
+        let (dirs, pids_dir) = match hierarchy {
+            Hierarchy::V2 { root } => {
+                let dir = root.join(parent).join(name);
+                let pids = hierarchy.limits_pids().then(|| dir.clone());
+                (vec![dir], pids)
+            }
             Hierarchy::V1 {
                 cpu,
                 memory,
                 cpuacct,
                 blkio,
+                pids,
             } => {
                 // cpu and memory first (limits read them by position), then the
-                // accounting controllers the process also joins.
+                // accounting and pids controllers the process also joins.
                 let mut dirs = vec![cpu.join(parent).join(name), memory.join(parent).join(name)];
-                for extra in [cpuacct, blkio].into_iter().flatten() {
+                for extra in [cpuacct, blkio, pids].into_iter().flatten() {
                     if extra != cpu {
                         dirs.push(extra.join(parent).join(name));
                     }
                 }
-                dirs
+                (dirs, pids.as_ref().map(|p| p.join(parent).join(name)))
             }
         };
         Self {
             hierarchy: hierarchy.clone(),
             dirs,
+            pids_dir,
         }
     }
 
@@ -158,11 +179,16 @@ impl Group {
             let parent = self.dirs[0].parent().expect("group has a parent");
             std::fs::create_dir_all(parent)?;
             // Enable the controllers on every level from the root down to the parent.
+            let enable = if self.pids_dir.is_some() {
+                "+cpu +memory +pids"
+            } else {
+                "+cpu +memory"
+            };
             let mut level = root.clone();
-            write(&level.join("cgroup.subtree_control"), "+cpu +memory")?;
+            write(&level.join("cgroup.subtree_control"), enable)?;
             for part in parent.strip_prefix(root).expect("under root").components() {
                 level.push(part);
-                write(&level.join("cgroup.subtree_control"), "+cpu +memory")?;
+                write(&level.join("cgroup.subtree_control"), enable)?;
             }
         }
         for d in &self.dirs {
@@ -177,8 +203,20 @@ impl Group {
         self.dirs.iter().map(|d| d.join("cgroup.procs")).collect()
     }
 
-    /// Applies `limits`; `None` fields lift the limit.
-    pub fn set_limits(&self, limits: &Limits) -> std::io::Result<()> {
+    /// Applies `limits`; `None` fields lift the limit. The process limit is written as
+    /// `limits.pids` plus `pids_overhead` (processes the driver itself keeps in the
+    /// group), so that the instance's own processes get exactly what it asked for.
+    pub fn set_limits(&self, limits: &Limits, pids_overhead: u32) -> std::io::Result<()> {
+        if let Some(dir) = &self.pids_dir {
+            let max = limits.pids.map_or("max".to_owned(), |p| {
+                (p.saturating_add(pids_overhead)).to_string()
+            });
+            write(&dir.join("pids.max"), &max)?;
+        } else if limits.pids.is_some() {
+            return Err(std::io::Error::other(
+                "this host has no pids cgroup controller: a process limit cannot be enforced",
+            ));
+        }
         let quota = limits
             .millicpus
             .map(|m| u64::from(m) * CPU_PERIOD_US / 1000);
@@ -232,8 +270,9 @@ impl Group {
         Ok(())
     }
 
-    /// Limits as the kernel now enforces them (read back, not remembered).
-    pub fn read_limits(&self) -> std::io::Result<Limits> {
+    /// Limits as the kernel now enforces them (read back, not remembered); the process
+    /// limit less `pids_overhead` (see [`Group::set_limits`]).
+    pub fn read_limits(&self, pids_overhead: u32) -> std::io::Result<Limits> {
         let read = |p: PathBuf| -> std::io::Result<String> {
             Ok(std::fs::read_to_string(p)?.trim().to_owned())
         };
@@ -262,12 +301,20 @@ impl Group {
                 (quota, period, memory)
             }
         };
+        let pids = match &self.pids_dir {
+            Some(dir) => read(dir.join("pids.max"))?
+                .parse::<u32>()
+                .ok()
+                .map(|p| p.saturating_sub(pids_overhead)),
+            None => None,
+        };
         Ok(Limits {
             millicpus: match (quota, period) {
                 (Some(q), Some(p)) if p > 0 => u32::try_from(q * 1000 / p).ok(),
                 _ => None,
             },
             memory_bytes: memory,
+            pids,
         })
     }
 
@@ -420,6 +467,7 @@ mod tests {
             "cpuset cpu io memory pids\n",
         )
         .unwrap();
+        std::fs::write(root.path().join("pids.max"), "max").unwrap();
         std::fs::write(root.path().join("cgroup.subtree_control"), "").unwrap();
         let h = Hierarchy::detect(root.path()).unwrap();
         assert_eq!(h.version(), "v2");
@@ -429,13 +477,19 @@ mod tests {
         g.create().unwrap();
         assert_eq!(
             std::fs::read_to_string(root.path().join("surplus/cgroup.subtree_control")).unwrap(),
-            "+cpu +memory"
+            "+cpu +memory +pids"
         );
         let limits = Limits {
             millicpus: Some(500),
             memory_bytes: Some(64 << 20),
+            pids: Some(100),
         };
-        g.set_limits(&limits).unwrap();
+        g.set_limits(&limits, 2).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(g.path().join("pids.max")).unwrap(),
+            "102",
+            "the driver's own processes do not count against the instance"
+        );
         assert_eq!(
             std::fs::read_to_string(g.path().join("cpu.max")).unwrap(),
             "50000 100000"
@@ -444,9 +498,9 @@ mod tests {
             std::fs::read_to_string(g.path().join("memory.max")).unwrap(),
             "67108864"
         );
-        assert_eq!(g.read_limits().unwrap(), limits);
-        g.set_limits(&Limits::default()).unwrap();
-        assert_eq!(g.read_limits().unwrap(), Limits::default());
+        assert_eq!(g.read_limits(2).unwrap(), limits);
+        g.set_limits(&Limits::default(), 2).unwrap();
+        assert_eq!(g.read_limits(2).unwrap(), Limits::default());
     }
 
     #[test]

@@ -1,10 +1,20 @@
 //! The `docker` driver: the Docker Engine API over its Unix socket, through bollard.
 //!
 //! An instance is the container `surplus-<id>` with the instance's labels plus
-//! `surplus.instance`, its limits as `NanoCpus` and `Memory` (swap pinned to the same
-//! figure), its ports as port bindings and its volumes as the Docker volumes
-//! `surplus-<vol-id>`. A snapshot is a tar archive of the volume, read through a
+//! `surplus.instance`, its limits as `NanoCpus`, `Memory` (swap pinned to the same
+//! figure) and `PidsLimit`, its ports as port bindings and its volumes as the Docker
+//! volumes `surplus-<vol-id>`. A snapshot is a tar archive of the volume, read through a
 //! stopped helper container that mounts it read-only.
+//!
+//! Containers are hardened beyond the engine's defaults: every capability is dropped
+//! but the minimal set in `cap_add` (see [`DEFAULT_CAPABILITIES`]), `no-new-privileges`
+//! is set, a pids limit always applies, never privileged mode, and no host path is
+//! mounted but the instance's own volumes (so never the engine's socket). When the
+//! engine remaps users (`userns-remap`) container root is an unprivileged host user;
+//! when it does not, the isolation report says so.
+//!
+//! A volume is a loop-mounted file-system image of its size ([`super::loopfs`]) that
+//! the Docker volume binds, so writes past the size fail with ENOSPC in the container.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -24,7 +34,23 @@ use serde::{Deserialize, Serialize};
 use surplus_protocol::control::*;
 use tokio::io::AsyncWriteExt;
 
+use super::loopfs::{self, ImageVolumes};
 use super::{Driver, DriverError, Mount, Observed};
+
+/// The capabilities a container keeps (all others are dropped): what common images
+/// need to start as root and then run as a user of their own (change owners and modes
+/// of their files, switch user and group), bind ports below 1024, and signal their own
+/// processes. Left out of the engine's default set: `MKNOD`, `NET_RAW` (raw sockets,
+/// spoofing), `SETFCAP`, `SETPCAP`, `SYS_CHROOT`, `AUDIT_WRITE` and `FSETID`.
+pub const DEFAULT_CAPABILITIES: &[&str] = &[
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "SETUID",
+    "SETGID",
+    "NET_BIND_SERVICE",
+    "KILL",
+];
 
 /// `[control.docker]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -37,6 +63,11 @@ pub struct DockerConfig {
     pub helper_image: String,
     /// Where snapshot archives go; empty means `<data_dir>/control/snapshots`.
     pub snapshot_dir: PathBuf,
+    /// Where volume images are kept and mounted; empty means
+    /// `<data_dir>/control/docker-volumes`.
+    pub volume_root: PathBuf,
+    /// The capabilities containers keep; every other one is dropped.
+    pub cap_add: Vec<String>,
 }
 
 impl Default for DockerConfig {
@@ -45,6 +76,8 @@ impl Default for DockerConfig {
             socket: PathBuf::from("/var/run/docker.sock"),
             helper_image: "surplus/busybox:latest".into(),
             snapshot_dir: PathBuf::new(),
+            volume_root: PathBuf::new(),
+            cap_add: DEFAULT_CAPABILITIES.iter().map(|c| (*c).into()).collect(),
         }
     }
 }
@@ -54,6 +87,13 @@ pub struct DockerDriver {
     docker: Docker,
     helper_image: String,
     snapshots: PathBuf,
+    volumes: ImageVolumes,
+    /// Why volume sizes cannot be enforced on this host, if they cannot.
+    volume_check: Result<(), String>,
+    cap_add: Vec<String>,
+    default_pids: u32,
+    /// The engine remaps container users to unprivileged host users.
+    userns: bool,
 }
 
 /// The container name of an instance.
@@ -87,21 +127,64 @@ pub fn engine_limits(limits: &Limits) -> (i64, i64, i64) {
 }
 
 impl DockerDriver {
-    /// Connects to the engine and checks it answers.
-    pub async fn open(config: &DockerConfig, data_dir: &Path) -> Result<Self, DriverError> {
+    /// Connects to the engine and checks it answers; learns whether it remaps users.
+    pub async fn open(
+        config: &DockerConfig,
+        data_dir: &Path,
+        default_pids: u32,
+    ) -> Result<Self, DriverError> {
+        for cap in &config.cap_add {
+            if cap.is_empty() || !cap.bytes().all(|b| b.is_ascii_uppercase() || b == b'_') {
+                return Err(DriverError::Failed(format!(
+                    "cap_add: {cap:?} is not a capability name such as CHOWN"
+                )));
+            }
+        }
         let socket = config.socket.display().to_string();
         let docker = Docker::connect_with_unix(&socket, 60, bollard::API_DEFAULT_VERSION)
             .map_err(|e| engine(&format!("cannot use {socket}"), e))?
             .negotiate_version()
             .await
             .map_err(|e| engine(&format!("no engine answers on {socket}"), e))?;
+        let info = docker
+            .info()
+            .await
+            .map_err(|e| engine("system information", e))?;
+        let userns = info
+            .security_options
+            .unwrap_or_default()
+            .iter()
+            .any(|o| o.split(',').any(|part| part == "name=userns"));
+        if !userns {
+            tracing::warn!(
+                "the Docker engine does not remap users (userns-remap): container root is host root, with the capabilities in cap_add"
+            );
+        }
         let snapshots = super::snapshot_dir(&config.snapshot_dir, data_dir)?;
-        tracing::info!(socket = %socket, api = ?docker.client_version(), "docker driver ready");
+        let volume_root = if config.volume_root.as_os_str().is_empty() {
+            data_dir.join("control").join("docker-volumes")
+        } else {
+            config.volume_root.clone()
+        };
+        let volume_check = loopfs::check_host();
+        if let Err(why) = &volume_check {
+            tracing::warn!(reason = %why, "volumes cannot be created on this host");
+        }
+        tracing::info!(socket = %socket, api = ?docker.client_version(), userns, "docker driver ready");
         Ok(Self {
             docker,
             helper_image: config.helper_image.clone(),
             snapshots,
+            volumes: ImageVolumes::open(volume_root)?,
+            volume_check,
+            cap_add: config.cap_add.clone(),
+            default_pids,
+            userns,
         })
+    }
+
+    fn pids_limit(&self, limits: &Limits) -> i64 {
+        i64::from(limits.pids.unwrap_or(self.default_pids))
     }
 
     fn create_body(
@@ -138,13 +221,26 @@ impl DockerDriver {
                 nano_cpus: Some(nano_cpus),
                 memory: Some(memory),
                 memory_swap: Some(memory_swap),
+                pids_limit: Some(self.pids_limit(&spec.limits)),
                 port_bindings: Some(bindings),
+                // Only the instance's own volumes, by their Docker names: never a host
+                // path, so never the engine's socket.
                 binds: Some(
                     mounts
                         .iter()
-                        .map(|m| format!("{}:{}", m.native_id, m.attachment.mount_path))
+                        .map(|m| {
+                            format!(
+                                "{}:{}",
+                                volume_name(&m.attachment.volume_id),
+                                m.attachment.mount_path
+                            )
+                        })
                         .collect(),
                 ),
+                privileged: Some(false),
+                cap_drop: Some(vec!["ALL".into()]),
+                cap_add: Some(self.cap_add.clone()),
+                security_opt: Some(vec!["no-new-privileges:true".into()]),
                 ..Default::default()
             }),
             ..Default::default()
@@ -156,6 +252,29 @@ impl DockerDriver {
 impl Driver for DockerDriver {
     fn name(&self) -> String {
         "docker".into()
+    }
+
+    fn isolation(&self) -> Isolation {
+        let mut notes = Vec::new();
+        if !self.userns {
+            notes.push(
+                "the engine does not remap users (userns-remap): root in a container is root on the host, with only the capabilities kept".to_owned(),
+            );
+        }
+        if let Err(why) = &self.volume_check {
+            notes.push(format!("no volumes: {why}"));
+        }
+        notes.push(format!("capabilities kept: {}", self.cap_add.join(", ")));
+        Isolation {
+            driver: self.name(),
+            host_user: false,
+            own_user: self.userns,
+            capabilities_dropped: true,
+            user_namespaces: Some(self.userns),
+            default_pids: Some(self.default_pids),
+            volume_sizes_enforced: self.volume_check.is_ok(),
+            notes,
+        }
     }
 
     async fn run(&self, id: &str, spec: &RunSpec, mounts: &[Mount]) -> Result<String, DriverError> {
@@ -273,6 +392,10 @@ impl Driver for DockerDriver {
                     .filter(|&n| n > 0)
                     .map(|n| (n / 1_000_000) as u32),
                 memory_bytes: host.memory.filter(|&m| m > 0).map(|m| m as u64),
+                pids: host
+                    .pids_limit
+                    .filter(|&p| p > 0)
+                    .and_then(|p| u32::try_from(p).ok()),
             },
             processes: None,
         })
@@ -336,6 +459,8 @@ impl Driver for DockerDriver {
             disk_write_bytes: Some(sum_op("write")),
             net_rx_bytes: Some(networks.values().filter_map(|n| n.rx_bytes).sum()),
             net_tx_bytes: Some(networks.values().filter_map(|n| n.tx_bytes).sum()),
+            // A container's start time names its run.
+            run: Some(generation),
         }))
     }
 
@@ -345,6 +470,7 @@ impl Driver for DockerDriver {
             nano_cpus: Some(nano),
             memory: Some(memory),
             memory_swap: Some(swap),
+            pids_limit: Some(self.pids_limit(limits)),
             ..Default::default()
         };
         self.docker
@@ -354,20 +480,36 @@ impl Driver for DockerDriver {
     }
 
     async fn create_volume(&self, id: &str, size_bytes: u64) -> Result<String, DriverError> {
+        if let Err(why) = &self.volume_check {
+            return Err(DriverError::Failed(why.clone()));
+        }
+        let dir = self.volumes.create_volume(id, size_bytes).await?;
         let name = volume_name(id);
         let labels = HashMap::from([
             ("surplus.volume".to_owned(), id.to_owned()),
             ("surplus.size_bytes".to_owned(), size_bytes.to_string()),
         ]);
+        // The engine's local driver binds the mounted image: the volume has the size.
+        let options = HashMap::from([
+            ("type".to_owned(), "none".to_owned()),
+            ("o".to_owned(), "bind".to_owned()),
+            ("device".to_owned(), dir.display().to_string()),
+        ]);
         self.docker
             .create_volume(VolumeCreateRequest {
                 name: Some(name.clone()),
+                driver: Some("local".into()),
+                driver_opts: Some(options),
                 labels: Some(labels),
                 ..Default::default()
             })
             .await
             .map_err(|e| engine("create volume", e))?;
         Ok(name)
+    }
+
+    async fn restore_volume(&self, volume: &Volume) -> Result<(), DriverError> {
+        self.volumes.restore(&volume.id).await
     }
 
     async fn delete_volume(&self, volume: &Volume) -> Result<(), DriverError> {
@@ -377,10 +519,51 @@ impl Driver for DockerDriver {
             .remove_volume(&volume_name(&volume.id), Some(options))
             .await
         {
-            Ok(()) => Ok(()),
-            Err(e) if status_of(&e) == Some(404) => Ok(()),
-            Err(e) => Err(engine("remove volume", e)),
+            Ok(()) => {}
+            Err(e) if status_of(&e) == Some(404) => {}
+            Err(e) => return Err(engine("remove volume", e)),
         }
+        self.volumes.remove(&volume.id).await
+    }
+
+    async fn volume_usage(&self, volume: &Volume) -> Result<Option<u64>, DriverError> {
+        self.volumes.used(&volume.id).await
+    }
+
+    async fn logs(&self, instance: &Instance, max_bytes: u32) -> Result<InstanceLogs, DriverError> {
+        let options = bollard::query_parameters::LogsOptionsBuilder::new()
+            .stdout(true)
+            .stderr(true)
+            .tail("10000")
+            .build();
+        let mut stream = self
+            .docker
+            .logs(&container_name(&instance.id), Some(options));
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        while let Some(chunk) = stream.next().await {
+            match chunk.map_err(|e| engine("container logs", e))? {
+                bollard::container::LogOutput::StdOut { message } => {
+                    out.extend_from_slice(&message)
+                }
+                bollard::container::LogOutput::StdErr { message } => {
+                    err.extend_from_slice(&message)
+                }
+                _ => {}
+            }
+        }
+        let max = max_bytes as usize;
+        let cut = |b: &[u8]| -> (String, bool) {
+            let from = b.len().saturating_sub(max);
+            (String::from_utf8_lossy(&b[from..]).into_owned(), from > 0)
+        };
+        let (stdout, a) = cut(&out);
+        let (stderr, b) = cut(&err);
+        Ok(InstanceLogs {
+            instance_id: instance.id.clone(),
+            stdout,
+            stderr,
+            truncated: a || b,
+        })
     }
 
     async fn snapshot(

@@ -135,6 +135,8 @@ pub struct Reading {
     pub millicpus: Option<String>,
     /// JSON pointer to the applied memory limit in bytes.
     pub memory_bytes: Option<String>,
+    /// JSON pointer to the applied process limit.
+    pub pids: Option<String>,
 }
 
 /// Variables every template may use. Per-operation ones are only set where they mean
@@ -154,6 +156,7 @@ pub const VARIABLES: &[&str] = &[
     "cpu_period",
     "memory_bytes",
     "memory_swap",
+    "pids",
     "ports",
     "exposed_ports",
     "port_bindings",
@@ -686,7 +689,7 @@ where
         .map_err(|e| e.to_string())
 }
 
-fn limit_vars(limits: &Limits) -> [(String, Value); 6] {
+fn limit_vars(limits: &Limits) -> [(String, Value); 7] {
     let (nano, memory, swap) = super::docker::engine_limits(limits);
     [
         ("millicpus".into(), json!(limits.millicpus.unwrap_or(0))),
@@ -698,6 +701,8 @@ fn limit_vars(limits: &Limits) -> [(String, Value); 6] {
         ("cpu_period".into(), json!(100_000)),
         ("memory_bytes".into(), json!(memory)),
         ("memory_swap".into(), json!(swap)),
+        // -1: no limit asked for (the provider's system applies its own default).
+        ("pids".into(), json!(limits.pids.map_or(-1, i64::from))),
     ]
 }
 
@@ -807,6 +812,9 @@ impl Driver for MappedDriver {
                     .or_else(|| pointer_u64(&last.json, &read.nano_cpus).map(|n| n / 1_000_000))
                     .map(|m| m as u32),
                 memory_bytes: pointer_u64(&last.json, &read.memory_bytes),
+                pids: pointer_u64(&last.json, &read.pids)
+                    .filter(|&p| p > 0)
+                    .and_then(|p| u32::try_from(p).ok()),
             },
             processes: None,
         })

@@ -11,8 +11,11 @@
 pub mod book;
 pub mod cgroup;
 pub mod docker;
+pub mod loopfs;
 pub mod mapped;
 pub mod process;
+pub mod sandbox;
+pub mod users;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -52,6 +55,8 @@ pub struct ControlConfig {
     pub stop_grace: Duration,
     /// Largest volume a client may create, in bytes.
     pub max_volume_bytes: u64,
+    /// The process limit (`pids.max`) of an instance that asks for none.
+    pub default_pids: u32,
     /// How long terminated instances stay in the agent's records (and descriptions).
     #[serde(with = "humantime_serde")]
     pub terminated_retention: Duration,
@@ -73,6 +78,7 @@ impl Default for ControlConfig {
             driver: DriverKind::Process,
             stop_grace: Duration::from_secs(10),
             max_volume_bytes: 1 << 40,
+            default_pids: 512,
             terminated_retention: Duration::from_secs(3600),
             process: process::ProcessConfig::default(),
             docker: docker::DockerConfig::default(),
@@ -151,6 +157,18 @@ pub struct Mount {
 pub trait Driver: Send + Sync {
     /// `process`, `docker`, `mapped:<name>`.
     fn name(&self) -> String;
+    /// How the driver isolates instances, as reported to the controller and by the
+    /// compatibility kit.
+    fn isolation(&self) -> Isolation {
+        Isolation {
+            driver: self.name(),
+            notes: vec![format!(
+                "the {} driver does not isolate instances itself: the provider's system does",
+                self.name()
+            )],
+            ..Default::default()
+        }
+    }
     /// Creates and starts an instance; idempotent by `id`. Returns the native handle.
     async fn run(&self, id: &str, spec: &RunSpec, mounts: &[Mount]) -> Result<String, DriverError>;
     /// Starts a stopped instance.
@@ -191,6 +209,21 @@ pub trait Driver: Send + Sync {
     async fn usage(&self, _instance: &Instance) -> Result<Option<InstanceUsage>, DriverError> {
         Ok(None)
     }
+    /// The end of an instance's output, at most `max_bytes` of each stream.
+    async fn logs(
+        &self,
+        _instance: &Instance,
+        _max_bytes: u32,
+    ) -> Result<InstanceLogs, DriverError> {
+        Err(DriverError::Unsupported {
+            driver: self.name(),
+            operation: "ReadLogs",
+        })
+    }
+    /// Makes a volume usable again after the agent or the host restarted (mounts it).
+    async fn restore_volume(&self, _volume: &Volume) -> Result<(), DriverError> {
+        Ok(())
+    }
 }
 
 /// An instance's counters as the host keeps them. Each is cumulative since the
@@ -212,6 +245,10 @@ pub struct InstanceUsage {
     pub net_rx_bytes: Option<u64>,
     /// Network bytes sent.
     pub net_tx_bytes: Option<u64>,
+    /// Identifies the current run (process start time, container start): the same
+    /// value later means the instance kept running in between. `None` when stopped or
+    /// when the driver cannot tell.
+    pub run: Option<u64>,
 }
 
 /// A driver that refuses everything: the agent's configuration says `none`, or the
@@ -295,8 +332,14 @@ pub async fn open_driver(
         DriverKind::None => Arc::new(NoDriver::new(
             "the agent's configuration sets driver = \"none\"",
         )),
-        DriverKind::Process => Arc::new(process::ProcessDriver::open(&config.process, data_dir)?),
-        DriverKind::Docker => Arc::new(docker::DockerDriver::open(&config.docker, data_dir).await?),
+        DriverKind::Process => Arc::new(process::ProcessDriver::open(
+            &config.process,
+            data_dir,
+            config.default_pids,
+        )?),
+        DriverKind::Docker => Arc::new(
+            docker::DockerDriver::open(&config.docker, data_dir, config.default_pids).await?,
+        ),
         DriverKind::Mapped => Arc::new(mapped::MappedDriver::open(&config.mapped, data_dir)?),
     })
 }
@@ -388,6 +431,11 @@ impl ControlPlane {
         self.driver.name()
     }
 
+    /// How the driver isolates instances.
+    pub fn isolation(&self) -> Isolation {
+        self.driver.isolation()
+    }
+
     /// Every instance in the book, terminated ones within the retention included.
     pub fn instances(&self) -> Vec<Instance> {
         self.book.instances()
@@ -456,6 +504,13 @@ impl ControlPlane {
 
     async fn recover(&self) {
         self.prune();
+        for volume in self.book.volumes() {
+            if volume.state != VolumeState::Deleted {
+                if let Err(e) = self.driver.restore_volume(&volume).await {
+                    tracing::warn!(volume = %volume.id, error = %e, "volume not usable after restart");
+                }
+            }
+        }
         for instance in self.book.instances() {
             if instance.state == InstanceState::Terminated {
                 continue;
@@ -733,6 +788,30 @@ impl ControlPlane {
                     location,
                     created_at_ms: self.clock.now_ms(),
                 }))
+            }
+            Command::ReadLogs {
+                instance_id,
+                max_bytes,
+            } => {
+                validate_id("instance_id", INSTANCE_PREFIX, &instance_id)?;
+                if max_bytes == 0 || max_bytes > MAX_LOG_BYTES {
+                    return Err(
+                        Invalid::new("max_bytes", format!("must be 1 to {MAX_LOG_BYTES}")).into(),
+                    );
+                }
+                let instance = self
+                    .book
+                    .instance(&instance_id)
+                    .ok_or_else(|| not_found("instance", &instance_id))?;
+                if instance.state == InstanceState::Terminated {
+                    return Err(ControlFailure::new(
+                        FailureKind::Conflict,
+                        format!("instance {instance_id} is terminated; its output is gone"),
+                    ));
+                }
+                Ok(ControlReply::Logs(
+                    self.driver.logs(&instance, max_bytes).await?,
+                ))
             }
         }
     }

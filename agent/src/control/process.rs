@@ -1,19 +1,20 @@
 //! The `process` driver ("bare metal"): an instance is a process tree in its own
-//! cgroup, started without a shell, its output appended to log files.
+//! cgroup and its own sandbox, started without a shell, its output appended to log
+//! files.
 //!
-//! The cgroup is the instance: it holds every process the tree forks, carries the CPU
-//! and memory limits, says whether anything still runs, and is what stop signals. The
-//! child joins it before it executes anything (in `pre_exec`), so no fork can escape.
-//! Children are put in their own session, so they outlive an agent restart and are
-//! re-adopted through their cgroup.
+//! The cgroup is the instance: it holds every process the tree forks, carries the CPU,
+//! memory and process limits, says whether anything still runs, and is what stop
+//! signals. The sandbox ([`super::sandbox`]) is what the instance sees and may do: its
+//! own user (never root unless the provider allows it), no capabilities, its own mount,
+//! PID, IPC and UTS namespaces, the host's system directories read-only, a private
+//! `/tmp`, and its volumes mounted at their mount paths. Children are put in their own
+//! session, so they outlive an agent restart and are re-adopted through their cgroup.
 //!
-//! This driver cannot mount: an attached volume is a directory under `volume_root`,
-//! handed to the instance as `SURPLUS_VOLUME_<n>` (and the requested mount path as
-//! `SURPLUS_VOLUME_<n>_MOUNT`).
+//! Volumes are loop-mounted file-system images of their size ([`super::loopfs`]), so a
+//! write past the size fails with ENOSPC inside the instance.
 
 use std::collections::HashMap;
-use std::ffi::CString;
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,6 +24,9 @@ use serde::{Deserialize, Serialize};
 use surplus_protocol::control::*;
 
 use super::cgroup::{Group, Hierarchy};
+use super::loopfs::{self, ImageVolumes};
+use super::sandbox::{self, SUPERVISORS, SystemPath, User};
+use super::users::{UidRange, Users};
 use super::{Driver, DriverError, Mount, Observed};
 
 /// `[control.process]`.
@@ -35,6 +39,19 @@ pub struct ProcessConfig {
     pub cgroup_parent: String,
     /// Where volumes and snapshots live; empty means `<data_dir>/control/volumes`.
     pub volume_root: PathBuf,
+    /// Run instances as the agent's own user (root), with its capabilities, instead of
+    /// a user of their own. Only for a provider's own, trusted workloads: off by
+    /// default, and reported to the controller and by the compatibility kit.
+    pub allow_host_user: bool,
+    /// The first uid (and gid) instances get; each instance has one of its own.
+    pub uid_first: u32,
+    /// How many uids instances may use (at most that many instances at once).
+    pub uid_count: u32,
+    /// Host directories an instance sees, read-only (missing ones are skipped).
+    pub system_paths: Vec<PathBuf>,
+    /// Size of an instance's private `/tmp` (and `/var/tmp`, `/dev/shm`), bytes; its
+    /// memory counts against the instance's memory limit.
+    pub tmp_size_bytes: u64,
 }
 
 impl Default for ProcessConfig {
@@ -43,6 +60,14 @@ impl Default for ProcessConfig {
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
             cgroup_parent: "surplus".into(),
             volume_root: PathBuf::new(),
+            allow_host_user: false,
+            uid_first: 600_000,
+            uid_count: 65_536,
+            system_paths: sandbox::DEFAULT_SYSTEM_PATHS
+                .iter()
+                .map(PathBuf::from)
+                .collect(),
+            tmp_size_bytes: 256 << 20,
         }
     }
 }
@@ -52,7 +77,17 @@ pub struct ProcessDriver {
     hierarchy: Hierarchy,
     parent: String,
     logs: PathBuf,
-    volumes: PathBuf,
+    volumes: ImageVolumes,
+    /// Why volume sizes cannot be enforced on this host, if they cannot.
+    volume_check: Result<(), String>,
+    snapshots: PathBuf,
+    roots: PathBuf,
+    users: Users,
+    allow_host_user: bool,
+    system_paths: Vec<PathBuf>,
+    hidden: Vec<PathBuf>,
+    tmp_size_bytes: u64,
+    default_pids: u32,
     /// Exit codes of children this agent process started: `None` until reaped.
     exits: Arc<Mutex<HashMap<String, Option<i32>>>>,
 }
@@ -60,10 +95,28 @@ pub struct ProcessDriver {
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 impl ProcessDriver {
-    /// Opens the driver: finds the cgroup hierarchy and checks it is writable.
-    pub fn open(config: &ProcessConfig, data_dir: &Path) -> Result<Self, DriverError> {
+    /// Opens the driver: needs root (the sandbox unshares namespaces, mounts and
+    /// switches users), a writable cgroup hierarchy with the pids controller, and uid
+    /// range that does not include 0.
+    pub fn open(
+        config: &ProcessConfig,
+        data_dir: &Path,
+        default_pids: u32,
+    ) -> Result<Self, DriverError> {
         super::validate_name("cgroup_parent", &config.cgroup_parent)?;
+        if !nix::unistd::geteuid().is_root() {
+            return Err(DriverError::Failed(
+                "the process driver's sandbox needs root (namespaces, mounts, a user per instance); run the agent as root"
+                    .into(),
+            ));
+        }
         let hierarchy = Hierarchy::detect(&config.cgroup_root).map_err(DriverError::Failed)?;
+        if !hierarchy.limits_pids() {
+            return Err(DriverError::Failed(format!(
+                "the cgroup {} hierarchy has no pids controller: per-instance process limits cannot be enforced",
+                hierarchy.version()
+            )));
+        }
         let probe = Group::new(&hierarchy, &config.cgroup_parent, "probe");
         probe.create().map_err(|e| {
             DriverError::failed(
@@ -75,22 +128,48 @@ impl ProcessDriver {
             )
         })?;
         let _ = probe.remove();
-        let volumes = if config.volume_root.as_os_str().is_empty() {
+        let range = UidRange {
+            first: config.uid_first,
+            count: config.uid_count,
+        };
+        range.validate().map_err(DriverError::Failed)?;
+        let volume_root = if config.volume_root.as_os_str().is_empty() {
             data_dir.join("control").join("volumes")
         } else {
             config.volume_root.clone()
         };
-        let logs = data_dir.join("control").join("logs");
-        for d in [&volumes, &logs, &volumes.join(".snapshots")] {
+        let control = data_dir.join("control");
+        let logs = control.join("logs");
+        let roots = control.join("roots");
+        let snapshots = volume_root.join(".snapshots");
+        for d in [&volume_root, &logs, &snapshots, &roots] {
             std::fs::create_dir_all(d)
                 .map_err(|e| DriverError::failed(&d.display().to_string(), e))?;
         }
-        tracing::info!(cgroup = hierarchy.version(), volumes = %volumes.display(), "process driver ready");
+        let users = Users::open(control.join("users.json"), range, Path::new("/etc"))
+            .map_err(|e| DriverError::failed("the instance user table", e))?;
+        let volume_check = loopfs::check_host();
+        if let Err(why) = &volume_check {
+            tracing::warn!(reason = %why, "volumes cannot be created on this host");
+        }
+        if config.allow_host_user {
+            tracing::warn!("allow_host_user is on: instances run as the agent's own user");
+        }
+        tracing::info!(cgroup = hierarchy.version(), volumes = %volume_root.display(), "process driver ready");
         Ok(Self {
             hierarchy,
             parent: config.cgroup_parent.clone(),
             logs,
-            volumes,
+            volumes: ImageVolumes::open(volume_root.clone())?,
+            volume_check,
+            snapshots,
+            roots,
+            users,
+            allow_host_user: config.allow_host_user,
+            system_paths: config.system_paths.clone(),
+            hidden: vec![data_dir.to_owned(), volume_root],
+            tmp_size_bytes: config.tmp_size_bytes,
+            default_pids,
             exits: Default::default(),
         })
     }
@@ -107,23 +186,83 @@ impl ProcessDriver {
         )
     }
 
-    fn volume_dir(&self, id: &str) -> PathBuf {
-        self.volumes.join(id)
+    /// The limits the host enforces for `limits`: the default process limit when none
+    /// is asked for.
+    fn effective(&self, limits: &Limits) -> Limits {
+        Limits {
+            pids: Some(limits.pids.unwrap_or(self.default_pids)),
+            ..*limits
+        }
     }
 
-    fn spawn(&self, id: &str, spec: &RunSpec, mounts: &[Mount]) -> Result<(), DriverError> {
+    async fn spawn(&self, id: &str, spec: &RunSpec, mounts: &[Mount]) -> Result<(), DriverError> {
         let Some((program, args)) = spec.command.split_first() else {
             return Err(
                 Invalid::new("command", "the process driver needs an executable to run").into(),
             );
         };
+        for (n, m) in mounts.iter().enumerate() {
+            sandbox::check_mount_path(&m.attachment.mount_path)
+                .map_err(|why| Invalid::new(format!("volumes[{n}].mount_path"), why))?;
+        }
         let group = self.group(id);
         group
             .create()
             .map_err(|e| DriverError::failed("cannot create the instance's cgroup", e))?;
         group
-            .set_limits(&spec.limits)
+            .set_limits(&self.effective(&spec.limits), SUPERVISORS)
             .map_err(|e| DriverError::failed("cannot set the instance's limits", e))?;
+        let user = if self.allow_host_user {
+            User::Host
+        } else {
+            let uid = self.users.allocate(id).map_err(DriverError::Failed)?;
+            User::Own { uid, gid: uid }
+        };
+        // The volumes: mounted (after a host restart they may not be) and the instance's
+        // own user's.
+        let mut volumes = Vec::with_capacity(mounts.len());
+        for m in mounts {
+            let dir = self.volumes.dir(&m.attachment.volume_id);
+            let store = self.volumes.clone();
+            let vid = m.attachment.volume_id.clone();
+            let d = dir.clone();
+            tokio::task::spawn_blocking(move || -> Result<(), DriverError> {
+                store.ensure_mounted(&vid)?;
+                if let User::Own { uid, gid } = user {
+                    loopfs::hand_over(&d, uid, gid)
+                        .map_err(|e| DriverError::failed("cannot hand the volume over", e))?;
+                }
+                Ok(())
+            })
+            .await
+            .map_err(|e| DriverError::failed("volume", e))??;
+            volumes.push((dir, m.attachment.mount_path.clone()));
+        }
+        let root = self.roots.join(id);
+        std::fs::create_dir_all(&root)
+            .map_err(|e| DriverError::failed(&root.display().to_string(), e))?;
+        let layout = sandbox::Layout {
+            root,
+            system_paths: self
+                .system_paths
+                .iter()
+                .filter_map(|p| SystemPath::probe(p))
+                .collect(),
+            hidden: self.hidden.clone(),
+            volumes,
+            tmp_size_bytes: self.tmp_size_bytes,
+        };
+        let ops = sandbox::plan(&layout);
+        let (report_read, report_write) = sandbox::report_pipe()
+            .map_err(|e| DriverError::failed("cannot make the sandbox's report pipe", e))?;
+        let prepared = sandbox::Prepared::new(
+            &ops,
+            &group.procs_files(),
+            id,
+            user,
+            report_write.as_raw_fd(),
+        )
+        .map_err(|e| DriverError::failed("cannot prepare the sandbox", e))?;
         let (out, err) = self.log_paths(id);
         let open = |p: &Path| {
             std::fs::OpenOptions::new()
@@ -137,6 +276,7 @@ impl ProcessDriver {
             .args(args)
             .env_clear()
             .env("PATH", PATH)
+            .env("HOME", "/tmp")
             .envs(&spec.env)
             .env("SURPLUS_INSTANCE_ID", id)
             .current_dir("/")
@@ -146,44 +286,29 @@ impl ProcessDriver {
             .kill_on_drop(false);
         for (n, m) in mounts.iter().enumerate() {
             command
-                .env(
-                    format!("SURPLUS_VOLUME_{n}"),
-                    self.volume_dir(&m.attachment.volume_id),
-                )
+                .env(format!("SURPLUS_VOLUME_{n}"), &m.attachment.mount_path)
                 .env(
                     format!("SURPLUS_VOLUME_{n}_MOUNT"),
                     &m.attachment.mount_path,
                 );
         }
-        let procs: Vec<CString> = group
-            .procs_files()
-            .iter()
-            .map(|p| CString::new(p.as_os_str().as_bytes()).expect("paths hold no NUL"))
-            .collect();
-        // SAFETY: between fork and exec the closure only makes async-signal-safe system
-        // calls (setsid, open, write, close) on memory prepared before the fork.
+        // SAFETY: between fork and exec, `enter` makes only async-signal-safe system
+        // calls on memory prepared before the fork (see `sandbox`).
         unsafe {
-            command.pre_exec(move || {
-                if libc::setsid() < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                for p in &procs {
-                    let fd = libc::open(p.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                    if fd < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    let wrote = libc::write(fd, b"0".as_ptr().cast(), 1);
-                    libc::close(fd);
-                    if wrote != 1 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
+            command.pre_exec(move || sandbox::enter(&prepared));
         }
-        let mut child = command
-            .spawn()
-            .map_err(|e| DriverError::failed(&format!("cannot start {program:?}"), e))?;
+        let spawned = command.spawn();
+        // Every copy of the write end is gone once the workload exec'd (or the sandbox
+        // gave up): the report is complete.
+        drop(report_write);
+        let report = sandbox::read_report(report_read);
+        let mut child = match (spawned, report) {
+            (_, Some(report)) => return Err(DriverError::Failed(report.explain(&ops))),
+            (Err(e), None) => {
+                return Err(DriverError::failed(&format!("cannot start {program:?}"), e));
+            }
+            (Ok(child), None) => child,
+        };
         self.exits
             .lock()
             .expect("exits poisoned")
@@ -234,46 +359,53 @@ impl ProcessDriver {
     }
 }
 
-fn dir_size(path: &Path) -> std::io::Result<u64> {
-    let mut total = 0;
-    for entry in std::fs::read_dir(path)? {
-        let entry = entry?;
-        let meta = entry.metadata()?;
-        total += if meta.is_dir() {
-            dir_size(&entry.path())?
-        } else {
-            meta.len()
-        };
-    }
-    Ok(total)
-}
-
-/// Copies a tree; symbolic links are copied as links, never followed.
+/// Copies a tree; symbolic links are copied as links, never followed. The volume's own
+/// `lost+found` stays behind.
 fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(to)?;
-    for entry in std::fs::read_dir(from)? {
-        let entry = entry?;
-        let kind = entry.file_type()?;
-        let target = to.join(entry.file_name());
-        if kind.is_dir() {
-            copy_tree(&entry.path(), &target)?;
-        } else if kind.is_symlink() {
-            std::os::unix::fs::symlink(std::fs::read_link(entry.path())?, &target)?;
-        } else if kind.is_file() {
-            std::fs::copy(entry.path(), &target)?;
+    fn walk(from: &Path, to: &Path, top: bool) -> std::io::Result<()> {
+        std::fs::create_dir_all(to)?;
+        for entry in std::fs::read_dir(from)? {
+            let entry = entry?;
+            if top && entry.file_name() == "lost+found" {
+                continue;
+            }
+            let kind = entry.file_type()?;
+            let target = to.join(entry.file_name());
+            if kind.is_dir() {
+                walk(&entry.path(), &target, false)?;
+            } else if kind.is_symlink() {
+                std::os::unix::fs::symlink(std::fs::read_link(entry.path())?, &target)?;
+            } else if kind.is_file() {
+                std::fs::copy(entry.path(), &target)?;
+            }
         }
+        Ok(())
     }
-    Ok(())
+    walk(from, to, true)
 }
 
-fn free_bytes(path: &Path) -> std::io::Result<u64> {
-    let c = CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
-    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a valid C string and `s` a properly sized out-parameter.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(s.f_bavail as u64 * s.f_frsize as u64)
+/// When process `pid` started, in clock ticks since boot (`/proc/<pid>/stat`, field 22).
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// The last `max` bytes of a file, and whether anything before them was left out.
+pub fn tail(path: &Path, max: u64) -> std::io::Result<(String, bool)> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((String::new(), false)),
+        Err(e) => return Err(e),
+    };
+    let len = file.metadata()?.len();
+    let from = len.saturating_sub(max);
+    file.seek(SeekFrom::Start(from))?;
+    let mut bytes = Vec::with_capacity((len - from) as usize);
+    file.take(max).read_to_end(&mut bytes)?;
+    Ok((String::from_utf8_lossy(&bytes).into_owned(), from > 0))
 }
 
 #[async_trait]
@@ -282,13 +414,40 @@ impl Driver for ProcessDriver {
         "process".into()
     }
 
+    fn isolation(&self) -> Isolation {
+        let mut notes = Vec::new();
+        if self.allow_host_user {
+            notes.push(
+                "allow_host_user is on: instances run as the agent's own user, with its capabilities"
+                    .to_owned(),
+            );
+        }
+        if let Err(why) = &self.volume_check {
+            notes.push(format!("no volumes: {why}"));
+        }
+        notes.push(
+            "instances share the host's network namespace: no network counters, ports are the host's"
+                .to_owned(),
+        );
+        Isolation {
+            driver: self.name(),
+            host_user: self.allow_host_user,
+            own_user: !self.allow_host_user,
+            capabilities_dropped: !self.allow_host_user,
+            user_namespaces: None,
+            default_pids: Some(self.default_pids),
+            volume_sizes_enforced: self.volume_check.is_ok(),
+            notes,
+        }
+    }
+
     async fn run(&self, id: &str, spec: &RunSpec, mounts: &[Mount]) -> Result<String, DriverError> {
         let group = self.group(id);
         if !group.pids().unwrap_or_default().is_empty() {
             // Already started by an earlier attempt of the same command.
             return Ok(group.path().display().to_string());
         }
-        self.spawn(id, spec, mounts)?;
+        self.spawn(id, spec, mounts).await?;
         Ok(group.path().display().to_string())
     }
 
@@ -299,7 +458,7 @@ impl Driver for ProcessDriver {
             .unwrap_or_default()
             .is_empty()
         {
-            self.spawn(&instance.id, &instance.spec, mounts)?;
+            self.spawn(&instance.id, &instance.spec, mounts).await?;
         }
         Ok(())
     }
@@ -316,6 +475,10 @@ impl Driver for ProcessDriver {
         let (out, err) = self.log_paths(&instance.id);
         let _ = std::fs::remove_file(out);
         let _ = std::fs::remove_file(err);
+        let _ = std::fs::remove_dir(self.roots.join(&instance.id));
+        self.users
+            .release(&instance.id)
+            .map_err(|e| DriverError::failed("cannot free the instance's user", e))?;
         self.exits
             .lock()
             .expect("exits poisoned")
@@ -337,6 +500,13 @@ impl Driver for ProcessDriver {
         let u = group
             .usage()
             .map_err(|e| DriverError::failed("cannot read the instance's cgroup", e))?;
+        // The run: when its oldest process (the sandbox's supervisor) started.
+        let run = group
+            .pids()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|pid| start_time(*pid))
+            .min();
         Ok(Some(super::InstanceUsage {
             generation: u.generation,
             cpu_ns: u.cpu_ns,
@@ -345,6 +515,7 @@ impl Driver for ProcessDriver {
             disk_write_bytes: u.disk_write_bytes,
             net_rx_bytes: None,
             net_tx_bytes: None,
+            run,
         }))
     }
 
@@ -387,47 +558,58 @@ impl Driver for ProcessDriver {
             running: !pids.is_empty(),
             exit_code,
             applied: group
-                .read_limits()
+                .read_limits(SUPERVISORS)
                 .map_err(|e| DriverError::failed("cannot read the instance's limits", e))?,
-            processes: Some(pids.len() as u32),
+            // The sandbox's supervisor and init are not the client's processes.
+            processes: Some((pids.len() as u32).saturating_sub(SUPERVISORS)),
         })
     }
 
     async fn set_limits(&self, instance: &Instance, limits: &Limits) -> Result<(), DriverError> {
         self.group(&instance.id)
-            .set_limits(limits)
+            .set_limits(&self.effective(limits), SUPERVISORS)
             .map_err(|e| DriverError::failed("cannot set the instance's limits", e))
     }
 
+    async fn logs(&self, instance: &Instance, max_bytes: u32) -> Result<InstanceLogs, DriverError> {
+        let (out, err) = self.log_paths(&instance.id);
+        let max = u64::from(max_bytes);
+        let read = move || -> std::io::Result<InstanceLogs> {
+            let (stdout, a) = tail(&out, max)?;
+            let (stderr, b) = tail(&err, max)?;
+            Ok(InstanceLogs {
+                instance_id: String::new(),
+                stdout,
+                stderr,
+                truncated: a || b,
+            })
+        };
+        let mut logs = tokio::task::spawn_blocking(read)
+            .await
+            .map_err(|e| DriverError::failed("logs", e))?
+            .map_err(|e| DriverError::failed("cannot read the instance's logs", e))?;
+        logs.instance_id = instance.id.clone();
+        Ok(logs)
+    }
+
     async fn create_volume(&self, id: &str, size_bytes: u64) -> Result<String, DriverError> {
-        let dir = self.volume_dir(id);
-        let free = free_bytes(&self.volumes).map_err(|e| DriverError::failed("statvfs", e))?;
-        if !dir.exists() && free < size_bytes {
-            return Err(DriverError::Failed(format!(
-                "not enough space for {size_bytes} bytes under {} ({free} free)",
-                self.volumes.display()
-            )));
+        if let Err(why) = &self.volume_check {
+            return Err(DriverError::Failed(why.clone()));
         }
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| DriverError::failed(&dir.display().to_string(), e))?;
+        let dir = self.volumes.create_volume(id, size_bytes).await?;
         Ok(dir.display().to_string())
     }
 
+    async fn restore_volume(&self, volume: &Volume) -> Result<(), DriverError> {
+        self.volumes.restore(&volume.id).await
+    }
+
     async fn delete_volume(&self, volume: &Volume) -> Result<(), DriverError> {
-        match std::fs::remove_dir_all(self.volume_dir(&volume.id)) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(DriverError::failed("cannot delete the volume", e)),
-        }
+        self.volumes.remove(&volume.id).await
     }
 
     async fn volume_usage(&self, volume: &Volume) -> Result<Option<u64>, DriverError> {
-        let dir = self.volume_dir(&volume.id);
-        tokio::task::spawn_blocking(move || dir_size(&dir))
-            .await
-            .map_err(|e| DriverError::failed("volume usage", e))?
-            .map(Some)
-            .map_err(|e| DriverError::failed("volume usage", e))
+        self.volumes.used(&volume.id).await
     }
 
     async fn snapshot(
@@ -435,11 +617,11 @@ impl Driver for ProcessDriver {
         volume: &Volume,
         snapshot_id: &str,
     ) -> Result<(String, u64), DriverError> {
-        let from = self.volume_dir(&volume.id);
-        let to = self.volumes.join(".snapshots").join(snapshot_id);
+        let from = self.volumes.dir(&volume.id);
+        let to = self.snapshots.join(snapshot_id);
         let size = volume.size_bytes;
         tokio::task::spawn_blocking(move || {
-            let used = dir_size(&from)?;
+            let used = loopfs::used_bytes(&from)?;
             if used > size {
                 return Err(std::io::Error::other(format!(
                     "the volume holds {used} bytes, more than its size of {size}"

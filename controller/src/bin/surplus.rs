@@ -114,6 +114,15 @@ enum Command {
     },
     /// Describe instances (DescribeInstances, or DescribeInstanceStatus with --status).
     Describe(control_cli::DescribeArgs),
+    /// The end of an instance's output: its standard output, then its standard error
+    /// (on stderr).
+    Logs {
+        /// Instance id.
+        id: String,
+        /// Most bytes of each stream, from the end.
+        #[arg(long, default_value_t = 65536)]
+        max_bytes: u32,
+    },
     /// Volumes and snapshots.
     Volumes {
         #[command(subcommand)]
@@ -697,6 +706,16 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Volumes { command } => {
             control(&client, cli.json, control_cli::volumes_body(command)?).await?
+        }
+        Command::Logs { id, max_bytes } => {
+            let logs: surplus_protocol::control::InstanceLogs = client
+                .call(
+                    get,
+                    &format!("/v1/instances/{id}/logs?max_bytes={max_bytes}"),
+                    None,
+                )
+                .await?;
+            print(cli.json, &logs, || control_cli::show_logs(&logs));
         }
         Command::Usage(args) => {
             let u: serde_json::Value = client.call(get, &args.query(), None).await?;

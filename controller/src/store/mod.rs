@@ -163,6 +163,8 @@ pub struct AgentRecord {
     pub inventory_digest: Option<String>,
     /// When the current inventory was recorded.
     pub inventory_updated_ms: Option<UnixMillis>,
+    /// How the host isolates client instances (its agent's last hello).
+    pub isolation: Option<surplus_protocol::control::Isolation>,
 }
 
 /// One agent session.
@@ -528,8 +530,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     }
     /// Records last-seen times in one transaction.
     async fn touch(&self, seen: &[(Uuid, UnixMillis)]) -> Result<(), StoreError>;
-    /// Records a session start (and the agent version it announced).
-    async fn session_started(&self, session: &SessionRecord) -> Result<(), StoreError>;
+    /// Records a session start (and the agent version and isolation it announced).
+    async fn session_started(
+        &self,
+        session: &SessionRecord,
+        isolation: Option<&surplus_protocol::control::Isolation>,
+    ) -> Result<(), StoreError>;
     /// Records a session end.
     async fn session_ended(
         &self,

@@ -91,6 +91,11 @@ fn agent_from_row(row: &SqliteRow) -> Result<AgentRecord, StoreError> {
             .transpose()?,
         inventory_digest: row.try_get("inventory_digest")?,
         inventory_updated_ms: row.try_get("inventory_updated_ms")?,
+        isolation: row
+            .try_get::<Option<String>, _>("isolation")?
+            .as_deref()
+            .map(|s| parse_json(s, "isolation"))
+            .transpose()?,
     })
 }
 
@@ -377,7 +382,11 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn session_started(&self, s: &SessionRecord) -> Result<(), StoreError> {
+    async fn session_started(
+        &self,
+        s: &SessionRecord,
+        isolation: Option<&surplus_protocol::control::Isolation>,
+    ) -> Result<(), StoreError> {
         let mut tx = self.write_tx().await?;
         sqlx::query("INSERT INTO sessions (id, agent_id, remote_addr, agent_version, started_at_ms) VALUES ($1, $2, $3, $4, $5)")
             .bind(s.id.to_string())
@@ -387,8 +396,9 @@ impl Store for SqliteStore {
             .bind(s.started_at_ms)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("UPDATE agents SET agent_version = $1 WHERE id = $2")
+        sqlx::query("UPDATE agents SET agent_version = $1, isolation = $2 WHERE id = $3")
             .bind(&s.agent_version)
+            .bind(isolation.map(json_text))
             .bind(s.agent_id.to_string())
             .execute(&mut *tx)
             .await?;

@@ -28,6 +28,9 @@ pub struct RunArgs {
     /// Memory limit, such as 64MiB or 1GiB.
     #[arg(long)]
     memory: Option<String>,
+    /// Most processes at once (the host's default, such as 512, when left out).
+    #[arg(long)]
+    pids: Option<u32>,
     /// Port mapping HOST:INSTANCE[/udp] (repeatable).
     #[arg(long = "port", short = 'p')]
     ports: Vec<String>,
@@ -130,6 +133,7 @@ pub fn run_body(a: RunArgs) -> anyhow::Result<Value> {
     let limits = Limits {
         millicpus: a.cpus.map(|c| (c * 1000.0).round() as u32),
         memory_bytes: a.memory.as_deref().map(parse_size).transpose()?,
+        pids: a.pids,
     };
     let mut ports = Vec::new();
     for p in &a.ports {
@@ -230,9 +234,21 @@ fn table(header: &[&str]) -> Table {
     t
 }
 
+/// Prints an instance's output for people: its standard output on stdout, its
+/// standard error on stderr.
+pub fn show_logs(logs: &surplus_protocol::control::InstanceLogs) {
+    use std::io::Write;
+    if logs.truncated {
+        eprintln!("(earlier output left out)");
+    }
+    let _ = std::io::stdout().write_all(logs.stdout.as_bytes());
+    let _ = std::io::stderr().write_all(logs.stderr.as_bytes());
+}
+
 /// Prints a control answer for people.
 pub fn show(response: &ControlResponse) {
     match response {
+        ControlResponse::Logs(logs) => show_logs(logs),
         ControlResponse::Instances(list) => {
             let mut t = table(&[
                 "instance",
@@ -289,7 +305,7 @@ pub fn show(response: &ControlResponse) {
                 "state",
                 "cpus (applied)",
                 "memory (applied)",
-                "processes",
+                "processes (limit)",
                 "exit code",
                 "reason",
             ]);
@@ -300,7 +316,11 @@ pub fn show(response: &ControlResponse) {
                     s.state.to_string(),
                     cpu,
                     mem,
-                    s.processes.map_or("-".into(), |p| p.to_string()),
+                    format!(
+                        "{} ({})",
+                        s.processes.map_or("-".into(), |p| p.to_string()),
+                        s.applied.pids.map_or("-".into(), |p| p.to_string())
+                    ),
                     s.exit_code.map_or("-".into(), |c| c.to_string()),
                     s.state_reason.clone().unwrap_or_default(),
                 ]);

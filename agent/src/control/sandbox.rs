@@ -1,0 +1,1022 @@
+//! The process driver's sandbox: what a client's instance sees of the host and what it
+//! may do there.
+//!
+//! A provider lets strangers run programs on its machine, so an instance must not be
+//! able to read the agent's key, rewrite its spool, touch other instances, leave its
+//! cgroup or become root. Every instance therefore starts as a chain of three
+//! processes, all in the instance's cgroup:
+//!
+//! 1. the **supervisor**, the agent's direct child: it joins the cgroup (before anything
+//!    else runs, so no fork escapes), starts a session of its own, unshares the mount,
+//!    PID, IPC and UTS namespaces and forks; then it only waits and passes the exit
+//!    status on, so the agent learns how the instance ended;
+//! 2. the **init**, PID 1 of the new PID namespace: it builds the instance's file
+//!    system view (a fresh root: the host's system directories read-only, a private
+//!    `/tmp`, a minimal `/dev`, its own `/proc`, the attached volumes at their mount
+//!    paths, nothing of the agent's data), pivots into it and forks the workload; then
+//!    it reaps orphans and ends when the workload ends, which ends every process left in
+//!    the namespace;
+//! 3. the **workload**: it drops every capability (bounding, ambient and inheritable
+//!    sets), switches to the instance's own unprivileged user (a uid and gid from the
+//!    configured range, like systemd's `DynamicUser`, never 0), sets `no_new_privs` so
+//!    no set-uid binary raises it again, and is then replaced by the client's program.
+//!
+//! All of this happens between `fork` and `exec` of the agent's child (`pre_exec`),
+//! where only async-signal-safe system calls on memory prepared before the fork are
+//! allowed: [`Prepared`] holds every path, string and number as plain bytes, and the
+//! code in [`enter`] allocates nothing on its way to `exec`. A step that fails writes
+//! its number and `errno` into a report pipe and fails the start; the agent names the
+//! step in the error ([`Report::explain`]). There is no fallback to a weaker sandbox.
+//!
+//! The plan of the file system view is pure data ([`plan`]) and tested on its own.
+//!
+//! With `allow_host_user = true` (off by default, and reported as `host_user` in the
+//! host's isolation report) the workload keeps the agent's user and capabilities; the
+//! namespaces and the file system view stay the same.
+
+use std::ffi::{CString, OsString};
+use std::os::fd::{OwnedFd, RawFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+
+use nix::mount::{MntFlags, MsFlags};
+use nix::sched::CloneFlags;
+use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, Signal};
+use nix::sys::stat::Mode;
+use nix::sys::wait::WaitStatus;
+use nix::unistd::{ForkResult, Gid, Pid, Uid};
+
+/// Processes of the sandbox itself in an instance's cgroup: the supervisor and the init.
+/// They are not the client's: process limits and counts leave them out.
+pub const SUPERVISORS: u32 = 2;
+
+/// Host directories an instance sees by default, read-only (those that exist; a
+/// symbolic link such as `/bin -> usr/bin` is recreated as the same link).
+pub const DEFAULT_SYSTEM_PATHS: &[&str] = &[
+    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc",
+];
+
+/// Paths an instance's volume may not be mounted on: the kernel's own views.
+const RESERVED_MOUNT_PATHS: &[&str] = &["/proc", "/sys", "/dev"];
+
+/// Device nodes an instance gets in its `/dev` (bound from the host's).
+const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
+
+/// Who the workload runs as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum User {
+    /// An unprivileged user and group of its own.
+    Own {
+        /// uid.
+        uid: u32,
+        /// gid.
+        gid: u32,
+    },
+    /// The agent's own user, with its capabilities (`allow_host_user`).
+    Host,
+}
+
+/// Everything the view of one instance is made of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    /// An empty directory on the host where the new root is assembled (a tmpfs is
+    /// mounted on it inside the instance's mount namespace only).
+    pub root: PathBuf,
+    /// Host system directories, as found on the host (see [`SystemPath`]).
+    pub system_paths: Vec<SystemPath>,
+    /// Host paths that must stay invisible even if they lie under a system path (the
+    /// agent's data directory, the volume root).
+    pub hidden: Vec<PathBuf>,
+    /// Volumes: the host directory and the absolute path inside the instance.
+    pub volumes: Vec<(PathBuf, String)>,
+    /// Size of the private `/tmp` (and of `/var/tmp`, `/dev/shm`), bytes.
+    pub tmp_size_bytes: u64,
+}
+
+/// A system directory as the host has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SystemPath {
+    /// A directory, bound read-only.
+    Dir(PathBuf),
+    /// A symbolic link (`/bin -> usr/bin`), recreated with the same target.
+    Link(PathBuf, PathBuf),
+}
+
+impl SystemPath {
+    /// Looks at `path` on the host: `None` when it does not exist.
+    pub fn probe(path: &Path) -> Option<Self> {
+        let meta = std::fs::symlink_metadata(path).ok()?;
+        if meta.file_type().is_symlink() {
+            Some(SystemPath::Link(
+                path.to_owned(),
+                std::fs::read_link(path).ok()?,
+            ))
+        } else if meta.is_dir() {
+            Some(SystemPath::Dir(path.to_owned()))
+        } else {
+            None
+        }
+    }
+
+    fn path(&self) -> &Path {
+        match self {
+            SystemPath::Dir(p) | SystemPath::Link(p, _) => p,
+        }
+    }
+}
+
+/// One step of building the view, in the instance's mount namespace. Paths are
+/// absolute on the host (under [`Layout::root`] for targets).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Mounts of this namespace propagate nowhere (nothing reaches the host), which
+    /// `pivot_root` also requires.
+    PrivatePropagation,
+    /// A tmpfs at `target` with `options` (mode, size).
+    Tmpfs {
+        /// Where.
+        target: PathBuf,
+        /// `mode=...,size=...`.
+        options: String,
+        /// Mount it read-only from the start (masks).
+        read_only: bool,
+    },
+    /// A directory (no error when it exists).
+    Mkdir(PathBuf),
+    /// A symbolic link.
+    Symlink {
+        /// What it points to.
+        target: PathBuf,
+        /// The link.
+        link: PathBuf,
+    },
+    /// An empty file, to bind a device node onto.
+    Touch(PathBuf),
+    /// A bind mount (not recursive: mounts below `source` stay out of sight), then a
+    /// remount with the flags: read-only or not, never set-uid, devices only where
+    /// `devices`.
+    Bind {
+        /// Host path.
+        source: PathBuf,
+        /// Path under the new root.
+        target: PathBuf,
+        /// Read-only.
+        read_only: bool,
+        /// Device nodes usable.
+        devices: bool,
+    },
+    /// The namespace's own `/proc`.
+    Proc(PathBuf),
+    /// A `devpts` of its own (`newinstance`), for pseudo-terminals.
+    Devpts(PathBuf),
+    /// Makes an existing mount read-only (the tmpfs of `/dev`).
+    RemountReadOnly(PathBuf),
+    /// Switches to the new root and lets go of the host's (`pivot_root`, then a lazy
+    /// unmount of the old root), then makes the new root's tmpfs read-only.
+    PivotRoot(PathBuf),
+}
+
+fn under(root: &Path, path: &Path) -> PathBuf {
+    root.join(path.strip_prefix("/").unwrap_or(path))
+}
+
+/// `path`'s ancestors below `/` and itself, outermost first (`/a/b` → `/a`, `/a/b`).
+fn prefixes(path: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut acc = PathBuf::from("/");
+    for c in path.components().skip(1) {
+        acc.push(c);
+        out.push(acc.clone());
+    }
+    out
+}
+
+/// Checks a volume's mount path against the kernel's own views: refused when it is
+/// `/proc`, `/sys`, `/dev` or below them.
+pub fn check_mount_path(path: &str) -> Result<(), String> {
+    let p = Path::new(path);
+    match RESERVED_MOUNT_PATHS.iter().find(|r| p.starts_with(r)) {
+        Some(r) => Err(format!(
+            "{path} is inside {r}, which the sandbox provides itself"
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The steps that build the view of `layout`, in order. Pure: the same layout gives the
+/// same steps.
+pub fn plan(layout: &Layout) -> Vec<Op> {
+    let root = &layout.root;
+    let r = |p: &str| under(root, Path::new(p));
+    let tmp = |mode: &str| format!("mode={mode},size={}", layout.tmp_size_bytes.max(4096));
+    let mut ops = vec![
+        Op::PrivatePropagation,
+        Op::Tmpfs {
+            target: root.clone(),
+            options: "mode=0755,size=1m,nr_inodes=4096".into(),
+            read_only: false,
+        },
+    ];
+    // Scratch space of its own (first, so that a system path may lie below it).
+    for (dir, mode) in [
+        ("/tmp", "1777"),
+        ("/var", ""),
+        ("/var/tmp", "1777"),
+        ("/run", "0755"),
+    ] {
+        ops.push(Op::Mkdir(r(dir)));
+        if !mode.is_empty() {
+            ops.push(Op::Tmpfs {
+                target: r(dir),
+                options: tmp(mode),
+                read_only: false,
+            });
+        }
+    }
+    // System directories, read-only, without set-uid or devices.
+    let mut made = std::collections::BTreeSet::new();
+    let mut mkdirs = |ops: &mut Vec<Op>, path: &Path, including_self: bool| {
+        let mut all = prefixes(path);
+        if !including_self {
+            all.pop();
+        }
+        for p in all {
+            if made.insert(p.clone()) {
+                ops.push(Op::Mkdir(under(root, &p)));
+            }
+        }
+    };
+    for sp in &layout.system_paths {
+        match sp {
+            SystemPath::Dir(p) => {
+                mkdirs(&mut ops, p, true);
+                ops.push(Op::Bind {
+                    source: p.clone(),
+                    target: under(root, p),
+                    read_only: true,
+                    devices: false,
+                });
+            }
+            SystemPath::Link(p, target) => {
+                mkdirs(&mut ops, p, false);
+                ops.push(Op::Symlink {
+                    target: target.clone(),
+                    link: under(root, p),
+                });
+            }
+        }
+    }
+    // The kernel's views: a process table of the namespace's own, the host's sysfs
+    // read-only without the mounts below it (so no cgroup file system at all).
+    ops.push(Op::Mkdir(r("/proc")));
+    ops.push(Op::Proc(r("/proc")));
+    ops.push(Op::Bind {
+        source: r("/proc/sys"),
+        target: r("/proc/sys"),
+        read_only: true,
+        devices: false,
+    });
+    ops.push(Op::Mkdir(r("/sys")));
+    ops.push(Op::Bind {
+        source: "/sys".into(),
+        target: r("/sys"),
+        read_only: true,
+        devices: false,
+    });
+    // A minimal /dev: a few device nodes bound from the host, pseudo-terminals of its
+    // own, shared memory of its own.
+    ops.push(Op::Mkdir(r("/dev")));
+    ops.push(Op::Tmpfs {
+        target: r("/dev"),
+        options: "mode=0755,size=64k,nr_inodes=64".into(),
+        read_only: false,
+    });
+    for d in DEVICES {
+        let target = under(root, &Path::new("/dev").join(d));
+        ops.push(Op::Touch(target.clone()));
+        ops.push(Op::Bind {
+            source: Path::new("/dev").join(d),
+            target,
+            read_only: false,
+            devices: true,
+        });
+    }
+    ops.push(Op::Mkdir(r("/dev/pts")));
+    ops.push(Op::Devpts(r("/dev/pts")));
+    ops.push(Op::Symlink {
+        target: "pts/ptmx".into(),
+        link: r("/dev/ptmx"),
+    });
+    for (name, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        ops.push(Op::Symlink {
+            target: target.into(),
+            link: under(root, &Path::new("/dev").join(name)),
+        });
+    }
+    ops.push(Op::Mkdir(r("/dev/shm")));
+    ops.push(Op::Tmpfs {
+        target: r("/dev/shm"),
+        options: tmp("1777"),
+        read_only: false,
+    });
+    // The agent's own files stay out of sight even under a system directory.
+    for h in &layout.hidden {
+        // A path inside another hidden one is gone with it.
+        let covered = layout
+            .hidden
+            .iter()
+            .any(|other| other != h && h.starts_with(other));
+        if !covered
+            && layout
+                .system_paths
+                .iter()
+                .any(|sp| matches!(sp, SystemPath::Dir(_)) && h.starts_with(sp.path()))
+        {
+            ops.push(Op::Tmpfs {
+                target: under(root, h),
+                options: "mode=0000,size=4k,nr_inodes=1".into(),
+                read_only: true,
+            });
+        }
+    }
+    // Volumes last: their mount points are made in the new root's tmpfs only (under a
+    // read-only system directory the directory must exist already, or the step fails).
+    for (host, inside) in &layout.volumes {
+        for p in prefixes(Path::new(inside)) {
+            ops.push(Op::Mkdir(under(root, &p)));
+        }
+        ops.push(Op::Bind {
+            source: host.clone(),
+            target: under(root, Path::new(inside)),
+            read_only: false,
+            devices: false,
+        });
+    }
+    ops.push(Op::RemountReadOnly(r("/dev")));
+    ops.push(Op::PivotRoot(root.clone()));
+    ops
+}
+
+impl std::fmt::Display for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Op::PrivatePropagation => write!(f, "make the instance's mounts private"),
+            Op::Tmpfs { target, .. } => write!(f, "mount a tmpfs on {}", target.display()),
+            Op::Mkdir(p) => write!(f, "create the directory {}", p.display()),
+            Op::Symlink { target, link } => {
+                write!(f, "link {} to {}", link.display(), target.display())
+            }
+            Op::Touch(p) => write!(f, "create {}", p.display()),
+            Op::Bind {
+                source,
+                target,
+                read_only,
+                ..
+            } => write!(
+                f,
+                "bind {} on {}{}",
+                source.display(),
+                target.display(),
+                if *read_only { " read-only" } else { "" }
+            ),
+            Op::Proc(p) => write!(f, "mount the instance's /proc on {}", p.display()),
+            Op::Devpts(p) => write!(f, "mount a devpts on {}", p.display()),
+            Op::RemountReadOnly(p) => write!(f, "make {} read-only", p.display()),
+            Op::PivotRoot(p) => write!(f, "switch the root to {}", p.display()),
+        }
+    }
+}
+
+/// Steps outside the mount plan, in the order they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+enum Fixed {
+    Setsid = 0x8000,
+    JoinCgroup,
+    Unshare,
+    ForkInit,
+    Hostname,
+    ForkWorkload,
+    Capabilities,
+    Groups,
+    Gid,
+    Uid,
+    VerifyCapabilities,
+    NoNewPrivs,
+    WorkloadSession,
+}
+
+impl Fixed {
+    const ALL: [Fixed; 13] = [
+        Fixed::Setsid,
+        Fixed::JoinCgroup,
+        Fixed::Unshare,
+        Fixed::ForkInit,
+        Fixed::Hostname,
+        Fixed::ForkWorkload,
+        Fixed::Capabilities,
+        Fixed::Groups,
+        Fixed::Gid,
+        Fixed::Uid,
+        Fixed::VerifyCapabilities,
+        Fixed::NoNewPrivs,
+        Fixed::WorkloadSession,
+    ];
+
+    fn describe(self) -> &'static str {
+        match self {
+            Fixed::Setsid => "start a session of its own",
+            Fixed::JoinCgroup => "join the instance's cgroup",
+            Fixed::Unshare => "unshare the mount, PID, IPC and UTS namespaces",
+            Fixed::ForkInit => "start the namespace's init",
+            Fixed::Hostname => "set the instance's host name",
+            Fixed::ForkWorkload => "start the workload",
+            Fixed::Capabilities => "drop the bounding, ambient and inheritable capabilities",
+            Fixed::Groups => "drop supplementary groups",
+            Fixed::Gid => "switch to the instance's group",
+            Fixed::Uid => "switch to the instance's user",
+            Fixed::VerifyCapabilities => "check that no capability is left",
+            Fixed::NoNewPrivs => "set no_new_privs",
+            Fixed::WorkloadSession => "start the workload's session",
+        }
+    }
+}
+
+/// What the sandbox reported about a failed start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Report {
+    step: u16,
+    errno: i32,
+}
+
+impl Report {
+    /// The failed step in words, with the system's reason.
+    pub fn explain(&self, ops: &[Op]) -> String {
+        let errno = nix::errno::Errno::from_raw(self.errno);
+        let step = match Fixed::ALL.iter().find(|f| **f as u16 == self.step) {
+            Some(f) => f.describe().to_owned(),
+            None => ops
+                .get(usize::from(self.step))
+                .map_or_else(|| format!("step {}", self.step), Op::to_string),
+        };
+        format!("sandbox set-up failed: {step}: {}", errno.desc())
+    }
+}
+
+struct PreparedOp {
+    kind: u8,
+    a: CString,
+    b: CString,
+    flags: MsFlags,
+}
+
+const K_PRIVATE: u8 = 0;
+const K_TMPFS: u8 = 1;
+const K_MKDIR: u8 = 2;
+const K_SYMLINK: u8 = 3;
+const K_TOUCH: u8 = 4;
+const K_BIND: u8 = 5;
+const K_PROC: u8 = 6;
+const K_DEVPTS: u8 = 7;
+const K_RO: u8 = 8;
+const K_PIVOT: u8 = 9;
+
+fn cstring(p: &Path) -> std::io::Result<CString> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} holds a NUL byte", p.display()),
+        )
+    })
+}
+
+/// Everything [`enter`] needs, prepared before the fork: no allocation happens after.
+pub struct Prepared {
+    ops: Vec<PreparedOp>,
+    procs: Vec<CString>,
+    hostname: OsString,
+    user: User,
+    bounding: Vec<caps::Capability>,
+    report: RawFd,
+    max_fd: i32,
+}
+
+impl Prepared {
+    /// Prepares `ops` for an instance named `hostname` running as `user`, joining the
+    /// cgroup through `procs` files, reporting failures into `report` (the write end
+    /// of a pipe opened with `O_CLOEXEC`).
+    pub fn new(
+        ops: &[Op],
+        procs: &[PathBuf],
+        hostname: &str,
+        user: User,
+        report: RawFd,
+    ) -> std::io::Result<Self> {
+        let empty = CString::default();
+        let mut prepared = Vec::with_capacity(ops.len());
+        for op in ops {
+            let base = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+            let p = match op {
+                Op::PrivatePropagation => PreparedOp {
+                    kind: K_PRIVATE,
+                    a: CString::new("/").expect("no NUL"),
+                    b: empty.clone(),
+                    flags: MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+                },
+                Op::Tmpfs {
+                    target,
+                    options,
+                    read_only,
+                } => PreparedOp {
+                    kind: K_TMPFS,
+                    a: cstring(target)?,
+                    b: CString::new(options.as_bytes()).map_err(std::io::Error::other)?,
+                    flags: if *read_only {
+                        base | MsFlags::MS_RDONLY | MsFlags::MS_NOEXEC
+                    } else {
+                        base
+                    },
+                },
+                Op::Mkdir(p) => PreparedOp {
+                    kind: K_MKDIR,
+                    a: cstring(p)?,
+                    b: empty.clone(),
+                    flags: MsFlags::empty(),
+                },
+                Op::Symlink { target, link } => PreparedOp {
+                    kind: K_SYMLINK,
+                    a: cstring(target)?,
+                    b: cstring(link)?,
+                    flags: MsFlags::empty(),
+                },
+                Op::Touch(p) => PreparedOp {
+                    kind: K_TOUCH,
+                    a: cstring(p)?,
+                    b: empty.clone(),
+                    flags: MsFlags::empty(),
+                },
+                Op::Bind {
+                    source,
+                    target,
+                    read_only,
+                    devices,
+                } => {
+                    let mut flags = MsFlags::MS_NOSUID;
+                    if *read_only {
+                        flags |= MsFlags::MS_RDONLY;
+                    }
+                    if !*devices {
+                        flags |= MsFlags::MS_NODEV;
+                    }
+                    PreparedOp {
+                        kind: K_BIND,
+                        a: cstring(source)?,
+                        b: cstring(target)?,
+                        flags,
+                    }
+                }
+                Op::Proc(p) => PreparedOp {
+                    kind: K_PROC,
+                    a: cstring(p)?,
+                    b: empty.clone(),
+                    flags: base | MsFlags::MS_NOEXEC,
+                },
+                Op::Devpts(p) => PreparedOp {
+                    kind: K_DEVPTS,
+                    a: cstring(p)?,
+                    b: CString::new("newinstance,ptmxmode=0666,mode=0620").expect("no NUL"),
+                    flags: MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+                },
+                Op::RemountReadOnly(p) => PreparedOp {
+                    kind: K_RO,
+                    a: cstring(p)?,
+                    b: empty.clone(),
+                    flags: base | MsFlags::MS_NOEXEC,
+                },
+                Op::PivotRoot(p) => PreparedOp {
+                    kind: K_PIVOT,
+                    a: cstring(p)?,
+                    b: empty.clone(),
+                    flags: MsFlags::empty(),
+                },
+            };
+            prepared.push(p);
+        }
+        let max_fd = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map(|(soft, _)| i32::try_from(soft).unwrap_or(i32::MAX).min(1 << 16))
+            .unwrap_or(1024);
+        Ok(Self {
+            ops: prepared,
+            procs: procs.iter().map(|p| cstring(p)).collect::<Result<_, _>>()?,
+            hostname: OsString::from_vec(hostname.as_bytes().to_vec()),
+            user,
+            bounding: caps::all().into_iter().collect(),
+            report,
+            max_fd,
+        })
+    }
+}
+
+/// The pipe the sandbox reports a failed step into: the read end for the agent, the
+/// write end for the child (closed on `exec`).
+pub fn report_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from)
+}
+
+/// Reads the report after the start: `None` when every step succeeded (the pipe closed
+/// empty on `exec`). Call once the child's `spawn` returned and the agent's copy of the
+/// write end is closed.
+pub fn read_report(read: OwnedFd) -> Option<Report> {
+    use std::io::Read;
+    let mut file = std::fs::File::from(read);
+    let mut buf = [0u8; 6];
+    let mut got = 0;
+    while got < buf.len() {
+        match file.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    (got == buf.len()).then(|| Report {
+        step: u16::from_le_bytes([buf[0], buf[1]]),
+        errno: i32::from_le_bytes([buf[2], buf[3], buf[4], buf[5]]),
+    })
+}
+
+/// Writes a failed step into the report pipe; returns the error to fail with.
+fn fail(p: &Prepared, step: u16, errno: nix::errno::Errno) -> std::io::Error {
+    let e = errno as i32;
+    let s = step.to_le_bytes();
+    let n = e.to_le_bytes();
+    let buf = [s[0], s[1], n[0], n[1], n[2], n[3]];
+    // SAFETY: `report` is the write end of the pipe, open in this process.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(p.report) };
+    let _ = nix::unistd::write(fd, &buf);
+    std::io::Error::from_raw_os_error(e)
+}
+
+/// Closes every descriptor above stderr: the supervisor and the init keep nothing of
+/// the agent's open (its sockets, the pipe through which the start is reported), so
+/// the start is reported as soon as the workload `exec`s.
+fn close_from_3(max_fd: i32) {
+    // SAFETY: close_range(2) only closes descriptors; ENOSYS on kernels before 5.9.
+    let r = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    if r != 0 {
+        for fd in 3..max_fd {
+            // SAFETY: closing a descriptor this process may hold; EBADF otherwise.
+            unsafe { libc::close(fd) };
+        }
+    }
+}
+
+/// Waits for `child` (and, as PID 1, reaps everything else) and ends this process with
+/// the child's status: the exit code, or 128 + the signal that killed it.
+fn wait_and_exit(child: Pid) -> ! {
+    loop {
+        match nix::sys::wait::waitpid(Pid::from_raw(-1), None) {
+            Ok(WaitStatus::Exited(pid, code)) if pid == child => {
+                // SAFETY: _exit ends the process without running anything of the
+                // parent's (no destructors, no atexit handlers, no buffered output).
+                unsafe { libc::_exit(code) }
+            }
+            Ok(WaitStatus::Signaled(pid, signal, _)) if pid == child => {
+                // SAFETY: as above.
+                unsafe { libc::_exit(128 + signal as i32) }
+            }
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            // SAFETY: as above.
+            Err(_) => unsafe { libc::_exit(127) },
+        }
+    }
+}
+
+fn run_op(op: &PreparedOp) -> nix::Result<()> {
+    use nix::mount::mount;
+    const NONE: Option<&std::ffi::CStr> = None;
+    match op.kind {
+        K_PRIVATE => mount(NONE, op.a.as_c_str(), NONE, op.flags, NONE),
+        K_TMPFS => mount(
+            Some(c"tmpfs"),
+            op.a.as_c_str(),
+            Some(c"tmpfs"),
+            op.flags,
+            Some(op.b.as_c_str()),
+        ),
+        K_MKDIR => match nix::unistd::mkdir(op.a.as_c_str(), Mode::from_bits_truncate(0o755)) {
+            Err(nix::errno::Errno::EEXIST) => Ok(()),
+            other => other,
+        },
+        K_SYMLINK => nix::unistd::symlinkat(op.a.as_c_str(), nix::fcntl::AT_FDCWD, op.b.as_c_str()),
+        K_TOUCH => nix::fcntl::open(
+            op.a.as_c_str(),
+            nix::fcntl::OFlag::O_CREAT | nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o644),
+        )
+        .map(drop),
+        K_BIND => {
+            // A bind mount takes its flags only from a remount of it.
+            mount(
+                Some(op.a.as_c_str()),
+                op.b.as_c_str(),
+                NONE,
+                MsFlags::MS_BIND,
+                NONE,
+            )?;
+            mount(
+                NONE,
+                op.b.as_c_str(),
+                NONE,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | op.flags,
+                NONE,
+            )
+        }
+        K_PROC => mount(
+            Some(c"proc"),
+            op.a.as_c_str(),
+            Some(c"proc"),
+            op.flags,
+            NONE,
+        ),
+        K_DEVPTS => mount(
+            Some(c"devpts"),
+            op.a.as_c_str(),
+            Some(c"devpts"),
+            op.flags,
+            Some(op.b.as_c_str()),
+        ),
+        K_RO => mount(
+            NONE,
+            op.a.as_c_str(),
+            NONE,
+            MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | op.flags,
+            NONE,
+        ),
+        K_PIVOT => {
+            // The new root must be a mount (the tmpfs) and no mount may be shared
+            // (PrivatePropagation); "." on "." stacks the old root on the new one, and
+            // the lazy unmount then lets go of the host's whole tree.
+            nix::unistd::chdir(op.a.as_c_str())?;
+            nix::unistd::pivot_root(c".", c".")?;
+            nix::mount::umount2(c".", MntFlags::MNT_DETACH)?;
+            nix::unistd::chdir(c"/")?;
+            mount(
+                NONE,
+                c"/",
+                NONE,
+                MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                NONE,
+            )
+        }
+        _ => Err(nix::errno::Errno::EINVAL),
+    }
+}
+
+/// The body of `pre_exec`: makes the calling child the supervisor, forks the init and
+/// the workload, and returns (in the workload only) ready for `exec`.
+///
+/// # Safety
+///
+/// Call only in the child between `fork` and `exec`. Only async-signal-safe system
+/// calls follow, on memory `p` prepared before the fork.
+pub unsafe fn enter(p: &Prepared) -> std::io::Result<()> {
+    // A session of its own: the instance outlives an agent restart and no terminal
+    // signal of the agent's reaches it.
+    nix::unistd::setsid().map_err(|e| fail(p, Fixed::Setsid as u16, e))?;
+    // Join the cgroup first: every process forked from here on is counted, limited and
+    // signalled with the instance.
+    for procs in &p.procs {
+        let owned = nix::fcntl::open(
+            procs.as_c_str(),
+            nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| fail(p, Fixed::JoinCgroup as u16, e))?;
+        match nix::unistd::write(&owned, b"0") {
+            Ok(1) => {}
+            Ok(_) => return Err(fail(p, Fixed::JoinCgroup as u16, nix::errno::Errno::EIO)),
+            Err(e) => return Err(fail(p, Fixed::JoinCgroup as u16, e)),
+        }
+    }
+    // Namespaces: its own mounts (the view), processes (it sees and signals only its
+    // own; the next child is PID 1), System V IPC and host name.
+    nix::sched::unshare(
+        CloneFlags::CLONE_NEWNS
+            | CloneFlags::CLONE_NEWPID
+            | CloneFlags::CLONE_NEWIPC
+            | CloneFlags::CLONE_NEWUTS,
+    )
+    .map_err(|e| fail(p, Fixed::Unshare as u16, e))?;
+    // SAFETY: this process has one thread (the child of a fork); the child below only
+    // makes system calls on prepared memory.
+    match unsafe { nix::unistd::fork() }.map_err(|e| fail(p, Fixed::ForkInit as u16, e))? {
+        ForkResult::Parent { child } => {
+            // The supervisor: it stays to report the instance's exit status. Stop
+            // signals go to every process of the cgroup; it ignores them and ends when
+            // the init ends.
+            close_from_3(p.max_fd);
+            for s in [
+                Signal::SIGTERM,
+                Signal::SIGINT,
+                Signal::SIGHUP,
+                Signal::SIGQUIT,
+            ] {
+                // SAFETY: installing SIG_IGN runs no code of ours.
+                let _ = unsafe { nix::sys::signal::signal(s, SigHandler::SigIgn) };
+            }
+            wait_and_exit(child)
+        }
+        ForkResult::Child => {}
+    }
+    // The init (PID 1 of the new namespace): build the view, then start the workload.
+    for (n, op) in p.ops.iter().enumerate() {
+        run_op(op).map_err(|e| fail(p, n as u16, e))?;
+    }
+    nix::unistd::sethostname(&p.hostname).map_err(|e| fail(p, Fixed::Hostname as u16, e))?;
+    // SAFETY: as above.
+    match unsafe { nix::unistd::fork() }.map_err(|e| fail(p, Fixed::ForkWorkload as u16, e))? {
+        ForkResult::Parent { child } => {
+            close_from_3(p.max_fd);
+            wait_and_exit(child)
+        }
+        ForkResult::Child => {}
+    }
+    // The workload.
+    if let User::Own { uid, gid } = p.user {
+        // Capabilities first, while it still has CAP_SETPCAP: nothing can be raised
+        // again by a file's capabilities or an inherited set.
+        let cap = |e: caps::errors::CapsError| {
+            let _ = e;
+            fail(p, Fixed::Capabilities as u16, nix::errno::Errno::last())
+        };
+        caps::clear(None, caps::CapSet::Ambient).map_err(cap)?;
+        caps::clear(None, caps::CapSet::Inheritable).map_err(cap)?;
+        for c in &p.bounding {
+            caps::drop(None, caps::CapSet::Bounding, *c).map_err(cap)?;
+        }
+        nix::unistd::setgroups(&[]).map_err(|e| fail(p, Fixed::Groups as u16, e))?;
+        let gid = Gid::from_raw(gid);
+        nix::unistd::setresgid(gid, gid, gid).map_err(|e| fail(p, Fixed::Gid as u16, e))?;
+        // From uid 0 to another, the kernel clears the permitted and effective sets.
+        let uid = Uid::from_raw(uid);
+        nix::unistd::setresuid(uid, uid, uid).map_err(|e| fail(p, Fixed::Uid as u16, e))?;
+        for c in &p.bounding {
+            let left = caps::has_cap(None, caps::CapSet::Permitted, *c).unwrap_or(true)
+                || caps::has_cap(None, caps::CapSet::Effective, *c).unwrap_or(true);
+            if left {
+                return Err(fail(
+                    p,
+                    Fixed::VerifyCapabilities as u16,
+                    nix::errno::Errno::EPERM,
+                ));
+            }
+        }
+    }
+    // No set-uid binary or file capability raises the workload's privileges again.
+    nix::sys::prctl::set_no_new_privs().map_err(|e| fail(p, Fixed::NoNewPrivs as u16, e))?;
+    nix::unistd::setsid().map_err(|e| fail(p, Fixed::WorkloadSession as u16, e))?;
+    let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+    nix::sys::stat::umask(Mode::from_bits_truncate(0o022));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout() -> Layout {
+        Layout {
+            root: "/var/lib/a/control/roots/i-1".into(),
+            system_paths: vec![
+                SystemPath::Dir("/usr".into()),
+                SystemPath::Link("/bin".into(), "usr/bin".into()),
+                SystemPath::Dir("/etc".into()),
+                SystemPath::Dir("/opt/tools".into()),
+            ],
+            hidden: vec![
+                "/var/lib/a".into(),
+                "/etc/surplus".into(),
+                "/etc/surplus/volumes".into(),
+            ],
+            volumes: vec![("/var/lib/a/control/volumes/vol-1".into(), "/data/db".into())],
+            tmp_size_bytes: 1 << 20,
+        }
+    }
+
+    fn check(ops: &[Op], expect: &[&str]) {
+        let text: Vec<String> = ops.iter().map(Op::to_string).collect();
+        let mut at = 0;
+        for e in expect {
+            match text[at..].iter().position(|t| t == e) {
+                Some(p) => at += p + 1,
+                None => panic!("{e:?} missing or out of order in:\n{}", text.join("\n")),
+            }
+        }
+    }
+
+    #[test]
+    fn the_view_is_built_in_order_and_ends_read_only() {
+        let ops = plan(&layout());
+        let root = "/var/lib/a/control/roots/i-1";
+        check(
+            &ops,
+            &[
+                "make the instance's mounts private",
+                &format!("mount a tmpfs on {root}"),
+                &format!("mount a tmpfs on {root}/tmp"),
+                &format!("bind /usr on {root}/usr read-only"),
+                &format!("link {root}/bin to usr/bin"),
+                &format!("create the directory {root}/opt"),
+                &format!("bind /opt/tools on {root}/opt/tools read-only"),
+                &format!("mount the instance's /proc on {root}/proc"),
+                &format!("bind {root}/proc/sys on {root}/proc/sys read-only"),
+                &format!("bind /sys on {root}/sys read-only"),
+                &format!("bind /dev/null on {root}/dev/null"),
+                &format!("mount a tmpfs on {root}/etc/surplus"),
+                &format!("create the directory {root}/data/db"),
+                &format!("bind /var/lib/a/control/volumes/vol-1 on {root}/data/db"),
+                &format!("make {root}/dev read-only"),
+                &format!("switch the root to {root}"),
+            ],
+        );
+        assert!(matches!(ops.last(), Some(Op::PivotRoot(_))));
+    }
+
+    /// Nothing of the host is writable in the view but the instance's own volumes and
+    /// scratch space; the agent's directory is masked only where it would show.
+    #[test]
+    fn only_volumes_and_scratch_space_are_writable() {
+        let ops = plan(&layout());
+        for op in &ops {
+            if let Op::Bind {
+                source,
+                read_only: false,
+                devices,
+                ..
+            } = op
+            {
+                let ok = source.starts_with("/var/lib/a/control/volumes")
+                    || (*devices && source.starts_with("/dev"));
+                assert!(ok, "writable bind of {}", source.display());
+            }
+        }
+        let masks: Vec<&PathBuf> = ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::Tmpfs {
+                    target,
+                    read_only: true,
+                    ..
+                } => Some(target),
+                _ => None,
+            })
+            .collect();
+        // /var/lib/a is not under a bound directory: it is simply not there.
+        assert_eq!(
+            masks,
+            [&PathBuf::from("/var/lib/a/control/roots/i-1/etc/surplus")]
+        );
+    }
+
+    #[test]
+    fn mount_paths_inside_the_kernels_views_are_refused() {
+        for bad in ["/proc", "/proc/x", "/sys/fs/cgroup", "/dev/shm"] {
+            assert!(check_mount_path(bad).is_err(), "{bad}");
+        }
+        for good in ["/data", "/srv/db", "/processes", "/device"] {
+            check_mount_path(good).unwrap();
+        }
+    }
+
+    #[test]
+    fn every_step_has_words_and_reports_decode() {
+        let ops = plan(&layout());
+        let bind = ops
+            .iter()
+            .position(|o| matches!(o, Op::Bind { .. }))
+            .unwrap();
+        let r = Report {
+            step: bind as u16,
+            errno: nix::errno::Errno::EROFS as i32,
+        };
+        assert!(
+            r.explain(&ops).contains("bind /usr on"),
+            "{}",
+            r.explain(&ops)
+        );
+        let r = Report {
+            step: Fixed::Uid as u16,
+            errno: nix::errno::Errno::EPERM as i32,
+        };
+        assert_eq!(
+            r.explain(&ops),
+            "sandbox set-up failed: switch to the instance's user: Operation not permitted"
+        );
+    }
+}
