@@ -9,8 +9,14 @@
 //!
 //! Counters that the host keeps (CPU time, disk and network bytes) are passed through
 //! with the host's generation; counters the agent keeps itself (memory byte-ms, time in
-//! each state) are integrated here and carry the process epoch as their generation, so
-//! an agent restart reads as a counter that starts again from zero.
+//! each state) are integrated here. Those carry a generation of their own per instance
+//! (the process epoch of the agent that first saw it) and are checkpointed with every
+//! instance period ([`Meter::checkpoint`], written before the records are spooled), so
+//! a restarted agent continues them ([`Meter::resume`]): an instance it re-adopts in the
+//! same run (same process start time, same container start) is metered for the time it
+//! kept running while the agent was away, and nothing of the period the agent was
+//! killed in is lost. An instance whose run changed meanwhile is not charged for the
+//! gap: when it stopped is unknown.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -178,6 +184,8 @@ impl Gauge {
 
 #[derive(Debug, Clone)]
 struct InstanceAcc {
+    /// Generation of the agent-kept counters.
+    generation: u64,
     state: InstanceState,
     at: UnixMillis,
     state_ms: BTreeMap<InstanceState, u64>,
@@ -185,6 +193,32 @@ struct InstanceAcc {
     memory_bytes: Option<u64>,
     memory_byte_ms: u64,
     counters: Option<InstanceUsage>,
+    /// The host's run of the instance when last seen (see [`InstanceUsage::run`]).
+    run: Option<u64>,
+    /// Restored from a checkpoint and not yet seen by this agent process: the gap since
+    /// the checkpoint counts only if the same run is still going.
+    resumed: bool,
+}
+
+/// The agent-kept counters of one instance, as the last instance period left them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceCheckpoint {
+    /// The instance.
+    pub id: String,
+    /// Generation of the agent-kept counters.
+    pub generation: u64,
+    /// State when last integrated.
+    pub state: InstanceState,
+    /// Time they were integrated up to.
+    pub at: UnixMillis,
+    /// ms in each state.
+    pub state_ms: BTreeMap<InstanceState, u64>,
+    /// Memory integrated over time, byte-ms.
+    pub memory_byte_ms: u64,
+    /// Memory in use when last seen.
+    pub memory_bytes: Option<u64>,
+    /// The host's run of the instance when last seen.
+    pub run: Option<u64>,
 }
 
 /// The host's figures at one moment.
@@ -334,10 +368,12 @@ impl Meter {
         state: InstanceState,
         usage: Option<InstanceUsage>,
     ) -> Vec<UsageRecord> {
+        let epoch = self.epoch;
         let acc = self
             .instances
             .entry(id.to_owned())
             .or_insert_with(|| InstanceAcc {
+                generation: epoch,
                 state,
                 at: now,
                 state_ms: BTreeMap::new(),
@@ -345,7 +381,19 @@ impl Meter {
                 memory_bytes: None,
                 memory_byte_ms: 0,
                 counters: None,
+                run: None,
+                resumed: false,
             });
+        if acc.resumed {
+            acc.resumed = false;
+            let run = usage.and_then(|u| u.run);
+            let same_run = run.is_some() && run == acc.run && state == acc.state;
+            if !same_run {
+                // The run changed (or cannot be told) while the agent was away: when it
+                // stopped is unknown, so the gap is not counted.
+                acc.at = acc.at.max(now);
+            }
+        }
         if now > acc.at {
             let dt = (now - acc.at) as u64;
             *acc.state_ms.entry(acc.state).or_default() += dt;
@@ -369,11 +417,61 @@ impl Meter {
                     acc.memory.observe(now, m);
                 }
                 acc.memory_bytes = u.memory_bytes;
+                acc.run = u.run;
                 acc.counters = Some(merge_counters(acc.counters, u));
             }
-            None => acc.memory_bytes = None,
+            None => {
+                acc.memory_bytes = None;
+                acc.run = None;
+            }
         }
         flushed
+    }
+
+    /// The agent-kept counters of every instance, to write before the records of an
+    /// instance period are spooled.
+    pub fn checkpoint(&self) -> Vec<InstanceCheckpoint> {
+        self.instances
+            .iter()
+            .map(|(id, a)| InstanceCheckpoint {
+                id: id.clone(),
+                generation: a.generation,
+                state: a.state,
+                at: a.at,
+                state_ms: a.state_ms.clone(),
+                memory_byte_ms: a.memory_byte_ms,
+                memory_bytes: a.memory_bytes,
+                run: a.run,
+            })
+            .collect()
+    }
+
+    /// Continues the counters an earlier agent process checkpointed (see the module
+    /// documentation for how the time it was away counts).
+    pub fn resume(&mut self, checkpoints: Vec<InstanceCheckpoint>) {
+        for c in checkpoints {
+            self.instances.insert(
+                c.id,
+                InstanceAcc {
+                    generation: c.generation,
+                    state: c.state,
+                    at: c.at,
+                    state_ms: c.state_ms,
+                    memory: Gauge::default(),
+                    memory_bytes: c.memory_bytes,
+                    memory_byte_ms: c.memory_byte_ms,
+                    counters: None,
+                    run: c.run,
+                    resumed: true,
+                },
+            );
+        }
+    }
+
+    /// Where the current instance period began: it moves when [`Meter::due`] ends one
+    /// (and a checkpoint is then due before its records are spooled).
+    pub fn instance_period_start(&self) -> UnixMillis {
+        self.instance_clock.start
     }
 
     /// The host's figures at `now`.
@@ -423,6 +521,11 @@ impl Meter {
         let epoch = self.epoch;
         let mut finished = Vec::new();
         for (id, acc) in &mut self.instances {
+            if acc.resumed {
+                // Checkpointed by an earlier agent process and not seen since: no
+                // record until it is seen again (or found gone).
+                continue;
+            }
             // Integrate up to the boundary.
             if span.1 > acc.at {
                 let dt = (span.1 - acc.at) as u64;
@@ -444,7 +547,7 @@ impl Meter {
                     meters::MEMORY_BYTE_MS,
                     span,
                     Reading::Counter {
-                        generation: epoch,
+                        generation: acc.generation,
                         total: acc.memory_byte_ms,
                     },
                 ));
@@ -459,7 +562,7 @@ impl Meter {
                     &format!("{}{}", meters::STATE_MS_PREFIX, state.as_str()),
                     span,
                     Reading::Counter {
-                        generation: epoch,
+                        generation: acc.generation,
                         total: *ms,
                     },
                 ));
@@ -675,6 +778,7 @@ pub struct MeterHandle {
     /// Records per batch.
     pub batch_records: usize,
     periods_file: PathBuf,
+    checkpoint_file: PathBuf,
     clock: Arc<dyn Clock>,
 }
 
@@ -737,12 +841,36 @@ pub fn start(
         .and_then(|b| serde_json::from_slice::<MeteringPeriods>(&b).ok())
         .filter(|p| p.validate().is_ok())
         .unwrap_or_else(|| config.periods());
+    let mut meter = Meter::new(epoch, periods, clock.now_ms());
+    // The agent-kept counters of instances this agent still holds continue.
+    let checkpoint_file = data_dir.join("meter-state.json");
+    match std::fs::read(&checkpoint_file) {
+        Ok(bytes) => match serde_json::from_slice::<Vec<InstanceCheckpoint>>(&bytes) {
+            Ok(mut checkpoints) => {
+                let held: Vec<String> = control.instances().into_iter().map(|i| i.id).collect();
+                checkpoints.retain(|c| held.contains(&c.id));
+                tracing::info!(
+                    instances = checkpoints.len(),
+                    "metering continues the counters of re-adopted instances"
+                );
+                meter.resume(checkpoints);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "metering checkpoint unreadable; counters start again")
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "metering checkpoint unreadable; counters start again")
+        }
+    }
     let handle = Arc::new(MeterHandle {
-        meter: Mutex::new(Meter::new(epoch, periods, clock.now_ms())),
+        meter: Mutex::new(meter),
         spool: Arc::new(Mutex::new(spool)),
         spooled: tokio::sync::Notify::new(),
         batch_records: config.batch_records,
         periods_file,
+        checkpoint_file,
         clock: clock.clone(),
     });
     tracing::info!(
@@ -787,6 +915,7 @@ async fn sample_loop(
                 .unwrap_or_default();
         let now = handle.clock.now_ms();
         let mut records = std::mem::take(&mut unspooled);
+        let mut checkpoint = None;
         let wait_ms = {
             let mut meter = handle.meter.lock().expect("meter poisoned");
             for (id, usage, at) in notes {
@@ -812,10 +941,31 @@ async fn sample_loop(
             }
             meter.observe_host(now, host);
             meter.observe_subscriptions(now, running, &app_counts);
+            let period = meter.instance_period_start();
             records.extend(meter.due(now));
+            if meter.instance_period_start() != period {
+                checkpoint = Some(meter.checkpoint());
+            }
             let resolution = i64::try_from(config.resolution.as_millis()).unwrap_or(5_000);
             (meter.next_due() - now).clamp(1, resolution.max(1))
         };
+        if let Some(checkpoint) = checkpoint {
+            // Before the records: a restarted agent then continues from totals at least
+            // as high as any it spooled, never below them.
+            let file = handle.checkpoint_file.clone();
+            let saved = tokio::task::spawn_blocking(move || {
+                let body = serde_json::to_vec(&checkpoint).map_err(std::io::Error::other)?;
+                write_atomic(&file, &body, 0o600).inspect_err(|_| {
+                    // A stale checkpoint could take counters backwards: none at all
+                    // only starts them again.
+                    let _ = std::fs::remove_file(&file);
+                })
+            })
+            .await;
+            if let Ok(Err(e)) | Err(e) = saved.map_err(std::io::Error::other) {
+                tracing::warn!(error = %e, "metering checkpoint not written; a restart would start the agent-kept counters again");
+            }
+        }
         if !records.is_empty() {
             let spool = handle.spool.clone();
             let written = tokio::task::spawn_blocking(move || {
@@ -1009,6 +1159,65 @@ mod tests {
         );
         assert!(find(&r, "state_ms.terminated").is_empty());
         assert!(m.due(2000).iter().all(|r| r.subject == Subject::Host));
+    }
+
+    fn running_ms(records: &[UsageRecord]) -> Reading {
+        find(records, meters::STATE_MS_RUNNING)[0].reading
+    }
+
+    fn with_run(run: u64) -> Option<InstanceUsage> {
+        Some(InstanceUsage {
+            run: Some(run),
+            ..usage(5, 100, 10).unwrap()
+        })
+    }
+
+    /// An agent killed at 1400 ms, restarted at 2500 ms: the same run kept going, so
+    /// its time counts from the checkpoint on, in the same counter generation.
+    #[test]
+    fn a_readopted_instance_is_metered_for_the_time_the_agent_was_away() {
+        let mut first = Meter::new(EPOCH, periods(1000), 0);
+        first.observe_instance(0, ID, InstanceState::Running, with_run(7));
+        first.observe_instance(1000, ID, InstanceState::Running, with_run(7));
+        assert_eq!(
+            running_ms(&first.due(1000)),
+            Reading::Counter {
+                generation: EPOCH,
+                total: 1000
+            }
+        );
+        let checkpoint = first.checkpoint();
+        first.observe_instance(1400, ID, InstanceState::Running, with_run(7));
+        drop(first);
+
+        let mut second = Meter::new(EPOCH + 1, periods(1000), 2500);
+        second.resume(checkpoint.clone());
+        assert!(
+            second.due(2000).iter().all(|r| r.subject == Subject::Host),
+            "nothing for an instance not seen again yet"
+        );
+        second.observe_instance(2500, ID, InstanceState::Running, with_run(7));
+        assert_eq!(
+            running_ms(&second.due(3000)),
+            Reading::Counter {
+                generation: EPOCH,
+                total: 3000
+            },
+            "from 0 to 3000 without a hole"
+        );
+
+        // Another run (it was restarted, or ended and was started again): the gap is
+        // not charged, the counter still goes on.
+        let mut third = Meter::new(EPOCH + 2, periods(1000), 2500);
+        third.resume(checkpoint);
+        third.observe_instance(2500, ID, InstanceState::Running, with_run(8));
+        assert_eq!(
+            running_ms(&third.due(3000)),
+            Reading::Counter {
+                generation: EPOCH,
+                total: 1500
+            }
+        );
     }
 
     #[test]
