@@ -618,8 +618,10 @@ async fn agent_compat(
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<serde_json::Value> {
-    caller.require(Role::Provider)?;
-    let id = load_agent(&ctl, &id).await?.id;
+    let agent = load_agent(&ctl, &id).await?;
+    // A host's compatibility results are its provider's business (and admins').
+    billing::require_host_owner(&caller, &agent)?;
+    let id = agent.id;
     let (report, at) = ctl.store.compat_report(id).await?.ok_or_else(|| {
         ApiError::not_found(format!(
             "agent {id} has not reported compatibility results (run surplus-agent compat --report)"
