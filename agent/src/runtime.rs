@@ -1,14 +1,18 @@
 //! Process plumbing shared by the Surplus binaries: logging set-up and shutdown signals.
 
+use std::io::IsTerminal;
+
 use crate::config::LogFormat;
 
 /// Starts tracing output to stderr in `format`, filtered by `RUST_LOG` when set,
-/// otherwise by `filter`. A second call is ignored.
+/// otherwise by `filter`. Human logs are coloured only when stderr is a terminal, so
+/// files, pipes and journals get plain text. A second call is ignored.
 pub fn init_logs(format: LogFormat, filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Json => builder.json().try_init(),

@@ -37,6 +37,8 @@ pub struct RunningController {
     /// Every task of this controller, so that shutdown can wait for all of them: after
     /// it returns, nothing of this controller touches the database or the sockets.
     tasks: TaskTracker,
+    /// The data directory's lock, released after shutdown.
+    lock: crate::datadir::DataDirLock,
 }
 
 fn server_endpoint(
@@ -64,6 +66,7 @@ pub async fn start(
         .validate()
         .map_err(|e| anyhow::anyhow!("{}: {e}", dir.config_file().display()))?;
     let ca = dir.load_ca()?;
+    let lock = dir.lock()?;
     let store = Arc::new(dir.open_store().await?);
     store.close_dangling(clock.now_ms()).await?;
     let (server_cert, server_key) =
@@ -130,6 +133,7 @@ pub async fn start(
         cancel,
         endpoints: vec![session_ep, enroll_ep],
         tasks,
+        lock,
     })
 }
 
@@ -227,6 +231,7 @@ impl RunningController {
         for ep in &self.endpoints {
             let _ = tokio::time::timeout(Duration::from_secs(5), ep.wait_idle()).await;
         }
+        drop(self.lock);
     }
 
     /// The HTTP base URL.

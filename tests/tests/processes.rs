@@ -354,3 +354,122 @@ fn the_cli_reaches_the_api_through_a_tls_proxy() {
         );
     });
 }
+
+/// The environment of a `surplus-controller serve` on its own loopback ports.
+fn serve_env(log_filter: &str) -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "SURPLUS_CONTROLLER_SESSION_LISTEN",
+            format!("127.0.0.1:{}", free_udp_port()),
+        ),
+        (
+            "SURPLUS_CONTROLLER_ENROLL_LISTEN",
+            format!("127.0.0.1:{}", free_udp_port()),
+        ),
+        (
+            "SURPLUS_CONTROLLER_HTTP_LISTEN",
+            format!("127.0.0.1:{}", free_tcp_port()),
+        ),
+        ("SURPLUS_CONTROLLER_LOG_FILTER", log_filter.into()),
+        ("SURPLUS_CONTROLLER_LOG_FORMAT", "human".into()),
+    ]
+}
+
+#[test]
+fn a_second_controller_on_one_data_directory_refuses_to_start_and_logs_are_plain() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("controller");
+    let out = run(Command::new(bin("surplus-controller"))
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("init"));
+    assert!(out.status.success(), "init: {}", text(&out.stderr));
+
+    let mut first = Child(
+        Command::new(bin("surplus-controller"))
+            .arg("--data-dir")
+            .arg(&data)
+            .arg("serve")
+            .envs(serve_env("info"))
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // The first is serving once it says so (its log is a pipe here: plain text).
+    let mut logs = std::io::BufReader::new(first.0.stderr.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        let n = std::io::BufRead::read_line(&mut logs, &mut line).unwrap();
+        assert!(n > 0, "the first controller ended: {seen}");
+        seen.push_str(&line);
+        if line.contains("controller listening") {
+            break;
+        }
+    }
+    assert!(
+        !seen.contains('\u{1b}'),
+        "colour codes in a log written to a pipe: {seen:?}"
+    );
+
+    // The second, on other ports, fails at start naming the first's pid.
+    let mut second = Child(
+        Command::new(bin("surplus-controller"))
+            .arg("--data-dir")
+            .arg(&data)
+            .arg("serve")
+            .envs(serve_env("info"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let status = second
+        .wait_for_exit(Duration::from_secs(20))
+        .expect("the second controller stops by itself");
+    assert!(!status.success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(second.0.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    let pid = first.0.id().to_string();
+    assert!(
+        stderr.contains("in use by another surplus-controller")
+            && stderr.contains(&format!("pid {pid}")),
+        "{stderr}"
+    );
+    assert!(
+        first.0.try_wait().unwrap().is_none(),
+        "the first keeps serving"
+    );
+    // Once the first has stopped, the directory can be served again.
+    assert!(
+        run(Command::new("kill").args(["-TERM", &pid]))
+            .status
+            .success()
+    );
+    assert!(
+        first
+            .wait_for_exit(Duration::from_secs(20))
+            .expect("the first stops on SIGTERM")
+            .success()
+    );
+    let mut third = Child(
+        Command::new(bin("surplus-controller"))
+            .arg("--data-dir")
+            .arg(&data)
+            .arg("serve")
+            .envs(serve_env("info"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut logs = std::io::BufReader::new(third.0.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("controller listening") {
+        line.clear();
+        let n = std::io::BufRead::read_line(&mut logs, &mut line).unwrap();
+        assert!(n > 0, "the directory cannot be served again");
+    }
+}
