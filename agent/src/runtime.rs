@@ -1,4 +1,5 @@
-//! Process plumbing shared by the Surplus binaries: logging set-up and shutdown signals.
+//! Process plumbing shared by the Surplus binaries: logging set-up, shutdown signals
+//! and closed output pipes.
 
 use std::io::IsTerminal;
 
@@ -18,6 +19,20 @@ pub fn init_logs(format: LogFormat, filter: &str) {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Human => builder.try_init(),
     };
+}
+
+/// Lets a closed output pipe end the process quietly, as it ends `cat` or `ls`
+/// (`surplus describe --json | head -1`): the Rust runtime ignores SIGPIPE, so a write
+/// into a closed pipe is an error, and `println!` panics on it. Call it first in the
+/// `main` of commands that print and end; long-running services (`surplus-agent run`,
+/// `surplus-controller serve`) keep ignoring SIGPIPE, so that a closed log pipe
+/// cannot kill them.
+pub fn end_quietly_on_closed_pipe() {
+    // SAFETY: `signal` with SIG_DFL installs no handler (nothing runs in signal
+    // context); it only changes the process's disposition of SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -473,3 +473,55 @@ fn a_second_controller_on_one_data_directory_refuses_to_start_and_logs_are_plain
         assert!(n > 0, "the directory cannot be served again");
     }
 }
+
+/// `command` with its standard output a pipe whose reader is already gone, as with
+/// `... | head -1` once head has its line: it must end quietly, without a panic.
+fn into_a_closed_pipe(command: &mut Command) {
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = text(&out.stderr);
+    assert!(
+        out.status.success() || out.status.signal() == Some(libc::SIGPIPE),
+        "{:?}: {}: {stderr}",
+        command.get_program(),
+        out.status
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn the_binaries_end_quietly_into_a_closed_pipe_and_take_a_bare_address() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let tc = runtime.block_on(surplus_tests::TestController::start());
+    let bare = tc.config.http_listen.to_string();
+    let surplus = |args: &[&str]| {
+        let mut cmd = Command::new(bin("surplus"));
+        cmd.args(["--controller", &bare, "--token", &tc.admin_token])
+            .args(args)
+            .env_remove("SURPLUS_CONFIG")
+            .env("HOME", tc.root.path());
+        cmd
+    };
+    // `--controller 127.0.0.1:7080` means plain HTTP.
+    let out = run(&mut surplus(&["--json", "describe"]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let described: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(described["instances"], serde_json::json!([]));
+
+    into_a_closed_pipe(&mut surplus(&["--json", "describe"]));
+    into_a_closed_pipe(&mut surplus(&["agents", "list"]));
+    into_a_closed_pipe(
+        Command::new(bin("surplus-agent"))
+            .arg("--data-dir")
+            .arg(tc.root.path().join("agent"))
+            .args(["inventory", "--json"]),
+    );
+    runtime.block_on(async move { drop(tc) });
+}
