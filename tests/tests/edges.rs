@@ -1,11 +1,11 @@
 //! The API's edges, attacked over real TCP: half-sent requests, too many connections,
 //! oversized bodies, targets and headers, unknown methods (each answered with the JSON
-//! error body).
+//! error body); and the demo, which must leave no instance running when it ends.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use surplus_controller::ControllerConfig;
 use surplus_protocol::clock;
 use surplus_tests::{PATIENCE, TestController, test_config};
@@ -230,4 +230,93 @@ async fn oversized_requests_and_unknown_methods_answer_json_errors() {
     // The API still serves ordinary requests after all that.
     let (status, _) = tc.api_get("/v1/agents").await;
     assert_eq!(status, 200);
+}
+
+/// The instances of a command line, as `/proc` shows them (the demo's agent runs real
+/// processes; the test looks at the host, not at what the demo says).
+fn processes_running(marker: &str) -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter(|c| String::from_utf8_lossy(c).contains(marker))
+        .count()
+}
+
+#[tokio::test]
+async fn the_demo_terminates_its_instances_before_it_exits() {
+    let _cgroups = surplus_tests::CgroupGuard("surplus-demo".into());
+    let root = tempfile::tempdir().unwrap();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let demo = tokio::spawn(surplus_controller::demo::run_with(
+        Some(root.path().to_path_buf()),
+        Some(ready_tx),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    let ready = timeout(Duration::from_secs(60), ready_rx)
+        .await
+        .expect("the demo starts")
+        .expect("the demo reports where it is");
+
+    // A client runs two instances through the demo's API; one is stopped, one runs.
+    let marker = format!("600.{}", std::process::id());
+    let client = reqwest::Client::new();
+    let control = |body: Value| {
+        client
+            .post(format!("{}/v1/control", ready.http_url))
+            .bearer_auth(&ready.admin_token)
+            .json(&body)
+            .send()
+    };
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let ran: Value = control(json!({"action": "RunInstances", "command": ["sleep", marker]}))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        ids.push(
+            ran["instances"][0]["id"]
+                .as_str()
+                .unwrap_or_else(|| panic!("an instance: {ran}"))
+                .to_owned(),
+        );
+    }
+    let stopped = control(json!({"action": "StopInstances", "ids": [ids[1]]}))
+        .await
+        .unwrap();
+    assert_eq!(stopped.status(), 200);
+    assert_eq!(processes_running(&marker), 1, "one instance runs");
+
+    stop_tx.send(()).unwrap();
+    timeout(PATIENCE, demo)
+        .await
+        .expect("the demo ends")
+        .unwrap()
+        .expect("the demo ends cleanly");
+    assert_eq!(
+        processes_running(&marker),
+        0,
+        "the demo left its instance running"
+    );
+    // Both were terminated through the control path, the stopped one too.
+    let store = surplus_controller::store::sqlite::SqliteStore::open(
+        &root.path().join("controller/controller.db"),
+    )
+    .await
+    .unwrap();
+    let rows = surplus_controller::store::Store::instances(&store, None)
+        .await
+        .unwrap();
+    let states: Vec<_> = rows.iter().map(|r| r.record.state).collect();
+    assert_eq!(
+        states,
+        vec![surplus_protocol::control::InstanceState::Terminated; 2],
+        "{ids:?}"
+    );
 }
