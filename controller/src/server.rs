@@ -140,7 +140,12 @@ pub async fn start(
 /// hyper's limit on the request head: above ours (`http::request_limits`) so that ours,
 /// which answer in JSON, are the ones clients meet.
 fn hyper_max_buf_size(config: &ControllerConfig) -> usize {
-    (2 * (config.http_max_uri_bytes + config.http_max_header_bytes) + 8192).max(64 << 10)
+    config
+        .http_max_uri_bytes
+        .saturating_add(config.http_max_header_bytes)
+        .saturating_mul(2)
+        .saturating_add(8192)
+        .max(64 << 10)
 }
 
 /// Serves the API: HTTP/1.1 connections with a header read timeout, at most
