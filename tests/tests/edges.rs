@@ -210,6 +210,10 @@ async fn oversized_requests_and_unknown_methods_answer_json_errors() {
             request = request.bearer_auth(&token);
         }
         let r = request.send().await.unwrap();
+        assert!(
+            r.headers().contains_key(reqwest::header::ALLOW),
+            "{method} {path}: a 405 names the methods served"
+        );
         let status = r.status().as_u16();
         let body: Value = r
             .json()
