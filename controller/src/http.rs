@@ -345,6 +345,7 @@ where
 }
 
 /// Every route of the API, the one list the router is built from.
+#[rustfmt::skip]
 fn table() -> Vec<Route> {
     use Access::{Public, Token};
     let (get, post, put) = ("GET", "POST", "PUT");
@@ -353,57 +354,27 @@ fn table() -> Vec<Route> {
         route(get, "/metrics", Public, metrics),
         route(get, "/v1/agents", Token, list_agents),
         route(get, "/v1/agents/{id}", Token, show_agent),
-        route(
-            get,
-            "/v1/agents/{id}/inventory/history",
-            Token,
-            inventory_history,
-        ),
+        route(get, "/v1/agents/{id}/inventory/history", Token, inventory_history),
         route(post, "/v1/agents/{id}/revoke", Token, revoke_agent),
         route(post, "/v1/agents/{id}/ping", Token, ping_agent),
         route(post, "/v1/agents/{id}/validation", Token, order_validation),
         route(get, "/v1/agents/{id}/validation", Token, agent_validations),
         route(get, "/v1/validations/{run}", Token, show_validation),
-        route(
-            post,
-            "/v1/validations/{run}/cancel",
-            Token,
-            cancel_validation,
-        ),
+        route(post, "/v1/validations/{run}/cancel", Token, cancel_validation),
         route(post, "/v1/tokens", Token, create_token),
         route(post, "/v1/api-tokens", Token, create_api_token),
         route(post, "/v1/control", Token, control),
         route(get, "/v1/instances", Token, list_instances),
         route(get, "/v1/volumes", Token, list_volumes),
         route(get, "/v1/agents/{id}/compat", Token, agent_compat),
-        route(
-            get,
-            "/v1/agents/{id}/metering",
-            Token,
-            billing::get_metering,
-        ),
-        route(
-            put,
-            "/v1/agents/{id}/metering",
-            Token,
-            billing::put_metering,
-        ),
-        route(
-            put,
-            "/v1/agents/{id}/price-plan",
-            Token,
-            billing::put_price_plan,
-        ),
+        route(get, "/v1/agents/{id}/metering", Token, billing::get_metering),
+        route(put, "/v1/agents/{id}/metering", Token, billing::put_metering),
+        route(put, "/v1/agents/{id}/price-plan", Token, billing::put_price_plan),
         route(get, "/v1/usage", Token, billing::usage),
         route(post, "/v1/billing/runs", Token, billing::billing_run),
         route(post, "/v1/payments", Token, billing::payment),
         route(post, "/v1/payouts", Token, billing::payout),
-        route(
-            put,
-            "/v1/ledger/accounts/{account}",
-            Token,
-            billing::put_account,
-        ),
+        route(put, "/v1/ledger/accounts/{account}", Token, billing::put_account),
         route(get, "/v1/ledger/balances", Token, billing::balances),
         route(get, "/v1/invoices", Token, billing::invoices),
         route(get, "/v1/invoices/{id}", Token, billing::invoice),

@@ -114,22 +114,22 @@ impl Api {
     }
 }
 
-fn instance_ids(answer: &Value) -> BTreeSet<String> {
-    answer["instances"]
+/// The ids of the `list` (`instances`, `volumes`) of a control answer.
+fn ids(answer: &Value, list: &str) -> BTreeSet<String> {
+    answer[list]
         .as_array()
-        .unwrap_or_else(|| panic!("instances: {answer}"))
+        .unwrap_or_else(|| panic!("{list}: {answer}"))
         .iter()
         .map(|i| i["id"].as_str().expect("an id").to_owned())
         .collect()
 }
 
+fn instance_ids(answer: &Value) -> BTreeSet<String> {
+    ids(answer, "instances")
+}
+
 fn volume_ids(answer: &Value) -> BTreeSet<String> {
-    answer["volumes"]
-        .as_array()
-        .unwrap_or_else(|| panic!("volumes: {answer}"))
-        .iter()
-        .map(|v| v["id"].as_str().expect("an id").to_owned())
-        .collect()
+    ids(answer, "volumes")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -375,6 +375,38 @@ fn serve_env(log_filter: &str) -> Vec<(&'static str, String)> {
     ]
 }
 
+/// `surplus-controller serve` on `data`, its own loopback ports, its log a pipe.
+fn serve(data: &std::path::Path) -> Child {
+    Child(
+        Command::new(bin("surplus-controller"))
+            .arg("--data-dir")
+            .arg(data)
+            .arg("serve")
+            .envs(serve_env("info"))
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// Reads the controller's log until it says it is serving and returns what it wrote;
+/// then the reader is gone, as when the `head` a log is piped into has its line.
+fn until_listening(child: &mut Child) -> String {
+    let mut logs = std::io::BufReader::new(child.0.stderr.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        let n = std::io::BufRead::read_line(&mut logs, &mut line).unwrap();
+        assert!(n > 0, "the controller ended before serving: {seen}");
+        seen.push_str(&line);
+        if line.contains("controller listening") {
+            return seen;
+        }
+    }
+}
+
 #[test]
 fn a_second_controller_on_one_data_directory_refuses_to_start_and_logs_are_plain() {
     let root = tempfile::tempdir().unwrap();
@@ -385,47 +417,16 @@ fn a_second_controller_on_one_data_directory_refuses_to_start_and_logs_are_plain
         .arg("init"));
     assert!(out.status.success(), "init: {}", text(&out.stderr));
 
-    let mut first = Child(
-        Command::new(bin("surplus-controller"))
-            .arg("--data-dir")
-            .arg(&data)
-            .arg("serve")
-            .envs(serve_env("info"))
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
     // The first is serving once it says so (its log is a pipe here: plain text).
-    let mut logs = std::io::BufReader::new(first.0.stderr.take().unwrap());
-    let mut seen = String::new();
-    loop {
-        let mut line = String::new();
-        let n = std::io::BufRead::read_line(&mut logs, &mut line).unwrap();
-        assert!(n > 0, "the first controller ended: {seen}");
-        seen.push_str(&line);
-        if line.contains("controller listening") {
-            break;
-        }
-    }
+    let mut first = serve(&data);
+    let seen = until_listening(&mut first);
     assert!(
         !seen.contains('\u{1b}'),
         "colour codes in a log written to a pipe: {seen:?}"
     );
 
     // The second, on other ports, fails at start naming the first's pid.
-    let mut second = Child(
-        Command::new(bin("surplus-controller"))
-            .arg("--data-dir")
-            .arg(&data)
-            .arg("serve")
-            .envs(serve_env("info"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
+    let mut second = serve(&data);
     let status = second
         .wait_for_exit(Duration::from_secs(20))
         .expect("the second controller stops by itself");
@@ -442,7 +443,8 @@ fn a_second_controller_on_one_data_directory_refuses_to_start_and_logs_are_plain
         first.0.try_wait().unwrap().is_none(),
         "the first keeps serving"
     );
-    // Once the first has stopped, the directory can be served again.
+    // The first's log pipe is closed by now (its reader is gone): a service does not
+    // die of that. Once it has stopped, the directory can be served again.
     assert!(
         run(Command::new("kill").args(["-TERM", &pid]))
             .status
@@ -454,24 +456,8 @@ fn a_second_controller_on_one_data_directory_refuses_to_start_and_logs_are_plain
             .expect("the first stops on SIGTERM")
             .success()
     );
-    let mut third = Child(
-        Command::new(bin("surplus-controller"))
-            .arg("--data-dir")
-            .arg(&data)
-            .arg("serve")
-            .envs(serve_env("info"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut logs = std::io::BufReader::new(third.0.stderr.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("controller listening") {
-        line.clear();
-        let n = std::io::BufRead::read_line(&mut logs, &mut line).unwrap();
-        assert!(n > 0, "the directory cannot be served again");
-    }
+    let mut third = serve(&data);
+    until_listening(&mut third);
 }
 
 /// `command` with its standard output a pipe whose reader is already gone, as with
