@@ -372,5 +372,9 @@ fn tempfile_dir(data_dir: &std::path::Path) -> anyhow::Result<PathBuf> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    surplus_agent::runtime::exit_code(main_inner(Cli::parse()).await)
+    let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run) {
+        surplus_agent::runtime::end_quietly_on_closed_pipe();
+    }
+    surplus_agent::runtime::exit_code(main_inner(cli).await)
 }

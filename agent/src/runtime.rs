@@ -1,19 +1,41 @@
-//! Process plumbing shared by the Surplus binaries: logging set-up and shutdown signals.
+//! Process plumbing shared by the Surplus binaries: logging set-up, shutdown signals
+//! and closed output pipes.
+
+use std::io::{IsTerminal, Write};
 
 use crate::config::LogFormat;
 
 /// Starts tracing output to stderr in `format`, filtered by `RUST_LOG` when set,
-/// otherwise by `filter`. A second call is ignored.
+/// otherwise by `filter`. Human logs are coloured only when stderr is a terminal, so
+/// files, pipes and journals get plain text. A log line that cannot be written (its
+/// pipe was closed) is dropped: tracing-subscriber would otherwise report it with
+/// `eprintln!`, which panics on the same closed pipe. A second call is ignored.
 pub fn init_logs(format: LogFormat, filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .log_internal_errors(false)
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Human => builder.try_init(),
     };
+}
+
+/// Lets a closed output pipe end the process quietly, as it ends `cat` or `ls`
+/// (`surplus describe --json | head -1`): the Rust runtime ignores SIGPIPE, so a write
+/// into a closed pipe is an error, and `println!` panics on it. Call it first in the
+/// `main` of commands that print and end; long-running services (`surplus-agent run`,
+/// `surplus-controller serve`) keep ignoring SIGPIPE, so that a closed log pipe
+/// cannot kill them (see [`init_logs`] for the log lines themselves).
+pub fn end_quietly_on_closed_pipe() {
+    // SAFETY: `signal` with SIG_DFL installs no handler (nothing runs in signal
+    // context); it only changes the process's disposition of SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
@@ -31,7 +53,8 @@ pub fn exit_code(result: anyhow::Result<()>) -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Not eprintln!, which panics when stderr is a closed pipe.
+            let _ = writeln!(std::io::stderr(), "error: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }

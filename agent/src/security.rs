@@ -483,6 +483,30 @@ pub struct Listener {
     pub addr: std::net::IpAddr,
     /// Local port.
     pub port: u16,
+    /// The socket's inode (which process holds it: `/proc/<pid>/fd` links to
+    /// `socket:[inode]`), when the line has it.
+    pub inode: Option<u64>,
+}
+
+/// The inode of a `/proc/<pid>/fd/<n>` link target such as `socket:[12345]`.
+pub fn socket_inode(link: &str) -> Option<u64> {
+    link.strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
+/// The inodes of the sockets this process holds (the agent's own QUIC endpoint is an
+/// unconnected UDP socket on all interfaces: a client, not an exposed service).
+fn own_socket_inodes() -> BTreeSet<u64> {
+    let Ok(entries) = fs::read_dir("/proc/self/fd") else {
+        return BTreeSet::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| fs::read_link(e.path()).ok())
+        .filter_map(|target| socket_inode(&target.to_string_lossy()))
+        .collect()
 }
 
 /// Parses one `/proc/net/*` table; keeps TCP sockets in LISTEN and bound UDP sockets.
@@ -511,7 +535,13 @@ pub fn parse_proc_net(proto: &'static str, text: &str) -> Vec<Listener> {
                 16 => std::net::IpAddr::from(<[u8; 16]>::try_from(&words[..]).ok()?),
                 _ => return None,
             };
-            Some(Listener { proto, addr, port })
+            let inode = f.get(9).and_then(|i| i.parse().ok());
+            Some(Listener {
+                proto,
+                addr,
+                port,
+                inode,
+            })
         })
         .collect()
 }
@@ -534,11 +564,24 @@ fn listening_sockets(host: &HostRoot) -> Finding {
     };
     let mut seen = false;
     let mut exposed = BTreeSet::new();
+    // On the live host, the sockets of this very process (the agent's) are not
+    // services; under `--root` the tree's tables belong to no process here.
+    let own = if host.live {
+        own_socket_inodes()
+    } else {
+        BTreeSet::new()
+    };
+    let mut skipped = 0;
     for proto in ["tcp", "tcp6", "udp", "udp6"] {
         if let Some(text) = host.read(&format!("/proc/net/{proto}")) {
             seen = true;
             for l in parse_proc_net(proto, &text) {
-                if !is_loopback(&l.addr) {
+                if is_loopback(&l.addr) {
+                    continue;
+                }
+                if l.inode.is_some_and(|i| own.contains(&i)) {
+                    skipped += 1;
+                } else {
                     exposed.insert(format!("{}/{}:{}", l.proto, l.addr, l.port));
                 }
             }
@@ -548,14 +591,17 @@ fn listening_sockets(host: &HostRoot) -> Finding {
         return c.na(host.needs_live("/proc/net"));
     }
     let list: Vec<String> = exposed.into_iter().collect();
-    c.verdict(
-        list.is_empty(),
-        if list.is_empty() {
-            "only loopback listeners".to_owned()
-        } else {
-            format!("{} exposed: {}", list.len(), list.join(", "))
-        },
-    )
+    let mut evidence = if list.is_empty() {
+        "only loopback listeners".to_owned()
+    } else {
+        format!("{} exposed: {}", list.len(), list.join(", "))
+    };
+    if skipped > 0 {
+        evidence.push_str(&format!(
+            " ({skipped} socket(s) of the agent itself not counted)"
+        ));
+    }
+    c.verdict(list.is_empty(), evidence)
 }
 
 /// Counts packet-filter rules in `nft list ruleset` output.
@@ -1163,6 +1209,16 @@ mod tests {
         let l = parse_proc_net("tcp6", tcp6);
         assert_eq!(l[0].addr.to_string(), "::1");
         assert!(is_loopback(&l[0].addr));
+    }
+
+    #[test]
+    fn proc_net_lines_carry_their_inode_and_fd_links_name_it() {
+        let udp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n  711: 00000000:A1B2 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 48213 2 0000000000000000 0\n";
+        let l = parse_proc_net("udp", udp);
+        assert_eq!((l[0].port, l[0].inode), (0xA1B2, Some(48213)));
+        assert_eq!(socket_inode("socket:[48213]"), Some(48213));
+        assert_eq!(socket_inode("pipe:[48213]"), None);
+        assert_eq!(socket_inode("/dev/null"), None);
     }
 
     #[test]

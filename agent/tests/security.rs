@@ -365,3 +365,55 @@ fn the_live_host_can_be_checked() {
     assert!(report.findings.len() >= 30);
     assert!(report.hardening_index <= 100);
 }
+
+/// The agent's own QUIC client endpoint is an unconnected UDP socket on all
+/// interfaces; on the live host it is not an exposed service, while the same kind of
+/// socket held by another process still is.
+#[tokio::test]
+async fn the_agents_own_sockets_are_not_exposed_listeners() {
+    let own = quinn::Endpoint::client("0.0.0.0:0".parse().unwrap()).unwrap();
+    let own_port = own.local_addr().unwrap().port();
+    // Another process holding an unconnected UDP socket on all interfaces: the
+    // socket is handed to `sleep` as its standard input, then closed here.
+    let theirs = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    let their_port = theirs.local_addr().unwrap().port();
+    let mut other = std::process::Command::new("sleep")
+        .arg("60")
+        .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(
+            theirs,
+        )))
+        .spawn()
+        .unwrap();
+
+    let report = tokio::task::spawn_blocking(|| run(&HostRoot::new(Path::new("/"), None)))
+        .await
+        .unwrap();
+    let _ = other.kill();
+    let _ = other.wait();
+    let finding = report
+        .findings
+        .iter()
+        .find(|f| f.id == "net.listening")
+        .unwrap();
+    assert!(
+        !finding
+            .evidence
+            .contains(&format!("udp/0.0.0.0:{own_port}")),
+        "the agent's own endpoint counted as exposed: {}",
+        finding.evidence
+    );
+    assert!(
+        finding.evidence.contains("of the agent itself not counted"),
+        "{}",
+        finding.evidence
+    );
+    assert!(
+        finding
+            .evidence
+            .contains(&format!("udp/0.0.0.0:{their_port}")),
+        "another process's socket must still count: {}",
+        finding.evidence
+    );
+    assert_eq!(finding.status, CheckStatus::Fail);
+    drop(own);
+}

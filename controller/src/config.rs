@@ -20,6 +20,25 @@ pub struct ControllerConfig {
     pub enroll_listen: SocketAddr,
     /// TCP address of the HTTP API; loopback by default.
     pub http_listen: SocketAddr,
+    /// How long a client may take to send a request's line and headers, from when the
+    /// connection opens or its previous response was sent; past it the connection is
+    /// closed (a half-sent request does not hold a connection).
+    #[serde(with = "humantime_serde")]
+    pub http_header_read_timeout: Duration,
+    /// How long a client may take to send a request's whole body once its headers
+    /// arrived; past it the API answers 408 and closes the connection.
+    #[serde(with = "humantime_serde")]
+    pub http_body_read_timeout: Duration,
+    /// Most HTTP connections served at once; more wait in the listen backlog until one
+    /// ends. Keep it below the process's open-file limit.
+    pub http_max_connections: usize,
+    /// Largest request body in bytes (413 beyond).
+    pub http_max_body_bytes: usize,
+    /// Longest request target (path and query) in bytes (414 beyond).
+    pub http_max_uri_bytes: usize,
+    /// Most bytes of request headers, counting each as name, value and 4 separator
+    /// bytes (431 beyond; so are more than 100 headers).
+    pub http_max_header_bytes: usize,
     /// Names (DNS names or IP addresses) in the controller's server certificate; the
     /// first is the TLS server name agents verify.
     pub server_names: Vec<String>,
@@ -79,6 +98,12 @@ impl Default for ControllerConfig {
             session_listen: "0.0.0.0:7070".parse().expect("literal"),
             enroll_listen: "0.0.0.0:7071".parse().expect("literal"),
             http_listen: "127.0.0.1:7080".parse().expect("literal"),
+            http_header_read_timeout: Duration::from_secs(10),
+            http_body_read_timeout: Duration::from_secs(30),
+            http_max_connections: 512,
+            http_max_body_bytes: 2 << 20,
+            http_max_uri_bytes: 8 << 10,
+            http_max_header_bytes: 16 << 10,
             server_names: vec!["localhost".into(), "127.0.0.1".into()],
             advertise_session: Vec::new(),
             advertise_enroll: Vec::new(),
@@ -161,6 +186,36 @@ impl ControllerConfig {
             self.enroll_listen,
             &self.server_names,
         )
+    }
+
+    /// Refuses settings the controller cannot run with, naming the field.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("http_max_connections", self.http_max_connections),
+            ("http_max_body_bytes", self.http_max_body_bytes),
+            ("http_max_uri_bytes", self.http_max_uri_bytes),
+            ("http_max_header_bytes", self.http_max_header_bytes),
+        ];
+        for (field, value) in positive {
+            if value == 0 {
+                return Err(format!("{field} must be more than zero"));
+            }
+        }
+        if self.http_max_connections > tokio::sync::Semaphore::MAX_PERMITS {
+            return Err(format!(
+                "http_max_connections must be at most {}",
+                tokio::sync::Semaphore::MAX_PERMITS
+            ));
+        }
+        for (field, value) in [
+            ("http_header_read_timeout", self.http_header_read_timeout),
+            ("http_body_read_timeout", self.http_body_read_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(format!("{field} must be more than zero"));
+            }
+        }
+        Ok(())
     }
 
     /// The TLS name agents verify.

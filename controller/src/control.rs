@@ -321,10 +321,12 @@ pub fn parse_request(body: Value) -> Result<ControlRequest, Invalid> {
     Ok(request)
 }
 
-/// May `caller` act on something `owner` owns? Admins may act on everything; clients
-/// on what their account made. (Reservation holders join here with issue C.)
-pub fn authorise(caller: &Principal, owner: &str) -> bool {
-    caller.role == Role::Admin || caller.account == owner
+/// May `caller` act on something `owner` owns? Admins may act on everything; others
+/// on what their own principal made: the same role *and* account, as in the ledger,
+/// where `client:alice` and `provider:alice` are different accounts. (Reservation
+/// holders join here with issue C.)
+pub fn authorise(caller: &Principal, owner: &Principal) -> bool {
+    caller.role == Role::Admin || caller == owner
 }
 
 /// May `caller` create instances and volumes at all?
@@ -512,12 +514,12 @@ impl Controller {
         id: &str,
     ) -> Result<InstanceRow, ControlError> {
         let row = self.store.instance(id).await?;
-        owned(caller, "instance", id, row, |r| &r.account)
+        owned(caller, "instance", id, row, InstanceRow::owner)
     }
 
     async fn owned_volume(&self, caller: &Principal, id: &str) -> Result<VolumeRow, ControlError> {
         let row = self.store.volume(id).await?;
-        owned(caller, "volume", id, row, |r| &r.account)
+        owned(caller, "volume", id, row, VolumeRow::owner)
     }
 
     /// The agent a new instance or volume goes to.
@@ -801,7 +803,7 @@ impl Controller {
                         },
                     )
                     .await?;
-                self.volumes_response(agent_id, &caller.account, &volume_id, reply)
+                self.volumes_response(agent_id, caller, &volume_id, reply)
                     .await
             }
             ControlRequest::DeleteVolume { volume_id } => {
@@ -814,15 +816,14 @@ impl Controller {
                         },
                     )
                     .await?;
-                self.volumes_response(row.agent_id, &row.account, &volume_id, reply)
+                self.volumes_response(row.agent_id, &row.owner(), &volume_id, reply)
                     .await
             }
             ControlRequest::DescribeVolumes { ids } => {
                 let rows = match ids.is_empty() {
                     true => {
-                        let account =
-                            (caller.role != Role::Admin).then_some(caller.account.as_str());
-                        self.store.volumes(account).await?
+                        let owner = (caller.role != Role::Admin).then_some(caller);
+                        self.store.volumes(owner).await?
                     }
                     false => {
                         let mut rows = Vec::new();
@@ -939,11 +940,11 @@ impl Controller {
         if ids.is_empty() {
             // Instances terminated longer ago than the retention are shown only when
             // asked for by id.
-            let account = (caller.role != Role::Admin).then_some(caller.account.as_str());
+            let owner = (caller.role != Role::Admin).then_some(caller);
             let now = self.clock.now_ms();
             let horizon =
                 i64::try_from(self.config.terminated_retention.as_millis()).unwrap_or(i64::MAX);
-            let mut rows = self.store.instances(account).await?;
+            let mut rows = self.store.instances(owner).await?;
             rows.retain(|r| {
                 r.record.state != InstanceState::Terminated
                     || now.saturating_sub(r.record.state_changed_at_ms) < horizon
@@ -960,7 +961,7 @@ impl Controller {
     async fn volumes_response(
         &self,
         agent_id: Uuid,
-        account: &str,
+        owner: &Principal,
         volume_id: &str,
         reply: ControlReply,
     ) -> Result<ControlResponse, ControlError> {
@@ -973,7 +974,8 @@ impl Controller {
             self.store
                 .put_volume(&VolumeRow {
                     agent_id,
-                    account: account.to_owned(),
+                    account: owner.account.clone(),
+                    owner_role: owner.role,
                     record: v.clone(),
                     updated_at_ms: self.clock.now_ms(),
                 })
@@ -981,7 +983,7 @@ impl Controller {
             out.push(VolumeView {
                 volume: v,
                 agent_id,
-                account: account.to_owned(),
+                account: owner.account.clone(),
                 stale: false,
             });
         }
@@ -1029,6 +1031,7 @@ impl Controller {
         let row = InstanceRow {
             agent_id,
             account: caller.account.clone(),
+            owner_role: caller.role,
             client_token: client_token.clone(),
             request_hash: request_hash(agent_id, &spec),
             record: Instance {
@@ -1140,12 +1143,14 @@ fn owned<T>(
     what: &str,
     id: &str,
     row: Option<T>,
-    account: impl Fn(&T) -> &String,
+    owner: impl Fn(&T) -> Principal,
 ) -> Result<T, ControlError> {
     let row = row.ok_or_else(|| ControlError::NotFound(format!("{what} {id} not found")))?;
-    if !authorise(caller, account(&row)) {
+    if !authorise(caller, &owner(&row)) {
         return Err(ControlError::Forbidden(format!(
-            "{what} {id} belongs to another account"
+            "{what} {id} belongs to another owner ({} {} is not it)",
+            caller.role.as_str(),
+            caller.account
         )));
     }
     Ok(row)
@@ -1264,9 +1269,18 @@ mod tests {
             account: "p".into(),
             role: Role::Provider,
         };
-        assert!(authorise(&alice, "alice"));
-        assert!(!authorise(&alice, "bob"));
-        assert!(authorise(&admin, "bob"));
+        let named = |role: Role, account: &str| Principal {
+            account: account.into(),
+            role,
+        };
+        assert!(authorise(&alice, &named(Role::Client, "alice")));
+        assert!(!authorise(&alice, &named(Role::Client, "bob")));
+        assert!(authorise(&admin, &named(Role::Client, "bob")));
+        // The same name in another role is another principal, both ways.
+        for role in [Role::Provider, Role::PoolOwner] {
+            assert!(!authorise(&named(role, "alice"), &alice), "{role:?}");
+            assert!(!authorise(&alice, &named(role, "alice")), "{role:?}");
+        }
         assert!(may_create(&alice) && may_create(&admin) && !may_create(&provider));
     }
 

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! DIR/ca.crt  ca.key (0600)  server.crt  server.key (0600)  controller.db  controller.toml
+//! DIR/controller.lock (the pid of the controller serving the directory)
 //! ```
 
 use std::fs;
@@ -60,6 +61,54 @@ impl DataDir {
     pub fn config_file(&self) -> PathBuf {
         self.0.join("controller.toml")
     }
+    /// Lock file of the controller serving the directory.
+    pub fn lock_file(&self) -> PathBuf {
+        self.0.join("controller.lock")
+    }
+
+    /// Takes the directory's advisory lock (`flock`) for as long as the returned value
+    /// lives, and writes this process's pid into the lock file. A second controller on
+    /// the same directory would fight the first over its agents (marking them
+    /// unreachable); it fails here instead, naming the holder. The local administration
+    /// commands (`token create`, `agent revoke`) do not take it: they are meant to run
+    /// beside a serving controller.
+    pub fn lock(&self) -> anyhow::Result<DataDirLock> {
+        use std::io::{Read, Seek, Write};
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.lock_file();
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o644)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                let mut text = String::new();
+                let _ = file.read_to_string(&mut text);
+                let holder = match text.trim() {
+                    "" => "a process that has not written its pid yet".to_owned(),
+                    pid => format!("pid {pid}"),
+                };
+                bail!(
+                    "{} is in use by another surplus-controller ({holder}, lock {}); stop it first or give this one another --data-dir",
+                    self.0.display(),
+                    path.display()
+                );
+            }
+            Err(e) => bail!("locking {}: {e}", path.display()),
+        }
+        let pid = std::process::id();
+        file.set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| writeln!(file, "{pid}"))
+            .and_then(|()| file.sync_all())
+            .with_context(|| format!("writing pid {pid} into {}", path.display()))?;
+        Ok(DataDirLock { _file: file })
+    }
 
     /// Loads the configuration of this directory.
     pub fn load_config(&self) -> anyhow::Result<ControllerConfig> {
@@ -117,6 +166,13 @@ impl DataDir {
         write_atomic(&names_file, wanted.as_bytes(), 0o644)?;
         Ok((cert, key))
     }
+}
+
+/// The lock of a data directory ([`DataDir::lock`]); released when dropped (or when
+/// the process ends, however it ends).
+#[derive(Debug)]
+pub struct DataDirLock {
+    _file: fs::File,
 }
 
 /// What `init` made.

@@ -2,7 +2,9 @@
 //!
 //! A fresh data directory, a dev CA, a controller on loopback, and one local agent
 //! enrolled through a real join token over real QUIC with mutual TLS; the registered
-//! agent is printed with its inventory, and it keeps heartbeating until Ctrl-C.
+//! agent is printed with its inventory, and it keeps heartbeating until Ctrl-C. Then
+//! every instance run through it is terminated (through the control path, as a client
+//! would), so nothing outlives the demo's temporary directory.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -12,16 +14,75 @@ use surplus_agent::{AgentConfig, Runner};
 use surplus_protocol::clock;
 use tokio_util::sync::CancellationToken;
 
+use crate::control::{ControlRequest, ControlResponse};
 use crate::datadir::{self, DataDir};
 use crate::registry::RegistryEvent;
+use crate::service::Controller;
+use crate::store::{Principal, Role};
+
+/// Terminates every instance that is not terminated yet, as an admin client would
+/// (DescribeInstances, then TerminateInstances); returns how many.
+async fn terminate_all(ctl: &Controller) -> anyhow::Result<usize> {
+    use surplus_protocol::control::{Filters, InstanceState, Lifecycle};
+    let admin = Principal {
+        account: "admin".into(),
+        role: Role::Admin,
+    };
+    let ControlResponse::Instances(list) = ctl
+        .control(&admin, ControlRequest::Describe(Filters::default()))
+        .await
+        .context("describing the demo's instances")?
+    else {
+        anyhow::bail!("DescribeInstances answered something else than instances");
+    };
+    let ids: Vec<String> = list
+        .into_iter()
+        .filter(|v| v.instance.state != InstanceState::Terminated)
+        .map(|v| v.instance.id)
+        .collect();
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let count = ids.len();
+    ctl.control(
+        &admin,
+        ControlRequest::Lifecycle {
+            op: Lifecycle::Terminate,
+            ids,
+        },
+    )
+    .await
+    .context("terminating the demo's instances")?;
+    Ok(count)
+}
 
 fn gib(bytes: u64) -> String {
     format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
 }
 
+/// What a running demo offers, for whoever started it (tests).
+#[derive(Debug, Clone)]
+pub struct Ready {
+    /// The API's base URL.
+    pub http_url: String,
+    /// The admin API token.
+    pub admin_token: String,
+    /// The local agent.
+    pub agent_id: uuid::Uuid,
+}
+
 /// Runs the demo until `stop` resolves.
 pub async fn run(
     data_dir: Option<PathBuf>,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    run_with(data_dir, None, stop).await
+}
+
+/// [`run`], telling `ready` where the API is once the agent is registered.
+pub async fn run_with(
+    data_dir: Option<PathBuf>,
+    ready: Option<tokio::sync::oneshot::Sender<Ready>>,
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let temp;
@@ -158,10 +219,23 @@ pub async fn run(
         running.http_url(),
         report.admin_token
     );
-    println!("Ctrl-C stops the agent and the controller (instances it ran keep running).");
+    println!("Ctrl-C terminates the instances run here, then stops the agent and the controller.");
+    if let Some(ready) = ready {
+        let _ = ready.send(Ready {
+            http_url: running.http_url(),
+            admin_token: report.admin_token.clone(),
+            agent_id: identity.agent_id,
+        });
+    }
 
     stop.await;
     println!("stopping...");
+    match terminate_all(&ctl).await {
+        Ok(0) => {}
+        Ok(n) => println!("terminated {n} instance(s)"),
+        // The data directory goes away with the demo: say what may be left behind.
+        Err(e) => eprintln!("terminating the demo's instances failed (some may still run): {e:#}"),
+    }
     cancel.cancel();
     match agent_task.await {
         Ok(Ok(())) => {}

@@ -1,16 +1,23 @@
 //! The HTTP/JSON API. Thin: it authenticates, parses, calls [`Controller`] or the
-//! store, and renders. Every error is `{ "error": code, "message": text }`.
+//! store, and renders. Every error is `{ "error": code, "message": text }`, including
+//! those of the transport: unknown paths (404), methods (405), slow bodies (408),
+//! large bodies (413), long targets (414) and large headers (431).
+//!
+//! Every route is one row of [`routes`], which the router is built from, so the list
+//! (and the authorization matrix tested against it) cannot drift from what is served.
 
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequestParts, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Request, State};
+use axum::handler::Handler;
 use axum::http::request::Parts;
-use axum::http::{StatusCode, header};
+use axum::http::{Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{MethodFilter, MethodRouter};
 use axum::{Json, Router};
+use http_body_util::BodyExt;
 use uuid::Uuid;
 
 pub mod billing;
@@ -90,7 +97,14 @@ impl From<StoreError> for ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
-        ApiError::bad_request(r.body_text())
+        match r.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                r.body_text(),
+            ),
+            _ => ApiError::bad_request(r.body_text()),
+        }
     }
 }
 
@@ -157,7 +171,117 @@ async fn authenticate(
             )
         })?;
     request.extensions_mut().insert(Caller(principal));
+    let request = read_body(&ctl.config, request).await?;
     Ok(next.run(request).await)
+}
+
+/// Reads the whole body of an authenticated request within
+/// `http_body_read_timeout` (408) and `http_max_body_bytes` (413). Only authenticated
+/// requests are read, so a stranger cannot make the API hold bodies in memory.
+async fn read_body(
+    config: &crate::config::ControllerConfig,
+    request: Request,
+) -> Result<Request, ApiError> {
+    let limit = config.http_max_body_bytes;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the request body is larger than {limit} bytes (http_max_body_bytes)"),
+        )
+    };
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let (parts, mut body) = request.into_parts();
+    let timeout = config.http_body_read_timeout;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut bytes = Vec::new();
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => {
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    format!(
+                        "the request body did not arrive within {} (http_body_read_timeout)",
+                        humantime::format_duration(timeout)
+                    ),
+                ));
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                return Err(ApiError::bad_request(format!(
+                    "reading the request body: {e}"
+                )));
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        if let Ok(data) = frame.into_data() {
+            if bytes.len() + data.len() > limit {
+                return Err(too_large());
+            }
+            bytes.extend_from_slice(&data);
+        }
+    }
+    Ok(Request::from_parts(parts, axum::body::Body::from(bytes)))
+}
+
+/// Most request headers; hyper's own limit, set above it, refuses more with an empty
+/// answer, so this one speaks first.
+pub const MAX_HEADERS: usize = 100;
+
+/// Refuses request targets and headers beyond the configured limits with JSON errors
+/// (414, 431). hyper's own limits are set above these (see `server`), so these are
+/// the ones clients meet.
+async fn request_limits(
+    State(ctl): State<Arc<Controller>>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let uri = request.uri();
+    let uri_bytes = uri.path_and_query().map_or(0, |p| p.as_str().len())
+        + uri.authority().map_or(0, |a| a.as_str().len());
+    let max_uri = ctl.config.http_max_uri_bytes;
+    if uri_bytes > max_uri {
+        return Err(ApiError::new(
+            StatusCode::URI_TOO_LONG,
+            "uri_too_long",
+            format!(
+                "the request target is {uri_bytes} bytes, more than {max_uri} (http_max_uri_bytes)"
+            ),
+        ));
+    }
+    let headers = request.headers();
+    let header_bytes: usize = headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    let max_headers = ctl.config.http_max_header_bytes;
+    if header_bytes > max_headers || headers.len() > MAX_HEADERS {
+        return Err(ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            format!(
+                "the request has {} headers of {header_bytes} bytes; at most {MAX_HEADERS} of {max_headers} bytes (http_max_header_bytes)",
+                headers.len()
+            ),
+        ));
+    }
+    Ok(next.run(request).await)
+}
+
+async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{method} is not served on {}", uri.path()),
+    )
 }
 
 /// The agent named by a path segment: 400 when it is no UUID, 404 when unknown.
@@ -184,47 +308,109 @@ fn parse_id(text: &str) -> Result<Uuid, ApiError> {
         .map_err(|_| ApiError::bad_request(format!("{text:?} is not an agent id (a UUID)")))
 }
 
+/// Who may call a route at all (each handler then decides what the caller may see).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Anyone, without a token.
+    Public,
+    /// A valid bearer token.
+    Token,
+}
+
+/// One route of the API.
+struct Route {
+    method: &'static str,
+    path: &'static str,
+    access: Access,
+    service: MethodRouter<Arc<Controller>>,
+}
+
+fn route<H, T>(method: &'static str, path: &'static str, access: Access, handler: H) -> Route
+where
+    H: Handler<T, Arc<Controller>>,
+    T: 'static,
+{
+    let filter = match method {
+        "GET" => MethodFilter::GET,
+        "POST" => MethodFilter::POST,
+        "PUT" => MethodFilter::PUT,
+        other => panic!("route {path}: method {other} is not GET, POST or PUT"),
+    };
+    Route {
+        method,
+        path,
+        access,
+        service: axum::routing::on(filter, handler),
+    }
+}
+
+/// Every route of the API, the one list the router is built from.
+#[rustfmt::skip]
+fn table() -> Vec<Route> {
+    use Access::{Public, Token};
+    let (get, post, put) = ("GET", "POST", "PUT");
+    vec![
+        route(get, "/v1/health", Public, health),
+        route(get, "/metrics", Public, metrics),
+        route(get, "/v1/agents", Token, list_agents),
+        route(get, "/v1/agents/{id}", Token, show_agent),
+        route(get, "/v1/agents/{id}/inventory/history", Token, inventory_history),
+        route(post, "/v1/agents/{id}/revoke", Token, revoke_agent),
+        route(post, "/v1/agents/{id}/ping", Token, ping_agent),
+        route(post, "/v1/agents/{id}/validation", Token, order_validation),
+        route(get, "/v1/agents/{id}/validation", Token, agent_validations),
+        route(get, "/v1/validations/{run}", Token, show_validation),
+        route(post, "/v1/validations/{run}/cancel", Token, cancel_validation),
+        route(post, "/v1/tokens", Token, create_token),
+        route(post, "/v1/api-tokens", Token, create_api_token),
+        route(post, "/v1/control", Token, control),
+        route(get, "/v1/instances", Token, list_instances),
+        route(get, "/v1/instances/{id}/logs", Token, instance_logs),
+        route(get, "/v1/volumes", Token, list_volumes),
+        route(get, "/v1/agents/{id}/compat", Token, agent_compat),
+        route(get, "/v1/agents/{id}/metering", Token, billing::get_metering),
+        route(put, "/v1/agents/{id}/metering", Token, billing::put_metering),
+        route(put, "/v1/agents/{id}/price-plan", Token, billing::put_price_plan),
+        route(get, "/v1/usage", Token, billing::usage),
+        route(post, "/v1/billing/runs", Token, billing::billing_run),
+        route(post, "/v1/payments", Token, billing::payment),
+        route(post, "/v1/payouts", Token, billing::payout),
+        route(put, "/v1/ledger/accounts/{account}", Token, billing::put_account),
+        route(get, "/v1/ledger/balances", Token, billing::balances),
+        route(get, "/v1/invoices", Token, billing::invoices),
+        route(get, "/v1/invoices/{id}", Token, billing::invoice),
+        route(get, "/v1/statements", Token, billing::statements),
+    ]
+}
+
+/// Every route the API serves: (method, path in the router's syntax, access).
+pub fn routes() -> Vec<(&'static str, &'static str, Access)> {
+    table()
+        .into_iter()
+        .map(|r| (r.method, r.path, r.access))
+        .collect()
+}
+
 /// The API router.
 pub fn router(ctl: Arc<Controller>) -> Router {
-    let authed = Router::new()
-        .route("/v1/agents", get(list_agents))
-        .route("/v1/agents/{id}", get(show_agent))
-        .route("/v1/agents/{id}/inventory/history", get(inventory_history))
-        .route("/v1/agents/{id}/revoke", post(revoke_agent))
-        .route("/v1/agents/{id}/ping", post(ping_agent))
-        .route(
-            "/v1/agents/{id}/validation",
-            post(order_validation).get(agent_validations),
-        )
-        .route("/v1/validations/{run}", get(show_validation))
-        .route("/v1/validations/{run}/cancel", post(cancel_validation))
-        .route("/v1/tokens", post(create_token))
-        .route("/v1/api-tokens", post(create_api_token))
-        .route("/v1/control", post(control))
-        .route("/v1/instances", get(list_instances))
-        .route("/v1/instances/{id}/logs", get(instance_logs))
-        .route("/v1/volumes", get(list_volumes))
-        .route("/v1/agents/{id}/compat", get(agent_compat))
-        .route(
-            "/v1/agents/{id}/metering",
-            get(billing::get_metering).put(billing::put_metering),
-        )
-        .route("/v1/agents/{id}/price-plan", put(billing::put_price_plan))
-        .route("/v1/usage", get(billing::usage))
-        .route("/v1/billing/runs", post(billing::billing_run))
-        .route("/v1/payments", post(billing::payment))
-        .route("/v1/payouts", post(billing::payout))
-        .route("/v1/ledger/accounts/{account}", put(billing::put_account))
-        .route("/v1/ledger/balances", get(billing::balances))
-        .route("/v1/invoices", get(billing::invoices))
-        .route("/v1/invoices/{id}", get(billing::invoice))
-        .route("/v1/statements", get(billing::statements))
-        .route_layer(middleware::from_fn_with_state(ctl.clone(), authenticate));
+    let mut public = Router::new();
+    let mut authed = Router::new();
+    for r in table() {
+        match r.access {
+            Access::Public => public = public.route(r.path, r.service),
+            Access::Token => authed = authed.route(r.path, r.service),
+        }
+    }
+    let authed = authed.route_layer(middleware::from_fn_with_state(ctl.clone(), authenticate));
     Router::new()
-        .route("/v1/health", get(health))
-        .route("/metrics", get(metrics))
+        .merge(public)
         .merge(authed)
         .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .method_not_allowed_fallback(method_not_allowed)
+        // Bodies are read and limited by `read_body`; the extractors' own limit must
+        // not be lower.
+        .layer(DefaultBodyLimit::max(ctl.config.http_max_body_bytes))
+        .layer(middleware::from_fn_with_state(ctl.clone(), request_limits))
         .with_state(ctl)
 }
 
@@ -667,8 +853,10 @@ async fn agent_compat(
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<serde_json::Value> {
-    caller.require(Role::Provider)?;
-    let id = load_agent(&ctl, &id).await?.id;
+    let agent = load_agent(&ctl, &id).await?;
+    // A host's compatibility results are its provider's business (and admins').
+    billing::require_host_owner(&caller, &agent)?;
+    let id = agent.id;
     let (report, at) = ctl.store.compat_report(id).await?.ok_or_else(|| {
         ApiError::not_found(format!(
             "agent {id} has not reported compatibility results (run surplus-agent compat --report)"

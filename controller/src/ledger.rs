@@ -30,6 +30,11 @@ pub fn provider(account: &str) -> String {
     format!("provider:{account}")
 }
 
+/// A pool owner's account.
+pub fn pool(account: &str) -> String {
+    format!("pool:{account}")
+}
+
 /// Whether an account may go below zero unless told otherwise: clients are billed
 /// after use (postpaid) and `external` is the outside world; providers and the
 /// marketplace can only hold what they earned.

@@ -153,5 +153,9 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    surplus_agent::runtime::exit_code(main_inner(Cli::parse()).await)
+    let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve | Command::Demo) {
+        surplus_agent::runtime::end_quietly_on_closed_pipe();
+    }
+    surplus_agent::runtime::exit_code(main_inner(cli).await)
 }

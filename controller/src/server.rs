@@ -37,6 +37,8 @@ pub struct RunningController {
     /// Every task of this controller, so that shutdown can wait for all of them: after
     /// it returns, nothing of this controller touches the database or the sockets.
     tasks: TaskTracker,
+    /// The data directory's lock, released after shutdown.
+    lock: crate::datadir::DataDirLock,
 }
 
 fn server_endpoint(
@@ -60,7 +62,11 @@ pub async fn start(
     mut config: ControllerConfig,
     clock: Arc<dyn Clock>,
 ) -> anyhow::Result<RunningController> {
+    config
+        .validate()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", dir.config_file().display()))?;
     let ca = dir.load_ca()?;
+    let lock = dir.lock()?;
     let store = Arc::new(dir.open_store().await?);
     store.close_dangling(clock.now_ms()).await?;
     let (server_cert, server_key) =
@@ -105,14 +111,13 @@ pub async fn start(
     ));
     tasks.spawn(maintenance(controller.clone(), cancel.clone()));
     let router = crate::http::router(controller.clone());
-    let http_cancel = cancel.clone();
-    tasks.spawn(async move {
-        let serve = axum::serve(http_listener, router)
-            .with_graceful_shutdown(http_cancel.cancelled_owned());
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "HTTP server failed");
-        }
-    });
+    tasks.spawn(serve_http(
+        http_listener,
+        router,
+        config.clone(),
+        cancel.clone(),
+        tasks.clone(),
+    ));
     tracing::info!(
         session = %config.session_listen,
         enroll = %config.enroll_listen,
@@ -128,7 +133,83 @@ pub async fn start(
         cancel,
         endpoints: vec![session_ep, enroll_ep],
         tasks,
+        lock,
     })
+}
+
+/// hyper's limit on the request head: above ours (`http::request_limits`) so that ours,
+/// which answer in JSON, are the ones clients meet.
+fn hyper_max_buf_size(config: &ControllerConfig) -> usize {
+    config
+        .http_max_uri_bytes
+        .saturating_add(config.http_max_header_bytes)
+        .saturating_mul(2)
+        .saturating_add(8192)
+        .max(64 << 10)
+}
+
+/// Serves the API: HTTP/1.1 connections with a header read timeout, at most
+/// `http_max_connections` at once (the next is accepted when one ends, so the rest
+/// wait in the listen backlog). On cancellation, stops accepting and lets each
+/// connection finish its request in flight.
+async fn serve_http(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    config: ControllerConfig,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+) {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(config.http_header_read_timeout)
+        .max_buf_size(hyper_max_buf_size(&config))
+        .max_headers(4 * crate::http::MAX_HEADERS);
+    let slots = Arc::new(tokio::sync::Semaphore::new(config.http_max_connections));
+    loop {
+        let slot = tokio::select! {
+            _ = cancel.cancelled() => return,
+            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+        };
+        let (stream, peer) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors, or a connection reset before it was
+                    // accepted: keep serving the others.
+                    tracing::warn!(error = %e, "accepting an HTTP connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let router = router.clone();
+        let service =
+            hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                let mut router = router.clone();
+                async move {
+                    tower_service::Service::call(&mut router, request.map(axum::body::Body::new))
+                        .await
+                }
+            });
+        let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+        let cancel = cancel.clone();
+        tasks.spawn(async move {
+            let _slot = slot;
+            let mut connection = std::pin::pin!(connection);
+            let outcome = tokio::select! {
+                outcome = connection.as_mut() => outcome,
+                _ = cancel.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = outcome {
+                tracing::debug!(%peer, error = %e, "HTTP connection ended");
+            }
+        });
+    }
 }
 
 fn controller_ca_der(c: &Controller) -> rustls::pki_types::CertificateDer<'static> {
@@ -155,6 +236,7 @@ impl RunningController {
         for ep in &self.endpoints {
             let _ = tokio::time::timeout(Duration::from_secs(5), ep.wait_idle()).await;
         }
+        drop(self.lock);
     }
 
     /// The HTTP base URL.

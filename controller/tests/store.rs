@@ -336,3 +336,108 @@ async fn last_seen_times_are_recorded_for_many_agents_at_once_and_never_go_back(
         "an agent not in the list is untouched"
     );
 }
+
+/// A provider or pool owner token named like a client is another owner: it does not
+/// share the client's instances, volumes or client tokens.
+#[tokio::test]
+async fn instances_and_volumes_belong_to_a_role_and_an_account() {
+    use surplus_protocol::control::{Instance, InstanceState, RunSpec, Volume, VolumeState};
+    let (_d, s) = store().await;
+    token(&*s, "t", i64::MAX).await;
+    let a = new_agent("01");
+    s.enroll_agent("t", 0, &a).await.unwrap();
+    let owner = |role: Role| Principal {
+        account: "alice".into(),
+        role,
+    };
+    let row = |id: &str, role: Role| InstanceRow {
+        agent_id: a.id,
+        account: "alice".into(),
+        owner_role: role,
+        client_token: Some("deploy-1".into()),
+        request_hash: "h".into(),
+        record: Instance {
+            id: id.into(),
+            spec: RunSpec::default(),
+            state: InstanceState::Pending,
+            state_reason: None,
+            driver: String::new(),
+            native_id: None,
+            launched_at_ms: 0,
+            state_changed_at_ms: 0,
+        },
+        created_at_ms: 0,
+        updated_at_ms: 0,
+    };
+    let client = row("i-0000000000000001", Role::Client);
+    assert_eq!(s.claim_instance(&client).await.unwrap(), Claim::Created);
+    // The same account name and client token in the admin role: another owner.
+    let admin = row("i-0000000000000002", Role::Admin);
+    assert_eq!(s.claim_instance(&admin).await.unwrap(), Claim::Created);
+    match s
+        .claim_instance(&row("i-0000000000000003", Role::Client))
+        .await
+        .unwrap()
+    {
+        Claim::Existing(existing) => assert_eq!(*existing, client),
+        other => panic!("{other:?}"),
+    }
+    let ids =
+        |rows: Vec<InstanceRow>| -> Vec<String> { rows.into_iter().map(|r| r.record.id).collect() };
+    assert_eq!(
+        ids(s.instances(Some(&owner(Role::Client))).await.unwrap()),
+        ["i-0000000000000001"]
+    );
+    assert!(
+        s.instances(Some(&owner(Role::Provider)))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(s.instances(None).await.unwrap().len(), 2);
+    assert_eq!(
+        s.instance("i-0000000000000002")
+            .await
+            .unwrap()
+            .unwrap()
+            .owner(),
+        owner(Role::Admin)
+    );
+
+    s.put_volume(&VolumeRow {
+        agent_id: a.id,
+        account: "alice".into(),
+        owner_role: Role::Client,
+        record: Volume {
+            id: "vol-0000000000000001".into(),
+            name: None,
+            size_bytes: 1,
+            used_bytes: None,
+            state: VolumeState::Available,
+            attached_to: None,
+            native_id: None,
+            created_at_ms: 0,
+        },
+        updated_at_ms: 0,
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        s.volumes(Some(&owner(Role::Client))).await.unwrap().len(),
+        1
+    );
+    assert!(
+        s.volumes(Some(&owner(Role::PoolOwner)))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        s.volume("vol-0000000000000001")
+            .await
+            .unwrap()
+            .unwrap()
+            .owner(),
+        owner(Role::Client)
+    );
+}

@@ -686,6 +686,57 @@ mod through_the_controller {
         full_lifecycle(DriverKind::Mapped, "cli-mapped", ("500000000", "67108864")).await;
     }
 
+    #[tokio::test]
+    async fn surplus_modify_changes_what_it_is_given() {
+        let (tc, agent, _cgroups) = online(DriverKind::Process, "cli-modify").await;
+        let ran = cli(
+            &tc,
+            &tc.admin_token,
+            &[
+                "run",
+                "--cpus",
+                "0.5",
+                "--label",
+                "team=blue",
+                "--",
+                "sleep",
+                "600",
+            ],
+        )
+        .await
+        .unwrap();
+        let id = instance_id(ran);
+        let changed = cli(
+            &tc,
+            &tc.admin_token,
+            &["modify", &id, "--cpus", "0.25", "--label", "team=red"],
+        )
+        .await
+        .unwrap();
+        assert!(
+            matches!(response(changed), ControlResponse::Attribute { ref instance_id, .. } if *instance_id == id)
+        );
+        let status = cli(&tc, &tc.admin_token, &["describe", "--status", &id])
+            .await
+            .unwrap();
+        assert_eq!(
+            status["statuses"][0]["applied"]["millicpus"], 250,
+            "{status}"
+        );
+        match response(cli(&tc, &tc.admin_token, &["describe", &id]).await.unwrap()) {
+            ControlResponse::Instances(l) => {
+                assert_eq!(l[0].instance.spec.labels["team"], "red");
+            }
+            other => panic!("{other:?}"),
+        }
+        let refused = cli(&tc, &tc.admin_token, &["modify", &id])
+            .await
+            .unwrap_err();
+        assert!(refused.contains("nothing to modify"), "{refused}");
+        lifecycle(&tc, &id, "terminate", InstanceState::Terminated).await;
+        agent.stop().await;
+    }
+
     async fn post(tc: &TestController, token: &str, body: Value) -> (u16, Value) {
         let r = reqwest::Client::new()
             .post(format!("{}/v1/control", tc.url()))

@@ -354,3 +354,160 @@ fn the_cli_reaches_the_api_through_a_tls_proxy() {
         );
     });
 }
+
+/// The environment of a `surplus-controller serve` on its own loopback ports.
+fn serve_env(log_filter: &str) -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "SURPLUS_CONTROLLER_SESSION_LISTEN",
+            format!("127.0.0.1:{}", free_udp_port()),
+        ),
+        (
+            "SURPLUS_CONTROLLER_ENROLL_LISTEN",
+            format!("127.0.0.1:{}", free_udp_port()),
+        ),
+        (
+            "SURPLUS_CONTROLLER_HTTP_LISTEN",
+            format!("127.0.0.1:{}", free_tcp_port()),
+        ),
+        ("SURPLUS_CONTROLLER_LOG_FILTER", log_filter.into()),
+        ("SURPLUS_CONTROLLER_LOG_FORMAT", "human".into()),
+    ]
+}
+
+/// `surplus-controller serve` on `data`, its own loopback ports, its log a pipe.
+fn serve(data: &std::path::Path) -> Child {
+    Child(
+        Command::new(bin("surplus-controller"))
+            .arg("--data-dir")
+            .arg(data)
+            .arg("serve")
+            .envs(serve_env("info"))
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// Reads the controller's log until it says it is serving and returns what it wrote;
+/// then the reader is gone, as when the `head` a log is piped into has its line.
+fn until_listening(child: &mut Child) -> String {
+    let mut logs = std::io::BufReader::new(child.0.stderr.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        let n = std::io::BufRead::read_line(&mut logs, &mut line).unwrap();
+        assert!(n > 0, "the controller ended before serving: {seen}");
+        seen.push_str(&line);
+        if line.contains("controller listening") {
+            return seen;
+        }
+    }
+}
+
+#[test]
+fn a_second_controller_on_one_data_directory_refuses_to_start_and_logs_are_plain() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("controller");
+    let out = run(Command::new(bin("surplus-controller"))
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("init"));
+    assert!(out.status.success(), "init: {}", text(&out.stderr));
+
+    // The first is serving once it says so (its log is a pipe here: plain text).
+    let mut first = serve(&data);
+    let seen = until_listening(&mut first);
+    assert!(
+        !seen.contains('\u{1b}'),
+        "colour codes in a log written to a pipe: {seen:?}"
+    );
+
+    // The second, on other ports, fails at start naming the first's pid.
+    let mut second = serve(&data);
+    let status = second
+        .wait_for_exit(Duration::from_secs(20))
+        .expect("the second controller stops by itself");
+    assert!(!status.success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(second.0.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    let pid = first.0.id().to_string();
+    assert!(
+        stderr.contains("in use by another surplus-controller")
+            && stderr.contains(&format!("pid {pid}")),
+        "{stderr}"
+    );
+    assert!(
+        first.0.try_wait().unwrap().is_none(),
+        "the first keeps serving"
+    );
+    // The first's log pipe is closed by now (its reader is gone): a service does not
+    // die of that. Once it has stopped, the directory can be served again.
+    assert!(
+        run(Command::new("kill").args(["-TERM", &pid]))
+            .status
+            .success()
+    );
+    assert!(
+        first
+            .wait_for_exit(Duration::from_secs(20))
+            .expect("the first stops on SIGTERM")
+            .success()
+    );
+    let mut third = serve(&data);
+    until_listening(&mut third);
+}
+
+/// `command` with its standard output a pipe whose reader is already gone, as with
+/// `... | head -1` once head has its line: it must end quietly, without a panic.
+fn into_a_closed_pipe(command: &mut Command) {
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = text(&out.stderr);
+    assert!(
+        out.status.success() || out.status.signal() == Some(libc::SIGPIPE),
+        "{:?}: {}: {stderr}",
+        command.get_program(),
+        out.status
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn the_binaries_end_quietly_into_a_closed_pipe_and_take_a_bare_address() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let tc = runtime.block_on(surplus_tests::TestController::start());
+    let bare = tc.config.http_listen.to_string();
+    let surplus = |args: &[&str]| {
+        let mut cmd = Command::new(bin("surplus"));
+        cmd.args(["--controller", &bare, "--token", &tc.admin_token])
+            .args(args)
+            .env_remove("SURPLUS_CONFIG")
+            .env("HOME", tc.root.path());
+        cmd
+    };
+    // `--controller 127.0.0.1:7080` means plain HTTP.
+    let out = run(&mut surplus(&["--json", "describe"]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let described: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(described["instances"], serde_json::json!([]));
+
+    into_a_closed_pipe(&mut surplus(&["--json", "describe"]));
+    into_a_closed_pipe(&mut surplus(&["agents", "list"]));
+    into_a_closed_pipe(
+        Command::new(bin("surplus-agent"))
+            .arg("--data-dir")
+            .arg(tc.root.path().join("agent"))
+            .args(["inventory", "--json"]),
+    );
+    runtime.block_on(async move { drop(tc) });
+}

@@ -2,7 +2,8 @@
 //!
 //! The controller URL and API token come from flags, then `SURPLUS_CONTROLLER` /
 //! `SURPLUS_TOKEN`, then `~/.config/surplus/cli.toml` (`controller = "..."`,
-//! `token = "..."`). Tables for people, `--json` for scripts.
+//! `token = "..."`); a bare `host:port` means `http://host:port`. Tables for people,
+//! `--json` for scripts.
 
 #[path = "surplus/billing_cli.rs"]
 mod billing_cli;
@@ -26,7 +27,7 @@ use surplus_controller::validation::ValidationOptions;
 #[derive(Parser)]
 #[command(name = "surplus", version, about = "Surplus client")]
 struct Cli {
-    /// Controller HTTP API base URL.
+    /// Controller HTTP API base URL (`host:port` alone means `http://host:port`).
     #[arg(long, global = true, env = "SURPLUS_CONTROLLER")]
     controller: Option<String>,
     /// API bearer token.
@@ -123,6 +124,9 @@ enum Command {
         #[arg(long, default_value_t = 65536)]
         max_bytes: u32,
     },
+    /// Change an instance's limits or labels (ModifyInstanceAttribute); only what is
+    /// given changes: `surplus modify i-... --cpus 0.5 --label team=red`.
+    Modify(control_cli::ModifyArgs),
     /// Volumes and snapshots.
     Volumes {
         #[command(subcommand)]
@@ -489,10 +493,11 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             .with_context(|| format!("reading {}", p.display()))?,
         _ => FileConfig::default(),
     };
-    let base = cli
-        .controller
-        .or(file.controller)
-        .unwrap_or_else(|| "http://127.0.0.1:7080".into());
+    let base = control_cli::base_url(
+        &cli.controller
+            .or(file.controller)
+            .unwrap_or_else(|| "http://127.0.0.1:7080".into()),
+    );
     let token = cli
         .token
         .or(file.token)
@@ -704,6 +709,9 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         Command::Describe(args) => {
             control(&client, cli.json, control_cli::describe_body(&args)?).await?
         }
+        Command::Modify(args) => {
+            control(&client, cli.json, control_cli::modify_body(&args)?).await?
+        }
         Command::Volumes { command } => {
             control(&client, cli.json, control_cli::volumes_body(command)?).await?
         }
@@ -866,5 +874,6 @@ async fn control(client: &Client, json: bool, body: serde_json::Value) -> anyhow
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    surplus_agent::runtime::end_quietly_on_closed_pipe();
     surplus_agent::runtime::exit_code(main_inner(Cli::parse()).await)
 }

@@ -51,7 +51,7 @@ fn provider_of(agent: &AgentRecord) -> String {
 }
 
 /// Admins, and the provider whose host it is.
-fn require_host_owner(caller: &Caller, agent: &AgentRecord) -> Result<(), ApiError> {
+pub(super) fn require_host_owner(caller: &Caller, agent: &AgentRecord) -> Result<(), ApiError> {
     match caller.0.role {
         Role::Admin => Ok(()),
         Role::Provider if provider_of(agent) == caller.0.account => Ok(()),
@@ -214,6 +214,7 @@ pub(super) async fn usage(
         agent_id: agent_id.as_ref().map(|a| a.id),
         subject: q.get("instance").cloned(),
         account: q.get("account").cloned(),
+        owner_role: None,
         meter: q.get("meter").cloned(),
         from_ms,
         to_ms,
@@ -230,7 +231,7 @@ pub(super) async fn usage(
                 ));
             }
         },
-        _ => {
+        Role::Client => {
             if filter
                 .account
                 .as_ref()
@@ -242,7 +243,17 @@ pub(super) async fn usage(
                     "clients see their own account's usage",
                 ));
             }
+            // The client's own instances: its account name in the client role, not
+            // instances an admin of the same name ran.
             filter.account = Some(caller.0.account.clone());
+            filter.owner_role = Some(Role::Client);
+        }
+        Role::PoolOwner => {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "usage is read by clients (their instances), providers (their hosts) and admins",
+            ));
         }
     }
     let rows = ctl.store.usage(&filter).await?;
@@ -480,7 +491,8 @@ fn readable_account(caller: &Caller, asked: Option<&String>) -> Result<Option<St
     let own = match caller.0.role {
         Role::Admin => return Ok(asked.cloned()),
         Role::Provider => ledger::provider(&caller.0.account),
-        _ => ledger::client(&caller.0.account),
+        Role::Client => ledger::client(&caller.0.account),
+        Role::PoolOwner => ledger::pool(&caller.0.account),
     };
     match asked {
         Some(a) if *a != own => Err(ApiError::new(
@@ -558,15 +570,22 @@ fn invoices_of(lines: Vec<InvoiceLine>) -> Vec<InvoiceView> {
     out
 }
 
+/// The client whose invoices `caller` may read: any (admins), its own (clients). A
+/// provider or pool owner token is not the client of the same name.
 fn client_filter(caller: &Caller, asked: Option<&String>) -> Result<Option<String>, ApiError> {
     match caller.0.role {
         Role::Admin => Ok(asked.cloned()),
-        _ if asked.is_some_and(|a| *a != caller.0.account) => Err(ApiError::new(
+        Role::Client if asked.is_some_and(|a| *a != caller.0.account) => Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden",
             "clients see their own invoices",
         )),
-        _ => Ok(Some(caller.0.account.clone())),
+        Role::Client => Ok(Some(caller.0.account.clone())),
+        Role::Provider | Role::PoolOwner => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "invoices are for clients (providers read their statements)",
+        )),
     }
 }
 

@@ -314,6 +314,8 @@ pub struct InstanceRow {
     pub agent_id: Uuid,
     /// The account that ran it.
     pub account: String,
+    /// The role of the token that ran it: the owner is (`owner_role`, `account`).
+    pub owner_role: Role,
     /// The client's idempotency token.
     pub client_token: Option<String>,
     /// Digest of the RunInstances request, to recognise a token reused for another one.
@@ -326,12 +328,22 @@ pub struct InstanceRow {
     pub updated_at_ms: UnixMillis,
 }
 
+impl InstanceRow {
+    /// The principal that owns it.
+    pub fn owner(&self) -> Principal {
+        Principal {
+            account: self.account.clone(),
+            role: self.owner_role,
+        }
+    }
+}
+
 /// The outcome of claiming an instance id for a RunInstances request.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Claim {
     /// The row was inserted: go and run it.
     Created,
-    /// The same account already used this client token: here is that instance.
+    /// The same owner already used this client token: here is that instance.
     Existing(Box<InstanceRow>),
 }
 
@@ -342,10 +354,22 @@ pub struct VolumeRow {
     pub agent_id: Uuid,
     /// The account that created it.
     pub account: String,
+    /// The role of the token that created it: the owner is (`owner_role`, `account`).
+    pub owner_role: Role,
     /// The agent's latest record.
     pub record: surplus_protocol::control::Volume,
     /// When the record last changed.
     pub updated_at_ms: UnixMillis,
+}
+
+impl VolumeRow {
+    /// The principal that owns it.
+    pub fn owner(&self) -> Principal {
+        Principal {
+            account: self.account.clone(),
+            role: self.owner_role,
+        }
+    }
 }
 
 /// One agent's usage batch for [`Store::ingest_usage_batches`].
@@ -379,6 +403,8 @@ pub struct UsageQuery {
     pub subject: Option<String>,
     /// One account's instances.
     pub account: Option<String>,
+    /// Only instances owned by this role (with `account`: one owner's instances).
+    pub owner_role: Option<Role>,
     /// One meter.
     pub meter: Option<String>,
     /// Records ending after this.
@@ -585,13 +611,13 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<(), StoreError>;
     /// The principal of a token hash, unless revoked.
     async fn api_principal(&self, token_hash: &str) -> Result<Option<Principal>, StoreError>;
-    /// Inserts `row` unless the account already used its client token, atomically: of
+    /// Inserts `row` unless its owner already used its client token, atomically: of
     /// two racing requests with one token exactly one is `Created`.
     async fn claim_instance(&self, row: &InstanceRow) -> Result<Claim, StoreError>;
     /// One instance.
     async fn instance(&self, id: &str) -> Result<Option<InstanceRow>, StoreError>;
-    /// Instances of one account (all with `None`), oldest first.
-    async fn instances(&self, account: Option<&str>) -> Result<Vec<InstanceRow>, StoreError>;
+    /// Instances of one owner (all with `None`), oldest first.
+    async fn instances(&self, owner: Option<&Principal>) -> Result<Vec<InstanceRow>, StoreError>;
     /// Instances hosted by one agent.
     async fn agent_instances(&self, agent_id: Uuid) -> Result<Vec<InstanceRow>, StoreError>;
     /// Replaces the record of known instances (unknown ids are ignored).
@@ -604,8 +630,8 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn put_volume(&self, row: &VolumeRow) -> Result<(), StoreError>;
     /// One volume.
     async fn volume(&self, id: &str) -> Result<Option<VolumeRow>, StoreError>;
-    /// Volumes of one account (all with `None`).
-    async fn volumes(&self, account: Option<&str>) -> Result<Vec<VolumeRow>, StoreError>;
+    /// Volumes of one owner (all with `None`).
+    async fn volumes(&self, owner: Option<&Principal>) -> Result<Vec<VolumeRow>, StoreError>;
     /// Stores an agent's latest compatibility results.
     async fn save_compat_report(
         &self,

@@ -48,6 +48,7 @@ fn instance_from_row(row: &SqliteRow) -> Result<InstanceRow, StoreError> {
     Ok(InstanceRow {
         agent_id: parse_uuid(row.try_get("agent_id")?)?,
         account: row.try_get("account")?,
+        owner_role: Role::parse(row.try_get("owner_role")?)?,
         client_token: row.try_get("client_token")?,
         request_hash: row.try_get("request_hash")?,
         record: parse_json(row.try_get("record")?, "instance record")?,
@@ -60,6 +61,7 @@ fn volume_from_row(row: &SqliteRow) -> Result<VolumeRow, StoreError> {
     Ok(VolumeRow {
         agent_id: parse_uuid(row.try_get("agent_id")?)?,
         account: row.try_get("account")?,
+        owner_role: Role::parse(row.try_get("owner_role")?)?,
         record: parse_json(row.try_get("record")?, "volume record")?,
         updated_at_ms: row.try_get("updated_at_ms")?,
     })
@@ -609,20 +611,23 @@ impl Store for SqliteStore {
     async fn claim_instance(&self, row: &InstanceRow) -> Result<Claim, StoreError> {
         let mut tx = self.write_tx().await?;
         if let Some(token) = &row.client_token {
-            let existing =
-                sqlx::query("SELECT * FROM instances WHERE account = $1 AND client_token = $2")
-                    .bind(&row.account)
-                    .bind(token)
-                    .fetch_optional(&mut *tx)
-                    .await?;
+            let existing = sqlx::query(
+                "SELECT * FROM instances WHERE owner_role = $1 AND account = $2 AND client_token = $3",
+            )
+            .bind(row.owner_role.as_str())
+            .bind(&row.account)
+            .bind(token)
+            .fetch_optional(&mut *tx)
+            .await?;
             if let Some(existing) = existing {
                 return Ok(Claim::Existing(Box::new(instance_from_row(&existing)?)));
             }
         }
-        sqlx::query("INSERT INTO instances (id, agent_id, account, client_token, request_hash, state, record, created_at_ms, updated_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)")
+        sqlx::query("INSERT INTO instances (id, agent_id, account, owner_role, client_token, request_hash, state, record, created_at_ms, updated_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)")
             .bind(&row.record.id)
             .bind(row.agent_id.to_string())
             .bind(&row.account)
+            .bind(row.owner_role.as_str())
             .bind(&row.client_token)
             .bind(&row.request_hash)
             .bind(row.record.state.as_str())
@@ -652,11 +657,12 @@ impl Store for SqliteStore {
             .transpose()
     }
 
-    async fn instances(&self, account: Option<&str>) -> Result<Vec<InstanceRow>, StoreError> {
+    async fn instances(&self, owner: Option<&Principal>) -> Result<Vec<InstanceRow>, StoreError> {
         sqlx::query(
-            "SELECT * FROM instances WHERE $1 IS NULL OR account = $1 ORDER BY created_at_ms, id",
+            "SELECT * FROM instances WHERE $1 IS NULL OR (account = $1 AND owner_role = $2) ORDER BY created_at_ms, id",
         )
-        .bind(account)
+        .bind(owner.map(|o| o.account.as_str()))
+        .bind(owner.map(|o| o.role.as_str()))
         .fetch_all(&self.pool)
         .await?
         .iter()
@@ -696,10 +702,11 @@ impl Store for SqliteStore {
     }
 
     async fn put_volume(&self, row: &VolumeRow) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO volumes (id, agent_id, account, state, record, created_at_ms, updated_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO UPDATE SET state = excluded.state, record = excluded.record, updated_at_ms = excluded.updated_at_ms")
+        sqlx::query("INSERT INTO volumes (id, agent_id, account, owner_role, state, record, created_at_ms, updated_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO UPDATE SET state = excluded.state, record = excluded.record, updated_at_ms = excluded.updated_at_ms")
             .bind(&row.record.id)
             .bind(row.agent_id.to_string())
             .bind(&row.account)
+            .bind(row.owner_role.as_str())
             .bind(row.record.state.as_str())
             .bind(json_text(&row.record))
             .bind(row.record.created_at_ms)
@@ -719,11 +726,12 @@ impl Store for SqliteStore {
             .transpose()
     }
 
-    async fn volumes(&self, account: Option<&str>) -> Result<Vec<VolumeRow>, StoreError> {
+    async fn volumes(&self, owner: Option<&Principal>) -> Result<Vec<VolumeRow>, StoreError> {
         sqlx::query(
-            "SELECT * FROM volumes WHERE $1 IS NULL OR account = $1 ORDER BY created_at_ms, id",
+            "SELECT * FROM volumes WHERE $1 IS NULL OR (account = $1 AND owner_role = $2) ORDER BY created_at_ms, id",
         )
-        .bind(account)
+        .bind(owner.map(|o| o.account.as_str()))
+        .bind(owner.map(|o| o.role.as_str()))
         .fetch_all(&self.pool)
         .await?
         .iter()
@@ -790,6 +798,7 @@ impl Store for SqliteStore {
              WHERE end_ms > $2 AND end_ms <= $3 \
              AND ($4 IS NULL OR agent_id = $4) AND ($5 IS NULL OR subject = $5) \
              AND ($6 IS NULL OR account = $6) AND ($7 IS NULL OR meter = $7) \
+             AND ($8 IS NULL OR subject IN (SELECT id FROM instances WHERE owner_role = $8)) \
              GROUP BY bucket, agent_id, subject, meter, kind ORDER BY bucket, subject, meter",
         )
         .bind(q.bucket_ms.max(1))
@@ -799,6 +808,7 @@ impl Store for SqliteStore {
         .bind(&q.subject)
         .bind(&q.account)
         .bind(&q.meter)
+        .bind(q.owner_role.map(Role::as_str))
         .fetch_all(&self.pool)
         .await?;
         rows.iter()

@@ -1,5 +1,5 @@
-//! `surplus run|start|stop|reboot|terminate|describe|volumes`: the primary control
-//! interface from the command line. Every command is one `POST /v1/control`.
+//! `surplus run|start|stop|reboot|terminate|describe|modify|volumes`: the primary
+//! control interface from the command line. Every command is one `POST /v1/control`.
 
 use std::collections::BTreeMap;
 
@@ -67,6 +67,22 @@ pub struct DescribeArgs {
     status: bool,
 }
 
+/// `surplus modify`.
+#[derive(Args)]
+pub struct ModifyArgs {
+    /// Instance id.
+    id: String,
+    /// New vCPU limit, such as 0.5.
+    #[arg(long)]
+    cpus: Option<f64>,
+    /// New memory limit, such as 64MiB or 1GiB.
+    #[arg(long)]
+    memory: Option<String>,
+    /// Label key=value (repeatable); the labels given replace the instance's labels.
+    #[arg(long = "label", short = 'l')]
+    labels: Vec<String>,
+}
+
 /// `surplus volumes ...`.
 #[derive(Subcommand)]
 pub enum VolumesCommand {
@@ -131,7 +147,7 @@ fn pairs(args: &[String], what: &str) -> anyhow::Result<BTreeMap<String, String>
 /// The `POST /v1/control` body of `surplus run`.
 pub fn run_body(a: RunArgs) -> anyhow::Result<Value> {
     let limits = Limits {
-        millicpus: a.cpus.map(|c| (c * 1000.0).round() as u32),
+        millicpus: a.cpus.map(millicpus).transpose()?,
         memory_bytes: a.memory.as_deref().map(parse_size).transpose()?,
         pids: a.pids,
     };
@@ -177,6 +193,49 @@ pub fn run_body(a: RunArgs) -> anyhow::Result<Value> {
         }
     }
     Ok(body)
+}
+
+/// The `POST /v1/control` body of `surplus modify`: only the fields the user gave, so
+/// that the others stay as they are.
+pub fn modify_body(a: &ModifyArgs) -> anyhow::Result<Value> {
+    let mut body = json!({ "action": "ModifyInstanceAttribute", "instance_id": a.id });
+    let mut limits = serde_json::Map::new();
+    if let Some(c) = a.cpus {
+        limits.insert("millicpus".into(), millicpus(c)?.into());
+    }
+    if let Some(m) = &a.memory {
+        limits.insert("memory_bytes".into(), parse_size(m)?.into());
+    }
+    if !limits.is_empty() {
+        body["limits"] = Value::Object(limits);
+    }
+    if !a.labels.is_empty() {
+        body["labels"] = json!(pairs(&a.labels, "label")?);
+    }
+    if body.get("limits").is_none() && body.get("labels").is_none() {
+        bail!("nothing to modify: give --cpus, --memory or --label");
+    }
+    Ok(body)
+}
+
+/// `--cpus 0.5` as thousandths of a CPU.
+fn millicpus(cpus: f64) -> anyhow::Result<u32> {
+    let m = (cpus * 1000.0).round();
+    if !(m.is_finite() && (0.0..=f64::from(u32::MAX)).contains(&m)) {
+        bail!("--cpus {cpus}: not a number of CPUs");
+    }
+    Ok(m as u32)
+}
+
+/// The API's base URL: `host:port` alone means plain HTTP, as the API listens on
+/// loopback without TLS by default.
+pub fn base_url(text: &str) -> String {
+    let text = text.trim();
+    if text.contains("://") {
+        text.to_owned()
+    } else {
+        format!("http://{text}")
+    }
 }
 
 /// The `POST /v1/control` body of `surplus describe`.
@@ -378,5 +437,54 @@ mod tests {
         assert_eq!(parse_size("4096").unwrap(), 4096);
         assert!(parse_size("lots").is_err());
         assert!(parse_size("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn a_bare_address_is_plain_http() {
+        assert_eq!(base_url("127.0.0.1:7080"), "http://127.0.0.1:7080");
+        assert_eq!(
+            base_url("ctl.example.com:7080/"),
+            "http://ctl.example.com:7080/"
+        );
+        assert_eq!(
+            base_url("https://ctl.example.com"),
+            "https://ctl.example.com"
+        );
+        assert_eq!(base_url("http://[::1]:7080"), "http://[::1]:7080");
+    }
+
+    fn modify(args: &[&str]) -> anyhow::Result<Value> {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            modify: ModifyArgs,
+        }
+        let cli = Cli::try_parse_from(std::iter::once("modify").chain(args.iter().copied()))?;
+        modify_body(&cli.modify)
+    }
+
+    #[test]
+    fn modify_sends_only_what_was_given() {
+        assert_eq!(
+            modify(&["i-0000000000000001", "--cpus", "0.5"]).unwrap(),
+            json!({"action": "ModifyInstanceAttribute", "instance_id": "i-0000000000000001", "limits": {"millicpus": 500}})
+        );
+        assert_eq!(
+            modify(&[
+                "i-0000000000000001",
+                "--memory",
+                "64MiB",
+                "--label",
+                "team=red"
+            ])
+            .unwrap(),
+            json!({"action": "ModifyInstanceAttribute", "instance_id": "i-0000000000000001", "limits": {"memory_bytes": 64 << 20}, "labels": {"team": "red"}})
+        );
+        assert!(
+            modify(&["i-0000000000000001"]).is_err(),
+            "nothing to change"
+        );
+        assert!(modify(&["i-0000000000000001", "--label", "nokey"]).is_err());
     }
 }

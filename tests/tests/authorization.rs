@@ -1,0 +1,560 @@
+//! The authorization matrix: every route of the API, called by every kind of caller
+//! (admin; client, provider and pool owner tokens all named `alice`; no token), on
+//! alice's resources and on bob's, with the status each must get. Principals are
+//! (role, account): a provider or pool owner token named like a client is not that
+//! client. The routes are checked against the router's own list
+//! (`surplus_controller::http::routes`), so a new route without rows fails here, and
+//! every action of `POST /v1/control` has rows too.
+//!
+//! Real controller, real agent with the `process` driver (root, cgroups), real HTTP.
+
+use std::collections::BTreeSet;
+
+use serde_json::{Value, json};
+use surplus_agent::control::DriverKind;
+use surplus_controller::registry::RegistryEvent;
+use surplus_protocol::clock;
+use surplus_protocol::control::{CompatLevel, CompatReport};
+use surplus_tests::{CgroupGuard, RunningAgent, TestController, control_config};
+
+/// The callers, in the order of each row's expected statuses.
+const CALLERS: [&str; 5] = [
+    "admin",
+    "client alice",
+    "provider alice",
+    "pool_owner alice",
+    "no token",
+];
+
+/// One request and the status each caller must get.
+struct Case {
+    method: &'static str,
+    /// The route as the router names it (`/v1/agents/{id}`).
+    route: &'static str,
+    /// The path sent.
+    path: String,
+    body: Option<Value>,
+    /// admin, client alice, provider alice, pool_owner alice, no token.
+    expect: [u16; 5],
+}
+
+fn case(
+    method: &'static str,
+    route: &'static str,
+    path: impl Into<String>,
+    expect: [u16; 5],
+) -> Case {
+    Case {
+        method,
+        route,
+        path: path.into(),
+        body: None,
+        expect,
+    }
+}
+
+fn with_body(
+    method: &'static str,
+    route: &'static str,
+    path: impl Into<String>,
+    body: Value,
+    expect: [u16; 5],
+) -> Case {
+    Case {
+        method,
+        route,
+        path: path.into(),
+        body: Some(body),
+        expect,
+    }
+}
+
+fn control(body: Value, expect: [u16; 5]) -> Case {
+    with_body("POST", "/v1/control", "/v1/control", body, expect)
+}
+
+struct Api {
+    url: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    async fn send(
+        &self,
+        token: Option<&str>,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> (u16, Value) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("a method");
+        let mut request = self.http.request(method, format!("{}{path}", self.url));
+        if let Some(t) = token {
+            request = request.bearer_auth(t);
+        }
+        if let Some(b) = body.filter(|b| !b.is_null()) {
+            request = request.json(b);
+        }
+        let response = request.send().await.expect("API reachable");
+        let status = response.status().as_u16();
+        let bytes = response.bytes().await.expect("an answer");
+        // `/metrics` is text; everything else, errors included, is JSON.
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    async fn ok(&self, token: &str, method: &str, path: &str, body: Value) -> Value {
+        let (status, answer) = self.send(Some(token), method, path, Some(&body)).await;
+        assert!(
+            (200..300).contains(&status),
+            "{method} {path} {body}: {status} {answer}"
+        );
+        answer
+    }
+}
+
+/// The ids of the `list` (`instances`, `volumes`) of a control answer.
+fn ids(answer: &Value, list: &str) -> BTreeSet<String> {
+    answer[list]
+        .as_array()
+        .unwrap_or_else(|| panic!("{list}: {answer}"))
+        .iter()
+        .map(|i| i["id"].as_str().expect("an id").to_owned())
+        .collect()
+}
+
+fn instance_ids(answer: &Value) -> BTreeSet<String> {
+    ids(answer, "instances")
+}
+
+fn volume_ids(answer: &Value) -> BTreeSet<String> {
+    ids(answer, "volumes")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_answers_every_caller_as_its_principal_allows() {
+    let tag = "authz";
+    let _cgroups = CgroupGuard(
+        control_config(DriverKind::Process, tag)
+            .process
+            .cgroup_parent,
+    );
+    let tc = TestController::start().await;
+    let api = Api {
+        url: tc.url(),
+        http: reqwest::Client::new(),
+    };
+    let admin = tc.admin_token.clone();
+
+    // Alice's host runs; bob's is enrolled and offline.
+    let mut events = tc.events();
+    let (mut config, identity) = tc.enroll("host-alice", &[("provider", "alice")]).await;
+    config.control = control_config(DriverKind::Process, tag);
+    let agent = RunningAgent::spawn(config, clock::system());
+    let host_a = identity.agent_id;
+    events
+        .until("alice's host online", |e| {
+            *e == RegistryEvent::Online(host_a)
+        })
+        .await;
+    let (_, bob_host) = tc.enroll("host-bob", &[("provider", "bob")]).await;
+    let host_b = bob_host.agent_id;
+    let now = clock::system().now_ms();
+    for host in [host_a, host_b] {
+        let report = CompatReport {
+            driver: "process".into(),
+            level: CompatLevel::Fully,
+            checks: Vec::new(),
+            isolation: Default::default(),
+            ran_at_ms: now,
+        };
+        tc.ctl()
+            .store
+            .save_compat_report(host, &report, now)
+            .await
+            .unwrap();
+    }
+
+    let mut tokens = Vec::new();
+    for (account, role) in [
+        ("alice", "client"),
+        ("alice", "provider"),
+        ("alice", "pool_owner"),
+        ("bob", "client"),
+    ] {
+        let created = api
+            .ok(
+                &admin,
+                "POST",
+                "/v1/api-tokens",
+                json!({"account": account, "role": role}),
+            )
+            .await;
+        tokens.push(created["token"].as_str().unwrap().to_owned());
+    }
+    let (client, provider, pool, bob) = (&tokens[0], &tokens[1], &tokens[2], &tokens[3]);
+
+    // What alice and bob own: instances on alice's host (with its rate card), volumes,
+    // an invoice each, and the host's earnings.
+    let plan = json!({"currency": "EUR", "upfront": 100});
+    api.ok(
+        &admin,
+        "PUT",
+        &format!("/v1/agents/{host_a}/price-plan"),
+        plan.clone(),
+    )
+    .await;
+    let run = json!({"action": "RunInstances", "command": ["sleep", "600"], "agent_id": host_a});
+    let i_a = instance_ids(&api.ok(client, "POST", "/v1/control", run.clone()).await)
+        .pop_first()
+        .unwrap();
+    let i_b = instance_ids(&api.ok(bob, "POST", "/v1/control", run.clone()).await)
+        .pop_first()
+        .unwrap();
+    let volume = json!({"action": "CreateVolume", "size_bytes": 16 << 20, "agent_id": host_a});
+    let v_a = volume_ids(&api.ok(client, "POST", "/v1/control", volume.clone()).await)
+        .pop_first()
+        .unwrap();
+    let v_b = volume_ids(&api.ok(bob, "POST", "/v1/control", volume.clone()).await)
+        .pop_first()
+        .unwrap();
+    let v_b2 = volume_ids(&api.ok(bob, "POST", "/v1/control", volume.clone()).await)
+        .pop_first()
+        .unwrap();
+    let hour = now - now % 3_600_000;
+    api.ok(
+        &admin,
+        "POST",
+        "/v1/billing/runs",
+        json!({"from_ms": hour, "to_ms": hour + 3_600_000}),
+    )
+    .await;
+    let invoices = api.ok(&admin, "GET", "/v1/invoices", Value::Null).await;
+    let invoice_of = |who: &str| {
+        invoices
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["client"] == who)
+            .unwrap_or_else(|| panic!("an invoice for {who}: {invoices}"))["invoice_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let (inv_a, inv_b) = (invoice_of("alice"), invoice_of("bob"));
+    // A long benchmark run, cancelled by the matrix.
+    let ordered = api
+        .ok(
+            &admin,
+            "POST",
+            &format!("/v1/agents/{host_a}/validation"),
+            json!({"bench": true, "security": false, "budget": "60s"}),
+        )
+        .await;
+    let run_id = ordered["id"].as_str().unwrap().to_owned();
+
+    let cases = matrix(&Resources {
+        a: host_a,
+        b: host_b,
+        i_a: i_a.clone(),
+        i_b: i_b.clone(),
+        v_a: v_a.clone(),
+        v_b: v_b.clone(),
+        v_b2,
+        inv_a,
+        inv_b,
+        run_id,
+        hour,
+        plan,
+        run,
+    });
+
+    // The matrix covers exactly the routes the router serves, and every action.
+    let served: BTreeSet<(&str, &str)> = surplus_controller::http::routes()
+        .into_iter()
+        .map(|(method, path, _)| (method, path))
+        .collect();
+    let covered: BTreeSet<(&str, &str)> = cases.iter().map(|c| (c.method, c.route)).collect();
+    let missing: Vec<_> = served.difference(&covered).collect();
+    let unknown: Vec<_> = covered.difference(&served).collect();
+    assert!(
+        missing.is_empty(),
+        "routes without rows in the matrix: {missing:?}"
+    );
+    assert!(
+        unknown.is_empty(),
+        "rows for routes the router does not serve: {unknown:?}"
+    );
+    let actions: BTreeSet<&str> = cases
+        .iter()
+        .filter_map(|c| c.body.as_ref()?.get("action")?.as_str())
+        .collect();
+    for action in surplus_controller::control::ACTIONS {
+        assert!(
+            actions.contains(action),
+            "POST /v1/control {action} has no rows"
+        );
+    }
+
+    let callers: [Option<&str>; 5] = [Some(&admin), Some(client), Some(provider), Some(pool), None];
+    let mut wrong = Vec::new();
+    for c in &cases {
+        // The admin last: its call may change what the others would meet.
+        for n in [1, 2, 3, 4, 0] {
+            let (status, answer) = api
+                .send(callers[n], c.method, &c.path, c.body.as_ref())
+                .await;
+            let body = c.body.as_ref().map_or(String::new(), |b| format!(" {b}"));
+            if status != c.expect[n] {
+                wrong.push(format!(
+                    "{} {}{body} as {}: {status}, expected {}: {answer}",
+                    c.method, c.path, CALLERS[n], c.expect[n]
+                ));
+            } else if status >= 400
+                && !(answer["error"].is_string() && answer["message"].is_string())
+            {
+                wrong.push(format!(
+                    "{} {} as {}: {status} without the JSON error body: {answer}",
+                    c.method, c.path, CALLERS[n]
+                ));
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} wrong answers:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
+
+    // What each principal sees in the lists it may read: its own only. A provider or
+    // pool owner named alice sees none of client alice's.
+    let alice_instances = instance_ids(
+        &api.ok(
+            client,
+            "POST",
+            "/v1/control",
+            json!({"action": "DescribeInstances", "ids": [i_a]}),
+        )
+        .await,
+    );
+    for (token, who) in [(provider, "provider alice"), (pool, "pool_owner alice")] {
+        for answer in [
+            api.ok(
+                token,
+                "POST",
+                "/v1/control",
+                json!({"action": "DescribeInstances"}),
+            )
+            .await,
+            api.ok(token, "GET", "/v1/instances", Value::Null).await,
+        ] {
+            assert!(instance_ids(&answer).is_empty(), "{who} sees {answer}");
+        }
+        let volumes = api.ok(token, "GET", "/v1/volumes", Value::Null).await;
+        assert!(volume_ids(&volumes).is_empty(), "{who} sees {volumes}");
+    }
+    let mine = api
+        .ok(
+            client,
+            "POST",
+            "/v1/control",
+            json!({"action": "DescribeInstances"}),
+        )
+        .await;
+    assert!(
+        mine["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["account"] == "alice"),
+        "{mine}"
+    );
+    assert!(
+        instance_ids(&mine).is_superset(&alice_instances) && !instance_ids(&mine).contains(&i_b)
+    );
+    let volumes = api.ok(client, "GET", "/v1/volumes", Value::Null).await;
+    assert!(
+        volume_ids(&volumes).contains(&v_a) && !volume_ids(&volumes).contains(&v_b),
+        "{volumes}"
+    );
+    let invoices = api.ok(client, "GET", "/v1/invoices", Value::Null).await;
+    let invoices = invoices.as_array().unwrap();
+    assert!(
+        !invoices.is_empty() && invoices.iter().all(|i| i["client"] == "alice"),
+        "{invoices:?}"
+    );
+    for (token, account) in [
+        (client, "client:alice"),
+        (provider, "provider:alice"),
+        (pool, "pool:alice"),
+    ] {
+        let balances = api
+            .ok(token, "GET", "/v1/ledger/balances", Value::Null)
+            .await;
+        assert!(
+            balances
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|b| b["account"] == account),
+            "{account}: {balances}"
+        );
+    }
+    let statement = api.ok(provider, "GET", "/v1/statements", Value::Null).await;
+    assert_eq!(statement["provider"], "alice");
+    assert!(
+        statement["lines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["provider"] == "alice"),
+        "{statement}"
+    );
+    let usage = api.ok(client, "GET", "/v1/usage", Value::Null).await;
+    let alice_all = instance_ids(&mine);
+    assert!(
+        usage["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| alice_all.contains(r["subject"].as_str().unwrap_or(""))),
+        "{usage}"
+    );
+
+    // Leave nothing running.
+    let all = api
+        .ok(
+            &admin,
+            "POST",
+            "/v1/control",
+            json!({"action": "DescribeInstances"}),
+        )
+        .await;
+    let ids: Vec<String> = instance_ids(&all).into_iter().collect();
+    api.ok(
+        &admin,
+        "POST",
+        "/v1/control",
+        json!({"action": "TerminateInstances", "ids": ids}),
+    )
+    .await;
+    agent.stop().await;
+}
+
+/// What the matrix acts on: alice's and bob's hosts (A online, B offline), instances,
+/// volumes and invoices, a validation run, the hour billed, the rate card.
+struct Resources {
+    a: uuid::Uuid,
+    b: uuid::Uuid,
+    i_a: String,
+    i_b: String,
+    v_a: String,
+    v_b: String,
+    v_b2: String,
+    inv_a: String,
+    inv_b: String,
+    run_id: String,
+    hour: i64,
+    plan: Value,
+    run: Value,
+}
+
+/// Every row: the request and the status of admin, client alice, provider alice,
+/// pool_owner alice and no token, in that order. Rows on alice's resources and on
+/// bob's; calls that change state are idempotent or come in the order they need.
+#[rustfmt::skip]
+fn matrix(r: &Resources) -> Vec<Case> {
+    let Resources { a, b, i_a, i_b, v_a, v_b, v_b2, inv_a, inv_b, run_id, hour, plan, run } = r;
+    vec![
+        // Open to all.
+        case("GET", "/v1/health", "/v1/health", [200, 200, 200, 200, 200]),
+        case("GET", "/metrics", "/metrics", [200, 200, 200, 200, 200]),
+        // Validation runs: admins only; the run ordered above is read, then cancelled.
+        case("GET", "/v1/validations/{run}", format!("/v1/validations/{run_id}"), [200, 403, 403, 403, 401]),
+        case("POST", "/v1/validations/{run}/cancel", format!("/v1/validations/{run_id}/cancel"), [202, 403, 403, 403, 401]),
+        with_body("POST", "/v1/agents/{id}/validation", format!("/v1/agents/{a}/validation"), json!({"bench": false, "security": true}), [202, 403, 403, 403, 401]),
+        case("GET", "/v1/agents/{id}/validation", format!("/v1/agents/{a}/validation"), [200, 403, 403, 403, 401]),
+        // The registry: admins only, even for the provider of a host.
+        case("GET", "/v1/agents", "/v1/agents", [200, 403, 403, 403, 401]),
+        case("GET", "/v1/agents/{id}", format!("/v1/agents/{a}"), [200, 403, 403, 403, 401]),
+        case("GET", "/v1/agents/{id}/inventory/history", format!("/v1/agents/{a}/inventory/history"), [200, 403, 403, 403, 401]),
+        case("POST", "/v1/agents/{id}/ping", format!("/v1/agents/{a}/ping"), [200, 403, 403, 403, 401]),
+        with_body("POST", "/v1/tokens", "/v1/tokens", json!({"ttl": "5m"}), [201, 403, 403, 403, 401]),
+        with_body("POST", "/v1/api-tokens", "/v1/api-tokens", json!({"account": "carol", "role": "client"}), [201, 403, 403, 403, 401]),
+        // A host's own business: its provider (alice for A, bob for B) and admins.
+        case("GET", "/v1/agents/{id}/compat", format!("/v1/agents/{a}/compat"), [200, 403, 200, 403, 401]),
+        case("GET", "/v1/agents/{id}/compat", format!("/v1/agents/{b}/compat"), [200, 403, 403, 403, 401]),
+        case("GET", "/v1/agents/{id}/metering", format!("/v1/agents/{a}/metering"), [200, 403, 200, 403, 401]),
+        case("GET", "/v1/agents/{id}/metering", format!("/v1/agents/{b}/metering"), [200, 403, 403, 403, 401]),
+        with_body("PUT", "/v1/agents/{id}/metering", format!("/v1/agents/{a}/metering"), json!({"instance": "1m"}), [200, 403, 200, 403, 401]),
+        with_body("PUT", "/v1/agents/{id}/metering", format!("/v1/agents/{b}/metering"), json!({"instance": "1m"}), [200, 403, 403, 403, 401]),
+        with_body("PUT", "/v1/agents/{id}/price-plan", format!("/v1/agents/{a}/price-plan"), plan.clone(), [200, 403, 200, 403, 401]),
+        with_body("PUT", "/v1/agents/{id}/price-plan", format!("/v1/agents/{b}/price-plan"), plan.clone(), [200, 403, 403, 403, 401]),
+        // The primary control interface: clients (and admins) on what they own.
+        control(run.clone(), [200, 200, 403, 403, 401]),
+        control(json!({"action": "RunInstances", "command": ["sleep", "600"], "agent_id": a, "volumes": [{"volume_id": v_b2, "mount_path": "/data"}]}), [200, 403, 403, 403, 401]),
+        control(json!({"action": "DescribeInstances"}), [200, 200, 200, 200, 401]),
+        control(json!({"action": "DescribeInstances", "ids": [i_a]}), [200, 200, 403, 403, 401]),
+        control(json!({"action": "DescribeInstances", "ids": [i_b]}), [200, 403, 403, 403, 401]),
+        control(json!({"action": "DescribeInstanceStatus"}), [200, 200, 200, 200, 401]),
+        control(json!({"action": "DescribeInstanceStatus", "ids": [i_a]}), [200, 200, 403, 403, 401]),
+        control(json!({"action": "DescribeInstanceStatus", "ids": [i_b]}), [200, 403, 403, 403, 401]),
+        control(json!({"action": "DescribeInstanceAttribute", "instance_id": i_a, "attribute": "limits"}), [200, 200, 403, 403, 401]),
+        control(json!({"action": "DescribeInstanceAttribute", "instance_id": i_b, "attribute": "labels"}), [200, 403, 403, 403, 401]),
+        control(json!({"action": "ModifyInstanceAttribute", "instance_id": i_a, "labels": {"team": "a"}}), [200, 200, 403, 403, 401]),
+        control(json!({"action": "ModifyInstanceAttribute", "instance_id": i_b, "labels": {"team": "b"}}), [200, 403, 403, 403, 401]),
+        control(json!({"action": "StopInstances", "ids": [i_a]}), [200, 200, 403, 403, 401]),
+        control(json!({"action": "StopInstances", "ids": [i_b]}), [200, 403, 403, 403, 401]),
+        control(json!({"action": "StartInstances", "ids": [i_a]}), [200, 200, 403, 403, 401]),
+        control(json!({"action": "StartInstances", "ids": [i_b]}), [200, 403, 403, 403, 401]),
+        control(json!({"action": "RebootInstances", "ids": [i_a]}), [200, 200, 403, 403, 401]),
+        control(json!({"action": "RebootInstances", "ids": [i_b]}), [200, 403, 403, 403, 401]),
+        control(json!({"action": "StopInstances", "ids": [i_a, i_b]}), [200, 403, 403, 403, 401]),
+        control(json!({"action": "CreateVolume", "size_bytes": 16 << 20, "agent_id": a}), [200, 200, 403, 403, 401]),
+        control(json!({"action": "DescribeVolumes"}), [200, 200, 200, 200, 401]),
+        control(json!({"action": "DescribeVolumes", "ids": [v_a]}), [200, 200, 403, 403, 401]),
+        control(json!({"action": "DescribeVolumes", "ids": [v_b]}), [200, 403, 403, 403, 401]),
+        control(json!({"action": "CreateSnapshot", "volume_id": v_a}), [200, 200, 403, 403, 401]),
+        control(json!({"action": "CreateSnapshot", "volume_id": v_b}), [200, 403, 403, 403, 401]),
+        control(json!({"action": "DeleteVolume", "volume_id": v_a}), [200, 200, 403, 403, 401]),
+        control(json!({"action": "DeleteVolume", "volume_id": v_b}), [200, 403, 403, 403, 401]),
+        case("GET", "/v1/instances", "/v1/instances", [200, 200, 200, 200, 401]),
+        case("GET", "/v1/instances", format!("/v1/instances?id={i_a}"), [200, 200, 403, 403, 401]),
+        case("GET", "/v1/instances", format!("/v1/instances?id={i_b}"), [200, 403, 403, 403, 401]),
+        case("GET", "/v1/volumes", "/v1/volumes", [200, 200, 200, 200, 401]),
+        case("GET", "/v1/instances/{id}/logs", format!("/v1/instances/{i_a}/logs"), [200, 200, 403, 403, 401]),
+        case("GET", "/v1/instances/{id}/logs", format!("/v1/instances/{i_b}/logs"), [200, 403, 403, 403, 401]),
+        control(json!({"action": "TerminateInstances", "ids": [i_a]}), [200, 200, 403, 403, 401]),
+        control(json!({"action": "TerminateInstances", "ids": [i_b]}), [200, 403, 403, 403, 401]),
+        // Usage: clients their own instances, providers one of their hosts.
+        case("GET", "/v1/usage", "/v1/usage", [200, 200, 400, 403, 401]),
+        case("GET", "/v1/usage", "/v1/usage?account=alice", [200, 200, 400, 403, 401]),
+        case("GET", "/v1/usage", "/v1/usage?account=bob", [200, 403, 400, 403, 401]),
+        case("GET", "/v1/usage", format!("/v1/usage?agent={a}"), [200, 200, 200, 403, 401]),
+        case("GET", "/v1/usage", format!("/v1/usage?agent={b}"), [200, 200, 403, 403, 401]),
+        case("GET", "/v1/usage", format!("/v1/usage?agent={a}&account=bob"), [200, 403, 200, 403, 401]),
+        // Money: admins move it; each principal reads its own ledger account.
+        with_body("POST", "/v1/billing/runs", "/v1/billing/runs", json!({"from_ms": hour + 3_600_000, "to_ms": hour + 7_200_000}), [200, 403, 403, 403, 401]),
+        with_body("POST", "/v1/payments", "/v1/payments", json!({"account": "alice", "currency": "EUR", "amount": 100, "kind": "topup", "key": "matrix-payment"}), [200, 403, 403, 403, 401]),
+        with_body("POST", "/v1/payouts", "/v1/payouts", json!({"account": "alice", "currency": "EUR", "amount": 1, "key": "matrix-payout"}), [200, 403, 403, 403, 401]),
+        with_body("PUT", "/v1/ledger/accounts/{account}", "/v1/ledger/accounts/client:alice", json!({"allow_negative": true}), [200, 403, 403, 403, 401]),
+        case("GET", "/v1/ledger/balances", "/v1/ledger/balances", [200, 200, 200, 200, 401]),
+        case("GET", "/v1/ledger/balances", "/v1/ledger/balances?account=client:alice", [200, 200, 403, 403, 401]),
+        case("GET", "/v1/ledger/balances", "/v1/ledger/balances?account=client:bob", [200, 403, 403, 403, 401]),
+        case("GET", "/v1/ledger/balances", "/v1/ledger/balances?account=provider:alice", [200, 403, 200, 403, 401]),
+        case("GET", "/v1/ledger/balances", "/v1/ledger/balances?account=provider:bob", [200, 403, 403, 403, 401]),
+        case("GET", "/v1/ledger/balances", "/v1/ledger/balances?account=pool:alice", [200, 403, 403, 200, 401]),
+        case("GET", "/v1/invoices", "/v1/invoices", [200, 200, 403, 403, 401]),
+        case("GET", "/v1/invoices", "/v1/invoices?client=alice", [200, 200, 403, 403, 401]),
+        case("GET", "/v1/invoices", "/v1/invoices?client=bob", [200, 403, 403, 403, 401]),
+        case("GET", "/v1/invoices/{id}", format!("/v1/invoices/{inv_a}"), [200, 200, 403, 403, 401]),
+        case("GET", "/v1/invoices/{id}", format!("/v1/invoices/{inv_b}"), [200, 404, 403, 403, 401]),
+        case("GET", "/v1/statements", "/v1/statements", [400, 403, 200, 403, 401]),
+        case("GET", "/v1/statements", "/v1/statements?provider=alice", [200, 403, 200, 403, 401]),
+        case("GET", "/v1/statements", "/v1/statements?provider=bob", [200, 403, 403, 403, 401]),
+        // Last: bob's host is revoked.
+        case("POST", "/v1/agents/{id}/revoke", format!("/v1/agents/{b}/revoke"), [200, 403, 403, 403, 401]),
+    ]
+}
