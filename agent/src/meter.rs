@@ -283,6 +283,8 @@ impl PeriodClock {
 #[derive(Debug)]
 pub struct Meter {
     epoch: u64,
+    /// When this meter (this agent process) started.
+    started_ms: UnixMillis,
     instance_clock: PeriodClock,
     host_clock: PeriodClock,
     subscription_clock: PeriodClock,
@@ -317,6 +319,7 @@ impl Meter {
     pub fn new(epoch: u64, periods: MeteringPeriods, now: UnixMillis) -> Self {
         Self {
             epoch,
+            started_ms: now,
             instance_clock: PeriodClock::new(now, periods.instance_ms),
             host_clock: PeriodClock::new(now, periods.host_ms),
             subscription_clock: PeriodClock::new(now, periods.subscription_ms),
@@ -356,6 +359,44 @@ impl Meter {
             .end
             .min(self.host_clock.end)
             .min(self.subscription_clock.end)
+    }
+
+    /// What an instance's record says: in `state` since `since` (its last state
+    /// change). An instance this meter has not seen yet counts from then, or from when
+    /// this meter started if that is later (earlier time belongs to an earlier agent
+    /// process, which checkpointed it); one seen in another state changed at `since`,
+    /// not at the sample that notices it. Call before [`Meter::observe_instance`], with
+    /// `since` no later than its `now`.
+    pub fn track(&mut self, id: &str, state: InstanceState, since: UnixMillis) {
+        let epoch = self.epoch;
+        let started = self.started_ms;
+        let acc = self
+            .instances
+            .entry(id.to_owned())
+            .or_insert_with(|| InstanceAcc {
+                generation: epoch,
+                state,
+                at: since.max(started),
+                state_ms: BTreeMap::new(),
+                memory: Gauge::default(),
+                memory_bytes: None,
+                memory_byte_ms: 0,
+                counters: None,
+                run: None,
+                resumed: false,
+            });
+        if acc.resumed || acc.state == state {
+            return;
+        }
+        if since > acc.at {
+            let dt = (since - acc.at) as u64;
+            *acc.state_ms.entry(acc.state).or_default() += dt;
+            if let Some(m) = acc.memory_bytes {
+                acc.memory_byte_ms = acc.memory_byte_ms.saturating_add(m.saturating_mul(dt));
+            }
+            acc.at = since;
+        }
+        acc.state = state;
     }
 
     /// An instance seen in `state` at `now`, with the host's counters when readable.
@@ -937,6 +978,11 @@ async fn sample_loop(
                 {
                     continue;
                 }
+                meter.track(
+                    &instance.id,
+                    instance.state,
+                    instance.state_changed_at_ms.min(now),
+                );
                 records.extend(meter.observe_instance(now, &instance.id, instance.state, *usage));
             }
             meter.observe_host(now, host);
@@ -1159,6 +1205,54 @@ mod tests {
         );
         assert!(find(&r, "state_ms.terminated").is_empty());
         assert!(m.due(2000).iter().all(|r| r.subject == Subject::Host));
+    }
+
+    /// An instance that started between two samples is metered from its start.
+    #[test]
+    fn time_between_a_start_and_the_first_sample_counts() {
+        let mut m = Meter::new(EPOCH, periods(1000), 0);
+        m.track(ID, InstanceState::Running, 200);
+        m.observe_instance(700, ID, InstanceState::Running, usage(5, 100, 10));
+        assert_eq!(
+            running_ms(&m.due(1000)),
+            Reading::Counter {
+                generation: EPOCH,
+                total: 800
+            }
+        );
+        // One that was running before this agent process started counts from its start.
+        let mut m = Meter::new(EPOCH, periods(1000), 500);
+        m.track(ID, InstanceState::Running, 100);
+        m.observe_instance(700, ID, InstanceState::Running, usage(5, 100, 10));
+        assert_eq!(
+            running_ms(&m.due(1000)),
+            Reading::Counter {
+                generation: EPOCH,
+                total: 500
+            }
+        );
+        // Seen pending at 100, running since 300 by the next sample at 900: running
+        // from 300, not from 900.
+        let mut m = Meter::new(EPOCH, periods(1000), 0);
+        m.track(ID, InstanceState::Pending, 100);
+        m.observe_instance(100, ID, InstanceState::Pending, None);
+        m.track(ID, InstanceState::Running, 300);
+        m.observe_instance(900, ID, InstanceState::Running, usage(5, 100, 10));
+        let r = m.due(1000);
+        assert_eq!(
+            running_ms(&r),
+            Reading::Counter {
+                generation: EPOCH,
+                total: 700
+            }
+        );
+        assert_eq!(
+            find(&r, "state_ms.pending")[0].reading,
+            Reading::Counter {
+                generation: EPOCH,
+                total: 200
+            }
+        );
     }
 
     fn running_ms(records: &[UsageRecord]) -> Reading {
