@@ -23,6 +23,10 @@ pub struct ErrorBody {
     /// When that agent was last seen, for `agent_offline`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_seen_ms: Option<i64>,
+    /// The numbers behind a refusal (`waiting_for` of `usage_pending`, `balance` and
+    /// `needed` of `insufficient_funds`, ...).
+    #[serde(flatten)]
+    pub details: serde_json::Map<String, serde_json::Value>,
 }
 
 /// `POST /v1/api-tokens`.

@@ -75,7 +75,11 @@ impl PricePlan {
 pub struct PeriodUsage {
     /// Milliseconds running.
     pub running_ms: u64,
-    /// CPU time, ns.
+    /// Running time weighted by the CPU limit in force at the time, in thousandths of
+    /// a vCPU times ms, over the parts of the period with a CPU limit (see
+    /// [`cpu_usage`]).
+    pub limited_vcpu_mms: u128,
+    /// CPU time used in the parts of the period without a CPU limit, ns.
     pub cpu_ns: u64,
     /// Memory integrated over time, byte-ms.
     pub memory_byte_ms: u64,
@@ -83,8 +87,83 @@ pub struct PeriodUsage {
     pub net_bytes: u64,
     /// Disk bytes read and written.
     pub disk_bytes: u64,
-    /// The instance's CPU limit, millicpus.
-    pub millicpus: Option<u32>,
+}
+
+/// One usage record's delta and the period it covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    /// Start, ms.
+    pub start_ms: i64,
+    /// End, ms.
+    pub end_ms: i64,
+    /// What it adds to its counter.
+    pub delta: u64,
+}
+
+/// The CPU limit in force at `t`, from changes `(from_ms, millicpus)` sorted by time
+/// (the first one also holds before it: an instance has no earlier limits).
+fn limit_at(history: &[(i64, Option<u32>)], t: i64) -> Option<u32> {
+    history
+        .iter()
+        .rev()
+        .find(|(from, _)| *from <= t)
+        .or(history.first())
+        .and_then(|(_, m)| *m)
+}
+
+/// Splits `[start, end)` at the limit changes inside it: `(length, limit)` per part.
+fn parts(history: &[(i64, Option<u32>)], start: i64, end: i64) -> Vec<(u128, Option<u32>)> {
+    let mut cuts: Vec<i64> = history
+        .iter()
+        .map(|(from, _)| *from)
+        .filter(|t| *t > start && *t < end)
+        .collect();
+    cuts.dedup();
+    let mut out = Vec::with_capacity(cuts.len() + 1);
+    let mut at = start;
+    for cut in cuts.into_iter().chain(std::iter::once(end)) {
+        out.push(((cut - at) as u128, limit_at(history, at)));
+        at = cut;
+    }
+    out
+}
+
+/// The CPU side of an instance's usage, rated by the limits in force during each part
+/// of its period: `running` (ms running per record) weighted by the CPU limit at the
+/// time (thousandths of a vCPU times ms), and `cpu` (ns used per record) counted only
+/// where no limit was in force. A record's delta is spread evenly over its period; one
+/// of zero length counts at its start. Pure.
+pub fn cpu_usage(running: &[Span], cpu: &[Span], history: &[(i64, Option<u32>)]) -> (u128, u64) {
+    let mut limited = 0u128;
+    for s in running {
+        if s.end_ms <= s.start_ms {
+            limited += u128::from(s.delta) * u128::from(limit_at(history, s.start_ms).unwrap_or(0));
+            continue;
+        }
+        let len = (s.end_ms - s.start_ms) as u128;
+        let weighted: u128 = parts(history, s.start_ms, s.end_ms)
+            .into_iter()
+            .map(|(part, m)| part * u128::from(m.unwrap_or(0)))
+            .sum();
+        limited += u128::from(s.delta) * weighted / len;
+    }
+    let mut unlimited = 0u128;
+    for s in cpu {
+        if s.end_ms <= s.start_ms {
+            if limit_at(history, s.start_ms).is_none() {
+                unlimited += u128::from(s.delta);
+            }
+            continue;
+        }
+        let len = (s.end_ms - s.start_ms) as u128;
+        let free: u128 = parts(history, s.start_ms, s.end_ms)
+            .into_iter()
+            .filter(|(_, m)| m.is_none())
+            .map(|(part, _)| part)
+            .sum();
+        unlimited += u128::from(s.delta) * free / len;
+    }
+    (limited, u64::try_from(unlimited).unwrap_or(u64::MAX))
 }
 
 /// One line of a bill.
@@ -136,30 +215,30 @@ pub fn rate(plan: &PricePlan, usage: &PeriodUsage, upfront_due: bool) -> Vec<Cha
         usage.running_ms as f64 / 3.6e6,
         prorate(plan.per_instance_hour, running, MS_PER_HOUR),
     );
-    match usage.millicpus {
-        Some(m) => line(
-            "vcpu_hours",
-            "vCPU-hour",
+    // The CPU limit times the time running where a limit was in force, the CPU used
+    // where none was.
+    line(
+        "vcpu_hours",
+        "vCPU-hour",
+        plan.per_vcpu_hour,
+        usage.limited_vcpu_mms as f64 / 1000.0 / 3.6e6,
+        prorate(
             plan.per_vcpu_hour,
-            usage.running_ms as f64 * f64::from(m) / 1000.0 / 3.6e6,
-            prorate(
-                plan.per_vcpu_hour,
-                running * u128::from(m),
-                1000 * MS_PER_HOUR,
-            ),
+            usage.limited_vcpu_mms,
+            1000 * MS_PER_HOUR,
         ),
-        None => line(
-            "vcpu_hours",
-            "vCPU-hour (used)",
+    );
+    line(
+        "vcpu_hours_used",
+        "vCPU-hour (used)",
+        plan.per_vcpu_hour,
+        usage.cpu_ns as f64 / 3.6e12,
+        prorate(
             plan.per_vcpu_hour,
-            usage.cpu_ns as f64 / 3.6e12,
-            prorate(
-                plan.per_vcpu_hour,
-                u128::from(usage.cpu_ns),
-                MS_PER_HOUR * 1_000_000,
-            ),
+            u128::from(usage.cpu_ns),
+            MS_PER_HOUR * 1_000_000,
         ),
-    }
+    );
     line(
         "memory_gb_hours",
         "GB-hour",
@@ -196,9 +275,45 @@ pub fn rate(plan: &PricePlan, usage: &PeriodUsage, upfront_due: bool) -> Vec<Cha
     out
 }
 
-/// Commission on `amount` at `bps` basis points, rounded half up.
+/// What changed between the charges of a period rated now and what was billed for it
+/// (per meter): one line per meter whose amount differs, with the difference. Pure.
+pub fn differences(
+    now: &[Charge],
+    billed: &std::collections::BTreeMap<String, (i64, f64)>,
+) -> Vec<Charge> {
+    let mut out = Vec::new();
+    for c in now {
+        let (amount, quantity) = billed.get(&c.meter).copied().unwrap_or((0, 0.0));
+        if c.amount != amount {
+            out.push(Charge {
+                amount: c.amount - amount,
+                quantity: c.quantity - quantity,
+                ..c.clone()
+            });
+        }
+    }
+    for (meter, (amount, quantity)) in billed {
+        if *amount != 0 && !now.iter().any(|c| &c.meter == meter) {
+            out.push(Charge {
+                meter: meter.clone(),
+                quantity: -quantity,
+                unit: String::new(),
+                rate: 0,
+                amount: -amount,
+            });
+        }
+    }
+    out
+}
+
+/// Commission on `amount` at `bps` basis points, rounded half up; a credit (negative
+/// amount) gives the commission back the same way.
 pub fn commission(amount: i64, bps: u32) -> i64 {
-    prorate(amount, u128::from(bps), 10_000)
+    if amount < 0 {
+        -prorate(amount.saturating_neg(), u128::from(bps), 10_000)
+    } else {
+        prorate(amount, u128::from(bps), 10_000)
+    }
 }
 
 /// The posting of a charge of `amount`: the client pays it, the marketplace keeps its
@@ -248,17 +363,38 @@ pub struct Period {
     pub to_ms: i64,
 }
 
+/// The longest period one billing run covers: 31 days.
+pub const MAX_PERIOD_MS: i64 = 31 * 86_400_000;
+
 impl Period {
-    /// Checks the period is non-empty and on whole hours (usage is aggregated by hour).
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks the period covers closed, whole hours in the past at `now_ms`: on whole
+    /// hours (usage is aggregated by hour), not before 1970, ended by now, at most
+    /// [`MAX_PERIOD_MS`] long.
+    pub fn validate(&self, now_ms: i64) -> Result<(), String> {
         if self.to_ms <= self.from_ms {
             return Err(format!(
-                "to ({}) must be after from ({})",
+                "to_ms ({}) must be after from_ms ({})",
                 self.to_ms, self.from_ms
             ));
         }
         if self.from_ms % 3_600_000 != 0 || self.to_ms % 3_600_000 != 0 {
-            return Err("from and to must be on whole hours (UTC)".into());
+            return Err("from_ms and to_ms must be on whole hours (UTC)".into());
+        }
+        if self.from_ms < 0 {
+            return Err(format!("from_ms ({}) is before 1970", self.from_ms));
+        }
+        if self.to_ms - self.from_ms > MAX_PERIOD_MS {
+            return Err(format!(
+                "{} hours is longer than a billing run covers (at most {} hours)",
+                (self.to_ms - self.from_ms) / 3_600_000,
+                MAX_PERIOD_MS / 3_600_000
+            ));
+        }
+        if self.to_ms > now_ms {
+            return Err(format!(
+                "the period ends at {}, after now ({now_ms}): only closed hours are billed",
+                self.to_ms
+            ));
         }
         Ok(())
     }
@@ -376,8 +512,7 @@ mod tests {
                 },
                 usage: PeriodUsage {
                     running_ms: 2 * hour,
-                    millicpus: Some(1500),
-                    cpu_ns: 1,
+                    limited_vcpu_mms: u128::from(2 * hour) * 1500,
                     ..Default::default()
                 },
                 upfront: false,
@@ -395,7 +530,7 @@ mod tests {
                     ..Default::default()
                 },
                 upfront: false,
-                meter: "vcpu_hours",
+                meter: "vcpu_hours_used",
                 amount: 50,
             },
             Case {
@@ -505,12 +640,12 @@ mod tests {
             false,
         );
         // 5 CPU-seconds at 3600 per hour = 5.
-        assert_eq!(amount_of(&charges, "vcpu_hours"), 5);
+        assert_eq!(amount_of(&charges, "vcpu_hours_used"), 5);
     }
 
     #[test]
     fn commission_splits_without_losing_a_cent() {
-        for amount in [0, 1, 99, 12_345, 1_000_000_007] {
+        for amount in [0, 1, 99, 12_345, 1_000_000_007, -1, -12_345] {
             for bps in [0, 1, 999, 1000, 10_000] {
                 let p = bill_posting("k", "alice", "bob", "EUR", amount, bps);
                 assert_eq!(p.entries.iter().map(|e| e.amount).sum::<i64>(), 0);
@@ -518,33 +653,95 @@ mod tests {
         }
         assert_eq!(commission(1000, 1000), 100);
         assert_eq!(commission(5, 1000), 1, "0.5 rounds up");
+        assert_eq!(
+            commission(-1000, 1000),
+            -100,
+            "a credit returns the commission"
+        );
     }
 
     #[test]
-    fn periods_are_whole_hours() {
-        assert!(
-            Period {
-                from_ms: 0,
-                to_ms: 3_600_000
-            }
-            .validate()
-            .is_ok()
+    fn periods_are_closed_whole_hours_in_the_past() {
+        const H: i64 = 3_600_000;
+        let now = 1_000 * H + 1_234;
+        let check = |from_ms, to_ms| Period { from_ms, to_ms }.validate(now);
+        assert!(check(998 * H, 1_000 * H).is_ok(), "closed and past");
+        for (from, to, why) in [
+            (0, 1, "not whole hours"),
+            (H, 0, "backwards"),
+            (1_000 * H, 1_001 * H, "the current hour has not ended"),
+            (1_001 * H, 1_002 * H, "the future"),
+            (
+                -9_223_372_036_800_000_000,
+                9_223_372_036_800_000_000,
+                "any period",
+            ),
+            (-H, 0, "before 1970"),
+            (0, 1_000 * H, "longer than a month"),
+        ] {
+            assert!(check(from, to).is_err(), "{why}");
+        }
+    }
+
+    fn spans(list: &[(i64, i64, u64)]) -> Vec<Span> {
+        list.iter()
+            .map(|&(start_ms, end_ms, delta)| Span {
+                start_ms,
+                end_ms,
+                delta,
+            })
+            .collect()
+    }
+
+    /// A limit changed at 30 min inside one hour-long record: each half is rated with
+    /// its own limit; the CPU used counts only in the half without a limit.
+    #[test]
+    fn each_part_of_a_period_is_rated_with_its_own_limits() {
+        const H: i64 = 3_600_000;
+        let running = spans(&[(0, H, H as u64)]);
+        let cpu = spans(&[(0, H, 1_000_000)]);
+        // 2 vCPU, then 0.5 from 30 min on.
+        let history = [(0, Some(2000)), (H / 2, Some(500))];
+        let (limited, used) = cpu_usage(&running, &cpu, &history);
+        assert_eq!(limited, (H / 2) as u128 * 2000 + (H / 2) as u128 * 500);
+        assert_eq!(used, 0);
+        // No limit, then 1 vCPU.
+        let history = [(0, None), (H / 2, Some(1000))];
+        let (limited, used) = cpu_usage(&running, &cpu, &history);
+        assert_eq!(limited, (H / 2) as u128 * 1000);
+        assert_eq!(
+            used, 500_000,
+            "half the CPU used falls in the unlimited half"
         );
-        assert!(
-            Period {
-                from_ms: 0,
-                to_ms: 1
-            }
-            .validate()
-            .is_err()
-        );
-        assert!(
-            Period {
-                from_ms: 3_600_000,
-                to_ms: 0
-            }
-            .validate()
-            .is_err()
-        );
+    }
+
+    proptest::proptest! {
+        /// With one limit throughout, rating by parts is the limit times the time
+        /// running; without one, it is the CPU used; splitting the history where the
+        /// limit does not change changes nothing; a higher limit never rates lower.
+        #[test]
+        fn rating_by_parts_agrees_with_the_simple_cases(
+            records in proptest::collection::vec((0i64..10_000, 1i64..5_000, 0u64..5_000, 0u64..1_000_000), 1..20),
+            limit in 10u32..5000,
+            cut in 0i64..20_000,
+            bump in 1u32..1000,
+        ) {
+            let running: Vec<Span> = records.iter().map(|&(s, len, d, _)| Span { start_ms: s, end_ms: s + len, delta: d.min(len as u64) }).collect();
+            let cpu: Vec<Span> = records.iter().map(|&(s, len, _, c)| Span { start_ms: s, end_ms: s + len, delta: c }).collect();
+            let total_running: u128 = running.iter().map(|s| u128::from(s.delta)).sum();
+            let total_cpu: u64 = cpu.iter().map(|s| s.delta).sum();
+            let (limited, used) = cpu_usage(&running, &cpu, &[(0, Some(limit))]);
+            proptest::prop_assert_eq!(limited, total_running * u128::from(limit));
+            proptest::prop_assert_eq!(used, 0);
+            let (limited, used) = cpu_usage(&running, &cpu, &[(0, None)]);
+            proptest::prop_assert_eq!(limited, 0);
+            proptest::prop_assert_eq!(used, total_cpu);
+            // The same limit split in two parts, up to one rounding per record.
+            let (split, _) = cpu_usage(&running, &cpu, &[(0, Some(limit)), (cut, Some(limit))]);
+            let whole = total_running * u128::from(limit);
+            proptest::prop_assert!(split <= whole && whole - split <= running.len() as u128);
+            let (higher, _) = cpu_usage(&running, &cpu, &[(0, Some(limit)), (cut, Some(limit + bump))]);
+            proptest::prop_assert!(higher >= split);
+        }
     }
 }

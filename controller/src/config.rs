@@ -84,6 +84,17 @@ pub struct ControllerConfig {
     pub terminated_retention: Duration,
     /// The marketplace's commission on every charge, in basis points (1000 = 10%).
     pub commission_bps: u32,
+    /// How long after a period ends a billing run waits for the hosts' usage of it;
+    /// past it the period is billed with what arrived, and usage that comes later is
+    /// billed by a later run as an adjustment.
+    #[serde(with = "humantime_serde")]
+    pub billing_grace: Duration,
+    /// How far back a billing run looks for late usage of periods billed before.
+    #[serde(with = "humantime_serde")]
+    pub adjustment_window: Duration,
+    /// What a prepaid client must keep beyond an instance's upfront fee to run it, in
+    /// minor units of the host's currency.
+    pub prepaid_minimum: i64,
     /// Largest frame accepted or sent, bytes.
     pub max_frame_size: usize,
     /// `human` or `json`.
@@ -119,6 +130,9 @@ impl Default for ControllerConfig {
             control_timeout: Duration::from_secs(60),
             terminated_retention: Duration::from_secs(3600),
             commission_bps: 1000,
+            billing_grace: Duration::from_secs(30 * 60),
+            adjustment_window: Duration::from_secs(30 * 86_400),
+            prepaid_minimum: 0,
             max_frame_size: surplus_protocol::DEFAULT_MAX_FRAME,
             log_format: LogFormat::Human,
             log_filter: "info".into(),

@@ -56,8 +56,8 @@ pub enum ControlRequest {
     Modify {
         /// Instance.
         instance_id: String,
-        /// New limits.
-        limits: Option<Limits>,
+        /// The limits to change (the others stay).
+        limits: Option<LimitsChange>,
         /// New labels.
         labels: Option<BTreeMap<String, String>>,
     },
@@ -140,7 +140,7 @@ struct AttributeBody {
 struct ModifyBody {
     instance_id: String,
     #[serde(default)]
-    limits: Option<Limits>,
+    limits: Option<LimitsChange>,
     #[serde(default)]
     labels: Option<BTreeMap<String, String>>,
 }
@@ -263,11 +263,12 @@ pub fn parse_request(body: Value) -> Result<ControlRequest, Invalid> {
         "ModifyInstanceAttribute" => {
             let b: ModifyBody = typed(Value::Object(map))?;
             validate_id("instance_id", INSTANCE_PREFIX, &b.instance_id)?;
-            if b.limits.is_none() && b.labels.is_none() {
+            if b.limits.is_none_or(|l| l.is_empty()) && b.labels.is_none() {
                 return Err(Invalid::new("limits", "give limits, labels or both"));
             }
             if let Some(l) = &b.limits {
-                l.validate("limits")?;
+                // Each value given is checked alone; the merged limits again below.
+                l.apply(Limits::default()).validate("limits")?;
             }
             for (k, v) in b.labels.iter().flatten() {
                 validate_label(k, v)?;
@@ -355,6 +356,20 @@ pub enum ControlError {
     /// Conflicts with the current state or an earlier request (409).
     #[error("{0}")]
     Conflict(String),
+    /// A prepaid client cannot cover what running the instance needs (402).
+    #[error(
+        "{account} holds {balance} {currency}; running here needs {needed} (the upfront fee and the prepaid minimum)"
+    )]
+    InsufficientFunds {
+        /// The ledger account.
+        account: String,
+        /// The currency of the host's rate card.
+        currency: String,
+        /// What the account holds.
+        balance: i64,
+        /// What it needs.
+        needed: i64,
+    },
     /// The hosting agent is not connected (503).
     #[error("agent {agent_id} is not connected ({seen})")]
     Offline {
@@ -397,7 +412,7 @@ pub enum ControlError {
 /// An instance as the API shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InstanceView {
-    /// The agent's record.
+    /// The instance: its spec as recorded, its state as its host reports it.
     #[serde(flatten)]
     pub instance: Instance,
     /// The agent hosting it.
@@ -406,6 +421,9 @@ pub struct InstanceView {
     pub account: String,
     /// The agent could not be asked: this is its last known record.
     pub stale: bool,
+    /// What the host claims against the recorded spec (never billed), when it does.
+    #[serde(default)]
+    pub host_contradiction: Option<String>,
 }
 
 /// A volume as the API shows it.
@@ -555,6 +573,7 @@ impl Controller {
             agent_id: row.agent_id,
             account: row.account.clone(),
             stale,
+            host_contradiction: row.contradiction.clone(),
         }
     }
 
@@ -653,35 +672,33 @@ impl Controller {
                     });
                     match self.agent_command(agent_id, command).await {
                         Ok(ControlReply::Instances(list)) => {
-                            // Write only what changed: describing is read-mostly.
-                            let changed: Vec<Instance> = list
-                                .iter()
-                                .filter(|i| {
-                                    rows.iter().any(|r| {
-                                        r.record.id == i.id
-                                            && r.agent_id == agent_id
-                                            && r.record != **i
-                                    })
-                                })
-                                .cloned()
-                                .collect();
+                            let mut changed = Vec::new();
+                            for i in list {
+                                // Only what was asked for, and only from its own host: an
+                                // agent cannot answer for instances it does not hold.
+                                let Some(row) = rows
+                                    .iter()
+                                    .find(|r| r.record.id == i.id && r.agent_id == agent_id)
+                                else {
+                                    tracing::warn!(%agent_id, instance = %i.id, "agent described an instance it was not asked for");
+                                    continue;
+                                };
+                                let (record, contradiction) = self.adopt(row, i).await?;
+                                // Write only what changed: describing is read-mostly.
+                                if record != row.record {
+                                    changed.push(record.clone());
+                                }
+                                // Filters apply to the recorded spec, not to the host's.
+                                if filters.matches(&record) {
+                                    let mut view = self.instance_view(row, record, false);
+                                    view.host_contradiction = contradiction;
+                                    out.push(view);
+                                }
+                            }
                             if !changed.is_empty() {
                                 self.store
                                     .update_instances(&changed, self.clock.now_ms())
                                     .await?;
-                            }
-                            for i in list {
-                                // Only what was asked for, and only from its own host: an
-                                // agent cannot answer for instances it does not hold.
-                                match rows
-                                    .iter()
-                                    .find(|r| r.record.id == i.id && r.agent_id == agent_id)
-                                {
-                                    Some(row) => out.push(self.instance_view(row, i, false)),
-                                    None => {
-                                        tracing::warn!(%agent_id, instance = %i.id, "agent described an instance it was not asked for")
-                                    }
-                                }
                             }
                         }
                         Ok(other) => return Err(unexpected(agent_id, &other)),
@@ -741,17 +758,18 @@ impl Controller {
                 instance_id,
                 attribute,
             } => {
+                // The recorded spec is the authority: answered here, not by the host.
                 let row = self.owned_instance(caller, &instance_id).await?;
-                let reply = self
-                    .agent_command(
-                        row.agent_id,
-                        Command::DescribeInstanceAttribute {
-                            instance_id,
-                            attribute,
-                        },
-                    )
-                    .await?;
-                attribute_response(row.agent_id, reply)
+                let spec = row.record.spec;
+                let value = match attribute {
+                    AttributeName::Limits => AttributeValue::Limits(spec.limits),
+                    AttributeName::Labels => AttributeValue::Labels(spec.labels),
+                    AttributeName::Command => AttributeValue::Command(spec.command),
+                    AttributeName::Image => AttributeValue::Image(spec.image),
+                    AttributeName::Ports => AttributeValue::Ports(spec.ports),
+                    AttributeName::Volumes => AttributeValue::Volumes(spec.volumes),
+                };
+                Ok(ControlResponse::Attribute { instance_id, value })
             }
             ControlRequest::Modify {
                 instance_id,
@@ -759,27 +777,43 @@ impl Controller {
                 labels,
             } => {
                 let row = self.owned_instance(caller, &instance_id).await?;
+                // Only the fields named change; the rest stays as recorded.
+                let new_limits = limits.map(|c| c.apply(row.record.spec.limits));
+                if let Some(l) = &new_limits {
+                    l.validate("limits")?;
+                }
                 let reply = self
                     .agent_command(
                         row.agent_id,
                         Command::ModifyInstanceAttribute {
-                            instance_id,
-                            limits,
+                            instance_id: instance_id.clone(),
+                            limits: new_limits,
                             labels: labels.clone(),
                         },
                     )
                     .await?;
+                let now = self.clock.now_ms();
                 let mut record = row.record.clone();
-                if let Some(l) = limits {
+                if let Some(l) = new_limits {
                     record.spec.limits = l;
+                    if l != row.record.spec.limits {
+                        // Billing rates each part of a period with the limits in force.
+                        self.store.record_limits(&instance_id, now, &l).await?;
+                    }
                 }
                 if let Some(l) = labels {
                     record.spec.labels = l;
                 }
-                self.store
-                    .update_instances(&[record], self.clock.now_ms())
-                    .await?;
-                attribute_response(row.agent_id, reply)
+                self.store.update_instances(&[record.clone()], now).await?;
+                // The answer is the recorded value, whatever the host echoed.
+                let ControlReply::Attribute { .. } = reply else {
+                    return Err(unexpected(row.agent_id, &reply));
+                };
+                let value = match new_limits {
+                    Some(l) => AttributeValue::Limits(l),
+                    None => AttributeValue::Labels(record.spec.labels),
+                };
+                Ok(ControlResponse::Attribute { instance_id, value })
             }
             ControlRequest::CreateVolume {
                 agent_id,
@@ -1026,6 +1060,13 @@ impl Controller {
             volume_agent = Some(row.agent_id);
         }
         let agent_id = self.placement(agent_id.or(volume_agent)).await?;
+        let retry = match &client_token {
+            Some(t) => self.store.instance_by_token(caller, t).await?.is_some(),
+            None => false,
+        };
+        if !retry {
+            self.check_funds(caller, agent_id).await?;
+        }
         let now = self.clock.now_ms();
         let instance_id = new_id(INSTANCE_PREFIX);
         let row = InstanceRow {
@@ -1046,6 +1087,8 @@ impl Controller {
             },
             created_at_ms: now,
             updated_at_ms: now,
+            started_at_ms: None,
+            contradiction: None,
         };
         let row = match self.store.claim_instance(&row).await? {
             Claim::Created => row,
@@ -1081,20 +1124,104 @@ impl Controller {
             Err(e) => return Err(e),
         };
         match reply {
-            ControlReply::Instances(mut list) => {
+            ControlReply::Instances(list) => {
+                let mut out = Vec::new();
                 // The agent speaks only for the instance it was asked to run.
-                list.retain(|i| i.id == row.record.id);
-                self.store
-                    .update_instances(&list, self.clock.now_ms())
-                    .await?;
-                Ok(ControlResponse::Instances(
-                    list.into_iter()
-                        .map(|i| self.instance_view(&row, i, false))
-                        .collect(),
-                ))
+                for i in list.into_iter().filter(|i| i.id == row.record.id) {
+                    let (record, contradiction) = self.adopt(&row, i).await?;
+                    self.store
+                        .update_instances(std::slice::from_ref(&record), self.clock.now_ms())
+                        .await?;
+                    let mut view = self.instance_view(&row, record, false);
+                    view.host_contradiction = contradiction;
+                    out.push(view);
+                }
+                Ok(ControlResponse::Instances(out))
             }
             other => Err(unexpected(row.agent_id, &other)),
         }
+    }
+
+    /// A prepaid client must be able to cover the host's upfront fee and the
+    /// configured minimum before an instance is run for it (402 otherwise); postpaid
+    /// clients and hosts without a rate card are not checked.
+    async fn check_funds(&self, caller: &Principal, agent_id: Uuid) -> Result<(), ControlError> {
+        if caller.role != Role::Client {
+            return Ok(());
+        }
+        let account = crate::ledger::client(&caller.account);
+        let prepaid = self
+            .store
+            .account_policy(&account)
+            .await?
+            .is_some_and(|allow_negative| !allow_negative);
+        if !prepaid {
+            return Ok(());
+        }
+        let Some(plan) = self.store.agent_price_plan(agent_id).await? else {
+            return Ok(());
+        };
+        let balance = self
+            .store
+            .balances(Some(&account))
+            .await?
+            .into_iter()
+            .find(|(_, currency, _)| *currency == plan.currency)
+            .map_or(0, |(_, _, b)| b);
+        let needed = plan
+            .upfront
+            .saturating_add(self.config.prepaid_minimum.max(0));
+        if balance < needed {
+            return Err(ControlError::InsufficientFunds {
+                account,
+                currency: plan.currency,
+                balance,
+                needed,
+            });
+        }
+        Ok(())
+    }
+
+    /// What to keep of an agent's answer about `row`: what the host observes (state,
+    /// reason, native id, driver, when the state changed), never the spec, which stays
+    /// as the client asked for it. An answer that contradicts the recorded spec is
+    /// logged, counted in `/metrics` and kept on the instance for people; it is never
+    /// billed. Returns the record and the contradiction now in force.
+    async fn adopt(
+        &self,
+        row: &InstanceRow,
+        reported: Instance,
+    ) -> Result<(Instance, Option<String>), ControlError> {
+        let found = contradiction(&row.record.spec, &reported.spec);
+        if let Some((fields, _)) = &found {
+            for field in fields {
+                self.metrics
+                    .spec_contradictions
+                    .get_or_create(&vec![("field", *field)])
+                    .inc();
+            }
+        }
+        let text = found.map(|(_, t)| t);
+        if text != row.contradiction {
+            match &text {
+                Some(t) => {
+                    tracing::warn!(agent_id = %row.agent_id, instance = %row.record.id, contradiction = %t,
+                    "an agent's answer contradicts the instance's recorded spec; the recorded spec stays")
+                }
+                None => tracing::info!(agent_id = %row.agent_id, instance = %row.record.id,
+                    "the agent's answers agree with the recorded spec again"),
+            }
+            self.store
+                .set_contradiction(&row.record.id, text.as_deref(), self.clock.now_ms())
+                .await?;
+        }
+        let record = Instance {
+            id: row.record.id.clone(),
+            spec: row.record.spec.clone(),
+            launched_at_ms: row.record.launched_at_ms,
+            ..reported
+        };
+        Ok((record, text))
     }
 
     /// Brings the stored records of one agent in line with what it reports; run when
@@ -1112,11 +1239,12 @@ impl Controller {
                 });
             };
             let now = self.clock.now_ms();
-            let mut records: Vec<Instance> = reported
-                .iter()
-                .filter(|i| rows.iter().any(|r| r.record.id == i.id))
-                .cloned()
-                .collect();
+            let mut records: Vec<Instance> = Vec::new();
+            for i in &reported {
+                if let Some(row) = rows.iter().find(|r| r.record.id == i.id) {
+                    records.push(self.adopt(row, i.clone()).await?.0);
+                }
+            }
             for row in &rows {
                 let known = reported.iter().any(|i| i.id == row.record.id);
                 if !known && row.record.state != InstanceState::Terminated {
@@ -1179,16 +1307,39 @@ fn unexpected(agent_id: Uuid, reply: &ControlReply) -> ControlError {
     }
 }
 
-fn attribute_response(
-    agent_id: Uuid,
-    reply: ControlReply,
-) -> Result<ControlResponse, ControlError> {
-    match reply {
-        ControlReply::Attribute { instance_id, value } => {
-            Ok(ControlResponse::Attribute { instance_id, value })
-        }
-        other => Err(unexpected(agent_id, &other)),
+/// The fields of `reported` that differ from the `recorded` spec, with both values
+/// where they are short. Pure.
+pub fn contradiction(
+    recorded: &RunSpec,
+    reported: &RunSpec,
+) -> Option<(Vec<&'static str>, String)> {
+    let mut fields = Vec::new();
+    let mut text = Vec::new();
+    if recorded.limits != reported.limits {
+        fields.push("limits");
+        text.push(format!(
+            "limits: the host reports {}, recorded {}",
+            serde_json::to_string(&reported.limits).unwrap_or_default(),
+            serde_json::to_string(&recorded.limits).unwrap_or_default()
+        ));
     }
+    for (field, differs) in [
+        ("labels", recorded.labels != reported.labels),
+        ("command", recorded.command != reported.command),
+        ("image", recorded.image != reported.image),
+        ("env", recorded.env != reported.env),
+        ("ports", recorded.ports != reported.ports),
+        ("volumes", recorded.volumes != reported.volumes),
+        ("name", recorded.name != reported.name),
+    ] {
+        if differs {
+            fields.push(field);
+            text.push(format!(
+                "{field}: the host reports other values than recorded"
+            ));
+        }
+    }
+    (!fields.is_empty()).then(|| (fields, text.join("; ")))
 }
 
 #[cfg(test)]

@@ -35,6 +35,7 @@ pub struct ApiError {
     message: String,
     field: Option<String>,
     agent: Option<(Uuid, Option<i64>)>,
+    details: Box<serde_json::Map<String, serde_json::Value>>,
 }
 
 impl ApiError {
@@ -45,7 +46,16 @@ impl ApiError {
             message: message.into(),
             field: None,
             agent: None,
+            details: Box::default(),
         }
+    }
+    /// Adds `key` with `value` to the error body (the numbers behind a refusal).
+    fn with_detail(mut self, key: &str, value: impl serde::Serialize) -> Self {
+        self.details.insert(
+            key.to_owned(),
+            serde_json::to_value(value).unwrap_or(serde_json::Value::Null),
+        );
+        self
     }
     fn with_field(mut self, field: String) -> Self {
         self.field = Some(field);
@@ -73,6 +83,7 @@ impl IntoResponse for ApiError {
                 field: self.field,
                 agent_id: self.agent.map(|a| a.0),
                 last_seen_ms: self.agent.and_then(|a| a.1),
+                details: *self.details,
             }),
         )
             .into_response()
@@ -703,6 +714,16 @@ impl From<crate::control::ControlError> for ApiError {
             E::NotFound(_) => ApiError::not_found(message),
             E::Forbidden(_) => ApiError::new(StatusCode::FORBIDDEN, "forbidden", message),
             E::Conflict(_) => ApiError::new(StatusCode::CONFLICT, "conflict", message),
+            E::InsufficientFunds {
+                account,
+                currency,
+                balance,
+                needed,
+            } => ApiError::new(StatusCode::PAYMENT_REQUIRED, "insufficient_funds", message)
+                .with_detail("account", account)
+                .with_detail("currency", currency)
+                .with_detail("balance", balance)
+                .with_detail("needed", needed),
             E::Offline {
                 agent_id,
                 last_seen_ms,

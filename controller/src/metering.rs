@@ -14,7 +14,7 @@ use uuid::Uuid;
 use crate::billing::{self, Period, PeriodUsage};
 use crate::ledger::Applied;
 use crate::service::Controller;
-use crate::store::{IngestBatch, IngestOutcome, InvoiceLine, PostError, StoreError};
+use crate::store::{Billable, IngestBatch, IngestOutcome, InvoiceLine, PostError, StoreError};
 
 /// Most batches one group commit takes.
 const GROUP_MAX_BATCHES: usize = 256;
@@ -84,14 +84,19 @@ pub struct BillingRun {
     pub to_ms: i64,
     /// Instances whose charges were posted now.
     pub posted: u32,
-    /// Instances already billed for this period (a repeated run).
+    /// Instances already billed for this period with the same usage (a repeated run).
     pub already_billed: u32,
     /// Instances with nothing to charge.
     pub nothing_due: u32,
+    /// Instances run by an admin: the operator's own, not billed to anyone.
+    pub not_billed: u32,
     /// Instances whose charges could not be posted, with the reason.
     pub failed: Vec<BillingFailure>,
-    /// Total charged now, per currency.
+    /// Total charged now for this period, per currency.
     pub charged: std::collections::BTreeMap<String, i64>,
+    /// Late usage billed now, of this period or of earlier ones: the difference to
+    /// what was billed before.
+    pub adjustments: Vec<Adjustment>,
 }
 
 /// An instance a billing run could not post.
@@ -105,10 +110,36 @@ pub struct BillingFailure {
     pub reason: String,
 }
 
+/// Late usage of one instance and period, billed by a later run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Adjustment {
+    /// The instance.
+    pub instance_id: String,
+    /// Its client.
+    pub client: String,
+    /// The period the usage belongs to.
+    pub from_ms: i64,
+    /// End of that period.
+    pub to_ms: i64,
+    /// What was charged now (negative: credited).
+    pub amount: i64,
+    /// Currency.
+    pub currency: String,
+}
+
+/// An agent whose usage of a period has not all arrived.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaitingFor {
+    /// The agent.
+    pub agent_id: Uuid,
+    /// The end of its latest usage record stored (`None`: none yet).
+    pub usage_through_ms: Option<i64>,
+}
+
 /// Why a billing run was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum BillingError {
-    /// The period is malformed.
+    /// The period is malformed or not closed yet.
     #[error("{0}")]
     Period(String),
     /// The period overlaps one billed before.
@@ -119,9 +150,31 @@ pub enum BillingError {
         /// End.
         to_ms: i64,
     },
+    /// Hosts' usage of the period has not arrived and the grace has not passed.
+    #[error(
+        "waiting for the usage of {} agent(s) up to {to_ms}; run again once it arrived or after {retry_after_ms}",
+        waiting.len()
+    )]
+    Waiting {
+        /// The end of the period.
+        to_ms: i64,
+        /// Who.
+        waiting: Vec<WaitingFor>,
+        /// When the grace ends and the period is billed with what arrived.
+        retry_after_ms: i64,
+    },
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// What settling one instance's period did.
+enum Settled {
+    Posted(i64),
+    Adjusted(i64),
+    Unchanged,
+    NothingDue,
+    Failed(String),
 }
 
 impl Controller {
@@ -294,10 +347,49 @@ impl Controller {
 
     /// Rates every instance with a price plan over `period` and posts the charges:
     /// one posting per instance and period, keyed so that a repeated run posts nothing
-    /// twice.
+    /// twice. The period must be closed whole hours in the past, and the run waits
+    /// (refused with the agents it waits for) until the hosts' usage of it has arrived
+    /// or `billing_grace` has passed. Usage that arrived after an earlier run rated its
+    /// period is billed now as an adjustment: the difference to what was billed.
     pub async fn billing_run(&self, period: Period) -> Result<BillingRun, BillingError> {
-        period.validate().map_err(BillingError::Period)?;
         let now = self.clock.now_ms();
+        period.validate(now).map_err(BillingError::Period)?;
+        let billables: Vec<Billable> = self
+            .store
+            .billables(period.to_ms)
+            .await?
+            .into_iter()
+            .filter(|b| alive_in(b, &period))
+            .collect();
+        let grace = i64::try_from(self.config.billing_grace.as_millis()).unwrap_or(i64::MAX);
+        let retry_after_ms = period.to_ms.saturating_add(grace);
+        if now < retry_after_ms {
+            let mut waiting = Vec::new();
+            let mut agents: Vec<Uuid> = billables.iter().map(|b| b.instance.agent_id).collect();
+            agents.sort();
+            agents.dedup();
+            for agent_id in agents {
+                let revoked = self
+                    .store
+                    .agent(agent_id)
+                    .await?
+                    .is_none_or(|a| a.status == crate::store::AgentStatus::Revoked);
+                let through = self.store.usage_through(agent_id).await?;
+                if !revoked && through.is_none_or(|t| t < period.to_ms) {
+                    waiting.push(WaitingFor {
+                        agent_id,
+                        usage_through_ms: through,
+                    });
+                }
+            }
+            if !waiting.is_empty() {
+                return Err(BillingError::Waiting {
+                    to_ms: period.to_ms,
+                    waiting,
+                    retry_after_ms,
+                });
+            }
+        }
         if !self
             .store
             .record_billing_run(period.from_ms, period.to_ms, now)
@@ -308,81 +400,243 @@ impl Controller {
                 to_ms: period.to_ms,
             });
         }
-        let bps = self.config.commission_bps.min(10_000);
         let mut run = BillingRun {
             from_ms: period.from_ms,
             to_ms: period.to_ms,
             ..Default::default()
         };
-        for b in self.store.billables(period.to_ms).await? {
-            let id = b.instance.record.id.clone();
-            let totals = self
-                .store
-                .usage_totals(&id, period.from_ms, period.to_ms)
-                .await?;
-            let get = |m: &str| totals.get(m).copied().unwrap_or(0).max(0) as u64;
-            let usage = PeriodUsage {
-                running_ms: get(meters::STATE_MS_RUNNING),
-                cpu_ns: get(meters::CPU_NS),
-                memory_byte_ms: get(meters::MEMORY_BYTE_MS),
-                net_bytes: get(meters::NET_RX_BYTES) + get(meters::NET_TX_BYTES),
-                disk_bytes: get(meters::DISK_READ_BYTES) + get(meters::DISK_WRITE_BYTES),
-                millicpus: b.instance.record.spec.limits.millicpus,
-            };
-            let upfront_due = (period.from_ms..period.to_ms).contains(&b.attached_at_ms);
-            let charges = billing::rate(&b.plan, &usage, upfront_due);
-            let total: i64 = charges.iter().map(|c| c.amount).sum();
-            if total == 0 {
-                run.nothing_due += 1;
+        for b in &billables {
+            if b.instance.owner_role != crate::store::Role::Client {
+                run.not_billed += 1;
                 continue;
             }
-            let client = b.instance.account.clone();
-            let key = period.key(&id);
-            let posting =
-                billing::bill_posting(&key, &client, &b.provider, &b.plan.currency, total, bps);
-            let invoice_id = period.invoice_id(&client);
-            let lines: Vec<InvoiceLine> = charges
-                .into_iter()
-                .map(|charge| InvoiceLine {
-                    invoice_id: invoice_id.clone(),
-                    client: client.clone(),
-                    provider: b.provider.clone(),
-                    from_ms: period.from_ms,
-                    to_ms: period.to_ms,
-                    instance_id: id.clone(),
-                    commission: billing::commission(charge.amount, bps),
-                    charge,
-                    currency: b.plan.currency.clone(),
-                    posting_key: key.clone(),
-                })
-                .collect();
-            match self.store.post(&posting, &lines, now).await {
-                Ok(Applied::Posted) => {
+            match self.settle(b, &period).await? {
+                Settled::Posted(total) => {
                     run.posted += 1;
                     *run.charged.entry(b.plan.currency.clone()).or_default() += total;
                 }
-                Ok(Applied::Duplicate) => run.already_billed += 1,
-                // The usage changed since the earlier run (late records): the posting
-                // under this key is final; the difference is left for review.
-                Err(PostError::Ledger(crate::ledger::LedgerError::KeyReused(_))) => {
-                    run.already_billed += 1;
-                    tracing::warn!(instance = %id, "usage of a billed period changed after its billing run; not billed again");
+                Settled::Adjusted(amount) => run.adjustments.push(adjustment(b, &period, amount)),
+                Settled::Unchanged => run.already_billed += 1,
+                Settled::NothingDue => run.nothing_due += 1,
+                Settled::Failed(reason) => run.failed.push(failure(b, reason)),
+            }
+        }
+        // Late usage of periods rated before: records received after their last rating.
+        let window = i64::try_from(self.config.adjustment_window.as_millis()).unwrap_or(i64::MAX);
+        for earlier in self
+            .store
+            .billed_periods(now.saturating_sub(window), (period.from_ms, period.to_ms))
+            .await?
+        {
+            let late = self
+                .store
+                .late_subjects(earlier.from_ms, earlier.to_ms, earlier.checked_at_ms)
+                .await?;
+            self.store
+                .mark_checked(earlier.from_ms, earlier.to_ms, now)
+                .await?;
+            if late.is_empty() {
+                continue;
+            }
+            let p = Period {
+                from_ms: earlier.from_ms,
+                to_ms: earlier.to_ms,
+            };
+            for b in self.store.billables(p.to_ms).await? {
+                if !late.contains(&b.instance.record.id)
+                    || b.instance.owner_role != crate::store::Role::Client
+                {
+                    continue;
                 }
-                Err(PostError::Ledger(e)) => run.failed.push(BillingFailure {
-                    instance_id: id,
-                    client,
-                    reason: e.to_string(),
-                }),
-                Err(PostError::Store(e)) => return Err(e.into()),
+                match self.settle(&b, &p).await? {
+                    Settled::Posted(amount) | Settled::Adjusted(amount) => {
+                        run.adjustments.push(adjustment(&b, &p, amount))
+                    }
+                    Settled::Failed(reason) => run.failed.push(failure(&b, reason)),
+                    Settled::Unchanged | Settled::NothingDue => {}
+                }
             }
         }
         tracing::info!(
             from_ms = period.from_ms,
             to_ms = period.to_ms,
             posted = run.posted,
+            adjustments = run.adjustments.len(),
             failed = run.failed.len(),
             "billing run"
         );
         Ok(run)
+    }
+
+    /// The usage of one instance in `period`, its CPU rated by the limits in force
+    /// during each part of it.
+    async fn period_usage(&self, b: &Billable, period: &Period) -> Result<PeriodUsage, StoreError> {
+        let id = &b.instance.record.id;
+        let deltas = self
+            .store
+            .counter_deltas(
+                id,
+                &[
+                    meters::STATE_MS_RUNNING,
+                    meters::CPU_NS,
+                    meters::MEMORY_BYTE_MS,
+                    meters::NET_RX_BYTES,
+                    meters::NET_TX_BYTES,
+                    meters::DISK_READ_BYTES,
+                    meters::DISK_WRITE_BYTES,
+                ],
+                period.from_ms,
+                period.to_ms,
+            )
+            .await?;
+        let sum = |m: &str| -> u64 {
+            deltas
+                .iter()
+                .filter(|d| d.meter == m)
+                .map(|d| d.delta.max(0) as u64)
+                .fold(0u64, u64::saturating_add)
+        };
+        let spans = |m: &str| -> Vec<billing::Span> {
+            deltas
+                .iter()
+                .filter(|d| d.meter == m)
+                .map(|d| billing::Span {
+                    start_ms: d.start_ms,
+                    end_ms: d.end_ms,
+                    delta: d.delta.max(0) as u64,
+                })
+                .collect()
+        };
+        let history: Vec<(i64, Option<u32>)> = self
+            .store
+            .limits_history(id)
+            .await?
+            .into_iter()
+            .map(|(from, l)| (from, l.millicpus))
+            .collect();
+        // An instance recorded before limits had a history: its recorded limits.
+        let history = if history.is_empty() {
+            vec![(
+                b.instance.created_at_ms,
+                b.instance.record.spec.limits.millicpus,
+            )]
+        } else {
+            history
+        };
+        let (limited_vcpu_mms, cpu_ns) = billing::cpu_usage(
+            &spans(meters::STATE_MS_RUNNING),
+            &spans(meters::CPU_NS),
+            &history,
+        );
+        Ok(PeriodUsage {
+            running_ms: sum(meters::STATE_MS_RUNNING),
+            limited_vcpu_mms,
+            cpu_ns,
+            memory_byte_ms: sum(meters::MEMORY_BYTE_MS),
+            net_bytes: sum(meters::NET_RX_BYTES).saturating_add(sum(meters::NET_TX_BYTES)),
+            disk_bytes: sum(meters::DISK_READ_BYTES).saturating_add(sum(meters::DISK_WRITE_BYTES)),
+        })
+    }
+
+    /// Rates one instance's period and posts what is due: the charges the first time,
+    /// then, when late usage changed them, the difference (an adjustment, keyed by the
+    /// new charges so that the same usage is never posted twice).
+    async fn settle(&self, b: &Billable, period: &Period) -> Result<Settled, StoreError> {
+        let id = b.instance.record.id.clone();
+        let usage = self.period_usage(b, period).await?;
+        // The upfront fee is due in the period the instance first ran, never before.
+        let upfront_due = b
+            .instance
+            .started_at_ms
+            .is_some_and(|t| (period.from_ms..period.to_ms).contains(&t));
+        let charges = billing::rate(&b.plan, &usage, upfront_due);
+        let billed = self.store.billed(&id, period.from_ms, period.to_ms).await?;
+        let (key, kind, lines): (String, &str, Vec<billing::Charge>) = if billed.is_empty() {
+            if charges.is_empty() {
+                return Ok(Settled::NothingDue);
+            }
+            (period.key(&id), "charge", charges)
+        } else {
+            let diffs = billing::differences(&charges, &billed);
+            if diffs.is_empty() {
+                return Ok(Settled::Unchanged);
+            }
+            let total: i64 = charges.iter().map(|c| c.amount).sum();
+            let digest = surplus_certs::sha256(
+                format!(
+                    "{:?}",
+                    charges
+                        .iter()
+                        .map(|c| (&c.meter, c.amount))
+                        .collect::<Vec<_>>()
+                )
+                .as_bytes(),
+            );
+            let key = format!(
+                "{}:adjust:{total}:{}",
+                period.key(&id),
+                &surplus_certs::hex(&digest)[..12]
+            );
+            (key, "adjustment", diffs)
+        };
+        let amount: i64 = lines.iter().map(|c| c.amount).sum();
+        let bps = self.config.commission_bps.min(10_000);
+        let client = b.instance.account.clone();
+        let posting =
+            billing::bill_posting(&key, &client, &b.provider, &b.plan.currency, amount, bps);
+        let invoice_id = period.invoice_id(&client);
+        let lines: Vec<InvoiceLine> = lines
+            .into_iter()
+            .map(|charge| InvoiceLine {
+                invoice_id: invoice_id.clone(),
+                client: client.clone(),
+                provider: b.provider.clone(),
+                from_ms: period.from_ms,
+                to_ms: period.to_ms,
+                instance_id: id.clone(),
+                commission: billing::commission(charge.amount, bps),
+                charge,
+                currency: b.plan.currency.clone(),
+                posting_key: key.clone(),
+                kind: kind.to_owned(),
+            })
+            .collect();
+        match self.store.post(&posting, &lines, self.clock.now_ms()).await {
+            Ok(Applied::Posted) if kind == "charge" => Ok(Settled::Posted(amount)),
+            Ok(Applied::Posted) => {
+                tracing::info!(instance = %id, from_ms = period.from_ms, amount, "late usage billed as an adjustment");
+                Ok(Settled::Adjusted(amount))
+            }
+            Ok(Applied::Duplicate) => Ok(Settled::Unchanged),
+            Err(PostError::Ledger(e)) => Ok(Settled::Failed(e.to_string())),
+            Err(PostError::Store(e)) => Err(e),
+        }
+    }
+}
+
+/// Whether an instance can have usage in `period`: run before it ends, and not
+/// terminated before it began.
+fn alive_in(b: &Billable, period: &Period) -> bool {
+    let r = &b.instance.record;
+    r.state != surplus_protocol::control::InstanceState::Terminated
+        || r.state_changed_at_ms >= period.from_ms
+}
+
+fn adjustment(b: &Billable, period: &Period, amount: i64) -> Adjustment {
+    Adjustment {
+        instance_id: b.instance.record.id.clone(),
+        client: b.instance.account.clone(),
+        from_ms: period.from_ms,
+        to_ms: period.to_ms,
+        amount,
+        currency: b.plan.currency.clone(),
+    }
+}
+
+fn failure(b: &Billable, reason: String) -> BillingFailure {
+    BillingFailure {
+        instance_id: b.instance.record.id.clone(),
+        client: b.instance.account.clone(),
+        reason,
     }
 }

@@ -41,6 +41,10 @@ pub struct Metrics {
     pub usage_records: Family<Labels, Counter>,
     /// Usage group commits (each one transaction, one fsync, for one or more batches).
     pub usage_commits: Counter,
+    /// Agents' answers that contradicted an instance's recorded spec, by the field that
+    /// differed (`limits`, `labels`, ...). The recorded spec stays; nothing is billed
+    /// from the answer.
+    pub spec_contradictions: Family<Labels, Counter>,
 }
 
 /// Values read at scrape time.
@@ -129,6 +133,11 @@ impl Metrics {
             "usage_commits",
             "Usage group commits, each one transaction for one or more batches",
             self.usage_commits.clone(),
+        );
+        registry.register(
+            "instance_spec_contradictions",
+            "Agents' answers that contradicted an instance's recorded spec, by field",
+            self.spec_contradictions.clone(),
         );
         registry.register(
             "frames_rejected",

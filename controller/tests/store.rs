@@ -368,6 +368,8 @@ async fn instances_and_volumes_belong_to_a_role_and_an_account() {
         },
         created_at_ms: 0,
         updated_at_ms: 0,
+        started_at_ms: None,
+        contradiction: None,
     };
     let client = row("i-0000000000000001", Role::Client);
     assert_eq!(s.claim_instance(&client).await.unwrap(), Claim::Created);

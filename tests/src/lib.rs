@@ -168,7 +168,7 @@ impl TestController {
     pub async fn enroll(&self, name: &str, labels: &[(&str, &str)]) -> (AgentConfig, Identity) {
         let config = agent_config(&self.agent_dir(name));
         let token = self.token(labels).await;
-        let identity = surplus_agent::enroll::enroll(&token, &config, clock::system().now_ms())
+        let identity = surplus_agent::enroll::enroll(&token, &config, self.clock.now_ms())
             .await
             .expect("enrollment");
         (config, identity)

@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 use serde_json::{Value, json};
 use surplus_agent::control::DriverKind;
 use surplus_controller::registry::RegistryEvent;
-use surplus_protocol::clock;
+use surplus_protocol::clock::{self, Clock};
 use surplus_protocol::control::{CompatLevel, CompatReport};
 use surplus_tests::{CgroupGuard, RunningAgent, TestController, control_config};
 
@@ -140,7 +140,12 @@ async fn every_route_answers_every_caller_as_its_principal_allows() {
             .process
             .cgroup_parent,
     );
-    let tc = TestController::start().await;
+    // The controller's clock runs three hours behind, so that the hour its instances
+    // start in has closed when the matrix bills it (a run covers closed hours only).
+    let controller_clock = clock::ManualClock::new(clock::system().now_ms() - 3 * 3_600_000);
+    let mut config = surplus_tests::test_config();
+    config.billing_grace = std::time::Duration::ZERO;
+    let tc = TestController::start_with(config, controller_clock.clone()).await;
     let api = Api {
         url: tc.url(),
         http: reqwest::Client::new(),
@@ -160,7 +165,7 @@ async fn every_route_answers_every_caller_as_its_principal_allows() {
         .await;
     let (_, bob_host) = tc.enroll("host-bob", &[("provider", "bob")]).await;
     let host_b = bob_host.agent_id;
-    let now = clock::system().now_ms();
+    let now = controller_clock.now_ms();
     for host in [host_a, host_b] {
         let report = CompatReport {
             driver: "process".into(),
@@ -223,6 +228,8 @@ async fn every_route_answers_every_caller_as_its_principal_allows() {
         .pop_first()
         .unwrap();
     let hour = now - now % 3_600_000;
+    // The hour they started in, and the next, have closed.
+    controller_clock.set_ms(hour + 2 * 3_600_000 + 1);
     api.ok(
         &admin,
         "POST",

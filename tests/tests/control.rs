@@ -63,6 +63,29 @@ async fn kit(driver: DriverKind, tag: &str) {
         COMPUTE_OPERATIONS.len() + STORAGE_OPERATIONS.len()
     );
     assert_eq!(report.level, CompatLevel::Fully, "{tag}");
+    // The kit ran with the sandbox on, and says so: never the agent's own user by
+    // default, capabilities dropped and a process limit where the driver enforces them.
+    let isolation = &report.isolation;
+    assert!(
+        !isolation.host_user,
+        "{tag}: allow_host_user is off by default"
+    );
+    match driver {
+        DriverKind::Process => {
+            assert!(
+                isolation.own_user && isolation.capabilities_dropped,
+                "{isolation:?}"
+            );
+            assert_eq!(isolation.default_pids, Some(512));
+            assert!(isolation.volume_sizes_enforced, "{isolation:?}");
+        }
+        DriverKind::Docker => {
+            assert!(isolation.capabilities_dropped, "{isolation:?}");
+            assert!(isolation.user_namespaces.is_some(), "{isolation:?}");
+            assert_eq!(isolation.default_pids, Some(512));
+        }
+        _ => assert!(!isolation.notes.is_empty(), "{isolation:?}"),
+    }
 }
 
 #[tokio::test]

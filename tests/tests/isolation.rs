@@ -438,3 +438,74 @@ async fn a_hostile_container_is_contained_by_the_docker_driver() {
     assert_eq!(s, 200, "{body}");
     on.agent.stop().await;
 }
+
+/// A failed step of the sandbox fails the start and names the step; a mount path in the
+/// kernel's own views is refused before anything starts. With `allow_host_user` (off by
+/// default) the provider runs instances as the agent's user, and the host's record
+/// says so.
+#[tokio::test]
+async fn sandbox_failures_name_their_step_and_host_user_mode_is_reported() {
+    let tag = "sandbox-steps";
+    let on = online(DriverKind::Process, tag, |_, _| {}).await;
+    let tc = &on.tc;
+    let alice = tc.token_for("alice", "client").await;
+    let vol = volume(tc, &alice, 16 << 20).await;
+    let (status, refused) = post(
+        tc,
+        &alice,
+        json!({"action": "RunInstances", "command": ["true"], "volumes": [{"volume_id": vol, "mount_path": "/proc/evil"}]}),
+    )
+    .await;
+    assert_eq!(
+        (status, refused["field"].as_str()),
+        (400, Some("volumes[0].mount_path")),
+        "{refused}"
+    );
+    // Under a read-only system directory a mount point cannot be made.
+    let (status, failed) = post(
+        tc,
+        &alice,
+        json!({"action": "RunInstances", "command": ["true"], "volumes": [{"volume_id": vol, "mount_path": "/usr/surplus-no-such-dir"}]}),
+    )
+    .await;
+    assert_eq!(status, 502, "{failed}");
+    let message = failed["message"].as_str().unwrap();
+    assert!(
+        message.contains("sandbox set-up failed: create the directory")
+            && message.contains("usr/surplus-no-such-dir")
+            && message.contains("Read-only file system"),
+        "{message}"
+    );
+    let (_, agents) = tc.api_get("/v1/agents").await;
+    assert_eq!(agents[0]["isolation"]["host_user"], false, "{agents}");
+    on.agent.stop().await;
+
+    let tag = "host-user";
+    let on = online(DriverKind::Process, tag, |c, _| {
+        c.process.allow_host_user = true;
+    })
+    .await;
+    let tc = &on.tc;
+    let alice = tc.token_for("alice", "client").await;
+    let id = run(
+        tc,
+        &alice,
+        json!({"command": ["/bin/sh", "-c", "echo uid=$(id -u); echo done=1; exec sleep 600"]}),
+    )
+    .await;
+    let out = output_until(tc, &alice, &id, "done=1").await;
+    assert_eq!(
+        probes(&out)["uid"],
+        "0",
+        "the provider asked for the agent's user"
+    );
+    let (_, agents) = tc.api_get("/v1/agents").await;
+    let isolation = &agents[0]["isolation"];
+    assert_eq!(isolation["host_user"], true, "{agents}");
+    assert!(
+        isolation["notes"].to_string().contains("allow_host_user"),
+        "{isolation}"
+    );
+    terminate(tc, &alice, &[&id]).await;
+    on.agent.stop().await;
+}

@@ -1,8 +1,9 @@
 //! Usage metering end to end with real processes: a `surplus-controller` killed with
 //! SIGKILL again and again, a `surplus-agent` killed between spooling and
 //! acknowledgement, the controller frozen (cut off) for a while, and in the end the
-//! controller's totals equal the kernel's counters, every record exactly once, and a
-//! billing run turns them into an invoice and balanced ledger postings.
+//! controller's totals equal the kernel's counters, every record exactly once, and the
+//! agent-kept time running survives the agent's restarts. (Billing is `billing.rs`, on a
+//! moved clock: a run covers closed hours only.)
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -137,7 +138,7 @@ fn cpuacct_usage(parent: &str, id: &str) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn usage_survives_controller_and_agent_crashes_exactly_once_and_is_billed() {
+async fn usage_survives_controller_and_agent_crashes_exactly_once() {
     let root = tempfile::tempdir().unwrap();
     let data = root.path().join("controller");
     let (session, enroll, http) = (free_udp_port(), free_udp_port(), free_tcp_port());
@@ -254,7 +255,7 @@ async fn usage_survives_controller_and_agent_crashes_exactly_once_and_is_billed(
         "{bad}"
     );
 
-    let started_ms = surplus_protocol::clock::Clock::now_ms(&surplus_protocol::clock::SystemClock);
+    let started_at = Instant::now();
     let (st, run) = s
         .call(
             reqwest::Method::POST,
@@ -297,10 +298,11 @@ async fn usage_survives_controller_and_agent_crashes_exactly_once_and_is_billed(
         controller = s.controller();
     }
     // The agent dies too, between spooling and acknowledgement at some point of its
-    // 200 ms cycle, and comes back.
+    // 200 ms cycle, and comes back a second later (the instance runs on meanwhile).
     for wait in [900, 1300] {
         tokio::time::sleep(Duration::from_millis(wait)).await;
         agent.signal("-9");
+        tokio::time::sleep(Duration::from_secs(1)).await;
         agent = s.agent(&config, &agent_dir);
     }
     // Cut off: the controller is frozen long enough for the session to time out and
@@ -334,6 +336,7 @@ async fn usage_survives_controller_and_agent_crashes_exactly_once_and_is_billed(
         })
         .await;
     assert_eq!(st, 200, "{stop}");
+    let stopped_at = Instant::now();
     let kernel = cpuacct_usage(&parent, &id);
     assert!(kernel > 100_000_000, "the busy loop used CPU: {kernel} ns");
     let total = s
@@ -369,100 +372,26 @@ async fn usage_survives_controller_and_agent_crashes_exactly_once_and_is_billed(
         "sequence numbers 0..={max_seq} each stored once"
     );
 
-    // Billing: the run rates what was metered; a second run posts nothing twice.
-    let hour = 3_600_000;
-    let now = surplus_protocol::clock::Clock::now_ms(&surplus_protocol::clock::SystemClock);
-    let period = json!({"from_ms": started_ms / hour * hour, "to_ms": (now / hour + 1) * hour});
-    let (st, billed) = s
-        .call(
-            reqwest::Method::POST,
-            "/v1/billing/runs",
-            Some(period.clone()),
+    // Time running is counted by the agent, which was killed twice: the restarted
+    // agents re-adopted the instance in the same run and counted the time they were
+    // away, so the total is the wall time from the start to the stop, less at most the
+    // first sample's wait and the stop itself (billing rates it: tests/billing.rs).
+    let running_ms = s
+        .eventually(
+            "the last running time",
+            Duration::from_secs(20),
+            async || {
+                usage_of("state_ms.running").await.filter(|&v| {
+                    v as u128 >= (stopped_at - started_at).as_millis().saturating_sub(1_000)
+                })
+            },
         )
         .await;
-    assert_eq!((st, billed["posted"].as_u64()), (200, Some(1)), "{billed}");
-    let (_, again) = s
-        .call(reqwest::Method::POST, "/v1/billing/runs", Some(period))
-        .await;
-    assert_eq!(
-        (again["posted"].as_u64(), again["already_billed"].as_u64()),
-        (Some(0), Some(1)),
-        "{again}"
+    let wall = (stopped_at - started_at).as_millis() as i64;
+    assert!(
+        running_ms <= wall && wall - running_ms < 1_000,
+        "running {running_ms} ms of {wall} ms: the agent's restarts lost time"
     );
-    let (_, invoices) = s
-        .call(reqwest::Method::GET, "/v1/invoices?client=admin", None)
-        .await;
-    let invoice = &invoices[0];
-    let running_ms = usage_of("state_ms.running").await.unwrap();
-    let expected = 500 // upfront
-        + (3_600 * running_ms + hour / 2) / hour
-        + (360_000 * running_ms * 200 / 1000 + hour / 2) / hour;
-    assert_eq!(
-        invoice["totals"]["EUR"].as_i64(),
-        Some(expected),
-        "{invoice}"
-    );
-    let (_, balances) = s
-        .call(reqwest::Method::GET, "/v1/ledger/balances", None)
-        .await;
-    let balance = |account: &str| {
-        balances
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|b| b["account"] == account)
-            .and_then(|b| b["balance"].as_i64())
-            .unwrap_or(0)
-    };
-    assert_eq!(balance("client:admin"), -expected);
-    let fee = (expected * 1000 + 5000) / 10_000;
-    assert_eq!(balance("marketplace"), fee);
-    assert_eq!(balance("provider:bob"), expected - fee);
-    let (st, statement) = s
-        .call(reqwest::Method::GET, "/v1/statements?provider=bob", None)
-        .await;
-    assert_eq!(
-        (st, statement["net"]["EUR"].as_i64()),
-        (200, Some(expected - fee)),
-        "{statement}"
-    );
-    // A payout beyond the earnings is refused and changes nothing.
-    let (st, refused) = s
-        .call(
-            reqwest::Method::POST,
-            "/v1/payouts",
-            Some(json!({"account": "bob", "currency": "EUR", "amount": expected, "key": "p1"})),
-        )
-        .await;
-    assert_eq!(
-        (st, refused["error"].as_str()),
-        (409, Some("insufficient_funds")),
-        "{refused}"
-    );
-    let (st, paid) = s
-        .call(
-            reqwest::Method::POST,
-            "/v1/payouts",
-            Some(
-                json!({"account": "bob", "currency": "EUR", "amount": expected - fee, "key": "p2"}),
-            ),
-        )
-        .await;
-    assert_eq!(
-        (st, paid["result"].as_str()),
-        (200, Some("posted")),
-        "{paid}"
-    );
-    let (_, paid_again) = s
-        .call(
-            reqwest::Method::POST,
-            "/v1/payouts",
-            Some(
-                json!({"account": "bob", "currency": "EUR", "amount": expected - fee, "key": "p2"}),
-            ),
-        )
-        .await;
-    assert_eq!(paid_again["result"], "duplicate");
 
     let (_, _) = s
         .call(

@@ -306,6 +306,22 @@ pub(super) async fn billing_run(
     match ctl.billing_run(period).await {
         Ok(run) => Ok(Json(run)),
         Err(crate::metering::BillingError::Period(e)) => Err(invalid("from_ms", e)),
+        Err(e @ crate::metering::BillingError::Waiting { .. }) => {
+            let message = e.to_string();
+            let crate::metering::BillingError::Waiting {
+                waiting,
+                retry_after_ms,
+                ..
+            } = e
+            else {
+                unreachable!("matched above")
+            };
+            Err(
+                ApiError::new(StatusCode::CONFLICT, "usage_pending", message)
+                    .with_detail("waiting_for", waiting)
+                    .with_detail("retry_after_ms", retry_after_ms),
+            )
+        }
         Err(e @ crate::metering::BillingError::Overlap { .. }) => Err(ApiError::new(
             StatusCode::CONFLICT,
             "conflict",

@@ -320,12 +320,20 @@ pub struct InstanceRow {
     pub client_token: Option<String>,
     /// Digest of the RunInstances request, to recognise a token reused for another one.
     pub request_hash: String,
-    /// The agent's latest record (the requested spec while pending).
+    /// The instance: its spec as the client asked for it (and as modified since),
+    /// which is the authority for billing, and what its host last reported of its
+    /// state.
     pub record: surplus_protocol::control::Instance,
     /// When the controller accepted it.
     pub created_at_ms: UnixMillis,
     /// When the record last changed.
     pub updated_at_ms: UnixMillis,
+    /// When a host first reported it running; `None`: it never started (no upfront fee
+    /// is due).
+    pub started_at_ms: Option<UnixMillis>,
+    /// What the host last claimed against the recorded spec, for people (`None`: its
+    /// answers agree). Never billed.
+    pub contradiction: Option<String>,
 }
 
 impl InstanceRow {
@@ -475,6 +483,33 @@ pub struct InvoiceLine {
     pub currency: String,
     /// The posting that carries it.
     pub posting_key: String,
+    /// `charge` (the period's first posting) or `adjustment` (late usage, rated by a
+    /// later run: the difference to what was billed before).
+    pub kind: String,
+}
+
+/// A billing period recorded by a run, with when its usage was last rated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BilledPeriod {
+    /// Start.
+    pub from_ms: UnixMillis,
+    /// End (exclusive).
+    pub to_ms: UnixMillis,
+    /// When its usage was last rated; records received after it are late.
+    pub checked_at_ms: UnixMillis,
+}
+
+/// One usage record's contribution to a counter, for rating by parts of a period.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CounterDelta {
+    /// The meter.
+    pub meter: String,
+    /// Start of the record's period.
+    pub start_ms: UnixMillis,
+    /// End of the record's period.
+    pub end_ms: UnixMillis,
+    /// What it adds to the counter.
+    pub delta: i64,
 }
 
 /// A posting as stored, with one account's share of it.
@@ -616,11 +651,38 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn claim_instance(&self, row: &InstanceRow) -> Result<Claim, StoreError>;
     /// One instance.
     async fn instance(&self, id: &str) -> Result<Option<InstanceRow>, StoreError>;
+    /// The instance `owner` ran with client token `token`, if any.
+    async fn instance_by_token(
+        &self,
+        owner: &Principal,
+        token: &str,
+    ) -> Result<Option<InstanceRow>, StoreError>;
     /// Instances of one owner (all with `None`), oldest first.
     async fn instances(&self, owner: Option<&Principal>) -> Result<Vec<InstanceRow>, StoreError>;
     /// Instances hosted by one agent.
     async fn agent_instances(&self, agent_id: Uuid) -> Result<Vec<InstanceRow>, StoreError>;
-    /// Replaces the record of known instances (unknown ids are ignored).
+    /// What the host last claimed against an instance's recorded spec (`None`: its
+    /// answers agree again).
+    async fn set_contradiction(
+        &self,
+        instance_id: &str,
+        contradiction: Option<&str>,
+        now_ms: UnixMillis,
+    ) -> Result<(), StoreError>;
+    /// The limits in force from `from_ms` on (RunInstances and each modification).
+    async fn record_limits(
+        &self,
+        instance_id: &str,
+        from_ms: UnixMillis,
+        limits: &surplus_protocol::control::Limits,
+    ) -> Result<(), StoreError>;
+    /// Every change of an instance's limits, oldest first.
+    async fn limits_history(
+        &self,
+        instance_id: &str,
+    ) -> Result<Vec<(UnixMillis, surplus_protocol::control::Limits)>, StoreError>;
+    /// Replaces the record of known instances (unknown ids are ignored); the first
+    /// record in state running marks the instance started.
     async fn update_instances(
         &self,
         records: &[surplus_protocol::control::Instance],
@@ -681,6 +743,25 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         from_ms: UnixMillis,
         to_ms: UnixMillis,
     ) -> Result<BTreeMap<String, i64>, StoreError>;
+    /// The counter deltas of one subject's records ending in `(from_ms, to_ms]`, for
+    /// `meters`, oldest first.
+    async fn counter_deltas(
+        &self,
+        subject: &str,
+        meters: &[&str],
+        from_ms: UnixMillis,
+        to_ms: UnixMillis,
+    ) -> Result<Vec<CounterDelta>, StoreError>;
+    /// The end of the latest usage record stored from an agent: its usage has arrived
+    /// up to there.
+    async fn usage_through(&self, agent_id: Uuid) -> Result<Option<UnixMillis>, StoreError>;
+    /// Subjects with records ending in `(from_ms, to_ms]` received after `since_ms`.
+    async fn late_subjects(
+        &self,
+        from_ms: UnixMillis,
+        to_ms: UnixMillis,
+        since_ms: UnixMillis,
+    ) -> Result<Vec<String>, StoreError>;
     /// Stores the sampling periods set for an agent (its spool state is stored with
     /// each usage batch, by [`Store::ingest_usage_batches`]).
     async fn set_metering(
@@ -709,13 +790,39 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<(), StoreError>;
     /// Instances with a price plan attached before `to_ms`.
     async fn billables(&self, to_ms: UnixMillis) -> Result<Vec<Billable>, StoreError>;
-    /// Records a billing run's period; `false` if it overlaps another period.
+    /// A host's rate card, if its provider set one.
+    async fn agent_price_plan(
+        &self,
+        agent_id: Uuid,
+    ) -> Result<Option<crate::billing::PricePlan>, StoreError>;
+    /// Records a billing run's period, rated now; `false` if it overlaps another period.
     async fn record_billing_run(
         &self,
         from_ms: UnixMillis,
         to_ms: UnixMillis,
         now_ms: UnixMillis,
     ) -> Result<bool, StoreError>;
+    /// Periods billed before, ending after `since_ms`, other than `[from_ms, to_ms)`.
+    async fn billed_periods(
+        &self,
+        since_ms: UnixMillis,
+        except: (UnixMillis, UnixMillis),
+    ) -> Result<Vec<BilledPeriod>, StoreError>;
+    /// Marks a billed period's usage rated at `now_ms`.
+    async fn mark_checked(
+        &self,
+        from_ms: UnixMillis,
+        to_ms: UnixMillis,
+        now_ms: UnixMillis,
+    ) -> Result<(), StoreError>;
+    /// What was billed for one instance and period so far, per meter: amount and
+    /// quantity (charges and adjustments together).
+    async fn billed(
+        &self,
+        instance_id: &str,
+        from_ms: UnixMillis,
+        to_ms: UnixMillis,
+    ) -> Result<BTreeMap<String, (i64, f64)>, StoreError>;
     /// Applies a posting once (with the invoice lines it carries) in one transaction.
     async fn post(
         &self,
@@ -723,6 +830,8 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         lines: &[InvoiceLine],
         now_ms: UnixMillis,
     ) -> Result<crate::ledger::Applied, PostError>;
+    /// Whether an account may go below zero, when a policy was set for it.
+    async fn account_policy(&self, account: &str) -> Result<Option<bool>, StoreError>;
     /// Whether an account may go below zero (overriding the default).
     async fn set_account_policy(
         &self,

@@ -54,6 +54,8 @@ fn instance_from_row(row: &SqliteRow) -> Result<InstanceRow, StoreError> {
         record: parse_json(row.try_get("record")?, "instance record")?,
         created_at_ms: row.try_get("created_at_ms")?,
         updated_at_ms: row.try_get("updated_at_ms")?,
+        started_at_ms: row.try_get("started_at_ms")?,
+        contradiction: row.try_get("contradiction")?,
     })
 }
 
@@ -636,13 +638,22 @@ impl Store for SqliteStore {
             .bind(row.updated_at_ms)
             .execute(&mut *tx)
             .await?;
-        // The host's rate card at the time of the run goes with the instance.
+        // The host's rate card at the time of the run goes with the instance, and the
+        // limits asked for are the first in force.
         sqlx::query("INSERT INTO instance_price_plans (instance_id, plan, attached_at_ms) SELECT $1, plan, $2 FROM agent_price_plans WHERE agent_id = $3")
             .bind(&row.record.id)
             .bind(row.created_at_ms)
             .bind(row.agent_id.to_string())
             .execute(&mut *tx)
             .await?;
+        sqlx::query(
+            "INSERT INTO instance_limits (instance_id, from_ms, limits) VALUES ($1, $2, $3)",
+        )
+        .bind(&row.record.id)
+        .bind(row.created_at_ms)
+        .bind(json_text(&row.record.spec.limits))
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(Claim::Created)
     }
@@ -655,6 +666,24 @@ impl Store for SqliteStore {
             .as_ref()
             .map(instance_from_row)
             .transpose()
+    }
+
+    async fn instance_by_token(
+        &self,
+        owner: &Principal,
+        token: &str,
+    ) -> Result<Option<InstanceRow>, StoreError> {
+        sqlx::query(
+            "SELECT * FROM instances WHERE owner_role = $1 AND account = $2 AND client_token = $3",
+        )
+        .bind(owner.role.as_str())
+        .bind(&owner.account)
+        .bind(token)
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(instance_from_row)
+        .transpose()
     }
 
     async fn instances(&self, owner: Option<&Principal>) -> Result<Vec<InstanceRow>, StoreError> {
@@ -688,7 +717,9 @@ impl Store for SqliteStore {
         let mut tx = self.write_tx().await?;
         for r in records {
             sqlx::query(
-                "UPDATE instances SET state = $1, record = $2, updated_at_ms = $3 WHERE id = $4",
+                "UPDATE instances SET state = $1, record = $2, updated_at_ms = $3, \
+                 started_at_ms = CASE WHEN started_at_ms IS NULL AND $1 = 'running' THEN $3 ELSE started_at_ms END \
+                 WHERE id = $4",
             )
             .bind(r.state.as_str())
             .bind(json_text(r))
@@ -699,6 +730,56 @@ impl Store for SqliteStore {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn set_contradiction(
+        &self,
+        instance_id: &str,
+        contradiction: Option<&str>,
+        now_ms: UnixMillis,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE instances SET contradiction = $1, updated_at_ms = $2 WHERE id = $3")
+            .bind(contradiction)
+            .bind(now_ms)
+            .bind(instance_id)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    async fn record_limits(
+        &self,
+        instance_id: &str,
+        from_ms: UnixMillis,
+        limits: &surplus_protocol::control::Limits,
+    ) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO instance_limits (instance_id, from_ms, limits) VALUES ($1, $2, $3) ON CONFLICT (instance_id, from_ms) DO UPDATE SET limits = excluded.limits")
+            .bind(instance_id)
+            .bind(from_ms)
+            .bind(json_text(limits))
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    async fn limits_history(
+        &self,
+        instance_id: &str,
+    ) -> Result<Vec<(UnixMillis, surplus_protocol::control::Limits)>, StoreError> {
+        sqlx::query(
+            "SELECT from_ms, limits FROM instance_limits WHERE instance_id = $1 ORDER BY from_ms",
+        )
+        .bind(instance_id)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok((
+                r.try_get("from_ms")?,
+                parse_json(r.try_get("limits")?, "limits")?,
+            ))
+        })
+        .collect()
     }
 
     async fn put_volume(&self, row: &VolumeRow) -> Result<(), StoreError> {
@@ -849,6 +930,57 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    async fn counter_deltas(
+        &self,
+        subject: &str,
+        meters: &[&str],
+        from_ms: UnixMillis,
+        to_ms: UnixMillis,
+    ) -> Result<Vec<CounterDelta>, StoreError> {
+        let rows = sqlx::query("SELECT meter, start_ms, end_ms, delta FROM usage_records WHERE subject = $1 AND kind = 'counter' AND end_ms > $2 AND end_ms <= $3 ORDER BY end_ms, meter")
+            .bind(subject)
+            .bind(from_ms)
+            .bind(to_ms)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut out = Vec::new();
+        for r in &rows {
+            let meter: String = r.try_get("meter")?;
+            if meters.contains(&meter.as_str()) {
+                out.push(CounterDelta {
+                    meter,
+                    start_ms: r.try_get("start_ms")?,
+                    end_ms: r.try_get("end_ms")?,
+                    delta: r.try_get("delta")?,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn usage_through(&self, agent_id: Uuid) -> Result<Option<UnixMillis>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT MAX(end_ms) FROM usage_records WHERE agent_id = $1")
+                .bind(agent_id.to_string())
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn late_subjects(
+        &self,
+        from_ms: UnixMillis,
+        to_ms: UnixMillis,
+        since_ms: UnixMillis,
+    ) -> Result<Vec<String>, StoreError> {
+        Ok(sqlx::query_scalar("SELECT DISTINCT subject FROM usage_records WHERE received_at_ms > $3 AND end_ms > $1 AND end_ms <= $2 ORDER BY subject")
+            .bind(from_ms)
+            .bind(to_ms)
+            .bind(since_ms)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
     async fn set_metering(
         &self,
         agent_id: Uuid,
@@ -928,6 +1060,89 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    async fn agent_price_plan(
+        &self,
+        agent_id: Uuid,
+    ) -> Result<Option<crate::billing::PricePlan>, StoreError> {
+        let plan: Option<String> =
+            sqlx::query_scalar("SELECT plan FROM agent_price_plans WHERE agent_id = $1")
+                .bind(agent_id.to_string())
+                .fetch_optional(&self.pool)
+                .await?;
+        plan.map(|p| parse_json(&p, "price plan")).transpose()
+    }
+
+    async fn billed_periods(
+        &self,
+        since_ms: UnixMillis,
+        except: (UnixMillis, UnixMillis),
+    ) -> Result<Vec<BilledPeriod>, StoreError> {
+        sqlx::query("SELECT from_ms, to_ms, checked_at_ms FROM billing_runs WHERE to_ms > $1 AND NOT (from_ms = $2 AND to_ms = $3) ORDER BY from_ms")
+            .bind(since_ms)
+            .bind(except.0)
+            .bind(except.1)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| {
+                let from_ms = r.try_get("from_ms")?;
+                Ok(BilledPeriod {
+                    from_ms,
+                    to_ms: r.try_get("to_ms")?,
+                    checked_at_ms: r
+                        .try_get::<Option<i64>, _>("checked_at_ms")?
+                        .unwrap_or(from_ms),
+                })
+            })
+            .collect()
+    }
+
+    async fn mark_checked(
+        &self,
+        from_ms: UnixMillis,
+        to_ms: UnixMillis,
+        now_ms: UnixMillis,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE billing_runs SET checked_at_ms = $3 WHERE from_ms = $1 AND to_ms = $2")
+            .bind(from_ms)
+            .bind(to_ms)
+            .bind(now_ms)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    async fn billed(
+        &self,
+        instance_id: &str,
+        from_ms: UnixMillis,
+        to_ms: UnixMillis,
+    ) -> Result<BTreeMap<String, (i64, f64)>, StoreError> {
+        let rows = sqlx::query("SELECT meter, SUM(amount) AS amount, SUM(quantity) AS quantity FROM invoice_lines WHERE instance_id = $1 AND from_ms = $2 AND to_ms = $3 GROUP BY meter")
+            .bind(instance_id)
+            .bind(from_ms)
+            .bind(to_ms)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("meter")?,
+                    (r.try_get("amount")?, r.try_get("quantity")?),
+                ))
+            })
+            .collect()
+    }
+
+    async fn account_policy(&self, account: &str) -> Result<Option<bool>, StoreError> {
+        let v: Option<i64> =
+            sqlx::query_scalar("SELECT allow_negative FROM ledger_accounts WHERE account = $1")
+                .bind(account)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(v.map(|v| v != 0))
+    }
+
     async fn record_billing_run(
         &self,
         from_ms: UnixMillis,
@@ -943,7 +1158,7 @@ impl Store for SqliteStore {
         if overlapping.is_some() {
             return Ok(false);
         }
-        sqlx::query("INSERT INTO billing_runs (from_ms, to_ms, ran_at_ms) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
+        sqlx::query("INSERT INTO billing_runs (from_ms, to_ms, ran_at_ms, checked_at_ms) VALUES ($1, $2, $3, $3) ON CONFLICT (from_ms, to_ms) DO UPDATE SET checked_at_ms = excluded.checked_at_ms")
             .bind(from_ms)
             .bind(to_ms)
             .bind(now_ms)
@@ -1034,7 +1249,7 @@ impl Store for SqliteStore {
                 .await?;
         }
         for l in lines {
-            sqlx::query("INSERT INTO invoice_lines (invoice_id, client, provider, from_ms, to_ms, instance_id, meter, quantity, unit, rate, amount, commission, currency, posting_key) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)")
+            sqlx::query("INSERT INTO invoice_lines (invoice_id, client, provider, from_ms, to_ms, instance_id, meter, quantity, unit, rate, amount, commission, currency, posting_key, kind) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)")
                 .bind(&l.invoice_id)
                 .bind(&l.client)
                 .bind(&l.provider)
@@ -1049,6 +1264,7 @@ impl Store for SqliteStore {
                 .bind(l.commission)
                 .bind(&l.currency)
                 .bind(&posting.key)
+                .bind(&l.kind)
                 .execute(&mut *tx)
                 .await?;
         }
@@ -1151,6 +1367,7 @@ impl Store for SqliteStore {
                     commission: r.try_get("commission")?,
                     currency: r.try_get("currency")?,
                     posting_key: r.try_get("posting_key")?,
+                    kind: r.try_get("kind")?,
                 })
             })
             .collect()
