@@ -374,6 +374,37 @@ fn kill9(pid: i32) {
     assert!(status.success());
 }
 
+/// An agent started with a relative `--data-dir`: the sandbox is built after the child
+/// changed to `/`, so the driver works with absolute paths.
+#[tokio::test]
+async fn a_relative_data_directory_works() {
+    let _cgroups = cgroups("relative");
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = std::env::current_dir().unwrap();
+    let up = "../".repeat(cwd.components().count() - 1);
+    let relative = std::path::PathBuf::from(up).join(dir.path().strip_prefix("/").unwrap());
+    assert!(relative.is_relative());
+    let plane = plane(DriverKind::Process, "relative", &relative).await;
+    let id = new_id(INSTANCE_PREFIX);
+    call(
+        &plane,
+        Command::RunInstances {
+            instance_id: id.clone(),
+            spec: spec(&["sleep", "600"]),
+        },
+    )
+    .await;
+    assert_eq!(describe(&plane, &id).await.state, InstanceState::Running);
+    call(
+        &plane,
+        Command::Lifecycle {
+            op: Lifecycle::Terminate,
+            ids: vec![id],
+        },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn a_start_that_fails_is_an_error_and_leaves_a_terminated_record() {
     let _cgroups = cgroups("fails");

@@ -82,9 +82,12 @@ pub struct ImageVolumes {
 }
 
 impl ImageVolumes {
-    /// Volumes under `root` (created if missing).
+    /// Volumes under `root` (created if missing; kept as an absolute path, since the
+    /// engine and the sandbox resolve it from elsewhere).
     pub fn open(root: PathBuf) -> Result<Self, DriverError> {
         std::fs::create_dir_all(&root)
+            .map_err(|e| DriverError::failed(&root.display().to_string(), e))?;
+        let root = std::fs::canonicalize(&root)
             .map_err(|e| DriverError::failed(&root.display().to_string(), e))?;
         Ok(Self { root })
     }

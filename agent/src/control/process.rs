@@ -133,10 +133,23 @@ impl ProcessDriver {
             count: config.uid_count,
         };
         range.validate().map_err(DriverError::Failed)?;
+        if let Some(p) = config.system_paths.iter().find(|p| !p.is_absolute()) {
+            return Err(DriverError::Failed(format!(
+                "system_paths: {} is not an absolute path",
+                p.display()
+            )));
+        }
+        // The sandbox is built after the child changed to "/": every path it uses is
+        // absolute.
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| DriverError::failed(&data_dir.display().to_string(), e))?;
+        let data_dir = &std::fs::canonicalize(data_dir)
+            .map_err(|e| DriverError::failed(&data_dir.display().to_string(), e))?;
         let volume_root = if config.volume_root.as_os_str().is_empty() {
             data_dir.join("control").join("volumes")
         } else {
-            config.volume_root.clone()
+            std::path::absolute(&config.volume_root)
+                .map_err(|e| DriverError::failed("volume_root", e))?
         };
         let control = data_dir.join("control");
         let logs = control.join("logs");

@@ -819,8 +819,9 @@ pub unsafe fn enter(p: &Prepared) -> std::io::Result<()> {
         ForkResult::Parent { child } => {
             // The supervisor: it stays to report the instance's exit status. Stop
             // signals go to every process of the cgroup; it ignores them and ends when
-            // the init ends.
+            // the init ends. (It is a fork of the agent: its name says what it is.)
             close_from_3(p.max_fd);
+            let _ = nix::sys::prctl::set_name(c"surplus-superv");
             for s in [
                 Signal::SIGTERM,
                 Signal::SIGINT,
@@ -835,6 +836,7 @@ pub unsafe fn enter(p: &Prepared) -> std::io::Result<()> {
         ForkResult::Child => {}
     }
     // The init (PID 1 of the new namespace): build the view, then start the workload.
+    let _ = nix::sys::prctl::set_name(c"surplus-init");
     for (n, op) in p.ops.iter().enumerate() {
         run_op(op).map_err(|e| fail(p, n as u16, e))?;
     }
