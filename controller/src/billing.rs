@@ -306,6 +306,28 @@ pub fn differences(
     out
 }
 
+/// Which (instance, period) pairs have late usage: a record `(subject, end_ms,
+/// received_at_ms)` counts in the billed period whose `(from, to]` holds its end, and is
+/// late when it was received after that period was last rated. Sorted, each pair once.
+/// Pure.
+pub fn late_periods(
+    periods: &[crate::store::BilledPeriod],
+    received: &[(String, i64, i64)],
+) -> Vec<(String, (i64, i64))> {
+    let mut out: Vec<(String, (i64, i64))> = received
+        .iter()
+        .filter_map(|(subject, end, at)| {
+            let p = periods
+                .iter()
+                .find(|p| p.from_ms < *end && *end <= p.to_ms && *at > p.checked_at_ms)?;
+            Some((subject.clone(), (p.from_ms, p.to_ms)))
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// Commission on `amount` at `bps` basis points, rounded half up; a credit (negative
 /// amount) gives the commission back the same way.
 pub fn commission(amount: i64, bps: u32) -> i64 {
@@ -681,6 +703,35 @@ mod tests {
         ] {
             assert!(check(from, to).is_err(), "{why}");
         }
+    }
+
+    #[test]
+    fn late_usage_belongs_to_the_period_its_record_ends_in() {
+        use crate::store::BilledPeriod;
+        const H: i64 = 3_600_000;
+        let periods = [
+            BilledPeriod {
+                from_ms: 0,
+                to_ms: H,
+                checked_at_ms: H + 100,
+            },
+            BilledPeriod {
+                from_ms: H,
+                to_ms: 2 * H,
+                checked_at_ms: 2 * H + 100,
+            },
+        ];
+        let received = [
+            ("i-a".to_owned(), H, H + 200),         // late for the first hour
+            ("i-a".to_owned(), H - 5, H + 300),     // the same pair again
+            ("i-b".to_owned(), H, H + 50),          // before the first hour was rated
+            ("i-b".to_owned(), 2 * H, 2 * H + 200), // late for the second
+            ("i-c".to_owned(), 3 * H, 3 * H),       // in no billed period
+        ];
+        assert_eq!(
+            late_periods(&periods, &received),
+            vec![("i-a".to_owned(), (0, H)), ("i-b".to_owned(), (H, 2 * H)),]
+        );
     }
 
     fn spans(list: &[(i64, i64, u64)]) -> Vec<Span> {

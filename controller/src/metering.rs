@@ -421,39 +421,39 @@ impl Controller {
                 Settled::Failed(reason) => run.failed.push(failure(b, reason)),
             }
         }
-        // Late usage of periods rated before: records received after their last rating.
+        // Late usage of periods rated before: records received after their last rating,
+        // found with one scan of what arrived since the oldest of those ratings.
         let window = i64::try_from(self.config.adjustment_window.as_millis()).unwrap_or(i64::MAX);
-        for earlier in self
+        let earlier = self
             .store
             .billed_periods(now.saturating_sub(window), (period.from_ms, period.to_ms))
-            .await?
-        {
-            let late = self
-                .store
-                .late_subjects(earlier.from_ms, earlier.to_ms, earlier.checked_at_ms)
-                .await?;
-            self.store
-                .mark_checked(earlier.from_ms, earlier.to_ms, now)
-                .await?;
-            if late.is_empty() {
-                continue;
+            .await?;
+        if let (Some(oldest), Some(until)) = (
+            earlier.iter().map(|p| p.checked_at_ms).min(),
+            earlier.iter().map(|p| p.to_ms).max(),
+        ) {
+            let received = self.store.received_since(oldest, until).await?;
+            let late = billing::late_periods(&earlier, &received);
+            for p in &earlier {
+                self.store.mark_checked(p.from_ms, p.to_ms, now).await?;
             }
-            let p = Period {
-                from_ms: earlier.from_ms,
-                to_ms: earlier.to_ms,
-            };
-            for b in self.store.billables(p.to_ms).await? {
-                if !late.contains(&b.instance.record.id)
-                    || b.instance.owner_role != crate::store::Role::Client
-                {
-                    continue;
-                }
-                match self.settle(&b, &p).await? {
-                    Settled::Posted(amount) | Settled::Adjusted(amount) => {
-                        run.adjustments.push(adjustment(&b, &p, amount))
+            if !late.is_empty() {
+                let all = self.store.billables(until).await?;
+                for (instance_id, (from_ms, to_ms)) in late {
+                    let Some(b) = all.iter().find(|b| b.instance.record.id == instance_id) else {
+                        continue;
+                    };
+                    if b.instance.owner_role != crate::store::Role::Client {
+                        continue;
                     }
-                    Settled::Failed(reason) => run.failed.push(failure(&b, reason)),
-                    Settled::Unchanged | Settled::NothingDue => {}
+                    let p = Period { from_ms, to_ms };
+                    match self.settle(b, &p).await? {
+                        Settled::Posted(amount) | Settled::Adjusted(amount) => {
+                            run.adjustments.push(adjustment(b, &p, amount))
+                        }
+                        Settled::Failed(reason) => run.failed.push(failure(b, reason)),
+                        Settled::Unchanged | Settled::NothingDue => {}
+                    }
                 }
             }
         }

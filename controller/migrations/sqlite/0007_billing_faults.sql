@@ -23,4 +23,5 @@ UPDATE billing_runs SET checked_at_ms = ran_at_ms;
 -- `charge` lines of a period's first posting, `adjustment` lines of late usage.
 ALTER TABLE invoice_lines ADD COLUMN kind TEXT NOT NULL DEFAULT 'charge';
 CREATE INDEX invoice_lines_instance ON invoice_lines (instance_id, from_ms, to_ms);
-CREATE INDEX usage_received ON usage_records (agent_id, received_at_ms);
+-- Late usage is found by when it was received: one range scan per billing run.
+CREATE INDEX usage_received ON usage_records (received_at_ms, end_ms);

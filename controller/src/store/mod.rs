@@ -755,13 +755,13 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// The end of the latest usage record stored from an agent: its usage has arrived
     /// up to there.
     async fn usage_through(&self, agent_id: Uuid) -> Result<Option<UnixMillis>, StoreError>;
-    /// Subjects with records ending in `(from_ms, to_ms]` received after `since_ms`.
-    async fn late_subjects(
+    /// Records received after `since_ms` that end at or before `until_ms`: per subject
+    /// and end, the latest time one was received.
+    async fn received_since(
         &self,
-        from_ms: UnixMillis,
-        to_ms: UnixMillis,
         since_ms: UnixMillis,
-    ) -> Result<Vec<String>, StoreError>;
+        until_ms: UnixMillis,
+    ) -> Result<Vec<(String, UnixMillis, UnixMillis)>, StoreError>;
     /// Stores the sampling periods set for an agent (its spool state is stored with
     /// each usage batch, by [`Store::ingest_usage_batches`]).
     async fn set_metering(

@@ -967,18 +967,25 @@ impl Store for SqliteStore {
         )
     }
 
-    async fn late_subjects(
+    async fn received_since(
         &self,
-        from_ms: UnixMillis,
-        to_ms: UnixMillis,
         since_ms: UnixMillis,
-    ) -> Result<Vec<String>, StoreError> {
-        Ok(sqlx::query_scalar("SELECT DISTINCT subject FROM usage_records WHERE received_at_ms > $3 AND end_ms > $1 AND end_ms <= $2 ORDER BY subject")
-            .bind(from_ms)
-            .bind(to_ms)
+        until_ms: UnixMillis,
+    ) -> Result<Vec<(String, UnixMillis, UnixMillis)>, StoreError> {
+        let rows = sqlx::query("SELECT subject, end_ms, MAX(received_at_ms) AS received FROM usage_records WHERE received_at_ms > $1 AND end_ms <= $2 GROUP BY subject, end_ms")
             .bind(since_ms)
+            .bind(until_ms)
             .fetch_all(&self.pool)
-            .await?)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("subject")?,
+                    r.try_get("end_ms")?,
+                    r.try_get("received")?,
+                ))
+            })
+            .collect()
     }
 
     async fn set_metering(
