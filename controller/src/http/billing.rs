@@ -303,32 +303,24 @@ pub(super) async fn billing_run(
         from_ms: body.from_ms,
         to_ms: body.to_ms,
     };
-    match ctl.billing_run(period).await {
-        Ok(run) => Ok(Json(run)),
-        Err(crate::metering::BillingError::Period(e)) => Err(invalid("from_ms", e)),
-        Err(e @ crate::metering::BillingError::Waiting { .. }) => {
-            let message = e.to_string();
-            let crate::metering::BillingError::Waiting {
-                waiting,
-                retry_after_ms,
-                ..
-            } = e
-            else {
-                unreachable!("matched above")
-            };
-            Err(
-                ApiError::new(StatusCode::CONFLICT, "usage_pending", message)
-                    .with_detail("waiting_for", waiting)
-                    .with_detail("retry_after_ms", retry_after_ms),
-            )
-        }
-        Err(e @ crate::metering::BillingError::Overlap { .. }) => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "conflict",
-            e.to_string(),
-        )),
-        Err(crate::metering::BillingError::Store(e)) => Err(e.into()),
-    }
+    use crate::metering::BillingError;
+    let e = match ctl.billing_run(period).await {
+        Ok(run) => return Ok(Json(run)),
+        Err(e) => e,
+    };
+    let message = e.to_string();
+    Err(match e {
+        BillingError::Period(e) => invalid("from_ms", e),
+        BillingError::Waiting {
+            waiting,
+            retry_after_ms,
+            ..
+        } => ApiError::new(StatusCode::CONFLICT, "usage_pending", message)
+            .with_detail("waiting_for", waiting)
+            .with_detail("retry_after_ms", retry_after_ms),
+        BillingError::Overlap { .. } => ApiError::new(StatusCode::CONFLICT, "conflict", message),
+        BillingError::Store(e) => e.into(),
+    })
 }
 
 /// `POST /v1/payments` and `POST /v1/payouts` body.
