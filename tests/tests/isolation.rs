@@ -32,6 +32,7 @@ echo "procs_own=$(r sh -c "echo \$\$ > $OWN_PROCS")"
 echo "status=$(grep -E '^(NoNewPrivs|CapInh|CapPrm|CapEff|CapBnd|CapAmb):' /proc/self/status | tr -d ' \t' | tr '\n' ',')"
 echo "suid=$(sh -c "$SUID_TEST" 2>&1)"
 echo "hostname=$(cat /proc/sys/kernel/hostname)"
+echo "fds=$(ls /proc/self/fd | tr '\n' ' ')"
 echo "docker_socket=$(r ls /var/run/docker.sock /run/docker.sock)"
 echo "volume_write=$(r sh -c 'echo hello > /data/hello')"
 echo "enospc=$(dd if=/dev/zero of=/data/big bs=1048576 count=100 2>&1 | grep -c 'No space left')"
@@ -205,6 +206,12 @@ async fn a_hostile_instance_is_contained_by_the_process_driver() {
     })
     .await;
     let tc = &on.tc;
+    // A descriptor the agent holds without close-on-exec (inherited from whoever
+    // started it, say): a directory of the host's that would lead out of the view.
+    let leaked = std::ffi::CString::new("/").unwrap();
+    // SAFETY: open(2) of "/" as a directory; closed at the end of the test.
+    let leaked = unsafe { libc::open(leaked.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY) };
+    assert!(leaked > 2);
     let alice = tc.token_for("alice", "client").await;
     let vol = volume(tc, &alice, 64 << 20).await;
     let neighbour = run(tc, &alice, json!({"command": ["sleep", "600"]})).await;
@@ -268,6 +275,10 @@ async fn a_hostile_instance_is_contained_by_the_process_driver() {
         "a set-uid-root binary must not make it root"
     );
     assert_eq!(p["hostname"], id, "its own host name");
+    assert_eq!(
+        p["fds"], "0 1 2 3",
+        "only its standard streams (and ls's own directory): nothing of the agent's"
+    );
     assert_eq!(p["volume_write"], "yes", "its volume is at its mount path");
     assert_eq!(
         p["enospc"], "1",
@@ -325,6 +336,8 @@ async fn a_hostile_instance_is_contained_by_the_process_driver() {
     .await;
     assert_eq!(s, 200, "{body}");
     on.agent.stop().await;
+    // SAFETY: closing the descriptor opened above.
+    unsafe { libc::close(leaked) };
 }
 
 #[tokio::test]
@@ -471,11 +484,42 @@ async fn sandbox_failures_name_their_step_and_host_user_mode_is_reported() {
     assert_eq!(status, 502, "{failed}");
     let message = failed["message"].as_str().unwrap();
     assert!(
-        message.contains("sandbox set-up failed: create the directory")
-            && message.contains("usr/surplus-no-such-dir")
+        message.contains("sandbox set-up failed: mount")
+            && message.contains("at /usr/surplus-no-such-dir")
             && message.contains("Read-only file system"),
         "{message}"
     );
+    // A symbolic link planted in a volume cannot lead another volume's mount, nor the
+    // directories made for it, out of the view.
+    let planted = on.agent_dir.join("control/planted");
+    let a = volume(tc, &alice, 16 << 20).await;
+    let b = volume(tc, &alice, 16 << 20).await;
+    let id = run(
+        tc,
+        &alice,
+        json!({"command": ["/bin/sh", "-c", format!("ln -s {} /a/b && echo done=1 && exec sleep 600", on.agent_dir.join("control").display())],
+               "volumes": [{"volume_id": a, "mount_path": "/a"}]}),
+    )
+    .await;
+    output_until(tc, &alice, &id, "done=1").await;
+    terminate(tc, &alice, &[&id]).await;
+    let (status, failed) = post(
+        tc,
+        &alice,
+        json!({"action": "RunInstances", "command": ["true"], "volumes": [
+            {"volume_id": a, "mount_path": "/a"},
+            {"volume_id": b, "mount_path": "/a/b/planted"}]}),
+    )
+    .await;
+    assert_eq!(status, 502, "{failed}");
+    let message = failed["message"].as_str().unwrap();
+    assert!(
+        message.contains("at /a/b/planted (without following symbolic links)")
+            && (message.contains("Not a directory")
+                || message.contains("Too many levels of symbolic links")),
+        "{message}"
+    );
+    assert!(!planted.exists(), "nothing was made on the host");
     let (_, agents) = tc.api_get("/v1/agents").await;
     assert_eq!(agents[0]["isolation"]["host_user"], false, "{agents}");
     on.agent.stop().await;

@@ -35,7 +35,7 @@
 //! namespaces and the file system view stay the same.
 
 use std::ffi::{CString, OsString};
-use std::os::fd::{OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
@@ -171,6 +171,18 @@ pub enum Op {
     Devpts(PathBuf),
     /// Makes an existing mount read-only (the tmpfs of `/dev`).
     RemountReadOnly(PathBuf),
+    /// A volume at its mount path: each directory of the path made (if missing) and
+    /// opened one by one below the new root without following a symbolic link, so that
+    /// nothing in a volume (or anywhere in the view) can point the mount elsewhere; then
+    /// the volume is bound on the directory opened, never set-uid, no devices.
+    Volume {
+        /// The volume's directory on the host.
+        source: PathBuf,
+        /// The new root.
+        root: PathBuf,
+        /// The path inside the instance (absolute).
+        inside: String,
+    },
     /// Switches to the new root and lets go of the host's (`pivot_root`, then a lazy
     /// unmount of the old root), then makes the new root's tmpfs read-only.
     PivotRoot(PathBuf),
@@ -344,17 +356,16 @@ pub fn plan(layout: &Layout) -> Vec<Op> {
             });
         }
     }
-    // Volumes last: their mount points are made in the new root's tmpfs only (under a
-    // read-only system directory the directory must exist already, or the step fails).
-    for (host, inside) in &layout.volumes {
-        for p in prefixes(Path::new(inside)) {
-            ops.push(Op::Mkdir(under(root, &p)));
-        }
-        ops.push(Op::Bind {
+    // Volumes last, outer paths before the paths inside them. Mount points are made
+    // in the view only, never through a symbolic link (see `Op::Volume`); under a
+    // read-only system directory the directory must exist already, or the step fails.
+    let mut volumes: Vec<&(PathBuf, String)> = layout.volumes.iter().collect();
+    volumes.sort_by_key(|(_, inside)| Path::new(inside).components().count());
+    for (host, inside) in volumes {
+        ops.push(Op::Volume {
             source: host.clone(),
-            target: under(root, Path::new(inside)),
-            read_only: false,
-            devices: false,
+            root: root.clone(),
+            inside: inside.clone(),
         });
     }
     ops.push(Op::RemountReadOnly(r("/dev")));
@@ -387,6 +398,11 @@ impl std::fmt::Display for Op {
             Op::Proc(p) => write!(f, "mount the instance's /proc on {}", p.display()),
             Op::Devpts(p) => write!(f, "mount a devpts on {}", p.display()),
             Op::RemountReadOnly(p) => write!(f, "make {} read-only", p.display()),
+            Op::Volume { source, inside, .. } => write!(
+                f,
+                "mount {} at {inside} (without following symbolic links)",
+                source.display()
+            ),
             Op::PivotRoot(p) => write!(f, "switch the root to {}", p.display()),
         }
     }
@@ -409,10 +425,11 @@ enum Fixed {
     VerifyCapabilities,
     NoNewPrivs,
     WorkloadSession,
+    CloseDescriptors,
 }
 
 impl Fixed {
-    const ALL: [Fixed; 13] = [
+    const ALL: [Fixed; 14] = [
         Fixed::Setsid,
         Fixed::JoinCgroup,
         Fixed::Unshare,
@@ -426,6 +443,7 @@ impl Fixed {
         Fixed::VerifyCapabilities,
         Fixed::NoNewPrivs,
         Fixed::WorkloadSession,
+        Fixed::CloseDescriptors,
     ];
 
     fn describe(self) -> &'static str {
@@ -443,6 +461,7 @@ impl Fixed {
             Fixed::VerifyCapabilities => "check that no capability is left",
             Fixed::NoNewPrivs => "set no_new_privs",
             Fixed::WorkloadSession => "start the workload's session",
+            Fixed::CloseDescriptors => "close the agent's descriptors on exec",
         }
     }
 }
@@ -473,6 +492,8 @@ struct PreparedOp {
     a: CString,
     b: CString,
     flags: MsFlags,
+    /// Path components, for `K_VOLUME`.
+    parts: Vec<CString>,
 }
 
 const K_PRIVATE: u8 = 0;
@@ -485,6 +506,7 @@ const K_PROC: u8 = 6;
 const K_DEVPTS: u8 = 7;
 const K_RO: u8 = 8;
 const K_PIVOT: u8 = 9;
+const K_VOLUME: u8 = 10;
 
 fn cstring(p: &Path) -> std::io::Result<CString> {
     CString::new(p.as_os_str().as_bytes()).map_err(|_| {
@@ -501,7 +523,8 @@ pub struct Prepared {
     procs: Vec<CString>,
     hostname: OsString,
     user: User,
-    bounding: Vec<caps::Capability>,
+    /// The highest capability number the kernel knows (`cap_last_cap`).
+    last_cap: u32,
     report: RawFd,
     max_fd: i32,
 }
@@ -527,6 +550,7 @@ impl Prepared {
                     a: CString::new("/").expect("no NUL"),
                     b: empty.clone(),
                     flags: MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+                    parts: Vec::new(),
                 },
                 Op::Tmpfs {
                     target,
@@ -541,24 +565,28 @@ impl Prepared {
                     } else {
                         base
                     },
+                    parts: Vec::new(),
                 },
                 Op::Mkdir(p) => PreparedOp {
                     kind: K_MKDIR,
                     a: cstring(p)?,
                     b: empty.clone(),
                     flags: MsFlags::empty(),
+                    parts: Vec::new(),
                 },
                 Op::Symlink { target, link } => PreparedOp {
                     kind: K_SYMLINK,
                     a: cstring(target)?,
                     b: cstring(link)?,
                     flags: MsFlags::empty(),
+                    parts: Vec::new(),
                 },
                 Op::Touch(p) => PreparedOp {
                     kind: K_TOUCH,
                     a: cstring(p)?,
                     b: empty.clone(),
                     flags: MsFlags::empty(),
+                    parts: Vec::new(),
                 },
                 Op::Bind {
                     source,
@@ -578,6 +606,7 @@ impl Prepared {
                         a: cstring(source)?,
                         b: cstring(target)?,
                         flags,
+                        parts: Vec::new(),
                     }
                 }
                 Op::Proc(p) => PreparedOp {
@@ -585,24 +614,43 @@ impl Prepared {
                     a: cstring(p)?,
                     b: empty.clone(),
                     flags: base | MsFlags::MS_NOEXEC,
+                    parts: Vec::new(),
                 },
                 Op::Devpts(p) => PreparedOp {
                     kind: K_DEVPTS,
                     a: cstring(p)?,
                     b: CString::new("newinstance,ptmxmode=0666,mode=0620").expect("no NUL"),
                     flags: MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+                    parts: Vec::new(),
                 },
                 Op::RemountReadOnly(p) => PreparedOp {
                     kind: K_RO,
                     a: cstring(p)?,
                     b: empty.clone(),
                     flags: base | MsFlags::MS_NOEXEC,
+                    parts: Vec::new(),
                 },
                 Op::PivotRoot(p) => PreparedOp {
                     kind: K_PIVOT,
                     a: cstring(p)?,
                     b: empty.clone(),
                     flags: MsFlags::empty(),
+                    parts: Vec::new(),
+                },
+                Op::Volume {
+                    source,
+                    root,
+                    inside,
+                } => PreparedOp {
+                    kind: K_VOLUME,
+                    a: cstring(source)?,
+                    b: cstring(root)?,
+                    flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                    parts: Path::new(inside)
+                        .components()
+                        .skip(1)
+                        .map(|c| cstring(Path::new(c.as_os_str())))
+                        .collect::<Result<_, _>>()?,
                 },
             };
             prepared.push(p);
@@ -615,7 +663,10 @@ impl Prepared {
             procs: procs.iter().map(|p| cstring(p)).collect::<Result<_, _>>()?,
             hostname: OsString::from_vec(hostname.as_bytes().to_vec()),
             user,
-            bounding: caps::all().into_iter().collect(),
+            last_cap: std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+                .ok()
+                .and_then(|t| t.trim().parse().ok())
+                .unwrap_or(63),
             report,
             max_fd,
         })
@@ -774,8 +825,68 @@ fn run_op(op: &PreparedOp) -> nix::Result<()> {
                 NONE,
             )
         }
+        K_VOLUME => {
+            use nix::fcntl::{OFlag, openat};
+            let dir = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+            let mut at = nix::fcntl::open(op.b.as_c_str(), dir, Mode::empty())?;
+            let mut parent = None;
+            for part in &op.parts {
+                match nix::sys::stat::mkdirat(&at, part.as_c_str(), Mode::from_bits_truncate(0o755))
+                {
+                    Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+                    Err(e) => return Err(e),
+                }
+                // O_NOFOLLOW: a symbolic link here (planted in a volume, say) fails the
+                // step with ELOOP instead of leading the mount outside the view.
+                let next = openat(&at, part.as_c_str(), dir, Mode::empty())?;
+                parent = Some(std::mem::replace(&mut at, next));
+            }
+            let (Some(parent), Some(last)) = (parent, op.parts.last()) else {
+                return Err(nix::errno::Errno::EINVAL);
+            };
+            let mut buf = [0u8; 32];
+            mount(
+                Some(op.a.as_c_str()),
+                fd_path(at.as_raw_fd(), &mut buf),
+                NONE,
+                MsFlags::MS_BIND,
+                NONE,
+            )?;
+            // Reopened through its parent, the path now leads to the new mount, whose
+            // flags a remount sets.
+            let mounted = openat(&parent, last.as_c_str(), dir, Mode::empty())?;
+            mount(
+                NONE,
+                fd_path(mounted.as_raw_fd(), &mut buf),
+                NONE,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | op.flags,
+                NONE,
+            )
+        }
         _ => Err(nix::errno::Errno::EINVAL),
     }
+}
+
+/// `/proc/self/fd/<fd>` in `buf`, without allocating.
+fn fd_path(fd: RawFd, buf: &mut [u8; 32]) -> &std::ffi::CStr {
+    const PREFIX: &[u8] = b"/proc/self/fd/";
+    buf[..PREFIX.len()].copy_from_slice(PREFIX);
+    let mut digits = [0u8; 10];
+    let mut n = fd.max(0) as u32;
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (n % 10) as u8;
+        len += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for i in 0..len {
+        buf[PREFIX.len() + i] = digits[len - 1 - i];
+    }
+    buf[PREFIX.len() + len] = 0;
+    std::ffi::CStr::from_bytes_until_nul(&buf[..]).unwrap_or(c"/")
 }
 
 /// The body of `pre_exec`: makes the calling child the supervisor, forks the init and
@@ -852,32 +963,22 @@ pub unsafe fn enter(p: &Prepared) -> std::io::Result<()> {
     // The workload.
     if let User::Own { uid, gid } = p.user {
         // Capabilities first, while it still has CAP_SETPCAP: nothing can be raised
-        // again by a file's capabilities or an inherited set.
-        let cap = |e: caps::errors::CapsError| {
-            let _ = e;
-            fail(p, Fixed::Capabilities as u16, nix::errno::Errno::last())
-        };
-        caps::clear(None, caps::CapSet::Ambient).map_err(cap)?;
-        caps::clear(None, caps::CapSet::Inheritable).map_err(cap)?;
-        for c in &p.bounding {
-            caps::drop(None, caps::CapSet::Bounding, *c).map_err(cap)?;
-        }
+        // again by a file's capabilities or an inherited set. (Raw system calls: nix has
+        // none for these, and the caps crate allocates its errors, which is not
+        // allowed here.)
+        capabilities::drop_all(p.last_cap).map_err(|e| fail(p, Fixed::Capabilities as u16, e))?;
         nix::unistd::setgroups(&[]).map_err(|e| fail(p, Fixed::Groups as u16, e))?;
         let gid = Gid::from_raw(gid);
         nix::unistd::setresgid(gid, gid, gid).map_err(|e| fail(p, Fixed::Gid as u16, e))?;
         // From uid 0 to another, the kernel clears the permitted and effective sets.
         let uid = Uid::from_raw(uid);
         nix::unistd::setresuid(uid, uid, uid).map_err(|e| fail(p, Fixed::Uid as u16, e))?;
-        for c in &p.bounding {
-            let left = caps::has_cap(None, caps::CapSet::Permitted, *c).unwrap_or(true)
-                || caps::has_cap(None, caps::CapSet::Effective, *c).unwrap_or(true);
-            if left {
-                return Err(fail(
-                    p,
-                    Fixed::VerifyCapabilities as u16,
-                    nix::errno::Errno::EPERM,
-                ));
-            }
+        if capabilities::any_left() {
+            return Err(fail(
+                p,
+                Fixed::VerifyCapabilities as u16,
+                nix::errno::Errno::EPERM,
+            ));
         }
     }
     // No set-uid binary or file capability raises the workload's privileges again.
@@ -885,7 +986,110 @@ pub unsafe fn enter(p: &Prepared) -> std::io::Result<()> {
     nix::unistd::setsid().map_err(|e| fail(p, Fixed::WorkloadSession as u16, e))?;
     let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
     nix::sys::stat::umask(Mode::from_bits_truncate(0o022));
+    // Nothing the agent holds open reaches the client's program: every descriptor above
+    // stderr closes on exec (a directory the agent inherited would otherwise lead out of
+    // the view). The start's own pipes are close-on-exec already.
+    cloexec_from_3(p.max_fd).map_err(|e| fail(p, Fixed::CloseDescriptors as u16, e))?;
     Ok(())
+}
+
+/// Marks every descriptor above stderr close-on-exec.
+fn cloexec_from_3(max_fd: i32) -> nix::Result<()> {
+    const CLOSE_RANGE_CLOEXEC: u32 = 1 << 2;
+    // SAFETY: close_range(2) only changes descriptor flags (kernel 5.11 or later).
+    let r = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC) };
+    if r == 0 {
+        return Ok(());
+    }
+    for fd in 3..max_fd {
+        // SAFETY: fcntl(2) on a descriptor this process may hold; EBADF otherwise.
+        let r = unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        if r != 0 && nix::errno::Errno::last() != nix::errno::Errno::EBADF {
+            return Err(nix::errno::Errno::last());
+        }
+    }
+    Ok(())
+}
+
+/// The capability sets of the calling thread, through `capget`/`capset` and `prctl`.
+mod capabilities {
+    const VERSION_3: u32 = 0x2008_0522;
+
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+
+    fn get() -> nix::Result<[Data; 2]> {
+        let mut header = Header {
+            version: VERSION_3,
+            pid: 0,
+        };
+        let mut data = [Data {
+            effective: 0,
+            permitted: 0,
+            inheritable: 0,
+        }; 2];
+        // SAFETY: capget(2) with a version-3 header and room for two data words.
+        let r = unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) };
+        nix::errno::Errno::result(r).map(|_| data)
+    }
+
+    /// Clears the ambient and inheritable sets and drops every capability up to
+    /// `last_cap` from the bounding set.
+    pub fn drop_all(last_cap: u32) -> nix::Result<()> {
+        // SAFETY: prctl(2) with integer arguments only.
+        let r = unsafe {
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                0,
+                0,
+                0,
+            )
+        };
+        nix::errno::Errno::result(r)?;
+        let mut data = get()?;
+        for d in &mut data {
+            d.inheritable = 0;
+        }
+        let mut header = Header {
+            version: VERSION_3,
+            pid: 0,
+        };
+        // SAFETY: capset(2) with a version-3 header and two data words.
+        let r = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
+        nix::errno::Errno::result(r)?;
+        for cap in 0..=last_cap {
+            // SAFETY: prctl(2) with integer arguments only.
+            let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+            match nix::errno::Errno::result(r) {
+                Ok(_) | Err(nix::errno::Errno::EINVAL) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether any capability is left in the effective, permitted or inheritable sets
+    /// (or they cannot be read).
+    pub fn any_left() -> bool {
+        match get() {
+            Ok(data) => data
+                .iter()
+                .any(|d| d.effective != 0 || d.permitted != 0 || d.inheritable != 0),
+            Err(_) => true,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -941,8 +1145,7 @@ mod tests {
                 &format!("bind /sys on {root}/sys read-only"),
                 &format!("bind /dev/null on {root}/dev/null"),
                 &format!("mount a tmpfs on {root}/etc/surplus"),
-                &format!("create the directory {root}/data/db"),
-                &format!("bind /var/lib/a/control/volumes/vol-1 on {root}/data/db"),
+                "mount /var/lib/a/control/volumes/vol-1 at /data/db (without following symbolic links)",
                 &format!("make {root}/dev read-only"),
                 &format!("switch the root to {root}"),
             ],
@@ -968,6 +1171,11 @@ mod tests {
                 assert!(ok, "writable bind of {}", source.display());
             }
         }
+        for op in &ops {
+            if let Op::Volume { source, .. } = op {
+                assert!(source.starts_with("/var/lib/a/control/volumes"));
+            }
+        }
         let masks: Vec<&PathBuf> = ops
             .iter()
             .filter_map(|op| match op {
@@ -983,6 +1191,34 @@ mod tests {
         assert_eq!(
             masks,
             [&PathBuf::from("/var/lib/a/control/roots/i-1/etc/surplus")]
+        );
+    }
+
+    #[test]
+    fn volumes_are_mounted_outer_paths_first() {
+        let mut l = layout();
+        l.volumes = vec![
+            ("/v/inner".into(), "/data/db/logs".into()),
+            ("/v/outer".into(), "/data".into()),
+        ];
+        let ops = plan(&l);
+        let order: Vec<&str> = ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::Volume { inside, .. } => Some(inside.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(order, ["/data", "/data/db/logs"]);
+    }
+
+    #[test]
+    fn descriptor_paths_are_written_without_allocating() {
+        let mut buf = [0u8; 32];
+        assert_eq!(fd_path(7, &mut buf).to_str().unwrap(), "/proc/self/fd/7");
+        assert_eq!(
+            fd_path(1_048_575, &mut buf).to_str().unwrap(),
+            "/proc/self/fd/1048575"
         );
     }
 
