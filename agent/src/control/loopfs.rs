@@ -89,7 +89,16 @@ impl ImageVolumes {
             .map_err(|e| DriverError::failed(&root.display().to_string(), e))?;
         let root = std::fs::canonicalize(&root)
             .map_err(|e| DriverError::failed(&root.display().to_string(), e))?;
+        // The images and mounts are clients' data: no one else on the host passes.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| DriverError::failed(&root.display().to_string(), e))?;
         Ok(Self { root })
+    }
+
+    /// The directory holding the volumes (absolute).
+    pub fn root(&self) -> &Path {
+        &self.root
     }
 
     /// Where the volume is mounted on the host.
@@ -124,10 +133,12 @@ impl ImageVolumes {
             // Made under a temporary name and renamed when complete, so a crash leaves
             // no half-made image that a retry would mount.
             let tmp = self.root.join(format!("{id}.img.tmp"));
+            use std::os::unix::fs::OpenOptionsExt;
             let file = std::fs::OpenOptions::new()
                 .create(true)
                 .truncate(true)
                 .write(true)
+                .mode(0o600)
                 .open(&tmp)
                 .map_err(|e| DriverError::failed(&tmp.display().to_string(), e))?;
             let size = i64::try_from(size_bytes)
@@ -167,6 +178,15 @@ impl ImageVolumes {
                 .map_err(|e| DriverError::failed("keep the volume image", e))?;
         }
         self.ensure_mounted(id)?;
+        // What the empty file system itself takes (its journal, inode tables): used
+        // bytes are counted above it.
+        let base = self.root.join(format!("{id}.base"));
+        if !base.exists() {
+            let used = fs_used(&self.dir(id))
+                .map_err(|e| DriverError::failed("statvfs of the new volume", e))?;
+            crate::identity::write_atomic(&base, used.to_string().as_bytes(), 0o600)
+                .map_err(|e| DriverError::failed("record the volume's own size", e))?;
+        }
         Ok(self.dir(id))
     }
 
@@ -204,7 +224,11 @@ impl ImageVolumes {
         if is_mounted(&dir) {
             run("umount", &[dir.as_os_str()])?;
         }
-        for path in [self.image(id), self.root.join(format!("{id}.img.tmp"))] {
+        for path in [
+            self.image(id),
+            self.root.join(format!("{id}.img.tmp")),
+            self.root.join(format!("{id}.base")),
+        ] {
             match std::fs::remove_file(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -252,18 +276,30 @@ impl ImageVolumes {
         self.blocking("delete volume", move |v| v.delete(&id)).await
     }
 
-    /// Bytes of the files in the volume, when it is mounted.
+    /// Bytes the volume's files take, when it is mounted: what its file system has in
+    /// use above what it took empty. Read from the file system, never by walking the
+    /// client's tree (which a running instance may change under the walk).
     pub async fn used(&self, id: &str) -> Result<Option<u64>, DriverError> {
         let dir = self.dir(id);
+        let base = self.root.join(format!("{id}.base"));
         self.blocking("volume usage", move |_| {
             if !is_mounted(&dir) {
                 return Ok(None);
             }
-            used_bytes(&dir)
-                .map(Some)
-                .map_err(|e| DriverError::failed("volume usage", e))
+            let used = fs_used(&dir).map_err(|e| DriverError::failed("volume usage", e))?;
+            let empty = std::fs::read_to_string(&base)
+                .ok()
+                .and_then(|t| t.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            Ok(Some(used.saturating_sub(empty)))
         })
         .await
+    }
+
+    /// Copies the volume's files into `to` (a new directory), never following a
+    /// symbolic link, at most `limit` bytes of file contents. Blocking.
+    pub fn copy_out(&self, id: &str, to: &Path, limit: u64) -> Result<u64, DriverError> {
+        copy_tree(&self.dir(id), to, limit).map_err(|e| DriverError::failed("snapshot", e))
     }
 }
 
@@ -273,25 +309,94 @@ pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
     Ok(s.blocks_available() * s.fragment_size())
 }
 
-/// Bytes of the files in a volume, its file system's own `lost+found` left out.
-pub fn used_bytes(dir: &Path) -> std::io::Result<u64> {
-    fn walk(path: &Path, top: bool) -> std::io::Result<u64> {
-        let mut total = 0;
-        for entry in std::fs::read_dir(path)? {
-            let entry = entry?;
-            if top && entry.file_name() == "lost+found" {
-                continue;
+/// Bytes in use on the file system holding `path`.
+fn fs_used(path: &Path) -> std::io::Result<u64> {
+    let s = nix::sys::statvfs::statvfs(path).map_err(std::io::Error::from)?;
+    Ok(s.blocks().saturating_sub(s.blocks_free()) * s.fragment_size())
+}
+
+/// Copies the tree at `from` into a new directory `to`: directories, regular files and
+/// symbolic links (as links), nothing else, the file system's own `lost+found` left
+/// out, and at most `limit` bytes of contents. Every entry is opened relative to its
+/// directory's descriptor with `O_NOFOLLOW` and checked after opening, so an instance
+/// that swaps a directory for a link while it is copied (the copy runs as root) gets a
+/// failed copy, never a copy of something outside its volume. Returns the bytes copied.
+pub fn copy_tree(from: &Path, to: &Path, limit: u64) -> std::io::Result<u64> {
+    use nix::fcntl::OFlag;
+    let dir = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let src = nix::fcntl::open(from, dir, Mode::empty())?;
+    std::fs::create_dir(to)?;
+    let dst = nix::fcntl::open(to, dir, Mode::empty())?;
+    let mut left = limit;
+    copy_dir(&src, &dst, &mut left, true)?;
+    Ok(limit - left)
+}
+
+use nix::sys::stat::{Mode, SFlag};
+
+fn copy_dir(
+    src: &std::os::fd::OwnedFd,
+    dst: &std::os::fd::OwnedFd,
+    left: &mut u64,
+    top: bool,
+) -> std::io::Result<()> {
+    use nix::fcntl::{AtFlags, OFlag, openat};
+    use std::os::fd::AsFd;
+    let dir_flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let listing = nix::dir::Dir::openat(src.as_fd(), c".", dir_flags, Mode::empty())?;
+    let names: Vec<std::ffi::CString> = listing
+        .into_iter()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_owned())
+        .filter(|n| n.as_bytes() != b"." && n.as_bytes() != b"..")
+        .filter(|n| !(top && n.as_bytes() == b"lost+found"))
+        .collect();
+    for name in names {
+        let st =
+            nix::sys::stat::fstatat(src.as_fd(), name.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW)?;
+        let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
+        if kind == SFlag::S_IFDIR {
+            let sub = openat(src, name.as_c_str(), dir_flags, Mode::empty())?;
+            nix::sys::stat::mkdirat(dst, name.as_c_str(), Mode::from_bits_truncate(0o755))?;
+            let dsub = openat(dst, name.as_c_str(), dir_flags, Mode::empty())?;
+            copy_dir(&sub, &dsub, left, false)?;
+        } else if kind == SFlag::S_IFREG {
+            // O_NONBLOCK: if it became a FIFO meanwhile, the open does not hang.
+            let fd = openat(
+                src,
+                name.as_c_str(),
+                OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )?;
+            let opened = nix::sys::stat::fstat(&fd)?;
+            if SFlag::from_bits_truncate(opened.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
+                return Err(std::io::Error::other(
+                    "the volume changed while it was copied",
+                ));
             }
-            let meta = entry.metadata()?;
-            total += if meta.is_dir() {
-                walk(&entry.path(), false)?
-            } else {
-                meta.len()
-            };
+            let out = openat(
+                dst,
+                name.as_c_str(),
+                OFlag::O_WRONLY
+                    | OFlag::O_CREAT
+                    | OFlag::O_EXCL
+                    | OFlag::O_NOFOLLOW
+                    | OFlag::O_CLOEXEC,
+                Mode::from_bits_truncate(0o644),
+            )?;
+            let mut input = std::io::Read::take(std::fs::File::from(fd), *left + 1);
+            let copied = std::io::copy(&mut input, &mut std::fs::File::from(out))?;
+            if copied > *left {
+                return Err(std::io::Error::other("the volume holds more than its size"));
+            }
+            *left -= copied;
+        } else if kind == SFlag::S_IFLNK {
+            let target = nix::fcntl::readlinkat(src, name.as_c_str())?;
+            nix::unistd::symlinkat(target.as_os_str(), dst, name.as_c_str())?;
         }
-        Ok(total)
+        // Devices, FIFOs and sockets are not copied.
     }
-    walk(dir, true)
+    Ok(())
 }
 
 /// Hands the volume at `dir` to `uid:gid`: the whole tree when its root belongs to
@@ -314,4 +419,35 @@ pub fn hand_over(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
         Ok(())
     }
     walk(dir, uid, gid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_copy_keeps_links_as_links_and_stops_at_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let from = dir.path().join("volume");
+        std::fs::create_dir_all(from.join("d/e")).unwrap();
+        std::fs::write(from.join("d/e/f"), b"hello").unwrap();
+        std::os::unix::fs::symlink("/etc", from.join("link-to-etc")).unwrap();
+        std::os::unix::fs::symlink("/etc", from.join("d/dir-link")).unwrap();
+        nix::unistd::mkfifo(&from.join("fifo"), Mode::from_bits_truncate(0o600)).unwrap();
+        std::fs::create_dir(from.join("lost+found")).unwrap();
+        let to = dir.path().join("copy");
+        assert_eq!(copy_tree(&from, &to, 1000).unwrap(), 5);
+        assert_eq!(std::fs::read(to.join("d/e/f")).unwrap(), b"hello");
+        for link in ["link-to-etc", "d/dir-link"] {
+            let meta = std::fs::symlink_metadata(to.join(link)).unwrap();
+            assert!(meta.file_type().is_symlink(), "{link} stays a link");
+        }
+        assert!(!to.join("fifo").exists() && !to.join("lost+found").exists());
+        // More than the limit (the volume's size) is refused.
+        let err = copy_tree(&from, &dir.path().join("small"), 4).unwrap_err();
+        assert!(err.to_string().contains("more than its size"), "{err}");
+        // A volume directory that is itself a link is not followed.
+        std::os::unix::fs::symlink(&from, dir.path().join("swapped")).unwrap();
+        assert!(copy_tree(&dir.path().join("swapped"), &dir.path().join("x"), 1000).is_err());
+    }
 }

@@ -159,6 +159,8 @@ impl ProcessDriver {
             std::fs::create_dir_all(d)
                 .map_err(|e| DriverError::failed(&d.display().to_string(), e))?;
         }
+        let volumes = ImageVolumes::open(volume_root)?;
+        let volume_root = volumes.root().to_owned();
         let users = Users::open(control.join("users.json"), range, Path::new("/etc"))
             .map_err(|e| DriverError::failed("the instance user table", e))?;
         let volume_check = loopfs::check_host();
@@ -173,7 +175,7 @@ impl ProcessDriver {
             hierarchy,
             parent: config.cgroup_parent.clone(),
             logs,
-            volumes: ImageVolumes::open(volume_root.clone())?,
+            volumes,
             volume_check,
             snapshots,
             roots,
@@ -370,31 +372,6 @@ impl ProcessDriver {
         }
         Ok(())
     }
-}
-
-/// Copies a tree; symbolic links are copied as links, never followed. The volume's own
-/// `lost+found` stays behind.
-fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
-    fn walk(from: &Path, to: &Path, top: bool) -> std::io::Result<()> {
-        std::fs::create_dir_all(to)?;
-        for entry in std::fs::read_dir(from)? {
-            let entry = entry?;
-            if top && entry.file_name() == "lost+found" {
-                continue;
-            }
-            let kind = entry.file_type()?;
-            let target = to.join(entry.file_name());
-            if kind.is_dir() {
-                walk(&entry.path(), &target, false)?;
-            } else if kind.is_symlink() {
-                std::os::unix::fs::symlink(std::fs::read_link(entry.path())?, &target)?;
-            } else if kind.is_file() {
-                std::fs::copy(entry.path(), &target)?;
-            }
-        }
-        Ok(())
-    }
-    walk(from, to, true)
 }
 
 /// When process `pid` started, in clock ticks since boot (`/proc/<pid>/stat`, field 22).
@@ -630,21 +607,15 @@ impl Driver for ProcessDriver {
         volume: &Volume,
         snapshot_id: &str,
     ) -> Result<(String, u64), DriverError> {
-        let from = self.volumes.dir(&volume.id);
         let to = self.snapshots.join(snapshot_id);
-        let size = volume.size_bytes;
+        let (store, id, size) = (self.volumes.clone(), volume.id.clone(), volume.size_bytes);
         tokio::task::spawn_blocking(move || {
-            let used = loopfs::used_bytes(&from)?;
-            if used > size {
-                return Err(std::io::Error::other(format!(
-                    "the volume holds {used} bytes, more than its size of {size}"
-                )));
-            }
-            copy_tree(&from, &to)?;
-            Ok((to.display().to_string(), used))
+            let copied = store.copy_out(&id, &to, size).inspect_err(|_| {
+                let _ = std::fs::remove_dir_all(&to);
+            })?;
+            Ok((to.display().to_string(), copied))
         })
         .await
         .map_err(|e| DriverError::failed("snapshot", e))?
-        .map_err(|e| DriverError::failed("snapshot", e))
     }
 }
