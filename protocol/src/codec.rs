@@ -731,7 +731,7 @@ mod tests {
     fn isolation() -> impl Strategy<Value = Isolation> {
         (
             text(),
-            any::<[bool; 4]>(),
+            any::<[bool; 5]>(),
             proptest::option::of(any::<bool>()),
             proptest::option::of(any::<u32>()),
             proptest::collection::vec(text(), 0..2),
@@ -745,6 +745,7 @@ mod tests {
                     user_namespaces,
                     default_pids,
                     volume_sizes_enforced: b[3],
+                    syscall_filter: b[4],
                     notes,
                 },
             )

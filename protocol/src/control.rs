@@ -948,6 +948,9 @@ pub struct Isolation {
     pub default_pids: Option<u32>,
     /// Writes past a volume's size fail (ENOSPC).
     pub volume_sizes_enforced: bool,
+    /// A system call filter refuses what a workload has no use for (new namespaces,
+    /// mounts, kernel keyrings, BPF, ...).
+    pub syscall_filter: bool,
     /// What is weaker than the full sandbox, for people.
     pub notes: Vec<String>,
 }

@@ -29,7 +29,7 @@ echo "control=$(r ls "$CONTROL")"
 echo "agents_dir=$(r test ! -d "$AGENTS_DIR")"
 echo "procs_root=$(r sh -c 'echo $$ > /sys/fs/cgroup/memory/cgroup.procs')"
 echo "procs_own=$(r sh -c "echo \$\$ > $OWN_PROCS")"
-echo "status=$(grep -E '^(NoNewPrivs|CapInh|CapPrm|CapEff|CapBnd|CapAmb):' /proc/self/status | tr -d ' \t' | tr '\n' ',')"
+echo "status=$(grep -E '^(NoNewPrivs|Seccomp|CapInh|CapPrm|CapEff|CapBnd|CapAmb):' /proc/self/status | tr -d ' \t' | tr '\n' ',')"
 echo "suid=$(sh -c "$SUID_TEST" 2>&1)"
 echo "hostname=$(cat /proc/sys/kernel/hostname)"
 echo "fds=$(ls /proc/self/fd | tr '\n' ' ')"
@@ -39,6 +39,8 @@ echo "enospc=$(dd if=/dev/zero of=/data/big bs=1048576 count=100 2>&1 | grep -c 
 rm -f /data/big
 echo "tmp_write=$(r sh -c 'echo x > /tmp/x')"
 echo "root_write=$(r sh -c 'echo x > /x')"
+echo "userns=$(r unshare -U true)"
+echo "mount=$(r mount -t tmpfs none /tmp)"
 echo "etc_write=$(r sh -c 'echo x >> /etc/passwd')"
 echo "flood=start"
 ( i=0; while [ $i -lt 200 ]; do sleep 5 & i=$((i+1)); echo $i > /tmp/forked; done ) 2>/tmp/forkerr
@@ -257,6 +259,8 @@ async fn a_hostile_instance_is_contained_by_the_process_driver() {
         ("docker_socket", "the engine's socket"),
         ("root_write", "the root directory"),
         ("etc_write", "the host's /etc"),
+        ("userns", "a user namespace of its own"),
+        ("mount", "mounting"),
     ] {
         assert_eq!(p[probe], "no", "{why} must be out of reach:\n{out}");
     }
@@ -266,6 +270,7 @@ async fn a_hostile_instance_is_contained_by_the_process_driver() {
     );
     let caps = capability_sets(&p["status"]);
     assert_eq!(caps["NoNewPrivs"], "1", "{out}");
+    assert_eq!(caps["Seccomp"], "2", "a system call filter is installed: {out}");
     for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
         assert_eq!(caps[set], "0000000000000000", "{set} must be empty:\n{out}");
     }
@@ -383,6 +388,8 @@ async fn a_hostile_container_is_contained_by_the_docker_driver() {
         ("procs_root", "the cgroup file system"),
         ("procs_own", "its own cgroup.procs"),
         ("docker_socket", "the engine's socket"),
+        ("userns", "a user namespace of its own"),
+        ("mount", "mounting"),
     ] {
         assert_eq!(p[probe], "no", "{why} must be out of reach:\n{out}");
     }

@@ -94,6 +94,8 @@ pub struct DockerDriver {
     default_pids: u32,
     /// The engine remaps container users to unprivileged host users.
     userns: bool,
+    /// The engine applies its seccomp profile to containers.
+    seccomp: bool,
 }
 
 /// The container name of an instance.
@@ -150,11 +152,16 @@ impl DockerDriver {
             .info()
             .await
             .map_err(|e| engine("system information", e))?;
-        let userns = info
-            .security_options
-            .unwrap_or_default()
-            .iter()
-            .any(|o| o.split(',').any(|part| part == "name=userns"));
+        let options = info.security_options.unwrap_or_default();
+        let has = |name: &str| {
+            options
+                .iter()
+                .any(|o| o.split(',').any(|part| part == format!("name={name}")))
+        };
+        let (userns, seccomp) = (has("userns"), has("seccomp"));
+        if !seccomp {
+            tracing::warn!("the Docker engine applies no seccomp profile to containers");
+        }
         if !userns {
             tracing::warn!(
                 "the Docker engine does not remap users (userns-remap): container root is host root, with the capabilities in cap_add"
@@ -180,6 +187,7 @@ impl DockerDriver {
             cap_add: config.cap_add.clone(),
             default_pids,
             userns,
+            seccomp,
         })
     }
 
@@ -273,6 +281,7 @@ impl Driver for DockerDriver {
             user_namespaces: Some(self.userns),
             default_pids: Some(self.default_pids),
             volume_sizes_enforced: self.volume_check.is_ok(),
+            syscall_filter: self.seccomp,
             notes,
         }
     }

@@ -427,6 +427,7 @@ impl Driver for ProcessDriver {
             user_namespaces: None,
             default_pids: Some(self.default_pids),
             volume_sizes_enforced: self.volume_check.is_ok(),
+            syscall_filter: !self.allow_host_user,
             notes,
         }
     }

@@ -426,10 +426,11 @@ enum Fixed {
     NoNewPrivs,
     WorkloadSession,
     CloseDescriptors,
+    SyscallFilter,
 }
 
 impl Fixed {
-    const ALL: [Fixed; 14] = [
+    const ALL: [Fixed; 15] = [
         Fixed::Setsid,
         Fixed::JoinCgroup,
         Fixed::Unshare,
@@ -444,6 +445,7 @@ impl Fixed {
         Fixed::NoNewPrivs,
         Fixed::WorkloadSession,
         Fixed::CloseDescriptors,
+        Fixed::SyscallFilter,
     ];
 
     fn describe(self) -> &'static str {
@@ -462,6 +464,7 @@ impl Fixed {
             Fixed::NoNewPrivs => "set no_new_privs",
             Fixed::WorkloadSession => "start the workload's session",
             Fixed::CloseDescriptors => "close the agent's descriptors on exec",
+            Fixed::SyscallFilter => "install the system call filter",
         }
     }
 }
@@ -525,6 +528,8 @@ pub struct Prepared {
     user: User,
     /// The highest capability number the kernel knows (`cap_last_cap`).
     last_cap: u32,
+    /// Syscall filters the workload installs last (own-user instances only).
+    filters: Vec<seccompiler::BpfProgram>,
     report: RawFd,
     max_fd: i32,
 }
@@ -663,6 +668,10 @@ impl Prepared {
             procs: procs.iter().map(|p| cstring(p)).collect::<Result<_, _>>()?,
             hostname: OsString::from_vec(hostname.as_bytes().to_vec()),
             user,
+            filters: match user {
+                User::Own { .. } => syscall_filters()?,
+                User::Host => Vec::new(),
+            },
             last_cap: std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
                 .ok()
                 .and_then(|t| t.trim().parse().ok())
@@ -671,6 +680,106 @@ impl Prepared {
             max_fd,
         })
     }
+}
+
+/// System calls refused to an instance's workload with EPERM: new namespaces (user
+/// namespaces above all, which would hand it capabilities over a new network or mount
+/// namespace and the kernel surface behind them), mounting, kernel keyrings, BPF,
+/// perf events, io_uring, userfaultfd, modules, swap, reboot and the clock. Most of them
+/// need a capability it does not have anyway; the filter closes what unprivileged
+/// processes may still reach. `clone3` answers ENOSYS (its flags are out of a filter's
+/// sight), so the C library falls back to `clone`, whose namespace flags are checked.
+fn syscall_filters() -> std::io::Result<Vec<seccompiler::BpfProgram>> {
+    use seccompiler::{
+        SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
+    };
+    let arch: seccompiler::TargetArch = std::env::consts::ARCH.try_into().map_err(|e| {
+        std::io::Error::other(format!(
+            "no system call filter for this architecture: {e:?}"
+        ))
+    })?;
+    let namespaces = [
+        libc::CLONE_NEWUSER,
+        libc::CLONE_NEWNS,
+        libc::CLONE_NEWNET,
+        libc::CLONE_NEWPID,
+        libc::CLONE_NEWIPC,
+        libc::CLONE_NEWUTS,
+        libc::CLONE_NEWCGROUP,
+        0x80, // CLONE_NEWTIME
+    ];
+    let any_namespace = || -> std::io::Result<Vec<SeccompRule>> {
+        namespaces
+            .iter()
+            .map(|flag| {
+                let flag = *flag as u64;
+                SeccompCondition::new(
+                    0,
+                    SeccompCmpArgLen::Qword,
+                    SeccompCmpOp::MaskedEq(flag),
+                    flag,
+                )
+                .and_then(|c| SeccompRule::new(vec![c]))
+                .map_err(|e| std::io::Error::other(e.to_string()))
+            })
+            .collect()
+    };
+    let mut refused: std::collections::BTreeMap<i64, Vec<SeccompRule>> = [
+        libc::SYS_mount,
+        libc::SYS_umount2,
+        libc::SYS_pivot_root,
+        libc::SYS_setns,
+        libc::SYS_open_tree,
+        libc::SYS_move_mount,
+        libc::SYS_fsopen,
+        libc::SYS_fsconfig,
+        libc::SYS_fsmount,
+        libc::SYS_fspick,
+        libc::SYS_mount_setattr,
+        libc::SYS_swapon,
+        libc::SYS_swapoff,
+        libc::SYS_reboot,
+        libc::SYS_kexec_load,
+        libc::SYS_kexec_file_load,
+        libc::SYS_init_module,
+        libc::SYS_finit_module,
+        libc::SYS_delete_module,
+        libc::SYS_acct,
+        libc::SYS_bpf,
+        libc::SYS_perf_event_open,
+        libc::SYS_userfaultfd,
+        libc::SYS_keyctl,
+        libc::SYS_add_key,
+        libc::SYS_request_key,
+        libc::SYS_io_uring_setup,
+        libc::SYS_io_uring_enter,
+        libc::SYS_io_uring_register,
+        libc::SYS_open_by_handle_at,
+        libc::SYS_fanotify_init,
+        libc::SYS_quotactl,
+        libc::SYS_syslog,
+        libc::SYS_vhangup,
+        libc::SYS_settimeofday,
+        libc::SYS_clock_settime,
+        libc::SYS_clock_adjtime,
+    ]
+    .into_iter()
+    .map(|nr| (nr, Vec::new()))
+    .collect();
+    refused.insert(libc::SYS_unshare, any_namespace()?);
+    refused.insert(libc::SYS_clone, any_namespace()?);
+    let build = |rules, action| -> std::io::Result<seccompiler::BpfProgram> {
+        SeccompFilter::new(rules, SeccompAction::Allow, action, arch)
+            .and_then(|f| f.try_into())
+            .map_err(|e: seccompiler::BackendError| std::io::Error::other(e.to_string()))
+    };
+    Ok(vec![
+        build(refused, SeccompAction::Errno(libc::EPERM as u32))?,
+        build(
+            [(libc::SYS_clone3, Vec::new())].into_iter().collect(),
+            SeccompAction::Errno(libc::ENOSYS as u32),
+        )?,
+    ])
 }
 
 /// The pipe the sandbox reports a failed step into: the read end for the agent, the
@@ -983,6 +1092,23 @@ pub unsafe fn enter(p: &Prepared) -> std::io::Result<()> {
     }
     // No set-uid binary or file capability raises the workload's privileges again.
     nix::sys::prctl::set_no_new_privs().map_err(|e| fail(p, Fixed::NoNewPrivs as u16, e))?;
+    // The system calls a workload has no use for, refused from here on (see
+    // `syscall_filters`).
+    for filter in &p.filters {
+        seccompiler::apply_filter(filter).map_err(|e| {
+            let errno = match e {
+                seccompiler::Error::Seccomp(io) | seccompiler::Error::Prctl(io) => {
+                    io.raw_os_error().unwrap_or(libc::EINVAL)
+                }
+                _ => libc::EINVAL,
+            };
+            fail(
+                p,
+                Fixed::SyscallFilter as u16,
+                nix::errno::Errno::from_raw(errno),
+            )
+        })?;
+    }
     nix::unistd::setsid().map_err(|e| fail(p, Fixed::WorkloadSession as u16, e))?;
     let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
     nix::sys::stat::umask(Mode::from_bits_truncate(0o022));
