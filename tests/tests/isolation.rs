@@ -270,7 +270,10 @@ async fn a_hostile_instance_is_contained_by_the_process_driver() {
     );
     let caps = capability_sets(&p["status"]);
     assert_eq!(caps["NoNewPrivs"], "1", "{out}");
-    assert_eq!(caps["Seccomp"], "2", "a system call filter is installed: {out}");
+    assert_eq!(
+        caps["Seccomp"], "2",
+        "a system call filter is installed: {out}"
+    );
     for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
         assert_eq!(caps[set], "0000000000000000", "{set} must be empty:\n{out}");
     }

@@ -246,6 +246,15 @@ impl DockerDriver {
                         .collect(),
                 ),
                 privileged: Some(false),
+                // The engine's own logs of the container, bounded like the process
+                // driver's.
+                log_config: Some(bollard::models::HostConfigLogConfig {
+                    typ: Some("json-file".into()),
+                    config: Some(HashMap::from([
+                        ("max-size".to_owned(), "16m".to_owned()),
+                        ("max-file".to_owned(), "2".to_owned()),
+                    ])),
+                }),
                 cap_drop: Some(vec!["ALL".into()]),
                 cap_add: Some(self.cap_add.clone()),
                 security_opt: Some(vec!["no-new-privileges:true".into()]),

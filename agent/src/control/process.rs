@@ -52,6 +52,10 @@ pub struct ProcessConfig {
     /// Size of an instance's private `/tmp` (and `/var/tmp`, `/dev/shm`), bytes; its
     /// memory counts against the instance's memory limit.
     pub tmp_size_bytes: u64,
+    /// Largest log of one stream of an instance, bytes: past it the log is moved to
+    /// `<log>.1` (replacing the one before) and starts again, so an instance's output
+    /// takes at most twice this per stream on the agent's disk.
+    pub log_max_bytes: u64,
 }
 
 impl Default for ProcessConfig {
@@ -68,6 +72,7 @@ impl Default for ProcessConfig {
                 .map(PathBuf::from)
                 .collect(),
             tmp_size_bytes: 256 << 20,
+            log_max_bytes: 16 << 20,
         }
     }
 }
@@ -90,6 +95,8 @@ pub struct ProcessDriver {
     default_pids: u32,
     /// Exit codes of children this agent process started: `None` until reaped.
     exits: Arc<Mutex<HashMap<String, Option<i32>>>>,
+    /// Stops the log rotation when the driver goes.
+    _rotation: tokio_util::sync::DropGuard,
 }
 
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -170,6 +177,12 @@ impl ProcessDriver {
         if config.allow_host_user {
             tracing::warn!("allow_host_user is on: instances run as the agent's own user");
         }
+        let rotation = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(rotate_logs(
+            logs.clone(),
+            config.log_max_bytes.max(4096),
+            rotation.clone(),
+        ));
         tracing::info!(cgroup = hierarchy.version(), volumes = %volume_root.display(), "process driver ready");
         Ok(Self {
             hierarchy,
@@ -186,6 +199,7 @@ impl ProcessDriver {
             tmp_size_bytes: config.tmp_size_bytes,
             default_pids,
             exits: Default::default(),
+            _rotation: rotation.drop_guard(),
         })
     }
 
@@ -382,12 +396,13 @@ fn start_time(pid: i32) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
-/// The last `max` bytes of a file, and whether anything before them was left out.
-pub fn tail(path: &Path, max: u64) -> std::io::Result<(String, bool)> {
+/// The last `max` bytes of a file (missing: none), and whether anything before them
+/// was left out.
+fn last_bytes(path: &Path, max: u64) -> std::io::Result<(Vec<u8>, bool)> {
     use std::io::{Read, Seek, SeekFrom};
     let mut file = match std::fs::File::open(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((String::new(), false)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), false)),
         Err(e) => return Err(e),
     };
     let len = file.metadata()?.len();
@@ -395,7 +410,62 @@ pub fn tail(path: &Path, max: u64) -> std::io::Result<(String, bool)> {
     file.seek(SeekFrom::Start(from))?;
     let mut bytes = Vec::with_capacity((len - from) as usize);
     file.take(max).read_to_end(&mut bytes)?;
-    Ok((String::from_utf8_lossy(&bytes).into_owned(), from > 0))
+    Ok((bytes, from > 0))
+}
+
+/// The last `max` bytes of an instance's log, the rotated one (`<log>.1`) before it
+/// when the current one is shorter, and whether anything before them was left out.
+pub fn tail(path: &Path, max: u64) -> std::io::Result<(String, bool)> {
+    let (mut bytes, mut truncated) = last_bytes(path, max)?;
+    let short = max - bytes.len() as u64;
+    if short > 0 {
+        let mut rotated = path.as_os_str().to_owned();
+        rotated.push(".1");
+        let (mut before, more) = last_bytes(Path::new(&rotated), short)?;
+        if !before.is_empty() {
+            before.append(&mut bytes);
+            bytes = before;
+            truncated = more;
+        }
+    }
+    Ok((String::from_utf8_lossy(&bytes).into_owned(), truncated))
+}
+
+/// Keeps every instance log in `dir` under `max` bytes: a longer one is copied to
+/// `<log>.1` and emptied (its writer appends, so it goes on from the start). Checks
+/// every 5 s until `stop`.
+async fn rotate_logs(dir: PathBuf, max: u64, stop: tokio_util::sync::CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+        let dir = dir.clone();
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || rotate_once(&dir, max)).await {
+            tracing::warn!(error = %e, "instance logs not rotated");
+        }
+    }
+}
+
+/// One round of [`rotate_logs`].
+fn rotate_once(dir: &Path, max: u64) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.extension().is_none_or(|e| e != "log") {
+            continue;
+        }
+        if std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0) <= max {
+            continue;
+        }
+        let mut old = path.as_os_str().to_owned();
+        old.push(".1");
+        std::fs::copy(&path, &old)?;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)?
+            .set_len(0)?;
+    }
+    Ok(())
 }
 
 #[async_trait]
@@ -464,8 +534,12 @@ impl Driver for ProcessDriver {
             .remove()
             .map_err(|e| DriverError::failed("cannot remove the instance's cgroup", e))?;
         let (out, err) = self.log_paths(&instance.id);
-        let _ = std::fs::remove_file(out);
-        let _ = std::fs::remove_file(err);
+        for log in [out, err] {
+            let mut rotated = log.as_os_str().to_owned();
+            rotated.push(".1");
+            let _ = std::fs::remove_file(&log);
+            let _ = std::fs::remove_file(rotated);
+        }
         let _ = std::fs::remove_dir(self.roots.join(&instance.id));
         self.users
             .release(&instance.id)
@@ -618,5 +692,47 @@ impl Driver for ProcessDriver {
         })
         .await
         .map_err(|e| DriverError::failed("snapshot", e))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// A writer that appends (as an instance's stdout does) goes on after a rotation;
+    /// the end of the output reads across the rotated log and the current one.
+    #[test]
+    fn logs_rotate_past_their_size_and_read_across_the_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("i-1.stdout.log");
+        let mut out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        out.write_all(&[b'a'; 100]).unwrap();
+        rotate_once(dir.path(), 64).unwrap();
+        assert_eq!(std::fs::metadata(&log).unwrap().len(), 0);
+        assert_eq!(
+            std::fs::read(dir.path().join("i-1.stdout.log.1"))
+                .unwrap()
+                .len(),
+            100
+        );
+        out.write_all(b"bbbb").unwrap();
+        assert_eq!(
+            std::fs::metadata(&log).unwrap().len(),
+            4,
+            "appends from the start"
+        );
+        let (text, truncated) = tail(&log, 10).unwrap();
+        assert_eq!(text, "aaaaaabbbb");
+        assert!(truncated);
+        let (text, truncated) = tail(&log, 1000).unwrap();
+        assert_eq!(text.len(), 104);
+        assert!(!truncated);
+        rotate_once(dir.path(), 64).unwrap();
+        assert_eq!(std::fs::metadata(&log).unwrap().len(), 4, "small logs stay");
     }
 }
