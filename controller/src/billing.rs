@@ -275,6 +275,20 @@ pub fn rate(plan: &PricePlan, usage: &PeriodUsage, upfront_due: bool) -> Vec<Cha
     out
 }
 
+/// Running time of one instance in a period is at most the period: a host that reports
+/// more (a hostile agent's counters) is cut to it, and the limit-weighted time with it
+/// in proportion. Pure.
+pub fn cap_running(running_ms: u64, limited_vcpu_mms: u128, period_ms: i64) -> (u64, u128) {
+    let period = u64::try_from(period_ms.max(0)).unwrap_or(0);
+    if running_ms <= period {
+        return (running_ms, limited_vcpu_mms);
+    }
+    (
+        period,
+        limited_vcpu_mms * u128::from(period) / u128::from(running_ms),
+    )
+}
+
 /// What changed between the charges of a period rated now and what was billed for it
 /// (per meter): one line per meter whose amount differs, with the difference. Pure.
 pub fn differences(
@@ -703,6 +717,17 @@ mod tests {
         ] {
             assert!(check(from, to).is_err(), "{why}");
         }
+    }
+
+    #[test]
+    fn no_instance_runs_longer_than_the_period() {
+        const H: i64 = 3_600_000;
+        assert_eq!(cap_running(1_000, 500_000, H), (1_000, 500_000));
+        // An agent that claims ten hours in one hour at 1 vCPU: one hour at 1 vCPU.
+        assert_eq!(
+            cap_running(10 * H as u64, 10 * H as u128 * 1000, H),
+            (H as u64, H as u128 * 1000)
+        );
     }
 
     #[test]

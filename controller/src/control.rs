@@ -97,6 +97,29 @@ pub enum ControlRequest {
 /// Bytes of each stream `GET /v1/instances/{id}/logs` returns unless asked otherwise.
 pub const DEFAULT_LOG_BYTES: u32 = 64 << 10;
 
+/// Locks by instance id, made on first use and dropped when no one holds them.
+#[derive(Debug, Default)]
+pub struct Locks(std::sync::Mutex<HashMap<String, std::sync::Weak<tokio::sync::Mutex<()>>>>);
+
+impl Locks {
+    /// Waits for the lock of `id`.
+    pub async fn lock(&self, id: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut map = self.0.lock().expect("locks poisoned");
+            map.retain(|_, weak| weak.strong_count() > 0);
+            match map.get(id).and_then(std::sync::Weak::upgrade) {
+                Some(lock) => lock,
+                None => {
+                    let lock = std::sync::Arc::new(tokio::sync::Mutex::new(()));
+                    map.insert(id.to_owned(), std::sync::Arc::downgrade(&lock));
+                    lock
+                }
+            }
+        };
+        lock.lock_owned().await
+    }
+}
+
 /// Every action `POST /v1/control` accepts.
 pub const ACTIONS: &[&str] = &[
     "RunInstances",
@@ -776,6 +799,10 @@ impl Controller {
                 limits,
                 labels,
             } => {
+                // One modification of an instance at a time: the record read here is
+                // the one the agent's change applies to, and the history keeps their
+                // order.
+                let _guard = self.instance_locks.lock(&instance_id).await;
                 let row = self.owned_instance(caller, &instance_id).await?;
                 // Only the fields named change; the rest stays as recorded.
                 let new_limits = limits.map(|c| c.apply(row.record.spec.limits));

@@ -352,6 +352,7 @@ impl Controller {
     /// or `billing_grace` has passed. Usage that arrived after an earlier run rated its
     /// period is billed now as an adjustment: the difference to what was billed.
     pub async fn billing_run(&self, period: Period) -> Result<BillingRun, BillingError> {
+        let _one_at_a_time = self.billing.lock().await;
         let now = self.clock.now_ms();
         period.validate(now).map_err(BillingError::Period)?;
         let billables: Vec<Billable> = self
@@ -434,9 +435,9 @@ impl Controller {
         ) {
             let received = self.store.received_since(oldest, until).await?;
             let late = billing::late_periods(&earlier, &received);
-            for p in &earlier {
-                self.store.mark_checked(p.from_ms, p.to_ms, now).await?;
-            }
+            // A period whose late usage could not be posted stays unchecked: the next
+            // run tries again.
+            let mut retry = std::collections::BTreeSet::new();
             if !late.is_empty() {
                 let all = self.store.billables(until).await?;
                 for (instance_id, (from_ms, to_ms)) in late {
@@ -451,9 +452,17 @@ impl Controller {
                         Settled::Posted(amount) | Settled::Adjusted(amount) => {
                             run.adjustments.push(adjustment(b, &p, amount))
                         }
-                        Settled::Failed(reason) => run.failed.push(failure(b, reason)),
+                        Settled::Failed(reason) => {
+                            retry.insert((from_ms, to_ms));
+                            run.failed.push(failure(b, reason))
+                        }
                         Settled::Unchanged | Settled::NothingDue => {}
                     }
+                }
+            }
+            for p in &earlier {
+                if !retry.contains(&(p.from_ms, p.to_ms)) {
+                    self.store.mark_checked(p.from_ms, p.to_ms, now).await?;
                 }
             }
         }
@@ -528,8 +537,14 @@ impl Controller {
             &spans(meters::CPU_NS),
             &history,
         );
+        // An instance runs at most the whole period, whatever its agent reports.
+        let (running_ms, limited_vcpu_mms) = billing::cap_running(
+            sum(meters::STATE_MS_RUNNING),
+            limited_vcpu_mms,
+            period.to_ms - period.from_ms,
+        );
         Ok(PeriodUsage {
-            running_ms: sum(meters::STATE_MS_RUNNING),
+            running_ms,
             limited_vcpu_mms,
             cpu_ns,
             memory_byte_ms: sum(meters::MEMORY_BYTE_MS),
@@ -561,21 +576,15 @@ impl Controller {
             if diffs.is_empty() {
                 return Ok(Settled::Unchanged);
             }
-            let total: i64 = charges.iter().map(|c| c.amount).sum();
-            let digest = surplus_certs::sha256(
-                format!(
-                    "{:?}",
-                    charges
-                        .iter()
-                        .map(|c| (&c.meter, c.amount))
-                        .collect::<Vec<_>>()
-                )
-                .as_bytes(),
-            );
+            // Keyed by what was billed before it: the one adjustment that follows that
+            // state. A run that raced another from the same state is refused by the
+            // ledger (the key is taken), so nothing is posted twice.
+            let before: Vec<(&String, i64)> = billed.iter().map(|(m, (a, _))| (m, *a)).collect();
+            let digest = surplus_certs::sha256(format!("{before:?}").as_bytes());
             let key = format!(
-                "{}:adjust:{total}:{}",
+                "{}:adjust:{}",
                 period.key(&id),
-                &surplus_certs::hex(&digest)[..12]
+                &surplus_certs::hex(&digest)[..16]
             );
             (key, "adjustment", diffs)
         };

@@ -76,6 +76,12 @@ pub struct Controller {
     >,
     /// Usage batches waiting for the next group commit (see `metering`).
     pub(crate) usage_queue: crate::metering::UsageQueue,
+    /// One lock per instance being modified: the agent's change and the record of the
+    /// limits in force are made in the same order (see `control`).
+    pub(crate) instance_locks: crate::control::Locks,
+    /// One billing run at a time: two runs rating the same late usage would each post
+    /// its difference.
+    pub(crate) billing: tokio::sync::Mutex<()>,
     ca: CertAuthority,
 }
 
@@ -104,6 +110,8 @@ impl Controller {
             tasks: tokio_util::task::TaskTracker::new(),
             progress: Default::default(),
             usage_queue: Default::default(),
+            instance_locks: Default::default(),
+            billing: Default::default(),
             ca,
         }
     }

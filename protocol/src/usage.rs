@@ -225,8 +225,12 @@ pub fn counter_delta(previous: Option<(u64, u64)>, generation: u64, total: u64) 
     }
 }
 
-/// Why a record is refused at ingest.
-pub fn validate_record(r: &UsageRecord) -> Result<(), String> {
+/// How far past the receiver's clock a record may end: agents' clocks drift, but usage
+/// of hours to come would stand for a host that has reported everything.
+pub const MAX_FUTURE_MS: i64 = 3_600_000;
+
+/// Why a record is refused at ingest (`now_ms`: the receiver's clock).
+pub fn validate_record(r: &UsageRecord, now_ms: UnixMillis) -> Result<(), String> {
     let meter_ok = !r.meter.is_empty()
         && r.meter.len() <= 64
         && r.meter.bytes().all(|b| {
@@ -245,6 +249,12 @@ pub fn validate_record(r: &UsageRecord) -> Result<(), String> {
         return Err(format!(
             "period ends ({}) before it starts ({})",
             r.end_ms, r.start_ms
+        ));
+    }
+    if r.end_ms > now_ms.saturating_add(MAX_FUTURE_MS) {
+        return Err(format!(
+            "period ends at {}, more than an hour after the controller's clock ({now_ms})",
+            r.end_ms
         ));
     }
     if r.samples == 0 {
@@ -406,23 +416,31 @@ mod tests {
 
     #[test]
     fn validation_names_the_problem() {
+        let now = 1_000_000;
         let mut r = counter(0, 1, 1);
-        assert!(validate_record(&r).is_ok());
+        assert!(validate_record(&r, now).is_ok());
         r.meter = "CPU; drop".into();
-        assert!(validate_record(&r).unwrap_err().contains("meter"));
+        assert!(validate_record(&r, now).unwrap_err().contains("meter"));
         let mut r = counter(0, 1, 1);
         r.subject = Subject::Instance("../etc".into());
-        assert!(validate_record(&r).unwrap_err().contains("subject"));
+        assert!(validate_record(&r, now).unwrap_err().contains("subject"));
         let mut r = counter(0, 1, 1);
         r.end_ms = r.start_ms - 1;
-        assert!(validate_record(&r).unwrap_err().contains("before"));
+        assert!(validate_record(&r, now).unwrap_err().contains("before"));
+        let mut r = counter(0, 1, 1);
+        r.end_ms = now + MAX_FUTURE_MS + 1;
+        assert!(
+            validate_record(&r, now)
+                .unwrap_err()
+                .contains("after the controller's clock")
+        );
         let mut r = counter(0, 1, 1);
         r.reading = Reading::Gauge {
             last: 5,
             peak: 4,
             mean: 1,
         };
-        assert!(validate_record(&r).unwrap_err().contains("peak"));
+        assert!(validate_record(&r, now).unwrap_err().contains("peak"));
         assert!(
             MeteringPeriods {
                 host_ms: 10,

@@ -4,7 +4,8 @@
 //! An instance keeps its uid from RunInstances to TerminateInstances (a stop and start
 //! keep it, so files it wrote stay its own); the allocation is kept in one small file
 //! written crash-safely, so a restarted agent gives re-adopted instances the uids they
-//! run as. A uid that the host's `/etc/passwd` or `/etc/group` knows is never handed
+//! run as. A uid that the host's `/etc/passwd` or `/etc/group` knows, or that lies in a
+//! range `/etc/subuid` or `/etc/subgid` gives to a user's namespaces, is never handed
 //! out, and neither is 0.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -62,6 +63,16 @@ pub fn ids_in(text: &str) -> BTreeSet<u32> {
         .collect()
 }
 
+/// Ranges `(first, count)` of `subuid`- or `subgid`-style text (`name:first:count`).
+pub fn ranges_in(text: &str) -> Vec<(u32, u32)> {
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split(':').skip(1);
+            Some((f.next()?.trim().parse().ok()?, f.next()?.trim().parse().ok()?))
+        })
+        .collect()
+}
+
 /// The allocation table, on disk.
 #[derive(Debug)]
 pub struct Users {
@@ -102,6 +113,18 @@ impl Users {
                 host.extend(ids_in(&text));
             }
         }
+        for f in ["subuid", "subgid"] {
+            if let Ok(text) = std::fs::read_to_string(self.host_db.join(f)) {
+                for (first, count) in ranges_in(&text) {
+                    // Only the part that overlaps the instances' range matters.
+                    let lo = first.max(self.range.first);
+                    let hi = first
+                        .saturating_add(count)
+                        .min(self.range.first.saturating_add(self.range.count));
+                    host.extend(lo..hi);
+                }
+            }
+        }
         let used: BTreeSet<u32> = taken.values().copied().collect();
         let uid = lowest_free(self.range, &used, &host).ok_or_else(|| {
             format!(
@@ -121,8 +144,11 @@ impl Users {
     /// Frees the uid of `instance` (terminated).
     pub fn release(&self, instance: &str) -> std::io::Result<()> {
         let mut taken = self.taken.lock().expect("users poisoned");
-        if taken.remove(instance).is_some() {
-            self.save(&taken)?;
+        if let Some(uid) = taken.remove(instance) {
+            // Memory and disk agree, whatever happens: not saved, not released.
+            self.save(&taken).inspect_err(|_| {
+                taken.insert(instance.to_owned(), uid);
+            })?;
         }
         Ok(())
     }
@@ -175,6 +201,7 @@ mod tests {
     fn an_instance_keeps_its_uid_across_reopening_until_released() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("passwd"), "a:x:600000:600000::/:/bin/sh\n").unwrap();
+        std::fs::write(dir.path().join("subuid"), "b:600002:3\n").unwrap();
         let range = UidRange {
             first: 600000,
             count: 10,
@@ -185,7 +212,7 @@ mod tests {
         assert_eq!(a, 600001, "600000 belongs to a host account");
         assert_eq!(users.allocate("i-a").unwrap(), a);
         let b = users.allocate("i-b").unwrap();
-        assert_ne!(a, b);
+        assert_eq!(b, 600005, "600002 to 600004 are a user's subordinate uids");
         drop(users);
         let users = Users::open(file, range, dir.path()).unwrap();
         assert_eq!(users.allocate("i-b").unwrap(), b, "kept across a restart");

@@ -1445,7 +1445,7 @@ async fn ingest_batch(
     let mut rows: Vec<serde_json::Value> = Vec::new();
     for r in records {
         let key = key_of(r);
-        let mut problem = validate_record(r).err();
+        let mut problem = validate_record(r, now_ms).err();
         let mut account = None;
         if problem.is_none()
             && let Subject::Instance(id) = &r.subject
