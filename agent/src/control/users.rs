@@ -68,7 +68,10 @@ pub fn ranges_in(text: &str) -> Vec<(u32, u32)> {
     text.lines()
         .filter_map(|l| {
             let mut f = l.split(':').skip(1);
-            Some((f.next()?.trim().parse().ok()?, f.next()?.trim().parse().ok()?))
+            Some((
+                f.next()?.trim().parse().ok()?,
+                f.next()?.trim().parse().ok()?,
+            ))
         })
         .collect()
 }
