@@ -467,7 +467,6 @@ mod tests {
             "cpuset cpu io memory pids\n",
         )
         .unwrap();
-        std::fs::write(root.path().join("pids.max"), "max").unwrap();
         std::fs::write(root.path().join("cgroup.subtree_control"), "").unwrap();
         let h = Hierarchy::detect(root.path()).unwrap();
         assert_eq!(h.version(), "v2");
