@@ -735,14 +735,6 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     }
     /// Usage history aggregated into buckets.
     async fn usage(&self, query: &UsageQuery) -> Result<Vec<UsageRow>, StoreError>;
-    /// Sum of counter deltas per meter of one subject, for records ending in
-    /// `(from_ms, to_ms]`.
-    async fn usage_totals(
-        &self,
-        subject: &str,
-        from_ms: UnixMillis,
-        to_ms: UnixMillis,
-    ) -> Result<BTreeMap<String, i64>, StoreError>;
     /// The counter deltas of one subject's records ending in `(from_ms, to_ms]`, for
     /// `meters`, oldest first.
     async fn counter_deltas(

@@ -913,23 +913,6 @@ impl Store for SqliteStore {
             .collect()
     }
 
-    async fn usage_totals(
-        &self,
-        subject: &str,
-        from_ms: UnixMillis,
-        to_ms: UnixMillis,
-    ) -> Result<BTreeMap<String, i64>, StoreError> {
-        let rows = sqlx::query("SELECT meter, SUM(delta) AS total FROM usage_records WHERE subject = $1 AND kind = 'counter' AND end_ms > $2 AND end_ms <= $3 GROUP BY meter")
-            .bind(subject)
-            .bind(from_ms)
-            .bind(to_ms)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|r| Ok((r.try_get("meter")?, r.try_get("total")?)))
-            .collect()
-    }
-
     async fn counter_deltas(
         &self,
         subject: &str,
