@@ -16,7 +16,7 @@ use surplus_protocol::clock::UnixMillis;
 
 use crate::config::ControllerConfig;
 use crate::store::sqlite::SqliteStore;
-use crate::store::{Principal, Role, Store};
+use crate::store::{Principal, RegistryStore, Role};
 
 /// The commented default configuration written by `init`.
 pub const DEFAULT_CONFIG: &str = include_str!("../../deploy/controller.example.toml");

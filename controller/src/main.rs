@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use surplus_controller::datadir::{self, DataDir};
-use surplus_controller::store::Store;
+use surplus_controller::store::RegistryStore;
 use surplus_protocol::clock;
 use uuid::Uuid;
 

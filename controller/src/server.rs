@@ -20,7 +20,7 @@ use crate::config::ControllerConfig;
 use crate::datadir::DataDir;
 use crate::registry::RegistryEvent;
 use crate::service::Controller;
-use crate::store::{AgentStatus, SessionRecord, Store};
+use crate::store::{AgentStatus, RegistryStore, SessionRecord};
 
 /// A running controller; dropping it without [`RunningController::shutdown`] aborts it.
 pub struct RunningController {

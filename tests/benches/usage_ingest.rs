@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use surplus_agent::spool::{Spool, SpoolLimits};
 use surplus_controller::store::sqlite::SqliteStore;
-use surplus_controller::store::{NewAgent, NewJoinToken, Store};
+use surplus_controller::store::{NewAgent, NewJoinToken, RegistryStore, UsageStore};
 use surplus_protocol::usage::{Reading, Subject, UsageRecord};
 
 const RECORDS: u64 = 50_000;

@@ -314,7 +314,7 @@ async fn the_demo_terminates_its_instances_before_it_exits() {
     )
     .await
     .unwrap();
-    let rows = surplus_controller::store::Store::instances(&store, None)
+    let rows = surplus_controller::store::ControlStore::instances(&store, None)
         .await
         .unwrap();
     let states: Vec<_> = rows.iter().map(|r| r.record.state).collect();

@@ -546,11 +546,18 @@ impl From<sqlx::Error> for PostError {
     }
 }
 
-/// The storage contract.
+/// Agents, enrollment, sessions, inventory and API tokens: who is who.
 #[async_trait]
-pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+pub trait RegistryStore: Send + Sync + std::fmt::Debug + 'static {
+    /// Moves committed writes from the write-ahead log into the database, without
+    /// blocking writers; called periodically so that commits never do it themselves.
+    async fn checkpoint(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// Stores a new join token.
     async fn create_join_token(&self, token: &NewJoinToken) -> Result<(), StoreError>;
+
     /// Consumes the token with `secret_hash` and registers `agent`, atomically: of two
     /// racing calls with one token exactly one registers.
     async fn enroll_agent(
@@ -559,6 +566,7 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         now_ms: UnixMillis,
         agent: &NewAgent,
     ) -> Result<EnrollOutcome, StoreError>;
+
     /// Records a renewed certificate as the agent's current one.
     async fn record_certificate(
         &self,
@@ -567,16 +575,22 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         issued_at_ms: UnixMillis,
         not_after_ms: UnixMillis,
     ) -> Result<(), StoreError>;
+
     /// One agent.
     async fn agent(&self, id: Uuid) -> Result<Option<AgentRecord>, StoreError>;
+
     /// All agents, oldest enrollment first.
     async fn agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
+
     /// Revokes an agent; `Ok(false)` when it already was. Unknown id: `NotFound`.
     async fn revoke_agent(&self, id: Uuid, now_ms: UnixMillis) -> Result<bool, StoreError>;
+
     /// Number of agents in each status.
     async fn agent_status_counts(&self) -> Result<Vec<(AgentStatus, i64)>, StoreError>;
+
     /// Ids of every revoked agent.
     async fn revoked_agents(&self) -> Result<Vec<Uuid>, StoreError>;
+
     /// Sets an agent's status (never out of `revoked`), accounting online time.
     async fn set_status(
         &self,
@@ -584,19 +598,17 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         status: AgentStatus,
         now_ms: UnixMillis,
     ) -> Result<(), StoreError>;
-    /// Moves committed writes from the write-ahead log into the database, without
-    /// blocking writers; called periodically so that commits never do it themselves.
-    async fn checkpoint(&self) -> Result<(), StoreError> {
-        Ok(())
-    }
+
     /// Records last-seen times in one transaction.
     async fn touch(&self, seen: &[(Uuid, UnixMillis)]) -> Result<(), StoreError>;
+
     /// Records a session start (and the agent version and isolation it announced).
     async fn session_started(
         &self,
         session: &SessionRecord,
         isolation: Option<&surplus_protocol::control::Isolation>,
     ) -> Result<(), StoreError>;
+
     /// Records a session end.
     async fn session_ended(
         &self,
@@ -604,11 +616,14 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         now_ms: UnixMillis,
         reason: &str,
     ) -> Result<(), StoreError>;
+
     /// Recent sessions of an agent, newest first.
     async fn sessions(&self, agent_id: Uuid, limit: u32) -> Result<Vec<SessionRecord>, StoreError>;
+
     /// Closes sessions and online periods left open by a controller that stopped
     /// without doing so (crash); run at start-up.
     async fn close_dangling(&self, now_ms: UnixMillis) -> Result<(), StoreError>;
+
     /// Stores an inventory; returns whether it differs from the previous one (and was
     /// added to the history).
     async fn save_inventory(
@@ -618,24 +633,14 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         digest: &str,
         now_ms: UnixMillis,
     ) -> Result<bool, StoreError>;
+
     /// Inventory changes of an agent, newest first.
     async fn inventory_history(
         &self,
         agent_id: Uuid,
         limit: u32,
     ) -> Result<Vec<InventoryChange>, StoreError>;
-    /// Records a newly ordered validation run (status running).
-    async fn create_validation_run(&self, run: &ValidationRun) -> Result<(), StoreError>;
-    /// Records the end of a run; only a running run can end (`Ok(false)` otherwise).
-    async fn finish_validation_run(&self, run: &ValidationRun) -> Result<bool, StoreError>;
-    /// One run.
-    async fn validation_run(&self, id: Uuid) -> Result<Option<ValidationRun>, StoreError>;
-    /// Runs of an agent, newest first.
-    async fn validation_runs(
-        &self,
-        agent_id: Uuid,
-        limit: u32,
-    ) -> Result<Vec<ValidationRun>, StoreError>;
+
     /// Stores an API token (hash only).
     async fn create_api_token(
         &self,
@@ -644,23 +649,68 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         label: &str,
         now_ms: UnixMillis,
     ) -> Result<(), StoreError>;
+
     /// The principal of a token hash, unless revoked.
     async fn api_principal(&self, token_hash: &str) -> Result<Option<Principal>, StoreError>;
+}
+
+/// Validation runs and compatibility reports.
+#[async_trait]
+pub trait ValidationStore: Send + Sync + std::fmt::Debug + 'static {
+    /// Records a newly ordered validation run (status running).
+    async fn create_validation_run(&self, run: &ValidationRun) -> Result<(), StoreError>;
+
+    /// Records the end of a run; only a running run can end (`Ok(false)` otherwise).
+    async fn finish_validation_run(&self, run: &ValidationRun) -> Result<bool, StoreError>;
+
+    /// One run.
+    async fn validation_run(&self, id: Uuid) -> Result<Option<ValidationRun>, StoreError>;
+
+    /// Runs of an agent, newest first.
+    async fn validation_runs(
+        &self,
+        agent_id: Uuid,
+        limit: u32,
+    ) -> Result<Vec<ValidationRun>, StoreError>;
+
+    /// Stores an agent's latest compatibility results.
+    async fn save_compat_report(
+        &self,
+        agent_id: Uuid,
+        report: &surplus_protocol::control::CompatReport,
+        now_ms: UnixMillis,
+    ) -> Result<(), StoreError>;
+
+    /// An agent's latest compatibility results and when they arrived.
+    async fn compat_report(
+        &self,
+        agent_id: Uuid,
+    ) -> Result<Option<(surplus_protocol::control::CompatReport, UnixMillis)>, StoreError>;
+}
+
+/// Instances, their limits and volumes.
+#[async_trait]
+pub trait ControlStore: Send + Sync + std::fmt::Debug + 'static {
     /// Inserts `row` unless its owner already used its client token, atomically: of
     /// two racing requests with one token exactly one is `Created`.
     async fn claim_instance(&self, row: &InstanceRow) -> Result<Claim, StoreError>;
+
     /// One instance.
     async fn instance(&self, id: &str) -> Result<Option<InstanceRow>, StoreError>;
+
     /// The instance `owner` ran with client token `token`, if any.
     async fn instance_by_token(
         &self,
         owner: &Principal,
         token: &str,
     ) -> Result<Option<InstanceRow>, StoreError>;
+
     /// Instances of one owner (all with `None`), oldest first.
     async fn instances(&self, owner: Option<&Principal>) -> Result<Vec<InstanceRow>, StoreError>;
+
     /// Instances hosted by one agent.
     async fn agent_instances(&self, agent_id: Uuid) -> Result<Vec<InstanceRow>, StoreError>;
+
     /// What the host last claimed against an instance's recorded spec (`None`: its
     /// answers agree again).
     async fn set_contradiction(
@@ -669,6 +719,7 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         contradiction: Option<&str>,
         now_ms: UnixMillis,
     ) -> Result<(), StoreError>;
+
     /// The limits in force from `from_ms` on (RunInstances and each modification).
     async fn record_limits(
         &self,
@@ -676,11 +727,13 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         from_ms: UnixMillis,
         limits: &surplus_protocol::control::Limits,
     ) -> Result<(), StoreError>;
+
     /// Every change of an instance's limits, oldest first.
     async fn limits_history(
         &self,
         instance_id: &str,
     ) -> Result<Vec<(UnixMillis, surplus_protocol::control::Limits)>, StoreError>;
+
     /// Replaces the record of known instances (unknown ids are ignored); the first
     /// record in state running marks the instance started.
     async fn update_instances(
@@ -688,25 +741,20 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         records: &[surplus_protocol::control::Instance],
         now_ms: UnixMillis,
     ) -> Result<(), StoreError>;
+
     /// Inserts or replaces a volume.
     async fn put_volume(&self, row: &VolumeRow) -> Result<(), StoreError>;
+
     /// One volume.
     async fn volume(&self, id: &str) -> Result<Option<VolumeRow>, StoreError>;
+
     /// Volumes of one owner (all with `None`).
     async fn volumes(&self, owner: Option<&Principal>) -> Result<Vec<VolumeRow>, StoreError>;
-    /// Stores an agent's latest compatibility results.
-    async fn save_compat_report(
-        &self,
-        agent_id: Uuid,
-        report: &surplus_protocol::control::CompatReport,
-        now_ms: UnixMillis,
-    ) -> Result<(), StoreError>;
-    /// An agent's latest compatibility results and when they arrived.
-    async fn compat_report(
-        &self,
-        agent_id: Uuid,
-    ) -> Result<Option<(surplus_protocol::control::CompatReport, UnixMillis)>, StoreError>;
+}
 
+/// Usage records and metering settings.
+#[async_trait]
+pub trait UsageStore: Send + Sync + std::fmt::Debug + 'static {
     /// Commits batches of usage records in one transaction (a group commit: one
     /// fsync for all of them): new records are stored with their counter deltas,
     /// records already stored (same key) are recognised, invalid ones are kept aside
@@ -717,6 +765,7 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         batches: &[IngestBatch<'_>],
         now_ms: UnixMillis,
     ) -> Result<Vec<IngestOutcome>, StoreError>;
+
     /// [`Store::ingest_usage_batches`] of one batch.
     async fn ingest_usage(
         &self,
@@ -733,8 +782,10 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         let mut outcomes = self.ingest_usage_batches(&[batch], now_ms).await?;
         Ok(outcomes.pop().unwrap_or_default())
     }
+
     /// Usage history aggregated into buckets.
     async fn usage(&self, query: &UsageQuery) -> Result<Vec<UsageRow>, StoreError>;
+
     /// The counter deltas of one subject's records ending in `(from_ms, to_ms]`, for
     /// `meters`, oldest first.
     async fn counter_deltas(
@@ -744,9 +795,11 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         from_ms: UnixMillis,
         to_ms: UnixMillis,
     ) -> Result<Vec<CounterDelta>, StoreError>;
+
     /// The end of the latest usage record stored from an agent: its usage has arrived
     /// up to there.
     async fn usage_through(&self, agent_id: Uuid) -> Result<Option<UnixMillis>, StoreError>;
+
     /// Records received after `since_ms` that end at or before `until_ms`: per subject
     /// and end, the latest time one was received.
     async fn received_since(
@@ -754,6 +807,7 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         since_ms: UnixMillis,
         until_ms: UnixMillis,
     ) -> Result<Vec<(String, UnixMillis, UnixMillis)>, StoreError>;
+
     /// Stores the sampling periods set for an agent (its spool state is stored with
     /// each usage batch, by [`Store::ingest_usage_batches`]).
     async fn set_metering(
@@ -762,6 +816,7 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         periods: &surplus_protocol::usage::MeteringPeriods,
         now_ms: UnixMillis,
     ) -> Result<(), StoreError>;
+
     /// An agent's periods set through the API and its spool as last reported.
     async fn metering(
         &self,
@@ -773,6 +828,11 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         ),
         StoreError,
     >;
+}
+
+/// Rate cards, billing runs and invoice lines.
+#[async_trait]
+pub trait BillingStore: Send + Sync + std::fmt::Debug + 'static {
     /// Sets the rate card instances run on an agent get from now on.
     async fn set_agent_price_plan(
         &self,
@@ -780,13 +840,16 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         plan: &crate::billing::PricePlan,
         now_ms: UnixMillis,
     ) -> Result<(), StoreError>;
+
     /// Instances with a price plan attached before `to_ms`.
     async fn billables(&self, to_ms: UnixMillis) -> Result<Vec<Billable>, StoreError>;
+
     /// A host's rate card, if its provider set one.
     async fn agent_price_plan(
         &self,
         agent_id: Uuid,
     ) -> Result<Option<crate::billing::PricePlan>, StoreError>;
+
     /// Records a billing run's period, rated now; `false` if it overlaps another period.
     async fn record_billing_run(
         &self,
@@ -794,12 +857,14 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         to_ms: UnixMillis,
         now_ms: UnixMillis,
     ) -> Result<bool, StoreError>;
+
     /// Periods billed before, ending after `since_ms`, other than `[from_ms, to_ms)`.
     async fn billed_periods(
         &self,
         since_ms: UnixMillis,
         except: (UnixMillis, UnixMillis),
     ) -> Result<Vec<BilledPeriod>, StoreError>;
+
     /// Marks a billed period's usage rated at `now_ms`.
     async fn mark_checked(
         &self,
@@ -807,6 +872,7 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         to_ms: UnixMillis,
         now_ms: UnixMillis,
     ) -> Result<(), StoreError>;
+
     /// What was billed for one instance and period so far, per meter: amount and
     /// quantity (charges and adjustments together).
     async fn billed(
@@ -815,34 +881,7 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         from_ms: UnixMillis,
         to_ms: UnixMillis,
     ) -> Result<BTreeMap<String, (i64, f64)>, StoreError>;
-    /// Applies a posting once (with the invoice lines it carries) in one transaction.
-    async fn post(
-        &self,
-        posting: &crate::ledger::Posting,
-        lines: &[InvoiceLine],
-        now_ms: UnixMillis,
-    ) -> Result<crate::ledger::Applied, PostError>;
-    /// Whether an account may go below zero, when a policy was set for it.
-    async fn account_policy(&self, account: &str) -> Result<Option<bool>, StoreError>;
-    /// Whether an account may go below zero (overriding the default).
-    async fn set_account_policy(
-        &self,
-        account: &str,
-        allow_negative: bool,
-        now_ms: UnixMillis,
-    ) -> Result<(), StoreError>;
-    /// Balances, of one account or all.
-    async fn balances(
-        &self,
-        account: Option<&str>,
-    ) -> Result<Vec<(String, String, i64)>, StoreError>;
-    /// One account's postings in `[from_ms, to_ms)`.
-    async fn account_entries(
-        &self,
-        account: &str,
-        from_ms: UnixMillis,
-        to_ms: UnixMillis,
-    ) -> Result<Vec<AccountEntry>, StoreError>;
+
     /// Invoice lines, filtered by invoice, client, provider and period overlap.
     async fn invoice_lines(
         &self,
@@ -852,4 +891,52 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         from_ms: UnixMillis,
         to_ms: UnixMillis,
     ) -> Result<Vec<InvoiceLine>, StoreError>;
+}
+
+/// The ledger: postings, balances and account policies.
+#[async_trait]
+pub trait LedgerStore: Send + Sync + std::fmt::Debug + 'static {
+    /// Applies a posting once (with the invoice lines it carries) in one transaction.
+    async fn post(
+        &self,
+        posting: &crate::ledger::Posting,
+        lines: &[InvoiceLine],
+        now_ms: UnixMillis,
+    ) -> Result<crate::ledger::Applied, PostError>;
+
+    /// Whether an account may go below zero, when a policy was set for it.
+    async fn account_policy(&self, account: &str) -> Result<Option<bool>, StoreError>;
+
+    /// Whether an account may go below zero (overriding the default).
+    async fn set_account_policy(
+        &self,
+        account: &str,
+        allow_negative: bool,
+        now_ms: UnixMillis,
+    ) -> Result<(), StoreError>;
+
+    /// Balances, of one account or all.
+    async fn balances(
+        &self,
+        account: Option<&str>,
+    ) -> Result<Vec<(String, String, i64)>, StoreError>;
+
+    /// One account's postings in `[from_ms, to_ms)`.
+    async fn account_entries(
+        &self,
+        account: &str,
+        from_ms: UnixMillis,
+        to_ms: UnixMillis,
+    ) -> Result<Vec<AccountEntry>, StoreError>;
+}
+
+/// The storage contract: every capability's store, on one backend.
+pub trait Store:
+    RegistryStore + ValidationStore + ControlStore + UsageStore + BillingStore + LedgerStore
+{
+}
+
+impl<T> Store for T where
+    T: RegistryStore + ValidationStore + ControlStore + UsageStore + BillingStore + LedgerStore
+{
 }

@@ -177,7 +177,7 @@ impl SqliteStore {
 }
 
 #[async_trait]
-impl Store for SqliteStore {
+impl RegistryStore for SqliteStore {
     async fn checkpoint(&self) -> Result<(), StoreError> {
         sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
             .execute(&self.pool)
@@ -520,6 +520,44 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    async fn create_api_token(
+        &self,
+        token_hash: &str,
+        p: &Principal,
+        label: &str,
+        now_ms: UnixMillis,
+    ) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO api_tokens (id, token_hash, account, role, label, created_at_ms) VALUES ($1, $2, $3, $4, $5, $6)")
+            .bind(Uuid::now_v7().to_string())
+            .bind(token_hash)
+            .bind(&p.account)
+            .bind(p.role.as_str())
+            .bind(label)
+            .bind(now_ms)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    async fn api_principal(&self, token_hash: &str) -> Result<Option<Principal>, StoreError> {
+        let row = sqlx::query(
+            "SELECT account, role FROM api_tokens WHERE token_hash = $1 AND revoked_at_ms IS NULL",
+        )
+        .bind(token_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            Ok(Principal {
+                account: r.try_get("account")?,
+                role: Role::parse(r.try_get("role")?)?,
+            })
+        })
+        .transpose()
+    }
+}
+
+#[async_trait]
+impl ValidationStore for SqliteStore {
     async fn create_validation_run(&self, run: &ValidationRun) -> Result<(), StoreError> {
         sqlx::query("INSERT INTO validation_runs (id, agent_id, requested_by, requested_at_ms, request, status) VALUES ($1, $2, $3, $4, $5, $6)")
             .bind(run.id.to_string())
@@ -575,41 +613,44 @@ impl Store for SqliteStore {
             .collect()
     }
 
-    async fn create_api_token(
+    async fn save_compat_report(
         &self,
-        token_hash: &str,
-        p: &Principal,
-        label: &str,
+        agent_id: Uuid,
+        report: &surplus_protocol::control::CompatReport,
         now_ms: UnixMillis,
     ) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO api_tokens (id, token_hash, account, role, label, created_at_ms) VALUES ($1, $2, $3, $4, $5, $6)")
-            .bind(Uuid::now_v7().to_string())
-            .bind(token_hash)
-            .bind(&p.account)
-            .bind(p.role.as_str())
-            .bind(label)
+        sqlx::query("INSERT INTO compat_reports (agent_id, driver, level, report, reported_at_ms) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (agent_id) DO UPDATE SET driver = excluded.driver, level = excluded.level, report = excluded.report, reported_at_ms = excluded.reported_at_ms")
+            .bind(agent_id.to_string())
+            .bind(&report.driver)
+            .bind(json_text(&report.level).trim_matches('"').to_owned())
+            .bind(json_text(report))
             .bind(now_ms)
             .execute(&self.writer)
             .await?;
         Ok(())
     }
 
-    async fn api_principal(&self, token_hash: &str) -> Result<Option<Principal>, StoreError> {
-        let row = sqlx::query(
-            "SELECT account, role FROM api_tokens WHERE token_hash = $1 AND revoked_at_ms IS NULL",
-        )
-        .bind(token_hash)
-        .fetch_optional(&self.pool)
-        .await?;
+    async fn compat_report(
+        &self,
+        agent_id: Uuid,
+    ) -> Result<Option<(surplus_protocol::control::CompatReport, UnixMillis)>, StoreError> {
+        let row =
+            sqlx::query("SELECT report, reported_at_ms FROM compat_reports WHERE agent_id = $1")
+                .bind(agent_id.to_string())
+                .fetch_optional(&self.pool)
+                .await?;
         row.map(|r| {
-            Ok(Principal {
-                account: r.try_get("account")?,
-                role: Role::parse(r.try_get("role")?)?,
-            })
+            Ok((
+                parse_json(r.try_get("report")?, "compat report")?,
+                r.try_get("reported_at_ms")?,
+            ))
         })
         .transpose()
     }
+}
 
+#[async_trait]
+impl ControlStore for SqliteStore {
     async fn claim_instance(&self, row: &InstanceRow) -> Result<Claim, StoreError> {
         let mut tx = self.write_tx().await?;
         if let Some(token) = &row.client_token {
@@ -709,29 +750,6 @@ impl Store for SqliteStore {
             .collect()
     }
 
-    async fn update_instances(
-        &self,
-        records: &[surplus_protocol::control::Instance],
-        now_ms: UnixMillis,
-    ) -> Result<(), StoreError> {
-        let mut tx = self.write_tx().await?;
-        for r in records {
-            sqlx::query(
-                "UPDATE instances SET state = $1, record = $2, updated_at_ms = $3, \
-                 started_at_ms = CASE WHEN started_at_ms IS NULL AND $1 = 'running' THEN $3 ELSE started_at_ms END \
-                 WHERE id = $4",
-            )
-            .bind(r.state.as_str())
-            .bind(json_text(r))
-            .bind(now_ms)
-            .bind(&r.id)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-
     async fn set_contradiction(
         &self,
         instance_id: &str,
@@ -782,6 +800,29 @@ impl Store for SqliteStore {
         .collect()
     }
 
+    async fn update_instances(
+        &self,
+        records: &[surplus_protocol::control::Instance],
+        now_ms: UnixMillis,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.write_tx().await?;
+        for r in records {
+            sqlx::query(
+                "UPDATE instances SET state = $1, record = $2, updated_at_ms = $3, \
+                 started_at_ms = CASE WHEN started_at_ms IS NULL AND $1 = 'running' THEN $3 ELSE started_at_ms END \
+                 WHERE id = $4",
+            )
+            .bind(r.state.as_str())
+            .bind(json_text(r))
+            .bind(now_ms)
+            .bind(&r.id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     async fn put_volume(&self, row: &VolumeRow) -> Result<(), StoreError> {
         sqlx::query("INSERT INTO volumes (id, agent_id, account, owner_role, state, record, created_at_ms, updated_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO UPDATE SET state = excluded.state, record = excluded.record, updated_at_ms = excluded.updated_at_ms")
             .bind(&row.record.id)
@@ -819,42 +860,10 @@ impl Store for SqliteStore {
         .map(volume_from_row)
         .collect()
     }
+}
 
-    async fn save_compat_report(
-        &self,
-        agent_id: Uuid,
-        report: &surplus_protocol::control::CompatReport,
-        now_ms: UnixMillis,
-    ) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO compat_reports (agent_id, driver, level, report, reported_at_ms) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (agent_id) DO UPDATE SET driver = excluded.driver, level = excluded.level, report = excluded.report, reported_at_ms = excluded.reported_at_ms")
-            .bind(agent_id.to_string())
-            .bind(&report.driver)
-            .bind(json_text(&report.level).trim_matches('"').to_owned())
-            .bind(json_text(report))
-            .bind(now_ms)
-            .execute(&self.writer)
-            .await?;
-        Ok(())
-    }
-
-    async fn compat_report(
-        &self,
-        agent_id: Uuid,
-    ) -> Result<Option<(surplus_protocol::control::CompatReport, UnixMillis)>, StoreError> {
-        let row =
-            sqlx::query("SELECT report, reported_at_ms FROM compat_reports WHERE agent_id = $1")
-                .bind(agent_id.to_string())
-                .fetch_optional(&self.pool)
-                .await?;
-        row.map(|r| {
-            Ok((
-                parse_json(r.try_get("report")?, "compat report")?,
-                r.try_get("reported_at_ms")?,
-            ))
-        })
-        .transpose()
-    }
-
+#[async_trait]
+impl UsageStore for SqliteStore {
     async fn ingest_usage_batches(
         &self,
         batches: &[IngestBatch<'_>],
@@ -1013,7 +1022,10 @@ impl Store for SqliteStore {
             spool.map(|s| parse_json(&s, "spool state")).transpose()?,
         ))
     }
+}
 
+#[async_trait]
+impl BillingStore for SqliteStore {
     async fn set_agent_price_plan(
         &self,
         agent_id: Uuid,
@@ -1060,6 +1072,31 @@ impl Store for SqliteStore {
                 .fetch_optional(&self.pool)
                 .await?;
         plan.map(|p| parse_json(&p, "price plan")).transpose()
+    }
+
+    async fn record_billing_run(
+        &self,
+        from_ms: UnixMillis,
+        to_ms: UnixMillis,
+        now_ms: UnixMillis,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.write_tx().await?;
+        let overlapping = sqlx::query("SELECT 1 FROM billing_runs WHERE from_ms < $2 AND to_ms > $1 AND NOT (from_ms = $1 AND to_ms = $2)")
+            .bind(from_ms)
+            .bind(to_ms)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if overlapping.is_some() {
+            return Ok(false);
+        }
+        sqlx::query("INSERT INTO billing_runs (from_ms, to_ms, ran_at_ms, checked_at_ms) VALUES ($1, $2, $3, $3) ON CONFLICT (from_ms, to_ms) DO UPDATE SET checked_at_ms = excluded.checked_at_ms")
+            .bind(from_ms)
+            .bind(to_ms)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     async fn billed_periods(
@@ -1124,40 +1161,50 @@ impl Store for SqliteStore {
             .collect()
     }
 
-    async fn account_policy(&self, account: &str) -> Result<Option<bool>, StoreError> {
-        let v: Option<i64> =
-            sqlx::query_scalar("SELECT allow_negative FROM ledger_accounts WHERE account = $1")
-                .bind(account)
-                .fetch_optional(&self.pool)
-                .await?;
-        Ok(v.map(|v| v != 0))
-    }
-
-    async fn record_billing_run(
+    async fn invoice_lines(
         &self,
+        invoice_id: Option<&str>,
+        client: Option<&str>,
+        provider: Option<&str>,
         from_ms: UnixMillis,
         to_ms: UnixMillis,
-        now_ms: UnixMillis,
-    ) -> Result<bool, StoreError> {
-        let mut tx = self.write_tx().await?;
-        let overlapping = sqlx::query("SELECT 1 FROM billing_runs WHERE from_ms < $2 AND to_ms > $1 AND NOT (from_ms = $1 AND to_ms = $2)")
+    ) -> Result<Vec<InvoiceLine>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM invoice_lines WHERE ($1 IS NULL OR invoice_id = $1) AND ($2 IS NULL OR client = $2) AND ($3 IS NULL OR provider = $3) AND from_ms < $5 AND to_ms > $4 ORDER BY from_ms, client, provider, instance_id, meter")
+            .bind(invoice_id)
+            .bind(client)
+            .bind(provider)
             .bind(from_ms)
             .bind(to_ms)
-            .fetch_optional(&mut *tx)
+            .fetch_all(&self.pool)
             .await?;
-        if overlapping.is_some() {
-            return Ok(false);
-        }
-        sqlx::query("INSERT INTO billing_runs (from_ms, to_ms, ran_at_ms, checked_at_ms) VALUES ($1, $2, $3, $3) ON CONFLICT (from_ms, to_ms) DO UPDATE SET checked_at_ms = excluded.checked_at_ms")
-            .bind(from_ms)
-            .bind(to_ms)
-            .bind(now_ms)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(true)
+        rows.iter()
+            .map(|r| {
+                Ok(InvoiceLine {
+                    invoice_id: r.try_get("invoice_id")?,
+                    client: r.try_get("client")?,
+                    provider: r.try_get("provider")?,
+                    from_ms: r.try_get("from_ms")?,
+                    to_ms: r.try_get("to_ms")?,
+                    instance_id: r.try_get("instance_id")?,
+                    charge: crate::billing::Charge {
+                        meter: r.try_get("meter")?,
+                        quantity: r.try_get("quantity")?,
+                        unit: r.try_get("unit")?,
+                        rate: r.try_get("rate")?,
+                        amount: r.try_get("amount")?,
+                    },
+                    commission: r.try_get("commission")?,
+                    currency: r.try_get("currency")?,
+                    posting_key: r.try_get("posting_key")?,
+                    kind: r.try_get("kind")?,
+                })
+            })
+            .collect()
     }
+}
 
+#[async_trait]
+impl LedgerStore for SqliteStore {
     async fn post(
         &self,
         posting: &crate::ledger::Posting,
@@ -1262,6 +1309,15 @@ impl Store for SqliteStore {
         Ok(Applied::Posted)
     }
 
+    async fn account_policy(&self, account: &str) -> Result<Option<bool>, StoreError> {
+        let v: Option<i64> =
+            sqlx::query_scalar("SELECT allow_negative FROM ledger_accounts WHERE account = $1")
+                .bind(account)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(v.map(|v| v != 0))
+    }
+
     async fn set_account_policy(
         &self,
         account: &str,
@@ -1317,47 +1373,6 @@ impl Store for SqliteStore {
                     currency: r.try_get("currency")?,
                     amount: r.try_get("amount")?,
                     posted_at_ms: r.try_get("posted_at_ms")?,
-                })
-            })
-            .collect()
-    }
-
-    async fn invoice_lines(
-        &self,
-        invoice_id: Option<&str>,
-        client: Option<&str>,
-        provider: Option<&str>,
-        from_ms: UnixMillis,
-        to_ms: UnixMillis,
-    ) -> Result<Vec<InvoiceLine>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM invoice_lines WHERE ($1 IS NULL OR invoice_id = $1) AND ($2 IS NULL OR client = $2) AND ($3 IS NULL OR provider = $3) AND from_ms < $5 AND to_ms > $4 ORDER BY from_ms, client, provider, instance_id, meter")
-            .bind(invoice_id)
-            .bind(client)
-            .bind(provider)
-            .bind(from_ms)
-            .bind(to_ms)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(InvoiceLine {
-                    invoice_id: r.try_get("invoice_id")?,
-                    client: r.try_get("client")?,
-                    provider: r.try_get("provider")?,
-                    from_ms: r.try_get("from_ms")?,
-                    to_ms: r.try_get("to_ms")?,
-                    instance_id: r.try_get("instance_id")?,
-                    charge: crate::billing::Charge {
-                        meter: r.try_get("meter")?,
-                        quantity: r.try_get("quantity")?,
-                        unit: r.try_get("unit")?,
-                        rate: r.try_get("rate")?,
-                        amount: r.try_get("amount")?,
-                    },
-                    commission: r.try_get("commission")?,
-                    currency: r.try_get("currency")?,
-                    posting_key: r.try_get("posting_key")?,
-                    kind: r.try_get("kind")?,
                 })
             })
             .collect()
