@@ -5,6 +5,7 @@
 //! registering the agent; status changes with their uptime accounting) is one method,
 //! one transaction.
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::collections::BTreeMap;
@@ -32,6 +33,9 @@ pub enum StoreError {
     /// A stored value does not parse (the database was edited by hand?).
     #[error("stored value is corrupt: {0}")]
     Corrupt(String),
+    /// The database cannot be used as configured (wrong URL, unreachable, newer schema).
+    #[error("{0}")]
+    Config(String),
 }
 
 /// Why a join token was refused.
