@@ -36,11 +36,14 @@ pub struct SqliteStore {
     writer: SqlitePool,
 }
 
-fn parse_uuid(s: &str) -> Result<Uuid, StoreError> {
+pub(super) fn parse_uuid(s: &str) -> Result<Uuid, StoreError> {
     Uuid::parse_str(s).map_err(|e| StoreError::Corrupt(format!("id {s:?}: {e}")))
 }
 
-fn parse_json<T: serde::de::DeserializeOwned>(s: &str, what: &str) -> Result<T, StoreError> {
+pub(super) fn parse_json<T: serde::de::DeserializeOwned>(
+    s: &str,
+    what: &str,
+) -> Result<T, StoreError> {
     serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
 }
 
@@ -69,11 +72,21 @@ fn volume_from_row(row: &SqliteRow) -> Result<VolumeRow, StoreError> {
     })
 }
 
-fn json_text<T: serde::Serialize>(value: &T) -> String {
+pub(super) fn json_text<T: serde::Serialize>(value: &T) -> String {
     serde_json::to_string(value).expect("records serialize")
 }
 
-fn agent_from_row(row: &SqliteRow) -> Result<AgentRecord, StoreError> {
+/// Generic over the backend's row type: PostgreSQL reads the same columns.
+pub(super) fn agent_from_row<R>(row: &R) -> Result<AgentRecord, StoreError>
+where
+    R: Row,
+    for<'r> &'r str: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    &'static str: sqlx::ColumnIndex<R>,
+{
     let inventory: Option<String> = row.try_get("inventory")?;
     Ok(AgentRecord {
         id: parse_uuid(row.try_get("id")?)?,
@@ -123,7 +136,17 @@ fn run_from_row(row: &SqliteRow) -> Result<ValidationRun, StoreError> {
     })
 }
 
-fn session_from_row(row: &SqliteRow) -> Result<SessionRecord, StoreError> {
+/// Generic over the backend's row type: PostgreSQL reads the same columns.
+pub(super) fn session_from_row<R>(row: &R) -> Result<SessionRecord, StoreError>
+where
+    R: Row,
+    for<'r> &'r str: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    &'static str: sqlx::ColumnIndex<R>,
+{
     Ok(SessionRecord {
         id: parse_uuid(row.try_get("id")?)?,
         agent_id: parse_uuid(row.try_get("agent_id")?)?,
@@ -136,7 +159,7 @@ fn session_from_row(row: &SqliteRow) -> Result<SessionRecord, StoreError> {
 }
 
 /// Status update with online-time accounting; one statement, so it is atomic.
-const SET_STATUS: &str = "UPDATE agents SET
+pub(super) const SET_STATUS: &str = "UPDATE agents SET
     online_total_ms = online_total_ms + CASE WHEN online_since_ms IS NOT NULL AND $1 <> 'online' THEN $2 - online_since_ms ELSE 0 END,
     online_since_ms = CASE WHEN $1 = 'online' THEN COALESCE(online_since_ms, $2) ELSE NULL END,
     first_seen_ms = CASE WHEN $1 = 'online' THEN COALESCE(first_seen_ms, $2) ELSE first_seen_ms END,
