@@ -9,15 +9,12 @@
 //! - [`datadir`]: CA, server certificate, database and config on disk.
 //! - [`demo`]: a controller and a local agent in one process.
 
-pub mod acceptance;
 pub mod api;
-pub mod billing;
 pub mod config;
 pub mod control;
 pub mod datadir;
 pub mod demo;
 pub mod http;
-pub mod ledger;
 pub mod metering;
 pub mod metrics;
 pub mod registry;
@@ -25,6 +22,8 @@ pub mod server;
 pub mod service;
 pub mod store;
 pub mod validation;
+
+pub use surplus_market::{acceptance, billing, ledger};
 
 pub use config::ControllerConfig;
 pub use server::{RunningController, start};

@@ -25,6 +25,7 @@ pub const VOLUME_PREFIX: &str = "vol-";
 pub const SNAPSHOT_PREFIX: &str = "snap-";
 
 /// A fresh id with `prefix` (`i-`, `vol-`, `snap-`).
+#[cfg(feature = "net")]
 pub fn new_id(prefix: &str) -> String {
     let n: u64 = rand::random();
     format!("{prefix}{n:016x}")

@@ -492,16 +492,7 @@ pub struct InvoiceLine {
     pub kind: String,
 }
 
-/// A billing period recorded by a run, with when its usage was last rated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BilledPeriod {
-    /// Start.
-    pub from_ms: UnixMillis,
-    /// End (exclusive).
-    pub to_ms: UnixMillis,
-    /// When its usage was last rated; records received after it are late.
-    pub checked_at_ms: UnixMillis,
-}
+pub use surplus_market::billing::BilledPeriod;
 
 /// One usage record's contribution to a counter, for rating by parts of a period.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -11,6 +11,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::ledger::{self, Entry, Posting};
 
+/// A billing period recorded by a run, with when its usage was last rated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BilledPeriod {
+    /// Start.
+    pub from_ms: i64,
+    /// End (exclusive).
+    pub to_ms: i64,
+    /// When its usage was last rated; records received after it are late.
+    pub checked_at_ms: i64,
+}
+
 /// The agent label naming the provider account a host's earnings go to (set from the
 /// join token; a provider's own tokens always carry their account).
 pub const PROVIDER_LABEL: &str = "provider";
@@ -325,7 +336,7 @@ pub fn differences(
 /// late when it was received after that period was last rated. Sorted, each pair once.
 /// Pure.
 pub fn late_periods(
-    periods: &[crate::store::BilledPeriod],
+    periods: &[BilledPeriod],
     received: &[(String, i64, i64)],
 ) -> Vec<(String, (i64, i64))> {
     let mut out: Vec<(String, (i64, i64))> = received
@@ -443,8 +454,8 @@ impl Period {
     /// The invoice id of a client for this period.
     pub fn invoice_id(&self, client: &str) -> String {
         let digest =
-            surplus_certs::sha256(format!("{client}|{}|{}", self.from_ms, self.to_ms).as_bytes());
-        format!("inv-{}", &surplus_certs::hex(&digest)[..16])
+            ledger::sha256_hex(format!("{client}|{}|{}", self.from_ms, self.to_ms).as_bytes());
+        format!("inv-{}", &digest[..16])
     }
 }
 
@@ -732,7 +743,6 @@ mod tests {
 
     #[test]
     fn late_usage_belongs_to_the_period_its_record_ends_in() {
-        use crate::store::BilledPeriod;
         const H: i64 = 3_600_000;
         let periods = [
             BilledPeriod {

@@ -118,8 +118,17 @@ impl Posting {
             .collect();
         entries.sort();
         let text = format!("{}\n{}", self.kind, entries.join("\n"));
-        surplus_certs::hex(&surplus_certs::sha256(text.as_bytes()))
+        sha256_hex(text.as_bytes())
     }
+}
+
+/// The lower-case hex SHA-256 of `bytes` (posting digests and invoice ids).
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Why a posting was refused.

@@ -1,0 +1,15 @@
+//! Everything the controller decides, as pure functions and data.
+//!
+//! This crate never does I/O: no network, no database, no file system, no clock and no
+//! randomness. Time and new ids are arguments; the controller's shells (QUIC, HTTP, the
+//! stores) read what a decision needs, call in here and apply what comes back in one
+//! transaction. `tests/purity.rs` fails if the dependency closure gains an async
+//! runtime, a database driver, a network stack or a random number generator.
+//!
+//! - [`ledger`]: double-entry postings and the check every store applies them through.
+//! - [`billing`]: rating usage into invoice lines and postings.
+//! - [`acceptance`]: whether a host's validation results let it sell.
+
+pub mod acceptance;
+pub mod billing;
+pub mod ledger;
