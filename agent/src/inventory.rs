@@ -57,12 +57,8 @@ impl InventoryCollector {
     }
 }
 
-/// SHA-256 of the inventory without its collection time: equal for an unchanged host.
-pub fn digest(inventory: &Inventory) -> [u8; 32] {
-    let mut stable = inventory.clone();
-    stable.collected_at_ms = 0;
-    surplus_certs::sha256(&codec::encode_value(&stable).expect("inventory encodes"))
-}
+/// The inventory digest lives in the protocol crate, where the controller reads it too.
+pub use surplus_protocol::inventory::digest;
 
 fn collect_without_packages(now_ms: UnixMillis) -> Inventory {
     let cpuinfo = read("/proc/cpuinfo").unwrap_or_default();
