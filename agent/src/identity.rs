@@ -7,8 +7,7 @@
 //! fsync of the directory.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -126,24 +125,7 @@ pub fn renew_at_ms(issued_at: UnixMillis, not_after: UnixMillis, jitter: f64) ->
     issued_at + life * 2 / 3 + jitter as i64
 }
 
-/// Writes `bytes` to `path` so that a crash leaves either the old or the new content.
-pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        f.set_permissions(fs::Permissions::from_mode(mode))?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    fs::rename(&tmp, path)?;
-    fs::File::open(dir)?.sync_all()
-}
+pub use surplus_runtime::write_atomic;
 
 #[cfg(test)]
 mod tests {

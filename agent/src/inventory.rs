@@ -12,7 +12,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use surplus_protocol::clock::UnixMillis;
-use surplus_protocol::codec;
 use surplus_protocol::inventory::*;
 
 fn read(path: impl AsRef<Path>) -> Option<String> {
@@ -57,12 +56,8 @@ impl InventoryCollector {
     }
 }
 
-/// SHA-256 of the inventory without its collection time: equal for an unchanged host.
-pub fn digest(inventory: &Inventory) -> [u8; 32] {
-    let mut stable = inventory.clone();
-    stable.collected_at_ms = 0;
-    surplus_certs::sha256(&codec::encode_value(&stable).expect("inventory encodes"))
-}
+/// The inventory digest lives in the protocol crate, where the controller reads it too.
+pub use surplus_protocol::inventory::digest;
 
 fn collect_without_packages(now_ms: UnixMillis) -> Inventory {
     let cpuinfo = read("/proc/cpuinfo").unwrap_or_default();

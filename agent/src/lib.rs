@@ -7,7 +7,7 @@
 //! ([`compat`]). It never runs an arbitrary command: what the controller may ask for is
 //! a closed set of messages matched in one place.
 
-pub mod backoff;
+pub use surplus_runtime::backoff;
 pub mod bench;
 pub mod compat;
 pub mod config;

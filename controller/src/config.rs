@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use surplus_agent::LogFormat;
+pub use surplus_runtime::LogFormat;
 
 /// Everything the controller can be told.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -10,9 +10,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use surplus_agent::identity::write_atomic;
 use surplus_certs::CertAuthority;
 use surplus_protocol::clock::UnixMillis;
+use surplus_runtime::write_atomic;
 
 use crate::config::ControllerConfig;
 use crate::store::sqlite::SqliteStore;

@@ -13,6 +13,7 @@ pub mod api;
 pub mod config;
 pub mod control;
 pub mod datadir;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod http;
 pub mod metering;
@@ -29,7 +30,7 @@ pub use config::ControllerConfig;
 pub use server::{RunningController, start};
 pub use service::Controller;
 
-pub use surplus_agent::runtime::init_logs;
+pub use surplus_runtime::init_logs;
 
 /// Parses `key=value` label arguments.
 pub fn parse_labels(args: &[String]) -> anyhow::Result<store::Labels> {

@@ -47,6 +47,7 @@ enum Command {
         command: AgentCommand,
     },
     /// A fresh controller and one local agent in one process (Ctrl-C stops it).
+    #[cfg(feature = "demo")]
     Demo,
 }
 
@@ -96,7 +97,7 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             let config = dir.load_config()?;
             surplus_controller::init_logs(config.log_format, &config.log_filter);
             let running = surplus_controller::start(&dir, config, clock).await?;
-            surplus_agent::runtime::shutdown_signal().await;
+            surplus_runtime::shutdown_signal().await;
             tracing::info!("shutting down");
             running.shutdown().await;
         }
@@ -143,9 +144,10 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        #[cfg(feature = "demo")]
         Command::Demo => {
             surplus_controller::init_logs(Default::default(), "warn");
-            surplus_controller::demo::run(None, surplus_agent::runtime::shutdown_signal()).await?;
+            surplus_controller::demo::run(None, surplus_runtime::shutdown_signal()).await?;
         }
     }
     Ok(())
@@ -154,8 +156,18 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Serve | Command::Demo) {
-        surplus_agent::runtime::end_quietly_on_closed_pipe();
+    if !is_service(&cli.command) {
+        surplus_runtime::end_quietly_on_closed_pipe();
     }
-    surplus_agent::runtime::exit_code(main_inner(cli).await)
+    surplus_runtime::exit_code(main_inner(cli).await)
+}
+
+/// Long-running commands keep ignoring SIGPIPE, so that a closed log pipe cannot
+/// kill them; the others end quietly on one.
+fn is_service(command: &Command) -> bool {
+    #[cfg(feature = "demo")]
+    if matches!(command, Command::Demo) {
+        return true;
+    }
+    matches!(command, Command::Serve)
 }

@@ -596,7 +596,7 @@ async fn handle(ctl: &Controller, agent_id: Uuid, session_id: Uuid, request: Mes
             })
         }
         Message::InventoryReport(inventory) => {
-            let digest = surplus_agent::inventory::digest(&inventory);
+            let digest = surplus_protocol::inventory::digest(&inventory);
             let json = serde_json::to_value(&*inventory).expect("inventory serializes");
             match ctl
                 .store

@@ -195,3 +195,14 @@ pub struct PackageInfo {
     /// Of those, from a security origin.
     pub pending_security_updates: Option<u32>,
 }
+
+/// SHA-256 of the inventory without its collection time: equal for an unchanged host.
+/// The agent sends it in heartbeats and the controller compares it with the stored
+/// inventory's, so both compute it here, from the same encoding.
+pub fn digest(inventory: &Inventory) -> [u8; 32] {
+    let mut stable = inventory.clone();
+    stable.collected_at_ms = 0;
+    let bytes = crate::codec::encode_value(&stable).expect("inventory encodes");
+    use sha2::Digest;
+    sha2::Sha256::digest(&bytes).into()
+}

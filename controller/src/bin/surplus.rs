@@ -874,6 +874,6 @@ async fn control(client: &Client, json: bool, body: serde_json::Value) -> anyhow
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    surplus_agent::runtime::end_quietly_on_closed_pipe();
-    surplus_agent::runtime::exit_code(main_inner(Cli::parse()).await)
+    surplus_runtime::end_quietly_on_closed_pipe();
+    surplus_runtime::exit_code(main_inner(Cli::parse()).await)
 }
