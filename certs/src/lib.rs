@@ -653,6 +653,25 @@ mod tests {
         assert_eq!(info.not_after_ms, NOW + 86_400_000);
         assert_eq!(info.not_before_ms, NOW - 300_000);
         assert_eq!(info.public_key, key.public_key_raw());
+        // The name the CSR asked for appears nowhere in the certificate: not as its
+        // subject, not as a SAN, not in any other field.
+        let (_, pem) = x509_parser::pem::parse_x509_pem(issued.cert_pem.as_bytes()).unwrap();
+        assert!(
+            !pem.contents
+                .windows(b"evil.example".len())
+                .any(|w| w == b"evil.example"),
+            "the requested name leaked into the certificate"
+        );
+        assert!(
+            csr.contains("-----BEGIN CERTIFICATE REQUEST-----")
+                && x509_parser::pem::parse_x509_pem(csr.as_bytes())
+                    .unwrap()
+                    .1
+                    .contents
+                    .windows(b"evil.example".len())
+                    .any(|w| w == b"evil.example"),
+            "the check above looks for the name where the CSR carries it"
+        );
     }
 
     #[test]
@@ -708,27 +727,5 @@ mod tests {
         let again = CertAuthority::from_pem(ca.cert_pem(), &key_pem).unwrap();
         assert_eq!(ca.fingerprint(), again.fingerprint());
         assert_eq!(fingerprint_display(&[0xab; 32]).len(), 32 * 3 - 1);
-    }
-
-    #[test]
-    fn tls_configurations_build() {
-        let (ca, _) = CertAuthority::generate("test CA", NOW).unwrap();
-        let (cert, key) = ca
-            .issue_server(&["localhost".into(), "127.0.0.1".into()], NOW, 86_400_000)
-            .unwrap();
-        session_server_config(ca.cert_pem(), &cert, &key, RevocationList::default()).unwrap();
-        enroll_server_config(ca.cert_pem(), &cert, &key).unwrap();
-        pinned_client_config(ca.fingerprint()).unwrap();
-        let (agent_key, agent_key_pem) = new_agent_key().unwrap();
-        let issued = ca
-            .sign_agent_csr(
-                &agent_csr(&agent_key, "h").unwrap(),
-                Uuid::now_v7(),
-                NOW,
-                1000,
-                0,
-            )
-            .unwrap();
-        session_client_config(ca.cert_pem(), &issued.cert_pem, &agent_key_pem).unwrap();
     }
 }
