@@ -252,11 +252,30 @@ mod tests {
     }
 
     proptest! {
+        /// The model is a real history: first seen, then alternating offline and online
+        /// stretches, the last one possibly still open at `now`. The store keeps only
+        /// the closed total and the open start; the measure must equal the history's.
         #[test]
-        fn uptime_ratio_is_a_fraction(first in 0i64..1_000_000, total in 0i64..2_000_000, since in proptest::option::of(0i64..1_000_000), now in 0i64..2_000_000) {
-            let (online, ratio) = measured_uptime(Some(first), total, since, now);
-            prop_assert!(online >= total);
-            if let Some(r) = ratio { prop_assert!((0.0..=1.0).contains(&r)); }
+        fn uptime_is_the_online_time_of_the_history(
+            first in 0i64..1_000_000,
+            stretches in proptest::collection::vec((0i64..10_000, 1i64..10_000), 1..20),
+            open in proptest::option::of(1i64..10_000),
+            after in 0i64..10_000,
+        ) {
+            let mut at = first;
+            let mut closed = 0;
+            for (offline, online) in &stretches {
+                at += offline;
+                closed += online;
+                at += online;
+            }
+            let since = open.map(|_| at);
+            let now = at + open.unwrap_or(0) + if open.is_some() { 0 } else { after };
+            let online_now = closed + open.unwrap_or(0);
+            let (online, ratio) = measured_uptime(Some(first), closed, since, now);
+            prop_assert_eq!(online, online_now);
+            let expected = online_now as f64 / (now - first) as f64;
+            prop_assert!((ratio.unwrap() - expected).abs() < 1e-12, "{:?} vs {}", ratio, expected);
         }
     }
 }
