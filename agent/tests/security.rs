@@ -361,9 +361,11 @@ fn malformed_configuration_is_a_finding_not_a_panic() {
 #[test]
 fn the_live_host_can_be_checked() {
     let report = run(&HostRoot::new(Path::new("/"), None));
-    assert!(report.live);
     assert!(report.findings.len() >= 30);
-    assert!(report.hardening_index <= 100);
+    // Ids are stable keys (the API, stored runs and comparisons between runs use
+    // them): on a real host, too, each appears once.
+    let ids: BTreeSet<&str> = report.findings.iter().map(|f| f.id.as_str()).collect();
+    assert_eq!(ids.len(), report.findings.len(), "a check id repeats");
 }
 
 /// The agent's own QUIC client endpoint is an unconnected UDP socket on all
