@@ -40,33 +40,6 @@ fn new_agent(serial: &str) -> NewAgent {
 }
 
 #[tokio::test]
-async fn inventory_history_records_changes_only() {
-    let (_d, s) = store().await;
-    token(&*s, "t", i64::MAX).await;
-    let a = new_agent("01");
-    s.enroll_agent("t", 0, &a).await.unwrap();
-    let v1 = serde_json::json!({"cpu": {"logical_cpus": 2}});
-    let v2 = serde_json::json!({"cpu": {"logical_cpus": 4}});
-    assert!(s.save_inventory(a.id, &v1, "d1", 1).await.unwrap());
-    assert!(!s.save_inventory(a.id, &v1, "d1", 2).await.unwrap());
-    assert!(s.save_inventory(a.id, &v2, "d2", 3).await.unwrap());
-    let history = s.inventory_history(a.id, 10).await.unwrap();
-    assert_eq!(
-        history
-            .iter()
-            .map(|h| h.digest.as_str())
-            .collect::<Vec<_>>(),
-        ["d2", "d1"]
-    );
-    let r = s.agent(a.id).await.unwrap().unwrap();
-    assert_eq!((r.inventory, r.inventory_updated_ms), (Some(v2), Some(3)));
-    assert!(matches!(
-        s.save_inventory(Uuid::now_v7(), &v1, "x", 1).await,
-        Err(StoreError::NotFound(_))
-    ));
-}
-
-#[tokio::test]
 async fn a_validation_run_ends_once_and_a_crash_fails_runs_left_running() {
     let (_d, s) = store().await;
     token(&*s, "t", i64::MAX).await;

@@ -78,6 +78,8 @@ story!(online_time_is_accounted_across_sessions_and_a_crash);
 story!(revocation_is_final_and_unknown_agents_are_named);
 story!(api_tokens_resolve_to_their_principal);
 story!(last_seen_times_are_recorded_for_many_agents_at_once_and_never_go_back);
+story!(inventory_history_records_changes_only);
+story!(sessions_are_recorded_newest_first_and_a_crash_closes_them);
 
 mod stories {
     use super::*;
@@ -229,6 +231,70 @@ mod stories {
             seen(ids[2]).await,
             None,
             "an agent not in the list is untouched"
+        );
+    }
+
+    pub async fn inventory_history_records_changes_only(s: Arc<dyn RegistryStore>) {
+        token(&*s, "t", i64::MAX).await;
+        let a = new_agent("01");
+        s.enroll_agent("t", 0, &a).await.unwrap();
+        let v1 = serde_json::json!({"cpu": {"logical_cpus": 2}});
+        let v2 = serde_json::json!({"cpu": {"logical_cpus": 4}});
+        assert!(s.save_inventory(a.id, &v1, "d1", 1).await.unwrap());
+        assert!(!s.save_inventory(a.id, &v1, "d1", 2).await.unwrap());
+        assert!(s.save_inventory(a.id, &v2, "d2", 3).await.unwrap());
+        let history = s.inventory_history(a.id, 10).await.unwrap();
+        assert_eq!(
+            history
+                .iter()
+                .map(|h| h.digest.as_str())
+                .collect::<Vec<_>>(),
+            ["d2", "d1"]
+        );
+        let r = s.agent(a.id).await.unwrap().unwrap();
+        assert_eq!((r.inventory, r.inventory_updated_ms), (Some(v2), Some(3)));
+        assert!(matches!(
+            s.save_inventory(Uuid::now_v7(), &v1, "x", 1).await,
+            Err(StoreError::NotFound(_))
+        ));
+    }
+
+    pub async fn sessions_are_recorded_newest_first_and_a_crash_closes_them(
+        s: Arc<dyn RegistryStore>,
+    ) {
+        token(&*s, "t", i64::MAX).await;
+        let a = new_agent("01");
+        s.enroll_agent("t", 0, &a).await.unwrap();
+        let session = |id, started_at_ms| SessionRecord {
+            id,
+            agent_id: a.id,
+            remote_addr: "127.0.0.1:1".into(),
+            agent_version: "0.1.0".into(),
+            started_at_ms,
+            ended_at_ms: None,
+            end_reason: None,
+        };
+        let (first, second) = (Uuid::now_v7(), Uuid::now_v7());
+        s.session_started(&session(first, 10), None).await.unwrap();
+        s.session_ended(first, 20, "closed by agent").await.unwrap();
+        s.session_started(&session(second, 30), None).await.unwrap();
+        s.close_dangling(40).await.unwrap();
+        let got = s.sessions(a.id, 10).await.unwrap();
+        let summary: Vec<_> = got
+            .iter()
+            .map(|r| (r.id, r.ended_at_ms, r.end_reason.as_deref()))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (second, Some(40), Some("controller stopped")),
+                (first, Some(20), Some("closed by agent")),
+            ]
+        );
+        assert_eq!(
+            s.sessions(a.id, 1).await.unwrap().len(),
+            1,
+            "the limit holds"
         );
     }
 }
