@@ -9,7 +9,6 @@
 //! file only. The byte fixtures in the tests below fail on any accidental change.
 
 use bincode::config::{Configuration, Limit, Varint};
-use bytes::{Buf, BytesMut};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -128,37 +127,6 @@ pub fn decode_payload(payload: &[u8]) -> Result<Envelope, FrameError> {
     Ok(Envelope { version, message })
 }
 
-/// Incremental frame decoder over a byte buffer, in the manner of mini-redis: partial
-/// input is `Ok(None)` ("incomplete"), bad input is an error, and a complete frame is
-/// consumed from the buffer.
-#[derive(Debug, Clone, Copy)]
-pub struct FrameDecoder {
-    max_frame: usize,
-}
-
-impl FrameDecoder {
-    /// A decoder that refuses payloads longer than `max_frame`.
-    pub fn new(max_frame: usize) -> Self {
-        Self { max_frame }
-    }
-
-    /// Takes one frame from the front of `buf` if it holds a whole one.
-    pub fn decode(&self, buf: &mut BytesMut) -> Result<Option<Envelope>, FrameError> {
-        if buf.len() < HEADER_LEN {
-            return Ok(None);
-        }
-        let header: [u8; HEADER_LEN] = buf[..HEADER_LEN].try_into().expect("length checked");
-        let len = payload_len(header, self.max_frame)?;
-        if buf.len() < HEADER_LEN + len {
-            buf.reserve(HEADER_LEN + len - buf.len());
-            return Ok(None);
-        }
-        buf.advance(HEADER_LEN);
-        let payload = buf.split_to(len);
-        decode_payload(&payload).map(Some)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,6 +138,19 @@ mod tests {
 
     fn frame(m: &Message) -> Vec<u8> {
         encode_frame(m, crate::DEFAULT_MAX_FRAME).unwrap()
+    }
+
+    /// What `quic::read_frame` does with a stream's bytes: the header against the
+    /// limit, then the payload. `Ok(None)`: the bytes end before the frame does.
+    fn read(bytes: &[u8], max_frame: usize) -> Result<Option<(Envelope, usize)>, FrameError> {
+        let Some(header) = bytes.get(..HEADER_LEN) else {
+            return Ok(None);
+        };
+        let len = payload_len(header.try_into().expect("four bytes"), max_frame)?;
+        let Some(payload) = bytes.get(HEADER_LEN..HEADER_LEN + len) else {
+            return Ok(None);
+        };
+        decode_payload(payload).map(|e| Some((e, HEADER_LEN + len)))
     }
 
     fn hex(bytes: &[u8]) -> String {
@@ -249,32 +230,15 @@ mod tests {
                 "fixture of {}",
                 message.kind()
             );
-            let mut buf = BytesMut::from(&frame(&message)[..]);
-            let env = FrameDecoder::new(1 << 20)
-                .decode(&mut buf)
-                .unwrap()
-                .unwrap();
+            let (env, _) = read(&frame(&message), 1 << 20).unwrap().unwrap();
             assert_eq!(env.message, message);
         }
     }
 
     #[test]
-    fn partial_input_is_incomplete_not_an_error() {
-        let bytes = frame(&Message::Ping(Ping { nonce: 7 }));
-        let decoder = FrameDecoder::new(1 << 20);
-        for cut in 0..bytes.len() {
-            let mut buf = BytesMut::from(&bytes[..cut]);
-            assert_eq!(decoder.decode(&mut buf), Ok(None), "cut at {cut}");
-            assert_eq!(buf.len(), cut, "incomplete input is left in place");
-        }
-    }
-
-    #[test]
     fn oversized_frames_are_refused_from_the_header() {
-        let decoder = FrameDecoder::new(100);
-        let mut buf = BytesMut::from(&101u32.to_be_bytes()[..]);
         assert_eq!(
-            decoder.decode(&mut buf),
+            read(&101u32.to_be_bytes(), 100),
             Err(FrameError::TooLarge { len: 101, max: 100 })
         );
         let big = Message::error(ErrorCode::Internal, "x".repeat(200));
@@ -286,10 +250,8 @@ mod tests {
 
     #[test]
     fn garbage_is_malformed_and_other_versions_are_named() {
-        let decoder = FrameDecoder::new(1 << 20);
-        let mut buf = BytesMut::from(&[0, 0, 0, 3, PROTOCOL_VERSION as u8, 0xff, 0xff][..]);
         assert!(matches!(
-            decoder.decode(&mut buf),
+            read(&[0, 0, 0, 3, PROTOCOL_VERSION as u8, 0xff, 0xff], 1 << 20),
             Err(FrameError::Malformed(_))
         ));
 
@@ -297,9 +259,8 @@ mod tests {
             version: 9,
             message: Message::Ping(Ping { nonce: 1 }),
         };
-        let mut buf = BytesMut::from(&encode_envelope(&other, 1 << 20).unwrap()[..]);
         assert_eq!(
-            decoder.decode(&mut buf),
+            read(&encode_envelope(&other, 1 << 20).unwrap(), 1 << 20),
             Err(FrameError::VersionMismatch {
                 theirs: 9,
                 ours: PROTOCOL_VERSION
@@ -309,24 +270,10 @@ mod tests {
         let mut trailing = frame(&Message::Ping(Ping { nonce: 1 }));
         trailing.push(0);
         trailing[3] += 1;
-        let mut buf = BytesMut::from(&trailing[..]);
         assert!(matches!(
-            decoder.decode(&mut buf),
+            read(&trailing, 1 << 20),
             Err(FrameError::Malformed(_))
         ));
-    }
-
-    #[test]
-    fn two_frames_in_one_buffer_decode_in_order() {
-        let a = Message::Ping(Ping { nonce: 1 });
-        let b = Message::Pong(Pong { nonce: 2 });
-        let mut buf = BytesMut::new();
-        buf.extend_from_slice(&frame(&a));
-        buf.extend_from_slice(&frame(&b));
-        let d = FrameDecoder::new(1 << 20);
-        assert_eq!(d.decode(&mut buf).unwrap().unwrap().message, a);
-        assert_eq!(d.decode(&mut buf).unwrap().unwrap().message, b);
-        assert_eq!(d.decode(&mut buf), Ok(None));
     }
 
     fn text() -> impl Strategy<Value = String> {
@@ -957,23 +904,27 @@ mod tests {
         #[test]
         fn every_message_round_trips(m in message()) {
             let bytes = frame(&m);
-            let mut buf = BytesMut::from(&bytes[..]);
-            let env = FrameDecoder::new(1 << 20).decode(&mut buf).unwrap().unwrap();
+            let (env, used) = read(&bytes, 1 << 20).unwrap().unwrap();
             prop_assert_eq!(env.version, PROTOCOL_VERSION);
             prop_assert_eq!(env.message, m);
-            prop_assert!(buf.is_empty());
+            prop_assert_eq!(used, bytes.len());
         }
 
         #[test]
         fn arbitrary_bytes_never_panic_and_never_overrun(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
-            let mut buf = BytesMut::from(&bytes[..]);
-            let before = buf.len();
-            match FrameDecoder::new(128).decode(&mut buf) {
-                Ok(None) => prop_assert_eq!(buf.len(), before),
-                Ok(Some(_)) | Err(FrameError::Malformed(_)) | Err(FrameError::VersionMismatch { .. }) => {
+            match read(&bytes, 128) {
+                Ok(None) => {
+                    let declared = bytes.get(..4).map(|h| u32::from_be_bytes(h.try_into().unwrap()) as usize);
+                    prop_assert!(declared.is_none_or(|len| bytes.len() < HEADER_LEN + len), "incomplete only when short");
+                }
+                Ok(Some((env, used))) => {
+                    // What decodes re-encodes to exactly the bytes it came from.
+                    let again = encode_envelope(&env, 128).unwrap();
+                    prop_assert_eq!(&again[..], &bytes[..used]);
+                }
+                Err(FrameError::Malformed(_)) | Err(FrameError::VersionMismatch { .. }) => {
                     let len = u32::from_be_bytes(bytes[..4].try_into().unwrap()) as usize;
-                    prop_assert!(len <= 128);
-                    prop_assert_eq!(buf.len(), before - HEADER_LEN - len);
+                    prop_assert!(len <= 128 && bytes.len() >= HEADER_LEN + len);
                 }
                 Err(FrameError::TooLarge { len, max }) => prop_assert!(len > max),
                 Err(FrameError::Encode(_)) => prop_assert!(false, "decoding never encodes"),

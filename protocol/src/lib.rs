@@ -19,7 +19,7 @@ pub mod security;
 pub mod token;
 pub mod usage;
 
-pub use codec::{FrameDecoder, FrameError};
+pub use codec::FrameError;
 pub use inventory::Inventory;
 pub use messages::*;
 
