@@ -14,6 +14,10 @@ pub use surplus_runtime::LogFormat;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ControllerConfig {
+    /// Where the controller keeps its state: `postgres://user:password@host/db`, or
+    /// `sqlite://PATH` (a relative path is inside the data directory); empty (the
+    /// default) is the embedded `sqlite://<data_dir>/controller.db`.
+    pub database_url: String,
     /// UDP address of the mutually authenticated agent sessions.
     pub session_listen: SocketAddr,
     /// UDP address of the enrollment endpoint (join token for certificate).
@@ -106,6 +110,7 @@ pub struct ControllerConfig {
 impl Default for ControllerConfig {
     fn default() -> Self {
         Self {
+            database_url: String::new(),
             session_listen: "0.0.0.0:7070".parse().expect("literal"),
             enroll_listen: "0.0.0.0:7071".parse().expect("literal"),
             http_listen: "127.0.0.1:7080".parse().expect("literal"),

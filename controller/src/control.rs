@@ -1091,8 +1091,11 @@ impl Controller {
             Some(t) => self.store.instance_by_token(caller, t).await?.is_some(),
             None => false,
         };
+        // The host's rate card as of this request goes with the instance: what the
+        // funds check covers is what the instance is billed by.
+        let plan = self.store.agent_price_plan(agent_id).await?;
         if !retry {
-            self.check_funds(caller, agent_id).await?;
+            self.check_funds(caller, plan.as_ref()).await?;
         }
         let now = self.clock.now_ms();
         let instance_id = new_id(INSTANCE_PREFIX);
@@ -1117,7 +1120,7 @@ impl Controller {
             started_at_ms: None,
             contradiction: None,
         };
-        let row = match self.store.claim_instance(&row).await? {
+        let row = match self.store.claim_instance(&row, plan.as_ref()).await? {
             Claim::Created => row,
             Claim::Existing(existing) => {
                 if existing.request_hash != row.request_hash && client_token.is_some() {
@@ -1172,7 +1175,11 @@ impl Controller {
     /// A prepaid client must be able to cover the host's upfront fee and the
     /// configured minimum before an instance is run for it (402 otherwise); postpaid
     /// clients and hosts without a rate card are not checked.
-    async fn check_funds(&self, caller: &Principal, agent_id: Uuid) -> Result<(), ControlError> {
+    async fn check_funds(
+        &self,
+        caller: &Principal,
+        plan: Option<&crate::billing::PricePlan>,
+    ) -> Result<(), ControlError> {
         if caller.role != Role::Client {
             return Ok(());
         }
@@ -1185,7 +1192,7 @@ impl Controller {
         if !prepaid {
             return Ok(());
         }
-        let Some(plan) = self.store.agent_price_plan(agent_id).await? else {
+        let Some(plan) = plan else {
             return Ok(());
         };
         let balance = self
@@ -1201,7 +1208,7 @@ impl Controller {
         if balance < needed {
             return Err(ControlError::InsufficientFunds {
                 account,
-                currency: plan.currency,
+                currency: plan.currency.clone(),
                 balance,
                 needed,
             });

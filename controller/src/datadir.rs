@@ -1,13 +1,15 @@
 //! The controller's data directory: CA, server certificate, database, configuration.
 //!
 //! ```text
-//! DIR/ca.crt  ca.key (0600)  server.crt  server.key (0600)  controller.db  controller.toml
+//! DIR/ca.crt  ca.key (0600)  server.crt  server.key (0600)  controller.toml
+//! DIR/controller.db (the embedded database, unless `database_url` names another)
 //! DIR/controller.lock (the pid of the controller serving the directory)
 //! ```
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use surplus_certs::CertAuthority;
@@ -15,8 +17,7 @@ use surplus_protocol::clock::UnixMillis;
 use surplus_runtime::write_atomic;
 
 use crate::config::ControllerConfig;
-use crate::store::sqlite::SqliteStore;
-use crate::store::{Principal, RegistryStore, Role};
+use crate::store::{Backend, Principal, Role, Store};
 
 /// The commented default configuration written by `init`.
 pub const DEFAULT_CONFIG: &str = include_str!("../../deploy/controller.example.toml");
@@ -52,10 +53,6 @@ impl DataDir {
     /// Server key.
     pub fn server_key(&self) -> PathBuf {
         self.0.join("server.key")
-    }
-    /// SQLite database.
-    pub fn database(&self) -> PathBuf {
-        self.0.join("controller.db")
     }
     /// Configuration file.
     pub fn config_file(&self) -> PathBuf {
@@ -132,11 +129,13 @@ impl DataDir {
         Ok(CertAuthority::from_pem(&cert, &key)?)
     }
 
-    /// Opens the database.
-    pub async fn open_store(&self) -> anyhow::Result<SqliteStore> {
-        SqliteStore::open(&self.database())
+    /// Opens the database `database_url` names (see
+    /// [`ControllerConfig::database_url`]), applying migrations.
+    pub async fn open_store(&self, database_url: &str) -> anyhow::Result<Arc<dyn Store>> {
+        let backend = Backend::of(database_url, &self.0)?;
+        crate::store::open(database_url, &self.0)
             .await
-            .with_context(|| format!("opening {}", self.database().display()))
+            .with_context(|| format!("opening the database {}", backend.display()))
     }
 
     /// Re-issues the server certificate when it is missing, expires within 30 days, or
@@ -198,9 +197,14 @@ pub fn api_token_hash(token: &str) -> String {
 }
 
 /// Creates a data directory: CA, server certificate, database, admin token, config.
+///
+/// With a `database_url` (such as `postgres://...`), that database is migrated and
+/// used, and the URL is written into `controller.toml`; it is checked before anything
+/// is written, so a wrong URL or an unreachable server leaves no half-made directory.
 pub async fn init(
     dir: &DataDir,
     server_names: &[String],
+    database_url: Option<&str>,
     now_ms: UnixMillis,
 ) -> anyhow::Result<InitReport> {
     if dir.ca_cert().exists() {
@@ -209,6 +213,16 @@ pub async fn init(
             dir.path().display()
         );
     }
+    let external = match database_url {
+        Some(url) => {
+            let backend = Backend::of(url, dir.path())?;
+            if let Backend::Postgres(url) = &backend {
+                crate::store::postgres::migrate(url).await?;
+            }
+            Some(url)
+        }
+        None => None,
+    };
     fs::create_dir_all(dir.path()).with_context(|| format!("creating {}", dir.path().display()))?;
     fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700))?;
     if !dir.config_file().exists() {
@@ -223,6 +237,12 @@ pub async fn init(
                 "\n# Set by `init --server-name`.\nserver_names = [{list}]\n"
             ));
         }
+        if let Some(url) = external {
+            // The directory is 0700: a password in the URL is for this controller only.
+            text.push_str(&format!(
+                "\n# Set by `init --database-url`.\ndatabase_url = {url:?}\n"
+            ));
+        }
         write_atomic(&dir.config_file(), text.as_bytes(), 0o644)?;
     }
     let config = dir.load_config()?;
@@ -230,7 +250,7 @@ pub async fn init(
     write_atomic(&dir.ca_key(), ca_key.as_bytes(), 0o600)?;
     write_atomic(&dir.ca_cert(), ca.cert_pem().as_bytes(), 0o644)?;
     dir.server_identity(&ca, &config.server_names, now_ms)?;
-    let store = dir.open_store().await?;
+    let store = dir.open_store(&config.database_url).await?;
     let (admin_token, hash) = new_api_token();
     store
         .create_api_token(

@@ -101,6 +101,7 @@ pub async fn run_with(
     let report = datadir::init(
         &dir,
         &["localhost".into(), "127.0.0.1".into()],
+        None,
         clock.now_ms(),
     )
     .await?;

@@ -7,7 +7,6 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use surplus_controller::datadir::{self, DataDir};
-use surplus_controller::store::RegistryStore;
 use surplus_protocol::clock;
 use uuid::Uuid;
 
@@ -33,6 +32,11 @@ enum Command {
         /// Name agents use to reach this controller (repeatable); the first is verified.
         #[arg(long = "server-name")]
         server_names: Vec<String>,
+        /// Keep the state in this database instead of the embedded SQLite file, such
+        /// as postgres://surplus:PASSWORD@db.example.com/surplus: its migrations are
+        /// applied now and the URL is written into controller.toml.
+        #[arg(long)]
+        database_url: Option<String>,
     },
     /// Run the controller until Ctrl-C or SIGTERM.
     Serve,
@@ -79,9 +83,13 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
     let dir = DataDir::new(&cli.data_dir);
     let clock = clock::system();
     match cli.command {
-        Command::Init { server_names } => {
+        Command::Init {
+            server_names,
+            database_url,
+        } => {
             surplus_controller::init_logs(Default::default(), "warn");
-            let report = datadir::init(&dir, &server_names, clock.now_ms()).await?;
+            let report =
+                datadir::init(&dir, &server_names, database_url.as_deref(), clock.now_ms()).await?;
             println!("initialised {}", dir.path().display());
             println!(
                 "CA fingerprint (SHA-256): {}",
@@ -107,7 +115,7 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             surplus_controller::init_logs(Default::default(), "warn");
             let config = dir.load_config()?;
             let ca = dir.load_ca()?;
-            let store = std::sync::Arc::new(dir.open_store().await?);
+            let store = dir.open_store(&config.database_url).await?;
             let labels = surplus_controller::parse_labels(&labels)?;
             let ctl = surplus_controller::Controller::new(config, store, clock, ca);
             let ttl: Duration = ttl.into();
@@ -121,7 +129,8 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         Command::Agent { command } => {
             surplus_controller::init_logs(Default::default(), "warn");
             dir.load_ca()?;
-            let store = dir.open_store().await?;
+            let config = dir.load_config()?;
+            let store = dir.open_store(&config.database_url).await?;
             match command {
                 AgentCommand::List => {
                     for a in store.agents().await? {

@@ -20,7 +20,7 @@ use crate::config::ControllerConfig;
 use crate::datadir::DataDir;
 use crate::registry::RegistryEvent;
 use crate::service::Controller;
-use crate::store::{AgentStatus, RegistryStore, SessionRecord};
+use crate::store::{AgentStatus, SessionRecord};
 
 /// A running controller; dropping it without [`RunningController::shutdown`] aborts it.
 pub struct RunningController {
@@ -67,7 +67,7 @@ pub async fn start(
         .map_err(|e| anyhow::anyhow!("{}: {e}", dir.config_file().display()))?;
     let ca = dir.load_ca()?;
     let lock = dir.lock()?;
-    let store = Arc::new(dir.open_store().await?);
+    let store = dir.open_store(&config.database_url).await?;
     store.close_dangling(clock.now_ms()).await?;
     let (server_cert, server_key) =
         dir.server_identity(&ca, &config.server_names, clock.now_ms())?;

@@ -74,7 +74,9 @@ impl TestController {
         }
         let root = tempfile::tempdir().expect("temporary directory");
         let dir = DataDir::new(root.path().join("controller"));
-        let report = datadir::init(&dir, &[], clock.now_ms())
+        // A `database_url` in `config` (a PostgreSQL test database) is initialised too.
+        let url = Some(config.database_url.as_str()).filter(|u| !u.is_empty());
+        let report = datadir::init(&dir, &[], url, clock.now_ms())
             .await
             .expect("init");
         let mut me = Self {

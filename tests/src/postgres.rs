@@ -187,9 +187,19 @@ pub async fn fresh_database() -> String {
         NEXT_DB.fetch_add(1, Ordering::Relaxed)
     );
     let admin = format!("postgres://surplus@127.0.0.1:{}/postgres", server.port);
-    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin)
-        .await
-        .expect("connecting to the test server");
+    // The port accepts connections a moment before the server takes sessions ("the
+    // database system is starting up"): retry until it does.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut conn = loop {
+        match <sqlx::PgConnection as sqlx::Connection>::connect(&admin).await {
+            Ok(conn) => break conn,
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(error = %e, "the test PostgreSQL server is not ready yet");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("connecting to the test server: {e}"),
+        }
+    };
     sqlx::query(&format!("CREATE DATABASE {name}"))
         .execute(&mut conn)
         .await

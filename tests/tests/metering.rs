@@ -2,8 +2,10 @@
 //! SIGKILL again and again, a `surplus-agent` killed between spooling and
 //! acknowledgement, the controller frozen (cut off) for a while, and in the end the
 //! controller's totals equal the kernel's counters, every record exactly once, and the
-//! agent-kept time running survives the agent's restarts. (Billing is `billing.rs`, on a
-//! moved clock: a run covers closed hours only.)
+//! agent-kept time running survives the agent's restarts. It runs twice: with the
+//! controller on its embedded SQLite database and on PostgreSQL (a throwaway server this
+//! test binary starts). (Billing is `billing.rs`, on a moved clock: a run covers closed
+//! hours only.)
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -137,8 +139,26 @@ fn cpuacct_usage(parent: &str, id: &str) -> u64 {
         .unwrap()
 }
 
+/// The two runs of the scenario measure wall time against running time: they take
+/// turns rather than share the two cores.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn usage_survives_controller_and_agent_crashes_exactly_once() {
+async fn usage_survives_controller_and_agent_crashes_exactly_once_on_sqlite() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    usage_survives_controller_and_agent_crashes_exactly_once(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_survives_controller_and_agent_crashes_exactly_once_on_postgres() {
+    let url = surplus_tests::postgres::fresh_database().await;
+    let _turn = ONE_AT_A_TIME.lock().await;
+    usage_survives_controller_and_agent_crashes_exactly_once(Some(url)).await;
+}
+
+/// The scenario, with the controller's state in `database_url` (PostgreSQL) or, with
+/// `None`, in the embedded SQLite file.
+async fn usage_survives_controller_and_agent_crashes_exactly_once(database_url: Option<String>) {
     let root = tempfile::tempdir().unwrap();
     let data = root.path().join("controller");
     let (session, enroll, http) = (free_udp_port(), free_udp_port(), free_tcp_port());
@@ -158,12 +178,14 @@ async fn usage_survives_controller_and_agent_crashes_exactly_once() {
         ("SURPLUS_CONTROLLER_HEARTBEAT_INTERVAL", "500ms".into()),
         ("SURPLUS_CONTROLLER_IDLE_TIMEOUT", "3s".into()),
     ];
-    let out = Command::new(bin("surplus-controller"))
-        .arg("--data-dir")
+    let mut init = Command::new(bin("surplus-controller"));
+    init.arg("--data-dir")
         .arg(&data)
-        .args(["init", "--server-name", "localhost"])
-        .output()
-        .unwrap();
+        .args(["init", "--server-name", "localhost"]);
+    if let Some(url) = &database_url {
+        init.args(["--database-url", url]);
+    }
+    let out = init.output().unwrap();
     assert!(
         out.status.success(),
         "{}",
@@ -209,7 +231,12 @@ async fn usage_survives_controller_and_agent_crashes_exactly_once() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let parent = control_config(DriverKind::Process, "metering")
+    let name = if database_url.is_some() {
+        "metering-pg"
+    } else {
+        "metering"
+    };
+    let parent = control_config(DriverKind::Process, name)
         .process
         .cgroup_parent;
     let _cgroups = CgroupGuard(parent.clone());
@@ -352,19 +379,30 @@ async fn usage_survives_controller_and_agent_crashes_exactly_once() {
     );
 
     // Every record the spool numbered arrived once: no gaps, no duplicates.
-    let db = sqlx::SqlitePool::connect(&format!(
-        "sqlite://{}?mode=ro",
-        s.data.join("controller.db").display()
-    ))
-    .await
-    .unwrap();
-    let (count, max_seq, epochs): (i64, i64, i64) = sqlx::query_as(
-        "SELECT COUNT(*), MAX(seq), COUNT(DISTINCT epoch) FROM (SELECT seq, epoch FROM usage_records WHERE agent_id = $1 UNION ALL SELECT seq, epoch FROM usage_rejected WHERE agent_id = $1)",
-    )
-    .bind(&agent_id)
-    .fetch_one(&db)
-    .await
-    .unwrap();
+    const SEQUENCES: &str = "SELECT COUNT(*), MAX(seq), COUNT(DISTINCT epoch) FROM (SELECT seq, epoch FROM usage_records WHERE agent_id = $1 UNION ALL SELECT seq, epoch FROM usage_rejected WHERE agent_id = $1) AS stored";
+    let (count, max_seq, epochs): (i64, i64, i64) = match &database_url {
+        Some(url) => {
+            let db = sqlx::PgPool::connect(url).await.unwrap();
+            sqlx::query_as(SEQUENCES)
+                .bind(&agent_id)
+                .fetch_one(&db)
+                .await
+                .unwrap()
+        }
+        None => {
+            let db = sqlx::SqlitePool::connect(&format!(
+                "sqlite://{}?mode=ro",
+                s.data.join("controller.db").display()
+            ))
+            .await
+            .unwrap();
+            sqlx::query_as(SEQUENCES)
+                .bind(&agent_id)
+                .fetch_one(&db)
+                .await
+                .unwrap()
+        }
+    };
     assert!(epochs >= 3, "three agent processes wrote records: {epochs}");
     assert_eq!(
         count,

@@ -1,34 +1,47 @@
-//! Story tests of the registry's storage contract, each told once and run against both
-//! backends: SQLite and PostgreSQL (a throwaway server this test binary starts).
+//! Story tests of the storage contract, each told once and run against both backends:
+//! SQLite and PostgreSQL (a throwaway server this test binary starts). Every capability
+//! store is here: the registry, validation, control, usage, billing and the ledger,
+//! with the ledger's property test run through each backend's posting path.
 
 use std::sync::Arc;
 
 use surplus_controller::store::postgres::PgStore;
 use surplus_controller::store::sqlite::SqliteStore;
 use surplus_controller::store::*;
+use surplus_protocol::usage::{Reading, SpoolState, Subject, UsageRecord};
 use uuid::Uuid;
 
-/// A fresh store of one backend; the directory (SQLite's file) lives as long as it.
+/// A fresh database of one backend, which can be opened again (a restart).
+enum Fixture {
+    Sqlite(tempfile::TempDir),
+    Postgres(String),
+}
+
+impl Fixture {
+    async fn new(backend: Backend) -> Self {
+        match backend {
+            Backend::Sqlite => Fixture::Sqlite(tempfile::tempdir().unwrap()),
+            Backend::Postgres => Fixture::Postgres(surplus_tests::postgres::fresh_database().await),
+        }
+    }
+
+    async fn open(&self) -> Arc<dyn Store> {
+        match self {
+            Fixture::Sqlite(dir) => {
+                Arc::new(SqliteStore::open(&dir.path().join("c.db")).await.unwrap())
+            }
+            Fixture::Postgres(url) => Arc::new(PgStore::open(url).await.unwrap()),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
 enum Backend {
     Sqlite,
     Postgres,
 }
 
-async fn open(backend: Backend) -> (Option<tempfile::TempDir>, Arc<dyn RegistryStore>) {
-    match backend {
-        Backend::Sqlite => {
-            let dir = tempfile::tempdir().unwrap();
-            let store = SqliteStore::open(&dir.path().join("c.db")).await.unwrap();
-            (Some(dir), Arc::new(store))
-        }
-        Backend::Postgres => {
-            let url = surplus_tests::postgres::fresh_database().await;
-            (None, Arc::new(PgStore::open(&url).await.unwrap()))
-        }
-    }
-}
-
-async fn token(store: &dyn RegistryStore, secret_hash: &str, expires_at_ms: i64) {
+async fn token(store: &dyn Store, secret_hash: &str, expires_at_ms: i64) {
     store
         .create_join_token(&NewJoinToken {
             id: Uuid::now_v7(),
@@ -53,20 +66,20 @@ fn new_agent(serial: &str) -> NewAgent {
     }
 }
 
-/// Runs one story on each backend: `story!(name, |s| body)`.
+/// Runs one story on each backend: `story!(name)` runs `stories::name(&fixture, store)`.
 macro_rules! story {
     ($name:ident) => {
         mod $name {
             use super::*;
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn sqlite() {
-                let (_d, s) = open(Backend::Sqlite).await;
-                super::stories::$name(s).await;
+                let f = Fixture::new(Backend::Sqlite).await;
+                super::stories::$name(&f, f.open().await).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn postgres() {
-                let (_d, s) = open(Backend::Postgres).await;
-                super::stories::$name(s).await;
+                let f = Fixture::new(Backend::Postgres).await;
+                super::stories::$name(&f, f.open().await).await;
             }
         }
     };
@@ -81,11 +94,26 @@ story!(last_seen_times_are_recorded_for_many_agents_at_once_and_never_go_back);
 story!(inventory_history_records_changes_only);
 story!(sessions_are_recorded_newest_first_and_a_crash_closes_them);
 
+story!(a_validation_run_ends_once_and_a_crash_fails_runs_left_running);
+story!(concurrent_writers_never_see_a_busy_database);
+story!(a_reopened_database_keeps_everything);
+story!(instances_and_volumes_belong_to_a_role_and_an_account);
+story!(racing_claims_with_one_client_token_create_one_instance_with_its_rate_card);
+story!(instance_records_keep_when_they_started_and_every_change_of_limits);
+story!(usage_is_counted_once_and_an_agent_speaks_only_for_what_it_hosts);
+story!(usage_history_sums_counters_and_weighs_gauges_by_time);
+story!(a_ledger_key_is_applied_once_and_protected_accounts_never_go_below_zero);
+story!(billing_runs_repeat_their_own_period_and_refuse_an_overlap);
+story!(invoice_lines_sum_per_meter_and_filter_by_party);
+story!(metering_settings_and_compatibility_reports_are_kept_per_agent);
+story!(a_change_set_applies_whole_or_not_at_all);
+
 mod stories {
     use super::*;
 
     pub async fn a_token_registers_one_agent_and_says_why_it_refuses_others(
-        s: Arc<dyn RegistryStore>,
+        _f: &Fixture,
+        s: Arc<dyn Store>,
     ) {
         token(&*s, "t1", 1000).await;
         let a = new_agent("01");
@@ -121,7 +149,8 @@ mod stories {
     }
 
     pub async fn many_racing_enrollments_with_one_token_register_exactly_one_agent(
-        s: Arc<dyn RegistryStore>,
+        _f: &Fixture,
+        s: Arc<dyn Store>,
     ) {
         token(&*s, "race", i64::MAX).await;
         let attempts = (0..16).map(|i| {
@@ -143,7 +172,10 @@ mod stories {
         assert_eq!(s.agents().await.unwrap().len(), 1);
     }
 
-    pub async fn online_time_is_accounted_across_sessions_and_a_crash(s: Arc<dyn RegistryStore>) {
+    pub async fn online_time_is_accounted_across_sessions_and_a_crash(
+        _f: &Fixture,
+        s: Arc<dyn Store>,
+    ) {
         token(&*s, "t", i64::MAX).await;
         let a = new_agent("01");
         s.enroll_agent("t", 0, &a).await.unwrap();
@@ -175,7 +207,7 @@ mod stories {
         );
     }
 
-    pub async fn revocation_is_final_and_unknown_agents_are_named(s: Arc<dyn RegistryStore>) {
+    pub async fn revocation_is_final_and_unknown_agents_are_named(_f: &Fixture, s: Arc<dyn Store>) {
         token(&*s, "t", i64::MAX).await;
         let a = new_agent("01");
         s.enroll_agent("t", 0, &a).await.unwrap();
@@ -198,7 +230,7 @@ mod stories {
         ));
     }
 
-    pub async fn api_tokens_resolve_to_their_principal(s: Arc<dyn RegistryStore>) {
+    pub async fn api_tokens_resolve_to_their_principal(_f: &Fixture, s: Arc<dyn Store>) {
         let p = Principal {
             account: "acme".into(),
             role: Role::Provider,
@@ -209,7 +241,8 @@ mod stories {
     }
 
     pub async fn last_seen_times_are_recorded_for_many_agents_at_once_and_never_go_back(
-        s: Arc<dyn RegistryStore>,
+        _f: &Fixture,
+        s: Arc<dyn Store>,
     ) {
         let mut ids = Vec::new();
         for i in 0..3 {
@@ -234,7 +267,7 @@ mod stories {
         );
     }
 
-    pub async fn inventory_history_records_changes_only(s: Arc<dyn RegistryStore>) {
+    pub async fn inventory_history_records_changes_only(_f: &Fixture, s: Arc<dyn Store>) {
         token(&*s, "t", i64::MAX).await;
         let a = new_agent("01");
         s.enroll_agent("t", 0, &a).await.unwrap();
@@ -260,7 +293,8 @@ mod stories {
     }
 
     pub async fn sessions_are_recorded_newest_first_and_a_crash_closes_them(
-        s: Arc<dyn RegistryStore>,
+        _f: &Fixture,
+        s: Arc<dyn Store>,
     ) {
         token(&*s, "t", i64::MAX).await;
         let a = new_agent("01");
@@ -296,5 +330,1162 @@ mod stories {
             1,
             "the limit holds"
         );
+    }
+
+    async fn enrolled(s: &dyn Store, serial: &str, labels: &[(&str, &str)]) -> Uuid {
+        let hash = format!("tok-{serial}");
+        s.create_join_token(&NewJoinToken {
+            id: Uuid::now_v7(),
+            secret_hash: hash.clone(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            created_at_ms: 0,
+            expires_at_ms: i64::MAX,
+            created_by: "test".into(),
+        })
+        .await
+        .unwrap();
+        let a = new_agent(serial);
+        s.enroll_agent(&hash, 0, &a).await.unwrap();
+        a.id
+    }
+
+    fn instance_row(
+        agent_id: Uuid,
+        id: &str,
+        role: Role,
+        client_token: Option<&str>,
+    ) -> InstanceRow {
+        use surplus_protocol::control::{Instance, InstanceState, RunSpec};
+        InstanceRow {
+            agent_id,
+            account: "alice".into(),
+            owner_role: role,
+            client_token: client_token.map(str::to_owned),
+            request_hash: "h".into(),
+            record: Instance {
+                id: id.into(),
+                spec: RunSpec::default(),
+                state: InstanceState::Pending,
+                state_reason: None,
+                driver: String::new(),
+                native_id: None,
+                launched_at_ms: 0,
+                state_changed_at_ms: 0,
+            },
+            created_at_ms: 0,
+            updated_at_ms: 0,
+            started_at_ms: None,
+            contradiction: None,
+        }
+    }
+
+    pub async fn a_validation_run_ends_once_and_a_crash_fails_runs_left_running(
+        _f: &Fixture,
+        s: Arc<dyn Store>,
+    ) {
+        let agent = enrolled(&*s, "01", &[]).await;
+        let run = |id| ValidationRun {
+            id,
+            agent_id: agent,
+            requested_by: "admin".into(),
+            requested_at_ms: 1,
+            request: serde_json::json!({"bench": true}),
+            status: RunStatus::Running,
+            finished_at_ms: None,
+            agent_version: None,
+            bench: None,
+            security: None,
+            error: None,
+        };
+        let (first, second) = (Uuid::now_v7(), Uuid::now_v7());
+        s.create_validation_run(&run(first)).await.unwrap();
+        s.create_validation_run(&run(second)).await.unwrap();
+        let done = ValidationRun {
+            status: RunStatus::Succeeded,
+            finished_at_ms: Some(5),
+            bench: Some(serde_json::json!({"composite_score": 1.0})),
+            ..run(first)
+        };
+        assert!(s.finish_validation_run(&done).await.unwrap());
+        assert!(
+            !s.finish_validation_run(&ValidationRun {
+                status: RunStatus::Failed,
+                ..done.clone()
+            })
+            .await
+            .unwrap(),
+            "a run ends once"
+        );
+        s.close_dangling(9).await.unwrap();
+        let runs = s.validation_runs(agent, 10).await.unwrap();
+        assert_eq!(runs.len(), 2);
+        let by_id = |id| runs.iter().find(|r| r.id == id).unwrap();
+        assert_eq!(by_id(first).status, RunStatus::Succeeded);
+        assert_eq!(
+            by_id(first).bench,
+            Some(serde_json::json!({"composite_score": 1.0}))
+        );
+        assert_eq!(
+            (by_id(second).status, by_id(second).finished_at_ms),
+            (RunStatus::Failed, Some(9))
+        );
+        assert!(
+            by_id(second)
+                .error
+                .as_deref()
+                .unwrap()
+                .contains("controller stopped")
+        );
+        assert_eq!(
+            s.validation_run(first).await.unwrap().as_ref(),
+            Some(by_id(first))
+        );
+    }
+
+    pub async fn concurrent_writers_never_see_a_busy_database(_f: &Fixture, s: Arc<dyn Store>) {
+        // Read-then-write transactions (inventory, revocation) racing plain writers
+        // (last-seen batches) wait their turn; none fails (SQLITE_BUSY, a deadlock).
+        let mut agents = Vec::new();
+        for i in 0..8 {
+            agents.push(enrolled(&*s, &format!("{i:02}"), &[]).await);
+        }
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, id) in agents.iter().copied().enumerate() {
+            let s = s.clone();
+            let all = agents.clone();
+            tasks.spawn(async move {
+                for round in 0..25i64 {
+                    let inventory = serde_json::json!({ "round": round });
+                    s.save_inventory(id, &inventory, &format!("d{round}"), round)
+                        .await?;
+                    // Every task touches every agent: batches overlap.
+                    let seen: Vec<_> = all.iter().map(|a| (*a, round)).collect();
+                    s.touch(&seen).await?;
+                }
+                if i % 2 == 0 {
+                    s.revoke_agent(id, 99).await?;
+                }
+                Ok::<_, StoreError>(())
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.unwrap().expect("no write is refused");
+        }
+        assert_eq!(s.revoked_agents().await.unwrap().len(), 4);
+        assert_eq!(s.inventory_history(agents[1], 100).await.unwrap().len(), 25);
+    }
+
+    pub async fn a_reopened_database_keeps_everything(f: &Fixture, s: Arc<dyn Store>) {
+        let a = new_agent("01");
+        token(&*s, "t", i64::MAX).await;
+        s.enroll_agent("t", 0, &a).await.unwrap();
+        s.record_certificate(a.id, "02", 5, 10).await.unwrap();
+        s.post(
+            &surplus_controller::ledger::payment("p1", "topup", "alice", "EUR", 70),
+            &[],
+            1,
+        )
+        .await
+        .unwrap();
+        drop(s);
+        let s = f.open().await;
+        let r = s.agent(a.id).await.unwrap().unwrap();
+        assert_eq!((r.cert_serial.as_str(), r.cert_not_after_ms), ("02", 10));
+        assert_eq!(
+            s.balances(Some("client:alice")).await.unwrap(),
+            [("client:alice".to_owned(), "EUR".to_owned(), 70)]
+        );
+        assert!(matches!(
+            s.record_certificate(Uuid::now_v7(), "03", 0, 0).await,
+            Err(StoreError::NotFound(_))
+        ));
+    }
+
+    /// A provider or pool owner token named like a client is another owner: it does not
+    /// share the client's instances, volumes or client tokens.
+    pub async fn instances_and_volumes_belong_to_a_role_and_an_account(
+        _f: &Fixture,
+        s: Arc<dyn Store>,
+    ) {
+        use surplus_protocol::control::{Volume, VolumeState};
+        let agent = enrolled(&*s, "01", &[]).await;
+        let owner = |role: Role| Principal {
+            account: "alice".into(),
+            role,
+        };
+        let row = |id: &str, role| instance_row(agent, id, role, Some("deploy-1"));
+        let client = row("i-0000000000000001", Role::Client);
+        assert_eq!(
+            s.claim_instance(&client, None).await.unwrap(),
+            Claim::Created
+        );
+        // The same account name and client token in the admin role: another owner.
+        let admin = row("i-0000000000000002", Role::Admin);
+        assert_eq!(
+            s.claim_instance(&admin, None).await.unwrap(),
+            Claim::Created
+        );
+        match s
+            .claim_instance(&row("i-0000000000000003", Role::Client), None)
+            .await
+            .unwrap()
+        {
+            Claim::Existing(existing) => assert_eq!(*existing, client),
+            other => panic!("{other:?}"),
+        }
+        let ids = |rows: Vec<InstanceRow>| -> Vec<String> {
+            rows.into_iter().map(|r| r.record.id).collect()
+        };
+        assert_eq!(
+            ids(s.instances(Some(&owner(Role::Client))).await.unwrap()),
+            ["i-0000000000000001"]
+        );
+        assert!(
+            s.instances(Some(&owner(Role::Provider)))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(s.instances(None).await.unwrap().len(), 2);
+        assert_eq!(
+            s.instance("i-0000000000000002")
+                .await
+                .unwrap()
+                .unwrap()
+                .owner(),
+            owner(Role::Admin)
+        );
+        assert_eq!(
+            s.instance_by_token(&owner(Role::Client), "deploy-1")
+                .await
+                .unwrap()
+                .map(|r| r.record.id),
+            Some("i-0000000000000001".to_owned())
+        );
+        assert_eq!(ids(s.agent_instances(agent).await.unwrap()).len(), 2);
+
+        let volume = VolumeRow {
+            agent_id: agent,
+            account: "alice".into(),
+            owner_role: Role::Client,
+            record: Volume {
+                id: "vol-0000000000000001".into(),
+                name: None,
+                size_bytes: 1,
+                used_bytes: None,
+                state: VolumeState::Available,
+                attached_to: None,
+                native_id: None,
+                created_at_ms: 0,
+            },
+            updated_at_ms: 0,
+        };
+        s.put_volume(&volume).await.unwrap();
+        // Put again: the record is replaced, not duplicated.
+        let mut used = volume.clone();
+        used.record.used_bytes = Some(1);
+        used.updated_at_ms = 5;
+        s.put_volume(&used).await.unwrap();
+        assert_eq!(
+            s.volumes(Some(&owner(Role::Client))).await.unwrap(),
+            [used.clone()]
+        );
+        assert!(
+            s.volumes(Some(&owner(Role::PoolOwner)))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            s.volume("vol-0000000000000001")
+                .await
+                .unwrap()
+                .unwrap()
+                .owner(),
+            owner(Role::Client)
+        );
+    }
+
+    pub async fn racing_claims_with_one_client_token_create_one_instance_with_its_rate_card(
+        _f: &Fixture,
+        s: Arc<dyn Store>,
+    ) {
+        use surplus_controller::billing::PricePlan;
+        let agent = enrolled(&*s, "01", &[("provider", "acme")]).await;
+        let plan = PricePlan {
+            currency: "EUR".into(),
+            per_instance_hour: 100,
+            per_vcpu_hour: 0,
+            per_gb_hour: 0,
+            per_gb_network: 0,
+            per_gb_disk_io: 0,
+            upfront: 5,
+        };
+        let attempts = (0..16).map(|i| {
+            let s = s.clone();
+            let plan = plan.clone();
+            let row = instance_row(
+                agent,
+                &format!("i-{i:016x}"),
+                Role::Client,
+                Some("retry-me"),
+            );
+            tokio::spawn(async move { s.claim_instance(&row, Some(&plan)).await.unwrap() })
+        });
+        let mut created = 0;
+        for a in attempts {
+            match a.await.unwrap() {
+                Claim::Created => created += 1,
+                Claim::Existing(row) => assert_eq!(row.client_token.as_deref(), Some("retry-me")),
+            }
+        }
+        assert_eq!(created, 1, "exactly one claim creates the instance");
+        assert_eq!(s.instances(None).await.unwrap().len(), 1);
+        // Without a client token every claim is its own instance; without a plan it is
+        // not billed.
+        let free = instance_row(agent, "i-00000000000000aa", Role::Client, None);
+        assert_eq!(s.claim_instance(&free, None).await.unwrap(), Claim::Created);
+        let billables = s.billables(1).await.unwrap();
+        assert_eq!(billables.len(), 1, "only the instance with a rate card");
+        let b = &billables[0];
+        assert_eq!(
+            (&b.plan, b.provider.as_str(), b.attached_at_ms),
+            (&plan, "acme", 0)
+        );
+        assert!(
+            s.billables(0).await.unwrap().is_empty(),
+            "attached before the period's end"
+        );
+        // A host without a provider label sells for the house.
+        let house = enrolled(&*s, "02", &[]).await;
+        let row = instance_row(house, "i-00000000000000bb", Role::Client, None);
+        s.claim_instance(&row, Some(&plan)).await.unwrap();
+        let providers: Vec<String> = s
+            .billables(1)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|b| b.provider)
+            .collect();
+        assert_eq!(providers, ["acme", "house"]);
+    }
+
+    pub async fn instance_records_keep_when_they_started_and_every_change_of_limits(
+        _f: &Fixture,
+        s: Arc<dyn Store>,
+    ) {
+        use surplus_protocol::control::{InstanceState, Limits};
+        let agent = enrolled(&*s, "01", &[]).await;
+        let mut row = instance_row(agent, "i-0000000000000001", Role::Client, None);
+        row.record.spec.limits.millicpus = Some(500);
+        s.claim_instance(&row, None).await.unwrap();
+        let mut record = row.record.clone();
+        record.state = InstanceState::Running;
+        s.update_instances(std::slice::from_ref(&record), 10)
+            .await
+            .unwrap();
+        record.state = InstanceState::Stopped;
+        s.update_instances(std::slice::from_ref(&record), 20)
+            .await
+            .unwrap();
+        record.state = InstanceState::Running;
+        // Unknown ids are ignored.
+        let mut stranger = record.clone();
+        stranger.id = "i-00000000000000ff".into();
+        s.update_instances(&[record.clone(), stranger], 30)
+            .await
+            .unwrap();
+        let stored = s.instance(&record.id).await.unwrap().unwrap();
+        assert_eq!(
+            (
+                stored.record.state,
+                stored.started_at_ms,
+                stored.updated_at_ms
+            ),
+            (InstanceState::Running, Some(10), 30),
+            "started when first seen running"
+        );
+        assert!(s.instance("i-00000000000000ff").await.unwrap().is_none());
+        let bigger = Limits {
+            millicpus: Some(2000),
+            ..Limits::default()
+        };
+        s.record_limits(&record.id, 40, &bigger).await.unwrap();
+        s.record_limits(&record.id, 40, &bigger).await.unwrap();
+        let history = s.limits_history(&record.id).await.unwrap();
+        let cpus: Vec<_> = history.iter().map(|(at, l)| (*at, l.millicpus)).collect();
+        assert_eq!(cpus, [(0, Some(500)), (40, Some(2000))]);
+        s.set_contradiction(&record.id, Some("host says 4 vCPU"), 50)
+            .await
+            .unwrap();
+        assert_eq!(
+            s.instance(&record.id)
+                .await
+                .unwrap()
+                .unwrap()
+                .contradiction
+                .as_deref(),
+            Some("host says 4 vCPU")
+        );
+        s.set_contradiction(&record.id, None, 60).await.unwrap();
+        assert_eq!(
+            s.instance(&record.id).await.unwrap().unwrap().contradiction,
+            None
+        );
+    }
+
+    fn counter(
+        epoch: u64,
+        seq: u64,
+        subject: &str,
+        meter: &str,
+        generation: u64,
+        total: u64,
+        end_ms: i64,
+    ) -> UsageRecord {
+        UsageRecord {
+            epoch,
+            seq,
+            subject: if subject == "host" {
+                Subject::Host
+            } else {
+                Subject::Instance(subject.into())
+            },
+            meter: meter.into(),
+            start_ms: end_ms - 1_000,
+            end_ms,
+            reading: Reading::Counter { generation, total },
+            samples: 1,
+        }
+    }
+
+    pub async fn usage_is_counted_once_and_an_agent_speaks_only_for_what_it_hosts(
+        _f: &Fixture,
+        s: Arc<dyn Store>,
+    ) {
+        let a = enrolled(&*s, "01", &[]).await;
+        let b = enrolled(&*s, "02", &[]).await;
+        let mine = "i-0000000000000001";
+        let theirs = "i-0000000000000002";
+        s.claim_instance(&instance_row(a, mine, Role::Client, None), None)
+            .await
+            .unwrap();
+        s.claim_instance(&instance_row(b, theirs, Role::Client, None), None)
+            .await
+            .unwrap();
+        let spool = SpoolState {
+            pending_records: 3,
+            bytes: 300,
+            merged_records: 0,
+            discarded_records: 0,
+        };
+        let now = 1_000_000;
+        let first = [
+            counter(1, 1, mine, "cpu_us", 0, 100, 10_000),
+            counter(1, 2, "host", "cpu_us", 0, 1_000, 10_000),
+            counter(1, 3, theirs, "cpu_us", 0, 50, 10_000),
+            counter(1, 4, "i-00000000000000ff", "cpu_us", 0, 50, 10_000),
+            counter(1, 5, mine, "cpu_us", 0, 250, 20_000),
+        ];
+        let out = s.ingest_usage(a, &first, &spool, now).await.unwrap();
+        assert_eq!((out.stored, out.duplicates), (3, 0));
+        let reasons: Vec<_> = out
+            .rejected
+            .iter()
+            .map(|(_, seq, why)| (*seq, why.clone()))
+            .collect();
+        assert_eq!(reasons.len(), 2, "{reasons:?}");
+        assert!(
+            reasons[0].1.contains("not hosted by this agent"),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons[1].1.contains("unknown to the controller"),
+            "{reasons:?}"
+        );
+
+        // The whole batch again (the ack was lost), in one group commit with another
+        // agent's batch: nothing counts twice, a refusal is not reported twice.
+        let theirs_batch = [counter(7, 1, theirs, "cpu_us", 0, 80, 10_000)];
+        let outs = s
+            .ingest_usage_batches(
+                &[
+                    IngestBatch {
+                        agent_id: a,
+                        records: &first,
+                        spool: &spool,
+                    },
+                    IngestBatch {
+                        agent_id: b,
+                        records: &theirs_batch,
+                        spool: &spool,
+                    },
+                ],
+                now,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            (outs[0].stored, outs[0].duplicates, outs[0].rejected.len()),
+            (0, 5, 0)
+        );
+        assert_eq!((outs[1].stored, outs[1].duplicates), (1, 0));
+
+        // A restarted counter (new generation) counts from zero; a new boot epoch has
+        // its own sequence numbers.
+        let after_reset = [counter(2, 1, mine, "cpu_us", 1, 30, 30_000)];
+        assert_eq!(
+            s.ingest_usage(a, &after_reset, &spool, now)
+                .await
+                .unwrap()
+                .stored,
+            1
+        );
+        let deltas: Vec<(i64, i64)> = s
+            .counter_deltas(mine, &["cpu_us"], 0, 30_000)
+            .await
+            .unwrap()
+            .iter()
+            .map(|d| (d.end_ms, d.delta))
+            .collect();
+        assert_eq!(deltas, [(10_000, 100), (20_000, 150), (30_000, 30)]);
+        assert!(
+            s.counter_deltas(mine, &["mem"], 0, 30_000)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            s.counter_deltas(theirs, &["cpu_us"], 0, 30_000)
+                .await
+                .unwrap()
+                .len(),
+            1,
+            "only its host's record counts for it"
+        );
+        assert_eq!(s.usage_through(a).await.unwrap(), Some(30_000));
+        assert_eq!(s.usage_through(Uuid::now_v7()).await.unwrap(), None);
+        let (_, stored_spool) = s.metering(a).await.unwrap();
+        assert_eq!(stored_spool, Some(spool));
+        // What arrived after a time, by subject and end.
+        let late = s.received_since(now - 1, 20_000).await.unwrap();
+        let mut late: Vec<(String, i64)> = late.into_iter().map(|(s, end, _)| (s, end)).collect();
+        late.sort();
+        assert_eq!(
+            late,
+            [
+                ("host".to_owned(), 10_000),
+                (mine.to_owned(), 10_000),
+                (mine.to_owned(), 20_000),
+                (theirs.to_owned(), 10_000)
+            ]
+        );
+        assert!(s.received_since(now, 20_000).await.unwrap().is_empty());
+    }
+
+    pub async fn usage_history_sums_counters_and_weighs_gauges_by_time(
+        _f: &Fixture,
+        s: Arc<dyn Store>,
+    ) {
+        let a = enrolled(&*s, "01", &[]).await;
+        let i = "i-0000000000000001";
+        s.claim_instance(&instance_row(a, i, Role::Client, None), None)
+            .await
+            .unwrap();
+        let gauge = |seq, start_ms, end_ms, mean, peak| UsageRecord {
+            epoch: 1,
+            seq,
+            subject: Subject::Instance(i.into()),
+            meter: "mem_bytes".into(),
+            start_ms,
+            end_ms,
+            reading: Reading::Gauge {
+                last: mean,
+                peak,
+                mean,
+            },
+            samples: 1,
+        };
+        let records = [
+            counter(1, 1, i, "cpu_us", 0, 100, 1_000),
+            counter(1, 2, i, "cpu_us", 0, 400, 2_000),
+            counter(1, 3, i, "cpu_us", 0, 1_000, 4_000),
+            gauge(4, 0, 1_000, 10, 20),
+            gauge(5, 1_000, 4_000, 30, 90),
+        ];
+        let spool = SpoolState::default();
+        s.ingest_usage(a, &records, &spool, 10_000).await.unwrap();
+        let q = UsageQuery {
+            subject: Some(i.into()),
+            from_ms: 0,
+            to_ms: 4_000,
+            bucket_ms: 2_000,
+            ..UsageQuery::default()
+        };
+        let rows: Vec<_> = s
+            .usage(&q)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| {
+                (
+                    r.bucket_start_ms,
+                    r.meter,
+                    r.total,
+                    r.peak,
+                    r.mean,
+                    r.records,
+                )
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                (0, "cpu_us".to_owned(), Some(400), None, None, 2),
+                (0, "mem_bytes".to_owned(), None, Some(20), Some(10), 1),
+                (2_000, "cpu_us".to_owned(), Some(600), None, None, 1),
+                (2_000, "mem_bytes".to_owned(), None, Some(90), Some(30), 1),
+            ]
+        );
+        // One bucket: the mean weighs each record by its length ((10*1000 + 30*3000) / 4000).
+        let whole = UsageQuery {
+            bucket_ms: 4_000,
+            meter: Some("mem_bytes".into()),
+            ..q.clone()
+        };
+        let means: Vec<_> = s
+            .usage(&whole)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.mean)
+            .collect();
+        assert_eq!(means, [Some(25)]);
+        let by_account = UsageQuery {
+            subject: None,
+            account: Some("alice".into()),
+            owner_role: Some(Role::Client),
+            ..q.clone()
+        };
+        assert_eq!(s.usage(&by_account).await.unwrap().len(), 4);
+        let other = UsageQuery {
+            subject: None,
+            account: Some("bob".into()),
+            ..q
+        };
+        assert!(s.usage(&other).await.unwrap().is_empty());
+    }
+
+    pub async fn a_ledger_key_is_applied_once_and_protected_accounts_never_go_below_zero(
+        _f: &Fixture,
+        s: Arc<dyn Store>,
+    ) {
+        use surplus_controller::ledger::{Applied, LedgerError, payment, payout};
+        let topup = payment("pay-1", "topup", "alice", "EUR", 1_000);
+        assert_eq!(s.post(&topup, &[], 10).await.unwrap(), Applied::Posted);
+        assert_eq!(s.post(&topup, &[], 11).await.unwrap(), Applied::Duplicate);
+        let conflicting = payment("pay-1", "topup", "alice", "EUR", 999);
+        assert!(matches!(
+            s.post(&conflicting, &[], 12).await,
+            Err(PostError::Ledger(LedgerError::KeyReused(k))) if k == "pay-1"
+        ));
+        // A provider may not pay out more than it earned.
+        match s.post(&payout("out-1", "acme", "EUR", 1), &[], 13).await {
+            Err(PostError::Ledger(LedgerError::Insufficient {
+                account,
+                balance,
+                needed,
+                ..
+            })) => {
+                assert_eq!((account.as_str(), balance, needed), ("provider:acme", 0, 1))
+            }
+            other => panic!("{other:?}"),
+        }
+        // A client is postpaid (may go below zero) until it is made prepaid.
+        let bill = surplus_controller::billing::bill_posting(
+            "bill-1", "alice", "acme", "EUR", 1_500, 1_000,
+        );
+        assert_eq!(s.post(&bill, &[], 14).await.unwrap(), Applied::Posted);
+        assert_eq!(s.account_policy("client:alice").await.unwrap(), None);
+        s.set_account_policy("client:alice", false, 15)
+            .await
+            .unwrap();
+        assert_eq!(s.account_policy("client:alice").await.unwrap(), Some(false));
+        let again =
+            surplus_controller::billing::bill_posting("bill-2", "alice", "acme", "EUR", 1, 1_000);
+        assert!(matches!(
+            s.post(&again, &[], 16).await,
+            Err(PostError::Ledger(LedgerError::Insufficient { .. }))
+        ));
+        let balances = s.balances(None).await.unwrap();
+        let total: i64 = balances.iter().map(|(_, _, b)| b).sum();
+        assert_eq!(total, 0, "the books balance: {balances:?}");
+        let get = |acc: &str| {
+            balances
+                .iter()
+                .find(|(a, _, _)| a == acc)
+                .map(|(_, _, b)| *b)
+        };
+        assert_eq!(get("client:alice"), Some(-500));
+        assert_eq!(get("provider:acme"), Some(1_350));
+        let entries: Vec<_> = s
+            .account_entries("client:alice", 0, 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.key, e.amount, e.posted_at_ms))
+            .collect();
+        assert_eq!(
+            entries,
+            [
+                ("pay-1".to_owned(), 1_000, 10),
+                ("bill-1".to_owned(), -1_500, 14)
+            ]
+        );
+        assert!(
+            s.account_entries("client:alice", 15, 100)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    pub async fn billing_runs_repeat_their_own_period_and_refuse_an_overlap(
+        _f: &Fixture,
+        s: Arc<dyn Store>,
+    ) {
+        const H: i64 = 3_600_000;
+        assert!(s.record_billing_run(0, H, 5 * H).await.unwrap());
+        assert!(
+            s.record_billing_run(0, H, 6 * H).await.unwrap(),
+            "the same period again"
+        );
+        assert!(
+            !s.record_billing_run(0, 2 * H, 6 * H).await.unwrap(),
+            "overlaps [0, 1h)"
+        );
+        assert!(!s.record_billing_run(H / 2, H + H / 2, 6 * H).await.unwrap());
+        assert!(
+            s.record_billing_run(H, 2 * H, 7 * H).await.unwrap(),
+            "adjacent"
+        );
+        let periods = s.billed_periods(0, (H, 2 * H)).await.unwrap();
+        assert_eq!(
+            periods
+                .iter()
+                .map(|p| (p.from_ms, p.to_ms, p.checked_at_ms))
+                .collect::<Vec<_>>(),
+            [(0, H, 6 * H)],
+            "rated again by the repeat; the excepted period left out"
+        );
+        s.mark_checked(0, H, 9 * H).await.unwrap();
+        assert_eq!(
+            s.billed_periods(0, (H, 2 * H)).await.unwrap()[0].checked_at_ms,
+            9 * H
+        );
+        assert!(
+            s.billed_periods(H, (H, 2 * H)).await.unwrap().is_empty(),
+            "ended before since"
+        );
+        // Racing runs of one new period: each is recorded or refused, none fails.
+        let racers = (0..8).map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                s.record_billing_run(3 * H + i * H / 8, 4 * H + i * H / 8, 9 * H)
+                    .await
+            })
+        });
+        let mut recorded = 0;
+        for r in racers {
+            recorded += usize::from(r.await.unwrap().unwrap());
+        }
+        assert!(recorded >= 1);
+        let stored = s.billed_periods(2 * H, (0, 0)).await.unwrap();
+        assert_eq!(
+            stored.len(),
+            recorded,
+            "each recorded period is stored: {stored:?}"
+        );
+        for pair in stored.windows(2) {
+            assert!(
+                pair[0].to_ms <= pair[1].from_ms,
+                "no two stored periods overlap: {stored:?}"
+            );
+        }
+    }
+
+    pub async fn invoice_lines_sum_per_meter_and_filter_by_party(_f: &Fixture, s: Arc<dyn Store>) {
+        use surplus_controller::billing::{Charge, bill_posting};
+        let line =
+            |key: &str, client: &str, meter: &str, quantity: f64, amount: i64, kind: &str| {
+                InvoiceLine {
+                    invoice_id: format!("inv-{client}"),
+                    client: client.into(),
+                    provider: "acme".into(),
+                    from_ms: 0,
+                    to_ms: 3_600_000,
+                    instance_id: "i-0000000000000001".into(),
+                    charge: Charge {
+                        meter: meter.into(),
+                        quantity,
+                        unit: "h".into(),
+                        rate: 10,
+                        amount,
+                    },
+                    commission: amount / 10,
+                    currency: "EUR".into(),
+                    posting_key: key.into(),
+                    kind: kind.into(),
+                }
+            };
+        let charge = [
+            line("k1", "alice", "instance_hours", 1.5, 15, "charge"),
+            line("k1", "alice", "vcpu_hours", 0.25, 3, "charge"),
+        ];
+        s.post(
+            &bill_posting("k1", "alice", "acme", "EUR", 18, 1_000),
+            &charge,
+            1,
+        )
+        .await
+        .unwrap();
+        let adjustment = [line("k2", "alice", "instance_hours", 0.5, 5, "adjustment")];
+        s.post(
+            &bill_posting("k2", "alice", "acme", "EUR", 5, 1_000),
+            &adjustment,
+            2,
+        )
+        .await
+        .unwrap();
+        // A duplicate posting stores no second set of lines.
+        s.post(
+            &bill_posting("k1", "alice", "acme", "EUR", 18, 1_000),
+            &charge,
+            3,
+        )
+        .await
+        .unwrap();
+        let billed = s.billed("i-0000000000000001", 0, 3_600_000).await.unwrap();
+        assert_eq!(billed.get("instance_hours"), Some(&(20, 2.0)));
+        assert_eq!(billed.get("vcpu_hours"), Some(&(3, 0.25)));
+        let lines = s
+            .invoice_lines(Some("inv-alice"), None, None, 0, 3_600_000)
+            .await
+            .unwrap();
+        assert_eq!(lines.len(), 3);
+        assert_eq!(lines[0], charge[0]);
+        assert_eq!(
+            s.invoice_lines(None, Some("bob"), None, 0, 3_600_000)
+                .await
+                .unwrap()
+                .len(),
+            0
+        );
+        assert_eq!(
+            s.invoice_lines(None, None, Some("acme"), 0, 1)
+                .await
+                .unwrap()
+                .len(),
+            3
+        );
+        assert!(
+            s.invoice_lines(None, None, None, 3_600_000, 7_200_000)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    pub async fn metering_settings_and_compatibility_reports_are_kept_per_agent(
+        _f: &Fixture,
+        s: Arc<dyn Store>,
+    ) {
+        use surplus_protocol::usage::MeteringPeriods;
+        let a = enrolled(&*s, "01", &[]).await;
+        assert_eq!(s.metering(a).await.unwrap(), (None, None));
+        let periods = MeteringPeriods {
+            instance_ms: 60_000,
+            host_ms: 300_000,
+            subscription_ms: 3_600_000,
+        };
+        s.set_metering(a, &periods, 1).await.unwrap();
+        let spool = SpoolState {
+            pending_records: 1,
+            ..SpoolState::default()
+        };
+        s.ingest_usage(a, &[], &spool, 2).await.unwrap();
+        assert_eq!(
+            s.metering(a).await.unwrap(),
+            (Some(periods), Some(spool.clone())),
+            "a batch keeps the periods"
+        );
+        let shorter = MeteringPeriods {
+            instance_ms: 10_000,
+            ..periods
+        };
+        s.set_metering(a, &shorter, 3).await.unwrap();
+        assert_eq!(
+            s.metering(a).await.unwrap(),
+            (Some(shorter), Some(spool)),
+            "new periods keep the spool"
+        );
+
+        assert_eq!(s.compat_report(a).await.unwrap(), None);
+        let report = surplus_protocol::control::CompatReport {
+            driver: "process".into(),
+            level: surplus_protocol::control::CompatLevel::Highly,
+            checks: Vec::new(),
+            isolation: surplus_protocol::control::Isolation {
+                driver: "process".into(),
+                ..Default::default()
+            },
+            ran_at_ms: 5,
+        };
+        s.save_compat_report(a, &report, 6).await.unwrap();
+        s.save_compat_report(a, &report, 7).await.unwrap();
+        assert_eq!(s.compat_report(a).await.unwrap(), Some((report, 7)));
+
+        let plan = surplus_controller::billing::PricePlan {
+            currency: "EUR".into(),
+            per_instance_hour: 1,
+            per_vcpu_hour: 0,
+            per_gb_hour: 0,
+            per_gb_network: 0,
+            per_gb_disk_io: 0,
+            upfront: 0,
+        };
+        assert_eq!(s.agent_price_plan(a).await.unwrap(), None);
+        s.set_agent_price_plan(a, &plan, 1).await.unwrap();
+        let dearer = surplus_controller::billing::PricePlan {
+            per_instance_hour: 2,
+            ..plan
+        };
+        s.set_agent_price_plan(a, &dearer, 2).await.unwrap();
+        assert_eq!(s.agent_price_plan(a).await.unwrap(), Some(dearer));
+    }
+
+    pub async fn a_change_set_applies_whole_or_not_at_all(_f: &Fixture, s: Arc<dyn Store>) {
+        use surplus_controller::billing::bill_posting;
+        use surplus_controller::ledger::{Applied, LedgerError, payment, payout};
+        let notice = |key: &str| Notice {
+            key: key.into(),
+            recipient: "provider:acme".into(),
+            kind: "sale".into(),
+            body: serde_json::json!({"amount": 900}),
+        };
+        // A later posting of a set sees what the earlier ones did: the provider is paid
+        // out what the bill just credited it.
+        let sale = ChangeSet {
+            postings: vec![
+                (
+                    payment("s1-pay", "topup", "alice", "EUR", 1_000),
+                    Vec::new(),
+                ),
+                (
+                    bill_posting("s1-bill", "alice", "acme", "EUR", 1_000, 1_000),
+                    Vec::new(),
+                ),
+                (payout("s1-out", "acme", "EUR", 900), Vec::new()),
+            ],
+            notices: vec![notice("s1")],
+        };
+        assert_eq!(
+            s.apply_changes(&sale, 10).await.unwrap(),
+            [Applied::Posted, Applied::Posted, Applied::Posted]
+        );
+        // Again: every posting a duplicate, the notice queued once.
+        assert_eq!(
+            s.apply_changes(&sale, 11).await.unwrap(),
+            [Applied::Duplicate, Applied::Duplicate, Applied::Duplicate]
+        );
+        let queued = s.notices("provider:acme", 10).await.unwrap();
+        assert_eq!(queued.len(), 1);
+        assert_eq!(
+            (
+                &queued[0].notice,
+                queued[0].created_at_ms,
+                queued[0].delivered_at_ms
+            ),
+            (&notice("s1"), 10, None)
+        );
+
+        // The second posting overdraws the provider: nothing of the set is stored.
+        let before = s.balances(None).await.unwrap();
+        let overdrawn = ChangeSet {
+            postings: vec![
+                (payment("s2-pay", "topup", "alice", "EUR", 50), Vec::new()),
+                (payout("s2-out", "acme", "EUR", 101), Vec::new()),
+            ],
+            notices: vec![notice("s2")],
+        };
+        match s.apply_changes(&overdrawn, 12).await {
+            Err(PostError::Ledger(LedgerError::Insufficient {
+                account, balance, ..
+            })) => {
+                assert_eq!((account.as_str(), balance), ("provider:acme", 0))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s.balances(None).await.unwrap(), before, "no balance moved");
+        assert_eq!(
+            s.notices("provider:acme", 10).await.unwrap().len(),
+            1,
+            "no notice queued"
+        );
+        assert_eq!(
+            s.post(&payment("s2-pay", "topup", "alice", "EUR", 50), &[], 13)
+                .await
+                .unwrap(),
+            Applied::Posted,
+            "the refused set's first posting was never stored"
+        );
+        assert!(s.notices("client:alice", 10).await.unwrap().is_empty());
+    }
+}
+
+/// The ledger's property ("the books always balance") through each backend's posting
+/// path: random payments, bills with commission, payouts, transfers, prepaid switches,
+/// replays and conflicting reuses of a key are posted to the store and to the
+/// in-memory reference [`Ledger`]; after every step both answer alike and hold the
+/// same balances, and every currency sums to zero.
+mod ledger_property {
+    use super::*;
+    use proptest::prelude::*;
+    use surplus_controller::billing::bill_posting;
+    use surplus_controller::ledger::{
+        Entry, Ledger, LedgerError, Posting, client, payment, payout, provider,
+    };
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Pay(u8, i64),
+        Bill(u8, u8, i64, u32),
+        Payout(u8, i64),
+        Transfer(u8, u8, i64),
+        Prepaid(u8),
+        Replay(usize),
+        Conflict(usize),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0u8..3, 1i64..10_000).prop_map(|(c, a)| Op::Pay(c, a)),
+            (0u8..3, 0u8..2, 1i64..10_000, 0u32..3000)
+                .prop_map(|(c, p, a, bps)| Op::Bill(c, p, a, bps)),
+            (0u8..2, 1i64..10_000).prop_map(|(p, a)| Op::Payout(p, a)),
+            (0u8..2, 0u8..2, -10_000i64..10_000).prop_map(|(a, b, x)| Op::Transfer(a, b, x)),
+            (0u8..3).prop_map(Op::Prepaid),
+            any::<usize>().prop_map(Op::Replay),
+            any::<usize>().prop_map(Op::Conflict),
+        ]
+    }
+
+    fn posting_of(op: &Op, i: usize, history: &[Posting]) -> Option<Posting> {
+        let cur = if i % 3 == 0 { "USD" } else { "EUR" };
+        Some(match *op {
+            Op::Pay(c, a) => payment(&format!("pay-{i}"), "topup", &format!("c{c}"), cur, a),
+            Op::Bill(c, p, a, bps) => bill_posting(
+                &format!("bill-{i}"),
+                &format!("c{c}"),
+                &format!("p{p}"),
+                cur,
+                a,
+                bps,
+            ),
+            Op::Payout(p, a) => payout(&format!("out-{i}"), &format!("p{p}"), cur, a),
+            Op::Transfer(a, b, x) => Posting {
+                key: format!("tr-{i}"),
+                kind: "transfer".into(),
+                memo: String::new(),
+                entries: vec![
+                    Entry {
+                        account: provider(&format!("p{a}")),
+                        currency: cur.into(),
+                        amount: -x,
+                    },
+                    Entry {
+                        account: provider(&format!("p{b}")),
+                        currency: cur.into(),
+                        amount: x,
+                    },
+                ],
+            },
+            Op::Replay(k) if !history.is_empty() => history[k % history.len()].clone(),
+            Op::Conflict(k) if !history.is_empty() => {
+                let mut p = history[k % history.len()].clone();
+                p.memo.push_str(" (again, changed)");
+                p
+            }
+            Op::Prepaid(_) | Op::Replay(_) | Op::Conflict(_) => return None,
+        })
+    }
+
+    fn run(backend: Backend, ops: Vec<Op>) -> Result<(), TestCaseError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let f = Fixture::new(backend).await;
+            let s = f.open().await;
+            let mut model = Ledger::default();
+            let mut history = Vec::new();
+            for (i, op) in ops.iter().enumerate() {
+                let now = i as i64;
+                if let Op::Prepaid(c) = op {
+                    let account = client(&format!("c{c}"));
+                    model.overrides.insert(account.clone(), false);
+                    s.set_account_policy(&account, false, now).await.unwrap();
+                    continue;
+                }
+                let Some(p) = posting_of(op, i, &history) else {
+                    continue;
+                };
+                let expected = model.apply(&p);
+                let got: Result<_, LedgerError> = match s.post(&p, &[], now).await {
+                    Ok(applied) => Ok(applied),
+                    Err(PostError::Ledger(e)) => Err(e),
+                    Err(PostError::Store(e)) => panic!("step {i}: the store failed: {e}"),
+                };
+                prop_assert_eq!(&got, &expected, "step {}: {:?}", i, p);
+                if expected.is_ok() && !history.contains(&p) {
+                    history.push(p);
+                }
+                let stored: std::collections::BTreeMap<(String, String), i64> = s
+                    .balances(None)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|(a, c, b)| ((a, c), b))
+                    .collect();
+                prop_assert_eq!(&stored, &model.balances, "step {}: balances", i);
+                let mut totals: std::collections::BTreeMap<&str, i128> = Default::default();
+                for ((_, currency), b) in &stored {
+                    *totals.entry(currency).or_default() += i128::from(*b);
+                }
+                prop_assert!(totals.values().all(|t| *t == 0), "step {}: {:?}", i, totals);
+            }
+            Ok(())
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        #[test]
+        fn the_books_always_balance_on_sqlite(ops in proptest::collection::vec(op(), 1..60)) {
+            run(Backend::Sqlite, ops)?;
+        }
+    }
+
+    proptest! {
+        // Each case is a database of its own on the shared server.
+        #![proptest_config(ProptestConfig::with_cases(12))]
+        #[test]
+        fn the_books_always_balance_on_postgres(ops in proptest::collection::vec(op(), 1..60)) {
+            run(Backend::Postgres, ops)?;
+        }
     }
 }

@@ -28,6 +28,15 @@ pub const PROVIDER_LABEL: &str = "provider";
 /// The provider account of hosts without a `provider` label: the operator's own.
 pub const HOUSE_PROVIDER: &str = "house";
 
+/// The provider account a host sells for: its agent's `provider` label, or the
+/// marketplace's own [`HOUSE_PROVIDER`] for a host without one.
+pub fn provider_of(labels: &std::collections::BTreeMap<String, String>) -> String {
+    labels
+        .get(PROVIDER_LABEL)
+        .cloned()
+        .unwrap_or_else(|| HOUSE_PROVIDER.to_owned())
+}
+
 const MS_PER_HOUR: u128 = 3_600_000;
 const BYTES_PER_GB: u128 = 1_000_000_000;
 

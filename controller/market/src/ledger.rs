@@ -221,6 +221,35 @@ pub fn check(
     Ok(out)
 }
 
+/// What a store does with a posting, given what it holds: [`decide`]'s answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Apply it: store the posting, its entries and these new balances.
+    Post(NewBalances),
+    /// The same posting was applied before under its key: change nothing.
+    Duplicate,
+}
+
+/// The one rule every ledger applies a posting by, the in-memory [`Ledger`] and each
+/// store alike: a key already applied with the same digest is a duplicate, with
+/// another digest a [`LedgerError::KeyReused`]; otherwise [`check`] decides.
+/// `stored_digest` is the digest stored under the posting's key, if any.
+pub fn decide(
+    posting: &Posting,
+    stored_digest: Option<&str>,
+    balance: impl Fn(&str, &str) -> i64,
+    allows_negative: impl Fn(&str) -> bool,
+) -> Result<Decision, LedgerError> {
+    if let Some(stored) = stored_digest {
+        return if stored == posting.digest() {
+            Ok(Decision::Duplicate)
+        } else {
+            Err(LedgerError::KeyReused(posting.key.clone()))
+        };
+    }
+    check(posting, balance, allows_negative).map(Decision::Post)
+}
+
 /// How a posting was taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -254,16 +283,9 @@ impl Ledger {
 
     /// Applies `posting` once.
     pub fn apply(&mut self, posting: &Posting) -> Result<Applied, LedgerError> {
-        let digest = posting.digest();
-        if let Some(existing) = self.keys.get(&posting.key) {
-            return if *existing == digest {
-                Ok(Applied::Duplicate)
-            } else {
-                Err(LedgerError::KeyReused(posting.key.clone()))
-            };
-        }
-        let new = check(
+        let decision = decide(
             posting,
+            self.keys.get(&posting.key).map(String::as_str),
             |a, c| {
                 self.balances
                     .get(&(a.to_owned(), c.to_owned()))
@@ -272,10 +294,13 @@ impl Ledger {
             },
             |a| self.allows_negative(a),
         )?;
+        let Decision::Post(new) = decision else {
+            return Ok(Applied::Duplicate);
+        };
         for (a, c, b) in new {
             self.balances.insert((a, c), b);
         }
-        self.keys.insert(posting.key.clone(), digest);
+        self.keys.insert(posting.key.clone(), posting.digest());
         Ok(Applied::Posted)
     }
 

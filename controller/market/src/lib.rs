@@ -9,7 +9,10 @@
 //! - [`ledger`]: double-entry postings and the check every store applies them through.
 //! - [`billing`]: rating usage into invoice lines and postings.
 //! - [`acceptance`]: whether a host's validation results let it sell.
+//! - [`usage`]: what a batch of usage records adds: new, duplicate or refused, and
+//!   each counter's delta.
 
 pub mod acceptance;
 pub mod billing;
 pub mod ledger;
+pub mod usage;

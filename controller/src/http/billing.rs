@@ -41,20 +41,11 @@ fn ms_param(q: &BTreeMap<String, String>, key: &str, default: i64) -> Result<i64
     }
 }
 
-/// The provider account of an agent (its `provider` label, or the house's).
-fn provider_of(agent: &AgentRecord) -> String {
-    agent
-        .labels
-        .get(crate::billing::PROVIDER_LABEL)
-        .cloned()
-        .unwrap_or_else(|| crate::billing::HOUSE_PROVIDER.to_owned())
-}
-
 /// Admins, and the provider whose host it is.
 pub(super) fn require_host_owner(caller: &Caller, agent: &AgentRecord) -> Result<(), ApiError> {
     match caller.0.role {
         Role::Admin => Ok(()),
-        Role::Provider if provider_of(agent) == caller.0.account => Ok(()),
+        Role::Provider if crate::billing::provider_of(&agent.labels) == caller.0.account => Ok(()),
         _ => Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden",

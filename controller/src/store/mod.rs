@@ -1,11 +1,14 @@
-//! Storage: one trait, one implementation per backend.
+//! Storage: one small trait per capability, implemented by each backend.
 //!
-//! Callers see [`Store`] only, so PostgreSQL can be added beside [`sqlite::SqliteStore`]
-//! without touching them. Everything that must be atomic (consuming a join token and
-//! registering the agent; status changes with their uptime accounting) is one method,
-//! one transaction.
+//! Callers see the traits (or [`Store`], their sum) only: [`sqlite::SqliteStore`], the
+//! embedded default, and [`postgres::PgStore`] run the same statements (`sql`), and
+//! one story suite (`tests/tests/stories.rs`) runs against both. Everything that must
+//! be atomic (consuming a join token and registering the agent; a posting with its
+//! balances and invoice lines; a usage batch with its cursors) is one method, one
+//! transaction. [`open`] picks the backend from the configured database URL.
 
 pub mod postgres;
+mod sql;
 pub mod sqlite;
 
 use std::collections::BTreeMap;
@@ -14,6 +17,61 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use surplus_protocol::clock::UnixMillis;
 use uuid::Uuid;
+
+/// Opens (creating or migrating as needed) the database that `database_url` names:
+/// `postgres://...` (or `postgresql://`), `sqlite://PATH`, or empty for
+/// `<data_dir>/controller.db`. A relative SQLite path is inside `data_dir`.
+pub async fn open(
+    database_url: &str,
+    data_dir: &std::path::Path,
+) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+    Ok(match Backend::of(database_url, data_dir)? {
+        Backend::Sqlite(path) => std::sync::Arc::new(sqlite::SqliteStore::open(&path).await?),
+        Backend::Postgres(url) => std::sync::Arc::new(postgres::PgStore::open(&url).await?),
+    })
+}
+
+/// The database a URL names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// An SQLite file.
+    Sqlite(std::path::PathBuf),
+    /// A PostgreSQL database (the URL as given).
+    Postgres(String),
+}
+
+impl Backend {
+    /// Parses `database_url` (see [`open`]).
+    pub fn of(database_url: &str, data_dir: &std::path::Path) -> Result<Self, StoreError> {
+        let url = database_url.trim();
+        if url.is_empty() {
+            return Ok(Backend::Sqlite(data_dir.join("controller.db")));
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(Backend::Postgres(url.to_owned()));
+        }
+        if let Some(path) = url.strip_prefix("sqlite://") {
+            if path.is_empty() {
+                return Err(StoreError::Config(
+                    "database_url \"sqlite://\" names no file: give sqlite://PATH".into(),
+                ));
+            }
+            return Ok(Backend::Sqlite(data_dir.join(path)));
+        }
+        let scheme = url.split("://").next().unwrap_or(url);
+        Err(StoreError::Config(format!(
+            "database_url with scheme {scheme:?} is not supported: use postgres://user:password@host/database or sqlite://PATH (empty: sqlite in the data directory)"
+        )))
+    }
+
+    /// The URL for people: a PostgreSQL password is never shown.
+    pub fn display(&self) -> String {
+        match self {
+            Backend::Sqlite(path) => format!("sqlite://{}", path.display()),
+            Backend::Postgres(url) => postgres::redact(url),
+        }
+    }
+}
 
 /// Labels: ordered key/value pairs.
 pub type Labels = BTreeMap<String, String>;
@@ -524,6 +582,45 @@ pub struct AccountEntry {
     pub posted_at_ms: UnixMillis,
 }
 
+/// Something the controller must tell someone (a reservation made, an interruption
+/// notice, an advisory), queued in the outbox in the transaction of the step that
+/// decided it, and delivered from there.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Notice {
+    /// Idempotency key: a notice is queued once under its key.
+    pub key: String,
+    /// Whom it is for: a principal (`client:alice`) or an agent (`agent:<id>`).
+    pub recipient: String,
+    /// What it says, as a name (`reservation.made`, `interruption`, ...).
+    pub kind: String,
+    /// Its details.
+    pub body: serde_json::Value,
+}
+
+/// A notice as queued.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredNotice {
+    /// The notice.
+    #[serde(flatten)]
+    pub notice: Notice,
+    /// When it was queued.
+    pub created_at_ms: UnixMillis,
+    /// When it was delivered, once it was.
+    pub delivered_at_ms: Option<UnixMillis>,
+}
+
+/// What one step of the controller changes, applied in one transaction by
+/// [`LedgerStore::apply_changes`]: postings (each with the invoice lines it carries),
+/// each applied through `ledger::decide` in order, and notices for the outbox. All or
+/// nothing: one refused posting applies nothing of the set.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ChangeSet {
+    /// Postings with their invoice lines, in the order they apply.
+    pub postings: Vec<(crate::ledger::Posting, Vec<InvoiceLine>)>,
+    /// Notices to queue (a key already queued is left as it is).
+    pub notices: Vec<Notice>,
+}
+
 /// Why a posting was not applied.
 #[derive(Debug, thiserror::Error)]
 pub enum PostError {
@@ -687,8 +784,14 @@ pub trait ValidationStore: Send + Sync + std::fmt::Debug + 'static {
 #[async_trait]
 pub trait ControlStore: Send + Sync + std::fmt::Debug + 'static {
     /// Inserts `row` unless its owner already used its client token, atomically: of
-    /// two racing requests with one token exactly one is `Created`.
-    async fn claim_instance(&self, row: &InstanceRow) -> Result<Claim, StoreError>;
+    /// two racing requests with one token exactly one is `Created`. A created
+    /// instance is billed by `plan` (its host's rate card when it was run; `None`: not
+    /// billed), and its requested limits are the first in force.
+    async fn claim_instance(
+        &self,
+        row: &InstanceRow,
+        plan: Option<&crate::billing::PricePlan>,
+    ) -> Result<Claim, StoreError>;
 
     /// One instance.
     async fn instance(&self, id: &str) -> Result<Option<InstanceRow>, StoreError>;
@@ -888,7 +991,8 @@ pub trait BillingStore: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<Vec<InvoiceLine>, StoreError>;
 }
 
-/// The ledger: postings, balances and account policies.
+/// The ledger: postings, balances and account policies, and the change sets of a
+/// step (postings with the outbox's notices).
 #[async_trait]
 pub trait LedgerStore: Send + Sync + std::fmt::Debug + 'static {
     /// Applies a posting once (with the invoice lines it carries) in one transaction.
@@ -898,6 +1002,18 @@ pub trait LedgerStore: Send + Sync + std::fmt::Debug + 'static {
         lines: &[InvoiceLine],
         now_ms: UnixMillis,
     ) -> Result<crate::ledger::Applied, PostError>;
+
+    /// Applies a step's changes in one transaction, all or nothing, with the ledger's
+    /// rule inside it: how each posting was taken, in order; the first refused posting
+    /// refuses the whole set (its error), and then nothing of it is stored.
+    async fn apply_changes(
+        &self,
+        changes: &ChangeSet,
+        now_ms: UnixMillis,
+    ) -> Result<Vec<crate::ledger::Applied>, PostError>;
+
+    /// Notices queued for `recipient`, oldest first.
+    async fn notices(&self, recipient: &str, limit: u32) -> Result<Vec<StoredNotice>, StoreError>;
 
     /// Whether an account may go below zero, when a policy was set for it.
     async fn account_policy(&self, account: &str) -> Result<Option<bool>, StoreError>;

@@ -1,0 +1,1586 @@
+//! The SQL both backends run, written once.
+//!
+//! [`sql_stores!`] expands to the six capability stores' implementations for one
+//! backend's store type. The statements are portable between SQLite and PostgreSQL
+//! as written (`$n` parameters, `ON CONFLICT`, `CAST(SUM(..) AS BIGINT)` where
+//! PostgreSQL's sum would be `NUMERIC`, `CASE` instead of `MAX(a, b)`/`GREATEST`);
+//! what is not portable each backend supplies as an associated constant of its store
+//! (the JSON table functions behind bulk statements, `FOR UPDATE`), and it supplies
+//! the connection handling:
+//!
+//! - `fn reader(&self) -> &Pool` and `fn writer(&self) -> &Pool`;
+//! - `async fn write_tx(&self) -> Result<Transaction, sqlx::Error>`: a transaction that
+//!   may write (SQLite: `BEGIN IMMEDIATE` on its one writer connection);
+//! - `async fn lock(conn, Lock) -> Result<(), sqlx::Error>`: serialises the
+//!   read-decide-write steps named by [`Lock`] inside a transaction (PostgreSQL:
+//!   transaction-scoped advisory locks; SQLite: nothing, its write transaction
+//!   already excludes every other writer);
+//! - `async fn checkpoint_now(&self)`;
+//! - the constants `TOUCH`, `AGENT_STATUS_FOR_UPDATE`, `AGENT_DIGEST_FOR_UPDATE`,
+//!   `USAGE_STORED_KEYS`, `USAGE_CURSORS`, `INSTANCE_OWNERS`, `INSERT_USAGE`,
+//!   `UPSERT_CURSORS`.
+//!
+//! Decisions are not made here: the ledger's rule is `ledger::decide`, usage
+//! ingest's is `usage::plan_batch`, a host's provider is `billing::provider_of`;
+//! this layer reads what they need and writes what they return, in one transaction.
+
+use uuid::Uuid;
+
+use super::StoreError;
+
+/// A read-decide-write step that must not interleave with another of its kind.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Lock<'a> {
+    /// A ledger posting: its key and the balances it reads.
+    Ledger,
+    /// Recording a billing run: the overlap check and the insert.
+    Billing,
+    /// Usage ingest of one agent: its stored keys and counter cursors.
+    Usage(&'a str),
+}
+
+pub(super) fn parse_uuid(s: &str) -> Result<Uuid, StoreError> {
+    Uuid::parse_str(s).map_err(|e| StoreError::Corrupt(format!("id {s:?}: {e}")))
+}
+
+pub(super) fn parse_json<T: serde::de::DeserializeOwned>(
+    s: &str,
+    what: &str,
+) -> Result<T, StoreError> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+pub(super) fn json_text<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).expect("records serialize")
+}
+
+/// Status update with online-time accounting; one statement, so it is atomic.
+pub(super) const SET_STATUS: &str = "UPDATE agents SET
+    online_total_ms = online_total_ms + CASE WHEN online_since_ms IS NOT NULL AND $1 <> 'online' THEN $2 - online_since_ms ELSE 0 END,
+    online_since_ms = CASE WHEN $1 = 'online' THEN COALESCE(online_since_ms, $2) ELSE NULL END,
+    first_seen_ms = CASE WHEN $1 = 'online' THEN COALESCE(first_seen_ms, $2) ELSE first_seen_ms END,
+    last_seen_ms = $2,
+    status = $1
+  WHERE id = $3 AND status <> 'revoked'";
+
+/// The instance an owner (role, account) ran with a client token.
+pub(super) const INSTANCE_BY_TOKEN: &str =
+    "SELECT * FROM instances WHERE owner_role = $1 AND account = $2 AND client_token = $3";
+
+/// Sets an agent's metering periods and/or spool state; a NULL keeps the stored one.
+pub(super) const UPSERT_METERING: &str = "INSERT INTO metering (agent_id, periods, spool, updated_at_ms) VALUES ($1, $2, $3, $4) ON CONFLICT (agent_id) DO UPDATE SET periods = COALESCE(excluded.periods, metering.periods), spool = COALESCE(excluded.spool, metering.spool), updated_at_ms = excluded.updated_at_ms";
+
+/// The row of one new usage record as the bulk insert reads it (a JSON array).
+pub(super) fn usage_row_json(r: &surplus_market::usage::NewRow) -> serde_json::Value {
+    serde_json::json!([
+        r.epoch,
+        r.seq,
+        r.subject,
+        r.account,
+        r.meter,
+        r.start_ms,
+        r.end_ms,
+        r.kind,
+        r.generation,
+        r.total,
+        r.delta,
+        r.last,
+        r.peak,
+        r.mean,
+        r.samples,
+    ])
+}
+
+/// Expands to the capability stores of `$store` over the sqlx database `$db`, whose
+/// rows are `$row` and connections `$conn` (see the module's documentation).
+macro_rules! sql_stores {
+    ($store:ident, $db:ty, $row:ty, $conn:ty) => {
+        use $crate::store::sql::{
+            INSTANCE_BY_TOKEN, Lock, SET_STATUS, UPSERT_METERING, json_text, parse_json, parse_uuid,
+            usage_row_json,
+        };
+
+        fn agent_from_row(row: &$row) -> Result<AgentRecord, StoreError> {
+            let inventory: Option<String> = row.try_get("inventory")?;
+            Ok(AgentRecord {
+                id: parse_uuid(row.try_get("id")?)?,
+                hostname: row.try_get("hostname")?,
+                labels: parse_json(row.try_get("labels")?, "labels")?,
+                status: AgentStatus::parse(row.try_get("status")?)?,
+                cert_serial: row.try_get("cert_serial")?,
+                cert_not_after_ms: row.try_get("cert_not_after_ms")?,
+                agent_version: row.try_get("agent_version")?,
+                enrolled_at_ms: row.try_get("enrolled_at_ms")?,
+                first_seen_ms: row.try_get("first_seen_ms")?,
+                last_seen_ms: row.try_get("last_seen_ms")?,
+                online_since_ms: row.try_get("online_since_ms")?,
+                online_total_ms: row.try_get("online_total_ms")?,
+                revoked_at_ms: row.try_get("revoked_at_ms")?,
+                inventory: inventory
+                    .as_deref()
+                    .map(|s| parse_json(s, "inventory"))
+                    .transpose()?,
+                inventory_digest: row.try_get("inventory_digest")?,
+                inventory_updated_ms: row.try_get("inventory_updated_ms")?,
+                isolation: row
+                    .try_get::<Option<String>, _>("isolation")?
+                    .as_deref()
+                    .map(|s| parse_json(s, "isolation"))
+                    .transpose()?,
+            })
+        }
+
+        fn session_from_row(row: &$row) -> Result<SessionRecord, StoreError> {
+            Ok(SessionRecord {
+                id: parse_uuid(row.try_get("id")?)?,
+                agent_id: parse_uuid(row.try_get("agent_id")?)?,
+                remote_addr: row.try_get("remote_addr")?,
+                agent_version: row.try_get("agent_version")?,
+                started_at_ms: row.try_get("started_at_ms")?,
+                ended_at_ms: row.try_get("ended_at_ms")?,
+                end_reason: row.try_get("end_reason")?,
+            })
+        }
+
+        fn instance_from_row(row: &$row) -> Result<InstanceRow, StoreError> {
+            Ok(InstanceRow {
+                agent_id: parse_uuid(row.try_get("agent_id")?)?,
+                account: row.try_get("account")?,
+                owner_role: Role::parse(row.try_get("owner_role")?)?,
+                client_token: row.try_get("client_token")?,
+                request_hash: row.try_get("request_hash")?,
+                record: parse_json(row.try_get("record")?, "instance record")?,
+                created_at_ms: row.try_get("created_at_ms")?,
+                updated_at_ms: row.try_get("updated_at_ms")?,
+                started_at_ms: row.try_get("started_at_ms")?,
+                contradiction: row.try_get("contradiction")?,
+            })
+        }
+
+        fn volume_from_row(row: &$row) -> Result<VolumeRow, StoreError> {
+            Ok(VolumeRow {
+                agent_id: parse_uuid(row.try_get("agent_id")?)?,
+                account: row.try_get("account")?,
+                owner_role: Role::parse(row.try_get("owner_role")?)?,
+                record: parse_json(row.try_get("record")?, "volume record")?,
+                updated_at_ms: row.try_get("updated_at_ms")?,
+            })
+        }
+
+        fn run_from_row(row: &$row) -> Result<ValidationRun, StoreError> {
+            let json = |col: &str| -> Result<Option<serde_json::Value>, StoreError> {
+                let text: Option<String> = row.try_get(col)?;
+                text.as_deref().map(|t| parse_json(t, col)).transpose()
+            };
+            Ok(ValidationRun {
+                id: parse_uuid(row.try_get("id")?)?,
+                agent_id: parse_uuid(row.try_get("agent_id")?)?,
+                requested_by: row.try_get("requested_by")?,
+                requested_at_ms: row.try_get("requested_at_ms")?,
+                request: json("request")?.unwrap_or_default(),
+                status: RunStatus::parse(row.try_get("status")?)?,
+                finished_at_ms: row.try_get("finished_at_ms")?,
+                agent_version: row.try_get("agent_version")?,
+                bench: json("bench")?,
+                security: json("security")?,
+                error: row.try_get("error")?,
+            })
+        }
+
+        /// Stores one batch of usage records inside the caller's transaction, which
+        /// holds the agent's usage lock.
+        ///
+        /// A fixed number of statements per batch, not per record: the batch's stored
+        /// keys, its subjects' counter cursors and its instances' owners are read with
+        /// one query each, `usage::plan_batch` decides, and the new rows and cursors
+        /// are written with one statement each. Under load the per-statement cost of
+        /// the driver, not the database's work, dominated ingest.
+        async fn ingest_batch(
+            conn: &mut $conn,
+            agent_id: Uuid,
+            records: &[surplus_protocol::usage::UsageRecord],
+            spool: &surplus_protocol::usage::SpoolState,
+            now_ms: UnixMillis,
+        ) -> Result<IngestOutcome, StoreError> {
+            use surplus_market::usage::{Owner, Stored, key_of, plan_batch, subjects};
+            let agent = agent_id.to_string();
+            let keys: Vec<(i64, i64)> = records.iter().map(key_of).collect();
+            let (subjects, instances) = subjects(records);
+            let mut stored = Stored::default();
+            for row in sqlx::query($store::USAGE_STORED_KEYS)
+                .bind(&agent)
+                .bind(json_text(&keys))
+                .fetch_all(&mut *conn)
+                .await?
+            {
+                stored.keys.insert((row.try_get("epoch")?, row.try_get("seq")?));
+            }
+            for row in sqlx::query($store::USAGE_CURSORS)
+                .bind(&agent)
+                .bind(json_text(&subjects))
+                .fetch_all(&mut *conn)
+                .await?
+            {
+                stored.cursors.insert(
+                    (row.try_get("subject")?, row.try_get("meter")?),
+                    (
+                        row.try_get::<i64, _>("generation")? as u64,
+                        row.try_get::<i64, _>("total")? as u64,
+                    ),
+                );
+            }
+            if !instances.is_empty() {
+                for row in sqlx::query($store::INSTANCE_OWNERS)
+                    .bind(json_text(&instances))
+                    .fetch_all(&mut *conn)
+                    .await?
+                {
+                    stored.owners.insert(
+                        row.try_get("id")?,
+                        Owner {
+                            agent_id: row.try_get("agent_id")?,
+                            account: row.try_get("account")?,
+                        },
+                    );
+                }
+            }
+            let plan = plan_batch(&agent, records, &stored, now_ms);
+            let mut outcome = IngestOutcome {
+                stored: u32::try_from(plan.rows.len()).unwrap_or(u32::MAX),
+                duplicates: plan.duplicates,
+                rejected: Vec::new(),
+            };
+            for r in &plan.rejected {
+                let inserted = sqlx::query("INSERT INTO usage_rejected (agent_id, epoch, seq, reason, record, received_at_ms) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING")
+                    .bind(&agent)
+                    .bind(i64::try_from(r.epoch).unwrap_or(i64::MAX))
+                    .bind(i64::try_from(r.seq).unwrap_or(i64::MAX))
+                    .bind(&r.reason)
+                    .bind(&r.record)
+                    .bind(now_ms)
+                    .execute(&mut *conn)
+                    .await?;
+                if inserted.rows_affected() == 1 {
+                    outcome.rejected.push((r.epoch, r.seq, r.reason.clone()));
+                } else {
+                    // Refused before: the agent is sending it again.
+                    outcome.duplicates += 1;
+                }
+            }
+            if !plan.rows.is_empty() {
+                let rows: Vec<serde_json::Value> = plan.rows.iter().map(usage_row_json).collect();
+                let inserted = sqlx::query($store::INSERT_USAGE)
+                    .bind(&agent)
+                    .bind(now_ms)
+                    .bind(serde_json::Value::Array(rows).to_string())
+                    .execute(&mut *conn)
+                    .await?;
+                // The keys were read under the agent's usage lock.
+                if inserted.rows_affected() != plan.rows.len() as u64 {
+                    return Err(StoreError::Corrupt(format!(
+                        "usage insert stored {} of {} new records",
+                        inserted.rows_affected(),
+                        plan.rows.len()
+                    )));
+                }
+            }
+            if !plan.cursors.is_empty() {
+                let list: Vec<(&str, &str, i64, i64)> = plan
+                    .cursors
+                    .iter()
+                    .map(|((subject, meter), (generation, total))| {
+                        (subject.as_str(), meter.as_str(), *generation as i64, *total as i64)
+                    })
+                    .collect();
+                sqlx::query($store::UPSERT_CURSORS)
+                    .bind(&agent)
+                    .bind(json_text(&list))
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            // The spool's state rides in the same transaction: one commit per batch.
+            sqlx::query(UPSERT_METERING)
+                .bind(&agent)
+                .bind(None::<String>)
+                .bind(json_text(spool))
+                .bind(now_ms)
+                .execute(&mut *conn)
+                .await?;
+            Ok(outcome)
+        }
+
+        #[async_trait]
+        impl RegistryStore for $store {
+            async fn checkpoint(&self) -> Result<(), StoreError> {
+                self.checkpoint_now().await
+            }
+
+            async fn create_join_token(&self, t: &NewJoinToken) -> Result<(), StoreError> {
+                sqlx::query("INSERT INTO join_tokens (id, secret_hash, labels, created_at_ms, expires_at_ms, created_by) VALUES ($1, $2, $3, $4, $5, $6)")
+                    .bind(t.id.to_string())
+                    .bind(&t.secret_hash)
+                    .bind(serde_json::to_string(&t.labels).expect("labels serialize"))
+                    .bind(t.created_at_ms)
+                    .bind(t.expires_at_ms)
+                    .bind(&t.created_by)
+                    .execute(self.writer())
+                    .await?;
+                Ok(())
+            }
+
+            async fn enroll_agent(
+                &self,
+                secret_hash: &str,
+                now_ms: UnixMillis,
+                a: &NewAgent,
+            ) -> Result<EnrollOutcome, StoreError> {
+                let mut tx = self.write_tx().await?;
+                // The conditional update is the atomic consumption: only one transaction can
+                // move used_at_ms from NULL.
+                let consumed = sqlx::query(
+                    "UPDATE join_tokens SET used_at_ms = $1, used_by_agent = $2
+                     WHERE secret_hash = $3 AND used_at_ms IS NULL AND expires_at_ms > $1
+                     RETURNING id, labels",
+                )
+                .bind(now_ms)
+                .bind(a.id.to_string())
+                .bind(secret_hash)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let Some(row) = consumed else {
+                    let state = sqlx::query(
+                        "SELECT used_at_ms, expires_at_ms FROM join_tokens WHERE secret_hash = $1",
+                    )
+                    .bind(secret_hash)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    let refusal = match state {
+                        None => TokenRefusal::Unknown,
+                        Some(r) if r.try_get::<Option<i64>, _>("used_at_ms")?.is_some() => {
+                            TokenRefusal::Used
+                        }
+                        Some(_) => TokenRefusal::Expired,
+                    };
+                    return Ok(EnrollOutcome::Refused(refusal));
+                };
+                let token_id: String = row.try_get("id")?;
+                let labels_text: String = row.try_get("labels")?;
+                let labels: Labels = parse_json(&labels_text, "labels")?;
+                sqlx::query(
+                    "INSERT INTO agents (id, hostname, labels, status, cert_serial, cert_not_after_ms, agent_version, enrolled_at_ms, join_token_id)
+                     VALUES ($1, $2, $3, 'enrolled', $4, $5, $6, $7, $8)",
+                )
+                .bind(a.id.to_string())
+                .bind(&a.hostname)
+                .bind(&labels_text)
+                .bind(&a.cert_serial)
+                .bind(a.cert_not_after_ms)
+                .bind(&a.agent_version)
+                .bind(now_ms)
+                .bind(token_id)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query("INSERT INTO certificates (serial, agent_id, issued_at_ms, not_after_ms) VALUES ($1, $2, $3, $4)")
+                    .bind(&a.cert_serial)
+                    .bind(a.id.to_string())
+                    .bind(a.cert_issued_at_ms)
+                    .bind(a.cert_not_after_ms)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(EnrollOutcome::Registered(labels))
+            }
+
+            async fn record_certificate(
+                &self,
+                agent_id: Uuid,
+                serial: &str,
+                issued_at_ms: UnixMillis,
+                not_after_ms: UnixMillis,
+            ) -> Result<(), StoreError> {
+                let mut tx = self.write_tx().await?;
+                let updated =
+                    sqlx::query("UPDATE agents SET cert_serial = $1, cert_not_after_ms = $2 WHERE id = $3")
+                        .bind(serial)
+                        .bind(not_after_ms)
+                        .bind(agent_id.to_string())
+                        .execute(&mut *tx)
+                        .await?;
+                if updated.rows_affected() == 0 {
+                    return Err(StoreError::NotFound(format!("agent {agent_id}")));
+                }
+                sqlx::query("INSERT INTO certificates (serial, agent_id, issued_at_ms, not_after_ms) VALUES ($1, $2, $3, $4)")
+                    .bind(serial)
+                    .bind(agent_id.to_string())
+                    .bind(issued_at_ms)
+                    .bind(not_after_ms)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn agent(&self, id: Uuid) -> Result<Option<AgentRecord>, StoreError> {
+                sqlx::query("SELECT * FROM agents WHERE id = $1")
+                    .bind(id.to_string())
+                    .fetch_optional(self.reader())
+                    .await?
+                    .as_ref()
+                    .map(agent_from_row)
+                    .transpose()
+            }
+
+            async fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+                sqlx::query("SELECT * FROM agents ORDER BY enrolled_at_ms, id")
+                    .fetch_all(self.reader())
+                    .await?
+                    .iter()
+                    .map(agent_from_row)
+                    .collect()
+            }
+
+            async fn revoke_agent(&self, id: Uuid, now_ms: UnixMillis) -> Result<bool, StoreError> {
+                let mut tx = self.write_tx().await?;
+                let status: Option<String> = sqlx::query_scalar($store::AGENT_STATUS_FOR_UPDATE)
+                    .bind(id.to_string())
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                match status.as_deref() {
+                    None => return Err(StoreError::NotFound(format!("agent {id}"))),
+                    Some("revoked") => return Ok(false),
+                    Some(_) => {}
+                }
+                sqlx::query(SET_STATUS)
+                    .bind("revoked")
+                    .bind(now_ms)
+                    .bind(id.to_string())
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("UPDATE agents SET revoked_at_ms = $1 WHERE id = $2")
+                    .bind(now_ms)
+                    .bind(id.to_string())
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(true)
+            }
+
+            async fn agent_status_counts(&self) -> Result<Vec<(AgentStatus, i64)>, StoreError> {
+                let rows: Vec<(String, i64)> =
+                    sqlx::query_as("SELECT status, COUNT(*) FROM agents GROUP BY status ORDER BY status")
+                        .fetch_all(self.reader())
+                        .await?;
+                rows.into_iter()
+                    .map(|(s, n)| Ok((AgentStatus::parse(&s)?, n)))
+                    .collect()
+            }
+
+            async fn revoked_agents(&self) -> Result<Vec<Uuid>, StoreError> {
+                let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM agents WHERE status = 'revoked'")
+                    .fetch_all(self.reader())
+                    .await?;
+                ids.iter().map(|s| parse_uuid(s)).collect()
+            }
+
+            async fn set_status(
+                &self,
+                id: Uuid,
+                status: AgentStatus,
+                now_ms: UnixMillis,
+            ) -> Result<(), StoreError> {
+                sqlx::query(SET_STATUS)
+                    .bind(status.as_str())
+                    .bind(now_ms)
+                    .bind(id.to_string())
+                    .execute(self.writer())
+                    .await?;
+                Ok(())
+            }
+
+            async fn touch(&self, seen: &[(Uuid, UnixMillis)]) -> Result<(), StoreError> {
+                if seen.is_empty() {
+                    return Ok(());
+                }
+                // One statement for the whole list (a thousand agents a second at 10,000
+                // agents): per-statement overhead, not the update itself, was the cost.
+                let list: Vec<(String, UnixMillis)> =
+                    seen.iter().map(|(id, at)| (id.to_string(), *at)).collect();
+                sqlx::query($store::TOUCH)
+                .bind(json_text(&list))
+                .execute(self.writer())
+                .await?;
+                Ok(())
+            }
+
+            async fn session_started(
+                &self,
+                s: &SessionRecord,
+                isolation: Option<&surplus_protocol::control::Isolation>,
+            ) -> Result<(), StoreError> {
+                let mut tx = self.write_tx().await?;
+                sqlx::query("INSERT INTO sessions (id, agent_id, remote_addr, agent_version, started_at_ms) VALUES ($1, $2, $3, $4, $5)")
+                    .bind(s.id.to_string())
+                    .bind(s.agent_id.to_string())
+                    .bind(&s.remote_addr)
+                    .bind(&s.agent_version)
+                    .bind(s.started_at_ms)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("UPDATE agents SET agent_version = $1, isolation = $2 WHERE id = $3")
+                    .bind(&s.agent_version)
+                    .bind(isolation.map(json_text))
+                    .bind(s.agent_id.to_string())
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn session_ended(
+                &self,
+                id: Uuid,
+                now_ms: UnixMillis,
+                reason: &str,
+            ) -> Result<(), StoreError> {
+                sqlx::query("UPDATE sessions SET ended_at_ms = $1, end_reason = $2 WHERE id = $3 AND ended_at_ms IS NULL")
+                    .bind(now_ms)
+                    .bind(reason)
+                    .bind(id.to_string())
+                    .execute(self.writer())
+                    .await?;
+                Ok(())
+            }
+
+            async fn sessions(&self, agent_id: Uuid, limit: u32) -> Result<Vec<SessionRecord>, StoreError> {
+                sqlx::query("SELECT * FROM sessions WHERE agent_id = $1 ORDER BY started_at_ms DESC, id DESC LIMIT $2")
+                    .bind(agent_id.to_string())
+                    .bind(limit as i64)
+                    .fetch_all(self.reader())
+                    .await?
+                    .iter()
+                    .map(session_from_row)
+                    .collect()
+            }
+
+            async fn close_dangling(&self, now_ms: UnixMillis) -> Result<(), StoreError> {
+                let mut tx = self.write_tx().await?;
+                sqlx::query("UPDATE sessions SET ended_at_ms = $1, end_reason = 'controller stopped' WHERE ended_at_ms IS NULL")
+                    .bind(now_ms)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("UPDATE validation_runs SET status = 'failed', finished_at_ms = $1, error = 'the controller stopped during the run' WHERE status = 'running'")
+                    .bind(now_ms)
+                    .execute(&mut *tx)
+                    .await?;
+                // Online periods end at the last moment the agent was seen, not now.
+                sqlx::query(
+                    "UPDATE agents SET
+                        online_total_ms = online_total_ms + CASE WHEN COALESCE(last_seen_ms, online_since_ms) > online_since_ms THEN COALESCE(last_seen_ms, online_since_ms) - online_since_ms ELSE 0 END,
+                        online_since_ms = NULL,
+                        status = 'unreachable'
+                     WHERE status = 'online'",
+                )
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn save_inventory(
+                &self,
+                agent_id: Uuid,
+                inventory: &serde_json::Value,
+                digest: &str,
+                now_ms: UnixMillis,
+            ) -> Result<bool, StoreError> {
+                let mut tx = self.write_tx().await?;
+                let current: Option<Option<String>> =
+                    sqlx::query_scalar($store::AGENT_DIGEST_FOR_UPDATE)
+                        .bind(agent_id.to_string())
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                let Some(current) = current else {
+                    return Err(StoreError::NotFound(format!("agent {agent_id}")));
+                };
+                let text = inventory.to_string();
+                let changed = current.as_deref() != Some(digest);
+                sqlx::query("UPDATE agents SET inventory = $1, inventory_digest = $2, inventory_updated_ms = $3 WHERE id = $4")
+                    .bind(&text)
+                    .bind(digest)
+                    .bind(now_ms)
+                    .bind(agent_id.to_string())
+                    .execute(&mut *tx)
+                    .await?;
+                if changed {
+                    sqlx::query("INSERT INTO inventory_history (id, agent_id, recorded_at_ms, digest, inventory) VALUES ($1, $2, $3, $4, $5)")
+                        .bind(Uuid::now_v7().to_string())
+                        .bind(agent_id.to_string())
+                        .bind(now_ms)
+                        .bind(digest)
+                        .bind(&text)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                tx.commit().await?;
+                Ok(changed)
+            }
+
+            async fn inventory_history(
+                &self,
+                agent_id: Uuid,
+                limit: u32,
+            ) -> Result<Vec<InventoryChange>, StoreError> {
+                sqlx::query("SELECT recorded_at_ms, digest, inventory FROM inventory_history WHERE agent_id = $1 ORDER BY recorded_at_ms DESC, id DESC LIMIT $2")
+                    .bind(agent_id.to_string())
+                    .bind(limit as i64)
+                    .fetch_all(self.reader())
+                    .await?
+                    .iter()
+                    .map(|row| {
+                        Ok(InventoryChange {
+                            recorded_at_ms: row.try_get("recorded_at_ms")?,
+                            digest: row.try_get("digest")?,
+                            inventory: parse_json(row.try_get("inventory")?, "inventory")?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn create_api_token(
+                &self,
+                token_hash: &str,
+                p: &Principal,
+                label: &str,
+                now_ms: UnixMillis,
+            ) -> Result<(), StoreError> {
+                sqlx::query("INSERT INTO api_tokens (id, token_hash, account, role, label, created_at_ms) VALUES ($1, $2, $3, $4, $5, $6)")
+                    .bind(Uuid::now_v7().to_string())
+                    .bind(token_hash)
+                    .bind(&p.account)
+                    .bind(p.role.as_str())
+                    .bind(label)
+                    .bind(now_ms)
+                    .execute(self.writer())
+                    .await?;
+                Ok(())
+            }
+
+            async fn api_principal(&self, token_hash: &str) -> Result<Option<Principal>, StoreError> {
+                let row = sqlx::query(
+                    "SELECT account, role FROM api_tokens WHERE token_hash = $1 AND revoked_at_ms IS NULL",
+                )
+                .bind(token_hash)
+                .fetch_optional(self.reader())
+                .await?;
+                row.map(|r| {
+                    Ok(Principal {
+                        account: r.try_get("account")?,
+                        role: Role::parse(r.try_get("role")?)?,
+                    })
+                })
+                .transpose()
+            }
+        }
+
+        #[async_trait]
+        impl ValidationStore for $store {
+            async fn create_validation_run(&self, run: &ValidationRun) -> Result<(), StoreError> {
+                sqlx::query("INSERT INTO validation_runs (id, agent_id, requested_by, requested_at_ms, request, status) VALUES ($1, $2, $3, $4, $5, $6)")
+                    .bind(run.id.to_string())
+                    .bind(run.agent_id.to_string())
+                    .bind(&run.requested_by)
+                    .bind(run.requested_at_ms)
+                    .bind(run.request.to_string())
+                    .bind(run.status.as_str())
+                    .execute(self.writer())
+                    .await?;
+                Ok(())
+            }
+
+            async fn finish_validation_run(&self, run: &ValidationRun) -> Result<bool, StoreError> {
+                let done = sqlx::query(
+                    "UPDATE validation_runs SET status = $1, finished_at_ms = $2, agent_version = $3, bench = $4, security = $5, error = $6
+                     WHERE id = $7 AND status = 'running'",
+                )
+                .bind(run.status.as_str())
+                .bind(run.finished_at_ms)
+                .bind(&run.agent_version)
+                .bind(run.bench.as_ref().map(|v| v.to_string()))
+                .bind(run.security.as_ref().map(|v| v.to_string()))
+                .bind(&run.error)
+                .bind(run.id.to_string())
+                .execute(self.writer())
+                .await?;
+                Ok(done.rows_affected() == 1)
+            }
+
+            async fn validation_run(&self, id: Uuid) -> Result<Option<ValidationRun>, StoreError> {
+                sqlx::query("SELECT * FROM validation_runs WHERE id = $1")
+                    .bind(id.to_string())
+                    .fetch_optional(self.reader())
+                    .await?
+                    .as_ref()
+                    .map(run_from_row)
+                    .transpose()
+            }
+
+            async fn validation_runs(
+                &self,
+                agent_id: Uuid,
+                limit: u32,
+            ) -> Result<Vec<ValidationRun>, StoreError> {
+                sqlx::query("SELECT * FROM validation_runs WHERE agent_id = $1 ORDER BY requested_at_ms DESC, id DESC LIMIT $2")
+                    .bind(agent_id.to_string())
+                    .bind(limit as i64)
+                    .fetch_all(self.reader())
+                    .await?
+                    .iter()
+                    .map(run_from_row)
+                    .collect()
+            }
+
+            async fn save_compat_report(
+                &self,
+                agent_id: Uuid,
+                report: &surplus_protocol::control::CompatReport,
+                now_ms: UnixMillis,
+            ) -> Result<(), StoreError> {
+                sqlx::query("INSERT INTO compat_reports (agent_id, driver, level, report, reported_at_ms) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (agent_id) DO UPDATE SET driver = excluded.driver, level = excluded.level, report = excluded.report, reported_at_ms = excluded.reported_at_ms")
+                    .bind(agent_id.to_string())
+                    .bind(&report.driver)
+                    .bind(json_text(&report.level).trim_matches('"').to_owned())
+                    .bind(json_text(report))
+                    .bind(now_ms)
+                    .execute(self.writer())
+                    .await?;
+                Ok(())
+            }
+
+            async fn compat_report(
+                &self,
+                agent_id: Uuid,
+            ) -> Result<Option<(surplus_protocol::control::CompatReport, UnixMillis)>, StoreError> {
+                let row =
+                    sqlx::query("SELECT report, reported_at_ms FROM compat_reports WHERE agent_id = $1")
+                        .bind(agent_id.to_string())
+                        .fetch_optional(self.reader())
+                        .await?;
+                row.map(|r| {
+                    Ok((
+                        parse_json(r.try_get("report")?, "compat report")?,
+                        r.try_get("reported_at_ms")?,
+                    ))
+                })
+                .transpose()
+            }
+        }
+
+        #[async_trait]
+        impl ControlStore for $store {
+            async fn claim_instance(
+                &self,
+                row: &InstanceRow,
+                plan: Option<&crate::billing::PricePlan>,
+            ) -> Result<Claim, StoreError> {
+                let mut tx = self.write_tx().await?;
+                // The unique (owner, client token) index decides: of two racing claims the
+                // second inserts nothing (on PostgreSQL it waits for the first to commit),
+                // then reads the winner's row.
+                let inserted = sqlx::query("INSERT INTO instances (id, agent_id, account, owner_role, client_token, request_hash, state, record, created_at_ms, updated_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING")
+                    .bind(&row.record.id)
+                    .bind(row.agent_id.to_string())
+                    .bind(&row.account)
+                    .bind(row.owner_role.as_str())
+                    .bind(&row.client_token)
+                    .bind(&row.request_hash)
+                    .bind(row.record.state.as_str())
+                    .bind(json_text(&row.record))
+                    .bind(row.created_at_ms)
+                    .bind(row.updated_at_ms)
+                    .execute(&mut *tx)
+                    .await?;
+                if inserted.rows_affected() == 0 {
+                    let existing = match &row.client_token {
+                        Some(token) => sqlx::query(INSTANCE_BY_TOKEN)
+                        .bind(row.owner_role.as_str())
+                        .bind(&row.account)
+                        .bind(token)
+                        .fetch_optional(&mut *tx)
+                        .await?,
+                        None => None,
+                    };
+                    return match existing {
+                        Some(existing) => Ok(Claim::Existing(Box::new(instance_from_row(&existing)?))),
+                        None => Err(StoreError::Corrupt(format!(
+                            "instance id {} is taken",
+                            row.record.id
+                        ))),
+                    };
+                }
+                if let Some(plan) = plan {
+                    sqlx::query("INSERT INTO instance_price_plans (instance_id, plan, attached_at_ms) VALUES ($1, $2, $3)")
+                        .bind(&row.record.id)
+                        .bind(json_text(plan))
+                        .bind(row.created_at_ms)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                sqlx::query(
+                    "INSERT INTO instance_limits (instance_id, from_ms, limits) VALUES ($1, $2, $3)",
+                )
+                .bind(&row.record.id)
+                .bind(row.created_at_ms)
+                .bind(json_text(&row.record.spec.limits))
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok(Claim::Created)
+            }
+
+            async fn instance(&self, id: &str) -> Result<Option<InstanceRow>, StoreError> {
+                sqlx::query("SELECT * FROM instances WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(self.reader())
+                    .await?
+                    .as_ref()
+                    .map(instance_from_row)
+                    .transpose()
+            }
+
+            async fn instance_by_token(
+                &self,
+                owner: &Principal,
+                token: &str,
+            ) -> Result<Option<InstanceRow>, StoreError> {
+                sqlx::query(INSTANCE_BY_TOKEN)
+                .bind(owner.role.as_str())
+                .bind(&owner.account)
+                .bind(token)
+                .fetch_optional(self.reader())
+                .await?
+                .as_ref()
+                .map(instance_from_row)
+                .transpose()
+            }
+
+            async fn instances(&self, owner: Option<&Principal>) -> Result<Vec<InstanceRow>, StoreError> {
+                sqlx::query(
+                    "SELECT * FROM instances WHERE $1 IS NULL OR (account = $1 AND owner_role = $2) ORDER BY created_at_ms, id",
+                )
+                .bind(owner.map(|o| o.account.as_str()))
+                .bind(owner.map(|o| o.role.as_str()))
+                .fetch_all(self.reader())
+                .await?
+                .iter()
+                .map(instance_from_row)
+                .collect()
+            }
+
+            async fn agent_instances(&self, agent_id: Uuid) -> Result<Vec<InstanceRow>, StoreError> {
+                sqlx::query("SELECT * FROM instances WHERE agent_id = $1 ORDER BY created_at_ms, id")
+                    .bind(agent_id.to_string())
+                    .fetch_all(self.reader())
+                    .await?
+                    .iter()
+                    .map(instance_from_row)
+                    .collect()
+            }
+
+            async fn set_contradiction(
+                &self,
+                instance_id: &str,
+                contradiction: Option<&str>,
+                now_ms: UnixMillis,
+            ) -> Result<(), StoreError> {
+                sqlx::query("UPDATE instances SET contradiction = $1, updated_at_ms = $2 WHERE id = $3")
+                    .bind(contradiction)
+                    .bind(now_ms)
+                    .bind(instance_id)
+                    .execute(self.writer())
+                    .await?;
+                Ok(())
+            }
+
+            async fn record_limits(
+                &self,
+                instance_id: &str,
+                from_ms: UnixMillis,
+                limits: &surplus_protocol::control::Limits,
+            ) -> Result<(), StoreError> {
+                sqlx::query("INSERT INTO instance_limits (instance_id, from_ms, limits) VALUES ($1, $2, $3) ON CONFLICT (instance_id, from_ms) DO UPDATE SET limits = excluded.limits")
+                    .bind(instance_id)
+                    .bind(from_ms)
+                    .bind(json_text(limits))
+                    .execute(self.writer())
+                    .await?;
+                Ok(())
+            }
+
+            async fn limits_history(
+                &self,
+                instance_id: &str,
+            ) -> Result<Vec<(UnixMillis, surplus_protocol::control::Limits)>, StoreError> {
+                sqlx::query(
+                    "SELECT from_ms, limits FROM instance_limits WHERE instance_id = $1 ORDER BY from_ms",
+                )
+                .bind(instance_id)
+                .fetch_all(self.reader())
+                .await?
+                .iter()
+                .map(|r| {
+                    Ok((
+                        r.try_get("from_ms")?,
+                        parse_json(r.try_get("limits")?, "limits")?,
+                    ))
+                })
+                .collect()
+            }
+
+            async fn update_instances(
+                &self,
+                records: &[surplus_protocol::control::Instance],
+                now_ms: UnixMillis,
+            ) -> Result<(), StoreError> {
+                let mut tx = self.write_tx().await?;
+                for r in records {
+                    sqlx::query(
+                        "UPDATE instances SET state = $1, record = $2, updated_at_ms = $3, \
+                         started_at_ms = CASE WHEN started_at_ms IS NULL AND $1 = 'running' THEN $3 ELSE started_at_ms END \
+                         WHERE id = $4",
+                    )
+                    .bind(r.state.as_str())
+                    .bind(json_text(r))
+                    .bind(now_ms)
+                    .bind(&r.id)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn put_volume(&self, row: &VolumeRow) -> Result<(), StoreError> {
+                sqlx::query("INSERT INTO volumes (id, agent_id, account, owner_role, state, record, created_at_ms, updated_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO UPDATE SET state = excluded.state, record = excluded.record, updated_at_ms = excluded.updated_at_ms")
+                    .bind(&row.record.id)
+                    .bind(row.agent_id.to_string())
+                    .bind(&row.account)
+                    .bind(row.owner_role.as_str())
+                    .bind(row.record.state.as_str())
+                    .bind(json_text(&row.record))
+                    .bind(row.record.created_at_ms)
+                    .bind(row.updated_at_ms)
+                    .execute(self.writer())
+                    .await?;
+                Ok(())
+            }
+
+            async fn volume(&self, id: &str) -> Result<Option<VolumeRow>, StoreError> {
+                sqlx::query("SELECT * FROM volumes WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(self.reader())
+                    .await?
+                    .as_ref()
+                    .map(volume_from_row)
+                    .transpose()
+            }
+
+            async fn volumes(&self, owner: Option<&Principal>) -> Result<Vec<VolumeRow>, StoreError> {
+                sqlx::query(
+                    "SELECT * FROM volumes WHERE $1 IS NULL OR (account = $1 AND owner_role = $2) ORDER BY created_at_ms, id",
+                )
+                .bind(owner.map(|o| o.account.as_str()))
+                .bind(owner.map(|o| o.role.as_str()))
+                .fetch_all(self.reader())
+                .await?
+                .iter()
+                .map(volume_from_row)
+                .collect()
+            }
+        }
+
+        #[async_trait]
+        impl UsageStore for $store {
+            async fn ingest_usage_batches(
+                &self,
+                batches: &[IngestBatch<'_>],
+                now_ms: UnixMillis,
+            ) -> Result<Vec<IngestOutcome>, StoreError> {
+                let mut tx = self.write_tx().await?;
+                // One agent's cursors are read and moved by one transaction at a time; the
+                // locks are taken in one order, so two group commits never deadlock.
+                let mut agents: Vec<String> = batches.iter().map(|b| b.agent_id.to_string()).collect();
+                agents.sort();
+                agents.dedup();
+                for agent in &agents {
+                    $store::lock(&mut tx, Lock::Usage(agent)).await?;
+                }
+                let mut outcomes = Vec::with_capacity(batches.len());
+                for b in batches {
+                    outcomes.push(ingest_batch(&mut tx, b.agent_id, b.records, b.spool, now_ms).await?);
+                }
+                tx.commit().await?;
+                Ok(outcomes)
+            }
+
+            async fn usage(&self, q: &UsageQuery) -> Result<Vec<UsageRow>, StoreError> {
+                let rows = sqlx::query(
+                    "SELECT ((end_ms - 1) / $1) * $1 AS bucket, agent_id, subject, meter, kind, \
+                     CAST(SUM(delta) AS BIGINT) AS total, MAX(peak) AS peak, \
+                     CAST(SUM(mean * (end_ms - start_ms)) AS BIGINT) / NULLIF(CAST(SUM(end_ms - start_ms) AS BIGINT), 0) AS mean, \
+                     MAX(last) AS last, COUNT(*) AS records \
+                     FROM usage_records \
+                     WHERE end_ms > $2 AND end_ms <= $3 \
+                     AND ($4 IS NULL OR agent_id = $4) AND ($5 IS NULL OR subject = $5) \
+                     AND ($6 IS NULL OR account = $6) AND ($7 IS NULL OR meter = $7) \
+                     AND ($8 IS NULL OR subject IN (SELECT id FROM instances WHERE owner_role = $8)) \
+                     GROUP BY bucket, agent_id, subject, meter, kind ORDER BY bucket, subject, meter",
+                )
+                .bind(q.bucket_ms.max(1))
+                .bind(q.from_ms)
+                .bind(q.to_ms)
+                .bind(q.agent_id.map(|a| a.to_string()))
+                .bind(&q.subject)
+                .bind(&q.account)
+                .bind(&q.meter)
+                .bind(q.owner_role.map(Role::as_str))
+                .fetch_all(self.reader())
+                .await?;
+                rows.iter()
+                    .map(|r| {
+                        let kind: String = r.try_get("kind")?;
+                        let counter = kind == "counter";
+                        let mean: Option<i64> = r.try_get("mean")?;
+                        let last: Option<i64> = r.try_get("last")?;
+                        Ok(UsageRow {
+                            bucket_start_ms: r.try_get("bucket")?,
+                            agent_id: parse_uuid(r.try_get("agent_id")?)?,
+                            subject: r.try_get("subject")?,
+                            meter: r.try_get("meter")?,
+                            total: if counter { r.try_get("total")? } else { None },
+                            peak: if counter { None } else { r.try_get("peak")? },
+                            mean: if counter { None } else { mean.or(last) },
+                            records: r.try_get("records")?,
+                            kind,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn counter_deltas(
+                &self,
+                subject: &str,
+                meters: &[&str],
+                from_ms: UnixMillis,
+                to_ms: UnixMillis,
+            ) -> Result<Vec<CounterDelta>, StoreError> {
+                let rows = sqlx::query("SELECT meter, start_ms, end_ms, delta FROM usage_records WHERE subject = $1 AND kind = 'counter' AND end_ms > $2 AND end_ms <= $3 ORDER BY end_ms, meter")
+                    .bind(subject)
+                    .bind(from_ms)
+                    .bind(to_ms)
+                    .fetch_all(self.reader())
+                    .await?;
+                let mut out = Vec::new();
+                for r in &rows {
+                    let meter: String = r.try_get("meter")?;
+                    if meters.contains(&meter.as_str()) {
+                        out.push(CounterDelta {
+                            meter,
+                            start_ms: r.try_get("start_ms")?,
+                            end_ms: r.try_get("end_ms")?,
+                            delta: r.try_get("delta")?,
+                        });
+                    }
+                }
+                Ok(out)
+            }
+
+            async fn usage_through(&self, agent_id: Uuid) -> Result<Option<UnixMillis>, StoreError> {
+                Ok(
+                    sqlx::query_scalar("SELECT MAX(end_ms) FROM usage_records WHERE agent_id = $1")
+                        .bind(agent_id.to_string())
+                        .fetch_one(self.reader())
+                        .await?,
+                )
+            }
+
+            async fn received_since(
+                &self,
+                since_ms: UnixMillis,
+                until_ms: UnixMillis,
+            ) -> Result<Vec<(String, UnixMillis, UnixMillis)>, StoreError> {
+                let rows = sqlx::query("SELECT subject, end_ms, MAX(received_at_ms) AS received FROM usage_records WHERE received_at_ms > $1 AND end_ms <= $2 GROUP BY subject, end_ms")
+                    .bind(since_ms)
+                    .bind(until_ms)
+                    .fetch_all(self.reader())
+                    .await?;
+                rows.iter()
+                    .map(|r| {
+                        Ok((
+                            r.try_get("subject")?,
+                            r.try_get("end_ms")?,
+                            r.try_get("received")?,
+                        ))
+                    })
+                    .collect()
+            }
+
+            async fn set_metering(
+                &self,
+                agent_id: Uuid,
+                periods: &surplus_protocol::usage::MeteringPeriods,
+                now_ms: UnixMillis,
+            ) -> Result<(), StoreError> {
+                sqlx::query(UPSERT_METERING)
+                    .bind(agent_id.to_string())
+                    .bind(json_text(periods))
+                    .bind(None::<String>)
+                    .bind(now_ms)
+                    .execute(self.writer())
+                    .await?;
+                Ok(())
+            }
+
+            async fn metering(
+                &self,
+                agent_id: Uuid,
+            ) -> Result<
+                (
+                    Option<surplus_protocol::usage::MeteringPeriods>,
+                    Option<surplus_protocol::usage::SpoolState>,
+                ),
+                StoreError,
+            > {
+                let row = sqlx::query("SELECT periods, spool FROM metering WHERE agent_id = $1")
+                    .bind(agent_id.to_string())
+                    .fetch_optional(self.reader())
+                    .await?;
+                let Some(row) = row else {
+                    return Ok((None, None));
+                };
+                let periods: Option<String> = row.try_get("periods")?;
+                let spool: Option<String> = row.try_get("spool")?;
+                Ok((
+                    periods
+                        .map(|p| parse_json(&p, "metering periods"))
+                        .transpose()?,
+                    spool.map(|s| parse_json(&s, "spool state")).transpose()?,
+                ))
+            }
+        }
+
+        #[async_trait]
+        impl BillingStore for $store {
+            async fn set_agent_price_plan(
+                &self,
+                agent_id: Uuid,
+                plan: &crate::billing::PricePlan,
+                now_ms: UnixMillis,
+            ) -> Result<(), StoreError> {
+                sqlx::query("INSERT INTO agent_price_plans (agent_id, plan, updated_at_ms) VALUES ($1, $2, $3) ON CONFLICT (agent_id) DO UPDATE SET plan = excluded.plan, updated_at_ms = excluded.updated_at_ms")
+                    .bind(agent_id.to_string())
+                    .bind(json_text(plan))
+                    .bind(now_ms)
+                    .execute(self.writer())
+                    .await?;
+                Ok(())
+            }
+
+            async fn billables(&self, to_ms: UnixMillis) -> Result<Vec<Billable>, StoreError> {
+                let rows = sqlx::query("SELECT i.*, p.plan, p.attached_at_ms, a.labels AS agent_labels FROM instance_price_plans p JOIN instances i ON i.id = p.instance_id JOIN agents a ON a.id = i.agent_id WHERE p.attached_at_ms < $1 ORDER BY i.account, i.id")
+                    .bind(to_ms)
+                    .fetch_all(self.reader())
+                    .await?;
+                rows.iter()
+                    .map(|r| {
+                        let labels: Labels = parse_json(r.try_get("agent_labels")?, "labels")?;
+                        Ok(Billable {
+                            instance: instance_from_row(r)?,
+                            plan: parse_json(r.try_get("plan")?, "price plan")?,
+                            attached_at_ms: r.try_get("attached_at_ms")?,
+                            provider: crate::billing::provider_of(&labels),
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn agent_price_plan(
+                &self,
+                agent_id: Uuid,
+            ) -> Result<Option<crate::billing::PricePlan>, StoreError> {
+                let plan: Option<String> =
+                    sqlx::query_scalar("SELECT plan FROM agent_price_plans WHERE agent_id = $1")
+                        .bind(agent_id.to_string())
+                        .fetch_optional(self.reader())
+                        .await?;
+                plan.map(|p| parse_json(&p, "price plan")).transpose()
+            }
+
+            async fn record_billing_run(
+                &self,
+                from_ms: UnixMillis,
+                to_ms: UnixMillis,
+                now_ms: UnixMillis,
+            ) -> Result<bool, StoreError> {
+                let mut tx = self.write_tx().await?;
+                $store::lock(&mut tx, Lock::Billing).await?;
+                let overlapping = sqlx::query("SELECT 1 FROM billing_runs WHERE from_ms < $2 AND to_ms > $1 AND NOT (from_ms = $1 AND to_ms = $2)")
+                    .bind(from_ms)
+                    .bind(to_ms)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if overlapping.is_some() {
+                    return Ok(false);
+                }
+                sqlx::query("INSERT INTO billing_runs (from_ms, to_ms, ran_at_ms, checked_at_ms) VALUES ($1, $2, $3, $3) ON CONFLICT (from_ms, to_ms) DO UPDATE SET checked_at_ms = excluded.checked_at_ms")
+                    .bind(from_ms)
+                    .bind(to_ms)
+                    .bind(now_ms)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(true)
+            }
+
+            async fn billed_periods(
+                &self,
+                since_ms: UnixMillis,
+                except: (UnixMillis, UnixMillis),
+            ) -> Result<Vec<BilledPeriod>, StoreError> {
+                sqlx::query("SELECT from_ms, to_ms, checked_at_ms FROM billing_runs WHERE to_ms > $1 AND NOT (from_ms = $2 AND to_ms = $3) ORDER BY from_ms")
+                    .bind(since_ms)
+                    .bind(except.0)
+                    .bind(except.1)
+                    .fetch_all(self.reader())
+                    .await?
+                    .iter()
+                    .map(|r| {
+                        let from_ms = r.try_get("from_ms")?;
+                        Ok(BilledPeriod {
+                            from_ms,
+                            to_ms: r.try_get("to_ms")?,
+                            checked_at_ms: r
+                                .try_get::<Option<i64>, _>("checked_at_ms")?
+                                .unwrap_or(from_ms),
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn mark_checked(
+                &self,
+                from_ms: UnixMillis,
+                to_ms: UnixMillis,
+                now_ms: UnixMillis,
+            ) -> Result<(), StoreError> {
+                sqlx::query("UPDATE billing_runs SET checked_at_ms = $3 WHERE from_ms = $1 AND to_ms = $2")
+                    .bind(from_ms)
+                    .bind(to_ms)
+                    .bind(now_ms)
+                    .execute(self.writer())
+                    .await?;
+                Ok(())
+            }
+
+            async fn billed(
+                &self,
+                instance_id: &str,
+                from_ms: UnixMillis,
+                to_ms: UnixMillis,
+            ) -> Result<BTreeMap<String, (i64, f64)>, StoreError> {
+                let rows = sqlx::query("SELECT meter, CAST(SUM(amount) AS BIGINT) AS amount, SUM(quantity) AS quantity FROM invoice_lines WHERE instance_id = $1 AND from_ms = $2 AND to_ms = $3 GROUP BY meter")
+                    .bind(instance_id)
+                    .bind(from_ms)
+                    .bind(to_ms)
+                    .fetch_all(self.reader())
+                    .await?;
+                rows.iter()
+                    .map(|r| {
+                        Ok((
+                            r.try_get("meter")?,
+                            (r.try_get("amount")?, r.try_get("quantity")?),
+                        ))
+                    })
+                    .collect()
+            }
+
+            async fn invoice_lines(
+                &self,
+                invoice_id: Option<&str>,
+                client: Option<&str>,
+                provider: Option<&str>,
+                from_ms: UnixMillis,
+                to_ms: UnixMillis,
+            ) -> Result<Vec<InvoiceLine>, StoreError> {
+                let rows = sqlx::query("SELECT * FROM invoice_lines WHERE ($1 IS NULL OR invoice_id = $1) AND ($2 IS NULL OR client = $2) AND ($3 IS NULL OR provider = $3) AND from_ms < $5 AND to_ms > $4 ORDER BY from_ms, client, provider, instance_id, meter")
+                    .bind(invoice_id)
+                    .bind(client)
+                    .bind(provider)
+                    .bind(from_ms)
+                    .bind(to_ms)
+                    .fetch_all(self.reader())
+                    .await?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(InvoiceLine {
+                            invoice_id: r.try_get("invoice_id")?,
+                            client: r.try_get("client")?,
+                            provider: r.try_get("provider")?,
+                            from_ms: r.try_get("from_ms")?,
+                            to_ms: r.try_get("to_ms")?,
+                            instance_id: r.try_get("instance_id")?,
+                            charge: crate::billing::Charge {
+                                meter: r.try_get("meter")?,
+                                quantity: r.try_get("quantity")?,
+                                unit: r.try_get("unit")?,
+                                rate: r.try_get("rate")?,
+                                amount: r.try_get("amount")?,
+                            },
+                            commission: r.try_get("commission")?,
+                            currency: r.try_get("currency")?,
+                            posting_key: r.try_get("posting_key")?,
+                            kind: r.try_get("kind")?,
+                        })
+                    })
+                    .collect()
+            }
+        }
+
+        /// Applies one posting (and the invoice lines it carries) inside the caller's
+        /// transaction, which holds the ledger lock: `ledger::decide` says whether it
+        /// is new, a duplicate or refused.
+        async fn post_in(
+            conn: &mut $conn,
+            posting: &crate::ledger::Posting,
+            lines: &[InvoiceLine],
+            now_ms: UnixMillis,
+        ) -> Result<crate::ledger::Applied, PostError> {
+            use crate::ledger::{Applied, Decision, decide, default_allows_negative};
+            use std::collections::HashMap;
+            let stored: Option<String> =
+                sqlx::query_scalar("SELECT digest FROM ledger_postings WHERE key = $1")
+                    .bind(&posting.key)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+            let mut balances: HashMap<(String, String), i64> = HashMap::new();
+            let mut policies: HashMap<String, bool> = HashMap::new();
+            if stored.is_none() {
+                for e in &posting.entries {
+                    let b: Option<i64> = sqlx::query_scalar(
+                        "SELECT balance FROM ledger_balances WHERE account = $1 AND currency = $2",
+                    )
+                    .bind(&e.account)
+                    .bind(&e.currency)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                    balances.insert((e.account.clone(), e.currency.clone()), b.unwrap_or(0));
+                    let p: Option<i64> =
+                        sqlx::query_scalar("SELECT allow_negative FROM ledger_accounts WHERE account = $1")
+                            .bind(&e.account)
+                            .fetch_optional(&mut *conn)
+                            .await?;
+                    policies.insert(
+                        e.account.clone(),
+                        p.map_or_else(|| default_allows_negative(&e.account), |v| v != 0),
+                    );
+                }
+            }
+            let decision = decide(
+                posting,
+                stored.as_deref(),
+                |a, c| {
+                    balances
+                        .get(&(a.to_owned(), c.to_owned()))
+                        .copied()
+                        .unwrap_or(0)
+                },
+                |a| policies.get(a).copied().unwrap_or(false),
+            )?;
+            let Decision::Post(new) = decision else {
+                return Ok(Applied::Duplicate);
+            };
+            let digest = posting.digest();
+            sqlx::query("INSERT INTO ledger_postings (key, digest, kind, memo, posted_at_ms) VALUES ($1, $2, $3, $4, $5)")
+                .bind(&posting.key)
+                .bind(&digest)
+                .bind(&posting.kind)
+                .bind(&posting.memo)
+                .bind(now_ms)
+                .execute(&mut *conn)
+                .await?;
+            for e in &posting.entries {
+                sqlx::query("INSERT INTO ledger_entries (posting_key, account, currency, amount) VALUES ($1, $2, $3, $4)")
+                    .bind(&posting.key)
+                    .bind(&e.account)
+                    .bind(&e.currency)
+                    .bind(e.amount)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            for (account, currency, balance) in new {
+                sqlx::query("INSERT INTO ledger_balances (account, currency, balance) VALUES ($1, $2, $3) ON CONFLICT (account, currency) DO UPDATE SET balance = excluded.balance")
+                    .bind(&account)
+                    .bind(&currency)
+                    .bind(balance)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            for l in lines {
+                sqlx::query("INSERT INTO invoice_lines (invoice_id, client, provider, from_ms, to_ms, instance_id, meter, quantity, unit, rate, amount, commission, currency, posting_key, kind) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)")
+                    .bind(&l.invoice_id)
+                    .bind(&l.client)
+                    .bind(&l.provider)
+                    .bind(l.from_ms)
+                    .bind(l.to_ms)
+                    .bind(&l.instance_id)
+                    .bind(&l.charge.meter)
+                    .bind(l.charge.quantity)
+                    .bind(&l.charge.unit)
+                    .bind(l.charge.rate)
+                    .bind(l.charge.amount)
+                    .bind(l.commission)
+                    .bind(&l.currency)
+                    .bind(&posting.key)
+                    .bind(&l.kind)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            Ok(Applied::Posted)
+        }
+
+        #[async_trait]
+        impl LedgerStore for $store {
+            async fn post(
+                &self,
+                posting: &crate::ledger::Posting,
+                lines: &[InvoiceLine],
+                now_ms: UnixMillis,
+            ) -> Result<crate::ledger::Applied, PostError> {
+                let mut tx = self.write_tx().await?;
+                $store::lock(&mut tx, Lock::Ledger).await?;
+                let applied = post_in(&mut tx, posting, lines, now_ms).await?;
+                tx.commit().await?;
+                Ok(applied)
+            }
+
+            async fn apply_changes(
+                &self,
+                changes: &ChangeSet,
+                now_ms: UnixMillis,
+            ) -> Result<Vec<crate::ledger::Applied>, PostError> {
+                let mut tx = self.write_tx().await?;
+                $store::lock(&mut tx, Lock::Ledger).await?;
+                let mut applied = Vec::with_capacity(changes.postings.len());
+                for (posting, lines) in &changes.postings {
+                    // A refusal returns here: the transaction is dropped, rolled back,
+                    // and nothing of the set is applied.
+                    applied.push(post_in(&mut tx, posting, lines, now_ms).await?);
+                }
+                for n in &changes.notices {
+                    sqlx::query("INSERT INTO outbox (key, recipient, kind, body, created_at_ms) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (key) DO NOTHING")
+                        .bind(&n.key)
+                        .bind(&n.recipient)
+                        .bind(&n.kind)
+                        .bind(n.body.to_string())
+                        .bind(now_ms)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                tx.commit().await?;
+                Ok(applied)
+            }
+
+            async fn notices(&self, recipient: &str, limit: u32) -> Result<Vec<StoredNotice>, StoreError> {
+                sqlx::query("SELECT key, recipient, kind, body, created_at_ms, delivered_at_ms FROM outbox WHERE recipient = $1 ORDER BY created_at_ms, key LIMIT $2")
+                    .bind(recipient)
+                    .bind(i64::from(limit))
+                    .fetch_all(self.reader())
+                    .await?
+                    .iter()
+                    .map(|r| {
+                        Ok(StoredNotice {
+                            notice: Notice {
+                                key: r.try_get("key")?,
+                                recipient: r.try_get("recipient")?,
+                                kind: r.try_get("kind")?,
+                                body: parse_json(r.try_get("body")?, "notice body")?,
+                            },
+                            created_at_ms: r.try_get("created_at_ms")?,
+                            delivered_at_ms: r.try_get("delivered_at_ms")?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn account_policy(&self, account: &str) -> Result<Option<bool>, StoreError> {
+                let v: Option<i64> =
+                    sqlx::query_scalar("SELECT allow_negative FROM ledger_accounts WHERE account = $1")
+                        .bind(account)
+                        .fetch_optional(self.reader())
+                        .await?;
+                Ok(v.map(|v| v != 0))
+            }
+
+            async fn set_account_policy(
+                &self,
+                account: &str,
+                allow_negative: bool,
+                now_ms: UnixMillis,
+            ) -> Result<(), StoreError> {
+                sqlx::query("INSERT INTO ledger_accounts (account, allow_negative, updated_at_ms) VALUES ($1, $2, $3) ON CONFLICT (account) DO UPDATE SET allow_negative = excluded.allow_negative, updated_at_ms = excluded.updated_at_ms")
+                    .bind(account)
+                    .bind(i64::from(allow_negative))
+                    .bind(now_ms)
+                    .execute(self.writer())
+                    .await?;
+                Ok(())
+            }
+
+            async fn balances(
+                &self,
+                account: Option<&str>,
+            ) -> Result<Vec<(String, String, i64)>, StoreError> {
+                let rows = sqlx::query("SELECT account, currency, balance FROM ledger_balances WHERE $1 IS NULL OR account = $1 ORDER BY account, currency")
+                    .bind(account)
+                    .fetch_all(self.reader())
+                    .await?;
+                rows.iter()
+                    .map(|r| {
+                        Ok((
+                            r.try_get("account")?,
+                            r.try_get("currency")?,
+                            r.try_get("balance")?,
+                        ))
+                    })
+                    .collect()
+            }
+
+            async fn account_entries(
+                &self,
+                account: &str,
+                from_ms: UnixMillis,
+                to_ms: UnixMillis,
+            ) -> Result<Vec<AccountEntry>, StoreError> {
+                let rows = sqlx::query("SELECT p.key, p.kind, p.memo, e.currency, e.amount, p.posted_at_ms FROM ledger_entries e JOIN ledger_postings p ON p.key = e.posting_key WHERE e.account = $1 AND p.posted_at_ms >= $2 AND p.posted_at_ms < $3 ORDER BY p.posted_at_ms, p.key")
+                    .bind(account)
+                    .bind(from_ms)
+                    .bind(to_ms)
+                    .fetch_all(self.reader())
+                    .await?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(AccountEntry {
+                            key: r.try_get("key")?,
+                            kind: r.try_get("kind")?,
+                            memo: r.try_get("memo")?,
+                            currency: r.try_get("currency")?,
+                            amount: r.try_get("amount")?,
+                            posted_at_ms: r.try_get("posted_at_ms")?,
+                        })
+                    })
+                    .collect()
+            }
+        }
+    };
+}
+
+pub(crate) use sql_stores;
