@@ -7,15 +7,14 @@
 //! I/O layer around them.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use surplus_protocol::Message;
-use surplus_protocol::clock::UnixMillis;
 use surplus_protocol::control::*;
 use uuid::Uuid;
 
+use crate::link::LinkError;
 use crate::service::Controller;
 use crate::store::{Claim, InstanceRow, Principal, Role, StoreError, VolumeRow};
 
@@ -393,25 +392,7 @@ pub enum ControlError {
         /// What it needs.
         needed: i64,
     },
-    /// The hosting agent is not connected (503).
-    #[error("agent {agent_id} is not connected ({seen})")]
-    Offline {
-        /// The agent.
-        agent_id: Uuid,
-        /// When it was last seen.
-        last_seen_ms: Option<UnixMillis>,
-        /// A sentence about it.
-        seen: String,
-    },
-    /// The agent did not answer in time (504).
-    #[error("agent {agent_id} did not answer within {after:?}")]
-    Timeout {
-        /// The agent.
-        agent_id: Uuid,
-        /// The limit.
-        after: Duration,
-    },
-    /// The agent answered with a failure.
+    /// The agent answered the command with a failure.
     #[error("agent {agent_id}: {failure}")]
     Agent {
         /// The agent.
@@ -419,14 +400,9 @@ pub enum ControlError {
         /// What it said.
         failure: ControlFailure,
     },
-    /// The exchange broke (502).
-    #[error("agent {agent_id}: {message}")]
-    Exchange {
-        /// The agent.
-        agent_id: Uuid,
-        /// What happened.
-        message: String,
-    },
+    /// The agent could not be asked, or did not answer (503, 504, 502).
+    #[error(transparent)]
+    Link(#[from] LinkError),
     /// Storage failed (500).
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -495,57 +471,21 @@ impl Controller {
         agent_id: Uuid,
         command: Command,
     ) -> Result<ControlReply, ControlError> {
-        let Some(conn) = self.registry.connection(agent_id) else {
-            return Err(self.offline(agent_id).await);
-        };
         let action = command.action();
         let started = std::time::Instant::now();
-        let answer = surplus_protocol::quic::request(
-            &conn,
-            &Message::Control(command),
-            self.config.max_frame_size,
-            self.config.control_timeout,
-        )
-        .await;
+        let answer = self
+            .link
+            .call(
+                agent_id,
+                &Message::Control(command),
+                self.config.control_timeout,
+            )
+            .await;
         self.metrics.observe_control(action, started.elapsed());
-        match answer {
-            Ok(Message::ControlResult(Ok(reply))) => Ok(reply),
-            Ok(Message::ControlResult(Err(failure))) => {
-                Err(ControlError::Agent { agent_id, failure })
-            }
-            Ok(other) => Err(ControlError::Exchange {
-                agent_id,
-                message: format!("answered {} to a control command", other.kind()),
-            }),
-            Err(surplus_protocol::quic::ExchangeError::Timeout(after)) => {
-                Err(ControlError::Timeout { agent_id, after })
-            }
-            Err(surplus_protocol::quic::ExchangeError::Connection(e)) => {
-                tracing::info!(%agent_id, error = %e, "agent lost during a control command");
-                Err(self.offline(agent_id).await)
-            }
-            Err(e) => Err(ControlError::Exchange {
-                agent_id,
-                message: e.to_string(),
-            }),
-        }
-    }
-
-    async fn offline(&self, agent_id: Uuid) -> ControlError {
-        let last_seen_ms = self
-            .store
-            .agent(agent_id)
-            .await
-            .ok()
-            .flatten()
-            .and_then(|a| a.last_seen_ms);
-        let seen = last_seen_ms.map_or("never seen".to_owned(), |t| {
-            format!("last seen at {t} ms since the epoch")
-        });
-        ControlError::Offline {
-            agent_id,
-            last_seen_ms,
-            seen,
+        match answer? {
+            Message::ControlResult(Ok(reply)) => Ok(reply),
+            Message::ControlResult(Err(failure)) => Err(ControlError::Agent { agent_id, failure }),
+            other => Err(LinkError::unexpected(agent_id, "a control command", &other).into()),
         }
     }
 
@@ -727,11 +667,7 @@ impl Controller {
                         Ok(other) => return Err(unexpected(agent_id, &other)),
                         // An unreachable host does not hide its instances: show the last
                         // known records, marked stale.
-                        Err(
-                            ControlError::Offline { .. }
-                            | ControlError::Timeout { .. }
-                            | ControlError::Exchange { .. },
-                        ) => {
+                        Err(ControlError::Link(_)) => {
                             for row in rows.iter().filter(|r| r.agent_id == agent_id) {
                                 if filters.matches(&row.record) {
                                     out.push(self.instance_view(row, row.record.clone(), true));
@@ -926,11 +862,7 @@ impl Controller {
                             }
                         }
                         Ok(other) => return Err(unexpected(agent_id, &other)),
-                        Err(
-                            ControlError::Offline { .. }
-                            | ControlError::Timeout { .. }
-                            | ControlError::Exchange { .. },
-                        ) => {
+                        Err(ControlError::Link(_)) => {
                             out.extend(rows.iter().filter(|r| r.agent_id == agent_id).map(|r| {
                                 VolumeView {
                                     volume: r.record.clone(),
@@ -1267,10 +1199,11 @@ impl Controller {
                 .agent_command(agent_id, Command::DescribeInstances(Filters::default()))
                 .await?
             else {
-                return Err(ControlError::Exchange {
+                return Err(LinkError::Failed {
                     agent_id,
                     message: "unexpected answer to DescribeInstances".into(),
-                });
+                }
+                .into());
             };
             let now = self.clock.now_ms();
             let mut records: Vec<Instance> = Vec::new();
@@ -1335,10 +1268,11 @@ fn group(items: impl Iterator<Item = (Uuid, String)>) -> Vec<(Uuid, Vec<String>)
 }
 
 fn unexpected(agent_id: Uuid, reply: &ControlReply) -> ControlError {
-    ControlError::Exchange {
+    LinkError::Failed {
         agent_id,
         message: format!("unexpected answer {reply:?}"),
     }
+    .into()
 }
 
 /// The fields of `reported` that differ from the `recorded` spec, with both values

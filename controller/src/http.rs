@@ -24,7 +24,8 @@ pub mod billing;
 
 use crate::api::*;
 use crate::datadir::api_token_hash;
-use crate::service::{CommandError, Controller};
+use crate::link::LinkError;
+use crate::service::Controller;
 use crate::store::{Principal, Role, StoreError};
 
 /// An API failure.
@@ -468,7 +469,7 @@ async fn list_agents(
     Ok(Json(
         agents
             .iter()
-            .map(|a| AgentView::new(a, ctl.registry.connection(a.id).is_some(), now))
+            .map(|a| AgentView::new(a, ctl.link.is_connected(a.id), now))
             .collect(),
     ))
 }
@@ -484,11 +485,7 @@ async fn show_agent(
     let sessions = ctl.store.sessions(id, 20).await?;
     let history = ctl.store.inventory_history(id, 50).await?;
     Ok(Json(AgentDetail {
-        agent: AgentView::new(
-            &agent,
-            ctl.registry.connection(id).is_some(),
-            ctl.clock.now_ms(),
-        ),
+        agent: AgentView::new(&agent, ctl.link.is_connected(id), ctl.clock.now_ms()),
         inventory: agent.inventory,
         sessions,
         inventory_history: history
@@ -535,22 +532,10 @@ async fn ping_agent(
     caller.require(Role::Admin)?;
     let agent = load_agent(&ctl, &id).await?;
     let id = agent.id;
-    match ctl.ping(id).await {
-        Ok(rtt) => Ok(Json(
-            serde_json::json!({ "agent_id": id, "rtt_ms": rtt.as_secs_f64() * 1000.0 }),
-        )),
-        Err(CommandError::Offline) => Err(offline(id, &agent)),
-        Err(e @ CommandError::Timeout(_)) => Err(ApiError::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            "agent_timeout",
-            format!("agent {id}: {e}"),
-        )),
-        Err(e) => Err(ApiError::new(
-            StatusCode::BAD_GATEWAY,
-            "agent_error",
-            format!("agent {id}: {e}"),
-        )),
-    }
+    let rtt = ctl.ping(id).await?;
+    Ok(Json(
+        serde_json::json!({ "agent_id": id, "rtt_ms": rtt.as_secs_f64() * 1000.0 }),
+    ))
 }
 
 /// A run as the API shows it: the stored record plus live progress while running.
@@ -581,20 +566,13 @@ async fn order_validation(
     match ctl.start_validation(id, &options, &caller.0.account).await {
         Ok(run) => Ok((StatusCode::ACCEPTED, Json(run_view(&ctl, run)))),
         Err(crate::validation::StartError::Invalid(why)) => Err(ApiError::bad_request(why)),
-        Err(crate::validation::StartError::Offline) => Err(offline(id, &agent)),
+        Err(crate::validation::StartError::Offline) => Err(LinkError::Offline {
+            agent_id: id,
+            last_seen_ms: agent.last_seen_ms,
+        }
+        .into()),
         Err(crate::validation::StartError::Store(e)) => Err(e.into()),
     }
-}
-
-fn offline(id: Uuid, agent: &crate::store::AgentRecord) -> ApiError {
-    let seen = agent.last_seen_ms.map_or("never seen".to_owned(), |t| {
-        format!("last seen at {t} ms since the epoch")
-    });
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "agent_offline",
-        format!("agent {id} is not connected ({seen})"),
-    )
 }
 
 async fn agent_validations(
@@ -647,27 +625,11 @@ async fn cancel_validation(
             ),
         ));
     }
-    match ctl.cancel_validation(&run).await {
-        Ok(was_running) => Ok((
-            StatusCode::ACCEPTED,
-            Json(serde_json::json!({ "run_id": run_id, "cancelling": was_running })),
-        )),
-        Err(CommandError::Offline) => Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "agent_offline",
-            format!("agent {} is not connected", run.agent_id),
-        )),
-        Err(e @ CommandError::Timeout(_)) => Err(ApiError::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            "agent_timeout",
-            e.to_string(),
-        )),
-        Err(e) => Err(ApiError::new(
-            StatusCode::BAD_GATEWAY,
-            "agent_error",
-            e.to_string(),
-        )),
-    }
+    let was_running = ctl.cancel_validation(&run).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "run_id": run_id, "cancelling": was_running })),
+    ))
 }
 
 async fn create_token(
@@ -703,6 +665,31 @@ pub fn validate_label(key: &str, value: &str) -> Result<(), ApiError> {
         .map_err(|e| ApiError::bad_request(e.to_string()).with_field(e.field))
 }
 
+impl From<LinkError> for ApiError {
+    fn from(e: LinkError) -> Self {
+        let message = e.to_string();
+        match e {
+            LinkError::Offline {
+                agent_id,
+                last_seen_ms,
+            } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "agent_offline", message)
+                .with_agent(agent_id, last_seen_ms),
+            LinkError::Timeout { agent_id, .. } => {
+                ApiError::new(StatusCode::GATEWAY_TIMEOUT, "agent_timeout", message)
+                    .with_agent(agent_id, None)
+            }
+            LinkError::Refused { agent_id, .. } => {
+                ApiError::new(StatusCode::BAD_GATEWAY, "agent_refused", message)
+                    .with_agent(agent_id, None)
+            }
+            LinkError::Failed { agent_id, .. } => {
+                ApiError::new(StatusCode::BAD_GATEWAY, "agent_error", message)
+                    .with_agent(agent_id, None)
+            }
+        }
+    }
+}
+
 impl From<crate::control::ControlError> for ApiError {
     fn from(e: crate::control::ControlError) -> Self {
         use crate::control::ControlError as E;
@@ -724,16 +711,6 @@ impl From<crate::control::ControlError> for ApiError {
                 .with_detail("currency", currency)
                 .with_detail("balance", balance)
                 .with_detail("needed", needed),
-            E::Offline {
-                agent_id,
-                last_seen_ms,
-                ..
-            } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "agent_offline", message)
-                .with_agent(agent_id, last_seen_ms),
-            E::Timeout { agent_id, .. } => {
-                ApiError::new(StatusCode::GATEWAY_TIMEOUT, "agent_timeout", message)
-                    .with_agent(agent_id, None)
-            }
             E::Agent { agent_id, failure } => {
                 let (status, code) = match failure.kind {
                     K::InvalidParameter => (StatusCode::BAD_REQUEST, "bad_request"),
@@ -748,10 +725,7 @@ impl From<crate::control::ControlError> for ApiError {
                 }
                 error
             }
-            E::Exchange { agent_id, .. } => {
-                ApiError::new(StatusCode::BAD_GATEWAY, "agent_error", message)
-                    .with_agent(agent_id, None)
-            }
+            E::Link(e) => e.into(),
             E::Store(e) => e.into(),
         }
     }

@@ -16,6 +16,7 @@ pub mod datadir;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod http;
+pub mod link;
 pub mod metering;
 pub mod metrics;
 pub mod registry;

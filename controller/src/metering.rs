@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use crate::billing::{self, Period, PeriodUsage};
 use crate::ledger::Applied;
+use crate::link::LinkError;
 use crate::service::Controller;
 use crate::store::{Billable, IngestBatch, IngestOutcome, InvoiceLine, PostError, StoreError};
 
@@ -134,6 +135,20 @@ pub struct WaitingFor {
     pub agent_id: Uuid,
     /// The end of its latest usage record stored (`None`: none yet).
     pub usage_through_ms: Option<i64>,
+}
+
+/// Why new metering periods were not set.
+#[derive(Debug, thiserror::Error)]
+pub enum SetMeteringError {
+    /// The periods are not acceptable.
+    #[error("{0}")]
+    Invalid(String),
+    /// Storage failed; nothing was sent.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Stored, but the connected agent was not told (it is told when it reconnects).
+    #[error(transparent)]
+    Link(#[from] LinkError),
 }
 
 /// Why a billing run was refused.
@@ -312,36 +327,30 @@ impl Controller {
         &self,
         agent_id: Uuid,
         periods: MeteringPeriods,
-    ) -> Result<Option<MeteringAck>, String> {
-        periods.validate()?;
+    ) -> Result<Option<MeteringAck>, SetMeteringError> {
+        periods.validate().map_err(SetMeteringError::Invalid)?;
         self.store
             .set_metering(agent_id, &periods, self.clock.now_ms())
-            .await
-            .map_err(|e| e.to_string())?;
-        self.send_metering(agent_id, periods).await
+            .await?;
+        Ok(self.send_metering(agent_id, periods).await?)
     }
 
-    /// Sends periods to a connected agent.
+    /// Sends periods to an agent: its answer, or `None` when it is not connected.
     pub async fn send_metering(
         &self,
         agent_id: Uuid,
         periods: MeteringPeriods,
-    ) -> Result<Option<MeteringAck>, String> {
-        let Some(conn) = self.registry.connection(agent_id) else {
-            return Ok(None);
-        };
-        match surplus_protocol::quic::request(
-            &conn,
-            &Message::SetMetering(periods),
-            self.config.max_frame_size,
-            self.config.control_timeout,
-        )
-        .await
+    ) -> Result<Option<MeteringAck>, LinkError> {
+        let set = Message::SetMetering(periods);
+        match self
+            .link
+            .call(agent_id, &set, self.config.control_timeout)
+            .await
         {
             Ok(Message::MeteringAck(ack)) => Ok(Some(ack)),
-            Ok(Message::Error(reply)) => Err(format!("agent refused: {}", reply.message)),
-            Ok(other) => Err(format!("agent answered {}", other.kind())),
-            Err(e) => Err(format!("agent not reached: {e}")),
+            Ok(other) => Err(LinkError::unexpected(agent_id, "metering periods", &other)),
+            Err(LinkError::Offline { .. }) => Ok(None),
+            Err(e) => Err(e),
         }
     }
 

@@ -14,27 +14,11 @@ use surplus_protocol::token::JoinToken;
 use uuid::Uuid;
 
 use crate::config::ControllerConfig;
+use crate::link::{AgentLink, LinkError};
 use crate::registry::{Registry, RegistryEvent};
 use crate::store::{
     EnrollOutcome, Labels, NewAgent, NewJoinToken, Store, StoreError, TokenRefusal,
 };
-
-/// Why a command to an agent did not complete.
-#[derive(Debug, thiserror::Error)]
-pub enum CommandError {
-    /// The agent has no open session.
-    #[error("agent is not connected")]
-    Offline,
-    /// The agent did not answer in time.
-    #[error("agent did not answer within {0:?}")]
-    Timeout(Duration),
-    /// The agent answered with the wrong message.
-    #[error("agent answered with {0}")]
-    BadAnswer(&'static str),
-    /// The exchange failed.
-    #[error("exchange with the agent failed: {0}")]
-    Failed(String),
-}
 
 /// A join token just created.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -65,7 +49,9 @@ pub struct Controller {
     /// Revoked agents, consulted by the TLS verifier.
     pub revoked: RevocationList,
     /// Live sessions.
-    pub registry: Registry,
+    pub registry: Arc<Registry>,
+    /// Calls to agents.
+    pub link: AgentLink,
     /// Counters for `/metrics`.
     pub metrics: crate::metrics::Metrics,
     /// Every task of this controller, so that shutdown can wait for all of them.
@@ -100,12 +86,15 @@ impl Controller {
         clock: Arc<dyn Clock>,
         ca: CertAuthority,
     ) -> Self {
+        let registry = Arc::new(Registry::default());
+        let link = AgentLink::new(registry.clone(), store.clone(), config.max_frame_size);
         Self {
             config,
             store,
             clock,
             revoked: RevocationList::default(),
-            registry: Registry::default(),
+            registry,
+            link,
             metrics: crate::metrics::Metrics::default(),
             tasks: tokio_util::task::TaskTracker::new(),
             progress: Default::default(),
@@ -286,29 +275,19 @@ impl Controller {
         Ok(newly)
     }
 
-    /// Opens a stream to a connected agent and measures the round trip of a ping: the
-    /// controller-initiated direction that commands use.
-    pub async fn ping(&self, agent_id: Uuid) -> Result<Duration, CommandError> {
-        let conn = self
-            .registry
-            .connection(agent_id)
-            .ok_or(CommandError::Offline)?;
+    /// Measures the round trip of a ping to a connected agent, in the direction that
+    /// commands use (the controller opens the stream).
+    pub async fn ping(&self, agent_id: Uuid) -> Result<Duration, LinkError> {
         let nonce: u64 = rand::random();
         let started = tokio::time::Instant::now();
-        let answer = surplus_protocol::quic::request(
-            &conn,
-            &surplus_protocol::Message::Ping(surplus_protocol::Ping { nonce }),
-            self.config.max_frame_size,
-            self.config.request_timeout,
-        )
-        .await;
-        match answer {
-            Ok(surplus_protocol::Message::Pong(pong)) if pong.nonce == nonce => {
-                Ok(started.elapsed())
-            }
-            Ok(other) => Err(CommandError::BadAnswer(other.kind())),
-            Err(surplus_protocol::quic::ExchangeError::Timeout(t)) => Err(CommandError::Timeout(t)),
-            Err(e) => Err(CommandError::Failed(e.to_string())),
+        let ping = surplus_protocol::Message::Ping(surplus_protocol::Ping { nonce });
+        match self
+            .link
+            .call(agent_id, &ping, self.config.request_timeout)
+            .await?
+        {
+            surplus_protocol::Message::Pong(pong) if pong.nonce == nonce => Ok(started.elapsed()),
+            other => Err(LinkError::unexpected(agent_id, "a ping", &other)),
         }
     }
 

@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use surplus_protocol::messages::*;
-use surplus_protocol::quic::{self, ExchangeError};
 use uuid::Uuid;
 
+use crate::link::LinkError;
 use crate::registry::RegistryEvent;
-use crate::service::{CommandError, Controller};
+use crate::service::Controller;
 use crate::store::{RunStatus, StoreError, ValidationRun};
 
 /// Extra time beyond a run's budget before the controller gives up on it.
@@ -110,10 +110,9 @@ impl Controller {
     ) -> Result<ValidationRun, StartError> {
         let run_id = Uuid::now_v7();
         let (request, budget) = options.request(run_id)?;
-        let conn = self
-            .registry
-            .connection(agent_id)
-            .ok_or(StartError::Offline)?;
+        if !self.link.is_connected(agent_id) {
+            return Err(StartError::Offline);
+        }
         let run = ValidationRun {
             id: run_id,
             agent_id,
@@ -136,45 +135,35 @@ impl Controller {
         let ctl = self.clone();
         let stored = run.clone();
         self.tasks
-            .spawn(async move { ctl.drive(stored, conn, request, budget).await });
+            .spawn(async move { ctl.drive(stored, request, budget).await });
         Ok(run)
     }
 
-    async fn drive(
-        &self,
-        mut run: ValidationRun,
-        conn: quinn::Connection,
-        request: ValidationRequest,
-        budget: Duration,
-    ) {
-        let max = self.config.max_frame_size;
-        let exchange = async {
-            let (mut send, mut recv) = conn.open_bi().await?;
-            quic::write_frame(&mut send, &Message::RunValidation(request), max).await?;
-            loop {
-                match quic::read_frame(&mut recv, max).await?.message {
+    async fn drive(&self, mut run: ValidationRun, request: ValidationRequest, budget: Duration) {
+        let run_id = run.id;
+        let answer = self
+            .link
+            .call_with_progress(
+                run.agent_id,
+                &Message::RunValidation(request),
+                budget + GRACE,
+                |m| match m {
                     Message::ValidationProgress(p) => {
                         self.progress
                             .lock()
                             .expect("progress lock")
-                            .insert(run.id, Some(p));
+                            .insert(run_id, Some(p.clone()));
                         self.registry
-                            .publish(RegistryEvent::ValidationProgress(run.id));
+                            .publish(RegistryEvent::ValidationProgress(run_id));
+                        true
                     }
-                    Message::ValidationResult(report) => return Ok(Ok(*report)),
-                    Message::Error(e) => return Ok(Err(format!("agent refused: {e}"))),
-                    other => return Ok(Err(format!("agent answered with {}", other.kind()))),
-                }
-            }
-        };
-        let outcome: Result<Result<ValidationReport, String>, ExchangeError> =
-            match tokio::time::timeout(budget + GRACE, exchange).await {
-                Ok(r) => r,
-                Err(_) => Err(ExchangeError::Timeout(budget + GRACE)),
-            };
+                    _ => false,
+                },
+            )
+            .await;
         run.finished_at_ms = Some(self.clock.now_ms());
-        match outcome {
-            Ok(Ok(report)) => {
+        match answer {
+            Ok(Message::ValidationResult(report)) => {
                 run.status = if report.cancelled {
                     RunStatus::Cancelled
                 } else {
@@ -188,13 +177,14 @@ impl Controller {
                     .security
                     .map(|s| serde_json::to_value(s).expect("report serializes"));
             }
-            Ok(Err(reason)) => {
+            Ok(other) => {
                 run.status = RunStatus::Failed;
-                run.error = Some(reason);
+                run.error =
+                    Some(LinkError::unexpected(run.agent_id, "a validation", &other).to_string());
             }
-            Err(ExchangeError::Connection(e)) => {
+            Err(LinkError::Offline { .. }) => {
                 run.status = RunStatus::Failed;
-                run.error = Some(format!("the agent disconnected during the run: {e}"));
+                run.error = Some("the agent disconnected during the run".into());
             }
             Err(e) => {
                 run.status = RunStatus::Failed;
@@ -225,23 +215,19 @@ impl Controller {
     }
 
     /// Asks the agent to stop a run; `Ok(true)` when the agent was running it.
-    pub async fn cancel_validation(&self, run: &ValidationRun) -> Result<bool, CommandError> {
-        let conn = self
-            .registry
-            .connection(run.agent_id)
-            .ok_or(CommandError::Offline)?;
-        let answer = quic::request(
-            &conn,
-            &Message::CancelValidation(CancelValidation { run_id: run.id }),
-            self.config.max_frame_size,
-            self.config.request_timeout,
-        )
-        .await;
-        match answer {
-            Ok(Message::CancelAck(ack)) => Ok(ack.was_running),
-            Ok(other) => Err(CommandError::BadAnswer(other.kind())),
-            Err(ExchangeError::Timeout(t)) => Err(CommandError::Timeout(t)),
-            Err(e) => Err(CommandError::Failed(e.to_string())),
+    pub async fn cancel_validation(&self, run: &ValidationRun) -> Result<bool, LinkError> {
+        let cancel = Message::CancelValidation(CancelValidation { run_id: run.id });
+        match self
+            .link
+            .call(run.agent_id, &cancel, self.config.request_timeout)
+            .await?
+        {
+            Message::CancelAck(ack) => Ok(ack.was_running),
+            other => Err(LinkError::unexpected(
+                run.agent_id,
+                "a cancellation",
+                &other,
+            )),
         }
     }
 }

@@ -119,6 +119,59 @@ async fn three_agents_enroll_and_report_this_host() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_link_tells_an_answer_a_refusal_and_an_absent_agent_apart() {
+    use surplus_controller::link::LinkError;
+    use surplus_protocol::Message;
+    let tc = TestController::start().await;
+    let mut events = tc.events();
+    let (config, _) = tc.enroll("linked", &[]).await;
+    let agent = RunningAgent::spawn(config, clock::system());
+    let id = agent.id;
+    events.until("online", |e| online(e) == Some(id)).await;
+    let link = &tc.ctl().link;
+    let second = Duration::from_secs(5);
+
+    let ping = Message::Ping(Ping { nonce: 7 });
+    match link.call(id, &ping, second).await {
+        Ok(Message::Pong(Pong { nonce: 7 })) => {}
+        other => panic!("a ping is answered with its nonce: {other:?}"),
+    }
+    // The agent serves no Pong: it answers with an error, which the link calls a refusal.
+    match link
+        .call(id, &Message::Pong(Pong { nonce: 1 }), second)
+        .await
+    {
+        Err(LinkError::Refused { agent_id, reply }) => {
+            assert_eq!(agent_id, id);
+            assert!(reply.message.contains("does not serve"), "{reply:?}");
+        }
+        other => panic!("an answer that is an error is a refusal: {other:?}"),
+    }
+    let stranger = uuid::Uuid::now_v7();
+    assert_eq!(
+        link.call(stranger, &ping, second).await.unwrap_err(),
+        LinkError::Offline {
+            agent_id: stranger,
+            last_seen_ms: None
+        }
+    );
+    agent.stop().await;
+    events
+        .until("disconnected", |e| *e == RegistryEvent::Disconnected(id))
+        .await;
+    match link.call(id, &ping, second).await {
+        Err(e @ LinkError::Offline { .. }) => {
+            let LinkError::Offline { last_seen_ms, .. } = &e else {
+                unreachable!()
+            };
+            assert!(last_seen_ms.is_some(), "a known agent was seen: {e}");
+            assert!(e.to_string().contains("last seen at"), "{e}");
+        }
+        other => panic!("a stopped agent is offline: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_tokens_say_why_and_one_token_enrolls_once() {
     let manual = ManualClock::new(clock::system().now_ms());
     let tc = TestController::start_with(test_config(), manual.clone()).await;

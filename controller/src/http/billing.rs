@@ -8,6 +8,7 @@ use surplus_protocol::usage::MeteringPeriods;
 use super::*;
 use crate::billing::{Period, PricePlan};
 use crate::ledger::{self, Applied};
+use crate::metering::SetMeteringError;
 use crate::store::{AgentRecord, InvoiceLine, PostError, UsageQuery};
 
 const HOUR_MS: i64 = 3_600_000;
@@ -118,10 +119,12 @@ pub(super) async fn put_metering(
     periods
         .validate()
         .map_err(|e| invalid(e.split(':').next().unwrap_or("periods"), e.clone()))?;
-    let ack = ctl.set_metering(agent.id, periods).await.map_err(|e| {
-        ApiError::new(StatusCode::BAD_GATEWAY, "agent_error", e)
-            .with_agent(agent.id, agent.last_seen_ms)
-    })?;
+    let ack = match ctl.set_metering(agent.id, periods).await {
+        Ok(ack) => ack,
+        Err(SetMeteringError::Invalid(e)) => return Err(ApiError::bad_request(e)),
+        Err(SetMeteringError::Store(e)) => return Err(e.into()),
+        Err(SetMeteringError::Link(e)) => return Err(e.into()),
+    };
     Ok(Json(MeteringView {
         agent_id: agent.id,
         periods: Some(periods),
