@@ -3,10 +3,11 @@
 //! hosts the instance or volume, and keeping the last answer so that descriptions
 //! survive an offline agent and a restarted agent is reconciled.
 //!
-//! [`parse_request`] and [`authorise`] are pure; [`Controller::control`] is the thin
+//! [`parse_request`] and [`authorise`] are pure; [`Control::handle`] is the thin
 //! I/O layer around them.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -14,8 +15,8 @@ use surplus_protocol::Message;
 use surplus_protocol::control::*;
 use uuid::Uuid;
 
+use crate::app::App;
 use crate::link::LinkError;
-use crate::service::Controller;
 use crate::store::{Claim, InstanceRow, Principal, Role, StoreError, VolumeRow};
 
 /// A request of the primary control interface, as the API receives it.
@@ -464,7 +465,23 @@ pub enum ControlResponse {
     Logs(InstanceLogs),
 }
 
-impl Controller {
+/// The primary control interface: instances and volumes on the agents that host them.
+#[derive(Debug)]
+pub struct Control {
+    app: Arc<App>,
+    /// One lock per instance being modified: the agent's change and the record of the
+    /// limits in force are made in the same order.
+    instance_locks: Locks,
+}
+
+impl Control {
+    pub(crate) fn new(app: Arc<App>) -> Self {
+        Self {
+            app,
+            instance_locks: Locks::default(),
+        }
+    }
+
     /// Sends one command to an agent and waits for the translated answer.
     pub async fn agent_command(
         &self,
@@ -474,14 +491,15 @@ impl Controller {
         let action = command.action();
         let started = std::time::Instant::now();
         let answer = self
+            .app
             .link
             .call(
                 agent_id,
                 &Message::Control(command),
-                self.config.control_timeout,
+                self.app.config.control_timeout,
             )
             .await;
-        self.metrics.observe_control(action, started.elapsed());
+        self.app.metrics.observe_control(action, started.elapsed());
         match answer? {
             Message::ControlResult(Ok(reply)) => Ok(reply),
             Message::ControlResult(Err(failure)) => Err(ControlError::Agent { agent_id, failure }),
@@ -494,12 +512,12 @@ impl Controller {
         caller: &Principal,
         id: &str,
     ) -> Result<InstanceRow, ControlError> {
-        let row = self.store.instance(id).await?;
+        let row = self.app.store.instance(id).await?;
         owned(caller, "instance", id, row, InstanceRow::owner)
     }
 
     async fn owned_volume(&self, caller: &Principal, id: &str) -> Result<VolumeRow, ControlError> {
-        let row = self.store.volume(id).await?;
+        let row = self.app.store.volume(id).await?;
         owned(caller, "volume", id, row, VolumeRow::owner)
     }
 
@@ -507,7 +525,7 @@ impl Controller {
     async fn placement(&self, asked: Option<Uuid>) -> Result<Uuid, ControlError> {
         if let Some(id) = asked {
             let agent =
-                self.store.agent(id).await?.ok_or_else(|| {
+                self.app.store.agent(id).await?.ok_or_else(|| {
                     Invalid::new("agent_id", format!("agent {id} is not enrolled"))
                 })?;
             if agent.status == crate::store::AgentStatus::Revoked {
@@ -515,7 +533,7 @@ impl Controller {
             }
             return Ok(id);
         }
-        let connected = self.registry.connected_agents();
+        let connected = self.app.registry.connected_agents();
         match connected.as_slice() {
             [only] => Ok(*only),
             [] => Err(Invalid::new("agent_id", "no agent is connected to run it").into()),
@@ -541,7 +559,7 @@ impl Controller {
     }
 
     /// Serves one control request for `caller`.
-    pub async fn control(
+    pub async fn handle(
         &self,
         caller: &Principal,
         request: ControlRequest,
@@ -600,7 +618,7 @@ impl Controller {
                     }
                 }
                 // Keep the stored records in step with what the agents now say.
-                let now = self.clock.now_ms();
+                let now = self.app.clock.now_ms();
                 let updated: Vec<Instance> = rows
                     .into_iter()
                     .filter_map(|r| {
@@ -614,7 +632,7 @@ impl Controller {
                         Some(record)
                     })
                     .collect();
-                self.store.update_instances(&updated, now).await?;
+                self.app.store.update_instances(&updated, now).await?;
                 Ok(ControlResponse::StateChanges(changes))
             }
             ControlRequest::Describe(filters) => {
@@ -659,8 +677,9 @@ impl Controller {
                                 }
                             }
                             if !changed.is_empty() {
-                                self.store
-                                    .update_instances(&changed, self.clock.now_ms())
+                                self.app
+                                    .store
+                                    .update_instances(&changed, self.app.clock.now_ms())
                                     .await?;
                             }
                         }
@@ -755,19 +774,22 @@ impl Controller {
                         },
                     )
                     .await?;
-                let now = self.clock.now_ms();
+                let now = self.app.clock.now_ms();
                 let mut record = row.record.clone();
                 if let Some(l) = new_limits {
                     record.spec.limits = l;
                     if l != row.record.spec.limits {
                         // Billing rates each part of a period with the limits in force.
-                        self.store.record_limits(&instance_id, now, &l).await?;
+                        self.app.store.record_limits(&instance_id, now, &l).await?;
                     }
                 }
                 if let Some(l) = labels {
                     record.spec.labels = l;
                 }
-                self.store.update_instances(&[record.clone()], now).await?;
+                self.app
+                    .store
+                    .update_instances(&[record.clone()], now)
+                    .await?;
                 // The answer is the recorded value, whatever the host echoed.
                 let ControlReply::Attribute { .. } = reply else {
                     return Err(unexpected(row.agent_id, &reply));
@@ -820,7 +842,7 @@ impl Controller {
                 let rows = match ids.is_empty() {
                     true => {
                         let owner = (caller.role != Role::Admin).then_some(caller);
-                        self.store.volumes(owner).await?
+                        self.app.store.volumes(owner).await?
                     }
                     false => {
                         let mut rows = Vec::new();
@@ -846,10 +868,11 @@ impl Controller {
                                     tracing::warn!(%agent_id, volume = %v.id, "agent described a volume it was not asked for");
                                     continue;
                                 };
-                                self.store
+                                self.app
+                                    .store
                                     .put_volume(&VolumeRow {
                                         record: v.clone(),
-                                        updated_at_ms: self.clock.now_ms(),
+                                        updated_at_ms: self.app.clock.now_ms(),
                                         ..row.clone()
                                     })
                                     .await?;
@@ -934,10 +957,10 @@ impl Controller {
             // Instances terminated longer ago than the retention are shown only when
             // asked for by id.
             let owner = (caller.role != Role::Admin).then_some(caller);
-            let now = self.clock.now_ms();
+            let now = self.app.clock.now_ms();
             let horizon =
-                i64::try_from(self.config.terminated_retention.as_millis()).unwrap_or(i64::MAX);
-            let mut rows = self.store.instances(owner).await?;
+                i64::try_from(self.app.config.terminated_retention.as_millis()).unwrap_or(i64::MAX);
+            let mut rows = self.app.store.instances(owner).await?;
             rows.retain(|r| {
                 r.record.state != InstanceState::Terminated
                     || now.saturating_sub(r.record.state_changed_at_ms) < horizon
@@ -964,13 +987,14 @@ impl Controller {
         let mut out = Vec::new();
         // The agent speaks only for the volume it was asked about.
         for v in list.into_iter().filter(|v| v.id == volume_id) {
-            self.store
+            self.app
+                .store
                 .put_volume(&VolumeRow {
                     agent_id,
                     account: owner.account.clone(),
                     owner_role: owner.role,
                     record: v.clone(),
-                    updated_at_ms: self.clock.now_ms(),
+                    updated_at_ms: self.app.clock.now_ms(),
                 })
                 .await?;
             out.push(VolumeView {
@@ -1020,16 +1044,16 @@ impl Controller {
         }
         let agent_id = self.placement(agent_id.or(volume_agent)).await?;
         let retry = match &client_token {
-            Some(t) => self.store.instance_by_token(caller, t).await?.is_some(),
+            Some(t) => self.app.store.instance_by_token(caller, t).await?.is_some(),
             None => false,
         };
         // The host's rate card as of this request goes with the instance: what the
         // funds check covers is what the instance is billed by.
-        let plan = self.store.agent_price_plan(agent_id).await?;
+        let plan = self.app.store.agent_price_plan(agent_id).await?;
         if !retry {
             self.check_funds(caller, plan.as_ref()).await?;
         }
-        let now = self.clock.now_ms();
+        let now = self.app.clock.now_ms();
         let instance_id = new_id(INSTANCE_PREFIX);
         let row = InstanceRow {
             agent_id,
@@ -1052,7 +1076,7 @@ impl Controller {
             started_at_ms: None,
             contradiction: None,
         };
-        let row = match self.store.claim_instance(&row, plan.as_ref()).await? {
+        let row = match self.app.store.claim_instance(&row, plan.as_ref()).await? {
             Claim::Created => row,
             Claim::Existing(existing) => {
                 if existing.request_hash != row.request_hash && client_token.is_some() {
@@ -1078,8 +1102,9 @@ impl Controller {
                 let mut record = row.record.clone();
                 record.state = InstanceState::Terminated;
                 record.state_reason = Some(format!("failed to start: {failure}"));
-                self.store
-                    .update_instances(&[record], self.clock.now_ms())
+                self.app
+                    .store
+                    .update_instances(&[record], self.app.clock.now_ms())
                     .await?;
                 return Err(ControlError::Agent { agent_id, failure });
             }
@@ -1091,8 +1116,9 @@ impl Controller {
                 // The agent speaks only for the instance it was asked to run.
                 for i in list.into_iter().filter(|i| i.id == row.record.id) {
                     let (record, contradiction) = self.adopt(&row, i).await?;
-                    self.store
-                        .update_instances(std::slice::from_ref(&record), self.clock.now_ms())
+                    self.app
+                        .store
+                        .update_instances(std::slice::from_ref(&record), self.app.clock.now_ms())
                         .await?;
                     let mut view = self.instance_view(&row, record, false);
                     view.host_contradiction = contradiction;
@@ -1117,6 +1143,7 @@ impl Controller {
         }
         let account = crate::ledger::client(&caller.account);
         let prepaid = self
+            .app
             .store
             .account_policy(&account)
             .await?
@@ -1128,6 +1155,7 @@ impl Controller {
             return Ok(());
         };
         let balance = self
+            .app
             .store
             .balances(Some(&account))
             .await?
@@ -1136,7 +1164,7 @@ impl Controller {
             .map_or(0, |(_, _, b)| b);
         let needed = plan
             .upfront
-            .saturating_add(self.config.prepaid_minimum.max(0));
+            .saturating_add(self.app.config.prepaid_minimum.max(0));
         if balance < needed {
             return Err(ControlError::InsufficientFunds {
                 account,
@@ -1161,7 +1189,8 @@ impl Controller {
         let found = contradiction(&row.record.spec, &reported.spec);
         if let Some((fields, _)) = &found {
             for field in fields {
-                self.metrics
+                self.app
+                    .metrics
                     .spec_contradictions
                     .get_or_create(&vec![("field", *field)])
                     .inc();
@@ -1177,8 +1206,9 @@ impl Controller {
                 None => tracing::info!(agent_id = %row.agent_id, instance = %row.record.id,
                     "the agent's answers agree with the recorded spec again"),
             }
-            self.store
-                .set_contradiction(&row.record.id, text.as_deref(), self.clock.now_ms())
+            self.app
+                .store
+                .set_contradiction(&row.record.id, text.as_deref(), self.app.clock.now_ms())
                 .await?;
         }
         let record = Instance {
@@ -1193,7 +1223,7 @@ impl Controller {
     /// Brings the stored records of one agent in line with what it reports; run when
     /// an agent (re)connects, so a command that was cut off by a crash is settled.
     pub async fn reconcile(&self, agent_id: Uuid) -> Result<(), ControlError> {
-        let rows = self.store.agent_instances(agent_id).await?;
+        let rows = self.app.store.agent_instances(agent_id).await?;
         if !rows.is_empty() {
             let ControlReply::Instances(reported) = self
                 .agent_command(agent_id, Command::DescribeInstances(Filters::default()))
@@ -1205,7 +1235,7 @@ impl Controller {
                 }
                 .into());
             };
-            let now = self.clock.now_ms();
+            let now = self.app.clock.now_ms();
             let mut records: Vec<Instance> = Vec::new();
             for i in &reported {
                 if let Some(row) = rows.iter().find(|r| r.record.id == i.id) {
@@ -1225,7 +1255,7 @@ impl Controller {
                     records.push(record);
                 }
             }
-            self.store.update_instances(&records, now).await?;
+            self.app.store.update_instances(&records, now).await?;
             tracing::info!(%agent_id, instances = records.len(), "instances reconciled");
         }
         Ok(())

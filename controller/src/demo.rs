@@ -14,10 +14,10 @@ use surplus_agent::{AgentConfig, Runner};
 use surplus_protocol::clock;
 use tokio_util::sync::CancellationToken;
 
+use crate::app::Controller;
 use crate::control::{ControlRequest, ControlResponse};
 use crate::datadir::{self, DataDir};
 use crate::registry::RegistryEvent;
-use crate::service::Controller;
 use crate::store::{Principal, Role};
 
 /// Terminates every instance that is not terminated yet, as an admin client would
@@ -29,7 +29,8 @@ async fn terminate_all(ctl: &Controller) -> anyhow::Result<usize> {
         role: Role::Admin,
     };
     let ControlResponse::Instances(list) = ctl
-        .control(&admin, ControlRequest::Describe(Filters::default()))
+        .control
+        .handle(&admin, ControlRequest::Describe(Filters::default()))
         .await
         .context("describing the demo's instances")?
     else {
@@ -44,15 +45,16 @@ async fn terminate_all(ctl: &Controller) -> anyhow::Result<usize> {
         return Ok(0);
     }
     let count = ids.len();
-    ctl.control(
-        &admin,
-        ControlRequest::Lifecycle {
-            op: Lifecycle::Terminate,
-            ids,
-        },
-    )
-    .await
-    .context("terminating the demo's instances")?;
+    ctl.control
+        .handle(
+            &admin,
+            ControlRequest::Lifecycle {
+                op: Lifecycle::Terminate,
+                ids,
+            },
+        )
+        .await
+        .context("terminating the demo's instances")?;
     Ok(count)
 }
 
@@ -113,7 +115,7 @@ pub async fn run_with(
     }
     let running = crate::start(&dir, config, clock.clone()).await?;
     let ctl = running.controller.clone();
-    let mut events = ctl.registry.subscribe();
+    let mut events = ctl.app.registry.subscribe();
 
     println!("Surplus demo");
     println!("  data directory   {}", root.display());
@@ -129,6 +131,7 @@ pub async fn run_with(
     println!("  admin API token  {}", report.admin_token);
 
     let token = ctl
+        .agents
         .create_join_token(
             Duration::from_secs(600),
             [("demo".to_owned(), "true".to_owned())].into(),
@@ -164,6 +167,7 @@ pub async fn run_with(
     }
 
     let agent = ctl
+        .app
         .store
         .agent(identity.agent_id)
         .await?

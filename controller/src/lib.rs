@@ -1,6 +1,8 @@
 //! The Surplus controller.
 //!
-//! - [`service::Controller`]: the operations (enroll, renew, revoke, join tokens).
+//! - [`app`]: the shared state ([`app::App`]) and the [`Controller`] as one service per
+//!   capability: [`agents`] (enroll, renew, revoke, join tokens), [`validation`],
+//!   [`control`], [`metering`]. Every call to an agent goes through [`link`].
 //! - [`server`]: QUIC session and enrollment endpoints, HTTP API, maintenance loop.
 //! - [`control`]: the primary control interface: parsing, authorisation, routing to agents.
 //! - [`registry`]: live sessions, liveness and uptime rules (pure).
@@ -9,7 +11,9 @@
 //! - [`datadir`]: CA, server certificate, database and config on disk.
 //! - [`demo`]: a controller and a local agent in one process.
 
+pub mod agents;
 pub mod api;
+pub mod app;
 pub mod config;
 pub mod control;
 pub mod datadir;
@@ -21,15 +25,14 @@ pub mod metering;
 pub mod metrics;
 pub mod registry;
 pub mod server;
-pub mod service;
 pub mod store;
 pub mod validation;
 
 pub use surplus_market::{acceptance, billing, ledger};
 
+pub use app::{App, Controller};
 pub use config::ControllerConfig;
 pub use server::{RunningController, start};
-pub use service::Controller;
 
 pub use surplus_runtime::init_logs;
 

@@ -159,7 +159,8 @@ impl AgentLink {
         }
     }
 
-    async fn offline(&self, agent_id: Uuid) -> LinkError {
+    /// The error for an agent that is not connected, with when it was last seen.
+    pub async fn offline(&self, agent_id: Uuid) -> LinkError {
         let last_seen_ms = self
             .store
             .agent(agent_id)

@@ -117,9 +117,10 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             let ca = dir.load_ca()?;
             let store = dir.open_store(&config.database_url).await?;
             let labels = surplus_controller::parse_labels(&labels)?;
-            let ctl = surplus_controller::Controller::new(config, store, clock, ca);
+            let ctl =
+                surplus_controller::Controller::new(config, store, clock, ca, Default::default());
             let ttl: Duration = ttl.into();
-            let created = ctl.create_join_token(ttl, labels, "cli").await?;
+            let created = ctl.agents.create_join_token(ttl, labels, "cli").await?;
             println!("{}", created.token);
             eprintln!(
                 "expires in {}; enroll with: surplus-agent enroll --token <token>",

@@ -6,15 +6,17 @@
 //! [`billing`]: crate::billing
 //! [`ledger`]: crate::ledger
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use surplus_protocol::Message;
 use surplus_protocol::usage::{MeteringAck, MeteringPeriods, UsageAck, UsageBatch, meters};
 use uuid::Uuid;
 
+use crate::app::App;
 use crate::billing::{self, Period, PeriodUsage};
 use crate::ledger::Applied;
 use crate::link::LinkError;
-use crate::service::Controller;
 use crate::store::{Billable, IngestBatch, IngestOutcome, InvoiceLine, PostError, StoreError};
 
 /// Most batches one group commit takes.
@@ -51,7 +53,7 @@ struct Queued {
 /// fsync covers many agents; alone, a batch commits at once. Past
 /// [`QUEUE_MAX_RECORDS`] waiting, batches are refused as busy at once.
 #[derive(Default)]
-pub(crate) struct UsageQueue {
+struct UsageQueue {
     queued: std::sync::Mutex<Vec<Queued>>,
     /// Records in `queued` and in the commit running now.
     records: std::sync::atomic::AtomicUsize,
@@ -192,15 +194,35 @@ enum Settled {
     Failed(String),
 }
 
-impl Controller {
+/// Usage ingest, metering periods and billing runs.
+#[derive(Debug)]
+pub struct Metering {
+    app: Arc<App>,
+    /// Usage batches waiting for the next group commit.
+    usage_queue: UsageQueue,
+    /// One billing run at a time: two runs rating the same late usage would each post
+    /// its difference.
+    billing: tokio::sync::Mutex<()>,
+}
+
+impl Metering {
+    pub(crate) fn new(app: Arc<App>) -> Self {
+        Self {
+            app,
+            usage_queue: UsageQueue::default(),
+            billing: tokio::sync::Mutex::default(),
+        }
+    }
+
     /// Commits a batch and answers only once it is committed.
-    pub async fn ingest_usage(&self, agent_id: Uuid, batch: UsageBatch) -> Message {
+    pub async fn ingest(&self, agent_id: Uuid, batch: UsageBatch) -> Message {
         let spool = batch.spool.clone();
         let count = batch.records.len() as u64;
         match self.commit_grouped(agent_id, batch).await {
             Ok(outcome) => {
                 let count = |result: &'static str, n: u64| {
-                    self.metrics
+                    self.app
+                        .metrics
                         .usage_records
                         .get_or_create(&vec![("result", result)])
                         .inc_by(n);
@@ -222,7 +244,8 @@ impl Controller {
                 })
             }
             Err(NotCommitted::Busy) => {
-                self.metrics
+                self.app
+                    .metrics
                     .usage_records
                     .get_or_create(&vec![("result", "busy")])
                     .inc_by(count);
@@ -300,10 +323,11 @@ impl Controller {
                 })
                 .collect();
             let committed = self
+                .app
                 .store
-                .ingest_usage_batches(&batches, self.clock.now_ms())
+                .ingest_usage_batches(&batches, self.app.clock.now_ms())
                 .await;
-            self.metrics.usage_commits.inc();
+            self.app.metrics.usage_commits.inc();
             drop(release);
             match committed {
                 Ok(outcomes) => {
@@ -329,8 +353,9 @@ impl Controller {
         periods: MeteringPeriods,
     ) -> Result<Option<MeteringAck>, SetMeteringError> {
         periods.validate().map_err(SetMeteringError::Invalid)?;
-        self.store
-            .set_metering(agent_id, &periods, self.clock.now_ms())
+        self.app
+            .store
+            .set_metering(agent_id, &periods, self.app.clock.now_ms())
             .await?;
         Ok(self.send_metering(agent_id, periods).await?)
     }
@@ -343,8 +368,9 @@ impl Controller {
     ) -> Result<Option<MeteringAck>, LinkError> {
         let set = Message::SetMetering(periods);
         match self
+            .app
             .link
-            .call(agent_id, &set, self.config.control_timeout)
+            .call(agent_id, &set, self.app.config.control_timeout)
             .await
         {
             Ok(Message::MeteringAck(ack)) => Ok(Some(ack)),
@@ -362,16 +388,17 @@ impl Controller {
     /// period is billed now as an adjustment: the difference to what was billed.
     pub async fn billing_run(&self, period: Period) -> Result<BillingRun, BillingError> {
         let _one_at_a_time = self.billing.lock().await;
-        let now = self.clock.now_ms();
+        let now = self.app.clock.now_ms();
         period.validate(now).map_err(BillingError::Period)?;
         let billables: Vec<Billable> = self
+            .app
             .store
             .billables(period.to_ms)
             .await?
             .into_iter()
             .filter(|b| alive_in(b, &period))
             .collect();
-        let grace = i64::try_from(self.config.billing_grace.as_millis()).unwrap_or(i64::MAX);
+        let grace = i64::try_from(self.app.config.billing_grace.as_millis()).unwrap_or(i64::MAX);
         let retry_after_ms = period.to_ms.saturating_add(grace);
         if now < retry_after_ms {
             let mut waiting = Vec::new();
@@ -380,11 +407,12 @@ impl Controller {
             agents.dedup();
             for agent_id in agents {
                 let revoked = self
+                    .app
                     .store
                     .agent(agent_id)
                     .await?
                     .is_none_or(|a| a.status == crate::store::AgentStatus::Revoked);
-                let through = self.store.usage_through(agent_id).await?;
+                let through = self.app.store.usage_through(agent_id).await?;
                 if !revoked && through.is_none_or(|t| t < period.to_ms) {
                     waiting.push(WaitingFor {
                         agent_id,
@@ -401,6 +429,7 @@ impl Controller {
             }
         }
         if !self
+            .app
             .store
             .record_billing_run(period.from_ms, period.to_ms, now)
             .await?
@@ -433,8 +462,10 @@ impl Controller {
         }
         // Late usage of periods rated before: records received after their last rating,
         // found with one scan of what arrived since the oldest of those ratings.
-        let window = i64::try_from(self.config.adjustment_window.as_millis()).unwrap_or(i64::MAX);
+        let window =
+            i64::try_from(self.app.config.adjustment_window.as_millis()).unwrap_or(i64::MAX);
         let earlier = self
+            .app
             .store
             .billed_periods(now.saturating_sub(window), (period.from_ms, period.to_ms))
             .await?;
@@ -442,13 +473,13 @@ impl Controller {
             earlier.iter().map(|p| p.checked_at_ms).min(),
             earlier.iter().map(|p| p.to_ms).max(),
         ) {
-            let received = self.store.received_since(oldest, until).await?;
+            let received = self.app.store.received_since(oldest, until).await?;
             let late = billing::late_periods(&earlier, &received);
             // A period whose late usage could not be posted stays unchecked: the next
             // run tries again.
             let mut retry = std::collections::BTreeSet::new();
             if !late.is_empty() {
-                let all = self.store.billables(until).await?;
+                let all = self.app.store.billables(until).await?;
                 for (instance_id, (from_ms, to_ms)) in late {
                     let Some(b) = all.iter().find(|b| b.instance.record.id == instance_id) else {
                         continue;
@@ -471,7 +502,7 @@ impl Controller {
             }
             for p in &earlier {
                 if !retry.contains(&(p.from_ms, p.to_ms)) {
-                    self.store.mark_checked(p.from_ms, p.to_ms, now).await?;
+                    self.app.store.mark_checked(p.from_ms, p.to_ms, now).await?;
                 }
             }
         }
@@ -491,6 +522,7 @@ impl Controller {
     async fn period_usage(&self, b: &Billable, period: &Period) -> Result<PeriodUsage, StoreError> {
         let id = &b.instance.record.id;
         let deltas = self
+            .app
             .store
             .counter_deltas(
                 id,
@@ -526,6 +558,7 @@ impl Controller {
                 .collect()
         };
         let history: Vec<(i64, Option<u32>)> = self
+            .app
             .store
             .limits_history(id)
             .await?
@@ -574,7 +607,11 @@ impl Controller {
             .started_at_ms
             .is_some_and(|t| (period.from_ms..period.to_ms).contains(&t));
         let charges = billing::rate(&b.plan, &usage, upfront_due);
-        let billed = self.store.billed(&id, period.from_ms, period.to_ms).await?;
+        let billed = self
+            .app
+            .store
+            .billed(&id, period.from_ms, period.to_ms)
+            .await?;
         let (key, kind, lines): (String, &str, Vec<billing::Charge>) = if billed.is_empty() {
             if charges.is_empty() {
                 return Ok(Settled::NothingDue);
@@ -598,7 +635,7 @@ impl Controller {
             (key, "adjustment", diffs)
         };
         let amount: i64 = lines.iter().map(|c| c.amount).sum();
-        let bps = self.config.commission_bps.min(10_000);
+        let bps = self.app.config.commission_bps.min(10_000);
         let client = b.instance.account.clone();
         let posting =
             billing::bill_posting(&key, &client, &b.provider, &b.plan.currency, amount, bps);
@@ -619,7 +656,12 @@ impl Controller {
                 kind: kind.to_owned(),
             })
             .collect();
-        match self.store.post(&posting, &lines, self.clock.now_ms()).await {
+        match self
+            .app
+            .store
+            .post(&posting, &lines, self.app.clock.now_ms())
+            .await
+        {
             Ok(Applied::Posted) if kind == "charge" => Ok(Settled::Posted(amount)),
             Ok(Applied::Posted) => {
                 tracing::info!(instance = %id, from_ms = period.from_ms, amount, "late usage billed as an adjustment");

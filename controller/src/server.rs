@@ -16,10 +16,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
+use crate::app::Controller;
 use crate::config::ControllerConfig;
 use crate::datadir::DataDir;
 use crate::registry::RegistryEvent;
-use crate::service::Controller;
 use crate::store::{AgentStatus, SessionRecord};
 
 /// A running controller; dropping it without [`RunningController::shutdown`] aborts it.
@@ -90,11 +90,15 @@ pub async fn start(
     config.enroll_listen = enroll_ep.local_addr()?;
     config.http_listen = http_listener.local_addr()?;
 
-    let mut controller = Controller::new(config.clone(), store, clock, ca);
-    controller.revoked = revoked_list;
-    let controller = Arc::new(controller);
+    let controller = Arc::new(Controller::new(
+        config.clone(),
+        store,
+        clock,
+        ca,
+        revoked_list,
+    ));
     let cancel = CancellationToken::new();
-    let tasks = controller.tasks.clone();
+    let tasks = controller.app.tasks.clone();
     tasks.spawn(accept_loop(
         controller.clone(),
         session_ep.clone(),
@@ -213,7 +217,7 @@ async fn serve_http(
 }
 
 fn controller_ca_der(c: &Controller) -> rustls::pki_types::CertificateDer<'static> {
-    surplus_certs::certs_from_pem(c.ca_pem(), "CA")
+    surplus_certs::certs_from_pem(c.agents.ca_pem(), "CA")
         .expect("loaded CA parses")
         .remove(0)
 }
@@ -286,7 +290,7 @@ async fn serve_enrollment(ctl: Arc<Controller>, incoming: Incoming) {
     };
     // Peers here are unauthenticated: an enrollment request is a CSR and a few names,
     // so frames are capped far below the session limit.
-    let max = ctl.config.max_frame_size.min(ENROLL_MAX_FRAME);
+    let max = ctl.app.config.max_frame_size.min(ENROLL_MAX_FRAME);
     let exchange = async {
         let (mut send, mut recv) = conn.accept_bi().await?;
         let request = match quic::read_frame(&mut recv, max).await {
@@ -298,7 +302,7 @@ async fn serve_enrollment(ctl: Arc<Controller>, incoming: Incoming) {
             }
         };
         let answer = match request {
-            Message::EnrollRequest(req) => match ctl.enroll(&req).await {
+            Message::EnrollRequest(req) => match ctl.agents.enroll(&req).await {
                 Ok(enrolled) => Message::Enrolled(enrolled),
                 Err(reply) => Message::Error(reply),
             },
@@ -314,7 +318,7 @@ async fn serve_enrollment(ctl: Arc<Controller>, incoming: Incoming) {
         let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
         Ok::<_, ExchangeError>(())
     };
-    match tokio::time::timeout(ctl.config.request_timeout * 2, exchange).await {
+    match tokio::time::timeout(ctl.app.config.request_timeout * 2, exchange).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "enrollment exchange failed"),
         Err(_) => tracing::debug!(%peer, "enrollment connection timed out"),
@@ -355,8 +359,8 @@ async fn read_hello(
     ctl: &Controller,
     conn: &Connection,
 ) -> Result<(Hello, SendStream), (quinn::VarInt, String)> {
-    let max = ctl.config.max_frame_size;
-    let accepted = tokio::time::timeout(ctl.config.request_timeout, conn.accept_bi()).await;
+    let max = ctl.app.config.max_frame_size;
+    let accepted = tokio::time::timeout(ctl.app.config.request_timeout, conn.accept_bi()).await;
     let (mut send, mut recv) = match accepted {
         Ok(Ok(streams)) => streams,
         Ok(Err(e)) => return Err((codes::CLOSE_PROTOCOL, format!("no hello: {e}"))),
@@ -413,7 +417,7 @@ async fn serve_session(ctl: Arc<Controller>, incoming: Incoming, tasks: TaskTrac
         Ok(c) => c,
         Err(e) => {
             tracing::info!(%peer, error = %e, "session handshake refused");
-            ctl.metrics.handshake_failures.inc();
+            ctl.app.metrics.handshake_failures.inc();
             return;
         }
     };
@@ -433,7 +437,7 @@ async fn serve_session(ctl: Arc<Controller>, incoming: Incoming, tasks: TaskTrac
         }
     };
 
-    let now = ctl.clock.now_ms();
+    let now = ctl.app.clock.now_ms();
     let session_id = Uuid::now_v7();
     let record = SessionRecord {
         id: session_id,
@@ -445,6 +449,7 @@ async fn serve_session(ctl: Arc<Controller>, incoming: Incoming, tasks: TaskTrac
         end_reason: None,
     };
     if let Err(e) = ctl
+        .app
         .store
         .session_started(&record, hello.isolation.as_ref())
         .await
@@ -453,12 +458,16 @@ async fn serve_session(ctl: Arc<Controller>, incoming: Incoming, tasks: TaskTrac
         conn.close(codes::CLOSE_SHUTDOWN, b"controller storage unavailable");
         return;
     }
-    if let Some(previous) = ctl.registry.attach(agent_id, session_id, conn.clone(), now) {
+    if let Some(previous) = ctl
+        .app
+        .registry
+        .attach(agent_id, session_id, conn.clone(), now)
+    {
         previous.close(codes::CLOSE_REPLACED, b"replaced by a newer session");
     }
     set_status(&ctl, agent_id, AgentStatus::Online).await;
-    ctl.registry.publish(RegistryEvent::Online(agent_id));
-    ctl.metrics.sessions.inc();
+    ctl.app.registry.publish(RegistryEvent::Online(agent_id));
+    ctl.app.metrics.sessions.inc();
     tracing::info!(%agent_id, %peer, version = %hello.agent_version, "agent online");
 
     let ack = Message::HelloAck(HelloAck {
@@ -466,16 +475,17 @@ async fn serve_session(ctl: Arc<Controller>, incoming: Incoming, tasks: TaskTrac
         controller_version: env!("CARGO_PKG_VERSION").into(),
         agent_id,
         server_time_ms: now,
-        heartbeat_interval_ms: ctl.config.heartbeat_interval.as_millis() as u64,
+        heartbeat_interval_ms: ctl.app.config.heartbeat_interval.as_millis() as u64,
     });
-    if let Err(e) = quic::write_frame(&mut send, &ack, ctl.config.max_frame_size).await {
+    if let Err(e) = quic::write_frame(&mut send, &ack, ctl.app.config.max_frame_size).await {
         tracing::debug!(%agent_id, error = %e, "hello answer not delivered");
     }
     // Settle instances whose commands a crash or a lost session cut off.
     let reconciling = ctl.clone();
     tasks.spawn(async move {
-        match reconciling.reconcile(agent_id).await {
+        match reconciling.control.reconcile(agent_id).await {
             Ok(()) => reconciling
+                .app
                 .registry
                 .publish(RegistryEvent::Reconciled(agent_id)),
             Err(e) => tracing::warn!(%agent_id, error = %e, "instances not reconciled"),
@@ -484,8 +494,8 @@ async fn serve_session(ctl: Arc<Controller>, incoming: Incoming, tasks: TaskTrac
     // Periods set through the API while the agent was away.
     let metering = ctl.clone();
     tasks.spawn(async move {
-        if let Ok((Some(periods), _)) = metering.store.metering(agent_id).await
-            && let Err(e) = metering.send_metering(agent_id, periods).await
+        if let Ok((Some(periods), _)) = metering.app.store.metering(agent_id).await
+            && let Err(e) = metering.metering.send_metering(agent_id, periods).await
         {
             tracing::warn!(%agent_id, error = %e, "metering periods not delivered");
         }
@@ -505,14 +515,17 @@ async fn serve_session(ctl: Arc<Controller>, incoming: Incoming, tasks: TaskTrac
             Err(e) => break e,
         }
     };
-    if ctl.registry.detach(agent_id, session_id) {
+    if ctl.app.registry.detach(agent_id, session_id) {
         set_status(&ctl, agent_id, AgentStatus::Unreachable).await;
-        ctl.registry.publish(RegistryEvent::Disconnected(agent_id));
+        ctl.app
+            .registry
+            .publish(RegistryEvent::Disconnected(agent_id));
     }
     tracing::info!(%agent_id, reason = %reason, "session ended");
     if let Err(e) = ctl
+        .app
         .store
-        .session_ended(session_id, ctl.clock.now_ms(), &reason.to_string())
+        .session_ended(session_id, ctl.app.clock.now_ms(), &reason.to_string())
         .await
     {
         tracing::error!(%agent_id, error = %e, "session end not recorded");
@@ -521,8 +534,9 @@ async fn serve_session(ctl: Arc<Controller>, incoming: Incoming, tasks: TaskTrac
 
 async fn set_status(ctl: &Controller, agent_id: Uuid, status: AgentStatus) {
     if let Err(e) = ctl
+        .app
         .store
-        .set_status(agent_id, status, ctl.clock.now_ms())
+        .set_status(agent_id, status, ctl.app.clock.now_ms())
         .await
     {
         tracing::error!(%agent_id, ?status, error = %e, "status not recorded");
@@ -536,21 +550,24 @@ async fn serve_agent_stream(
     mut send: SendStream,
     mut recv: RecvStream,
 ) {
-    let max = ctl.config.max_frame_size;
-    let read =
-        tokio::time::timeout(ctl.config.request_timeout, quic::read_frame(&mut recv, max)).await;
+    let max = ctl.app.config.max_frame_size;
+    let read = tokio::time::timeout(
+        ctl.app.config.request_timeout,
+        quic::read_frame(&mut recv, max),
+    )
+    .await;
     let request = match read {
         Ok(Ok(env)) => env.message,
         Ok(Err(e)) => {
             tracing::warn!(%agent_id, peer = %send_peer(&ctl, agent_id), error = %e, "bad frame from agent; stream reset");
-            ctl.metrics.frame_rejected(rejection_reason(&e));
+            ctl.app.metrics.frame_rejected(rejection_reason(&e));
             answer_bad_frame(&mut send, &mut recv, &e, max).await;
             return;
         }
         Err(_) => {
-            let e = ExchangeError::Timeout(ctl.config.request_timeout);
+            let e = ExchangeError::Timeout(ctl.app.config.request_timeout);
             tracing::warn!(%agent_id, "agent did not finish its frame in time; stream reset");
-            ctl.metrics.frame_rejected("timeout");
+            ctl.app.metrics.frame_rejected("timeout");
             quic::refuse_stream(&mut send, &mut recv, &e);
             return;
         }
@@ -572,7 +589,8 @@ fn rejection_reason(e: &ExchangeError) -> &'static str {
 }
 
 fn send_peer(ctl: &Controller, agent_id: Uuid) -> String {
-    ctl.registry
+    ctl.app
+        .registry
         .connection(agent_id)
         .map(|c| c.remote_address().to_string())
         .unwrap_or_else(|| "?".into())
@@ -582,16 +600,16 @@ fn send_peer(ctl: &Controller, agent_id: Uuid) -> String {
 async fn handle(ctl: &Controller, agent_id: Uuid, session_id: Uuid, request: Message) -> Message {
     match request {
         Message::Heartbeat(beat) => {
-            let now = ctl.clock.now_ms();
-            ctl.metrics.heartbeats.inc();
-            if ctl.registry.heartbeat(agent_id, session_id, now) == Some(true) {
+            let now = ctl.app.clock.now_ms();
+            ctl.app.metrics.heartbeats.inc();
+            if ctl.app.registry.heartbeat(agent_id, session_id, now) == Some(true) {
                 set_status(ctl, agent_id, AgentStatus::Online).await;
-                ctl.registry.publish(RegistryEvent::Online(agent_id));
+                ctl.app.registry.publish(RegistryEvent::Online(agent_id));
             }
-            ctl.registry.publish(RegistryEvent::Heartbeat(agent_id));
+            ctl.app.registry.publish(RegistryEvent::Heartbeat(agent_id));
             Message::HeartbeatAck(HeartbeatAck {
                 server_time_ms: now,
-                inventory_wanted: ctl.registry.inventory_digest(agent_id)
+                inventory_wanted: ctl.app.registry.inventory_digest(agent_id)
                     != Some(beat.inventory_digest),
             })
         }
@@ -599,20 +617,22 @@ async fn handle(ctl: &Controller, agent_id: Uuid, session_id: Uuid, request: Mes
             let digest = surplus_protocol::inventory::digest(&inventory);
             let json = serde_json::to_value(&*inventory).expect("inventory serializes");
             match ctl
+                .app
                 .store
                 .save_inventory(
                     agent_id,
                     &json,
                     &surplus_certs::hex(&digest),
-                    ctl.clock.now_ms(),
+                    ctl.app.clock.now_ms(),
                 )
                 .await
             {
                 Ok(changed) => {
-                    ctl.metrics.inventory(changed);
-                    ctl.registry.set_inventory_digest(agent_id, digest);
+                    ctl.app.metrics.inventory(changed);
+                    ctl.app.registry.set_inventory_digest(agent_id, digest);
                     if changed {
-                        ctl.registry
+                        ctl.app
+                            .registry
                             .publish(RegistryEvent::InventoryChanged(agent_id));
                     }
                     Message::InventoryAck(InventoryAck { changed })
@@ -627,7 +647,7 @@ async fn handle(ctl: &Controller, agent_id: Uuid, session_id: Uuid, request: Mes
         Message::NetworkProbe(probe) => Message::NetworkProbeAck(NetworkProbeAck {
             received: probe.data.len() as u64,
         }),
-        Message::RenewRequest(renew) => match ctl.renew(agent_id, &renew.csr_pem).await {
+        Message::RenewRequest(renew) => match ctl.agents.renew(agent_id, &renew.csr_pem).await {
             Ok(issued) => Message::Renewed(issued),
             Err(reply) => Message::Error(reply),
         },
@@ -638,13 +658,15 @@ async fn handle(ctl: &Controller, agent_id: Uuid, session_id: Uuid, request: Mes
                 ..report
             };
             match ctl
+                .app
                 .store
-                .save_compat_report(agent_id, &report, ctl.clock.now_ms())
+                .save_compat_report(agent_id, &report, ctl.app.clock.now_ms())
                 .await
             {
                 Ok(()) => {
                     tracing::info!(%agent_id, driver = %report.driver, level = ?report.level, "compatibility reported");
-                    ctl.registry
+                    ctl.app
+                        .registry
                         .publish(RegistryEvent::CompatReported(agent_id));
                     Message::CompatAck(surplus_protocol::CompatAck { agent_id })
                 }
@@ -654,7 +676,7 @@ async fn handle(ctl: &Controller, agent_id: Uuid, session_id: Uuid, request: Mes
                 }
             }
         }
-        Message::UsageBatch(batch) => ctl.ingest_usage(agent_id, batch).await,
+        Message::UsageBatch(batch) => ctl.metering.ingest(agent_id, batch).await,
         other => Message::error(
             ErrorCode::Unexpected,
             format!(
@@ -675,30 +697,35 @@ async fn maintenance(ctl: Arc<Controller>, cancel: CancellationToken) {
             _ = cancel.cancelled() => break,
             _ = tick.tick() => {}
         }
-        let now = ctl.clock.now_ms();
-        if let Err(e) = ctl.store.checkpoint().await {
+        let now = ctl.app.clock.now_ms();
+        if let Err(e) = ctl.app.store.checkpoint().await {
             tracing::warn!(error = %e, "database checkpoint failed");
         }
-        if let Err(e) = ctl.store.touch(&ctl.registry.take_seen()).await {
+        if let Err(e) = ctl.app.store.touch(&ctl.app.registry.take_seen()).await {
             tracing::error!(error = %e, "last-seen times not recorded");
         }
-        let interval_ms = ctl.config.heartbeat_interval.as_millis() as i64;
-        for agent_id in ctl
-            .registry
-            .mark_overdue(now, interval_ms, ctl.config.missed_heartbeats)
+        let interval_ms = ctl.app.config.heartbeat_interval.as_millis() as i64;
+        for agent_id in
+            ctl.app
+                .registry
+                .mark_overdue(now, interval_ms, ctl.app.config.missed_heartbeats)
         {
             tracing::warn!(%agent_id, "heartbeats missed; agent unreachable");
             set_status(&ctl, agent_id, AgentStatus::Unreachable).await;
-            ctl.registry.publish(RegistryEvent::Unreachable(agent_id));
+            ctl.app
+                .registry
+                .publish(RegistryEvent::Unreachable(agent_id));
         }
-        if last_poll.elapsed() >= ctl.config.revocation_poll {
+        if last_poll.elapsed() >= ctl.app.config.revocation_poll {
             last_poll = tokio::time::Instant::now();
-            match ctl.store.revoked_agents().await {
+            match ctl.app.store.revoked_agents().await {
                 Ok(ids) => {
                     for id in ids {
-                        if !ctl.revoked.is_revoked(&id) || ctl.registry.connection(id).is_some() {
+                        if !ctl.agents.revoked.is_revoked(&id)
+                            || ctl.app.registry.connection(id).is_some()
+                        {
                             tracing::info!(agent_id = %id, "revocation picked up from storage");
-                            ctl.cut_off(id);
+                            ctl.agents.cut_off(id);
                         }
                     }
                 }

@@ -3,6 +3,7 @@
 //! history. A run ends exactly once: succeeded, cancelled, or failed with the reason
 //! (agent lost mid-run, no answer within its budget, controller stopped).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,9 +11,9 @@ use serde::{Deserialize, Serialize};
 use surplus_protocol::messages::*;
 use uuid::Uuid;
 
+use crate::app::App;
 use crate::link::LinkError;
 use crate::registry::RegistryEvent;
-use crate::service::Controller;
 use crate::store::{RunStatus, StoreError, ValidationRun};
 
 /// Extra time beyond a run's budget before the controller gives up on it.
@@ -56,8 +57,8 @@ pub enum StartError {
     #[error("{0}")]
     Invalid(String),
     /// The agent is not connected.
-    #[error("agent is not connected")]
-    Offline,
+    #[error(transparent)]
+    Link(#[from] LinkError),
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -100,24 +101,39 @@ impl ValidationOptions {
     }
 }
 
-impl Controller {
+/// Validation runs: ordering them, following their progress, cancelling them.
+#[derive(Debug, Clone)]
+pub struct Validations {
+    app: Arc<App>,
+    /// Latest progress of the runs in flight.
+    progress: Arc<std::sync::Mutex<HashMap<Uuid, Option<ValidationProgress>>>>,
+}
+
+impl Validations {
+    pub(crate) fn new(app: Arc<App>) -> Self {
+        Self {
+            app,
+            progress: Arc::default(),
+        }
+    }
+
     /// Orders a validation run on a connected agent; the run proceeds in the background.
-    pub async fn start_validation(
-        self: &Arc<Self>,
+    pub async fn start(
+        &self,
         agent_id: Uuid,
         options: &ValidationOptions,
         requested_by: &str,
     ) -> Result<ValidationRun, StartError> {
         let run_id = Uuid::now_v7();
         let (request, budget) = options.request(run_id)?;
-        if !self.link.is_connected(agent_id) {
-            return Err(StartError::Offline);
+        if !self.app.link.is_connected(agent_id) {
+            return Err(self.app.link.offline(agent_id).await.into());
         }
         let run = ValidationRun {
             id: run_id,
             agent_id,
             requested_by: requested_by.to_owned(),
-            requested_at_ms: self.clock.now_ms(),
+            requested_at_ms: self.app.clock.now_ms(),
             request: serde_json::to_value(options).expect("options serialize"),
             status: RunStatus::Running,
             finished_at_ms: None,
@@ -126,7 +142,7 @@ impl Controller {
             security: None,
             error: None,
         };
-        self.store.create_validation_run(&run).await?;
+        self.app.store.create_validation_run(&run).await?;
         self.progress
             .lock()
             .expect("progress lock")
@@ -134,7 +150,8 @@ impl Controller {
         tracing::info!(%run_id, %agent_id, bench = options.bench, security = options.security, "validation run ordered");
         let ctl = self.clone();
         let stored = run.clone();
-        self.tasks
+        self.app
+            .tasks
             .spawn(async move { ctl.drive(stored, request, budget).await });
         Ok(run)
     }
@@ -142,6 +159,7 @@ impl Controller {
     async fn drive(&self, mut run: ValidationRun, request: ValidationRequest, budget: Duration) {
         let run_id = run.id;
         let answer = self
+            .app
             .link
             .call_with_progress(
                 run.agent_id,
@@ -153,7 +171,8 @@ impl Controller {
                             .lock()
                             .expect("progress lock")
                             .insert(run_id, Some(p.clone()));
-                        self.registry
+                        self.app
+                            .registry
                             .publish(RegistryEvent::ValidationProgress(run_id));
                         true
                     }
@@ -161,7 +180,7 @@ impl Controller {
                 },
             )
             .await;
-        run.finished_at_ms = Some(self.clock.now_ms());
+        run.finished_at_ms = Some(self.app.clock.now_ms());
         match answer {
             Ok(Message::ValidationResult(report)) => {
                 run.status = if report.cancelled {
@@ -191,7 +210,7 @@ impl Controller {
                 run.error = Some(e.to_string());
             }
         }
-        match self.store.finish_validation_run(&run).await {
+        match self.app.store.finish_validation_run(&run).await {
             Ok(true) => {
                 tracing::info!(run_id = %run.id, status = run.status.as_str(), error = ?run.error, "validation run ended")
             }
@@ -199,14 +218,16 @@ impl Controller {
             Err(e) => tracing::error!(run_id = %run.id, error = %e, "validation result not stored"),
         }
         self.progress.lock().expect("progress lock").remove(&run.id);
-        self.registry.publish(RegistryEvent::ValidationFinished {
-            run_id: run.id,
-            status: run.status,
-        });
+        self.app
+            .registry
+            .publish(RegistryEvent::ValidationFinished {
+                run_id: run.id,
+                status: run.status,
+            });
     }
 
     /// The latest progress of a run in flight (`None` when not running here).
-    pub fn validation_progress(&self, run_id: Uuid) -> Option<Option<ValidationProgress>> {
+    pub fn progress(&self, run_id: Uuid) -> Option<Option<ValidationProgress>> {
         self.progress
             .lock()
             .expect("progress lock")
@@ -215,11 +236,12 @@ impl Controller {
     }
 
     /// Asks the agent to stop a run; `Ok(true)` when the agent was running it.
-    pub async fn cancel_validation(&self, run: &ValidationRun) -> Result<bool, LinkError> {
+    pub async fn cancel(&self, run: &ValidationRun) -> Result<bool, LinkError> {
         let cancel = Message::CancelValidation(CancelValidation { run_id: run.id });
         match self
+            .app
             .link
-            .call(run.agent_id, &cancel, self.config.request_timeout)
+            .call(run.agent_id, &cancel, self.app.config.request_timeout)
             .await?
         {
             Message::CancelAck(ack) => Ok(ack.was_running),

@@ -133,7 +133,21 @@ impl TestController {
 
     /// Registry events from now on.
     pub fn events(&self) -> Events {
-        Events(self.ctl().registry.subscribe())
+        Events(self.ctl().app.registry.subscribe())
+    }
+
+    /// Waits until every agent in `ids` holds a session, however long ago it came:
+    /// unlike an event, a connection made before the caller looked is not missed.
+    pub async fn until_connected(&self, what: &str, ids: &[uuid::Uuid]) {
+        let all = async {
+            while !ids.iter().all(|id| self.ctl().app.link.is_connected(*id)) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        assert!(
+            tokio::time::timeout(PATIENCE, all).await.is_ok(),
+            "timed out waiting for {what}"
+        );
     }
 
     /// Stops the controller.
@@ -156,6 +170,7 @@ impl TestController {
             .map(|(k, v)| ((*k).into(), (*v).into()))
             .collect();
         self.ctl()
+            .agents
             .create_join_token(Duration::from_secs(600), labels, "test")
             .await
             .expect("token")

@@ -175,6 +175,7 @@ async fn every_route_answers_every_caller_as_its_principal_allows() {
             ran_at_ms: now,
         };
         tc.ctl()
+            .app
             .store
             .save_compat_report(host, &report, now)
             .await

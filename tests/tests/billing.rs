@@ -58,6 +58,7 @@ impl Billing {
             let through = self
                 .tc
                 .ctl()
+                .app
                 .store
                 .usage_through(self.agent_id)
                 .await
@@ -283,7 +284,7 @@ async fn billing_covers_closed_hours_waits_for_usage_and_bills_what_comes_late()
             .contains("64000"),
         "the contradiction is shown: {seen}"
     );
-    let stored = b.tc.ctl().store.instance(&id).await.unwrap().unwrap();
+    let stored = b.tc.ctl().app.store.instance(&id).await.unwrap().unwrap();
     assert_eq!(stored.record.spec.limits.millicpus, Some(1000));
     let (_, attr) = b
         .control(
@@ -331,7 +332,8 @@ async fn billing_covers_closed_hours_waits_for_usage_and_bills_what_comes_late()
     };
     let ack =
         b.tc.ctl()
-            .ingest_usage(
+            .metering
+            .ingest(
                 agent_id,
                 UsageBatch {
                     records: vec![late],

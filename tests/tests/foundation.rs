@@ -128,7 +128,7 @@ async fn the_agent_link_tells_an_answer_a_refusal_and_an_absent_agent_apart() {
     let agent = RunningAgent::spawn(config, clock::system());
     let id = agent.id;
     events.until("online", |e| online(e) == Some(id)).await;
-    let link = &tc.ctl().link;
+    let link = &tc.ctl().app.link;
     let second = Duration::from_secs(5);
 
     let ping = Message::Ping(Ping { nonce: 7 });
@@ -254,6 +254,7 @@ async fn refused_tokens_say_why_and_one_token_enrolls_once() {
     );
     let raced = tc
         .ctl()
+        .app
         .store
         .agents()
         .await
@@ -306,7 +307,7 @@ async fn attempt_session(tc: &TestController, tls: rustls::ClientConfig) -> Stri
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_certificates_from_our_ca_get_past_the_handshake() {
     let tc = TestController::start().await;
-    let err = attempt_session(&tc, client_without_certificate(tc.ctl().ca_pem())).await;
+    let err = attempt_session(&tc, client_without_certificate(tc.ctl().agents.ca_pem())).await;
     assert!(
         err.to_lowercase().contains("certificate") || err.contains("crypto"),
         "handshake failure: {err}"
@@ -325,16 +326,17 @@ async fn only_certificates_from_our_ca_get_past_the_handshake() {
             0,
         )
         .unwrap();
-    let tls = surplus_certs::session_client_config(tc.ctl().ca_pem(), &issued.cert_pem, &key_pem)
-        .unwrap();
+    let tls =
+        surplus_certs::session_client_config(tc.ctl().agents.ca_pem(), &issued.cert_pem, &key_pem)
+            .unwrap();
     let err = attempt_session(&tc, tls).await;
     assert!(
         err.to_lowercase().contains("certificate") || err.contains("crypto"),
         "handshake failure: {err}"
     );
 
-    assert_eq!(tc.ctl().registry.connected(), 0);
-    assert!(tc.ctl().store.agents().await.unwrap().is_empty());
+    assert_eq!(tc.ctl().app.registry.connected(), 0);
+    assert!(tc.ctl().app.store.agents().await.unwrap().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -372,6 +374,7 @@ async fn revoked_agents_are_cut_off_and_stay_out() {
     // the running controller picks it up and cuts the agent off.
     assert!(
         tc.ctl()
+            .app
             .store
             .revoke_agent(identity_b.agent_id, clock::system().now_ms())
             .await
@@ -381,6 +384,7 @@ async fn revoked_agents_are_cut_off_and_stay_out() {
     assert!(matches!(ended, Err(SessionError::Revoked)), "{ended:?}");
     let stored = tc
         .ctl()
+        .app
         .store
         .agent(identity_b.agent_id)
         .await
@@ -415,16 +419,17 @@ async fn agents_reconnect_on_their_own_after_a_controller_restart() {
     events
         .until_all("all inventories", &ids, inventory_changed)
         .await;
-    let before = tc.ctl().store.agents().await.unwrap();
+    let before = tc.ctl().app.store.agents().await.unwrap();
 
     tc.restart().await;
+    // The agents may be back before anyone subscribes to the new controller's events.
     let mut events = tc.events();
-    events.until_all("all back online", &ids, online).await;
+    tc.until_connected("all back online", &ids).await;
     events
         .until_all("heartbeats after restart", &ids, heartbeat)
         .await;
 
-    let after = tc.ctl().store.agents().await.unwrap();
+    let after = tc.ctl().app.store.agents().await.unwrap();
     assert_eq!(after.len(), 3);
     for (b, a) in before.iter().zip(&after) {
         assert_eq!(
@@ -433,7 +438,7 @@ async fn agents_reconnect_on_their_own_after_a_controller_restart() {
         );
         assert_eq!(a.status, AgentStatus::Online);
     }
-    let sessions = tc.ctl().store.sessions(ids[0], 10).await.unwrap();
+    let sessions = tc.ctl().app.store.sessions(ids[0], 10).await.unwrap();
     assert!(
         sessions.len() >= 2,
         "a session before and one after the restart: {sessions:#?}"
@@ -535,7 +540,7 @@ async fn bad_frames_reset_only_their_stream() {
     events
         .until_all("good agents still heartbeating", &good_ids, heartbeat)
         .await;
-    assert_eq!(tc.ctl().registry.connected(), 3);
+    assert_eq!(tc.ctl().app.registry.connected(), 3);
     let metrics = reqwest::get(format!("{}/metrics", tc.url()))
         .await
         .unwrap()
@@ -636,7 +641,14 @@ async fn certificates_are_renewed_before_they_expire() {
     assert_ne!(after.key_pem, before.key_pem, "renewal uses a fresh key");
     assert_ne!(after.certificate.serial, before.certificate.serial);
     assert!(after.certificate.not_after_ms >= before.certificate.not_after_ms);
-    let stored = tc.ctl().store.agent(after.agent_id).await.unwrap().unwrap();
+    let stored = tc
+        .ctl()
+        .app
+        .store
+        .agent(after.agent_id)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(stored.cert_serial, new_serial);
     // The renewed identity opens sessions.
     Session::open(&config, &after)
@@ -721,7 +733,7 @@ async fn api_errors_are_json_with_the_right_status() {
     assert_eq!(
         token.ca_fingerprint,
         surplus_certs::fingerprint(
-            &surplus_certs::certs_from_pem(tc.ctl().ca_pem(), "ca").unwrap()[0]
+            &surplus_certs::certs_from_pem(tc.ctl().agents.ca_pem(), "ca").unwrap()[0]
         )
     );
 }

@@ -138,7 +138,7 @@ async fn concurrent_usage_batches_share_commits_and_each_gets_its_own_answer() {
             let sends = if b % 10 == 0 { 2 } else { 1 };
             for _ in 0..sends {
                 let (ctl, agent, batch) = (tc.ctl().clone(), *agent, batch(b));
-                tasks.spawn(async move { (a, ctl.ingest_usage(agent, batch).await) });
+                tasks.spawn(async move { (a, ctl.metering.ingest(agent, batch).await) });
             }
         }
     }
@@ -158,7 +158,7 @@ async fn concurrent_usage_batches_share_commits_and_each_gets_its_own_answer() {
     assert_eq!(answers, 4 * 55);
     assert_eq!(stored, 4 * 50 * 10);
     assert_eq!(duplicates, 4 * 5 * 10);
-    let commits = tc.ctl().metrics.usage_commits.get();
+    let commits = tc.ctl().app.metrics.usage_commits.get();
     assert!(
         commits < answers,
         "{commits} commits for {answers} batches arriving together: none shared"
@@ -197,7 +197,7 @@ async fn an_overfull_ingest_queue_answers_busy_and_loses_nothing() {
     let mut tasks = tokio::task::JoinSet::new();
     for b in 0..500u64 {
         let ctl = tc.ctl().clone();
-        tasks.spawn(async move { (b, ctl.ingest_usage(agent, batch(b)).await) });
+        tasks.spawn(async move { (b, ctl.metering.ingest(agent, batch(b)).await) });
     }
     let (mut stored, mut busy) = (0u64, Vec::new());
     while let Some(done) = tasks.join_next().await {
@@ -212,7 +212,7 @@ async fn an_overfull_ingest_queue_answers_busy_and_loses_nothing() {
         "50,000 records at once stayed under the queue limit"
     );
     for b in busy {
-        match tc.ctl().ingest_usage(agent, batch(b)).await {
+        match tc.ctl().metering.ingest(agent, batch(b)).await {
             Message::UsageAck(ack) => stored += u64::from(ack.stored),
             other => panic!("batch {b} sent again alone: {other:?}"),
         }

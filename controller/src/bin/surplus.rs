@@ -18,9 +18,9 @@ use clap::{Parser, Subcommand};
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 use serde::de::DeserializeOwned;
 use serde_json::json;
+use surplus_controller::agents::CreatedToken;
 use surplus_controller::api::{AgentDetail, AgentView, CreateTokenRequest, ErrorBody};
 use surplus_controller::http::RunView;
-use surplus_controller::service::CreatedToken;
 use surplus_controller::store::RunStatus;
 use surplus_controller::validation::ValidationOptions;
 

@@ -11,6 +11,24 @@ use crate::ledger::{self, Applied};
 use crate::metering::SetMeteringError;
 use crate::store::{AgentRecord, InvoiceLine, PostError, UsageQuery};
 
+pub(super) fn routes() -> Vec<Route> {
+    use Access::Token;
+    vec![
+        route("GET", "/v1/agents/{id}/metering", Token, get_metering),
+        route("PUT", "/v1/agents/{id}/metering", Token, put_metering),
+        route("PUT", "/v1/agents/{id}/price-plan", Token, put_price_plan),
+        route("GET", "/v1/usage", Token, usage),
+        route("POST", "/v1/billing/runs", Token, billing_run),
+        route("POST", "/v1/payments", Token, payment),
+        route("POST", "/v1/payouts", Token, payout),
+        route("PUT", "/v1/ledger/accounts/{account}", Token, put_account),
+        route("GET", "/v1/ledger/balances", Token, balances),
+        route("GET", "/v1/invoices", Token, invoices),
+        route("GET", "/v1/invoices/{id}", Token, invoice),
+        route("GET", "/v1/statements", Token, statements),
+    ]
+}
+
 const HOUR_MS: i64 = 3_600_000;
 const DAY_MS: i64 = 86_400_000;
 
@@ -99,7 +117,7 @@ pub(super) async fn put_metering(
     let agent = load_agent(&ctl, &id).await?;
     require_host_owner(&caller, &agent)?;
     let Json(body) = body?;
-    let (stored, spool) = ctl.store.metering(agent.id).await?;
+    let (stored, spool) = ctl.app.store.metering(agent.id).await?;
     let mut periods = stored.unwrap_or_default();
     for (field, text, slot) in [
         ("instance", &body.instance, &mut periods.instance_ms),
@@ -119,7 +137,7 @@ pub(super) async fn put_metering(
     periods
         .validate()
         .map_err(|e| invalid(e.split(':').next().unwrap_or("periods"), e.clone()))?;
-    let ack = match ctl.set_metering(agent.id, periods).await {
+    let ack = match ctl.metering.set_metering(agent.id, periods).await {
         Ok(ack) => ack,
         Err(SetMeteringError::Invalid(e)) => return Err(ApiError::bad_request(e)),
         Err(SetMeteringError::Store(e)) => return Err(e.into()),
@@ -141,7 +159,7 @@ pub(super) async fn get_metering(
 ) -> ApiResult<MeteringView> {
     let agent = load_agent(&ctl, &id).await?;
     require_host_owner(&caller, &agent)?;
-    let (periods, spool) = ctl.store.metering(agent.id).await?;
+    let (periods, spool) = ctl.app.store.metering(agent.id).await?;
     Ok(Json(MeteringView {
         agent_id: agent.id,
         periods,
@@ -184,7 +202,7 @@ pub(super) async fn usage(
             "granularity",
         ],
     )?;
-    let now = ctl.clock.now_ms();
+    let now = ctl.app.clock.now_ms();
     let to_ms = ms_param(&q, "to", now)?;
     let from_ms = ms_param(&q, "from", to_ms - DAY_MS)?;
     if to_ms <= from_ms {
@@ -250,7 +268,7 @@ pub(super) async fn usage(
             ));
         }
     }
-    let rows = ctl.store.usage(&filter).await?;
+    let rows = ctl.app.store.usage(&filter).await?;
     Ok(Json(UsageView {
         granularity: granularity.into(),
         from_ms,
@@ -270,8 +288,9 @@ pub(super) async fn put_price_plan(
     let Json(plan) = body?;
     plan.validate()
         .map_err(|(field, message)| invalid(&field, format!("{field}: {message}")))?;
-    ctl.store
-        .set_agent_price_plan(agent.id, &plan, ctl.clock.now_ms())
+    ctl.app
+        .store
+        .set_agent_price_plan(agent.id, &plan, ctl.app.clock.now_ms())
         .await?;
     Ok(Json(plan))
 }
@@ -298,7 +317,7 @@ pub(super) async fn billing_run(
         to_ms: body.to_ms,
     };
     use crate::metering::BillingError;
-    let e = match ctl.billing_run(period).await {
+    let e = match ctl.metering.billing_run(period).await {
         Ok(run) => return Ok(Json(run)),
         Err(e) => e,
     };
@@ -373,7 +392,12 @@ fn check_money(body: &MoneyRequest) -> Result<(), ApiError> {
 }
 
 async fn apply(ctl: &Controller, posting: ledger::Posting) -> ApiResult<PostingView> {
-    let result = match ctl.store.post(&posting, &[], ctl.clock.now_ms()).await {
+    let result = match ctl
+        .app
+        .store
+        .post(&posting, &[], ctl.app.clock.now_ms())
+        .await
+    {
         Ok(r) => r,
         Err(PostError::Ledger(e @ ledger::LedgerError::KeyReused(_))) => {
             return Err(ApiError::new(
@@ -394,7 +418,7 @@ async fn apply(ctl: &Controller, posting: ledger::Posting) -> ApiResult<PostingV
     };
     let mut balances = Vec::new();
     for e in &posting.entries {
-        for (account, currency, balance) in ctl.store.balances(Some(&e.account)).await? {
+        for (account, currency, balance) in ctl.app.store.balances(Some(&e.account)).await? {
             if currency == e.currency
                 && !balances
                     .iter()
@@ -480,8 +504,9 @@ pub(super) async fn put_account(
             "providers and the marketplace can only hold what they earned",
         ));
     }
-    ctl.store
-        .set_account_policy(&account, body.allow_negative, ctl.clock.now_ms())
+    ctl.app
+        .store
+        .set_account_policy(&account, body.allow_negative, ctl.app.clock.now_ms())
         .await?;
     Ok(Json(
         serde_json::json!({ "account": account, "allow_negative": body.allow_negative }),
@@ -513,7 +538,7 @@ pub(super) async fn balances(
 ) -> ApiResult<Vec<BalanceView>> {
     let q = query_map(query.as_deref(), &["account"])?;
     let account = readable_account(&caller, q.get("account"))?;
-    let rows = ctl.store.balances(account.as_deref()).await?;
+    let rows = ctl.app.store.balances(account.as_deref()).await?;
     Ok(Json(
         rows.into_iter()
             .map(|(account, currency, balance)| BalanceView {
@@ -599,6 +624,7 @@ pub(super) async fn invoices(
     let q = query_map(query.as_deref(), &["client", "from", "to"])?;
     let client = client_filter(&caller, q.get("client"))?;
     let lines = ctl
+        .app
         .store
         .invoice_lines(
             None,
@@ -618,6 +644,7 @@ pub(super) async fn invoice(
 ) -> ApiResult<InvoiceView> {
     let client = client_filter(&caller, None)?;
     let lines = ctl
+        .app
         .store
         .invoice_lines(Some(&id), client.as_deref(), None, i64::MIN, i64::MAX)
         .await?;
@@ -683,6 +710,7 @@ pub(super) async fn statements(
     let from_ms = ms_param(&q, "from", i64::MIN)?;
     let to_ms = ms_param(&q, "to", i64::MAX)?;
     let lines = ctl
+        .app
         .store
         .invoice_lines(None, None, Some(&provider), from_ms, to_ms)
         .await?;
@@ -700,6 +728,7 @@ pub(super) async fn statements(
     // Commission per posting (what was actually posted), not per line rounding.
     let account = ledger::provider(&provider);
     let entries = ctl
+        .app
         .store
         .account_entries(&account, i64::MIN, i64::MAX)
         .await?;
@@ -720,7 +749,7 @@ pub(super) async fn statements(
         view.commission
             .insert(c.clone(), g - view.net.get(c).copied().unwrap_or(0));
     }
-    for (_, currency, balance) in ctl.store.balances(Some(&account)).await? {
+    for (_, currency, balance) in ctl.app.store.balances(Some(&account)).await? {
         view.balance.insert(currency, balance);
     }
     view.lines = lines;

@@ -1,11 +1,12 @@
-//! The controller's operations, independent of how they are reached (QUIC, HTTP, CLI).
+//! The agents' identities: enrollment with a join token, certificate renewal,
+//! revocation and pings, independent of how they are reached (QUIC, HTTP, CLI).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use surplus_certs::{CertAuthority, RevocationList};
 use surplus_protocol::PROTOCOL_VERSION;
-use surplus_protocol::clock::{Clock, UnixMillis};
+use surplus_protocol::clock::UnixMillis;
 use surplus_protocol::messages::{
     EnrollRequest, Enrolled, ErrorCode, ErrorReply, IssuedCertificate,
 };
@@ -13,12 +14,10 @@ use surplus_protocol::quic::codes;
 use surplus_protocol::token::JoinToken;
 use uuid::Uuid;
 
-use crate::config::ControllerConfig;
-use crate::link::{AgentLink, LinkError};
-use crate::registry::{Registry, RegistryEvent};
-use crate::store::{
-    EnrollOutcome, Labels, NewAgent, NewJoinToken, Store, StoreError, TokenRefusal,
-};
+use crate::app::App;
+use crate::link::LinkError;
+use crate::registry::RegistryEvent;
+use crate::store::{EnrollOutcome, Labels, NewAgent, NewJoinToken, StoreError, TokenRefusal};
 
 /// A join token just created.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -37,38 +36,14 @@ pub struct CreatedToken {
     pub labels: Labels,
 }
 
-/// Shared controller state and operations.
+/// Enrollment, certificate renewal, revocation, join tokens and pings: the agents'
+/// identities and the controller's view of whether they may connect.
 #[derive(Debug)]
-pub struct Controller {
-    /// Configuration in force (listen addresses are the bound ones).
-    pub config: ControllerConfig,
-    /// Storage.
-    pub store: Arc<dyn Store>,
-    /// Wall clock.
-    pub clock: Arc<dyn Clock>,
+pub struct Agents {
+    app: Arc<App>,
+    ca: CertAuthority,
     /// Revoked agents, consulted by the TLS verifier.
     pub revoked: RevocationList,
-    /// Live sessions.
-    pub registry: Arc<Registry>,
-    /// Calls to agents.
-    pub link: AgentLink,
-    /// Counters for `/metrics`.
-    pub metrics: crate::metrics::Metrics,
-    /// Every task of this controller, so that shutdown can wait for all of them.
-    pub tasks: tokio_util::task::TaskTracker,
-    /// Latest progress of the validation runs in flight.
-    pub progress: std::sync::Mutex<
-        std::collections::HashMap<Uuid, Option<surplus_protocol::messages::ValidationProgress>>,
-    >,
-    /// Usage batches waiting for the next group commit (see `metering`).
-    pub(crate) usage_queue: crate::metering::UsageQueue,
-    /// One lock per instance being modified: the agent's change and the record of the
-    /// limits in force are made in the same order (see `control`).
-    pub(crate) instance_locks: crate::control::Locks,
-    /// One billing run at a time: two runs rating the same late usage would each post
-    /// its difference.
-    pub(crate) billing: tokio::sync::Mutex<()>,
-    ca: CertAuthority,
 }
 
 fn reply(code: ErrorCode, message: impl Into<String>) -> ErrorReply {
@@ -78,31 +53,9 @@ fn reply(code: ErrorCode, message: impl Into<String>) -> ErrorReply {
     }
 }
 
-impl Controller {
-    /// A controller over `store` with `ca`.
-    pub fn new(
-        config: ControllerConfig,
-        store: Arc<dyn Store>,
-        clock: Arc<dyn Clock>,
-        ca: CertAuthority,
-    ) -> Self {
-        let registry = Arc::new(Registry::default());
-        let link = AgentLink::new(registry.clone(), store.clone(), config.max_frame_size);
-        Self {
-            config,
-            store,
-            clock,
-            revoked: RevocationList::default(),
-            registry,
-            link,
-            metrics: crate::metrics::Metrics::default(),
-            tasks: tokio_util::task::TaskTracker::new(),
-            progress: Default::default(),
-            usage_queue: Default::default(),
-            instance_locks: Default::default(),
-            billing: Default::default(),
-            ca,
-        }
+impl Agents {
+    pub(crate) fn new(app: Arc<App>, ca: CertAuthority, revoked: RevocationList) -> Self {
+        Self { app, ca, revoked }
     }
 
     /// The CA certificate PEM.
@@ -117,11 +70,12 @@ impl Controller {
         labels: Labels,
         created_by: &str,
     ) -> Result<CreatedToken, StoreError> {
-        let now = self.clock.now_ms();
+        let now = self.app.clock.now_ms();
         let secret: [u8; 32] = rand::random();
         let expires_at_ms = now + ttl.as_millis() as i64;
         let id = Uuid::now_v7();
-        self.store
+        self.app
+            .store
             .create_join_token(&NewJoinToken {
                 id,
                 secret_hash: surplus_certs::hex(&surplus_certs::sha256(&secret)),
@@ -131,12 +85,12 @@ impl Controller {
                 created_by: created_by.to_owned(),
             })
             .await?;
-        let enroll_addresses = self.config.enroll_addresses();
+        let enroll_addresses = self.app.config.enroll_addresses();
         let token = JoinToken {
             secret,
             ca_fingerprint: self.ca.fingerprint(),
             enroll_addresses: enroll_addresses.clone(),
-            server_name: self.config.server_name(),
+            server_name: self.app.config.server_name(),
             expires_at_ms,
         };
         Ok(CreatedToken {
@@ -152,7 +106,7 @@ impl Controller {
     /// Serves an enrollment request: consumes the token and issues the certificate.
     pub async fn enroll(&self, request: &EnrollRequest) -> Result<Enrolled, ErrorReply> {
         if request.protocol_version != PROTOCOL_VERSION {
-            self.metrics.enrollment("version_mismatch");
+            self.app.metrics.enrollment("version_mismatch");
             return Err(reply(
                 ErrorCode::VersionMismatch,
                 format!(
@@ -161,11 +115,11 @@ impl Controller {
                 ),
             ));
         }
-        let now = self.clock.now_ms();
+        let now = self.app.clock.now_ms();
         let agent_id = Uuid::now_v7();
         let certificate = self
             .issue(&request.csr_pem, agent_id, now)
-            .inspect_err(|_| self.metrics.enrollment("csr_rejected"))?;
+            .inspect_err(|_| self.app.metrics.enrollment("csr_rejected"))?;
         let agent = NewAgent {
             id: agent_id,
             hostname: request.hostname.chars().take(255).collect(),
@@ -175,17 +129,17 @@ impl Controller {
             cert_not_after_ms: certificate.not_after_ms,
         };
         let secret_hash = surplus_certs::hex(&surplus_certs::sha256(&request.token_secret));
-        match self.store.enroll_agent(&secret_hash, now, &agent).await {
+        match self.app.store.enroll_agent(&secret_hash, now, &agent).await {
             Ok(EnrollOutcome::Registered(labels)) => {
                 tracing::info!(%agent_id, hostname = %agent.hostname, ?labels, "agent enrolled");
-                self.metrics.enrollment("registered");
-                self.registry.publish(RegistryEvent::Enrolled(agent_id));
+                self.app.metrics.enrollment("registered");
+                self.app.registry.publish(RegistryEvent::Enrolled(agent_id));
                 Ok(Enrolled {
                     agent_id,
                     certificate,
                     ca_pem: self.ca.cert_pem().to_owned(),
-                    controller_addresses: self.config.session_addresses(),
-                    server_name: self.config.server_name(),
+                    controller_addresses: self.app.config.session_addresses(),
+                    server_name: self.app.config.server_name(),
                 })
             }
             Ok(EnrollOutcome::Refused(refusal)) => {
@@ -195,12 +149,12 @@ impl Controller {
                     TokenRefusal::Expired => (ErrorCode::TokenExpired, "token_expired"),
                     TokenRefusal::Used => (ErrorCode::TokenUsed, "token_used"),
                 };
-                self.metrics.enrollment(outcome);
+                self.app.metrics.enrollment(outcome);
                 Err(reply(code, refusal.to_string()))
             }
             Err(e) => {
                 tracing::error!(error = %e, "enrollment failed in storage");
-                self.metrics.enrollment("error");
+                self.app.metrics.enrollment("error");
                 Err(reply(
                     ErrorCode::Internal,
                     "the controller could not record the enrollment",
@@ -220,8 +174,8 @@ impl Controller {
                 csr_pem,
                 agent_id,
                 now,
-                self.config.agent_cert_lifetime.as_millis() as i64,
-                self.config.cert_backdate.as_millis() as i64,
+                self.app.config.agent_cert_lifetime.as_millis() as i64,
+                self.app.config.cert_backdate.as_millis() as i64,
             )
             .map_err(|e| reply(ErrorCode::CsrRejected, e.to_string()))
     }
@@ -235,8 +189,9 @@ impl Controller {
         if self.revoked.is_revoked(&agent_id) {
             return Err(reply(ErrorCode::Revoked, "agent is revoked"));
         }
-        let certificate = self.issue(csr_pem, agent_id, self.clock.now_ms())?;
+        let certificate = self.issue(csr_pem, agent_id, self.app.clock.now_ms())?;
         if let Err(e) = self
+            .app
             .store
             .record_certificate(
                 agent_id,
@@ -253,8 +208,8 @@ impl Controller {
             ));
         }
         tracing::info!(%agent_id, serial = %certificate.serial, "certificate renewed");
-        self.metrics.renewals.inc();
-        self.registry.publish(RegistryEvent::Renewed {
+        self.app.metrics.renewals.inc();
+        self.app.registry.publish(RegistryEvent::Renewed {
             agent_id,
             serial: certificate.serial.clone(),
         });
@@ -265,8 +220,9 @@ impl Controller {
     /// (if any) closed now. `Ok(false)` when it already was revoked.
     pub async fn revoke(&self, agent_id: Uuid) -> Result<bool, StoreError> {
         let newly = self
+            .app
             .store
-            .revoke_agent(agent_id, self.clock.now_ms())
+            .revoke_agent(agent_id, self.app.clock.now_ms())
             .await?;
         self.cut_off(agent_id);
         if newly {
@@ -282,8 +238,9 @@ impl Controller {
         let started = tokio::time::Instant::now();
         let ping = surplus_protocol::Message::Ping(surplus_protocol::Ping { nonce });
         match self
+            .app
             .link
-            .call(agent_id, &ping, self.config.request_timeout)
+            .call(agent_id, &ping, self.app.config.request_timeout)
             .await?
         {
             surplus_protocol::Message::Pong(pong) if pong.nonce == nonce => Ok(started.elapsed()),
@@ -295,11 +252,12 @@ impl Controller {
     pub fn cut_off(&self, agent_id: Uuid) {
         let newly = self.revoked.revoke(agent_id);
         let kicked =
-            self.registry
+            self.app
+                .registry
                 .kick(agent_id, codes::CLOSE_REVOKED, "agent certificate revoked");
         if newly || kicked {
-            self.metrics.revocations.inc();
-            self.registry.publish(RegistryEvent::Revoked(agent_id));
+            self.app.metrics.revocations.inc();
+            self.app.registry.publish(RegistryEvent::Revoked(agent_id));
         }
     }
 }

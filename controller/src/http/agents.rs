@@ -1,0 +1,177 @@
+//! Agents, join tokens and API tokens: listing, inventory history, revocation, pings.
+
+use super::*;
+
+pub(super) fn routes() -> Vec<Route> {
+    use Access::Token;
+    vec![
+        route("GET", "/v1/agents", Token, list_agents),
+        route("GET", "/v1/agents/{id}", Token, show_agent),
+        route(
+            "GET",
+            "/v1/agents/{id}/inventory/history",
+            Token,
+            inventory_history,
+        ),
+        route("POST", "/v1/agents/{id}/revoke", Token, revoke_agent),
+        route("POST", "/v1/agents/{id}/ping", Token, ping_agent),
+        route("POST", "/v1/tokens", Token, create_token),
+        route("POST", "/v1/api-tokens", Token, create_api_token),
+    ]
+}
+
+async fn list_agents(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+) -> ApiResult<Vec<AgentView>> {
+    caller.require(Role::Admin)?;
+    let now = ctl.app.clock.now_ms();
+    let agents = ctl.app.store.agents().await?;
+    Ok(Json(
+        agents
+            .iter()
+            .map(|a| AgentView::new(a, ctl.app.link.is_connected(a.id), now))
+            .collect(),
+    ))
+}
+
+async fn show_agent(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<AgentDetail> {
+    caller.require(Role::Admin)?;
+    let agent = load_agent(&ctl, &id).await?;
+    let id = agent.id;
+    let sessions = ctl.app.store.sessions(id, 20).await?;
+    let history = ctl.app.store.inventory_history(id, 50).await?;
+    Ok(Json(AgentDetail {
+        agent: AgentView::new(
+            &agent,
+            ctl.app.link.is_connected(id),
+            ctl.app.clock.now_ms(),
+        ),
+        inventory: agent.inventory,
+        sessions,
+        inventory_history: history
+            .into_iter()
+            .map(|h| InventoryChangeView {
+                recorded_at_ms: h.recorded_at_ms,
+                digest: h.digest,
+            })
+            .collect(),
+    }))
+}
+
+async fn inventory_history(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Vec<crate::store::InventoryChange>> {
+    caller.require(Role::Admin)?;
+    let id = load_agent(&ctl, &id).await?.id;
+    Ok(Json(ctl.app.store.inventory_history(id, 1000).await?))
+}
+
+async fn revoke_agent(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<AgentView> {
+    caller.require(Role::Admin)?;
+    let id = parse_id(&id)?;
+    ctl.agents.revoke(id).await?;
+    let agent = ctl
+        .app
+        .store
+        .agent(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("agent {id} not found")))?;
+    Ok(Json(AgentView::new(&agent, false, ctl.app.clock.now_ms())))
+}
+
+async fn ping_agent(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<serde_json::Value> {
+    caller.require(Role::Admin)?;
+    let agent = load_agent(&ctl, &id).await?;
+    let id = agent.id;
+    let rtt = ctl.agents.ping(id).await?;
+    Ok(Json(
+        serde_json::json!({ "agent_id": id, "rtt_ms": rtt.as_secs_f64() * 1000.0 }),
+    ))
+}
+
+async fn create_token(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    body: Result<Json<CreateTokenRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<crate::agents::CreatedToken>), ApiError> {
+    caller.require(Role::Admin)?;
+    let Json(body) = body?;
+    let ttl = match body.ttl.as_deref() {
+        None => ctl.app.config.join_token_ttl,
+        Some(text) => humantime::parse_duration(text)
+            .map_err(|e| ApiError::bad_request(format!("ttl {text:?}: {e}")))?,
+    };
+    if ttl.is_zero() || ttl > std::time::Duration::from_secs(30 * 86_400) {
+        return Err(ApiError::bad_request(
+            "ttl must be more than zero and at most 30 days",
+        ));
+    }
+    for (k, v) in &body.labels {
+        validate_label(k, v)?;
+    }
+    let created = ctl
+        .agents
+        .create_join_token(ttl, body.labels, &caller.0.account)
+        .await?;
+    Ok((StatusCode::CREATED, Json(created)))
+}
+
+/// Labels follow the one rule of the control interface (`protocol::control`): short,
+/// printable, and data wherever they go.
+pub fn validate_label(key: &str, value: &str) -> Result<(), ApiError> {
+    surplus_protocol::control::validate_label(key, value)
+        .map_err(|e| ApiError::bad_request(e.to_string()).with_field(e.field))
+}
+
+/// `POST /v1/api-tokens {"account": "alice", "role": "client"}` (admin): a token for an
+/// account, shown once.
+async fn create_api_token(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    body: Result<Json<CreateApiTokenRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    caller.require(Role::Admin)?;
+    let Json(body) = body?;
+    surplus_protocol::control::validate_name("account", &body.account)
+        .map_err(|e| ApiError::bad_request(e.to_string()).with_field(e.field))?;
+    let role = Role::parse(&body.role).map_err(|_| {
+        ApiError::bad_request(format!(
+            "role: {:?} is not admin, provider, client or pool_owner",
+            body.role
+        ))
+        .with_field("role".into())
+    })?;
+    let (token, hash) = crate::datadir::new_api_token();
+    let principal = Principal {
+        account: body.account.clone(),
+        role,
+    };
+    ctl.app
+        .store
+        .create_api_token(
+            &hash,
+            &principal,
+            body.label.as_deref().unwrap_or(""),
+            ctl.app.clock.now_ms(),
+        )
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({ "account": body.account, "role": role.as_str(), "token": token })),
+    ))
+}

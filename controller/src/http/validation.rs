@@ -1,0 +1,130 @@
+//! Validation runs: ordering one on an agent, following it, cancelling it.
+
+use super::*;
+
+pub(super) fn routes() -> Vec<Route> {
+    use Access::Token;
+    vec![
+        route(
+            "POST",
+            "/v1/agents/{id}/validation",
+            Token,
+            order_validation,
+        ),
+        route(
+            "GET",
+            "/v1/agents/{id}/validation",
+            Token,
+            agent_validations,
+        ),
+        route("GET", "/v1/validations/{run}", Token, show_validation),
+        route(
+            "POST",
+            "/v1/validations/{run}/cancel",
+            Token,
+            cancel_validation,
+        ),
+    ]
+}
+
+/// The validation run named by a path segment: 400 when it is no UUID, 404 when unknown.
+async fn load_run(ctl: &Controller, text: &str) -> Result<crate::store::ValidationRun, ApiError> {
+    let id = Uuid::parse_str(text)
+        .map_err(|_| ApiError::bad_request(format!("{text:?} is not a run id (a UUID)")))?;
+    ctl.app
+        .store
+        .validation_run(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("validation run {id} not found")))
+}
+
+/// A run as the API shows it: the stored record plus live progress while running.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct RunView {
+    /// The stored run.
+    #[serde(flatten)]
+    pub run: crate::store::ValidationRun,
+    /// Latest progress, while running.
+    pub progress: Option<surplus_protocol::messages::ValidationProgress>,
+}
+
+fn run_view(ctl: &Controller, run: crate::store::ValidationRun) -> RunView {
+    let progress = ctl.validation.progress(run.id).flatten();
+    RunView { run, progress }
+}
+
+async fn order_validation(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    body: Result<Json<crate::validation::ValidationOptions>, JsonRejection>,
+) -> Result<(StatusCode, Json<RunView>), ApiError> {
+    caller.require(Role::Admin)?;
+    let agent = load_agent(&ctl, &id).await?;
+    let id = agent.id;
+    let Json(options) = body?;
+    match ctl.validation.start(id, &options, &caller.0.account).await {
+        Ok(run) => Ok((StatusCode::ACCEPTED, Json(run_view(&ctl, run)))),
+        Err(crate::validation::StartError::Invalid(why)) => Err(ApiError::bad_request(why)),
+        Err(crate::validation::StartError::Link(e)) => Err(e.into()),
+        Err(crate::validation::StartError::Store(e)) => Err(e.into()),
+    }
+}
+
+async fn agent_validations(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<serde_json::Value> {
+    caller.require(Role::Admin)?;
+    let id = load_agent(&ctl, &id).await?.id;
+    let runs: Vec<RunView> = ctl
+        .app
+        .store
+        .validation_runs(id, 100)
+        .await?
+        .into_iter()
+        .map(|r| run_view(&ctl, r))
+        .collect();
+    let latest = runs
+        .iter()
+        .find(|r| r.run.status != crate::store::RunStatus::Running);
+    Ok(Json(
+        serde_json::json!({ "latest": latest, "history": runs }),
+    ))
+}
+
+async fn show_validation(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    Path(run): Path<String>,
+) -> ApiResult<RunView> {
+    caller.require(Role::Admin)?;
+    let run = load_run(&ctl, &run).await?;
+    Ok(Json(run_view(&ctl, run)))
+}
+
+async fn cancel_validation(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    Path(run): Path<String>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    caller.require(Role::Admin)?;
+    let run = load_run(&ctl, &run).await?;
+    let run_id = run.id;
+    if run.status != crate::store::RunStatus::Running {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_running",
+            format!(
+                "validation run {run_id} already ended ({})",
+                run.status.as_str()
+            ),
+        ));
+    }
+    let was_running = ctl.validation.cancel(&run).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "run_id": run_id, "cancelling": was_running })),
+    ))
+}
