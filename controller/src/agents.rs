@@ -18,23 +18,7 @@ use crate::app::App;
 use crate::link::LinkError;
 use crate::registry::RegistryEvent;
 use crate::store::{EnrollOutcome, Labels, NewAgent, NewJoinToken, StoreError, TokenRefusal};
-
-/// A join token just created.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct CreatedToken {
-    /// Token id.
-    pub id: Uuid,
-    /// The printable token; shown once, only its secret's hash is stored.
-    pub token: String,
-    /// Expiry.
-    pub expires_at_ms: UnixMillis,
-    /// Where agents enroll.
-    pub enroll_addresses: Vec<String>,
-    /// The pinned CA fingerprint, `AB:CD:...`.
-    pub ca_fingerprint: String,
-    /// Labels agents enrolled with it get.
-    pub labels: Labels,
-}
+use surplus_api::agents::CreatedToken;
 
 /// Enrollment, certificate renewal, revocation, join tokens and pings: the agents'
 /// identities and the controller's view of whether they may connect.

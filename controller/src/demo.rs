@@ -15,7 +15,9 @@ use surplus_protocol::clock;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::Controller;
-use crate::control::{ControlRequest, ControlResponse};
+use surplus_api::control::ControlResponse;
+
+use crate::control::ControlRequest;
 use crate::datadir::{self, DataDir};
 use crate::registry::RegistryEvent;
 use crate::store::{Principal, Role};
@@ -172,7 +174,7 @@ pub async fn run_with(
         .agent(identity.agent_id)
         .await?
         .context("agent vanished from the registry")?;
-    let view = crate::api::AgentView::new(&agent, true, clock.now_ms());
+    let view = crate::http::agent_view(&agent, true, clock.now_ms());
     let inv = agent.inventory.unwrap_or_default();
     println!();
     println!("Registered agent");

@@ -26,14 +26,13 @@ pub mod billing;
 mod control;
 mod validation;
 
-pub use agents::validate_label;
-pub use validation::RunView;
+pub use agents::{agent_view, validate_label};
 
-use crate::api::*;
 use crate::app::Controller;
 use crate::datadir::api_token_hash;
 use crate::link::LinkError;
 use crate::store::{Principal, Role, StoreError};
+use surplus_api::ErrorBody;
 
 /// An API failure.
 #[derive(Debug)]

@@ -7,12 +7,12 @@
 //! - [`control`]: the primary control interface: parsing, authorisation, routing to agents.
 //! - [`registry`]: live sessions, liveness and uptime rules (pure).
 //! - [`store`]: storage behind one trait; SQLite embedded.
-//! - [`http`] and [`api`]: the HTTP/JSON API and its shapes (also used by the CLI).
+//! - [`http`]: the HTTP/JSON API; its bodies are the `surplus-api` crate's (shared
+//!   with the CLI).
 //! - [`datadir`]: CA, server certificate, database and config on disk.
 //! - [`demo`]: a controller and a local agent in one process.
 
 pub mod agents;
-pub mod api;
 pub mod app;
 pub mod config;
 pub mod control;

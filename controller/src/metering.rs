@@ -8,7 +8,6 @@
 
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
 use surplus_protocol::Message;
 use surplus_protocol::usage::{MeteringAck, MeteringPeriods, UsageAck, UsageBatch, meters};
 use uuid::Uuid;
@@ -18,6 +17,7 @@ use crate::billing::{self, Period, PeriodUsage};
 use crate::ledger::Applied;
 use crate::link::LinkError;
 use crate::store::{Billable, IngestBatch, IngestOutcome, InvoiceLine, PostError, StoreError};
+use surplus_api::billing::{Adjustment, BillingFailure, BillingRun, WaitingFor};
 
 /// Most batches one group commit takes.
 const GROUP_MAX_BATCHES: usize = 256;
@@ -76,67 +76,6 @@ impl std::fmt::Debug for UsageQueue {
             .field("queued", &queued)
             .finish()
     }
-}
-
-/// A billing run's outcome.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct BillingRun {
-    /// The period.
-    pub from_ms: i64,
-    /// End of the period (exclusive).
-    pub to_ms: i64,
-    /// Instances whose charges were posted now.
-    pub posted: u32,
-    /// Instances already billed for this period with the same usage (a repeated run).
-    pub already_billed: u32,
-    /// Instances with nothing to charge.
-    pub nothing_due: u32,
-    /// Instances run by an admin: the operator's own, not billed to anyone.
-    pub not_billed: u32,
-    /// Instances whose charges could not be posted, with the reason.
-    pub failed: Vec<BillingFailure>,
-    /// Total charged now for this period, per currency.
-    pub charged: std::collections::BTreeMap<String, i64>,
-    /// Late usage billed now, of this period or of earlier ones: the difference to
-    /// what was billed before.
-    pub adjustments: Vec<Adjustment>,
-}
-
-/// An instance a billing run could not post.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct BillingFailure {
-    /// The instance.
-    pub instance_id: String,
-    /// Its client.
-    pub client: String,
-    /// Why.
-    pub reason: String,
-}
-
-/// Late usage of one instance and period, billed by a later run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Adjustment {
-    /// The instance.
-    pub instance_id: String,
-    /// Its client.
-    pub client: String,
-    /// The period the usage belongs to.
-    pub from_ms: i64,
-    /// End of that period.
-    pub to_ms: i64,
-    /// What was charged now (negative: credited).
-    pub amount: i64,
-    /// Currency.
-    pub currency: String,
-}
-
-/// An agent whose usage of a period has not all arrived.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WaitingFor {
-    /// The agent.
-    pub agent_id: Uuid,
-    /// The end of its latest usage record stored (`None`: none yet).
-    pub usage_through_ms: Option<i64>,
 }
 
 /// Why new metering periods were not set.

@@ -7,7 +7,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use surplus_protocol::messages::*;
 use uuid::Uuid;
 
@@ -15,40 +14,10 @@ use crate::app::App;
 use crate::link::LinkError;
 use crate::registry::RegistryEvent;
 use crate::store::{RunStatus, StoreError, ValidationRun};
+use surplus_api::validation::ValidationOptions;
 
 /// Extra time beyond a run's budget before the controller gives up on it.
 const GRACE: Duration = Duration::from_secs(120);
-
-/// What to run, as the API and CLI ask for it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ValidationOptions {
-    /// Run the benchmark suite.
-    pub bench: bool,
-    /// Run the security checks.
-    pub security: bool,
-    /// Small benchmark sizes (a smoke test, not a measurement).
-    pub quick: bool,
-    /// Benchmark time budget, such as `60s`.
-    pub budget: String,
-    /// Timed repetitions of each measurement.
-    pub repetitions: u32,
-    /// Bytes for the network throughput probe.
-    pub network_bytes: u64,
-}
-
-impl Default for ValidationOptions {
-    fn default() -> Self {
-        Self {
-            bench: true,
-            security: true,
-            quick: false,
-            budget: "60s".into(),
-            repetitions: 5,
-            network_bytes: 16 << 20,
-        }
-    }
-}
 
 /// Why a run could not be ordered.
 #[derive(Debug, thiserror::Error)]
@@ -64,41 +33,42 @@ pub enum StartError {
     Store(#[from] StoreError),
 }
 
-impl ValidationOptions {
-    /// The wire request for run `run_id`.
-    pub fn request(&self, run_id: Uuid) -> Result<(ValidationRequest, Duration), StartError> {
-        if !self.bench && !self.security {
-            return Err(StartError::Invalid(
-                "nothing to run: ask for bench, security or both".into(),
-            ));
-        }
-        let budget = humantime::parse_duration(&self.budget)
-            .map_err(|e| StartError::Invalid(format!("budget {:?}: {e}", self.budget)))?;
-        if budget.is_zero() || budget > Duration::from_secs(3600) {
-            return Err(StartError::Invalid(
-                "budget must be more than zero and at most an hour".into(),
-            ));
-        }
-        if !(1..=20).contains(&self.repetitions) {
-            return Err(StartError::Invalid(
-                "repetitions must be between 1 and 20".into(),
-            ));
-        }
-        let bench = self.bench.then_some(BenchRequest {
-            budget_ms: budget.as_millis() as u64,
-            repetitions: self.repetitions,
-            quick: self.quick,
-            network_bytes: self.network_bytes,
-        });
-        Ok((
-            ValidationRequest {
-                run_id,
-                bench,
-                security: self.security,
-            },
-            budget,
-        ))
+/// The wire request for run `run_id` as `options` ask for it, and its time budget.
+pub fn request(
+    options: &ValidationOptions,
+    run_id: Uuid,
+) -> Result<(ValidationRequest, Duration), StartError> {
+    if !options.bench && !options.security {
+        return Err(StartError::Invalid(
+            "nothing to run: ask for bench, security or both".into(),
+        ));
     }
+    let budget = humantime::parse_duration(&options.budget)
+        .map_err(|e| StartError::Invalid(format!("budget {:?}: {e}", options.budget)))?;
+    if budget.is_zero() || budget > Duration::from_secs(3600) {
+        return Err(StartError::Invalid(
+            "budget must be more than zero and at most an hour".into(),
+        ));
+    }
+    if !(1..=20).contains(&options.repetitions) {
+        return Err(StartError::Invalid(
+            "repetitions must be between 1 and 20".into(),
+        ));
+    }
+    let bench = options.bench.then_some(BenchRequest {
+        budget_ms: budget.as_millis() as u64,
+        repetitions: options.repetitions,
+        quick: options.quick,
+        network_bytes: options.network_bytes,
+    });
+    Ok((
+        ValidationRequest {
+            run_id,
+            bench,
+            security: options.security,
+        },
+        budget,
+    ))
 }
 
 /// Validation runs: ordering them, following their progress, cancelling them.
@@ -125,7 +95,7 @@ impl Validations {
         requested_by: &str,
     ) -> Result<ValidationRun, StartError> {
         let run_id = Uuid::now_v7();
-        let (request, budget) = options.request(run_id)?;
+        let (request, budget) = request(options, run_id)?;
         if !self.app.link.is_connected(agent_id) {
             return Err(self.app.link.offline(agent_id).await.into());
         }

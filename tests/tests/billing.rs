@@ -414,6 +414,114 @@ async fn billing_covers_closed_hours_waits_for_usage_and_bills_what_comes_late()
         (200, Some(balance("provider:bob"))),
         "{statement}"
     );
+
+    // The `surplus` CLI reads the same books through its typed bodies: a body the
+    // server and the CLI disagreed on would fail here as an unexpected answer.
+    let cli = |token: String, args: Vec<String>| {
+        let url = b.tc.url();
+        let home = b.tc.root.path().to_owned();
+        async move {
+            let out = tokio::process::Command::new(surplus_tests::bin("surplus"))
+                .args(["--controller", &url, "--token", &token, "--json"])
+                .args(&args)
+                .env_remove("SURPLUS_CONFIG")
+                .env("HOME", home)
+                .output()
+                .await
+                .expect("surplus runs");
+            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+            match out.status.success() {
+                true => {
+                    Ok(serde_json::from_slice::<Value>(&out.stdout).expect("--json prints JSON"))
+                }
+                false => Err(stderr),
+            }
+        }
+    };
+    let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let admin = b.tc.admin_token.clone();
+    let listed = cli(b.alice.clone(), args(&["invoices", "list"]))
+        .await
+        .unwrap();
+    assert_eq!(listed, invoices, "the CLI lists what the API does");
+    let id = first["invoice_id"].as_str().unwrap();
+    let shown = cli(b.alice.clone(), args(&["invoices", "show", id]))
+        .await
+        .unwrap();
+    assert_eq!(&shown, first);
+    let by_cli = cli(admin.clone(), args(&["statements", "--provider", "bob"]))
+        .await
+        .unwrap();
+    assert_eq!(by_cli, statement);
+    let usage = cli(
+        b.alice.clone(),
+        args(&[
+            "usage",
+            "--from",
+            &h0.to_string(),
+            "--to",
+            &(h0 + 2 * HOUR).to_string(),
+        ]),
+    )
+    .await
+    .unwrap();
+    assert!(!usage["rows"].as_array().unwrap().is_empty(), "{usage}");
+    // Money through the CLI: a payment settles alice's debt; a payout beyond what bob
+    // earned is refused with the server's reason; a policy change is confirmed.
+    let paid = cli(
+        admin.clone(),
+        args(&[
+            "pay",
+            "--account",
+            "alice",
+            "--currency",
+            "EUR",
+            "--amount",
+            &total.to_string(),
+            "--kind",
+            "settlement",
+            "--key",
+            "cli-pay-1",
+        ]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(paid["result"], "posted", "{paid}");
+    let balances = cli(
+        admin.clone(),
+        args(&["ledger", "balance", "--account", "client:alice"]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(balances[0]["balance"], 0, "{balances}");
+    let too_much = balance("provider:bob") + 1;
+    let refused = cli(
+        admin.clone(),
+        args(&[
+            "payout",
+            "--account",
+            "bob",
+            "--currency",
+            "EUR",
+            "--amount",
+            &too_much.to_string(),
+            "--key",
+            "cli-payout-1",
+        ]),
+    )
+    .await
+    .unwrap_err();
+    assert!(refused.contains("insufficient_funds"), "{refused}");
+    let policy = cli(
+        admin.clone(),
+        args(&["ledger", "policy", "client:alice", "--prepaid"]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        policy,
+        json!({"account": "client:alice", "allow_negative": false})
+    );
     // (Its host is gone; the cgroup guard ends what it left running.)
 }
 

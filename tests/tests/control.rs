@@ -547,7 +547,7 @@ mod through_the_controller {
 
     use serde_json::{Value, json};
     use surplus_agent::control::DriverKind;
-    use surplus_controller::control::ControlResponse;
+    use surplus_api::control::ControlResponse;
     use surplus_controller::registry::RegistryEvent;
     use surplus_protocol::clock;
     use surplus_protocol::control::InstanceState;

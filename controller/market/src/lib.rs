@@ -15,4 +15,5 @@
 pub mod acceptance;
 pub mod billing;
 pub mod ledger;
+pub mod records;
 pub mod usage;

@@ -1,5 +1,6 @@
 //! `surplus-market` never does I/O: its normal dependency closure holds no async
-//! runtime, database driver, network stack or random number generator. Read from
+//! runtime, database driver, network stack or random number generator; nor does
+//! `surplus-api`, the bodies built on its records. Read from
 //! `cargo tree`, so a dependency added anywhere below it fails here by name.
 
 use std::collections::BTreeSet;
@@ -62,6 +63,12 @@ fn the_market_crate_never_links_io_or_randomness() {
         forbidden_in("surplus-market"),
         Vec::<String>::new(),
         "surplus-market must stay pure: these crates entered its dependency closure"
+    );
+    // The API's bodies are plain data too: the CLI and the console link them.
+    assert_eq!(
+        forbidden_in("surplus-api"),
+        Vec::<String>::new(),
+        "surplus-api must stay plain data: these crates entered its dependency closure"
     );
     // The check sees what it looks for: the controller links all of these.
     let controller = forbidden_in("surplus-controller");

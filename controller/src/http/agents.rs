@@ -1,6 +1,11 @@
 //! Agents, join tokens and API tokens: listing, inventory history, revocation, pings.
 
+use surplus_api::agents::*;
+use surplus_protocol::clock::UnixMillis;
+
 use super::*;
+use crate::registry::measured_uptime;
+use crate::store::AgentRecord;
 
 pub(super) fn routes() -> Vec<Route> {
     use Access::Token;
@@ -30,7 +35,7 @@ async fn list_agents(
     Ok(Json(
         agents
             .iter()
-            .map(|a| AgentView::new(a, ctl.app.link.is_connected(a.id), now))
+            .map(|a| agent_view(a, ctl.app.link.is_connected(a.id), now))
             .collect(),
     ))
 }
@@ -46,7 +51,7 @@ async fn show_agent(
     let sessions = ctl.app.store.sessions(id, 20).await?;
     let history = ctl.app.store.inventory_history(id, 50).await?;
     Ok(Json(AgentDetail {
-        agent: AgentView::new(
+        agent: agent_view(
             &agent,
             ctl.app.link.is_connected(id),
             ctl.app.clock.now_ms(),
@@ -87,28 +92,28 @@ async fn revoke_agent(
         .agent(id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("agent {id} not found")))?;
-    Ok(Json(AgentView::new(&agent, false, ctl.app.clock.now_ms())))
+    Ok(Json(agent_view(&agent, false, ctl.app.clock.now_ms())))
 }
 
 async fn ping_agent(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
     Path(id): Path<String>,
-) -> ApiResult<serde_json::Value> {
+) -> ApiResult<PingView> {
     caller.require(Role::Admin)?;
     let agent = load_agent(&ctl, &id).await?;
-    let id = agent.id;
-    let rtt = ctl.agents.ping(id).await?;
-    Ok(Json(
-        serde_json::json!({ "agent_id": id, "rtt_ms": rtt.as_secs_f64() * 1000.0 }),
-    ))
+    let rtt = ctl.agents.ping(agent.id).await?;
+    Ok(Json(PingView {
+        agent_id: agent.id,
+        rtt_ms: rtt.as_secs_f64() * 1000.0,
+    }))
 }
 
 async fn create_token(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
     body: Result<Json<CreateTokenRequest>, JsonRejection>,
-) -> Result<(StatusCode, Json<crate::agents::CreatedToken>), ApiError> {
+) -> Result<(StatusCode, Json<CreatedToken>), ApiError> {
     caller.require(Role::Admin)?;
     let Json(body) = body?;
     let ttl = match body.ttl.as_deref() {
@@ -144,7 +149,7 @@ async fn create_api_token(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
     body: Result<Json<CreateApiTokenRequest>, JsonRejection>,
-) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+) -> Result<(StatusCode, Json<CreatedApiToken>), ApiError> {
     caller.require(Role::Admin)?;
     let Json(body) = body?;
     surplus_protocol::control::validate_name("account", &body.account)
@@ -172,6 +177,49 @@ async fn create_api_token(
         .await?;
     Ok((
         StatusCode::CREATED,
-        Json(serde_json::json!({ "account": body.account, "role": role.as_str(), "token": token })),
+        Json(CreatedApiToken {
+            account: body.account,
+            role,
+            token,
+        }),
     ))
+}
+
+/// The view of a stored agent at `now_ms`.
+pub fn agent_view(a: &AgentRecord, connected: bool, now_ms: UnixMillis) -> AgentView {
+    let (online_ms, uptime_ratio) = measured_uptime(
+        a.first_seen_ms,
+        a.online_total_ms,
+        a.online_since_ms,
+        now_ms,
+    );
+    let inv = a.inventory.as_ref();
+    let os = inv.and_then(|i| {
+        let name = i.pointer("/os/name")?.as_str()?;
+        let version = i
+            .pointer("/os/version")
+            .and_then(|v| v.as_str())
+            .unwrap_or("");
+        Some(format!("{name} {version}").trim().to_owned())
+    });
+    AgentView {
+        id: a.id,
+        hostname: a.hostname.clone(),
+        labels: a.labels.clone(),
+        status: a.status,
+        connected,
+        agent_version: a.agent_version.clone(),
+        cert_serial: a.cert_serial.clone(),
+        cert_not_after_ms: a.cert_not_after_ms,
+        enrolled_at_ms: a.enrolled_at_ms,
+        first_seen_ms: a.first_seen_ms,
+        last_seen_ms: a.last_seen_ms,
+        online_ms,
+        uptime_ratio,
+        revoked_at_ms: a.revoked_at_ms,
+        cpus: inv.and_then(|i| i.pointer("/cpu/logical_cpus")?.as_u64()),
+        memory_bytes: inv.and_then(|i| i.pointer("/memory/total_bytes")?.as_u64()),
+        os,
+        isolation: a.isolation.clone(),
+    }
 }

@@ -2,14 +2,12 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
-use surplus_protocol::usage::MeteringPeriods;
-
 use super::*;
 use crate::billing::{Period, PricePlan};
-use crate::ledger::{self, Applied};
+use crate::ledger;
 use crate::metering::SetMeteringError;
 use crate::store::{AgentRecord, InvoiceLine, PostError, UsageQuery};
+use surplus_api::billing::*;
 
 pub(super) fn routes() -> Vec<Route> {
     use Access::Token;
@@ -77,37 +75,6 @@ fn invalid(field: &str, message: impl Into<String>) -> ApiError {
     ApiError::bad_request(message).with_field(field.into())
 }
 
-/// `PUT /v1/agents/{id}/metering` body: periods such as `"30s"`; absent ones stay.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MeteringRequest {
-    /// Instance meters.
-    #[serde(default)]
-    pub instance: Option<String>,
-    /// Host meters.
-    #[serde(default)]
-    pub host: Option<String>,
-    /// Subscription meters.
-    #[serde(default)]
-    pub subscription: Option<String>,
-}
-
-/// `GET|PUT /v1/agents/{id}/metering` answer.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct MeteringView {
-    /// The agent.
-    pub agent_id: Uuid,
-    /// Periods set through the API (the agent's configuration applies otherwise).
-    pub periods: Option<MeteringPeriods>,
-    /// Whether the connected agent applied them now (`false`: it gets them when it
-    /// connects).
-    pub delivered: bool,
-    /// When the new periods start (the next boundary), when delivered.
-    pub effective_from_ms: Option<i64>,
-    /// The agent's spool as last reported.
-    pub spool: Option<surplus_protocol::usage::SpoolState>,
-}
-
 pub(super) async fn put_metering(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
@@ -167,19 +134,6 @@ pub(super) async fn get_metering(
         effective_from_ms: None,
         spool,
     }))
-}
-
-/// `GET /v1/usage` answer.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct UsageView {
-    /// `hour` or `day`.
-    pub granularity: String,
-    /// Start of the range.
-    pub from_ms: i64,
-    /// End of the range.
-    pub to_ms: i64,
-    /// Buckets, oldest first.
-    pub rows: Vec<crate::store::UsageRow>,
 }
 
 /// `GET /v1/usage?instance=&agent=&account=&meter=&from=&to=&granularity=hour|day`.
@@ -295,21 +249,11 @@ pub(super) async fn put_price_plan(
     Ok(Json(plan))
 }
 
-/// `POST /v1/billing/runs` body.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BillingRunRequest {
-    /// Period start, ms, on a whole hour.
-    pub from_ms: i64,
-    /// Period end (exclusive), ms, on a whole hour.
-    pub to_ms: i64,
-}
-
 pub(super) async fn billing_run(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
     body: Result<Json<BillingRunRequest>, JsonRejection>,
-) -> ApiResult<crate::metering::BillingRun> {
+) -> ApiResult<BillingRun> {
     caller.require(Role::Admin)?;
     let Json(body) = body?;
     let period = Period {
@@ -334,45 +278,6 @@ pub(super) async fn billing_run(
         BillingError::Overlap { .. } => ApiError::new(StatusCode::CONFLICT, "conflict", message),
         BillingError::Store(e) => e.into(),
     })
-}
-
-/// `POST /v1/payments` and `POST /v1/payouts` body.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MoneyRequest {
-    /// The client (payments) or provider (payouts) account name.
-    pub account: String,
-    /// Currency code.
-    pub currency: String,
-    /// Minor units, more than zero.
-    pub amount: i64,
-    /// Payments: `topup` (prepaid credit), `upfront` or `settlement`.
-    #[serde(default)]
-    pub kind: Option<String>,
-    /// Idempotency key: the same request sent again posts nothing twice.
-    pub key: String,
-}
-
-/// Answer of a posting.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PostingView {
-    /// The key.
-    pub key: String,
-    /// `posted` or `duplicate`.
-    pub result: Applied,
-    /// Balances of the accounts touched, after the posting.
-    pub balances: Vec<BalanceView>,
-}
-
-/// One balance.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct BalanceView {
-    /// Account.
-    pub account: String,
-    /// Currency.
-    pub currency: String,
-    /// Minor units.
-    pub balance: i64,
 }
 
 fn check_money(body: &MoneyRequest) -> Result<(), ApiError> {
@@ -481,20 +386,12 @@ pub(super) async fn payout(
     .await
 }
 
-/// `PUT /v1/ledger/accounts/{account}` body.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AccountPolicy {
-    /// Whether the account may go below zero (`false` makes a client prepaid).
-    pub allow_negative: bool,
-}
-
 pub(super) async fn put_account(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
     Path(account): Path<String>,
     body: Result<Json<AccountPolicy>, JsonRejection>,
-) -> ApiResult<serde_json::Value> {
+) -> ApiResult<AccountPolicyView> {
     caller.require(Role::Admin)?;
     ledger::validate_account(&account).map_err(|e| invalid("account", e))?;
     let Json(body) = body?;
@@ -508,9 +405,10 @@ pub(super) async fn put_account(
         .store
         .set_account_policy(&account, body.allow_negative, ctl.app.clock.now_ms())
         .await?;
-    Ok(Json(
-        serde_json::json!({ "account": account, "allow_negative": body.allow_negative }),
-    ))
+    Ok(Json(AccountPolicyView {
+        account,
+        allow_negative: body.allow_negative,
+    }))
 }
 
 /// The ledger account a caller may read, from an optional `account=` parameter.
@@ -548,23 +446,6 @@ pub(super) async fn balances(
             })
             .collect(),
     ))
-}
-
-/// An invoice: one client's charges of one period across every provider.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct InvoiceView {
-    /// `inv-...`.
-    pub invoice_id: String,
-    /// The client.
-    pub client: String,
-    /// Period start.
-    pub from_ms: i64,
-    /// Period end (exclusive).
-    pub to_ms: i64,
-    /// Total per currency.
-    pub totals: BTreeMap<String, i64>,
-    /// Lines, grouped by provider, then instance, then meter.
-    pub lines: Vec<InvoiceLine>,
 }
 
 fn invoices_of(lines: Vec<InvoiceLine>) -> Vec<InvoiceView> {
@@ -653,29 +534,6 @@ pub(super) async fn invoice(
         .next()
         .map(Json)
         .ok_or_else(|| ApiError::not_found(format!("invoice {id} not found")))
-}
-
-/// A provider's statement over a range.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct StatementView {
-    /// The provider account.
-    pub provider: String,
-    /// Range start.
-    pub from_ms: i64,
-    /// Range end.
-    pub to_ms: i64,
-    /// Charged to clients, per currency.
-    pub gross: BTreeMap<String, i64>,
-    /// The marketplace's commission, per currency.
-    pub commission: BTreeMap<String, i64>,
-    /// Earned: gross less commission, per currency.
-    pub net: BTreeMap<String, i64>,
-    /// Paid out in the range, per currency.
-    pub payouts: BTreeMap<String, i64>,
-    /// Current balance (earned and not paid out), per currency.
-    pub balance: BTreeMap<String, i64>,
-    /// The lines.
-    pub lines: Vec<InvoiceLine>,
 }
 
 pub(super) async fn statements(

@@ -2,6 +2,7 @@
 //! of instances, logs, volumes and a host's compatibility report.
 
 use super::*;
+use surplus_api::control::ControlResponse;
 
 pub(super) fn routes() -> Vec<Route> {
     use Access::Token;
@@ -59,7 +60,7 @@ async fn control(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
     body: Result<Json<serde_json::Value>, JsonRejection>,
-) -> ApiResult<crate::control::ControlResponse> {
+) -> ApiResult<ControlResponse> {
     let Json(body) = body?;
     let request =
         crate::control::parse_request(body).map_err(crate::control::ControlError::from)?;
@@ -71,7 +72,7 @@ async fn list_instances(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
     axum::extract::RawQuery(query): axum::extract::RawQuery,
-) -> ApiResult<crate::control::ControlResponse> {
+) -> ApiResult<ControlResponse> {
     let mut filters = surplus_protocol::control::Filters::default();
     for (k, v) in form_pairs(query.as_deref().unwrap_or("")) {
         match k.as_str() {
@@ -143,7 +144,7 @@ async fn instance_logs(
         max_bytes,
     };
     match ctl.control.handle(&caller.0, request).await? {
-        crate::control::ControlResponse::Logs(l) => Ok(Json(l)),
+        ControlResponse::Logs(l) => Ok(Json(l)),
         other => Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
@@ -156,7 +157,7 @@ async fn instance_logs(
 async fn list_volumes(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
-) -> ApiResult<crate::control::ControlResponse> {
+) -> ApiResult<ControlResponse> {
     let request = crate::control::ControlRequest::DescribeVolumes { ids: vec![] };
     Ok(Json(ctl.control.handle(&caller.0, request).await?))
 }

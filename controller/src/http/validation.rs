@@ -1,6 +1,7 @@
 //! Validation runs: ordering one on an agent, following it, cancelling it.
 
 use super::*;
+use surplus_api::validation::{Cancelling, RunHistory, RunView, ValidationOptions};
 
 pub(super) fn routes() -> Vec<Route> {
     use Access::Token;
@@ -38,16 +39,6 @@ async fn load_run(ctl: &Controller, text: &str) -> Result<crate::store::Validati
         .ok_or_else(|| ApiError::not_found(format!("validation run {id} not found")))
 }
 
-/// A run as the API shows it: the stored record plus live progress while running.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-pub struct RunView {
-    /// The stored run.
-    #[serde(flatten)]
-    pub run: crate::store::ValidationRun,
-    /// Latest progress, while running.
-    pub progress: Option<surplus_protocol::messages::ValidationProgress>,
-}
-
 fn run_view(ctl: &Controller, run: crate::store::ValidationRun) -> RunView {
     let progress = ctl.validation.progress(run.id).flatten();
     RunView { run, progress }
@@ -57,7 +48,7 @@ async fn order_validation(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
     Path(id): Path<String>,
-    body: Result<Json<crate::validation::ValidationOptions>, JsonRejection>,
+    body: Result<Json<ValidationOptions>, JsonRejection>,
 ) -> Result<(StatusCode, Json<RunView>), ApiError> {
     caller.require(Role::Admin)?;
     let agent = load_agent(&ctl, &id).await?;
@@ -75,7 +66,7 @@ async fn agent_validations(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
     Path(id): Path<String>,
-) -> ApiResult<serde_json::Value> {
+) -> ApiResult<RunHistory> {
     caller.require(Role::Admin)?;
     let id = load_agent(&ctl, &id).await?.id;
     let runs: Vec<RunView> = ctl
@@ -88,10 +79,12 @@ async fn agent_validations(
         .collect();
     let latest = runs
         .iter()
-        .find(|r| r.run.status != crate::store::RunStatus::Running);
-    Ok(Json(
-        serde_json::json!({ "latest": latest, "history": runs }),
-    ))
+        .find(|r| r.run.status != crate::store::RunStatus::Running)
+        .cloned();
+    Ok(Json(RunHistory {
+        latest,
+        history: runs,
+    }))
 }
 
 async fn show_validation(
@@ -108,7 +101,7 @@ async fn cancel_validation(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
     Path(run): Path<String>,
-) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+) -> Result<(StatusCode, Json<Cancelling>), ApiError> {
     caller.require(Role::Admin)?;
     let run = load_run(&ctl, &run).await?;
     let run_id = run.id;
@@ -125,6 +118,9 @@ async fn cancel_validation(
     let was_running = ctl.validation.cancel(&run).await?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(serde_json::json!({ "run_id": run_id, "cancelling": was_running })),
+        Json(Cancelling {
+            run_id,
+            cancelling: was_running,
+        }),
     ))
 }

@@ -1,14 +1,89 @@
-//! `surplus run|start|stop|reboot|terminate|describe|modify|volumes`: the primary
-//! control interface from the command line. Every command is one `POST /v1/control`.
+//! `surplus run|start|stop|reboot|terminate|describe|modify|logs|volumes`: the primary
+//! control interface from the command line. Every command but `logs` is one
+//! `POST /v1/control`, whose body the server parses (`control::parse_request`) with
+//! an error naming the field at fault; the answer is `surplus_api::control`'s.
 
 use std::collections::BTreeMap;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
-use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 use serde_json::{Value, json};
-use surplus_controller::control::ControlResponse;
+use surplus_api::control::ControlResponse;
 use surplus_protocol::control::{InstanceState, Limits};
+
+use crate::client::{Client, print, table};
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run an instance (RunInstances): `surplus run --cpus 0.5 --memory 64MiB -- /bin/sleep 600`.
+    Run(RunArgs),
+    /// Start stopped instances.
+    Start {
+        /// Instance ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Stop instances (SIGTERM, then SIGKILL after the agent's grace period).
+    Stop {
+        /// Instance ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Restart running instances.
+    Reboot {
+        /// Instance ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Terminate instances: stop them and remove what the host holds for them.
+    Terminate {
+        /// Instance ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Describe instances (DescribeInstances, or DescribeInstanceStatus with --status).
+    Describe(DescribeArgs),
+    /// The end of an instance's output: its standard output, then its standard error
+    /// (on stderr).
+    Logs {
+        /// Instance id.
+        id: String,
+        /// Most bytes of each stream, from the end.
+        #[arg(long, default_value_t = 65536)]
+        max_bytes: u32,
+    },
+    /// Change an instance's limits or labels (ModifyInstanceAttribute); only what is
+    /// given changes: `surplus modify i-... --cpus 0.5 --label team=red`.
+    Modify(ModifyArgs),
+    /// Volumes and snapshots.
+    Volumes {
+        #[command(subcommand)]
+        command: VolumesCommand,
+    },
+}
+
+pub async fn run(client: &Client, json: bool, command: Command) -> anyhow::Result<()> {
+    let body = match command {
+        Command::Run(args) => run_body(args)?,
+        Command::Start { ids } => json!({ "action": "StartInstances", "ids": ids }),
+        Command::Stop { ids } => json!({ "action": "StopInstances", "ids": ids }),
+        Command::Reboot { ids } => json!({ "action": "RebootInstances", "ids": ids }),
+        Command::Terminate { ids } => json!({ "action": "TerminateInstances", "ids": ids }),
+        Command::Describe(args) => describe_body(&args)?,
+        Command::Modify(args) => modify_body(&args)?,
+        Command::Volumes { command } => volumes_body(command)?,
+        Command::Logs { id, max_bytes } => {
+            let logs: surplus_protocol::control::InstanceLogs = client
+                .get(&format!("/v1/instances/{id}/logs?max_bytes={max_bytes}"))
+                .await?;
+            print(json, &logs, || show_logs(&logs));
+            return Ok(());
+        }
+    };
+    let response: ControlResponse = client.post("/v1/control", &body).await?;
+    print(json, &response, || show(&response));
+    Ok(())
+}
 
 /// `surplus run`.
 #[derive(Args)]
@@ -227,17 +302,6 @@ fn millicpus(cpus: f64) -> anyhow::Result<u32> {
     Ok(m as u32)
 }
 
-/// The API's base URL: `host:port` alone means plain HTTP, as the API listens on
-/// loopback without TLS by default.
-pub fn base_url(text: &str) -> String {
-    let text = text.trim();
-    if text.contains("://") {
-        text.to_owned()
-    } else {
-        format!("http://{text}")
-    }
-}
-
 /// The `POST /v1/control` body of `surplus describe`.
 pub fn describe_body(a: &DescribeArgs) -> anyhow::Result<Value> {
     if a.status {
@@ -284,13 +348,6 @@ fn limits_text(l: &Limits) -> (String, String) {
         l.memory_bytes
             .map_or("-".into(), |b| format!("{} MiB", b >> 20)),
     )
-}
-
-fn table(header: &[&str]) -> Table {
-    let mut t = Table::new();
-    t.load_preset(UTF8_BORDERS_ONLY);
-    t.set_header(header.to_vec());
-    t
 }
 
 /// Prints an instance's output for people: its standard output on stdout, its
@@ -437,20 +494,6 @@ mod tests {
         assert_eq!(parse_size("4096").unwrap(), 4096);
         assert!(parse_size("lots").is_err());
         assert!(parse_size("5 parsecs").is_err());
-    }
-
-    #[test]
-    fn a_bare_address_is_plain_http() {
-        assert_eq!(base_url("127.0.0.1:7080"), "http://127.0.0.1:7080");
-        assert_eq!(
-            base_url("ctl.example.com:7080/"),
-            "http://ctl.example.com:7080/"
-        );
-        assert_eq!(
-            base_url("https://ctl.example.com"),
-            "https://ctl.example.com"
-        );
-        assert_eq!(base_url("http://[::1]:7080"), "http://[::1]:7080");
     }
 
     fn modify(args: &[&str]) -> anyhow::Result<Value> {

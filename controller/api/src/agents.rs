@@ -1,33 +1,10 @@
-//! JSON shapes of the HTTP API, shared by the server and the `surplus` CLI.
+//! Agents, join tokens and API tokens.
 
 use serde::{Deserialize, Serialize};
 use surplus_protocol::clock::UnixMillis;
 use uuid::Uuid;
 
-use crate::registry::measured_uptime;
-use crate::store::{AgentRecord, AgentStatus, Labels, SessionRecord};
-
-/// Error body of every non-2xx answer.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ErrorBody {
-    /// Machine-readable code (`not_found`, `bad_request`, `unauthorized`, ...).
-    pub error: String,
-    /// What went wrong, for people.
-    pub message: String,
-    /// The request field at fault, for `bad_request`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub field: Option<String>,
-    /// The agent concerned, for agent errors (`agent_offline`, `agent_timeout`, ...).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub agent_id: Option<uuid::Uuid>,
-    /// When that agent was last seen, for `agent_offline`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_seen_ms: Option<i64>,
-    /// The numbers behind a refusal (`waiting_for` of `usage_pending`, `balance` and
-    /// `needed` of `insufficient_funds`, ...).
-    #[serde(flatten)]
-    pub details: serde_json::Map<String, serde_json::Value>,
-}
+use crate::{AgentStatus, Labels, SessionRecord};
 
 /// `POST /v1/api-tokens`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -84,47 +61,6 @@ pub struct AgentView {
     pub isolation: Option<surplus_protocol::control::Isolation>,
 }
 
-impl AgentView {
-    /// The view of a stored agent at `now_ms`.
-    pub fn new(a: &AgentRecord, connected: bool, now_ms: UnixMillis) -> Self {
-        let (online_ms, uptime_ratio) = measured_uptime(
-            a.first_seen_ms,
-            a.online_total_ms,
-            a.online_since_ms,
-            now_ms,
-        );
-        let inv = a.inventory.as_ref();
-        let os = inv.and_then(|i| {
-            let name = i.pointer("/os/name")?.as_str()?;
-            let version = i
-                .pointer("/os/version")
-                .and_then(|v| v.as_str())
-                .unwrap_or("");
-            Some(format!("{name} {version}").trim().to_owned())
-        });
-        Self {
-            id: a.id,
-            hostname: a.hostname.clone(),
-            labels: a.labels.clone(),
-            status: a.status,
-            connected,
-            agent_version: a.agent_version.clone(),
-            cert_serial: a.cert_serial.clone(),
-            cert_not_after_ms: a.cert_not_after_ms,
-            enrolled_at_ms: a.enrolled_at_ms,
-            first_seen_ms: a.first_seen_ms,
-            last_seen_ms: a.last_seen_ms,
-            online_ms,
-            uptime_ratio,
-            revoked_at_ms: a.revoked_at_ms,
-            cpus: inv.and_then(|i| i.pointer("/cpu/logical_cpus")?.as_u64()),
-            memory_bytes: inv.and_then(|i| i.pointer("/memory/total_bytes")?.as_u64()),
-            os,
-            isolation: a.isolation.clone(),
-        }
-    }
-}
-
 /// One entry of an agent's inventory history (without the inventory body).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InventoryChangeView {
@@ -157,4 +93,41 @@ pub struct CreateTokenRequest {
     /// Labels given to the agent that enrolls with the token.
     #[serde(default)]
     pub labels: Labels,
+}
+
+/// A join token just created.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct CreatedToken {
+    /// Token id.
+    pub id: Uuid,
+    /// The printable token; shown once, only its secret's hash is stored.
+    pub token: String,
+    /// Expiry.
+    pub expires_at_ms: UnixMillis,
+    /// Where agents enroll.
+    pub enroll_addresses: Vec<String>,
+    /// The pinned CA fingerprint, `AB:CD:...`.
+    pub ca_fingerprint: String,
+    /// Labels agents enrolled with it get.
+    pub labels: Labels,
+}
+
+/// `POST /v1/agents/{id}/ping` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PingView {
+    /// The agent.
+    pub agent_id: Uuid,
+    /// Round trip controller → agent → controller, ms.
+    pub rtt_ms: f64,
+}
+
+/// `POST /v1/api-tokens` answer (201): the token, shown once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CreatedApiToken {
+    /// The account it acts for.
+    pub account: String,
+    /// Its role.
+    pub role: crate::Role,
+    /// The bearer token; only its hash is stored.
+    pub token: String,
 }
