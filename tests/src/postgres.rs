@@ -196,6 +196,11 @@ impl Server {
         }
     }
 
+    /// The server's root process (the postmaster), while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.lock().ok()?.as_ref().map(|c| c.id())
+    }
+
     /// Stops the server and removes its files.
     pub fn stop(&self) {
         if let Some(mut child) = self.child.lock().ok().and_then(|mut c| c.take()) {

@@ -86,8 +86,13 @@ impl PgStore {
     const AGENT_STATUS_FOR_UPDATE: &str = "SELECT status FROM agents WHERE id = $1 FOR UPDATE";
     const AGENT_DIGEST_FOR_UPDATE: &str =
         "SELECT inventory_digest FROM agents WHERE id = $1 FOR UPDATE";
-    /// Keys of a batch (JSON `[[epoch, seq], ...]`) already stored for an agent.
-    const USAGE_STORED_KEYS: &str = "SELECT epoch, seq FROM usage_records WHERE agent_id = $1 AND (epoch, seq) IN \
+    /// Keys of a batch (JSON `[[epoch, seq], ...]`, between its first and last key) already
+    /// stored for an agent.
+    /// The range bounds keep the lookup a primary-key range scan over the batch's keys
+    /// whatever the planner estimates for the JSON array: without them it may hash
+    /// every stored row of the agent, and ingest slows as the agent's history grows.
+    const USAGE_STORED_KEYS: &str = "SELECT epoch, seq FROM usage_records WHERE agent_id = $1 \
+         AND (epoch, seq) >= ($3, $4) AND (epoch, seq) <= ($5, $6) AND (epoch, seq) IN \
          (SELECT (value ->> 0)::bigint, (value ->> 1)::bigint FROM jsonb_array_elements($2::jsonb))";
     /// Cursors of an agent's subjects (a JSON array of names).
     const USAGE_CURSORS: &str = "SELECT subject, meter, generation, total FROM usage_cursors WHERE agent_id = $1 \

@@ -207,9 +207,17 @@ macro_rules! sql_stores {
             let keys: Vec<(i64, i64)> = records.iter().map(key_of).collect();
             let (subjects, instances) = subjects(records);
             let mut stored = Stored::default();
+            // The batch's first and last keys bound the lookup (an empty range when
+            // there are none).
+            let low = keys.iter().min().copied().unwrap_or((0, 0));
+            let high = keys.iter().max().copied().unwrap_or((-1, -1));
             for row in sqlx::query($store::USAGE_STORED_KEYS)
                 .bind(&agent)
                 .bind(json_text(&keys))
+                .bind(low.0)
+                .bind(low.1)
+                .bind(high.0)
+                .bind(high.1)
                 .fetch_all(&mut *conn)
                 .await?
             {

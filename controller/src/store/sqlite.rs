@@ -44,8 +44,10 @@ impl SqliteStore {
     /// The write transaction already excludes other writers: no row locks needed.
     const AGENT_STATUS_FOR_UPDATE: &str = "SELECT status FROM agents WHERE id = $1";
     const AGENT_DIGEST_FOR_UPDATE: &str = "SELECT inventory_digest FROM agents WHERE id = $1";
-    /// Keys of a batch (JSON `[[epoch, seq], ...]`) already stored for an agent.
-    const USAGE_STORED_KEYS: &str = "SELECT epoch, seq FROM usage_records WHERE agent_id = $1 AND (epoch, seq) IN \
+    /// Keys of a batch (JSON `[[epoch, seq], ...]`, between its first and last key) already
+    /// stored for an agent.
+    const USAGE_STORED_KEYS: &str = "SELECT epoch, seq FROM usage_records WHERE agent_id = $1 \
+         AND (epoch, seq) >= ($3, $4) AND (epoch, seq) <= ($5, $6) AND (epoch, seq) IN \
          (SELECT value ->> 0, value ->> 1 FROM json_each($2))";
     /// Cursors of an agent's subjects (a JSON array of names).
     const USAGE_CURSORS: &str = "SELECT subject, meter, generation, total FROM usage_cursors WHERE agent_id = $1 \

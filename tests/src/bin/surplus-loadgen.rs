@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use surplus_tests::loadgen::{self, Options, sim::Behaviour};
 
@@ -97,6 +98,11 @@ struct AgentsArgs {
     /// Also write the report as JSON to this file (`-`: standard output, no table).
     #[arg(long)]
     json: Option<PathBuf>,
+    /// The controller's database: `sqlite` (embedded) or `postgres` (a durable server
+    /// of its own, started here from Debian's `postgresql` package and sampled
+    /// beside the controller).
+    #[arg(long, default_value = "sqlite", value_parser = ["sqlite", "postgres"])]
+    database: String,
 }
 
 fn beside_me(name: &str) -> Option<PathBuf> {
@@ -150,6 +156,22 @@ async fn agents(a: AgentsArgs) -> anyhow::Result<ExitCode> {
     }
     let temp = tempfile::tempdir()?;
     let dir = a.dir.clone().unwrap_or_else(|| temp.path().to_owned());
+    // Durable like the embedded SQLite (`synchronous=FULL`), with room for the
+    // controller's pool.
+    let server = (a.database == "postgres").then(|| {
+        surplus_tests::postgres::Server::start(&[
+            "fsync=on",
+            "synchronous_commit=on",
+            "max_connections=300",
+        ])
+    });
+    let postgres = match &server {
+        Some(s) => Some((
+            s.fresh_database().await,
+            s.pid().context("the PostgreSQL server has no process")?,
+        )),
+        None => None,
+    };
     let report = loadgen::run(Options {
         controller_bin,
         dir,
@@ -166,8 +188,13 @@ async fn agents(a: AgentsArgs) -> anyhow::Result<ExitCode> {
         concurrency: a.concurrency,
         agents_per_socket: a.agents_per_socket,
         controller_env,
+        postgres,
     })
-    .await?;
+    .await;
+    if let Some(s) = &server {
+        s.stop();
+    }
+    let report = report?;
     let json = serde_json::to_string_pretty(&report)?;
     match a.json.as_deref() {
         Some(p) if p.as_os_str() == "-" => println!("{json}"),

@@ -108,7 +108,7 @@ pub async fn run(o: FootprintOptions) -> anyhow::Result<FootprintReport> {
         }
     }
     std::fs::create_dir_all(&o.dir)?;
-    let ctl = ControllerProcess::start(&o.controller_bin, &o.dir, &[]).await?;
+    let ctl = ControllerProcess::start(&o.controller_bin, &o.dir, &[], None).await?;
     let result = measure(&o, &ctl).await;
     let _ = ctl.stop().await;
     result

@@ -55,6 +55,9 @@ pub struct Options {
     pub agents_per_socket: usize,
     /// More `SURPLUS_CONTROLLER_*` settings.
     pub controller_env: Vec<(String, String)>,
+    /// The controller's database when it is PostgreSQL (else the embedded SQLite),
+    /// and the server's root process, sampled beside the controller.
+    pub postgres: Option<(String, u32)>,
 }
 
 /// Latency figures, milliseconds.
@@ -207,6 +210,19 @@ pub struct ControllerFigures {
     pub samples: Vec<ProcSample>,
 }
 
+/// The database server's processes over the steady phase.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DatabaseFigures {
+    /// Mean CPU over the steady phase, percent of one core.
+    pub steady_cpu_percent: f64,
+    /// Highest one-second CPU sample, percent of one core.
+    pub peak_cpu_percent: f64,
+    /// Summed proportional set size at the end of the steady phase, MiB.
+    pub pss_end_mib: f64,
+    /// Highest summed proportional set size sampled, MiB.
+    pub pss_peak_mib: f64,
+}
+
 /// Everything a run measured.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Report {
@@ -238,6 +254,11 @@ pub struct Report {
     pub control: Control,
     /// The controller process.
     pub controller: ControllerFigures,
+    /// The database: `sqlite` (inside the controller process) or `postgres`.
+    pub database: String,
+    /// PostgreSQL's own processes (postmaster and backends), when it is the database:
+    /// CPU of all of them, memory as their summed proportional set size.
+    pub postgres: Option<DatabaseFigures>,
     /// Failures by kind.
     pub errors: BTreeMap<String, u64>,
     /// Correctness findings; empty when every agent was online, every record stored
@@ -330,7 +351,16 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
         format!("{}ms", o.heartbeat.as_millis()),
     )];
     env.extend(o.controller_env.iter().cloned());
-    let controller = ControllerProcess::start(&o.controller_bin, &o.dir, &env).await?;
+    if let Some((url, _)) = &o.postgres {
+        env.push(("SURPLUS_CONTROLLER_DATABASE_URL".to_owned(), url.clone()));
+    }
+    let controller = ControllerProcess::start(
+        &o.controller_bin,
+        &o.dir,
+        &env,
+        o.postgres.as_ref().map(|(url, _)| url.as_str()),
+    )
+    .await?;
     let result = drive(&o, &controller).await;
     let stopped = controller.stop().await;
     let report = result?;
@@ -354,6 +384,16 @@ async fn drive(o: &Options, controller: &ControllerProcess) -> anyhow::Result<Re
         token: controller.admin_token.clone(),
     });
     let mut sampler = Sampler::new(controller.pid)?;
+    report.database = if o.postgres.is_some() {
+        "postgres"
+    } else {
+        "sqlite"
+    }
+    .to_owned();
+    let mut db_sampler = match &o.postgres {
+        Some((_, pid)) => Some(Sampler::tree(*pid)?),
+        None => None,
+    };
     report.controller.rss_idle_mib = sampler.last().rss_bytes as f64 / 1048576.0;
     let sockets = o.agents.div_ceil(o.agents_per_socket.max(1)).max(1);
     let endpoints: Vec<Endpoint> = (0..sockets)
@@ -459,6 +499,13 @@ async fn drive(o: &Options, controller: &ControllerProcess) -> anyhow::Result<Re
 
     // Steady phase: sample the controller, run control commands through the API.
     sampler.sample()?;
+    if let Some(d) = db_sampler.as_mut() {
+        d.samples.clear();
+        d.sample()?;
+    }
+    let db_before = db_sampler
+        .as_ref()
+        .map(|d| (d.last().cpu_ticks, Instant::now()));
     let control = tokio::spawn(control_load(
         api.clone(),
         sims.iter().map(|s| s.identity.agent_id).collect(),
@@ -478,6 +525,21 @@ async fn drive(o: &Options, controller: &ControllerProcess) -> anyhow::Result<Re
     while started.elapsed() < o.duration {
         tick.tick().await;
         sampler.sample()?;
+        if let Some(d) = db_sampler.as_mut() {
+            d.sample()?;
+        }
+    }
+    if let (Some(d), Some((ticks, at))) = (db_sampler.as_ref(), db_before) {
+        let secs = at.elapsed().as_secs_f64().max(1e-3);
+        report.postgres = Some(DatabaseFigures {
+            steady_cpu_percent: (d.last().cpu_ticks - ticks) as f64
+                / proc::clock_ticks() as f64
+                / secs
+                * 100.0,
+            peak_cpu_percent: d.samples.iter().map(|s| s.cpu_percent).fold(0.0, f64::max),
+            pss_end_mib: d.last().rss_bytes as f64 / 1048576.0,
+            pss_peak_mib: d.samples.iter().map(|s| s.rss_mib).fold(0.0, f64::max),
+        });
     }
     let steady = started.elapsed().as_secs_f64();
     let cpu_after = proc::read(controller.pid)?.cpu_ticks;
@@ -562,7 +624,8 @@ async fn drive(o: &Options, controller: &ControllerProcess) -> anyhow::Result<Re
     report.usage.rejected = stats.usage_rejected.load(Ordering::Relaxed);
     report.usage.resent_batches = stats.usage_resent_batches.load(Ordering::Relaxed);
     report.usage.busy_refusals = stats.usage_busy.load(Ordering::Relaxed);
-    verify_usage(&controller.data_dir, &sent, &mut report).await?;
+    let database = o.postgres.as_ref().map(|(url, _)| url.as_str());
+    verify_usage(&controller.data_dir, database, &sent, &mut report).await?;
 
     report.sessions_opened = stats.sessions_opened.load(Ordering::Relaxed);
     report.heartbeats.acked = stats.heartbeats_acked.load(Ordering::Relaxed);
@@ -588,32 +651,41 @@ async fn drive(o: &Options, controller: &ControllerProcess) -> anyhow::Result<Re
 /// delivered, its CPU deltas must add up to its counter's total.
 async fn verify_usage(
     data_dir: &std::path::Path,
+    postgres: Option<&str>,
     sent: &[(Uuid, sim::Sent)],
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    use sqlx::Row;
-    let path = data_dir.join("controller.db");
-    let options = sqlx::sqlite::SqliteConnectOptions::new()
-        .filename(&path)
-        .read_only(true);
-    let pool = sqlx::SqlitePool::connect_with(options)
-        .await
-        .with_context(|| format!("opening {}", path.display()))?;
-    let rows = sqlx::query(
-        "SELECT agent_id, epoch, COUNT(*) AS n, MIN(seq) AS lo, MAX(seq) AS hi, \
-         SUM(CASE WHEN meter = 'cpu_busy_ms' THEN delta ELSE 0 END) AS busy \
-         FROM usage_records GROUP BY agent_id, epoch",
-    )
-    .fetch_all(&pool)
-    .await?;
+    // One statement for both backends (PostgreSQL's COUNT and SUM are not BIGINT).
+    const PER_AGENT: &str = "SELECT agent_id, epoch, CAST(COUNT(*) AS BIGINT), MIN(seq), MAX(seq), \
+         CAST(SUM(CASE WHEN meter = 'cpu_busy_ms' THEN delta ELSE 0 END) AS BIGINT) \
+         FROM usage_records GROUP BY agent_id, epoch";
+    type PerAgent = (String, i64, i64, i64, i64, i64);
+    let rows: Vec<PerAgent> = match postgres {
+        Some(url) => {
+            let pool = sqlx::PgPool::connect(url)
+                .await
+                .context("connecting to the controller's PostgreSQL database")?;
+            let rows = sqlx::query_as(PER_AGENT).fetch_all(&pool).await?;
+            pool.close().await;
+            rows
+        }
+        None => {
+            let path = data_dir.join("controller.db");
+            let options = sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(&path)
+                .read_only(true);
+            let pool = sqlx::SqlitePool::connect_with(options)
+                .await
+                .with_context(|| format!("opening {}", path.display()))?;
+            let rows = sqlx::query_as(PER_AGENT).fetch_all(&pool).await?;
+            pool.close().await;
+            rows
+        }
+    };
     let mut stored: BTreeMap<(String, i64), (i64, i64, i64, i64)> = BTreeMap::new();
-    for r in rows {
-        stored.insert(
-            (r.get::<String, _>("agent_id"), r.get::<i64, _>("epoch")),
-            (r.get("n"), r.get("lo"), r.get("hi"), r.get("busy")),
-        );
+    for (agent, epoch, n, lo, hi, busy) in rows {
+        stored.insert((agent, epoch), (n, lo, hi, busy));
     }
-    pool.close().await;
     for (id, s) in sent {
         let key = (id.to_string(), s.epoch as i64);
         let (n, lo, hi, busy) = stored.remove(&key).unwrap_or((0, -1, -1, 0));
@@ -843,7 +915,25 @@ pub fn table(r: &Report) -> String {
             "controller fds / threads".into(),
             format!("{} / {}", r.controller.max_fds, r.controller.threads),
         ),
+        ("database".into(), r.database.clone()),
     ];
+    let mut rows = rows;
+    if let Some(pg) = &r.postgres {
+        rows.push((
+            "PostgreSQL CPU".into(),
+            format!(
+                "{:.1}% of a core steady, {:.0}% peak second",
+                pg.steady_cpu_percent, pg.peak_cpu_percent
+            ),
+        ));
+        rows.push((
+            "PostgreSQL memory (PSS)".into(),
+            format!(
+                "{:.0} MiB at end, {:.0} MiB peak",
+                pg.pss_end_mib, pg.pss_peak_mib
+            ),
+        ));
+    }
     for (k, v) in rows {
         t.add_row(vec![k, v]);
     }

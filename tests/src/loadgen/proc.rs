@@ -67,6 +67,60 @@ pub fn read(pid: u32) -> std::io::Result<ProcReading> {
     })
 }
 
+/// Reads a server of several processes, `root` and its children (PostgreSQL's
+/// postmaster and its backends): CPU of the root, of its children now running and of
+/// those it has reaped (`cutime`, `cstime`); memory as the sum of proportional set
+/// sizes (`Pss`), so that shared buffers count once, not once per backend.
+pub fn read_tree(root: u32) -> std::io::Result<ProcReading> {
+    let fields = |pid: u32| -> std::io::Result<Vec<u64>> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        let rest = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r)
+            .ok_or_else(|| std::io::Error::other("unreadable /proc/<pid>/stat"))?;
+        // From field 3 (state, read as 0) on: ppid at 1, utime..cstime at 11..=14.
+        Ok(rest
+            .split_whitespace()
+            .map(|f| f.parse::<u64>().unwrap_or(0))
+            .collect())
+    };
+    let pss = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Pss:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            })
+            .unwrap_or(0)
+            * 1024
+    };
+    let f = fields(root)?;
+    let mut r = ProcReading {
+        cpu_ticks: f[11] + f[12] + f[13] + f[14],
+        rss_bytes: pss(root),
+        ..ProcReading::default()
+    };
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if let Ok(f) = fields(pid)
+            && f.get(1) == Some(&u64::from(root))
+        {
+            r.cpu_ticks += f[11] + f[12];
+            r.rss_bytes += pss(pid);
+            r.threads += 1;
+        }
+    }
+    r.peak_rss_bytes = r.rss_bytes;
+    Ok(r)
+}
+
 /// One point of a process's resource curve.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct ProcSample {
@@ -85,6 +139,7 @@ pub struct ProcSample {
 /// Samples one process at a fixed interval.
 pub struct Sampler {
     pid: u32,
+    read: fn(u32) -> std::io::Result<ProcReading>,
     ticks_per_s: f64,
     started: Instant,
     first: ProcReading,
@@ -96,10 +151,20 @@ pub struct Sampler {
 impl Sampler {
     /// Starts sampling `pid`.
     pub fn new(pid: u32) -> std::io::Result<Self> {
+        Self::with(pid, read)
+    }
+
+    /// Starts sampling the server whose root process is `pid` ([`read_tree`]).
+    pub fn tree(pid: u32) -> std::io::Result<Self> {
+        Self::with(pid, read_tree)
+    }
+
+    fn with(pid: u32, read: fn(u32) -> std::io::Result<ProcReading>) -> std::io::Result<Self> {
         let now = Instant::now();
         let first = read(pid)?;
         Ok(Self {
             pid,
+            read,
             ticks_per_s: clock_ticks() as f64,
             started: now,
             first,
@@ -111,7 +176,7 @@ impl Sampler {
     /// Takes one sample.
     pub fn sample(&mut self) -> std::io::Result<ProcSample> {
         let now = Instant::now();
-        let r = read(self.pid)?;
+        let r = (self.read)(self.pid)?;
         let secs = now.duration_since(self.last.0).as_secs_f64().max(1e-3);
         let used = r.cpu_ticks.saturating_sub(self.last.1.cpu_ticks) as f64 / self.ticks_per_s;
         let s = ProcSample {
@@ -160,12 +225,25 @@ pub struct ControllerProcess {
 impl ControllerProcess {
     /// Runs `init` in `dir` then `serve` with `env` (`SURPLUS_CONTROLLER_*`), on fresh
     /// loopback ports, and waits until the API answers.
-    pub async fn start(bin: &Path, dir: &Path, env: &[(String, String)]) -> anyhow::Result<Self> {
+    /// With `database_url`, the controller's database is that PostgreSQL database
+    /// (`init --database-url`), else the embedded SQLite file.
+    pub async fn start(
+        bin: &Path,
+        dir: &Path,
+        env: &[(String, String)],
+        database_url: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let data_dir = dir.join("controller");
         let out = tokio::process::Command::new(bin)
             .arg("--data-dir")
             .arg(&data_dir)
             .args(["init", "--server-name", "localhost"])
+            .args(
+                database_url
+                    .map(|u| ["--database-url", u])
+                    .into_iter()
+                    .flatten(),
+            )
             .output()
             .await
             .with_context(|| format!("running {}", bin.display()))?;
