@@ -264,6 +264,11 @@ pub struct Report {
     /// Correctness findings; empty when every agent was online, every record stored
     /// exactly once and every control command answered.
     pub problems: Vec<String>,
+    /// The phase the run reached (`start`, `enrollment`, `sessions`, `steady`,
+    /// `drain`, `verification`, `done`).
+    pub phase: String,
+    /// The phase that failed, when one did: everything before it was measured.
+    pub failed_phase: Option<String>,
 }
 
 struct Api {
@@ -361,21 +366,34 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
         o.postgres.as_ref().map(|(url, _)| url.as_str()),
     )
     .await?;
-    let result = drive(&o, &controller).await;
-    let stopped = controller.stop().await;
-    let report = result?;
-    stopped?;
-    Ok(report)
-}
-
-async fn drive(o: &Options, controller: &ControllerProcess) -> anyhow::Result<Report> {
     let mut report = Report {
         agents: o.agents,
         steady_seconds: o.duration.as_secs_f64(),
         heartbeat_seconds: o.heartbeat.as_secs_f64(),
         usage_period_seconds: o.behaviour.usage_period.as_secs_f64(),
+        phase: "start".to_owned(),
         ..Report::default()
     };
+    // A run that fails still reports what it measured until then, and where it failed.
+    if let Err(e) = drive(&o, &controller, &mut report).await {
+        report.failed_phase = Some(report.phase.clone());
+        report
+            .problems
+            .push(format!("the {} phase failed: {e:#}", report.phase));
+    }
+    if let Err(e) = controller.stop().await {
+        report
+            .problems
+            .push(format!("the controller did not stop cleanly: {e:#}"));
+    }
+    Ok(report)
+}
+
+async fn drive(
+    o: &Options,
+    controller: &ControllerProcess,
+    report: &mut Report,
+) -> anyhow::Result<()> {
     let api = Arc::new(Api {
         http: reqwest::Client::builder()
             .pool_max_idle_per_host(o.concurrency.max(16))
@@ -411,6 +429,7 @@ async fn drive(o: &Options, controller: &ControllerProcess) -> anyhow::Result<Re
     let stats = Arc::new(Stats::default());
 
     // Enrollment: a join token each, through the API, then the enrollment endpoint.
+    report.phase = "enrollment".to_owned();
     let started = Instant::now();
     let gate = Arc::new(Semaphore::new(o.concurrency.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
@@ -451,6 +470,7 @@ async fn drive(o: &Options, controller: &ControllerProcess) -> anyhow::Result<Re
     sampler.sample()?;
 
     // Sessions: every agent connects; the first connections are gated like enrollment.
+    report.phase = "sessions".to_owned();
     let behaviour = Arc::new(o.behaviour.clone());
     let (drain, stop) = (CancellationToken::new(), CancellationToken::new());
     let started = Instant::now();
@@ -498,6 +518,7 @@ async fn drive(o: &Options, controller: &ControllerProcess) -> anyhow::Result<Re
     }
 
     // Steady phase: sample the controller, run control commands through the API.
+    report.phase = "steady".to_owned();
     sampler.sample()?;
     if let Some(d) = db_sampler.as_mut() {
         d.samples.clear();
@@ -588,6 +609,7 @@ async fn drive(o: &Options, controller: &ControllerProcess) -> anyhow::Result<Re
     }
 
     // Drain: no new usage; wait until every created record is acknowledged.
+    report.phase = "drain".to_owned();
     drain.cancel();
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline
@@ -625,7 +647,8 @@ async fn drive(o: &Options, controller: &ControllerProcess) -> anyhow::Result<Re
     report.usage.resent_batches = stats.usage_resent_batches.load(Ordering::Relaxed);
     report.usage.busy_refusals = stats.usage_busy.load(Ordering::Relaxed);
     let database = o.postgres.as_ref().map(|(url, _)| url.as_str());
-    verify_usage(&controller.data_dir, database, &sent, &mut report).await?;
+    report.phase = "verification".to_owned();
+    verify_usage(&controller.data_dir, database, &sent, report).await?;
 
     report.sessions_opened = stats.sessions_opened.load(Ordering::Relaxed);
     report.heartbeats.acked = stats.heartbeats_acked.load(Ordering::Relaxed);
@@ -643,7 +666,8 @@ async fn drive(o: &Options, controller: &ControllerProcess) -> anyhow::Result<Re
             report.control.answered_by_agents, report.control.received_by_agents
         ));
     }
-    Ok(report)
+    report.phase = "done".to_owned();
+    Ok(())
 }
 
 /// Reads the controller's database: every agent's rows must be its sequence numbers
