@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use surplus_api::agents::CreatedToken;
 use surplus_certs::{CertAuthority, RevocationList};
 use surplus_protocol::PROTOCOL_VERSION;
 use surplus_protocol::clock::UnixMillis;
@@ -18,7 +19,6 @@ use crate::app::App;
 use crate::link::LinkError;
 use crate::registry::RegistryEvent;
 use crate::store::{EnrollOutcome, Labels, NewAgent, NewJoinToken, StoreError, TokenRefusal};
-use surplus_api::agents::CreatedToken;
 
 /// Enrollment, certificate renewal, revocation, join tokens and pings: the agents'
 /// identities and the controller's view of whether they may connect.

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 use serde_json::Value;
+use surplus_api::control::{ControlResponse, InstanceView, VolumeView};
 use surplus_protocol::Message;
 use surplus_protocol::control::*;
 use uuid::Uuid;
@@ -18,7 +19,6 @@ use uuid::Uuid;
 use crate::app::App;
 use crate::link::LinkError;
 use crate::store::{Claim, InstanceRow, Principal, Role, StoreError, VolumeRow};
-use surplus_api::control::{ControlResponse, InstanceView, VolumeView};
 
 /// A request of the primary control interface, as the API receives it.
 #[derive(Debug, Clone, PartialEq)]

@@ -11,12 +11,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use surplus_agent::{AgentConfig, Runner};
+use surplus_api::control::ControlResponse;
 use surplus_protocol::clock;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::Controller;
-use surplus_api::control::ControlResponse;
-
 use crate::control::ControlRequest;
 use crate::datadir::{self, DataDir};
 use crate::registry::RegistryEvent;

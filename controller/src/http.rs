@@ -19,6 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, MethodRouter};
 use axum::{Json, Router};
 use http_body_util::BodyExt;
+use surplus_api::ErrorBody;
 use uuid::Uuid;
 
 mod agents;
@@ -32,7 +33,6 @@ use crate::app::Controller;
 use crate::datadir::api_token_hash;
 use crate::link::LinkError;
 use crate::store::{Principal, Role, StoreError};
-use surplus_api::ErrorBody;
 
 /// An API failure.
 #[derive(Debug)]

@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 
+use surplus_api::billing::{Adjustment, BillingFailure, BillingRun, WaitingFor};
 use surplus_protocol::Message;
 use surplus_protocol::usage::{MeteringAck, MeteringPeriods, UsageAck, UsageBatch, meters};
 use uuid::Uuid;
@@ -17,7 +18,6 @@ use crate::billing::{self, Period, PeriodUsage};
 use crate::ledger::Applied;
 use crate::link::LinkError;
 use crate::store::{Billable, IngestBatch, IngestOutcome, InvoiceLine, PostError, StoreError};
-use surplus_api::billing::{Adjustment, BillingFailure, BillingRun, WaitingFor};
 
 /// Most batches one group commit takes.
 const GROUP_MAX_BATCHES: usize = 256;

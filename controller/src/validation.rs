@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use surplus_api::validation::ValidationOptions;
 use surplus_protocol::messages::*;
 use uuid::Uuid;
 
@@ -14,7 +15,6 @@ use crate::app::App;
 use crate::link::LinkError;
 use crate::registry::RegistryEvent;
 use crate::store::{RunStatus, StoreError, ValidationRun};
-use surplus_api::validation::ValidationOptions;
 
 /// Extra time beyond a run's budget before the controller gives up on it.
 const GRACE: Duration = Duration::from_secs(120);

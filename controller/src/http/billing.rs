@@ -2,12 +2,13 @@
 
 use std::collections::BTreeMap;
 
+use surplus_api::billing::*;
+
 use super::*;
 use crate::billing::{Period, PricePlan};
 use crate::ledger;
 use crate::metering::SetMeteringError;
 use crate::store::{AgentRecord, InvoiceLine, PostError, UsageQuery};
-use surplus_api::billing::*;
 
 pub(super) fn routes() -> Vec<Route> {
     use Access::Token;

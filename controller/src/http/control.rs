@@ -1,8 +1,9 @@
 //! The primary control interface over HTTP: `POST /v1/control` and the read-only views
 //! of instances, logs, volumes and a host's compatibility report.
 
-use super::*;
 use surplus_api::control::ControlResponse;
+
+use super::*;
 
 pub(super) fn routes() -> Vec<Route> {
     use Access::Token;

@@ -1,7 +1,8 @@
 //! Validation runs: ordering one on an agent, following it, cancelling it.
 
-use super::*;
 use surplus_api::validation::{Cancelling, RunHistory, RunView, ValidationOptions};
+
+use super::*;
 
 pub(super) fn routes() -> Vec<Route> {
     use Access::Token;
