@@ -137,11 +137,16 @@ impl TestController {
     }
 
     /// Waits until every agent in `ids` holds a session, however long ago it came:
-    /// unlike an event, a connection made before the caller looked is not missed.
+    /// unlike an event alone, a connection made before the caller looked is not missed.
     pub async fn until_connected(&self, what: &str, ids: &[uuid::Uuid]) {
+        // Subscribed first, then looked: a session attached before is seen by the look,
+        // one attached after by its event (published once the session is attached).
+        let mut events = self.ctl().app.registry.subscribe();
         let all = async {
             while !ids.iter().all(|id| self.ctl().app.link.is_connected(*id)) {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                if let Err(broadcast::error::RecvError::Closed) = events.recv().await {
+                    panic!("controller stopped while waiting for {what}");
+                }
             }
         };
         assert!(

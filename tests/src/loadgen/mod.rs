@@ -841,7 +841,7 @@ pub fn table(r: &Report) -> String {
             l.p50_ms, l.p99_ms, l.p999_ms, l.max_ms, l.count
         )
     };
-    let rows: Vec<(String, String)> = vec![
+    let mut rows: Vec<(String, String)> = vec![
         (
             "agents".into(),
             format!(
@@ -941,7 +941,6 @@ pub fn table(r: &Report) -> String {
         ),
         ("database".into(), r.database.clone()),
     ];
-    let mut rows = rows;
     if let Some(pg) = &r.postgres {
         rows.push((
             "PostgreSQL CPU".into(),
