@@ -1388,4 +1388,200 @@ mod tests {
             vec![(b, vec!["x".into(), "z".into()]), (a, vec!["y".into()])]
         );
     }
+
+    /// What the CLI (and any client of `surplus-api`) writes, the server reads as the
+    /// request it means, for every action.
+    #[test]
+    fn every_typed_call_parses_as_what_it_means() {
+        use surplus_api::control::ControlCall;
+        let agent = Uuid::from_u128(7);
+        let ids = vec!["i-0123456789abcdef".to_owned()];
+        let volume = "vol-0123456789abcdef".to_owned();
+        let spec = RunSpec {
+            name: Some("web".into()),
+            image: None,
+            command: vec!["/bin/sleep".into(), "600".into()],
+            env: BTreeMap::from([("MODE".into(), "fast".into())]),
+            limits: Limits {
+                millicpus: Some(500),
+                memory_bytes: Some(64 << 20),
+                pids: None,
+            },
+            ports: vec![PortMapping {
+                host_port: 8080,
+                instance_port: 80,
+                protocol: PortProtocol::Udp,
+            }],
+            labels: BTreeMap::from([("team".into(), "red".into())]),
+            volumes: vec![VolumeAttachment {
+                volume_id: volume.clone(),
+                mount_path: "/data".into(),
+            }],
+        };
+        let filters = Filters {
+            ids: ids.clone(),
+            states: vec![InstanceState::Running, InstanceState::ShuttingDown],
+            labels: BTreeMap::from([("team".into(), "red".into())]),
+        };
+        let only_memory = LimitsChange {
+            memory_bytes: Some(Some(128 << 20)),
+            ..LimitsChange::default()
+        };
+        let lifting = LimitsChange {
+            pids: Some(None),
+            ..LimitsChange::default()
+        };
+        let cases = vec![
+            (
+                ControlCall::RunInstances {
+                    agent_id: Some(agent),
+                    client_token: Some("retry-1".into()),
+                    spec: spec.clone(),
+                },
+                ControlRequest::Run {
+                    agent_id: Some(agent),
+                    client_token: Some("retry-1".into()),
+                    spec: spec.clone(),
+                },
+            ),
+            (
+                ControlCall::RunInstances {
+                    agent_id: None,
+                    client_token: None,
+                    spec: RunSpec {
+                        command: vec!["/bin/true".into()],
+                        ..RunSpec::default()
+                    },
+                },
+                ControlRequest::Run {
+                    agent_id: None,
+                    client_token: None,
+                    spec: RunSpec {
+                        command: vec!["/bin/true".into()],
+                        ..RunSpec::default()
+                    },
+                },
+            ),
+        ]
+        .into_iter()
+        .chain(
+            [
+                (
+                    Lifecycle::Start,
+                    ControlCall::StartInstances { ids: ids.clone() },
+                ),
+                (
+                    Lifecycle::Stop,
+                    ControlCall::StopInstances { ids: ids.clone() },
+                ),
+                (
+                    Lifecycle::Reboot,
+                    ControlCall::RebootInstances { ids: ids.clone() },
+                ),
+                (
+                    Lifecycle::Terminate,
+                    ControlCall::TerminateInstances { ids: ids.clone() },
+                ),
+            ]
+            .map(|(op, call)| {
+                (
+                    call,
+                    ControlRequest::Lifecycle {
+                        op,
+                        ids: ids.clone(),
+                    },
+                )
+            }),
+        )
+        .chain([
+            (
+                ControlCall::DescribeInstances(filters.clone()),
+                ControlRequest::Describe(filters),
+            ),
+            (
+                ControlCall::DescribeInstanceStatus { ids: ids.clone() },
+                ControlRequest::Status { ids: ids.clone() },
+            ),
+            (
+                ControlCall::DescribeInstanceAttribute {
+                    instance_id: ids[0].clone(),
+                    attribute: AttributeName::Ports,
+                },
+                ControlRequest::Attribute {
+                    instance_id: ids[0].clone(),
+                    attribute: AttributeName::Ports,
+                },
+            ),
+            // Only the limit given changes; the others are absent, not null (which
+            // would lift them).
+            (
+                ControlCall::ModifyInstanceAttribute {
+                    instance_id: ids[0].clone(),
+                    limits: Some(only_memory),
+                    labels: None,
+                },
+                ControlRequest::Modify {
+                    instance_id: ids[0].clone(),
+                    limits: Some(only_memory),
+                    labels: None,
+                },
+            ),
+            (
+                ControlCall::ModifyInstanceAttribute {
+                    instance_id: ids[0].clone(),
+                    limits: Some(lifting),
+                    labels: Some(BTreeMap::from([("team".into(), "blue".into())])),
+                },
+                ControlRequest::Modify {
+                    instance_id: ids[0].clone(),
+                    limits: Some(lifting),
+                    labels: Some(BTreeMap::from([("team".into(), "blue".into())])),
+                },
+            ),
+            (
+                ControlCall::CreateVolume {
+                    agent_id: Some(agent),
+                    name: Some("scratch".into()),
+                    size_bytes: 1 << 30,
+                },
+                ControlRequest::CreateVolume {
+                    agent_id: Some(agent),
+                    name: Some("scratch".into()),
+                    size_bytes: 1 << 30,
+                },
+            ),
+            (
+                ControlCall::DeleteVolume {
+                    volume_id: volume.clone(),
+                },
+                ControlRequest::DeleteVolume {
+                    volume_id: volume.clone(),
+                },
+            ),
+            (
+                ControlCall::DescribeVolumes { ids: Vec::new() },
+                ControlRequest::DescribeVolumes { ids: Vec::new() },
+            ),
+            (
+                ControlCall::CreateSnapshot {
+                    volume_id: volume.clone(),
+                },
+                ControlRequest::CreateSnapshot { volume_id: volume },
+            ),
+        ])
+        .collect::<Vec<_>>();
+        let mut actions = std::collections::BTreeSet::new();
+        for (call, want) in cases {
+            let body = serde_json::to_value(&call).expect("a call serializes");
+            assert_eq!(body["action"], call.action(), "{body}");
+            assert_eq!(parse_request(body.clone()), Ok(want), "{body}");
+            actions.insert(call.action());
+        }
+        // Every action the server accepts has a typed call, and was tried above.
+        assert_eq!(
+            actions,
+            ACTIONS.iter().copied().collect(),
+            "a typed call is missing"
+        );
+    }
 }

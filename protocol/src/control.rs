@@ -179,17 +179,31 @@ pub const MAX_PIDS: u32 = 4_194_304;
 
 /// A change of limits (ModifyInstanceAttribute): a field that is absent stays as it
 /// is, `null` lifts the limit (the host's default for processes), a value sets it.
+/// A JSON body only (an absent field is left out when written, which a
+/// non-self-describing format such as bincode cannot read back).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsChange {
     /// New CPU limit.
-    #[serde(default, deserialize_with = "present")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub millicpus: Option<Option<u32>>,
     /// New memory limit.
-    #[serde(default, deserialize_with = "present")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub memory_bytes: Option<Option<u64>>,
     /// New process limit.
-    #[serde(default, deserialize_with = "present")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub pids: Option<Option<u32>>,
 }
 

@@ -1,8 +1,125 @@
-//! The primary control interface: `POST /v1/control` answers and the read-only views.
+//! The primary control interface: `POST /v1/control` requests and answers, and the
+//! read-only views.
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use surplus_protocol::control::*;
 use uuid::Uuid;
+
+/// A `POST /v1/control` body, as a client writes it: `{"action": "...", ...fields}`.
+///
+/// The server reads bodies with `surplus_controller::control::parse_request`, which
+/// checks every value and names the field at fault; a test there checks that each
+/// variant written here is read back as the request it means.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "action")]
+pub enum ControlCall {
+    /// Run an instance.
+    RunInstances {
+        /// Where to run it; optional when the volumes or a single agent decide.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        agent_id: Option<Uuid>,
+        /// Idempotency token: retrying with the same token starts one instance.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        client_token: Option<String>,
+        /// What to run.
+        #[serde(flatten)]
+        spec: RunSpec,
+    },
+    /// Start stopped instances.
+    StartInstances {
+        /// Instances.
+        ids: Vec<String>,
+    },
+    /// Stop instances.
+    StopInstances {
+        /// Instances.
+        ids: Vec<String>,
+    },
+    /// Restart running instances.
+    RebootInstances {
+        /// Instances.
+        ids: Vec<String>,
+    },
+    /// Terminate instances.
+    TerminateInstances {
+        /// Instances.
+        ids: Vec<String>,
+    },
+    /// The caller's instances that pass the filters.
+    DescribeInstances(Filters),
+    /// What the hosts report of instances (empty: all the caller's).
+    DescribeInstanceStatus {
+        /// Instances.
+        ids: Vec<String>,
+    },
+    /// One attribute of an instance.
+    DescribeInstanceAttribute {
+        /// Instance.
+        instance_id: String,
+        /// Attribute.
+        attribute: AttributeName,
+    },
+    /// Change an instance's limits, labels or both; what is left out stays.
+    ModifyInstanceAttribute {
+        /// Instance.
+        instance_id: String,
+        /// The limits to change.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        limits: Option<LimitsChange>,
+        /// The new labels (they replace the old ones).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        labels: Option<BTreeMap<String, String>>,
+    },
+    /// Create a volume.
+    CreateVolume {
+        /// Where.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        agent_id: Option<Uuid>,
+        /// A name.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        /// Size.
+        size_bytes: u64,
+    },
+    /// Delete a volume that is not attached.
+    DeleteVolume {
+        /// Volume.
+        volume_id: String,
+    },
+    /// The caller's volumes (empty: all of them).
+    DescribeVolumes {
+        /// Volumes.
+        ids: Vec<String>,
+    },
+    /// Snapshot a volume.
+    CreateSnapshot {
+        /// Volume.
+        volume_id: String,
+    },
+}
+
+impl ControlCall {
+    /// The action's name, as the body carries it.
+    pub fn action(&self) -> &'static str {
+        match self {
+            Self::RunInstances { .. } => "RunInstances",
+            Self::StartInstances { .. } => "StartInstances",
+            Self::StopInstances { .. } => "StopInstances",
+            Self::RebootInstances { .. } => "RebootInstances",
+            Self::TerminateInstances { .. } => "TerminateInstances",
+            Self::DescribeInstances(_) => "DescribeInstances",
+            Self::DescribeInstanceStatus { .. } => "DescribeInstanceStatus",
+            Self::DescribeInstanceAttribute { .. } => "DescribeInstanceAttribute",
+            Self::ModifyInstanceAttribute { .. } => "ModifyInstanceAttribute",
+            Self::CreateVolume { .. } => "CreateVolume",
+            Self::DeleteVolume { .. } => "DeleteVolume",
+            Self::DescribeVolumes { .. } => "DescribeVolumes",
+            Self::CreateSnapshot { .. } => "CreateSnapshot",
+        }
+    }
+}
 
 /// An instance as the API shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1,15 +1,17 @@
 //! `surplus run|start|stop|reboot|terminate|describe|modify|logs|volumes`: the primary
 //! control interface from the command line. Every command but `logs` is one
-//! `POST /v1/control`, whose body the server parses (`control::parse_request`) with
-//! an error naming the field at fault; the answer is `surplus_api::control`'s.
+//! `POST /v1/control` with a `surplus_api::control::ControlCall` body, which the
+//! server checks value by value (`control::parse_request`), naming the field at fault.
 
 use std::collections::BTreeMap;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
-use serde_json::{Value, json};
-use surplus_api::control::ControlResponse;
-use surplus_protocol::control::{InstanceState, Limits};
+use surplus_api::control::{ControlCall, ControlResponse};
+use surplus_protocol::control::{
+    Filters, InstanceState, Limits, LimitsChange, PortMapping, PortProtocol, RunSpec,
+    VolumeAttachment,
+};
 
 use crate::client::{Client, print, table};
 
@@ -65,10 +67,10 @@ pub enum Command {
 pub async fn run(client: &Client, json: bool, command: Command) -> anyhow::Result<()> {
     let body = match command {
         Command::Run(args) => run_body(args)?,
-        Command::Start { ids } => json!({ "action": "StartInstances", "ids": ids }),
-        Command::Stop { ids } => json!({ "action": "StopInstances", "ids": ids }),
-        Command::Reboot { ids } => json!({ "action": "RebootInstances", "ids": ids }),
-        Command::Terminate { ids } => json!({ "action": "TerminateInstances", "ids": ids }),
+        Command::Start { ids } => ControlCall::StartInstances { ids },
+        Command::Stop { ids } => ControlCall::StopInstances { ids },
+        Command::Reboot { ids } => ControlCall::RebootInstances { ids },
+        Command::Terminate { ids } => ControlCall::TerminateInstances { ids },
         Command::Describe(args) => describe_body(&args)?,
         Command::Modify(args) => modify_body(&args)?,
         Command::Volumes { command } => volumes_body(command)?,
@@ -220,77 +222,87 @@ fn pairs(args: &[String], what: &str) -> anyhow::Result<BTreeMap<String, String>
 }
 
 /// The `POST /v1/control` body of `surplus run`.
-pub fn run_body(a: RunArgs) -> anyhow::Result<Value> {
+pub fn run_body(a: RunArgs) -> anyhow::Result<ControlCall> {
     let limits = Limits {
         millicpus: a.cpus.map(millicpus).transpose()?,
         memory_bytes: a.memory.as_deref().map(parse_size).transpose()?,
         pids: a.pids,
     };
-    let mut ports = Vec::new();
-    for p in &a.ports {
-        let (mapping, protocol) = p.split_once('/').unwrap_or((p, "tcp"));
-        let (host, instance) = mapping
-            .split_once(':')
-            .with_context(|| format!("port {p:?} is not HOST:INSTANCE[/udp]"))?;
-        ports.push(json!({
-            "host_port": host.parse::<u16>().with_context(|| format!("port {p:?}"))?,
-            "instance_port": instance.parse::<u16>().with_context(|| format!("port {p:?}"))?,
-            "protocol": protocol,
-        }));
-    }
-    let volumes: Vec<Value> = a
+    let ports = a
+        .ports
+        .iter()
+        .map(|p| {
+            let (mapping, protocol) = p.split_once('/').unwrap_or((p, "tcp"));
+            let (host, instance) = mapping
+                .split_once(':')
+                .with_context(|| format!("port {p:?} is not HOST:INSTANCE[/udp]"))?;
+            Ok(PortMapping {
+                host_port: host.parse().with_context(|| format!("port {p:?}"))?,
+                instance_port: instance.parse().with_context(|| format!("port {p:?}"))?,
+                protocol: match protocol {
+                    "tcp" => PortProtocol::Tcp,
+                    "udp" => PortProtocol::Udp,
+                    other => bail!("port {p:?}: {other:?} is neither tcp nor udp"),
+                },
+            })
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let volumes = a
         .volumes
         .iter()
         .map(|v| {
             let (id, path) = v
                 .split_once(':')
                 .with_context(|| format!("volume {v:?} is not VOLUME_ID:/path"))?;
-            Ok(json!({ "volume_id": id, "mount_path": path }))
+            Ok(VolumeAttachment {
+                volume_id: id.to_owned(),
+                mount_path: path.to_owned(),
+            })
         })
         .collect::<anyhow::Result<_>>()?;
-    let mut body = json!({
-        "action": "RunInstances",
-        "command": a.command,
-        "env": pairs(&a.env, "env")?,
-        "labels": pairs(&a.labels, "label")?,
-        "limits": limits,
-        "ports": ports,
-        "volumes": volumes,
-    });
-    for (key, value) in [
-        ("agent_id", a.agent),
-        ("image", a.image),
-        ("name", a.name),
-        ("client_token", a.client_token),
-    ] {
-        if let Some(v) = value {
-            body[key] = v.into();
-        }
-    }
-    Ok(body)
+    let agent_id = a
+        .agent
+        .map(|id| {
+            id.parse()
+                .with_context(|| format!("--agent {id:?} is not an agent id"))
+        })
+        .transpose()?;
+    Ok(ControlCall::RunInstances {
+        agent_id,
+        client_token: a.client_token,
+        spec: RunSpec {
+            name: a.name,
+            image: a.image,
+            command: a.command,
+            env: pairs(&a.env, "env")?,
+            limits,
+            ports,
+            labels: pairs(&a.labels, "label")?,
+            volumes,
+        },
+    })
 }
 
 /// The `POST /v1/control` body of `surplus modify`: only the fields the user gave, so
 /// that the others stay as they are.
-pub fn modify_body(a: &ModifyArgs) -> anyhow::Result<Value> {
-    let mut body = json!({ "action": "ModifyInstanceAttribute", "instance_id": a.id });
-    let mut limits = serde_json::Map::new();
-    if let Some(c) = a.cpus {
-        limits.insert("millicpus".into(), millicpus(c)?.into());
-    }
-    if let Some(m) = &a.memory {
-        limits.insert("memory_bytes".into(), parse_size(m)?.into());
-    }
-    if !limits.is_empty() {
-        body["limits"] = Value::Object(limits);
-    }
-    if !a.labels.is_empty() {
-        body["labels"] = json!(pairs(&a.labels, "label")?);
-    }
-    if body.get("limits").is_none() && body.get("labels").is_none() {
+pub fn modify_body(a: &ModifyArgs) -> anyhow::Result<ControlCall> {
+    let limits = LimitsChange {
+        millicpus: a.cpus.map(millicpus).transpose()?.map(Some),
+        memory_bytes: a.memory.as_deref().map(parse_size).transpose()?.map(Some),
+        pids: None,
+    };
+    let limits = (!limits.is_empty()).then_some(limits);
+    let labels = (!a.labels.is_empty())
+        .then(|| pairs(&a.labels, "label"))
+        .transpose()?;
+    if limits.is_none() && labels.is_none() {
         bail!("nothing to modify: give --cpus, --memory or --label");
     }
-    Ok(body)
+    Ok(ControlCall::ModifyInstanceAttribute {
+        instance_id: a.id.clone(),
+        limits,
+        labels,
+    })
 }
 
 /// `--cpus 0.5` as thousandths of a CPU.
@@ -303,41 +315,44 @@ fn millicpus(cpus: f64) -> anyhow::Result<u32> {
 }
 
 /// The `POST /v1/control` body of `surplus describe`.
-pub fn describe_body(a: &DescribeArgs) -> anyhow::Result<Value> {
+pub fn describe_body(a: &DescribeArgs) -> anyhow::Result<ControlCall> {
     if a.status {
-        return Ok(json!({ "action": "DescribeInstanceStatus", "ids": a.ids }));
+        return Ok(ControlCall::DescribeInstanceStatus { ids: a.ids.clone() });
     }
-    for s in &a.states {
-        if InstanceState::parse(s).is_none() {
-            bail!(
-                "--state {s:?}: one of pending, running, stopping, stopped, shutting-down, terminated"
-            );
-        }
-    }
-    Ok(json!({
-        "action": "DescribeInstances",
-        "ids": a.ids,
-        "states": a.states,
-        "labels": pairs(&a.labels, "label")?,
+    let states = a
+        .states
+        .iter()
+        .map(|s| {
+            InstanceState::parse(s).with_context(|| {
+                format!(
+                    "--state {s:?}: one of pending, running, stopping, stopped, shutting-down, terminated"
+                )
+            })
+        })
+        .collect::<anyhow::Result<_>>()?;
+    Ok(ControlCall::DescribeInstances(Filters {
+        ids: a.ids.clone(),
+        states,
+        labels: pairs(&a.labels, "label")?,
     }))
 }
 
 /// The body of a volumes command.
-pub fn volumes_body(c: VolumesCommand) -> anyhow::Result<Value> {
+pub fn volumes_body(c: VolumesCommand) -> anyhow::Result<ControlCall> {
     Ok(match c {
-        VolumesCommand::List => json!({ "action": "DescribeVolumes" }),
-        VolumesCommand::Create { size, name, agent } => {
-            let mut body = json!({ "action": "CreateVolume", "size_bytes": parse_size(&size)? });
-            if let Some(n) = name {
-                body["name"] = n.into();
-            }
-            if let Some(a) = agent {
-                body["agent_id"] = a.into();
-            }
-            body
-        }
-        VolumesCommand::Delete { id } => json!({ "action": "DeleteVolume", "volume_id": id }),
-        VolumesCommand::Snapshot { id } => json!({ "action": "CreateSnapshot", "volume_id": id }),
+        VolumesCommand::List => ControlCall::DescribeVolumes { ids: Vec::new() },
+        VolumesCommand::Create { size, name, agent } => ControlCall::CreateVolume {
+            agent_id: agent
+                .map(|id| {
+                    id.parse()
+                        .with_context(|| format!("--agent {id:?} is not an agent id"))
+                })
+                .transpose()?,
+            name,
+            size_bytes: parse_size(&size)?,
+        },
+        VolumesCommand::Delete { id } => ControlCall::DeleteVolume { volume_id: id },
+        VolumesCommand::Snapshot { id } => ControlCall::CreateSnapshot { volume_id: id },
     })
 }
 
@@ -484,6 +499,8 @@ pub fn show(response: &ControlResponse) {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::{Value, json};
+
     use super::*;
 
     #[test]
@@ -504,7 +521,7 @@ mod tests {
             modify: ModifyArgs,
         }
         let cli = Cli::try_parse_from(std::iter::once("modify").chain(args.iter().copied()))?;
-        modify_body(&cli.modify)
+        Ok(serde_json::to_value(modify_body(&cli.modify)?)?)
     }
 
     #[test]
