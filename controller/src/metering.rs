@@ -44,20 +44,44 @@ struct Queued {
     done: tokio::sync::oneshot::Sender<Result<IngestOutcome, NotCommitted>>,
 }
 
-/// Usage batches waiting to be committed, and the turn to commit them.
+/// Usage batches waiting to be committed, and the turns to commit them.
 ///
-/// A group commit without a task of its own: every batch joins the queue, then waits
-/// for the turn; whoever gets it commits what is queued (up to [`GROUP_MAX_BATCHES`]
-/// and [`GROUP_MAX_RECORDS`]) in one transaction and answers every batch in it. Under
-/// load, batches that arrive while one commit runs share the next one, so a single
-/// fsync covers many agents; alone, a batch commits at once. Past
-/// [`QUEUE_MAX_RECORDS`] waiting, batches are refused as busy at once.
-#[derive(Default)]
+/// A group commit without a task of its own: every batch joins the queue of its
+/// agent's lane, then waits for that lane's turn; whoever gets it commits what the lane
+/// has queued (up to [`GROUP_MAX_BATCHES`] and [`GROUP_MAX_RECORDS`]) in one
+/// transaction and answers every batch in it. Under load, batches that arrive while
+/// one commit runs share the next one, so a single fsync covers many agents; alone, a
+/// batch commits at once. Past [`QUEUE_MAX_RECORDS`] waiting in all lanes, batches
+/// are refused as busy at once.
+///
+/// The store says how many lanes commit at once ([`crate::store::UsageStore::ingest_lanes`]): one
+/// on SQLite, whose one writer would serialise them anyway; several on PostgreSQL,
+/// where a group commit spends most of its time in round trips to the server and
+/// others can run meanwhile. An agent always uses the same lane, so its batches
+/// commit in the order they arrived.
 struct UsageQueue {
-    queued: std::sync::Mutex<Vec<Queued>>,
-    /// Records in `queued` and in the commit running now.
+    lanes: Vec<Lane>,
+    /// Records queued in every lane and in the commits running now.
     records: std::sync::atomic::AtomicUsize,
+}
+
+#[derive(Default)]
+struct Lane {
+    queued: std::sync::Mutex<Vec<Queued>>,
     turn: tokio::sync::Mutex<()>,
+}
+
+impl UsageQueue {
+    fn new(lanes: usize) -> Self {
+        Self {
+            lanes: (0..lanes.max(1)).map(|_| Lane::default()).collect(),
+            records: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    fn lane(&self, agent_id: Uuid) -> &Lane {
+        &self.lanes[(agent_id.as_u128() % self.lanes.len() as u128) as usize]
+    }
 }
 
 struct Release<'a>(&'a std::sync::atomic::AtomicUsize, usize);
@@ -71,9 +95,9 @@ impl Drop for Release<'_> {
 
 impl std::fmt::Debug for UsageQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let queued = self.queued.lock().map(|q| q.len()).unwrap_or(0);
         f.debug_struct("UsageQueue")
-            .field("queued", &queued)
+            .field("lanes", &self.lanes.len())
+            .field("records", &self.records)
             .finish()
     }
 }
@@ -147,8 +171,8 @@ pub struct Metering {
 impl Metering {
     pub(crate) fn new(app: Arc<App>) -> Self {
         Self {
+            usage_queue: UsageQueue::new(app.store.ingest_lanes()),
             app,
-            usage_queue: UsageQueue::default(),
             billing: tokio::sync::Mutex::default(),
         }
     }
@@ -219,13 +243,17 @@ impl Metering {
             return Err(NotCommitted::Busy);
         }
         let (done, mut outcome) = tokio::sync::oneshot::channel();
-        q.queued.lock().expect("usage queue poisoned").push(Queued {
-            agent_id,
-            batch,
-            done,
-        });
+        let lane = q.lane(agent_id);
+        lane.queued
+            .lock()
+            .expect("usage queue poisoned")
+            .push(Queued {
+                agent_id,
+                batch,
+                done,
+            });
         loop {
-            let _turn = q.turn.lock().await;
+            let _turn = lane.turn.lock().await;
             // A commit that ran while we waited for the turn may have taken our batch.
             match outcome.try_recv() {
                 Ok(result) => return result,
@@ -237,7 +265,7 @@ impl Metering {
                 Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {}
             }
             let group: Vec<Queued> = {
-                let mut queued = q.queued.lock().expect("usage queue poisoned");
+                let mut queued = lane.queued.lock().expect("usage queue poisoned");
                 let (mut n, mut records) = (0, 0);
                 while n < queued.len().min(GROUP_MAX_BATCHES)
                     && (n == 0 || records + queued[n].batch.records.len() <= GROUP_MAX_RECORDS)

@@ -646,6 +646,11 @@ pub trait UsageStore: Send + Sync + std::fmt::Debug + 'static {
         now_ms: UnixMillis,
     ) -> Result<Vec<IngestOutcome>, StoreError>;
 
+    /// How many group commits ([`Store::ingest_usage_batches`]) are worth running at
+    /// once. Each takes its agents' usage locks, so any number is correct; more than
+    /// one only helps where writers do not queue for one lock.
+    fn ingest_lanes(&self) -> usize;
+
     /// [`Store::ingest_usage_batches`] of one batch.
     async fn ingest_usage(
         &self,

@@ -68,10 +68,13 @@ pub struct PgStore {
     pool: PgPool,
 }
 
+/// Connections of the controller's pool.
+const POOL_CONNECTIONS: u32 = 16;
+
 impl PgStore {
     /// Connects to the database at `url` and applies the migrations.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
-        let pool = connect(url, 16).await?;
+        let pool = connect(url, POOL_CONNECTIONS).await?;
         run_migrations(&pool, url).await?;
         Ok(Self { pool })
     }
@@ -86,6 +89,10 @@ impl PgStore {
     const AGENT_STATUS_FOR_UPDATE: &str = "SELECT status FROM agents WHERE id = $1 FOR UPDATE";
     const AGENT_DIGEST_FOR_UPDATE: &str =
         "SELECT inventory_digest FROM agents WHERE id = $1 FOR UPDATE";
+    /// Group commits at once: a commit is mostly round trips to the server, so others
+    /// run meanwhile; four of the pool's [`POOL_CONNECTIONS`], the rest for everything
+    /// else.
+    const INGEST_LANES: usize = 4;
     /// Keys of a batch (JSON `[[epoch, seq], ...]`, between its first and last key) already
     /// stored for an agent.
     /// The range bounds keep the lookup a primary-key range scan over the batch's keys

@@ -18,7 +18,7 @@
 //! - `async fn checkpoint_now(&self)`;
 //! - the constants `TOUCH`, `AGENT_STATUS_FOR_UPDATE`, `AGENT_DIGEST_FOR_UPDATE`,
 //!   `USAGE_STORED_KEYS`, `USAGE_CURSORS`, `INSTANCE_OWNERS`, `INSERT_USAGE`,
-//!   `UPSERT_CURSORS`.
+//!   `UPSERT_CURSORS`, `INGEST_LANES`.
 //!
 //! Decisions are not made here: the ledger's rule is `ledger::decide`, usage
 //! ingest's is `usage::plan_batch`, a host's provider is `billing::provider_of`;
@@ -1008,6 +1008,10 @@ macro_rules! sql_stores {
 
         #[async_trait]
         impl UsageStore for $store {
+            fn ingest_lanes(&self) -> usize {
+                $store::INGEST_LANES
+            }
+
             async fn ingest_usage_batches(
                 &self,
                 batches: &[IngestBatch<'_>],

@@ -44,6 +44,8 @@ impl SqliteStore {
     /// The write transaction already excludes other writers: no row locks needed.
     const AGENT_STATUS_FOR_UPDATE: &str = "SELECT status FROM agents WHERE id = $1";
     const AGENT_DIGEST_FOR_UPDATE: &str = "SELECT inventory_digest FROM agents WHERE id = $1";
+    /// One writer connection: a second group commit would only wait for it.
+    const INGEST_LANES: usize = 1;
     /// Keys of a batch (JSON `[[epoch, seq], ...]`, between its first and last key) already
     /// stored for an agent.
     const USAGE_STORED_KEYS: &str = "SELECT epoch, seq FROM usage_records WHERE agent_id = $1 \
