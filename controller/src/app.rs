@@ -54,6 +54,8 @@ pub struct Controller {
     pub control: Control,
     /// Usage ingest, metering periods and billing runs.
     pub metering: Metering,
+    /// Signed-in browsers of the web console.
+    pub console: crate::console::Sessions,
 }
 
 impl Controller {
@@ -81,6 +83,7 @@ impl Controller {
             validation: Validations::new(app.clone()),
             control: Control::new(app.clone()),
             metering: Metering::new(app.clone()),
+            console: crate::console::Sessions::default(),
             app,
         }
     }

@@ -60,6 +60,9 @@ pub struct ControllerConfig {
     /// Default lifetime of join tokens.
     #[serde(with = "humantime_serde")]
     pub join_token_ttl: Duration,
+    /// How long a console sign-in lasts.
+    #[serde(with = "humantime_serde")]
+    pub console_session_ttl: Duration,
     /// Heartbeat period agents are told to keep.
     #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
@@ -126,6 +129,7 @@ impl Default for ControllerConfig {
             agent_cert_lifetime: Duration::from_secs(24 * 3600),
             cert_backdate: Duration::from_secs(300),
             join_token_ttl: Duration::from_secs(30 * 60),
+            console_session_ttl: Duration::from_secs(12 * 3600),
             heartbeat_interval: Duration::from_secs(10),
             missed_heartbeats: 3,
             revocation_poll: Duration::from_secs(2),

@@ -130,6 +130,10 @@ pub async fn run_with(
     );
     println!("  HTTP API         {}", running.http_url());
     println!("  admin API token  {}", report.admin_token);
+    println!(
+        "  web console      {}/console/ (sign in with the admin API token)",
+        running.http_url()
+    );
 
     let token = ctl
         .agents

@@ -22,10 +22,10 @@ use http_body_util::BodyExt;
 use surplus_api::ErrorBody;
 use uuid::Uuid;
 
-mod agents;
+pub(crate) mod agents;
 pub mod billing;
-mod control;
-mod validation;
+pub(crate) mod control;
+pub(crate) mod validation;
 
 pub use agents::{agent_view, validate_label};
 
@@ -72,7 +72,19 @@ impl ApiError {
         self.agent = Some((agent_id, last_seen_ms));
         self
     }
-    fn bad_request(message: impl Into<String>) -> Self {
+    /// The HTTP status.
+    pub(crate) fn status(&self) -> StatusCode {
+        self.status
+    }
+    /// The message for people.
+    pub(crate) fn message(&self) -> &str {
+        &self.message
+    }
+    /// The field at fault, when one is.
+    pub(crate) fn field(&self) -> Option<&str> {
+        self.field.as_deref()
+    }
+    pub(crate) fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
     }
     fn not_found(message: impl Into<String>) -> Self {
@@ -126,11 +138,12 @@ impl From<JsonRejection> for ApiError {
     }
 }
 
-type ApiResult<T> = Result<Json<T>, ApiError>;
+pub(crate) type ApiResult<T> = Result<Json<T>, ApiError>;
 
-/// The authenticated caller, put in the request by the auth layer.
+/// The authenticated caller, put in the request by the auth layer (the API's bearer
+/// token, or the console's session).
 #[derive(Debug, Clone)]
-struct Caller(Principal);
+pub(crate) struct Caller(pub(crate) Principal);
 
 impl<S: Send + Sync> FromRequestParts<S> for Caller {
     type Rejection = ApiError;
@@ -146,7 +159,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
 }
 
 impl Caller {
-    fn require(&self, role: Role) -> Result<(), ApiError> {
+    pub(crate) fn require(&self, role: Role) -> Result<(), ApiError> {
         if self.0.role == role || self.0.role == Role::Admin {
             Ok(())
         } else {
@@ -197,7 +210,7 @@ async fn authenticate(
 /// Reads the whole body of an authenticated request within
 /// `http_body_read_timeout` (408) and `http_max_body_bytes` (413). Only authenticated
 /// requests are read, so a stranger cannot make the API hold bodies in memory.
-async fn read_body(
+pub(crate) async fn read_body(
     config: &crate::config::ControllerConfig,
     request: Request,
 ) -> Result<Request, ApiError> {
@@ -390,6 +403,7 @@ pub fn router(ctl: Arc<Controller>) -> Router {
     Router::new()
         .merge(public)
         .merge(authed)
+        .merge(crate::console::router(ctl.clone()))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .method_not_allowed_fallback(method_not_allowed)
         // Bodies are read and limited by `read_body`; the extractors' own limit must

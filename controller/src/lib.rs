@@ -15,6 +15,7 @@
 pub mod agents;
 pub mod app;
 pub mod config;
+pub mod console;
 pub mod control;
 pub mod datadir;
 #[cfg(feature = "demo")]

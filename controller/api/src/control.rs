@@ -121,6 +121,80 @@ impl ControlCall {
     }
 }
 
+/// Parses a size as people write it: `64MiB`, `1GiB`, `512M`, `0.5g`, `4096` (binary
+/// units, as container tools read them).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size"))?;
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        other => {
+            return Err(format!(
+                "{text:?}: unknown unit {other:?} (use KiB, MiB, GiB or TiB)"
+            ));
+        }
+    };
+    let bytes = (number * factor as f64).round();
+    if !(bytes.is_finite() && bytes < u64::MAX as f64) {
+        return Err(format!("{text:?} is too large"));
+    }
+    Ok(bytes as u64)
+}
+
+/// Parses a port mapping as people write it: `HOST:INSTANCE`, `HOST:INSTANCE/udp`.
+pub fn parse_port(text: &str) -> Result<PortMapping, String> {
+    let t = text.trim();
+    let (mapping, protocol) = t.split_once('/').unwrap_or((t, "tcp"));
+    let (host, instance) = mapping
+        .split_once(':')
+        .ok_or_else(|| format!("port {t:?} is not HOST:INSTANCE[/udp]"))?;
+    let number = |n: &str| {
+        n.trim()
+            .parse::<u16>()
+            .map_err(|_| format!("port {t:?}: {n:?} is not a port number"))
+    };
+    Ok(PortMapping {
+        host_port: number(host)?,
+        instance_port: number(instance)?,
+        protocol: match protocol {
+            "tcp" => PortProtocol::Tcp,
+            "udp" => PortProtocol::Udp,
+            other => return Err(format!("port {t:?}: {other:?} is neither tcp nor udp")),
+        },
+    })
+}
+
+/// Parses a volume attachment as people write it: `VOLUME_ID:/path`.
+pub fn parse_attachment(text: &str) -> Result<VolumeAttachment, String> {
+    let t = text.trim();
+    let (id, path) = t
+        .split_once(':')
+        .ok_or_else(|| format!("volume {t:?} is not VOLUME_ID:/path"))?;
+    Ok(VolumeAttachment {
+        volume_id: id.trim().to_owned(),
+        mount_path: path.trim().to_owned(),
+    })
+}
+
+/// A number of CPUs (`0.5`, `2`) as thousandths of a CPU.
+pub fn parse_cpus(cpus: f64) -> Result<u32, String> {
+    let m = (cpus * 1000.0).round();
+    if !(m.is_finite() && (0.0..=f64::from(u32::MAX)).contains(&m)) {
+        return Err(format!("{cpus} is not a number of CPUs"));
+    }
+    Ok(m as u32)
+}
+
 /// An instance as the API shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InstanceView {
@@ -175,4 +249,46 @@ pub enum ControlResponse {
     Snapshot(Snapshot),
     /// The end of an instance's output.
     Logs(InstanceLogs),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_use_binary_units() {
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert_eq!(parse_size("0.5GiB"), Ok(512 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("5 parsecs").is_err());
+        assert!(parse_size("99999999999TiB").is_err());
+    }
+
+    #[test]
+    fn ports_and_attachments_read_as_written() {
+        assert_eq!(
+            parse_port("8080:80"),
+            Ok(PortMapping {
+                host_port: 8080,
+                instance_port: 80,
+                protocol: PortProtocol::Tcp
+            })
+        );
+        assert_eq!(
+            parse_port("53:5353/udp").map(|p| p.protocol),
+            Ok(PortProtocol::Udp)
+        );
+        for bad in ["80", "80:http", "99999:1", "1:2/sctp"] {
+            assert!(parse_port(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            parse_attachment("vol-1:/data").map(|a| a.mount_path),
+            Ok("/data".to_owned())
+        );
+        assert!(parse_attachment("vol-1").is_err());
+        assert_eq!(parse_cpus(0.5), Ok(500));
+        assert!(parse_cpus(f64::NAN).is_err() && parse_cpus(-1.0).is_err());
+    }
 }

@@ -25,7 +25,7 @@ pub(super) fn routes() -> Vec<Route> {
     ]
 }
 
-async fn list_agents(
+pub(crate) async fn list_agents(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
 ) -> ApiResult<Vec<AgentView>> {
@@ -40,7 +40,7 @@ async fn list_agents(
     ))
 }
 
-async fn show_agent(
+pub(crate) async fn show_agent(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
     Path(id): Path<String>,
@@ -78,7 +78,7 @@ async fn inventory_history(
     Ok(Json(ctl.app.store.inventory_history(id, 1000).await?))
 }
 
-async fn revoke_agent(
+pub(crate) async fn revoke_agent(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
     Path(id): Path<String>,

@@ -120,7 +120,7 @@ pub(super) async fn put_metering(
     }))
 }
 
-pub(super) async fn get_metering(
+pub(crate) async fn get_metering(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
     Path(id): Path<String>,

@@ -57,7 +57,7 @@ impl From<crate::control::ControlError> for ApiError {
     }
 }
 
-async fn control(
+pub(crate) async fn control(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
     body: Result<Json<serde_json::Value>, JsonRejection>,
@@ -69,7 +69,7 @@ async fn control(
 }
 
 /// `GET /v1/instances?state=running&label=k=v&id=i-...`: DescribeInstances as a query.
-async fn list_instances(
+pub(crate) async fn list_instances(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
     axum::extract::RawQuery(query): axum::extract::RawQuery,
@@ -108,7 +108,7 @@ async fn list_instances(
 
 /// `GET /v1/instances/{id}/logs?max_bytes=N`: the end of an instance's standard output
 /// and error, for its owner (and admins).
-async fn instance_logs(
+pub(crate) async fn instance_logs(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
     Path(id): Path<String>,
@@ -155,7 +155,7 @@ async fn instance_logs(
 }
 
 /// `GET /v1/volumes`: DescribeVolumes of everything the caller may see.
-async fn list_volumes(
+pub(crate) async fn list_volumes(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
 ) -> ApiResult<ControlResponse> {
@@ -163,7 +163,7 @@ async fn list_volumes(
     Ok(Json(ctl.control.handle(&caller.0, request).await?))
 }
 
-async fn agent_compat(
+pub(crate) async fn agent_compat(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
     Path(id): Path<String>,

@@ -45,7 +45,7 @@ fn run_view(ctl: &Controller, run: crate::store::ValidationRun) -> RunView {
     RunView { run, progress }
 }
 
-async fn order_validation(
+pub(crate) async fn order_validation(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
     Path(id): Path<String>,
@@ -63,7 +63,7 @@ async fn order_validation(
     }
 }
 
-async fn agent_validations(
+pub(crate) async fn agent_validations(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
     Path(id): Path<String>,
@@ -88,7 +88,7 @@ async fn agent_validations(
     }))
 }
 
-async fn show_validation(
+pub(crate) async fn show_validation(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
     Path(run): Path<String>,

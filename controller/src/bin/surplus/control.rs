@@ -7,11 +7,10 @@ use std::collections::BTreeMap;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
-use surplus_api::control::{ControlCall, ControlResponse};
-use surplus_protocol::control::{
-    Filters, InstanceState, Limits, LimitsChange, PortMapping, PortProtocol, RunSpec,
-    VolumeAttachment,
+use surplus_api::control::{
+    ControlCall, ControlResponse, parse_attachment, parse_cpus, parse_port,
 };
+use surplus_protocol::control::{Filters, InstanceState, Limits, LimitsChange, RunSpec};
 
 use crate::client::{Client, print, table};
 
@@ -189,25 +188,9 @@ pub enum VolumesCommand {
     },
 }
 
-/// Parses `64MiB`, `1GiB`, `512M`, `4096`: binary units, as container tools do.
+/// `parse_size` of surplus-api, as a command-line error.
 pub fn parse_size(text: &str) -> anyhow::Result<u64> {
-    let t = text.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(t.len());
-    let (number, unit) = t.split_at(split);
-    let number: f64 = number
-        .parse()
-        .with_context(|| format!("{text:?} is not a size"))?;
-    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        "t" | "tb" | "tib" => 1 << 40,
-        other => bail!("{text:?}: unknown unit {other:?} (use KiB, MiB, GiB or TiB)"),
-    };
-    Ok((number * factor as f64).round() as u64)
+    surplus_api::control::parse_size(text).map_err(anyhow::Error::msg)
 }
 
 fn pairs(args: &[String], what: &str) -> anyhow::Result<BTreeMap<String, String>> {
@@ -231,34 +214,12 @@ pub fn run_body(a: RunArgs) -> anyhow::Result<ControlCall> {
     let ports = a
         .ports
         .iter()
-        .map(|p| {
-            let (mapping, protocol) = p.split_once('/').unwrap_or((p, "tcp"));
-            let (host, instance) = mapping
-                .split_once(':')
-                .with_context(|| format!("port {p:?} is not HOST:INSTANCE[/udp]"))?;
-            Ok(PortMapping {
-                host_port: host.parse().with_context(|| format!("port {p:?}"))?,
-                instance_port: instance.parse().with_context(|| format!("port {p:?}"))?,
-                protocol: match protocol {
-                    "tcp" => PortProtocol::Tcp,
-                    "udp" => PortProtocol::Udp,
-                    other => bail!("port {p:?}: {other:?} is neither tcp nor udp"),
-                },
-            })
-        })
+        .map(|p| parse_port(p).map_err(anyhow::Error::msg))
         .collect::<anyhow::Result<_>>()?;
     let volumes = a
         .volumes
         .iter()
-        .map(|v| {
-            let (id, path) = v
-                .split_once(':')
-                .with_context(|| format!("volume {v:?} is not VOLUME_ID:/path"))?;
-            Ok(VolumeAttachment {
-                volume_id: id.to_owned(),
-                mount_path: path.to_owned(),
-            })
-        })
+        .map(|v| parse_attachment(v).map_err(anyhow::Error::msg))
         .collect::<anyhow::Result<_>>()?;
     let agent_id = a
         .agent
@@ -307,11 +268,7 @@ pub fn modify_body(a: &ModifyArgs) -> anyhow::Result<ControlCall> {
 
 /// `--cpus 0.5` as thousandths of a CPU.
 fn millicpus(cpus: f64) -> anyhow::Result<u32> {
-    let m = (cpus * 1000.0).round();
-    if !(m.is_finite() && (0.0..=f64::from(u32::MAX)).contains(&m)) {
-        bail!("--cpus {cpus}: not a number of CPUs");
-    }
-    Ok(m as u32)
+    parse_cpus(cpus).map_err(|e| anyhow::anyhow!("--cpus: {e}"))
 }
 
 /// The `POST /v1/control` body of `surplus describe`.
@@ -502,16 +459,6 @@ mod tests {
     use serde_json::{Value, json};
 
     use super::*;
-
-    #[test]
-    fn sizes_use_binary_units() {
-        assert_eq!(parse_size("64MiB").unwrap(), 64 << 20);
-        assert_eq!(parse_size("1g").unwrap(), 1 << 30);
-        assert_eq!(parse_size("0.5GiB").unwrap(), 512 << 20);
-        assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert!(parse_size("lots").is_err());
-        assert!(parse_size("5 parsecs").is_err());
-    }
 
     fn modify(args: &[&str]) -> anyhow::Result<Value> {
         use clap::Parser;

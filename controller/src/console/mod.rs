@@ -1,0 +1,548 @@
+//! The web console: server-rendered pages for operators, providers and clients, served
+//! by `surplus-controller serve` under `/console/`.
+//!
+//! Thinner than the API: a page calls the API's own handlers in the process (the same
+//! authorization, the same answers, the same errors) and renders what they return, so
+//! the console shows and allows exactly what the API allows the signed-in token, and a
+//! page another role may not see is the API's 403 rendered as a page. A capability adds
+//! its pages by writing a module with a `routes()` like [`fleet`] and [`instances`] and
+//! adding it to [`router`]; the layout's navigation lists the pages per role.
+//!
+//! - Sign-in with an API token; the session is a random id in a cookie (HttpOnly,
+//!   SameSite=Strict, Path=/console, Secure when the request came over HTTPS), kept in
+//!   the controller's memory ([`Sessions`]) with an expiry (`console_session_ttl`).
+//!   Each request checks the token again, so revoking a token ends its sessions; a
+//!   restart of the controller ends them all.
+//! - Every state-changing request is a POST form carrying the session's CSRF token,
+//!   checked before the handler runs, and refused when its `Origin` is another site.
+//! - No script at all: live parts refresh themselves (`<meta http-equiv="refresh">`)
+//!   and confirmations are pages. The Content-Security-Policy allows only the
+//!   console's own stylesheet, which is compiled into the binary.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::get;
+use maud::{Markup, html};
+use surplus_market::records::Role;
+use surplus_protocol::clock::UnixMillis;
+
+use crate::app::Controller;
+use crate::datadir::api_token_hash;
+use crate::http::{ApiError, Caller};
+use crate::store::Principal;
+
+mod fleet;
+mod instances;
+mod view;
+
+/// The session cookie.
+const COOKIE: &str = "surplus_session";
+
+/// The stylesheet, compiled in.
+const STYLE: &str = include_str!("console.css");
+
+/// The Content-Security-Policy of every console answer: the console's own stylesheet
+/// and nothing else (no script, no frames, forms only to itself).
+pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; style-src 'self'; img-src 'self'; \
+     form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+
+/// Signed-in browsers: session id (its hash) to the token it was opened with.
+#[derive(Debug, Default)]
+pub struct Sessions(std::sync::Mutex<HashMap<String, Session>>);
+
+#[derive(Debug, Clone)]
+struct Session {
+    /// The API token's stored hash: the principal is looked up on every request.
+    token_hash: String,
+    /// The token every form of this session carries.
+    csrf: String,
+    expires_at_ms: UnixMillis,
+}
+
+impl Sessions {
+    /// Opens a session for the token with `token_hash`; returns its id (the cookie).
+    fn open(&self, token_hash: String, now_ms: UnixMillis, ttl_ms: i64) -> String {
+        let (id, key) = crate::datadir::new_api_token();
+        let (csrf, _) = crate::datadir::new_api_token();
+        let mut map = self.0.lock().expect("sessions poisoned");
+        map.retain(|_, s| s.expires_at_ms > now_ms);
+        map.insert(
+            key,
+            Session {
+                token_hash,
+                csrf,
+                expires_at_ms: now_ms.saturating_add(ttl_ms),
+            },
+        );
+        id
+    }
+
+    fn get(&self, id: &str, now_ms: UnixMillis) -> Option<Session> {
+        let key = api_token_hash(id);
+        let mut map = self.0.lock().expect("sessions poisoned");
+        match map.get(&key) {
+            Some(s) if s.expires_at_ms > now_ms => Some(s.clone()),
+            Some(_) => {
+                map.remove(&key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn close(&self, id: &str) {
+        self.0
+            .lock()
+            .expect("sessions poisoned")
+            .remove(&api_token_hash(id));
+    }
+
+    /// Sessions open now (expired ones included until they are next looked at).
+    pub fn len(&self) -> usize {
+        self.0.lock().expect("sessions poisoned").len()
+    }
+
+    /// No session is open.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The signed-in user of a console request, put in by [`signed_in`].
+#[derive(Debug, Clone)]
+pub(crate) struct Signed {
+    pub principal: Principal,
+    pub csrf: String,
+}
+
+/// The fields of a POSTed form, read (and its CSRF token checked) by [`signed_in`].
+#[derive(Debug, Clone, Default)]
+pub(crate) struct FormFields(pub Vec<(String, String)>);
+
+impl FormFields {
+    /// The first value of `key`.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The first value of `key`, trimmed, when it is not empty.
+    pub fn non_empty(&self, key: &str) -> Option<&str> {
+        self.get(key).map(str::trim).filter(|v| !v.is_empty())
+    }
+}
+
+/// A console failure, rendered as a page with its status.
+#[derive(Debug)]
+pub(crate) struct PageError {
+    status: StatusCode,
+    message: String,
+}
+
+impl PageError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl From<ApiError> for PageError {
+    fn from(e: ApiError) -> Self {
+        let message = match e.field() {
+            Some(field) if !e.message().contains(field) => format!("{field}: {}", e.message()),
+            _ => e.message().to_owned(),
+        };
+        Self::new(e.status(), message)
+    }
+}
+
+impl IntoResponse for PageError {
+    fn into_response(self) -> Response {
+        let title = match self.status {
+            StatusCode::FORBIDDEN => "Not allowed".to_owned(),
+            StatusCode::NOT_FOUND => "Not found".to_owned(),
+            s => format!("{} {}", s.as_u16(), s.canonical_reason().unwrap_or("Error")),
+        };
+        let body = view::bare(
+            &title,
+            html! {
+                h1 { (title) }
+                p.error role="alert" { (self.message) }
+                p { a href="/console/" { "Back to the console" } }
+            },
+        );
+        (self.status, body).into_response()
+    }
+}
+
+pub(crate) type Page = Result<Markup, PageError>;
+
+/// The console's routes, under `/console/`.
+pub(crate) fn router(ctl: Arc<Controller>) -> Router<Arc<Controller>> {
+    let pages = Router::new()
+        .route("/console/", get(home))
+        .route("/console/sign-out", axum::routing::post(sign_out))
+        .merge(fleet::routes())
+        .merge(instances::routes())
+        .route_layer(middleware::from_fn_with_state(ctl, signed_in));
+    Router::new()
+        .merge(pages)
+        .route("/console/sign-in", get(sign_in_page).post(sign_in))
+        .route("/console/console.css", get(style))
+        .route("/console", get(|| async { Redirect::to("/console/") }))
+        .route("/", get(|| async { Redirect::to("/console/") }))
+        .route(
+            "/console/{*rest}",
+            axum::routing::any(|| async {
+                PageError::new(StatusCode::NOT_FOUND, "There is no such page.")
+            }),
+        )
+        .layer(middleware::from_fn(security_headers))
+}
+
+async fn security_headers(request: Request, next: Next) -> Response {
+    let mut response = next.run(request).await;
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (header::CONTENT_SECURITY_POLICY, CONTENT_SECURITY_POLICY),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::REFERRER_POLICY, "same-origin"),
+        (header::CACHE_CONTROL, "no-store"),
+    ] {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
+    response
+}
+
+async fn style() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/css; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        STYLE,
+    )
+        .into_response()
+}
+
+/// The value of cookie `name`.
+fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// Did the request come over HTTPS (directly, or through a proxy that says so)?
+fn over_https(request_headers: &HeaderMap, uri: &axum::http::Uri) -> bool {
+    uri.scheme_str() == Some("https")
+        || request_headers
+            .get("x-forwarded-proto")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("https"))
+}
+
+/// A POST from another site is refused whatever it carries (browsers send `Origin` on
+/// every cross-site POST; a request without one is not from a browser's form).
+fn same_origin(headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+        return true;
+    };
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+    let origin_host = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"));
+    origin_host.is_some() && origin_host == host
+}
+
+/// Where `/console/sign-in?next=...` may send a browser back: a console path only.
+fn safe_next(next: Option<&str>) -> String {
+    match next {
+        Some(n) if n.starts_with("/console/") && !n.starts_with("//") && !n.contains("://") => {
+            n.to_owned()
+        }
+        _ => "/console/".to_owned(),
+    }
+}
+
+/// Reads a form body within the API's limits.
+async fn read_form(
+    ctl: &Controller,
+    request: Request,
+) -> Result<(axum::http::request::Parts, FormFields), PageError> {
+    let request = crate::http::read_body(&ctl.app.config, request).await?;
+    let (parts, body) = request.into_parts();
+    let bytes = axum::body::to_bytes(body, ctl.app.config.http_max_body_bytes)
+        .await
+        .map_err(|e| PageError::bad_request(format!("reading the form: {e}")))?;
+    let fields = form_urlencoded::parse(&bytes).into_owned().collect();
+    Ok((parts, FormFields(fields)))
+}
+
+/// The sign-in gate of every page but sign-in itself: a live session whose token is
+/// still valid, and on a POST the session's CSRF token and a same-site origin.
+async fn signed_in(State(ctl): State<Arc<Controller>>, request: Request, next: Next) -> Response {
+    let now = ctl.app.clock.now_ms();
+    let to_sign_in = |request: &Request| {
+        let next = request
+            .uri()
+            .path_and_query()
+            .map_or("/console/", |p| p.as_str())
+            .to_owned();
+        let to = format!(
+            "/console/sign-in?next={}",
+            form_urlencoded::byte_serialize(next.as_bytes()).collect::<String>()
+        );
+        Redirect::to(&to).into_response()
+    };
+    let Some(id) = cookie(request.headers(), COOKIE).map(str::to_owned) else {
+        return to_sign_in(&request);
+    };
+    let Some(session) = ctl.console.get(&id, now) else {
+        return to_sign_in(&request);
+    };
+    let principal = match ctl.app.store.api_principal(&session.token_hash).await {
+        Ok(Some(p)) => p,
+        Ok(None) => {
+            // The token was revoked: its sessions end with it.
+            ctl.console.close(&id);
+            return to_sign_in(&request);
+        }
+        Err(e) => return PageError::from(ApiError::from(e)).into_response(),
+    };
+    let mut request = request;
+    if request.method() == Method::POST {
+        if !same_origin(request.headers()) {
+            return PageError::new(
+                StatusCode::FORBIDDEN,
+                "this form was sent from another site",
+            )
+            .into_response();
+        }
+        let (parts, fields) = match read_form(&ctl, request).await {
+            Ok(read) => read,
+            Err(e) => return e.into_response(),
+        };
+        let sent = fields.get("csrf").unwrap_or("");
+        if !constant_time_eq(sent.as_bytes(), session.csrf.as_bytes()) {
+            return PageError::new(
+                StatusCode::FORBIDDEN,
+                "this form is out of date or was not sent from the console; reload the page and try again",
+            )
+            .into_response();
+        }
+        request = Request::from_parts(parts, axum::body::Body::empty());
+        request.extensions_mut().insert(fields);
+    }
+    request.extensions_mut().insert(Caller(principal.clone()));
+    request.extensions_mut().insert(Signed {
+        principal,
+        csrf: session.csrf,
+    });
+    next.run(request).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Signed {
+    type Rejection = PageError;
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, PageError> {
+        parts
+            .extensions
+            .get::<Signed>()
+            .cloned()
+            .ok_or_else(|| PageError::new(StatusCode::UNAUTHORIZED, "sign in first"))
+    }
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for FormFields {
+    type Rejection = PageError;
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, PageError> {
+        Ok(parts
+            .extensions
+            .get::<FormFields>()
+            .cloned()
+            .unwrap_or_default())
+    }
+}
+
+/// The first page: the fleet for admins, instances for clients, hosts for providers.
+async fn home(signed: Signed) -> Redirect {
+    match signed.principal.role {
+        Role::Admin => Redirect::to("/console/fleet"),
+        _ => Redirect::to("/console/instances"),
+    }
+}
+
+#[derive(serde::Deserialize, Default)]
+struct SignInQuery {
+    next: Option<String>,
+}
+
+async fn sign_in_page(query: axum::extract::Query<SignInQuery>) -> Markup {
+    sign_in_form(query.next.as_deref(), None)
+}
+
+fn sign_in_form(next: Option<&str>, error: Option<&str>) -> Markup {
+    view::bare(
+        "Sign in",
+        html! {
+            h1 { "Sign in to Surplus" }
+            @if let Some(e) = error { p.error role="alert" { (e) } }
+            form method="post" action="/console/sign-in" {
+                input type="hidden" name="next" value=(safe_next(next));
+                label for="token" { "API token" }
+                input #token type="password" name="token" autocomplete="off" required autofocus;
+                button type="submit" { "Sign in" }
+            }
+            p.hint { "An API token from " code { "surplus-controller init" } " (the admin's) or from "
+                code { "surplus api-tokens create" } "." }
+        },
+    )
+}
+
+async fn sign_in(State(ctl): State<Arc<Controller>>, request: Request) -> Response {
+    if !same_origin(request.headers()) {
+        return PageError::new(
+            StatusCode::FORBIDDEN,
+            "this form was sent from another site",
+        )
+        .into_response();
+    }
+    let https = over_https(request.headers(), request.uri());
+    let (_, fields) = match read_form(&ctl, request).await {
+        Ok(read) => read,
+        Err(e) => return e.into_response(),
+    };
+    let next = safe_next(fields.get("next"));
+    let token = fields.get("token").unwrap_or("").trim();
+    let hash = api_token_hash(token);
+    match ctl.app.store.api_principal(&hash).await {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            return (
+                StatusCode::UNAUTHORIZED,
+                sign_in_form(Some(&next), Some("Unknown or revoked API token.")),
+            )
+                .into_response();
+        }
+        Err(e) => return PageError::from(ApiError::from(e)).into_response(),
+    }
+    let ttl = ctl.app.config.console_session_ttl;
+    let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+    let id = ctl.console.open(hash, ctl.app.clock.now_ms(), ttl_ms);
+    let cookie = format!(
+        "{COOKIE}={id}; Path=/console; HttpOnly; SameSite=Strict; Max-Age={}{}",
+        ttl.as_secs(),
+        if https { "; Secure" } else { "" }
+    );
+    ([(header::SET_COOKIE, cookie)], Redirect::to(&next)).into_response()
+}
+
+async fn sign_out(State(ctl): State<Arc<Controller>>, request: Request) -> Response {
+    if let Some(id) = cookie(request.headers(), COOKIE) {
+        ctl.console.close(id);
+    }
+    (
+        [(
+            header::SET_COOKIE,
+            format!("{COOKIE}=; Path=/console; HttpOnly; SameSite=Strict; Max-Age=0"),
+        )],
+        Redirect::to("/console/sign-in"),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_stays_in_the_console() {
+        assert_eq!(
+            safe_next(Some("/console/fleet?status=online")),
+            "/console/fleet?status=online"
+        );
+        for hostile in [
+            "https://evil.example/",
+            "//evil.example/console/",
+            "/v1/agents",
+            "/console/../x://y",
+        ] {
+            assert_eq!(safe_next(Some(hostile)), "/console/", "{hostile}");
+        }
+        assert_eq!(safe_next(None), "/console/");
+    }
+
+    #[test]
+    fn cross_site_posts_are_told_apart() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("127.0.0.1:7080"));
+        assert!(
+            same_origin(&h),
+            "no Origin: not a browser's cross-site form"
+        );
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("http://127.0.0.1:7080"),
+        );
+        assert!(same_origin(&h));
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("http://evil.example"),
+        );
+        assert!(!same_origin(&h));
+        h.insert(header::ORIGIN, HeaderValue::from_static("null"));
+        assert!(!same_origin(&h));
+    }
+
+    #[test]
+    fn sessions_expire_and_close() {
+        let s = Sessions::default();
+        let id = s.open("hash".into(), 1_000, 500);
+        assert_eq!(s.get(&id, 1_499).map(|s| s.token_hash), Some("hash".into()));
+        assert!(s.get(&id, 1_500).is_none(), "expired at its end");
+        assert!(s.is_empty(), "an expired session is dropped when met");
+        let id = s.open("hash".into(), 2_000, 500);
+        assert!(s.get("spl_not-a-session", 2_001).is_none());
+        s.close(&id);
+        assert!(s.get(&id, 2_001).is_none());
+    }
+
+    #[test]
+    fn cookies_are_found_by_name() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; surplus_session=xyz; b=2"),
+        );
+        assert_eq!(cookie(&h, COOKIE), Some("xyz"));
+        assert_eq!(cookie(&h, "c"), None);
+    }
+}

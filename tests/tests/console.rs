@@ -1,0 +1,286 @@
+//! The web console against a real controller and a real agent on loopback: its
+//! security rules over plain HTTP, then a person's session in a real headless
+//! Chromium (screenshots under `target/console-screenshots/`).
+
+use std::time::Duration;
+
+use surplus_agent::control::DriverKind;
+use surplus_controller::registry::RegistryEvent;
+use surplus_protocol::clock;
+use surplus_tests::browser::Browser;
+use surplus_tests::{CgroupGuard, RunningAgent, TestController, control_config};
+
+/// A client that keeps cookies and does not follow redirects, as a browser's first
+/// request would see them.
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client")
+}
+
+/// Signs in with `token`; the session cookie (`name=value`) and its attributes.
+async fn sign_in(tc: &TestController, token: &str) -> (String, String) {
+    let r = http()
+        .post(format!("{}/console/sign-in", tc.url()))
+        .form(&[("token", token), ("next", "/console/instances")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303, "signed in and sent on");
+    assert_eq!(r.headers()["location"], "/console/instances");
+    let set = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+    let pair = set.split(';').next().unwrap().to_owned();
+    (pair, set)
+}
+
+async fn page(cookie: &str, url: &str) -> (u16, String) {
+    let r = http()
+        .get(url)
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+/// The CSRF token of the first form on a page.
+fn csrf_of(html: &str) -> String {
+    let at = html
+        .find("name=\"csrf\" value=\"")
+        .expect("a form with a CSRF token")
+        + 19;
+    html[at..].split('"').next().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn sessions_cookies_csrf_and_headers_hold() {
+    let tc = TestController::start().await;
+    let base = tc.url();
+
+    // Not signed in: every page sends the browser to sign in, and back afterwards.
+    let r = http()
+        .get(format!("{base}/console/fleet?status=online"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(
+        r.headers()["location"],
+        "/console/sign-in?next=%2Fconsole%2Ffleet%3Fstatus%3Donline"
+    );
+    let csp = r.headers()["content-security-policy"].to_str().unwrap();
+    assert!(
+        csp.contains("default-src 'none'") && csp.contains("frame-ancestors 'none'"),
+        "{csp}"
+    );
+
+    // A wrong token is refused, and says so.
+    let r = http()
+        .post(format!("{base}/console/sign-in"))
+        .form(&[("token", "spl_not-a-token")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(
+        r.text()
+            .await
+            .unwrap()
+            .contains("Unknown or revoked API token")
+    );
+
+    // The session cookie cannot be read by scripts nor sent by other sites.
+    let (cookie, attributes) = sign_in(&tc, &tc.admin_token).await;
+    for a in [
+        "HttpOnly",
+        "SameSite=Strict",
+        "Path=/console",
+        "Max-Age=43200",
+    ] {
+        assert!(attributes.contains(a), "{a} in {attributes}");
+    }
+    assert!(!attributes.contains("Secure"), "plain HTTP on loopback");
+    let (status, fleet) = page(&cookie, &format!("{base}/console/fleet")).await;
+    assert_eq!(status, 200, "{fleet}");
+    let csrf = csrf_of(&fleet);
+
+    // A state-changing form without the session's CSRF token, or from another site,
+    // changes nothing.
+    let client = tc.token_for("alice", "client").await;
+    let post = |form: Vec<(&'static str, String)>, origin: Option<&'static str>| {
+        let mut r = http()
+            .post(format!("{base}/console/instances"))
+            .header("cookie", &cookie)
+            .form(&form);
+        if let Some(o) = origin {
+            r = r.header("origin", o);
+        }
+        r.send()
+    };
+    let run = vec![("command", "/bin/true".to_owned())];
+    let r = post(run.clone(), None).await.unwrap();
+    assert_eq!(r.status(), 403, "no CSRF token");
+    let mut forged = run.clone();
+    forged.push(("csrf", "guess".into()));
+    assert_eq!(
+        post(forged, None).await.unwrap().status(),
+        403,
+        "wrong CSRF token"
+    );
+    let mut cross = run.clone();
+    cross.push(("csrf", csrf.clone()));
+    let r = post(cross, Some("http://evil.example")).await.unwrap();
+    assert_eq!(r.status(), 403, "another site's form");
+    assert!(r.text().await.unwrap().contains("another site"));
+
+    // A client's session sees what the API lets a client see: no fleet.
+    let (client_cookie, _) = sign_in(&tc, &client).await;
+    let (status, body) = page(&client_cookie, &format!("{base}/console/fleet")).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("this needs the admin role"), "{body}");
+    let (status, _) = page(&client_cookie, &format!("{base}/console/instances")).await;
+    assert_eq!(status, 200);
+
+    // Signing out ends the session on the server, not only in the browser.
+    let r = http()
+        .post(format!("{base}/console/sign-out"))
+        .header("cookie", &cookie)
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    assert!(
+        r.headers()["set-cookie"]
+            .to_str()
+            .unwrap()
+            .contains("Max-Age=0")
+    );
+    let (status, _) = page(&cookie, &format!("{base}/console/fleet")).await;
+    assert_eq!(status, 303, "the old cookie no longer signs in");
+
+    // Unknown console pages are pages, not the API's JSON.
+    let (status, body) = page(&client_cookie, &format!("{base}/console/nowhere")).await;
+    assert_eq!(status, 404);
+    assert!(body.contains("<!DOCTYPE html>"), "{body}");
+}
+
+/// The processes on this host whose command line is exactly `argv`.
+fn processes_running(argv: &[&str]) -> usize {
+    let want: Vec<u8> = argv.iter().flat_map(|a| a.bytes().chain([0])).collect();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == want))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_in_a_real_browser() {
+    let tag = "console";
+    let _cgroups = CgroupGuard(
+        control_config(DriverKind::Process, tag)
+            .process
+            .cgroup_parent,
+    );
+    let tc = TestController::start().await;
+    let mut events = tc.events();
+    let (mut config, identity) = tc.enroll("console-host", &[("zone", "lab-1")]).await;
+    config.control = control_config(DriverKind::Process, tag);
+    let agent = RunningAgent::spawn(config, clock::system());
+    let agent_id = identity.agent_id;
+    events
+        .until("agent online", |e| *e == RegistryEvent::Online(agent_id))
+        .await;
+    let base = tc.url();
+    let mut b = Browser::start("a_session_in_a_real_browser").await;
+
+    // Sign in as the admin: the console sends the browser where it was going.
+    b.visit(&format!("{base}/console/fleet"), "sign-in").await;
+    assert_eq!(b.url().await, "/console/sign-in");
+    b.fill("#token", &tc.admin_token).await;
+    b.click("button[type=submit]").await;
+    assert_eq!(b.url().await, "/console/fleet");
+    b.shot("fleet").await;
+    let row = b.text(&format!("tr[data-agent='{agent_id}']")).await;
+    assert!(row.contains("online") && row.contains("lab-1"), "{row}");
+    assert!(b.text(".summary").await.contains("1 connected"));
+
+    // The agent's page.
+    b.click(&format!("tr[data-agent='{agent_id}'] a")).await;
+    assert_eq!(b.url().await, format!("/console/agents/{agent_id}"));
+    b.shot("agent").await;
+    assert!(b.text("h1").await.contains("online"));
+
+    // Run an instance from the form; it runs on the host.
+    let argv = ["/bin/sleep", "6061"];
+    b.visit(&format!("{base}/console/instances/new"), "run-form")
+        .await;
+    b.fill("#name", "from-the-console").await;
+    b.fill("#command", &argv.join("\n")).await;
+    b.fill("#cpus", "0.5").await;
+    b.fill("#memory", "64MiB").await;
+    b.fill("#labels", "team=<script>alert(1)</script>").await;
+    b.click("form.stacked button[type=submit]").await;
+    let path = b.url().await;
+    let instance = path
+        .strip_prefix("/console/instances/")
+        .unwrap_or_else(|| panic!("sent to the new instance's page, not {path}"))
+        .to_owned();
+    b.shot("instance").await;
+    assert_eq!(b.text("#state").await, "running");
+    assert_eq!(
+        processes_running(&argv),
+        1,
+        "the instance's process runs on the host"
+    );
+    // A hostile label is text.
+    let facts = b.text("dl.facts").await;
+    assert!(facts.contains("team=<script>alert(1)</script>"), "{facts}");
+
+    // Stop it from its page: the host's process is gone.
+    b.click(&format!(
+        "form[action='/console/instances/{instance}/stop'] button"
+    ))
+    .await;
+    b.until_text("#state", Duration::from_secs(20), |s| s == "stopped")
+        .await;
+    b.shot("stopped").await;
+    assert_eq!(processes_running(&argv), 0, "stopped on the host");
+    b.visit(&format!("{base}/console/instances"), "instances")
+        .await;
+    assert!(
+        b.text(&format!("tr[data-instance='{instance}']"))
+            .await
+            .contains("stopped")
+    );
+
+    // A client may not see the admin's instance: a 403 page, not an empty one.
+    let client = tc.token_for("bob", "client").await;
+    b.click("header form button").await;
+    assert_eq!(b.url().await, "/console/sign-in");
+    b.fill("#token", &client).await;
+    b.click("button[type=submit]").await;
+    b.visit(&format!("{base}/console/instances/{instance}"), "forbidden")
+        .await;
+    assert_eq!(b.title().await, "Not allowed · Surplus");
+    assert!(b.text(".error").await.contains("belongs to another owner"));
+
+    // Signed out, the console is closed.
+    b.visit(&format!("{base}/console/instances"), "client-instances")
+        .await;
+    b.click("header form button").await;
+    b.visit(&format!("{base}/console/instances"), "signed-out")
+        .await;
+    assert_eq!(b.url().await, "/console/sign-in");
+
+    b.close().await;
+    agent.stop().await;
+}
