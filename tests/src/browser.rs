@@ -136,8 +136,14 @@ impl Browser {
         field.send_keys(value).await.expect("typing");
     }
 
-    /// Clicks the element `css` (a button submits its form).
+    /// Clicks the element `css`, a link or a form's button, and waits for the page it
+    /// leads to (the old page's document goes stale once the new one replaced it).
     pub async fn click(&self, css: &str) {
+        let old = self
+            .client
+            .find(Locator::Css("html"))
+            .await
+            .expect("a page is shown");
         self.client
             .find(Locator::Css(css))
             .await
@@ -145,6 +151,15 @@ impl Browser {
             .click()
             .await
             .expect("click");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while old.tag_name().await.is_ok() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{}: clicking {css:?} led to no new page",
+                self.test
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// The path of the page shown now.

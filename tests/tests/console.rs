@@ -213,11 +213,31 @@ async fn a_session_in_a_real_browser() {
     assert!(row.contains("online") && row.contains("lab-1"), "{row}");
     assert!(b.text(".summary").await.contains("1 connected"));
 
-    // The agent's page.
+    // The agent's page; order a quick validation and follow it to its end.
     b.click(&format!("tr[data-agent='{agent_id}'] a")).await;
     assert_eq!(b.url().await, format!("/console/agents/{agent_id}"));
     b.shot("agent").await;
     assert!(b.text("h1").await.contains("online"));
+    b.click(&format!(
+        "form[action='/console/agents/{agent_id}/validation'] button"
+    ))
+    .await;
+    assert!(b.url().await.starts_with("/console/validations/"));
+    b.shot("validation-running").await;
+    // The page refreshes itself while the run is under way.
+    let status = b
+        .until_text("#run-status", Duration::from_secs(120), |s| s != "running")
+        .await;
+    b.shot("validation-done").await;
+    assert_eq!(status, "succeeded");
+    let bench = b.text("#bench").await;
+    assert!(bench.contains("CV") && bench.contains("Score"), "{bench}");
+    assert!(b.text("h2").await.contains("composite score"));
+    let security = b.text("#security").await;
+    assert!(
+        security.contains("Severity") && security.contains("Evidence"),
+        "{security}"
+    );
 
     // Run an instance from the form; it runs on the host.
     let argv = ["/bin/sleep", "6061"];
@@ -262,6 +282,35 @@ async fn a_session_in_a_real_browser() {
             .contains("stopped")
     );
 
+    // The admin records a payment from the balances page; the ledger shows it.
+    b.visit(&format!("{base}/console/balances"), "balances")
+        .await;
+    b.fill(
+        "form[action='/console/payments'] input[name=account]",
+        "bob",
+    )
+    .await;
+    b.fill(
+        "form[action='/console/payments'] input[name=amount]",
+        "2500",
+    )
+    .await;
+    b.fill(
+        "form[action='/console/payments'] input[name=key]",
+        "wire-77",
+    )
+    .await;
+    b.click("form[action='/console/payments'] button").await;
+    assert_eq!(
+        b.url().await,
+        "/console/balances",
+        "{}",
+        b.text("main").await
+    );
+    b.shot("paid").await;
+    let balances = b.text("#balances").await;
+    assert!(balances.contains("client:bob USD 2500"), "{balances}");
+
     // A client may not see the admin's instance: a 403 page, not an empty one.
     let client = tc.token_for("bob", "client").await;
     b.click("header form button").await;
@@ -272,6 +321,13 @@ async fn a_session_in_a_real_browser() {
         .await;
     assert_eq!(b.title().await, "Not allowed · Surplus");
     assert!(b.text(".error").await.contains("belongs to another owner"));
+
+    // The client sees its own money, not the others'.
+    b.visit(&format!("{base}/console/balances"), "client-balances")
+        .await;
+    let balances = b.text("#balances").await;
+    assert!(balances.contains("client:bob USD 2500"), "{balances}");
+    assert!(!balances.contains("provider:"), "{balances}");
 
     // Signed out, the console is closed.
     b.visit(&format!("{base}/console/instances"), "client-instances")

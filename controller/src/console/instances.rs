@@ -27,6 +27,7 @@ pub(super) fn routes() -> Router<Arc<Controller>> {
         .route("/console/instances/new", get(new_form))
         .route("/console/instances/{id}", get(detail))
         .route("/console/instances/{id}/{op}", post(lifecycle))
+        .route("/console/volumes", get(volumes))
 }
 
 /// The API's answer to a control call made for the console.
@@ -348,6 +349,32 @@ async fn run(
         // The form stays filled in, with the API's reason.
         Err(e) => Ok((e.status, run_form(&signed, &form, Some(&e.message))).into_response()),
     }
+}
+
+async fn volumes(State(ctl): State<Arc<Controller>>, signed: Signed, caller: Caller) -> Page {
+    let axum::Json(answer) = control::list_volumes(State(ctl), caller).await?;
+    let ControlResponse::Volumes(list) = answer else {
+        return Err(PageError::bad_request("unexpected answer"));
+    };
+    Ok(page(
+        "Volumes",
+        &signed,
+        html! {
+            h1 { "Volumes" }
+            table #volumes {
+                thead { tr { th { "Volume" } th { "Name" } th { "Size" } th { "State" } th { "Attached to" } th { "Host" } th { "Account" } th { "Created" } } }
+                tbody { @for v in &list { tr {
+                    td { code { (v.volume.id) } } td { (v.volume.name.as_deref().unwrap_or("")) }
+                    td.num { (bytes(v.volume.size_bytes)) }
+                    td { (format!("{:?}", v.volume.state).to_lowercase()) @if v.stale { " (stale)" } }
+                    td { @if let Some(i) = &v.volume.attached_to { a href={ "/console/instances/" (i) } { code { (i) } } } @else { "-" } }
+                    td { code { (v.agent_id) } } td { (v.account) }
+                    td { (time(v.volume.created_at_ms)) }
+                } } }
+            }
+            @if list.is_empty() { p.empty { "No volume. Create one with " code { "surplus volumes create --size 1GiB" } "." } }
+        },
+    ))
 }
 
 #[cfg(test)]

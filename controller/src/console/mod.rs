@@ -5,8 +5,9 @@
 //! authorization, the same answers, the same errors) and renders what they return, so
 //! the console shows and allows exactly what the API allows the signed-in token, and a
 //! page another role may not see is the API's 403 rendered as a page. A capability adds
-//! its pages by writing a module with a `routes()` like [`fleet`] and [`instances`] and
-//! adding it to [`router`]; the layout's navigation lists the pages per role.
+//! its pages by writing a module with a `routes()` like [`fleet`], [`instances`] and
+//! [`money`] and adding it to [`router`]; the layout's navigation (`view::page`) lists
+//! the pages per role.
 //!
 //! - Sign-in with an API token; the session is a random id in a cookie (HttpOnly,
 //!   SameSite=Strict, Path=/console, Secure when the request came over HTTPS), kept in
@@ -39,6 +40,7 @@ use crate::store::Principal;
 
 mod fleet;
 mod instances;
+mod money;
 mod view;
 
 /// The session cookie.
@@ -197,6 +199,7 @@ pub(crate) fn router(ctl: Arc<Controller>) -> Router<Arc<Controller>> {
         .route("/console/sign-out", axum::routing::post(sign_out))
         .merge(fleet::routes())
         .merge(instances::routes())
+        .merge(money::routes())
         .route_layer(middleware::from_fn_with_state(ctl, signed_in));
     Router::new()
         .merge(pages)
@@ -392,11 +395,14 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for FormFields {
     }
 }
 
-/// The first page: the fleet for admins, instances for clients, hosts for providers.
+/// The first page: the fleet for admins, instances for clients, the statement for
+/// providers, balances for pool owners.
 async fn home(signed: Signed) -> Redirect {
     match signed.principal.role {
         Role::Admin => Redirect::to("/console/fleet"),
-        _ => Redirect::to("/console/instances"),
+        Role::Client => Redirect::to("/console/instances"),
+        Role::Provider => Redirect::to("/console/statements"),
+        Role::PoolOwner => Redirect::to("/console/balances"),
     }
 }
 

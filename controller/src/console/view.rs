@@ -15,8 +15,22 @@ pub fn page(title: &str, signed: &Signed, body: Markup) -> Markup {
         Role::Admin => &[
             ("/console/fleet", "Fleet"),
             ("/console/instances", "Instances"),
+            ("/console/volumes", "Volumes"),
+            ("/console/invoices", "Invoices"),
+            ("/console/statements", "Statements"),
+            ("/console/balances", "Balances"),
         ],
-        _ => &[("/console/instances", "Instances")],
+        Role::Client => &[
+            ("/console/instances", "Instances"),
+            ("/console/volumes", "Volumes"),
+            ("/console/invoices", "Invoices"),
+            ("/console/balances", "Balances"),
+        ],
+        Role::Provider => &[
+            ("/console/statements", "Statement"),
+            ("/console/balances", "Balance"),
+        ],
+        Role::PoolOwner => &[("/console/balances", "Balances")],
     };
     html! {
         (DOCTYPE)

@@ -345,7 +345,7 @@ async fn apply(ctl: &Controller, posting: ledger::Posting) -> ApiResult<PostingV
     }))
 }
 
-pub(super) async fn payment(
+pub(crate) async fn payment(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
     body: Result<Json<MoneyRequest>, JsonRejection>,
@@ -368,7 +368,7 @@ pub(super) async fn payment(
     .await
 }
 
-pub(super) async fn payout(
+pub(crate) async fn payout(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
     body: Result<Json<MoneyRequest>, JsonRejection>,
@@ -430,7 +430,7 @@ fn readable_account(caller: &Caller, asked: Option<&String>) -> Result<Option<St
     }
 }
 
-pub(super) async fn balances(
+pub(crate) async fn balances(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
     axum::extract::RawQuery(query): axum::extract::RawQuery,
@@ -498,7 +498,7 @@ fn client_filter(caller: &Caller, asked: Option<&String>) -> Result<Option<Strin
     }
 }
 
-pub(super) async fn invoices(
+pub(crate) async fn invoices(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
     axum::extract::RawQuery(query): axum::extract::RawQuery,
@@ -519,7 +519,7 @@ pub(super) async fn invoices(
     Ok(Json(invoices_of(lines)))
 }
 
-pub(super) async fn invoice(
+pub(crate) async fn invoice(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
     Path(id): Path<String>,
@@ -537,7 +537,7 @@ pub(super) async fn invoice(
         .ok_or_else(|| ApiError::not_found(format!("invoice {id} not found")))
 }
 
-pub(super) async fn statements(
+pub(crate) async fn statements(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
     axum::extract::RawQuery(query): axum::extract::RawQuery,
