@@ -5,10 +5,11 @@
 use std::time::Duration;
 
 use surplus_agent::control::DriverKind;
+use surplus_controller::config::ControllerConfig;
 use surplus_controller::registry::RegistryEvent;
 use surplus_protocol::clock;
 use surplus_tests::browser::Browser;
-use surplus_tests::{CgroupGuard, RunningAgent, TestController, control_config};
+use surplus_tests::{CgroupGuard, RunningAgent, TestController, control_config, test_config};
 
 /// A client that keeps cookies and does not follow redirects, as a browser's first
 /// request would see them.
@@ -55,7 +56,21 @@ fn csrf_of(html: &str) -> String {
 
 #[tokio::test]
 async fn sessions_cookies_csrf_and_headers_hold() {
-    let tc = TestController::start().await;
+    sessions_hold(TestController::start().await).await;
+}
+
+/// The same rules, and money through a form, with the controller's state on
+/// PostgreSQL: the console is the API's handlers, on either backend.
+#[tokio::test]
+async fn sessions_cookies_csrf_and_headers_hold_on_postgres() {
+    let config = ControllerConfig {
+        database_url: surplus_tests::postgres::fresh_database().await,
+        ..test_config()
+    };
+    sessions_hold(TestController::start_with(config, clock::system()).await).await;
+}
+
+async fn sessions_hold(tc: TestController) {
     let base = tc.url();
 
     // Not signed in: every page sends the browser to sign in, and back afterwards.
@@ -141,6 +156,37 @@ async fn sessions_cookies_csrf_and_headers_hold() {
     assert!(body.contains("this needs the admin role"), "{body}");
     let (status, _) = page(&client_cookie, &format!("{base}/console/instances")).await;
     assert_eq!(status, 200);
+
+    // A payment recorded through the admin's form is in the ledger; a repeat of the
+    // same reference is recognised, not posted twice.
+    for _ in 0..2 {
+        let r = http()
+            .post(format!("{base}/console/payments"))
+            .header("cookie", &cookie)
+            .form(&[
+                ("csrf", csrf.as_str()),
+                ("account", "alice"),
+                ("amount", "1200"),
+                ("currency", "EUR"),
+                ("key", "wire-1"),
+            ])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 303);
+        assert_eq!(r.headers()["location"], "/console/balances");
+    }
+    let (status, body) = page(&client_cookie, &format!("{base}/console/balances")).await;
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("client:alice") && body.contains(">1200<"),
+        "{body}"
+    );
+    let (_, refused) = page(&client_cookie, &format!("{base}/console/statements")).await;
+    assert!(
+        refused.contains("statements are for providers"),
+        "{refused}"
+    );
 
     // Signing out ends the session on the server, not only in the browser.
     let r = http()
