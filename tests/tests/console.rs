@@ -240,6 +240,10 @@ async fn a_session_in_a_real_browser() {
     let mut events = tc.events();
     let (mut config, identity) = tc.enroll("console-host", &[("zone", "lab-1")]).await;
     config.control = control_config(DriverKind::Process, tag);
+    // Usage arrives within a second, so that its chart can be seen.
+    config.metering.instance_period = Duration::from_millis(200);
+    config.metering.host_period = Duration::from_secs(1);
+    config.metering.resolution = Duration::from_millis(100);
     let agent = RunningAgent::spawn(config, clock::system());
     let agent_id = identity.agent_id;
     events
@@ -320,6 +324,22 @@ async fn a_session_in_a_real_browser() {
         .await;
     b.shot("stopped").await;
     assert_eq!(processes_running(&argv), 0, "stopped on the host");
+    // Its usage, charted: how long it ran, per hour.
+    b.visit(
+        &format!("{base}/console/usage?instance={instance}"),
+        "usage",
+    )
+    .await;
+    let charts = b
+        .until_text("main", Duration::from_secs(20), |t| {
+            t.contains(&format!("{instance} · state_ms.running (seconds per hour)"))
+        })
+        .await;
+    assert!(
+        charts.contains(&format!("{instance} · cpu_ns (CPU-seconds per hour)")),
+        "{charts}"
+    );
+    b.shot("usage").await;
     b.visit(&format!("{base}/console/instances"), "instances")
         .await;
     assert!(

@@ -225,6 +225,7 @@ async fn agent(
                 dt { "Enrolled" } dd { (time(a.enrolled_at_ms)) }
                 dt { "Last seen" } dd { (a.last_seen_ms.map_or("never".into(), |t| format!("{} ({})", time(t), ago(t, now)))) }
                 dt { "Measured uptime" } dd { (a.uptime_ratio.map_or("-".into(), |r| format!("{:.2}%", r * 100.0))) " (" (a.online_ms / 1000) " s online)" }
+                dt { "Usage" } dd { a href={ "/console/usage?agent=" (a.id) } { "the host and its instances, by hour" } }
                 dt { "Certificate" } dd { "serial " code { (a.cert_serial) } ", valid until " (time(a.cert_not_after_ms)) }
                 @if let Some(r) = a.revoked_at_ms { dt { "Revoked" } dd { (time(r)) } }
             }

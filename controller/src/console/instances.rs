@@ -186,6 +186,7 @@ async fn detail(
                 dt { "Volumes" } dd { @for a in &i.spec.volumes { code { (a.volume_id) " at " (a.mount_path) } " " } }
                 dt { "Labels" } dd { (labels(&i.spec.labels)) }
                 dt { "Launched" } dd { (time(i.launched_at_ms)) }
+                dt { "Usage" } dd { a href={ "/console/usage?instance=" (i.id) } { "by hour" } " · " a href={ "/console/usage?instance=" (i.id) "&granularity=day" } { "by day" } }
                 dt { "State since" } dd { (time_or_dash(Some(i.state_changed_at_ms))) }
                 @if let Some(r) = &i.state_reason { dt { "Reason" } dd { (r) } }
             }

@@ -41,6 +41,7 @@ use crate::store::Principal;
 mod fleet;
 mod instances;
 mod money;
+mod usage;
 mod view;
 
 /// The session cookie.
@@ -200,6 +201,7 @@ pub(crate) fn router(ctl: Arc<Controller>) -> Router<Arc<Controller>> {
         .merge(fleet::routes())
         .merge(instances::routes())
         .merge(money::routes())
+        .merge(usage::routes())
         .route_layer(middleware::from_fn_with_state(ctl, signed_in));
     Router::new()
         .merge(pages)

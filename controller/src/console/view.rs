@@ -16,6 +16,7 @@ pub fn page(title: &str, signed: &Signed, body: Markup) -> Markup {
             ("/console/fleet", "Fleet"),
             ("/console/instances", "Instances"),
             ("/console/volumes", "Volumes"),
+            ("/console/usage", "Usage"),
             ("/console/invoices", "Invoices"),
             ("/console/statements", "Statements"),
             ("/console/balances", "Balances"),
@@ -23,6 +24,7 @@ pub fn page(title: &str, signed: &Signed, body: Markup) -> Markup {
         Role::Client => &[
             ("/console/instances", "Instances"),
             ("/console/volumes", "Volumes"),
+            ("/console/usage", "Usage"),
             ("/console/invoices", "Invoices"),
             ("/console/balances", "Balances"),
         ],

@@ -140,7 +140,7 @@ pub(crate) async fn get_metering(
 /// `GET /v1/usage?instance=&agent=&account=&meter=&from=&to=&granularity=hour|day`.
 /// Clients see their own instances; providers one of their hosts (`agent=`); admins
 /// anything. Records count in the bucket their period ends in.
-pub(super) async fn usage(
+pub(crate) async fn usage(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
     axum::extract::RawQuery(query): axum::extract::RawQuery,
