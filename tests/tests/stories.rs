@@ -92,6 +92,7 @@ story!(revocation_is_final_and_unknown_agents_are_named);
 story!(api_tokens_resolve_to_their_principal);
 story!(last_seen_times_are_recorded_for_many_agents_at_once_and_never_go_back);
 story!(inventory_history_records_changes_only);
+story!(the_agent_list_reads_the_same_facts_as_the_whole_inventory);
 story!(sessions_are_recorded_newest_first_and_a_crash_closes_them);
 
 story!(a_validation_run_ends_once_and_a_crash_fails_runs_left_running);
@@ -110,6 +111,60 @@ story!(a_change_set_applies_whole_or_not_at_all);
 
 mod stories {
     use super::*;
+
+    pub async fn the_agent_list_reads_the_same_facts_as_the_whole_inventory(
+        _f: &Fixture,
+        s: Arc<dyn Store>,
+    ) {
+        let inventories = [
+            Some(serde_json::json!({
+                "os": {"name": "Debian GNU/Linux", "version": "12"},
+                "cpu": {"logical_cpus": 16, "flags": ["avx2"]},
+                "memory": {"total_bytes": 68_719_476_736_u64},
+                "gpus": [],
+            })),
+            // A name without a version, no memory section.
+            Some(serde_json::json!({"os": {"name": "Alpine"}, "cpu": {"logical_cpus": 2}})),
+            // Never reported.
+            None,
+        ];
+        let mut ids = Vec::new();
+        for (n, inventory) in inventories.iter().enumerate() {
+            let secret = format!("t{n}");
+            token(&*s, &secret, i64::MAX).await;
+            let a = new_agent(&format!("0{n}"));
+            s.enroll_agent(&secret, n as i64, &a).await.unwrap();
+            if let Some(i) = inventory {
+                s.save_inventory(a.id, i, &format!("d{n}"), 1)
+                    .await
+                    .unwrap();
+            }
+            ids.push(a.id);
+        }
+        let whole = s.agents().await.unwrap();
+        let list = s.agent_list().await.unwrap();
+        assert_eq!(list.len(), whole.len());
+        for ((record, brief), full) in list.iter().zip(&whole) {
+            assert_eq!(brief, &InventoryBrief::of(full.inventory.as_ref()));
+            assert_eq!(record.inventory, None, "the list leaves inventories out");
+            assert_eq!(
+                AgentRecord {
+                    inventory: None,
+                    ..full.clone()
+                },
+                *record
+            );
+        }
+        let briefs: Vec<&InventoryBrief> = list.iter().map(|(_, b)| b).collect();
+        assert_eq!(briefs[0].os.as_deref(), Some("Debian GNU/Linux 12"));
+        assert_eq!(briefs[0].memory_bytes, Some(68_719_476_736));
+        assert_eq!(
+            (briefs[1].os.as_deref(), briefs[1].memory_bytes),
+            (Some("Alpine"), None)
+        );
+        assert_eq!(*briefs[2], InventoryBrief::default());
+        assert_eq!(list.iter().map(|(r, _)| r.id).collect::<Vec<_>>(), ids);
+    }
 
     pub async fn a_token_registers_one_agent_and_says_why_it_refuses_others(
         _f: &Fixture,

@@ -5,7 +5,7 @@ use surplus_protocol::clock::UnixMillis;
 
 use super::*;
 use crate::registry::measured_uptime;
-use crate::store::AgentRecord;
+use crate::store::{AgentRecord, InventoryBrief};
 
 pub(super) fn routes() -> Vec<Route> {
     use Access::Token;
@@ -31,11 +31,11 @@ pub(crate) async fn list_agents(
 ) -> ApiResult<Vec<AgentView>> {
     caller.require(Role::Admin)?;
     let now = ctl.app.clock.now_ms();
-    let agents = ctl.app.store.agents().await?;
+    let agents = ctl.app.store.agent_list().await?;
     Ok(Json(
         agents
             .iter()
-            .map(|a| agent_view(a, ctl.app.link.is_connected(a.id), now))
+            .map(|(a, brief)| agent_view_with(a, brief, ctl.app.link.is_connected(a.id), now))
             .collect(),
     ))
 }
@@ -187,21 +187,27 @@ async fn create_api_token(
 
 /// The view of a stored agent at `now_ms`.
 pub fn agent_view(a: &AgentRecord, connected: bool, now_ms: UnixMillis) -> AgentView {
+    agent_view_with(
+        a,
+        &InventoryBrief::of(a.inventory.as_ref()),
+        connected,
+        now_ms,
+    )
+}
+
+/// The view of a stored agent at `now_ms`, its inventory's facts read apart.
+pub fn agent_view_with(
+    a: &AgentRecord,
+    inventory: &InventoryBrief,
+    connected: bool,
+    now_ms: UnixMillis,
+) -> AgentView {
     let (online_ms, uptime_ratio) = measured_uptime(
         a.first_seen_ms,
         a.online_total_ms,
         a.online_since_ms,
         now_ms,
     );
-    let inv = a.inventory.as_ref();
-    let os = inv.and_then(|i| {
-        let name = i.pointer("/os/name")?.as_str()?;
-        let version = i
-            .pointer("/os/version")
-            .and_then(|v| v.as_str())
-            .unwrap_or("");
-        Some(format!("{name} {version}").trim().to_owned())
-    });
     AgentView {
         id: a.id,
         hostname: a.hostname.clone(),
@@ -217,9 +223,9 @@ pub fn agent_view(a: &AgentRecord, connected: bool, now_ms: UnixMillis) -> Agent
         online_ms,
         uptime_ratio,
         revoked_at_ms: a.revoked_at_ms,
-        cpus: inv.and_then(|i| i.pointer("/cpu/logical_cpus")?.as_u64()),
-        memory_bytes: inv.and_then(|i| i.pointer("/memory/total_bytes")?.as_u64()),
-        os,
+        cpus: inventory.cpus,
+        memory_bytes: inventory.memory_bytes,
+        os: inventory.os.clone(),
         isolation: a.isolation.clone(),
     }
 }

@@ -161,6 +161,42 @@ pub struct NewAgent {
     pub cert_not_after_ms: UnixMillis,
 }
 
+/// The facts of an inventory that a listing of agents shows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InventoryBrief {
+    /// Logical CPUs.
+    pub cpus: Option<u64>,
+    /// Memory.
+    pub memory_bytes: Option<u64>,
+    /// Operating system name and version.
+    pub os: Option<String>,
+}
+
+impl InventoryBrief {
+    /// The facts of a whole inventory.
+    pub fn of(inventory: Option<&serde_json::Value>) -> Self {
+        let Some(i) = inventory else {
+            return Self::default();
+        };
+        let text = |p: &str| i.pointer(p).and_then(|v| v.as_str());
+        Self {
+            cpus: i.pointer("/cpu/logical_cpus").and_then(|v| v.as_u64()),
+            memory_bytes: i.pointer("/memory/total_bytes").and_then(|v| v.as_u64()),
+            os: Self::os_text(text("/os/name"), text("/os/version")),
+        }
+    }
+
+    /// `Debian GNU/Linux 12`: the name and version, when there is a name.
+    pub fn os_text(name: Option<&str>, version: Option<&str>) -> Option<String> {
+        let name = name?;
+        Some(
+            format!("{name} {}", version.unwrap_or(""))
+                .trim()
+                .to_owned(),
+        )
+    }
+}
+
 /// An agent as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AgentRecord {
@@ -455,6 +491,11 @@ pub trait RegistryStore: Send + Sync + std::fmt::Debug + 'static {
 
     /// All agents, oldest enrollment first.
     async fn agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
+
+    /// All agents without their inventories (`inventory` is `None`), each with the few
+    /// facts a listing shows, oldest enrollment first: what a fleet of thousands can
+    /// be listed from without reading and parsing every inventory.
+    async fn agent_list(&self) -> Result<Vec<(AgentRecord, InventoryBrief)>, StoreError>;
 
     /// Revokes an agent; `Ok(false)` when it already was. Unknown id: `NotFound`.
     async fn revoke_agent(&self, id: Uuid, now_ms: UnixMillis) -> Result<bool, StoreError>;

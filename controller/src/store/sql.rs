@@ -64,6 +64,13 @@ pub(super) const SET_STATUS: &str = "UPDATE agents SET
   WHERE id = $3 AND status <> 'revoked'";
 
 /// The instance an owner (role, account) ran with a client token.
+/// Every agent with the inventory facts a listing shows, without the inventories.
+pub(super) const AGENT_LIST: &str = "SELECT id, hostname, labels, status, cert_serial, \
+     cert_not_after_ms, agent_version, enrolled_at_ms, first_seen_ms, last_seen_ms, \
+     online_since_ms, online_total_ms, revoked_at_ms, CAST(NULL AS TEXT) AS inventory, \
+     inventory_digest, inventory_updated_ms, isolation, inventory_cpus, \
+     inventory_memory_bytes, inventory_os FROM agents ORDER BY enrolled_at_ms, id";
+
 pub(super) const INSTANCE_BY_TOKEN: &str =
     "SELECT * FROM instances WHERE owner_role = $1 AND account = $2 AND client_token = $3";
 
@@ -96,7 +103,7 @@ pub(super) fn usage_row_json(r: &surplus_market::usage::NewRow) -> serde_json::V
 macro_rules! sql_stores {
     ($store:ident, $db:ty, $row:ty, $conn:ty) => {
         use $crate::store::sql::{
-            INSTANCE_BY_TOKEN, Lock, SET_STATUS, UPSERT_METERING, json_text, parse_json, parse_uuid,
+            AGENT_LIST, INSTANCE_BY_TOKEN, Lock, SET_STATUS, UPSERT_METERING, json_text, parse_json, parse_uuid,
             usage_row_json,
         };
 
@@ -128,6 +135,18 @@ macro_rules! sql_stores {
                     .map(|s| parse_json(s, "isolation"))
                     .transpose()?,
             })
+        }
+
+        fn brief_agent_from_row(row: &$row) -> Result<(AgentRecord, InventoryBrief), StoreError> {
+            let count = |v: Option<i64>| v.and_then(|n| u64::try_from(n).ok());
+            Ok((
+                agent_from_row(row)?,
+                InventoryBrief {
+                    cpus: count(row.try_get("inventory_cpus")?),
+                    memory_bytes: count(row.try_get("inventory_memory_bytes")?),
+                    os: row.try_get("inventory_os")?,
+                },
+            ))
         }
 
         fn session_from_row(row: &$row) -> Result<SessionRecord, StoreError> {
@@ -447,6 +466,15 @@ macro_rules! sql_stores {
                     .collect()
             }
 
+            async fn agent_list(&self) -> Result<Vec<(AgentRecord, InventoryBrief)>, StoreError> {
+                sqlx::query(AGENT_LIST)
+                    .fetch_all(self.reader())
+                    .await?
+                    .iter()
+                    .map(brief_agent_from_row)
+                    .collect()
+            }
+
             async fn revoke_agent(&self, id: Uuid, now_ms: UnixMillis) -> Result<bool, StoreError> {
                 let mut tx = self.write_tx().await?;
                 let status: Option<String> = sqlx::query_scalar($store::AGENT_STATUS_FOR_UPDATE)
@@ -612,11 +640,18 @@ macro_rules! sql_stores {
                 };
                 let text = inventory.to_string();
                 let changed = current.as_deref() != Some(digest);
-                sqlx::query("UPDATE agents SET inventory = $1, inventory_digest = $2, inventory_updated_ms = $3 WHERE id = $4")
+                // The facts a listing shows are kept beside the inventory they come from.
+                let brief = InventoryBrief::of(Some(inventory));
+                let count = |v: Option<u64>| v.and_then(|n| i64::try_from(n).ok());
+                sqlx::query("UPDATE agents SET inventory = $1, inventory_digest = $2, inventory_updated_ms = $3, \
+                     inventory_cpus = $5, inventory_memory_bytes = $6, inventory_os = $7 WHERE id = $4")
                     .bind(&text)
                     .bind(digest)
                     .bind(now_ms)
                     .bind(agent_id.to_string())
+                    .bind(count(brief.cpus))
+                    .bind(count(brief.memory_bytes))
+                    .bind(&brief.os)
                     .execute(&mut *tx)
                     .await?;
                 if changed {
