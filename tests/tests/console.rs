@@ -377,6 +377,18 @@ async fn a_session_in_a_real_browser() {
     let balances = b.text("#balances").await;
     assert!(balances.contains("client:bob USD 2500"), "{balances}");
 
+    // Revoking asks first, then cuts the agent off for good.
+    b.visit(
+        &format!("{base}/console/agents/{agent_id}/revoke"),
+        "revoke-confirm",
+    )
+    .await;
+    assert!(b.text("main").await.contains("This cannot be undone"));
+    b.click("button.danger").await;
+    assert_eq!(b.url().await, format!("/console/agents/{agent_id}"));
+    b.shot("revoked").await;
+    assert!(b.text("h1").await.contains("revoked"));
+
     // A client may not see the admin's instance: a 403 page, not an empty one.
     let client = tc.token_for("bob", "client").await;
     b.click("header form button").await;
