@@ -240,6 +240,9 @@ fn run_form(signed: &Signed, f: &FormFields, error: Option<&str>) -> maud::Marku
             @if let Some(e) = error { p.error role="alert" { (e) } }
             form.stacked method="post" action="/console/instances" {
                 input type="hidden" name="csrf" value=(signed.csrf);
+                // A second submission of this form (a double click, a reload) starts
+                // no second instance.
+                input type="hidden" name="client_token" value=(f.get("client_token").map_or_else(|| uuid::Uuid::now_v7().to_string(), str::to_owned));
                 label for="name" { "Name" } input #name name="name" value=(v("name"));
                 label for="agent" { "Agent id (optional when one host decides)" } input #agent name="agent" value=(v("agent"));
                 label for="image" { "Image (container drivers)" } input #image name="image" value=(v("image"));
@@ -303,7 +306,7 @@ fn run_call(f: &FormFields) -> Result<ControlCall, String> {
         .transpose()?;
     Ok(ControlCall::RunInstances {
         agent_id,
-        client_token: None,
+        client_token: f.non_empty("client_token").map(str::to_owned),
         spec: RunSpec {
             name: f.non_empty("name").map(str::to_owned),
             image: f.non_empty("image").map(str::to_owned),
@@ -404,12 +407,23 @@ mod tests {
             ("labels", "team=red"),
             ("env", ""),
             ("agent", ""),
+            ("client_token", "form-1"),
         ]))
         .unwrap();
-        let ControlCall::RunInstances { agent_id, spec, .. } = c else {
+        let ControlCall::RunInstances {
+            agent_id,
+            spec,
+            client_token,
+        } = c
+        else {
             panic!("{c:?}")
         };
         assert_eq!(agent_id, None);
+        assert_eq!(
+            client_token.as_deref(),
+            Some("form-1"),
+            "a resubmitted form runs once"
+        );
         assert_eq!(spec.command, ["/bin/sleep", "600"]);
         assert_eq!(spec.limits.millicpus, Some(500));
         assert_eq!(spec.limits.memory_bytes, Some(64 << 20));

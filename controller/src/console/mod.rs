@@ -59,6 +59,12 @@ pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; style-src 'self';
 #[derive(Debug, Default)]
 pub struct Sessions(std::sync::Mutex<HashMap<String, Session>>);
 
+/// Most sessions one API token holds at once; signing in again past it ends the
+/// oldest.
+const SESSIONS_PER_TOKEN: usize = 16;
+/// Most sessions in all; past it, signing in ends the one closest to its expiry.
+const SESSIONS_MAX: usize = 10_000;
+
 #[derive(Debug, Clone)]
 struct Session {
     /// The API token's stored hash: the principal is looked up on every request.
@@ -75,6 +81,22 @@ impl Sessions {
         let (csrf, _) = crate::datadir::new_api_token();
         let mut map = self.0.lock().expect("sessions poisoned");
         map.retain(|_, s| s.expires_at_ms > now_ms);
+        let oldest = |map: &HashMap<String, Session>, same_token: bool| {
+            map.iter()
+                .filter(|(_, s)| !same_token || s.token_hash == token_hash)
+                .min_by_key(|(_, s)| s.expires_at_ms)
+                .map(|(k, _)| k.clone())
+        };
+        if map.values().filter(|s| s.token_hash == token_hash).count() >= SESSIONS_PER_TOKEN {
+            if let Some(k) = oldest(&map, true) {
+                map.remove(&k);
+            }
+        }
+        if map.len() >= SESSIONS_MAX {
+            if let Some(k) = oldest(&map, false) {
+                map.remove(&k);
+            }
+        }
         map.insert(
             key,
             Session {
@@ -244,16 +266,20 @@ async fn style() -> Response {
         .into_response()
 }
 
-/// The value of cookie `name`.
+/// The value of cookie `name`, when the request carries exactly one: a second one of
+/// the same name was planted by someone else (another path, a sibling site), and
+/// which of them is ours cannot be told.
 fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
-    headers
+    let mut found = headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)
+        .filter(|(k, _)| *k == name)
+        .map(|(_, v)| v);
+    let first = found.next()?;
+    found.next().is_none().then_some(first)
 }
 
 /// Did the request come over HTTPS (directly, or through a proxy that says so)?
@@ -265,9 +291,15 @@ fn over_https(request_headers: &HeaderMap, uri: &axum::http::Uri) -> bool {
             .is_some_and(|v| v.eq_ignore_ascii_case("https"))
 }
 
-/// A POST from another site is refused whatever it carries (browsers send `Origin` on
-/// every cross-site POST; a request without one is not from a browser's form).
+/// A POST from another site is refused whatever it carries. Browsers say where a
+/// request comes from in `Sec-Fetch-Site`, which a proxy in front does not rewrite;
+/// without it, `Origin` must name the host the request was sent to (a request with
+/// neither is not from a browser's form).
 fn same_origin(headers: &HeaderMap) -> bool {
+    if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
+        // `none`: typed or bookmarked by the user.
+        return site == "same-origin" || site == "none";
+    }
     let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
         return true;
     };
@@ -281,21 +313,43 @@ fn same_origin(headers: &HeaderMap) -> bool {
 /// Where `/console/sign-in?next=...` may send a browser back: a console path only.
 fn safe_next(next: Option<&str>) -> String {
     match next {
-        Some(n) if n.starts_with("/console/") && !n.starts_with("//") && !n.contains("://") => {
+        Some(n)
+            if n.starts_with("/console/")
+                && !n.contains("..")
+                && !n.contains('\\')
+                && n.bytes().all(|b| b.is_ascii_graphic()) =>
+        {
             n.to_owned()
         }
         _ => "/console/".to_owned(),
     }
 }
 
+/// Most bytes of a sign-in form (a token and where to go next).
+const SIGN_IN_MAX_BYTES: usize = 4096;
+
 /// Reads a form body within the API's limits.
 async fn read_form(
     ctl: &Controller,
     request: Request,
 ) -> Result<(axum::http::request::Parts, FormFields), PageError> {
-    let request = crate::http::read_body(&ctl.app.config, request).await?;
+    read_form_within(ctl, request, ctl.app.config.http_max_body_bytes).await
+}
+
+/// Reads a form body of at most `limit` bytes within the API's read timeout.
+async fn read_form_within(
+    ctl: &Controller,
+    request: Request,
+    limit: usize,
+) -> Result<(axum::http::request::Parts, FormFields), PageError> {
+    let config = crate::config::ControllerConfig {
+        http_max_body_bytes: limit.min(ctl.app.config.http_max_body_bytes),
+        http_body_read_timeout: ctl.app.config.http_body_read_timeout,
+        ..crate::config::ControllerConfig::default()
+    };
+    let request = crate::http::read_body(&config, request).await?;
     let (parts, body) = request.into_parts();
-    let bytes = axum::body::to_bytes(body, ctl.app.config.http_max_body_bytes)
+    let bytes = axum::body::to_bytes(body, config.http_max_body_bytes)
         .await
         .map_err(|e| PageError::bad_request(format!("reading the form: {e}")))?;
     let fields = form_urlencoded::parse(&bytes).into_owned().collect();
@@ -307,11 +361,15 @@ async fn read_form(
 async fn signed_in(State(ctl): State<Arc<Controller>>, request: Request, next: Next) -> Response {
     let now = ctl.app.clock.now_ms();
     let to_sign_in = |request: &Request| {
-        let next = request
-            .uri()
-            .path_and_query()
-            .map_or("/console/", |p| p.as_str())
-            .to_owned();
+        // Back to the page after signing in; a form's target is no page to go back to.
+        let next = match *request.method() {
+            Method::GET => request
+                .uri()
+                .path_and_query()
+                .map_or("/console/", |p| p.as_str()),
+            _ => "/console/",
+        }
+        .to_owned();
         let to = format!(
             "/console/sign-in?next={}",
             form_urlencoded::byte_serialize(next.as_bytes()).collect::<String>()
@@ -444,7 +502,8 @@ async fn sign_in(State(ctl): State<Arc<Controller>>, request: Request) -> Respon
         .into_response();
     }
     let https = over_https(request.headers(), request.uri());
-    let (_, fields) = match read_form(&ctl, request).await {
+    // Anyone may post here: read little, and not for long.
+    let (_, fields) = match read_form_within(&ctl, request, SIGN_IN_MAX_BYTES).await {
         Ok(read) => read,
         Err(e) => return e.into_response(),
     };
@@ -501,7 +560,10 @@ mod tests {
             "https://evil.example/",
             "//evil.example/console/",
             "/v1/agents",
-            "/console/../x://y",
+            "/console/../v1/agents",
+            "/console/a\\b",
+            "/console/a\nb",
+            "/console/ä",
         ] {
             assert_eq!(safe_next(Some(hostile)), "/console/", "{hostile}");
         }
@@ -528,6 +590,17 @@ mod tests {
         assert!(!same_origin(&h));
         h.insert(header::ORIGIN, HeaderValue::from_static("null"));
         assert!(!same_origin(&h));
+        // Behind a proxy that rewrites Host, the browser's own word decides.
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("https://console.example"),
+        );
+        h.insert("sec-fetch-site", HeaderValue::from_static("same-origin"));
+        assert!(same_origin(&h));
+        h.insert("sec-fetch-site", HeaderValue::from_static("cross-site"));
+        assert!(!same_origin(&h));
+        h.insert("sec-fetch-site", HeaderValue::from_static("same-site"));
+        assert!(!same_origin(&h), "a sibling subdomain is another site");
     }
 
     #[test]
@@ -541,6 +614,13 @@ mod tests {
         assert!(s.get("spl_not-a-session", 2_001).is_none());
         s.close(&id);
         assert!(s.get(&id, 2_001).is_none());
+        // One token cannot pile up sessions: the oldest makes room.
+        let first = s.open("busy".into(), 3_000, 1_000_000);
+        for n in 1..=SESSIONS_PER_TOKEN as i64 {
+            s.open("busy".into(), 3_000 + n, 1_000_000);
+        }
+        assert_eq!(s.len(), SESSIONS_PER_TOKEN);
+        assert!(s.get(&first, 3_100).is_none(), "the oldest ended");
     }
 
     #[test]
@@ -552,5 +632,11 @@ mod tests {
         );
         assert_eq!(cookie(&h, COOKIE), Some("xyz"));
         assert_eq!(cookie(&h, "c"), None);
+        // A second cookie of the name, planted under a longer path: neither counts.
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("surplus_session=planted; surplus_session=xyz"),
+        );
+        assert_eq!(cookie(&h, COOKIE), None);
     }
 }

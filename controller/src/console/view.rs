@@ -89,7 +89,9 @@ pub fn action(signed: &Signed, to: &str, label: &str, danger: bool) -> Markup {
 
 /// `2026-12-03 13:04:05 UTC`.
 pub fn time(ms: UnixMillis) -> String {
-    let Ok(ms) = u64::try_from(ms) else {
+    // RFC 3339 ends at the year 9999.
+    const LAST_MS: u64 = 253_402_300_799_999;
+    let Some(ms) = u64::try_from(ms).ok().filter(|ms| *ms <= LAST_MS) else {
         return "-".into();
     };
     let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
@@ -193,6 +195,7 @@ mod tests {
         assert_eq!(cpus(500), "0.5");
         assert_eq!(cpus(2000), "2");
         assert_eq!(time(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!((time(-1), time(i64::MAX)), ("-".into(), "-".into()));
         assert_eq!(ago(0, 59_999), "59 s ago");
         assert_eq!(ago(0, 7_200_000), "2 h ago");
     }
