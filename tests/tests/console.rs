@@ -119,6 +119,12 @@ async fn sessions_hold(tc: TestController) {
     let (status, fleet) = page(&cookie, &format!("{base}/console/fleet")).await;
     assert_eq!(status, 200, "{fleet}");
     let csrf = csrf_of(&fleet);
+    let (status, body) = page(&cookie, &format!("{base}/console/fleet?page=x")).await;
+    assert_eq!(status, 400);
+    assert!(
+        body.contains("is not a page number") && body.contains("<!DOCTYPE html>"),
+        "{body}"
+    );
 
     // A state-changing form without the session's CSRF token, or from another site,
     // changes nothing.

@@ -106,12 +106,32 @@ fn two_hundred_agents_are_all_online_every_record_stored_once_every_command_answ
 /// when the resend lands in the same transaction as the original.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_usage_batches_share_commits_and_each_gets_its_own_answer() {
+    concurrent_batches(surplus_tests::TestController::start().await).await;
+}
+
+/// The same on PostgreSQL, where group commits run in several lanes at once: an
+/// agent's batches still commit in order and each record is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_usage_batches_share_commits_and_each_gets_its_own_answer_on_postgres() {
+    let config = surplus_controller::config::ControllerConfig {
+        database_url: surplus_tests::postgres::fresh_database().await,
+        ..surplus_tests::test_config()
+    };
+    let tc =
+        surplus_tests::TestController::start_with(config, surplus_protocol::clock::system()).await;
+    assert!(
+        tc.ctl().app.store.ingest_lanes() > 1,
+        "PostgreSQL commits in lanes"
+    );
+    concurrent_batches(tc).await;
+}
+
+async fn concurrent_batches(tc: surplus_tests::TestController) {
     use surplus_protocol::Message;
     use surplus_protocol::usage::{Reading, Subject, UsageBatch, UsageRecord, meters};
 
-    let tc = surplus_tests::TestController::start().await;
     let mut agents = Vec::new();
-    for i in 0..4 {
+    for i in 0..8 {
         agents.push(tc.enroll(&format!("a{i}"), &[]).await.1.agent_id);
     }
     let batch = |b: u64| UsageBatch {
@@ -155,9 +175,33 @@ async fn concurrent_usage_batches_share_commits_and_each_gets_its_own_answer() {
             (a, other) => panic!("agent {a}: {other:?}"),
         }
     }
-    assert_eq!(answers, 4 * 55);
-    assert_eq!(stored, 4 * 50 * 10);
-    assert_eq!(duplicates, 4 * 5 * 10);
+    assert_eq!(answers, 8 * 55);
+    assert_eq!(stored, 8 * 50 * 10);
+    assert_eq!(duplicates, 8 * 5 * 10);
+    // Every record is stored once, under its own agent (the batches above race each
+    // other, so the order of commits, and with it the counters' deltas, is not fixed).
+    for agent in &agents {
+        let rows = tc
+            .ctl()
+            .app
+            .store
+            .usage(&surplus_controller::store::UsageQuery {
+                agent_id: Some(*agent),
+                subject: None,
+                account: None,
+                owner_role: None,
+                meter: None,
+                from_ms: -1,
+                to_ms: 2000,
+                bucket_ms: 3_600_000,
+            })
+            .await
+            .expect("usage read");
+        assert_eq!(rows.len(), 10, "agent {agent}: {rows:?}");
+        for row in rows {
+            assert_eq!(row.records, 50, "agent {agent}: {row:?}");
+        }
+    }
     let commits = tc.ctl().app.metrics.usage_commits.get();
     assert!(
         commits < answers,

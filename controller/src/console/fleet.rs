@@ -47,7 +47,7 @@ struct FleetQuery {
     /// `hostname`, `status`, `last_seen`, `cpus`, `memory`, `uptime`.
     sort: String,
     /// Page number from 1.
-    page: usize,
+    page: String,
 }
 
 impl FleetQuery {
@@ -119,7 +119,13 @@ async fn fleet(
         }
     }
     let pages = shown.len().div_ceil(PAGE_ROWS).max(1);
-    let page_no = query.page.clamp(1, pages);
+    let asked: usize = match query.page.trim() {
+        "" => 1,
+        p => p
+            .parse()
+            .map_err(|_| PageError::bad_request(format!("page {p:?} is not a page number")))?,
+    };
+    let page_no = asked.clamp(1, pages);
     let rows = shown.iter().skip((page_no - 1) * PAGE_ROWS).take(PAGE_ROWS);
     let sort = query.sort.as_str();
     let heading = |key: &str, name: &str| {
