@@ -449,6 +449,32 @@ async fn billing_covers_closed_hours_waits_for_usage_and_bills_what_comes_late()
         .await
         .unwrap();
     assert_eq!(&shown, first);
+    // The client sees the same invoice in the console of a real browser.
+    let mut browser = surplus_tests::browser::Browser::start("billing_invoice").await;
+    let base = b.tc.url();
+    browser
+        .visit(&format!("{base}/console/invoices"), "sign-in")
+        .await;
+    browser.fill("#token", &b.alice).await;
+    browser.click("button[type=submit]").await;
+    assert_eq!(browser.url().await, "/console/invoices");
+    browser.shot("invoices").await;
+    let total_text = format!("{} EUR", first["totals"]["EUR"]);
+    let row = browser.text(&format!("tr[data-invoice='{id}']")).await;
+    assert!(row.contains(&total_text) && row.contains("alice"), "{row}");
+    browser.click(&format!("tr[data-invoice='{id}'] a")).await;
+    browser.shot("invoice").await;
+    assert_eq!(browser.text("#invoice-total").await, total_text);
+    let lines = browser.text("table.lines").await;
+    for line in first["lines"].as_array().unwrap() {
+        let instance = line["instance_id"].as_str().unwrap();
+        let meter = line["meter"].as_str().unwrap();
+        assert!(
+            lines.contains(instance) && lines.contains(meter),
+            "{meter} of {instance} in {lines}"
+        );
+    }
+    browser.close().await;
     let by_cli = cli(admin.clone(), args(&["statements", "--provider", "bob"]))
         .await
         .unwrap();
