@@ -263,3 +263,115 @@ async fn an_overfull_ingest_queue_answers_busy_and_loses_nothing() {
     }
     assert_eq!(stored, 500 * 100, "every record stored exactly once");
 }
+
+/// The controller process a load generator started: its pid and API address.
+fn controller_of(loadgen: u32) -> Option<(i32, String)> {
+    for entry in std::fs::read_dir("/proc").ok()?.filter_map(Result::ok) {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid ...`: the fields after the command name.
+        let ppid = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.split(' ').nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if ppid != Some(loadgen) || !cmdline.split(|b| *b == 0).any(|a| a == b"serve") {
+            continue;
+        }
+        let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
+        let http = environ.split(|b| *b == 0).find_map(|kv| {
+            std::str::from_utf8(kv)
+                .ok()?
+                .strip_prefix("SURPLUS_CONTROLLER_HTTP_LISTEN=")
+                .map(str::to_owned)
+        })?;
+        return Some((pid, http));
+    }
+    None
+}
+
+/// `GET /v1/health` over a bare connection: the connected agents it reports.
+fn connected_agents(http: &str) -> Option<u64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(http).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .ok()?;
+    s.write_all(format!("GET /v1/health HTTP/1.0\r\nHost: {http}\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).ok()?;
+    let body: Value = serde_json::from_str(answer.split_once("\r\n\r\n")?.1).ok()?;
+    body["connected_agents"].as_u64()
+}
+
+/// A run whose controller dies mid-way still writes the report of what it measured
+/// until then, names the phase that failed, and exits 1.
+#[test]
+fn a_run_whose_controller_dies_reports_what_it_measured_and_where_it_failed() {
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let mut loadgen = Command::new(bin("surplus-loadgen"))
+        .args([
+            "agents",
+            "--agents",
+            "20",
+            "--duration",
+            "12s",
+            "--heartbeat",
+            "1s",
+            "--usage-period",
+            "2s",
+            "--usage-records",
+            "4",
+            "--control-rate",
+            "5",
+            "--dir",
+        ])
+        .arg(dir.path().join("run"))
+        .arg("--json")
+        .arg(&json)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (pid, http) = loop {
+        if let Some(found) = controller_of(loadgen.id()) {
+            break found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the load generator started no controller"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // Into the steady phase: every simulated agent connected, then a little more.
+    while connected_agents(&http) != Some(20) {
+        assert!(Instant::now() < deadline, "the agents did not all connect");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let status = loadgen.wait().unwrap();
+    assert_eq!(status.code(), Some(1), "a failed run exits 1");
+    let r: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(r["failed_phase"], "steady", "{r:#}");
+    assert_eq!(r["phase"], "steady", "{r:#}");
+    assert_eq!(
+        r["enrollment"]["count"], 20,
+        "what was measured is kept: {r:#}"
+    );
+    assert!(
+        r["problems"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p.as_str().unwrap().starts_with("the steady phase failed")),
+        "{r:#}"
+    );
+}
