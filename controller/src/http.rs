@@ -6,6 +6,8 @@
 //! Each capability's module (`agents`, `validation`, `control`, `billing`) lists its
 //! own routes; [`routes`] is their union, which the router is built from, so the list
 //! (and the authorization matrix tested against it) cannot drift from what is served.
+//! The router also mounts the web console (`crate::console`) under `/console/`, whose
+//! pages call these handlers; its answers are HTML pages, not JSON.
 
 use std::sync::Arc;
 
@@ -209,7 +211,8 @@ async fn authenticate(
 
 /// Reads the whole body of an authenticated request within
 /// `http_body_read_timeout` (408) and `http_max_body_bytes` (413). Only authenticated
-/// requests are read, so a stranger cannot make the API hold bodies in memory.
+/// requests are read, so a stranger cannot make the API hold bodies in memory (the
+/// console's sign-in form, which anyone may post, is read with a limit of 4 KiB).
 pub(crate) async fn read_body(
     config: &crate::config::ControllerConfig,
     request: Request,
