@@ -17,7 +17,7 @@ use surplus_api::control::{
 use surplus_protocol::control::{InstanceState, InstanceStatus, Limits, RunSpec};
 
 use super::view::{action, bytes, cpus, labels, page, time, time_or_dash};
-use super::{FormFields, Page, PageError, Signed};
+use super::{Filled, FormFields, Page, PageError, Signed};
 use crate::app::Controller;
 use crate::http::{Caller, control};
 
@@ -55,28 +55,13 @@ async fn list(
     caller: Caller,
     RawQuery(query): RawQuery,
 ) -> Page {
-    // Empty form fields mean "any": the API's query takes only what is given.
-    let given: Vec<(String, String)> =
-        form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
-            .into_owned()
-            .filter(|(_, v)| !v.trim().is_empty())
-            .collect();
-    let api_query = form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(&given)
-        .finish();
+    let filled = Filled::of(query.as_deref());
     let axum::Json(answer) =
-        control::list_instances(State(ctl.clone()), caller, RawQuery(Some(api_query))).await?;
+        control::list_instances(State(ctl.clone()), caller, RawQuery(Some(filled.query()))).await?;
     let ControlResponse::Instances(list) = answer else {
         return Err(PageError::bad_request("unexpected answer"));
     };
-    let state = given
-        .iter()
-        .find(|(k, _)| k == "state")
-        .map_or("", |(_, v)| v.as_str());
-    let label = given
-        .iter()
-        .find(|(k, _)| k == "label")
-        .map_or("", |(_, v)| v.as_str());
+    let (state, label) = (filled.get("state"), filled.get("label"));
     Ok(page(
         "Instances",
         &signed,

@@ -165,6 +165,39 @@ impl FormFields {
     }
 }
 
+/// A filter form as the API's query takes it: the fields the user filled in (an empty
+/// field means "any", so it is left out).
+#[derive(Debug, Default)]
+pub(crate) struct Filled(Vec<(String, String)>);
+
+impl Filled {
+    /// The filled-in fields of `query`.
+    pub fn of(query: Option<&str>) -> Self {
+        Self(
+            form_urlencoded::parse(query.unwrap_or("").as_bytes())
+                .into_owned()
+                .map(|(k, v)| (k, v.trim().to_owned()))
+                .filter(|(_, v)| !v.is_empty())
+                .collect(),
+        )
+    }
+
+    /// The first value of `key`, or `""`.
+    pub fn get(&self, key: &str) -> &str {
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map_or("", |(_, v)| v.as_str())
+    }
+
+    /// The fields as a query string, for the API's handler.
+    pub fn query(&self) -> String {
+        form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(&self.0)
+            .finish()
+    }
+}
+
 /// A console failure, rendered as a page with its status.
 #[derive(Debug)]
 pub(crate) struct PageError {

@@ -15,7 +15,7 @@ use surplus_api::billing::{InvoiceView, MoneyRequest};
 use surplus_market::records::{InvoiceLine, Role};
 
 use super::view::{page, time};
-use super::{FormFields, Page, PageError, Signed};
+use super::{Filled, FormFields, Page, PageError, Signed};
 use crate::app::Controller;
 use crate::http::{Caller, billing};
 
@@ -105,9 +105,8 @@ async fn statement(
     caller: Caller,
     RawQuery(query): RawQuery,
 ) -> Page {
-    let asked: Option<String> = form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
-        .find(|(k, v)| k == "provider" && !v.trim().is_empty())
-        .map(|(_, v)| v.trim().to_owned());
+    let asked =
+        Some(Filled::of(query.as_deref()).get("provider").to_owned()).filter(|p| !p.is_empty());
     // An admin picks the provider first; a provider sees its own.
     if signed.principal.role == Role::Admin && asked.is_none() {
         return Ok(page(

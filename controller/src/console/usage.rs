@@ -12,7 +12,7 @@ use surplus_market::records::UsageRow;
 use surplus_protocol::clock::UnixMillis;
 
 use super::view::{page, time};
-use super::{Page, Signed};
+use super::{Filled, Page, Signed};
 use crate::app::Controller;
 use crate::http::{Caller, billing};
 
@@ -134,21 +134,10 @@ async fn usage(
     caller: Caller,
     RawQuery(query): RawQuery,
 ) -> Page {
-    let given: Vec<(String, String)> =
-        form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
-            .into_owned()
-            .filter(|(_, v)| !v.trim().is_empty())
-            .collect();
-    let api_query = form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(&given)
-        .finish();
-    let axum::Json(view) = billing::usage(State(ctl), caller, RawQuery(Some(api_query))).await?;
-    let get = |k: &str| {
-        given
-            .iter()
-            .find(|(key, _)| key == k)
-            .map_or("", |(_, v)| v.as_str())
-    };
+    let filled = Filled::of(query.as_deref());
+    let axum::Json(view) =
+        billing::usage(State(ctl), caller, RawQuery(Some(filled.query()))).await?;
+    let get = |k: &str| filled.get(k);
     let bucket_ms: i64 = if view.granularity == "day" {
         86_400_000
     } else {
