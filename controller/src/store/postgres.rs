@@ -82,9 +82,15 @@ impl PgStore {
 
 impl PgStore {
     /// Bulk last-seen times: a JSON array of `[id, at]`.
-    const TOUCH: &str = "UPDATE agents SET last_seen_ms = j.at \
-         FROM (SELECT value ->> 0 AS id, (value ->> 1)::bigint AS at FROM jsonb_array_elements($1::jsonb)) AS j \
-         WHERE agents.id = j.id AND (agents.last_seen_ms IS NULL OR agents.last_seen_ms < j.at)";
+    /// The rows are locked in id order first: two overlapping batches updating in the
+    /// order the planner picks could each hold a row the other waits for (deadlock).
+    const TOUCH: &str = "WITH j AS (SELECT value ->> 0 AS id, (value ->> 1)::bigint AS at \
+         FROM jsonb_array_elements($1::jsonb)), \
+         locked AS (SELECT agents.id FROM agents WHERE agents.id IN (SELECT id FROM j) \
+         ORDER BY agents.id FOR NO KEY UPDATE) \
+         UPDATE agents SET last_seen_ms = j.at FROM j, locked \
+         WHERE agents.id = j.id AND agents.id = locked.id \
+         AND (agents.last_seen_ms IS NULL OR agents.last_seen_ms < j.at)";
     /// Read-then-write of one agent's row: held until the transaction ends.
     const AGENT_STATUS_FOR_UPDATE: &str = "SELECT status FROM agents WHERE id = $1 FOR UPDATE";
     const AGENT_DIGEST_FOR_UPDATE: &str =
