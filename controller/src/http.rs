@@ -27,6 +27,7 @@ use uuid::Uuid;
 pub(crate) mod agents;
 pub mod billing;
 pub(crate) mod control;
+pub(crate) mod openapi;
 pub(crate) mod validation;
 
 pub use agents::{agent_view, validate_label};
@@ -376,6 +377,12 @@ fn table() -> Vec<Route> {
     let mut all = vec![
         route("GET", "/v1/health", Access::Public, health),
         route("GET", "/metrics", Access::Public, metrics),
+        route(
+            "GET",
+            "/openapi.json",
+            Access::Public,
+            openapi::openapi_json,
+        ),
     ];
     all.extend(agents::routes());
     all.extend(validation::routes());
@@ -403,12 +410,16 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         }
     }
     let authed = authed.route_layer(middleware::from_fn_with_state(ctl.clone(), authenticate));
-    Router::new()
+    // The API's 405 is JSON; the console's routes, merged after, keep their own (a
+    // page).
+    let api = Router::new()
         .merge(public)
         .merge(authed)
+        .method_not_allowed_fallback(method_not_allowed);
+    Router::new()
+        .merge(api)
         .merge(crate::console::router(ctl.clone()))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
-        .method_not_allowed_fallback(method_not_allowed)
         // Bodies are read and limited by `read_body`; the extractors' own limit must
         // not be lower.
         .layer(DefaultBodyLimit::max(ctl.app.config.http_max_body_bytes))
@@ -416,16 +427,19 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         .with_state(ctl)
 }
 
-async fn health(State(ctl): State<Arc<Controller>>) -> Json<serde_json::Value> {
-    Json(serde_json::json!({
-        "status": "ok",
-        "version": env!("CARGO_PKG_VERSION"),
-        "connected_agents": ctl.app.registry.connected(),
-    }))
+/// Whether the controller is up, its version and how many agents are connected.
+#[utoipa::path(get, path = "/v1/health", tag = "operations", responses((status = 200, description = "The controller is up", body = surplus_api::Health)))]
+async fn health(State(ctl): State<Arc<Controller>>) -> Json<surplus_api::Health> {
+    Json(surplus_api::Health {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        connected_agents: ctl.app.registry.connected(),
+    })
 }
 
 /// Prometheus text exposition; unauthenticated like most scrape targets (the API
 /// listens on loopback by default).
+#[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, description = "Prometheus metrics (OpenMetrics text)", content_type = "application/openmetrics-text", body = String)))]
 async fn metrics(State(ctl): State<Arc<Controller>>) -> Result<Response, ApiError> {
     let by_status = ctl
         .app

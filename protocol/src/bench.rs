@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 /// What a benchmark run should do.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BenchPlan {
     /// Time budget for the whole suite, ms; steps that would start after it are skipped.
     pub budget_ms: u64,
@@ -35,6 +36,7 @@ impl Default for BenchPlan {
 
 /// One measured figure.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BenchResult {
     /// Stable id, e.g. `cpu.sha256.single`, `memory.triad`, `storage.randread`.
     pub id: String,
@@ -58,6 +60,7 @@ pub struct BenchResult {
 
 /// A whole benchmark run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BenchReport {
     /// The plan it ran.
     pub plan: BenchPlan,

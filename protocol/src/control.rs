@@ -33,6 +33,7 @@ pub fn new_id(prefix: &str) -> String {
 
 /// The one state model of every driver.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum InstanceState {
     /// Accepted, not yet running.
@@ -86,6 +87,7 @@ impl std::fmt::Display for InstanceState {
 
 /// A lifecycle operation on an existing instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Lifecycle {
     /// StartInstances.
     Start,
@@ -159,6 +161,7 @@ pub fn transition(from: InstanceState, op: Lifecycle) -> Transition {
 /// host's default for processes (every driver enforces one). No `skip_serializing_if`
 /// here or anywhere on the wire: bincode is not self-describing.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     /// Thousandths of a CPU (`1500` = 1.5 vCPU).
@@ -182,6 +185,7 @@ pub const MAX_PIDS: u32 = 4_194_304;
 /// A JSON body only (an absent field is left out when written, which a
 /// non-self-describing format such as bincode cannot read back).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct LimitsChange {
     /// New CPU limit.
@@ -265,6 +269,7 @@ impl Limits {
 
 /// Transport of a port mapping.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum PortProtocol {
     /// TCP.
@@ -286,6 +291,7 @@ impl PortProtocol {
 
 /// A host port forwarded to an instance port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PortMapping {
     /// Port on the host.
@@ -299,6 +305,7 @@ pub struct PortMapping {
 
 /// A volume attached when an instance is run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct VolumeAttachment {
     /// The volume.
@@ -309,6 +316,7 @@ pub struct VolumeAttachment {
 
 /// What RunInstances asks for.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct RunSpec {
     /// A human name, unique only by convention.
@@ -332,6 +340,7 @@ pub struct RunSpec {
 
 /// A value a client supplied is not acceptable; names the field.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[error("{field}: {reason}")]
 pub struct Invalid {
     /// The field, as a JSON path (`labels.team`, `ports[1].host_port`).
@@ -510,6 +519,7 @@ impl RunSpec {
 
 /// Which instances DescribeInstances returns; empty fields match everything.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct Filters {
     /// Only these ids.
@@ -534,6 +544,7 @@ impl Filters {
 
 /// An instance as every driver describes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Instance {
     /// `i-...`.
     pub id: String,
@@ -555,6 +566,7 @@ pub struct Instance {
 
 /// What the host reports about a running instance: the observed side of the model.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct InstanceStatus {
     /// `i-...`.
     pub instance_id: String,
@@ -572,6 +584,7 @@ pub struct InstanceStatus {
 
 /// One instance's move caused by a lifecycle operation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StateChange {
     /// `i-...`.
     pub instance_id: String,
@@ -583,6 +596,7 @@ pub struct StateChange {
 
 /// Attributes DescribeInstanceAttribute can read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum AttributeName {
     /// CPU and memory limits.
@@ -601,6 +615,7 @@ pub enum AttributeName {
 
 /// An attribute's value.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum AttributeValue {
     /// CPU and memory limits.
@@ -619,6 +634,7 @@ pub enum AttributeValue {
 
 /// Whether a volume is in use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum VolumeState {
     /// Free to attach.
@@ -642,6 +658,7 @@ impl VolumeState {
 
 /// A volume.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Volume {
     /// `vol-...`.
     pub id: String,
@@ -663,6 +680,7 @@ pub struct Volume {
 
 /// A snapshot of a volume.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Snapshot {
     /// `snap-...`.
     pub id: String,
@@ -679,6 +697,7 @@ pub struct Snapshot {
 /// One operation of the primary control interface, as the agent receives it. Ids of new
 /// things are chosen by the controller so that a retried command is recognised.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Command {
     /// Run a new instance (idempotent by `instance_id`).
     RunInstances {
@@ -782,6 +801,7 @@ impl Command {
 
 /// The answer to a [`Command`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum ControlReply {
     /// RunInstances, DescribeInstances.
     Instances(Vec<Instance>),
@@ -806,6 +826,7 @@ pub enum ControlReply {
 
 /// The end of an instance's output.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct InstanceLogs {
     /// The instance.
     pub instance_id: String,
@@ -819,6 +840,7 @@ pub struct InstanceLogs {
 
 /// Why a command failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum FailureKind {
     /// A value is not acceptable (`field` says which).
@@ -835,6 +857,7 @@ pub enum FailureKind {
 
 /// A failed command.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[error("{message}")]
 pub struct ControlFailure {
     /// The kind.
@@ -868,6 +891,7 @@ impl From<Invalid> for ControlFailure {
 
 /// The outcome of one conformance scenario.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CompatCheck {
     /// The operation tested (`run`, `describe`, ..., `volume-delete`).
     pub operation: String,
@@ -879,6 +903,7 @@ pub struct CompatCheck {
 
 /// How compatible a driver is with the primary control interface (capability A6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum CompatLevel {
     /// Every operation passes.
@@ -927,6 +952,7 @@ pub fn compat_level(checks: &[CompatCheck]) -> CompatLevel {
 
 /// A driver's conformance results, sent by `surplus-agent compat`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CompatReport {
     /// The driver tested.
     pub driver: String,
@@ -944,6 +970,7 @@ pub struct CompatReport {
 /// client can check before it runs anything there. Reported with every session's hello
 /// and with the compatibility kit's results.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Isolation {
     /// The driver (`process`, `docker`, `mapped:<name>`, `none`).
     pub driver: String,

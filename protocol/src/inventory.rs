@@ -11,6 +11,7 @@ use crate::clock::UnixMillis;
 
 /// Everything the agent knows about its host's hardware and software.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Inventory {
     /// When this inventory was collected (not part of its digest).
     pub collected_at_ms: UnixMillis,
@@ -40,6 +41,7 @@ pub struct Inventory {
 
 /// Processor facts.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CpuInfo {
     /// Vendor id, e.g. `GenuineIntel`, `AuthenticAMD`.
     pub vendor: Option<String>,
@@ -63,6 +65,7 @@ pub struct CpuInfo {
 
 /// One CPU cache.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CacheInfo {
     /// 1, 2, 3...
     pub level: u8,
@@ -76,6 +79,7 @@ pub struct CacheInfo {
 
 /// Memory facts.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MemoryInfo {
     /// Total usable RAM, bytes (`MemTotal`).
     pub total_bytes: u64,
@@ -85,6 +89,7 @@ pub struct MemoryInfo {
 
 /// One NUMA node.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NumaNode {
     /// Node number.
     pub id: u32,
@@ -96,6 +101,7 @@ pub struct NumaNode {
 
 /// One block device.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Disk {
     /// Kernel name, e.g. `nvme0n1`, `sda`, `vda`.
     pub device: String,
@@ -113,6 +119,7 @@ pub struct Disk {
 
 /// One mounted file system.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Mount {
     /// Where it is mounted.
     pub mount_point: String,
@@ -124,6 +131,7 @@ pub struct Mount {
 
 /// One network interface.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Nic {
     /// Interface name.
     pub name: String,
@@ -139,6 +147,7 @@ pub struct Nic {
 
 /// One display or compute adapter.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Gpu {
     /// PCI address.
     pub pci_address: String,
@@ -156,6 +165,7 @@ pub struct Gpu {
 
 /// Operating-system facts.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct OsInfo {
     /// Distribution name.
     pub name: Option<String>,
@@ -169,6 +179,7 @@ pub struct OsInfo {
 
 /// What the host runs on.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Virtualization {
     /// Hypervisor detected (`kvm`, `vmware`, `xen`, `hyper-v`, ...), `None` on bare metal
     /// or when nothing says so.
@@ -185,6 +196,7 @@ pub struct Virtualization {
 
 /// Package manager facts.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PackageInfo {
     /// `dpkg` or `rpm`.
     pub manager: String,

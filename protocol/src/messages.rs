@@ -136,6 +136,7 @@ impl Message {
 
 /// Why a request was refused.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorReply {
     /// What went wrong, for programs.
     pub code: ErrorCode,
@@ -151,6 +152,7 @@ impl std::fmt::Display for ErrorReply {
 
 /// Error codes carried in [`ErrorReply`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum ErrorCode {
     /// The peers speak different protocol versions.
     VersionMismatch,
@@ -175,6 +177,7 @@ pub enum ErrorCode {
 
 /// First message of every agent session.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Hello {
     /// The agent's [`crate::PROTOCOL_VERSION`].
     pub protocol_version: u16,
@@ -188,6 +191,7 @@ pub struct Hello {
 
 /// Acceptance of a session.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HelloAck {
     /// The controller's [`crate::PROTOCOL_VERSION`].
     pub protocol_version: u16,
@@ -203,6 +207,7 @@ pub struct HelloAck {
 
 /// Join request sent to the enrollment endpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EnrollRequest {
     /// The agent's [`crate::PROTOCOL_VERSION`].
     pub protocol_version: u16,
@@ -219,6 +224,7 @@ pub struct EnrollRequest {
 
 /// A certificate issued by the controller's CA.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct IssuedCertificate {
     /// PEM of the certificate.
     pub cert_pem: String,
@@ -232,6 +238,7 @@ pub struct IssuedCertificate {
 
 /// Successful enrollment.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Enrolled {
     /// The identity the controller chose; also the certificate's URI SAN.
     pub agent_id: Uuid,
@@ -247,6 +254,7 @@ pub struct Enrolled {
 
 /// Periodic liveness report.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Heartbeat {
     /// Increases by one per heartbeat within a session.
     pub seq: u64,
@@ -264,6 +272,7 @@ pub struct Heartbeat {
 
 /// Heartbeat recorded.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HeartbeatAck {
     /// The controller's wall clock.
     pub server_time_ms: UnixMillis,
@@ -273,6 +282,7 @@ pub struct HeartbeatAck {
 
 /// Inventory stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct InventoryAck {
     /// The controller recorded a change against the previous inventory.
     pub changed: bool,
@@ -280,6 +290,7 @@ pub struct InventoryAck {
 
 /// Certificate renewal request, sent over an authenticated session.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RenewRequest {
     /// PEM CSR of a freshly generated key.
     pub csr_pem: String,
@@ -287,6 +298,7 @@ pub struct RenewRequest {
 
 /// Round-trip probe.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Ping {
     /// Echoed in the [`Pong`].
     pub nonce: u64,
@@ -294,6 +306,7 @@ pub struct Ping {
 
 /// Answer to a [`Ping`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Pong {
     /// The ping's nonce.
     pub nonce: u64,
@@ -301,6 +314,7 @@ pub struct Pong {
 
 /// What a validation run should measure.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ValidationRequest {
     /// The controller's id of the run.
     pub run_id: Uuid,
@@ -313,6 +327,7 @@ pub struct ValidationRequest {
 /// Benchmark settings the controller may choose. Where the scratch file goes is the
 /// agent's own configuration: the controller never picks paths on a provider's host.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BenchRequest {
     /// Time budget, ms.
     pub budget_ms: u64,
@@ -326,6 +341,7 @@ pub struct BenchRequest {
 
 /// Progress of a validation run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ValidationProgress {
     /// The run.
     pub run_id: Uuid,
@@ -339,6 +355,7 @@ pub struct ValidationProgress {
 
 /// The outcome of a validation run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ValidationReport {
     /// The run.
     pub run_id: Uuid,
@@ -354,6 +371,7 @@ pub struct ValidationReport {
 
 /// Stop a validation run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CancelValidation {
     /// The run.
     pub run_id: Uuid,
@@ -361,6 +379,7 @@ pub struct CancelValidation {
 
 /// Answer to a cancellation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CancelAck {
     /// The run.
     pub run_id: Uuid,
@@ -370,6 +389,7 @@ pub struct CancelAck {
 
 /// Throughput probe payload.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NetworkProbe {
     /// Bytes to carry.
     pub data: Vec<u8>,
@@ -377,6 +397,7 @@ pub struct NetworkProbe {
 
 /// Throughput probe receipt.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NetworkProbeAck {
     /// Bytes received in the probe.
     pub received: u64,
@@ -384,6 +405,7 @@ pub struct NetworkProbeAck {
 
 /// Receipt of a [`CompatReport`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CompatAck {
     /// The report is stored under this agent.
     pub agent_id: Uuid,

@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 /// How much a failed check matters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Severity {
     /// Worth knowing; does not lower the index.
@@ -33,6 +34,7 @@ impl Severity {
 
 /// Outcome of one check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum CheckStatus {
     /// The host meets the rule.
@@ -45,6 +47,7 @@ pub enum CheckStatus {
 
 /// One check's result.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Finding {
     /// Stable id, e.g. `ssh.permit_root_login`.
     pub id: String,
@@ -62,6 +65,7 @@ pub struct Finding {
 
 /// A whole security validation run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SecurityReport {
     /// The root directory the checks read through (`/` on a live host).
     pub root: String,

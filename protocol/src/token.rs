@@ -16,6 +16,7 @@ const PREFIX: &str = "surplus-join-1.";
 
 /// A decoded join token.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JoinToken {
     /// The secret; only its hash is stored.
     pub secret: [u8; 32],

@@ -58,6 +58,7 @@ pub mod meters {
 
 /// What a record measures.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Subject {
     /// The host as a whole (host and subscription meters).
     Host,
@@ -77,6 +78,7 @@ impl Subject {
 
 /// One meter's reading over a record's period.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Reading {
     /// A cumulative counter: its `total` since it started at zero, and which start
     /// (`generation`) that was.
@@ -99,6 +101,7 @@ pub enum Reading {
 
 /// One record: one meter of one subject over `[start_ms, end_ms)`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UsageRecord {
     /// The agent process's epoch (fixed when the process starts).
     pub epoch: u64,
@@ -121,6 +124,7 @@ pub struct UsageRecord {
 
 /// The agent's spool as it stood when a batch was sent.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SpoolState {
     /// Records not yet acknowledged, this batch included.
     pub pending_records: u64,
@@ -136,6 +140,7 @@ pub struct SpoolState {
 
 /// A batch of records, oldest first.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UsageBatch {
     /// The records.
     pub records: Vec<UsageRecord>,
@@ -145,6 +150,7 @@ pub struct UsageBatch {
 
 /// The controller committed a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UsageAck {
     /// Records stored for the first time.
     pub stored: u32,
@@ -156,6 +162,7 @@ pub struct UsageAck {
 
 /// Sampling periods in milliseconds, one per meter group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MeteringPeriods {
     /// Instance meters.
     pub instance_ms: u64,
@@ -201,6 +208,7 @@ impl MeteringPeriods {
 
 /// The agent applied new periods.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MeteringAck {
     /// The periods now in force.
     pub periods: MeteringPeriods,

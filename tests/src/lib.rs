@@ -21,6 +21,7 @@ use uuid::Uuid;
 
 pub mod browser;
 pub mod loadgen;
+pub mod openapi;
 pub mod postgres;
 
 /// How long any wait in a test may take before it fails.

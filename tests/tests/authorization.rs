@@ -15,6 +15,7 @@ use surplus_agent::control::DriverKind;
 use surplus_controller::registry::RegistryEvent;
 use surplus_protocol::clock::{self, Clock};
 use surplus_protocol::control::{CompatLevel, CompatReport};
+use surplus_tests::openapi::Answer;
 use surplus_tests::{CgroupGuard, RunningAgent, TestController, control_config};
 
 /// The callers, in the order of each row's expected statuses.
@@ -307,12 +308,21 @@ async fn every_route_answers_every_caller_as_its_principal_allows() {
 
     let callers: [Option<&str>; 5] = [Some(&admin), Some(client), Some(provider), Some(pool), None];
     let mut wrong = Vec::new();
+    let mut answers = Vec::new();
     for c in &cases {
         // The admin last: its call may change what the others would meet.
         for n in [1, 2, 3, 4, 0] {
             let (status, answer) = api
                 .send(callers[n], c.method, &c.path, c.body.as_ref())
                 .await;
+            if c.route != "/metrics" {
+                answers.push(Answer {
+                    method: c.method.into(),
+                    route: c.route.into(),
+                    status,
+                    body: answer.clone(),
+                });
+            }
             let body = c.body.as_ref().map_or(String::new(), |b| format!(" {b}"));
             if status != c.expect[n] {
                 wrong.push(format!(
@@ -335,6 +345,12 @@ async fn every_route_answers_every_caller_as_its_principal_allows() {
         wrong.len(),
         wrong.join("\n")
     );
+
+    // Every answer, refusals included, is what the API's OpenAPI document says it is
+    // (checked by an independent JSON Schema validator).
+    let (_, doc) = api.send(None, "GET", "/openapi.json", None).await;
+    let summary = surplus_tests::openapi::check_answers(&doc, &answers);
+    eprintln!("{summary}");
 
     // What each principal sees in the lists it may read: its own only. A provider or
     // pool owner named alice sees none of client alice's.
@@ -479,6 +495,12 @@ fn matrix(r: &Resources) -> Vec<Case> {
         // Open to all.
         case("GET", "/v1/health", "/v1/health", [200, 200, 200, 200, 200]),
         case("GET", "/metrics", "/metrics", [200, 200, 200, 200, 200]),
+        case(
+            "GET",
+            "/openapi.json",
+            "/openapi.json",
+            [200, 200, 200, 200, 200],
+        ),
         // Validation runs: admins only; the run ordered above is read, then cancelled.
         case("GET", "/v1/validations/{run}", format!("/v1/validations/{run_id}"), [200, 403, 403, 403, 401]),
         case("POST", "/v1/validations/{run}/cancel", format!("/v1/validations/{run_id}/cancel"), [202, 403, 403, 403, 401]),
@@ -565,4 +587,24 @@ fn matrix(r: &Resources) -> Vec<Case> {
         // Last: bob's host is revoked.
         case("POST", "/v1/agents/{id}/revoke", format!("/v1/agents/{b}/revoke"), [200, 403, 403, 403, 401]),
     ]
+}
+
+/// `GET /openapi.json` answers anyone with a document an independent validator
+/// accepts as OpenAPI 3.1.
+#[tokio::test]
+async fn the_openapi_document_is_valid_openapi_3_1() {
+    let tc = TestController::start().await;
+    let response = reqwest::get(format!("{}/openapi.json", tc.url()))
+        .await
+        .expect("API reachable");
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/json",
+        "served as JSON"
+    );
+    let doc: Value = response.json().await.unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    assert_eq!(doc["info"]["version"], env!("CARGO_PKG_VERSION"));
+    surplus_tests::openapi::validate_document(&doc);
 }

@@ -90,6 +90,32 @@ async fn sessions_hold(tc: TestController) {
         "{csp}"
     );
 
+    // A method a page does not answer is a page too, naming the methods it does.
+    for (method, path) in [
+        (reqwest::Method::DELETE, "/console/fleet"),
+        (reqwest::Method::GET, "/console/sign-out"),
+    ] {
+        let r = http()
+            .request(method.clone(), format!("{base}{path}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 405, "{method} {path}");
+        assert!(r.headers().contains_key("allow"), "{method} {path}");
+        assert!(
+            r.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/html"),
+            "{method} {path}"
+        );
+        let text = r.text().await.unwrap();
+        assert!(
+            text.contains(&format!("This page does not answer {method}.")),
+            "{text}"
+        );
+    }
+
     // A wrong token is refused, and says so.
     let r = http()
         .post(format!("{base}/console/sign-in"))
@@ -412,6 +438,14 @@ async fn a_session_in_a_real_browser() {
     let balances = b.text("#balances").await;
     assert!(balances.contains("client:bob USD 2500"), "{balances}");
     assert!(!balances.contains("provider:"), "{balances}");
+
+    // Every role can read the API's reference, rendered from its OpenAPI document.
+    b.visit(&format!("{base}/console/api"), "api-reference")
+        .await;
+    let reference = b.text("#op-control").await;
+    assert!(reference.contains("POST /v1/control"), "{reference}");
+    let schema = b.text("#schema-ErrorBody").await;
+    assert!(schema.contains("message"), "{schema}");
 
     // Signed out, the console is closed.
     b.visit(&format!("{base}/console/instances"), "client-instances")

@@ -8,6 +8,7 @@ use crate::{AgentStatus, Labels, SessionRecord};
 
 /// `POST /v1/api-tokens`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateApiTokenRequest {
     /// The account the token acts for.
@@ -21,6 +22,7 @@ pub struct CreateApiTokenRequest {
 
 /// An agent as listed.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AgentView {
     /// Agent id.
     pub id: Uuid,
@@ -63,6 +65,7 @@ pub struct AgentView {
 
 /// One entry of an agent's inventory history (without the inventory body).
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct InventoryChangeView {
     /// When recorded.
     pub recorded_at_ms: UnixMillis,
@@ -72,6 +75,7 @@ pub struct InventoryChangeView {
 
 /// `GET /v1/agents/{id}`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AgentDetail {
     /// The agent.
     #[serde(flatten)]
@@ -86,6 +90,7 @@ pub struct AgentDetail {
 
 /// `POST /v1/tokens` body.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateTokenRequest {
     /// Lifetime such as `30m` or `2h`; the configured default when absent.
@@ -97,6 +102,7 @@ pub struct CreateTokenRequest {
 
 /// A join token just created.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CreatedToken {
     /// Token id.
     pub id: Uuid,
@@ -114,6 +120,7 @@ pub struct CreatedToken {
 
 /// `POST /v1/agents/{id}/ping` answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PingView {
     /// The agent.
     pub agent_id: Uuid,
@@ -123,6 +130,7 @@ pub struct PingView {
 
 /// `POST /v1/api-tokens` answer (201): the token, shown once.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CreatedApiToken {
     /// The account it acts for.
     pub account: String,
@@ -130,4 +138,17 @@ pub struct CreatedApiToken {
     pub role: crate::Role,
     /// The bearer token; only its hash is stored.
     pub token: String,
+}
+
+/// `GET /v1/agents/{id}/compat`: the last compatibility-kit results an agent reported.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct CompatView {
+    /// The agent.
+    pub agent_id: Uuid,
+    /// When the controller stored the report.
+    pub reported_at_ms: UnixMillis,
+    /// The results.
+    #[serde(flatten)]
+    pub report: surplus_protocol::control::CompatReport,
 }

@@ -14,6 +14,7 @@ use crate::{InvoiceLine, UsageRow};
 
 /// `PUT /v1/agents/{id}/metering` body: periods such as `"30s"`; absent ones stay.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct MeteringRequest {
     /// Instance meters.
@@ -29,6 +30,7 @@ pub struct MeteringRequest {
 
 /// `GET|PUT /v1/agents/{id}/metering` answer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MeteringView {
     /// The agent.
     pub agent_id: Uuid,
@@ -45,6 +47,7 @@ pub struct MeteringView {
 
 /// `GET /v1/usage` answer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UsageView {
     /// `hour` or `day`.
     pub granularity: String,
@@ -58,6 +61,7 @@ pub struct UsageView {
 
 /// `POST /v1/billing/runs` body.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct BillingRunRequest {
     /// Period start, ms, on a whole hour.
@@ -68,6 +72,7 @@ pub struct BillingRunRequest {
 
 /// `POST /v1/payments` and `POST /v1/payouts` body.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct MoneyRequest {
     /// The client (payments) or provider (payouts) account name.
@@ -85,6 +90,7 @@ pub struct MoneyRequest {
 
 /// Answer of a posting.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PostingView {
     /// The key.
     pub key: String,
@@ -96,6 +102,7 @@ pub struct PostingView {
 
 /// One balance.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BalanceView {
     /// Account.
     pub account: String,
@@ -107,6 +114,7 @@ pub struct BalanceView {
 
 /// `PUT /v1/ledger/accounts/{account}` body.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct AccountPolicy {
     /// Whether the account may go below zero (`false` makes a client prepaid).
@@ -115,6 +123,7 @@ pub struct AccountPolicy {
 
 /// An invoice: one client's charges of one period across every provider.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct InvoiceView {
     /// `inv-...`.
     pub invoice_id: String,
@@ -132,6 +141,7 @@ pub struct InvoiceView {
 
 /// A provider's statement over a range.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StatementView {
     /// The provider account.
     pub provider: String,
@@ -155,6 +165,7 @@ pub struct StatementView {
 
 /// A billing run's outcome.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BillingRun {
     /// The period.
     pub from_ms: i64,
@@ -179,6 +190,7 @@ pub struct BillingRun {
 
 /// An instance a billing run could not post.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BillingFailure {
     /// The instance.
     pub instance_id: String,
@@ -190,6 +202,7 @@ pub struct BillingFailure {
 
 /// Late usage of one instance and period, billed by a later run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Adjustment {
     /// The instance.
     pub instance_id: String,
@@ -207,6 +220,7 @@ pub struct Adjustment {
 
 /// An agent whose usage of a period has not all arrived.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WaitingFor {
     /// The agent.
     pub agent_id: Uuid,
@@ -216,6 +230,7 @@ pub struct WaitingFor {
 
 /// `PUT /v1/ledger/accounts/{account}` answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AccountPolicyView {
     /// The account.
     pub account: String,

@@ -13,6 +13,7 @@ use uuid::Uuid;
 /// checks every value and names the field at fault; a test there checks that each
 /// variant written here is read back as the request it means.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "action")]
 pub enum ControlCall {
     /// Run an instance.
@@ -197,6 +198,7 @@ pub fn parse_cpus(cpus: f64) -> Result<u32, String> {
 
 /// An instance as the API shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct InstanceView {
     /// The instance: its spec as recorded, its state as its host reports it.
     #[serde(flatten)]
@@ -214,6 +216,7 @@ pub struct InstanceView {
 
 /// A volume as the API shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct VolumeView {
     /// The agent's record.
     #[serde(flatten)]
@@ -228,6 +231,7 @@ pub struct VolumeView {
 
 /// The answer of `POST /v1/control`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ControlResponse {
     /// RunInstances, DescribeInstances.

@@ -19,8 +19,21 @@ pub use surplus_market::records::{
     AgentStatus, InvoiceLine, Labels, Role, RunStatus, SessionRecord, UsageRow, ValidationRun,
 };
 
+/// `GET /v1/health`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Health {
+    /// Always `ok` when the controller answers.
+    pub status: String,
+    /// The controller's version.
+    pub version: String,
+    /// Agents with an open session.
+    pub connected_agents: usize,
+}
+
 /// Error body of every non-2xx answer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     /// Machine-readable code (`not_found`, `bad_request`, `unauthorized`, ...).
     pub error: String,

@@ -8,6 +8,7 @@ use crate::ValidationRun;
 
 /// What to run, as the API and CLI ask for it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct ValidationOptions {
     /// Run the benchmark suite.
@@ -39,6 +40,7 @@ impl Default for ValidationOptions {
 
 /// A run as the API shows it: the stored record plus live progress while running.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RunView {
     /// The stored run.
     #[serde(flatten)]
@@ -49,6 +51,7 @@ pub struct RunView {
 
 /// `GET /v1/agents/{id}/validation` answer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RunHistory {
     /// The newest run that ended, if any.
     pub latest: Option<RunView>,
@@ -58,6 +61,7 @@ pub struct RunHistory {
 
 /// `POST /v1/validations/{run}/cancel` answer (202).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Cancelling {
     /// The run.
     pub run_id: Uuid,

@@ -12,6 +12,7 @@ use surplus_protocol::Inventory;
 /// What a provider claims, or what was measured. Absent fields are not claimed (or
 /// were not measured).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Spec {
     /// Logical CPUs.
     pub cores: Option<u32>,
@@ -46,6 +47,7 @@ impl Spec {
 
 /// How far below a claim a measurement may fall and still conform.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Tolerances {
     /// Fraction for memory (the kernel keeps some for itself).
     pub memory: f64,
@@ -70,6 +72,7 @@ impl Default for Tolerances {
 
 /// One way the tested spec falls short of the claim.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Mismatch {
     /// `cores`, `memory_bytes`, `disk_bytes`, `clock_mhz` or `scores.<name>`.
     pub field: String,

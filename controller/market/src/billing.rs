@@ -42,6 +42,7 @@ const BYTES_PER_GB: u128 = 1_000_000_000;
 
 /// A rate card attached to an instance when it is run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PricePlan {
     /// Currency of every rate.
@@ -92,6 +93,7 @@ impl PricePlan {
 
 /// An instance's usage in one period, from the metering deltas.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PeriodUsage {
     /// Milliseconds running.
     pub running_ms: u64,
@@ -188,6 +190,7 @@ pub fn cpu_usage(running: &[Span], cpu: &[Span], history: &[(i64, Option<u32>)])
 
 /// One line of a bill.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Charge {
     /// `instance_hours`, `vcpu_hours`, `memory_gb_hours`, `network_gb`, `disk_io_gb`,
     /// `upfront`.
@@ -412,6 +415,7 @@ pub fn bill_posting(
 
 /// A billing period: `[from_ms, to_ms)`, whole hours.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Period {
     /// Start.
     pub from_ms: i64,

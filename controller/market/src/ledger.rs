@@ -85,6 +85,7 @@ pub fn validate_currency(code: &str) -> Result<(), String> {
 /// One line of a posting: `amount` added to `account`'s balance in `currency`
 /// (negative takes away).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Entry {
     /// Account name.
     pub account: String,
@@ -96,6 +97,7 @@ pub struct Entry {
 
 /// A balanced set of entries with an idempotency key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Posting {
     /// Idempotency key: the same posting under the same key is applied once.
     pub key: String,
@@ -252,6 +254,7 @@ pub fn decide(
 
 /// How a posting was taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Applied {
     /// Applied now.

@@ -32,6 +32,7 @@ pub type Labels = BTreeMap<String, String>;
 
 /// Agent status as the registry shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum AgentStatus {
     /// Enrolled, never connected.
@@ -69,6 +70,7 @@ impl AgentStatus {
 
 /// One agent session.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SessionRecord {
     /// Session id.
     pub id: Uuid,
@@ -88,6 +90,7 @@ pub struct SessionRecord {
 
 /// Roles of API principals.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     /// Everything.
@@ -125,6 +128,7 @@ impl Role {
 
 /// Where a validation run stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum RunStatus {
     /// Ordered, not finished.
@@ -162,6 +166,7 @@ impl RunStatus {
 
 /// A validation run as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ValidationRun {
     /// Run id.
     pub id: Uuid,
@@ -189,6 +194,7 @@ pub struct ValidationRun {
 
 /// One bucket of usage history.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UsageRow {
     /// Start of the bucket.
     pub bucket_start_ms: UnixMillis,
@@ -212,6 +218,7 @@ pub struct UsageRow {
 
 /// One invoice line.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct InvoiceLine {
     /// `inv-...`.
     pub invoice_id: String,
@@ -241,6 +248,7 @@ pub struct InvoiceLine {
 
 /// A posting as stored, with one account's share of it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AccountEntry {
     /// Posting key.
     pub key: String,

@@ -19,7 +19,8 @@ const FORBIDDEN: &[&str] = &[
 ];
 
 /// The names of the crates `package` links on this platform, transitively, without
-/// dev-dependencies (`cargo tree -e normal`, which resolves features as a build does).
+/// dev-dependencies (`cargo tree -e normal`, which resolves features as a build does),
+/// with every feature of `package` on (the `openapi` schemas included).
 fn closure(package: &str) -> BTreeSet<String> {
     let out = Command::new(env!("CARGO"))
         .args([
@@ -29,6 +30,7 @@ fn closure(package: &str) -> BTreeSet<String> {
             "normal",
             "--prefix",
             "none",
+            "--all-features",
             "-p",
             package,
         ])

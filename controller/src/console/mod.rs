@@ -38,6 +38,7 @@ use crate::datadir::api_token_hash;
 use crate::http::{ApiError, Caller};
 use crate::store::Principal;
 
+mod api_docs;
 mod fleet;
 mod instances;
 mod money;
@@ -253,6 +254,7 @@ pub(crate) fn router(ctl: Arc<Controller>) -> Router<Arc<Controller>> {
     let pages = Router::new()
         .route("/console/", get(home))
         .route("/console/sign-out", axum::routing::post(sign_out))
+        .merge(api_docs::routes())
         .merge(fleet::routes())
         .merge(instances::routes())
         .merge(money::routes())
@@ -264,6 +266,12 @@ pub(crate) fn router(ctl: Arc<Controller>) -> Router<Arc<Controller>> {
         .route("/console/console.css", get(style))
         .route("/console", get(|| async { Redirect::to("/console/") }))
         .route("/", get(|| async { Redirect::to("/console/") }))
+        .method_not_allowed_fallback(|method: Method| async move {
+            PageError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("This page does not answer {method}."),
+            )
+        })
         .route(
             "/console/{*rest}",
             axum::routing::any(|| async {

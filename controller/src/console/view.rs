@@ -20,6 +20,7 @@ pub fn page(title: &str, signed: &Signed, body: Markup) -> Markup {
             ("/console/invoices", "Invoices"),
             ("/console/statements", "Statements"),
             ("/console/balances", "Balances"),
+            ("/console/api", "API"),
         ],
         Role::Client => &[
             ("/console/instances", "Instances"),
@@ -27,12 +28,14 @@ pub fn page(title: &str, signed: &Signed, body: Markup) -> Markup {
             ("/console/usage", "Usage"),
             ("/console/invoices", "Invoices"),
             ("/console/balances", "Balances"),
+            ("/console/api", "API"),
         ],
         Role::Provider => &[
             ("/console/statements", "Statement"),
             ("/console/balances", "Balance"),
+            ("/console/api", "API"),
         ],
-        Role::PoolOwner => &[("/console/balances", "Balances")],
+        Role::PoolOwner => &[("/console/balances", "Balances"), ("/console/api", "API")],
     };
     html! {
         (DOCTYPE)

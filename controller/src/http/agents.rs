@@ -25,6 +25,7 @@ pub(super) fn routes() -> Vec<Route> {
     ]
 }
 
+#[utoipa::path(get, path = "/v1/agents", tag = "agents", responses((status = 200, description = "Every agent (admin)", body = Vec<AgentView>)))]
 pub(crate) async fn list_agents(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
@@ -40,6 +41,7 @@ pub(crate) async fn list_agents(
     ))
 }
 
+#[utoipa::path(get, path = "/v1/agents/{id}", tag = "agents", params(("id" = Uuid, Path, description = "The agent")), responses((status = 200, description = "The agent with its inventory and sessions", body = AgentDetail)))]
 pub(crate) async fn show_agent(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
@@ -68,6 +70,7 @@ pub(crate) async fn show_agent(
     }))
 }
 
+#[utoipa::path(get, path = "/v1/agents/{id}/inventory/history", tag = "agents", params(("id" = Uuid, Path, description = "The agent")), responses((status = 200, description = "Every inventory change, oldest first", body = Vec<crate::store::InventoryChange>)))]
 async fn inventory_history(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
@@ -78,6 +81,7 @@ async fn inventory_history(
     Ok(Json(ctl.app.store.inventory_history(id, 1000).await?))
 }
 
+#[utoipa::path(post, path = "/v1/agents/{id}/revoke", tag = "agents", params(("id" = Uuid, Path, description = "The agent")), responses((status = 200, description = "The agent, revoked", body = AgentView)))]
 pub(crate) async fn revoke_agent(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
@@ -95,6 +99,7 @@ pub(crate) async fn revoke_agent(
     Ok(Json(agent_view(&agent, false, ctl.app.clock.now_ms())))
 }
 
+#[utoipa::path(post, path = "/v1/agents/{id}/ping", tag = "agents", params(("id" = Uuid, Path, description = "The agent")), responses((status = 200, description = "The round trip", body = PingView)))]
 async fn ping_agent(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
@@ -109,6 +114,7 @@ async fn ping_agent(
     }))
 }
 
+#[utoipa::path(post, path = "/v1/tokens", tag = "agents", request_body = CreateTokenRequest, responses((status = 201, description = "A join token for enrolling agents", body = CreatedToken)))]
 async fn create_token(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
@@ -145,6 +151,7 @@ pub fn validate_label(key: &str, value: &str) -> Result<(), ApiError> {
 
 /// `POST /v1/api-tokens {"account": "alice", "role": "client"}` (admin): a token for an
 /// account, shown once.
+#[utoipa::path(post, path = "/v1/api-tokens", tag = "agents", request_body = CreateApiTokenRequest, responses((status = 201, description = "An API token (shown once)", body = CreatedApiToken)))]
 async fn create_api_token(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,

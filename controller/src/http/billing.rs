@@ -76,6 +76,7 @@ fn invalid(field: &str, message: impl Into<String>) -> ApiError {
     ApiError::bad_request(message).with_field(field.into())
 }
 
+#[utoipa::path(put, path = "/v1/agents/{id}/metering", tag = "billing", params(("id" = Uuid, Path, description = "The agent")), request_body = MeteringRequest, responses((status = 200, description = "The periods, acknowledged by the agent", body = MeteringView)))]
 pub(super) async fn put_metering(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
@@ -120,6 +121,7 @@ pub(super) async fn put_metering(
     }))
 }
 
+#[utoipa::path(get, path = "/v1/agents/{id}/metering", tag = "billing", params(("id" = Uuid, Path, description = "The agent")), responses((status = 200, description = "Metering periods and spool state", body = MeteringView)))]
 pub(crate) async fn get_metering(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
@@ -140,6 +142,7 @@ pub(crate) async fn get_metering(
 /// `GET /v1/usage?instance=&agent=&account=&meter=&from=&to=&granularity=hour|day`.
 /// Clients see their own instances; providers one of their hosts (`agent=`); admins
 /// anything. Records count in the bucket their period ends in.
+#[utoipa::path(get, path = "/v1/usage", tag = "billing", params(("instance" = Option<String>, Query, description = "One instance"), ("agent" = Option<Uuid>, Query, description = "One host (required for providers)"), ("account" = Option<String>, Query, description = "One client account"), ("meter" = Option<String>, Query, description = "One meter (cpu_seconds, memory_byte_seconds, ...)"), ("from" = Option<i64>, Query, description = "Start, Unix ms (default: a day before `to`)"), ("to" = Option<i64>, Query, description = "End, Unix ms (default: now)"), ("granularity" = Option<String>, Query, description = "hour (default) or day")), responses((status = 200, description = "Usage in buckets", body = UsageView)))]
 pub(crate) async fn usage(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
@@ -232,6 +235,7 @@ pub(crate) async fn usage(
     }))
 }
 
+#[utoipa::path(put, path = "/v1/agents/{id}/price-plan", tag = "billing", params(("id" = Uuid, Path, description = "The agent")), request_body = PricePlan, responses((status = 200, description = "The host's price plan from now on", body = PricePlan)))]
 pub(super) async fn put_price_plan(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
@@ -250,6 +254,7 @@ pub(super) async fn put_price_plan(
     Ok(Json(plan))
 }
 
+#[utoipa::path(post, path = "/v1/billing/runs", tag = "billing", request_body = BillingRunRequest, responses((status = 200, description = "What the run invoiced", body = BillingRun)))]
 pub(super) async fn billing_run(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
@@ -345,6 +350,7 @@ async fn apply(ctl: &Controller, posting: ledger::Posting) -> ApiResult<PostingV
     }))
 }
 
+#[utoipa::path(post, path = "/v1/payments", tag = "billing", request_body = MoneyRequest, responses((status = 200, description = "The posting", body = PostingView)))]
 pub(crate) async fn payment(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
@@ -368,6 +374,7 @@ pub(crate) async fn payment(
     .await
 }
 
+#[utoipa::path(post, path = "/v1/payouts", tag = "billing", request_body = MoneyRequest, responses((status = 200, description = "The posting", body = PostingView)))]
 pub(crate) async fn payout(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
@@ -387,6 +394,7 @@ pub(crate) async fn payout(
     .await
 }
 
+#[utoipa::path(put, path = "/v1/ledger/accounts/{account}", tag = "billing", params(("account" = String, Path, description = "The ledger account")), request_body = AccountPolicy, responses((status = 200, description = "The account's policy", body = AccountPolicyView)))]
 pub(super) async fn put_account(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
@@ -430,6 +438,7 @@ fn readable_account(caller: &Caller, asked: Option<&String>) -> Result<Option<St
     }
 }
 
+#[utoipa::path(get, path = "/v1/ledger/balances", tag = "billing", params(("account" = Option<String>, Query, description = "One account")), responses((status = 200, description = "Balances the caller may see", body = Vec<BalanceView>)))]
 pub(crate) async fn balances(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
@@ -498,6 +507,7 @@ fn client_filter(caller: &Caller, asked: Option<&String>) -> Result<Option<Strin
     }
 }
 
+#[utoipa::path(get, path = "/v1/invoices", tag = "billing", params(("client" = Option<String>, Query, description = "One client (admins)"), ("from" = Option<i64>, Query, description = "Start, Unix ms"), ("to" = Option<i64>, Query, description = "End, Unix ms")), responses((status = 200, description = "Invoices with their lines", body = Vec<InvoiceView>)))]
 pub(crate) async fn invoices(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
@@ -519,6 +529,7 @@ pub(crate) async fn invoices(
     Ok(Json(invoices_of(lines)))
 }
 
+#[utoipa::path(get, path = "/v1/invoices/{id}", tag = "billing", params(("id" = String, Path, description = "The invoice")), responses((status = 200, description = "The invoice with its lines", body = InvoiceView)))]
 pub(crate) async fn invoice(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
@@ -537,6 +548,7 @@ pub(crate) async fn invoice(
         .ok_or_else(|| ApiError::not_found(format!("invoice {id} not found")))
 }
 
+#[utoipa::path(get, path = "/v1/statements", tag = "billing", params(("provider" = Option<String>, Query, description = "One provider (admins)"), ("from" = Option<i64>, Query, description = "Start, Unix ms"), ("to" = Option<i64>, Query, description = "End, Unix ms")), responses((status = 200, description = "The provider's statement", body = StatementView)))]
 pub(crate) async fn statements(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,

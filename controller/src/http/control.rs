@@ -57,6 +57,7 @@ impl From<crate::control::ControlError> for ApiError {
     }
 }
 
+#[utoipa::path(post, path = "/v1/control", tag = "control", request_body = surplus_api::control::ControlCall, responses((status = 200, description = "The operation's answer", body = ControlResponse)))]
 pub(crate) async fn control(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
@@ -69,6 +70,7 @@ pub(crate) async fn control(
 }
 
 /// `GET /v1/instances?state=running&label=k=v&id=i-...`: DescribeInstances as a query.
+#[utoipa::path(get, path = "/v1/instances", tag = "control", params(("id" = Option<Vec<String>>, Query, description = "Instance ids (repeatable)", explode = true), ("state" = Option<Vec<String>>, Query, description = "States (repeatable): pending, running, stopped, ...", explode = true), ("label" = Option<Vec<String>>, Query, description = "Labels as key=value (repeatable, all must match)", explode = true)), responses((status = 200, description = "The instances the caller may see", body = ControlResponse)))]
 pub(crate) async fn list_instances(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
@@ -108,6 +110,7 @@ pub(crate) async fn list_instances(
 
 /// `GET /v1/instances/{id}/logs?max_bytes=N`: the end of an instance's standard output
 /// and error, for its owner (and admins).
+#[utoipa::path(get, path = "/v1/instances/{id}/logs", tag = "control", params(("id" = String, Path, description = "The instance"), ("max_bytes" = Option<u64>, Query, description = "At most this many bytes from the end")), responses((status = 200, description = "The tail of the instance's output", body = surplus_protocol::control::InstanceLogs)))]
 pub(crate) async fn instance_logs(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
@@ -155,6 +158,7 @@ pub(crate) async fn instance_logs(
 }
 
 /// `GET /v1/volumes`: DescribeVolumes of everything the caller may see.
+#[utoipa::path(get, path = "/v1/volumes", tag = "control", responses((status = 200, description = "The volumes the caller may see", body = ControlResponse)))]
 pub(crate) async fn list_volumes(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
@@ -163,11 +167,12 @@ pub(crate) async fn list_volumes(
     Ok(Json(ctl.control.handle(&caller.0, request).await?))
 }
 
+#[utoipa::path(get, path = "/v1/agents/{id}/compat", tag = "control", params(("id" = Uuid, Path, description = "The agent")), responses((status = 200, description = "The last compatibility-kit results", body = surplus_api::agents::CompatView)))]
 pub(crate) async fn agent_compat(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
     Path(id): Path<String>,
-) -> ApiResult<serde_json::Value> {
+) -> ApiResult<surplus_api::agents::CompatView> {
     let agent = load_agent(&ctl, &id).await?;
     // A host's compatibility results are its provider's business (and admins').
     billing::require_host_owner(&caller, &agent)?;
@@ -177,8 +182,9 @@ pub(crate) async fn agent_compat(
             "agent {id} has not reported compatibility results (run surplus-agent compat --report)"
         ))
     })?;
-    let mut value = serde_json::to_value(report).expect("report serializes");
-    value["reported_at_ms"] = at.into();
-    value["agent_id"] = id.to_string().into();
-    Ok(Json(value))
+    Ok(Json(surplus_api::agents::CompatView {
+        agent_id: id,
+        reported_at_ms: at,
+        report,
+    }))
 }

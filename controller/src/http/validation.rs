@@ -45,6 +45,7 @@ fn run_view(ctl: &Controller, run: crate::store::ValidationRun) -> RunView {
     RunView { run, progress }
 }
 
+#[utoipa::path(post, path = "/v1/agents/{id}/validation", tag = "validation", params(("id" = Uuid, Path, description = "The agent")), request_body(content = ValidationOptions, description = "Which suites; an empty body orders the defaults"), responses((status = 202, description = "The run, ordered", body = RunView)))]
 pub(crate) async fn order_validation(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
@@ -63,6 +64,7 @@ pub(crate) async fn order_validation(
     }
 }
 
+#[utoipa::path(get, path = "/v1/agents/{id}/validation", tag = "validation", params(("id" = Uuid, Path, description = "The agent")), responses((status = 200, description = "The agent's runs, newest first", body = RunHistory)))]
 pub(crate) async fn agent_validations(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
@@ -88,6 +90,7 @@ pub(crate) async fn agent_validations(
     }))
 }
 
+#[utoipa::path(get, path = "/v1/validations/{run}", tag = "validation", params(("run" = Uuid, Path, description = "The validation run")), responses((status = 200, description = "The run with its progress and results", body = RunView)))]
 pub(crate) async fn show_validation(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
@@ -98,6 +101,7 @@ pub(crate) async fn show_validation(
     Ok(Json(run_view(&ctl, run)))
 }
 
+#[utoipa::path(post, path = "/v1/validations/{run}/cancel", tag = "validation", params(("run" = Uuid, Path, description = "The validation run")), responses((status = 202, description = "The agent was asked to stop the run", body = Cancelling)))]
 async fn cancel_validation(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,

@@ -237,7 +237,7 @@ pub struct AgentRecord {
 }
 
 /// One recorded inventory change.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct InventoryChange {
     /// When it was recorded.
     pub recorded_at_ms: UnixMillis,
