@@ -177,7 +177,7 @@ pub async fn run_with(
         .agent(identity.agent_id)
         .await?
         .context("agent vanished from the registry")?;
-    let view = crate::http::agent_view(&agent, true, clock.now_ms());
+    let view = crate::http::agent_view(&agent, None, true, clock.now_ms());
     let inv = agent.inventory.unwrap_or_default();
     println!();
     println!("Registered agent");

@@ -169,7 +169,10 @@ impl Caller {
             Err(ApiError::new(
                 StatusCode::FORBIDDEN,
                 "forbidden",
-                format!("this needs the {} role", role.as_str()),
+                match role {
+                    Role::Admin => "this needs the admin role".to_owned(),
+                    _ => format!("this needs the {} or the admin role", role.as_str()),
+                },
             ))
         }
     }

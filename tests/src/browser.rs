@@ -112,6 +112,15 @@ impl Browser {
         self.shot(step).await;
     }
 
+    /// How many elements `css` finds on the page.
+    pub async fn count(&self, css: &str) -> usize {
+        self.client
+            .find_all(Locator::Css(css))
+            .await
+            .expect("finding elements")
+            .len()
+    }
+
     /// The text of the element `css` (panics, naming the page, when it is missing).
     pub async fn text(&self, css: &str) -> String {
         match self.client.find(Locator::Css(css)).await {

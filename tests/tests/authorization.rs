@@ -426,6 +426,14 @@ async fn every_route_answers_every_caller_as_its_principal_allows() {
             "{account}: {balances}"
         );
     }
+    let hosts = api.ok(provider, "GET", "/v1/agents", Value::Null).await;
+    let hosts: Vec<&str> = hosts
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(hosts, [host_a.to_string()], "provider alice's hosts");
     let statement = api.ok(provider, "GET", "/v1/statements", Value::Null).await;
     assert_eq!(statement["provider"], "alice");
     assert!(
@@ -501,15 +509,20 @@ fn matrix(r: &Resources) -> Vec<Case> {
             "/openapi.json",
             [200, 200, 200, 200, 200],
         ),
-        // Validation runs: admins only; the run ordered above is read, then cancelled.
-        case("GET", "/v1/validations/{run}", format!("/v1/validations/{run_id}"), [200, 403, 403, 403, 401]),
+        // Validation runs: admins order and cancel them; a host's provider reads its
+        // runs. The run ordered above (on A) is read, then cancelled.
+        case("GET", "/v1/validations/{run}", format!("/v1/validations/{run_id}"), [200, 403, 200, 403, 401]),
         case("POST", "/v1/validations/{run}/cancel", format!("/v1/validations/{run_id}/cancel"), [202, 403, 403, 403, 401]),
         with_body("POST", "/v1/agents/{id}/validation", format!("/v1/agents/{a}/validation"), json!({"bench": false, "security": true}), [202, 403, 403, 403, 401]),
-        case("GET", "/v1/agents/{id}/validation", format!("/v1/agents/{a}/validation"), [200, 403, 403, 403, 401]),
-        // The registry: admins only, even for the provider of a host.
-        case("GET", "/v1/agents", "/v1/agents", [200, 403, 403, 403, 401]),
-        case("GET", "/v1/agents/{id}", format!("/v1/agents/{a}"), [200, 403, 403, 403, 401]),
-        case("GET", "/v1/agents/{id}/inventory/history", format!("/v1/agents/{a}/inventory/history"), [200, 403, 403, 403, 401]),
+        case("GET", "/v1/agents/{id}/validation", format!("/v1/agents/{a}/validation"), [200, 403, 200, 403, 401]),
+        case("GET", "/v1/agents/{id}/validation", format!("/v1/agents/{b}/validation"), [200, 403, 403, 403, 401]),
+        // The registry: admins see every agent, a provider its own hosts (the list
+        // is filtered; checked below); pings and revocations are the admins'.
+        case("GET", "/v1/agents", "/v1/agents", [200, 403, 200, 403, 401]),
+        case("GET", "/v1/agents/{id}", format!("/v1/agents/{a}"), [200, 403, 200, 403, 401]),
+        case("GET", "/v1/agents/{id}", format!("/v1/agents/{b}"), [200, 403, 403, 403, 401]),
+        case("GET", "/v1/agents/{id}/inventory/history", format!("/v1/agents/{a}/inventory/history"), [200, 403, 200, 403, 401]),
+        case("GET", "/v1/agents/{id}/inventory/history", format!("/v1/agents/{b}/inventory/history"), [200, 403, 403, 403, 401]),
         case("POST", "/v1/agents/{id}/ping", format!("/v1/agents/{a}/ping"), [200, 403, 403, 403, 401]),
         with_body("POST", "/v1/tokens", "/v1/tokens", json!({"ttl": "5m"}), [201, 403, 403, 403, 401]),
         with_body("POST", "/v1/api-tokens", "/v1/api-tokens", json!({"account": "carol", "role": "client"}), [201, 403, 403, 403, 401]),

@@ -151,6 +151,18 @@ async fn sessions_hold(tc: TestController) {
         body.contains("is not a page number") && body.contains("<!DOCTYPE html>"),
         "{body}"
     );
+    for (query, why) in [
+        ("gpu=maybe", "gpu \"maybe\" is not yes or no"),
+        ("compat=great", "compat \"great\" is not fully"),
+        ("sort=price", "sort \"price\" is not hostname"),
+    ] {
+        let (status, body) = page(&cookie, &format!("{base}/console/fleet?{query}")).await;
+        assert_eq!(status, 400, "{query}");
+        assert!(
+            body.contains(&why.replace('"', "&quot;")),
+            "{query}: {body}"
+        );
+    }
 
     // A state-changing form without the session's CSRF token, or from another site,
     // changes nothing.
@@ -185,7 +197,10 @@ async fn sessions_hold(tc: TestController) {
     let (client_cookie, _) = sign_in(&tc, &client).await;
     let (status, body) = page(&client_cookie, &format!("{base}/console/fleet")).await;
     assert_eq!(status, 403, "{body}");
-    assert!(body.contains("this needs the admin role"), "{body}");
+    assert!(
+        body.contains("this needs the provider or the admin role"),
+        "{body}"
+    );
     let (status, _) = page(&client_cookie, &format!("{base}/console/instances")).await;
     assert_eq!(status, 200);
 
@@ -270,7 +285,11 @@ async fn a_session_in_a_real_browser() {
     );
     let tc = TestController::start().await;
     let mut events = tc.events();
-    let (mut config, identity) = tc.enroll("console-host", &[("zone", "lab-1")]).await;
+    let (mut config, identity) = tc
+        .enroll("console-host", &[("zone", "lab-1"), ("provider", "carol")])
+        .await;
+    // Another provider's host, enrolled and never connected.
+    let (_, other) = tc.enroll("other-host", &[("provider", "dave")]).await;
     config.control = control_config(DriverKind::Process, tag);
     // Usage arrives within a second, so that its chart can be seen.
     config.metering.instance_period = Duration::from_millis(200);
@@ -294,6 +313,10 @@ async fn a_session_in_a_real_browser() {
     let row = b.text(&format!("tr[data-agent='{agent_id}']")).await;
     assert!(row.contains("online") && row.contains("lab-1"), "{row}");
     assert!(b.text(".summary").await.contains("1 connected"));
+    let other_row = b
+        .text(&format!("tr[data-agent='{}']", other.agent_id))
+        .await;
+    assert!(other_row.contains("enrolled"), "{other_row}");
 
     // The agent's page; order a quick validation and follow it to its end.
     b.click(&format!("tr[data-agent='{agent_id}'] a")).await;
@@ -454,6 +477,51 @@ async fn a_session_in_a_real_browser() {
     b.visit(&format!("{base}/console/instances"), "signed-out")
         .await;
     assert_eq!(b.url().await, "/console/sign-in");
+
+    // A provider lands on its own hosts: carol sees hers (revoked above, with its
+    // compatibility level), not dave's, and no admin's buttons on it.
+    let now = clock::system().now_ms();
+    tc.ctl()
+        .app
+        .store
+        .save_compat_report(
+            agent_id,
+            &surplus_protocol::control::CompatReport {
+                driver: "process".into(),
+                level: surplus_protocol::control::CompatLevel::Highly,
+                checks: Vec::new(),
+                isolation: Default::default(),
+                ran_at_ms: now,
+            },
+            now,
+        )
+        .await
+        .unwrap();
+    let carol = tc.token_for("carol", "provider").await;
+    b.visit(&format!("{base}/console/"), "provider-sign-in")
+        .await;
+    b.fill("#token", &carol).await;
+    b.click("button[type=submit]").await;
+    assert_eq!(b.url().await, "/console/fleet");
+    b.shot("provider-hosts").await;
+    assert_eq!(b.title().await, "My hosts · Surplus");
+    let hosts = b.text(&format!("tr[data-agent='{agent_id}']")).await;
+    assert!(hosts.contains("highly"), "{hosts}");
+    assert_eq!(b.count("#agents tbody tr").await, 1, "only carol's host");
+    b.click(&format!("tr[data-agent='{agent_id}'] a")).await;
+    b.shot("provider-host").await;
+    assert!(b.text("main").await.contains("Validation"));
+    assert_eq!(
+        b.count(".actions form, .actions a").await,
+        0,
+        "no admin's buttons"
+    );
+    b.visit(
+        &format!("{base}/console/agents/{}", other.agent_id),
+        "provider-other-host",
+    )
+    .await;
+    assert_eq!(b.title().await, "Not allowed · Surplus");
 
     b.close().await;
     agent.stop().await;

@@ -33,6 +33,32 @@ impl Fixture {
             Fixture::Postgres(url) => Arc::new(PgStore::open(url).await.unwrap()),
         }
     }
+
+    /// Runs `sqlite` or `postgres`, whichever this backend speaks, on the database
+    /// directly (what a migration does).
+    async fn execute(&self, sqlite: &str, postgres: &str) {
+        match self {
+            Fixture::Sqlite(dir) => {
+                let url = format!("sqlite://{}", dir.path().join("c.db").display());
+                let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+                sqlx::raw_sql(sqlite).execute(&pool).await.unwrap();
+                pool.close().await;
+            }
+            Fixture::Postgres(url) => {
+                let pool = sqlx::PgPool::connect(url).await.unwrap();
+                sqlx::raw_sql(postgres).execute(&pool).await.unwrap();
+                pool.close().await;
+            }
+        }
+    }
+}
+
+/// The statements of a migration from its first `UPDATE` on: how it fills the columns
+/// it added for the rows stored before.
+fn backfill(migration: &str) -> &str {
+    &migration[migration
+        .find("UPDATE")
+        .expect("the migration fills its columns")..]
 }
 
 #[derive(Clone, Copy)]
@@ -113,7 +139,7 @@ mod stories {
     use super::*;
 
     pub async fn the_agent_list_reads_the_same_facts_as_the_whole_inventory(
-        _f: &Fixture,
+        f: &Fixture,
         s: Arc<dyn Store>,
     ) {
         let inventories = [
@@ -127,6 +153,17 @@ mod stories {
             Some(serde_json::json!({"os": {"name": "Alpine"}, "cpu": {"logical_cpus": 2}})),
             // Never reported.
             None,
+            // Two GPUs: the first one's model names them.
+            Some(serde_json::json!({"gpus": [
+                {"pci_address": "0000:01:00.0", "vendor_id": "0x10de", "device_id": "0x20b2",
+                 "vendor": "NVIDIA", "model": "NVIDIA A100-SXM4-80GB", "memory_bytes": 85_899_345_920_u64},
+                {"pci_address": "0000:02:00.0", "vendor_id": "0x10de", "device_id": "0x20b2",
+                 "vendor": "NVIDIA", "model": "NVIDIA A100-SXM4-80GB", "memory_bytes": 85_899_345_920_u64},
+            ]})),
+            // A GPU known by its PCI ids only.
+            Some(serde_json::json!({"gpus": [
+                {"pci_address": "0000:03:00.0", "vendor_id": "0x1234", "device_id": "0x5678"},
+            ]})),
         ];
         let mut ids = Vec::new();
         for (n, inventory) in inventories.iter().enumerate() {
@@ -144,7 +181,8 @@ mod stories {
         let whole = s.agents().await.unwrap();
         let list = s.agent_list().await.unwrap();
         assert_eq!(list.len(), whole.len());
-        for ((record, brief), full) in list.iter().zip(&whole) {
+        for (listed, full) in list.iter().zip(&whole) {
+            let (record, brief) = (&listed.agent, &listed.inventory);
             assert_eq!(brief, &InventoryBrief::of(full.inventory.as_ref()));
             assert_eq!(record.inventory, None, "the list leaves inventories out");
             assert_eq!(
@@ -155,7 +193,7 @@ mod stories {
                 *record
             );
         }
-        let briefs: Vec<&InventoryBrief> = list.iter().map(|(_, b)| b).collect();
+        let briefs: Vec<&InventoryBrief> = list.iter().map(|l| &l.inventory).collect();
         assert_eq!(briefs[0].os.as_deref(), Some("Debian GNU/Linux 12"));
         assert_eq!(briefs[0].memory_bytes, Some(68_719_476_736));
         assert_eq!(
@@ -163,7 +201,73 @@ mod stories {
             (Some("Alpine"), None)
         );
         assert_eq!(*briefs[2], InventoryBrief::default());
-        assert_eq!(list.iter().map(|(r, _)| r.id).collect::<Vec<_>>(), ids);
+        assert_eq!((briefs[0].gpus, briefs[0].gpu.as_deref()), (Some(0), None));
+        assert_eq!(
+            (briefs[3].gpus, briefs[3].gpu.as_deref()),
+            (Some(2), Some("NVIDIA A100-SXM4-80GB"))
+        );
+        assert_eq!(
+            (briefs[4].gpus, briefs[4].gpu.as_deref()),
+            (Some(1), Some("0x1234:0x5678"))
+        );
+        // The level of the last compatibility report comes with the listing.
+        let report = |level| surplus_protocol::control::CompatReport {
+            driver: "process".into(),
+            level,
+            checks: Vec::new(),
+            isolation: Default::default(),
+            ran_at_ms: 1,
+        };
+        use surplus_protocol::control::CompatLevel;
+        s.save_compat_report(ids[0], &report(CompatLevel::Fully), 2)
+            .await
+            .unwrap();
+        s.save_compat_report(ids[0], &report(CompatLevel::Highly), 3)
+            .await
+            .unwrap();
+        let levels: Vec<_> = s
+            .agent_list()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|l| l.compat)
+            .collect();
+        assert_eq!(
+            levels,
+            [Some(CompatLevel::Highly), None, None, None, None],
+            "one row per agent, with its last level"
+        );
+
+        // Inventories stored before migrations 0009 and 0010 get the same facts from
+        // their SQL as new ones get from `InventoryBrief::of`.
+        let before = s.agent_list().await.unwrap();
+        let forget = "UPDATE agents SET inventory_cpus = NULL, inventory_memory_bytes = NULL, \
+             inventory_os = NULL, inventory_gpus = NULL, inventory_gpu = NULL;";
+        f.execute(
+            &[
+                forget,
+                backfill(include_str!(
+                    "../../controller/migrations/sqlite/0009_agent_facts.sql"
+                )),
+                backfill(include_str!(
+                    "../../controller/migrations/sqlite/0010_agent_gpus.sql"
+                )),
+            ]
+            .join("\n"),
+            &[
+                forget,
+                backfill(include_str!(
+                    "../../controller/migrations/postgres/0009_agent_facts.sql"
+                )),
+                backfill(include_str!(
+                    "../../controller/migrations/postgres/0010_agent_gpus.sql"
+                )),
+            ]
+            .join("\n"),
+        )
+        .await;
+        assert_eq!(s.agent_list().await.unwrap(), before);
+        assert_eq!(list.iter().map(|l| l.agent.id).collect::<Vec<_>>(), ids);
     }
 
     pub async fn a_token_registers_one_agent_and_says_why_it_refuses_others(

@@ -58,6 +58,12 @@ pub struct AgentView {
     pub memory_bytes: Option<u64>,
     /// OS name and version from the inventory.
     pub os: Option<String>,
+    /// GPUs from the inventory (0 for none).
+    pub gpus: Option<u64>,
+    /// The first GPU's model (else its vendor, else its PCI ids).
+    pub gpu: Option<String>,
+    /// The level of the host driver's last compatibility-kit report.
+    pub compat_level: Option<surplus_protocol::control::CompatLevel>,
     /// How the host isolates client instances (`host_user` when the provider runs
     /// them as the agent's own user).
     pub isolation: Option<surplus_protocol::control::Isolation>,

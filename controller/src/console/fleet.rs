@@ -1,5 +1,6 @@
-//! Fleet pages (admins): agents by status, one agent with its inventory, sessions and
-//! validation runs, ordering a validation and following it live, revoking.
+//! Fleet pages: agents by status (admins every one, a provider its own hosts), one
+//! agent with its inventory, sessions and validation runs; admins order a validation
+//! and follow it live, and revoke.
 
 use std::sync::Arc;
 
@@ -10,8 +11,9 @@ use axum::routing::get;
 use maud::{Markup, html};
 use surplus_api::agents::AgentView;
 use surplus_api::validation::{RunView, ValidationOptions};
-use surplus_market::records::{AgentStatus, RunStatus};
+use surplus_market::records::{AgentStatus, Role, RunStatus};
 use surplus_protocol::bench::BenchReport;
+use surplus_protocol::control::CompatLevel;
 use surplus_protocol::security::{CheckStatus, SecurityReport};
 
 use super::view::{action, ago, bytes, labels, page, time, time_or_dash};
@@ -44,7 +46,12 @@ struct FleetQuery {
     status: String,
     /// A part of the hostname, the id, or a label `k=v`.
     q: String,
-    /// `hostname`, `status`, `last_seen`, `cpus`, `memory`, `uptime`.
+    /// `yes` (hosts with a GPU), `no`; empty: all.
+    gpu: String,
+    /// A compatibility level (`fully`, `highly`, `somewhat`, `incompatible`), or
+    /// `none` (never reported); empty: all.
+    compat: String,
+    /// `hostname`, `status`, `last_seen`, `cpus`, `memory`, `gpus`, `uptime`.
     sort: String,
     /// Page number from 1.
     page: String,
@@ -53,7 +60,13 @@ struct FleetQuery {
 impl FleetQuery {
     fn link(&self, status: &str, sort: &str, page: usize) -> String {
         let mut s = form_urlencoded::Serializer::new(String::new());
-        for (k, v) in [("status", status), ("q", self.q.as_str()), ("sort", sort)] {
+        for (k, v) in [
+            ("status", status),
+            ("q", self.q.as_str()),
+            ("gpu", self.gpu.as_str()),
+            ("compat", self.compat.as_str()),
+            ("sort", sort),
+        ] {
             if !v.is_empty() {
                 s.append_pair(k, v);
             }
@@ -67,6 +80,27 @@ impl FleetQuery {
 
 fn status_text(a: &AgentView) -> &'static str {
     a.status.as_str()
+}
+
+/// The agent's compatibility level, `none` before its first report.
+fn compat_text(a: &AgentView) -> &'static str {
+    match a.compat_level {
+        None => "none",
+        Some(CompatLevel::Fully) => "fully",
+        Some(CompatLevel::Highly) => "highly",
+        Some(CompatLevel::Somewhat) => "somewhat",
+        Some(CompatLevel::Incompatible) => "incompatible",
+    }
+}
+
+/// `2 × NVIDIA A100-SXM4-80GB`, `none`, or `-` before the first inventory.
+fn gpus_text(a: &AgentView) -> String {
+    match (a.gpus, &a.gpu) {
+        (None, _) => "-".into(),
+        (Some(0), _) => "none".into(),
+        (Some(n), Some(model)) => format!("{n} × {model}"),
+        (Some(n), None) => n.to_string(),
+    }
 }
 
 fn matches(a: &AgentView, q: &str) -> bool {
@@ -96,10 +130,28 @@ async fn fleet(
             "status {status:?} is not online, unreachable, revoked or enrolled"
         )));
     }
+    let gpu = match query.gpu.as_str() {
+        "" => None,
+        "yes" => Some(true),
+        "no" => Some(false),
+        other => {
+            return Err(PageError::bad_request(format!(
+                "gpu {other:?} is not yes or no"
+            )));
+        }
+    };
+    let compat = query.compat.as_str();
+    if !["", "none", "fully", "highly", "somewhat", "incompatible"].contains(&compat) {
+        return Err(PageError::bad_request(format!(
+            "compat {compat:?} is not fully, highly, somewhat, incompatible or none"
+        )));
+    }
     let mut shown: Vec<&AgentView> = all
         .iter()
         .filter(|a| status.is_empty() || status_text(a) == status)
         .filter(|a| matches(a, query.q.trim()))
+        .filter(|a| gpu.is_none_or(|want| (a.gpus.unwrap_or(0) > 0) == want))
+        .filter(|a| compat.is_empty() || compat_text(a) == compat)
         .collect();
     match query.sort.as_str() {
         "" | "hostname" => shown.sort_by(|a, b| a.hostname.cmp(&b.hostname)),
@@ -107,6 +159,7 @@ async fn fleet(
         "last_seen" => shown.sort_by_key(|a| std::cmp::Reverse(a.last_seen_ms)),
         "cpus" => shown.sort_by_key(|a| std::cmp::Reverse(a.cpus)),
         "memory" => shown.sort_by_key(|a| std::cmp::Reverse(a.memory_bytes)),
+        "gpus" => shown.sort_by_key(|a| std::cmp::Reverse(a.gpus)),
         "uptime" => shown.sort_by(|a, b| {
             b.uptime_ratio
                 .partial_cmp(&a.uptime_ratio)
@@ -114,7 +167,7 @@ async fn fleet(
         }),
         other => {
             return Err(PageError::bad_request(format!(
-                "sort {other:?} is not hostname, status, last_seen, cpus, memory or uptime"
+                "sort {other:?} is not hostname, status, last_seen, cpus, memory, gpus or uptime"
             )));
         }
     }
@@ -131,11 +184,16 @@ async fn fleet(
     let heading = |key: &str, name: &str| {
         html! { th { a href=(query.link(&status, key, 1)) { (name) } } }
     };
+    let title = if signed.principal.role == Role::Admin {
+        "Fleet"
+    } else {
+        "My hosts"
+    };
     Ok(page(
-        "Fleet",
+        title,
         &signed,
         html! {
-            h1 { "Fleet" }
+            h1 { (title) }
             p.summary {
                 span { strong { (connected) } " connected" }
                 @for s in [AgentStatus::Online, AgentStatus::Unreachable, AgentStatus::Revoked, AgentStatus::Enrolled] {
@@ -154,14 +212,29 @@ async fn fleet(
                         option value=(s) selected[status == s] { (s) }
                     }
                 }
+                label for="gpu" { "GPU" }
+                select #gpu name="gpu" {
+                    option value="" selected[gpu.is_none()] { "any" }
+                    option value="yes" selected[gpu == Some(true)] { "with GPUs" }
+                    option value="no" selected[gpu == Some(false)] { "without" }
+                }
+                label for="compat" { "Compatibility" }
+                select #compat name="compat" {
+                    option value="" selected[compat.is_empty()] { "any" }
+                    @for c in ["fully", "highly", "somewhat", "incompatible", "none"] {
+                        option value=(c) selected[compat == c] { (c) }
+                    }
+                }
                 input type="hidden" name="sort" value=(sort);
                 button type="submit" { "Filter" }
             }
             table #agents {
                 thead { tr {
                     (heading("hostname", "Host")) (heading("status", "Status"))
-                    (heading("cpus", "CPUs")) (heading("memory", "Memory")) th { "OS" } th { "Zone" }
+                    (heading("cpus", "CPUs")) (heading("memory", "Memory")) (heading("gpus", "GPUs"))
+                    th { "OS" } th { "Zone" }
                     (heading("uptime", "Uptime")) (heading("last_seen", "Last seen")) th { "Driver" }
+                    th { "Compatibility" }
                 } }
                 tbody {
                     @for a in rows {
@@ -170,11 +243,13 @@ async fn fleet(
                             td { span class={ "status " (status_text(a)) } { (status_text(a)) } }
                             td.num { (a.cpus.map_or("-".into(), |c| c.to_string())) }
                             td.num { (a.memory_bytes.map_or("-".into(), bytes)) }
+                            td { (gpus_text(a)) }
                             td { (a.os.as_deref().unwrap_or("-")) }
                             td { (a.labels.get("zone").map_or("-", String::as_str)) }
                             td.num { (a.uptime_ratio.map_or("-".into(), |r| format!("{:.1}%", r * 100.0))) }
                             td { (a.last_seen_ms.map_or("never".into(), |t| ago(t, now))) }
                             td { (a.isolation.as_ref().map_or("-", |i| i.driver.as_str())) }
+                            td { span class={ "compat " (compat_text(a)) } { (compat_text(a)) } }
                         }
                     }
                 }
@@ -215,7 +290,7 @@ async fn agent(
         html! {
             h1 { (a.hostname) " " span class={ "status " (a.status.as_str()) } { (a.status.as_str()) } }
             p.actions {
-                @if a.status != AgentStatus::Revoked {
+                @if a.status != AgentStatus::Revoked && signed.principal.role == Role::Admin {
                     (action(&signed, &format!("/console/agents/{}/validation", a.id), "Order a quick validation", false))
                     " "
                     a.button.danger href={ "/console/agents/" (a.id) "/revoke" } { "Revoke…" }
@@ -227,6 +302,8 @@ async fn agent(
                 dt { "Version" } dd { (a.agent_version) }
                 dt { "CPUs / memory" } dd { (a.cpus.map_or("-".into(), |c| c.to_string())) " / " (a.memory_bytes.map_or("-".into(), bytes)) }
                 dt { "OS" } dd { (a.os.as_deref().unwrap_or("-")) }
+                dt { "GPUs" } dd { (gpus_text(a)) }
+                dt { "Compatibility" } dd { (compat_text(a)) }
                 dt { "Labels" } dd { (labels(&a.labels)) }
                 dt { "Enrolled" } dd { (time(a.enrolled_at_ms)) }
                 dt { "Last seen" } dd { (a.last_seen_ms.map_or("never".into(), |t| format!("{} ({})", time(t), ago(t, now)))) }

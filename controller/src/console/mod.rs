@@ -502,7 +502,7 @@ async fn home(signed: Signed) -> Redirect {
     match signed.principal.role {
         Role::Admin => Redirect::to("/console/fleet"),
         Role::Client => Redirect::to("/console/instances"),
-        Role::Provider => Redirect::to("/console/statements"),
+        Role::Provider => Redirect::to("/console/fleet"),
         Role::PoolOwner => Redirect::to("/console/balances"),
     }
 }

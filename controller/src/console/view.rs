@@ -31,6 +31,7 @@ pub fn page(title: &str, signed: &Signed, body: Markup) -> Markup {
             ("/console/api", "API"),
         ],
         Role::Provider => &[
+            ("/console/fleet", "Hosts"),
             ("/console/statements", "Statement"),
             ("/console/balances", "Balance"),
             ("/console/api", "API"),

@@ -2,6 +2,7 @@
 
 use surplus_api::agents::*;
 use surplus_protocol::clock::UnixMillis;
+use surplus_protocol::control::CompatLevel;
 
 use super::*;
 use crate::registry::measured_uptime;
@@ -25,18 +26,29 @@ pub(super) fn routes() -> Vec<Route> {
     ]
 }
 
-#[utoipa::path(get, path = "/v1/agents", tag = "agents", responses((status = 200, description = "Every agent (admin)", body = Vec<AgentView>)))]
+/// The agents the caller may see: every one for an admin, a provider's own hosts
+/// (those whose `provider` label names its account).
+#[utoipa::path(get, path = "/v1/agents", tag = "agents", responses((status = 200, description = "Every agent (admins), or the provider's own hosts", body = Vec<AgentView>)))]
 pub(crate) async fn list_agents(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
 ) -> ApiResult<Vec<AgentView>> {
-    caller.require(Role::Admin)?;
+    caller.require(Role::Provider)?;
     let now = ctl.app.clock.now_ms();
     let agents = ctl.app.store.agent_list().await?;
     Ok(Json(
         agents
             .iter()
-            .map(|(a, brief)| agent_view_with(a, brief, ctl.app.link.is_connected(a.id), now))
+            .filter(|l| billing::is_host_owner(&caller, &l.agent))
+            .map(|l| {
+                agent_view_with(
+                    &l.agent,
+                    &l.inventory,
+                    l.compat,
+                    ctl.app.link.is_connected(l.agent.id),
+                    now,
+                )
+            })
             .collect(),
     ))
 }
@@ -47,14 +59,16 @@ pub(crate) async fn show_agent(
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<AgentDetail> {
-    caller.require(Role::Admin)?;
     let agent = load_agent(&ctl, &id).await?;
+    billing::require_host_owner(&caller, &agent)?;
     let id = agent.id;
     let sessions = ctl.app.store.sessions(id, 20).await?;
     let history = ctl.app.store.inventory_history(id, 50).await?;
+    let compat = compat_level(&ctl, id).await?;
     Ok(Json(AgentDetail {
         agent: agent_view(
             &agent,
+            compat,
             ctl.app.link.is_connected(id),
             ctl.app.clock.now_ms(),
         ),
@@ -76,9 +90,9 @@ async fn inventory_history(
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Vec<crate::store::InventoryChange>> {
-    caller.require(Role::Admin)?;
-    let id = load_agent(&ctl, &id).await?.id;
-    Ok(Json(ctl.app.store.inventory_history(id, 1000).await?))
+    let agent = load_agent(&ctl, &id).await?;
+    billing::require_host_owner(&caller, &agent)?;
+    Ok(Json(ctl.app.store.inventory_history(agent.id, 1000).await?))
 }
 
 #[utoipa::path(post, path = "/v1/agents/{id}/revoke", tag = "agents", params(("id" = Uuid, Path, description = "The agent")), responses((status = 200, description = "The agent, revoked", body = AgentView)))]
@@ -96,7 +110,21 @@ pub(crate) async fn revoke_agent(
         .agent(id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("agent {id} not found")))?;
-    Ok(Json(agent_view(&agent, false, ctl.app.clock.now_ms())))
+    let compat = compat_level(&ctl, id).await?;
+    Ok(Json(agent_view(
+        &agent,
+        compat,
+        false,
+        ctl.app.clock.now_ms(),
+    )))
+}
+
+/// The level of the agent's last compatibility-kit report.
+async fn compat_level(
+    ctl: &Controller,
+    id: Uuid,
+) -> Result<Option<surplus_protocol::control::CompatLevel>, ApiError> {
+    Ok(ctl.app.store.compat_report(id).await?.map(|(r, _)| r.level))
 }
 
 #[utoipa::path(post, path = "/v1/agents/{id}/ping", tag = "agents", params(("id" = Uuid, Path, description = "The agent")), responses((status = 200, description = "The round trip", body = PingView)))]
@@ -193,10 +221,16 @@ async fn create_api_token(
 }
 
 /// The view of a stored agent at `now_ms`.
-pub fn agent_view(a: &AgentRecord, connected: bool, now_ms: UnixMillis) -> AgentView {
+pub fn agent_view(
+    a: &AgentRecord,
+    compat: Option<CompatLevel>,
+    connected: bool,
+    now_ms: UnixMillis,
+) -> AgentView {
     agent_view_with(
         a,
         &InventoryBrief::of(a.inventory.as_ref()),
+        compat,
         connected,
         now_ms,
     )
@@ -206,6 +240,7 @@ pub fn agent_view(a: &AgentRecord, connected: bool, now_ms: UnixMillis) -> Agent
 pub fn agent_view_with(
     a: &AgentRecord,
     inventory: &InventoryBrief,
+    compat: Option<CompatLevel>,
     connected: bool,
     now_ms: UnixMillis,
 ) -> AgentView {
@@ -233,6 +268,9 @@ pub fn agent_view_with(
         cpus: inventory.cpus,
         memory_bytes: inventory.memory_bytes,
         os: inventory.os.clone(),
+        gpus: inventory.gpus,
+        gpu: inventory.gpu.clone(),
+        compat_level: compat,
         isolation: a.isolation.clone(),
     }
 }

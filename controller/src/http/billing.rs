@@ -61,14 +61,24 @@ fn ms_param(q: &BTreeMap<String, String>, key: &str, default: i64) -> Result<i64
 
 /// Admins, and the provider whose host it is.
 pub(super) fn require_host_owner(caller: &Caller, agent: &AgentRecord) -> Result<(), ApiError> {
-    match caller.0.role {
-        Role::Admin => Ok(()),
-        Role::Provider if crate::billing::provider_of(&agent.labels) == caller.0.account => Ok(()),
-        _ => Err(ApiError::new(
+    if is_host_owner(caller, agent) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden",
             format!("agent {} is not a host of this account", agent.id),
-        )),
+        ))
+    }
+}
+
+/// May the caller see this host's own business: an admin, or the provider its
+/// `provider` label names.
+pub(super) fn is_host_owner(caller: &Caller, agent: &AgentRecord) -> bool {
+    match caller.0.role {
+        Role::Admin => true,
+        Role::Provider => crate::billing::provider_of(&agent.labels) == caller.0.account,
+        _ => false,
     }
 }
 

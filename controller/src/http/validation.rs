@@ -70,8 +70,9 @@ pub(crate) async fn agent_validations(
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<RunHistory> {
-    caller.require(Role::Admin)?;
-    let id = load_agent(&ctl, &id).await?.id;
+    let agent = load_agent(&ctl, &id).await?;
+    billing::require_host_owner(&caller, &agent)?;
+    let id = agent.id;
     let runs: Vec<RunView> = ctl
         .app
         .store
@@ -96,8 +97,11 @@ pub(crate) async fn show_validation(
     caller: Caller,
     Path(run): Path<String>,
 ) -> ApiResult<RunView> {
-    caller.require(Role::Admin)?;
     let run = load_run(&ctl, &run).await?;
+    if caller.0.role != Role::Admin {
+        let agent = load_agent(&ctl, &run.agent_id.to_string()).await?;
+        billing::require_host_owner(&caller, &agent)?;
+    }
     Ok(Json(run_view(&ctl, run)))
 }
 

@@ -170,6 +170,22 @@ pub struct InventoryBrief {
     pub memory_bytes: Option<u64>,
     /// Operating system name and version.
     pub os: Option<String>,
+    /// GPUs (0 for a host without any; `None` before the first inventory).
+    pub gpus: Option<u64>,
+    /// The first GPU's model, else its vendor, else its PCI ids.
+    pub gpu: Option<String>,
+}
+
+/// An agent as a listing shows it: the stored record without its inventory, the
+/// inventory's facts, and the compatibility level its driver last reported.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListedAgent {
+    /// The agent (`inventory` left out).
+    pub agent: AgentRecord,
+    /// Its inventory's facts.
+    pub inventory: InventoryBrief,
+    /// The level of its last compatibility-kit report.
+    pub compat: Option<surplus_protocol::control::CompatLevel>,
 }
 
 impl InventoryBrief {
@@ -179,11 +195,36 @@ impl InventoryBrief {
             return Self::default();
         };
         let text = |p: &str| i.pointer(p).and_then(|v| v.as_str());
+        let gpus = i.pointer("/gpus").and_then(|v| v.as_array());
         Self {
             cpus: i.pointer("/cpu/logical_cpus").and_then(|v| v.as_u64()),
             memory_bytes: i.pointer("/memory/total_bytes").and_then(|v| v.as_u64()),
             os: Self::os_text(text("/os/name"), text("/os/version")),
+            gpus: Some(gpus.map_or(0, |g| g.len() as u64)),
+            gpu: Self::gpu_text(
+                text("/gpus/0/model"),
+                text("/gpus/0/vendor"),
+                text("/gpus/0/vendor_id"),
+                text("/gpus/0/device_id"),
+            ),
         }
+    }
+
+    /// `NVIDIA A100-SXM4-80GB`, else `NVIDIA`, else `0x10de:0x20b2`: what names a GPU
+    /// best.
+    pub fn gpu_text(
+        model: Option<&str>,
+        vendor: Option<&str>,
+        vendor_id: Option<&str>,
+        device_id: Option<&str>,
+    ) -> Option<String> {
+        fn known(s: Option<&str>) -> Option<&str> {
+            s.map(str::trim).filter(|s| !s.is_empty())
+        }
+        known(model)
+            .or(known(vendor))
+            .map(str::to_owned)
+            .or_else(|| Some(format!("{}:{}", known(vendor_id)?, known(device_id)?)))
     }
 
     /// `Debian GNU/Linux 12`: the name and version, when there is a name.
@@ -495,7 +536,7 @@ pub trait RegistryStore: Send + Sync + std::fmt::Debug + 'static {
     /// All agents without their inventories (`inventory` is `None`), each with the few
     /// facts a listing shows, oldest enrollment first: what a fleet of thousands can
     /// be listed from without reading and parsing every inventory.
-    async fn agent_list(&self) -> Result<Vec<(AgentRecord, InventoryBrief)>, StoreError>;
+    async fn agent_list(&self) -> Result<Vec<ListedAgent>, StoreError>;
 
     /// Revokes an agent; `Ok(false)` when it already was. Unknown id: `NotFound`.
     async fn revoke_agent(&self, id: Uuid, now_ms: UnixMillis) -> Result<bool, StoreError>;

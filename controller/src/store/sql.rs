@@ -69,7 +69,10 @@ pub(super) const AGENT_LIST: &str = "SELECT id, hostname, labels, status, cert_s
      cert_not_after_ms, agent_version, enrolled_at_ms, first_seen_ms, last_seen_ms, \
      online_since_ms, online_total_ms, revoked_at_ms, CAST(NULL AS TEXT) AS inventory, \
      inventory_digest, inventory_updated_ms, isolation, inventory_cpus, \
-     inventory_memory_bytes, inventory_os FROM agents ORDER BY enrolled_at_ms, id";
+     inventory_memory_bytes, inventory_os, inventory_gpus, inventory_gpu, \
+     compat_reports.level AS compat_level \
+     FROM agents LEFT JOIN compat_reports ON compat_reports.agent_id = agents.id \
+     ORDER BY enrolled_at_ms, id";
 
 pub(super) const INSTANCE_BY_TOKEN: &str =
     "SELECT * FROM instances WHERE owner_role = $1 AND account = $2 AND client_token = $3";
@@ -137,16 +140,26 @@ macro_rules! sql_stores {
             })
         }
 
-        fn brief_agent_from_row(row: &$row) -> Result<(AgentRecord, InventoryBrief), StoreError> {
+        fn listed_agent_from_row(row: &$row) -> Result<ListedAgent, StoreError> {
             let count = |v: Option<i64>| v.and_then(|n| u64::try_from(n).ok());
-            Ok((
-                agent_from_row(row)?,
-                InventoryBrief {
+            let compat = row
+                .try_get::<Option<String>, _>("compat_level")?
+                .map(|level| {
+                    serde_json::from_value(serde_json::Value::String(level))
+                        .map_err(|e| StoreError::Corrupt(format!("compat level: {e}")))
+                })
+                .transpose()?;
+            Ok(ListedAgent {
+                agent: agent_from_row(row)?,
+                inventory: InventoryBrief {
                     cpus: count(row.try_get("inventory_cpus")?),
                     memory_bytes: count(row.try_get("inventory_memory_bytes")?),
                     os: row.try_get("inventory_os")?,
+                    gpus: count(row.try_get("inventory_gpus")?),
+                    gpu: row.try_get("inventory_gpu")?,
                 },
-            ))
+                compat,
+            })
         }
 
         fn session_from_row(row: &$row) -> Result<SessionRecord, StoreError> {
@@ -466,12 +479,12 @@ macro_rules! sql_stores {
                     .collect()
             }
 
-            async fn agent_list(&self) -> Result<Vec<(AgentRecord, InventoryBrief)>, StoreError> {
+            async fn agent_list(&self) -> Result<Vec<ListedAgent>, StoreError> {
                 sqlx::query(AGENT_LIST)
                     .fetch_all(self.reader())
                     .await?
                     .iter()
-                    .map(brief_agent_from_row)
+                    .map(listed_agent_from_row)
                     .collect()
             }
 
@@ -644,7 +657,8 @@ macro_rules! sql_stores {
                 let brief = InventoryBrief::of(Some(inventory));
                 let count = |v: Option<u64>| v.and_then(|n| i64::try_from(n).ok());
                 sqlx::query("UPDATE agents SET inventory = $1, inventory_digest = $2, inventory_updated_ms = $3, \
-                     inventory_cpus = $5, inventory_memory_bytes = $6, inventory_os = $7 WHERE id = $4")
+                     inventory_cpus = $5, inventory_memory_bytes = $6, inventory_os = $7, \
+                     inventory_gpus = $8, inventory_gpu = $9 WHERE id = $4")
                     .bind(&text)
                     .bind(digest)
                     .bind(now_ms)
@@ -652,6 +666,8 @@ macro_rules! sql_stores {
                     .bind(count(brief.cpus))
                     .bind(count(brief.memory_bytes))
                     .bind(&brief.os)
+                    .bind(count(brief.gpus))
+                    .bind(&brief.gpu)
                     .execute(&mut *tx)
                     .await?;
                 if changed {
