@@ -434,6 +434,22 @@ async fn every_route_answers_every_caller_as_its_principal_allows() {
         .map(|h| h["id"].as_str().unwrap())
         .collect();
     assert_eq!(hosts, [host_a.to_string()], "provider alice's hosts");
+    // A page of the list, and how many there are in all.
+    let r = api
+        .http
+        .get(format!(
+            "{}/v1/agents?sort=hostname&limit=1&offset=1",
+            api.url
+        ))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-total-count"], "2");
+    assert_eq!(
+        r.json::<Value>().await.unwrap().as_array().unwrap().len(),
+        1
+    );
     let statement = api.ok(provider, "GET", "/v1/statements", Value::Null).await;
     assert_eq!(statement["provider"], "alice");
     assert!(
@@ -519,6 +535,8 @@ fn matrix(r: &Resources) -> Vec<Case> {
         // The registry: admins see every agent, a provider its own hosts (the list
         // is filtered; checked below); pings and revocations are the admins'.
         case("GET", "/v1/agents", "/v1/agents", [200, 403, 200, 403, 401]),
+        case("GET", "/v1/agents", "/v1/agents?status=online&sort=hostname&limit=1", [200, 403, 200, 403, 401]),
+        case("GET", "/v1/agents", "/v1/agents?sort=price", [400, 403, 400, 403, 401]),
         case("GET", "/v1/agents/{id}", format!("/v1/agents/{a}"), [200, 403, 200, 403, 401]),
         case("GET", "/v1/agents/{id}", format!("/v1/agents/{b}"), [200, 403, 403, 403, 401]),
         case("GET", "/v1/agents/{id}/inventory/history", format!("/v1/agents/{a}/inventory/history"), [200, 403, 200, 403, 401]),

@@ -154,7 +154,7 @@ async fn sessions_hold(tc: TestController) {
     for (query, why) in [
         ("gpu=maybe", "gpu \"maybe\" is not yes or no"),
         ("compat=great", "compat \"great\" is not fully"),
-        ("sort=price", "sort \"price\" is not hostname"),
+        ("sort=price", "sort \"price\" is not enrolled, hostname"),
     ] {
         let (status, body) = page(&cookie, &format!("{base}/console/fleet?{query}")).await;
         assert_eq!(status, 400, "{query}");

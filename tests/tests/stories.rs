@@ -134,9 +134,271 @@ story!(billing_runs_repeat_their_own_period_and_refuse_an_overlap);
 story!(invoice_lines_sum_per_meter_and_filter_by_party);
 story!(metering_settings_and_compatibility_reports_are_kept_per_agent);
 story!(a_change_set_applies_whole_or_not_at_all);
+story!(an_agent_page_is_filtered_sorted_and_counted_by_the_database);
 
 mod stories {
     use super::*;
+
+    pub async fn an_agent_page_is_filtered_sorted_and_counted_by_the_database(
+        _f: &Fixture,
+        s: Arc<dyn Store>,
+    ) {
+        use surplus_protocol::control::{CompatLevel, CompatReport};
+        // (hostname, labels, CPUs and GPUs (no inventory: None), status, compat level)
+        type Host = (
+            &'static str,
+            &'static [(&'static str, &'static str)],
+            Option<(u64, usize)>,
+            AgentStatus,
+            Option<CompatLevel>,
+        );
+        let hosts: [Host; 5] = [
+            (
+                "alpha-1",
+                &[("zone", "eu"), ("provider", "alice")],
+                Some((8, 0)),
+                AgentStatus::Online,
+                Some(CompatLevel::Fully),
+            ),
+            (
+                "Beta_2",
+                &[("zone", "us"), ("provider", "alice")],
+                Some((32, 2)),
+                AgentStatus::Enrolled,
+                None,
+            ),
+            (
+                "gamma%3",
+                &[("zone", "eu")],
+                Some((16, 1)),
+                AgentStatus::Unreachable,
+                Some(CompatLevel::Somewhat),
+            ),
+            (
+                "delta-4",
+                &[("provider", "bob"), ("zone", "eu west")],
+                None,
+                AgentStatus::Revoked,
+                None,
+            ),
+            (
+                "beta-5",
+                &[("provider", "alice")],
+                Some((32, 0)),
+                AgentStatus::Online,
+                Some(CompatLevel::Fully),
+            ),
+        ];
+        let mut ids = Vec::new();
+        for (n, (hostname, labels, facts, status, level)) in hosts.iter().enumerate() {
+            let secret = format!("page{n}");
+            s.create_join_token(&NewJoinToken {
+                id: Uuid::now_v7(),
+                secret_hash: secret.clone(),
+                labels: labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                created_at_ms: 0,
+                expires_at_ms: i64::MAX,
+                created_by: "test".into(),
+            })
+            .await
+            .unwrap();
+            let a = NewAgent {
+                hostname: hostname.to_string(),
+                ..new_agent(&format!("p{n}"))
+            };
+            s.enroll_agent(&secret, n as i64, &a).await.unwrap();
+            if let Some((cpus, gpus)) = facts {
+                let gpu = serde_json::json!({"pci_address": "x", "vendor_id": "0x10de", "device_id": "0x1", "model": "L4"});
+                let inventory =
+                    serde_json::json!({"cpu": {"logical_cpus": cpus}, "gpus": vec![gpu; *gpus]});
+                s.save_inventory(a.id, &inventory, "d", 1).await.unwrap();
+            }
+            match status {
+                AgentStatus::Enrolled => {}
+                AgentStatus::Revoked => {
+                    s.revoke_agent(a.id, 10).await.unwrap();
+                }
+                other => {
+                    // Online since 100 for the first and longer for later ones, so that
+                    // uptime orders them.
+                    s.set_status(a.id, AgentStatus::Online, 100 - n as i64 * 10)
+                        .await
+                        .unwrap();
+                    if *other == AgentStatus::Unreachable {
+                        s.set_status(a.id, AgentStatus::Unreachable, 150)
+                            .await
+                            .unwrap();
+                    }
+                }
+            }
+            if let Some(level) = level {
+                let report = CompatReport {
+                    driver: "process".into(),
+                    level: *level,
+                    checks: Vec::new(),
+                    isolation: Default::default(),
+                    ran_at_ms: 1,
+                };
+                s.save_compat_report(a.id, &report, 1).await.unwrap();
+            }
+            ids.push(a.id);
+        }
+        let page = |filter: AgentFilter| {
+            let s = s.clone();
+            async move { s.agent_page(&filter, 200).await.unwrap() }
+        };
+        let names = |p: &AgentPage| -> Vec<String> {
+            p.agents.iter().map(|l| l.agent.hostname.clone()).collect()
+        };
+
+        // No filter: everyone, oldest enrollment first, and the counts by status.
+        let all = page(AgentFilter::default()).await;
+        assert_eq!(
+            names(&all),
+            ["alpha-1", "Beta_2", "gamma%3", "delta-4", "beta-5"]
+        );
+        assert_eq!(all.total, 5);
+        assert_eq!(
+            all.by_status,
+            [
+                (AgentStatus::Enrolled, 1),
+                (AgentStatus::Online, 2),
+                (AgentStatus::Revoked, 1),
+                (AgentStatus::Unreachable, 1)
+            ]
+        );
+        assert_eq!(all.agents[0].compat, Some(CompatLevel::Fully));
+        assert_eq!(all.agents[1].inventory.gpus, Some(2));
+        // The same rows as the whole listing.
+        assert_eq!(all.agents, s.agent_list().await.unwrap());
+
+        let with = |f: fn(&mut AgentFilter)| {
+            let mut filter = AgentFilter::default();
+            f(&mut filter);
+            filter
+        };
+        // A provider's hosts, its label or the house's; counts are the provider's.
+        let alice = page(with(|f| f.provider = Some("alice".into()))).await;
+        assert_eq!(names(&alice), ["alpha-1", "Beta_2", "beta-5"]);
+        assert_eq!(
+            alice.by_status,
+            [(AgentStatus::Enrolled, 1), (AgentStatus::Online, 2)]
+        );
+        let house = page(with(|f| f.provider = Some("house".into()))).await;
+        assert_eq!(names(&house), ["gamma%3"]);
+        // Text: part of a hostname, ASCII case ignored, `%` and `_` literal; or the
+        // start of an id.
+        assert_eq!(
+            names(&page(with(|f| f.text = Some("BETA".into()))).await),
+            ["Beta_2", "beta-5"]
+        );
+        assert_eq!(
+            names(&page(with(|f| f.text = Some("a_".into()))).await),
+            ["Beta_2"]
+        );
+        assert_eq!(
+            names(&page(with(|f| f.text = Some("%".into()))).await),
+            ["gamma%3"]
+        );
+        let id_start = ids[3].to_string()[..18].to_owned();
+        let by_id = s
+            .agent_page(
+                &AgentFilter {
+                    text: Some(id_start),
+                    ..AgentFilter::default()
+                },
+                200,
+            )
+            .await
+            .unwrap();
+        assert_eq!(names(&by_id), ["delta-4"]);
+        // A label, with any key and value.
+        assert_eq!(
+            names(&page(with(|f| f.label = Some(("zone".into(), "eu".into())))).await),
+            ["alpha-1", "gamma%3"]
+        );
+        assert_eq!(
+            names(&page(with(|f| f.label = Some(("zone".into(), "eu west".into())))).await),
+            ["delta-4"]
+        );
+        assert!(
+            page(with(|f| f.label = Some(("zone'".into(), "eu".into()))))
+                .await
+                .agents
+                .is_empty()
+        );
+        // Status, GPUs, compatibility (or none reported).
+        assert_eq!(
+            names(&page(with(|f| f.status = Some(AgentStatus::Online))).await),
+            ["alpha-1", "beta-5"]
+        );
+        assert_eq!(
+            names(&page(with(|f| f.gpu = Some(true))).await),
+            ["Beta_2", "gamma%3"]
+        );
+        assert_eq!(
+            names(&page(with(|f| f.gpu = Some(false))).await),
+            ["alpha-1", "delta-4", "beta-5"]
+        );
+        assert_eq!(
+            names(&page(with(|f| f.compat = Some(Some(CompatLevel::Fully)))).await),
+            ["alpha-1", "beta-5"]
+        );
+        assert_eq!(
+            names(&page(with(|f| f.compat = Some(None))).await),
+            ["Beta_2", "delta-4"]
+        );
+        // Orders, each ending with the id.
+        let sorted = |sort| {
+            page(AgentFilter {
+                sort,
+                ..AgentFilter::default()
+            })
+        };
+        assert_eq!(
+            names(&sorted(AgentSort::Hostname).await),
+            ["Beta_2", "alpha-1", "beta-5", "delta-4", "gamma%3"]
+        );
+        assert_eq!(
+            names(&sorted(AgentSort::Cpus).await),
+            ["Beta_2", "beta-5", "gamma%3", "alpha-1", "delta-4"]
+        );
+        assert_eq!(
+            names(&sorted(AgentSort::Gpus).await),
+            ["Beta_2", "gamma%3", "alpha-1", "beta-5", "delta-4"]
+        );
+        assert_eq!(
+            names(&sorted(AgentSort::Status).await),
+            ["Beta_2", "alpha-1", "beta-5", "delta-4", "gamma%3"]
+        );
+        // Uptime at 200: alpha-1 online since 100 (100 of 100 ms), beta-5 since 60
+        // (140 of 140), gamma%3 online from 80 to 150 (70 of 120); never seen last.
+        let uptime = names(&sorted(AgentSort::Uptime).await);
+        assert_eq!(&uptime[2..], ["gamma%3", "Beta_2", "delta-4"], "{uptime:?}");
+        // A page: the rest of the order, and the total of all pages.
+        let second = page(AgentFilter {
+            sort: AgentSort::Hostname,
+            limit: Some(2),
+            offset: 2,
+            ..AgentFilter::default()
+        })
+        .await;
+        assert_eq!(
+            (names(&second), second.total),
+            (vec!["beta-5".to_owned(), "delta-4".into()], 5)
+        );
+        let beyond = page(AgentFilter {
+            limit: Some(2),
+            offset: 9,
+            ..AgentFilter::default()
+        })
+        .await;
+        assert!(beyond.agents.is_empty());
+        assert_eq!(beyond.total, 5);
+    }
 
     pub async fn the_agent_list_reads_the_same_facts_as_the_whole_inventory(
         f: &Fixture,

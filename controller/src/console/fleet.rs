@@ -103,83 +103,69 @@ fn gpus_text(a: &AgentView) -> String {
     }
 }
 
-fn matches(a: &AgentView, q: &str) -> bool {
-    if q.is_empty() {
-        return true;
-    }
-    if let Some((k, v)) = q.split_once('=') {
-        return a.labels.get(k.trim()).is_some_and(|l| l == v.trim());
-    }
-    let q = q.to_lowercase();
-    a.hostname.to_lowercase().contains(&q) || a.id.to_string().starts_with(&q)
-}
-
 async fn fleet(
     State(ctl): State<Arc<Controller>>,
     signed: Signed,
     caller: Caller,
     Query(query): Query<FleetQuery>,
 ) -> Page {
-    let axum::Json(all) = agents::list_agents(State(ctl.clone()), caller).await?;
-    let now = ctl.app.clock.now_ms();
-    let count = |s: AgentStatus| all.iter().filter(|a| a.status == s).count();
-    let connected = all.iter().filter(|a| a.connected).count();
-    let status = query.status.trim().to_owned();
-    if !status.is_empty() && AgentStatus::parse(&status).is_err() {
-        return Err(PageError::bad_request(format!(
-            "status {status:?} is not online, unreachable, revoked or enrolled"
-        )));
+    let asked: usize =
+        match query.page.trim() {
+            "" => 1,
+            p => p.parse().ok().filter(|p| *p >= 1).ok_or_else(|| {
+                PageError::bad_request(format!("page {p:?} is not a page number"))
+            })?,
+        };
+    // The API's own listing does the filtering, sorting and paging (in the database).
+    let api_query = |page_no: usize| {
+        let mut s = form_urlencoded::Serializer::new(String::new());
+        for (k, v) in [
+            ("status", query.status.trim()),
+            ("q", query.q.trim()),
+            ("gpu", query.gpu.trim()),
+            ("compat", query.compat.trim()),
+            (
+                "sort",
+                if query.sort.is_empty() {
+                    "hostname"
+                } else {
+                    query.sort.as_str()
+                },
+            ),
+        ] {
+            if !v.is_empty() {
+                s.append_pair(k, v);
+            }
+        }
+        s.append_pair("limit", &PAGE_ROWS.to_string());
+        s.append_pair("offset", &((page_no - 1) * PAGE_ROWS).to_string());
+        s.finish()
+    };
+    let mut listed = agents::agents_page(&ctl, &caller, Some(&api_query(asked))).await?;
+    let pages = (listed.total as usize).div_ceil(PAGE_ROWS).max(1);
+    let page_no = asked.min(pages);
+    if page_no != asked {
+        listed = agents::agents_page(&ctl, &caller, Some(&api_query(page_no))).await?;
     }
+    let now = ctl.app.clock.now_ms();
+    let count = |s: AgentStatus| {
+        listed
+            .by_status
+            .iter()
+            .find(|(status, _)| *status == s)
+            .map_or(0, |(_, n)| *n)
+    };
+    let all: u64 = listed.by_status.iter().map(|(_, n)| n).sum();
+    let admin = signed.principal.role == Role::Admin;
+    let status = query.status.trim().to_owned();
     let gpu = match query.gpu.as_str() {
-        "" => None,
         "yes" => Some(true),
         "no" => Some(false),
-        other => {
-            return Err(PageError::bad_request(format!(
-                "gpu {other:?} is not yes or no"
-            )));
-        }
+        _ => None,
     };
     let compat = query.compat.as_str();
-    if !["", "none", "fully", "highly", "somewhat", "incompatible"].contains(&compat) {
-        return Err(PageError::bad_request(format!(
-            "compat {compat:?} is not fully, highly, somewhat, incompatible or none"
-        )));
-    }
-    let mut shown: Vec<&AgentView> = all
-        .iter()
-        .filter(|a| status.is_empty() || status_text(a) == status)
-        .filter(|a| matches(a, query.q.trim()))
-        .filter(|a| gpu.is_none_or(|want| (a.gpus.unwrap_or(0) > 0) == want))
-        .filter(|a| compat.is_empty() || compat_text(a) == compat)
-        .collect();
-    match query.sort.as_str() {
-        "" | "hostname" => shown.sort_by(|a, b| a.hostname.cmp(&b.hostname)),
-        "status" => shown.sort_by_key(|a| (status_text(a), a.hostname.clone())),
-        "last_seen" => shown.sort_by_key(|a| std::cmp::Reverse(a.last_seen_ms)),
-        "cpus" => shown.sort_by_key(|a| std::cmp::Reverse(a.cpus)),
-        "memory" => shown.sort_by_key(|a| std::cmp::Reverse(a.memory_bytes)),
-        "gpus" => shown.sort_by_key(|a| std::cmp::Reverse(a.gpus)),
-        "uptime" => shown.sort_by(|a, b| {
-            b.uptime_ratio
-                .partial_cmp(&a.uptime_ratio)
-                .unwrap_or(std::cmp::Ordering::Equal)
-        }),
-        other => {
-            return Err(PageError::bad_request(format!(
-                "sort {other:?} is not hostname, status, last_seen, cpus, memory, gpus or uptime"
-            )));
-        }
-    }
-    let pages = shown.len().div_ceil(PAGE_ROWS).max(1);
-    let asked: usize = match query.page.trim() {
-        "" => 1,
-        p => p
-            .parse()
-            .map_err(|_| PageError::bad_request(format!("page {p:?} is not a page number")))?,
-    };
-    let page_no = asked.clamp(1, pages);
-    let rows = shown.iter().skip((page_no - 1) * PAGE_ROWS).take(PAGE_ROWS);
+    let shown = &listed.agents;
+    let rows = shown.iter();
     let sort = query.sort.as_str();
     let heading = |key: &str, name: &str| {
         html! { th { a href=(query.link(&status, key, 1)) { (name) } } }
@@ -195,12 +181,12 @@ async fn fleet(
         html! {
             h1 { (title) }
             p.summary {
-                span { strong { (connected) } " connected" }
-                @for s in [AgentStatus::Online, AgentStatus::Unreachable, AgentStatus::Revoked, AgentStatus::Enrolled] {
-                    " · "
+                @if admin { span { strong { (ctl.app.registry.connected()) } " connected · " } }
+                @for (i, s) in [AgentStatus::Online, AgentStatus::Unreachable, AgentStatus::Revoked, AgentStatus::Enrolled].into_iter().enumerate() {
+                    @if i > 0 { " · " }
                     a href=(query.link(s.as_str(), sort, 1)) { strong { (count(s)) } " " (s.as_str()) }
                 }
-                " · " a href=(query.link("", sort, 1)) { strong { (all.len()) } " in all" }
+                " · " a href=(query.link("", sort, 1)) { strong { (all) } " in all" }
             }
             form.filters method="get" action="/console/fleet" {
                 label for="q" { "Find" }
@@ -258,7 +244,7 @@ async fn fleet(
             @if pages > 1 {
                 p.pages {
                     @if page_no > 1 { a href=(query.link(&status, sort, page_no - 1)) { "← previous" } " " }
-                    "page " (page_no) " of " (pages) " (" (shown.len()) " agents)"
+                    "page " (page_no) " of " (pages) " (" (listed.total) " agents)"
                     @if page_no < pages { " " a href=(query.link(&status, sort, page_no + 1)) { "next →" } }
                 }
             }

@@ -6,7 +6,7 @@ use surplus_protocol::control::CompatLevel;
 
 use super::*;
 use crate::registry::measured_uptime;
-use crate::store::{AgentRecord, InventoryBrief};
+use crate::store::{AgentFilter, AgentRecord, AgentSort, AgentStatus, InventoryBrief};
 
 pub(super) fn routes() -> Vec<Route> {
     use Access::Token;
@@ -27,19 +27,68 @@ pub(super) fn routes() -> Vec<Route> {
 }
 
 /// The agents the caller may see: every one for an admin, a provider's own hosts
-/// (those whose `provider` label names its account).
-#[utoipa::path(get, path = "/v1/agents", tag = "agents", responses((status = 200, description = "Every agent (admins), or the provider's own hosts", body = Vec<AgentView>)))]
+/// (those whose `provider` label names its account); filtered, sorted and paged in the
+/// database. `X-Total-Count` says how many the filter selects in all.
+#[utoipa::path(
+    get,
+    path = "/v1/agents",
+    tag = "agents",
+    params(
+        ("status" = Option<String>, Query, description = "online, unreachable, revoked or enrolled"),
+        ("q" = Option<String>, Query, description = "A part of the hostname, the start of the id, or a label as key=value"),
+        ("gpu" = Option<String>, Query, description = "yes: hosts with a GPU; no: without"),
+        ("compat" = Option<String>, Query, description = "The level of the last compatibility report (fully, highly, somewhat, incompatible), or none"),
+        ("sort" = Option<String>, Query, description = "enrolled (default), hostname, status, last_seen, cpus, memory, gpus or uptime"),
+        ("limit" = Option<u64>, Query, description = "At most this many (default: all)"),
+        ("offset" = Option<u64>, Query, description = "Skipping this many"),
+    ),
+    responses((
+        status = 200,
+        description = "Every agent (admins), or the provider's own hosts",
+        body = Vec<AgentView>,
+        headers(("x-total-count" = u64, description = "How many agents the filter selects, all pages together")),
+    ))
+)]
 pub(crate) async fn list_agents(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
-) -> ApiResult<Vec<AgentView>> {
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Result<([(&'static str, String); 1], Json<Vec<AgentView>>), ApiError> {
+    let page = agents_page(&ctl, &caller, query.as_deref()).await?;
+    Ok((
+        [("x-total-count", page.total.to_string())],
+        Json(page.agents),
+    ))
+}
+
+/// A page of agents as `GET /v1/agents` answers it, with the counts by status the
+/// console's fleet page shows beside it.
+pub(crate) struct AgentsPage {
+    /// The page.
+    pub agents: Vec<AgentView>,
+    /// How many the filter selects in all.
+    pub total: u64,
+    /// How many of the caller's agents are in each status (before the filter).
+    pub by_status: Vec<(AgentStatus, u64)>,
+}
+
+/// What `GET /v1/agents` does: who may list, the query read, the page.
+pub(crate) async fn agents_page(
+    ctl: &Controller,
+    caller: &Caller,
+    query: Option<&str>,
+) -> Result<AgentsPage, ApiError> {
     caller.require(Role::Provider)?;
+    let mut filter = agent_filter(query)?;
+    if caller.0.role != Role::Admin {
+        filter.provider = Some(caller.0.account.clone());
+    }
     let now = ctl.app.clock.now_ms();
-    let agents = ctl.app.store.agent_list().await?;
-    Ok(Json(
-        agents
+    let page = ctl.app.store.agent_page(&filter, now).await?;
+    Ok(AgentsPage {
+        agents: page
+            .agents
             .iter()
-            .filter(|l| billing::is_host_owner(&caller, &l.agent))
             .map(|l| {
                 agent_view_with(
                     &l.agent,
@@ -50,7 +99,78 @@ pub(crate) async fn list_agents(
                 )
             })
             .collect(),
-    ))
+        total: page.total,
+        by_status: page.by_status,
+    })
+}
+
+/// The filter of `GET /v1/agents?status=&q=&gpu=&compat=&sort=&limit=&offset=`.
+fn agent_filter(query: Option<&str>) -> Result<AgentFilter, ApiError> {
+    let q = billing::query_map(
+        query,
+        &["status", "q", "gpu", "compat", "sort", "limit", "offset"],
+    )?;
+    let bad =
+        |field: &str, message: String| ApiError::bad_request(message).with_field(field.into());
+    let given = |k: &str| q.get(k).map(|v| v.trim()).filter(|v| !v.is_empty());
+    let number = |k: &str| -> Result<Option<u64>, ApiError> {
+        given(k)
+            .map(|v| {
+                v.parse::<u64>()
+                    .map_err(|_| bad(k, format!("{k}: {v:?} is not a whole number")))
+            })
+            .transpose()
+    };
+    let mut filter = AgentFilter {
+        limit: number("limit")?,
+        offset: number("offset")?.unwrap_or(0),
+        ..AgentFilter::default()
+    };
+    if let Some(s) = given("status") {
+        filter.status = Some(AgentStatus::parse(s).map_err(|_| {
+            bad(
+                "status",
+                format!("status {s:?} is not online, unreachable, revoked or enrolled"),
+            )
+        })?);
+    }
+    if let Some(t) = given("q") {
+        match t.split_once('=') {
+            Some((k, v)) => filter.label = Some((k.trim().to_owned(), v.trim().to_owned())),
+            None => filter.text = Some(t.to_owned()),
+        }
+    }
+    filter.gpu = match given("gpu") {
+        None => None,
+        Some("yes") => Some(true),
+        Some("no") => Some(false),
+        Some(other) => return Err(bad("gpu", format!("gpu {other:?} is not yes or no"))),
+    };
+    filter.compat = match given("compat") {
+        None => None,
+        Some("none") => Some(None),
+        Some(level) => Some(Some(
+            serde_json::from_value(serde_json::Value::String(level.to_owned())).map_err(|_| {
+                bad(
+                    "compat",
+                    format!(
+                        "compat {level:?} is not fully, highly, somewhat, incompatible or none"
+                    ),
+                )
+            })?,
+        )),
+    };
+    if let Some(s) = given("sort") {
+        filter.sort = AgentSort::ALL
+            .iter()
+            .find(|(name, _)| *name == s)
+            .map(|(_, sort)| *sort)
+            .ok_or_else(|| {
+                let names: Vec<&str> = AgentSort::ALL.iter().map(|(n, _)| *n).collect();
+                bad("sort", format!("sort {s:?} is not {}", names.join(", ")))
+            })?;
+    }
+    Ok(filter)
 }
 
 #[utoipa::path(get, path = "/v1/agents/{id}", tag = "agents", params(("id" = Uuid, Path, description = "The agent")), responses((status = 200, description = "The agent with its inventory and sessions", body = AgentDetail)))]

@@ -32,7 +32,10 @@ const HOUR_MS: i64 = 3_600_000;
 const DAY_MS: i64 = 86_400_000;
 
 /// Query parameters, each at most once, none unknown.
-fn query_map(query: Option<&str>, allowed: &[&str]) -> Result<BTreeMap<String, String>, ApiError> {
+pub(super) fn query_map(
+    query: Option<&str>,
+    allowed: &[&str],
+) -> Result<BTreeMap<String, String>, ApiError> {
     let mut out = BTreeMap::new();
     for (k, v) in form_pairs(query.unwrap_or("")) {
         if !allowed.contains(&k.as_str()) {

@@ -176,6 +176,79 @@ pub struct InventoryBrief {
     pub gpu: Option<String>,
 }
 
+/// Which agents a listing shows, in which order, and which part of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentFilter {
+    /// Only the hosts of this provider (its `provider` label, `house` without one).
+    pub provider: Option<String>,
+    /// Only agents in this status.
+    pub status: Option<AgentStatus>,
+    /// Hostnames containing this (ASCII case ignored), or ids starting with it.
+    pub text: Option<String>,
+    /// Only agents with this label (key, value).
+    pub label: Option<(String, String)>,
+    /// Only hosts with (`true`) or without (`false`) a GPU.
+    pub gpu: Option<bool>,
+    /// Only agents whose last compatibility report has this level; `Some(None)`: only
+    /// those that never reported.
+    pub compat: Option<Option<surplus_protocol::control::CompatLevel>>,
+    /// The order.
+    pub sort: AgentSort,
+    /// At most this many (all when `None`).
+    pub limit: Option<u64>,
+    /// Skipping this many.
+    pub offset: u64,
+}
+
+/// The orders of a listing of agents. Every order ends with the id, so pages do not
+/// overlap.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AgentSort {
+    /// Oldest enrollment first.
+    #[default]
+    Enrolled,
+    /// By hostname.
+    Hostname,
+    /// By status, then hostname.
+    Status,
+    /// Most recently seen first.
+    LastSeen,
+    /// Most CPUs first.
+    Cpus,
+    /// Most memory first.
+    Memory,
+    /// Most GPUs first.
+    Gpus,
+    /// Highest measured uptime first.
+    Uptime,
+}
+
+impl AgentSort {
+    /// Every order with its name in the API.
+    pub const ALL: [(&str, AgentSort); 8] = [
+        ("enrolled", AgentSort::Enrolled),
+        ("hostname", AgentSort::Hostname),
+        ("status", AgentSort::Status),
+        ("last_seen", AgentSort::LastSeen),
+        ("cpus", AgentSort::Cpus),
+        ("memory", AgentSort::Memory),
+        ("gpus", AgentSort::Gpus),
+        ("uptime", AgentSort::Uptime),
+    ];
+}
+
+/// A page of agents.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentPage {
+    /// The page.
+    pub agents: Vec<ListedAgent>,
+    /// How many agents the filter selects in all.
+    pub total: u64,
+    /// How many of the provider's agents (all agents without a provider) are in each
+    /// status; the other filters do not apply.
+    pub by_status: Vec<(AgentStatus, u64)>,
+}
+
 /// An agent as a listing shows it: the stored record without its inventory, the
 /// inventory's facts, and the compatibility level its driver last reported.
 #[derive(Debug, Clone, PartialEq)]
@@ -537,6 +610,15 @@ pub trait RegistryStore: Send + Sync + std::fmt::Debug + 'static {
     /// facts a listing shows, oldest enrollment first: what a fleet of thousands can
     /// be listed from without reading and parsing every inventory.
     async fn agent_list(&self) -> Result<Vec<ListedAgent>, StoreError>;
+    /// One page of the agents `filter` selects, in its order, with how many it selects
+    /// in all and how many of the provider's (or all) agents are in each status;
+    /// `now_ms` is the time uptime is measured at. Filtered, sorted and cut in the
+    /// database: a page of a fleet of thousands decodes only its own rows.
+    async fn agent_page(
+        &self,
+        filter: &AgentFilter,
+        now_ms: UnixMillis,
+    ) -> Result<AgentPage, StoreError>;
 
     /// Revokes an agent; `Ok(false)` when it already was. Unknown id: `NotFound`.
     async fn revoke_agent(&self, id: Uuid, now_ms: UnixMillis) -> Result<bool, StoreError>;

@@ -91,6 +91,10 @@ impl PgStore {
          UPDATE agents SET last_seen_ms = j.at FROM j, locked \
          WHERE agents.id = j.id AND agents.id = locked.id \
          AND (agents.last_seen_ms IS NULL OR agents.last_seen_ms < j.at)";
+    /// The provider of an agent's host: its `provider` label, `house` without one.
+    const AGENT_PROVIDER: &str = "COALESCE(CAST(agents.labels AS jsonb) ->> 'provider', 'house')";
+    /// The agent has label `$5` with value `$6`.
+    const AGENT_LABEL_IS: &str = "CAST(agents.labels AS jsonb) ->> $5 = $6";
     /// Read-then-write of one agent's row: held until the transaction ends.
     const AGENT_STATUS_FOR_UPDATE: &str = "SELECT status FROM agents WHERE id = $1 FOR UPDATE";
     const AGENT_DIGEST_FOR_UPDATE: &str =

@@ -64,15 +64,66 @@ pub(super) const SET_STATUS: &str = "UPDATE agents SET
   WHERE id = $3 AND status <> 'revoked'";
 
 /// The instance an owner (role, account) ran with a client token.
-/// Every agent with the inventory facts a listing shows, without the inventories.
-pub(super) const AGENT_LIST: &str = "SELECT id, hostname, labels, status, cert_serial, \
+/// Agents with the inventory facts a listing shows, without the inventories, and the
+/// level of their last compatibility report (a `FROM` for [`AGENT_LISTED_FROM`]).
+pub(super) const AGENT_LISTED: &str = "SELECT agents.id, hostname, labels, status, cert_serial, \
      cert_not_after_ms, agent_version, enrolled_at_ms, first_seen_ms, last_seen_ms, \
      online_since_ms, online_total_ms, revoked_at_ms, CAST(NULL AS TEXT) AS inventory, \
      inventory_digest, inventory_updated_ms, isolation, inventory_cpus, \
      inventory_memory_bytes, inventory_os, inventory_gpus, inventory_gpu, \
-     compat_reports.level AS compat_level \
-     FROM agents LEFT JOIN compat_reports ON compat_reports.agent_id = agents.id \
-     ORDER BY enrolled_at_ms, id";
+     compat_reports.level AS compat_level";
+
+/// The tables [`AGENT_LISTED`] and [`AGENT_FILTER`] read.
+pub(super) const AGENT_LISTED_FROM: &str =
+    "FROM agents LEFT JOIN compat_reports ON compat_reports.agent_id = agents.id";
+
+/// The conditions of an [`AgentFilter`](super::AgentFilter) over `agents` joined with
+/// `compat_reports`: `$1` provider, `$2` status, `$3` hostname pattern, `$4` id
+/// pattern, `$5`/`$6` label (in the backend's `AGENT_LABEL_IS`), `$7` GPU (1 with, 0
+/// without), `$8` compatibility level or `none`; a NULL parameter selects all.
+/// `{provider}` and `{label}` are the backend's expressions.
+pub(super) const AGENT_FILTER: &str = "($1 IS NULL OR {provider} = $1) \
+     AND ($2 IS NULL OR agents.status = $2) \
+     AND ($3 IS NULL OR lower(agents.hostname) LIKE $3 ESCAPE '\\' OR agents.id LIKE $4 ESCAPE '\\') \
+     AND ($5 IS NULL OR {label}) \
+     AND ($7 IS NULL OR (COALESCE(agents.inventory_gpus, 0) > 0) = ($7 = 1)) \
+     AND ($8 IS NULL OR COALESCE(compat_reports.level, 'none') = $8)";
+
+/// `text` as a `LIKE` pattern matching itself literally (with `\` as the escape).
+pub(super) fn like_literal(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '\\' | '%' | '_') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The `ORDER BY` of a sort (uptime measured at `now_ms`); each ends with the id.
+pub(super) fn agent_order(sort: super::AgentSort, now_ms: i64) -> String {
+    use super::AgentSort::*;
+    match sort {
+        Enrolled => "agents.enrolled_at_ms, agents.id".into(),
+        Hostname => "agents.hostname, agents.id".into(),
+        Status => "agents.status, agents.hostname, agents.id".into(),
+        LastSeen => "agents.last_seen_ms DESC NULLS LAST, agents.id".into(),
+        Cpus => "agents.inventory_cpus DESC NULLS LAST, agents.hostname, agents.id".into(),
+        Memory => {
+            "agents.inventory_memory_bytes DESC NULLS LAST, agents.hostname, agents.id".into()
+        }
+        Gpus => "agents.inventory_gpus DESC NULLS LAST, agents.hostname, agents.id".into(),
+        // `registry::measured_uptime` without its clamp to [0, 1], which does not
+        // change the order.
+        Uptime => format!(
+            "(agents.online_total_ms + CASE WHEN agents.online_since_ms < {now_ms} \
+             THEN {now_ms} - agents.online_since_ms ELSE 0 END) * 1.0 \
+             / (CASE WHEN agents.first_seen_ms < {now_ms} THEN {now_ms} - agents.first_seen_ms END) \
+             DESC NULLS LAST, agents.hostname, agents.id"
+        ),
+    }
+}
 
 pub(super) const INSTANCE_BY_TOKEN: &str =
     "SELECT * FROM instances WHERE owner_role = $1 AND account = $2 AND client_token = $3";
@@ -106,7 +157,7 @@ pub(super) fn usage_row_json(r: &surplus_market::usage::NewRow) -> serde_json::V
 macro_rules! sql_stores {
     ($store:ident, $db:ty, $row:ty, $conn:ty) => {
         use $crate::store::sql::{
-            AGENT_LIST, INSTANCE_BY_TOKEN, Lock, SET_STATUS, UPSERT_METERING, json_text, parse_json, parse_uuid,
+            AGENT_FILTER, AGENT_LISTED, AGENT_LISTED_FROM, INSTANCE_BY_TOKEN, agent_order, like_literal, Lock, SET_STATUS, UPSERT_METERING, json_text, parse_json, parse_uuid,
             usage_row_json,
         };
 
@@ -480,12 +531,94 @@ macro_rules! sql_stores {
             }
 
             async fn agent_list(&self) -> Result<Vec<ListedAgent>, StoreError> {
-                sqlx::query(AGENT_LIST)
+                sqlx::query(&format!("{AGENT_LISTED} {AGENT_LISTED_FROM} ORDER BY enrolled_at_ms, agents.id"))
                     .fetch_all(self.reader())
                     .await?
                     .iter()
                     .map(listed_agent_from_row)
                     .collect()
+            }
+
+            async fn agent_page(
+                &self,
+                filter: &AgentFilter,
+                now_ms: UnixMillis,
+            ) -> Result<AgentPage, StoreError> {
+                let conditions = AGENT_FILTER
+                    .replace("{provider}", $store::AGENT_PROVIDER)
+                    .replace("{label}", $store::AGENT_LABEL_IS);
+                let rows = format!(
+                    "{AGENT_LISTED} {AGENT_LISTED_FROM} WHERE {conditions} ORDER BY {} LIMIT $9 OFFSET $10",
+                    agent_order(filter.sort, now_ms),
+                );
+                let count = format!("SELECT COUNT(*) {AGENT_LISTED_FROM} WHERE {conditions}");
+                let text = filter.text.as_deref().map(str::to_lowercase);
+                let (key, value) = filter.label.clone().unzip();
+                let compat = filter.compat.map(|level| match level {
+                    None => "none".to_owned(),
+                    Some(l) => json_text(&l).trim_matches('"').to_owned(),
+                });
+                let limit = filter.limit.map_or(i64::MAX, |n| i64::try_from(n).unwrap_or(i64::MAX));
+                let offset = i64::try_from(filter.offset).unwrap_or(i64::MAX);
+                type Binds = (
+                    Option<String>,
+                    Option<&'static str>,
+                    Option<String>,
+                    Option<String>,
+                    Option<String>,
+                    Option<String>,
+                    Option<i64>,
+                    Option<String>,
+                );
+                fn bind<'q>(
+                    q: sqlx::query::Query<'q, $db, <$db as sqlx::Database>::Arguments<'q>>,
+                    b: &Binds,
+                ) -> sqlx::query::Query<'q, $db, <$db as sqlx::Database>::Arguments<'q>> {
+                    let b = b.clone();
+                    q.bind(b.0).bind(b.1).bind(b.2).bind(b.3).bind(b.4).bind(b.5).bind(b.6).bind(b.7)
+                }
+                let binds: Binds = (
+                    filter.provider.clone(),
+                    filter.status.map(|s| s.as_str()),
+                    text.as_ref().map(|t| format!("%{}%", like_literal(t))),
+                    text.as_ref().map(|t| format!("{}%", like_literal(t))),
+                    key,
+                    value,
+                    filter.gpu.map(i64::from),
+                    compat,
+                );
+                let agents = bind(sqlx::query(&rows), &binds)
+                    .bind(limit)
+                    .bind(offset)
+                    .fetch_all(self.reader())
+                    .await?
+                    .iter()
+                    .map(listed_agent_from_row)
+                    .collect::<Result<Vec<_>, _>>()?;
+                let total: i64 = bind(sqlx::query(&count), &binds)
+                    .fetch_one(self.reader())
+                    .await?
+                    .try_get(0)?;
+                let by_status: Vec<(String, i64)> = sqlx::query_as(&format!(
+                    "SELECT status, COUNT(*) FROM agents WHERE $1 IS NULL OR {} = $1 \
+                     GROUP BY status ORDER BY status",
+                    $store::AGENT_PROVIDER
+                ))
+                .bind(filter.provider.as_deref())
+                .fetch_all(self.reader())
+                .await?;
+                Ok(AgentPage {
+                    agents,
+                    total: u64::try_from(total).unwrap_or(0),
+                    by_status: by_status
+                        .into_iter()
+                        .map(|(s, n)| {
+                            let status = AgentStatus::parse(&s)
+                                .map_err(|_| StoreError::Corrupt(format!("agent status {s:?}")))?;
+                            Ok((status, u64::try_from(n).unwrap_or(0)))
+                        })
+                        .collect::<Result<_, StoreError>>()?,
+                })
             }
 
             async fn revoke_agent(&self, id: Uuid, now_ms: UnixMillis) -> Result<bool, StoreError> {

@@ -41,6 +41,11 @@ impl SqliteStore {
     const TOUCH: &str = "UPDATE agents SET last_seen_ms = j.at \
          FROM (SELECT value ->> 0 AS id, value ->> 1 AS at FROM json_each($1)) AS j \
          WHERE agents.id = j.id AND (agents.last_seen_ms IS NULL OR agents.last_seen_ms < j.at)";
+    /// The provider of an agent's host: its `provider` label, `house` without one.
+    const AGENT_PROVIDER: &str = "COALESCE(json_extract(agents.labels, '$.provider'), 'house')";
+    /// The agent has label `$5` with value `$6` (any key: no JSON path is built from it).
+    const AGENT_LABEL_IS: &str = "EXISTS (SELECT 1 FROM json_each(agents.labels) \
+         WHERE json_each.key = $5 AND json_each.value = $6)";
     /// The write transaction already excludes other writers: no row locks needed.
     const AGENT_STATUS_FOR_UPDATE: &str = "SELECT status FROM agents WHERE id = $1";
     const AGENT_DIGEST_FOR_UPDATE: &str = "SELECT inventory_digest FROM agents WHERE id = $1";
