@@ -826,6 +826,7 @@ impl Control {
                                     agent_id,
                                     account: row.account.clone(),
                                     stale: false,
+                                    snapshots: Vec::new(),
                                 });
                             }
                         }
@@ -837,6 +838,7 @@ impl Control {
                                     agent_id,
                                     account: r.account.clone(),
                                     stale: true,
+                                    snapshots: Vec::new(),
                                 }
                             }));
                         }
@@ -844,6 +846,12 @@ impl Control {
                     }
                 }
                 out.sort_by_key(|v| (v.volume.created_at_ms, v.volume.id.clone()));
+                let ids: Vec<String> = out.iter().map(|v| v.volume.id.clone()).collect();
+                for snapshot in self.app.store.snapshots(&ids).await? {
+                    if let Some(v) = out.iter_mut().find(|v| v.volume.id == snapshot.volume_id) {
+                        v.snapshots.push(snapshot);
+                    }
+                }
                 Ok(ControlResponse::Volumes(out))
             }
             ControlRequest::Logs {
@@ -881,12 +889,18 @@ impl Control {
                         row.agent_id,
                         Command::CreateSnapshot {
                             volume_id,
-                            snapshot_id,
+                            snapshot_id: snapshot_id.clone(),
                         },
                     )
                     .await?
                 {
-                    ControlReply::Snapshot(s) => Ok(ControlResponse::Snapshot(s)),
+                    // The agent speaks only for the snapshot it was asked to take.
+                    ControlReply::Snapshot(s)
+                        if s.id == snapshot_id && s.volume_id == row.record.id =>
+                    {
+                        self.app.store.put_snapshot(row.agent_id, &s).await?;
+                        Ok(ControlResponse::Snapshot(s))
+                    }
                     other => Err(unexpected(row.agent_id, &other)),
                 }
             }
@@ -947,6 +961,7 @@ impl Control {
                 agent_id,
                 account: owner.account.clone(),
                 stale: false,
+                snapshots: Vec::new(),
             });
         }
         Ok(ControlResponse::Volumes(out))

@@ -432,6 +432,24 @@ async fn a_session_in_a_real_browser() {
     let balances = b.text("#balances").await;
     assert!(balances.contains("client:bob USD 2500"), "{balances}");
 
+    // A volume's snapshot, taken from the volumes page, is listed with it.
+    let (status, created) = tc
+        .api_post(
+            "/v1/control",
+            serde_json::json!({"action": "CreateVolume", "size_bytes": 16 << 20, "agent_id": agent_id}),
+        )
+        .await;
+    assert_eq!(status, 200, "{created}");
+    let volume = created["volumes"][0]["id"].as_str().unwrap().to_owned();
+    b.visit(&format!("{base}/console/volumes"), "volumes").await;
+    let row = format!("tr[data-volume='{volume}']");
+    assert_eq!(b.text(&format!("{row} td.snapshots")).await, "-");
+    b.click(&format!("{row} button")).await;
+    assert_eq!(b.url().await, "/console/volumes");
+    b.shot("snapshot").await;
+    let snapshots = b.text(&format!("{row} td.snapshots")).await;
+    assert!(snapshots.starts_with("snap-"), "{snapshots}");
+
     // Revoking asks first, then cuts the agent off for good.
     b.visit(
         &format!("{base}/console/agents/{agent_id}/revoke"),

@@ -135,9 +135,55 @@ story!(invoice_lines_sum_per_meter_and_filter_by_party);
 story!(metering_settings_and_compatibility_reports_are_kept_per_agent);
 story!(a_change_set_applies_whole_or_not_at_all);
 story!(an_agent_page_is_filtered_sorted_and_counted_by_the_database);
+story!(snapshots_are_kept_per_volume_oldest_first);
 
 mod stories {
     use super::*;
+
+    pub async fn snapshots_are_kept_per_volume_oldest_first(_f: &Fixture, s: Arc<dyn Store>) {
+        use surplus_protocol::control::Snapshot;
+        token(&*s, "snaps", i64::MAX).await;
+        let a = new_agent("snaps");
+        s.enroll_agent("snaps", 0, &a).await.unwrap();
+        let snap = |id: &str, volume: &str, at| Snapshot {
+            id: id.into(),
+            volume_id: volume.into(),
+            size_bytes: 4096,
+            location: format!("/var/lib/surplus/snapshots/{id}"),
+            created_at_ms: at,
+        };
+        s.put_snapshot(a.id, &snap("snap-2", "vol-a", 20))
+            .await
+            .unwrap();
+        s.put_snapshot(a.id, &snap("snap-1", "vol-a", 10))
+            .await
+            .unwrap();
+        s.put_snapshot(a.id, &snap("snap-3", "vol-b", 30))
+            .await
+            .unwrap();
+        // Recorded again (a retried command): still one.
+        s.put_snapshot(a.id, &snap("snap-1", "vol-a", 10))
+            .await
+            .unwrap();
+        let ids = |list: Vec<Snapshot>| list.into_iter().map(|s| s.id).collect::<Vec<_>>();
+        assert_eq!(
+            ids(s.snapshots(&["vol-a".into()]).await.unwrap()),
+            ["snap-1", "snap-2"]
+        );
+        assert_eq!(
+            ids(s
+                .snapshots(&["vol-b".into(), "vol-a".into()])
+                .await
+                .unwrap()),
+            ["snap-1", "snap-2", "snap-3"]
+        );
+        assert!(s.snapshots(&["vol-c".into()]).await.unwrap().is_empty());
+        assert!(s.snapshots(&[]).await.unwrap().is_empty());
+        assert_eq!(
+            s.snapshots(&["vol-b".into()]).await.unwrap(),
+            [snap("snap-3", "vol-b", 30)]
+        );
+    }
 
     pub async fn an_agent_page_is_filtered_sorted_and_counted_by_the_database(
         _f: &Fixture,

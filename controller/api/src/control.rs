@@ -227,6 +227,9 @@ pub struct VolumeView {
     pub account: String,
     /// The agent could not be asked: this is its last known record.
     pub stale: bool,
+    /// Its snapshots, oldest first.
+    #[serde(default)]
+    pub snapshots: Vec<Snapshot>,
 }
 
 /// The answer of `POST /v1/control`.

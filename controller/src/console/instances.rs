@@ -28,6 +28,17 @@ pub(super) fn routes() -> Router<Arc<Controller>> {
         .route("/console/instances/{id}", get(detail))
         .route("/console/instances/{id}/{op}", post(lifecycle))
         .route("/console/volumes", get(volumes))
+        .route("/console/volumes/{id}/snapshot", post(snapshot))
+}
+
+/// Takes a snapshot of a volume, then shows the volumes with it.
+async fn snapshot(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Redirect, PageError> {
+    call(&ctl, caller, ControlCall::CreateSnapshot { volume_id: id }).await?;
+    Ok(Redirect::to("/console/volumes"))
 }
 
 /// The API's answer to a control call made for the console.
@@ -351,14 +362,24 @@ async fn volumes(State(ctl): State<Arc<Controller>>, signed: Signed, caller: Cal
         html! {
             h1 { "Volumes" }
             table #volumes {
-                thead { tr { th { "Volume" } th { "Name" } th { "Size" } th { "State" } th { "Attached to" } th { "Host" } th { "Account" } th { "Created" } } }
-                tbody { @for v in &list { tr {
+                thead { tr {
+                    th { "Volume" } th { "Name" } th { "Size" } th { "State" } th { "Attached to" } th { "Host" }
+                    th { "Account" } th { "Created" } th { "Snapshots" } th {}
+                } }
+                tbody { @for v in &list { tr data-volume=(v.volume.id) {
                     td { code { (v.volume.id) } } td { (v.volume.name.as_deref().unwrap_or("")) }
                     td.num { (bytes(v.volume.size_bytes)) }
                     td { (format!("{:?}", v.volume.state).to_lowercase()) @if v.stale { " (stale)" } }
                     td { @if let Some(i) = &v.volume.attached_to { a href={ "/console/instances/" (i) } { code { (i) } } } @else { "-" } }
                     td { code { (v.agent_id) } } td { (v.account) }
                     td { (time(v.volume.created_at_ms)) }
+                    td.snapshots {
+                        @if v.snapshots.is_empty() { "-" }
+                        @for s in &v.snapshots {
+                            div { code { (s.id) } " " (bytes(s.size_bytes)) ", " (time(s.created_at_ms)) }
+                        }
+                    }
+                    td { (action(&signed, &format!("/console/volumes/{}/snapshot", v.volume.id), "Snapshot", false)) }
                 } } }
             }
             @if list.is_empty() { p.empty { "No volume. Create one with " code { "surplus volumes create --size 1GiB" } "." } }

@@ -789,6 +789,19 @@ pub trait ControlStore: Send + Sync + std::fmt::Debug + 'static {
     /// Inserts or replaces a volume.
     async fn put_volume(&self, row: &VolumeRow) -> Result<(), StoreError>;
 
+    /// Records a snapshot `agent_id` took (again: the same record).
+    async fn put_snapshot(
+        &self,
+        agent_id: Uuid,
+        snapshot: &surplus_protocol::control::Snapshot,
+    ) -> Result<(), StoreError>;
+
+    /// The snapshots of these volumes, oldest first.
+    async fn snapshots(
+        &self,
+        volume_ids: &[String],
+    ) -> Result<Vec<surplus_protocol::control::Snapshot>, StoreError>;
+
     /// One volume.
     async fn volume(&self, id: &str) -> Result<Option<VolumeRow>, StoreError>;
 

@@ -115,6 +115,9 @@ impl PgStore {
     const USAGE_CURSORS: &str = "SELECT subject, meter, generation, total FROM usage_cursors WHERE agent_id = $1 \
          AND subject IN (SELECT jsonb_array_elements_text($2::jsonb))";
     /// Hosts and accounts of instances (a JSON array of ids).
+    /// Snapshots of volumes (a JSON array of ids), oldest first.
+    const SNAPSHOTS_OF: &str = "SELECT record FROM snapshots \
+         WHERE volume_id IN (SELECT jsonb_array_elements_text($1::jsonb)) ORDER BY created_at_ms, id";
     const INSTANCE_OWNERS: &str = "SELECT id, agent_id, account FROM instances \
          WHERE id IN (SELECT jsonb_array_elements_text($1::jsonb))";
     /// New usage rows: a JSON array of [`super::sql::usage_row_json`] arrays.

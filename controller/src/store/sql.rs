@@ -17,7 +17,7 @@
 //!   already excludes every other writer);
 //! - `async fn checkpoint_now(&self)`;
 //! - the constants `TOUCH`, `AGENT_STATUS_FOR_UPDATE`, `AGENT_DIGEST_FOR_UPDATE`,
-//!   `USAGE_STORED_KEYS`, `USAGE_CURSORS`, `INSTANCE_OWNERS`, `INSERT_USAGE`,
+//!   `USAGE_STORED_KEYS`, `USAGE_CURSORS`, `INSTANCE_OWNERS`, `SNAPSHOTS_OF`, `INSERT_USAGE`,
 //!   `UPSERT_CURSORS`, `INGEST_LANES`.
 //!
 //! Decisions are not made here: the ledger's rule is `ledger::decide`, usage
@@ -1164,6 +1164,36 @@ macro_rules! sql_stores {
                     .execute(self.writer())
                     .await?;
                 Ok(())
+            }
+
+            async fn put_snapshot(
+                &self,
+                agent_id: Uuid,
+                snapshot: &surplus_protocol::control::Snapshot,
+            ) -> Result<(), StoreError> {
+                sqlx::query("INSERT INTO snapshots (id, volume_id, agent_id, record, created_at_ms) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO UPDATE SET record = excluded.record")
+                    .bind(&snapshot.id)
+                    .bind(&snapshot.volume_id)
+                    .bind(agent_id.to_string())
+                    .bind(json_text(snapshot))
+                    .bind(snapshot.created_at_ms)
+                    .execute(self.writer())
+                    .await?;
+                Ok(())
+            }
+
+            async fn snapshots(
+                &self,
+                volume_ids: &[String],
+            ) -> Result<Vec<surplus_protocol::control::Snapshot>, StoreError> {
+                if volume_ids.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let records: Vec<String> = sqlx::query_scalar($store::SNAPSHOTS_OF)
+                    .bind(json_text(&volume_ids))
+                    .fetch_all(self.reader())
+                    .await?;
+                records.iter().map(|r| parse_json(r, "snapshot")).collect()
             }
 
             async fn volume(&self, id: &str) -> Result<Option<VolumeRow>, StoreError> {

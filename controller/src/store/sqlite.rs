@@ -59,6 +59,9 @@ impl SqliteStore {
     /// Cursors of an agent's subjects (a JSON array of names).
     const USAGE_CURSORS: &str = "SELECT subject, meter, generation, total FROM usage_cursors WHERE agent_id = $1 \
          AND subject IN (SELECT value FROM json_each($2))";
+    /// Snapshots of volumes (a JSON array of ids), oldest first.
+    const SNAPSHOTS_OF: &str = "SELECT record FROM snapshots \
+         WHERE volume_id IN (SELECT value FROM json_each($1)) ORDER BY created_at_ms, id";
     /// Hosts and accounts of instances (a JSON array of ids).
     const INSTANCE_OWNERS: &str =
         "SELECT id, agent_id, account FROM instances WHERE id IN (SELECT value FROM json_each($1))";
