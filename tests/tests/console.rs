@@ -528,7 +528,9 @@ async fn a_session_in_a_real_browser() {
     assert_eq!(b.count("#agents tbody tr").await, 1, "only carol's host");
     b.click(&format!("tr[data-agent='{agent_id}'] a")).await;
     b.shot("provider-host").await;
-    assert!(b.text("main").await.contains("Validation"));
+    let host = b.text("main").await;
+    assert!(host.contains("Validation"), "{host}");
+    assert!(host.contains("Level\nhighly"), "{host}");
     assert_eq!(
         b.count(".actions form, .actions a").await,
         0,

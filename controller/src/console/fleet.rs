@@ -84,12 +84,15 @@ fn status_text(a: &AgentView) -> &'static str {
 
 /// The agent's compatibility level, `none` before its first report.
 fn compat_text(a: &AgentView) -> &'static str {
-    match a.compat_level {
-        None => "none",
-        Some(CompatLevel::Fully) => "fully",
-        Some(CompatLevel::Highly) => "highly",
-        Some(CompatLevel::Somewhat) => "somewhat",
-        Some(CompatLevel::Incompatible) => "incompatible",
+    a.compat_level.map_or("none", compat_level_text)
+}
+
+fn compat_level_text(level: CompatLevel) -> &'static str {
+    match level {
+        CompatLevel::Fully => "fully",
+        CompatLevel::Highly => "highly",
+        CompatLevel::Somewhat => "somewhat",
+        CompatLevel::Incompatible => "incompatible",
     }
 }
 
@@ -315,13 +318,48 @@ async fn agent(
             }
             h2 { "Compatibility" }
             @match compat {
-                Ok(axum::Json(report)) => { pre.json { (serde_json::to_string_pretty(&report).unwrap_or_default()) } }
+                Ok(axum::Json(view)) => {
+                    @let r = &view.report;
+                    dl.facts {
+                        dt { "Level" } dd { span class={ "compat " (compat_level_text(r.level)) } { (compat_level_text(r.level)) } }
+                        dt { "Driver" } dd { (r.driver) }
+                        dt { "Ran" } dd { (time(r.ran_at_ms)) ", reported " (time(view.reported_at_ms)) }
+                        dt { "Isolation" } dd {
+                            (if r.isolation.own_user { "own user per instance" } else if r.isolation.host_user { "the agent's own user" } else { "-" })
+                            (if r.isolation.capabilities_dropped { ", capabilities dropped" } else { "" })
+                        }
+                    }
+                    table #compat-checks {
+                        thead { tr { th { "Operation" } th { "Result" } th { "Why not" } } }
+                        tbody { @for c in &r.checks { tr.fail[!c.passed] {
+                            td { code { (c.operation) } } td { (if c.passed { "passed" } else { "failed" }) }
+                            td { (c.message.as_deref().unwrap_or("")) }
+                        } } }
+                    }
+                }
                 Err(e) => { p.empty { (e.message()) } }
             }
             h2 { "Metering" }
             dl.facts {
-                dt { "Periods set" } dd { (periods.map_or("the agent's defaults".into(), |p| serde_json::to_string(&p).unwrap_or_default())) }
-                dt { "Spool" } dd { (spool.map_or("not reported yet".into(), |s| serde_json::to_string(&s).unwrap_or_default())) }
+                dt { "Periods" } dd {
+                    @match periods {
+                        None => { "the agent's defaults" }
+                        Some(p) => {
+                            "instances every " (humantime::format_duration(std::time::Duration::from_millis(p.instance_ms)))
+                            ", the host every " (humantime::format_duration(std::time::Duration::from_millis(p.host_ms)))
+                            ", subscriptions every " (humantime::format_duration(std::time::Duration::from_millis(p.subscription_ms)))
+                        }
+                    }
+                }
+                dt { "Spool" } dd {
+                    @match spool {
+                        None => { "not reported yet" }
+                        Some(s) => {
+                            (s.pending_records) " records waiting (" (bytes(s.bytes)) " on disk); "
+                            (s.merged_records) " merged and " (s.discarded_records) " damaged records skipped since the agent started"
+                        }
+                    }
+                }
             }
             h2 { "Sessions" }
             table #sessions {
