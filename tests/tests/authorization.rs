@@ -262,6 +262,26 @@ async fn every_route_answers_every_caller_as_its_principal_allows() {
         )
         .await;
     let run_id = ordered["id"].as_str().unwrap().to_owned();
+    // A run on bob's host, which ended while it was offline.
+    let run_b = uuid::Uuid::now_v7();
+    tc.ctl()
+        .app
+        .store
+        .create_validation_run(&surplus_controller::store::ValidationRun {
+            id: run_b,
+            agent_id: host_b,
+            requested_by: "admin".into(),
+            requested_at_ms: now,
+            request: json!({}),
+            status: surplus_controller::store::RunStatus::Failed,
+            finished_at_ms: Some(now),
+            agent_version: None,
+            bench: None,
+            security: None,
+            error: Some("the agent was offline".into()),
+        })
+        .await
+        .unwrap();
 
     let cases = matrix(&Resources {
         a: host_a,
@@ -274,6 +294,7 @@ async fn every_route_answers_every_caller_as_its_principal_allows() {
         inv_a,
         inv_b,
         run_id,
+        run_b: run_b.to_string(),
         hour,
         plan,
         run,
@@ -504,6 +525,7 @@ struct Resources {
     inv_a: String,
     inv_b: String,
     run_id: String,
+    run_b: String,
     hour: i64,
     plan: Value,
     run: Value,
@@ -514,7 +536,7 @@ struct Resources {
 /// bob's; calls that change state are idempotent or come in the order they need.
 #[rustfmt::skip]
 fn matrix(r: &Resources) -> Vec<Case> {
-    let Resources { a, b, i_a, i_b, v_a, v_b, v_b2, inv_a, inv_b, run_id, hour, plan, run } = r;
+    let Resources { a, b, i_a, i_b, v_a, v_b, v_b2, inv_a, inv_b, run_id, run_b, hour, plan, run } = r;
     vec![
         // Open to all.
         case("GET", "/v1/health", "/v1/health", [200, 200, 200, 200, 200]),
@@ -528,6 +550,7 @@ fn matrix(r: &Resources) -> Vec<Case> {
         // Validation runs: admins order and cancel them; a host's provider reads its
         // runs. The run ordered above (on A) is read, then cancelled.
         case("GET", "/v1/validations/{run}", format!("/v1/validations/{run_id}"), [200, 403, 200, 403, 401]),
+        case("GET", "/v1/validations/{run}", format!("/v1/validations/{run_b}"), [200, 403, 403, 403, 401]),
         case("POST", "/v1/validations/{run}/cancel", format!("/v1/validations/{run_id}/cancel"), [202, 403, 403, 403, 401]),
         with_body("POST", "/v1/agents/{id}/validation", format!("/v1/agents/{a}/validation"), json!({"bench": false, "security": true}), [202, 403, 403, 403, 401]),
         case("GET", "/v1/agents/{id}/validation", format!("/v1/agents/{a}/validation"), [200, 403, 200, 403, 401]),
@@ -544,6 +567,8 @@ fn matrix(r: &Resources) -> Vec<Case> {
         case("POST", "/v1/agents/{id}/ping", format!("/v1/agents/{a}/ping"), [200, 403, 403, 403, 401]),
         with_body("POST", "/v1/tokens", "/v1/tokens", json!({"ttl": "5m"}), [201, 403, 403, 403, 401]),
         with_body("POST", "/v1/api-tokens", "/v1/api-tokens", json!({"account": "carol", "role": "client"}), [201, 403, 403, 403, 401]),
+        // The house (hosts without a provider label) is no provider's to claim.
+        with_body("POST", "/v1/api-tokens", "/v1/api-tokens", json!({"account": "house", "role": "provider"}), [400, 403, 403, 403, 401]),
         // A host's own business: its provider (alice for A, bob for B) and admins.
         case("GET", "/v1/agents/{id}/compat", format!("/v1/agents/{a}/compat"), [200, 403, 200, 403, 401]),
         case("GET", "/v1/agents/{id}/compat", format!("/v1/agents/{b}/compat"), [200, 403, 403, 403, 401]),

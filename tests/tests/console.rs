@@ -290,6 +290,8 @@ async fn a_session_in_a_real_browser() {
         .await;
     // Another provider's host, enrolled and never connected.
     let (_, other) = tc.enroll("other-host", &[("provider", "dave")]).await;
+    // A second host of carol's, enrolled and never connected (never revoked).
+    let (_, spare) = tc.enroll("spare-host", &[("provider", "carol")]).await;
     config.control = control_config(DriverKind::Process, tag);
     // Usage arrives within a second, so that its chart can be seen.
     config.metering.instance_period = Duration::from_millis(200);
@@ -323,6 +325,11 @@ async fn a_session_in_a_real_browser() {
     assert_eq!(b.url().await, format!("/console/agents/{agent_id}"));
     b.shot("agent").await;
     assert!(b.text("h1").await.contains("online"));
+    assert_eq!(
+        b.count(".actions form, .actions a").await,
+        2,
+        "the admin's buttons: validation, revoke"
+    );
     b.click(&format!(
         "form[action='/console/agents/{agent_id}/validation'] button"
     ))
@@ -525,12 +532,18 @@ async fn a_session_in_a_real_browser() {
     assert_eq!(b.title().await, "My hosts · Surplus");
     let hosts = b.text(&format!("tr[data-agent='{agent_id}']")).await;
     assert!(hosts.contains("highly"), "{hosts}");
-    assert_eq!(b.count("#agents tbody tr").await, 1, "only carol's host");
+    assert_eq!(b.count("#agents tbody tr").await, 2, "only carol's hosts");
     b.click(&format!("tr[data-agent='{agent_id}'] a")).await;
     b.shot("provider-host").await;
     let host = b.text("main").await;
     assert!(host.contains("Validation"), "{host}");
     assert!(host.contains("Level\nhighly"), "{host}");
+    b.visit(
+        &format!("{base}/console/agents/{}", spare.agent_id),
+        "provider-spare-host",
+    )
+    .await;
+    assert!(b.text("h1").await.contains("enrolled"));
     assert_eq!(
         b.count(".actions form, .actions a").await,
         0,

@@ -52,7 +52,8 @@ pub enum ControlCall {
     DescribeInstances(Filters),
     /// What the hosts report of instances (empty: all the caller's).
     DescribeInstanceStatus {
-        /// Instances.
+        /// Instances (none: all the caller's).
+        #[serde(default)]
         ids: Vec<String>,
     },
     /// One attribute of an instance.
@@ -91,7 +92,8 @@ pub enum ControlCall {
     },
     /// The caller's volumes (empty: all of them).
     DescribeVolumes {
-        /// Volumes.
+        /// Volumes (none: all the caller's).
+        #[serde(default)]
         ids: Vec<String>,
     },
     /// Snapshot a volume.

@@ -141,7 +141,10 @@ async fn fleet(
             }
         }
         s.append_pair("limit", &PAGE_ROWS.to_string());
-        s.append_pair("offset", &((page_no - 1) * PAGE_ROWS).to_string());
+        s.append_pair(
+            "offset",
+            &(page_no - 1).saturating_mul(PAGE_ROWS).to_string(),
+        );
         s.finish()
     };
     let mut listed = agents::agents_page(&ctl, &caller, Some(&api_query(asked))).await?;
@@ -159,7 +162,6 @@ async fn fleet(
             .map_or(0, |(_, n)| *n)
     };
     let all: u64 = listed.by_status.iter().map(|(_, n)| n).sum();
-    let admin = signed.principal.role == Role::Admin;
     let status = query.status.trim().to_owned();
     let gpu = match query.gpu.as_str() {
         "yes" => Some(true),
@@ -184,7 +186,7 @@ async fn fleet(
         html! {
             h1 { (title) }
             p.summary {
-                @if admin { span { strong { (ctl.app.registry.connected()) } " connected · " } }
+                @if let Some(n) = listed.connected { span { strong { (n) } " connected · " } }
                 @for (i, s) in [AgentStatus::Online, AgentStatus::Unreachable, AgentStatus::Revoked, AgentStatus::Enrolled].into_iter().enumerate() {
                     @if i > 0 { " · " }
                     a href=(query.link(s.as_str(), sort, 1)) { strong { (count(s)) } " " (s.as_str()) }
@@ -278,7 +280,7 @@ async fn agent(
         &signed,
         html! {
             h1 { (a.hostname) " " span class={ "status " (a.status.as_str()) } { (a.status.as_str()) } }
-            p.actions {
+            div.actions {
                 @if a.status != AgentStatus::Revoked && signed.principal.role == Role::Admin {
                     (action(&signed, &format!("/console/agents/{}/validation", a.id), "Order a quick validation", false))
                     " "
@@ -475,7 +477,7 @@ async fn revoke_confirm(
         html! {
             h1 { "Revoke " (a.hostname) "?" }
             p { "The agent " code { (a.id) } " is cut off within seconds and can never connect again with its certificate; its instances stay on the host. This cannot be undone." }
-            p.actions {
+            div.actions {
                 (action(&signed, &format!("/console/agents/{}/revoke", a.id), "Revoke for good", true))
                 " " a.button href={ "/console/agents/" (a.id) } { "Cancel" }
             }

@@ -78,7 +78,7 @@ async fn list(
         &signed,
         html! {
             h1 { "Instances" }
-            p.actions { a.button href="/console/instances/new" { "Run an instance…" } }
+            div.actions { a.button href="/console/instances/new" { "Run an instance…" } }
             form.filters method="get" action="/console/instances" {
                 label for="state" { "State" }
                 select #state name="state" {
@@ -164,7 +164,7 @@ async fn detail(
             @if v.stale { p.error { "The host could not be asked: this is the last known record." } }
             @if let Some(why) = &v.host_contradiction { p.error { "The host contradicts the record: " (why) } }
             @if live {
-                p.actions {
+                div.actions {
                     @for (op, label) in [("start", "Start"), ("stop", "Stop"), ("reboot", "Reboot")] {
                         (action(&signed, &format!("/console/instances/{}/{op}", i.id), label, false)) " "
                     }

@@ -70,6 +70,9 @@ pub(crate) struct AgentsPage {
     pub total: u64,
     /// How many of the caller's agents are in each status (before the filter).
     pub by_status: Vec<(AgentStatus, u64)>,
+    /// How many agents have a session open right now (admins only: it counts every
+    /// agent).
+    pub connected: Option<u64>,
 }
 
 /// What `GET /v1/agents` does: who may list, the query read, the page.
@@ -101,6 +104,7 @@ pub(crate) async fn agents_page(
             .collect(),
         total: page.total,
         by_status: page.by_status,
+        connected: (caller.0.role == Role::Admin).then(|| ctl.app.registry.connected() as u64),
     })
 }
 
@@ -204,7 +208,7 @@ pub(crate) async fn show_agent(
     }))
 }
 
-#[utoipa::path(get, path = "/v1/agents/{id}/inventory/history", tag = "agents", params(("id" = Uuid, Path, description = "The agent")), responses((status = 200, description = "Every inventory change, oldest first", body = Vec<crate::store::InventoryChange>)))]
+#[utoipa::path(get, path = "/v1/agents/{id}/inventory/history", tag = "agents", params(("id" = Uuid, Path, description = "The agent")), responses((status = 200, description = "The agent's inventories as recorded, newest first (at most 1000)", body = Vec<crate::store::InventoryChange>)))]
 async fn inventory_history(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
@@ -316,6 +320,15 @@ async fn create_api_token(
         ))
         .with_field("role".into())
     })?;
+    if role == Role::Provider && body.account == crate::billing::HOUSE_PROVIDER {
+        // Hosts without a provider label are the house's: a provider token of that
+        // name would own them all.
+        return Err(ApiError::bad_request(format!(
+            "account: {:?} is the marketplace's own provider (hosts without a provider label); choose another name",
+            body.account
+        ))
+        .with_field("account".into()));
+    }
     let (token, hash) = crate::datadir::new_api_token();
     let principal = Principal {
         account: body.account.clone(),

@@ -45,7 +45,7 @@ fn run_view(ctl: &Controller, run: crate::store::ValidationRun) -> RunView {
     RunView { run, progress }
 }
 
-#[utoipa::path(post, path = "/v1/agents/{id}/validation", tag = "validation", params(("id" = Uuid, Path, description = "The agent")), request_body(content = ValidationOptions, description = "Which suites; an empty body orders the defaults"), responses((status = 202, description = "The run, ordered", body = RunView)))]
+#[utoipa::path(post, path = "/v1/agents/{id}/validation", tag = "validation", params(("id" = Uuid, Path, description = "The agent")), request_body(content = ValidationOptions, description = "Which suites and how long; `{}` orders the defaults"), responses((status = 202, description = "The run, ordered", body = RunView)))]
 pub(crate) async fn order_validation(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,

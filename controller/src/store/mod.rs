@@ -291,8 +291,9 @@ impl InventoryBrief {
         vendor_id: Option<&str>,
         device_id: Option<&str>,
     ) -> Option<String> {
+        // Spaces only, as SQL's `trim` in migration 0010.
         fn known(s: Option<&str>) -> Option<&str> {
-            s.map(str::trim).filter(|s| !s.is_empty())
+            s.map(|s| s.trim_matches(' ')).filter(|s| !s.is_empty())
         }
         known(model)
             .or(known(vendor))

@@ -91,6 +91,9 @@ impl PgStore {
          UPDATE agents SET last_seen_ms = j.at FROM j, locked \
          WHERE agents.id = j.id AND agents.id = locked.id \
          AND (agents.last_seen_ms IS NULL OR agents.last_seen_ms < j.at)";
+    /// Host names in the order of their bytes, as on SQLite, whatever the database's
+    /// collation.
+    const AGENT_HOSTNAME_ORDER: &str = "agents.hostname COLLATE \"C\"";
     /// The provider of an agent's host: its `provider` label, `house` without one.
     const AGENT_PROVIDER: &str = "COALESCE(CAST(agents.labels AS jsonb) ->> 'provider', 'house')";
     /// The agent has label `$5` with value `$6`.

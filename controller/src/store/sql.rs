@@ -102,26 +102,31 @@ pub(super) fn like_literal(text: &str) -> String {
 }
 
 /// The `ORDER BY` of a sort (uptime measured at `now_ms`); each ends with the id.
-pub(super) fn agent_order(sort: super::AgentSort, now_ms: i64) -> String {
+/// `hostname` is the backend's expression that orders host names by their bytes, as
+/// SQLite does (PostgreSQL would use the database's collation).
+pub(super) fn agent_order(sort: super::AgentSort, now_ms: i64, hostname: &str) -> String {
     use super::AgentSort::*;
     match sort {
         Enrolled => "agents.enrolled_at_ms, agents.id".into(),
-        Hostname => "agents.hostname, agents.id".into(),
-        Status => "agents.status, agents.hostname, agents.id".into(),
+        Hostname => format!("{hostname}, agents.id"),
+        Status => format!("agents.status, {hostname}, agents.id"),
         LastSeen => "agents.last_seen_ms DESC NULLS LAST, agents.id".into(),
-        Cpus => "agents.inventory_cpus DESC NULLS LAST, agents.hostname, agents.id".into(),
-        Memory => {
-            "agents.inventory_memory_bytes DESC NULLS LAST, agents.hostname, agents.id".into()
+        Cpus => format!("agents.inventory_cpus DESC NULLS LAST, {hostname}, agents.id"),
+        Memory => format!("agents.inventory_memory_bytes DESC NULLS LAST, {hostname}, agents.id"),
+        Gpus => format!("agents.inventory_gpus DESC NULLS LAST, {hostname}, agents.id"),
+        // `registry::measured_uptime`, clamped to [0, 1] like it, so that hosts shown
+        // with the same uptime are in host name order.
+        Uptime => {
+            let ratio = format!(
+                "((agents.online_total_ms + CASE WHEN agents.online_since_ms < {now_ms} \
+                 THEN {now_ms} - agents.online_since_ms ELSE 0 END) * 1.0 \
+                 / (CASE WHEN agents.first_seen_ms < {now_ms} THEN {now_ms} - agents.first_seen_ms END))"
+            );
+            format!(
+                "CASE WHEN {ratio} > 1 THEN 1.0 WHEN {ratio} < 0 THEN 0.0 ELSE {ratio} END \
+                 DESC NULLS LAST, {hostname}, agents.id"
+            )
         }
-        Gpus => "agents.inventory_gpus DESC NULLS LAST, agents.hostname, agents.id".into(),
-        // `registry::measured_uptime` without its clamp to [0, 1], which does not
-        // change the order.
-        Uptime => format!(
-            "(agents.online_total_ms + CASE WHEN agents.online_since_ms < {now_ms} \
-             THEN {now_ms} - agents.online_since_ms ELSE 0 END) * 1.0 \
-             / (CASE WHEN agents.first_seen_ms < {now_ms} THEN {now_ms} - agents.first_seen_ms END) \
-             DESC NULLS LAST, agents.hostname, agents.id"
-        ),
     }
 }
 
@@ -549,10 +554,11 @@ macro_rules! sql_stores {
                     .replace("{label}", $store::AGENT_LABEL_IS);
                 let rows = format!(
                     "{AGENT_LISTED} {AGENT_LISTED_FROM} WHERE {conditions} ORDER BY {} LIMIT $9 OFFSET $10",
-                    agent_order(filter.sort, now_ms),
+                    agent_order(filter.sort, now_ms, $store::AGENT_HOSTNAME_ORDER),
                 );
                 let count = format!("SELECT COUNT(*) {AGENT_LISTED_FROM} WHERE {conditions}");
-                let text = filter.text.as_deref().map(str::to_lowercase);
+                // ASCII only: SQLite's `lower` folds no other letters.
+                let text = filter.text.as_deref().map(str::to_ascii_lowercase);
                 let (key, value) = filter.label.clone().unzip();
                 let compat = filter.compat.map(|level| match level {
                     None => "none".to_owned(),

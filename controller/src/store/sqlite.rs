@@ -41,6 +41,8 @@ impl SqliteStore {
     const TOUCH: &str = "UPDATE agents SET last_seen_ms = j.at \
          FROM (SELECT value ->> 0 AS id, value ->> 1 AS at FROM json_each($1)) AS j \
          WHERE agents.id = j.id AND (agents.last_seen_ms IS NULL OR agents.last_seen_ms < j.at)";
+    /// Host names in the order of their bytes (SQLite's default).
+    const AGENT_HOSTNAME_ORDER: &str = "agents.hostname";
     /// The provider of an agent's host: its `provider` label, `house` without one.
     const AGENT_PROVIDER: &str = "COALESCE(json_extract(agents.labels, '$.provider'), 'house')";
     /// The agent has label `$5` with value `$6` (any key: no JSON path is built from it).
