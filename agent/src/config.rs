@@ -3,6 +3,7 @@
 //! Every field has a default, so an empty file (or none) is a valid configuration.
 //! `deploy/agent.example.toml` documents each field and is loaded by a test.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -49,6 +50,10 @@ pub struct AgentConfig {
     pub controller_addresses: Vec<String>,
     /// `human` or `json`.
     pub log_format: LogFormat,
+    /// Serve the agent's own Prometheus metrics at `http://<this>/metrics`
+    /// (`127.0.0.1:9108`). Off when absent (the default); only a loopback address is
+    /// accepted.
+    pub metrics_listen: Option<SocketAddr>,
     /// Log filter in `tracing` syntax (`info`, `surplus_agent=debug`, ...).
     pub log_filter: String,
     /// `[control]`: the driver that translates control commands on this host.
@@ -73,6 +78,7 @@ impl Default for AgentConfig {
             bench_scratch_dir: PathBuf::from("/var/tmp"),
             controller_addresses: Vec::new(),
             log_format: LogFormat::Human,
+            metrics_listen: None,
             log_filter: "info".into(),
             control: crate::control::ControlConfig::default(),
             metering: crate::meter::MeteringConfig::default(),
@@ -109,6 +115,23 @@ impl AgentConfig {
                 .with_list_parse_key("controller_addresses")
                 .source(env),
         );
-        builder.build()?.try_deserialize()
+        let config: Self = builder.build()?.try_deserialize()?;
+        config.check().map_err(config::ConfigError::Message)?;
+        Ok(config)
+    }
+
+    /// What the types cannot say: the metrics endpoint is for the host itself, so it
+    /// listens on loopback only (a scraper elsewhere reaches it through its own agent,
+    /// tunnel or proxy, not through an open port on a provider's host).
+    pub fn check(&self) -> Result<(), String> {
+        if let Some(addr) = self.metrics_listen {
+            if !addr.ip().is_loopback() {
+                return Err(format!(
+                    "metrics_listen = \"{addr}\": the metrics endpoint listens on loopback only \
+                     (127.0.0.1 or [::1]); remove metrics_listen to turn it off"
+                ));
+            }
+        }
+        Ok(())
     }
 }

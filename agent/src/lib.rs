@@ -16,6 +16,7 @@ pub mod enroll;
 pub mod identity;
 pub mod inventory;
 pub mod meter;
+pub mod metrics;
 pub mod net;
 pub mod runtime;
 pub mod security;

@@ -25,6 +25,7 @@ use crate::control::ControlPlane;
 use crate::identity::{Identity, IdentityError};
 use crate::inventory::{self, InventoryCollector};
 use crate::meter::MeterHandle;
+use crate::metrics::{self, AgentMetrics, RunOutcome};
 use crate::net::{self, ConnectError};
 use crate::validation::Validations;
 use surplus_protocol::usage::{MeteringAck, UsageBatch};
@@ -60,6 +61,14 @@ pub enum SessionError {
     /// The usage spool could not be opened.
     #[error("cannot start metering: {0}")]
     Metering(std::io::Error),
+    /// The metrics endpoint (`metrics_listen`) could not start.
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Metrics {
+        /// The configured address.
+        addr: std::net::SocketAddr,
+        /// Why not.
+        source: std::io::Error,
+    },
     /// The controller answered with the wrong message.
     #[error("unexpected answer to {what}: {got}")]
     Unexpected {
@@ -313,17 +322,28 @@ impl Session {
     }
 }
 
-/// Answers one stream the controller opened: the one place controller requests are
-/// matched. There is no request that runs an arbitrary command.
-async fn serve_controller_stream(
-    mut send: SendStream,
-    mut recv: RecvStream,
+/// What the streams the controller opens in one session are answered with.
+#[derive(Clone)]
+struct Serving {
     validations: Arc<Validations>,
     control: Arc<ControlPlane>,
     meter: Arc<MeterHandle>,
+    metrics: Arc<AgentMetrics>,
     conn: Connection,
     max_frame: usize,
-) {
+}
+
+/// Answers one stream the controller opened: the one place controller requests are
+/// matched. There is no request that runs an arbitrary command.
+async fn serve_controller_stream(mut send: SendStream, mut recv: RecvStream, serving: Serving) {
+    let Serving {
+        validations,
+        control,
+        meter,
+        metrics,
+        conn,
+        max_frame,
+    } = serving;
     let request = match quic::read_frame(&mut recv, max_frame).await {
         Ok(envelope) => envelope.message,
         Err(e) => {
@@ -337,10 +357,21 @@ async fn serve_controller_stream(
         Message::RunValidation(run) => {
             let run_id = run.run_id;
             tracing::info!(%run_id, bench = run.bench.is_some(), security = run.security, "validation run ordered");
-            match validations.run(run, &mut send, conn).await {
-                Ok(()) => tracing::info!(%run_id, "validation run reported"),
-                Err(e) => tracing::warn!(%run_id, error = %e, "validation run not delivered"),
-            }
+            let outcome = match validations.run(run, &mut send, conn).await {
+                Ok(cancelled) => {
+                    tracing::info!(%run_id, cancelled, "validation run reported");
+                    if cancelled {
+                        RunOutcome::Cancelled
+                    } else {
+                        RunOutcome::Completed
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(%run_id, error = %e, "validation run not delivered");
+                    RunOutcome::Undelivered
+                }
+            };
+            metrics.validation(outcome);
             return;
         }
         Message::CancelValidation(c) => Message::CancelAck(CancelAck {
@@ -349,7 +380,13 @@ async fn serve_controller_stream(
         }),
         Message::Control(command) => {
             let action = command.action();
+            let started = std::time::Instant::now();
             let outcome = control.handle(command).await;
+            metrics.control(
+                action,
+                metrics::control_outcome(&outcome),
+                started.elapsed(),
+            );
             if let Err(e) = &outcome {
                 tracing::info!(action, error = %e, "control command refused");
             }
@@ -388,6 +425,7 @@ impl Drop for AbortOnDrop {
 async fn send_usage(
     conn: Connection,
     meter: Arc<MeterHandle>,
+    metrics: Arc<AgentMetrics>,
     max_frame: usize,
     timeout: Duration,
 ) {
@@ -420,9 +458,11 @@ async fn send_usage(
             records,
             spool: state,
         });
+        metrics.usage_sent(count);
         match quic::request(&conn, &batch, max_frame, timeout).await {
             Ok(Message::UsageAck(ack)) => {
                 failures = 0;
+                metrics.usage_result("committed", count);
                 tracing::debug!(
                     records = count,
                     stored = ack.stored,
@@ -442,15 +482,21 @@ async fn send_usage(
             Ok(Message::Error(reply)) if reply.code == ErrorCode::Busy => {
                 // The controller sheds load; the records wait in the spool.
                 failures += 1;
+                metrics.usage_result("busy", count);
                 tracing::debug!("controller busy; usage batch sent again after a pause");
             }
             Ok(other) => {
                 failures += 1;
+                metrics.usage_result("refused", count);
                 tracing::warn!(answer = other.kind(), "usage batch not committed; retrying");
             }
-            Err(ExchangeError::Connection(_)) => return,
+            Err(ExchangeError::Connection(_)) => {
+                metrics.usage_result("undelivered", count);
+                return;
+            }
             Err(e) => {
                 failures += 1;
+                metrics.usage_result("undelivered", count);
                 tracing::warn!(error = %e, "usage batch not delivered; retrying");
             }
         }
@@ -478,6 +524,8 @@ pub struct Runner {
     collector: Option<InventoryCollector>,
     /// Made from the configuration when the runner starts, unless given.
     control: Option<Arc<ControlPlane>>,
+    /// Its own metrics, counted whether or not they are served.
+    metrics: Arc<AgentMetrics>,
 }
 
 impl Runner {
@@ -485,13 +533,21 @@ impl Runner {
     pub fn new(config: AgentConfig, clock: Arc<dyn Clock>) -> Result<Self, IdentityError> {
         let identity = Identity::load(&config.data_dir)?;
         let collector = Some(InventoryCollector::new(config.package_scan_interval));
+        let metrics = Arc::new(AgentMetrics::default());
+        metrics.certificate(identity.certificate.not_after_ms, false);
         Ok(Self {
             config,
             clock,
             identity,
             collector,
             control: None,
+            metrics,
         })
+    }
+
+    /// The runner's metrics (served at `metrics_listen` while it runs, when set).
+    pub fn metrics(&self) -> Arc<AgentMetrics> {
+        self.metrics.clone()
     }
 
     /// Uses `control` instead of building one from the configuration.
@@ -507,6 +563,21 @@ impl Runner {
 
     /// Runs sessions until `cancel` fires (`Ok`) or retrying cannot help (`Err`).
     pub async fn run(mut self, cancel: CancellationToken) -> Result<(), SessionError> {
+        // Bound before anything else starts, so a wrong address stops the agent at once.
+        let _metrics_server = match self.config.metrics_listen {
+            Some(addr) => {
+                let refused = |source| SessionError::Metrics { addr, source };
+                self.config.check().map_err(|m| {
+                    refused(std::io::Error::new(std::io::ErrorKind::InvalidInput, m))
+                })?;
+                let listener = metrics::bind(&self.metrics, addr).await.map_err(refused)?;
+                let stop = cancel.child_token();
+                tokio::spawn(metrics::serve(listener, self.metrics.clone(), stop.clone()));
+                // However `run` ends, the endpoint stops with it.
+                Some(stop.drop_guard())
+            }
+            None => None,
+        };
         let control = match self.control.take() {
             Some(c) => c,
             None => crate::control::start(&self.config, self.clock.clone())
@@ -521,6 +592,7 @@ impl Runner {
             cancel.child_token(),
         )
         .map_err(SessionError::Metering)?;
+        self.metrics.watch_spool(meter.spool.clone());
         let mut attempt = 0u32;
         loop {
             // The session watches `cancel` itself, at points where stopping loses
@@ -539,6 +611,7 @@ impl Runner {
                         rand::random(),
                     );
                     attempt = attempt.saturating_add(1);
+                    self.metrics.reconnect();
                     tracing::warn!(error = %e, retry_in = ?wait, "session ended; reconnecting");
                     tokio::select! {
                         _ = cancel.cancelled() => return Ok(()),
@@ -572,6 +645,8 @@ impl Runner {
             opened = Session::open_with(None, &self.config, &self.identity, Some(control.isolation())) => opened?,
         };
         *attempt = 0;
+        let metrics = self.metrics.clone();
+        let _connected = metrics.session_opened();
         let ack = session.hello_ack().clone();
         tracing::info!(agent_id = %ack.agent_id, controller = %ack.controller_version, "session open");
         let skew = (ack.server_time_ms - self.clock.now_ms()).abs();
@@ -603,9 +678,19 @@ impl Runner {
         let _sender = AbortOnDrop(tokio::spawn(send_usage(
             session.connection.clone(),
             meter.clone(),
+            metrics.clone(),
             self.config.max_frame_size,
             self.config.request_timeout,
         )));
+
+        let serving = Serving {
+            validations: validations.clone(),
+            control: control.clone(),
+            meter: meter.clone(),
+            metrics: metrics.clone(),
+            conn: session.connection.clone(),
+            max_frame: self.config.max_frame_size,
+        };
 
         loop {
             tokio::select! {
@@ -615,7 +700,7 @@ impl Runner {
                 }
                 incoming = session.connection.accept_bi() => {
                     let (send, recv) = incoming.map_err(|e| SessionError::from_exchange(e.into()))?;
-                                        tokio::spawn(serve_controller_stream(send, recv, validations.clone(), control.clone(), meter.clone(), session.connection.clone(), self.config.max_frame_size));
+                    tokio::spawn(serve_controller_stream(send, recv, serving.clone()));
                 }
                 done = async { collecting.as_mut().expect("guarded by the select condition").await }, if collecting.is_some() => {
                     collecting = None;
@@ -644,6 +729,7 @@ impl Runner {
                     });
                     match session.request(&beat).await? {
                         Message::HeartbeatAck(a) => {
+                            metrics.heartbeat();
                             if a.inventory_wanted && !must_send {
                                 must_send = true;
                                 collecting = collecting.or_else(|| self.start_collection());
@@ -654,6 +740,7 @@ impl Runner {
                     }
                     if self.clock.now_ms() >= self.identity.renew_at_ms(jitter) {
                         session.renew(&mut self.identity, &self.config.data_dir, self.clock.now_ms()).await?;
+                        metrics.certificate(self.identity.certificate.not_after_ms, true);
                         tracing::info!(serial = %self.identity.certificate.serial, not_after_ms = self.identity.certificate.not_after_ms, "certificate renewed");
                     }
                 }

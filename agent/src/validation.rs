@@ -73,13 +73,14 @@ impl Validations {
         }
     }
 
-    /// Runs `request`, writing progress and then the report to `send`.
+    /// Runs `request`, writing progress and then the report to `send`; returns whether
+    /// the report says the run was cancelled.
     pub async fn run(
         self: Arc<Self>,
         request: ValidationRequest,
         send: &mut SendStream,
         conn: Connection,
-    ) -> Result<(), quic::ExchangeError> {
+    ) -> Result<bool, quic::ExchangeError> {
         let run_id = request.run_id;
         let cancel = Arc::new(AtomicBool::new(false));
         self.runs().insert(run_id, cancel.clone());
@@ -97,7 +98,7 @@ impl Validations {
         send: &mut SendStream,
         conn: Connection,
         cancel: Arc<AtomicBool>,
-    ) -> Result<(), quic::ExchangeError> {
+    ) -> Result<bool, quic::ExchangeError> {
         let run_id = request.run_id;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<ValidationProgress>();
         let me = self.clone();
@@ -165,19 +166,21 @@ impl Validations {
             }
             report.cancelled |= cancel.load(Ordering::Relaxed);
         }
+        let cancelled = cancel.load(Ordering::Relaxed);
         let report = ValidationReport {
             run_id,
             agent_version: env!("CARGO_PKG_VERSION").into(),
             bench,
             security,
-            cancelled: cancel.load(Ordering::Relaxed),
+            cancelled,
         };
         quic::write_frame(
             send,
             &Message::ValidationResult(Box::new(report)),
             self.max_frame,
         )
-        .await
+        .await?;
+        Ok(cancelled)
     }
 
     /// Round trip and throughput to the controller over this session.

@@ -24,8 +24,10 @@ struct Cli {
 enum Cmd {
     /// Simulated agents against a real controller process on loopback.
     Agents(AgentsArgs),
-    /// surplus-agent and Prometheus node_exporter side by side: idle CPU and RSS,
-    /// binary size, and the agent's peak RSS during the validation suite.
+    /// surplus-agent (its own metrics endpoint on) and Prometheus node_exporter side
+    /// by side, both scraped: idle CPU and RSS, binary size, and the agent's peak RSS
+    /// during the validation suite. Fails unless the agent stays online through the
+    /// whole idle window.
     Footprint(FootprintArgs),
 }
 
@@ -34,7 +36,7 @@ struct FootprintArgs {
     /// Idle phase.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     duration: Duration,
-    /// node_exporter scrape period.
+    /// Scrape period of node_exporter and of the agent's metrics.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     scrape: Duration,
     /// Skip the validation suite at the end.

@@ -1,8 +1,11 @@
 //! The agent's footprint next to Prometheus node_exporter on the same host, in one
 //! run: both started at once and left idle (the agent connected to a real controller,
-//! heartbeating and metering at its defaults; node_exporter scraped every 15 s), their
-//! CPU and resident memory read from `/proc`; then the agent runs the full validation
-//! suite and its peak RSS is read. `surplus-loadgen footprint` is the command.
+//! heartbeating and metering at its defaults, its own metrics endpoint on; both
+//! scraped every 15 s), their CPU and resident memory read from `/proc`; then the
+//! agent runs the full validation suite and its peak RSS is read. The agent must stay
+//! online through the whole idle window (one session, connected at every scrape,
+//! heartbeats acknowledged all along): an agent stuck reconnecting does less work and
+//! would look cheaper, so such a run fails. `surplus-loadgen footprint` is the command.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -28,7 +31,7 @@ pub struct FootprintOptions {
     pub dir: PathBuf,
     /// Idle phase.
     pub duration: Duration,
-    /// node_exporter scrape period.
+    /// Scrape period of node_exporter and of the agent's metrics.
     pub scrape: Duration,
     /// Run the validation suite afterwards and report the agent's peak RSS.
     pub validation: bool,
@@ -60,12 +63,16 @@ pub struct ProcessFootprint {
 pub struct FootprintReport {
     /// Idle phase, seconds.
     pub seconds: f64,
-    /// node_exporter scrape period, seconds.
+    /// Scrape period of both, seconds.
     pub scrape_seconds: f64,
     /// Scrapes made, and bytes of the last one.
     pub scrapes: u64,
     /// Size of the last scrape, bytes.
     pub scrape_bytes: u64,
+    /// Size of the last scrape of the agent's own metrics, bytes.
+    pub agent_scrape_bytes: u64,
+    /// What the agent's own metrics said over the idle phase.
+    pub agent_online: OnlineCheck,
     /// `surplus-agent`.
     pub agent: ProcessFootprint,
     /// `prometheus-node-exporter`.
@@ -75,6 +82,76 @@ pub struct FootprintReport {
     pub agent_peak_rss_validation_mib: Option<f64>,
     /// How long that suite took, seconds.
     pub validation_seconds: Option<f64>,
+}
+
+/// The agent's session over the idle phase, from its own metrics.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct OnlineCheck {
+    /// Scrapes of the agent that found its session connected.
+    pub connected_scrapes: u64,
+    /// Sessions the agent opened in its life (1: it never reconnected).
+    pub sessions_opened: u64,
+    /// Reconnection attempts in its life.
+    pub reconnects: u64,
+    /// Heartbeats acknowledged over the idle phase.
+    pub heartbeats: u64,
+}
+
+/// The value of the sample `name` (without labels) in a text exposition.
+pub fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?.strip_prefix(' ')?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// The agent's session figures from one scrape of its metrics.
+#[derive(Debug, Clone, Copy)]
+struct SessionFigures {
+    connected: f64,
+    opened: f64,
+    reconnects: f64,
+    heartbeats: f64,
+}
+
+async fn scrape_agent(http: &reqwest::Client, url: &str) -> anyhow::Result<(SessionFigures, u64)> {
+    let text = http
+        .get(url)
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .with_context(|| format!("the agent's metrics at {url} did not answer"))?
+        .text()
+        .await?;
+    let get = |name: &str| {
+        sample(&text, name).with_context(|| format!("the agent's metrics lack {name}"))
+    };
+    Ok((
+        SessionFigures {
+            connected: get("surplus_agent_session_connected")?,
+            opened: get("surplus_agent_sessions_opened_total")?,
+            reconnects: get("surplus_agent_reconnects_total")?,
+            heartbeats: get("surplus_agent_heartbeats_total")?,
+        },
+        text.len() as u64,
+    ))
+}
+
+/// Fails unless the agent was online at this scrape and has had one session only.
+fn check_online(at: Duration, f: &SessionFigures) -> anyhow::Result<()> {
+    if f.connected != 1.0 || f.opened != 1.0 || f.reconnects != 0.0 {
+        bail!(
+            "the agent did not stay online through the idle window: {:.0} s in, \
+             surplus_agent_session_connected = {}, sessions opened = {}, reconnects = {} \
+             (want 1, 1, 0). An agent that reconnects does less work than one that \
+             reports, so the figures of this run would flatter it",
+            at.as_secs_f64(),
+            f.connected,
+            f.opened,
+            f.reconnects
+        );
+    }
+    Ok(())
 }
 
 fn has_symtab(path: &Path) -> bool {
@@ -111,7 +188,17 @@ pub async fn run(o: FootprintOptions) -> anyhow::Result<FootprintReport> {
     let ctl = ControllerProcess::start(&o.controller_bin, &o.dir, &[], None).await?;
     let result = measure(&o, &ctl).await;
     let _ = ctl.stop().await;
-    result
+    result.map_err(|e| {
+        // The working directory is usually temporary: say what the agent logged.
+        let log = std::fs::read_to_string(o.dir.join("agent.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+        if tail.is_empty() {
+            e
+        } else {
+            anyhow::anyhow!("{e:#}\n\nthe agent's last log lines:\n{tail}")
+        }
+    })
 }
 
 async fn measure(o: &FootprintOptions, ctl: &ControllerProcess) -> anyhow::Result<FootprintReport> {
@@ -142,11 +229,18 @@ async fn measure(o: &FootprintOptions, ctl: &ControllerProcess) -> anyhow::Resul
         );
     }
     let agent_log = std::fs::File::create(o.dir.join("agent.log"))?;
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let agent = Killed(
         tokio::process::Command::new(&o.agent_bin)
             .arg("--data-dir")
             .arg(&agent_dir)
             .arg("run")
+            .env(
+                "SURPLUS_AGENT_METRICS_LISTEN",
+                format!("127.0.0.1:{metrics_port}"),
+            )
             .stdout(Stdio::null())
             .stderr(agent_log)
             .kill_on_drop(true)
@@ -170,10 +264,13 @@ async fn measure(o: &FootprintOptions, ctl: &ControllerProcess) -> anyhow::Resul
     tokio::time::sleep(Duration::from_secs(10)).await;
     let mut samplers = [Sampler::new(agent_pid)?, Sampler::new(exporter_pid)?];
     let scrape_url = format!("http://127.0.0.1:{port}/metrics");
+    let agent_url = format!("http://127.0.0.1:{metrics_port}/metrics");
     let mut report = FootprintReport {
         scrape_seconds: o.scrape.as_secs_f64(),
         ..FootprintReport::default()
     };
+    let (first, _) = scrape_agent(&http, &agent_url).await?;
+    check_online(Duration::ZERO, &first)?;
     let started = Instant::now();
     let mut next_scrape = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -184,12 +281,34 @@ async fn measure(o: &FootprintOptions, ctl: &ControllerProcess) -> anyhow::Resul
             let body = http.get(&scrape_url).send().await?.bytes().await?;
             report.scrapes += 1;
             report.scrape_bytes = body.len() as u64;
+            let (figures, bytes) = scrape_agent(&http, &agent_url).await?;
+            check_online(started.elapsed(), &figures)?;
+            report.agent_online.connected_scrapes += 1;
+            report.agent_scrape_bytes = bytes;
         }
         for s in &mut samplers {
             s.sample().context("a measured process exited")?;
         }
     }
     report.seconds = started.elapsed().as_secs_f64();
+    // The window's end counts too: a session lost after the last scrape shows here.
+    let (end, _) = scrape_agent(&http, &agent_url).await?;
+    check_online(started.elapsed(), &end)?;
+    report.agent_online.sessions_opened = end.opened as u64;
+    report.agent_online.reconnects = end.reconnects as u64;
+    report.agent_online.heartbeats = (end.heartbeats - first.heartbeats) as u64;
+    // Heartbeats every 10 s by default: an agent that reported all along acknowledged
+    // most of them (one missing at each end of the window at most).
+    let expected = (report.seconds / 10.0).floor() as u64;
+    if report.agent_online.heartbeats + 2 < expected {
+        bail!(
+            "the agent stayed connected but acknowledged {} heartbeats in {:.0} s (about {} \
+             expected at its default period): it was not reporting",
+            report.agent_online.heartbeats,
+            report.seconds,
+            expected
+        );
+    }
     let figures = |s: &Sampler, bin: &Path| -> ProcessFootprint {
         let last = s.last();
         let n = s.samples.len().max(1) as f64;
@@ -291,11 +410,22 @@ pub fn table(r: &FootprintReport) -> String {
     t.add_row(row("threads", &|p| p.threads.to_string()));
     t.add_row(vec![
         "scraped".to_owned(),
-        "(no scrape; heartbeats and metering)".to_owned(),
+        format!(
+            "{} times every {} s, {} bytes each (its own metrics)",
+            r.agent_online.connected_scrapes, r.scrape_seconds, r.agent_scrape_bytes
+        ),
         format!(
             "{} times every {} s, {} bytes each",
             r.scrapes, r.scrape_seconds, r.scrape_bytes
         ),
+    ]);
+    t.add_row(vec![
+        "online".to_owned(),
+        format!(
+            "connected at every scrape, {} session, {} reconnects, {} heartbeats",
+            r.agent_online.sessions_opened, r.agent_online.reconnects, r.agent_online.heartbeats
+        ),
+        String::new(),
     ]);
     if let (Some(peak), Some(secs)) = (r.agent_peak_rss_validation_mib, r.validation_seconds) {
         t.add_row(vec![
