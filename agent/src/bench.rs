@@ -1,9 +1,9 @@
 //! The benchmark suite (A3): fixed amounts of work timed with the monotonic clock.
 //!
 //! CPU (integer, floating point, SHA-256; one core and all cores), memory (STREAM copy,
-//! scale, add, triad on arrays four times the last-level cache; latency by pointer
-//! chasing over growing working sets, from which cache sizes are derived; a usable
-//! memory check), storage (sequential and 4 KiB random I/O with `O_DIRECT` on a scratch
+//! scale, add, triad on arrays four times the last-level cache, at most 256 MiB each;
+//! latency by pointer chasing over growing working sets, from which cache sizes are
+//! derived; a usable memory check), storage (sequential and 4 KiB random I/O with `O_DIRECT` on a scratch
 //! file, and free capacity). Each figure is repeated after a warm-up and reported with
 //! its coefficient of variation and a score against a fixed reference.
 //!
@@ -241,12 +241,26 @@ fn par_chunks(threads: usize, dst: &mut [f64], kernel: impl Fn(&mut [f64], usize
     });
 }
 
-fn stream(run: &Run, out: &mut Vec<BenchResult>, llc_bytes: u64) -> Result<(), Cancelled> {
-    let array_bytes = if run.plan.quick {
+/// The largest STREAM array: three of them are allocated at once, so a validation run
+/// never takes more than 768 MiB for them, whatever cache size the latency curve
+/// suggests (a virtual CPU may show hundreds of MiB of "cache").
+pub const STREAM_MAX_ARRAY_BYTES: u64 = 256 << 20;
+
+/// The size of each STREAM array: four times the last-level cache (STREAM's rule), at
+/// least 64 MiB, at most [`STREAM_MAX_ARRAY_BYTES`]; 8 MiB for a quick run.
+pub fn stream_array_bytes(quick: bool, llc_bytes: u64) -> u64 {
+    if quick {
         8 << 20
     } else {
-        (4 * llc_bytes).max(64 << 20)
-    };
+        llc_bytes
+            .saturating_mul(4)
+            .clamp(64 << 20, STREAM_MAX_ARRAY_BYTES)
+    }
+}
+
+fn stream(run: &Run, out: &mut Vec<BenchResult>, llc_bytes: u64) -> Result<(), Cancelled> {
+    let array_bytes = stream_array_bytes(run.plan.quick, llc_bytes);
+    let capped = !run.plan.quick && llc_bytes.saturating_mul(4) > STREAM_MAX_ARRAY_BYTES;
     let n = (array_bytes / 8) as usize;
     let (mut a, mut b, mut c) = (vec![0f64; n], vec![0f64; n], vec![0f64; n]);
     let t = run.threads;
@@ -314,8 +328,16 @@ fn stream(run: &Run, out: &mut Vec<BenchResult>, llc_bytes: u64) -> Result<(), C
         })?;
         let mut r = result(id, "MB/s", reps, true, reference::STREAM, false, started);
         r.note = Some(format!(
-            "3 arrays of {} MiB, {t} threads, {PASSES} passes a repetition, best of the repetitions",
-            array_bytes >> 20
+            "3 arrays of {} MiB, {t} threads, {PASSES} passes a repetition, best of the repetitions{}",
+            array_bytes >> 20,
+            if capped {
+                format!(
+                    "; capped: the last-level cache measured {} MiB, so part of the arrays may be cached",
+                    llc_bytes >> 20
+                )
+            } else {
+                String::new()
+            }
         ));
         out.push(r);
     }
@@ -796,6 +818,18 @@ mod tests {
             p = ring[p];
         }
         assert_eq!(p, 0);
+    }
+
+    #[test]
+    fn stream_arrays_follow_the_cache_within_bounds() {
+        const MIB: u64 = 1 << 20;
+        assert_eq!(stream_array_bytes(true, 480 * MIB), 8 * MIB);
+        assert_eq!(stream_array_bytes(false, 8 * MIB), 64 * MIB);
+        assert_eq!(stream_array_bytes(false, 32 * MIB), 128 * MIB);
+        // A virtual CPU that looks like it has 480 MiB of cache does not get three
+        // arrays of 1,920 MiB.
+        assert_eq!(stream_array_bytes(false, 480 * MIB), STREAM_MAX_ARRAY_BYTES);
+        assert_eq!(stream_array_bytes(false, u64::MAX), STREAM_MAX_ARRAY_BYTES);
     }
 
     #[test]
