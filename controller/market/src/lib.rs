@@ -9,11 +9,14 @@
 //! - [`ledger`]: double-entry postings and the check every store applies them through.
 //! - [`billing`]: rating usage into invoice lines and postings.
 //! - [`acceptance`]: whether a host's validation results let it sell.
+//! - [`catalog`]: the size category a host's measurements put it in, and the rank
+//!   of listings a client is shown.
 //! - [`usage`]: what a batch of usage records adds: new, duplicate or refused, and
 //!   each counter's delta.
 
 pub mod acceptance;
 pub mod billing;
+pub mod catalog;
 pub mod ledger;
 pub mod records;
 pub mod usage;
