@@ -11,6 +11,8 @@
 //! - [`acceptance`]: whether a host's validation results let it sell.
 //! - [`catalog`]: the size category a host's measurements put it in, and the rank
 //!   of listings a client is shown.
+//! - [`resell`]: a provider's resell request, its well-formedness field by field,
+//!   and the preliminary criteria it must meet before its hosts are tested.
 //! - [`usage`]: what a batch of usage records adds: new, duplicate or refused, and
 //!   each counter's delta.
 
@@ -19,4 +21,5 @@ pub mod billing;
 pub mod catalog;
 pub mod ledger;
 pub mod records;
+pub mod resell;
 pub mod usage;

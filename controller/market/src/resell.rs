@@ -1,0 +1,878 @@
+//! A provider's resell request (C2, source 000 FIG. 2) and the preliminary criteria it
+//! must meet before its hosts are tested.
+//!
+//! Pure: the document, the agreement, the platforms the marketplace supports and the
+//! time go in; every problem comes out at once, each with the field it is about (for
+//! the document) or the rule it breaks (for the criteria). Nothing here reads storage
+//! or the clock; the pipeline that stores requests and orders validation runs calls in
+//! here.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+use surplus_protocol::clock::UnixMillis;
+use uuid::Uuid;
+
+/// What kind of capacity a resource set offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum ResourceKind {
+    /// Instances on hosts.
+    Compute,
+    /// Volumes.
+    Storage,
+    /// Network transfer.
+    Bandwidth,
+}
+
+/// How capacity may be sold (C5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum PricingMode {
+    /// A price that moves with supply and demand; clients bid a maximum.
+    Spot,
+    /// Auctions (ascending, descending, sealed).
+    Auction,
+    /// A price quoted for a short validity.
+    Immediate,
+    /// A fixed hourly price.
+    OnDemand,
+    /// Long-term reservation: upfront plus hourly.
+    Reserved,
+}
+
+/// Whether and how a client's use of the capacity may be interrupted (C6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum Interruptibility {
+    /// The marketplace chooses.
+    DontCare,
+    /// A higher bid or a spot price above the client's maximum interrupts.
+    PriceBased,
+    /// The provider takes capacity back for its own customers.
+    FulfilmentBased,
+    /// Never interrupted.
+    NoInterruptions,
+}
+
+/// What the provider wants the marketplace to optimise for (C7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum Goal {
+    /// No preference.
+    None,
+    /// The most money.
+    MaximiseRevenue,
+    /// The most hours sold over the long term.
+    MaximiseUtilisation,
+    /// The capacity must come back at short notice.
+    CapacityBackAtShortNotice,
+}
+
+/// How much of the marketplace's control interface the provider says its hosts
+/// support.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case", tag = "level")]
+pub enum ClaimedCompatibility {
+    /// Every operation.
+    Full,
+    /// These operations (`run`, `stop`, ...).
+    Partial {
+        /// The operations.
+        operations: Vec<String>,
+    },
+    /// Another specification, named.
+    Other {
+        /// Its name.
+        specification: String,
+    },
+    /// No control interface: the client gets the bare machine.
+    BareMetal,
+}
+
+/// A benchmark figure a provider claims.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ClaimedFigure {
+    /// The benchmark's id in the agent's suite (`cpu.sha256.multi`, `memory.triad`).
+    pub id: String,
+    /// The figure.
+    pub value: f64,
+    /// Its unit (`MB/s`, `Mops/s`, ...).
+    pub unit: String,
+}
+
+/// The operating system a provider claims.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ClaimedOs {
+    /// `debian`, `ubuntu`, `rhel`, ...
+    pub family: String,
+    /// `12`, `22.04`, ...
+    pub version: String,
+}
+
+/// The system specification a provider claims for every host of a resource set.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields, default)]
+pub struct ClaimedSystem {
+    /// Hardware vendor.
+    pub vendor: Option<String>,
+    /// Hardware model.
+    pub model: Option<String>,
+    /// CPU vendor (`GenuineIntel`, `AuthenticAMD`, `ARM`, ...).
+    pub cpu_vendor: Option<String>,
+    /// Architecture (`x86_64`, `aarch64`).
+    pub architecture: Option<String>,
+    /// `bare_metal`, `kvm`, `xen`, ...
+    pub virtualization: Option<String>,
+    /// CPU sockets.
+    pub sockets: Option<u32>,
+    /// Physical cores.
+    pub cores: Option<u32>,
+    /// Hardware threads (logical CPUs).
+    pub threads: Option<u32>,
+    /// Clock, MHz.
+    pub clock_mhz: Option<u32>,
+    /// Memory, bytes.
+    pub memory_bytes: Option<u64>,
+    /// Disk capacity, bytes.
+    pub disk_bytes: Option<u64>,
+    /// GPUs.
+    pub gpus: Option<u32>,
+    /// The operating system.
+    pub os: Option<ClaimedOs>,
+    /// Kernel release (`6.1.0`).
+    pub kernel: Option<String>,
+    /// Software installed for clients (`docker 24`, `cuda 12.2`).
+    pub software: Vec<String>,
+    /// Performance claims.
+    pub benchmarks: Vec<ClaimedFigure>,
+}
+
+/// One set of like hosts a provider offers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ResourceSet {
+    /// What it offers.
+    pub kind: ResourceKind,
+    /// The provider's data center the hosts are in (an availability zone to clients).
+    pub zone: String,
+    /// The enrolled agents of the hosts (their access coordinates).
+    pub hosts: Vec<Uuid>,
+    /// What every host is, as claimed.
+    pub system: ClaimedSystem,
+    /// How much of the control interface the hosts support, as claimed.
+    pub compatibility: ClaimedCompatibility,
+}
+
+/// The provider's prices.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Pricing {
+    /// The modes the provider accepts.
+    pub modes: Vec<PricingMode>,
+    /// ISO 4217 code (`EUR`).
+    pub currency: String,
+    /// The least it sells an hour of one host for, minor units.
+    pub minimum_price: u64,
+    /// What it sells an hour for at once, minor units (at least the minimum).
+    pub immediate_price: Option<u64>,
+}
+
+/// A resell request (FIG. 2): what a provider offers and on which terms.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ResellRequest {
+    /// Who to contact about this request.
+    pub contact: String,
+    /// The resource sets.
+    pub resource_sets: Vec<ResourceSet>,
+    /// Prices.
+    pub pricing: Pricing,
+    /// Interruptibility the provider accepts.
+    pub interruptibility: Interruptibility,
+    /// What to optimise for.
+    pub goal: Goal,
+    /// Features beyond the basics (`gpu-passthrough`, `nested-virtualization`).
+    #[serde(default)]
+    pub advanced_features: Vec<String>,
+    /// Where the provider's own monitoring can be read, if anywhere (a URL).
+    #[serde(default)]
+    pub monitoring: Option<String>,
+}
+
+/// A problem with a field of a request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct FieldError {
+    /// The field, as a path (`resource_sets[0].system.cores`).
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+fn name_ok(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+/// Every problem of `request` that can be seen without the marketplace's state, each
+/// with its field; empty when the document is well formed. Nothing is stored from a
+/// document with problems.
+pub fn validate(request: &ResellRequest) -> Vec<FieldError> {
+    let mut out = Vec::new();
+    let mut err = |field: String, message: String| out.push(FieldError { field, message });
+    if request.contact.trim().is_empty() || request.contact.len() > 256 {
+        err(
+            "contact".into(),
+            "a contact of 1 to 256 characters is needed".into(),
+        );
+    }
+    if request.resource_sets.is_empty() {
+        err(
+            "resource_sets".into(),
+            "at least one resource set is needed".into(),
+        );
+    }
+    let mut seen_hosts = BTreeSet::new();
+    for (i, set) in request.resource_sets.iter().enumerate() {
+        let at = |f: &str| format!("resource_sets[{i}].{f}");
+        if !name_ok(&set.zone) {
+            err(
+                at("zone"),
+                format!(
+                    "{:?} is not 1 to 64 letters, digits, '-', '_' or '.'",
+                    set.zone
+                ),
+            );
+        }
+        if set.hosts.is_empty() {
+            err(
+                at("hosts"),
+                "at least one host (an enrolled agent's id) is needed".into(),
+            );
+        }
+        for (j, host) in set.hosts.iter().enumerate() {
+            if !seen_hosts.insert(*host) {
+                err(
+                    format!("resource_sets[{i}].hosts[{j}]"),
+                    format!("host {host} is named more than once in the request"),
+                );
+            }
+        }
+        let s = &set.system;
+        let positive = |v: Option<u32>| v.is_none_or(|n| n > 0);
+        for (field, v) in [
+            ("sockets", s.sockets),
+            ("cores", s.cores),
+            ("threads", s.threads),
+            ("clock_mhz", s.clock_mhz),
+        ] {
+            if !positive(v) {
+                err(at(&format!("system.{field}")), "must be at least 1".into());
+            }
+        }
+        if s.memory_bytes == Some(0) {
+            err(at("system.memory_bytes"), "must be at least 1".into());
+        }
+        if let (Some(cores), Some(threads)) = (s.cores, s.threads) {
+            if threads < cores {
+                err(
+                    at("system.threads"),
+                    format!("{threads} threads is fewer than the {cores} cores claimed"),
+                );
+            }
+        }
+        if let (Some(sockets), Some(cores)) = (s.sockets, s.cores) {
+            if cores < sockets {
+                err(
+                    at("system.cores"),
+                    format!("{cores} cores is fewer than the {sockets} sockets claimed"),
+                );
+            }
+        }
+        if set.kind == ResourceKind::Compute && s.threads.is_none() && s.cores.is_none() {
+            err(
+                at("system.threads"),
+                "compute capacity claims its cores or threads".into(),
+            );
+        }
+        if let Some(os) = &s.os {
+            if os.family.trim().is_empty() {
+                err(at("system.os.family"), "an OS family is needed".into());
+            }
+            if parse_version(&os.version).is_none() {
+                err(
+                    at("system.os.version"),
+                    format!("{:?} is not a version like 12 or 22.04", os.version),
+                );
+            }
+        }
+        if let Some(kernel) = &s.kernel {
+            if parse_version(kernel).is_none() {
+                err(
+                    at("system.kernel"),
+                    format!("{kernel:?} is not a kernel release like 6.1.0"),
+                );
+            }
+        }
+        let mut ids = BTreeSet::new();
+        for (j, b) in s.benchmarks.iter().enumerate() {
+            let f = |g: &str| format!("resource_sets[{i}].system.benchmarks[{j}].{g}");
+            if !name_ok(&b.id) {
+                err(f("id"), format!("{:?} is not a benchmark id", b.id));
+            } else if !ids.insert(b.id.as_str()) {
+                err(f("id"), format!("{} is claimed twice", b.id));
+            }
+            if !(b.value.is_finite() && b.value > 0.0) {
+                err(f("value"), format!("{} is not a positive number", b.value));
+            }
+            if b.unit.trim().is_empty() {
+                err(f("unit"), "a unit is needed (MB/s, Mops/s, ...)".into());
+            }
+        }
+        if let ClaimedCompatibility::Partial { operations } = &set.compatibility {
+            if operations.is_empty() {
+                err(
+                    at("compatibility.operations"),
+                    "a partial claim names at least one operation".into(),
+                );
+            }
+        }
+    }
+    let p = &request.pricing;
+    if p.modes.is_empty() {
+        err(
+            "pricing.modes".into(),
+            "at least one pricing mode is needed".into(),
+        );
+    }
+    let distinct: BTreeSet<_> = p.modes.iter().collect();
+    if distinct.len() != p.modes.len() {
+        err(
+            "pricing.modes".into(),
+            "a mode is named more than once".into(),
+        );
+    }
+    if !(p.currency.len() == 3 && p.currency.bytes().all(|b| b.is_ascii_uppercase())) {
+        err(
+            "pricing.currency".into(),
+            format!("{:?} is not an ISO 4217 code like EUR", p.currency),
+        );
+    }
+    if let Some(immediate) = p.immediate_price {
+        if immediate < p.minimum_price {
+            err(
+                "pricing.immediate_price".into(),
+                format!("{immediate} is below the minimum price {}", p.minimum_price),
+            );
+        }
+    }
+    if p.modes.contains(&PricingMode::Immediate) && p.immediate_price.is_none() {
+        err(
+            "pricing.immediate_price".into(),
+            "the immediate mode needs an immediate price".into(),
+        );
+    }
+    if let Some(m) = &request.monitoring {
+        if !(m.starts_with("https://") || m.starts_with("http://")) {
+            err("monitoring".into(), format!("{m:?} is not an http(s) URL"));
+        }
+    }
+    out
+}
+
+/// `22.04.3` as numbers; `None` when it is not dotted numbers (a suffix after `-` or
+/// `+` is ignored: `6.1.0-18-amd64` is 6.1.0).
+pub fn parse_version(text: &str) -> Option<Vec<u64>> {
+    let core = text.split(['-', '+', '~']).next()?.trim();
+    if core.is_empty() {
+        return None;
+    }
+    core.split('.').map(|p| p.parse().ok()).collect()
+}
+
+/// `a >= b` as versions (missing parts count as 0: 12 equals 12.0).
+fn version_at_least(a: &[u64], b: &[u64]) -> bool {
+    let n = a.len().max(b.len());
+    let at = |v: &[u64], i: usize| v.get(i).copied().unwrap_or(0);
+    (0..n)
+        .map(|i| at(a, i).cmp(&at(b, i)))
+        .find(|o| o.is_ne())
+        .is_none_or(|o| o.is_gt())
+}
+
+/// A provider's business agreement with the marketplace.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Agreement {
+    /// The provider's account.
+    pub provider: String,
+    /// In force from.
+    pub valid_from_ms: UnixMillis,
+    /// In force until (exclusive).
+    pub valid_until_ms: UnixMillis,
+    /// The kinds of capacity it may resell.
+    pub resource_kinds: BTreeSet<ResourceKind>,
+    /// The pricing modes it may use.
+    pub pricing_modes: BTreeSet<PricingMode>,
+    /// The marketplace's commission, basis points (used by billing).
+    pub commission_bps: u32,
+    /// Most hosts it may have listed at once.
+    pub max_hosts: u32,
+}
+
+/// The platforms the marketplace supports.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Platforms {
+    /// CPU vendors.
+    pub cpu_vendors: BTreeSet<String>,
+    /// Architectures.
+    pub architectures: BTreeSet<String>,
+    /// Virtualisation types (`bare_metal`, `kvm`, ...).
+    pub virtualization: BTreeSet<String>,
+    /// OS families with their least version.
+    pub os_families: Vec<ClaimedOs>,
+    /// The least kernel release.
+    pub min_kernel: Option<String>,
+}
+
+/// A preliminary criterion a request does not meet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Unmet {
+    /// The rule: `agreement`, `accepted_provider`, `platform`, `resource_kind`,
+    /// `pricing_mode` or `max_hosts`.
+    pub rule: String,
+    /// The field it concerns, when one does.
+    pub field: Option<String>,
+    /// Why, with the numbers.
+    pub message: String,
+}
+
+/// What the preliminary criteria look at besides the request.
+#[derive(Debug, Clone, Copy)]
+pub struct Standing<'a> {
+    /// The provider's agreement, if it has one.
+    pub agreement: Option<&'a Agreement>,
+    /// The provider is on the accepted-providers list.
+    pub accepted: bool,
+    /// The supported platforms.
+    pub platforms: &'a Platforms,
+    /// Hosts of the provider listed already (other requests).
+    pub listed_hosts: u32,
+    /// Now.
+    pub now_ms: UnixMillis,
+}
+
+/// Every preliminary criterion (C2) a well-formed `request` does not meet: an
+/// agreement in force, the provider accepted, every claimed platform supported, the
+/// resource kinds and pricing modes within the agreement, and within its limits.
+/// Empty: its hosts may be tested.
+pub fn preliminary(request: &ResellRequest, standing: &Standing<'_>) -> Vec<Unmet> {
+    let mut out = Vec::new();
+    let mut unmet = |rule: &str, field: Option<String>, message: String| {
+        out.push(Unmet {
+            rule: rule.into(),
+            field,
+            message,
+        })
+    };
+    if !standing.accepted {
+        unmet(
+            "accepted_provider",
+            None,
+            "the provider is not on the accepted-providers list".into(),
+        );
+    }
+    match standing.agreement {
+        None => unmet("agreement", None, "the provider has no agreement".into()),
+        Some(a) if standing.now_ms < a.valid_from_ms => unmet(
+            "agreement",
+            None,
+            format!(
+                "the agreement is in force from {} (now {})",
+                a.valid_from_ms, standing.now_ms
+            ),
+        ),
+        Some(a) if standing.now_ms >= a.valid_until_ms => unmet(
+            "agreement",
+            None,
+            format!(
+                "the agreement ended at {} (now {})",
+                a.valid_until_ms, standing.now_ms
+            ),
+        ),
+        Some(_) => {}
+    }
+    let platforms = standing.platforms;
+    for (i, set) in request.resource_sets.iter().enumerate() {
+        let at = |f: &str| Some(format!("resource_sets[{i}].system.{f}"));
+        let s = &set.system;
+        let mut check = |field: &str, value: &Option<String>, allowed: &BTreeSet<String>| {
+            if let Some(v) = value {
+                if !allowed.contains(v) {
+                    let list: Vec<&str> = allowed.iter().map(String::as_str).collect();
+                    unmet(
+                        "platform",
+                        at(field),
+                        format!("{v} is not supported (supported: {})", list.join(", ")),
+                    );
+                }
+            }
+        };
+        check("cpu_vendor", &s.cpu_vendor, &platforms.cpu_vendors);
+        check("architecture", &s.architecture, &platforms.architectures);
+        check(
+            "virtualization",
+            &s.virtualization,
+            &platforms.virtualization,
+        );
+        if let Some(os) = &s.os {
+            match platforms.os_families.iter().find(|f| f.family == os.family) {
+                None => unmet(
+                    "platform",
+                    at("os.family"),
+                    format!("{} is not a supported OS family", os.family),
+                ),
+                Some(min) => {
+                    let ok = match (parse_version(&os.version), parse_version(&min.version)) {
+                        (Some(v), Some(m)) => version_at_least(&v, &m),
+                        _ => false,
+                    };
+                    if !ok {
+                        unmet(
+                            "platform",
+                            at("os.version"),
+                            format!(
+                                "{} {} is older than the least supported, {}",
+                                os.family, os.version, min.version
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        if let (Some(kernel), Some(min)) = (&s.kernel, &platforms.min_kernel) {
+            let ok = match (parse_version(kernel), parse_version(min)) {
+                (Some(k), Some(m)) => version_at_least(&k, &m),
+                _ => false,
+            };
+            if !ok {
+                unmet(
+                    "platform",
+                    at("kernel"),
+                    format!("kernel {kernel} is older than the least supported, {min}"),
+                );
+            }
+        }
+        if let Some(a) = standing.agreement {
+            if !a.resource_kinds.contains(&set.kind) {
+                unmet(
+                    "resource_kind",
+                    Some(format!("resource_sets[{i}].kind")),
+                    format!(
+                        "{} capacity is not in the agreement",
+                        serde_json::to_value(set.kind)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_owned))
+                            .unwrap_or_default()
+                    ),
+                );
+            }
+        }
+    }
+    if let Some(a) = standing.agreement {
+        for (i, mode) in request.pricing.modes.iter().enumerate() {
+            if !a.pricing_modes.contains(mode) {
+                unmet(
+                    "pricing_mode",
+                    Some(format!("pricing.modes[{i}]")),
+                    format!(
+                        "{} pricing is not in the agreement",
+                        serde_json::to_value(mode)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_owned))
+                            .unwrap_or_default()
+                    ),
+                );
+            }
+        }
+        let hosts: u32 = request
+            .resource_sets
+            .iter()
+            .map(|s| s.hosts.len() as u32)
+            .sum();
+        if standing.listed_hosts.saturating_add(hosts) > a.max_hosts {
+            unmet(
+                "max_hosts",
+                Some("resource_sets".into()),
+                format!(
+                    "{hosts} hosts with the {} listed already is more than the agreement's {}",
+                    standing.listed_hosts, a.max_hosts
+                ),
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> ResellRequest {
+        serde_json::from_value(serde_json::json!({
+            "contact": "ops@bob.example",
+            "resource_sets": [{
+                "kind": "compute",
+                "zone": "bob-fra-1",
+                "hosts": ["01930000-0000-7000-8000-000000000001"],
+                "system": {
+                    "cpu_vendor": "GenuineIntel", "architecture": "x86_64",
+                    "virtualization": "kvm", "sockets": 1, "cores": 4, "threads": 8,
+                    "memory_bytes": 17179869184u64,
+                    "os": {"family": "debian", "version": "12"}, "kernel": "6.1.0-18-amd64",
+                    "benchmarks": [{"id": "cpu.sha256.multi", "value": 2400.0, "unit": "MB/s"}]
+                },
+                "compatibility": {"level": "full"}
+            }],
+            "pricing": {"modes": ["on_demand", "spot"], "currency": "EUR", "minimum_price": 20, "immediate_price": 35},
+            "interruptibility": "price_based",
+            "goal": "maximise_revenue"
+        }))
+        .expect("the example is well formed")
+    }
+
+    fn fields(errors: &[FieldError]) -> Vec<&str> {
+        errors.iter().map(|e| e.field.as_str()).collect()
+    }
+
+    #[test]
+    fn a_well_formed_request_has_no_problems() {
+        assert_eq!(validate(&request()), []);
+    }
+
+    #[test]
+    fn every_problem_of_a_document_is_named_by_its_field_at_once() {
+        let mut r = request();
+        r.contact = " ".into();
+        let set = &mut r.resource_sets[0];
+        set.zone = "fra 1".into();
+        set.system.threads = Some(2);
+        set.system.sockets = Some(0);
+        set.system.os = Some(ClaimedOs {
+            family: "debian".into(),
+            version: "bookworm".into(),
+        });
+        set.system.benchmarks.push(ClaimedFigure {
+            id: "cpu.sha256.multi".into(),
+            value: f64::NAN,
+            unit: "".into(),
+        });
+        set.hosts.push(set.hosts[0]);
+        r.pricing.currency = "eur".into();
+        r.pricing.immediate_price = Some(10);
+        r.pricing.modes.push(PricingMode::Spot);
+        assert_eq!(
+            fields(&validate(&r)),
+            [
+                "contact",
+                "resource_sets[0].zone",
+                "resource_sets[0].hosts[1]",
+                "resource_sets[0].system.sockets",
+                "resource_sets[0].system.threads",
+                "resource_sets[0].system.os.version",
+                "resource_sets[0].system.benchmarks[1].id",
+                "resource_sets[0].system.benchmarks[1].value",
+                "resource_sets[0].system.benchmarks[1].unit",
+                "pricing.modes",
+                "pricing.currency",
+                "pricing.immediate_price",
+            ]
+        );
+    }
+
+    #[test]
+    fn an_unknown_field_is_refused_with_its_name() {
+        let mut v = serde_json::to_value(request()).unwrap();
+        v["resource_sets"][0]["system"]["cpus"] = 4.into();
+        let err = serde_json::from_value::<ResellRequest>(v).unwrap_err();
+        assert!(err.to_string().contains("unknown field `cpus`"), "{err}");
+    }
+
+    fn agreement() -> Agreement {
+        Agreement {
+            provider: "bob".into(),
+            valid_from_ms: 1_000,
+            valid_until_ms: 10_000,
+            resource_kinds: [ResourceKind::Compute].into(),
+            pricing_modes: [PricingMode::OnDemand, PricingMode::Spot].into(),
+            commission_bps: 1_500,
+            max_hosts: 10,
+        }
+    }
+
+    fn platforms() -> Platforms {
+        Platforms {
+            cpu_vendors: ["GenuineIntel".into(), "AuthenticAMD".into()].into(),
+            architectures: ["x86_64".into()].into(),
+            virtualization: ["bare_metal".into(), "kvm".into()].into(),
+            os_families: vec![ClaimedOs {
+                family: "debian".into(),
+                version: "11".into(),
+            }],
+            min_kernel: Some("5.10".into()),
+        }
+    }
+
+    fn rules(unmet: &[Unmet]) -> Vec<(&str, Option<&str>)> {
+        unmet
+            .iter()
+            .map(|u| (u.rule.as_str(), u.field.as_deref()))
+            .collect()
+    }
+
+    /// Each case: (rule it pins, how the request or standing differs, the unmet
+    /// criteria).
+    #[test]
+    fn each_preliminary_criterion_is_reported_with_its_rule() {
+        let a = agreement();
+        let ended = Agreement {
+            valid_until_ms: 5_000,
+            ..agreement()
+        };
+        let p = platforms();
+        let standing = |agreement, accepted, listed_hosts, now_ms| Standing {
+            agreement,
+            accepted,
+            platforms: &p,
+            listed_hosts,
+            now_ms,
+        };
+        let mut arm = request();
+        arm.resource_sets[0].system.architecture = Some("aarch64".into());
+        let mut old_os = request();
+        old_os.resource_sets[0].system.os = Some(ClaimedOs {
+            family: "debian".into(),
+            version: "10".into(),
+        });
+        let mut old_kernel = request();
+        old_kernel.resource_sets[0].system.kernel = Some("4.19.0-26".into());
+        let mut auction = request();
+        auction.pricing.modes.push(PricingMode::Auction);
+        let mut storage = request();
+        storage.resource_sets[0].kind = ResourceKind::Storage;
+        type Case<'a> = (
+            &'a str,
+            ResellRequest,
+            Standing<'a>,
+            Vec<(&'a str, Option<&'a str>)>,
+        );
+        let cases: Vec<Case<'_>> = vec![
+            (
+                "all met",
+                request(),
+                standing(Some(&a), true, 0, 2_000),
+                vec![],
+            ),
+            (
+                "no agreement",
+                request(),
+                standing(None, true, 0, 2_000),
+                vec![("agreement", None)],
+            ),
+            (
+                "an expired agreement",
+                request(),
+                standing(Some(&ended), true, 0, 6_000),
+                vec![("agreement", None)],
+            ),
+            (
+                "an agreement not yet in force",
+                request(),
+                standing(Some(&a), true, 0, 500),
+                vec![("agreement", None)],
+            ),
+            (
+                "a provider not on the accepted list",
+                request(),
+                standing(Some(&a), false, 0, 2_000),
+                vec![("accepted_provider", None)],
+            ),
+            (
+                "an unsupported architecture",
+                arm,
+                standing(Some(&a), true, 0, 2_000),
+                vec![("platform", Some("resource_sets[0].system.architecture"))],
+            ),
+            (
+                "an OS older than the least supported",
+                old_os,
+                standing(Some(&a), true, 0, 2_000),
+                vec![("platform", Some("resource_sets[0].system.os.version"))],
+            ),
+            (
+                "a kernel older than the least supported",
+                old_kernel,
+                standing(Some(&a), true, 0, 2_000),
+                vec![("platform", Some("resource_sets[0].system.kernel"))],
+            ),
+            (
+                "a pricing mode outside the agreement",
+                auction,
+                standing(Some(&a), true, 0, 2_000),
+                vec![("pricing_mode", Some("pricing.modes[2]"))],
+            ),
+            (
+                "a resource kind outside the agreement",
+                storage,
+                standing(Some(&a), true, 0, 2_000),
+                vec![("resource_kind", Some("resource_sets[0].kind"))],
+            ),
+            (
+                "more hosts than the agreement allows, counting those listed",
+                request(),
+                standing(Some(&a), true, 10, 2_000),
+                vec![("max_hosts", Some("resource_sets"))],
+            ),
+        ];
+        for (rule, r, s, want) in cases {
+            assert_eq!(rules(&preliminary(&r, &s)), want, "{rule}");
+        }
+        // The reasons carry the numbers.
+        let u = preliminary(&request(), &standing(Some(&ended), true, 0, 6_000));
+        assert_eq!(u[0].message, "the agreement ended at 5000 (now 6000)");
+        // Every unmet criterion at once.
+        assert_eq!(
+            preliminary(&request(), &standing(None, false, 0, 2_000)).len(),
+            2
+        );
+    }
+
+    #[test]
+    fn versions_compare_as_numbers() {
+        let v = |s| parse_version(s).unwrap();
+        assert_eq!(v("6.1.0-18-amd64"), [6, 1, 0]);
+        assert!(version_at_least(&v("22.04"), &v("20.10")));
+        assert!(version_at_least(&v("12"), &v("12.0")));
+        assert!(version_at_least(&v("5.10.1"), &v("5.10")));
+        assert!(!version_at_least(&v("5.9"), &v("5.10")));
+        assert_eq!(parse_version("bookworm"), None);
+        assert_eq!(parse_version(""), None);
+    }
+}
