@@ -12,7 +12,8 @@
 //! - [`catalog`]: the size category a host's measurements put it in, and the rank
 //!   of listings a client is shown.
 //! - [`resell`]: a provider's resell request, its well-formedness field by field,
-//!   and the preliminary criteria it must meet before its hosts are tested.
+//!   the preliminary criteria it must meet before its hosts are tested, and the
+//!   acceptance criteria its hosts' validation evidence is judged by.
 //! - [`usage`]: what a batch of usage records adds: new, duplicate or refused, and
 //!   each counter's delta.
 

@@ -7,11 +7,18 @@
 //! or the clock; the pipeline that stores requests and orders validation runs calls in
 //! here.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
+use surplus_protocol::Inventory;
+use surplus_protocol::bench::BenchReport;
 use surplus_protocol::clock::UnixMillis;
+use surplus_protocol::control::{CompatLevel, CompatReport};
+use surplus_protocol::security::{CheckStatus, SecurityReport, Severity};
 use uuid::Uuid;
+
+use crate::acceptance::{Spec, Tolerances, compare};
+use crate::catalog::{Categories, Measured};
 
 /// What kind of capacity a resource set offers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -631,6 +638,314 @@ pub fn preliminary(request: &ResellRequest, standing: &Standing<'_>) -> Vec<Unme
     out
 }
 
+/// What the acceptance criteria require besides the claim.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Requirements {
+    /// How far below a claim a measurement may fall.
+    pub tolerances: Tolerances,
+    /// The least hardening index (0 to 100).
+    pub min_hardening: u8,
+    /// The size categories; a host must reach the smallest.
+    pub categories: Categories,
+}
+
+/// What a host's validation run measured.
+#[derive(Debug, Clone, Copy)]
+pub struct Evidence<'a> {
+    /// The host's inventory.
+    pub inventory: &'a Inventory,
+    /// The benchmark suite's report.
+    pub bench: &'a BenchReport,
+    /// The security checks' report.
+    pub security: &'a SecurityReport,
+    /// The compatibility kit's report.
+    pub compat: &'a CompatReport,
+}
+
+/// One acceptance criterion as judged, with what was claimed, measured and required.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Criterion {
+    /// `spec`, `category`, `hardening`, `critical_findings` or `compatibility`.
+    pub rule: String,
+    /// The claimed field it judges, when one (`system.threads`, `system.benchmarks.cpu.int.multi`).
+    pub field: Option<String>,
+    /// It is met.
+    pub passed: bool,
+    /// What was claimed.
+    pub claimed: Option<String>,
+    /// What was measured.
+    pub measured: Option<String>,
+    /// What was needed.
+    pub required: Option<String>,
+}
+
+/// A host judged against its resource set's claim.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Assessment {
+    /// Every criterion, met or not.
+    pub criteria: Vec<Criterion>,
+    /// The size category the measurements imply (never the claim).
+    pub category: Option<String>,
+}
+
+impl Assessment {
+    /// Every criterion is met.
+    pub fn accepted(&self) -> bool {
+        self.criteria.iter().all(|c| c.passed)
+    }
+}
+
+/// Benchmark units where less is better.
+fn lower_is_better(unit: &str) -> bool {
+    unit == "ns"
+}
+
+fn number(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{v:.0}")
+    } else {
+        format!("{v}")
+    }
+}
+
+/// Judges one host of `set` by its validation `evidence` (C2's acceptance criteria):
+/// the tested specification conforms to the claimed one within `tolerances` (more
+/// than claimed always conforms; thread counts must be met); claimed benchmark
+/// figures are met within the score tolerance (in their units, less being better for
+/// latencies); the measurements reach the smallest size category; the hardening index
+/// is at least the minimum and no critical finding failed; the verified compatibility
+/// is at least the claimed one. The category is decided from the measurements only.
+pub fn assess(set: &ResourceSet, evidence: &Evidence<'_>, req: &Requirements) -> Assessment {
+    let mut criteria = Vec::new();
+    let inv = evidence.inventory;
+    let claimed = &set.system;
+
+    // The specification: what compare() judges, and the exact CPU counts.
+    let tested = Spec::tested(inv, BTreeMap::new());
+    let claim = Spec {
+        cores: claimed.threads,
+        memory_bytes: claimed.memory_bytes,
+        disk_bytes: claimed.disk_bytes,
+        clock_mhz: claimed.clock_mhz,
+        scores: BTreeMap::new(),
+    };
+    let short = compare(&claim, &tested, &req.tolerances);
+    let spec_fields = [
+        (
+            "cores",
+            "system.threads",
+            claim.cores.map(f64::from),
+            tested.cores.map(f64::from),
+        ),
+        (
+            "memory_bytes",
+            "system.memory_bytes",
+            claim.memory_bytes.map(|v| v as f64),
+            tested.memory_bytes.map(|v| v as f64),
+        ),
+        (
+            "disk_bytes",
+            "system.disk_bytes",
+            claim.disk_bytes.map(|v| v as f64),
+            tested.disk_bytes.map(|v| v as f64),
+        ),
+        (
+            "clock_mhz",
+            "system.clock_mhz",
+            claim.clock_mhz.map(f64::from),
+            tested.clock_mhz.map(f64::from),
+        ),
+    ];
+    for (name, field, claimed_value, measured) in spec_fields {
+        let Some(claimed_value) = claimed_value else {
+            continue;
+        };
+        let mismatch = short.iter().find(|m| m.field == name);
+        criteria.push(Criterion {
+            rule: "spec".into(),
+            field: Some(field.into()),
+            passed: mismatch.is_none(),
+            claimed: Some(number(claimed_value)),
+            measured: measured.map(number),
+            required: mismatch.map(|m| format!("at least {}", number(m.minimum))),
+        });
+    }
+    for (field, claimed_value, measured) in [
+        ("system.sockets", claimed.sockets, inv.cpu.sockets),
+        ("system.cores", claimed.cores, inv.cpu.physical_cores),
+        ("system.gpus", claimed.gpus, Some(inv.gpus.len() as u32)),
+    ] {
+        let Some(c) = claimed_value else { continue };
+        criteria.push(Criterion {
+            rule: "spec".into(),
+            field: Some(field.into()),
+            passed: measured.is_some_and(|m| m >= c),
+            claimed: Some(c.to_string()),
+            measured: measured.map(|m| m.to_string()),
+            required: Some(format!("at least {c}")),
+        });
+    }
+    for figure in &claimed.benchmarks {
+        let field = format!("system.benchmarks.{}", figure.id);
+        let result = evidence.bench.results.iter().find(|r| r.id == figure.id);
+        let tolerance = req.tolerances.score.clamp(0.0, 1.0);
+        let (passed, required, measured) = match result {
+            Some(r) if r.unit == figure.unit => {
+                let (ok, bound) = if lower_is_better(&r.unit) {
+                    let most = figure.value * (1.0 + tolerance);
+                    (
+                        r.value <= most,
+                        format!("at most {} {}", number(most), r.unit),
+                    )
+                } else {
+                    let least = figure.value * (1.0 - tolerance);
+                    (
+                        r.value >= least,
+                        format!("at least {} {}", number(least), r.unit),
+                    )
+                };
+                (ok, bound, Some(format!("{} {}", number(r.value), r.unit)))
+            }
+            Some(r) => (
+                false,
+                format!("a figure in {}", r.unit),
+                Some(format!("{} {}", number(r.value), r.unit)),
+            ),
+            None => (false, "a measured figure".into(), None),
+        };
+        criteria.push(Criterion {
+            rule: "spec".into(),
+            field: Some(field),
+            passed,
+            claimed: Some(format!("{} {}", number(figure.value), figure.unit)),
+            measured,
+            required: Some(required),
+        });
+    }
+
+    // The size category, from the measurements only.
+    let measured = Measured {
+        cores: inv.cpu.logical_cpus,
+        memory_bytes: inv.memory.total_bytes,
+        score: evidence.bench.composite_score,
+    };
+    let category = req.categories.classify(&measured).map(|c| c.name.clone());
+    let smallest = &req.categories.list()[0];
+    criteria.push(Criterion {
+        rule: "category".into(),
+        field: None,
+        passed: category.is_some(),
+        claimed: None,
+        measured: Some(format!(
+            "{} CPUs, {} bytes, score {}",
+            measured.cores,
+            measured.memory_bytes,
+            number(measured.score)
+        )),
+        required: Some(format!(
+            "at least {} ({} CPUs, {} bytes, score {})",
+            smallest.name,
+            smallest.min_cores,
+            smallest.min_memory_bytes,
+            number(smallest.min_score)
+        )),
+    });
+
+    // Security.
+    criteria.push(Criterion {
+        rule: "hardening".into(),
+        field: None,
+        passed: evidence.security.hardening_index >= req.min_hardening,
+        claimed: None,
+        measured: Some(evidence.security.hardening_index.to_string()),
+        required: Some(format!("at least {}", req.min_hardening)),
+    });
+    let critical: Vec<&str> = evidence
+        .security
+        .findings
+        .iter()
+        .filter(|f| f.severity == Severity::Critical && f.status == CheckStatus::Fail)
+        .map(|f| f.id.as_str())
+        .collect();
+    criteria.push(Criterion {
+        rule: "critical_findings".into(),
+        field: None,
+        passed: critical.is_empty(),
+        claimed: None,
+        measured: Some(if critical.is_empty() {
+            "none".into()
+        } else {
+            critical.join(", ")
+        }),
+        required: Some("none".into()),
+    });
+
+    // Compatibility: the kit's verified level and operations against the claim.
+    let passed_ops: BTreeSet<&str> = evidence
+        .compat
+        .checks
+        .iter()
+        .filter(|c| c.passed)
+        .map(|c| c.operation.as_str())
+        .collect();
+    let (passed, claimed_text, required) = match &set.compatibility {
+        ClaimedCompatibility::Full => (
+            evidence.compat.level == CompatLevel::Fully,
+            "full".to_owned(),
+            "every operation passes".to_owned(),
+        ),
+        ClaimedCompatibility::Partial { operations } => {
+            let missing: Vec<&str> = operations
+                .iter()
+                .map(String::as_str)
+                .filter(|op| !passed_ops.contains(op))
+                .collect();
+            (
+                missing.is_empty(),
+                format!("partial: {}", operations.join(", ")),
+                if missing.is_empty() {
+                    "the claimed operations pass".to_owned()
+                } else {
+                    format!(
+                        "the claimed operations pass; failing: {}",
+                        missing.join(", ")
+                    )
+                },
+            )
+        }
+        ClaimedCompatibility::Other { specification } => (
+            true,
+            format!("other: {specification}"),
+            "nothing of this interface".to_owned(),
+        ),
+        ClaimedCompatibility::BareMetal => (
+            true,
+            "bare metal".to_owned(),
+            "nothing of this interface".to_owned(),
+        ),
+    };
+    criteria.push(Criterion {
+        rule: "compatibility".into(),
+        field: Some("compatibility".into()),
+        passed,
+        claimed: Some(claimed_text),
+        measured: Some(
+            format!(
+                "{:?} ({} of {} operations)",
+                evidence.compat.level,
+                passed_ops.len(),
+                evidence.compat.checks.len()
+            )
+            .to_lowercase(),
+        ),
+        required: Some(required),
+    });
+    Assessment { criteria, category }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -862,6 +1177,291 @@ mod tests {
             preliminary(&request(), &standing(None, false, 0, 2_000)).len(),
             2
         );
+    }
+
+    /// This host, as validation measured it: 8 CPUs (4 cores, 1 socket), 16 GiB, a
+    /// composite score of 1.2, hardening 80, fully compatible.
+    struct Host {
+        inventory: Inventory,
+        bench: BenchReport,
+        security: SecurityReport,
+        compat: CompatReport,
+    }
+
+    fn host() -> Host {
+        let mut inventory = Inventory::default();
+        inventory.cpu.logical_cpus = 8;
+        inventory.cpu.physical_cores = Some(4);
+        inventory.cpu.sockets = Some(1);
+        inventory.cpu.max_mhz = Some(3000);
+        inventory.memory.total_bytes = 16 << 30;
+        let figure = |id: &str, unit: &str, value: f64| surplus_protocol::bench::BenchResult {
+            id: id.into(),
+            unit: unit.into(),
+            value,
+            repetitions: vec![value],
+            cv: 0.01,
+            reference: value,
+            score: 1.0,
+            duration_ms: 1,
+            note: None,
+        };
+        let finding = |id: &str, severity, status| surplus_protocol::security::Finding {
+            id: id.into(),
+            title: id.into(),
+            severity,
+            status,
+            evidence: String::new(),
+            remediation: String::new(),
+        };
+        let check = |op: &str, passed| surplus_protocol::control::CompatCheck {
+            operation: op.into(),
+            passed,
+            message: None,
+        };
+        Host {
+            inventory,
+            bench: BenchReport {
+                plan: Default::default(),
+                results: vec![
+                    figure("cpu.sha256.multi", "MB/s", 2400.0),
+                    figure("memory.latency", "ns", 90.0),
+                ],
+                cache_levels_bytes: Vec::new(),
+                composite_score: 1.2,
+                skipped: Vec::new(),
+                cancelled: false,
+                duration_ms: 1,
+            },
+            security: SecurityReport {
+                root: "/".into(),
+                live: true,
+                findings: vec![
+                    finding("ssh.root-login", Severity::High, CheckStatus::Pass),
+                    finding(
+                        "fs.world-writable-etc",
+                        Severity::Critical,
+                        CheckStatus::Pass,
+                    ),
+                ],
+                hardening_index: 80,
+                band: "good".into(),
+            },
+            compat: CompatReport {
+                driver: "process".into(),
+                level: CompatLevel::Fully,
+                checks: vec![
+                    check("run", true),
+                    check("stop", true),
+                    check("volume-create", true),
+                ],
+                isolation: Default::default(),
+                ran_at_ms: 1,
+            },
+        }
+    }
+
+    fn evidence(h: &Host) -> Evidence<'_> {
+        Evidence {
+            inventory: &h.inventory,
+            bench: &h.bench,
+            security: &h.security,
+            compat: &h.compat,
+        }
+    }
+
+    fn requirements() -> Requirements {
+        Requirements {
+            tolerances: Tolerances::default(),
+            min_hardening: 60,
+            categories: Categories::standard(),
+        }
+    }
+
+    fn failed(a: &Assessment) -> Vec<(&str, Option<&str>)> {
+        a.criteria
+            .iter()
+            .filter(|c| !c.passed)
+            .map(|c| (c.rule.as_str(), c.field.as_deref()))
+            .collect()
+    }
+
+    /// Each case: (rule it pins, the claim or the host changed, the failed criteria).
+    #[test]
+    fn each_acceptance_criterion_judges_claim_against_measurement() {
+        type Change = fn(&mut ResourceSet, &mut Host);
+        type Failed = Vec<(&'static str, Option<&'static str>)>;
+        let cases: Vec<(&str, Change, Failed)> = vec![
+            ("as claimed: accepted", |_, _| {}, vec![]),
+            (
+                "four times this host's threads",
+                |s, _| s.system.threads = Some(32),
+                vec![("spec", Some("system.threads"))],
+            ),
+            (
+                "twice its memory",
+                |s, _| s.system.memory_bytes = Some(32 << 30),
+                vec![("spec", Some("system.memory_bytes"))],
+            ),
+            (
+                "memory 4% below the claim is within the 5% tolerance",
+                |s, _| s.system.memory_bytes = Some((16u64 << 30) * 100 / 96),
+                vec![],
+            ),
+            (
+                "physical cores must be met",
+                |s, _| s.system.cores = Some(8),
+                vec![("spec", Some("system.cores"))],
+            ),
+            (
+                "a benchmark figure claimed 20% above the measured one",
+                |s, _| s.system.benchmarks[0].value = 2880.0,
+                vec![("spec", Some("system.benchmarks.cpu.sha256.multi"))],
+            ),
+            (
+                "a latency claimed 20% below the measured one (less is better)",
+                |s, _| {
+                    s.system.benchmarks.push(ClaimedFigure {
+                        id: "memory.latency".into(),
+                        value: 72.0,
+                        unit: "ns".into(),
+                    })
+                },
+                vec![("spec", Some("system.benchmarks.memory.latency"))],
+            ),
+            (
+                "a figure claimed in another unit",
+                |s, _| s.system.benchmarks[0].unit = "GB/s".into(),
+                vec![("spec", Some("system.benchmarks.cpu.sha256.multi"))],
+            ),
+            (
+                "hardening below the minimum",
+                |_, h| h.security.hardening_index = 59,
+                vec![("hardening", None)],
+            ),
+            (
+                "a failed critical finding",
+                |_, h| h.security.findings[1].status = CheckStatus::Fail,
+                vec![("critical_findings", None)],
+            ),
+            (
+                "a failed high finding is not a critical one",
+                |_, h| h.security.findings[0].status = CheckStatus::Fail,
+                vec![],
+            ),
+            (
+                "claims full compatibility, the kit verified high",
+                |_, h| h.compat.level = CompatLevel::Highly,
+                vec![("compatibility", Some("compatibility"))],
+            ),
+            (
+                "claims operations the kit saw fail",
+                |s, h| {
+                    s.compatibility = ClaimedCompatibility::Partial {
+                        operations: vec!["run".into(), "stop".into()],
+                    };
+                    h.compat.level = CompatLevel::Somewhat;
+                    h.compat.checks[1].passed = false;
+                },
+                vec![("compatibility", Some("compatibility"))],
+            ),
+            (
+                "claims only operations that pass",
+                |s, h| {
+                    s.compatibility = ClaimedCompatibility::Partial {
+                        operations: vec!["run".into()],
+                    };
+                    h.compat.level = CompatLevel::Somewhat;
+                    h.compat.checks[1].passed = false;
+                },
+                vec![],
+            ),
+            (
+                "below the smallest category, though as claimed",
+                |s, h| {
+                    s.system.memory_bytes = Some(512 << 20);
+                    h.inventory.memory.total_bytes = 512 << 20;
+                },
+                vec![("category", None)],
+            ),
+        ];
+        for (rule, change, want) in cases {
+            let mut set = request().resource_sets.remove(0);
+            set.system.clock_mhz = Some(3000);
+            let mut h = host();
+            change(&mut set, &mut h);
+            let a = assess(&set, &evidence(&h), &requirements());
+            assert_eq!(failed(&a), want, "{rule}");
+            assert_eq!(a.accepted(), want.is_empty(), "{rule}");
+        }
+        // The evidence of a failure: claimed against measured against required.
+        let mut set = request().resource_sets.remove(0);
+        set.system.threads = Some(32);
+        let a = assess(&set, &evidence(&host()), &requirements());
+        let c = a.criteria.iter().find(|c| !c.passed).unwrap();
+        assert_eq!(
+            (
+                c.claimed.as_deref(),
+                c.measured.as_deref(),
+                c.required.as_deref()
+            ),
+            (Some("32"), Some("8"), Some("at least 32"))
+        );
+        // 8 CPUs and 16 GiB with a score of 1.2: medium (large needs 16 CPUs).
+        assert_eq!(a.category.as_deref(), Some("medium"));
+    }
+
+    fn claimed_system() -> impl proptest::strategy::Strategy<Value = ClaimedSystem> {
+        use proptest::prelude::*;
+        (
+            proptest::option::of(1u32..1024),
+            proptest::option::of(1u32..512),
+            proptest::option::of(1u64..1 << 42),
+            proptest::option::of(0.1f64..1e6),
+        )
+            .prop_map(|(threads, cores, memory_bytes, figure)| ClaimedSystem {
+                threads,
+                cores,
+                memory_bytes,
+                benchmarks: figure
+                    .map(|value| ClaimedFigure {
+                        id: "cpu.sha256.multi".into(),
+                        value,
+                        unit: "MB/s".into(),
+                    })
+                    .into_iter()
+                    .collect(),
+                ..ClaimedSystem::default()
+            })
+    }
+
+    proptest::proptest! {
+        /// Whatever a provider claims, a host lands in the category its
+        /// measurements imply: claims decide acceptance, never the category.
+        #[test]
+        fn the_category_never_depends_on_claimed_values(
+            a in claimed_system(),
+            b in claimed_system(),
+            cpus in 1u32..256,
+            memory_gib in 1u64..1024,
+            score in 0.0f64..8.0,
+        ) {
+            let mut h = host();
+            h.inventory.cpu.logical_cpus = cpus;
+            h.inventory.memory.total_bytes = memory_gib << 30;
+            h.bench.composite_score = score;
+            let with = |system: ClaimedSystem| {
+                let mut set = request().resource_sets.remove(0);
+                set.system = system;
+                assess(&set, &evidence(&h), &requirements()).category
+            };
+            let measured = requirements()
+                .categories
+                .classify(&Measured { cores: cpus, memory_bytes: memory_gib << 30, score })
+                .map(|c| c.name.clone());
+            proptest::prop_assert_eq!(with(a), measured.clone());
+            proptest::prop_assert_eq!(with(b), measured);
+        }
     }
 
     #[test]
