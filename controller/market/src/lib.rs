@@ -14,6 +14,8 @@
 //! - [`resell`]: a provider's resell request, its well-formedness field by field,
 //!   the preliminary criteria it must meet before its hosts are tested, and the
 //!   acceptance criteria its hosts' validation evidence is judged by.
+//! - [`listings`]: what an accepted host is offered as, a search's filters (an
+//!   unknown one refused by name) and the order of its results.
 //! - [`pipeline`]: one resell request's way from submission to listed or rejected,
 //!   as a state machine the shell stores as a row and rebuilds.
 //! - [`usage`]: what a batch of usage records adds: new, duplicate or refused, and
@@ -23,6 +25,7 @@ pub mod acceptance;
 pub mod billing;
 pub mod catalog;
 pub mod ledger;
+pub mod listings;
 pub mod pipeline;
 pub mod records;
 pub mod resell;

@@ -1,0 +1,439 @@
+//! Listings and how clients search them (C2, C4): what an accepted host is offered
+//! as, the filters of a search, read from a query so that a filter the server does not
+//! understand is refused by name rather than ignored, and the order of the results.
+//!
+//! Pure: the listings and the query go in, the ordered matches come out.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+use surplus_protocol::control::CompatLevel;
+use uuid::Uuid;
+
+use crate::catalog::{RankInput, RankWeights, rank};
+use crate::resell::{FieldError, Interruptibility, PricingMode, ResourceKind};
+
+/// What an accepted host is offered as.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Listing {
+    /// `lst-...`.
+    pub id: String,
+    /// The resell request it came from.
+    pub request: Uuid,
+    /// The provider's account.
+    pub provider: String,
+    /// The provider's data center (availability zone).
+    pub zone: String,
+    /// What it offers.
+    pub kind: ResourceKind,
+    /// The size category its measurements imply.
+    pub category: String,
+    /// The host's agent.
+    pub host: Uuid,
+    /// The host's composite benchmark score (1.0: the reference machine).
+    pub score: f64,
+    /// The host's hardening index.
+    pub hardening_index: u8,
+    /// The compatibility level the kit verified.
+    pub compat_level: CompatLevel,
+    /// The operations of the control interface the kit saw pass.
+    pub operations: Vec<String>,
+    /// How it may be bought.
+    pub pricing_modes: BTreeSet<PricingMode>,
+    /// Whether and how a client may be interrupted.
+    pub interruptibility: Interruptibility,
+    /// The currency of `price`.
+    pub currency: String,
+    /// The hourly price a client sees, minor units.
+    pub price: u64,
+    /// Hosts available now.
+    pub available: u32,
+    /// Average client rating over the window, 1 to 5.
+    pub rating: Option<f64>,
+    /// Measured uptime over the window, 0 to 1.
+    pub uptime: Option<f64>,
+    /// Offered to clients (false once delisted).
+    pub listed: bool,
+    /// Its last re-test failed.
+    pub failed_retest: bool,
+}
+
+/// How search results are ordered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum ListingSort {
+    /// By [`catalog::rank`](crate::catalog::rank): price, performance, uptime, rating.
+    #[default]
+    Rank,
+    /// Cheapest first.
+    Price,
+    /// Fastest first.
+    Score,
+    /// Best rated first (unrated last).
+    Rating,
+}
+
+/// The filters of a search; every one given must match.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ListingQuery {
+    /// Of this kind.
+    pub kind: Option<ResourceKind>,
+    /// In this size category.
+    pub category: Option<String>,
+    /// In this zone.
+    pub zone: Option<String>,
+    /// Of this provider.
+    pub provider: Option<String>,
+    /// Sold in this pricing mode.
+    pub pricing_mode: Option<PricingMode>,
+    /// With this interruptibility.
+    pub interruptibility: Option<Interruptibility>,
+    /// At least this compatibility level.
+    pub compat: Option<CompatLevel>,
+    /// At least this average rating.
+    pub min_rating: Option<f64>,
+    /// At least this composite score.
+    pub min_score: Option<f64>,
+    /// At most this hourly price.
+    pub max_price: Option<u64>,
+    /// The order.
+    pub sort: ListingSort,
+}
+
+/// The filters a search understands, by their query names.
+pub const FILTERS: [&str; 11] = [
+    "kind",
+    "category",
+    "zone",
+    "provider",
+    "pricing_mode",
+    "interruptibility",
+    "compat",
+    "min_rating",
+    "min_score",
+    "max_price",
+    "sort",
+];
+
+/// How good a compatibility level is: incompatible 0 to fully 3.
+fn compat_rank(level: CompatLevel) -> u8 {
+    match level {
+        CompatLevel::Incompatible => 0,
+        CompatLevel::Somewhat => 1,
+        CompatLevel::Highly => 2,
+        CompatLevel::Fully => 3,
+    }
+}
+
+/// A snake_case name as the enum it names (through its serde form).
+fn named<T: serde::de::DeserializeOwned>(value: &str) -> Option<T> {
+    serde_json::from_value(serde_json::Value::String(value.to_owned())).ok()
+}
+
+impl ListingQuery {
+    /// Reads a search from its query pairs; every problem is named by its parameter: a
+    /// parameter not in [`FILTERS`], one given twice, a value that is not one of the
+    /// parameter's.
+    pub fn parse(pairs: &[(String, String)]) -> Result<Self, Vec<FieldError>> {
+        let mut q = ListingQuery::default();
+        let mut errors = Vec::new();
+        let mut seen = BTreeSet::new();
+        for (key, value) in pairs {
+            let mut bad = |message: String| {
+                errors.push(FieldError {
+                    field: key.clone(),
+                    message,
+                })
+            };
+            if !FILTERS.contains(&key.as_str()) {
+                bad(format!(
+                    "{key} is not a filter of listings ({})",
+                    FILTERS.join(", ")
+                ));
+                continue;
+            }
+            if !seen.insert(key.as_str()) {
+                bad(format!("{key} is given twice"));
+                continue;
+            }
+            let value = value.trim();
+            let not = |what: &str| format!("{value:?} is not {what}");
+            match key.as_str() {
+                "kind" => match named(value) {
+                    Some(k) => q.kind = Some(k),
+                    None => bad(not("compute, storage or bandwidth")),
+                },
+                "category" => q.category = Some(value.to_owned()),
+                "zone" => q.zone = Some(value.to_owned()),
+                "provider" => q.provider = Some(value.to_owned()),
+                "pricing_mode" => match named(value) {
+                    Some(m) => q.pricing_mode = Some(m),
+                    None => bad(not("spot, auction, immediate, on_demand or reserved")),
+                },
+                "interruptibility" => match named(value) {
+                    Some(i) => q.interruptibility = Some(i),
+                    None => bad(not(
+                        "dont_care, price_based, fulfilment_based or no_interruptions",
+                    )),
+                },
+                "compat" => match named(value) {
+                    Some(c) => q.compat = Some(c),
+                    None => bad(not("fully, highly, somewhat or incompatible")),
+                },
+                "min_rating" => match value.parse::<f64>() {
+                    Ok(r) if (1.0..=5.0).contains(&r) => q.min_rating = Some(r),
+                    _ => bad(not("a rating from 1 to 5")),
+                },
+                "min_score" => match value.parse::<f64>() {
+                    Ok(s) if s.is_finite() && s >= 0.0 => q.min_score = Some(s),
+                    _ => bad(not("a score of at least 0")),
+                },
+                "max_price" => match value.parse::<u64>() {
+                    Ok(p) => q.max_price = Some(p),
+                    _ => bad(not("a price in minor units")),
+                },
+                "sort" => match named(value) {
+                    Some(s) => q.sort = s,
+                    None => bad(not("rank, price, score or rating")),
+                },
+                _ => unreachable!("every filter has a branch"),
+            }
+        }
+        if errors.is_empty() {
+            Ok(q)
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// `listing` is offered and passes every filter given.
+    pub fn matches(&self, l: &Listing) -> bool {
+        l.listed
+            && self.kind.is_none_or(|k| l.kind == k)
+            && self.category.as_ref().is_none_or(|c| &l.category == c)
+            && self.zone.as_ref().is_none_or(|z| &l.zone == z)
+            && self.provider.as_ref().is_none_or(|p| &l.provider == p)
+            && self
+                .pricing_mode
+                .is_none_or(|m| l.pricing_modes.contains(&m))
+            && self
+                .interruptibility
+                .is_none_or(|i| l.interruptibility == i)
+            && self
+                .compat
+                .is_none_or(|c| compat_rank(l.compat_level) >= compat_rank(c))
+            && self
+                .min_rating
+                .is_none_or(|r| l.rating.is_some_and(|x| x >= r))
+            && self.min_score.is_none_or(|s| l.score >= s)
+            && self.max_price.is_none_or(|p| l.price <= p)
+    }
+}
+
+/// The offered listings that match `query`, in its order; ties go to the lower price,
+/// then the lower id. Ranks compare candidates in one currency: the shell searches
+/// one currency at a time.
+pub fn search<'a>(
+    listings: &'a [Listing],
+    query: &ListingQuery,
+    weights: &RankWeights,
+) -> Vec<&'a Listing> {
+    let mut found: Vec<&Listing> = listings.iter().filter(|l| query.matches(l)).collect();
+    let tie = |a: &&Listing, b: &&Listing| a.price.cmp(&b.price).then_with(|| a.id.cmp(&b.id));
+    match query.sort {
+        ListingSort::Rank => {
+            let inputs: Vec<RankInput> = found
+                .iter()
+                .map(|l| RankInput {
+                    id: l.id.clone(),
+                    price: l.price,
+                    score: l.score,
+                    uptime: l.uptime,
+                    rating: l.rating,
+                    failed_retest: l.failed_retest,
+                })
+                .collect();
+            let order = rank(&inputs, weights);
+            let by_id = |id: &str| *found.iter().find(|l| l.id == id).expect("ranked");
+            return order.iter().map(|r| by_id(&r.id)).collect();
+        }
+        ListingSort::Price => found.sort_by(tie),
+        ListingSort::Score => {
+            found.sort_by(|a, b| b.score.total_cmp(&a.score).then_with(|| tie(a, b)))
+        }
+        ListingSort::Rating => found.sort_by(|a, b| {
+            let r = |l: &Listing| l.rating.unwrap_or(f64::NEG_INFINITY);
+            r(b).total_cmp(&r(a)).then_with(|| tie(a, b))
+        }),
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listing(id: &str) -> Listing {
+        Listing {
+            id: id.into(),
+            request: Uuid::from_u128(1),
+            provider: "bob".into(),
+            zone: "bob-fra-1".into(),
+            kind: ResourceKind::Compute,
+            category: "medium".into(),
+            host: Uuid::from_u128(2),
+            score: 1.0,
+            hardening_index: 80,
+            compat_level: CompatLevel::Highly,
+            operations: vec!["run".into()],
+            pricing_modes: [PricingMode::OnDemand, PricingMode::Spot].into(),
+            interruptibility: Interruptibility::PriceBased,
+            currency: "EUR".into(),
+            price: 30,
+            available: 1,
+            rating: Some(4.0),
+            uptime: Some(0.99),
+            listed: true,
+            failed_retest: false,
+        }
+    }
+
+    fn pairs(text: &str) -> Vec<(String, String)> {
+        text.split('&')
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                let (k, v) = p.split_once('=').unwrap_or((p, ""));
+                (k.to_owned(), v.to_owned())
+            })
+            .collect()
+    }
+
+    /// Each case: (rule it pins, query, whether the standard listing matches).
+    #[test]
+    fn every_filter_given_must_match() {
+        let l = listing("a");
+        let cases = [
+            ("no filter: every offered listing", "", true),
+            ("the kind it is", "kind=compute", true),
+            ("another kind", "kind=storage", false),
+            ("its category", "category=medium", true),
+            ("another category", "category=large", false),
+            ("another zone", "zone=ams-1", false),
+            ("another provider", "provider=carol", false),
+            ("a pricing mode it is sold in", "pricing_mode=spot", true),
+            ("one it is not sold in", "pricing_mode=auction", false),
+            (
+                "another interruptibility",
+                "interruptibility=no_interruptions",
+                false,
+            ),
+            ("at least a lower compatibility", "compat=somewhat", true),
+            ("at least its compatibility", "compat=highly", true),
+            ("at least a higher compatibility", "compat=fully", false),
+            ("a rating at its", "min_rating=4", true),
+            ("a rating above its", "min_rating=4.5", false),
+            ("a score above its", "min_score=1.5", false),
+            ("a price above its", "max_price=30", true),
+            ("a price below its", "max_price=29", false),
+            (
+                "every filter together",
+                "kind=compute&zone=bob-fra-1&provider=bob&compat=highly&min_score=1",
+                true,
+            ),
+        ];
+        for (rule, query, want) in cases {
+            let q = ListingQuery::parse(&pairs(query)).unwrap_or_else(|e| panic!("{rule}: {e:?}"));
+            assert_eq!(q.matches(&l), want, "{rule}");
+        }
+        let unrated = Listing {
+            rating: None,
+            ..listing("b")
+        };
+        let min_rating = ListingQuery::parse(&pairs("min_rating=1")).unwrap();
+        assert!(
+            !min_rating.matches(&unrated),
+            "unrated does not pass a minimum rating"
+        );
+        let delisted = Listing {
+            listed: false,
+            ..listing("c")
+        };
+        assert!(
+            !ListingQuery::default().matches(&delisted),
+            "a delisted listing is never found"
+        );
+    }
+
+    #[test]
+    fn a_filter_the_server_does_not_understand_is_refused_by_name() {
+        let errors = ListingQuery::parse(&pairs("zone=a&colour=red&kind=gpu&zone=b&min_rating=9"))
+            .unwrap_err();
+        let named: Vec<(&str, &str)> = errors
+            .iter()
+            .map(|e| (e.field.as_str(), e.message.split(' ').next().unwrap_or("")))
+            .collect();
+        assert_eq!(
+            named,
+            [
+                ("colour", "colour"),
+                ("kind", "\"gpu\""),
+                ("zone", "zone"),
+                ("min_rating", "\"9\"")
+            ]
+        );
+        assert!(errors[0].message.contains("is not a filter of listings"));
+        assert!(errors[2].message.contains("given twice"));
+    }
+
+    fn ids<'a>(found: &[&'a Listing]) -> Vec<&'a str> {
+        found.iter().map(|l| l.id.as_str()).collect()
+    }
+
+    #[test]
+    fn results_come_in_the_asked_order_with_ties_to_price_then_id() {
+        let listings = vec![
+            Listing {
+                price: 40,
+                score: 2.0,
+                rating: Some(3.0),
+                ..listing("a")
+            },
+            Listing {
+                price: 20,
+                score: 1.0,
+                rating: None,
+                ..listing("b")
+            },
+            Listing {
+                price: 20,
+                score: 1.0,
+                rating: Some(5.0),
+                ..listing("c")
+            },
+            Listing {
+                listed: false,
+                price: 1,
+                ..listing("d")
+            },
+        ];
+        let w = RankWeights::default();
+        let sorted = |sort| {
+            search(
+                &listings,
+                &ListingQuery {
+                    sort,
+                    ..ListingQuery::default()
+                },
+                &w,
+            )
+        };
+        assert_eq!(ids(&sorted(ListingSort::Price)), ["b", "c", "a"]);
+        assert_eq!(ids(&sorted(ListingSort::Score)), ["a", "b", "c"]);
+        assert_eq!(ids(&sorted(ListingSort::Rating)), ["c", "a", "b"]);
+        // Rank: c (cheapest, best rated) before b (cheapest, unrated) before a.
+        assert_eq!(ids(&sorted(ListingSort::Rank)), ["c", "b", "a"]);
+    }
+}
