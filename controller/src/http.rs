@@ -3,7 +3,7 @@
 //! those of the transport: unknown paths (404), methods (405), slow bodies (408),
 //! large bodies (413), long targets (414) and large headers (431).
 //!
-//! Each capability's module (`agents`, `validation`, `control`, `billing`) lists its
+//! Each capability's module (`agents`, `validation`, `control`, `billing`, `resell`) lists its
 //! own routes; [`routes`] is their union, which the router is built from, so the list
 //! (and the authorization matrix tested against it) cannot drift from what is served.
 //! The router also mounts the web console (`crate::console`) under `/console/`, whose
@@ -28,6 +28,7 @@ pub(crate) mod agents;
 pub mod billing;
 pub(crate) mod control;
 pub(crate) mod openapi;
+pub(crate) mod resell;
 pub(crate) mod validation;
 
 pub use agents::{agent_view, validate_label};
@@ -391,6 +392,7 @@ fn table() -> Vec<Route> {
     all.extend(validation::routes());
     all.extend(control::routes());
     all.extend(billing::routes());
+    all.extend(resell::routes());
     all
 }
 

@@ -262,6 +262,27 @@ async fn every_route_answers_every_caller_as_its_principal_allows() {
         )
         .await;
     let run_id = ordered["id"].as_str().unwrap().to_owned();
+    // Alice and bob as providers, each with an agreement.
+    let mut agreements = Vec::new();
+    for who in ["alice", "bob"] {
+        api.ok(
+            &admin,
+            "PUT",
+            &format!("/v1/providers/{who}"),
+            json!({"name": who, "contact": format!("ops@{who}.example"), "zones": [format!("{who}-1")], "accepted": true}),
+        )
+        .await;
+        let made = api
+            .ok(
+                &admin,
+                "POST",
+                "/v1/agreements",
+                json!({"provider": who, "valid_until_ms": now + 86_400_000, "resource_kinds": ["compute"],
+                       "pricing_modes": ["on_demand"], "commission_bps": 1500, "max_hosts": 4}),
+            )
+            .await;
+        agreements.push(made["id"].as_str().unwrap().to_owned());
+    }
     // A run on bob's host, which ended while it was offline.
     let run_b = uuid::Uuid::now_v7();
     tc.ctl()
@@ -295,6 +316,7 @@ async fn every_route_answers_every_caller_as_its_principal_allows() {
         inv_b,
         run_id,
         run_b: run_b.to_string(),
+        agreement: agreements[0].clone(),
         hour,
         plan,
         run,
@@ -447,6 +469,28 @@ async fn every_route_answers_every_caller_as_its_principal_allows() {
             "{account}: {balances}"
         );
     }
+    // A provider reads its own profile and agreements only.
+    let own = api.ok(provider, "GET", "/v1/providers", Value::Null).await;
+    assert_eq!(own.as_array().unwrap().len(), 1, "{own}");
+    assert_eq!(own[0]["account"], "alice");
+    let own = api.ok(provider, "GET", "/v1/agreements", Value::Null).await;
+    assert!(
+        own.as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["provider"] == "alice")
+            && own[0]["id"].is_string(),
+        "{own}"
+    );
+    let ended = api
+        .send(
+            Some(&admin),
+            "POST",
+            &format!("/v1/agreements/{}/end", agreements[0]),
+            None,
+        )
+        .await;
+    assert_eq!(ended.0, 409, "an ended agreement ends once: {}", ended.1);
     let hosts = api.ok(provider, "GET", "/v1/agents", Value::Null).await;
     let hosts: Vec<&str> = hosts
         .as_array()
@@ -526,6 +570,7 @@ struct Resources {
     inv_b: String,
     run_id: String,
     run_b: String,
+    agreement: String,
     hour: i64,
     plan: Value,
     run: Value,
@@ -536,7 +581,7 @@ struct Resources {
 /// bob's; calls that change state are idempotent or come in the order they need.
 #[rustfmt::skip]
 fn matrix(r: &Resources) -> Vec<Case> {
-    let Resources { a, b, i_a, i_b, v_a, v_b, v_b2, inv_a, inv_b, run_id, run_b, hour, plan, run } = r;
+    let Resources { a, b, i_a, i_b, v_a, v_b, v_b2, inv_a, inv_b, run_id, run_b, agreement, hour, plan, run } = r;
     vec![
         // Open to all.
         case("GET", "/v1/health", "/v1/health", [200, 200, 200, 200, 200]),
@@ -569,6 +614,18 @@ fn matrix(r: &Resources) -> Vec<Case> {
         with_body("POST", "/v1/api-tokens", "/v1/api-tokens", json!({"account": "carol", "role": "client"}), [201, 403, 403, 403, 401]),
         // The house (hosts without a provider label) is no provider's to claim.
         with_body("POST", "/v1/api-tokens", "/v1/api-tokens", json!({"account": "house", "role": "provider"}), [400, 403, 403, 403, 401]),
+        // Providers and agreements: admins record them; a provider reads its own.
+        with_body("PUT", "/v1/providers/{account}", "/v1/providers/carol", json!({"name": "Carol", "contact": "ops@carol.example", "zones": ["carol-1"], "accepted": true}), [200, 403, 403, 403, 401]),
+        with_body("PUT", "/v1/providers/{account}", "/v1/providers/carol", json!({"name": "", "contact": "x", "zones": ["a b"]}), [400, 403, 403, 403, 401]),
+        case("GET", "/v1/providers", "/v1/providers", [200, 403, 200, 403, 401]),
+        case("GET", "/v1/providers/{account}", "/v1/providers/alice", [200, 403, 200, 403, 401]),
+        case("GET", "/v1/providers/{account}", "/v1/providers/bob", [200, 403, 403, 403, 401]),
+        case("GET", "/v1/providers/{account}", "/v1/providers/nobody", [404, 403, 403, 403, 401]),
+        case("GET", "/v1/agreements", "/v1/agreements", [200, 403, 200, 403, 401]),
+        case("GET", "/v1/agreements", "/v1/agreements?provider=bob", [200, 403, 403, 403, 401]),
+        with_body("POST", "/v1/agreements", "/v1/agreements", json!({"provider": "carol", "valid_until_ms": hour + 86_400_000, "resource_kinds": ["compute"], "pricing_modes": ["spot"], "commission_bps": 1000, "max_hosts": 2}), [201, 403, 403, 403, 401]),
+        with_body("POST", "/v1/agreements", "/v1/agreements", json!({"provider": "nobody", "valid_until_ms": hour + 86_400_000, "resource_kinds": ["compute"], "pricing_modes": ["spot"], "commission_bps": 1000, "max_hosts": 2}), [400, 403, 403, 403, 401]),
+        case("POST", "/v1/agreements/{id}/end", format!("/v1/agreements/{agreement}/end"), [200, 403, 403, 403, 401]),
         // A host's own business: its provider (alice for A, bob for B) and admins.
         case("GET", "/v1/agents/{id}/compat", format!("/v1/agents/{a}/compat"), [200, 403, 200, 403, 401]),
         case("GET", "/v1/agents/{id}/compat", format!("/v1/agents/{b}/compat"), [200, 403, 403, 403, 401]),

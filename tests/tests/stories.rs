@@ -136,9 +136,95 @@ story!(metering_settings_and_compatibility_reports_are_kept_per_agent);
 story!(a_change_set_applies_whole_or_not_at_all);
 story!(an_agent_page_is_filtered_sorted_and_counted_by_the_database);
 story!(snapshots_are_kept_per_volume_oldest_first);
+story!(providers_and_their_agreements_are_kept_and_ended_once);
 
 mod stories {
     use super::*;
+
+    pub async fn providers_and_their_agreements_are_kept_and_ended_once(
+        _f: &Fixture,
+        s: Arc<dyn Store>,
+    ) {
+        use surplus_api::resell::{PricingMode, ResourceKind};
+        let provider = |account: &str, at| Provider {
+            account: account.into(),
+            name: account.to_uppercase(),
+            contact: format!("ops@{account}.example"),
+            zones: vec![format!("{account}-1")],
+            accepted: false,
+            created_at_ms: at,
+            updated_at_ms: at,
+        };
+        assert_eq!(
+            s.put_provider(&provider("bob", 10)).await.unwrap(),
+            provider("bob", 10)
+        );
+        s.put_provider(&provider("alice", 20)).await.unwrap();
+        // A new profile replaces the old one but keeps when it was first recorded.
+        let changed = Provider {
+            accepted: true,
+            zones: vec!["bob-1".into(), "bob-2".into()],
+            ..provider("bob", 30)
+        };
+        let stored = s.put_provider(&changed).await.unwrap();
+        assert_eq!((stored.created_at_ms, stored.updated_at_ms), (10, 30));
+        assert_eq!(s.provider("bob").await.unwrap(), Some(stored));
+        assert_eq!(s.provider("carol").await.unwrap(), None);
+        let accounts: Vec<String> = s
+            .providers()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|p| p.account)
+            .collect();
+        assert_eq!(accounts, ["alice", "bob"]);
+
+        let agreement = |id: &str, provider: &str, at| Agreement {
+            id: id.into(),
+            provider: provider.into(),
+            valid_from_ms: 100,
+            valid_until_ms: 1_000,
+            resource_kinds: [ResourceKind::Compute].into(),
+            pricing_modes: [PricingMode::Spot].into(),
+            commission_bps: 1_500,
+            max_hosts: 3,
+            created_at_ms: at,
+        };
+        s.create_agreement(&agreement("agr-1", "bob", 1))
+            .await
+            .unwrap();
+        s.create_agreement(&agreement("agr-2", "bob", 2))
+            .await
+            .unwrap();
+        s.create_agreement(&agreement("agr-3", "alice", 3))
+            .await
+            .unwrap();
+        assert!(matches!(
+            s.create_agreement(&agreement("agr-4", "carol", 4)).await,
+            Err(StoreError::NotFound(_))
+        ));
+        let ids = |list: Vec<Agreement>| list.into_iter().map(|a| a.id).collect::<Vec<_>>();
+        assert_eq!(
+            ids(s.agreements(Some("bob")).await.unwrap()),
+            ["agr-2", "agr-1"]
+        );
+        assert_eq!(
+            ids(s.agreements(None).await.unwrap()),
+            ["agr-3", "agr-2", "agr-1"]
+        );
+        // Ended at 500, once; the end is kept.
+        let ended = s.end_agreement("agr-1", 500).await.unwrap().unwrap();
+        assert_eq!(ended.valid_until_ms, 500);
+        assert_eq!(s.end_agreement("agr-1", 600).await.unwrap(), None);
+        assert_eq!(s.agreement("agr-1").await.unwrap(), Some(ended));
+        // One not yet in force ends before it starts.
+        let early = s.end_agreement("agr-2", 50).await.unwrap().unwrap();
+        assert!(!early.in_force(100) && !early.in_force(50));
+        assert!(matches!(
+            s.end_agreement("agr-9", 1).await,
+            Err(StoreError::NotFound(_))
+        ));
+    }
 
     pub async fn snapshots_are_kept_per_volume_oldest_first(_f: &Fixture, s: Arc<dyn Store>) {
         use surplus_protocol::control::Snapshot;

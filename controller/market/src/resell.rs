@@ -426,6 +426,8 @@ fn version_at_least(a: &[u64], b: &[u64]) -> bool {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Agreement {
+    /// `agr-` and 16 hex digits.
+    pub id: String,
     /// The provider's account.
     pub provider: String,
     /// In force from.
@@ -440,6 +442,107 @@ pub struct Agreement {
     pub commission_bps: u32,
     /// Most hosts it may have listed at once.
     pub max_hosts: u32,
+    /// When it was made.
+    pub created_at_ms: UnixMillis,
+}
+
+impl Agreement {
+    /// In force at `now_ms`.
+    pub fn in_force(&self, now_ms: UnixMillis) -> bool {
+        self.valid_from_ms <= now_ms && now_ms < self.valid_until_ms
+    }
+}
+
+/// A provider of capacity: an account with the `provider` role, and the data centers
+/// clients see as its availability zones.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Provider {
+    /// Its account (what its API tokens and its hosts' `provider` label name).
+    pub account: String,
+    /// Its name for people.
+    pub name: String,
+    /// Who to contact.
+    pub contact: String,
+    /// Its data centers, each an availability zone.
+    pub zones: Vec<String>,
+    /// On the accepted-providers list.
+    pub accepted: bool,
+    /// When it was first recorded.
+    pub created_at_ms: UnixMillis,
+    /// When it last changed.
+    pub updated_at_ms: UnixMillis,
+}
+
+/// Every problem of a provider's profile, by field.
+pub fn validate_provider(p: &Provider) -> Vec<FieldError> {
+    let mut out = Vec::new();
+    if p.name.trim().is_empty() || p.name.len() > 128 {
+        out.push(FieldError {
+            field: "name".into(),
+            message: "a name of 1 to 128 characters is needed".into(),
+        });
+    }
+    if p.contact.trim().is_empty() || p.contact.len() > 256 {
+        out.push(FieldError {
+            field: "contact".into(),
+            message: "a contact of 1 to 256 characters is needed".into(),
+        });
+    }
+    let mut seen = BTreeSet::new();
+    for (i, z) in p.zones.iter().enumerate() {
+        if !name_ok(z) {
+            out.push(FieldError {
+                field: format!("zones[{i}]"),
+                message: format!("{z:?} is not 1 to 64 letters, digits, '-', '_' or '.'"),
+            });
+        } else if !seen.insert(z) {
+            out.push(FieldError {
+                field: format!("zones[{i}]"),
+                message: format!("{z} is given twice"),
+            });
+        }
+    }
+    out
+}
+
+/// Every problem of an agreement, by field.
+pub fn validate_agreement(a: &Agreement) -> Vec<FieldError> {
+    let mut out = Vec::new();
+    let mut err = |field: &str, message: String| {
+        out.push(FieldError {
+            field: field.into(),
+            message,
+        })
+    };
+    if a.valid_until_ms <= a.valid_from_ms {
+        err(
+            "valid_until_ms",
+            format!(
+                "{} is not after valid_from_ms {}",
+                a.valid_until_ms, a.valid_from_ms
+            ),
+        );
+    }
+    if a.resource_kinds.is_empty() {
+        err("resource_kinds", "at least one kind is needed".into());
+    }
+    if a.pricing_modes.is_empty() {
+        err(
+            "pricing_modes",
+            "at least one pricing mode is needed".into(),
+        );
+    }
+    if a.commission_bps > 10_000 {
+        err(
+            "commission_bps",
+            format!("{} basis points is more than 100%", a.commission_bps),
+        );
+    }
+    if a.max_hosts == 0 {
+        err("max_hosts", "must be at least 1".into());
+    }
+    out
 }
 
 /// The platforms the marketplace supports.
@@ -1032,6 +1135,7 @@ mod tests {
 
     fn agreement() -> Agreement {
         Agreement {
+            id: "agr-0000000000000001".into(),
             provider: "bob".into(),
             valid_from_ms: 1_000,
             valid_until_ms: 10_000,
@@ -1039,6 +1143,7 @@ mod tests {
             pricing_modes: [PricingMode::OnDemand, PricingMode::Spot].into(),
             commission_bps: 1_500,
             max_hosts: 10,
+            created_at_ms: 1_000,
         }
     }
 
@@ -1462,6 +1567,41 @@ mod tests {
             proptest::prop_assert_eq!(with(a), measured.clone());
             proptest::prop_assert_eq!(with(b), measured);
         }
+    }
+
+    #[test]
+    fn profiles_and_agreements_name_their_bad_fields() {
+        let p = Provider {
+            account: "bob".into(),
+            name: " ".into(),
+            contact: "ops@bob.example".into(),
+            zones: vec!["fra-1".into(), "fra 2".into(), "fra-1".into()],
+            accepted: true,
+            created_at_ms: 0,
+            updated_at_ms: 0,
+        };
+        assert_eq!(
+            fields(&validate_provider(&p)),
+            ["name", "zones[1]", "zones[2]"]
+        );
+        assert_eq!(validate_agreement(&agreement()), []);
+        let a = Agreement {
+            valid_until_ms: 1_000,
+            resource_kinds: BTreeSet::new(),
+            commission_bps: 10_001,
+            max_hosts: 0,
+            ..agreement()
+        };
+        assert_eq!(
+            fields(&validate_agreement(&a)),
+            [
+                "valid_until_ms",
+                "resource_kinds",
+                "commission_bps",
+                "max_hosts"
+            ]
+        );
+        assert!(agreement().in_force(1_000) && !agreement().in_force(10_000));
     }
 
     #[test]

@@ -56,6 +56,12 @@ use super::*;
         billing::invoices,
         billing::invoice,
         billing::statements,
+        resell::list_providers,
+        resell::show_provider,
+        resell::put_provider,
+        resell::list_agreements,
+        resell::create_agreement,
+        resell::end_agreement,
     ),
     components(schemas(ErrorBody)),
     modifiers(&Shared),
@@ -65,6 +71,7 @@ use super::*;
         (name = "validation", description = "Benchmark and security validation runs"),
         (name = "control", description = "Instances and volumes on the hosts"),
         (name = "billing", description = "Metering, usage, invoices, statements and the ledger"),
+        (name = "resell", description = "Providers of capacity and their agreements"),
     )
 )]
 struct ApiDoc;

@@ -501,6 +501,7 @@ pub struct Billable {
 }
 
 pub use surplus_market::billing::BilledPeriod;
+pub use surplus_market::resell::{Agreement, Provider};
 
 /// One usage record's contribution to a counter, for rating by parts of a period.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1006,13 +1007,56 @@ pub trait LedgerStore: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<Vec<AccountEntry>, StoreError>;
 }
 
+/// Providers of capacity and their agreements (the resell pipeline's policy).
+#[async_trait]
+pub trait ResellStore: Send + Sync + std::fmt::Debug + 'static {
+    /// Inserts a provider or replaces its profile (keeping when it was first recorded);
+    /// returns it as stored.
+    async fn put_provider(&self, provider: &Provider) -> Result<Provider, StoreError>;
+
+    /// One provider.
+    async fn provider(&self, account: &str) -> Result<Option<Provider>, StoreError>;
+
+    /// Every provider, by account.
+    async fn providers(&self) -> Result<Vec<Provider>, StoreError>;
+
+    /// Records a new agreement (its provider must exist: `NotFound` otherwise).
+    async fn create_agreement(&self, agreement: &Agreement) -> Result<(), StoreError>;
+
+    /// One agreement.
+    async fn agreement(&self, id: &str) -> Result<Option<Agreement>, StoreError>;
+
+    /// The agreements of a provider (every one without), newest first.
+    async fn agreements(&self, provider: Option<&str>) -> Result<Vec<Agreement>, StoreError>;
+
+    /// Ends an agreement at `now_ms` (`Ok(None)` when it was no longer in force then);
+    /// returns it as ended.
+    async fn end_agreement(
+        &self,
+        id: &str,
+        now_ms: UnixMillis,
+    ) -> Result<Option<Agreement>, StoreError>;
+}
+
 /// The storage contract: every capability's store, on one backend.
 pub trait Store:
-    RegistryStore + ValidationStore + ControlStore + UsageStore + BillingStore + LedgerStore
+    RegistryStore
+    + ValidationStore
+    + ControlStore
+    + UsageStore
+    + BillingStore
+    + LedgerStore
+    + ResellStore
 {
 }
 
 impl<T> Store for T where
-    T: RegistryStore + ValidationStore + ControlStore + UsageStore + BillingStore + LedgerStore
+    T: RegistryStore
+        + ValidationStore
+        + ControlStore
+        + UsageStore
+        + BillingStore
+        + LedgerStore
+        + ResellStore
 {
 }

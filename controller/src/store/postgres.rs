@@ -98,6 +98,8 @@ impl PgStore {
     const AGENT_PROVIDER: &str = "COALESCE(CAST(agents.labels AS jsonb) ->> 'provider', 'house')";
     /// The agent has label `$5` with value `$6`.
     const AGENT_LABEL_IS: &str = "CAST(agents.labels AS jsonb) ->> $5 = $6";
+    /// An agreement's record, read to be changed: its row locked until the end.
+    const AGREEMENT_FOR_UPDATE: &str = "SELECT record FROM agreements WHERE id = $1 FOR UPDATE";
     /// Read-then-write of one agent's row: held until the transaction ends.
     const AGENT_STATUS_FOR_UPDATE: &str = "SELECT status FROM agents WHERE id = $1 FOR UPDATE";
     const AGENT_DIGEST_FOR_UPDATE: &str =

@@ -1812,6 +1812,120 @@ macro_rules! sql_stores {
                     .collect()
             }
         }
+
+        #[async_trait]
+        impl ResellStore for $store {
+            async fn put_provider(&self, provider: &Provider) -> Result<Provider, StoreError> {
+                let mut tx = self.write_tx().await?;
+                let created: Option<i64> =
+                    sqlx::query_scalar("SELECT created_at_ms FROM providers WHERE account = $1")
+                        .bind(&provider.account)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                let stored = Provider {
+                    created_at_ms: created.unwrap_or(provider.created_at_ms),
+                    ..provider.clone()
+                };
+                sqlx::query("INSERT INTO providers (account, record, accepted, created_at_ms, updated_at_ms) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (account) DO UPDATE SET record = excluded.record, accepted = excluded.accepted, updated_at_ms = excluded.updated_at_ms")
+                    .bind(&stored.account)
+                    .bind(json_text(&stored))
+                    .bind(i64::from(stored.accepted))
+                    .bind(stored.created_at_ms)
+                    .bind(stored.updated_at_ms)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(stored)
+            }
+
+            async fn provider(&self, account: &str) -> Result<Option<Provider>, StoreError> {
+                let record: Option<String> =
+                    sqlx::query_scalar("SELECT record FROM providers WHERE account = $1")
+                        .bind(account)
+                        .fetch_optional(self.reader())
+                        .await?;
+                record.as_deref().map(|r| parse_json(r, "provider")).transpose()
+            }
+
+            async fn providers(&self) -> Result<Vec<Provider>, StoreError> {
+                let records: Vec<String> =
+                    sqlx::query_scalar("SELECT record FROM providers ORDER BY account")
+                        .fetch_all(self.reader())
+                        .await?;
+                records.iter().map(|r| parse_json(r, "provider")).collect()
+            }
+
+            async fn create_agreement(&self, agreement: &Agreement) -> Result<(), StoreError> {
+                let mut tx = self.write_tx().await?;
+                let known: Option<String> =
+                    sqlx::query_scalar("SELECT account FROM providers WHERE account = $1")
+                        .bind(&agreement.provider)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                if known.is_none() {
+                    return Err(StoreError::NotFound(format!("provider {}", agreement.provider)));
+                }
+                sqlx::query("INSERT INTO agreements (id, provider, record, valid_from_ms, valid_until_ms, created_at_ms) VALUES ($1, $2, $3, $4, $5, $6)")
+                    .bind(&agreement.id)
+                    .bind(&agreement.provider)
+                    .bind(json_text(agreement))
+                    .bind(agreement.valid_from_ms)
+                    .bind(agreement.valid_until_ms)
+                    .bind(agreement.created_at_ms)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn agreement(&self, id: &str) -> Result<Option<Agreement>, StoreError> {
+                let record: Option<String> =
+                    sqlx::query_scalar("SELECT record FROM agreements WHERE id = $1")
+                        .bind(id)
+                        .fetch_optional(self.reader())
+                        .await?;
+                record.as_deref().map(|r| parse_json(r, "agreement")).transpose()
+            }
+
+            async fn agreements(&self, provider: Option<&str>) -> Result<Vec<Agreement>, StoreError> {
+                let records: Vec<String> = sqlx::query_scalar(
+                    "SELECT record FROM agreements WHERE $1 IS NULL OR provider = $1 ORDER BY created_at_ms DESC, id",
+                )
+                .bind(provider)
+                .fetch_all(self.reader())
+                .await?;
+                records.iter().map(|r| parse_json(r, "agreement")).collect()
+            }
+
+            async fn end_agreement(
+                &self,
+                id: &str,
+                now_ms: UnixMillis,
+            ) -> Result<Option<Agreement>, StoreError> {
+                let mut tx = self.write_tx().await?;
+                let record: Option<String> = sqlx::query_scalar($store::AGREEMENT_FOR_UPDATE)
+                    .bind(id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                let Some(record) = record else {
+                    return Err(StoreError::NotFound(format!("agreement {id}")));
+                };
+                let mut agreement: Agreement = parse_json(&record, "agreement")?;
+                if agreement.valid_until_ms <= now_ms {
+                    return Ok(None);
+                }
+                // An agreement not yet in force ends before it starts.
+                agreement.valid_until_ms = now_ms.max(agreement.valid_from_ms);
+                sqlx::query("UPDATE agreements SET record = $1, valid_until_ms = $2 WHERE id = $3")
+                    .bind(json_text(&agreement))
+                    .bind(agreement.valid_until_ms)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(Some(agreement))
+            }
+        }
     };
 }
 

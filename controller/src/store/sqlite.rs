@@ -48,6 +48,8 @@ impl SqliteStore {
     /// The agent has label `$5` with value `$6` (any key: no JSON path is built from it).
     const AGENT_LABEL_IS: &str = "EXISTS (SELECT 1 FROM json_each(agents.labels) \
          WHERE json_each.key = $5 AND json_each.value = $6)";
+    /// An agreement's record, read to be changed.
+    const AGREEMENT_FOR_UPDATE: &str = "SELECT record FROM agreements WHERE id = $1";
     /// The write transaction already excludes other writers: no row locks needed.
     const AGENT_STATUS_FOR_UPDATE: &str = "SELECT status FROM agents WHERE id = $1";
     const AGENT_DIGEST_FOR_UPDATE: &str = "SELECT inventory_digest FROM agents WHERE id = $1";
