@@ -721,3 +721,126 @@ async fn the_openapi_document_is_valid_openapi_3_1() {
     assert_eq!(doc["info"]["version"], env!("CARGO_PKG_VERSION"));
     surplus_tests::openapi::validate_document(&doc);
 }
+
+/// `surplus providers|agreements` speak the same bodies as the API.
+#[tokio::test]
+async fn the_cli_records_providers_and_agreements() {
+    let tc = TestController::start().await;
+    let (url, token, home) = (tc.url(), tc.admin_token.clone(), tc.root.path().to_owned());
+    // The controller runs on this test's runtime: the CLI is awaited, not blocked on.
+    let cli = |args: &[&str]| {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let (url, token, home) = (url.clone(), token.clone(), home.clone());
+        async move {
+            let out = tokio::process::Command::new(surplus_tests::bin("surplus"))
+                .args(["--controller", &url, "--token", &token, "--json"])
+                .args(&args)
+                .env_remove("SURPLUS_CONFIG")
+                .env("HOME", home)
+                .output()
+                .await
+                .expect("surplus runs");
+            match out.status.success() {
+                true => {
+                    Ok(serde_json::from_slice::<Value>(&out.stdout).expect("--json prints JSON"))
+                }
+                false => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
+            }
+        }
+    };
+    let made = cli(&[
+        "providers",
+        "create",
+        "bob",
+        "--name",
+        "Bob's racks",
+        "--contact",
+        "ops@bob.example",
+        "--zone",
+        "bob-fra-1",
+        "--zone",
+        "bob-ams-1",
+        "--accepted",
+    ])
+    .await
+    .unwrap();
+    assert_eq!(made["zones"], json!(["bob-fra-1", "bob-ams-1"]));
+    assert_eq!(cli(&["providers", "show", "bob"]).await.unwrap(), made);
+    let agreement = cli(&[
+        "agreements",
+        "create",
+        "--provider",
+        "bob",
+        "--for",
+        "30d",
+        "--kind",
+        "compute",
+        "--pricing",
+        "on_demand",
+        "--pricing",
+        "spot",
+        "--commission-bps",
+        "1500",
+        "--max-hosts",
+        "4",
+    ])
+    .await
+    .unwrap();
+    let span = agreement["valid_until_ms"].as_i64().unwrap()
+        - agreement["valid_from_ms"].as_i64().unwrap();
+    assert!((span - 30 * 86_400_000).abs() < 60_000, "{agreement}");
+    assert_eq!(agreement["pricing_modes"], json!(["spot", "on_demand"]));
+    let id = agreement["id"].as_str().unwrap();
+    assert_eq!(
+        cli(&["agreements", "list", "--provider", "bob"])
+            .await
+            .unwrap()[0]["id"],
+        id
+    );
+    let ended = cli(&["agreements", "end", id]).await.unwrap();
+    assert!(ended["valid_until_ms"].as_i64() < agreement["valid_until_ms"].as_i64());
+    // Refusals name the problem.
+    let err = cli(&["agreements", "end", id]).await.unwrap_err();
+    assert!(err.contains("no longer in force"), "{err}");
+    let err = cli(&[
+        "agreements",
+        "create",
+        "--provider",
+        "nobody",
+        "--for",
+        "1d",
+        "--kind",
+        "compute",
+        "--pricing",
+        "spot",
+        "--commission-bps",
+        "1",
+        "--max-hosts",
+        "1",
+    ])
+    .await
+    .unwrap_err();
+    assert!(err.contains("provider nobody is not recorded"), "{err}");
+    let err = cli(&[
+        "agreements",
+        "create",
+        "--provider",
+        "bob",
+        "--for",
+        "1d",
+        "--kind",
+        "gpus",
+        "--pricing",
+        "spot",
+        "--commission-bps",
+        "1",
+        "--max-hosts",
+        "1",
+    ])
+    .await
+    .unwrap_err();
+    assert!(
+        err.contains("\"gpus\" is not compute, storage or bandwidth"),
+        "{err}"
+    );
+}

@@ -10,6 +10,7 @@ mod billing;
 mod client;
 mod control;
 mod ledger;
+mod resell;
 mod validation;
 
 use std::path::PathBuf;
@@ -56,6 +57,8 @@ enum Command {
     Billing(billing::Command),
     #[command(flatten)]
     Ledger(ledger::Command),
+    #[command(flatten)]
+    Resell(resell::Command),
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -103,6 +106,7 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         Command::Control(c) => control::run(&client, cli.json, c).await,
         Command::Billing(c) => billing::run(&client, cli.json, c).await,
         Command::Ledger(c) => ledger::run(&client, cli.json, c).await,
+        Command::Resell(c) => resell::run(&client, cli.json, c).await,
     }
 }
 
@@ -110,4 +114,15 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
 async fn main() -> ExitCode {
     surplus_runtime::end_quietly_on_closed_pipe();
     surplus_runtime::exit_code(main_inner(Cli::parse()).await)
+}
+
+#[cfg(test)]
+mod tests {
+    /// clap's own checks of the whole command line (names, conflicts, requirements),
+    /// which otherwise run only when a verb is used.
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }
