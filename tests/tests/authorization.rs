@@ -626,6 +626,13 @@ fn matrix(r: &Resources) -> Vec<Case> {
         with_body("POST", "/v1/agreements", "/v1/agreements", json!({"provider": "carol", "valid_until_ms": hour + 86_400_000, "resource_kinds": ["compute"], "pricing_modes": ["spot"], "commission_bps": 1000, "max_hosts": 2}), [201, 403, 403, 403, 401]),
         with_body("POST", "/v1/agreements", "/v1/agreements", json!({"provider": "nobody", "valid_until_ms": hour + 86_400_000, "resource_kinds": ["compute"], "pricing_modes": ["spot"], "commission_bps": 1000, "max_hosts": 2}), [400, 403, 403, 403, 401]),
         case("POST", "/v1/agreements/{id}/end", format!("/v1/agreements/{agreement}/end"), [200, 403, 403, 403, 401]),
+        // The supported platforms and the size categories: every token reads, admins set.
+        case("GET", "/v1/platforms", "/v1/platforms", [200, 200, 200, 200, 401]),
+        with_body("PUT", "/v1/platforms", "/v1/platforms", json!({"cpu_vendors": ["GenuineIntel"], "architectures": ["x86_64"], "virtualization": ["kvm"], "os_families": [{"family": "debian", "version": "12"}], "min_kernel": "6.1"}), [200, 403, 403, 403, 401]),
+        with_body("PUT", "/v1/platforms", "/v1/platforms", json!({"cpu_vendors": [], "architectures": [], "virtualization": [], "os_families": [{"family": "debian", "version": "trixie"}], "min_kernel": null}), [400, 403, 403, 403, 401]),
+        case("GET", "/v1/categories", "/v1/categories", [200, 200, 200, 200, 401]),
+        with_body("PUT", "/v1/categories", "/v1/categories", json!({"list": [{"name": "small", "min_cores": 1, "min_memory_bytes": 1, "min_score": 0.0}, {"name": "big", "min_cores": 8, "min_memory_bytes": 1, "min_score": 0.0}]}), [200, 403, 403, 403, 401]),
+        with_body("PUT", "/v1/categories", "/v1/categories", json!({"list": [{"name": "big", "min_cores": 8, "min_memory_bytes": 1, "min_score": 0.0}, {"name": "small", "min_cores": 1, "min_memory_bytes": 1, "min_score": 0.0}]}), [400, 403, 403, 403, 401]),
         // A host's own business: its provider (alice for A, bob for B) and admins.
         case("GET", "/v1/agents/{id}/compat", format!("/v1/agents/{a}/compat"), [200, 403, 200, 403, 401]),
         case("GET", "/v1/agents/{id}/compat", format!("/v1/agents/{b}/compat"), [200, 403, 403, 403, 401]),
@@ -843,4 +850,29 @@ async fn the_cli_records_providers_and_agreements() {
         err.contains("\"gpus\" is not compute, storage or bandwidth"),
         "{err}"
     );
+    // Platforms and categories: shown as the document `set` takes back.
+    let platforms = cli(&["platforms", "show"]).await.unwrap();
+    assert!(
+        platforms["architectures"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("x86_64")),
+        "{platforms}"
+    );
+    let mut categories = cli(&["categories", "show"]).await.unwrap();
+    assert_eq!(categories["list"][0]["name"], "small");
+    categories["list"][0]["name"] = json!("tiny");
+    let file = tc.root.path().join("categories.json");
+    std::fs::write(&file, categories.to_string()).unwrap();
+    let set = cli(&["categories", "set", file.to_str().unwrap()])
+        .await
+        .unwrap();
+    assert_eq!(set, categories);
+    assert_eq!(cli(&["categories", "show"]).await.unwrap(), categories);
+    categories["list"].as_array_mut().unwrap().reverse();
+    std::fs::write(&file, categories.to_string()).unwrap();
+    let err = cli(&["categories", "set", file.to_str().unwrap()])
+        .await
+        .unwrap_err();
+    assert!(err.contains("smallest first"), "{err}");
 }

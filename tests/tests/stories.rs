@@ -224,6 +224,16 @@ mod stories {
             s.end_agreement("agr-9", 1).await,
             Err(StoreError::NotFound(_))
         ));
+
+        // Settings: none until set, then the last one set.
+        assert_eq!(s.setting("platforms").await.unwrap(), None);
+        s.put_setting("platforms", r#"{"a":1}"#, 5).await.unwrap();
+        s.put_setting("platforms", r#"{"a":2}"#, 6).await.unwrap();
+        assert_eq!(
+            s.setting("platforms").await.unwrap().as_deref(),
+            Some(r#"{"a":2}"#)
+        );
+        assert_eq!(s.setting("categories").await.unwrap(), None);
     }
 
     pub async fn snapshots_are_kept_per_volume_oldest_first(_f: &Fixture, s: Arc<dyn Store>) {

@@ -4,7 +4,10 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
-pub use surplus_market::resell::{Agreement, PricingMode, Provider, ResourceKind};
+pub use surplus_market::catalog::{Categories, Category};
+pub use surplus_market::resell::{
+    Agreement, ClaimedOs, Platforms, PricingMode, Provider, ResourceKind,
+};
 
 /// `PUT /v1/providers/{account}`: a provider's profile.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -561,6 +561,73 @@ pub struct Platforms {
     pub min_kernel: Option<String>,
 }
 
+impl Platforms {
+    /// What a new marketplace supports: Intel and AMD x86-64 and 64-bit ARM, bare
+    /// metal and the common hypervisors, maintained Debian, Ubuntu and RHEL-family
+    /// releases, kernel 5.4 or later.
+    pub fn standard() -> Self {
+        let set = |items: &[&str]| items.iter().map(|s| s.to_string()).collect();
+        let os = |family: &str, version: &str| ClaimedOs {
+            family: family.into(),
+            version: version.into(),
+        };
+        Self {
+            cpu_vendors: set(&["AuthenticAMD", "GenuineIntel", "ARM"]),
+            architectures: set(&["x86_64", "aarch64"]),
+            virtualization: set(&["bare_metal", "kvm", "xen", "vmware", "hyperv"]),
+            os_families: vec![
+                os("debian", "11"),
+                os("ubuntu", "20.04"),
+                os("rhel", "8"),
+                os("rocky", "8"),
+                os("almalinux", "8"),
+            ],
+            min_kernel: Some("5.4".into()),
+        }
+    }
+
+    /// Every problem of the set, by field.
+    pub fn validate(&self) -> Vec<FieldError> {
+        let mut out = Vec::new();
+        for (field, set) in [
+            ("cpu_vendors", &self.cpu_vendors),
+            ("architectures", &self.architectures),
+            ("virtualization", &self.virtualization),
+        ] {
+            if set.iter().any(|v| !name_ok(v)) {
+                out.push(FieldError {
+                    field: field.into(),
+                    message: "every entry is 1 to 64 letters, digits, '-', '_' or '.'".into(),
+                });
+            }
+        }
+        let mut families = BTreeSet::new();
+        for (i, os) in self.os_families.iter().enumerate() {
+            if !name_ok(&os.family) || !families.insert(os.family.as_str()) {
+                out.push(FieldError {
+                    field: format!("os_families[{i}].family"),
+                    message: format!("{:?} is not a family name given once", os.family),
+                });
+            }
+            if parse_version(&os.version).is_none() {
+                out.push(FieldError {
+                    field: format!("os_families[{i}].version"),
+                    message: format!("{:?} is not a version like 12 or 22.04", os.version),
+                });
+            }
+        }
+        if let Some(k) = &self.min_kernel {
+            if parse_version(k).is_none() {
+                out.push(FieldError {
+                    field: "min_kernel".into(),
+                    message: format!("{k:?} is not a kernel release like 5.10"),
+                });
+            }
+        }
+        out
+    }
+}
+
 /// A preliminary criterion a request does not meet.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -1602,6 +1669,27 @@ mod tests {
             ]
         );
         assert!(agreement().in_force(1_000) && !agreement().in_force(10_000));
+    }
+
+    #[test]
+    fn the_standard_platforms_are_valid_and_bad_ones_are_named() {
+        assert_eq!(Platforms::standard().validate(), []);
+        let mut p = Platforms::standard();
+        p.architectures.insert("x86 64".into());
+        p.os_families.push(ClaimedOs {
+            family: "debian".into(),
+            version: "trixie".into(),
+        });
+        p.min_kernel = Some("latest".into());
+        assert_eq!(
+            fields(&p.validate()),
+            [
+                "architectures",
+                "os_families[5].family",
+                "os_families[5].version",
+                "min_kernel"
+            ]
+        );
     }
 
     #[test]

@@ -15,7 +15,94 @@ pub(super) fn routes() -> Vec<Route> {
         route("GET", "/v1/agreements", Token, list_agreements),
         route("POST", "/v1/agreements", Token, create_agreement),
         route("POST", "/v1/agreements/{id}/end", Token, end_agreement),
+        route("GET", "/v1/platforms", Token, get_platforms),
+        route("PUT", "/v1/platforms", Token, put_platforms),
+        route("GET", "/v1/categories", Token, get_categories),
+        route("PUT", "/v1/categories", Token, put_categories),
     ]
+}
+
+/// The supported platforms in force: as stored, else [`Platforms::standard`].
+pub(crate) async fn platforms(ctl: &Controller) -> Result<Platforms, ApiError> {
+    match ctl.app.store.setting("platforms").await? {
+        Some(text) => serde_json::from_str(&text)
+            .map_err(|e| StoreError::Corrupt(format!("platforms: {e}")).into()),
+        None => Ok(Platforms::standard()),
+    }
+}
+
+/// The size categories in force: as stored, else [`Categories::standard`].
+pub(crate) async fn categories(ctl: &Controller) -> Result<Categories, ApiError> {
+    match ctl.app.store.setting("categories").await? {
+        Some(text) => serde_json::from_str(&text)
+            .map_err(|e| StoreError::Corrupt(format!("categories: {e}")).into()),
+        None => Ok(Categories::standard()),
+    }
+}
+
+/// The platforms a resell request may claim (every token may read them).
+#[utoipa::path(get, path = "/v1/platforms", tag = "resell", responses((status = 200, description = "The supported platforms", body = Platforms)))]
+async fn get_platforms(
+    State(ctl): State<Arc<Controller>>,
+    _caller: Caller,
+) -> ApiResult<Platforms> {
+    Ok(Json(platforms(&ctl).await?))
+}
+
+/// Replaces the supported platforms (admins).
+#[utoipa::path(put, path = "/v1/platforms", tag = "resell", request_body = Platforms, responses((status = 200, description = "The supported platforms from now on", body = Platforms)))]
+async fn put_platforms(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    body: Result<Json<Platforms>, JsonRejection>,
+) -> ApiResult<Platforms> {
+    caller.require(Role::Admin)?;
+    let Json(p) = body?;
+    let problems = p.validate();
+    if !problems.is_empty() {
+        return Err(invalid(problems));
+    }
+    let text = serde_json::to_string(&p).expect("platforms serialize");
+    ctl.app
+        .store
+        .put_setting("platforms", &text, ctl.app.clock.now_ms())
+        .await?;
+    Ok(Json(p))
+}
+
+/// The size categories, smallest first, shared by primary and third-party capacity
+/// (every token may read them).
+#[utoipa::path(get, path = "/v1/categories", tag = "resell", responses((status = 200, description = "The size categories", body = Categories)))]
+async fn get_categories(
+    State(ctl): State<Arc<Controller>>,
+    _caller: Caller,
+) -> ApiResult<Categories> {
+    Ok(Json(categories(&ctl).await?))
+}
+
+/// Replaces the size categories (admins): smallest first, every threshold at least
+/// the previous one's and one above it.
+#[utoipa::path(put, path = "/v1/categories", tag = "resell", request_body = Categories, responses((status = 200, description = "The size categories from now on", body = Categories)))]
+async fn put_categories(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    body: Result<Json<serde_json::Value>, JsonRejection>,
+) -> ApiResult<Categories> {
+    caller.require(Role::Admin)?;
+    let Json(value) = body?;
+    // Read here rather than by the extractor, so that a list out of order is a 400
+    // naming the category rather than a deserialization message.
+    let list: Vec<Category> =
+        serde_json::from_value(value.get("list").cloned().unwrap_or_default())
+            .map_err(|e| ApiError::bad_request(format!("list: {e}")).with_field("list".into()))?;
+    let c = Categories::new(list)
+        .map_err(|e| ApiError::bad_request(e.to_string()).with_field("list".into()))?;
+    let text = serde_json::to_string(&c).expect("categories serialize");
+    ctl.app
+        .store
+        .put_setting("categories", &text, ctl.app.clock.now_ms())
+        .await?;
+    Ok(Json(c))
 }
 
 /// A 400 naming every bad field at once (the first in `field`, all in `problems`).

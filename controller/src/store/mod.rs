@@ -1036,6 +1036,17 @@ pub trait ResellStore: Send + Sync + std::fmt::Debug + 'static {
         id: &str,
         now_ms: UnixMillis,
     ) -> Result<Option<Agreement>, StoreError>;
+
+    /// A setting's JSON document (`platforms`, `categories`), if one was stored.
+    async fn setting(&self, key: &str) -> Result<Option<String>, StoreError>;
+
+    /// Stores a setting's JSON document, replacing the one before.
+    async fn put_setting(
+        &self,
+        key: &str,
+        value: &str,
+        now_ms: UnixMillis,
+    ) -> Result<(), StoreError>;
 }
 
 /// The storage contract: every capability's store, on one backend.

@@ -1925,6 +1925,28 @@ macro_rules! sql_stores {
                 tx.commit().await?;
                 Ok(Some(agreement))
             }
+
+            async fn setting(&self, key: &str) -> Result<Option<String>, StoreError> {
+                Ok(sqlx::query_scalar("SELECT value FROM settings WHERE key = $1")
+                    .bind(key)
+                    .fetch_optional(self.reader())
+                    .await?)
+            }
+
+            async fn put_setting(
+                &self,
+                key: &str,
+                value: &str,
+                now_ms: UnixMillis,
+            ) -> Result<(), StoreError> {
+                sqlx::query("INSERT INTO settings (key, value, updated_at_ms) VALUES ($1, $2, $3) ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at_ms = excluded.updated_at_ms")
+                    .bind(key)
+                    .bind(value)
+                    .bind(now_ms)
+                    .execute(self.writer())
+                    .await?;
+                Ok(())
+            }
         }
     };
 }

@@ -22,6 +22,48 @@ pub enum Command {
         #[command(subcommand)]
         command: AgreementsCommand,
     },
+    /// The platforms a resell request may claim.
+    Platforms {
+        #[command(subcommand)]
+        command: SettingCommand,
+    },
+    /// The size categories, smallest first.
+    Categories {
+        #[command(subcommand)]
+        command: SettingCommand,
+    },
+}
+
+/// `surplus platforms|categories`.
+#[derive(Subcommand)]
+pub enum SettingCommand {
+    /// Print them (as JSON: the document `set` takes).
+    Show,
+    /// Replace them with a JSON document (admin); `-` reads standard input.
+    Set {
+        /// The file.
+        file: std::path::PathBuf,
+    },
+}
+
+/// Shows or sets the setting served at `path`.
+async fn setting(client: &Client, path: &str, command: SettingCommand) -> anyhow::Result<()> {
+    let value: serde_json::Value = match command {
+        SettingCommand::Show => client.get(path).await?,
+        SettingCommand::Set { file } => {
+            let text = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin()).context("reading standard input")?
+            } else {
+                std::fs::read_to_string(&file)
+                    .with_context(|| format!("reading {}", file.display()))?
+            };
+            let body: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not JSON", file.display()))?;
+            client.put(path, &body).await?
+        }
+    };
+    println!("{}", serde_json::to_string_pretty(&value)?);
+    Ok(())
 }
 
 /// `surplus providers`.
@@ -121,6 +163,8 @@ fn unix_ms(t: SystemTime) -> anyhow::Result<i64> {
 
 pub async fn run(client: &Client, json: bool, command: Command) -> anyhow::Result<()> {
     match command {
+        Command::Platforms { command } => return setting(client, "/v1/platforms", command).await,
+        Command::Categories { command } => return setting(client, "/v1/categories", command).await,
         Command::Providers { command } => match command {
             ProvidersCommand::Create {
                 account,
