@@ -193,6 +193,35 @@ async fn sessions_hold(tc: TestController) {
     assert_eq!(r.status(), 403, "another site's form");
     assert!(r.text().await.unwrap().contains("another site"));
 
+    // Providers and their agreements: the admin sees them (a hostile name as text),
+    // a client gets the API's refusal.
+    let (status, made) = tc
+        .api_as(
+            &tc.admin_token,
+            reqwest::Method::PUT,
+            "/v1/providers/bob",
+            Some(serde_json::json!({"name": "<script>alert(1)</script>", "contact": "ops@bob.example", "zones": ["bob-fra-1"], "accepted": true})),
+        )
+        .await;
+    assert_eq!(status, 200, "{made}");
+    let (status, made) = tc
+        .api_post(
+            "/v1/agreements",
+            serde_json::json!({"provider": "bob", "valid_until_ms": i64::MAX / 2, "resource_kinds": ["compute"], "pricing_modes": ["spot"], "commission_bps": 1250, "max_hosts": 3}),
+        )
+        .await;
+    assert_eq!(status, 201, "{made}");
+    let (status, body) = page(&cookie, &format!("{base}/console/providers")).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("&lt;script&gt;alert(1)&lt;/script&gt;") && !body.contains("<script>"),
+        "{body}"
+    );
+    assert!(
+        body.contains(made["id"].as_str().unwrap()) && body.contains("12.50%"),
+        "{body}"
+    );
+
     // A client's session sees what the API lets a client see: no fleet.
     let (client_cookie, _) = sign_in(&tc, &client).await;
     let (status, body) = page(&client_cookie, &format!("{base}/console/fleet")).await;
@@ -201,6 +230,8 @@ async fn sessions_hold(tc: TestController) {
         body.contains("this needs the provider or the admin role"),
         "{body}"
     );
+    let (status, _) = page(&client_cookie, &format!("{base}/console/providers")).await;
+    assert_eq!(status, 403);
     let (status, _) = page(&client_cookie, &format!("{base}/console/instances")).await;
     assert_eq!(status, 200);
 

@@ -42,6 +42,7 @@ mod api_docs;
 mod fleet;
 mod instances;
 mod money;
+mod providers;
 mod usage;
 mod view;
 
@@ -258,6 +259,7 @@ pub(crate) fn router(ctl: Arc<Controller>) -> Router<Arc<Controller>> {
         .merge(fleet::routes())
         .merge(instances::routes())
         .merge(money::routes())
+        .merge(providers::routes())
         .merge(usage::routes())
         .route_layer(middleware::from_fn_with_state(ctl, signed_in));
     Router::new()

@@ -20,6 +20,7 @@ pub fn page(title: &str, signed: &Signed, body: Markup) -> Markup {
             ("/console/invoices", "Invoices"),
             ("/console/statements", "Statements"),
             ("/console/balances", "Balances"),
+            ("/console/providers", "Providers"),
             ("/console/api", "API"),
         ],
         Role::Client => &[
@@ -34,6 +35,7 @@ pub fn page(title: &str, signed: &Signed, body: Markup) -> Markup {
             ("/console/fleet", "Hosts"),
             ("/console/statements", "Statement"),
             ("/console/balances", "Balance"),
+            ("/console/providers", "Agreements"),
             ("/console/api", "API"),
         ],
         Role::PoolOwner => &[("/console/balances", "Balances"), ("/console/api", "API")],

@@ -133,7 +133,7 @@ fn may_read(caller: &Caller, account: &str) -> Result<(), ApiError> {
 
 /// Every provider (admins), or the caller's own profile (providers).
 #[utoipa::path(get, path = "/v1/providers", tag = "resell", responses((status = 200, description = "Providers by account", body = Vec<Provider>)))]
-async fn list_providers(
+pub(crate) async fn list_providers(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
 ) -> ApiResult<Vec<Provider>> {
@@ -195,7 +195,7 @@ async fn put_provider(
 /// Agreements, newest first: every one or one provider's (admins), the caller's own
 /// (providers).
 #[utoipa::path(get, path = "/v1/agreements", tag = "resell", params(("provider" = Option<String>, Query, description = "One provider (admins)")), responses((status = 200, description = "Agreements, newest first", body = Vec<Agreement>)))]
-async fn list_agreements(
+pub(crate) async fn list_agreements(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
     axum::extract::RawQuery(query): axum::extract::RawQuery,
