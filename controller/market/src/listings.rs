@@ -11,6 +11,7 @@ use surplus_protocol::control::CompatLevel;
 use uuid::Uuid;
 
 use crate::catalog::{RankInput, RankWeights, rank};
+use crate::records::from_name;
 use crate::resell::{FieldError, Interruptibility, PricingMode, ResourceKind};
 
 /// What an accepted host is offered as.
@@ -128,11 +129,6 @@ fn compat_rank(level: CompatLevel) -> u8 {
     }
 }
 
-/// A snake_case name as the enum it names (through its serde form).
-fn named<T: serde::de::DeserializeOwned>(value: &str) -> Option<T> {
-    serde_json::from_value(serde_json::Value::String(value.to_owned())).ok()
-}
-
 impl ListingQuery {
     /// Reads a search from its query pairs; every problem is named by its parameter: a
     /// parameter not in [`FILTERS`], one given twice, a value that is not one of the
@@ -162,24 +158,24 @@ impl ListingQuery {
             let value = value.trim();
             let not = |what: &str| format!("{value:?} is not {what}");
             match key.as_str() {
-                "kind" => match named(value) {
+                "kind" => match from_name(value) {
                     Some(k) => q.kind = Some(k),
                     None => bad(not("compute, storage or bandwidth")),
                 },
                 "category" => q.category = Some(value.to_owned()),
                 "zone" => q.zone = Some(value.to_owned()),
                 "provider" => q.provider = Some(value.to_owned()),
-                "pricing_mode" => match named(value) {
+                "pricing_mode" => match from_name(value) {
                     Some(m) => q.pricing_mode = Some(m),
                     None => bad(not("spot, auction, immediate, on_demand or reserved")),
                 },
-                "interruptibility" => match named(value) {
+                "interruptibility" => match from_name(value) {
                     Some(i) => q.interruptibility = Some(i),
                     None => bad(not(
                         "dont_care, price_based, fulfilment_based or no_interruptions",
                     )),
                 },
-                "compat" => match named(value) {
+                "compat" => match from_name(value) {
                     Some(c) => q.compat = Some(c),
                     None => bad(not("fully, highly, somewhat or incompatible")),
                 },
@@ -195,7 +191,7 @@ impl ListingQuery {
                     Ok(p) => q.max_price = Some(p),
                     _ => bad(not("a price in minor units")),
                 },
-                "sort" => match named(value) {
+                "sort" => match from_name(value) {
                     Some(s) => q.sort = s,
                     None => bad(not("rank, price, score or rating")),
                 },

@@ -8,6 +8,29 @@ use serde::{Deserialize, Serialize};
 use surplus_protocol::clock::UnixMillis;
 use uuid::Uuid;
 
+/// The text form of a unit enum variant (what serde writes: `on_demand`, `fully`);
+/// empty for a value that is not a plain string.
+pub fn name_of<T: Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => String::new(),
+    }
+}
+
+/// The unit enum variant a text form names (the reverse of [`name_of`]).
+pub fn from_name<T: serde::de::DeserializeOwned>(text: &str) -> Option<T> {
+    serde_json::from_value(serde_json::Value::String(text.to_owned())).ok()
+}
+
+/// The text forms of several values, joined with `, `.
+pub fn names_of<'a, T: Serialize + 'a>(values: impl IntoIterator<Item = &'a T>) -> String {
+    values
+        .into_iter()
+        .map(name_of)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// A stored value that is none of an enum's forms (a corrupt row, a newer writer).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{what} {value:?} is unknown")]

@@ -19,6 +19,7 @@ use uuid::Uuid;
 
 use crate::acceptance::{Spec, Tolerances, compare};
 use crate::catalog::{Categories, Measured};
+use crate::records::name_of;
 
 /// What kind of capacity a resource set offers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -762,13 +763,7 @@ pub fn preliminary(request: &ResellRequest, standing: &Standing<'_>) -> Vec<Unme
                 unmet(
                     "resource_kind",
                     Some(format!("resource_sets[{i}].kind")),
-                    format!(
-                        "{} capacity is not in the agreement",
-                        serde_json::to_value(set.kind)
-                            .ok()
-                            .and_then(|v| v.as_str().map(str::to_owned))
-                            .unwrap_or_default()
-                    ),
+                    format!("{} capacity is not in the agreement", name_of(&set.kind)),
                 );
             }
         }
@@ -779,13 +774,7 @@ pub fn preliminary(request: &ResellRequest, standing: &Standing<'_>) -> Vec<Unme
                 unmet(
                     "pricing_mode",
                     Some(format!("pricing.modes[{i}]")),
-                    format!(
-                        "{} pricing is not in the agreement",
-                        serde_json::to_value(mode)
-                            .ok()
-                            .and_then(|v| v.as_str().map(str::to_owned))
-                            .unwrap_or_default()
-                    ),
+                    format!("{} pricing is not in the agreement", name_of(mode)),
                 );
             }
         }

@@ -83,17 +83,13 @@ fn status_text(a: &AgentView) -> &'static str {
 }
 
 /// The agent's compatibility level, `none` before its first report.
-fn compat_text(a: &AgentView) -> &'static str {
-    a.compat_level.map_or("none", compat_level_text)
+fn compat_text(a: &AgentView) -> String {
+    a.compat_level
+        .map_or_else(|| "none".into(), compat_level_text)
 }
 
-fn compat_level_text(level: CompatLevel) -> &'static str {
-    match level {
-        CompatLevel::Fully => "fully",
-        CompatLevel::Highly => "highly",
-        CompatLevel::Somewhat => "somewhat",
-        CompatLevel::Incompatible => "incompatible",
-    }
+fn compat_level_text(level: CompatLevel) -> String {
+    surplus_market::records::name_of(&level)
 }
 
 /// `2 × NVIDIA A100-SXM4-80GB`, `none`, or `-` before the first inventory.

@@ -8,6 +8,7 @@ use axum::Router;
 use axum::extract::{RawQuery, State};
 use axum::routing::get;
 use maud::html;
+use surplus_market::records::names_of;
 
 use super::view::{page, time};
 use super::{Page, Signed};
@@ -16,15 +17,6 @@ use crate::http::{Caller, resell};
 
 pub(super) fn routes() -> Router<Arc<Controller>> {
     Router::new().route("/console/providers", get(providers))
-}
-
-/// A set of snake_case names as text (`compute, storage`).
-fn names<T: serde::Serialize>(items: impl IntoIterator<Item = T>) -> String {
-    items
-        .into_iter()
-        .filter_map(|i| serde_json::to_value(i).ok()?.as_str().map(str::to_owned))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 async fn providers(State(ctl): State<Arc<Controller>>, signed: Signed, caller: Caller) -> Page {
@@ -57,7 +49,7 @@ async fn providers(State(ctl): State<Arc<Controller>>, signed: Signed, caller: C
                     td { code { (a.id) } } td { (a.provider) }
                     td { (if a.in_force(now) { "yes" } else { "no" }) }
                     td { (time(a.valid_from_ms)) } td { (time(a.valid_until_ms)) }
-                    td { (names(&a.resource_kinds)) } td { (names(&a.pricing_modes)) }
+                    td { (names_of(&a.resource_kinds)) } td { (names_of(&a.pricing_modes)) }
                     td.num { (format!("{:.2}%", f64::from(a.commission_bps) / 100.0)) }
                     td.num { (a.max_hosts) }
                 } } }

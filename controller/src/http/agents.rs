@@ -153,16 +153,16 @@ fn agent_filter(query: Option<&str>) -> Result<AgentFilter, ApiError> {
     filter.compat = match given("compat") {
         None => None,
         Some("none") => Some(None),
-        Some(level) => Some(Some(
-            serde_json::from_value(serde_json::Value::String(level.to_owned())).map_err(|_| {
+        Some(level) => Some(Some(surplus_market::records::from_name(level).ok_or_else(
+            || {
                 bad(
                     "compat",
                     format!(
                         "compat {level:?} is not fully, highly, somewhat, incompatible or none"
                     ),
                 )
-            })?,
-        )),
+            },
+        )?)),
     };
     if let Some(s) = given("sort") {
         filter.sort = AgentSort::ALL

@@ -608,11 +608,9 @@ pub trait RegistryStore: Send + Sync + std::fmt::Debug + 'static {
     /// All agents, oldest enrollment first.
     async fn agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
 
-    /// All agents without their inventories (`inventory` is `None`), each with the few
-    /// facts a listing shows, oldest enrollment first: what a fleet of thousands can
-    /// be listed from without reading and parsing every inventory.
-    async fn agent_list(&self) -> Result<Vec<ListedAgent>, StoreError>;
-    /// One page of the agents `filter` selects, in its order, with how many it selects
+    /// One page of the agents `filter` selects (without their inventories: `inventory`
+    /// is `None`, the few facts a listing shows come instead), in its order, with how
+    /// many it selects
     /// in all and how many of the provider's (or all) agents are in each status;
     /// `now_ms` is the time uptime is measured at. Filtered, sorted and cut in the
     /// database: a page of a fleet of thousands decodes only its own rows.

@@ -201,8 +201,8 @@ macro_rules! sql_stores {
             let compat = row
                 .try_get::<Option<String>, _>("compat_level")?
                 .map(|level| {
-                    serde_json::from_value(serde_json::Value::String(level))
-                        .map_err(|e| StoreError::Corrupt(format!("compat level: {e}")))
+                    surplus_market::records::from_name(&level)
+                        .ok_or_else(|| StoreError::Corrupt(format!("compat level {level:?}")))
                 })
                 .transpose()?;
             Ok(ListedAgent {
@@ -532,15 +532,6 @@ macro_rules! sql_stores {
                     .await?
                     .iter()
                     .map(agent_from_row)
-                    .collect()
-            }
-
-            async fn agent_list(&self) -> Result<Vec<ListedAgent>, StoreError> {
-                sqlx::query(&format!("{AGENT_LISTED} {AGENT_LISTED_FROM} ORDER BY enrolled_at_ms, agents.id"))
-                    .fetch_all(self.reader())
-                    .await?
-                    .iter()
-                    .map(listed_agent_from_row)
                     .collect()
             }
 

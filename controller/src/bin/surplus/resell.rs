@@ -8,6 +8,8 @@ use surplus_api::resell::{
     Agreement, AgreementRequest, PricingMode, Provider, ProviderRequest, ResourceKind,
 };
 
+use surplus_market::records::names_of;
+
 use crate::client::{Client, print, table};
 
 #[derive(Subcommand)]
@@ -141,8 +143,7 @@ pub enum AgreementsCommand {
 
 /// A snake_case name as the enum it names.
 fn named<T: serde::de::DeserializeOwned>(text: &str, what: &str) -> Result<T, String> {
-    serde_json::from_value(serde_json::Value::String(text.to_owned()))
-        .map_err(|_| format!("{text:?} is not {what}"))
+    surplus_market::records::from_name(text).ok_or_else(|| format!("{text:?} is not {what}"))
 }
 
 fn parse_kind(text: &str) -> Result<ResourceKind, String> {
@@ -275,30 +276,14 @@ fn show_agreements(list: &[Agreement]) {
         "COMMISSION",
         "HOSTS",
     ]);
-    let names = |v: Vec<serde_json::Value>| {
-        v.iter()
-            .filter_map(|n| n.as_str().map(str::to_owned))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     for a in list {
-        let kinds = a
-            .resource_kinds
-            .iter()
-            .map(|k| serde_json::to_value(k).unwrap_or_default())
-            .collect();
-        let modes = a
-            .pricing_modes
-            .iter()
-            .map(|m| serde_json::to_value(m).unwrap_or_default())
-            .collect();
         t.add_row([
             a.id.clone(),
             a.provider.clone(),
             time(a.valid_from_ms),
             time(a.valid_until_ms),
-            names(kinds),
-            names(modes),
+            names_of(&a.resource_kinds),
+            names_of(&a.pricing_modes),
             format!("{:.2}%", f64::from(a.commission_bps) / 100.0),
             a.max_hosts.to_string(),
         ]);
