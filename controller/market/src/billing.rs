@@ -9,6 +9,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use surplus_protocol::clock::UnixMillis;
+
 use crate::ledger::{self, Entry, Posting};
 
 /// A billing period recorded by a run, with when its usage was last rated.
@@ -375,6 +377,19 @@ pub fn commission(amount: i64, bps: u32) -> i64 {
     }
 }
 
+/// The commission on a provider's sales in a period that starts at `at_ms`: that of
+/// its agreement in force then (the newest, if several are), else `default_bps` (the
+/// marketplace's own hosts and providers without an agreement). At most 100%.
+pub fn commission_bps_at(
+    agreements: &[crate::resell::Agreement],
+    at_ms: UnixMillis,
+    default_bps: u32,
+) -> u32 {
+    crate::resell::agreement_in_force(agreements, at_ms)
+        .map_or(default_bps, |a| a.commission_bps)
+        .min(10_000)
+}
+
 /// The posting of a charge of `amount`: the client pays it, the marketplace keeps its
 /// commission, the provider gets the rest.
 pub fn bill_posting(
@@ -475,6 +490,59 @@ impl Period {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each case: (rule it pins, agreements as (created, from, until, bps), the time,
+    /// the commission).
+    #[test]
+    fn the_commission_is_the_agreement_in_force_else_the_default() {
+        let agreement = |n: i64, from, until, bps| crate::resell::Agreement {
+            id: format!("agr-{n}"),
+            provider: "bob".into(),
+            valid_from_ms: from,
+            valid_until_ms: until,
+            resource_kinds: Default::default(),
+            pricing_modes: Default::default(),
+            commission_bps: bps,
+            max_hosts: 1,
+            created_at_ms: n,
+        };
+        let cases = [
+            ("no agreement: the default", vec![], 50, 1000),
+            (
+                "the agreement in force",
+                vec![agreement(1, 0, 100, 1500)],
+                50,
+                1500,
+            ),
+            (
+                "an ended agreement: the default",
+                vec![agreement(1, 0, 100, 1500)],
+                100,
+                1000,
+            ),
+            (
+                "not yet in force: the default",
+                vec![agreement(1, 60, 100, 1500)],
+                50,
+                1000,
+            ),
+            (
+                "of two in force, the newer",
+                vec![agreement(1, 0, 100, 1500), agreement(2, 0, 100, 700)],
+                50,
+                700,
+            ),
+            (
+                "never above 100%",
+                vec![agreement(1, 0, 100, 20_000)],
+                50,
+                10_000,
+            ),
+        ];
+        for (rule, agreements, at, want) in cases {
+            assert_eq!(commission_bps_at(&agreements, at, 1000), want, "{rule}");
+        }
+    }
 
     fn plan() -> PricePlan {
         PricePlan {

@@ -16,8 +16,11 @@
 //!   acceptance criteria its hosts' validation evidence is judged by.
 //! - [`listings`]: what an accepted host is offered as, a search's filters (an
 //!   unknown one refused by name) and the order of its results.
+//! - [`outbox`]: when a notice whose webhook delivery failed is tried again.
 //! - [`pipeline`]: one resell request's way from submission to listed or rejected,
 //!   as a state machine the shell stores as a row and rebuilds.
+//! - [`quality`]: what a re-test does to a listing (kept, ranked lower, delisted,
+//!   relisted) with the provider's advisory, and clients' ratings.
 //! - [`usage`]: what a batch of usage records adds: new, duplicate or refused, and
 //!   each counter's delta.
 
@@ -26,7 +29,9 @@ pub mod billing;
 pub mod catalog;
 pub mod ledger;
 pub mod listings;
+pub mod outbox;
 pub mod pipeline;
+pub mod quality;
 pub mod records;
 pub mod resell;
 pub mod usage;

@@ -4,17 +4,23 @@
 //!
 //! Pure: the listings and the query go in, the ordered matches come out.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
+use surplus_protocol::clock::UnixMillis;
 use surplus_protocol::control::CompatLevel;
 use uuid::Uuid;
 
 use crate::catalog::{RankInput, RankWeights, rank};
+use crate::pipeline::Pipeline;
 use crate::records::from_name;
-use crate::resell::{FieldError, Interruptibility, PricingMode, ResourceKind};
+use crate::resell::{
+    FieldError, Interruptibility, MeasuredFacts, PricingMode, ResellRequest, ResourceKind,
+};
 
-/// What an accepted host is offered as.
+/// What accepted hosts are offered as: one listing per resource set and size
+/// category of a request (a set is in one zone), with every host of the set that was
+/// accepted in that category.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Listing {
@@ -30,15 +36,18 @@ pub struct Listing {
     pub kind: ResourceKind,
     /// The size category its measurements imply.
     pub category: String,
-    /// The host's agent.
-    pub host: Uuid,
-    /// The host's composite benchmark score (1.0: the reference machine).
+    /// The index of its resource set in the request.
+    pub set: usize,
+    /// The hosts' agents.
+    pub hosts: Vec<Uuid>,
+    /// The composite benchmark score (1.0: the reference machine): the lowest of its
+    /// hosts'.
     pub score: f64,
-    /// The host's hardening index.
+    /// The hardening index: the lowest of its hosts'.
     pub hardening_index: u8,
-    /// The compatibility level the kit verified.
+    /// The compatibility level the kit verified: the lowest of its hosts'.
     pub compat_level: CompatLevel,
-    /// The operations of the control interface the kit saw pass.
+    /// The operations of the control interface the kit saw pass on every host.
     pub operations: Vec<String>,
     /// How it may be bought.
     pub pricing_modes: BTreeSet<PricingMode>,
@@ -58,6 +67,100 @@ pub struct Listing {
     pub listed: bool,
     /// Its last re-test failed.
     pub failed_retest: bool,
+    /// When it was made.
+    pub created_at_ms: UnixMillis,
+    /// When its hosts are next re-tested.
+    #[serde(default)]
+    pub next_retest_at_ms: Option<UnixMillis>,
+    /// When its last re-test ended.
+    #[serde(default)]
+    pub last_retest_at_ms: Option<UnixMillis>,
+    /// The re-test under way, if one is.
+    #[serde(default)]
+    pub retest: Option<crate::quality::Retest>,
+}
+
+/// The listings of a request whose pipeline was accepted: one per resource set and
+/// measured size category, holding the accepted hosts of that set in that category.
+/// Figures are the weakest host's (the least score, hardening index and
+/// compatibility; the operations every host passed), so that no host sells below
+/// what its listing shows. `ids` makes each new listing's id; the price a client
+/// sees is the immediate price, else the minimum.
+pub fn offer(
+    provider: &str,
+    request: &ResellRequest,
+    pipeline: &Pipeline,
+    now_ms: UnixMillis,
+    mut ids: impl FnMut() -> String,
+) -> Vec<Listing> {
+    let mut groups: BTreeMap<(usize, String), Vec<(Uuid, &MeasuredFacts)>> = BTreeMap::new();
+    for h in &pipeline.hosts {
+        let Some(a) = h.assessment.as_ref().filter(|a| a.accepted()) else {
+            continue;
+        };
+        let Some(category) = a.category.clone() else {
+            continue;
+        };
+        groups
+            .entry((h.set, category))
+            .or_default()
+            .push((h.host, &a.measured));
+    }
+    groups
+        .into_iter()
+        .filter_map(|((set, category), hosts)| {
+            let rs = request.resource_sets.get(set)?;
+            let facts = hosts.iter().map(|(_, f)| *f);
+            let score = facts.clone().map(|f| f.score).fold(f64::INFINITY, f64::min);
+            let hardening_index = facts.clone().map(|f| f.hardening_index).min()?;
+            let compat_level = facts
+                .clone()
+                .map(|f| f.compat_level.unwrap_or(CompatLevel::Incompatible))
+                .min_by_key(|l| compat_rank(*l))?;
+            let mut operations: Option<BTreeSet<&String>> = None;
+            for f in facts {
+                let mine: BTreeSet<&String> = f.operations.iter().collect();
+                operations = Some(match operations {
+                    None => mine,
+                    Some(all) => all.intersection(&mine).copied().collect(),
+                });
+            }
+            Some(Listing {
+                id: ids(),
+                request: pipeline.request,
+                provider: provider.to_owned(),
+                zone: rs.zone.clone(),
+                kind: rs.kind,
+                category,
+                set,
+                hosts: hosts.iter().map(|(h, _)| *h).collect(),
+                score,
+                hardening_index,
+                compat_level,
+                operations: operations
+                    .unwrap_or_default()
+                    .into_iter()
+                    .cloned()
+                    .collect(),
+                pricing_modes: request.pricing.modes.iter().copied().collect(),
+                interruptibility: request.interruptibility,
+                currency: request.pricing.currency.clone(),
+                price: request
+                    .pricing
+                    .immediate_price
+                    .unwrap_or(request.pricing.minimum_price),
+                available: hosts.len() as u32,
+                rating: None,
+                uptime: None,
+                listed: true,
+                failed_retest: false,
+                created_at_ms: now_ms,
+                next_retest_at_ms: None,
+                last_retest_at_ms: None,
+                retest: None,
+            })
+        })
+        .collect()
 }
 
 /// How search results are ordered.
@@ -100,12 +203,14 @@ pub struct ListingQuery {
     pub min_score: Option<f64>,
     /// At most this hourly price.
     pub max_price: Option<u64>,
+    /// Priced in this currency (prices and ranks compare within one).
+    pub currency: Option<String>,
     /// The order.
     pub sort: ListingSort,
 }
 
 /// The filters a search understands, by their query names.
-pub const FILTERS: [&str; 11] = [
+pub const FILTERS: [&str; 12] = [
     "kind",
     "category",
     "zone",
@@ -116,11 +221,12 @@ pub const FILTERS: [&str; 11] = [
     "min_rating",
     "min_score",
     "max_price",
+    "currency",
     "sort",
 ];
 
 /// How good a compatibility level is: incompatible 0 to fully 3.
-fn compat_rank(level: CompatLevel) -> u8 {
+pub(crate) fn compat_rank(level: CompatLevel) -> u8 {
     match level {
         CompatLevel::Incompatible => 0,
         CompatLevel::Somewhat => 1,
@@ -187,6 +293,7 @@ impl ListingQuery {
                     Ok(s) if s.is_finite() && s >= 0.0 => q.min_score = Some(s),
                     _ => bad(not("a score of at least 0")),
                 },
+                "currency" => q.currency = Some(value.to_ascii_uppercase()),
                 "max_price" => match value.parse::<u64>() {
                     Ok(p) => q.max_price = Some(p),
                     _ => bad(not("a price in minor units")),
@@ -226,12 +333,13 @@ impl ListingQuery {
                 .is_none_or(|r| l.rating.is_some_and(|x| x >= r))
             && self.min_score.is_none_or(|s| l.score >= s)
             && self.max_price.is_none_or(|p| l.price <= p)
+            && self.currency.as_ref().is_none_or(|c| &l.currency == c)
     }
 }
 
 /// The offered listings that match `query`, in its order; ties go to the lower price,
-/// then the lower id. Ranks compare candidates in one currency: the shell searches
-/// one currency at a time.
+/// then the lower id. Prices (a price filter, the price order, the rank's price part)
+/// compare within one currency: a client that compares prices filters by `currency`.
 pub fn search<'a>(
     listings: &'a [Listing],
     query: &ListingQuery,
@@ -280,7 +388,8 @@ mod tests {
             zone: "bob-fra-1".into(),
             kind: ResourceKind::Compute,
             category: "medium".into(),
-            host: Uuid::from_u128(2),
+            set: 0,
+            hosts: vec![Uuid::from_u128(2)],
             score: 1.0,
             hardening_index: 80,
             compat_level: CompatLevel::Highly,
@@ -294,6 +403,10 @@ mod tests {
             uptime: Some(0.99),
             listed: true,
             failed_retest: false,
+            created_at_ms: 0,
+            next_retest_at_ms: None,
+            last_retest_at_ms: None,
+            retest: None,
         }
     }
 
@@ -431,5 +544,124 @@ mod tests {
         assert_eq!(ids(&sorted(ListingSort::Rating)), ["c", "a", "b"]);
         // Rank: c (cheapest, best rated) before b (cheapest, unrated) before a.
         assert_eq!(ids(&sorted(ListingSort::Rank)), ["c", "b", "a"]);
+    }
+
+    fn accepted(
+        category: &str,
+        score: f64,
+        hardening: u8,
+        level: CompatLevel,
+        ops: &[&str],
+    ) -> crate::resell::Assessment {
+        crate::resell::Assessment {
+            criteria: vec![],
+            category: Some(category.into()),
+            measured: MeasuredFacts {
+                score,
+                hardening_index: hardening,
+                compat_level: Some(level),
+                operations: ops.iter().map(|o| (*o).to_owned()).collect(),
+            },
+        }
+    }
+
+    /// Each listing pins a rule: one per set and measured category, the weakest
+    /// host's figures, only accepted hosts, the immediate price.
+    #[test]
+    fn an_accepted_request_is_offered_per_set_and_measured_category() {
+        let request: ResellRequest = serde_json::from_value(serde_json::json!({
+            "contact": "ops@bob.example",
+            "resource_sets": [
+                {"kind": "compute", "zone": "fra-1", "hosts": [], "system": {}, "compatibility": {"level": "full"}},
+                {"kind": "compute", "zone": "ams-1", "hosts": [], "system": {}, "compatibility": {"level": "full"}}
+            ],
+            "pricing": {"modes": ["spot"], "currency": "EUR", "minimum_price": 20, "immediate_price": 35},
+            "interruptibility": "price_based",
+            "goal": "none"
+        }))
+        .unwrap();
+        let h = Uuid::from_u128;
+        let hosts = [(h(1), 0), (h(2), 0), (h(3), 0), (h(4), 1), (h(5), 1)];
+        let mut p = Pipeline::new(h(99), &hosts, 0);
+        p.handle_preliminary(1, &[], 1000).unwrap();
+        for (i, (host, _)) in hosts.iter().enumerate() {
+            p.handle_run_ordered(2, *host, h(100 + i as u128)).unwrap();
+        }
+        let ops = ["run", "stop"];
+        p.handle_assessed(
+            3,
+            h(1),
+            h(100),
+            accepted("medium", 1.5, 80, CompatLevel::Fully, &ops),
+        )
+        .unwrap();
+        p.handle_assessed(
+            3,
+            h(2),
+            h(101),
+            accepted("medium", 1.2, 70, CompatLevel::Highly, &["run"]),
+        )
+        .unwrap();
+        p.handle_assessed(
+            3,
+            h(3),
+            h(102),
+            accepted("large", 3.0, 90, CompatLevel::Fully, &ops),
+        )
+        .unwrap();
+        let mut rejected = accepted("medium", 9.0, 99, CompatLevel::Fully, &ops);
+        rejected.criteria.push(crate::resell::Criterion {
+            rule: "hardening".into(),
+            field: None,
+            passed: false,
+            claimed: None,
+            measured: None,
+            required: None,
+        });
+        p.handle_assessed(3, h(4), h(103), rejected).unwrap();
+        p.handle_assessed(
+            3,
+            h(5),
+            h(104),
+            accepted("small", 0.5, 60, CompatLevel::Somewhat, &[]),
+        )
+        .unwrap();
+        let mut n = 0;
+        let listings = offer("bob", &request, &p, 7, || {
+            n += 1;
+            format!("lst-{n}")
+        });
+        let shape: Vec<(usize, &str, &str, Vec<Uuid>)> = listings
+            .iter()
+            .map(|l| (l.set, l.zone.as_str(), l.category.as_str(), l.hosts.clone()))
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                (0, "fra-1", "large", vec![h(3)]),
+                (0, "fra-1", "medium", vec![h(1), h(2)]),
+                (1, "ams-1", "small", vec![h(5)]),
+            ],
+            "one listing per set and category; a rejected host is in none"
+        );
+        let medium = &listings[1];
+        assert_eq!(
+            (
+                medium.score,
+                medium.hardening_index,
+                medium.compat_level,
+                medium.operations.clone()
+            ),
+            (1.2, 70, CompatLevel::Highly, vec!["run".to_owned()]),
+            "the weakest host's figures"
+        );
+        assert_eq!(
+            (medium.price, medium.available, medium.listed),
+            (35, 2, true)
+        );
+        assert_eq!(
+            listings.iter().map(|l| l.id.as_str()).collect::<Vec<_>>(),
+            ["lst-1", "lst-2", "lst-3"]
+        );
     }
 }

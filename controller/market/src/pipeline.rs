@@ -44,7 +44,14 @@ pub struct HostProgress {
     pub assessment: Option<Assessment>,
     /// Why it could not be judged (the run failed, the agent was offline, time ran out).
     pub failure: Option<String>,
+    /// Validation runs ordered on it so far (a run lost to a controller restart is
+    /// ordered again, up to [`MAX_ATTEMPTS`]).
+    #[serde(default)]
+    pub attempts: u32,
 }
+
+/// The most validation runs ordered on one host of a request.
+pub const MAX_ATTEMPTS: u32 = 3;
 
 impl HostProgress {
     fn done(&self) -> bool {
@@ -71,11 +78,12 @@ pub enum Action {
     /// Check the preliminary criteria and hand the result to
     /// [`Pipeline::handle_preliminary`].
     CheckPreliminary,
-    /// Order a validation run on this host ([`Pipeline::handle_run_ordered`] or
-    /// [`Pipeline::handle_host_failed`]).
+    /// Order a validation run on each of these hosts
+    /// ([`Pipeline::handle_run_ordered`] or [`Pipeline::handle_host_failed`]); a host
+    /// whose agent is not connected is left for later (its deadline still runs).
     OrderValidation {
-        /// The host.
-        host: Uuid,
+        /// The hosts without a run, in the request's order.
+        hosts: Vec<Uuid>,
     },
     /// Create the listings of the accepted hosts, then
     /// [`Pipeline::handle_listed`].
@@ -145,6 +153,7 @@ impl Pipeline {
                     run: None,
                     assessment: None,
                     failure: None,
+                    attempts: 0,
                 })
                 .collect(),
             reasons: Vec::new(),
@@ -178,6 +187,21 @@ impl Pipeline {
             .iter_mut()
             .find(|h| h.host == host)
             .ok_or_else(|| refuse("unknown_host", format!("host {host} is not in the request")))
+    }
+
+    /// `host`, whose ordered run is `run` and which is not judged yet.
+    fn waiting_on(&mut self, host: Uuid, run: Uuid) -> Result<&mut HostProgress, Refusal> {
+        let h = self.host_mut(host)?;
+        if h.run != Some(run) {
+            return Err(refuse(
+                "run",
+                format!("run {run} is not the run ordered on host {host}"),
+            ));
+        }
+        if h.done() {
+            return Err(refuse("already", format!("host {host} was judged already")));
+        }
+        Ok(h)
     }
 
     fn step(&mut self, now_ms: UnixMillis, what: String) {
@@ -234,7 +258,40 @@ impl Pipeline {
             ));
         }
         h.run = Some(run);
+        h.attempts += 1;
         self.step(now_ms, format!("validation run {run} ordered on {host}"));
+        Ok(())
+    }
+
+    /// The run `run` on `host` ended without a verdict on the host (the controller
+    /// stopped during it): it is ordered again, unless it was the
+    /// [`MAX_ATTEMPTS`]th, which fails the host.
+    pub fn handle_run_lost(
+        &mut self,
+        now_ms: UnixMillis,
+        host: Uuid,
+        run: Uuid,
+        why: &str,
+    ) -> Result<(), Refusal> {
+        self.expect(Stage::Validating, "a lost run")?;
+        let h = self.waiting_on(host, run)?;
+        if h.attempts >= MAX_ATTEMPTS {
+            h.failure = Some(format!(
+                "{} validation runs lost, the last: {why}",
+                h.attempts
+            ));
+            self.step(
+                now_ms,
+                format!("{host} not validated: run {run} lost ({why})"),
+            );
+            self.settle(now_ms);
+        } else {
+            h.run = None;
+            self.step(
+                now_ms,
+                format!("run {run} on {host} lost ({why}); ordering another"),
+            );
+        }
         Ok(())
     }
 
@@ -265,16 +322,7 @@ impl Pipeline {
         assessment: Assessment,
     ) -> Result<(), Refusal> {
         self.expect(Stage::Validating, "an assessment")?;
-        let h = self.host_mut(host)?;
-        if h.run != Some(run) {
-            return Err(refuse(
-                "run",
-                format!("run {run} is not the run ordered on host {host}"),
-            ));
-        }
-        if h.done() {
-            return Err(refuse("already", format!("host {host} was judged already")));
-        }
+        let h = self.waiting_on(host, run)?;
         let verdict = if assessment.accepted() {
             "met every acceptance criterion".to_owned()
         } else {
@@ -388,11 +436,15 @@ impl Pipeline {
     pub fn poll(&self) -> Option<Action> {
         match self.stage {
             Stage::Preliminary => Some(Action::CheckPreliminary),
-            Stage::Validating => self
-                .hosts
-                .iter()
-                .find(|h| h.run.is_none() && !h.done())
-                .map(|h| Action::OrderValidation { host: h.host }),
+            Stage::Validating => {
+                let hosts: Vec<Uuid> = self
+                    .hosts
+                    .iter()
+                    .filter(|h| h.run.is_none() && !h.done())
+                    .map(|h| h.host)
+                    .collect();
+                (!hosts.is_empty()).then_some(Action::OrderValidation { hosts })
+            }
             Stage::Accepted if !self.listed => Some(Action::CreateListings {
                 hosts: self
                     .hosts
@@ -440,6 +492,7 @@ mod tests {
                 required: Some("at least 32".into()),
             }],
             category: Some("medium".into()),
+            measured: Default::default(),
         }
     }
 
@@ -449,9 +502,11 @@ mod tests {
         while let Some(action) = p.poll() {
             match &action {
                 Action::CheckPreliminary => p.handle_preliminary(now, &[], 600_000).unwrap(),
-                Action::OrderValidation { host } => {
-                    *runs += 1;
-                    p.handle_run_ordered(now, *host, id(1000 + *runs)).unwrap()
+                Action::OrderValidation { hosts } => {
+                    for host in hosts {
+                        *runs += 1;
+                        p.handle_run_ordered(now, *host, id(1000 + *runs)).unwrap()
+                    }
                 }
                 Action::CreateListings { .. } => p.handle_listed(now).unwrap(),
                 Action::Notify { .. } => p.handle_notified(now).unwrap(),
@@ -470,8 +525,7 @@ mod tests {
             drive(&mut p, 10, &mut runs),
             [
                 Action::CheckPreliminary,
-                Action::OrderValidation { host: a },
-                Action::OrderValidation { host: b },
+                Action::OrderValidation { hosts: vec![a, b] },
             ]
         );
         assert_eq!(
@@ -685,6 +739,37 @@ mod tests {
     }
 
     #[test]
+    fn a_lost_run_is_ordered_again_until_the_last_attempt_fails_the_host() {
+        let a = id(1);
+        let mut p = Pipeline::new(id(9), &[(a, 0)], 0);
+        let mut runs = 0;
+        drive(&mut p, 1, &mut runs);
+        for attempt in 1..MAX_ATTEMPTS {
+            let run = p.hosts[0].run.unwrap();
+            p.handle_run_lost(2, a, run, "the controller stopped")
+                .unwrap();
+            assert_eq!(p.stage, Stage::Validating, "attempt {attempt}");
+            assert_eq!(p.poll(), Some(Action::OrderValidation { hosts: vec![a] }));
+            drive(&mut p, 3, &mut runs);
+        }
+        assert_eq!(p.hosts[0].attempts, MAX_ATTEMPTS);
+        let run = p.hosts[0].run.unwrap();
+        assert_eq!(
+            p.handle_run_lost(4, a, id(5), "?").unwrap_err().rule,
+            "run",
+            "only the run ordered can be lost"
+        );
+        p.handle_run_lost(4, a, run, "the controller stopped")
+            .unwrap();
+        assert_eq!(p.stage, Stage::Rejected);
+        assert!(
+            p.reasons[0].contains("3 validation runs lost"),
+            "{:?}",
+            p.reasons
+        );
+    }
+
+    #[test]
     fn a_pipeline_rebuilt_from_its_row_asks_for_what_was_not_applied() {
         let (a, b) = (id(1), id(2));
         let mut p = Pipeline::new(id(9), &[(a, 0), (b, 0)], 0);
@@ -694,7 +779,10 @@ mod tests {
         let row = serde_json::to_string(&p).unwrap();
         let rebuilt: Pipeline = serde_json::from_str(&row).unwrap();
         assert_eq!(rebuilt, p);
-        assert_eq!(rebuilt.poll(), Some(Action::OrderValidation { host: b }));
+        assert_eq!(
+            rebuilt.poll(),
+            Some(Action::OrderValidation { hosts: vec![b] })
+        );
         assert_eq!(rebuilt.next_deadline(), Some(600_001));
     }
 }

@@ -454,6 +454,15 @@ impl Agreement {
     }
 }
 
+/// The agreement of `agreements` (one provider's) in force at `now_ms`: the newest when
+/// several are. Billing and the preliminary criteria both ask this.
+pub fn agreement_in_force(agreements: &[Agreement], now_ms: UnixMillis) -> Option<&Agreement> {
+    agreements
+        .iter()
+        .filter(|a| a.in_force(now_ms))
+        .max_by_key(|a| (a.created_at_ms, a.id.clone()))
+}
+
 /// A provider of capacity: an account with the `provider` role, and the data centers
 /// clients see as its availability zones.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -633,8 +642,8 @@ impl Platforms {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Unmet {
-    /// The rule: `agreement`, `accepted_provider`, `platform`, `resource_kind`,
-    /// `pricing_mode` or `max_hosts`.
+    /// The rule: `provider`, `agreement`, `accepted_provider`, `zone`, `host_taken`,
+    /// `platform`, `resource_kind`, `pricing_mode` or `max_hosts`.
     pub rule: String,
     /// The field it concerns, when one does.
     pub field: Option<String>,
@@ -647,12 +656,15 @@ pub struct Unmet {
 pub struct Standing<'a> {
     /// The provider's agreement, if it has one.
     pub agreement: Option<&'a Agreement>,
-    /// The provider is on the accepted-providers list.
-    pub accepted: bool,
+    /// The provider as recorded (`None`: it is not).
+    pub provider: Option<&'a Provider>,
     /// The supported platforms.
     pub platforms: &'a Platforms,
     /// Hosts of the provider listed already (other requests).
     pub listed_hosts: u32,
+    /// Hosts held elsewhere (by a listing, or by another request being validated or
+    /// listed), with why: a host is offered once.
+    pub taken: &'a BTreeMap<Uuid, String>,
     /// Now.
     pub now_ms: UnixMillis,
 }
@@ -670,12 +682,19 @@ pub fn preliminary(request: &ResellRequest, standing: &Standing<'_>) -> Vec<Unme
             message,
         })
     };
-    if !standing.accepted {
-        unmet(
+    match standing.provider {
+        None => unmet(
+            "provider",
+            None,
+            "the provider is not recorded (an admin records it with PUT /v1/providers/{account})"
+                .into(),
+        ),
+        Some(p) if !p.accepted => unmet(
             "accepted_provider",
             None,
             "the provider is not on the accepted-providers list".into(),
-        );
+        ),
+        Some(_) => {}
     }
     match standing.agreement {
         None => unmet("agreement", None, "the provider has no agreement".into()),
@@ -699,6 +718,32 @@ pub fn preliminary(request: &ResellRequest, standing: &Standing<'_>) -> Vec<Unme
     }
     let platforms = standing.platforms;
     for (i, set) in request.resource_sets.iter().enumerate() {
+        if let Some(p) = standing.provider {
+            if !p.zones.contains(&set.zone) {
+                unmet(
+                    "zone",
+                    Some(format!("resource_sets[{i}].zone")),
+                    format!(
+                        "{} is not a data center of the provider (its zones: {})",
+                        set.zone,
+                        if p.zones.is_empty() {
+                            "none recorded".to_owned()
+                        } else {
+                            p.zones.join(", ")
+                        }
+                    ),
+                );
+            }
+        }
+        for (j, host) in set.hosts.iter().enumerate() {
+            if let Some(why) = standing.taken.get(host) {
+                unmet(
+                    "host_taken",
+                    Some(format!("resource_sets[{i}].hosts[{j}]")),
+                    format!("host {host} is offered already: {why}"),
+                );
+            }
+        }
         let at = |f: &str| Some(format!("resource_sets[{i}].system.{f}"));
         let s = &set.system;
         let mut check = |field: &str, value: &Option<String>, allowed: &BTreeSet<String>| {
@@ -848,6 +893,23 @@ pub struct Assessment {
     pub criteria: Vec<Criterion>,
     /// The size category the measurements imply (never the claim).
     pub category: Option<String>,
+    /// What a listing of the host shows, as measured.
+    #[serde(default)]
+    pub measured: MeasuredFacts,
+}
+
+/// What a host's validation measured that its listing shows to clients.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct MeasuredFacts {
+    /// The benchmark suite's composite score (1.0: the reference machine).
+    pub score: f64,
+    /// The security checks' hardening index, 0 to 100.
+    pub hardening_index: u8,
+    /// The compatibility level the kit verified.
+    pub compat_level: Option<CompatLevel>,
+    /// The operations of the control interface the kit saw pass.
+    pub operations: Vec<String>,
 }
 
 impl Assessment {
@@ -1102,7 +1164,16 @@ pub fn assess(set: &ResourceSet, evidence: &Evidence<'_>, req: &Requirements) ->
         ),
         required: Some(required),
     });
-    Assessment { criteria, category }
+    Assessment {
+        criteria,
+        category,
+        measured: MeasuredFacts {
+            score: evidence.bench.composite_score,
+            hardening_index: evidence.security.hardening_index,
+            compat_level: Some(evidence.compat.level),
+            operations: passed_ops.iter().map(|op| (*op).to_owned()).collect(),
+        },
+    }
 }
 
 #[cfg(test)]
@@ -1233,9 +1304,28 @@ mod tests {
             ..agreement()
         };
         let p = platforms();
-        let standing = |agreement, accepted, listed_hosts, now_ms| Standing {
+        let bob = Provider {
+            account: "bob".into(),
+            name: "Bob".into(),
+            contact: "ops@bob.example".into(),
+            zones: vec!["bob-fra-1".into()],
+            accepted: true,
+            created_at_ms: 0,
+            updated_at_ms: 0,
+        };
+        let shunned = Provider {
+            accepted: false,
+            ..bob.clone()
+        };
+        let elsewhere = Provider {
+            zones: vec!["bob-ams-1".into()],
+            ..bob.clone()
+        };
+        let none_taken = BTreeMap::new();
+        let standing = |agreement, provider, listed_hosts, now_ms| Standing {
             agreement,
-            accepted,
+            provider,
+            taken: &none_taken,
             platforms: &p,
             listed_hosts,
             now_ms,
@@ -1263,79 +1353,106 @@ mod tests {
             (
                 "all met",
                 request(),
-                standing(Some(&a), true, 0, 2_000),
+                standing(Some(&a), Some(&bob), 0, 2_000),
                 vec![],
             ),
             (
                 "no agreement",
                 request(),
-                standing(None, true, 0, 2_000),
+                standing(None, Some(&bob), 0, 2_000),
                 vec![("agreement", None)],
             ),
             (
                 "an expired agreement",
                 request(),
-                standing(Some(&ended), true, 0, 6_000),
+                standing(Some(&ended), Some(&bob), 0, 6_000),
                 vec![("agreement", None)],
             ),
             (
                 "an agreement not yet in force",
                 request(),
-                standing(Some(&a), true, 0, 500),
+                standing(Some(&a), Some(&bob), 0, 500),
                 vec![("agreement", None)],
+            ),
+            (
+                "a provider not recorded",
+                request(),
+                standing(Some(&a), None, 0, 2_000),
+                vec![("provider", None)],
+            ),
+            (
+                "a zone that is not one of the provider's data centers",
+                request(),
+                standing(Some(&a), Some(&elsewhere), 0, 2_000),
+                vec![("zone", Some("resource_sets[0].zone"))],
             ),
             (
                 "a provider not on the accepted list",
                 request(),
-                standing(Some(&a), false, 0, 2_000),
+                standing(Some(&a), Some(&shunned), 0, 2_000),
                 vec![("accepted_provider", None)],
             ),
             (
                 "an unsupported architecture",
                 arm,
-                standing(Some(&a), true, 0, 2_000),
+                standing(Some(&a), Some(&bob), 0, 2_000),
                 vec![("platform", Some("resource_sets[0].system.architecture"))],
             ),
             (
                 "an OS older than the least supported",
                 old_os,
-                standing(Some(&a), true, 0, 2_000),
+                standing(Some(&a), Some(&bob), 0, 2_000),
                 vec![("platform", Some("resource_sets[0].system.os.version"))],
             ),
             (
                 "a kernel older than the least supported",
                 old_kernel,
-                standing(Some(&a), true, 0, 2_000),
+                standing(Some(&a), Some(&bob), 0, 2_000),
                 vec![("platform", Some("resource_sets[0].system.kernel"))],
             ),
             (
                 "a pricing mode outside the agreement",
                 auction,
-                standing(Some(&a), true, 0, 2_000),
+                standing(Some(&a), Some(&bob), 0, 2_000),
                 vec![("pricing_mode", Some("pricing.modes[2]"))],
             ),
             (
                 "a resource kind outside the agreement",
                 storage,
-                standing(Some(&a), true, 0, 2_000),
+                standing(Some(&a), Some(&bob), 0, 2_000),
                 vec![("resource_kind", Some("resource_sets[0].kind"))],
             ),
             (
                 "more hosts than the agreement allows, counting those listed",
                 request(),
-                standing(Some(&a), true, 10, 2_000),
+                standing(Some(&a), Some(&bob), 10, 2_000),
                 vec![("max_hosts", Some("resource_sets"))],
             ),
         ];
         for (rule, r, s, want) in cases {
             assert_eq!(rules(&preliminary(&r, &s)), want, "{rule}");
         }
+        // A host held elsewhere is named by its field.
+        let req = request();
+        let held: BTreeMap<Uuid, String> = [(
+            req.resource_sets[0].hosts[0],
+            "listing lst-1 holds it".to_owned(),
+        )]
+        .into();
+        let s = Standing {
+            taken: &held,
+            ..standing(Some(&a), Some(&bob), 0, 2_000)
+        };
+        assert_eq!(
+            rules(&preliminary(&req, &s)),
+            [("host_taken", Some("resource_sets[0].hosts[0]"))]
+        );
         // The reasons carry the numbers.
-        let u = preliminary(&request(), &standing(Some(&ended), true, 0, 6_000));
+        let u = preliminary(&request(), &standing(Some(&ended), Some(&bob), 0, 6_000));
         assert_eq!(u[0].message, "the agreement ended at 5000 (now 6000)");
         // Every unmet criterion at once.
         assert_eq!(
-            preliminary(&request(), &standing(None, false, 0, 2_000)).len(),
+            preliminary(&request(), &standing(None, Some(&shunned), 0, 2_000)).len(),
             2
         );
     }
