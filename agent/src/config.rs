@@ -46,6 +46,11 @@ pub struct AgentConfig {
     pub max_frame_size: usize,
     /// Where the storage benchmark puts its scratch file (deleted after each run).
     pub bench_scratch_dir: PathBuf,
+    /// The root directory the security checks of a validation run read: `/` on a host
+    /// (the default); the host's root mounted elsewhere when the agent runs in a
+    /// container (`/host`), or a prepared tree in tests. Kernel and process checks
+    /// look at the running system only when this is `/`.
+    pub security_root: PathBuf,
     /// Controller addresses (`host:port`) overriding those received at enrollment.
     pub controller_addresses: Vec<String>,
     /// `human` or `json`.
@@ -76,6 +81,7 @@ impl Default for AgentConfig {
             keep_alive: Duration::from_secs(5),
             max_frame_size: surplus_protocol::DEFAULT_MAX_FRAME,
             bench_scratch_dir: PathBuf::from("/var/tmp"),
+            security_root: PathBuf::from("/"),
             controller_addresses: Vec::new(),
             log_format: LogFormat::Human,
             metrics_listen: None,

@@ -331,6 +331,34 @@ struct Serving {
     metrics: Arc<AgentMetrics>,
     conn: Connection,
     max_frame: usize,
+    /// Where the notices the controller sends about this host are recorded.
+    notices: std::path::PathBuf,
+}
+
+/// The file under the data directory where the marketplace's notices about this host
+/// are recorded, one JSON object per line, newest last.
+pub const NOTICES_FILE: &str = "notices.jsonl";
+
+/// Records a notice about this host (the file restarts past 1 MiB).
+fn record_notice(path: &std::path::Path, n: &HostNotice) -> std::io::Result<()> {
+    use std::io::Write;
+    if std::fs::metadata(path).is_ok_and(|m| m.len() > 1 << 20) {
+        std::fs::remove_file(path)?;
+    }
+    let body: serde_json::Value = serde_json::from_str(&n.body_json)
+        .unwrap_or(serde_json::Value::String(n.body_json.clone()));
+    let line = serde_json::json!({
+        "key": n.key,
+        "kind": n.kind,
+        "body": body,
+        "created_at_ms": n.created_at_ms,
+    });
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    writeln!(f, "{line}")?;
+    f.sync_data()
 }
 
 /// Answers one stream the controller opened: the one place controller requests are
@@ -343,6 +371,7 @@ async fn serve_controller_stream(mut send: SendStream, mut recv: RecvStream, ser
         metrics,
         conn,
         max_frame,
+        notices,
     } = serving;
     let request = match quic::read_frame(&mut recv, max_frame).await {
         Ok(envelope) => envelope.message,
@@ -402,6 +431,20 @@ async fn serve_controller_stream(mut send: SendStream, mut recv: RecvStream, ser
                 format!("metering periods refused: {e}"),
             ),
         },
+        Message::HostNotice(n) => {
+            if n.kind.starts_with("listing.delisted")
+                || n.kind.ends_with("rejected")
+                || n.kind.ends_with("advisory")
+            {
+                tracing::warn!(kind = %n.kind, key = %n.key, details = %n.body_json, "the marketplace says about this host");
+            } else {
+                tracing::info!(kind = %n.kind, key = %n.key, details = %n.body_json, "the marketplace says about this host");
+            }
+            match record_notice(&notices, &n) {
+                Ok(()) => Message::HostNoticeAck(HostNoticeAck { key: n.key }),
+                Err(e) => Message::error(ErrorCode::Internal, format!("notice not recorded: {e}")),
+            }
+        }
         other => Message::error(
             ErrorCode::Unexpected,
             format!("agent does not serve {}", other.kind()),
@@ -690,6 +733,7 @@ impl Runner {
             metrics: metrics.clone(),
             conn: session.connection.clone(),
             max_frame: self.config.max_frame_size,
+            notices: self.config.data_dir.join(NOTICES_FILE),
         };
 
         loop {

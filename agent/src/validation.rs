@@ -37,6 +37,7 @@ pub mod reference {
 pub struct Validations {
     data_dir: PathBuf,
     scratch_dir: PathBuf,
+    security_root: PathBuf,
     max_frame: usize,
     request_timeout: Duration,
     running: Mutex<HashMap<Uuid, Arc<AtomicBool>>>,
@@ -48,6 +49,7 @@ impl Validations {
         Arc::new(Self {
             data_dir: config.data_dir.clone(),
             scratch_dir: config.bench_scratch_dir.clone(),
+            security_root: config.security_root.clone(),
             max_frame: config.max_frame_size,
             request_timeout: config.request_timeout,
             running: Mutex::new(HashMap::new()),
@@ -112,10 +114,7 @@ impl Validations {
                     total: 1,
                     step: "security".into(),
                 });
-                crate::security::run(&HostRoot::new(
-                    std::path::Path::new("/"),
-                    Some(&me.data_dir),
-                ))
+                crate::security::run(&HostRoot::new(&me.security_root, Some(&me.data_dir)))
             });
             let bench = request.bench.map(|b| {
                 let plan = BenchPlan {

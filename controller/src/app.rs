@@ -54,6 +54,8 @@ pub struct Controller {
     pub control: Control,
     /// Usage ingest, metering periods and billing runs.
     pub metering: Metering,
+    /// Resell requests and their pipelines.
+    pub resell: crate::resell::Resell,
     /// Signed-in browsers of the web console.
     pub console: crate::console::Sessions,
 }
@@ -78,9 +80,11 @@ impl Controller {
             metrics: crate::metrics::Metrics::default(),
             tasks: tokio_util::task::TaskTracker::new(),
         });
+        let validation = Validations::new(app.clone());
         Self {
             agents: Agents::new(app.clone(), ca, revoked),
-            validation: Validations::new(app.clone()),
+            validation: validation.clone(),
+            resell: crate::resell::Resell::new(app.clone(), validation),
             control: Control::new(app.clone()),
             metering: Metering::new(app.clone()),
             console: crate::console::Sessions::default(),

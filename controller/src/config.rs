@@ -102,6 +102,11 @@ pub struct ControllerConfig {
     /// What a prepaid client must keep beyond an instance's upfront fee to run it, in
     /// minor units of the host's currency.
     pub prepaid_minimum: i64,
+    /// The resell pipeline: how hosts are validated and judged.
+    pub resell: ResellConfig,
+    /// Webhooks may be on loopback, private and link-local addresses (off: only public
+    /// ones, so that an account cannot make the controller call its own network).
+    pub webhook_allow_private: bool,
     /// Largest frame accepted or sent, bytes.
     pub max_frame_size: usize,
     /// `human` or `json`.
@@ -142,9 +147,64 @@ impl Default for ControllerConfig {
             billing_grace: Duration::from_secs(30 * 60),
             adjustment_window: Duration::from_secs(30 * 86_400),
             prepaid_minimum: 0,
+            resell: ResellConfig::default(),
+            webhook_allow_private: false,
             max_frame_size: surplus_protocol::DEFAULT_MAX_FRAME,
             log_format: LogFormat::Human,
             log_filter: "info".into(),
+        }
+    }
+}
+
+/// How the resell pipeline validates and judges a provider's hosts (`[resell]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ResellConfig {
+    /// The validation run ordered on every host of a request (benchmarks and security
+    /// checks; `bench` and `security` must both be on).
+    pub validation: surplus_api::validation::ValidationOptions,
+    /// How long a request's validation may take in all; hosts not judged by then fail.
+    #[serde(with = "humantime_serde")]
+    pub validation_timeout: Duration,
+    /// The least hardening index (0 to 100) a host must reach.
+    pub min_hardening: u8,
+    /// How far below a claim a measurement may fall and still conform.
+    pub tolerances: surplus_market::acceptance::Tolerances,
+    /// Time between a listing's scheduled re-tests.
+    #[serde(with = "humantime_serde")]
+    pub retest_interval: Duration,
+    /// The acceptance rules whose failure at a re-test delists (`spec`, `category`,
+    /// `hardening`, `critical_findings`, `compatibility`, `validation`); any other
+    /// failure keeps the listing, ranked lower.
+    pub delist_on: Vec<String>,
+    /// How far back the ratings shown on listings go.
+    #[serde(with = "humantime_serde")]
+    pub rating_window: Duration,
+}
+
+impl ResellConfig {
+    /// The re-test policy of the market crate.
+    pub fn retest_policy(&self) -> surplus_market::quality::RetestPolicy {
+        surplus_market::quality::RetestPolicy {
+            interval_ms: self.retest_interval.as_millis() as i64,
+            delist_on: self.delist_on.iter().cloned().collect(),
+        }
+    }
+}
+
+impl Default for ResellConfig {
+    fn default() -> Self {
+        Self {
+            validation: surplus_api::validation::ValidationOptions::default(),
+            validation_timeout: Duration::from_secs(30 * 60),
+            min_hardening: 40,
+            tolerances: surplus_market::acceptance::Tolerances::default(),
+            retest_interval: Duration::from_secs(24 * 3600),
+            delist_on: surplus_market::quality::RetestPolicy::default()
+                .delist_on
+                .into_iter()
+                .collect(),
+            rating_window: Duration::from_secs(90 * 86_400),
         }
     }
 }
@@ -238,6 +298,43 @@ impl ControllerConfig {
                 return Err(format!("{field} must be more than zero"));
             }
         }
+        let v = &self.resell.validation;
+        if !(v.bench && v.security) {
+            return Err(
+                "resell.validation must run both bench and security: hosts are judged by both"
+                    .into(),
+            );
+        }
+        crate::validation::request(v, uuid::Uuid::nil())
+            .map_err(|e| format!("resell.validation: {e}"))?;
+        if self.resell.validation_timeout.is_zero() {
+            return Err("resell.validation_timeout must be more than zero".into());
+        }
+        const RULES: [&str; 6] = [
+            "spec",
+            "category",
+            "hardening",
+            "critical_findings",
+            "compatibility",
+            "validation",
+        ];
+        if let Some(r) = self
+            .resell
+            .delist_on
+            .iter()
+            .find(|r| !RULES.contains(&r.as_str()))
+        {
+            return Err(format!(
+                "resell.delist_on: {r:?} is not a rule ({})",
+                RULES.join(", ")
+            ));
+        }
+        if self.resell.retest_interval.is_zero() {
+            return Err("resell.retest_interval must be more than zero".into());
+        }
+        if self.resell.min_hardening > 100 {
+            return Err("resell.min_hardening must be at most 100".into());
+        }
         Ok(())
     }
 
@@ -247,5 +344,29 @@ impl ControllerConfig {
             .first()
             .cloned()
             .unwrap_or_else(|| "localhost".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `[resell]` section of `deploy/controller.example.toml`, uncommented, is the
+    /// defaults it says it is.
+    #[test]
+    fn the_example_resell_section_states_the_defaults() {
+        let example = crate::datadir::DEFAULT_CONFIG;
+        let start = example.find("# [resell]").expect("a [resell] section");
+        let section: String = example[start..]
+            .lines()
+            .map_while(|l| l.strip_prefix("# "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), &section).unwrap();
+        let loaded = ControllerConfig::load_with_env(file.path(), Some(Default::default()))
+            .unwrap_or_else(|e| panic!("{section}: {e}"));
+        assert_eq!(loaded.resell, ResellConfig::default(), "{section}");
+        assert_eq!(loaded.validate(), Ok(()));
     }
 }

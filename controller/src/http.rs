@@ -494,7 +494,7 @@ impl From<LinkError> for ApiError {
     }
 }
 
-fn form_pairs(query: &str) -> Vec<(String, String)> {
+pub(crate) fn form_pairs(query: &str) -> Vec<(String, String)> {
     form_urlencoded::parse(query.as_bytes())
         .into_owned()
         .collect()

@@ -602,7 +602,10 @@ impl Metering {
             (key, "adjustment", diffs)
         };
         let amount: i64 = lines.iter().map(|c| c.amount).sum();
-        let bps = self.app.config.commission_bps.min(10_000);
+        // The provider's agreement sets the commission; without one, the default.
+        let agreements = self.app.store.agreements(Some(&b.provider)).await?;
+        let bps =
+            billing::commission_bps_at(&agreements, period.from_ms, self.app.config.commission_bps);
         let client = b.instance.account.clone();
         let posting =
             billing::bill_posting(&key, &client, &b.provider, &b.plan.currency, amount, bps);

@@ -114,6 +114,8 @@ pub async fn start(
         tasks.clone(),
     ));
     tasks.spawn(maintenance(controller.clone(), cancel.clone()));
+    tasks.spawn(controller.resell.clone().drive(cancel.clone()));
+    tasks.spawn(crate::notices::Notifier::new(controller.app.clone()).drive(cancel.clone()));
     let router = crate::http::router(controller.clone());
     tasks.spawn(serve_http(
         http_listener,

@@ -16,6 +16,20 @@ use crate::link::LinkError;
 use crate::registry::RegistryEvent;
 use crate::store::{RunStatus, StoreError, ValidationRun};
 
+/// The error of a run whose agent's session ended during it (the agent or the
+/// controller went away): the host was not judged, the run may be ordered again.
+pub const AGENT_LOST: &str = "the agent disconnected during the run";
+
+/// The error `close_dangling` gives the runs a stopped controller left running.
+pub const CONTROLLER_STOPPED: &str = "the controller stopped during the run";
+
+/// A run that ended without a verdict on its host, through no fault of the host's
+/// (the controller stopped, the session was lost): worth ordering again.
+pub fn lost(run: &ValidationRun) -> bool {
+    run.status == RunStatus::Failed
+        && matches!(run.error.as_deref(), Some(AGENT_LOST | CONTROLLER_STOPPED))
+}
+
 /// Extra time beyond a run's budget before the controller gives up on it.
 const GRACE: Duration = Duration::from_secs(120);
 
@@ -173,7 +187,7 @@ impl Validations {
             }
             Err(LinkError::Offline { .. }) => {
                 run.status = RunStatus::Failed;
-                run.error = Some("the agent disconnected during the run".into());
+                run.error = Some(AGENT_LOST.into());
             }
             Err(e) => {
                 run.status = RunStatus::Failed;

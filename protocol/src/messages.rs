@@ -88,6 +88,11 @@ pub enum Message {
     SetMetering(MeteringPeriods),
     /// Agent → controller: the periods are applied.
     MeteringAck(MeteringAck),
+    /// Controller → agent: a notice to the host's provider that concerns this host (a
+    /// resell request's outcome, a listing delisted after a re-test, ...).
+    HostNotice(HostNotice),
+    /// Agent → controller: the notice is recorded on the host.
+    HostNoticeAck(HostNoticeAck),
 }
 
 impl Message {
@@ -122,6 +127,8 @@ impl Message {
             Message::UsageAck(_) => "usage-ack",
             Message::SetMetering(_) => "set-metering",
             Message::MeteringAck(_) => "metering-ack",
+            Message::HostNotice(_) => "host-notice",
+            Message::HostNoticeAck(_) => "host-notice-ack",
         }
     }
 
@@ -409,4 +416,25 @@ pub struct NetworkProbeAck {
 pub struct CompatAck {
     /// The report is stored under this agent.
     pub agent_id: Uuid,
+}
+
+/// A notice of the marketplace to a host's provider about this host, delivered to its
+/// agent (which records it beside its state and logs it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostNotice {
+    /// The notice's key: a repeated delivery carries the same.
+    pub key: String,
+    /// What it says (`resell.accepted`, `listing.delisted`, ...).
+    pub kind: String,
+    /// Its details, as JSON text.
+    pub body_json: String,
+    /// When the controller queued it.
+    pub created_at_ms: UnixMillis,
+}
+
+/// Receipt of a [`HostNotice`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostNoticeAck {
+    /// The notice's key.
+    pub key: String,
 }

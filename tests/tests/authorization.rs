@@ -304,7 +304,28 @@ async fn every_route_answers_every_caller_as_its_principal_allows() {
         .await
         .unwrap();
 
+    // A resell request of alice's (sold on spot, outside her agreement: it is
+    // rejected before any validation) and a listing of hers.
+    let resell_doc = json!({
+        "contact": "ops@alice.example",
+        "resource_sets": [{"kind": "compute", "zone": "alice-1", "hosts": [host_a], "system": {"threads": 1}, "compatibility": {"level": "bare_metal"}}],
+        "pricing": {"modes": ["spot"], "currency": "EUR", "minimum_price": 20},
+        "interruptibility": "price_based",
+        "goal": "none"
+    });
+    let resell = api
+        .ok(provider, "POST", "/v1/resell-requests", resell_doc.clone())
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // (On bob's offline host: a re-test asked for ends at once, without a run.)
+    let listing = listed(&tc, host_b, now).await;
+
     let cases = matrix(&Resources {
+        resell,
+        resell_doc,
+        listing,
         a: host_a,
         b: host_b,
         i_a: i_a.clone(),
@@ -536,6 +557,42 @@ async fn every_route_answers_every_caller_as_its_principal_allows() {
         "{usage}"
     );
 
+    // The listing shows alice's rating; its re-test (asked for above, on a host that
+    // is offline) ended with an advisory to alice, ranked lower but still listed.
+    let deadline = tokio::time::Instant::now() + surplus_tests::PATIENCE;
+    let shown = loop {
+        let shown = api
+            .ok(client, "GET", "/v1/listings/lst-alice", Value::Null)
+            .await;
+        if shown["listing"]["last_retest_at_ms"].is_i64() {
+            break shown;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no re-test: {shown}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let l = &shown["listing"];
+    assert_eq!(
+        (l["rating"].as_f64(), &l["listed"], &l["failed_retest"]),
+        (Some(4.0), &json!(true), &json!(true)),
+        "{shown}"
+    );
+    let notices = api
+        .ok(provider, "GET", "/v1/notifications", Value::Null)
+        .await;
+    let advisory = notices
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["kind"] == "listing.advisory")
+        .unwrap_or_else(|| panic!("an advisory: {notices}"));
+    assert_eq!(
+        advisory["body"]["failed"][0]["rule"], "validation",
+        "{advisory}"
+    );
+
     // Leave nothing running.
     let all = api
         .ok(
@@ -557,8 +614,12 @@ async fn every_route_answers_every_caller_as_its_principal_allows() {
 }
 
 /// What the matrix acts on: alice's and bob's hosts (A online, B offline), instances,
-/// volumes and invoices, a validation run, the hour billed, the rate card.
+/// volumes and invoices, a validation run, the hour billed, the rate card, a resell
+/// request and a listing.
 struct Resources {
+    resell: String,
+    resell_doc: Value,
+    listing: String,
     a: uuid::Uuid,
     b: uuid::Uuid,
     i_a: String,
@@ -576,12 +637,79 @@ struct Resources {
     run: Value,
 }
 
+/// A listing of alice's on `host`, as an accepted request leaves it.
+async fn listed(tc: &TestController, host: uuid::Uuid, now: i64) -> String {
+    use surplus_controller::store::{Listing, Pipeline, ResellRow, ResellStep};
+    let doc: surplus_market::resell::ResellRequest = serde_json::from_value(json!({
+        "contact": "ops@alice.example",
+        "resource_sets": [{"kind": "compute", "zone": "alice-1", "hosts": [host], "system": {}, "compatibility": {"level": "bare_metal"}}],
+        "pricing": {"modes": ["on_demand"], "currency": "EUR", "minimum_price": 20},
+        "interruptibility": "no_interruptions",
+        "goal": "none"
+    }))
+    .unwrap();
+    let id = uuid::Uuid::now_v7();
+    let mut pipeline = Pipeline::new(id, &[(host, 0)], now);
+    pipeline.stage = surplus_market::pipeline::Stage::Accepted;
+    pipeline.listed = true;
+    pipeline.notified = true;
+    let row = ResellRow {
+        id,
+        provider: "alice".into(),
+        document: doc,
+        pipeline,
+        version: 0,
+        created_at_ms: now,
+        updated_at_ms: now,
+    };
+    let store = &tc.ctl().app.store;
+    store.create_resell_request(&row).await.unwrap();
+    let listing = Listing {
+        id: "lst-alice".into(),
+        request: id,
+        provider: "alice".into(),
+        zone: "alice-1".into(),
+        kind: surplus_market::resell::ResourceKind::Compute,
+        category: "small".into(),
+        set: 0,
+        hosts: vec![host],
+        score: 1.0,
+        hardening_index: 70,
+        compat_level: CompatLevel::Fully,
+        operations: vec!["run".into()],
+        pricing_modes: [surplus_market::resell::PricingMode::OnDemand].into(),
+        interruptibility: surplus_market::resell::Interruptibility::NoInterruptions,
+        currency: "EUR".into(),
+        price: 20,
+        available: 1,
+        rating: None,
+        uptime: None,
+        listed: true,
+        failed_retest: false,
+        created_at_ms: now,
+        next_retest_at_ms: None,
+        last_retest_at_ms: None,
+        retest: None,
+    };
+    let step = ResellStep {
+        listings: vec![listing],
+        notices: vec![],
+    };
+    assert!(
+        store
+            .advance_resell_request(&row, &step, now)
+            .await
+            .unwrap()
+    );
+    "lst-alice".into()
+}
+
 /// Every row: the request and the status of admin, client alice, provider alice,
 /// pool_owner alice and no token, in that order. Rows on alice's resources and on
 /// bob's; calls that change state are idempotent or come in the order they need.
 #[rustfmt::skip]
 fn matrix(r: &Resources) -> Vec<Case> {
-    let Resources { a, b, i_a, i_b, v_a, v_b, v_b2, inv_a, inv_b, run_id, run_b, agreement, hour, plan, run } = r;
+    let Resources { resell, resell_doc, listing, a, b, i_a, i_b, v_a, v_b, v_b2, inv_a, inv_b, run_id, run_b, agreement, hour, plan, run } = r;
     vec![
         // Open to all.
         case("GET", "/v1/health", "/v1/health", [200, 200, 200, 200, 200]),
@@ -631,6 +759,33 @@ fn matrix(r: &Resources) -> Vec<Case> {
         with_body("PUT", "/v1/platforms", "/v1/platforms", json!({"cpu_vendors": ["GenuineIntel"], "architectures": ["x86_64"], "virtualization": ["kvm"], "os_families": [{"family": "debian", "version": "12"}], "min_kernel": "6.1"}), [200, 403, 403, 403, 401]),
         with_body("PUT", "/v1/platforms", "/v1/platforms", json!({"cpu_vendors": [], "architectures": [], "virtualization": [], "os_families": [{"family": "debian", "version": "trixie"}], "min_kernel": null}), [400, 403, 403, 403, 401]),
         case("GET", "/v1/categories", "/v1/categories", [200, 200, 200, 200, 401]),
+        // Resell requests: a provider submits and reads its own (an admin for the
+        // provider it names); listings and notifications are every token's.
+        with_body("POST", "/v1/resell-requests", "/v1/resell-requests?provider=alice", resell_doc.clone(), [202, 403, 202, 403, 401]),
+        with_body("POST", "/v1/resell-requests", "/v1/resell-requests", resell_doc.clone(), [400, 403, 202, 403, 401]),
+        with_body("POST", "/v1/resell-requests", "/v1/resell-requests", json!({"contact": "x"}), [400, 403, 400, 403, 401]),
+        case("GET", "/v1/resell-requests", "/v1/resell-requests", [200, 403, 200, 403, 401]),
+        case("GET", "/v1/resell-requests", "/v1/resell-requests?provider=bob", [200, 403, 403, 403, 401]),
+        case("GET", "/v1/resell-requests/{id}", format!("/v1/resell-requests/{resell}"), [200, 403, 200, 403, 401]),
+        case("GET", "/v1/resell-requests/{id}", format!("/v1/resell-requests/{}", uuid::Uuid::nil()), [404, 403, 404, 403, 401]),
+        case("GET", "/v1/listings", "/v1/listings?sort=price", [200, 200, 200, 200, 401]),
+        case("GET", "/v1/listings", "/v1/listings?colour=red", [400, 400, 400, 400, 401]),
+        case("GET", "/v1/listings/{id}", format!("/v1/listings/{listing}"), [200, 200, 200, 200, 401]),
+        case("GET", "/v1/listings/{id}", "/v1/listings/lst-none", [404, 404, 404, 404, 401]),
+        case("GET", "/v1/notifications", "/v1/notifications", [200, 200, 200, 200, 401]),
+        case("POST", "/v1/listings/{id}/retest", format!("/v1/listings/{listing}/retest"), [202, 403, 202, 403, 401]),
+        case("POST", "/v1/listings/{id}/retest", "/v1/listings/lst-none/retest", [404, 403, 404, 403, 401]),
+        // Only the client that ran an instance rates it, once.
+        with_body("POST", "/v1/ratings", "/v1/ratings", json!({"instance": i_a, "score": 4, "comment": "fast"}), [403, 201, 403, 403, 401]),
+        with_body("POST", "/v1/ratings", "/v1/ratings", json!({"instance": i_a, "score": 5}), [403, 409, 403, 403, 401]),
+        with_body("POST", "/v1/ratings", "/v1/ratings", json!({"instance": i_b, "score": 5}), [403, 403, 403, 403, 401]),
+        with_body("POST", "/v1/ratings", "/v1/ratings", json!({"instance": i_a, "score": 9}), [400, 400, 403, 403, 401]),
+        case("GET", "/v1/ratings", "/v1/ratings?provider=alice", [200, 200, 200, 200, 401]),
+        // Each principal's own webhook.
+        with_body("PUT", "/v1/webhook", "/v1/webhook", json!({"url": "ftp://example.invalid/"}), [400, 400, 400, 400, 401]),
+        with_body("PUT", "/v1/webhook", "/v1/webhook", json!({"url": null}), [200, 200, 200, 200, 401]),
+        case("GET", "/v1/webhook", "/v1/webhook", [200, 200, 200, 200, 401]),
+        case("GET", "/v1/notifications", "/v1/notifications?limit=0", [400, 400, 400, 400, 401]),
         with_body("PUT", "/v1/categories", "/v1/categories", json!({"list": [{"name": "small", "min_cores": 1, "min_memory_bytes": 1, "min_score": 0.0}, {"name": "big", "min_cores": 8, "min_memory_bytes": 1, "min_score": 0.0}]}), [200, 403, 403, 403, 401]),
         with_body("PUT", "/v1/categories", "/v1/categories", json!({"list": [{"name": "big", "min_cores": 8, "min_memory_bytes": 1, "min_score": 0.0}, {"name": "small", "min_cores": 1, "min_memory_bytes": 1, "min_score": 0.0}]}), [400, 403, 403, 403, 401]),
         // A host's own business: its provider (alice for A, bob for B) and admins.

@@ -131,6 +131,18 @@ async fn billing_covers_closed_hours_waits_for_usage_and_bills_what_comes_late()
     agent_config.metering.resolution = Duration::from_millis(50);
     let agent_id = identity.agent_id;
     let alice = tc.token_for("alice", "client").await;
+    // Bob's agreement sets the marketplace's commission on his sales: 25%, not the
+    // configured default's 10%.
+    let (st, body) = tc
+        .api_as(&tc.admin_token, reqwest::Method::PUT, "/v1/providers/bob",
+            Some(json!({"name": "Bob", "contact": "ops@bob.example", "zones": ["bob-1"], "accepted": true})))
+        .await;
+    assert_eq!(st, 200, "{body}");
+    let (st, body) = tc
+        .api_post("/v1/agreements", json!({"provider": "bob", "valid_from_ms": h0 - HOUR, "valid_until_ms": h0 + 100 * HOUR,
+            "resource_kinds": ["compute"], "pricing_modes": ["on_demand"], "commission_bps": 2500, "max_hosts": 1}))
+        .await;
+    assert_eq!(st, 201, "{body}");
     let b = Billing {
         clock: clock.clone(),
         alice,
@@ -408,6 +420,11 @@ async fn billing_covers_closed_hours_waits_for_usage_and_bills_what_comes_late()
     };
     assert_eq!(balance("client:alice"), -total);
     assert_eq!(balance("provider:bob") + balance("marketplace"), total);
+    assert!(
+        (balance("marketplace") - total / 4).abs() <= 3,
+        "bob's agreement's 25%, to the minor unit per posting: {} of {total}",
+        balance("marketplace")
+    );
     let (st, statement) = b.tc.api_get("/v1/statements?provider=bob").await;
     assert_eq!(
         (st, statement["net"]["EUR"].as_i64()),

@@ -314,7 +314,13 @@ async fn a_session_in_a_real_browser() {
             .process
             .cgroup_parent,
     );
-    let tc = TestController::start().await;
+    // Quick validation runs for the resell pipeline: its pages are under test here.
+    let mut config = test_config();
+    config.resell.validation.quick = true;
+    config.resell.validation.repetitions = 1;
+    config.resell.validation.budget = "120s".into();
+    config.resell.validation.network_bytes = 1_000_000;
+    let tc = TestController::start_with(config, clock::system()).await;
     let mut events = tc.events();
     let (mut config, identity) = tc
         .enroll("console-host", &[("zone", "lab-1"), ("provider", "carol")])
@@ -488,6 +494,102 @@ async fn a_session_in_a_real_browser() {
     let snapshots = b.text(&format!("{row} td.snapshots")).await;
     assert!(snapshots.starts_with("snap-"), "{snapshots}");
 
+    // Carol offers her host in the resell center and watches the request reach
+    // "accepted" as its validation runs on the host.
+    // The admin records carol and her agreement from the providers page.
+    b.visit(&format!("{base}/console/providers"), "providers")
+        .await;
+    b.fill("#account", "carol").await;
+    b.fill("#name", "Carol").await;
+    b.fill("#contact", "ops@carol.example").await;
+    b.fill("#zones", "lab-1").await;
+    b.client
+        .find(fantoccini::Locator::Css(
+            "#provider-form input[name=accepted]",
+        ))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    b.click("#provider-form button[type=submit]").await;
+    assert_eq!(
+        b.url().await,
+        "/console/providers",
+        "{}",
+        b.text("main").await
+    );
+    assert!(b.text("tr[data-provider='carol']").await.contains("lab-1"));
+    b.fill("#commission_bps", "1200").await;
+    b.fill("#max_hosts", "5").await;
+    b.click("#agreement-form button[type=submit]").await;
+    b.shot("agreement-made").await;
+    let agreements = b.text("#agreements").await;
+    assert!(
+        agreements.contains("carol") && agreements.contains("12.00%"),
+        "{agreements}"
+    );
+    let carol = tc.token_for("carol", "provider").await;
+    b.click("header form button").await;
+    b.fill("#token", &carol).await;
+    b.click("button[type=submit]").await;
+    b.visit(&format!("{base}/console/resell/new"), "resell-form")
+        .await;
+    b.client
+        .find(fantoccini::Locator::Css(&format!(
+            "input[name=host][value='{agent_id}']"
+        )))
+        .await
+        .expect("carol's host is offered")
+        .click()
+        .await
+        .unwrap();
+    assert_eq!(
+        b.count("input[name=host]").await,
+        2,
+        "carol's two hosts, not dave's"
+    );
+    b.fill("#threads", "1").await;
+    b.fill("#minimum_price", "25").await;
+    b.click("#resell-form button[type=submit]").await;
+    let path = b.url().await;
+    assert!(
+        path.starts_with("/console/resell/"),
+        "sent to the request's page, not {path}: {}",
+        b.text("main").await
+    );
+    b.shot("resell-submitted").await;
+    let stage = b
+        .until_text("#stage", Duration::from_secs(300), |s| {
+            s == "accepted" || s == "rejected"
+        })
+        .await;
+    b.shot("resell-done").await;
+    assert_eq!(stage, "accepted", "{}", b.text("main").await);
+    let steps = b.text("#steps").await;
+    assert!(
+        steps.contains("preliminary criteria met") && steps.contains("provider notified"),
+        "{steps}"
+    );
+    let listing = b.text("#listings a").await;
+    assert!(listing.starts_with("lst-"), "{listing}");
+    b.visit(&format!("{base}/console/notifications"), "provider-notices")
+        .await;
+    assert!(b.text("#notifications").await.contains("resell.accepted"));
+    // A request the form gets wrong keeps the form, with the reason.
+    b.visit(&format!("{base}/console/resell/new"), "resell-form-again")
+        .await;
+    b.fill("#threads", "many").await;
+    b.click("#resell-form button[type=submit]").await;
+    assert!(
+        b.text(".error").await.contains("threads"),
+        "{}",
+        b.text("main").await
+    );
+    b.click("header form button").await;
+    b.fill("#token", &tc.admin_token).await;
+    b.click("button[type=submit]").await;
+
     // Revoking asks first, then cuts the agent off for good.
     b.visit(
         &format!("{base}/console/agents/{agent_id}/revoke"),
@@ -517,6 +619,29 @@ async fn a_session_in_a_real_browser() {
     let balances = b.text("#balances").await;
     assert!(balances.contains("client:bob USD 2500"), "{balances}");
     assert!(!balances.contains("provider:"), "{balances}");
+
+    // The client finds carol's listing and reads the evidence behind it.
+    b.visit(
+        &format!("{base}/console/listings?provider=carol"),
+        "client-listings",
+    )
+    .await;
+    let row = b.text(&format!("tr[data-listing='{listing}']")).await;
+    assert!(row.contains("lab-1") && row.contains("25 EUR"), "{row}");
+    b.click(&format!("tr[data-listing='{listing}'] a")).await;
+    b.shot("client-listing").await;
+    assert_eq!(b.url().await, format!("/console/listings/{listing}"));
+    let evidence = b.text("table.criteria").await;
+    assert!(
+        evidence.contains("system.threads") && evidence.contains("hardening"),
+        "{evidence}"
+    );
+    b.visit(
+        &format!("{base}/console/listings?colour=red"),
+        "client-listings-bad-filter",
+    )
+    .await;
+    assert!(b.text(".error").await.contains("colour"));
 
     // Every role can read the API's reference, rendered from its OpenAPI document.
     b.visit(&format!("{base}/console/api"), "api-reference")

@@ -145,9 +145,179 @@ story!(a_change_set_applies_whole_or_not_at_all);
 story!(an_agent_page_is_filtered_sorted_and_counted_by_the_database);
 story!(snapshots_are_kept_per_volume_oldest_first);
 story!(providers_and_their_agreements_are_kept_and_ended_once);
+story!(a_resell_step_applies_once_over_the_version_it_read);
 
 mod stories {
     use super::*;
+
+    pub async fn a_resell_step_applies_once_over_the_version_it_read(
+        _f: &Fixture,
+        s: Arc<dyn Store>,
+    ) {
+        let host = Uuid::now_v7();
+        let document: ResellRequest = serde_json::from_value(serde_json::json!({
+            "contact": "ops@bob.example",
+            "resource_sets": [{"kind": "compute", "zone": "bob-1", "hosts": [host], "system": {"threads": 4}, "compatibility": {"level": "full"}}],
+            "pricing": {"modes": ["spot"], "currency": "EUR", "minimum_price": 20},
+            "interruptibility": "price_based",
+            "goal": "none"
+        }))
+        .unwrap();
+        let id = Uuid::now_v7();
+        let mut row = ResellRow {
+            id,
+            provider: "bob".into(),
+            document,
+            pipeline: Pipeline::new(id, &[(host, 0)], 10),
+            version: 0,
+            created_at_ms: 10,
+            updated_at_ms: 10,
+        };
+        s.create_resell_request(&row).await.unwrap();
+        assert_eq!(s.resell_request(id).await.unwrap().as_ref(), Some(&row));
+        assert_eq!(s.open_resell_requests().await.unwrap().len(), 1);
+
+        // A step is stored with what it makes, over the version it read.
+        let mut next = row.clone();
+        next.pipeline.handle_preliminary(20, &[], 1_000).unwrap();
+        let notice = Notice {
+            key: format!("k:{id}"),
+            recipient: "provider:bob".into(),
+            kind: "resell.accepted".into(),
+            body: serde_json::json!({"request": id}),
+        };
+        let step = ResellStep {
+            listings: vec![],
+            notices: vec![notice.clone()],
+        };
+        assert!(s.advance_resell_request(&next, &step, 20).await.unwrap());
+        // A second step over the same version (a stale reader) writes nothing.
+        let mut stale = row.clone();
+        stale.pipeline.handle_preliminary(21, &[], 1_000).unwrap();
+        let other = ResellStep {
+            listings: vec![],
+            notices: vec![Notice {
+                key: "other".into(),
+                ..notice.clone()
+            }],
+        };
+        assert!(!s.advance_resell_request(&stale, &other, 21).await.unwrap());
+        let stored = s.resell_request(id).await.unwrap().unwrap();
+        assert_eq!((stored.version, stored.updated_at_ms), (1, 20));
+        assert_eq!(stored.pipeline, next.pipeline);
+        let notices = s.notices("provider:bob", 10).await.unwrap();
+        assert_eq!(
+            notices
+                .iter()
+                .map(|n| n.notice.key.as_str())
+                .collect::<Vec<_>>(),
+            [notice.key.as_str()],
+            "the stale step's notice was not queued"
+        );
+
+        // Listings are kept once per request, set and category; a closed pipeline
+        // leaves the open list.
+        row = stored;
+        row.pipeline.stage = surplus_market::pipeline::Stage::Rejected;
+        row.pipeline.notified = true;
+        let listing = |lid: &str| Listing {
+            id: lid.into(),
+            request: id,
+            provider: "bob".into(),
+            zone: "bob-1".into(),
+            kind: surplus_market::resell::ResourceKind::Compute,
+            category: "small".into(),
+            set: 0,
+            hosts: vec![host],
+            score: 1.0,
+            hardening_index: 60,
+            compat_level: surplus_protocol::control::CompatLevel::Fully,
+            operations: vec![],
+            pricing_modes: Default::default(),
+            interruptibility: surplus_market::resell::Interruptibility::PriceBased,
+            currency: "EUR".into(),
+            price: 20,
+            available: 1,
+            rating: None,
+            uptime: None,
+            listed: true,
+            failed_retest: false,
+            created_at_ms: 30,
+            next_retest_at_ms: None,
+            last_retest_at_ms: None,
+            retest: None,
+        };
+        let twice = ResellStep {
+            listings: vec![listing("lst-1"), listing("lst-2")],
+            notices: vec![notice.clone()],
+        };
+        assert!(s.advance_resell_request(&row, &twice, 30).await.unwrap());
+        assert_eq!(s.listings().await.unwrap(), [listing("lst-1")]);
+        assert_eq!(s.listing("lst-1").await.unwrap(), Some(listing("lst-1")));
+        assert_eq!(s.listing("lst-2").await.unwrap(), None);
+        assert_eq!(s.notices("provider:bob", 10).await.unwrap().len(), 1);
+        assert!(s.open_resell_requests().await.unwrap().is_empty());
+        assert_eq!(s.resell_requests(Some("bob")).await.unwrap().len(), 1);
+        assert!(s.resell_requests(Some("carol")).await.unwrap().is_empty());
+        // Re-tests are timers as rows: asked for, under way, scheduled.
+        assert!(
+            s.due_listings(1_000).await.unwrap().is_empty(),
+            "none scheduled"
+        );
+        assert!(!s.request_retest("lst-9", 40).await.unwrap());
+        assert!(s.request_retest("lst-1", 40).await.unwrap());
+        let due = s.due_listings(40).await.unwrap();
+        assert_eq!((due.len(), due[0].1), (1, Some(40)));
+        let mut under_way = listing("lst-1");
+        under_way.retest = Some(surplus_market::quality::Retest {
+            started_at_ms: 41,
+            runs: vec![(host, Uuid::now_v7())],
+            on_demand: true,
+        });
+        s.put_listing(&under_way, Some(40), &[], 41).await.unwrap();
+        let due = s.due_listings(41).await.unwrap();
+        assert_eq!(
+            due,
+            [(under_way.clone(), None)],
+            "the request is answered, the re-test under way"
+        );
+        let mut done = listing("lst-1");
+        done.listed = false;
+        done.next_retest_at_ms = Some(100);
+        let advisory = Notice {
+            key: "listing.delisted:lst-1:50".into(),
+            kind: "listing.delisted".into(),
+            ..notice.clone()
+        };
+        s.put_listing(&done, None, std::slice::from_ref(&advisory), 50)
+            .await
+            .unwrap();
+        assert!(s.due_listings(99).await.unwrap().is_empty());
+        assert_eq!(s.due_listings(100).await.unwrap().len(), 1);
+        assert_eq!(s.listing("lst-1").await.unwrap(), Some(done));
+        assert_eq!(s.notices("provider:bob", 10).await.unwrap().len(), 2);
+
+        // One rating per client and instance.
+        let rating = Rating {
+            client: "alice".into(),
+            instance: "i-1".into(),
+            provider: "bob".into(),
+            score: 4,
+            comment: "fine".into(),
+            created_at_ms: 60,
+        };
+        assert!(s.put_rating(&rating).await.unwrap());
+        assert!(
+            !s.put_rating(&Rating {
+                score: 1,
+                ..rating.clone()
+            })
+            .await
+            .unwrap()
+        );
+        assert_eq!(s.ratings(Some("bob")).await.unwrap(), [rating]);
+        assert!(s.ratings(Some("carol")).await.unwrap().is_empty());
+    }
 
     pub async fn providers_and_their_agreements_are_kept_and_ended_once(
         _f: &Fixture,

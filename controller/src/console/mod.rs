@@ -41,6 +41,7 @@ use crate::store::Principal;
 mod api_docs;
 mod fleet;
 mod instances;
+mod market;
 mod money;
 mod providers;
 mod usage;
@@ -161,6 +162,15 @@ impl FormFields {
             .map(|(_, v)| v.as_str())
     }
 
+    /// Every value of `key` (a repeated field: the ticked boxes of a group).
+    pub fn all(&self, key: &str) -> Vec<&str> {
+        self.0
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
     /// The first value of `key`, trimmed, when it is not empty.
     pub fn non_empty(&self, key: &str) -> Option<&str> {
         self.get(key).map(str::trim).filter(|v| !v.is_empty())
@@ -258,6 +268,7 @@ pub(crate) fn router(ctl: Arc<Controller>) -> Router<Arc<Controller>> {
         .merge(api_docs::routes())
         .merge(fleet::routes())
         .merge(instances::routes())
+        .merge(market::routes())
         .merge(money::routes())
         .merge(providers::routes())
         .merge(usage::routes())

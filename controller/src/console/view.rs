@@ -21,6 +21,9 @@ pub fn page(title: &str, signed: &Signed, body: Markup) -> Markup {
             ("/console/statements", "Statements"),
             ("/console/balances", "Balances"),
             ("/console/providers", "Providers"),
+            ("/console/resell", "Resell"),
+            ("/console/listings", "Listings"),
+            ("/console/notifications", "Notices"),
             ("/console/api", "API"),
         ],
         Role::Client => &[
@@ -29,6 +32,8 @@ pub fn page(title: &str, signed: &Signed, body: Markup) -> Markup {
             ("/console/usage", "Usage"),
             ("/console/invoices", "Invoices"),
             ("/console/balances", "Balances"),
+            ("/console/listings", "Listings"),
+            ("/console/notifications", "Notices"),
             ("/console/api", "API"),
         ],
         Role::Provider => &[
@@ -36,9 +41,17 @@ pub fn page(title: &str, signed: &Signed, body: Markup) -> Markup {
             ("/console/statements", "Statement"),
             ("/console/balances", "Balance"),
             ("/console/providers", "Agreements"),
+            ("/console/resell", "Resell center"),
+            ("/console/listings", "Listings"),
+            ("/console/notifications", "Notices"),
             ("/console/api", "API"),
         ],
-        Role::PoolOwner => &[("/console/balances", "Balances"), ("/console/api", "API")],
+        Role::PoolOwner => &[
+            ("/console/balances", "Balances"),
+            ("/console/listings", "Listings"),
+            ("/console/notifications", "Notices"),
+            ("/console/api", "API"),
+        ],
     };
     html! {
         (DOCTYPE)

@@ -2,7 +2,9 @@
 //! record them; a provider reads its own.
 
 use surplus_api::resell::*;
-use surplus_market::resell::{FieldError, validate_agreement, validate_provider};
+use surplus_market::resell::{validate_agreement, validate_provider};
+
+use crate::store::ResellRow;
 
 use super::*;
 
@@ -19,25 +21,18 @@ pub(super) fn routes() -> Vec<Route> {
         route("PUT", "/v1/platforms", Token, put_platforms),
         route("GET", "/v1/categories", Token, get_categories),
         route("PUT", "/v1/categories", Token, put_categories),
+        route("POST", "/v1/resell-requests", Token, submit_request),
+        route("GET", "/v1/resell-requests", Token, list_requests),
+        route("GET", "/v1/resell-requests/{id}", Token, show_request),
+        route("GET", "/v1/listings", Token, search_listings),
+        route("GET", "/v1/listings/{id}", Token, show_listing),
+        route("GET", "/v1/notifications", Token, notifications),
+        route("POST", "/v1/listings/{id}/retest", Token, retest_listing),
+        route("POST", "/v1/ratings", Token, rate),
+        route("GET", "/v1/webhook", Token, get_webhook),
+        route("PUT", "/v1/webhook", Token, put_webhook),
+        route("GET", "/v1/ratings", Token, list_ratings),
     ]
-}
-
-/// The supported platforms in force: as stored, else [`Platforms::standard`].
-pub(crate) async fn platforms(ctl: &Controller) -> Result<Platforms, ApiError> {
-    match ctl.app.store.setting("platforms").await? {
-        Some(text) => serde_json::from_str(&text)
-            .map_err(|e| StoreError::Corrupt(format!("platforms: {e}")).into()),
-        None => Ok(Platforms::standard()),
-    }
-}
-
-/// The size categories in force: as stored, else [`Categories::standard`].
-pub(crate) async fn categories(ctl: &Controller) -> Result<Categories, ApiError> {
-    match ctl.app.store.setting("categories").await? {
-        Some(text) => serde_json::from_str(&text)
-            .map_err(|e| StoreError::Corrupt(format!("categories: {e}")).into()),
-        None => Ok(Categories::standard()),
-    }
 }
 
 /// The platforms a resell request may claim (every token may read them).
@@ -46,7 +41,7 @@ async fn get_platforms(
     State(ctl): State<Arc<Controller>>,
     _caller: Caller,
 ) -> ApiResult<Platforms> {
-    Ok(Json(platforms(&ctl).await?))
+    Ok(Json(ctl.resell.platforms().await?))
 }
 
 /// Replaces the supported platforms (admins).
@@ -77,7 +72,7 @@ async fn get_categories(
     State(ctl): State<Arc<Controller>>,
     _caller: Caller,
 ) -> ApiResult<Categories> {
-    Ok(Json(categories(&ctl).await?))
+    Ok(Json(ctl.resell.categories().await?))
 }
 
 /// Replaces the size categories (admins): smallest first, every threshold at least
@@ -116,6 +111,21 @@ fn invalid(errors: Vec<FieldError>) -> ApiError {
     ApiError::bad_request(message)
         .with_field(first)
         .with_detail("problems", &errors)
+}
+
+/// Whose records a listing answers with: `?provider=` (every provider without) for
+/// admins, the caller's own for a provider (naming another is refused).
+fn provider_scope(caller: &Caller, query: Option<&str>) -> Result<Option<String>, ApiError> {
+    let q = billing::query_map(query, &["provider"])?;
+    match caller.0.role {
+        Role::Admin => Ok(q.get("provider").cloned()),
+        _ => {
+            if let Some(p) = q.get("provider") {
+                may_read(caller, p)?;
+            }
+            Ok(Some(caller.0.account.clone()))
+        }
+    }
 }
 
 /// A provider sees only itself; admins everyone; others nothing.
@@ -165,7 +175,7 @@ async fn show_provider(
 /// Records a provider or replaces its profile (admins): its name, contact, data
 /// centers (availability zones) and place on the accepted-providers list.
 #[utoipa::path(put, path = "/v1/providers/{account}", tag = "resell", params(("account" = String, Path, description = "The provider's account")), request_body = ProviderRequest, responses((status = 200, description = "The provider as stored", body = Provider)))]
-async fn put_provider(
+pub(crate) async fn put_provider(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
     Path(account): Path<String>,
@@ -201,23 +211,14 @@ pub(crate) async fn list_agreements(
     axum::extract::RawQuery(query): axum::extract::RawQuery,
 ) -> ApiResult<Vec<Agreement>> {
     caller.require(Role::Provider)?;
-    let q = billing::query_map(query.as_deref(), &["provider"])?;
-    let provider = match caller.0.role {
-        Role::Admin => q.get("provider").cloned(),
-        _ => {
-            if let Some(p) = q.get("provider") {
-                may_read(&caller, p)?;
-            }
-            Some(caller.0.account.clone())
-        }
-    };
+    let provider = provider_scope(&caller, query.as_deref())?;
     Ok(Json(ctl.app.store.agreements(provider.as_deref()).await?))
 }
 
 /// Makes a business agreement with a provider (admins): its validity, the kinds of
 /// capacity and pricing modes it allows, the commission and the most hosts.
 #[utoipa::path(post, path = "/v1/agreements", tag = "resell", request_body = AgreementRequest, responses((status = 201, description = "The agreement", body = Agreement)))]
-async fn create_agreement(
+pub(crate) async fn create_agreement(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
     body: Result<Json<AgreementRequest>, JsonRejection>,
@@ -252,7 +253,7 @@ async fn create_agreement(
 
 /// Ends an agreement now (admins); 409 when it is no longer in force.
 #[utoipa::path(post, path = "/v1/agreements/{id}/end", tag = "resell", params(("id" = String, Path, description = "The agreement")), responses((status = 200, description = "The agreement, ended", body = Agreement)))]
-async fn end_agreement(
+pub(crate) async fn end_agreement(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
     Path(id): Path<String>,
@@ -267,4 +268,467 @@ async fn end_agreement(
             format!("agreement {id} is no longer in force"),
         )),
     }
+}
+
+/// A request as the API shows it, with the listings it made.
+pub(crate) async fn resell_view(ctl: &Controller, row: ResellRow) -> Result<ResellView, ApiError> {
+    Ok(view_with(row, &ctl.app.store.listings().await?))
+}
+
+/// A request with the listings of `listings` it made.
+fn view_with(row: ResellRow, listings: &[Listing]) -> ResellView {
+    ResellView {
+        id: row.id,
+        provider: row.provider,
+        stage: row.pipeline.stage,
+        listings: listings
+            .iter()
+            .filter(|l| l.request == row.id)
+            .map(|l| l.id.clone())
+            .collect(),
+        pipeline: row.pipeline,
+        document: row.document,
+        created_at_ms: row.created_at_ms,
+        updated_at_ms: row.updated_at_ms,
+    }
+}
+
+/// Submits a resell request (FIG. 2): a provider for itself, an admin for the
+/// provider it names with `?provider=`. Every problem of the document, and every host
+/// that is not an agent enrolled for the provider, is named with its field in one
+/// 400, and nothing is stored; a request taken is 202 and moves through the pipeline
+/// in the background.
+#[utoipa::path(post, path = "/v1/resell-requests", tag = "resell", params(("provider" = Option<String>, Query, description = "The provider (admins only; a provider submits for itself)")), request_body = ResellRequest, responses((status = 202, description = "The request, taken; follow it with GET /v1/resell-requests/{id}", body = ResellView)))]
+pub(crate) async fn submit_request(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+    body: Result<Json<ResellRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<ResellView>), ApiError> {
+    caller.require(Role::Provider)?;
+    let q = billing::query_map(query.as_deref(), &["provider"])?;
+    let provider = match (caller.0.role, q.get("provider")) {
+        (Role::Admin, Some(p)) => p.clone(),
+        (Role::Admin, None) => {
+            return Err(ApiError::bad_request(
+                "provider: an admin names the provider it submits for (?provider=ACCOUNT)",
+            )
+            .with_field("provider".into()));
+        }
+        (_, Some(p)) if *p != caller.0.account => {
+            may_read(&caller, p)?;
+            unreachable!("may_read refuses another provider")
+        }
+        _ => caller.0.account.clone(),
+    };
+    let Json(document) = body?;
+    match ctl.resell.submit(&provider, document).await {
+        Ok(row) => Ok((StatusCode::ACCEPTED, Json(resell_view(&ctl, row).await?))),
+        Err(crate::resell::SubmitError::Invalid(problems)) => Err(invalid(problems)),
+        Err(crate::resell::SubmitError::Store(e)) => Err(e.into()),
+    }
+}
+
+/// Resell requests, newest first: every one or one provider's (admins), the caller's
+/// own (providers).
+#[utoipa::path(get, path = "/v1/resell-requests", tag = "resell", params(("provider" = Option<String>, Query, description = "One provider (admins)")), responses((status = 200, description = "Requests, newest first", body = Vec<ResellView>)))]
+pub(crate) async fn list_requests(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> ApiResult<Vec<ResellView>> {
+    caller.require(Role::Provider)?;
+    let provider = provider_scope(&caller, query.as_deref())?;
+    let listings = ctl.app.store.listings().await?;
+    Ok(Json(
+        ctl.app
+            .store
+            .resell_requests(provider.as_deref())
+            .await?
+            .into_iter()
+            .map(|row| view_with(row, &listings))
+            .collect(),
+    ))
+}
+
+/// Loads a request its caller may read (its provider, admins).
+pub(crate) async fn load_request(
+    ctl: &Controller,
+    caller: &Caller,
+    id: &str,
+) -> Result<ResellRow, ApiError> {
+    caller.require(Role::Provider)?;
+    let not_found = || ApiError::not_found(format!("resell request {id} not found"));
+    let uuid: uuid::Uuid = id.parse().map_err(|_| not_found())?;
+    let row = ctl
+        .app
+        .store
+        .resell_request(uuid)
+        .await?
+        .ok_or_else(not_found)?;
+    may_read(caller, &row.provider)?;
+    Ok(row)
+}
+
+/// One resell request with every step of its pipeline (its provider, admins).
+#[utoipa::path(get, path = "/v1/resell-requests/{id}", tag = "resell", params(("id" = Uuid, Path, description = "The request")), responses((status = 200, description = "The request", body = ResellView)))]
+pub(crate) async fn show_request(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<ResellView> {
+    let row = load_request(&ctl, &caller, &id).await?;
+    Ok(Json(resell_view(&ctl, row).await?))
+}
+
+/// The offered listings that match every filter, in the asked order (every token).
+pub(crate) async fn find_listings(
+    ctl: &Controller,
+    query: Option<&str>,
+) -> Result<Vec<Listing>, ApiError> {
+    let pairs = crate::http::form_pairs(query.unwrap_or(""));
+    let q = ListingQuery::parse(&pairs).map_err(invalid)?;
+    let mut all = ctl.app.store.listings().await?;
+    // Only what a provider may sell now: accepted, with an agreement in force.
+    let now = ctl.app.clock.now_ms();
+    let agreements = ctl.app.store.agreements(None).await?;
+    let selling: std::collections::BTreeSet<String> = ctl
+        .app
+        .store
+        .providers()
+        .await?
+        .into_iter()
+        .filter(|p| {
+            let theirs: Vec<_> = agreements
+                .iter()
+                .filter(|a| a.provider == p.account)
+                .cloned()
+                .collect();
+            p.accepted && surplus_market::resell::agreement_in_force(&theirs, now).is_some()
+        })
+        .map(|p| p.account)
+        .collect();
+    all.retain(|l| selling.contains(&l.provider));
+    decorate(ctl, &mut all).await?;
+    let weights = surplus_market::catalog::RankWeights::default();
+    Ok(surplus_market::listings::search(&all, &q, &weights)
+        .into_iter()
+        .cloned()
+        .collect())
+}
+
+/// Searches the offered listings (every token) of providers that may sell now (on the
+/// accepted list, with an agreement in force): filters `kind`, `category`, `zone`,
+/// `provider`, `pricing_mode`, `interruptibility`, `compat` (at least), `min_rating`,
+/// `min_score`, `max_price`, and `sort` (`rank`, `price`, `score`, `rating`). A
+/// parameter that is not one of these is a 400 naming it.
+#[utoipa::path(get, path = "/v1/listings", tag = "resell", params(
+    ("kind" = Option<String>, Query, description = "compute, storage or bandwidth"),
+    ("category" = Option<String>, Query, description = "A size category"),
+    ("zone" = Option<String>, Query, description = "An availability zone"),
+    ("provider" = Option<String>, Query, description = "A provider's account"),
+    ("pricing_mode" = Option<String>, Query, description = "spot, auction, immediate, on_demand or reserved"),
+    ("interruptibility" = Option<String>, Query, description = "dont_care, price_based, fulfilment_based or no_interruptions"),
+    ("compat" = Option<String>, Query, description = "At least this compatibility level: fully, highly, somewhat or incompatible"),
+    ("min_rating" = Option<f64>, Query, description = "At least this average rating, 1 to 5"),
+    ("min_score" = Option<f64>, Query, description = "At least this composite score"),
+    ("max_price" = Option<u64>, Query, description = "At most this hourly price, minor units (with `currency`)"),
+    ("currency" = Option<String>, Query, description = "Priced in this currency (prices compare within one)"),
+    ("sort" = Option<String>, Query, description = "rank (default), price, score or rating"),
+), responses((status = 200, description = "The matching listings, in order", body = Vec<Listing>)))]
+pub(crate) async fn search_listings(
+    State(ctl): State<Arc<Controller>>,
+    _caller: Caller,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> ApiResult<Vec<Listing>> {
+    Ok(Json(find_listings(&ctl, query.as_deref()).await?))
+}
+
+/// A listing with its hosts' validation evidence (every token).
+pub(crate) async fn listing_view(ctl: &Controller, id: &str) -> Result<ListingView, ApiError> {
+    let mut listing = ctl
+        .app
+        .store
+        .listing(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("listing {id} not found")))?;
+    decorate(ctl, std::slice::from_mut(&mut listing)).await?;
+    let row = ctl.app.store.resell_request(listing.request).await?;
+    let evidence = listing
+        .hosts
+        .iter()
+        .map(|host| {
+            let progress = row
+                .as_ref()
+                .and_then(|r| r.pipeline.hosts.iter().find(|h| h.host == *host));
+            HostEvidence {
+                host: *host,
+                run: progress.and_then(|p| p.run),
+                assessment: progress.and_then(|p| p.assessment.clone()),
+            }
+        })
+        .collect();
+    Ok(ListingView { listing, evidence })
+}
+
+/// One listing with the validation evidence of its hosts (every token).
+#[utoipa::path(get, path = "/v1/listings/{id}", tag = "resell", params(("id" = String, Path, description = "The listing")), responses((status = 200, description = "The listing and its evidence", body = ListingView)))]
+pub(crate) async fn show_listing(
+    State(ctl): State<Arc<Controller>>,
+    _caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<ListingView> {
+    Ok(Json(listing_view(&ctl, &id).await?))
+}
+
+/// The caller's notifications, oldest first (at most `limit`, default 100).
+pub(crate) async fn notifications_of(
+    ctl: &Controller,
+    principal: &crate::store::Principal,
+    limit: u32,
+) -> Result<Vec<NotificationView>, ApiError> {
+    let mut out = Vec::new();
+    for n in ctl
+        .app
+        .store
+        .notices(&recipient_of(principal), limit)
+        .await?
+    {
+        let attempts = match n.attempts {
+            0 => Vec::new(),
+            _ => ctl.app.store.attempts(&n.notice.key).await?,
+        };
+        out.push(NotificationView {
+            key: n.notice.key,
+            kind: n.notice.kind,
+            body: n.notice.body,
+            created_at_ms: n.created_at_ms,
+            delivered_at_ms: n.delivered_at_ms,
+            attempts,
+            next_attempt_at_ms: n.next_attempt_at_ms,
+        });
+    }
+    Ok(out)
+}
+
+/// The caller's notifications from the outbox, oldest first: a request accepted or
+/// rejected, and later advisories, delistings and relistings.
+#[utoipa::path(get, path = "/v1/notifications", tag = "resell", params(("limit" = Option<u32>, Query, description = "At most this many (default 100, at most 1000)")), responses((status = 200, description = "Notifications, oldest first", body = Vec<NotificationView>)))]
+pub(crate) async fn notifications(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> ApiResult<Vec<NotificationView>> {
+    let q = billing::query_map(query.as_deref(), &["limit"])?;
+    let limit = match q.get("limit") {
+        None => 100,
+        Some(v) => v
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=1000).contains(n))
+            .ok_or_else(|| {
+                ApiError::bad_request(format!("limit: {v:?} is not a number from 1 to 1000"))
+                    .with_field("limit".into())
+            })?,
+    };
+    Ok(Json(notifications_of(&ctl, &caller.0, limit).await?))
+}
+
+/// Fills in what a listing shows that changes by the minute: its provider's average
+/// rating over the window and its hosts' measured uptime (the weakest host's).
+async fn decorate(ctl: &Controller, listings: &mut [Listing]) -> Result<(), ApiError> {
+    if listings.is_empty() {
+        return Ok(());
+    }
+    let now = ctl.app.clock.now_ms();
+    let since = now - ctl.app.config.resell.rating_window.as_millis() as i64;
+    let ratings = ctl.app.store.ratings(None).await?;
+    let mut by_provider: std::collections::BTreeMap<&str, Vec<surplus_market::quality::Rating>> =
+        Default::default();
+    for r in &ratings {
+        by_provider
+            .entry(r.provider.as_str())
+            .or_default()
+            .push(r.clone());
+    }
+    let mut uptime: std::collections::BTreeMap<uuid::Uuid, Option<f64>> = Default::default();
+    for l in listings.iter() {
+        for h in &l.hosts {
+            if !uptime.contains_key(h) {
+                let ratio = ctl.app.store.agent(*h).await?.and_then(|a| {
+                    crate::registry::measured_uptime(
+                        a.first_seen_ms,
+                        a.online_total_ms,
+                        a.online_since_ms,
+                        now,
+                    )
+                    .1
+                });
+                uptime.insert(*h, ratio);
+            }
+        }
+    }
+    for l in listings.iter_mut() {
+        l.rating = by_provider
+            .get(l.provider.as_str())
+            .and_then(|r| surplus_market::quality::average(r, since));
+        l.uptime = l
+            .hosts
+            .iter()
+            .filter_map(|h| uptime.get(h).copied().flatten())
+            .reduce(f64::min);
+    }
+    Ok(())
+}
+
+/// Asks for a re-test of a listing's hosts now (admins, or the listing's provider);
+/// follow it on the listing (`retest`, `last_retest_at_ms`) and in the provider's
+/// notifications.
+#[utoipa::path(post, path = "/v1/listings/{id}/retest", tag = "resell", params(("id" = String, Path, description = "The listing")), responses((status = 202, description = "The re-test is asked for", body = ListingView)))]
+pub(crate) async fn retest_listing(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<ListingView>), ApiError> {
+    caller.require(Role::Provider)?;
+    let view = listing_view(&ctl, &id).await?;
+    may_read(&caller, &view.listing.provider)?;
+    if !ctl.resell.request_retest(&id).await? {
+        return Err(ApiError::not_found(format!("listing {id} not found")));
+    }
+    Ok((StatusCode::ACCEPTED, Json(view)))
+}
+
+/// Rates the provider whose capacity ran one of the caller's instances (clients):
+/// a score from 1 to 5 and a comment; one rating per client and instance (409 for a
+/// second).
+#[utoipa::path(post, path = "/v1/ratings", tag = "resell", request_body = RatingRequest, responses((status = 201, description = "The rating", body = Rating)))]
+pub(crate) async fn rate(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    body: Result<Json<RatingRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<Rating>), ApiError> {
+    caller.require(Role::Client)?;
+    let Json(body) = body?;
+    let not_yours = |m: String| ApiError::new(StatusCode::FORBIDDEN, "forbidden", m);
+    let instance = ctl
+        .app
+        .store
+        .instance(&body.instance)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("instance {} not found", body.instance)))?;
+    let host = ctl.app.store.agent(instance.agent_id).await?;
+    let provider = host
+        .map(|a| crate::billing::provider_of(&a.labels))
+        .unwrap_or_default();
+    let owner = if instance.owner_role == Role::Client {
+        instance.account.as_str()
+    } else {
+        ""
+    };
+    let ran = instance.started_at_ms.is_some();
+    surplus_market::quality::check_rating(
+        &caller.0.account,
+        owner,
+        &provider,
+        ran,
+        body.score,
+        &body.comment,
+    )
+    .map_err(|e| match e {
+        surplus_market::quality::RatingError::Invalid { field, message } => {
+            ApiError::bad_request(format!("{field}: {message}")).with_field(field.into())
+        }
+        surplus_market::quality::RatingError::NotYours(m) => not_yours(m),
+    })?;
+    let rating = Rating {
+        client: caller.0.account.clone(),
+        instance: body.instance,
+        provider,
+        score: body.score,
+        comment: body.comment,
+        created_at_ms: ctl.app.clock.now_ms(),
+    };
+    if !ctl.app.store.put_rating(&rating).await? {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("instance {} is rated already", rating.instance),
+        ));
+    }
+    Ok((StatusCode::CREATED, Json(rating)))
+}
+
+/// Ratings, newest first: of one provider with `?provider=`, else every one (every
+/// token); who gave a rating, and for which instance, only admins and that client see.
+#[utoipa::path(get, path = "/v1/ratings", tag = "resell", params(("provider" = Option<String>, Query, description = "One provider's")), responses((status = 200, description = "Ratings, newest first", body = Vec<Rating>)))]
+pub(crate) async fn list_ratings(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> ApiResult<Vec<Rating>> {
+    let q = billing::query_map(query.as_deref(), &["provider"])?;
+    let me = &caller.0;
+    Ok(Json(
+        ctl.app
+            .store
+            .ratings(q.get("provider").map(String::as_str))
+            .await?
+            .into_iter()
+            .map(|r| {
+                let theirs =
+                    me.role == Role::Admin || (me.role == Role::Client && me.account == r.client);
+                if theirs {
+                    r
+                } else {
+                    Rating {
+                        client: String::new(),
+                        instance: String::new(),
+                        ..r
+                    }
+                }
+            })
+            .collect(),
+    ))
+}
+
+/// The outbox recipient a principal reads its notices as (`provider:bob`).
+pub(crate) fn recipient_of(p: &crate::store::Principal) -> String {
+    format!("{}:{}", p.role.as_str(), p.account)
+}
+
+/// Where the caller's notifications are POSTed, if anywhere.
+#[utoipa::path(get, path = "/v1/webhook", tag = "resell", responses((status = 200, description = "The caller's webhook", body = Webhook)))]
+pub(crate) async fn get_webhook(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+) -> ApiResult<Webhook> {
+    Ok(Json(Webhook {
+        url: ctl.app.store.webhook(&recipient_of(&caller.0)).await?,
+    }))
+}
+
+/// Sets (or with `null` removes) the caller's webhook: every notification is POSTed
+/// to it as JSON, at least once, retried with backoff; each attempt is listed with the
+/// notification.
+#[utoipa::path(put, path = "/v1/webhook", tag = "resell", request_body = Webhook, responses((status = 200, description = "The caller's webhook from now on", body = Webhook)))]
+pub(crate) async fn put_webhook(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    body: Result<Json<Webhook>, JsonRejection>,
+) -> ApiResult<Webhook> {
+    let Json(w) = body?;
+    if let Some(url) = &w.url {
+        crate::notices::check_url(url, ctl.app.config.webhook_allow_private)
+            .map_err(|e| ApiError::bad_request(format!("url: {e}")).with_field("url".into()))?;
+    }
+    ctl.app
+        .store
+        .set_webhook(
+            &recipient_of(&caller.0),
+            w.url.as_deref(),
+            ctl.app.clock.now_ms(),
+        )
+        .await?;
+    Ok(Json(w))
 }

@@ -501,7 +501,51 @@ pub struct Billable {
 }
 
 pub use surplus_market::billing::BilledPeriod;
-pub use surplus_market::resell::{Agreement, Provider};
+pub use surplus_market::listings::Listing;
+pub use surplus_market::pipeline::Pipeline;
+pub use surplus_market::quality::Rating;
+pub use surplus_market::resell::{Agreement, Provider, ResellRequest};
+
+/// A resell request as stored: the provider's document and its pipeline.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResellRow {
+    /// The request (its pipeline's `request`).
+    pub id: Uuid,
+    /// The provider's account.
+    pub provider: String,
+    /// The document as submitted.
+    pub document: ResellRequest,
+    /// Where it is.
+    pub pipeline: Pipeline,
+    /// Bumped by every step: a step applies only over the version it read.
+    pub version: i64,
+    /// When it was submitted.
+    pub created_at_ms: UnixMillis,
+    /// When it last moved.
+    pub updated_at_ms: UnixMillis,
+}
+
+impl ResellRow {
+    /// The pipeline still has something to do or wait for.
+    pub fn open(&self) -> bool {
+        self.pipeline.poll().is_some()
+            || matches!(
+                self.pipeline.stage,
+                surplus_market::pipeline::Stage::Preliminary
+                    | surplus_market::pipeline::Stage::Validating
+            )
+    }
+}
+
+/// What one step of a resell request writes, in one transaction.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ResellStep {
+    /// Listings the step made (a listing already made for its request, set and
+    /// category is left as it is).
+    pub listings: Vec<Listing>,
+    /// Notices to queue in the outbox (a key already queued is left as it is).
+    pub notices: Vec<Notice>,
+}
 
 /// One usage record's contribution to a counter, for rating by parts of a period.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -541,7 +585,24 @@ pub struct StoredNotice {
     pub created_at_ms: UnixMillis,
     /// When it was delivered, once it was.
     pub delivered_at_ms: Option<UnixMillis>,
+    /// Attempts to deliver it to the recipient's webhook so far.
+    pub attempts: u32,
+    /// Why the last attempt failed, if it did.
+    pub last_error: Option<String>,
+    /// When it is tried again, if it is.
+    pub next_attempt_at_ms: Option<UnixMillis>,
 }
+
+/// A notice due for delivery to its recipient's webhook.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    /// The notice.
+    pub notice: StoredNotice,
+    /// The webhook's URL.
+    pub url: String,
+}
+
+pub use surplus_market::outbox::DeliveryAttempt;
 
 /// What one step of the controller changes, applied in one transaction by
 /// [`LedgerStore::apply_changes`]: postings (each with the invoice lines it carries),
@@ -1045,6 +1106,109 @@ pub trait ResellStore: Send + Sync + std::fmt::Debug + 'static {
         value: &str,
         now_ms: UnixMillis,
     ) -> Result<(), StoreError>;
+
+    /// Records a submitted resell request (version 0).
+    async fn create_resell_request(&self, row: &ResellRow) -> Result<(), StoreError>;
+
+    /// One resell request.
+    async fn resell_request(&self, id: Uuid) -> Result<Option<ResellRow>, StoreError>;
+
+    /// The resell requests of a provider (every one without), newest first.
+    async fn resell_requests(&self, provider: Option<&str>) -> Result<Vec<ResellRow>, StoreError>;
+
+    /// The requests whose pipeline is still open, oldest first.
+    async fn open_resell_requests(&self) -> Result<Vec<ResellRow>, StoreError>;
+
+    /// Applies one step of a request in one transaction: its pipeline as `row` holds
+    /// it (stored as version `row.version + 1`) with the listings and notices the step
+    /// makes. `Ok(false)`, and nothing written, when the stored version is no longer
+    /// `row.version` (another step applied first).
+    async fn advance_resell_request(
+        &self,
+        row: &ResellRow,
+        step: &ResellStep,
+        now_ms: UnixMillis,
+    ) -> Result<bool, StoreError>;
+
+    /// Every listing, offered or delisted, oldest first.
+    async fn listings(&self) -> Result<Vec<Listing>, StoreError>;
+
+    /// One listing.
+    async fn listing(&self, id: &str) -> Result<Option<Listing>, StoreError>;
+
+    /// The listings whose re-test is due at `now_ms` (by the schedule or asked for) or
+    /// under way, with when one was asked for.
+    async fn due_listings(
+        &self,
+        now_ms: UnixMillis,
+    ) -> Result<Vec<(Listing, Option<UnixMillis>)>, StoreError>;
+
+    /// Asks for a re-test of a listing now (`false`: no such listing).
+    async fn request_retest(&self, id: &str, now_ms: UnixMillis) -> Result<bool, StoreError>;
+
+    /// Stores a listing as a re-test step left it, with the notices the step queues, in
+    /// one transaction; `answered` clears the on-demand request made at that time.
+    async fn put_listing(
+        &self,
+        listing: &Listing,
+        answered: Option<UnixMillis>,
+        notices: &[Notice],
+        now_ms: UnixMillis,
+    ) -> Result<(), StoreError>;
+
+    /// Records a rating (`false`: this client rated this instance already).
+    async fn put_rating(&self, rating: &Rating) -> Result<bool, StoreError>;
+
+    /// Ratings of one provider or all, newest first.
+    async fn ratings(&self, provider: Option<&str>) -> Result<Vec<Rating>, StoreError>;
+}
+
+/// Delivery of the outbox to the accounts' webhooks.
+#[async_trait]
+pub trait NoticeStore: Send + Sync + std::fmt::Debug + 'static {
+    /// Sets (`Some`) or removes (`None`) a recipient's webhook.
+    async fn set_webhook(
+        &self,
+        recipient: &str,
+        url: Option<&str>,
+        now_ms: UnixMillis,
+    ) -> Result<(), StoreError>;
+
+    /// A recipient's webhook.
+    async fn webhook(&self, recipient: &str) -> Result<Option<String>, StoreError>;
+
+    /// Undelivered notices whose recipient has a webhook and whose next attempt is due
+    /// at `now_ms` (fewer than `max_attempts` made), oldest first, at most `limit`.
+    async fn deliverable(
+        &self,
+        now_ms: UnixMillis,
+        max_attempts: u32,
+        limit: u32,
+    ) -> Result<Vec<Delivery>, StoreError>;
+
+    /// Undelivered notices to agents (recipients `agent:<id>`) whose next attempt is
+    /// due at `now_ms` (fewer than `max_attempts` made), oldest first, at most `limit`.
+    async fn agent_deliverable(
+        &self,
+        now_ms: UnixMillis,
+        max_attempts: u32,
+        limit: u32,
+    ) -> Result<Vec<StoredNotice>, StoreError>;
+
+    /// Looks at an undelivered notice again no sooner than `until_ms` (not an attempt).
+    async fn postpone_notice(&self, key: &str, until_ms: UnixMillis) -> Result<(), StoreError>;
+
+    /// Records an attempt: delivered, or failed with `next_at_ms` (`None`: given up).
+    async fn record_attempt(
+        &self,
+        key: &str,
+        attempt: &DeliveryAttempt,
+        delivered: bool,
+        next_at_ms: Option<UnixMillis>,
+    ) -> Result<(), StoreError>;
+
+    /// Every attempt to deliver a notice, in order.
+    async fn attempts(&self, key: &str) -> Result<Vec<DeliveryAttempt>, StoreError>;
 }
 
 /// The storage contract: every capability's store, on one backend.
@@ -1056,6 +1220,7 @@ pub trait Store:
     + BillingStore
     + LedgerStore
     + ResellStore
+    + NoticeStore
 {
 }
 
@@ -1067,5 +1232,6 @@ impl<T> Store for T where
         + BillingStore
         + LedgerStore
         + ResellStore
+        + NoticeStore
 {
 }

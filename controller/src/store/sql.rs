@@ -28,6 +28,12 @@ use uuid::Uuid;
 
 use super::StoreError;
 
+/// The columns of an outbox row, for `stored_notice`.
+pub(super) const NOTICE_COLUMNS: &str = "SELECT key, recipient, kind, body, created_at_ms, delivered_at_ms, attempts, last_error, next_attempt_at_ms FROM outbox";
+
+/// The columns of a resell request row, for `resell_row`.
+pub(super) const RESELL_COLUMNS: &str = "SELECT id, provider, document, pipeline, version, created_at_ms, updated_at_ms FROM resell_requests";
+
 /// A read-decide-write step that must not interleave with another of its kind.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Lock<'a> {
@@ -162,7 +168,7 @@ pub(super) fn usage_row_json(r: &surplus_market::usage::NewRow) -> serde_json::V
 macro_rules! sql_stores {
     ($store:ident, $db:ty, $row:ty, $conn:ty) => {
         use $crate::store::sql::{
-            AGENT_FILTER, AGENT_LISTED, AGENT_LISTED_FROM, INSTANCE_BY_TOKEN, agent_order, like_literal, Lock, SET_STATUS, UPSERT_METERING, json_text, parse_json, parse_uuid,
+            AGENT_FILTER, NOTICE_COLUMNS, RESELL_COLUMNS, AGENT_LISTED, AGENT_LISTED_FROM, INSTANCE_BY_TOKEN, agent_order, like_literal, Lock, SET_STATUS, UPSERT_METERING, json_text, parse_json, parse_uuid,
             usage_row_json,
         };
 
@@ -747,8 +753,9 @@ macro_rules! sql_stores {
                     .bind(now_ms)
                     .execute(&mut *tx)
                     .await?;
-                sqlx::query("UPDATE validation_runs SET status = 'failed', finished_at_ms = $1, error = 'the controller stopped during the run' WHERE status = 'running'")
+                sqlx::query("UPDATE validation_runs SET status = 'failed', finished_at_ms = $1, error = $2 WHERE status = 'running'")
                     .bind(now_ms)
+                    .bind(crate::validation::CONTROLLER_STOPPED)
                     .execute(&mut *tx)
                     .await?;
                 // Online periods end at the last moment the agent was seen, not now.
@@ -1571,6 +1578,26 @@ macro_rules! sql_stores {
         /// Applies one posting (and the invoice lines it carries) inside the caller's
         /// transaction, which holds the ledger lock: `ledger::decide` says whether it
         /// is new, a duplicate or refused.
+        /// Queues notices in the outbox inside a step's transaction; a key already
+        /// queued is left as it is.
+        async fn queue_notices(
+            conn: &mut $conn,
+            notices: &[Notice],
+            now_ms: UnixMillis,
+        ) -> Result<(), sqlx::Error> {
+            for n in notices {
+                sqlx::query("INSERT INTO outbox (key, recipient, kind, body, created_at_ms) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (key) DO NOTHING")
+                    .bind(&n.key)
+                    .bind(&n.recipient)
+                    .bind(&n.kind)
+                    .bind(n.body.to_string())
+                    .bind(now_ms)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            Ok(())
+        }
+
         async fn post_in(
             conn: &mut $conn,
             posting: &crate::ledger::Posting,
@@ -1698,39 +1725,19 @@ macro_rules! sql_stores {
                     // and nothing of the set is applied.
                     applied.push(post_in(&mut tx, posting, lines, now_ms).await?);
                 }
-                for n in &changes.notices {
-                    sqlx::query("INSERT INTO outbox (key, recipient, kind, body, created_at_ms) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (key) DO NOTHING")
-                        .bind(&n.key)
-                        .bind(&n.recipient)
-                        .bind(&n.kind)
-                        .bind(n.body.to_string())
-                        .bind(now_ms)
-                        .execute(&mut *tx)
-                        .await?;
-                }
+                queue_notices(&mut tx, &changes.notices, now_ms).await?;
                 tx.commit().await?;
                 Ok(applied)
             }
 
             async fn notices(&self, recipient: &str, limit: u32) -> Result<Vec<StoredNotice>, StoreError> {
-                sqlx::query("SELECT key, recipient, kind, body, created_at_ms, delivered_at_ms FROM outbox WHERE recipient = $1 ORDER BY created_at_ms, key LIMIT $2")
+                sqlx::query(&format!("{NOTICE_COLUMNS} WHERE recipient = $1 ORDER BY created_at_ms, key LIMIT $2"))
                     .bind(recipient)
                     .bind(i64::from(limit))
                     .fetch_all(self.reader())
                     .await?
                     .iter()
-                    .map(|r| {
-                        Ok(StoredNotice {
-                            notice: Notice {
-                                key: r.try_get("key")?,
-                                recipient: r.try_get("recipient")?,
-                                kind: r.try_get("kind")?,
-                                body: parse_json(r.try_get("body")?, "notice body")?,
-                            },
-                            created_at_ms: r.try_get("created_at_ms")?,
-                            delivered_at_ms: r.try_get("delivered_at_ms")?,
-                        })
-                    })
+                    .map(stored_notice)
                     .collect()
             }
 
@@ -1938,6 +1945,320 @@ macro_rules! sql_stores {
                     .await?;
                 Ok(())
             }
+
+            async fn create_resell_request(&self, row: &ResellRow) -> Result<(), StoreError> {
+                sqlx::query("INSERT INTO resell_requests (id, provider, document, pipeline, stage, open, wake_at_ms, version, created_at_ms, updated_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)")
+                    .bind(row.id.to_string())
+                    .bind(&row.provider)
+                    .bind(json_text(&row.document))
+                    .bind(json_text(&row.pipeline))
+                    .bind(surplus_market::records::name_of(&row.pipeline.stage))
+                    .bind(i64::from(row.open()))
+                    .bind(row.pipeline.next_deadline())
+                    .bind(row.version)
+                    .bind(row.created_at_ms)
+                    .bind(row.updated_at_ms)
+                    .execute(self.writer())
+                    .await?;
+                Ok(())
+            }
+
+            async fn resell_request(&self, id: Uuid) -> Result<Option<ResellRow>, StoreError> {
+                sqlx::query(&format!("{RESELL_COLUMNS} WHERE id = $1"))
+                    .bind(id.to_string())
+                    .fetch_optional(self.reader())
+                    .await?
+                    .as_ref()
+                    .map(resell_row)
+                    .transpose()
+            }
+
+            async fn resell_requests(&self, provider: Option<&str>) -> Result<Vec<ResellRow>, StoreError> {
+                sqlx::query(&format!("{RESELL_COLUMNS} WHERE $1 IS NULL OR provider = $1 ORDER BY created_at_ms DESC, id DESC"))
+                    .bind(provider)
+                    .fetch_all(self.reader())
+                    .await?
+                    .iter()
+                    .map(resell_row)
+                    .collect()
+            }
+
+            async fn open_resell_requests(&self) -> Result<Vec<ResellRow>, StoreError> {
+                sqlx::query(&format!("{RESELL_COLUMNS} WHERE open = 1 ORDER BY created_at_ms, id"))
+                    .fetch_all(self.reader())
+                    .await?
+                    .iter()
+                    .map(resell_row)
+                    .collect()
+            }
+
+            async fn advance_resell_request(
+                &self,
+                row: &ResellRow,
+                step: &ResellStep,
+                now_ms: UnixMillis,
+            ) -> Result<bool, StoreError> {
+                let mut tx = self.write_tx().await?;
+                let updated = sqlx::query("UPDATE resell_requests SET pipeline = $1, stage = $2, open = $3, wake_at_ms = $4, version = version + 1, updated_at_ms = $5 WHERE id = $6 AND version = $7")
+                    .bind(json_text(&row.pipeline))
+                    .bind(surplus_market::records::name_of(&row.pipeline.stage))
+                    .bind(i64::from(row.open()))
+                    .bind(row.pipeline.next_deadline())
+                    .bind(now_ms)
+                    .bind(row.id.to_string())
+                    .bind(row.version)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if updated == 0 {
+                    return Ok(false);
+                }
+                for l in &step.listings {
+                    sqlx::query("INSERT INTO listings (id, request, set_index, category, provider, record, listed, created_at_ms, updated_at_ms, next_retest_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9) ON CONFLICT (request, set_index, category) DO NOTHING")
+                        .bind(&l.id)
+                        .bind(l.request.to_string())
+                        .bind(l.set as i64)
+                        .bind(&l.category)
+                        .bind(&l.provider)
+                        .bind(json_text(l))
+                        .bind(i64::from(l.listed))
+                        .bind(l.created_at_ms)
+                        .bind(l.next_retest_at_ms)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                queue_notices(&mut tx, &step.notices, now_ms).await?;
+                tx.commit().await?;
+                Ok(true)
+            }
+
+            async fn listings(&self) -> Result<Vec<Listing>, StoreError> {
+                let records: Vec<String> =
+                    sqlx::query_scalar("SELECT record FROM listings ORDER BY created_at_ms, id")
+                        .fetch_all(self.reader())
+                        .await?;
+                records.iter().map(|r| parse_json(r, "listing")).collect()
+            }
+
+            async fn listing(&self, id: &str) -> Result<Option<Listing>, StoreError> {
+                let record: Option<String> =
+                    sqlx::query_scalar("SELECT record FROM listings WHERE id = $1")
+                        .bind(id)
+                        .fetch_optional(self.reader())
+                        .await?;
+                record.as_deref().map(|r| parse_json(r, "listing")).transpose()
+            }
+            async fn due_listings(
+                &self,
+                now_ms: UnixMillis,
+            ) -> Result<Vec<(Listing, Option<UnixMillis>)>, StoreError> {
+                sqlx::query("SELECT record, retest_requested_at_ms FROM listings WHERE retesting = 1 OR next_retest_at_ms <= $1 OR retest_requested_at_ms IS NOT NULL ORDER BY id")
+                    .bind(now_ms)
+                    .fetch_all(self.reader())
+                    .await?
+                    .iter()
+                    .map(|r| Ok((parse_json(r.try_get("record")?, "listing")?, r.try_get("retest_requested_at_ms")?)))
+                    .collect()
+            }
+
+            async fn request_retest(&self, id: &str, now_ms: UnixMillis) -> Result<bool, StoreError> {
+                Ok(sqlx::query("UPDATE listings SET retest_requested_at_ms = $1 WHERE id = $2")
+                    .bind(now_ms)
+                    .bind(id)
+                    .execute(self.writer())
+                    .await?
+                    .rows_affected()
+                    > 0)
+            }
+
+            async fn put_listing(
+                &self,
+                listing: &Listing,
+                answered: Option<UnixMillis>,
+                notices: &[Notice],
+                now_ms: UnixMillis,
+            ) -> Result<(), StoreError> {
+                let mut tx = self.write_tx().await?;
+                sqlx::query("UPDATE listings SET record = $1, listed = $2, next_retest_at_ms = $3, retesting = $4, updated_at_ms = $5, retest_requested_at_ms = CASE WHEN retest_requested_at_ms = $6 THEN NULL ELSE retest_requested_at_ms END WHERE id = $7")
+                    .bind(json_text(listing))
+                    .bind(i64::from(listing.listed))
+                    .bind(listing.next_retest_at_ms)
+                    .bind(i64::from(listing.retest.is_some()))
+                    .bind(now_ms)
+                    .bind(answered)
+                    .bind(&listing.id)
+                    .execute(&mut *tx)
+                    .await?;
+                queue_notices(&mut tx, notices, now_ms).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn put_rating(&self, rating: &Rating) -> Result<bool, StoreError> {
+                Ok(sqlx::query("INSERT INTO ratings (client, instance, provider, score, comment, created_at_ms) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (client, instance) DO NOTHING")
+                    .bind(&rating.client)
+                    .bind(&rating.instance)
+                    .bind(&rating.provider)
+                    .bind(i64::from(rating.score))
+                    .bind(&rating.comment)
+                    .bind(rating.created_at_ms)
+                    .execute(self.writer())
+                    .await?
+                    .rows_affected()
+                    > 0)
+            }
+
+            async fn ratings(&self, provider: Option<&str>) -> Result<Vec<Rating>, StoreError> {
+                sqlx::query("SELECT client, instance, provider, score, comment, created_at_ms FROM ratings WHERE $1 IS NULL OR provider = $1 ORDER BY created_at_ms DESC, client, instance")
+                    .bind(provider)
+                    .fetch_all(self.reader())
+                    .await?
+                    .iter()
+                    .map(|r| {
+                        let score: i64 = r.try_get("score")?;
+                        Ok(Rating {
+                            client: r.try_get("client")?,
+                            instance: r.try_get("instance")?,
+                            provider: r.try_get("provider")?,
+                            score: u8::try_from(score).map_err(|_| StoreError::Corrupt(format!("rating score {score}")))?,
+                            comment: r.try_get("comment")?,
+                            created_at_ms: r.try_get("created_at_ms")?,
+                        })
+                    })
+                    .collect()
+            }
+        }
+
+        #[async_trait]
+        impl NoticeStore for $store {
+            async fn set_webhook(&self, recipient: &str, url: Option<&str>, now_ms: UnixMillis) -> Result<(), StoreError> {
+                match url {
+                    Some(url) => sqlx::query("INSERT INTO webhooks (recipient, url, updated_at_ms) VALUES ($1, $2, $3) ON CONFLICT (recipient) DO UPDATE SET url = excluded.url, updated_at_ms = excluded.updated_at_ms")
+                        .bind(recipient)
+                        .bind(url)
+                        .bind(now_ms)
+                        .execute(self.writer())
+                        .await?,
+                    None => sqlx::query("DELETE FROM webhooks WHERE recipient = $1")
+                        .bind(recipient)
+                        .execute(self.writer())
+                        .await?,
+                };
+                Ok(())
+            }
+
+            async fn webhook(&self, recipient: &str) -> Result<Option<String>, StoreError> {
+                Ok(sqlx::query_scalar("SELECT url FROM webhooks WHERE recipient = $1")
+                    .bind(recipient)
+                    .fetch_optional(self.reader())
+                    .await?)
+            }
+
+            async fn deliverable(&self, now_ms: UnixMillis, max_attempts: u32, limit: u32) -> Result<Vec<Delivery>, StoreError> {
+                sqlx::query("SELECT o.key, o.recipient, o.kind, o.body, o.created_at_ms, o.delivered_at_ms, o.attempts, o.last_error, o.next_attempt_at_ms, w.url FROM outbox o JOIN webhooks w ON w.recipient = o.recipient WHERE o.delivered_at_ms IS NULL AND o.attempts < $1 AND (o.next_attempt_at_ms IS NULL OR o.next_attempt_at_ms <= $2) ORDER BY o.created_at_ms, o.key LIMIT $3")
+                    .bind(i64::from(max_attempts))
+                    .bind(now_ms)
+                    .bind(i64::from(limit))
+                    .fetch_all(self.reader())
+                    .await?
+                    .iter()
+                    .map(|r| Ok(Delivery { notice: stored_notice(r)?, url: r.try_get("url")? }))
+                    .collect()
+            }
+
+            async fn agent_deliverable(&self, now_ms: UnixMillis, max_attempts: u32, limit: u32) -> Result<Vec<StoredNotice>, StoreError> {
+                sqlx::query(&format!("{NOTICE_COLUMNS} WHERE recipient LIKE 'agent:%' AND delivered_at_ms IS NULL AND attempts < $1 AND (next_attempt_at_ms IS NULL OR next_attempt_at_ms <= $2) ORDER BY created_at_ms, key LIMIT $3"))
+                    .bind(i64::from(max_attempts))
+                    .bind(now_ms)
+                    .bind(i64::from(limit))
+                    .fetch_all(self.reader())
+                    .await?
+                    .iter()
+                    .map(stored_notice)
+                    .collect()
+            }
+
+            async fn postpone_notice(&self, key: &str, until_ms: UnixMillis) -> Result<(), StoreError> {
+                sqlx::query("UPDATE outbox SET next_attempt_at_ms = $1 WHERE key = $2 AND delivered_at_ms IS NULL")
+                    .bind(until_ms)
+                    .bind(key)
+                    .execute(self.writer())
+                    .await?;
+                Ok(())
+            }
+
+            async fn record_attempt(
+                &self,
+                key: &str,
+                attempt: &DeliveryAttempt,
+                delivered: bool,
+                next_at_ms: Option<UnixMillis>,
+            ) -> Result<(), StoreError> {
+                let mut tx = self.write_tx().await?;
+                sqlx::query("INSERT INTO outbox_attempts (key, attempt, at_ms, outcome) VALUES ($1, $2, $3, $4) ON CONFLICT (key, attempt) DO NOTHING")
+                    .bind(key)
+                    .bind(i64::from(attempt.attempt))
+                    .bind(attempt.at_ms)
+                    .bind(&attempt.outcome)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("UPDATE outbox SET attempts = $1, delivered_at_ms = $2, last_error = $3, next_attempt_at_ms = $4 WHERE key = $5")
+                    .bind(i64::from(attempt.attempt))
+                    .bind(delivered.then_some(attempt.at_ms))
+                    .bind((!delivered).then_some(attempt.outcome.as_str()))
+                    .bind(next_at_ms)
+                    .bind(key)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn attempts(&self, key: &str) -> Result<Vec<DeliveryAttempt>, StoreError> {
+                sqlx::query("SELECT attempt, at_ms, outcome FROM outbox_attempts WHERE key = $1 ORDER BY attempt")
+                    .bind(key)
+                    .fetch_all(self.reader())
+                    .await?
+                    .iter()
+                    .map(|r| {
+                        let n: i64 = r.try_get("attempt")?;
+                        Ok(DeliveryAttempt {
+                            attempt: u32::try_from(n).map_err(|_| StoreError::Corrupt(format!("attempt {n}")))?,
+                            at_ms: r.try_get("at_ms")?,
+                            outcome: r.try_get("outcome")?,
+                        })
+                    })
+                    .collect()
+            }
+        }
+
+        fn stored_notice(r: &$row) -> Result<StoredNotice, StoreError> {
+            let attempts: i64 = r.try_get("attempts")?;
+            Ok(StoredNotice {
+                notice: Notice {
+                    key: r.try_get("key")?,
+                    recipient: r.try_get("recipient")?,
+                    kind: r.try_get("kind")?,
+                    body: parse_json(r.try_get("body")?, "notice body")?,
+                },
+                created_at_ms: r.try_get("created_at_ms")?,
+                delivered_at_ms: r.try_get("delivered_at_ms")?,
+                attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+                last_error: r.try_get("last_error")?,
+                next_attempt_at_ms: r.try_get("next_attempt_at_ms")?,
+            })
+        }
+
+        fn resell_row(r: &$row) -> Result<ResellRow, StoreError> {
+            Ok(ResellRow {
+                id: parse_uuid(r.try_get("id")?)?,
+                provider: r.try_get("provider")?,
+                document: parse_json(r.try_get("document")?, "resell request")?,
+                pipeline: parse_json(r.try_get("pipeline")?, "pipeline")?,
+                version: r.try_get("version")?,
+                created_at_ms: r.try_get("created_at_ms")?,
+                updated_at_ms: r.try_get("updated_at_ms")?,
+            })
         }
     };
 }

@@ -10,6 +10,7 @@ mod billing;
 mod client;
 mod control;
 mod ledger;
+mod market;
 mod resell;
 mod validation;
 
@@ -59,6 +60,8 @@ enum Command {
     Ledger(ledger::Command),
     #[command(flatten)]
     Resell(resell::Command),
+    #[command(flatten)]
+    Market(market::Command),
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -107,6 +110,7 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         Command::Billing(c) => billing::run(&client, cli.json, c).await,
         Command::Ledger(c) => ledger::run(&client, cli.json, c).await,
         Command::Resell(c) => resell::run(&client, cli.json, c).await,
+        Command::Market(c) => market::run(&client, cli.json, c).await,
     }
 }
 

@@ -256,7 +256,7 @@ fn show_providers(list: &[Provider]) {
     println!("{t}");
 }
 
-fn time(ms: i64) -> String {
+pub fn time(ms: i64) -> String {
     u64::try_from(ms)
         .ok()
         .map(|ms| {
