@@ -175,7 +175,8 @@ pub struct ResellConfig {
     pub retest_interval: Duration,
     /// The acceptance rules whose failure at a re-test delists (`spec`, `category`,
     /// `hardening`, `critical_findings`, `compatibility`, `validation`); any other
-    /// failure keeps the listing, ranked lower.
+    /// failure keeps the listing, ranked lower (but a host that cannot be judged at
+    /// the re-test after a failed one always delists).
     pub delist_on: Vec<String>,
     /// How far back the ratings shown on listings go.
     #[serde(with = "humantime_serde")]

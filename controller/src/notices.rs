@@ -22,6 +22,15 @@ const OFFLINE_AGENT_RECHECK_MS: i64 = 30_000;
 /// How long one webhook call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long the name lookup of a webhook's host may take.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The most notices one account's webhook is sent in a pass (in order, stopping at
+/// the first that fails), and the most accounts called at once: an account whose
+/// receiver never answers costs one call's timeout per pass, beside the others.
+const PER_RECIPIENT: u32 = 10;
+const CONCURRENT_RECIPIENTS: usize = 16;
+
 /// Delivers the outbox to webhooks.
 #[derive(Debug, Clone)]
 pub struct Notifier {
@@ -31,19 +40,36 @@ pub struct Notifier {
 
 impl Notifier {
     pub(crate) fn new(app: Arc<App>) -> Self {
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder()
             .timeout(CALL_TIMEOUT)
             .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .expect("an HTTP client with default TLS");
+            // A proxy from the environment would connect on the controller's behalf
+            // to whatever the name resolves to there.
+            .no_proxy();
+        if !app.config.webhook_allow_private {
+            http = http.dns_resolver(Arc::new(PublicOnly));
+        }
+        let http = http.build().expect("an HTTP client with default TLS");
         Self { app, http }
     }
 
-    /// Delivers what is due every second until `cancel`.
+    /// Delivers what is due every second until `cancel`: webhooks and agents in
+    /// loops of their own, so that slow receivers do not hold up agents' notices.
     pub async fn drive(self, cancel: CancellationToken) {
+        tokio::join!(
+            self.every_second(&cancel, "webhook", Self::deliver_webhooks),
+            self.every_second(&cancel, "agent notice", Self::deliver_to_agents),
+        );
+    }
+
+    async fn every_second<'a, F, Fut>(&'a self, cancel: &CancellationToken, what: &str, pass: F)
+    where
+        F: Fn(&'a Self) -> Fut,
+        Fut: std::future::Future<Output = Result<(), StoreError>> + 'a,
+    {
         loop {
-            if let Err(e) = self.deliver_due().await {
-                tracing::error!(error = %e, "webhook delivery pass failed");
+            if let Err(e) = pass(self).await {
+                tracing::error!(error = %e, "{what} delivery pass failed");
             }
             tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -52,27 +78,58 @@ impl Notifier {
         }
     }
 
-    /// One pass: every notice due now, one attempt each: to webhooks, and to the
-    /// agents that are connected (one that is not gets its notices when it is back).
+    /// One pass of both kinds of delivery.
     pub async fn deliver_due(&self) -> Result<(), StoreError> {
+        self.deliver_webhooks().await?;
+        self.deliver_to_agents().await
+    }
+
+    /// One pass over webhooks: for each account with notices due (up to
+    /// [`PER_RECIPIENT`] of them), its notices in order, stopping at the first that
+    /// fails; up to [`CONCURRENT_RECIPIENTS`] accounts at a time.
+    pub async fn deliver_webhooks(&self) -> Result<(), StoreError> {
         let now = self.app.clock.now_ms();
-        // Up to eight webhook calls at a time: one slow receiver does not hold up the
-        // others' notices for its whole timeout each.
-        let due = self.app.store.deliverable(now, MAX_ATTEMPTS, 100).await?;
-        for chunk in due.chunks(8) {
-            let mut calls = tokio::task::JoinSet::new();
-            for d in chunk {
-                let (me, d) = (self.clone(), d.clone());
-                calls.spawn(async move { me.attempt(&d).await });
-            }
-            while let Some(done) = calls.join_next().await {
-                match done {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::error!(error = %e, "webhook attempt not recorded"),
-                    Err(e) => tracing::error!(error = %e, "webhook attempt failed"),
+        let due = self
+            .app
+            .store
+            .deliverable(now, MAX_ATTEMPTS, PER_RECIPIENT, 500)
+            .await?;
+        let mut by_recipient: std::collections::BTreeMap<String, Vec<Delivery>> =
+            Default::default();
+        for d in due {
+            by_recipient
+                .entry(d.notice.notice.recipient.clone())
+                .or_default()
+                .push(d);
+        }
+        let slots = Arc::new(tokio::sync::Semaphore::new(CONCURRENT_RECIPIENTS));
+        let mut calls = tokio::task::JoinSet::new();
+        for (_, deliveries) in by_recipient {
+            let (me, slots) = (self.clone(), slots.clone());
+            calls.spawn(async move {
+                let _slot = slots.acquire_owned().await;
+                for d in &deliveries {
+                    if !me.attempt(d).await? {
+                        break;
+                    }
                 }
+                Ok::<_, StoreError>(())
+            });
+        }
+        while let Some(done) = calls.join_next().await {
+            match done {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "webhook attempt not recorded"),
+                Err(e) => tracing::error!(error = %e, "webhook delivery task failed"),
             }
         }
+        Ok(())
+    }
+
+    /// One pass over the notices for agents: each to its agent if it is connected
+    /// (one that is not gets its notices when it is back).
+    pub async fn deliver_to_agents(&self) -> Result<(), StoreError> {
+        let now = self.app.clock.now_ms();
         for n in self
             .app
             .store
@@ -156,7 +213,8 @@ impl Notifier {
             .await
     }
 
-    async fn attempt(&self, d: &Delivery) -> Result<(), StoreError> {
+    /// One attempt to deliver `d` to its webhook; whether it was delivered.
+    async fn attempt(&self, d: &Delivery) -> Result<bool, StoreError> {
         let n = &d.notice;
         let body = serde_json::json!({
             "key": n.notice.key,
@@ -165,13 +223,11 @@ impl Notifier {
             "body": n.notice.body,
             "created_at_ms": n.created_at_ms,
         });
-        let allowed = if self.app.config.webhook_allow_private {
-            Ok(())
-        } else {
-            resolves_public(&d.url).await
-        };
-        if let Err(why) = allowed {
-            return self.record(n, Err(why)).await;
+        // The URL was checked when it was set; checked again in case the rules
+        // changed. A name is checked as it resolves for the call itself (`PublicOnly`).
+        if let Err(why) = check_url(&d.url, self.app.config.webhook_allow_private) {
+            self.record(n, Err(why)).await?;
+            return Ok(false);
         }
         let outcome = match self
             .http
@@ -183,11 +239,70 @@ impl Notifier {
         {
             Ok(r) if r.status().is_success() => Ok(()),
             Ok(r) => Err(format!("HTTP {}", r.status().as_u16())),
-            Err(e) if e.is_timeout() => Err("no answer within 10 s".to_owned()),
-            Err(e) if e.is_connect() => Err("connection refused or unreachable".to_owned()),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(match refusal(&e) {
+                Some(why) => why,
+                None if e.is_timeout() => "no answer within 10 s".to_owned(),
+                None if e.is_connect() => "connection refused or unreachable".to_owned(),
+                None => e.to_string(),
+            }),
         };
-        self.record(n, outcome).await
+        let delivered = outcome.is_ok();
+        self.record(n, outcome).await?;
+        Ok(delivered)
+    }
+}
+
+/// Why [`PublicOnly`] refused a webhook's host, as the account sees it (the addresses
+/// are in the controller's log only: a webhook is no way to map internal names).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Refused(String);
+
+/// The refusal of [`PublicOnly`] behind a failed call, if that is why it failed.
+fn refusal(e: &reqwest::Error) -> Option<String> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(r) = s.downcast_ref::<Refused>() {
+            return Some(r.0.clone());
+        }
+        source = s.source();
+    }
+    None
+}
+
+/// Resolves webhook hosts for the calls themselves and refuses a name with any
+/// address that is not public, so the check and the connection use one lookup: a
+/// name that answers with a public address when checked and a private one when
+/// called (DNS rebinding) never reaches the private one.
+#[derive(Debug)]
+struct PublicOnly;
+
+impl reqwest::dns::Resolve for PublicOnly {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let addrs: Vec<std::net::SocketAddr> = match tokio::time::timeout(
+                LOOKUP_TIMEOUT,
+                tokio::net::lookup_host((host.as_str(), 0)),
+            )
+            .await
+            {
+                Err(_) => return Err(Refused(format!("{host} did not resolve within 5 s")).into()),
+                Ok(Err(e)) => return Err(Refused(format!("{host} does not resolve: {e}")).into()),
+                Ok(Ok(addrs)) => addrs.collect(),
+            };
+            if let Some(private) = addrs.iter().find(|a| !public(a.ip())) {
+                tracing::warn!(%host, address = %private.ip(), "webhook refused: its host resolves to a non-public address");
+                return Err(Refused(format!(
+                    "refused: {host} resolves to an address that is not public"
+                ))
+                .into());
+            }
+            if addrs.is_empty() {
+                return Err(Refused(format!("{host} resolves to no address")).into());
+            }
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
     }
 }
 
@@ -236,45 +351,44 @@ pub fn public(ip: std::net::IpAddr) -> bool {
                 || v4.is_documentation()
                 || v4.is_multicast()
                 || a == 0
-                || (a == 100 && (64..128).contains(&b)))
+                || a >= 240
+                || (a == 100 && (64..128).contains(&b))
+                || (a == 198 && (b & 0xfe) == 18)
+                || (a == 192 && b == 0 && v4.octets()[2] == 0))
         }
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => public(IpAddr::V4(v4)),
-            None => {
-                let first = v6.segments()[0];
-                !(v6.is_loopback()
-                    || v6.is_unspecified()
-                    || v6.is_multicast()
-                    || (first & 0xfe00) == 0xfc00
-                    || (first & 0xffc0) == 0xfe80)
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            let embedded = |hi: u16, lo: u16| {
+                IpAddr::V4(std::net::Ipv4Addr::new(
+                    (hi >> 8) as u8,
+                    hi as u8,
+                    (lo >> 8) as u8,
+                    lo as u8,
+                ))
+            };
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return public(IpAddr::V4(v4));
             }
-        },
-    }
-}
-
-/// Refuses to call a webhook whose host resolves to a non-public address now (the
-/// name may have changed since it was set).
-async fn resolves_public(url: &str) -> Result<(), String> {
-    let u = reqwest::Url::parse(url).map_err(|e| e.to_string())?;
-    let host = u
-        .host_str()
-        .unwrap_or_default()
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
-    let port = u.port_or_known_default().unwrap_or(80);
-    let addrs = tokio::net::lookup_host((host.as_str(), port))
-        .await
-        .map_err(|e| format!("{host} does not resolve: {e}"))?;
-    for a in addrs {
-        if !public(a.ip()) {
-            return Err(format!(
-                "refused: {host} resolves to {}, not a public address",
-                a.ip()
-            ));
+            // IPv4-compatible (::a.b.c.d) and NAT64 (64:ff9b::a.b.c.d) carry an IPv4
+            // address in the low 32 bits, 6to4 (2002:aabb:ccdd::) in bits 16 to 48:
+            // each is as public as the address it carries.
+            if s[..6] == [0; 6] && !v6.is_loopback() && !v6.is_unspecified() {
+                return public(embedded(s[6], s[7]));
+            }
+            if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                return public(embedded(s[6], s[7]));
+            }
+            if s[0] == 0x2002 {
+                return public(embedded(s[1], s[2]));
+            }
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (s[0] & 0xfe00) == 0xfc00
+                || (s[0] & 0xffc0) == 0xfe80
+                || (s[0] & 0xffc0) == 0xfec0)
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -306,6 +420,19 @@ mod tests {
             ("IPv6 loopback", "http://[::1]/", false),
             ("IPv6 unique local", "http://[fd00::1]/", false),
             ("IPv4-mapped loopback", "http://[::ffff:127.0.0.1]/", false),
+            ("IPv4-compatible private", "http://[::10.0.0.1]/", false),
+            ("NAT64 of loopback", "http://[64:ff9b::7f00:1]/", false),
+            ("6to4 of a private address", "http://[2002:a00:1::]/", false),
+            (
+                "6to4 of a public address",
+                "http://[2002:c633:6307::]/",
+                true,
+            ),
+            ("IPv6 site-local", "http://[fec0::1]/", false),
+            ("IPv6 public", "http://[2001:4860:4860::8888]/", true),
+            ("benchmarking", "http://198.18.0.1/", false),
+            ("reserved", "http://240.0.0.1/", false),
+            ("IETF protocol assignments", "http://192.0.0.8/", false),
         ] {
             assert_eq!(check_url(url, false).is_ok(), ok, "{rule}: {url}");
         }
@@ -313,5 +440,30 @@ mod tests {
             check_url("http://127.0.0.1:5432/", true).is_ok(),
             "allowed by the operator"
         );
+    }
+
+    /// The lookup the calls use refuses a name with a non-public address (the name
+    /// rule of `check_url` aside: `localhost` stands here for any name that resolves
+    /// to the controller's own network).
+    #[tokio::test]
+    async fn the_calls_lookup_refuses_names_of_private_addresses() {
+        use reqwest::dns::Resolve;
+        let name: reqwest::dns::Name = "localhost".parse().unwrap();
+        let refused = match PublicOnly.resolve(name).await {
+            Ok(addrs) => panic!("resolved to {:?}", addrs.collect::<Vec<_>>()),
+            Err(e) => e.to_string(),
+        };
+        assert_eq!(
+            refused,
+            "refused: localhost resolves to an address that is not public"
+        );
+        // And a call through a client that resolves with it fails with that reason.
+        let client = reqwest::Client::builder()
+            .dns_resolver(std::sync::Arc::new(PublicOnly))
+            .no_proxy()
+            .build()
+            .unwrap();
+        let e = client.get("http://localhost:9/").send().await.unwrap_err();
+        assert_eq!(refusal(&e).as_deref(), Some(refused.as_str()), "{e:?}");
     }
 }

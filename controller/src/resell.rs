@@ -107,13 +107,8 @@ impl Resell {
         for (i, set) in document.resource_sets.iter().enumerate() {
             for (j, host) in set.hosts.iter().enumerate() {
                 let field = format!("resource_sets[{i}].hosts[{j}]");
-                if let Some(why) = taken.get(host) {
-                    problems.push(FieldError {
-                        field: field.clone(),
-                        message: format!("agent {host} is offered already: {why}"),
-                    });
-                    continue;
-                }
+                // Whose host it is comes first: what holds another provider's host
+                // is not this provider's to learn.
                 match self.app.store.agent(*host).await? {
                     None => problems.push(FieldError {
                         field,
@@ -131,7 +126,14 @@ impl Resell {
                             ),
                         })
                     }
-                    Some(_) => {}
+                    Some(_) => {
+                        if let Some(why) = taken.get(host) {
+                            problems.push(FieldError {
+                                field,
+                                message: format!("agent {host} is offered already: {why}"),
+                            });
+                        }
+                    }
                 }
             }
         }
@@ -351,7 +353,8 @@ impl Resell {
         asked: Option<UnixMillis>,
         now: UnixMillis,
     ) -> Result<(), StoreError> {
-        let (after, advisory) = after_retest(listing, results, policy, now);
+        let categories = self.categories().await?;
+        let (after, advisory) = after_retest(listing, results, policy, &categories, now);
         let notices: Vec<Notice> = advisory
             .iter()
             .map(|a| Notice {
@@ -542,13 +545,25 @@ impl Resell {
             .iter()
             .max_by_key(|a| (a.created_at_ms, a.id.clone())));
         let platforms = self.platforms().await?;
-        let listed_hosts: usize = store
+        // The provider's hosts held elsewhere count against its limit: listed or
+        // delisted (a re-test may relist), and in its other requests past their own
+        // preliminary check (requests are driven one at a time, so of two submitted
+        // together the second sees the first here).
+        let mut held: std::collections::BTreeSet<Uuid> = store
             .listings()
             .await?
-            .iter()
-            .filter(|l| l.listed && l.provider == row.provider && l.request != row.id)
-            .map(|l| l.hosts.len())
-            .sum();
+            .into_iter()
+            .filter(|l| l.provider == row.provider && l.request != row.id)
+            .flat_map(|l| l.hosts)
+            .collect();
+        for r in store.open_resell_requests().await? {
+            if r.id != row.id
+                && r.provider == row.provider
+                && !matches!(r.pipeline.stage, Stage::Preliminary | Stage::Rejected)
+            {
+                held.extend(r.pipeline.hosts.iter().map(|h| h.host));
+            }
+        }
         let taken = self.taken(Some(row.id)).await?;
         Ok(preliminary(
             &row.document,
@@ -557,7 +572,7 @@ impl Resell {
                 agreement,
                 provider: provider.as_ref(),
                 platforms: &platforms,
-                listed_hosts: listed_hosts as u32,
+                listed_hosts: u32::try_from(held.len()).unwrap_or(u32::MAX),
                 now_ms: now,
             },
         ))

@@ -558,7 +558,9 @@ async fn every_route_answers_every_caller_as_its_principal_allows() {
     );
 
     // The listing shows alice's rating; its re-test (asked for above, on a host that
-    // is offline) ended with an advisory to alice, ranked lower but still listed.
+    // is offline) ended with an advisory to alice, ranked lower. (The two asks above
+    // may make one re-test or two, as they meet the driver; a second in a row that
+    // cannot judge the host delists, which the market's own tests pin.)
     let deadline = tokio::time::Instant::now() + surplus_tests::PATIENCE;
     let shown = loop {
         let shown = api
@@ -575,8 +577,8 @@ async fn every_route_answers_every_caller_as_its_principal_allows() {
     };
     let l = &shown["listing"];
     assert_eq!(
-        (l["rating"].as_f64(), &l["listed"], &l["failed_retest"]),
-        (Some(4.0), &json!(true), &json!(true)),
+        (l["rating"].as_f64(), &l["failed_retest"]),
+        (Some(4.0), &json!(true)),
         "{shown}"
     );
     let notices = api
@@ -779,7 +781,7 @@ fn matrix(r: &Resources) -> Vec<Case> {
         with_body("POST", "/v1/ratings", "/v1/ratings", json!({"instance": i_a, "score": 4, "comment": "fast"}), [403, 201, 403, 403, 401]),
         with_body("POST", "/v1/ratings", "/v1/ratings", json!({"instance": i_a, "score": 5}), [403, 409, 403, 403, 401]),
         with_body("POST", "/v1/ratings", "/v1/ratings", json!({"instance": i_b, "score": 5}), [403, 403, 403, 403, 401]),
-        with_body("POST", "/v1/ratings", "/v1/ratings", json!({"instance": i_a, "score": 9}), [400, 400, 403, 403, 401]),
+        with_body("POST", "/v1/ratings", "/v1/ratings", json!({"instance": i_a, "score": 9}), [403, 400, 403, 403, 401]),
         case("GET", "/v1/ratings", "/v1/ratings?provider=alice", [200, 200, 200, 200, 401]),
         // Each principal's own webhook.
         with_body("PUT", "/v1/webhook", "/v1/webhook", json!({"url": "ftp://example.invalid/"}), [400, 400, 400, 400, 401]),

@@ -146,9 +146,83 @@ story!(an_agent_page_is_filtered_sorted_and_counted_by_the_database);
 story!(snapshots_are_kept_per_volume_oldest_first);
 story!(providers_and_their_agreements_are_kept_and_ended_once);
 story!(a_resell_step_applies_once_over_the_version_it_read);
+story!(a_webhook_batch_takes_a_few_of_each_account_and_reads_keep_the_newest);
 
 mod stories {
     use super::*;
+
+    pub async fn a_webhook_batch_takes_a_few_of_each_account_and_reads_keep_the_newest(
+        _f: &Fixture,
+        s: Arc<dyn Store>,
+    ) {
+        let notice = |n: u32, to: &str| Notice {
+            key: format!("k{n}"),
+            recipient: to.into(),
+            kind: "resell.rejected".into(),
+            body: serde_json::json!({ "n": n }),
+        };
+        // Five notices for a busy account, then one for a quiet one, then one for an
+        // account without a webhook.
+        for n in 0..5 {
+            let set = ChangeSet {
+                postings: vec![],
+                notices: vec![notice(n, "provider:busy")],
+            };
+            s.apply_changes(&set, 10 + i64::from(n)).await.unwrap();
+        }
+        for (n, to) in [(5, "provider:quiet"), (6, "provider:silent")] {
+            let set = ChangeSet {
+                postings: vec![],
+                notices: vec![notice(n, to)],
+            };
+            s.apply_changes(&set, 20).await.unwrap();
+        }
+        s.set_webhook("provider:busy", Some("https://busy.example/"), 1)
+            .await
+            .unwrap();
+        s.set_webhook("provider:quiet", Some("https://quiet.example/"), 1)
+            .await
+            .unwrap();
+        let keys = |ds: Vec<Delivery>| {
+            ds.into_iter()
+                .map(|d| (d.notice.notice.key, d.url))
+                .collect::<Vec<_>>()
+        };
+        let batch = s.deliverable(30, 12, 2, 10).await.unwrap();
+        assert_eq!(
+            keys(batch),
+            [
+                ("k0".to_owned(), "https://busy.example/".to_owned()),
+                ("k1".to_owned(), "https://busy.example/".to_owned()),
+                ("k5".to_owned(), "https://quiet.example/".to_owned()),
+            ],
+            "two of the busy account's, oldest first, and the quiet one's"
+        );
+        assert_eq!(keys(s.deliverable(30, 12, 2, 1).await.unwrap()).len(), 1);
+        // A delivered notice leaves the batch; the next of its account comes in.
+        let delivered = DeliveryAttempt {
+            attempt: 1,
+            at_ms: 31,
+            outcome: "delivered".into(),
+        };
+        s.record_attempt("k0", &delivered, true, None)
+            .await
+            .unwrap();
+        let batch = keys(s.deliverable(32, 12, 2, 10).await.unwrap());
+        assert_eq!(
+            batch.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+            ["k1", "k2", "k5"]
+        );
+        // Reading an account's notices keeps the newest, oldest first.
+        let newest: Vec<String> = s
+            .notices("provider:busy", 2)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|n| n.notice.key)
+            .collect();
+        assert_eq!(newest, ["k3", "k4"]);
+    }
 
     pub async fn a_resell_step_applies_once_over_the_version_it_read(
         _f: &Fixture,

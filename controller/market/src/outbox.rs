@@ -20,8 +20,9 @@ pub struct DeliveryAttempt {
 pub const MAX_ATTEMPTS: u32 = 12;
 
 /// When to try again after `attempts` failed attempts, the last at `now_ms`: after 1 s,
-/// doubling each time up to an hour; `None` once [`MAX_ATTEMPTS`] were made (the
-/// notice stays readable through the API, its attempts recorded).
+/// doubling each time (never more than an hour; with [`MAX_ATTEMPTS`] the longest
+/// wait is 1024 s, about 34 minutes in all); `None` once [`MAX_ATTEMPTS`] were made
+/// (the notice stays readable through the API, its attempts recorded).
 pub fn retry_at(attempts: u32, now_ms: UnixMillis) -> Option<UnixMillis> {
     if attempts >= MAX_ATTEMPTS {
         return None;
@@ -37,7 +38,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn attempts_back_off_doubling_to_an_hour_then_stop() {
+    fn attempts_back_off_doubling_then_stop() {
         let delays: Vec<Option<i64>> = (1..=MAX_ATTEMPTS).map(|n| retry_at(n, 0)).collect();
         assert_eq!(
             &delays[..4],

@@ -17,6 +17,7 @@ use surplus_protocol::clock::UnixMillis;
 use surplus_protocol::control::CompatLevel;
 use uuid::Uuid;
 
+use crate::catalog::Categories;
 use crate::listings::Listing;
 use crate::resell::{Assessment, Criterion};
 
@@ -73,13 +74,21 @@ pub type HostResult = (Uuid, Result<Assessment, String>);
 
 /// The listing after a re-test of its hosts (`results`, one per host) ended at
 /// `now_ms`, and the advisory its provider gets, if any. A host that could not be
-/// judged fails the `validation` rule with the reason as its measurement.
+/// judged fails the `validation` rule with the reason as its measurement; a host
+/// measured now in a smaller category of `categories` than the listing's fails the
+/// `category` rule (the listing offers what the measurements imply).
+///
+/// What delists: a failed rule in `policy.delist_on`, or a host that could not be
+/// judged at a re-test following a failed one (a provider does not keep a listing
+/// that would fail by keeping its agent away from re-tests).
 pub fn after_retest(
     listing: &Listing,
     results: &[HostResult],
     policy: &RetestPolicy,
+    categories: &Categories,
     now_ms: UnixMillis,
 ) -> (Listing, Option<Advisory>) {
+    let rank = |name: &str| categories.list().iter().position(|c| c.name == name);
     let mut next = listing.clone();
     next.retest = None;
     next.next_retest_at_ms = Some(now_ms.saturating_add(policy.interval_ms));
@@ -87,12 +96,37 @@ pub fn after_retest(
     let mut failed: Vec<(Uuid, Criterion)> = Vec::new();
     for (host, result) in results {
         match result {
-            Ok(a) => failed.extend(
-                a.criteria
-                    .iter()
-                    .filter(|c| !c.passed)
-                    .map(|c| (*host, c.clone())),
-            ),
+            Ok(a) => {
+                failed.extend(
+                    a.criteria
+                        .iter()
+                        .filter(|c| !c.passed)
+                        .map(|c| (*host, c.clone())),
+                );
+                // Below the smallest category is a failed `category` criterion
+                // already; a category unknown now (the settings changed) is not
+                // compared.
+                let smaller = match (
+                    a.category.as_deref().and_then(rank),
+                    rank(&listing.category),
+                ) {
+                    (Some(now), Some(listed)) => now < listed,
+                    _ => false,
+                };
+                if smaller {
+                    failed.push((
+                        *host,
+                        Criterion {
+                            rule: "category".into(),
+                            field: Some("category".into()),
+                            passed: false,
+                            claimed: Some(listing.category.clone()),
+                            measured: a.category.clone(),
+                            required: Some(format!("at least {}", listing.category)),
+                        },
+                    ));
+                }
+            }
             Err(why) => failed.push((
                 *host,
                 Criterion {
@@ -143,9 +177,9 @@ pub fn after_retest(
         return (next, advisory("listing.relisted", failed));
     }
     next.failed_retest = true;
-    let serious = failed
-        .iter()
-        .any(|(_, c)| policy.delist_on.contains(&c.rule));
+    let serious = failed.iter().any(|(_, c)| {
+        policy.delist_on.contains(&c.rule) || (c.rule == "validation" && listing.failed_retest)
+    });
     if serious && listing.listed {
         next.listed = false;
         (next, advisory("listing.delisted", failed))
@@ -363,6 +397,15 @@ mod tests {
                 Some("listing.advisory"),
             ),
             (
+                "a host that cannot be judged after a failed re-test delists",
+                true,
+                true,
+                Err("the agent is offline".into()),
+                false,
+                true,
+                Some("listing.delisted"),
+            ),
+            (
                 "a delisted listing failing again stays delisted",
                 false,
                 true,
@@ -378,7 +421,13 @@ mod tests {
                 failed_retest: failed,
                 ..listing()
             };
-            let (after, advisory) = after_retest(&before, &[(host, result)], &policy, 1_000);
+            let (after, advisory) = after_retest(
+                &before,
+                &[(host, result)],
+                &policy,
+                &Categories::standard(),
+                1_000,
+            );
             assert_eq!(
                 (after.listed, after.failed_retest),
                 (want_listed, want_failed),
@@ -403,11 +452,72 @@ mod tests {
             }
         }
         // The figures shown follow the measurements.
-        let (after, _) = after_retest(&listing(), &[(host, assessed(&[], 0.7))], &policy, 5);
+        let (after, _) = after_retest(
+            &listing(),
+            &[(host, assessed(&[], 0.7))],
+            &policy,
+            &Categories::standard(),
+            5,
+        );
         assert_eq!(
             (after.score, after.hardening_index, after.compat_level),
             (0.7, 70, CompatLevel::Highly)
         );
+    }
+
+    /// Each case: (rule it pins, the listing's category, the category measured now,
+    /// listed after).
+    #[test]
+    fn a_retest_measuring_a_smaller_category_delists() {
+        let host = Uuid::from_u128(2);
+        for (rule, listed_as, measured, still_listed) in [
+            ("the same category passes", "medium", "medium", true),
+            (
+                "a larger one passes (it is offered as listed)",
+                "small",
+                "large",
+                true,
+            ),
+            (
+                "a smaller one fails the category rule",
+                "large",
+                "medium",
+                false,
+            ),
+            (
+                "a category no longer defined is not compared",
+                "huge",
+                "small",
+                true,
+            ),
+        ] {
+            let before = Listing {
+                category: listed_as.into(),
+                ..listing()
+            };
+            let mut result = assessed(&[], 1.1);
+            if let Ok(a) = &mut result {
+                a.category = Some(measured.into());
+            }
+            let (after, advisory) = after_retest(
+                &before,
+                &[(host, result)],
+                &RetestPolicy::default(),
+                &Categories::standard(),
+                9,
+            );
+            assert_eq!(after.listed, still_listed, "{rule}");
+            if !still_listed {
+                let a = advisory.expect("an advisory");
+                assert_eq!(a.kind, "listing.delisted", "{rule}");
+                let c = &a.failed[0].1;
+                assert_eq!(
+                    (c.rule.as_str(), c.claimed.as_deref(), c.measured.as_deref()),
+                    ("category", Some(listed_as), Some(measured)),
+                    "{rule}"
+                );
+            }
+        }
     }
 
     #[test]

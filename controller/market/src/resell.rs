@@ -660,7 +660,8 @@ pub struct Standing<'a> {
     pub provider: Option<&'a Provider>,
     /// The supported platforms.
     pub platforms: &'a Platforms,
-    /// Hosts of the provider listed already (other requests).
+    /// Hosts of the provider held already by its other requests and listings
+    /// (listed or not).
     pub listed_hosts: u32,
     /// Hosts held elsewhere (by a listing, or by another request being validated or
     /// listed), with why: a host is offered once.
@@ -833,7 +834,7 @@ pub fn preliminary(request: &ResellRequest, standing: &Standing<'_>) -> Vec<Unme
                 "max_hosts",
                 Some("resource_sets".into()),
                 format!(
-                    "{hosts} hosts with the {} listed already is more than the agreement's {}",
+                    "{hosts} hosts with the {} offered already is more than the agreement's {}",
                     standing.listed_hosts, a.max_hosts
                 ),
             );

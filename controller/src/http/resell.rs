@@ -481,7 +481,7 @@ pub(crate) async fn show_listing(
     Ok(Json(listing_view(&ctl, &id).await?))
 }
 
-/// The caller's notifications, oldest first (at most `limit`, default 100).
+/// The caller's newest `limit` notifications (default 100), oldest first.
 pub(crate) async fn notifications_of(
     ctl: &Controller,
     principal: &crate::store::Principal,
@@ -513,7 +513,7 @@ pub(crate) async fn notifications_of(
 
 /// The caller's notifications from the outbox, oldest first: a request accepted or
 /// rejected, and later advisories, delistings and relistings.
-#[utoipa::path(get, path = "/v1/notifications", tag = "resell", params(("limit" = Option<u32>, Query, description = "At most this many (default 100, at most 1000)")), responses((status = 200, description = "Notifications, oldest first", body = Vec<NotificationView>)))]
+#[utoipa::path(get, path = "/v1/notifications", tag = "resell", params(("limit" = Option<u32>, Query, description = "At most this many (default 100, at most 1000)")), responses((status = 200, description = "The newest notifications, oldest first", body = Vec<NotificationView>)))]
 pub(crate) async fn notifications(
     State(ctl): State<Arc<Controller>>,
     caller: Caller,
@@ -609,8 +609,14 @@ pub(crate) async fn rate(
     body: Result<Json<RatingRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Rating>), ApiError> {
     caller.require(Role::Client)?;
-    let Json(body) = body?;
     let not_yours = |m: String| ApiError::new(StatusCode::FORBIDDEN, "forbidden", m);
+    if caller.0.role != Role::Client {
+        // An admin runs no instances of its own: nothing it could rate.
+        return Err(not_yours(
+            "only clients rate the capacity their instances ran on".into(),
+        ));
+    }
+    let Json(body) = body?;
     let instance = ctl
         .app
         .store

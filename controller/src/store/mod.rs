@@ -1037,7 +1037,7 @@ pub trait LedgerStore: Send + Sync + std::fmt::Debug + 'static {
         now_ms: UnixMillis,
     ) -> Result<Vec<crate::ledger::Applied>, PostError>;
 
-    /// Notices queued for `recipient`, oldest first.
+    /// The newest `limit` notices queued for `recipient`, oldest first.
     async fn notices(&self, recipient: &str, limit: u32) -> Result<Vec<StoredNotice>, StoreError>;
 
     /// Whether an account may go below zero, when a policy was set for it.
@@ -1178,11 +1178,13 @@ pub trait NoticeStore: Send + Sync + std::fmt::Debug + 'static {
     async fn webhook(&self, recipient: &str) -> Result<Option<String>, StoreError>;
 
     /// Undelivered notices whose recipient has a webhook and whose next attempt is due
-    /// at `now_ms` (fewer than `max_attempts` made), oldest first, at most `limit`.
+    /// at `now_ms` (fewer than `max_attempts` made), oldest first: the oldest
+    /// `per_recipient` of each recipient, at most `limit` in all.
     async fn deliverable(
         &self,
         now_ms: UnixMillis,
         max_attempts: u32,
+        per_recipient: u32,
         limit: u32,
     ) -> Result<Vec<Delivery>, StoreError>;
 

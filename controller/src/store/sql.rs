@@ -1731,14 +1731,16 @@ macro_rules! sql_stores {
             }
 
             async fn notices(&self, recipient: &str, limit: u32) -> Result<Vec<StoredNotice>, StoreError> {
-                sqlx::query(&format!("{NOTICE_COLUMNS} WHERE recipient = $1 ORDER BY created_at_ms, key LIMIT $2"))
+                let mut newest = sqlx::query(&format!("{NOTICE_COLUMNS} WHERE recipient = $1 ORDER BY created_at_ms DESC, key DESC LIMIT $2"))
                     .bind(recipient)
                     .bind(i64::from(limit))
                     .fetch_all(self.reader())
                     .await?
                     .iter()
                     .map(stored_notice)
-                    .collect()
+                    .collect::<Result<Vec<_>, _>>()?;
+                newest.reverse();
+                Ok(newest)
             }
 
             async fn account_policy(&self, account: &str) -> Result<Option<bool>, StoreError> {
@@ -2154,10 +2156,12 @@ macro_rules! sql_stores {
                     .await?)
             }
 
-            async fn deliverable(&self, now_ms: UnixMillis, max_attempts: u32, limit: u32) -> Result<Vec<Delivery>, StoreError> {
-                sqlx::query("SELECT o.key, o.recipient, o.kind, o.body, o.created_at_ms, o.delivered_at_ms, o.attempts, o.last_error, o.next_attempt_at_ms, w.url FROM outbox o JOIN webhooks w ON w.recipient = o.recipient WHERE o.delivered_at_ms IS NULL AND o.attempts < $1 AND (o.next_attempt_at_ms IS NULL OR o.next_attempt_at_ms <= $2) ORDER BY o.created_at_ms, o.key LIMIT $3")
+            async fn deliverable(&self, now_ms: UnixMillis, max_attempts: u32, per_recipient: u32, limit: u32) -> Result<Vec<Delivery>, StoreError> {
+                // The window keeps one recipient's backlog from filling the batch.
+                sqlx::query("SELECT key, recipient, kind, body, created_at_ms, delivered_at_ms, attempts, last_error, next_attempt_at_ms, url FROM (SELECT o.key, o.recipient, o.kind, o.body, o.created_at_ms, o.delivered_at_ms, o.attempts, o.last_error, o.next_attempt_at_ms, w.url, ROW_NUMBER() OVER (PARTITION BY o.recipient ORDER BY o.created_at_ms, o.key) AS nth FROM outbox o JOIN webhooks w ON w.recipient = o.recipient WHERE o.delivered_at_ms IS NULL AND o.attempts < $1 AND (o.next_attempt_at_ms IS NULL OR o.next_attempt_at_ms <= $2)) due WHERE nth <= $3 ORDER BY created_at_ms, key LIMIT $4")
                     .bind(i64::from(max_attempts))
                     .bind(now_ms)
+                    .bind(i64::from(per_recipient))
                     .bind(i64::from(limit))
                     .fetch_all(self.reader())
                     .await?
