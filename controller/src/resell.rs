@@ -21,7 +21,7 @@ use surplus_market::pipeline::{Action, Pipeline, Stage};
 use surplus_market::quality::{HostResult, Retest, after_retest};
 use surplus_market::resell::{
     Assessment, Evidence, FieldError, Requirements, ResellRequest, ResourceSet, Standing, assess,
-    preliminary, validate,
+    preliminary, set_cpus, validate,
 };
 use surplus_protocol::Inventory;
 use surplus_protocol::clock::UnixMillis;
@@ -549,19 +549,28 @@ impl Resell {
         // delisted (a re-test may relist), and in its other requests past their own
         // preliminary check (requests are driven one at a time, so of two submitted
         // together the second sees the first here).
-        let mut held: std::collections::BTreeSet<Uuid> = store
-            .listings()
-            .await?
-            .into_iter()
-            .filter(|l| l.provider == row.provider && l.request != row.id)
-            .flat_map(|l| l.hosts)
-            .collect();
+        // Each held host with the CPU threads it was claimed with.
+        let mut held: std::collections::BTreeMap<Uuid, u32> = Default::default();
+        for l in store.listings().await? {
+            if l.provider != row.provider || l.request == row.id {
+                continue;
+            }
+            let claimed = store.resell_request(l.request).await?;
+            let cpus = claimed
+                .as_ref()
+                .and_then(|r| r.document.resource_sets.get(l.set))
+                .map_or(0, set_cpus);
+            held.extend(l.hosts.iter().map(|h| (*h, cpus)));
+        }
         for r in store.open_resell_requests().await? {
             if r.id != row.id
                 && r.provider == row.provider
                 && !matches!(r.pipeline.stage, Stage::Preliminary | Stage::Rejected)
             {
-                held.extend(r.pipeline.hosts.iter().map(|h| h.host));
+                for h in &r.pipeline.hosts {
+                    let cpus = r.document.resource_sets.get(h.set).map_or(0, set_cpus);
+                    held.insert(h.host, cpus);
+                }
             }
         }
         let taken = self.taken(Some(row.id)).await?;
@@ -573,6 +582,7 @@ impl Resell {
                 provider: provider.as_ref(),
                 platforms: &platforms,
                 listed_hosts: u32::try_from(held.len()).unwrap_or(u32::MAX),
+                held_cpus: held.values().fold(0, |a, c| a.saturating_add(*c)),
                 now_ms: now,
             },
         ))

@@ -686,6 +686,7 @@ async fn listed(tc: &TestController, host: uuid::Uuid, now: i64) -> String {
         available: 1,
         rating: None,
         uptime: None,
+        utilisation: None,
         listed: true,
         failed_retest: false,
         created_at_ms: now,

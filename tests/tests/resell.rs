@@ -73,6 +73,8 @@ impl Market {
         let scratch = tempfile::tempdir().unwrap();
         let (mut config, _) = self.tc.enroll(name, &[("provider", provider)]).await;
         config.bench_scratch_dir = scratch.path().to_path_buf();
+        // Host usage every second: listings show their hosts' utilisation from it.
+        config.metering.host_period = Duration::from_secs(1);
         if let Some(root) = security_root {
             config.security_root = root.to_path_buf();
         }
@@ -238,6 +240,33 @@ async fn a_provider_resells_this_host_and_learns_why_other_requests_were_refused
     let mut carols = request(&[carol_id], &inventory, |_| {});
     carols["resource_sets"][0]["zone"] = json!("carol-fra-1");
     let daves = request(&[dave_id], &inventory, |_| {});
+    // Erin's agreement allows one CPU thread; her host is claimed with this host's.
+    let (status, body) = tc
+        .api_as(
+            &tc.admin_token,
+            Method::PUT,
+            "/v1/providers/erin",
+            Some(json!({"name": "Erin", "contact": "ops@erin.example", "zones": ["erin-fra-1"], "accepted": true})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = tc
+        .api_post(
+            "/v1/agreements",
+            json!({"provider": "erin", "valid_until_ms": i64::MAX / 2, "resource_kinds": ["compute"],
+                   "pricing_modes": ["on_demand", "spot"], "commission_bps": 1500, "max_hosts": 10, "max_cpus": 1}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["max_cpus"], 1, "{body}");
+    let erin = tc.token_for("erin", "provider").await;
+    let erin_id = tc
+        .enroll("erin-host", &[("provider", "erin")])
+        .await
+        .1
+        .agent_id;
+    let mut erins = request(&[erin_id], &inventory, |s| s["threads"] = json!(2));
+    erins["resource_sets"][0]["zone"] = json!("erin-fra-1");
     for (token, doc, rule) in [
         (
             &m.bob,
@@ -247,6 +276,7 @@ async fn a_provider_resells_this_host_and_learns_why_other_requests_were_refused
         (&m.bob, &auction, "pricing_mode (pricing.modes[0])"),
         (&carol, &carols, "agreement: the agreement ended at"),
         (&dave, &daves, "provider: the provider is not recorded"),
+        (&erin, &erins, "max_cpus (resource_sets)"),
     ] {
         let (status, body) = m.submit(token, doc).await;
         assert_eq!(status, 202, "{body}");
@@ -416,6 +446,27 @@ async fn a_provider_resells_this_host_and_learns_why_other_requests_were_refused
             .any(|c| c["field"] == "system.threads" && c["passed"] == true),
         "{detail:#}"
     );
+    // The listing shows how busy its host's CPUs were, from the host's metering.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let utilisation = loop {
+        let (_, detail) = tc
+            .api_as(
+                &alice,
+                Method::GET,
+                &format!("/v1/listings/{}", l["id"].as_str().unwrap()),
+                None,
+            )
+            .await;
+        if let Some(u) = detail["listing"]["utilisation"].as_f64() {
+            break u;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no utilisation from the host's metering: {detail:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!((0.0..=1.0).contains(&utilisation), "{utilisation}");
     // A filter the server does not understand is named, never ignored.
     let (status, body) = tc
         .api_as(&alice, Method::GET, "/v1/listings?colour=red", None)

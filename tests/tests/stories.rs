@@ -314,6 +314,7 @@ mod stories {
             available: 1,
             rating: None,
             uptime: None,
+            utilisation: None,
             listed: true,
             failed_retest: false,
             created_at_ms: 30,
@@ -440,6 +441,7 @@ mod stories {
             pricing_modes: [PricingMode::Spot].into(),
             commission_bps: 1_500,
             max_hosts: 3,
+            max_cpus: Some(48),
             created_at_ms: at,
         };
         s.create_agreement(&agreement("agr-1", "bob", 1))

@@ -44,8 +44,11 @@ pub struct AgreementRequest {
     pub pricing_modes: BTreeSet<PricingMode>,
     /// The marketplace's commission, basis points.
     pub commission_bps: u32,
-    /// Most hosts it may have listed at once.
+    /// Most hosts it may have offered at once.
     pub max_hosts: u32,
+    /// Most CPU threads it may have offered at once, as claimed (absent: no limit).
+    #[serde(default)]
+    pub max_cpus: Option<u32>,
 }
 
 pub use surplus_market::listings::{Listing, ListingQuery, ListingSort};

@@ -504,6 +504,7 @@ mod tests {
             pricing_modes: Default::default(),
             commission_bps: bps,
             max_hosts: 1,
+            max_cpus: None,
             created_at_ms: n,
         };
         let cases = [

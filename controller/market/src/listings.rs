@@ -63,6 +63,10 @@ pub struct Listing {
     pub rating: Option<f64>,
     /// Measured uptime over the window, 0 to 1.
     pub uptime: Option<f64>,
+    /// How busy its hosts' CPUs were over the window, from metering, 0 to 1
+    /// ([`crate::quality::utilisation`]); none before any host usage arrived.
+    #[serde(default)]
+    pub utilisation: Option<f64>,
     /// Offered to clients (false once delisted).
     pub listed: bool,
     /// Its last re-test failed.
@@ -152,6 +156,7 @@ pub fn offer(
                 available: hosts.len() as u32,
                 rating: None,
                 uptime: None,
+                utilisation: None,
                 listed: true,
                 failed_retest: false,
                 created_at_ms: now_ms,
@@ -401,6 +406,7 @@ mod tests {
             available: 1,
             rating: Some(4.0),
             uptime: Some(0.99),
+            utilisation: None,
             listed: true,
             failed_retest: false,
             created_at_ms: 0,

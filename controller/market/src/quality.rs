@@ -188,6 +188,14 @@ pub fn after_retest(
     }
 }
 
+/// The share of CPU time its hosts were busy: their metered busy CPU time over their
+/// metered total CPU time (the host meters `cpu_busy_ms` and `cpu_total_ms`, summed
+/// over the window and the hosts, so a larger host weighs more); `None` without
+/// any total. Busy time beyond the total (a clock step on the host) counts as full.
+pub fn utilisation(busy_ms: i64, total_ms: i64) -> Option<f64> {
+    (total_ms > 0).then(|| busy_ms.clamp(0, total_ms) as f64 / total_ms as f64)
+}
+
 /// A client's satisfaction rating of a provider, for one instance it ran on the
 /// provider's capacity.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -552,6 +560,25 @@ mod tests {
             check_rating("carol", "alice", "bob", true, 3, ""),
             Err(RatingError::NotYours(_))
         ));
+    }
+
+    /// Each case: (rule it pins, busy, total, utilisation).
+    #[test]
+    fn utilisation_is_busy_over_total_cpu_time() {
+        for (rule, busy, total, want) in [
+            ("no usage yet: unknown", 0, 0, None),
+            ("idle", 0, 1_000, Some(0.0)),
+            ("a quarter busy", 250, 1_000, Some(0.25)),
+            (
+                "busy beyond the total counts as full",
+                1_500,
+                1_000,
+                Some(1.0),
+            ),
+            ("a negative busy time counts as idle", -5, 1_000, Some(0.0)),
+        ] {
+            assert_eq!(utilisation(busy, total), want, "{rule}");
+        }
     }
 
     #[test]

@@ -441,8 +441,13 @@ pub struct Agreement {
     pub pricing_modes: BTreeSet<PricingMode>,
     /// The marketplace's commission, basis points (used by billing).
     pub commission_bps: u32,
-    /// Most hosts it may have listed at once.
+    /// Most hosts it may have offered at once (in requests being validated and in
+    /// listings).
     pub max_hosts: u32,
+    /// Most CPU threads it may have offered at once, counted as claimed (a host's
+    /// `threads`, else its `cores`); none: no limit beyond `max_hosts`.
+    #[serde(default)]
+    pub max_cpus: Option<u32>,
     /// When it was made.
     pub created_at_ms: UnixMillis,
 }
@@ -552,7 +557,28 @@ pub fn validate_agreement(a: &Agreement) -> Vec<FieldError> {
     if a.max_hosts == 0 {
         err("max_hosts", "must be at least 1".into());
     }
+    if a.max_cpus == Some(0) {
+        err(
+            "max_cpus",
+            "must be at least 1 (or absent: no limit)".into(),
+        );
+    }
     out
+}
+
+/// The CPU threads `request` offers as claimed: per host its `threads`, else its
+/// `cores`, else none (what counts against an agreement's `max_cpus`).
+pub fn claimed_cpus(request: &ResellRequest) -> u32 {
+    request
+        .resource_sets
+        .iter()
+        .map(|s| set_cpus(s).saturating_mul(s.hosts.len() as u32))
+        .fold(0, u32::saturating_add)
+}
+
+/// The CPU threads one host of `set` offers as claimed.
+pub fn set_cpus(set: &ResourceSet) -> u32 {
+    set.system.threads.or(set.system.cores).unwrap_or(0)
 }
 
 /// The platforms the marketplace supports.
@@ -643,7 +669,7 @@ impl Platforms {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Unmet {
     /// The rule: `provider`, `agreement`, `accepted_provider`, `zone`, `host_taken`,
-    /// `platform`, `resource_kind`, `pricing_mode` or `max_hosts`.
+    /// `platform`, `resource_kind`, `pricing_mode`, `max_hosts` or `max_cpus`.
     pub rule: String,
     /// The field it concerns, when one does.
     pub field: Option<String>,
@@ -663,6 +689,8 @@ pub struct Standing<'a> {
     /// Hosts of the provider held already by its other requests and listings
     /// (listed or not).
     pub listed_hosts: u32,
+    /// The CPU threads those hosts were claimed with ([`set_cpus`]).
+    pub held_cpus: u32,
     /// Hosts held elsewhere (by a listing, or by another request being validated or
     /// listed), with why: a host is offered once.
     pub taken: &'a BTreeMap<Uuid, String>,
@@ -838,6 +866,19 @@ pub fn preliminary(request: &ResellRequest, standing: &Standing<'_>) -> Vec<Unme
                     standing.listed_hosts, a.max_hosts
                 ),
             );
+        }
+        let cpus = claimed_cpus(request);
+        if let Some(max) = a.max_cpus {
+            if standing.held_cpus.saturating_add(cpus) > max {
+                unmet(
+                    "max_cpus",
+                    Some("resource_sets".into()),
+                    format!(
+                        "{cpus} CPU threads with the {} offered already is more than the agreement's {max}",
+                        standing.held_cpus
+                    ),
+                );
+            }
         }
     }
     out
@@ -1271,6 +1312,7 @@ mod tests {
             pricing_modes: [PricingMode::OnDemand, PricingMode::Spot].into(),
             commission_bps: 1_500,
             max_hosts: 10,
+            max_cpus: None,
             created_at_ms: 1_000,
         }
     }
@@ -1304,6 +1346,12 @@ mod tests {
             valid_until_ms: 5_000,
             ..agreement()
         };
+        // The request offers one host claimed with 8 threads.
+        assert_eq!(claimed_cpus(&request()), 8);
+        let capped = Agreement {
+            max_cpus: Some(64),
+            ..agreement()
+        };
         let p = platforms();
         let bob = Provider {
             account: "bob".into(),
@@ -1329,6 +1377,7 @@ mod tests {
             taken: &none_taken,
             platforms: &p,
             listed_hosts,
+            held_cpus: 0,
             now_ms,
         };
         let mut arm = request();
@@ -1428,6 +1477,24 @@ mod tests {
                 request(),
                 standing(Some(&a), Some(&bob), 10, 2_000),
                 vec![("max_hosts", Some("resource_sets"))],
+            ),
+            (
+                "within the agreement's CPUs, counting those offered",
+                request(),
+                Standing {
+                    held_cpus: 56,
+                    ..standing(Some(&capped), Some(&bob), 0, 2_000)
+                },
+                vec![],
+            ),
+            (
+                "more CPUs than the agreement allows, counting those offered",
+                request(),
+                Standing {
+                    held_cpus: 57,
+                    ..standing(Some(&capped), Some(&bob), 0, 2_000)
+                },
+                vec![("max_cpus", Some("resource_sets"))],
             ),
         ];
         for (rule, r, s, want) in cases {

@@ -419,6 +419,7 @@ async fn listing(
         listing: l,
         evidence,
     } = resell::listing_view(&ctl, &id).await?;
+    let window_days = ctl.app.config.resell.rating_window.as_secs() / 86_400;
     let me = &signed.principal;
     let may_retest =
         me.role == Role::Admin || (me.role == Role::Provider && me.account == l.provider);
@@ -455,6 +456,7 @@ async fn listing(
                 dt { "Available" } dd { (l.available) " of " (l.hosts.len()) " hosts" }
                 dt { "Rating" } dd { (l.rating.map(|r| format!("{r:.1} of 5")).unwrap_or_else(|| "not rated yet".into())) }
                 dt { "Uptime" } dd { (l.uptime.map(|u| format!("{:.2}%", u * 100.0)).unwrap_or_else(|| "-".into())) }
+                dt { "CPU utilisation" } dd #utilisation { (l.utilisation.map(|u| format!("{:.1}% over the last {} days", u * 100.0, window_days)).unwrap_or_else(|| "no usage metered yet".into())) }
                 dt { "Listed" } dd { (time(l.created_at_ms)) }
             }
             @if let Some(r) = &l.retest { p #retest { "A re-test is under way since " (time(r.started_at_ms)) "." } }

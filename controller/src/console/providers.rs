@@ -86,6 +86,10 @@ async fn make_agreement(
         pricing_modes: names(&form, "mode")?,
         commission_bps: number("commission_bps")?,
         max_hosts: number("max_hosts")?,
+        max_cpus: match form.non_empty("max_cpus") {
+            None => None,
+            Some(_) => Some(number("max_cpus")?),
+        },
     };
     let _ = resell::create_agreement(State(ctl), caller, Ok(axum::Json(body))).await?;
     Ok(Redirect::to("/console/providers"))
@@ -125,7 +129,7 @@ async fn providers(State(ctl): State<Arc<Controller>>, signed: Signed, caller: C
             table #agreements {
                 thead { tr {
                     th { "Agreement" } th { "Provider" } th { "In force" } th { "From" } th { "Until" }
-                    th { "Kinds" } th { "Pricing" } th { "Commission" } th { "Most hosts" }
+                    th { "Kinds" } th { "Pricing" } th { "Commission" } th { "Most hosts" } th { "Most CPUs" }
                     @if admin { th {} }
                 } }
                 tbody { @for a in &agreements { tr data-agreement=(a.id) {
@@ -135,6 +139,7 @@ async fn providers(State(ctl): State<Arc<Controller>>, signed: Signed, caller: C
                     td { (names_of(&a.resource_kinds)) } td { (names_of(&a.pricing_modes)) }
                     td.num { (format!("{:.2}%", f64::from(a.commission_bps) / 100.0)) }
                     td.num { (a.max_hosts) }
+                    td.num { (a.max_cpus.map_or("no limit".to_owned(), |c| c.to_string())) }
                     @if admin { td { @if a.in_force(now) { (action(&signed, &format!("/console/agreements/{}/end", a.id), "End now", true)) } } }
                 } } }
             }
@@ -162,6 +167,7 @@ async fn providers(State(ctl): State<Arc<Controller>>, signed: Signed, caller: C
                         @for m in ["on_demand", "spot", "auction", "immediate", "reserved"] { label.check { input type="checkbox" name="mode" value=(m) checked[m == "on_demand"]; " " (m) } } }
                     label for="commission_bps" { "Commission, basis points (1500 is 15%)" } input #commission_bps name="commission_bps" value="1000" inputmode="numeric";
                     label for="max_hosts" { "Most hosts listed at once" } input #max_hosts name="max_hosts" value="10" inputmode="numeric";
+                    label for="max_cpus" { "Most CPU threads offered at once, as claimed (empty: no limit)" } input #max_cpus name="max_cpus" inputmode="numeric";
                     button type="submit" { "Make" }
                 }
             }

@@ -235,6 +235,7 @@ pub(crate) async fn create_agreement(
         pricing_modes: body.pricing_modes,
         commission_bps: body.commission_bps,
         max_hosts: body.max_hosts,
+        max_cpus: body.max_cpus,
         created_at_ms: now,
     };
     let problems = validate_agreement(&agreement);
@@ -535,7 +536,8 @@ pub(crate) async fn notifications(
 }
 
 /// Fills in what a listing shows that changes by the minute: its provider's average
-/// rating over the window and its hosts' measured uptime (the weakest host's).
+/// rating over the window, its hosts' measured uptime (the weakest host's) and their
+/// CPUs' utilisation over the window from metering.
 async fn decorate(ctl: &Controller, listings: &mut [Listing]) -> Result<(), ApiError> {
     if listings.is_empty() {
         return Ok(());
@@ -552,8 +554,40 @@ async fn decorate(ctl: &Controller, listings: &mut [Listing]) -> Result<(), ApiE
             .push(r.clone());
     }
     let mut uptime: std::collections::BTreeMap<uuid::Uuid, Option<f64>> = Default::default();
+    // Each host's metered (busy, total) CPU time over the window.
+    let mut cpu: std::collections::BTreeMap<uuid::Uuid, (i64, i64)> = Default::default();
     for l in listings.iter() {
         for h in &l.hosts {
+            if !cpu.contains_key(h) {
+                let rows = ctl
+                    .app
+                    .store
+                    .usage(&crate::store::UsageQuery {
+                        agent_id: Some(*h),
+                        subject: Some(surplus_protocol::usage::Subject::Host.as_str().to_owned()),
+                        account: None,
+                        owner_role: None,
+                        meter: None,
+                        from_ms: since,
+                        to_ms: now,
+                        bucket_ms: 86_400_000,
+                    })
+                    .await?;
+                let sum = |meter: &str| {
+                    rows.iter()
+                        .filter(|r| r.meter == meter)
+                        .filter_map(|r| r.total)
+                        .fold(0_i64, i64::saturating_add)
+                };
+                use surplus_protocol::usage::meters;
+                cpu.insert(
+                    *h,
+                    (
+                        sum(meters::HOST_CPU_BUSY_MS),
+                        sum(meters::HOST_CPU_TOTAL_MS),
+                    ),
+                );
+            }
             if !uptime.contains_key(h) {
                 let ratio = ctl.app.store.agent(*h).await?.and_then(|a| {
                     crate::registry::measured_uptime(
@@ -577,6 +611,14 @@ async fn decorate(ctl: &Controller, listings: &mut [Listing]) -> Result<(), ApiE
             .iter()
             .filter_map(|h| uptime.get(h).copied().flatten())
             .reduce(f64::min);
+        let (busy, total) = l
+            .hosts
+            .iter()
+            .filter_map(|h| cpu.get(h))
+            .fold((0_i64, 0_i64), |(b, t), (hb, ht)| {
+                (b.saturating_add(*hb), t.saturating_add(*ht))
+            });
+        l.utilisation = surplus_market::quality::utilisation(busy, total);
     }
     Ok(())
 }

@@ -124,9 +124,13 @@ pub enum AgreementsCommand {
         /// The marketplace's commission in basis points (1500 is 15%).
         #[arg(long)]
         commission_bps: u32,
-        /// Most hosts it may have listed at once.
+        /// Most hosts it may have offered at once.
         #[arg(long)]
         max_hosts: u32,
+        /// Most CPU threads it may have offered at once, as claimed (default: no
+        /// limit beyond --max-hosts).
+        #[arg(long)]
+        max_cpus: Option<u32>,
     },
     /// Agreements, newest first (yours, as a provider).
     List {
@@ -204,6 +208,7 @@ pub async fn run(client: &Client, json: bool, command: Command) -> anyhow::Resul
                 modes,
                 commission_bps,
                 max_hosts,
+                max_cpus,
             } => {
                 let start = from.map(SystemTime::from).unwrap_or_else(SystemTime::now);
                 let end = match (until, lasting) {
@@ -219,6 +224,7 @@ pub async fn run(client: &Client, json: bool, command: Command) -> anyhow::Resul
                     pricing_modes: modes.into_iter().collect(),
                     commission_bps,
                     max_hosts,
+                    max_cpus,
                 };
                 let a: Agreement = client.post("/v1/agreements", &body).await?;
                 print(json, &a, || show_agreements(std::slice::from_ref(&a)));
@@ -275,6 +281,7 @@ fn show_agreements(list: &[Agreement]) {
         "PRICING",
         "COMMISSION",
         "HOSTS",
+        "CPUS",
     ]);
     for a in list {
         t.add_row([
@@ -286,6 +293,7 @@ fn show_agreements(list: &[Agreement]) {
             names_of(&a.pricing_modes),
             format!("{:.2}%", f64::from(a.commission_bps) / 100.0),
             a.max_hosts.to_string(),
+            a.max_cpus.map_or("-".into(), |c| c.to_string()),
         ]);
     }
     println!("{t}");
