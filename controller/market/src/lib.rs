@@ -9,6 +9,7 @@
 //! - [`ledger`]: double-entry postings and the check every store applies them through.
 //! - [`billing`]: rating usage into invoice lines and postings.
 //! - [`acceptance`]: whether a host's validation results let it sell.
+//! - [`auction`]: English, Dutch and sealed auctions of capacity, as engines.
 //! - [`catalog`]: the size category a host's measurements put it in, and the rank
 //!   of listings a client is shown.
 //! - [`resell`]: a provider's resell request, its well-formedness field by field,
@@ -21,10 +22,14 @@
 //!   as a state machine the shell stores as a row and rebuilds.
 //! - [`quality`]: what a re-test does to a listing (kept, ranked lower, delisted,
 //!   relisted) with the provider's advisory, and clients' ratings.
+//! - [`quote`]: prices that are set, not bid: the immediate quote, fixed on-demand
+//!   and long-term terms.
+//! - [`spot`]: the spot market's uniform-price clearing per resource class.
 //! - [`usage`]: what a batch of usage records adds: new, duplicate or refused, and
 //!   each counter's delta.
 
 pub mod acceptance;
+pub mod auction;
 pub mod billing;
 pub mod catalog;
 pub mod ledger;
@@ -32,6 +37,8 @@ pub mod listings;
 pub mod outbox;
 pub mod pipeline;
 pub mod quality;
+pub mod quote;
 pub mod records;
 pub mod resell;
+pub mod spot;
 pub mod usage;
