@@ -71,6 +71,10 @@ async fn new_request(State(ctl): State<Arc<Controller>>, signed: Signed, caller:
     request_form(&ctl, &signed, &FormFields::default(), None).await
 }
 
+/// The most hosts the request form offers as boxes to tick (more are named in a
+/// pasted document).
+const HOSTS_SHOWN: u64 = 500;
+
 /// The form of a resell request: one resource set as fields, or a whole document
 /// (JSON or TOML) pasted in, for several sets and every FIG. 2 field.
 async fn request_form(
@@ -93,17 +97,27 @@ async fn request_form(
             .map_err(crate::http::ApiError::from)?,
         None => None,
     };
+    // The provider's own hosts (an admin: those of the provider it names), read a
+    // page at a time from the database rather than every agent with its inventory.
+    let filter = crate::store::AgentFilter {
+        provider: match me.role {
+            Role::Admin => provider.clone(),
+            _ => Some(me.account.clone()),
+        },
+        sort: crate::store::AgentSort::Hostname,
+        limit: Some(HOSTS_SHOWN),
+        ..Default::default()
+    };
     let hosts: Vec<_> = ctl
         .app
         .store
-        .agents()
+        .agent_page(&filter, ctl.app.clock.now_ms())
         .await
         .map_err(crate::http::ApiError::from)?
+        .agents
         .into_iter()
-        .filter(|a| {
-            a.revoked_at_ms.is_none()
-                && (me.role == Role::Admin || crate::billing::provider_of(&a.labels) == me.account)
-        })
+        .map(|l| l.agent)
+        .filter(|a| a.revoked_at_ms.is_none())
         .collect();
     let checked = f.all("host");
     let modes = f.all("mode");
