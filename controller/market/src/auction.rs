@@ -68,6 +68,9 @@ use serde::{Deserialize, Serialize};
 use surplus_protocol::clock::UnixMillis;
 use uuid::Uuid;
 
+pub use crate::Refusal;
+use crate::refuse;
+
 /// An amount of money in minor units (cents) of the listing's currency.
 pub type Price = u64;
 
@@ -256,24 +259,6 @@ pub struct PublicView {
     pub bids: Vec<PlacedBid>,
     /// Its outcome, once closed.
     pub outcome: Option<Outcome>,
-}
-
-/// An auction or a bid the engine refuses; it changed nothing.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{rule}: {message}")]
-pub struct Refusal {
-    /// The rule (`times`, `provider_minimum`, `increment`, `buy_now`, `schedule`,
-    /// `not_started`, `ended`, `duplicate_bid`, `bidder`, `reserve`, `price`).
-    pub rule: &'static str,
-    /// Why, with the numbers.
-    pub message: String,
-}
-
-fn refuse(rule: &'static str, message: impl Into<String>) -> Refusal {
-    Refusal {
-        rule,
-        message: message.into(),
-    }
 }
 
 /// One auction of one lot, from creation to its close.

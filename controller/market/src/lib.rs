@@ -10,8 +10,12 @@
 //! - [`billing`]: rating usage into invoice lines and postings.
 //! - [`acceptance`]: whether a host's validation results let it sell.
 //! - [`auction`]: English, Dutch and sealed auctions of capacity, as engines.
+//! - [`interrupt`]: which causes may interrupt which reservations (C6), notices and
+//!   their grace, a provider's reclaim, and the defaults a provider's goal picks (C7).
 //! - [`catalog`]: the size category a host's measurements put it in, and the rank
 //!   of listings a client is shown.
+//! - [`reservations`]: the book of reserved hosts: a host held by one reservation
+//!   at a time, release, interruption, expiry, who may control a host.
 //! - [`resell`]: a provider's resell request, its well-formedness field by field,
 //!   the preliminary criteria it must meet before its hosts are tested, and the
 //!   acceptance criteria its hosts' validation evidence is judged by.
@@ -32,6 +36,7 @@ pub mod acceptance;
 pub mod auction;
 pub mod billing;
 pub mod catalog;
+pub mod interrupt;
 pub mod ledger;
 pub mod listings;
 pub mod outbox;
@@ -40,5 +45,24 @@ pub mod quality;
 pub mod quote;
 pub mod records;
 pub mod resell;
+pub mod reservations;
 pub mod spot;
 pub mod usage;
+
+/// An input an engine of this crate refuses; it changed nothing. Each engine's module
+/// doc lists its rules.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{rule}: {message}")]
+pub struct Refusal {
+    /// The rule refused by, such as `sold_out` or `minimum`.
+    pub rule: &'static str,
+    /// Why, with the values.
+    pub message: String,
+}
+
+pub(crate) fn refuse(rule: &'static str, message: impl Into<String>) -> Refusal {
+    Refusal {
+        rule,
+        message: message.into(),
+    }
+}

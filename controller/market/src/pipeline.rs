@@ -15,6 +15,9 @@ use uuid::Uuid;
 
 use crate::resell::{Assessment, Unmet};
 
+pub use crate::Refusal;
+use crate::refuse;
+
 /// Where a request is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -97,23 +100,6 @@ pub enum Action {
         /// `accepted` or `rejected`.
         outcome: Stage,
     },
-}
-
-/// An input the pipeline cannot take now; it changed nothing.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{rule}: {message}")]
-pub struct Refusal {
-    /// The rule (`stage`, `unknown_host`, `run`, `already`).
-    pub rule: &'static str,
-    /// Why, with the values.
-    pub message: String,
-}
-
-fn refuse(rule: &'static str, message: impl Into<String>) -> Refusal {
-    Refusal {
-        rule,
-        message: message.into(),
-    }
 }
 
 /// One resell request's way through the pipeline.

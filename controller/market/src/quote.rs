@@ -23,25 +23,14 @@ use serde::{Deserialize, Serialize};
 use surplus_protocol::clock::UnixMillis;
 use uuid::Uuid;
 
+pub use crate::Refusal;
+use crate::refuse;
+
 /// Minor units of a currency (per host-hour where a rate).
 pub type Price = u64;
 
 /// How long a quote holds unless the shell says otherwise.
 pub const DEFAULT_VALIDITY_MS: i64 = 60_000;
-
-/// An input refused; nothing changed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{rule}: {message}")]
-pub struct Refusal {
-    /// The rule: `minimum`, `validity`, `expired`, `term`, `not_cheaper`.
-    pub rule: &'static str,
-    /// Why, with the numbers.
-    pub message: String,
-}
-
-fn refuse(rule: &'static str, message: String) -> Refusal {
-    Refusal { rule, message }
-}
 
 /// A price held for one listing for a short time.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

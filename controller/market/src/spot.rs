@@ -2,7 +2,7 @@
 //! quantity, cleared on a period and on demand at one uniform price.
 //!
 //! Owns: whether a bid may be made ([`check_bid`]), which bids a class's capacity goes
-//! to and the one price they all pay ([`clear`], with the naive [`reference`] that
+//! to and the one price they all pay ([`clear`], with the naive [`reference`](mod@reference) that
 //! gives the same answer), which allocations a clearing takes away
 //! ([`interruptions`]), and when the market clears ([`SpotMarket`]). Must not: read a
 //! clock, keep a timer, draw a random number or touch a store. Time is an argument;
@@ -106,6 +106,9 @@ use std::collections::{HashMap, HashSet};
 use serde::{Deserialize, Serialize};
 use surplus_protocol::clock::UnixMillis;
 use uuid::Uuid;
+
+pub use crate::Refusal;
+use crate::refuse;
 
 /// A price: minor units of the market's currency per unit-hour.
 pub type Price = u64;
@@ -235,24 +238,6 @@ pub struct Interruption {
     pub price: Option<Price>,
     /// The bid's maximum.
     pub max_price: Price,
-}
-
-/// A bid or a cancellation the market does not take; it changed nothing.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{rule}: {message}")]
-pub struct Refusal {
-    /// The rule (`unknown_class`, `quantity`, `minimum`, `all_or_nothing`,
-    /// `duplicate`, `unknown_bid`).
-    pub rule: &'static str,
-    /// Why, with the values.
-    pub message: String,
-}
-
-fn refuse(rule: &'static str, message: impl Into<String>) -> Refusal {
-    Refusal {
-        rule,
-        message: message.into(),
-    }
 }
 
 /// Whether `bid` may be made against `supply`, its class's supply (`None`, or a supply
