@@ -147,9 +147,87 @@ story!(snapshots_are_kept_per_volume_oldest_first);
 story!(providers_and_their_agreements_are_kept_and_ended_once);
 story!(a_resell_step_applies_once_over_the_version_it_read);
 story!(a_webhook_batch_takes_a_few_of_each_account_and_reads_keep_the_newest);
+story!(a_host_is_reserved_once_even_by_a_hundred_concurrent_requests);
 
 mod stories {
     use super::*;
+
+    pub async fn a_host_is_reserved_once_even_by_a_hundred_concurrent_requests(
+        _f: &Fixture,
+        s: Arc<dyn Store>,
+    ) {
+        use surplus_market::resell::{Goal, Interruptibility, PricingMode};
+        let hosts: Vec<Uuid> = (1..=10).map(Uuid::from_u128).collect();
+        let request = |n: u128, holder: &str| ReservationRequest {
+            ids: vec![Uuid::from_u128(1_000 + n)],
+            listing: "lst-1".into(),
+            holder: holder.into(),
+            mode: PricingMode::OnDemand,
+            interruptibility: Interruptibility::NoInterruptions,
+            goal: Goal::None,
+            price: 30,
+            upfront: 0,
+            term_ms: None,
+        };
+        // A hundred requests for one host each, at once, for ten hosts.
+        let attempts: Vec<_> = (0..100u128)
+            .map(|n| {
+                let (s, hosts, r) = (s.clone(), hosts.clone(), request(n, &format!("client-{n}")));
+                tokio::spawn(async move { s.reserve("lst-1", &hosts, r, 10).await.unwrap() })
+            })
+            .collect();
+        let (mut made, mut sold_out) = (Vec::new(), 0);
+        for a in attempts {
+            match a.await.unwrap() {
+                Ok(mut r) => made.append(&mut r),
+                Err(refusal) => {
+                    assert_eq!(refusal.rule, "sold_out", "{refusal}");
+                    sold_out += 1;
+                }
+            }
+        }
+        assert_eq!((made.len(), sold_out), (10, 90));
+        let held: std::collections::BTreeSet<Uuid> = made.iter().map(|r| r.host).collect();
+        assert_eq!(held.len(), 10, "no host twice: {made:?}");
+        let book = s.reservation_book("lst-1").await.unwrap();
+        assert_eq!(
+            book.reservations().count(),
+            10,
+            "nothing stored of the refused"
+        );
+
+        // Only its holder releases a reservation; the host is then free again.
+        let first = made[0].clone();
+        let refused = s
+            .release_reservation("lst-1", first.id, "someone-else", 20)
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(refused.rule, "not_holder");
+        let ended = s
+            .release_reservation("lst-1", first.id, &first.holder, 20)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(ended.at_ms, 20);
+        assert!(
+            s.release_reservation("lst-1", first.id, &first.holder, 21)
+                .await
+                .unwrap()
+                .is_err(),
+            "released once"
+        );
+        let stored = s.reservation(first.id).await.unwrap().unwrap();
+        assert!(!stored.holds_at(20) && stored.holds_at(19), "{stored:?}");
+        let again = s
+            .reserve("lst-1", &hosts, request(500, "late"), 30)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(again[0].host, first.host, "the released host, and only it");
+        assert_eq!(s.reservations_of("late").await.unwrap(), again);
+        assert!(s.reservations_of("nobody").await.unwrap().is_empty());
+    }
 
     pub async fn a_webhook_batch_takes_a_few_of_each_account_and_reads_keep_the_newest(
         _f: &Fixture,

@@ -602,7 +602,9 @@ pub struct Delivery {
     pub url: String,
 }
 
+pub use surplus_market::Refusal as MarketRefusal;
 pub use surplus_market::outbox::DeliveryAttempt;
+pub use surplus_market::reservations::{Book, Ended, Request as ReservationRequest, Reservation};
 
 /// What one step of the controller changes, applied in one transaction by
 /// [`LedgerStore::apply_changes`]: postings (each with the invoice lines it carries),
@@ -1213,6 +1215,44 @@ pub trait NoticeStore: Send + Sync + std::fmt::Debug + 'static {
     async fn attempts(&self, key: &str) -> Result<Vec<DeliveryAttempt>, StoreError>;
 }
 
+/// Reservations of listings' hosts (issue 16). Each change reads the listing's
+/// reservations, asks `surplus_market::reservations::Book`, and writes what it decided,
+/// in one transaction that no other change of the same listing interleaves with (SQLite:
+/// the one write lock; PostgreSQL: an advisory lock per listing), so of many concurrent
+/// requests for the last hosts exactly as many succeed as there were hosts.
+#[async_trait]
+pub trait ReservationStore: Send + Sync + std::fmt::Debug + 'static {
+    /// Reserves hosts of `listing` among `available` (its hosts on offer) for
+    /// `request` at `now_ms` (`Book::handle_reserve`); the book's refusal (such as
+    /// `sold_out`) comes back as the inner error, with nothing stored.
+    async fn reserve(
+        &self,
+        listing: &str,
+        available: &[Uuid],
+        request: ReservationRequest,
+        now_ms: UnixMillis,
+    ) -> Result<Result<Vec<Reservation>, MarketRefusal>, StoreError>;
+
+    /// Releases reservation `id` of `listing` by `by` at `now_ms`
+    /// (`Book::handle_release`); the book's refusal comes back as the inner error.
+    async fn release_reservation(
+        &self,
+        listing: &str,
+        id: Uuid,
+        by: &str,
+        now_ms: UnixMillis,
+    ) -> Result<Result<Ended, MarketRefusal>, StoreError>;
+
+    /// One reservation.
+    async fn reservation(&self, id: Uuid) -> Result<Option<Reservation>, StoreError>;
+
+    /// A listing's reservations as the book they make.
+    async fn reservation_book(&self, listing: &str) -> Result<Book, StoreError>;
+
+    /// A client's reservations, newest first.
+    async fn reservations_of(&self, holder: &str) -> Result<Vec<Reservation>, StoreError>;
+}
+
 /// The storage contract: every capability's store, on one backend.
 pub trait Store:
     RegistryStore
@@ -1223,6 +1263,7 @@ pub trait Store:
     + LedgerStore
     + ResellStore
     + NoticeStore
+    + ReservationStore
 {
 }
 
@@ -1235,5 +1276,6 @@ impl<T> Store for T where
         + LedgerStore
         + ResellStore
         + NoticeStore
+        + ReservationStore
 {
 }

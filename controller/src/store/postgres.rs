@@ -163,6 +163,9 @@ impl PgStore {
             Lock::Usage(agent) => {
                 sqlx::query("SELECT pg_advisory_xact_lock(7173, hashtext($1))").bind(agent)
             }
+            Lock::Listing(listing) => {
+                sqlx::query("SELECT pg_advisory_xact_lock(7174, hashtext($1))").bind(listing)
+            }
         };
         query.execute(conn).await?;
         Ok(())

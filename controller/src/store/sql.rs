@@ -43,6 +43,8 @@ pub(super) enum Lock<'a> {
     Billing,
     /// Usage ingest of one agent: its stored keys and counter cursors.
     Usage(&'a str),
+    /// A change of one listing's reservations: the book read and written.
+    Listing(&'a str),
 }
 
 pub(super) fn parse_uuid(s: &str) -> Result<Uuid, StoreError> {
@@ -2129,6 +2131,101 @@ macro_rules! sql_stores {
                     })
                     .collect()
             }
+        }
+
+        #[async_trait]
+        impl ReservationStore for $store {
+            async fn reserve(
+                &self,
+                listing: &str,
+                available: &[Uuid],
+                request: ReservationRequest,
+                now_ms: UnixMillis,
+            ) -> Result<Result<Vec<Reservation>, MarketRefusal>, StoreError> {
+                let mut tx = self.write_tx().await?;
+                $store::lock(&mut tx, Lock::Listing(listing)).await?;
+                let mut book = read_book(&mut tx, listing).await?;
+                let made = match book.handle_reserve(now_ms, request, available) {
+                    Ok(made) => made,
+                    Err(refusal) => return Ok(Err(refusal)),
+                };
+                for r in &made {
+                    sqlx::query("INSERT INTO reservations (id, listing, host, holder, record, starts_at_ms, until_ms, updated_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)")
+                        .bind(r.id.to_string())
+                        .bind(&r.listing)
+                        .bind(r.host.to_string())
+                        .bind(&r.holder)
+                        .bind(json_text(r))
+                        .bind(r.starts_at_ms)
+                        .bind(r.end_ms())
+                        .bind(now_ms)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                tx.commit().await?;
+                Ok(Ok(made))
+            }
+
+            async fn release_reservation(
+                &self,
+                listing: &str,
+                id: Uuid,
+                by: &str,
+                now_ms: UnixMillis,
+            ) -> Result<Result<Ended, MarketRefusal>, StoreError> {
+                let mut tx = self.write_tx().await?;
+                $store::lock(&mut tx, Lock::Listing(listing)).await?;
+                let mut book = read_book(&mut tx, listing).await?;
+                let ended = match book.handle_release(now_ms, id, by) {
+                    Ok(ended) => ended,
+                    Err(refusal) => return Ok(Err(refusal)),
+                };
+                let r = book.get(id).expect("the book released it");
+                sqlx::query("UPDATE reservations SET record = $1, until_ms = $2, updated_at_ms = $3 WHERE id = $4")
+                    .bind(json_text(r))
+                    .bind(r.end_ms())
+                    .bind(now_ms)
+                    .bind(id.to_string())
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(Ok(ended))
+            }
+
+            async fn reservation(&self, id: Uuid) -> Result<Option<Reservation>, StoreError> {
+                let record: Option<String> = sqlx::query_scalar("SELECT record FROM reservations WHERE id = $1")
+                    .bind(id.to_string())
+                    .fetch_optional(self.reader())
+                    .await?;
+                record.map(|r| parse_json(&r, "reservation")).transpose()
+            }
+
+            async fn reservation_book(&self, listing: &str) -> Result<Book, StoreError> {
+                let mut conn = self.reader().acquire().await?;
+                read_book(&mut conn, listing).await
+            }
+
+            async fn reservations_of(&self, holder: &str) -> Result<Vec<Reservation>, StoreError> {
+                let records: Vec<String> = sqlx::query_scalar("SELECT record FROM reservations WHERE holder = $1 ORDER BY starts_at_ms DESC, id DESC")
+                    .bind(holder)
+                    .fetch_all(self.reader())
+                    .await?;
+                records.iter().map(|r| parse_json(r, "reservation")).collect()
+            }
+        }
+
+        /// A listing's reservations as a book, read on `conn` (inside the writing
+        /// transaction, after its lock, for a change).
+        async fn read_book(conn: &mut $conn, listing: &str) -> Result<Book, StoreError> {
+            let records: Vec<String> = sqlx::query_scalar("SELECT record FROM reservations WHERE listing = $1")
+                .bind(listing)
+                .fetch_all(&mut *conn)
+                .await?;
+            let rows = records
+                .iter()
+                .map(|r| parse_json::<Reservation>(r, "reservation"))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Book::from_rows(rows))
         }
 
         #[async_trait]
