@@ -148,9 +148,79 @@ story!(providers_and_their_agreements_are_kept_and_ended_once);
 story!(a_resell_step_applies_once_over_the_version_it_read);
 story!(a_webhook_batch_takes_a_few_of_each_account_and_reads_keep_the_newest);
 story!(a_host_is_reserved_once_even_by_a_hundred_concurrent_requests);
+story!(prices_are_kept_once_and_answered_by_the_question);
 
 mod stories {
     use super::*;
+
+    pub async fn prices_are_kept_once_and_answered_by_the_question(
+        _f: &Fixture,
+        s: Arc<dyn Store>,
+    ) {
+        use surplus_market::history::PriceKind;
+        let point = |id: &str, kind, zone: &str, currency: &str, price, at_ms| PricePoint {
+            id: id.into(),
+            kind,
+            listing: "lst-1".into(),
+            provider: "bob".into(),
+            zone: zone.into(),
+            category: "medium".into(),
+            currency: currency.into(),
+            price,
+            at_ms,
+        };
+        let points = [
+            point("c-2", PriceKind::Spot, "z1", "EUR", 25, 20),
+            point("c-1", PriceKind::Spot, "z1", "EUR", 20, 10),
+            point("a-1", PriceKind::Auction, "z2", "EUR", 40, 15),
+            point("q-1", PriceKind::Quote, "z1", "USD", 35, 30),
+        ];
+        for p in &points {
+            assert!(s.record_price(p).await.unwrap());
+        }
+        assert!(!s.record_price(&points[0]).await.unwrap(), "kept once");
+        let ask = |q: &[(&str, &str)]| {
+            let pairs: Vec<(String, String)> = q
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect();
+            HistoryQuery::parse(&pairs).unwrap()
+        };
+        let ids = |ps: Vec<PricePoint>| ps.into_iter().map(|p| p.id).collect::<Vec<_>>();
+        assert_eq!(
+            ids(s.price_history(&ask(&[]), 100).await.unwrap()),
+            ["c-1", "a-1", "c-2", "q-1"],
+            "oldest first"
+        );
+        assert_eq!(
+            ids(s
+                .price_history(&ask(&[("kind", "spot")]), 100)
+                .await
+                .unwrap()),
+            ["c-1", "c-2"]
+        );
+        assert_eq!(
+            ids(s
+                .price_history(&ask(&[("currency", "eur"), ("zone", "z1")]), 100)
+                .await
+                .unwrap()),
+            ["c-1", "c-2"]
+        );
+        assert_eq!(
+            ids(s
+                .price_history(&ask(&[("from", "15"), ("to", "30")]), 100)
+                .await
+                .unwrap()),
+            ["a-1", "c-2"],
+            "from inclusive, to exclusive"
+        );
+        assert_eq!(s.price_history(&ask(&[]), 2).await.unwrap().len(), 2);
+        let stored = s
+            .price_history(&ask(&[("kind", "quote")]), 100)
+            .await
+            .unwrap();
+        assert_eq!(stored, [points[3].clone()], "stored as given");
+    }
 
     pub async fn a_host_is_reserved_once_even_by_a_hundred_concurrent_requests(
         _f: &Fixture,

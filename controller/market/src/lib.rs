@@ -10,6 +10,8 @@
 //! - [`billing`]: rating usage into invoice lines and postings.
 //! - [`acceptance`]: whether a host's validation results let it sell.
 //! - [`auction`]: English, Dutch and sealed auctions of capacity, as engines.
+//! - [`history`]: pricing history: filters, chart buckets, and the range of winning
+//!   prices shown beside a bid form.
 //! - [`interrupt`]: which causes may interrupt which reservations (C6), notices and
 //!   their grace, a provider's reclaim, and the defaults a provider's goal picks (C7).
 //! - [`catalog`]: the size category a host's measurements put it in, and the rank
@@ -36,6 +38,7 @@ pub mod acceptance;
 pub mod auction;
 pub mod billing;
 pub mod catalog;
+pub mod history;
 pub mod interrupt;
 pub mod ledger;
 pub mod listings;

@@ -240,76 +240,90 @@ pub(crate) fn compat_rank(level: CompatLevel) -> u8 {
     }
 }
 
+/// Reads query pairs against `filters`, the parameters of a search of `what`: a
+/// parameter not among them, or one given twice, is a problem named by it; every other
+/// pair goes to `read` with its value trimmed, which answers what is wrong with the
+/// value. Every problem, in order.
+pub(crate) fn read_filters(
+    pairs: &[(String, String)],
+    filters: &[&str],
+    what: &str,
+    mut read: impl FnMut(&str, &str) -> Result<(), String>,
+) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    let mut seen = BTreeSet::new();
+    for (key, value) in pairs {
+        let problem = if !filters.contains(&key.as_str()) {
+            Err(format!(
+                "{key} is not a filter of {what} ({})",
+                filters.join(", ")
+            ))
+        } else if !seen.insert(key.as_str()) {
+            Err(format!("{key} is given twice"))
+        } else {
+            read(key, value.trim())
+        };
+        if let Err(message) = problem {
+            errors.push(FieldError {
+                field: key.clone(),
+                message,
+            });
+        }
+    }
+    errors
+}
+
 impl ListingQuery {
     /// Reads a search from its query pairs; every problem is named by its parameter: a
     /// parameter not in [`FILTERS`], one given twice, a value that is not one of the
     /// parameter's.
     pub fn parse(pairs: &[(String, String)]) -> Result<Self, Vec<FieldError>> {
         let mut q = ListingQuery::default();
-        let mut errors = Vec::new();
-        let mut seen = BTreeSet::new();
-        for (key, value) in pairs {
-            let mut bad = |message: String| {
-                errors.push(FieldError {
-                    field: key.clone(),
-                    message,
-                })
-            };
-            if !FILTERS.contains(&key.as_str()) {
-                bad(format!(
-                    "{key} is not a filter of listings ({})",
-                    FILTERS.join(", ")
-                ));
-                continue;
-            }
-            if !seen.insert(key.as_str()) {
-                bad(format!("{key} is given twice"));
-                continue;
-            }
-            let value = value.trim();
-            let not = |what: &str| format!("{value:?} is not {what}");
-            match key.as_str() {
+        let errors = read_filters(pairs, &FILTERS, "listings", |key, value| {
+            let not = |what: &str| Err(format!("{value:?} is not {what}"));
+            match key {
                 "kind" => match from_name(value) {
                     Some(k) => q.kind = Some(k),
-                    None => bad(not("compute, storage or bandwidth")),
+                    None => return not("compute, storage or bandwidth"),
                 },
                 "category" => q.category = Some(value.to_owned()),
                 "zone" => q.zone = Some(value.to_owned()),
                 "provider" => q.provider = Some(value.to_owned()),
                 "pricing_mode" => match from_name(value) {
                     Some(m) => q.pricing_mode = Some(m),
-                    None => bad(not("spot, auction, immediate, on_demand or reserved")),
+                    None => return not("spot, auction, immediate, on_demand or reserved"),
                 },
                 "interruptibility" => match from_name(value) {
                     Some(i) => q.interruptibility = Some(i),
-                    None => bad(not(
-                        "dont_care, price_based, fulfilment_based or no_interruptions",
-                    )),
+                    None => {
+                        return not("dont_care, price_based, fulfilment_based or no_interruptions");
+                    }
                 },
                 "compat" => match from_name(value) {
                     Some(c) => q.compat = Some(c),
-                    None => bad(not("fully, highly, somewhat or incompatible")),
+                    None => return not("fully, highly, somewhat or incompatible"),
                 },
                 "min_rating" => match value.parse::<f64>() {
                     Ok(r) if (1.0..=5.0).contains(&r) => q.min_rating = Some(r),
-                    _ => bad(not("a rating from 1 to 5")),
+                    _ => return not("a rating from 1 to 5"),
                 },
                 "min_score" => match value.parse::<f64>() {
                     Ok(s) if s.is_finite() && s >= 0.0 => q.min_score = Some(s),
-                    _ => bad(not("a score of at least 0")),
+                    _ => return not("a score of at least 0"),
                 },
                 "currency" => q.currency = Some(value.to_ascii_uppercase()),
                 "max_price" => match value.parse::<u64>() {
                     Ok(p) => q.max_price = Some(p),
-                    _ => bad(not("a price in minor units")),
+                    _ => return not("a price in minor units"),
                 },
                 "sort" => match from_name(value) {
                     Some(s) => q.sort = s,
-                    None => bad(not("rank, price, score or rating")),
+                    None => return not("rank, price, score or rating"),
                 },
                 _ => unreachable!("every filter has a branch"),
             }
-        }
+            Ok(())
+        });
         if errors.is_empty() {
             Ok(q)
         } else {

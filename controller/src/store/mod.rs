@@ -603,6 +603,7 @@ pub struct Delivery {
 }
 
 pub use surplus_market::Refusal as MarketRefusal;
+pub use surplus_market::history::{HistoryQuery, PricePoint};
 pub use surplus_market::outbox::DeliveryAttempt;
 pub use surplus_market::reservations::{Book, Ended, Request as ReservationRequest, Reservation};
 
@@ -1253,6 +1254,20 @@ pub trait ReservationStore: Send + Sync + std::fmt::Debug + 'static {
     async fn reservations_of(&self, holder: &str) -> Result<Vec<Reservation>, StoreError>;
 }
 
+/// The pricing history (issue 16): what capacity sold for.
+#[async_trait]
+pub trait PriceHistoryStore: Send + Sync + std::fmt::Debug + 'static {
+    /// Records a price once (`false`: a point with its id was recorded already).
+    async fn record_price(&self, point: &PricePoint) -> Result<bool, StoreError>;
+
+    /// The points `query` asks for, oldest first (then by id), at most `limit`.
+    async fn price_history(
+        &self,
+        query: &HistoryQuery,
+        limit: u32,
+    ) -> Result<Vec<PricePoint>, StoreError>;
+}
+
 /// The storage contract: every capability's store, on one backend.
 pub trait Store:
     RegistryStore
@@ -1264,6 +1279,7 @@ pub trait Store:
     + ResellStore
     + NoticeStore
     + ReservationStore
+    + PriceHistoryStore
 {
 }
 
@@ -1277,5 +1293,6 @@ impl<T> Store for T where
         + ResellStore
         + NoticeStore
         + ReservationStore
+        + PriceHistoryStore
 {
 }

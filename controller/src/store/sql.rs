@@ -2214,6 +2214,59 @@ macro_rules! sql_stores {
             }
         }
 
+        #[async_trait]
+        impl PriceHistoryStore for $store {
+            async fn record_price(&self, p: &PricePoint) -> Result<bool, StoreError> {
+                Ok(sqlx::query("INSERT INTO price_history (id, kind, listing, provider, zone, category, currency, price, at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (id) DO NOTHING")
+                    .bind(&p.id)
+                    .bind(surplus_market::records::name_of(&p.kind))
+                    .bind(&p.listing)
+                    .bind(&p.provider)
+                    .bind(&p.zone)
+                    .bind(&p.category)
+                    .bind(&p.currency)
+                    .bind(i64::try_from(p.price).map_err(|_| StoreError::Corrupt(format!("price {} out of range", p.price)))?)
+                    .bind(p.at_ms)
+                    .execute(self.writer())
+                    .await?
+                    .rows_affected()
+                    > 0)
+            }
+
+            async fn price_history(&self, q: &HistoryQuery, limit: u32) -> Result<Vec<PricePoint>, StoreError> {
+                // Every filter is a bound parameter; an absent one matches everything.
+                let rows = sqlx::query("SELECT id, kind, listing, provider, zone, category, currency, price, at_ms FROM price_history WHERE ($1 IS NULL OR kind = $1) AND ($2 IS NULL OR category = $2) AND ($3 IS NULL OR provider = $3) AND ($4 IS NULL OR zone = $4) AND ($5 IS NULL OR currency = $5) AND ($6 IS NULL OR at_ms >= $6) AND ($7 IS NULL OR at_ms < $7) ORDER BY at_ms, id LIMIT $8")
+                    .bind(q.kind.map(|k| surplus_market::records::name_of(&k)))
+                    .bind(q.category.as_deref())
+                    .bind(q.provider.as_deref())
+                    .bind(q.zone.as_deref())
+                    .bind(q.currency.as_deref())
+                    .bind(q.from_ms)
+                    .bind(q.to_ms)
+                    .bind(i64::from(limit))
+                    .fetch_all(self.reader())
+                    .await?;
+                rows.iter()
+                    .map(|r| {
+                        let kind: String = r.try_get("kind")?;
+                        let price: i64 = r.try_get("price")?;
+                        Ok(PricePoint {
+                            id: r.try_get("id")?,
+                            kind: surplus_market::records::from_name(&kind)
+                                .ok_or_else(|| StoreError::Corrupt(format!("price kind {kind:?}")))?,
+                            listing: r.try_get("listing")?,
+                            provider: r.try_get("provider")?,
+                            zone: r.try_get("zone")?,
+                            category: r.try_get("category")?,
+                            currency: r.try_get("currency")?,
+                            price: u64::try_from(price).map_err(|_| StoreError::Corrupt(format!("price {price}")))?,
+                            at_ms: r.try_get("at_ms")?,
+                        })
+                    })
+                    .collect()
+            }
+        }
+
         /// A listing's reservations as a book, read on `conn` (inside the writing
         /// transaction, after its lock, for a change).
         async fn read_book(conn: &mut $conn, listing: &str) -> Result<Book, StoreError> {
