@@ -440,8 +440,13 @@ async fn serve_controller_stream(mut send: SendStream, mut recv: RecvStream, ser
             } else {
                 tracing::info!(kind = %n.kind, key = %n.key, details = %n.body_json, "the marketplace says about this host");
             }
-            match record_notice(&notices, &n) {
-                Ok(()) => Message::HostNoticeAck(HostNoticeAck { key: n.key }),
+            // An append with fsync: off the runtime's threads.
+            let key = n.key.clone();
+            match tokio::task::spawn_blocking(move || record_notice(&notices, &n)).await {
+                Ok(Ok(())) => Message::HostNoticeAck(HostNoticeAck { key }),
+                Ok(Err(e)) => {
+                    Message::error(ErrorCode::Internal, format!("notice not recorded: {e}"))
+                }
                 Err(e) => Message::error(ErrorCode::Internal, format!("notice not recorded: {e}")),
             }
         }

@@ -451,6 +451,29 @@ pub fn free_tcp_port() -> u16 {
 
 /// A workspace binary (`surplus`, `surplus-agent`, ...) from `target/<profile>`, next to
 /// the test's own `deps/` directory. `cargo test --workspace` builds them first.
+/// Runs `surplus-controller init` on the data directory `data` (on the PostgreSQL
+/// database `database_url`, else SQLite) and returns the admin API token it prints once.
+pub fn init_controller(data: &Path, database_url: Option<&str>) -> String {
+    let mut init = std::process::Command::new(bin("surplus-controller"));
+    init.arg("--data-dir")
+        .arg(data)
+        .args(["init", "--server-name", "localhost"]);
+    if let Some(url) = database_url {
+        init.args(["--database-url", url]);
+    }
+    let out = init.output().expect("running surplus-controller init");
+    assert!(
+        out.status.success(),
+        "surplus-controller init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("admin API token (shown once, stored hashed): "))
+        .expect("admin token printed")
+        .to_owned()
+}
+
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe

@@ -178,24 +178,7 @@ async fn usage_survives_controller_and_agent_crashes_exactly_once(database_url: 
         ("SURPLUS_CONTROLLER_HEARTBEAT_INTERVAL", "500ms".into()),
         ("SURPLUS_CONTROLLER_IDLE_TIMEOUT", "3s".into()),
     ];
-    let mut init = Command::new(bin("surplus-controller"));
-    init.arg("--data-dir")
-        .arg(&data)
-        .args(["init", "--server-name", "localhost"]);
-    if let Some(url) = &database_url {
-        init.args(["--database-url", url]);
-    }
-    let out = init.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let admin = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix("admin API token (shown once, stored hashed): "))
-        .expect("admin token printed")
-        .to_owned();
+    let admin = surplus_tests::init_controller(&data, database_url.as_deref());
     let s = Setup {
         url: format!("http://127.0.0.1:{http}"),
         root,

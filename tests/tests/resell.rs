@@ -428,15 +428,28 @@ async fn a_provider_resells_this_host_and_learns_why_other_requests_were_refused
     );
     assert_eq!(l["hosts"], json!([good.id]));
     assert_eq!(l["score"].as_f64(), Some(measured.score));
-    let (status, detail) = tc
-        .api_as(
-            &alice,
-            Method::GET,
-            &format!("/v1/listings/{}", l["id"].as_str().unwrap()),
-            None,
-        )
-        .await;
-    assert_eq!(status, 200, "{detail}");
+    // The listing's page: its host's evidence, and how busy its CPUs were from the
+    // host's metering (which arrives within a few seconds).
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let (detail, utilisation) = loop {
+        let (status, detail) = tc
+            .api_as(
+                &alice,
+                Method::GET,
+                &format!("/v1/listings/{}", l["id"].as_str().unwrap()),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{detail}");
+        if let Some(u) = detail["listing"]["utilisation"].as_f64() {
+            break (detail, u);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no utilisation from the host's metering: {detail:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     let criteria = detail["evidence"][0]["assessment"]["criteria"]
         .as_array()
         .unwrap();
@@ -446,26 +459,6 @@ async fn a_provider_resells_this_host_and_learns_why_other_requests_were_refused
             .any(|c| c["field"] == "system.threads" && c["passed"] == true),
         "{detail:#}"
     );
-    // The listing shows how busy its host's CPUs were, from the host's metering.
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    let utilisation = loop {
-        let (_, detail) = tc
-            .api_as(
-                &alice,
-                Method::GET,
-                &format!("/v1/listings/{}", l["id"].as_str().unwrap()),
-                None,
-            )
-            .await;
-        if let Some(u) = detail["listing"]["utilisation"].as_f64() {
-            break u;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no utilisation from the host's metering: {detail:#}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
     assert!((0.0..=1.0).contains(&utilisation), "{utilisation}");
     // A filter the server does not understand is named, never ignored.
     let (status, body) = tc
@@ -814,28 +807,7 @@ async fn a_controller_killed_mid_pipeline_resumes_the_request_and_finishes_it_on
     let database = surplus_tests::postgres::fresh_database().await;
     let root = tempfile::tempdir().unwrap();
     let data = root.path().join("controller");
-    let out = Command::new(bin("surplus-controller"))
-        .arg("--data-dir")
-        .arg(&data)
-        .args([
-            "init",
-            "--server-name",
-            "localhost",
-            "--database-url",
-            &database,
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "init: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let admin = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix("admin API token (shown once, stored hashed): "))
-        .expect("admin token printed")
-        .to_owned();
+    let admin = surplus_tests::init_controller(&data, Some(&database));
     let mut file = std::fs::OpenOptions::new()
         .append(true)
         .open(data.join("controller.toml"))
