@@ -208,7 +208,7 @@ pub struct Charge {
 }
 
 /// `rate * numerator / denominator`, rounded half up.
-fn prorate(rate: i64, numerator: u128, denominator: u128) -> i64 {
+pub(crate) fn prorate(rate: i64, numerator: u128, denominator: u128) -> i64 {
     let rate = u128::try_from(rate.max(0)).unwrap_or(0);
     let exact = rate * numerator;
     let amount = (exact + denominator / 2) / denominator;

@@ -23,6 +23,9 @@
 //!   acceptance criteria its hosts' validation evidence is judged by.
 //! - [`listings`]: what an accepted host is offered as, a search's filters (an
 //!   unknown one refused by name) and the order of its results.
+//! - [`offers`]: what a client searching for capacity is shown: each listing's price
+//!   in every mode it sells, how long it holds, and the order of the client's
+//!   criterion.
 //! - [`outbox`]: when a notice whose webhook delivery failed is tried again.
 //! - [`pipeline`]: one resell request's way from submission to listed or rejected,
 //!   as a state machine the shell stores as a row and rebuilds.
@@ -42,6 +45,7 @@ pub mod history;
 pub mod interrupt;
 pub mod ledger;
 pub mod listings;
+pub mod offers;
 pub mod outbox;
 pub mod pipeline;
 pub mod quality;

@@ -38,9 +38,9 @@
 //!    not at all. It gets the lowest free host ids, in ascending order, paired with its
 //!    ids in the order given. Each reservation starts at `now`; with a term it ends at
 //!    `now + term_ms`. Price, upfront fee, pricing mode and interruptibility are
-//!    recorded as given, per host. The shell applies the result with a conditional
-//!    insert (no row of the host may end after `now`), so of 100 concurrent requests
-//!    for 10 free hosts exactly 10 succeed; the losers read the book again and get
+//!    recorded as given, per host. The shell reads the book and applies the result in
+//!    one transaction under the listing's lock, so of 100 concurrent requests for 10
+//!    free hosts exactly 10 succeed; the losers read the book after them and get
 //!    `sold_out`.
 //! 2. **Release** ([`Book::handle_release`]), only by the holder: refused for an unknown
 //!    id (`unknown`); for anyone but the holder (`not_holder`, checked before anything
@@ -72,7 +72,11 @@
 //! 6. **End and billing.** Every ending comes out as an [`Ended`] naming the host and
 //!    the holder: the shell stops and terminates the holder's instances there through
 //!    the control path. Billing covers [`Reservation::billing_window`], from the start
-//!    to the end (to `now` while it holds): it stops at the instant of the end.
+//!    to the end (to `now` while it holds): it stops at the instant of the end. A
+//!    period is charged ([`Reservation::charge`]) the hourly price for the part of it
+//!    within that window, in proportion, rounded half up to a minor unit: a host held
+//!    is paid for whether or not anything runs on it, and once however many
+//!    instances do (they carry no price plan of their own).
 //!
 //! # A host that fails is not an interruption
 //!
@@ -97,6 +101,9 @@ use surplus_protocol::clock::UnixMillis;
 use uuid::Uuid;
 
 use crate::quote::{Price, Term};
+
+/// An hour, the unit of a reservation's price.
+const HOUR_MS: i64 = 3_600_000;
 use crate::resell::{Goal, Interruptibility, PricingMode};
 use crate::spot::InterruptReason;
 
@@ -217,6 +224,33 @@ impl Reservation {
     pub fn billing_window(&self, now_ms: UnixMillis) -> (UnixMillis, UnixMillis) {
         let end = self.end_ms().map_or(now_ms, |end| end.min(now_ms));
         (self.starts_at_ms, end.max(self.starts_at_ms))
+    }
+
+    /// What it owes for the period `[from_ms, to_ms)` as of `now_ms` (rule 6): its
+    /// hourly price for the part of the period within its billing window, rounded
+    /// half up to a minor unit; `None` when it held the host for none of it or owes
+    /// nothing. A host held is charged whether or not anything runs on it, once
+    /// however many instances do.
+    pub fn charge(
+        &self,
+        from_ms: UnixMillis,
+        to_ms: UnixMillis,
+        now_ms: UnixMillis,
+    ) -> Option<crate::billing::Charge> {
+        let (start, end) = self.billing_window(now_ms);
+        let held = end.min(to_ms).saturating_sub(start.max(from_ms));
+        if held <= 0 {
+            return None;
+        }
+        let rate = i64::try_from(self.price).unwrap_or(i64::MAX);
+        let amount = crate::billing::prorate(rate, held as u128, HOUR_MS as u128);
+        (amount > 0).then(|| crate::billing::Charge {
+            meter: "host_hours".into(),
+            quantity: held as f64 / HOUR_MS as f64,
+            unit: "host-hour".into(),
+            rate,
+            amount,
+        })
     }
 
     fn ended(&self, at_ms: UnixMillis, why: EndReason) -> Ended {
@@ -581,6 +615,68 @@ mod tests {
             price: 30,
             upfront: 0,
             term_ms: term,
+        }
+    }
+
+    /// Each case: (rule it pins, reservation's start, its end if any, period, now,
+    /// the amount owed at 30 an hour).
+    #[test]
+    fn a_period_is_charged_the_part_of_it_the_host_was_held() {
+        type Case = (&'static str, i64, Option<i64>, (i64, i64), i64, Option<i64>);
+        const H: i64 = HOUR_MS;
+        let cases: [Case; 7] = [
+            ("the whole hour held", 0, None, (0, H), 2 * H, Some(30)),
+            ("started half way", H / 2, None, (0, H), 2 * H, Some(15)),
+            ("ended a third in", 0, Some(H / 3), (0, H), 2 * H, Some(10)),
+            (
+                "not yet held: before the start",
+                H,
+                None,
+                (0, H),
+                2 * H,
+                None,
+            ),
+            (
+                "ended before the period",
+                0,
+                Some(H),
+                (H, 2 * H),
+                3 * H,
+                None,
+            ),
+            (
+                "only to now while it holds",
+                0,
+                None,
+                (0, H),
+                H / 2,
+                Some(15),
+            ),
+            (
+                "a second, rounded half up to a minor unit",
+                0,
+                Some(1_000),
+                (0, H),
+                H,
+                None,
+            ),
+        ];
+        for (rule, start, end, (from, to), now, owed) in cases {
+            let mut r = Book::default()
+                .handle_reserve(
+                    start,
+                    request(vec![id(1)], "alice", NoInterruptions, None),
+                    &[id(9)],
+                )
+                .unwrap()
+                .remove(0);
+            if let Some(end) = end {
+                r.state = State::Ended {
+                    at_ms: end,
+                    why: EndReason::Released,
+                };
+            }
+            assert_eq!(r.charge(from, to, now).map(|c| c.amount), owed, "{rule}");
         }
     }
 
