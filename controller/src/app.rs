@@ -56,6 +56,8 @@ pub struct Controller {
     pub metering: Metering,
     /// Resell requests and their pipelines.
     pub resell: crate::resell::Resell,
+    /// Offers, quotes and reservations: the buying side.
+    pub market: crate::market::Market,
     /// Signed-in browsers of the web console.
     pub console: crate::console::Sessions,
 }
@@ -86,6 +88,7 @@ impl Controller {
             validation: validation.clone(),
             resell: crate::resell::Resell::new(app.clone(), validation),
             control: Control::new(app.clone()),
+            market: crate::market::Market::new(app.clone()),
             metering: Metering::new(app.clone()),
             console: crate::console::Sessions::default(),
             app,

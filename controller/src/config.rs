@@ -104,6 +104,8 @@ pub struct ControllerConfig {
     pub prepaid_minimum: i64,
     /// The resell pipeline: how hosts are validated and judged.
     pub resell: ResellConfig,
+    /// The market's timers and prices (`[market]`).
+    pub market: MarketConfig,
     /// Webhooks may be on loopback, private and link-local addresses (off: only public
     /// ones, so that an account cannot make the controller call its own network).
     pub webhook_allow_private: bool,
@@ -148,6 +150,7 @@ impl Default for ControllerConfig {
             adjustment_window: Duration::from_secs(30 * 86_400),
             prepaid_minimum: 0,
             resell: ResellConfig::default(),
+            market: MarketConfig::default(),
             webhook_allow_private: false,
             max_frame_size: surplus_protocol::DEFAULT_MAX_FRAME,
             log_format: LogFormat::Human,
@@ -206,6 +209,43 @@ impl Default for ResellConfig {
                 .into_iter()
                 .collect(),
             rating_window: Duration::from_secs(90 * 86_400),
+        }
+    }
+}
+
+/// The market's timers and prices (`[market]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MarketConfig {
+    /// How often reservation terms that ended are recorded and the instances of
+    /// reservations that ended are stopped.
+    #[serde(with = "humantime_serde")]
+    pub tick: Duration,
+    /// How long an immediate quote holds.
+    #[serde(with = "humantime_serde")]
+    pub quote_validity: Duration,
+    /// How far back the guidance beside a bid form looks.
+    #[serde(with = "humantime_serde")]
+    pub guidance_window: Duration,
+    /// The marketplace operator's own provider account, if it sells capacity too: when
+    /// more of its listed hosts than `utilisation_threshold` are reserved, searches
+    /// show idle third-party capacity first.
+    pub primary_provider: Option<String>,
+    /// The share of the primary provider's hosts held (0 to 1) above which idle
+    /// third-party capacity ranks first.
+    pub utilisation_threshold: f64,
+}
+
+impl Default for MarketConfig {
+    fn default() -> Self {
+        Self {
+            tick: Duration::from_secs(1),
+            quote_validity: Duration::from_millis(
+                surplus_market::quote::DEFAULT_VALIDITY_MS as u64,
+            ),
+            guidance_window: Duration::from_secs(7 * 86_400),
+            primary_provider: None,
+            utilisation_threshold: surplus_market::interrupt::DEFAULT_UTILISATION_THRESHOLD,
         }
     }
 }
@@ -336,6 +376,18 @@ impl ControllerConfig {
         if self.resell.min_hardening > 100 {
             return Err("resell.min_hardening must be at most 100".into());
         }
+        for (name, d) in [
+            ("market.tick", self.market.tick),
+            ("market.quote_validity", self.market.quote_validity),
+            ("market.guidance_window", self.market.guidance_window),
+        ] {
+            if d.is_zero() {
+                return Err(format!("{name} must be more than zero"));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.market.utilisation_threshold) {
+            return Err("market.utilisation_threshold must be from 0 to 1".into());
+        }
         Ok(())
     }
 
@@ -352,12 +404,12 @@ impl ControllerConfig {
 mod tests {
     use super::*;
 
-    /// The `[resell]` section of `deploy/controller.example.toml`, uncommented, is the
-    /// defaults it says it is.
-    #[test]
-    fn the_example_resell_section_states_the_defaults() {
+    /// A section of `deploy/controller.example.toml`, uncommented and loaded.
+    fn example_section(name: &str) -> (ControllerConfig, String) {
         let example = crate::datadir::DEFAULT_CONFIG;
-        let start = example.find("# [resell]").expect("a [resell] section");
+        let start = example
+            .find(&format!("# [{name}]"))
+            .unwrap_or_else(|| panic!("a [{name}] section"));
         let section: String = example[start..]
             .lines()
             .map_while(|l| l.strip_prefix("# "))
@@ -367,7 +419,26 @@ mod tests {
         std::fs::write(file.path(), &section).unwrap();
         let loaded = ControllerConfig::load_with_env(file.path(), Some(Default::default()))
             .unwrap_or_else(|e| panic!("{section}: {e}"));
-        assert_eq!(loaded.resell, ResellConfig::default(), "{section}");
         assert_eq!(loaded.validate(), Ok(()));
+        (loaded, section)
+    }
+
+    /// The `[resell]` section of the example, uncommented, is the defaults it says it
+    /// is.
+    #[test]
+    fn the_example_resell_section_states_the_defaults() {
+        let (loaded, section) = example_section("resell");
+        assert_eq!(loaded.resell, ResellConfig::default(), "{section}");
+    }
+
+    /// So is the `[market]` section, but for its example of a primary provider.
+    #[test]
+    fn the_example_market_section_states_the_defaults() {
+        let (loaded, section) = example_section("market");
+        let expected = MarketConfig {
+            primary_provider: Some("acme".into()),
+            ..MarketConfig::default()
+        };
+        assert_eq!(loaded.market, expected, "{section}");
     }
 }

@@ -348,8 +348,9 @@ pub fn parse_request(body: Value) -> Result<ControlRequest, Invalid> {
 
 /// May `caller` act on something `owner` owns? Admins may act on everything; others
 /// on what their own principal made: the same role *and* account, as in the ledger,
-/// where `client:alice` and `provider:alice` are different accounts. (Reservation
-/// holders join here with issue C.)
+/// where `client:alice` and `provider:alice` are different accounts. On a host the
+/// market sells, the holder of its reservation is checked besides
+/// (`Control::market_gate`).
 pub fn authorise(caller: &Principal, owner: &Principal) -> bool {
     caller.role == Role::Admin || caller == owner
 }
@@ -411,20 +412,89 @@ pub enum ControlError {
 }
 
 /// The primary control interface: instances and volumes on the agents that host them.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Control {
     app: Arc<App>,
     /// One lock per instance being modified: the agent's change and the record of the
-    /// limits in force are made in the same order.
-    instance_locks: Locks,
+    /// limits in force are made in the same order (and one per reserved host while a
+    /// run is checked against its size and claimed).
+    instance_locks: Arc<Locks>,
+    /// Who may control a host the market sells.
+    market: crate::market::Market,
 }
 
 impl Control {
     pub(crate) fn new(app: Arc<App>) -> Self {
         Self {
+            market: crate::market::Market::new(app.clone()),
             app,
-            instance_locks: Locks::default(),
+            instance_locks: Arc::default(),
         }
+    }
+
+    /// The market's word on `caller` controlling `host` (see
+    /// [`crate::market::Market::gate`]): the caller's reservation of it, none for a
+    /// host the market does not sell, 403 otherwise. Admins may act on instances and
+    /// volumes that exist (`run` false) wherever they are; nobody but the holder runs
+    /// anything on a reserved host. Stopping, terminating and deleting a volume, which
+    /// only end work, are their owner's anywhere and do not ask.
+    async fn market_gate(
+        &self,
+        caller: &Principal,
+        host: Uuid,
+        run: bool,
+    ) -> Result<Option<crate::market::Reservation>, ControlError> {
+        if !run && caller.role == Role::Admin {
+            return Ok(None);
+        }
+        self.market.gate(caller, host).await.map_err(|e| match e {
+            crate::market::MarketError::Store(e) => ControlError::Store(e),
+            crate::market::MarketError::Forbidden(m) => ControlError::Forbidden(m),
+            other => ControlError::Conflict(other.to_string()),
+        })
+    }
+
+    /// Checks that `limits` fit the size of reservation `r` beside the holder's other
+    /// instances on its host (all but `except`): an instance without a CPU or memory
+    /// limit counts as the whole size, so it fits only alone.
+    async fn fits_reservation(
+        &self,
+        r: &crate::market::Reservation,
+        limits: &surplus_protocol::control::Limits,
+        except: Option<&str>,
+    ) -> Result<(), ControlError> {
+        let Some((millicpus, memory)) = self.market.size_of(&r.listing).await? else {
+            return Ok(());
+        };
+        let take = |l: &surplus_protocol::control::Limits| {
+            (
+                u64::from(l.millicpus.unwrap_or(millicpus)),
+                l.memory_bytes.unwrap_or(memory),
+            )
+        };
+        let (mut cpu, mut mem) = take(limits);
+        for row in self.app.store.agent_instances(r.host).await? {
+            if row.account == r.holder
+                && row.owner_role == Role::Client
+                && row.record.state != InstanceState::Terminated
+                && Some(row.record.id.as_str()) != except
+            {
+                let (c, m) = take(&row.record.spec.limits);
+                cpu = cpu.saturating_add(c);
+                mem = mem.saturating_add(m);
+            }
+        }
+        if cpu > u64::from(millicpus) || mem > memory {
+            return Err(Invalid::new(
+                "limits",
+                format!(
+                    "reservation {} is for {millicpus} millicpus and {memory} bytes of memory; with this instance the holder's instances on host {} would take {cpu} millicpus and {mem} bytes (an instance without a limit takes the whole size)",
+                    r.id, r.host
+                ),
+            )
+            .into());
+        }
+        Ok(())
     }
 
     /// Sends one command to an agent and waits for the translated answer.
@@ -464,6 +534,110 @@ impl Control {
     async fn owned_volume(&self, caller: &Principal, id: &str) -> Result<VolumeRow, ControlError> {
         let row = self.app.store.volume(id).await?;
         owned(caller, "volume", id, row, VolumeRow::owner)
+    }
+
+    /// Stops and terminates every instance of a host the market sells whose owner does
+    /// not hold the host now while another client does, or whose owner's reservation
+    /// of it ended (of `host` only, or of every host): one instance per command, hosts
+    /// side by side, each under its instance lock. An instance its agent no longer
+    /// knows is recorded as terminated; a host that does not answer is tried again by
+    /// the next call (the market's tick makes one every `market.tick`).
+    pub async fn stop_unreserved(&self, host: Option<Uuid>) {
+        let rows = match self
+            .app
+            .store
+            .unreserved_instances(self.app.clock.now_ms())
+            .await
+        {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the instances of ended reservations");
+                return;
+            }
+        };
+        let mut by_host: std::collections::BTreeMap<Uuid, Vec<InstanceRow>> = Default::default();
+        for r in rows
+            .into_iter()
+            .filter(|r| host.is_none_or(|h| h == r.agent_id))
+        {
+            by_host.entry(r.agent_id).or_default().push(r);
+        }
+        let mut hosts = tokio::task::JoinSet::new();
+        for (host, rows) in by_host {
+            let control = self.clone();
+            hosts.spawn(async move {
+                for row in rows {
+                    if let Err(e) = control.end_unreserved(&row).await {
+                        tracing::warn!(%host, instance = %row.record.id, error = %e, "stopping an instance of an ended reservation; tried again next tick");
+                        // The host is away: its other instances wait for the next tick.
+                        if matches!(e, ControlError::Link(_)) {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+        while hosts.join_next().await.is_some() {}
+    }
+
+    /// Terminates one instance of an ended reservation, under its lock.
+    async fn end_unreserved(&self, row: &InstanceRow) -> Result<(), ControlError> {
+        let id = &row.record.id;
+        let _guard = self.instance_locks.lock(id).await;
+        let command = Command::Lifecycle {
+            op: Lifecycle::Terminate,
+            ids: vec![id.clone()],
+        };
+        let state = match self.agent_command(row.agent_id, command).await {
+            Ok(ControlReply::StateChanges(changes)) => changes
+                .into_iter()
+                .find(|c| &c.instance_id == id)
+                .map_or(InstanceState::Terminated, |c| c.current),
+            Ok(other) => return Err(unexpected(row.agent_id, &other)),
+            // Gone from its host: nothing runs there any more.
+            Err(ControlError::Agent { failure, .. })
+                if failure.kind == surplus_protocol::control::FailureKind::NotFound =>
+            {
+                InstanceState::Terminated
+            }
+            Err(e) => return Err(e),
+        };
+        let now = self.app.clock.now_ms();
+        let mut record = row.record.clone();
+        record.state = state;
+        record.state_reason = Some("the reservation of its host ended".into());
+        record.state_changed_at_ms = now;
+        self.app.store.update_instances(&[record], now).await?;
+        tracing::info!(instance = %id, host = %row.agent_id, "instance of an ended reservation terminated");
+        Ok(())
+    }
+
+    /// The host asked for, else the one host `caller` holds a reservation of; with
+    /// several held, the caller must name one.
+    async fn held_or(
+        &self,
+        caller: &Principal,
+        asked: Option<Uuid>,
+    ) -> Result<Option<Uuid>, ControlError> {
+        if asked.is_some() {
+            return Ok(asked);
+        }
+        match self.market.held_hosts(caller).await?.as_slice() {
+            [] => Ok(None),
+            [one] => Ok(Some(*one)),
+            many => Err(Invalid::new(
+                "agent_id",
+                format!(
+                    "required: you hold {} reserved hosts ({})",
+                    many.len(),
+                    many.iter()
+                        .map(Uuid::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )
+            .into()),
+        }
     }
 
     /// The agent a new instance or volume goes to.
@@ -521,7 +695,12 @@ impl Control {
             ControlRequest::Lifecycle { op, ids } => {
                 let mut rows = Vec::with_capacity(ids.len());
                 for id in &ids {
-                    rows.push(self.owned_instance(caller, id).await?);
+                    let row = self.owned_instance(caller, id).await?;
+                    let ends_work = matches!(op, Lifecycle::Stop | Lifecycle::Terminate);
+                    if !ends_work && row.record.state != InstanceState::Terminated {
+                        self.market_gate(caller, row.agent_id, false).await?;
+                    }
+                    rows.push(row);
                 }
                 // Terminated is final: answered here, without the agent (which may have
                 // forgotten the instance after its retention).
@@ -704,10 +883,14 @@ impl Control {
                 // order.
                 let _guard = self.instance_locks.lock(&instance_id).await;
                 let row = self.owned_instance(caller, &instance_id).await?;
+                let reservation = self.market_gate(caller, row.agent_id, false).await?;
                 // Only the fields named change; the rest stays as recorded.
                 let new_limits = limits.map(|c| c.apply(row.record.spec.limits));
                 if let Some(l) = &new_limits {
                     l.validate("limits")?;
+                    if let Some(r) = &reservation {
+                        self.fits_reservation(r, l, Some(&instance_id)).await?;
+                    }
                 }
                 let reply = self
                     .agent_command(
@@ -755,7 +938,10 @@ impl Control {
                         "creating volumes needs the client role".into(),
                     ));
                 }
-                let agent_id = self.placement(agent_id).await?;
+                let agent_id = self
+                    .placement(self.held_or(caller, agent_id).await?)
+                    .await?;
+                self.market_gate(caller, agent_id, true).await?;
                 let volume_id = new_id(VOLUME_PREFIX);
                 let reply = self
                     .agent_command(
@@ -883,6 +1069,7 @@ impl Control {
             }
             ControlRequest::CreateSnapshot { volume_id } => {
                 let row = self.owned_volume(caller, &volume_id).await?;
+                self.market_gate(caller, row.agent_id, false).await?;
                 let snapshot_id = new_id(SNAPSHOT_PREFIX);
                 match self
                     .agent_command(
@@ -1002,14 +1189,33 @@ impl Control {
             }
             volume_agent = Some(row.agent_id);
         }
-        let agent_id = self.placement(agent_id.or(volume_agent)).await?;
+        let agent_id = self
+            .placement(self.held_or(caller, agent_id.or(volume_agent)).await?)
+            .await?;
+        // On a host the market sells, only the holder of its reservation runs, within
+        // the reservation's size: checked and claimed under the host's lock, so that
+        // two runs at once cannot both fit in what only one fits in. A retry of a run
+        // already claimed is not counted twice.
+        let reservation = self.market_gate(caller, agent_id, true).await?;
+        let _host = match &reservation {
+            Some(_) => Some(self.instance_locks.lock(&format!("host:{agent_id}")).await),
+            None => None,
+        };
         let retry = match &client_token {
             Some(t) => self.app.store.instance_by_token(caller, t).await?.is_some(),
             None => false,
         };
+        if let (Some(r), false) = (&reservation, retry) {
+            self.fits_reservation(r, &spec.limits, None).await?;
+        }
         // The host's rate card as of this request goes with the instance: what the
-        // funds check covers is what the instance is billed by.
-        let plan = self.app.store.agent_price_plan(agent_id).await?;
+        // funds check covers is what the instance is billed by. On a reserved host the
+        // reservation pays for the host by the hour (`Reservation::charge`), and its
+        // instances carry no price of their own.
+        let plan = match &reservation {
+            Some(_) => None,
+            None => self.app.store.agent_price_plan(agent_id).await?,
+        };
         if !retry {
             self.check_funds(caller, plan.as_ref()).await?;
         }
@@ -1101,27 +1307,16 @@ impl Control {
         if caller.role != Role::Client {
             return Ok(());
         }
-        let account = crate::ledger::client(&caller.account);
-        let prepaid = self
-            .app
-            .store
-            .account_policy(&account)
-            .await?
-            .is_some_and(|allow_negative| !allow_negative);
-        if !prepaid {
-            return Ok(());
-        }
         let Some(plan) = plan else {
             return Ok(());
         };
-        let balance = self
-            .app
-            .store
-            .balances(Some(&account))
-            .await?
-            .into_iter()
-            .find(|(_, currency, _)| *currency == plan.currency)
-            .map_or(0, |(_, _, b)| b);
+        let account = crate::ledger::client(&caller.account);
+        let Some(balance) =
+            crate::market::prepaid_balance(self.app.store.as_ref(), &account, &plan.currency)
+                .await?
+        else {
+            return Ok(());
+        };
         let needed = plan
             .upfront
             .saturating_add(self.app.config.prepaid_minimum.max(0));

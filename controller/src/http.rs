@@ -3,9 +3,10 @@
 //! those of the transport: unknown paths (404), methods (405), slow bodies (408),
 //! large bodies (413), long targets (414) and large headers (431).
 //!
-//! Each capability's module (`agents`, `validation`, `control`, `billing`, `resell`) lists its
-//! own routes; [`routes`] is their union, which the router is built from, so the list
-//! (and the authorization matrix tested against it) cannot drift from what is served.
+//! Each capability's module (`agents`, `validation`, `control`, `billing`, `resell`,
+//! `market`) lists its own routes; [`routes`] is their union, which the router is
+//! built from, so the list (and the authorization matrix tested against it) cannot
+//! drift from what is served.
 //! The router also mounts the web console (`crate::console`) under `/console/`, whose
 //! pages call these handlers; its answers are HTML pages, not JSON.
 
@@ -27,6 +28,7 @@ use uuid::Uuid;
 pub(crate) mod agents;
 pub mod billing;
 pub(crate) mod control;
+pub(crate) mod market;
 pub(crate) mod openapi;
 pub(crate) mod resell;
 pub(crate) mod validation;
@@ -393,6 +395,7 @@ fn table() -> Vec<Route> {
     all.extend(control::routes());
     all.extend(billing::routes());
     all.extend(resell::routes());
+    all.extend(market::routes());
     all
 }
 

@@ -22,6 +22,7 @@ pub mod datadir;
 pub mod demo;
 pub mod http;
 pub mod link;
+pub mod market;
 pub mod metering;
 pub mod metrics;
 pub mod notices;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use surplus_api::billing::{Adjustment, BillingFailure, BillingRun, WaitingFor};
 use surplus_protocol::Message;
+use surplus_protocol::clock::UnixMillis;
 use surplus_protocol::usage::{MeteringAck, MeteringPeriods, UsageAck, UsageBatch, meters};
 use uuid::Uuid;
 
@@ -427,6 +428,7 @@ impl Metering {
                 Settled::Failed(reason) => run.failed.push(failure(b, reason)),
             }
         }
+        self.charge_reservations(&period, now, &mut run).await?;
         // Late usage of periods rated before: records received after their last rating,
         // found with one scan of what arrived since the oldest of those ratings.
         let window =
@@ -641,6 +643,89 @@ impl Metering {
             Err(PostError::Ledger(e)) => Ok(Settled::Failed(e.to_string())),
             Err(PostError::Store(e)) => Err(e),
         }
+    }
+}
+
+impl Metering {
+    /// Charges every reservation the host-hours it held in `period`
+    /// (`Reservation::charge`): the holder pays the provider, net of the commission of
+    /// the provider's agreement, under one key per reservation and period, so a run
+    /// repeated over its own period posts nothing twice.
+    async fn charge_reservations(
+        &self,
+        period: &Period,
+        now: UnixMillis,
+        run: &mut BillingRun,
+    ) -> Result<(), StoreError> {
+        let mut listings: std::collections::BTreeMap<String, Option<crate::store::Listing>> =
+            Default::default();
+        for r in self
+            .app
+            .store
+            .reservations_in(period.from_ms, period.to_ms)
+            .await?
+        {
+            let Some(charge) = r.charge(period.from_ms, period.to_ms, now) else {
+                run.nothing_due += 1;
+                continue;
+            };
+            if !listings.contains_key(&r.listing) {
+                let l = self.app.store.listing(&r.listing).await?;
+                listings.insert(r.listing.clone(), l);
+            }
+            let Some(listing) = listings.get(&r.listing).and_then(Option::as_ref) else {
+                run.failed.push(BillingFailure {
+                    instance_id: r.id.to_string(),
+                    client: r.holder.clone(),
+                    reason: format!("listing {} is gone", r.listing),
+                });
+                continue;
+            };
+            let agreements = self.app.store.agreements(Some(&listing.provider)).await?;
+            let bps = billing::commission_bps_at(
+                &agreements,
+                period.from_ms,
+                self.app.config.commission_bps,
+            );
+            let key = format!("reservation:{}:{}:{}", r.id, period.from_ms, period.to_ms);
+            let mut posting = billing::bill_posting(
+                &key,
+                &r.holder,
+                &listing.provider,
+                &listing.currency,
+                charge.amount,
+                bps,
+            );
+            posting.kind = "reservation".into();
+            posting.memo = format!("reservation {} of {}", r.id, r.holder);
+            let line = InvoiceLine {
+                invoice_id: period.invoice_id(&r.holder),
+                client: r.holder.clone(),
+                provider: listing.provider.clone(),
+                from_ms: period.from_ms,
+                to_ms: period.to_ms,
+                instance_id: r.id.to_string(),
+                commission: billing::commission(charge.amount, bps),
+                currency: listing.currency.clone(),
+                posting_key: key.clone(),
+                kind: "charge".into(),
+                charge: charge.clone(),
+            };
+            match self.app.store.post(&posting, &[line], now).await {
+                Ok(Applied::Posted) => {
+                    run.posted += 1;
+                    *run.charged.entry(listing.currency.clone()).or_default() += charge.amount;
+                }
+                Ok(Applied::Duplicate) => run.already_billed += 1,
+                Err(PostError::Ledger(e)) => run.failed.push(BillingFailure {
+                    instance_id: r.id.to_string(),
+                    client: r.holder.clone(),
+                    reason: e.to_string(),
+                }),
+                Err(PostError::Store(e)) => return Err(e),
+            }
+        }
+        Ok(())
     }
 }
 

@@ -85,11 +85,7 @@ impl Resell {
 
     /// The size categories in force: as stored, else [`Categories::standard`].
     pub async fn categories(&self) -> Result<Categories, StoreError> {
-        match self.app.store.setting("categories").await? {
-            Some(text) => serde_json::from_str(&text)
-                .map_err(|e| StoreError::Corrupt(format!("categories: {e}"))),
-            None => Ok(Categories::standard()),
-        }
+        categories(self.app.store.as_ref()).await
     }
 
     /// Takes `provider`'s request: every problem of the document, and every host that
@@ -758,6 +754,16 @@ async fn relevant(events: &mut tokio::sync::broadcast::Receiver<RegistryEvent>) 
             Ok(_) => {}
             Err(RecvError::Closed) => return true,
         }
+    }
+}
+
+/// The size categories in force: the admins' setting, else the standard ones.
+pub async fn categories(store: &dyn crate::store::Store) -> Result<Categories, StoreError> {
+    match store.setting("categories").await? {
+        Some(text) => {
+            serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(format!("categories: {e}")))
+        }
+        None => Ok(Categories::standard()),
     }
 }
 

@@ -115,6 +115,7 @@ pub async fn start(
     ));
     tasks.spawn(maintenance(controller.clone(), cancel.clone()));
     tasks.spawn(controller.resell.clone().drive(cancel.clone()));
+    tasks.spawn(crate::market::drive(controller.clone(), cancel.clone()));
     tasks.spawn(crate::notices::Notifier::new(controller.app.clone()).drive(cancel.clone()));
     let router = crate::http::router(controller.clone());
     tasks.spawn(serve_http(

@@ -580,3 +580,107 @@ impl Events {
         .await;
     }
 }
+
+/// A listing `id` of `provider`'s `hosts`, stored as an accepted resell request leaves
+/// it (the pipeline's validation is the resell tests' business): in size category
+/// `small`, zone `<provider>-1`, selling `modes` at `price` an hour (minor units of
+/// EUR) with the provider's `minimum`, with `interruptibility`.
+pub async fn list_hosts(
+    ctl: &Controller,
+    id: &str,
+    provider: &str,
+    hosts: &[Uuid],
+    modes: &[surplus_market::resell::PricingMode],
+    (price, minimum): (u64, u64),
+    interruptibility: surplus_market::resell::Interruptibility,
+) {
+    use surplus_controller::store::{Listing, Pipeline, ResellRow, ResellStep};
+    let now = ctl.app.clock.now_ms();
+    let zone = format!("{provider}-1");
+    let doc: surplus_market::resell::ResellRequest = serde_json::from_value(serde_json::json!({
+        "contact": format!("ops@{provider}.example"),
+        "resource_sets": [{"kind": "compute", "zone": zone, "hosts": hosts, "system": {}, "compatibility": {"level": "bare_metal"}}],
+        "pricing": {"modes": modes, "currency": "EUR", "minimum_price": minimum, "immediate_price": price},
+        "interruptibility": interruptibility,
+        "goal": "none"
+    }))
+    .expect("a resell request");
+    let request = Uuid::now_v7();
+    let with_sets: Vec<(Uuid, usize)> = hosts.iter().map(|h| (*h, 0)).collect();
+    let mut pipeline = Pipeline::new(request, &with_sets, now);
+    pipeline.stage = surplus_market::pipeline::Stage::Accepted;
+    pipeline.listed = true;
+    pipeline.notified = true;
+    let row = ResellRow {
+        id: request,
+        provider: provider.into(),
+        document: doc,
+        pipeline,
+        version: 0,
+        created_at_ms: now,
+        updated_at_ms: now,
+    };
+    let store = &ctl.app.store;
+    store.create_resell_request(&row).await.expect("stored");
+    let listing = Listing {
+        id: id.into(),
+        request,
+        provider: provider.into(),
+        zone,
+        kind: surplus_market::resell::ResourceKind::Compute,
+        category: "small".into(),
+        set: 0,
+        hosts: hosts.to_vec(),
+        score: 1.0,
+        hardening_index: 70,
+        compat_level: surplus_protocol::control::CompatLevel::Fully,
+        operations: vec!["run".into()],
+        pricing_modes: modes.iter().copied().collect(),
+        interruptibility,
+        currency: "EUR".into(),
+        price,
+        available: hosts.len() as u32,
+        rating: None,
+        uptime: None,
+        utilisation: None,
+        listed: true,
+        failed_retest: false,
+        created_at_ms: now,
+        next_retest_at_ms: None,
+        last_retest_at_ms: None,
+        retest: None,
+    };
+    let step = ResellStep {
+        listings: vec![listing],
+        notices: vec![],
+    };
+    assert!(
+        store
+            .advance_resell_request(&row, &step, now)
+            .await
+            .expect("stored"),
+        "the request's step applies"
+    );
+}
+
+/// Records `provider` as accepted with an agreement in force for a day, selling
+/// compute in every pricing mode, through the API as an admin would.
+pub async fn accept_provider(tc: &TestController, provider: &str) {
+    let (status, body) = tc
+        .api_as(
+            &tc.admin_token,
+            reqwest::Method::PUT,
+            &format!("/v1/providers/{provider}"),
+            Some(serde_json::json!({"name": provider, "contact": format!("ops@{provider}.example"), "zones": [format!("{provider}-1")], "accepted": true})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let until = tc.clock.now_ms() + 86_400_000;
+    let (status, body) = tc
+        .api_post(
+            "/v1/agreements",
+            serde_json::json!({"provider": provider, "valid_until_ms": until, "resource_kinds": ["compute"], "pricing_modes": ["spot", "auction", "immediate", "on_demand", "reserved"], "commission_bps": 1000, "max_hosts": 100}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+}

@@ -320,7 +320,17 @@ async fn every_route_answers_every_caller_as_its_principal_allows() {
         .unwrap()
         .to_owned();
     // (On bob's offline host: a re-test asked for ends at once, without a run.)
-    let listing = listed(&tc, host_b, now).await;
+    surplus_tests::list_hosts(
+        tc.ctl(),
+        "lst-alice",
+        "alice",
+        &[host_b],
+        &[surplus_market::resell::PricingMode::OnDemand],
+        (20, 20),
+        surplus_market::resell::Interruptibility::NoInterruptions,
+    )
+    .await;
+    let listing = "lst-alice".to_owned();
 
     let cases = matrix(&Resources {
         resell,
@@ -639,74 +649,6 @@ struct Resources {
     run: Value,
 }
 
-/// A listing of alice's on `host`, as an accepted request leaves it.
-async fn listed(tc: &TestController, host: uuid::Uuid, now: i64) -> String {
-    use surplus_controller::store::{Listing, Pipeline, ResellRow, ResellStep};
-    let doc: surplus_market::resell::ResellRequest = serde_json::from_value(json!({
-        "contact": "ops@alice.example",
-        "resource_sets": [{"kind": "compute", "zone": "alice-1", "hosts": [host], "system": {}, "compatibility": {"level": "bare_metal"}}],
-        "pricing": {"modes": ["on_demand"], "currency": "EUR", "minimum_price": 20},
-        "interruptibility": "no_interruptions",
-        "goal": "none"
-    }))
-    .unwrap();
-    let id = uuid::Uuid::now_v7();
-    let mut pipeline = Pipeline::new(id, &[(host, 0)], now);
-    pipeline.stage = surplus_market::pipeline::Stage::Accepted;
-    pipeline.listed = true;
-    pipeline.notified = true;
-    let row = ResellRow {
-        id,
-        provider: "alice".into(),
-        document: doc,
-        pipeline,
-        version: 0,
-        created_at_ms: now,
-        updated_at_ms: now,
-    };
-    let store = &tc.ctl().app.store;
-    store.create_resell_request(&row).await.unwrap();
-    let listing = Listing {
-        id: "lst-alice".into(),
-        request: id,
-        provider: "alice".into(),
-        zone: "alice-1".into(),
-        kind: surplus_market::resell::ResourceKind::Compute,
-        category: "small".into(),
-        set: 0,
-        hosts: vec![host],
-        score: 1.0,
-        hardening_index: 70,
-        compat_level: CompatLevel::Fully,
-        operations: vec!["run".into()],
-        pricing_modes: [surplus_market::resell::PricingMode::OnDemand].into(),
-        interruptibility: surplus_market::resell::Interruptibility::NoInterruptions,
-        currency: "EUR".into(),
-        price: 20,
-        available: 1,
-        rating: None,
-        uptime: None,
-        utilisation: None,
-        listed: true,
-        failed_retest: false,
-        created_at_ms: now,
-        next_retest_at_ms: None,
-        last_retest_at_ms: None,
-        retest: None,
-    };
-    let step = ResellStep {
-        listings: vec![listing],
-        notices: vec![],
-    };
-    assert!(
-        store
-            .advance_resell_request(&row, &step, now)
-            .await
-            .unwrap()
-    );
-    "lst-alice".into()
-}
-
 /// Every row: the request and the status of admin, client alice, provider alice,
 /// pool_owner alice and no token, in that order. Rows on alice's resources and on
 /// bob's; calls that change state are idempotent or come in the order they need.
@@ -784,6 +726,21 @@ fn matrix(r: &Resources) -> Vec<Case> {
         with_body("POST", "/v1/ratings", "/v1/ratings", json!({"instance": i_b, "score": 5}), [403, 403, 403, 403, 401]),
         with_body("POST", "/v1/ratings", "/v1/ratings", json!({"instance": i_a, "score": 9}), [403, 400, 403, 403, 401]),
         case("GET", "/v1/ratings", "/v1/ratings?provider=alice", [200, 200, 200, 200, 401]),
+        // Buying capacity: every token searches offers and the pricing history; only
+        // clients ask for quotes and reserve (lst-alice's only host is offline: sold
+        // out, or not offered once its agreement ended); a reservation is its holder's.
+        case("GET", "/v1/offers", "/v1/offers?rank_by=price", [200, 200, 200, 200, 401]),
+        case("GET", "/v1/offers", "/v1/offers?colour=red", [400, 400, 400, 400, 401]),
+        with_body("POST", "/v1/quotes", "/v1/quotes", json!({"listing": "lst-none"}), [403, 404, 403, 403, 401]),
+        with_body("POST", "/v1/reservations", "/v1/reservations", json!({"listing": "lst-none", "mode": "on_demand"}), [403, 404, 403, 403, 401]),
+        with_body("POST", "/v1/reservations", "/v1/reservations", json!({"listing": listing, "mode": "on_demand"}), [403, 409, 403, 403, 401]),
+        with_body("POST", "/v1/reservations", "/v1/reservations", json!({"listing": listing, "mode": "on_demand", "count": 0}), [403, 400, 403, 403, 401]),
+        case("GET", "/v1/reservations", "/v1/reservations", [200, 200, 200, 200, 401]),
+        case("GET", "/v1/reservations/{id}", format!("/v1/reservations/{}", uuid::Uuid::nil()), [404, 404, 404, 404, 401]),
+        case("GET", "/v1/reservations/{id}", "/v1/reservations/not-a-uuid", [400, 400, 400, 400, 401]),
+        case("POST", "/v1/reservations/{id}/release", format!("/v1/reservations/{}/release", uuid::Uuid::nil()), [404, 404, 404, 404, 401]),
+        case("GET", "/v1/pricing/history", "/v1/pricing/history?bucket=day", [200, 200, 200, 200, 401]),
+        case("GET", "/v1/pricing/history", "/v1/pricing/history?kind=gold", [400, 400, 400, 400, 401]),
         // Each principal's own webhook.
         with_body("PUT", "/v1/webhook", "/v1/webhook", json!({"url": "ftp://example.invalid/"}), [400, 400, 400, 400, 401]),
         with_body("PUT", "/v1/webhook", "/v1/webhook", json!({"url": null}), [200, 200, 200, 200, 401]),

@@ -643,6 +643,92 @@ async fn a_session_in_a_real_browser() {
     .await;
     assert!(b.text(".error").await.contains("colour"));
 
+    // The client buys: erin's host is on offer; bob reserves it from the offer's
+    // page, sees it among his reservations and releases it; a quote he accepted is
+    // on the pricing history's chart.
+    let (_, erin_host) = tc.enroll("erin-host", &[("provider", "erin")]).await;
+    let now = clock::system().now_ms();
+    tc.ctl()
+        .app
+        .store
+        .set_status(
+            erin_host.agent_id,
+            surplus_controller::store::AgentStatus::Online,
+            now,
+        )
+        .await
+        .unwrap();
+    surplus_tests::accept_provider(&tc, "erin").await;
+    surplus_tests::list_hosts(
+        tc.ctl(),
+        "lst-erin",
+        "erin",
+        &[erin_host.agent_id],
+        &[
+            surplus_market::resell::PricingMode::Immediate,
+            surplus_market::resell::PricingMode::OnDemand,
+        ],
+        (40, 30),
+        surplus_market::resell::Interruptibility::NoInterruptions,
+    )
+    .await;
+    b.visit(
+        &format!("{base}/console/offers?rank_by=price"),
+        "client-offers",
+    )
+    .await;
+    let row = b.text("tr[data-listing='lst-erin']").await;
+    assert!(
+        row.contains("on_demand 40 EUR / h") && row.contains("holds"),
+        "{row}"
+    );
+    b.click("tr[data-listing='lst-erin'] a").await;
+    b.shot("client-offer").await;
+    assert!(b.text("#available").await.contains("1 free now"));
+    b.click("#reserve button[type=submit]").await;
+    assert_eq!(b.url().await, "/console/reservations");
+    b.shot("client-reservations").await;
+    let reserved = b.text("#reservations tbody tr").await;
+    assert!(
+        reserved.contains("lst-erin") && reserved.contains("active"),
+        "{reserved}"
+    );
+    b.click("#reservations tbody tr form button").await;
+    assert_eq!(b.url().await, "/console/reservations");
+    assert!(b.text("td.state").await.contains("released"));
+    let (status, quote) = tc
+        .api_as(
+            &client,
+            reqwest::Method::POST,
+            "/v1/quotes",
+            Some(serde_json::json!({"listing": "lst-erin"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{quote}");
+    let (status, made) = tc
+        .api_as(
+            &client,
+            reqwest::Method::POST,
+            "/v1/reservations",
+            Some(serde_json::json!({"listing": "lst-erin", "mode": "immediate", "quote": quote["id"]})),
+        )
+        .await;
+    assert_eq!(status, 201, "{made}");
+    b.visit(
+        &format!("{base}/console/pricing?kind=quote"),
+        "client-pricing",
+    )
+    .await;
+    assert_eq!(b.count("#chart svg rect.range").await, 1, "one bucket");
+    assert!(b.text("#guidance").await.contains("40 to 40"));
+    // Another client's offer page shows it taken.
+    b.visit(
+        &format!("{base}/console/offers/lst-erin"),
+        "client-offer-taken",
+    )
+    .await;
+    assert!(b.text("#unavailable").await.contains("Not offered now"));
+
     // Every role can read the API's reference, rendered from its OpenAPI document.
     b.visit(&format!("{base}/console/api"), "api-reference")
         .await;

@@ -148,6 +148,7 @@ story!(providers_and_their_agreements_are_kept_and_ended_once);
 story!(a_resell_step_applies_once_over_the_version_it_read);
 story!(a_webhook_batch_takes_a_few_of_each_account_and_reads_keep_the_newest);
 story!(a_host_is_reserved_once_even_by_a_hundred_concurrent_requests);
+story!(terms_end_once_and_a_quote_is_honoured_once);
 story!(prices_are_kept_once_and_answered_by_the_question);
 
 mod stories {
@@ -239,11 +240,30 @@ mod stories {
             upfront: 0,
             term_ms: None,
         };
+        // Each step's change set: one notice per reservation made or ended.
+        fn noted(kind: &'static str) -> impl Fn(&[Reservation]) -> ChangeSet + Send + Sync {
+            move |rs: &[Reservation]| ChangeSet {
+                notices: rs
+                    .iter()
+                    .map(|r| Notice {
+                        key: format!("{kind}:{}", r.id),
+                        recipient: format!("client:{}", r.holder),
+                        kind: kind.into(),
+                        body: serde_json::json!({ "host": r.host }),
+                    })
+                    .collect(),
+                ..ChangeSet::default()
+            }
+        }
         // A hundred requests for one host each, at once, for ten hosts.
         let attempts: Vec<_> = (0..100u128)
             .map(|n| {
                 let (s, hosts, r) = (s.clone(), hosts.clone(), request(n, &format!("client-{n}")));
-                tokio::spawn(async move { s.reserve("lst-1", &hosts, r, 10).await.unwrap() })
+                tokio::spawn(async move {
+                    s.reserve("lst-1", &hosts, r, None, &noted("made"), 10)
+                        .await
+                        .unwrap()
+                })
             })
             .collect();
         let (mut made, mut sold_out) = (Vec::new(), 0);
@@ -265,23 +285,48 @@ mod stories {
             10,
             "nothing stored of the refused"
         );
+        for r in &made {
+            let notices = s
+                .notices(&format!("client:{}", r.holder), 10)
+                .await
+                .unwrap();
+            assert_eq!(notices.len(), 1, "the step's notice, with it: {notices:?}");
+            assert_eq!(s.holding(r.host, 10).await.unwrap().as_ref(), Some(r));
+        }
+        let holders: std::collections::BTreeSet<&str> =
+            made.iter().map(|r| r.holder.as_str()).collect();
+        for n in 0..100 {
+            let client = format!("client-{n}");
+            if !holders.contains(client.as_str()) {
+                assert!(
+                    s.notices(&format!("client:{client}"), 10)
+                        .await
+                        .unwrap()
+                        .is_empty(),
+                    "nothing of a refused step is stored"
+                );
+            }
+        }
+        let stats = s.listing_reservations(10).await.unwrap();
+        assert_eq!(stats["lst-1"].past, 10);
+        assert_eq!(stats["lst-1"].held.len(), 10);
 
         // Only its holder releases a reservation; the host is then free again.
         let first = made[0].clone();
         let refused = s
-            .release_reservation("lst-1", first.id, "someone-else", 20)
+            .release_reservation("lst-1", first.id, "someone-else", &noted("ended"), 20)
             .await
             .unwrap()
             .unwrap_err();
         assert_eq!(refused.rule, "not_holder");
         let ended = s
-            .release_reservation("lst-1", first.id, &first.holder, 20)
+            .release_reservation("lst-1", first.id, &first.holder, &noted("ended"), 20)
             .await
             .unwrap()
             .unwrap();
         assert_eq!(ended.at_ms, 20);
         assert!(
-            s.release_reservation("lst-1", first.id, &first.holder, 21)
+            s.release_reservation("lst-1", first.id, &first.holder, &noted("ended"), 21)
                 .await
                 .unwrap()
                 .is_err(),
@@ -289,14 +334,153 @@ mod stories {
         );
         let stored = s.reservation(first.id).await.unwrap().unwrap();
         assert!(!stored.holds_at(20) && stored.holds_at(19), "{stored:?}");
+        assert_eq!(s.holding(first.host, 20).await.unwrap(), None);
+        assert_eq!(
+            s.notices(&format!("client:{}", first.holder), 10)
+                .await
+                .unwrap()
+                .len(),
+            2,
+            "made, then ended"
+        );
         let again = s
-            .reserve("lst-1", &hosts, request(500, "late"), 30)
+            .reserve(
+                "lst-1",
+                &hosts,
+                request(500, "late"),
+                None,
+                &noted("made"),
+                30,
+            )
             .await
             .unwrap()
             .unwrap();
         assert_eq!(again[0].host, first.host, "the released host, and only it");
         assert_eq!(s.reservations_of("late").await.unwrap(), again);
         assert!(s.reservations_of("nobody").await.unwrap().is_empty());
+    }
+
+    pub async fn terms_end_once_and_a_quote_is_honoured_once(_f: &Fixture, s: Arc<dyn Store>) {
+        use surplus_market::quote::Quote;
+        use surplus_market::resell::{Goal, Interruptibility, PricingMode};
+        let hosts: Vec<Uuid> = (1..=2).map(Uuid::from_u128).collect();
+        let nothing = |_: &[Reservation]| ChangeSet::default();
+        let quote = Quote {
+            id: Uuid::from_u128(77),
+            listing: "lst-2".into(),
+            price: 40,
+            issued_at_ms: 0,
+            valid_until_ms: 60_000,
+        };
+        s.create_quote(&quote, "alice").await.unwrap();
+        assert_eq!(
+            s.quote(quote.id)
+                .await
+                .unwrap()
+                .map(|q| (q.holder, q.accepted_at_ms)),
+            Some(("alice".into(), None))
+        );
+        let request = |n: u128, term_ms: Option<i64>| ReservationRequest {
+            ids: vec![Uuid::from_u128(2_000 + n)],
+            listing: "lst-2".into(),
+            holder: "alice".into(),
+            mode: PricingMode::Immediate,
+            interruptibility: Interruptibility::NoInterruptions,
+            goal: Goal::None,
+            price: 40,
+            upfront: 0,
+            term_ms,
+        };
+        // The quote is taken with the reservation, in its transaction, once.
+        let with_price = |rs: &[Reservation]| ChangeSet {
+            prices: vec![surplus_market::history::PricePoint {
+                id: "quote:77".into(),
+                kind: surplus_market::history::PriceKind::Quote,
+                listing: "lst-2".into(),
+                provider: "bob".into(),
+                zone: "z".into(),
+                category: "medium".into(),
+                currency: "EUR".into(),
+                price: 40,
+                at_ms: rs[0].starts_at_ms,
+            }],
+            ..ChangeSet::default()
+        };
+        let made = s
+            .reserve(
+                "lst-2",
+                &hosts,
+                request(1, Some(1_000)),
+                Some(quote.id),
+                &with_price,
+                100,
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            s.quote(quote.id).await.unwrap().unwrap().accepted_at_ms,
+            Some(100)
+        );
+        let history = s.price_history(&HistoryQuery::default(), 10).await.unwrap();
+        assert_eq!(history.len(), 1, "the accepted quote's price is recorded");
+        let twice = s
+            .reserve(
+                "lst-2",
+                &hosts,
+                request(2, None),
+                Some(quote.id),
+                &nothing,
+                200,
+            )
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(twice.rule, "quote_used");
+        assert_eq!(
+            s.reservation_book("lst-2")
+                .await
+                .unwrap()
+                .reservations()
+                .count(),
+            1
+        );
+
+        // The term ends at 1 100: recorded once, however often and by however many
+        // controllers it is asked, at the term's end however late.
+        assert!(
+            s.expire_reservations(1_099, &nothing)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let askers: Vec<_> = (0..4)
+            .map(|_| {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    s.expire_reservations(5_000, &|_: &[Reservation]| ChangeSet::default())
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        let mut ended = Vec::new();
+        for a in askers {
+            ended.extend(a.await.unwrap());
+        }
+        assert_eq!(ended.len(), 1, "{ended:?}");
+        assert_eq!((ended[0].reservation, ended[0].at_ms), (made[0].id, 1_100));
+        assert!(
+            s.expire_reservations(6_000, &nothing)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            s.holding(made[0].host, 1_050).await.unwrap().map(|r| r.id),
+            Some(made[0].id)
+        );
+        assert_eq!(s.holding(made[0].host, 1_100).await.unwrap(), None);
     }
 
     pub async fn a_webhook_batch_takes_a_few_of_each_account_and_reads_keep_the_newest(
@@ -315,6 +499,7 @@ mod stories {
             let set = ChangeSet {
                 postings: vec![],
                 notices: vec![notice(n, "provider:busy")],
+                prices: vec![],
             };
             s.apply_changes(&set, 10 + i64::from(n)).await.unwrap();
         }
@@ -322,6 +507,7 @@ mod stories {
             let set = ChangeSet {
                 postings: vec![],
                 notices: vec![notice(n, to)],
+                prices: vec![],
             };
             s.apply_changes(&set, 20).await.unwrap();
         }
@@ -2248,6 +2434,7 @@ mod stories {
                 (payout("s1-out", "acme", "EUR", 900), Vec::new()),
             ],
             notices: vec![notice("s1")],
+            prices: vec![],
         };
         assert_eq!(
             s.apply_changes(&sale, 10).await.unwrap(),
@@ -2277,6 +2464,7 @@ mod stories {
                 (payout("s2-out", "acme", "EUR", 101), Vec::new()),
             ],
             notices: vec![notice("s2")],
+            prices: vec![],
         };
         match s.apply_changes(&overdrawn, 12).await {
             Err(PostError::Ledger(LedgerError::Insufficient {

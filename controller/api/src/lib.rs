@@ -11,6 +11,7 @@
 pub mod agents;
 pub mod billing;
 pub mod control;
+pub mod market;
 pub mod resell;
 pub mod validation;
 

@@ -77,6 +77,13 @@ use super::*;
         resell::get_webhook,
         resell::put_webhook,
         resell::put_categories,
+        market::search_offers,
+        market::create_quote,
+        market::reserve,
+        market::list_reservations,
+        market::show_reservation,
+        market::release,
+        market::pricing_history,
     ),
     components(schemas(ErrorBody)),
     modifiers(&Shared),
@@ -87,6 +94,7 @@ use super::*;
         (name = "control", description = "Instances and volumes on the hosts"),
         (name = "billing", description = "Metering, usage, invoices, statements and the ledger"),
         (name = "resell", description = "Providers of capacity and their agreements"),
+        (name = "market", description = "Offers, quotes, reservations and the pricing history"),
     )
 )]
 struct ApiDoc;

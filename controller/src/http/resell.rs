@@ -101,7 +101,7 @@ async fn put_categories(
 }
 
 /// A 400 naming every bad field at once (the first in `field`, all in `problems`).
-fn invalid(errors: Vec<FieldError>) -> ApiError {
+pub(super) fn invalid(errors: Vec<FieldError>) -> ApiError {
     let message = errors
         .iter()
         .map(|e| format!("{}: {}", e.field, e.message))
@@ -391,24 +391,7 @@ pub(crate) async fn find_listings(
     let q = ListingQuery::parse(&pairs).map_err(invalid)?;
     let mut all = ctl.app.store.listings().await?;
     // Only what a provider may sell now: accepted, with an agreement in force.
-    let now = ctl.app.clock.now_ms();
-    let agreements = ctl.app.store.agreements(None).await?;
-    let selling: std::collections::BTreeSet<String> = ctl
-        .app
-        .store
-        .providers()
-        .await?
-        .into_iter()
-        .filter(|p| {
-            let theirs: Vec<_> = agreements
-                .iter()
-                .filter(|a| a.provider == p.account)
-                .cloned()
-                .collect();
-            p.accepted && surplus_market::resell::agreement_in_force(&theirs, now).is_some()
-        })
-        .map(|p| p.account)
-        .collect();
+    let selling = ctl.market.selling_providers().await?;
     all.retain(|l| selling.contains(&l.provider));
     decorate(ctl, &mut all).await?;
     let weights = surplus_market::catalog::RankWeights::default();

@@ -609,14 +609,41 @@ pub use surplus_market::reservations::{Book, Ended, Request as ReservationReques
 
 /// What one step of the controller changes, applied in one transaction by
 /// [`LedgerStore::apply_changes`]: postings (each with the invoice lines it carries),
-/// each applied through `ledger::decide` in order, and notices for the outbox. All or
-/// nothing: one refused posting applies nothing of the set.
+/// each applied through `ledger::decide` in order, notices for the outbox and prices
+/// for the pricing history. All or nothing: one refused posting applies nothing of the
+/// set.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ChangeSet {
     /// Postings with their invoice lines, in the order they apply.
     pub postings: Vec<(crate::ledger::Posting, Vec<InvoiceLine>)>,
     /// Notices to queue (a key already queued is left as it is).
     pub notices: Vec<Notice>,
+    /// Prices to record (an id already recorded is left as it is).
+    pub prices: Vec<PricePoint>,
+}
+
+/// The change set a market step makes of what it decided (the reservations made or
+/// ended), applied in the transaction that stores the decision.
+pub type StepChanges<'a, T> = &'a (dyn Fn(&[T]) -> ChangeSet + Send + Sync);
+
+/// An immediate quote as stored: the client it was given to and whether it was used.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredQuote {
+    /// The quote.
+    pub quote: surplus_market::quote::Quote,
+    /// The client account it was given to: the only one that may accept it.
+    pub holder: String,
+    /// When it was accepted (a quote is honoured once).
+    pub accepted_at_ms: Option<UnixMillis>,
+}
+
+/// What the offers of a search show of a listing's reservations.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ListingReservations {
+    /// Reservations ever made on it.
+    pub past: u64,
+    /// The hosts held now or later (not free).
+    pub held: Vec<Uuid>,
 }
 
 /// Why a posting was not applied.
@@ -1224,25 +1251,85 @@ pub trait NoticeStore: Send + Sync + std::fmt::Debug + 'static {
 #[async_trait]
 pub trait ReservationStore: Send + Sync + std::fmt::Debug + 'static {
     /// Reserves hosts of `listing` among `available` (its hosts on offer) for
-    /// `request` at `now_ms` (`Book::handle_reserve`); the book's refusal (such as
+    /// `request` at `now_ms` (`Book::handle_reserve`), and applies `changes` of what
+    /// was made (the upfront fee's posting, the notices, the accepted quote's price) in
+    /// the same transaction: a refused posting (a prepaid client without the funds)
+    /// stores nothing. `quote`, when given, is marked accepted in it, once: a quote
+    /// already accepted is refused (`quote_used`). The book's refusal (such as
     /// `sold_out`) comes back as the inner error, with nothing stored.
     async fn reserve(
         &self,
         listing: &str,
         available: &[Uuid],
         request: ReservationRequest,
+        quote: Option<Uuid>,
+        changes: StepChanges<'_, Reservation>,
         now_ms: UnixMillis,
-    ) -> Result<Result<Vec<Reservation>, MarketRefusal>, StoreError>;
+    ) -> Result<Result<Vec<Reservation>, MarketRefusal>, PostError>;
 
     /// Releases reservation `id` of `listing` by `by` at `now_ms`
-    /// (`Book::handle_release`); the book's refusal comes back as the inner error.
+    /// (`Book::handle_release`) with the `changes` of the ended reservation in the
+    /// same transaction; the book's refusal comes back as the inner error.
     async fn release_reservation(
         &self,
         listing: &str,
         id: Uuid,
         by: &str,
+        changes: StepChanges<'_, Reservation>,
         now_ms: UnixMillis,
-    ) -> Result<Result<Ended, MarketRefusal>, StoreError>;
+    ) -> Result<Result<Ended, MarketRefusal>, PostError>;
+
+    /// Records the end of every reservation whose term ended at or before `now_ms`
+    /// (`Book::poll_expired`), one listing per locked transaction with the `changes`
+    /// of its ended reservations: each end is recorded and returned once, however
+    /// many controllers share the database.
+    async fn expire_reservations(
+        &self,
+        now_ms: UnixMillis,
+        changes: StepChanges<'_, Reservation>,
+    ) -> Result<Vec<Ended>, PostError>;
+
+    /// The reservations that held a host at some instant of `[from_ms, to_ms)`: the
+    /// ones a billing run of that period charges.
+    async fn reservations_in(
+        &self,
+        from_ms: UnixMillis,
+        to_ms: UnixMillis,
+    ) -> Result<Vec<Reservation>, StoreError>;
+
+    /// The reservation holding `host` at `now_ms`, if one does.
+    async fn holding(
+        &self,
+        host: Uuid,
+        now_ms: UnixMillis,
+    ) -> Result<Option<Reservation>, StoreError>;
+
+    /// A listing that sells `host`, if one does (listed or not): such a host is
+    /// controlled only by the holder of its reservation.
+    async fn selling_listing(&self, host: Uuid) -> Result<Option<String>, StoreError>;
+
+    /// Instances not terminated on a host whose reservation by their owner ended, while
+    /// that owner holds the host no more: the ones to stop and terminate.
+    async fn unreserved_instances(
+        &self,
+        now_ms: UnixMillis,
+    ) -> Result<Vec<InstanceRow>, StoreError>;
+
+    /// Per listing, reservations made ever and the hosts held at `now_ms` or later.
+    async fn listing_reservations(
+        &self,
+        now_ms: UnixMillis,
+    ) -> Result<BTreeMap<String, ListingReservations>, StoreError>;
+
+    /// Stores a quote given to `holder`.
+    async fn create_quote(
+        &self,
+        quote: &surplus_market::quote::Quote,
+        holder: &str,
+    ) -> Result<(), StoreError>;
+
+    /// One quote.
+    async fn quote(&self, id: Uuid) -> Result<Option<StoredQuote>, StoreError>;
 
     /// One reservation.
     async fn reservation(&self, id: Uuid) -> Result<Option<Reservation>, StoreError>;

@@ -1721,13 +1721,9 @@ macro_rules! sql_stores {
             ) -> Result<Vec<crate::ledger::Applied>, PostError> {
                 let mut tx = self.write_tx().await?;
                 $store::lock(&mut tx, Lock::Ledger).await?;
-                let mut applied = Vec::with_capacity(changes.postings.len());
-                for (posting, lines) in &changes.postings {
-                    // A refusal returns here: the transaction is dropped, rolled back,
-                    // and nothing of the set is applied.
-                    applied.push(post_in(&mut tx, posting, lines, now_ms).await?);
-                }
-                queue_notices(&mut tx, &changes.notices, now_ms).await?;
+                // A refusal returns here: the transaction is dropped, rolled back, and
+                // nothing of the set is applied.
+                let applied = apply_in(&mut tx, changes, now_ms).await?;
                 tx.commit().await?;
                 Ok(applied)
             }
@@ -2018,7 +2014,7 @@ macro_rules! sql_stores {
                     return Ok(false);
                 }
                 for l in &step.listings {
-                    sqlx::query("INSERT INTO listings (id, request, set_index, category, provider, record, listed, created_at_ms, updated_at_ms, next_retest_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9) ON CONFLICT (request, set_index, category) DO NOTHING")
+                    let inserted = sqlx::query("INSERT INTO listings (id, request, set_index, category, provider, record, listed, created_at_ms, updated_at_ms, next_retest_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9) ON CONFLICT (request, set_index, category) DO NOTHING")
                         .bind(&l.id)
                         .bind(l.request.to_string())
                         .bind(l.set as i64)
@@ -2030,6 +2026,9 @@ macro_rules! sql_stores {
                         .bind(l.next_retest_at_ms)
                         .execute(&mut *tx)
                         .await?;
+                    if inserted.rows_affected() > 0 {
+                        put_listing_hosts(&mut tx, l).await?;
+                    }
                 }
                 queue_notices(&mut tx, &step.notices, now_ms).await?;
                 tx.commit().await?;
@@ -2093,6 +2092,7 @@ macro_rules! sql_stores {
                     .bind(&listing.id)
                     .execute(&mut *tx)
                     .await?;
+                put_listing_hosts(&mut tx, listing).await?;
                 queue_notices(&mut tx, notices, now_ms).await?;
                 tx.commit().await?;
                 Ok(())
@@ -2140,29 +2140,38 @@ macro_rules! sql_stores {
                 listing: &str,
                 available: &[Uuid],
                 request: ReservationRequest,
+                quote: Option<Uuid>,
+                changes: StepChanges<'_, Reservation>,
                 now_ms: UnixMillis,
-            ) -> Result<Result<Vec<Reservation>, MarketRefusal>, StoreError> {
-                let mut tx = self.write_tx().await?;
-                $store::lock(&mut tx, Lock::Listing(listing)).await?;
+            ) -> Result<Result<Vec<Reservation>, MarketRefusal>, PostError> {
+                let mut tx = self.write_tx().await.map_err(StoreError::from)?;
+                $store::lock(&mut tx, Lock::Listing(listing)).await.map_err(StoreError::from)?;
                 let mut book = read_book(&mut tx, listing).await?;
                 let made = match book.handle_reserve(now_ms, request, available) {
                     Ok(made) => made,
                     Err(refusal) => return Ok(Err(refusal)),
                 };
-                for r in &made {
-                    sqlx::query("INSERT INTO reservations (id, listing, host, holder, record, starts_at_ms, until_ms, updated_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)")
-                        .bind(r.id.to_string())
-                        .bind(&r.listing)
-                        .bind(r.host.to_string())
-                        .bind(&r.holder)
-                        .bind(json_text(r))
-                        .bind(r.starts_at_ms)
-                        .bind(r.end_ms())
+                if let Some(quote) = quote {
+                    // Honoured once: of two acceptances the second finds it taken.
+                    let taken = sqlx::query("UPDATE quotes SET accepted_at_ms = $1 WHERE id = $2 AND accepted_at_ms IS NULL")
                         .bind(now_ms)
+                        .bind(quote.to_string())
                         .execute(&mut *tx)
-                        .await?;
+                        .await
+                        .map_err(StoreError::from)?
+                        .rows_affected();
+                    if taken == 0 {
+                        return Ok(Err(MarketRefusal {
+                            rule: "quote_used",
+                            message: format!("quote {quote} was accepted already; ask for a new one"),
+                        }));
+                    }
                 }
-                tx.commit().await?;
+                for r in &made {
+                    put_reservation(&mut tx, r, true, now_ms).await?;
+                }
+                apply_in(&mut tx, &changes(&made), now_ms).await?;
+                tx.commit().await.map_err(StoreError::from)?;
                 Ok(Ok(made))
             }
 
@@ -2171,25 +2180,148 @@ macro_rules! sql_stores {
                 listing: &str,
                 id: Uuid,
                 by: &str,
+                changes: StepChanges<'_, Reservation>,
                 now_ms: UnixMillis,
-            ) -> Result<Result<Ended, MarketRefusal>, StoreError> {
-                let mut tx = self.write_tx().await?;
-                $store::lock(&mut tx, Lock::Listing(listing)).await?;
+            ) -> Result<Result<Ended, MarketRefusal>, PostError> {
+                let mut tx = self.write_tx().await.map_err(StoreError::from)?;
+                $store::lock(&mut tx, Lock::Listing(listing)).await.map_err(StoreError::from)?;
                 let mut book = read_book(&mut tx, listing).await?;
                 let ended = match book.handle_release(now_ms, id, by) {
                     Ok(ended) => ended,
                     Err(refusal) => return Ok(Err(refusal)),
                 };
-                let r = book.get(id).expect("the book released it");
-                sqlx::query("UPDATE reservations SET record = $1, until_ms = $2, updated_at_ms = $3 WHERE id = $4")
-                    .bind(json_text(r))
-                    .bind(r.end_ms())
-                    .bind(now_ms)
-                    .bind(id.to_string())
-                    .execute(&mut *tx)
-                    .await?;
-                tx.commit().await?;
+                let r = book.get(id).expect("the book released it").clone();
+                put_reservation(&mut tx, &r, false, now_ms).await?;
+                apply_in(&mut tx, &changes(std::slice::from_ref(&r)), now_ms).await?;
+                tx.commit().await.map_err(StoreError::from)?;
                 Ok(Ok(ended))
+            }
+
+            async fn expire_reservations(
+                &self,
+                now_ms: UnixMillis,
+                changes: StepChanges<'_, Reservation>,
+            ) -> Result<Vec<Ended>, PostError> {
+                // Rows whose term passed and whose record still says active: the
+                // record's state is set by the step below, so a due listing is found
+                // again only until its expiry is recorded.
+                let due: Vec<String> = sqlx::query_scalar("SELECT DISTINCT listing FROM reservations WHERE until_ms IS NOT NULL AND until_ms <= $1 AND ended = 0 ORDER BY listing")
+                    .bind(now_ms)
+                    .fetch_all(self.reader())
+                    .await
+                    .map_err(StoreError::from)?;
+                let mut all = Vec::new();
+                for listing in due {
+                    let mut tx = self.write_tx().await.map_err(StoreError::from)?;
+                    $store::lock(&mut tx, Lock::Listing(&listing)).await.map_err(StoreError::from)?;
+                    // Read under the lock: another controller that got here first has
+                    // recorded these ends, and the book reports nothing twice.
+                    let mut book = read_book(&mut tx, &listing).await?;
+                    let ended = book.poll_expired(now_ms);
+                    let rows: Vec<Reservation> = ended
+                        .iter()
+                        .filter_map(|e| book.get(e.reservation).cloned())
+                        .collect();
+                    for r in &rows {
+                        put_reservation(&mut tx, r, false, now_ms).await?;
+                    }
+                    if !rows.is_empty() {
+                        apply_in(&mut tx, &changes(&rows), now_ms).await?;
+                    }
+                    tx.commit().await.map_err(StoreError::from)?;
+                    all.extend(ended);
+                }
+                Ok(all)
+            }
+
+            async fn reservations_in(&self, from_ms: UnixMillis, to_ms: UnixMillis) -> Result<Vec<Reservation>, StoreError> {
+                let records: Vec<String> = sqlx::query_scalar("SELECT record FROM reservations WHERE starts_at_ms < $2 AND (until_ms IS NULL OR until_ms > $1) ORDER BY starts_at_ms, id")
+                    .bind(from_ms)
+                    .bind(to_ms)
+                    .fetch_all(self.reader())
+                    .await?;
+                records.iter().map(|r| parse_json(r, "reservation")).collect()
+            }
+
+            async fn holding(&self, host: Uuid, now_ms: UnixMillis) -> Result<Option<Reservation>, StoreError> {
+                let record: Option<String> = sqlx::query_scalar("SELECT record FROM reservations WHERE host = $1 AND starts_at_ms <= $2 AND (until_ms IS NULL OR until_ms > $2) ORDER BY starts_at_ms DESC, id LIMIT 1")
+                    .bind(host.to_string())
+                    .bind(now_ms)
+                    .fetch_optional(self.reader())
+                    .await?;
+                record.map(|r| parse_json(&r, "reservation")).transpose()
+            }
+
+            async fn selling_listing(&self, host: Uuid) -> Result<Option<String>, StoreError> {
+                Ok(sqlx::query_scalar("SELECT listing FROM listing_hosts WHERE host = $1 ORDER BY listing LIMIT 1")
+                    .bind(host.to_string())
+                    .fetch_optional(self.reader())
+                    .await?)
+            }
+
+            async fn unreserved_instances(&self, now_ms: UnixMillis) -> Result<Vec<InstanceRow>, StoreError> {
+                // Not terminated and not on a host its owner holds now; and the host is
+                // held by another client now, or its owner's own reservation of it ended.
+                sqlx::query("SELECT i.* FROM instances i WHERE i.state <> 'terminated' \
+                    AND NOT EXISTS (SELECT 1 FROM reservations r WHERE r.host = i.agent_id AND i.owner_role = 'client' AND r.holder = i.account AND r.starts_at_ms <= $1 AND (r.until_ms IS NULL OR r.until_ms > $1)) \
+                    AND EXISTS (SELECT 1 FROM reservations r WHERE r.host = i.agent_id AND ( \
+                        (r.starts_at_ms <= $1 AND (r.until_ms IS NULL OR r.until_ms > $1)) \
+                        OR (i.owner_role = 'client' AND r.holder = i.account AND r.until_ms IS NOT NULL AND r.until_ms <= $1))) \
+                    ORDER BY i.agent_id, i.created_at_ms, i.id")
+                    .bind(now_ms)
+                    .fetch_all(self.reader())
+                    .await?
+                    .iter()
+                    .map(instance_from_row)
+                    .collect()
+            }
+
+            async fn listing_reservations(&self, now_ms: UnixMillis) -> Result<BTreeMap<String, ListingReservations>, StoreError> {
+                let mut out: BTreeMap<String, ListingReservations> = BTreeMap::new();
+                for r in sqlx::query("SELECT listing, COUNT(*) AS n FROM reservations GROUP BY listing")
+                    .fetch_all(self.reader())
+                    .await?
+                {
+                    let n: i64 = r.try_get("n")?;
+                    out.entry(r.try_get("listing")?).or_default().past = n.max(0) as u64;
+                }
+                for r in sqlx::query("SELECT listing, host FROM reservations WHERE until_ms IS NULL OR until_ms > $1")
+                    .bind(now_ms)
+                    .fetch_all(self.reader())
+                    .await?
+                {
+                    let host: String = r.try_get("host")?;
+                    out.entry(r.try_get("listing")?).or_default().held.push(parse_uuid(&host)?);
+                }
+                Ok(out)
+            }
+
+            async fn create_quote(&self, quote: &surplus_market::quote::Quote, holder: &str) -> Result<(), StoreError> {
+                sqlx::query("INSERT INTO quotes (id, listing, holder, record, valid_until_ms) VALUES ($1, $2, $3, $4, $5)")
+                    .bind(quote.id.to_string())
+                    .bind(&quote.listing)
+                    .bind(holder)
+                    .bind(json_text(quote))
+                    .bind(quote.valid_until_ms)
+                    .execute(self.writer())
+                    .await?;
+                Ok(())
+            }
+
+            async fn quote(&self, id: Uuid) -> Result<Option<StoredQuote>, StoreError> {
+                let Some(r) = sqlx::query("SELECT holder, record, accepted_at_ms FROM quotes WHERE id = $1")
+                    .bind(id.to_string())
+                    .fetch_optional(self.reader())
+                    .await?
+                else {
+                    return Ok(None);
+                };
+                let record: String = r.try_get("record")?;
+                Ok(Some(StoredQuote {
+                    quote: parse_json(&record, "quote")?,
+                    holder: r.try_get("holder")?,
+                    accepted_at_ms: r.try_get("accepted_at_ms")?,
+                }))
             }
 
             async fn reservation(&self, id: Uuid) -> Result<Option<Reservation>, StoreError> {
@@ -2214,23 +2346,86 @@ macro_rules! sql_stores {
             }
         }
 
+        /// Keeps the hosts a listing sells in step with its record.
+        async fn put_listing_hosts(conn: &mut $conn, l: &Listing) -> Result<(), sqlx::Error> {
+            sqlx::query("DELETE FROM listing_hosts WHERE listing = $1")
+                .bind(&l.id)
+                .execute(&mut *conn)
+                .await?;
+            for h in &l.hosts {
+                sqlx::query("INSERT INTO listing_hosts (listing, host) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+                    .bind(&l.id)
+                    .bind(h.to_string())
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            Ok(())
+        }
+
+        /// Writes a reservation's row: inserted when `new`, else its record and end.
+        async fn put_reservation(conn: &mut $conn, r: &Reservation, new: bool, now_ms: UnixMillis) -> Result<(), StoreError> {
+            let ended = i64::from(matches!(
+                r.state,
+                surplus_market::reservations::State::Ended { .. }
+            ));
+            let statement = match new {
+                true => "INSERT INTO reservations (id, listing, host, holder, record, starts_at_ms, until_ms, updated_at_ms, ended) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                false => "UPDATE reservations SET listing = $2, host = $3, holder = $4, record = $5, starts_at_ms = $6, until_ms = $7, updated_at_ms = $8, ended = $9 WHERE id = $1",
+            };
+            sqlx::query(statement)
+                .bind(r.id.to_string())
+                .bind(&r.listing)
+                .bind(r.host.to_string())
+                .bind(&r.holder)
+                .bind(json_text(r))
+                .bind(r.starts_at_ms)
+                .bind(r.end_ms())
+                .bind(now_ms)
+                .bind(ended)
+                .execute(&mut *conn)
+                .await?;
+            Ok(())
+        }
+
+        /// Applies a step's change set inside the caller's transaction: postings
+        /// through the ledger's rule (under its lock), notices, prices.
+        async fn apply_in(conn: &mut $conn, changes: &ChangeSet, now_ms: UnixMillis) -> Result<Vec<crate::ledger::Applied>, PostError> {
+            let mut applied = Vec::with_capacity(changes.postings.len());
+            if !changes.postings.is_empty() {
+                $store::lock(&mut *conn, Lock::Ledger).await.map_err(StoreError::from)?;
+            }
+            for (posting, lines) in &changes.postings {
+                applied.push(post_in(&mut *conn, posting, lines, now_ms).await?);
+            }
+            queue_notices(&mut *conn, &changes.notices, now_ms).await.map_err(StoreError::from)?;
+            for p in &changes.prices {
+                record_price_in(&mut *conn, p).await?;
+            }
+            Ok(applied)
+        }
+
+        async fn record_price_in(conn: &mut $conn, p: &PricePoint) -> Result<bool, StoreError> {
+            Ok(sqlx::query("INSERT INTO price_history (id, kind, listing, provider, zone, category, currency, price, at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (id) DO NOTHING")
+                .bind(&p.id)
+                .bind(surplus_market::records::name_of(&p.kind))
+                .bind(&p.listing)
+                .bind(&p.provider)
+                .bind(&p.zone)
+                .bind(&p.category)
+                .bind(&p.currency)
+                .bind(i64::try_from(p.price).map_err(|_| StoreError::Corrupt(format!("price {} out of range", p.price)))?)
+                .bind(p.at_ms)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected()
+                > 0)
+        }
+
         #[async_trait]
         impl PriceHistoryStore for $store {
             async fn record_price(&self, p: &PricePoint) -> Result<bool, StoreError> {
-                Ok(sqlx::query("INSERT INTO price_history (id, kind, listing, provider, zone, category, currency, price, at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (id) DO NOTHING")
-                    .bind(&p.id)
-                    .bind(surplus_market::records::name_of(&p.kind))
-                    .bind(&p.listing)
-                    .bind(&p.provider)
-                    .bind(&p.zone)
-                    .bind(&p.category)
-                    .bind(&p.currency)
-                    .bind(i64::try_from(p.price).map_err(|_| StoreError::Corrupt(format!("price {} out of range", p.price)))?)
-                    .bind(p.at_ms)
-                    .execute(self.writer())
-                    .await?
-                    .rows_affected()
-                    > 0)
+                let mut conn = self.writer().acquire().await?;
+                record_price_in(&mut conn, p).await
             }
 
             async fn price_history(&self, q: &HistoryQuery, limit: u32) -> Result<Vec<PricePoint>, StoreError> {

@@ -7,6 +7,7 @@
 
 mod agents;
 mod billing;
+mod buy;
 mod client;
 mod control;
 mod ledger;
@@ -62,6 +63,8 @@ enum Command {
     Resell(resell::Command),
     #[command(flatten)]
     Market(market::Command),
+    #[command(flatten)]
+    Buy(buy::Command),
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -111,6 +114,7 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         Command::Ledger(c) => ledger::run(&client, cli.json, c).await,
         Command::Resell(c) => resell::run(&client, cli.json, c).await,
         Command::Market(c) => market::run(&client, cli.json, c).await,
+        Command::Buy(c) => buy::run(&client, cli.json, c).await,
     }
 }
 

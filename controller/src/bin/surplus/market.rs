@@ -174,7 +174,8 @@ fn read_request(file: &std::path::Path) -> anyhow::Result<ResellRequest> {
     }
 }
 
-fn query(pairs: &[(&str, Option<String>)]) -> String {
+/// A query string of the pairs that have a value.
+pub(crate) fn query(pairs: &[(&str, Option<String>)]) -> String {
     let mut q = form_urlencoded::Serializer::new(String::new());
     for (k, v) in pairs {
         if let Some(v) = v {

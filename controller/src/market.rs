@@ -1,0 +1,900 @@
+//! The buying side's shell (issue 16): offers, quotes, reservations, their ends, and
+//! who may control a reserved host.
+//!
+//! Thin around `surplus_market`: the offers and their prices are
+//! `surplus_market::offers`, quotes and terms `surplus_market::quote`, the book of
+//! reserved hosts `surplus_market::reservations`. This module reads what a decision
+//! needs, asks, and has the store apply the result in one transaction with its
+//! postings (a term's upfront fee, through the ledger's rule: a prepaid client
+//! without the funds reserves nothing), its notices and its prices.
+//!
+//! Ends are timers kept as rows: a term's end is the reservation's `until_ms`, found
+//! by [`Market::tick`] on every controller, recorded once under the listing's lock.
+//! Stopping what ran on a host is level-triggered: every tick terminates, through
+//! the control path, each instance whose owner's reservation of its host ended and
+//! who holds the host no more, so a controller that stopped between the two steps
+//! finishes the work on its next tick.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use surplus_api::market::{HostAccess, ReservationView, ReserveRequest};
+use surplus_market::billing;
+use surplus_market::offers::{Offer, OfferQuery, OfferStats};
+use surplus_market::quote::{self, Quote, Term};
+use surplus_market::resell::{FieldError, PricingMode};
+pub use surplus_market::reservations::Reservation;
+use surplus_market::reservations::{Ended, Request};
+use surplus_protocol::clock::UnixMillis;
+use uuid::Uuid;
+
+use crate::app::App;
+use crate::store::{
+    AgentStatus, ChangeSet, Listing, MarketRefusal, Notice, PostError, Principal, Role, StoreError,
+    StoredQuote,
+};
+
+/// Most hosts one reservation request may ask for.
+pub const MAX_COUNT: u32 = 100;
+
+/// Why a market request failed; the API maps each to a status.
+#[derive(Debug, thiserror::Error)]
+pub enum MarketError {
+    /// A value is not acceptable (400), named by its field.
+    #[error("{field}: {message}")]
+    Invalid {
+        /// The field.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// Several values are not acceptable (400).
+    #[error("{}", .0.iter().map(|e| format!("{}: {}", e.field, e.message)).collect::<Vec<_>>().join("; "))]
+    Fields(Vec<FieldError>),
+    /// No such thing, or not the caller's to see (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// The caller may not (403).
+    #[error("{0}")]
+    Forbidden(String),
+    /// A market rule refused it (409, or 403 for `not_holder`), naming the rule.
+    #[error(transparent)]
+    Refused(#[from] MarketRefusal),
+    /// The ledger refused the money it moves (402 for missing funds).
+    #[error(transparent)]
+    Ledger(surplus_market::ledger::LedgerError),
+    /// Storage failed (500).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<PostError> for MarketError {
+    fn from(e: PostError) -> Self {
+        match e {
+            PostError::Ledger(e) => MarketError::Ledger(e),
+            PostError::Store(e) => MarketError::Store(e),
+        }
+    }
+}
+
+fn invalid(field: &str, message: impl Into<String>) -> MarketError {
+    MarketError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// The buying side: offers, quotes, reservations.
+#[derive(Debug, Clone)]
+pub struct Market {
+    app: Arc<App>,
+}
+
+impl Market {
+    pub(crate) fn new(app: Arc<App>) -> Self {
+        Self { app }
+    }
+
+    fn now(&self) -> UnixMillis {
+        self.app.clock.now_ms()
+    }
+
+    fn quote_validity_ms(&self) -> i64 {
+        self.app.config.market.quote_validity.as_millis() as i64
+    }
+
+    /// The providers that may sell now: on the accepted list, with an agreement in
+    /// force.
+    pub async fn selling_providers(
+        &self,
+    ) -> Result<std::collections::BTreeSet<String>, StoreError> {
+        let now = self.now();
+        let agreements = self.app.store.agreements(None).await?;
+        Ok(self
+            .app
+            .store
+            .providers()
+            .await?
+            .into_iter()
+            .filter(|p| {
+                let theirs: Vec<_> = agreements
+                    .iter()
+                    .filter(|a| a.provider == p.account)
+                    .cloned()
+                    .collect();
+                p.accepted && surplus_market::resell::agreement_in_force(&theirs, now).is_some()
+            })
+            .map(|p| p.account)
+            .collect())
+    }
+
+    /// The hosts of `listing` a reservation may get now: its hosts whose agents are
+    /// online (the book then leaves out those held).
+    async fn hosts_on_offer(&self, listing: &Listing) -> Result<Vec<Uuid>, StoreError> {
+        let mut out = Vec::with_capacity(listing.hosts.len());
+        for h in &listing.hosts {
+            if let Some(a) = self.app.store.agent(*h).await? {
+                if a.status == AgentStatus::Online {
+                    out.push(*h);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The provider's minimum price for `listing` (its request's), and its goal.
+    async fn terms_of(
+        &self,
+        listing: &Listing,
+    ) -> Result<(u64, surplus_market::resell::Goal), StoreError> {
+        let row = self
+            .app
+            .store
+            .resell_request(listing.request)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt(format!("listing {} has no request", listing.id)))?;
+        Ok((row.document.pricing.minimum_price, row.document.goal))
+    }
+
+    /// The offers matching `pairs` (the query of `GET /v1/offers`), ranked as asked.
+    /// `decorated` are the offered listings with their rating, uptime and
+    /// utilisation filled in.
+    pub async fn offers(
+        &self,
+        pairs: &[(String, String)],
+        decorated: Vec<Listing>,
+    ) -> Result<Vec<Offer>, MarketError> {
+        let query = OfferQuery::parse(pairs).map_err(MarketError::Fields)?;
+        let now = self.now();
+        let selling = self.selling_providers().await?;
+        let listings: Vec<Listing> = decorated
+            .into_iter()
+            .filter(|l| l.listed && selling.contains(&l.provider))
+            .collect();
+        let reservations = self.app.store.listing_reservations(now).await?;
+        let mut stats = BTreeMap::new();
+        let mut minimums = BTreeMap::new();
+        for l in &listings {
+            let on_offer = self.hosts_on_offer(l).await?;
+            let held = reservations.get(&l.id);
+            let free = on_offer
+                .iter()
+                .filter(|h| held.is_none_or(|r| !r.held.contains(h)))
+                .count();
+            stats.insert(
+                l.id.clone(),
+                OfferStats {
+                    available: free as u32,
+                    past_reservations: held.map_or(0, |r| r.past),
+                },
+            );
+            minimums.insert(l.id.clone(), self.terms_of(l).await?.0);
+        }
+        let categories = self.categories().await?;
+        let mut found = surplus_market::offers::offers(
+            &listings,
+            &stats,
+            &minimums,
+            &categories,
+            &query,
+            now,
+            self.quote_validity_ms(),
+        );
+        // The operator's own capacity busy: idle third-party capacity first (C7).
+        if let Some(primary) = &self.app.config.market.primary_provider {
+            let (mut held, mut all) = (0usize, 0usize);
+            for l in listings.iter().filter(|l| &l.provider == primary) {
+                all += l.hosts.len();
+                held += reservations.get(&l.id).map_or(0, |r| r.held.len());
+            }
+            let utilisation = if all == 0 {
+                0.0
+            } else {
+                held as f64 / all as f64
+            };
+            let prefer = surplus_market::interrupt::prefer_third_party(
+                utilisation,
+                self.app.config.market.utilisation_threshold,
+            );
+            surplus_market::interrupt::order_for_load(&mut found, primary, prefer, |o| {
+                (o.listing.provider.as_str(), o.available > 0)
+            });
+        }
+        Ok(found)
+    }
+
+    async fn categories(&self) -> Result<surplus_market::catalog::Categories, StoreError> {
+        crate::resell::categories(self.app.store.as_ref()).await
+    }
+
+    /// A listing a client may buy from now: listed, of a provider that may sell.
+    async fn buyable(&self, id: &str) -> Result<Listing, MarketError> {
+        let listing = self
+            .app
+            .store
+            .listing(id)
+            .await?
+            .ok_or_else(|| MarketError::NotFound(format!("listing {id} not found")))?;
+        if !listing.listed || !self.selling_providers().await?.contains(&listing.provider) {
+            return Err(MarketRefusal {
+                rule: "not_listed",
+                message: format!("listing {id} is not offered now"),
+            }
+            .into());
+        }
+        Ok(listing)
+    }
+
+    /// Gives `caller` an immediate quote for `listing`, held for the configured
+    /// validity.
+    pub async fn quote(&self, caller: &Principal, listing: &str) -> Result<Quote, MarketError> {
+        require_client(caller)?;
+        let listing = self.buyable(listing).await?;
+        if !listing.pricing_modes.contains(&PricingMode::Immediate) {
+            return Err(invalid(
+                "listing",
+                format!("listing {} does not sell immediate quotes", listing.id),
+            ));
+        }
+        let (minimum, _) = self.terms_of(&listing).await?;
+        let q = quote::issue(
+            Uuid::now_v7(),
+            &listing.id,
+            listing.price,
+            minimum,
+            self.now(),
+            self.quote_validity_ms(),
+        )?;
+        self.app.store.create_quote(&q, &caller.account).await?;
+        Ok(q)
+    }
+
+    /// Reserves hosts for `caller` as `body` asks; a retry with the same client token
+    /// answers with what the first attempt made.
+    pub async fn reserve(
+        &self,
+        caller: &Principal,
+        body: ReserveRequest,
+    ) -> Result<Vec<ReservationView>, MarketError> {
+        require_client(caller)?;
+        let count = body.count.unwrap_or(1);
+        if !(1..=MAX_COUNT).contains(&count) {
+            return Err(invalid(
+                "count",
+                format!("{count}: a request reserves 1 to {MAX_COUNT} hosts"),
+            ));
+        }
+        if let Some(t) = &body.client_token {
+            if t.is_empty() || t.len() > 64 || t.chars().any(char::is_control) {
+                return Err(invalid(
+                    "client_token",
+                    "1 to 64 characters, none of them control characters",
+                ));
+            }
+        }
+        let ids: Vec<Uuid> = (0..count)
+            .map(|n| match &body.client_token {
+                Some(t) => token_id(&caller.account, t, n),
+                None => Uuid::now_v7(),
+            })
+            .collect();
+        // A retry is answered from what the first attempt stored.
+        if let Some(t) = body.term_hours {
+            if !(1..=surplus_market::offers::MAX_PERIOD_HOURS).contains(&t) {
+                return Err(invalid(
+                    "term_hours",
+                    format!(
+                        "{t}: a term is 1 to {} hours",
+                        surplus_market::offers::MAX_PERIOD_HOURS
+                    ),
+                ));
+            }
+        }
+        if body.client_token.is_some() {
+            if let Some(made) = self.made_before(caller, &ids).await? {
+                return same_request(made, &body);
+            }
+        }
+        let listing = self.buyable(&body.listing).await?;
+        if !listing.pricing_modes.contains(&body.mode) {
+            return Err(invalid(
+                "mode",
+                format!(
+                    "listing {} does not sell {}; it sells {}",
+                    listing.id,
+                    surplus_market::records::name_of(&body.mode),
+                    listing
+                        .pricing_modes
+                        .iter()
+                        .map(surplus_market::records::name_of)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+        let (minimum, goal) = self.terms_of(&listing).await?;
+        let now = self.now();
+        let mut quote_used = None;
+        let (price, term) = match body.mode {
+            PricingMode::OnDemand => (quote::on_demand(listing.price, minimum)?, None),
+            PricingMode::Immediate => {
+                let id = body.quote.ok_or_else(|| {
+                    invalid(
+                        "quote",
+                        "an immediate reservation accepts a quote (POST /v1/quotes)",
+                    )
+                })?;
+                let q = self.own_quote(caller, id).await?;
+                if q.quote.listing != listing.id {
+                    return Err(invalid(
+                        "quote",
+                        format!(
+                            "quote {id} prices listing {}, not {}",
+                            q.quote.listing, listing.id
+                        ),
+                    ));
+                }
+                let price = quote::accept(&q.quote, now)?;
+                quote_used = Some(q.quote);
+                (price, None)
+            }
+            PricingMode::Reserved => {
+                let prices = surplus_market::offers::terms(
+                    &listing,
+                    minimum,
+                    body.term_hours,
+                    now,
+                    self.quote_validity_ms(),
+                );
+                let p = prices
+                    .iter()
+                    .find(|p| p.mode == PricingMode::Reserved)
+                    .ok_or_else(|| {
+                        invalid(
+                            "mode",
+                            format!(
+                                "listing {} has no long-term term: its price {} is its minimum",
+                                listing.id, listing.price
+                            ),
+                        )
+                    })?;
+                let term = Term {
+                    upfront: p.upfront,
+                    hourly: p.hourly,
+                    term_ms: p.term_ms.unwrap_or_default(),
+                };
+                quote::check_term(&term, listing.price, minimum)?;
+                (term.hourly, Some(term))
+            }
+            PricingMode::Spot | PricingMode::Auction => {
+                return Err(invalid(
+                    "mode",
+                    "spot and auction capacity is bought by bidding, not reserved at a price",
+                ));
+            }
+        };
+        if body.quote.is_some() && body.mode != PricingMode::Immediate {
+            return Err(invalid(
+                "quote",
+                "only an immediate reservation accepts a quote",
+            ));
+        }
+        if body.term_hours.is_some() && body.mode != PricingMode::Reserved {
+            return Err(invalid(
+                "term_hours",
+                "only a long-term reservation has a term",
+            ));
+        }
+        let mut request = Request {
+            ids: ids.clone(),
+            listing: listing.id.clone(),
+            holder: caller.account.clone(),
+            mode: body.mode,
+            interruptibility: listing.interruptibility,
+            goal,
+            price,
+            upfront: 0,
+            term_ms: None,
+        };
+        if let Some(term) = &term {
+            request = request.with_term(term);
+        }
+        self.check_funds(caller, &listing.currency, count, price, term.as_ref())
+            .await?;
+        let available = self.hosts_on_offer(&listing).await?;
+        let bps = self.commission_bps(&listing.provider, now).await?;
+        let changes = |made: &[Reservation]| made_changes(&listing, made, quote_used.as_ref(), bps);
+        match self
+            .app
+            .store
+            .reserve(
+                &listing.id,
+                &available,
+                request,
+                quote_used.as_ref().map(|q| q.id),
+                &changes,
+                now,
+            )
+            .await?
+        {
+            Ok(made) => {
+                tracing::info!(listing = %listing.id, holder = %caller.account, count = made.len(), price, "reserved");
+                let mut views = Vec::with_capacity(made.len());
+                for r in made {
+                    views.push(self.view(r).await?);
+                }
+                Ok(views)
+            }
+            Err(refusal) if refusal.rule == "duplicate" && body.client_token.is_some() => {
+                // Raced a retry of itself: the other attempt stored them.
+                match self.made_before(caller, &ids).await? {
+                    Some(made) => same_request(made, &body),
+                    None => Err(refusal.into()),
+                }
+            }
+            Err(refusal) => Err(refusal.into()),
+        }
+    }
+
+    /// A prepaid client must be able to pay what a reservation costs at once: each
+    /// host's upfront fee and first hour, and the configured prepaid minimum (402
+    /// otherwise, nothing reserved). The upfront fee itself is posted with the
+    /// reservation, through the ledger's rule, in its transaction.
+    async fn check_funds(
+        &self,
+        caller: &Principal,
+        currency: &str,
+        count: u32,
+        hourly: u64,
+        term: Option<&Term>,
+    ) -> Result<(), MarketError> {
+        let account = surplus_market::ledger::client(&caller.account);
+        let Some(balance) = prepaid_balance(self.app.store.as_ref(), &account, currency).await?
+        else {
+            return Ok(());
+        };
+        let each = hourly.saturating_add(term.map_or(0, |t| t.upfront));
+        let needed = i64::try_from(each.saturating_mul(u64::from(count)))
+            .unwrap_or(i64::MAX)
+            .saturating_add(self.app.config.prepaid_minimum.max(0));
+        if balance < needed {
+            return Err(MarketError::Ledger(
+                surplus_market::ledger::LedgerError::Insufficient {
+                    key: "reservation".into(),
+                    account,
+                    currency: currency.into(),
+                    balance,
+                    needed,
+                },
+            ));
+        }
+        Ok(())
+    }
+
+    async fn own_quote(&self, caller: &Principal, id: Uuid) -> Result<StoredQuote, MarketError> {
+        match self.app.store.quote(id).await? {
+            Some(q) if q.holder == caller.account => Ok(q),
+            _ => Err(MarketError::NotFound(format!("quote {id} not found"))),
+        }
+    }
+
+    async fn commission_bps(&self, provider: &str, at_ms: UnixMillis) -> Result<u32, StoreError> {
+        let agreements = self.app.store.agreements(Some(provider)).await?;
+        Ok(billing::commission_bps_at(
+            &agreements,
+            at_ms,
+            self.app.config.commission_bps,
+        ))
+    }
+
+    /// The reservations `ids` if a first attempt made them all for `caller`.
+    async fn made_before(
+        &self,
+        caller: &Principal,
+        ids: &[Uuid],
+    ) -> Result<Option<Vec<ReservationView>>, MarketError> {
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            match self.app.store.reservation(*id).await? {
+                Some(r) if r.holder == caller.account => out.push(self.view(r).await?),
+                _ => return Ok(None),
+            }
+        }
+        Ok(Some(out))
+    }
+
+    /// A reservation as its holder sees it, with access details while it holds.
+    pub async fn view(&self, r: Reservation) -> Result<ReservationView, StoreError> {
+        let listing = self.app.store.listing(&r.listing).await?;
+        let currency = listing
+            .as_ref()
+            .map(|l| l.currency.clone())
+            .unwrap_or_default();
+        let access = match (&listing, r.holds_from(self.now())) {
+            (Some(l), true) => Some(self.access(l, r.host).await?),
+            _ => None,
+        };
+        Ok(ReservationView {
+            reservation: r,
+            currency,
+            access,
+        })
+    }
+
+    async fn access(&self, listing: &Listing, host: Uuid) -> Result<HostAccess, StoreError> {
+        let agent = self.app.store.agent(host).await?;
+        let address = self
+            .app
+            .store
+            .sessions(host, 1)
+            .await?
+            .into_iter()
+            .next()
+            .map(|s| s.remote_addr);
+        let category = self
+            .categories()
+            .await?
+            .list()
+            .iter()
+            .find(|c| c.name == listing.category)
+            .cloned();
+        Ok(HostAccess {
+            host,
+            zone: listing.zone.clone(),
+            hostname: agent.map(|a| a.hostname),
+            address,
+            control_endpoint: format!("POST /v1/control with agent_id {host}"),
+            category: listing.category.clone(),
+            cores: category.as_ref().map(|c| c.min_cores),
+            memory_bytes: category.map(|c| c.min_memory_bytes),
+        })
+    }
+
+    /// The caller's reservations, newest first.
+    pub async fn reservations(
+        &self,
+        caller: &Principal,
+    ) -> Result<Vec<ReservationView>, MarketError> {
+        let mut out = Vec::new();
+        for r in self.app.store.reservations_of(&caller.account).await? {
+            if caller.role == Role::Client {
+                out.push(self.view(r).await?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// One reservation: its holder's, or any for an admin.
+    pub async fn reservation(
+        &self,
+        caller: &Principal,
+        id: Uuid,
+    ) -> Result<ReservationView, MarketError> {
+        match self.app.store.reservation(id).await? {
+            Some(r)
+                if caller.role == Role::Admin
+                    || (caller.role == Role::Client && r.holder == caller.account) =>
+            {
+                Ok(self.view(r).await?)
+            }
+            _ => Err(MarketError::NotFound(format!("reservation {id} not found"))),
+        }
+    }
+
+    /// Ends reservation `id` by its holder now; the holder's instances on the host
+    /// are stopped and terminated (now, and by the next tick if the host could not be
+    /// reached).
+    pub async fn release(
+        &self,
+        caller: &Principal,
+        id: Uuid,
+    ) -> Result<ReservationView, MarketError> {
+        let r = match self.app.store.reservation(id).await? {
+            Some(r) => r,
+            None => return Err(MarketError::NotFound(format!("reservation {id} not found"))),
+        };
+        if caller.role != Role::Client {
+            return Err(MarketError::Forbidden(
+                "only the client that holds a reservation may release it".into(),
+            ));
+        }
+        let now = self.now();
+        let listing = self.app.store.listing(&r.listing).await?;
+        let changes = |ended: &[Reservation]| ended_changes(listing.as_ref(), ended, "released");
+        let ended = self
+            .app
+            .store
+            .release_reservation(&r.listing, id, &caller.account, &changes, now)
+            .await??;
+        tracing::info!(reservation = %id, holder = %caller.account, host = %ended.host, "released");
+        let r = self
+            .app
+            .store
+            .reservation(id)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt(format!("reservation {id} vanished")))?;
+        Ok(self.view(r).await?)
+    }
+
+    /// Records the terms that ended (the first half of a tick; [`drive`] then has the
+    /// control path stop what ran on hosts whose holders hold them no more).
+    pub async fn tick(&self) -> Result<Vec<Ended>, MarketError> {
+        let now = self.now();
+        let listings: BTreeMap<String, Listing> = self
+            .app
+            .store
+            .listings()
+            .await?
+            .into_iter()
+            .map(|l| (l.id.clone(), l))
+            .collect();
+        let changes = |ended: &[Reservation]| {
+            let listing = ended.first().and_then(|r| listings.get(&r.listing));
+            ended_changes(listing, ended, "expired")
+        };
+        let ended = self.app.store.expire_reservations(now, &changes).await?;
+        for e in &ended {
+            tracing::info!(reservation = %e.reservation, host = %e.host, "reservation term ended");
+        }
+        Ok(ended)
+    }
+
+    /// Who may use `host` for `caller` now (run, start, reboot, modify, snapshot:
+    /// what keeps or adds work there): `Ok(Some(r))` for the holder of its reservation
+    /// `r`; `Err` (403) for anyone else while it is reserved, and for everyone on a
+    /// host a listing sells that nobody holds (reserve it first); `Ok(None)` on a host
+    /// the market does not sell (the owner rules of the control path apply). What
+    /// only ends work (stop, terminate, delete a volume) is its owner's to do
+    /// anywhere and is not asked here; nor is reading (describe, status, logs), which
+    /// the owner rules decide. A host stays sold while its listing is delisted: nobody
+    /// uses it until the listing is relisted and the host reserved.
+    pub async fn gate(
+        &self,
+        caller: &Principal,
+        host: Uuid,
+    ) -> Result<Option<Reservation>, MarketError> {
+        let now = self.now();
+        match self.app.store.holding(host, now).await? {
+            Some(r) if caller.role == Role::Client && r.holder == caller.account => Ok(Some(r)),
+            Some(r) => Err(MarketError::Forbidden(format!(
+                "host {host} is reserved ({}); only the client that holds it may use it",
+                r.id
+            ))),
+            None => match self.app.store.selling_listing(host).await? {
+                Some(listing) => Err(MarketError::Forbidden(format!(
+                    "host {host} is sold through listing {listing}: reserve it first (POST /v1/reservations)"
+                ))),
+                None => Ok(None),
+            },
+        }
+    }
+
+    /// The hosts `caller` holds now.
+    pub async fn held_hosts(&self, caller: &Principal) -> Result<Vec<Uuid>, StoreError> {
+        if caller.role != Role::Client {
+            return Ok(Vec::new());
+        }
+        let now = self.now();
+        Ok(self
+            .app
+            .store
+            .reservations_of(&caller.account)
+            .await?
+            .into_iter()
+            .filter(|r| r.holds_at(now))
+            .map(|r| r.host)
+            .collect())
+    }
+
+    /// The size an instance of the holder must fit on a host of `listing`: its
+    /// category's CPUs (as millicpus) and memory.
+    pub async fn size_of(&self, listing: &str) -> Result<Option<(u32, u64)>, StoreError> {
+        let Some(l) = self.app.store.listing(listing).await? else {
+            return Ok(None);
+        };
+        Ok(self
+            .categories()
+            .await?
+            .list()
+            .iter()
+            .find(|c| c.name == l.category)
+            .map(|c| (c.min_cores.saturating_mul(1000), c.min_memory_bytes)))
+    }
+}
+
+/// The balance in `currency` of `account` when it is prepaid (may not go below
+/// zero); `None` when it may.
+pub(crate) async fn prepaid_balance(
+    store: &dyn crate::store::Store,
+    account: &str,
+    currency: &str,
+) -> Result<Option<i64>, StoreError> {
+    let prepaid = store
+        .account_policy(account)
+        .await?
+        .is_some_and(|allow_negative| !allow_negative);
+    if !prepaid {
+        return Ok(None);
+    }
+    Ok(Some(
+        store
+            .balances(Some(account))
+            .await?
+            .into_iter()
+            .find(|(_, c, _)| c == currency)
+            .map_or(0, |(_, _, b)| b),
+    ))
+}
+
+fn require_client(caller: &Principal) -> Result<(), MarketError> {
+    if caller.role == Role::Client {
+        Ok(())
+    } else {
+        Err(MarketError::Forbidden(
+            "buying capacity needs the client role".into(),
+        ))
+    }
+}
+
+/// The id of the `n`th reservation of a request with client token `token`: the same
+/// for a retry, different for another client.
+fn token_id(holder: &str, token: &str, n: u32) -> Uuid {
+    let digest = surplus_certs::sha256(format!("reservation\0{holder}\0{token}\0{n}").as_bytes());
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(bytes).into_uuid()
+}
+
+/// What making `made` changes beside the book: the upfront fee of each term (the
+/// client pays, the provider gets it net of the commission), the provider's notice
+/// with the price, the accepted quote's price in the history.
+fn made_changes(
+    listing: &Listing,
+    made: &[Reservation],
+    quote: Option<&Quote>,
+    commission_bps: u32,
+) -> ChangeSet {
+    let mut set = ChangeSet::default();
+    for r in made.iter().filter(|r| r.upfront > 0) {
+        let mut posting = billing::bill_posting(
+            &format!("reservation:{}:upfront", r.id),
+            &r.holder,
+            &listing.provider,
+            &listing.currency,
+            i64::try_from(r.upfront).unwrap_or(i64::MAX),
+            commission_bps,
+        );
+        posting.kind = "upfront".into();
+        posting.memo = format!(
+            "upfront fee of reservation {} on listing {}",
+            r.id, listing.id
+        );
+        set.postings.push((posting, Vec::new()));
+    }
+    if let Some(first) = made.first() {
+        set.notices.push(Notice {
+            key: format!("reservation.made:{}", first.id),
+            recipient: crate::resell::provider_recipient(&listing.provider),
+            kind: "reservation.made".into(),
+            body: serde_json::json!({
+                "listing": listing.id,
+                "reservations": made.iter().map(|r| r.id).collect::<Vec<_>>(),
+                "hosts": made.iter().map(|r| r.host).collect::<Vec<_>>(),
+                "mode": first.mode,
+                "price": first.price,
+                "upfront": first.upfront,
+                "currency": listing.currency,
+                "starts_at_ms": first.starts_at_ms,
+                "ends_at_ms": first.ends_at_ms,
+            }),
+        });
+    }
+    if let Some(q) = quote {
+        set.prices.push(surplus_market::history::PricePoint {
+            id: format!("quote:{}", q.id),
+            kind: surplus_market::history::PriceKind::Quote,
+            listing: listing.id.clone(),
+            provider: listing.provider.clone(),
+            zone: listing.zone.clone(),
+            category: listing.category.clone(),
+            currency: listing.currency.clone(),
+            price: q.price,
+            at_ms: made.first().map_or(q.issued_at_ms, |r| r.starts_at_ms),
+        });
+    }
+    set
+}
+
+/// The notices of reservations that ended (`how`: released, expired): to the holder
+/// and to the provider.
+fn ended_changes(listing: Option<&Listing>, ended: &[Reservation], how: &str) -> ChangeSet {
+    let mut set = ChangeSet::default();
+    for r in ended {
+        let body = serde_json::json!({
+            "reservation": r.id,
+            "listing": r.listing,
+            "host": r.host,
+            "how": how,
+            "ended_at_ms": r.end_ms(),
+        });
+        set.notices.push(Notice {
+            key: format!("reservation.ended:{}", r.id),
+            recipient: format!("client:{}", r.holder),
+            kind: "reservation.ended".into(),
+            body: body.clone(),
+        });
+        if let Some(l) = listing {
+            set.notices.push(Notice {
+                key: format!("reservation.ended:{}:provider", r.id),
+                recipient: crate::resell::provider_recipient(&l.provider),
+                kind: "reservation.ended".into(),
+                body,
+            });
+        }
+    }
+    set
+}
+
+/// Drives the market's timers until `cancel`: every `market.tick`, records the terms
+/// that ended, then has the control path stop what runs on hosts whose holders hold
+/// them no more (level-triggered: what a host did not answer is tried again next
+/// tick).
+pub async fn drive(ctl: Arc<crate::app::Controller>, cancel: tokio_util::sync::CancellationToken) {
+    let mut every = tokio::time::interval(ctl.app.config.market.tick);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        if let Err(e) = ctl.market.tick().await {
+            tracing::warn!(error = %e, "market tick");
+        }
+        ctl.control.stop_unreserved(None).await;
+    }
+}
+
+/// What a retry with a client token is answered: the reservations the first attempt
+/// made, if it asked for the same thing (409 otherwise: the token was used for
+/// another request).
+fn same_request(
+    made: Vec<ReservationView>,
+    body: &ReserveRequest,
+) -> Result<Vec<ReservationView>, MarketError> {
+    let same = made.len() == body.count.unwrap_or(1) as usize
+        && made
+            .iter()
+            .all(|v| v.reservation.listing == body.listing && v.reservation.mode == body.mode);
+    if same {
+        Ok(made)
+    } else {
+        Err(MarketRefusal {
+            rule: "client_token_reused",
+            message: format!(
+                "client token {:?} was used for a different request",
+                body.client_token.as_deref().unwrap_or_default()
+            ),
+        }
+        .into())
+    }
+}

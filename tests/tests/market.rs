@@ -1,0 +1,588 @@
+//! Buying capacity end to end (issue 16): a client finds an offer, reserves a host,
+//! runs on it alone within the reservation's size and at its price, and loses control
+//! when it releases the reservation or its term ends, its instances stopped through
+//! the control path. And 100 concurrent reservations for 10 hosts through the HTTP
+//! API, on SQLite and on PostgreSQL: exactly 10 succeed.
+//!
+//! Real controller, real agent with the `process` driver (root, cgroups), real HTTP;
+//! the concurrency test's hosts are enrolled agents the store shows online (what it
+//! tests is the API and the store, not the hosts).
+
+use reqwest::Method;
+use serde_json::{Value, json};
+use surplus_agent::control::DriverKind;
+use surplus_controller::registry::RegistryEvent;
+use surplus_market::resell::{Interruptibility, PricingMode};
+use surplus_protocol::clock::{self, Clock};
+use surplus_tests::{
+    CgroupGuard, PATIENCE, RunningAgent, TestController, accept_provider, control_config,
+    list_hosts, test_config,
+};
+
+const GET: Method = Method::GET;
+const POST: Method = Method::POST;
+
+/// Waits until instance `id`, described by `token`, is in `state`.
+async fn until_state(tc: &TestController, token: &str, id: &str, state: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let (status, answer) = tc
+            .api_as(
+                token,
+                POST,
+                "/v1/control",
+                Some(json!({"action": "DescribeInstances", "ids": [id]})),
+            )
+            .await;
+        assert_eq!(status, 200, "{answer}");
+        let instance = answer["instances"][0].clone();
+        if instance["state"] == state {
+            return instance;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "instance {id} never {state}: {answer}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reserved_host_is_its_holders_alone_until_the_reservation_ends() {
+    let tag = "market";
+    let _cgroups = CgroupGuard(
+        control_config(DriverKind::Process, tag)
+            .process
+            .cgroup_parent,
+    );
+    // The controller's clock is turned by hand to reach a term's end.
+    let controller_clock = clock::ManualClock::new(clock::system().now_ms());
+    let mut config = test_config();
+    config.market.tick = std::time::Duration::from_millis(100);
+    config.billing_grace = std::time::Duration::ZERO;
+    let tc = TestController::start_with(config, controller_clock.clone()).await;
+    let mut events = tc.events();
+    let (mut agent_config, identity) = tc.enroll("host-bob", &[("provider", "bob")]).await;
+    agent_config.control = control_config(DriverKind::Process, tag);
+    let agent = RunningAgent::spawn(agent_config, clock::system());
+    let host = identity.agent_id;
+    events
+        .until("bob's host online", |e| *e == RegistryEvent::Online(host))
+        .await;
+    accept_provider(&tc, "bob").await;
+    list_hosts(
+        tc.ctl(),
+        "lst-bob",
+        "bob",
+        &[host],
+        &[
+            PricingMode::Immediate,
+            PricingMode::OnDemand,
+            PricingMode::Reserved,
+        ],
+        (30, 20),
+        Interruptibility::NoInterruptions,
+    )
+    .await;
+    let alice = tc.token_for("alice", "client").await;
+    let carol = tc.token_for("carol", "client").await;
+    let bob = tc.token_for("bob", "provider").await;
+
+    // The offer: its price in each mode, how long each holds, the hosts free now.
+    let (status, offers) = tc
+        .api_as(
+            &alice,
+            GET,
+            "/v1/offers?rank_by=price&period_hours=1000",
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{offers}");
+    let offer = &offers[0];
+    assert_eq!(
+        (&offer["listing"]["id"], &offer["available"]),
+        (&json!("lst-bob"), &json!(1)),
+        "{offers}"
+    );
+    let price_of = |mode: &str| {
+        offer["prices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["mode"] == mode)
+            .cloned()
+            .unwrap_or_else(|| panic!("{mode} in {offer}"))
+    };
+    assert_eq!(price_of("on_demand")["hourly"], 30);
+    assert!(price_of("immediate")["valid_until_ms"].is_i64(), "{offer}");
+    let term = price_of("reserved");
+    assert_eq!(
+        (&term["hourly"], &term["upfront"]),
+        (&json!(21), &json!(2_250)),
+        "{term}"
+    );
+
+    // Nobody runs on a host the market sells without holding it.
+    let run = |limits: Value| json!({"action": "RunInstances", "command": ["sleep", "600"], "limits": limits});
+    let mut on_host = run(json!({"millicpus": 600, "memory_bytes": 268_435_456}));
+    on_host["agent_id"] = json!(host);
+    let (status, refused) = tc
+        .api_as(&carol, POST, "/v1/control", Some(on_host.clone()))
+        .await;
+    assert_eq!(status, 403, "{refused}");
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("reserve it first"),
+        "{refused}"
+    );
+
+    // Alice reserves it on demand; a retry with the same token answers the same.
+    let ask = json!({"listing": "lst-bob", "mode": "on_demand", "client_token": "first"});
+    let (status, made) = tc
+        .api_as(&alice, POST, "/v1/reservations", Some(ask.clone()))
+        .await;
+    assert_eq!(status, 201, "{made}");
+    let reservation = made[0]["reservation"]["id"].as_str().unwrap().to_owned();
+    let access = &made[0]["access"];
+    assert_eq!(
+        (&access["host"], &access["zone"]),
+        (&json!(host), &json!("bob-1")),
+        "{made}"
+    );
+    assert!(
+        access["address"].is_string() && access["control_endpoint"].is_string(),
+        "{made}"
+    );
+    let (status, again) = tc.api_as(&alice, POST, "/v1/reservations", Some(ask)).await;
+    assert_eq!(
+        (status, &again[0]["reservation"]["id"]),
+        (201, &json!(reservation)),
+        "{again}"
+    );
+    let (status, sold_out) = tc
+        .api_as(
+            &carol,
+            POST,
+            "/v1/reservations",
+            Some(json!({"listing": "lst-bob", "mode": "on_demand"})),
+        )
+        .await;
+    assert_eq!(
+        (status, &sold_out["error"]),
+        (409, &json!("sold_out")),
+        "{sold_out}"
+    );
+
+    // Her instances go to the host she holds, within its size (small: 1 CPU, 1 GiB),
+    // at the reservation's price; carol can neither run there nor touch them.
+    let (status, ran) = tc
+        .api_as(
+            &alice,
+            POST,
+            "/v1/control",
+            Some(run(json!({"millicpus": 600, "memory_bytes": 268_435_456}))),
+        )
+        .await;
+    assert_eq!(status, 200, "{ran}");
+    let first = ran["instances"][0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(ran["instances"][0]["agent_id"], json!(host), "{ran}");
+    let (status, too_big) = tc
+        .api_as(
+            &alice,
+            POST,
+            "/v1/control",
+            Some(run(json!({"millicpus": 600}))),
+        )
+        .await;
+    assert_eq!(
+        (status, &too_big["field"]),
+        (400, &json!("limits")),
+        "{too_big}"
+    );
+    let (status, ran) = tc
+        .api_as(
+            &alice,
+            POST,
+            "/v1/control",
+            Some(run(json!({"millicpus": 400, "memory_bytes": 268_435_456}))),
+        )
+        .await;
+    assert_eq!(status, 200, "{ran}");
+    let second = ran["instances"][0]["id"].as_str().unwrap().to_owned();
+    let (status, _) = tc
+        .api_as(&carol, POST, "/v1/control", Some(on_host.clone()))
+        .await;
+    assert_eq!(status, 403, "reserved by alice");
+    let (status, _) = tc
+        .api_as(
+            &carol,
+            POST,
+            "/v1/control",
+            Some(json!({"action": "StopInstances", "ids": [first]})),
+        )
+        .await;
+    assert_eq!(status, 403, "not carol's");
+    let billables = tc
+        .ctl()
+        .app
+        .store
+        .billables(controller_clock.now_ms() + 3_600_000)
+        .await
+        .unwrap();
+    assert!(
+        billables.iter().all(|b| b.instance.record.id != first),
+        "the reservation pays for the host, its instances carry no price of their own"
+    );
+
+    // Bob is told the price.
+    let (_, notices) = tc.api_as(&bob, GET, "/v1/notifications", None).await;
+    let made_notice = notices
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["kind"] == "reservation.made")
+        .unwrap_or_else(|| panic!("{notices}"));
+    assert_eq!(
+        (
+            &made_notice["body"]["price"],
+            &made_notice["body"]["currency"]
+        ),
+        (&json!(30), &json!("EUR"))
+    );
+
+    // Releasing ends control and stops her instances there.
+    let path = format!("/v1/reservations/{reservation}/release");
+    let (status, _) = tc.api_as(&carol, POST, &path, None).await;
+    assert_eq!(status, 403, "only the holder releases");
+    let (status, released) = tc.api_as(&alice, POST, &path, None).await;
+    assert_eq!(status, 200, "{released}");
+    assert_eq!(
+        released["reservation"]["state"]["why"]["kind"], "released",
+        "{released}"
+    );
+    for id in [&first, &second] {
+        until_state(&tc, &alice, id, "terminated").await;
+    }
+    let (status, _) = tc.api_as(&alice, POST, &path, None).await;
+    assert_eq!(status, 409, "released once");
+    let (status, _) = tc
+        .api_as(&alice, POST, "/v1/control", Some(on_host.clone()))
+        .await;
+    assert_eq!(status, 403, "no longer hers");
+
+    // A quote is honoured once, at its price, and goes into the pricing history.
+    let (status, quote) = tc
+        .api_as(
+            &alice,
+            POST,
+            "/v1/quotes",
+            Some(json!({"listing": "lst-bob"})),
+        )
+        .await;
+    assert_eq!((status, &quote["price"]), (201, &json!(30)), "{quote}");
+    let by_quote = json!({"listing": "lst-bob", "mode": "immediate", "quote": quote["id"]});
+    let (status, made) = tc
+        .api_as(&alice, POST, "/v1/reservations", Some(by_quote.clone()))
+        .await;
+    assert_eq!(status, 201, "{made}");
+    let path = format!(
+        "/v1/reservations/{}/release",
+        made[0]["reservation"]["id"].as_str().unwrap()
+    );
+    assert_eq!(tc.api_as(&alice, POST, &path, None).await.0, 200);
+    let (status, used) = tc
+        .api_as(&alice, POST, "/v1/reservations", Some(by_quote))
+        .await;
+    assert_eq!(
+        (status, &used["error"]),
+        (409, &json!("quote_used")),
+        "{used}"
+    );
+    let (status, history) = tc
+        .api_as(&carol, GET, "/v1/pricing/history?kind=quote", None)
+        .await;
+    assert_eq!(status, 200, "{history}");
+    assert_eq!(history["points"].as_array().unwrap().len(), 1, "{history}");
+    assert_eq!(history["guidance"]["median"], 30, "{history}");
+
+    // A one-hour term: its upfront fee is posted at once, bob's share net of the
+    // commission; at its end the instance on it is stopped.
+    let (status, made) = tc
+        .api_as(
+            &alice,
+            POST,
+            "/v1/reservations",
+            Some(json!({"listing": "lst-bob", "mode": "reserved", "term_hours": 1})),
+        )
+        .await;
+    assert_eq!(status, 201, "{made}");
+    let upfront = made[0]["reservation"]["upfront"].as_i64().unwrap();
+    assert_eq!(upfront, 3, "a quarter of the term's saving (9), rounded up");
+    let (_, balances) = tc.api_get("/v1/ledger/balances").await;
+    let balance = |account: &str| {
+        balances
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["account"] == account && b["currency"] == "EUR")
+            .map(|b| b["balance"].as_i64().unwrap())
+    };
+    assert_eq!(balance("client:alice"), Some(-upfront), "{balances}");
+    let fee = surplus_market::billing::commission(upfront, 1000);
+    assert_eq!(balance("provider:bob"), Some(upfront - fee), "{balances}");
+    let (status, ran) = tc
+        .api_as(
+            &alice,
+            POST,
+            "/v1/control",
+            Some(run(json!({"millicpus": 500, "memory_bytes": 268_435_456}))),
+        )
+        .await;
+    assert_eq!(status, 200, "{ran}");
+    let on_term = ran["instances"][0]["id"].as_str().unwrap().to_owned();
+    controller_clock.advance_ms(3_600_000);
+    let stopped = until_state(&tc, &alice, &on_term, "terminated").await;
+    assert!(
+        stopped["state_reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("reservation"),
+        "{stopped}"
+    );
+    let (_, mine) = tc.api_as(&alice, GET, "/v1/reservations", None).await;
+    let term = mine
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["reservation"]["mode"] == "reserved")
+        .unwrap_or_else(|| panic!("{mine}"));
+    assert_eq!(
+        term["reservation"]["state"]["why"]["kind"], "expired",
+        "{mine}"
+    );
+    let (_, notices) = tc.api_as(&alice, GET, "/v1/notifications", None).await;
+    assert!(
+        notices
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["kind"] == "reservation.ended")
+            .count()
+            >= 3,
+        "released twice, expired once: {notices}"
+    );
+
+    // The term is billed by the hour it held the host, whatever ran there: 21 for its
+    // hour, on alice's invoice, bob paid net of the commission.
+    controller_clock.advance_ms(3_600_000);
+    let start = made[0]["reservation"]["starts_at_ms"].as_i64().unwrap();
+    let from = start - start.rem_euclid(3_600_000);
+    let (status, billed) = tc
+        .api_post(
+            "/v1/billing/runs",
+            json!({"from_ms": from, "to_ms": from + 2 * 3_600_000}),
+        )
+        .await;
+    assert_eq!(status, 200, "{billed}");
+    assert_eq!(billed["charged"]["EUR"], 21, "{billed}");
+    let (_, invoices) = tc.api_as(&alice, GET, "/v1/invoices", None).await;
+    let lines = invoices.to_string();
+    assert!(lines.contains("host_hours"), "{invoices}");
+    let (_, balances) = tc.api_get("/v1/ledger/balances").await;
+    let alice_owes = balances
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["account"] == "client:alice")
+        .map(|b| b["balance"].as_i64().unwrap());
+    assert_eq!(alice_owes, Some(-3 - 21), "{balances}");
+    let (status, again) = tc
+        .api_post(
+            "/v1/billing/runs",
+            json!({"from_ms": from, "to_ms": from + 2 * 3_600_000}),
+        )
+        .await;
+    assert_eq!(
+        (status, &again["posted"]),
+        (200, &json!(0)),
+        "billed once: {again}"
+    );
+
+    // A prepaid client that cannot pay a term's upfront fee and first hour reserves
+    // nothing.
+    let dave = tc.token_for("dave", "client").await;
+    let (status, _) = tc
+        .api_as(
+            &tc.admin_token,
+            Method::PUT,
+            "/v1/ledger/accounts/client:dave",
+            Some(json!({"allow_negative": false})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, refused) = tc
+        .api_as(
+            &dave,
+            POST,
+            "/v1/reservations",
+            Some(json!({"listing": "lst-bob", "mode": "reserved", "term_hours": 10})),
+        )
+        .await;
+    assert_eq!(
+        (status, &refused["error"]),
+        (402, &json!("insufficient_funds")),
+        "{refused}"
+    );
+    let (_, daves) = tc.api_as(&dave, GET, "/v1/reservations", None).await;
+    assert_eq!(daves, json!([]), "nothing reserved");
+    let (status, _) = tc
+        .api_as(
+            &dave,
+            POST,
+            "/v1/reservations",
+            Some(json!({"listing": "lst-bob", "mode": "reserved", "term_hours": 0})),
+        )
+        .await;
+    assert_eq!(status, 400, "a term of no hours");
+    agent.stop().await;
+}
+
+/// `n` enrolled hosts of `provider`, which the store shows online, and the provider
+/// accepted with an agreement.
+async fn online_hosts(tc: &TestController, provider: &str, n: usize) -> Vec<uuid::Uuid> {
+    let store = tc.ctl().app.store.clone();
+    let now = tc.clock.now_ms();
+    let mut hosts = Vec::new();
+    for i in 0..n {
+        let name = format!("{provider}-host-{i}");
+        let (_, identity) = tc.enroll(&name, &[("provider", provider)]).await;
+        store
+            .set_status(
+                identity.agent_id,
+                surplus_controller::store::AgentStatus::Online,
+                now,
+            )
+            .await
+            .unwrap();
+        hosts.push(identity.agent_id);
+    }
+    accept_provider(tc, provider).await;
+    hosts
+}
+
+/// Ten hosts, a hundred clients asking for one each at once, through the API.
+async fn a_hundred_ask_for_ten(database_url: Option<String>) {
+    let mut config = test_config();
+    if let Some(url) = database_url {
+        config.database_url = url;
+    }
+    let tc = TestController::start_with(config, clock::system()).await;
+    let hosts = online_hosts(&tc, "bob", 10).await;
+    list_hosts(
+        tc.ctl(),
+        "lst-ten",
+        "bob",
+        &hosts,
+        &[PricingMode::OnDemand],
+        (30, 20),
+        Interruptibility::NoInterruptions,
+    )
+    .await;
+    let mut tokens = Vec::new();
+    for n in 0..100 {
+        tokens.push(tc.token_for(&format!("client-{n}"), "client").await);
+    }
+    let url = tc.url();
+    let http = reqwest::Client::new();
+    let asks: Vec<_> = tokens
+        .into_iter()
+        .map(|token| {
+            let (http, url) = (http.clone(), url.clone());
+            tokio::spawn(async move {
+                let r = http
+                    .post(format!("{url}/v1/reservations"))
+                    .bearer_auth(token)
+                    .json(&json!({"listing": "lst-ten", "mode": "on_demand"}))
+                    .send()
+                    .await
+                    .expect("API reachable");
+                (r.status().as_u16(), r.json::<Value>().await.expect("JSON"))
+            })
+        })
+        .collect();
+    let (mut made, mut sold_out) = (Vec::new(), 0);
+    for a in asks {
+        match a.await.unwrap() {
+            (201, body) => made.push(body[0]["reservation"]["host"].as_str().unwrap().to_owned()),
+            (409, body) if body["error"] == "sold_out" => sold_out += 1,
+            other => panic!("neither reserved nor sold out: {other:?}"),
+        }
+    }
+    assert_eq!((made.len(), sold_out), (10, 90));
+    made.sort();
+    made.dedup();
+    assert_eq!(made.len(), 10, "each host once");
+    let (status, offers) = tc.api_get("/v1/offers").await;
+    assert_eq!(status, 200);
+    assert_eq!(offers, json!([]), "nothing left to offer");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_concurrent_reservations_of_ten_hosts_make_ten_on_sqlite() {
+    a_hundred_ask_for_ten(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_concurrent_reservations_of_ten_hosts_make_ten_on_postgres() {
+    a_hundred_ask_for_ten(Some(surplus_tests::postgres::fresh_database().await)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_operators_own_capacity_is_busy_idle_third_party_capacity_ranks_first() {
+    let mut config = test_config();
+    config.market.primary_provider = Some("op".into());
+    let tc = TestController::start_with(config, clock::system()).await;
+    let own = online_hosts(&tc, "op", 10).await;
+    let third = online_hosts(&tc, "third", 1).await;
+    let modes = [PricingMode::OnDemand];
+    let none = Interruptibility::NoInterruptions;
+    list_hosts(tc.ctl(), "lst-op", "op", &own, &modes, (20, 10), none).await;
+    list_hosts(
+        tc.ctl(),
+        "lst-third",
+        "third",
+        &third,
+        &modes,
+        (50, 10),
+        none,
+    )
+    .await;
+    let alice = tc.token_for("alice", "client").await;
+    let order = |offers: &Value| -> Vec<String> {
+        offers
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["listing"]["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let (_, offers) = tc
+        .api_as(&alice, GET, "/v1/offers?rank_by=price", None)
+        .await;
+    assert_eq!(
+        order(&offers),
+        ["lst-op", "lst-third"],
+        "cheapest first while idle"
+    );
+    // Nine of its ten hosts held: above the 0.8 threshold.
+    let ask = json!({"listing": "lst-op", "mode": "on_demand", "count": 9});
+    let (status, made) = tc.api_as(&alice, POST, "/v1/reservations", Some(ask)).await;
+    assert_eq!(status, 201, "{made}");
+    let (_, offers) = tc
+        .api_as(&alice, GET, "/v1/offers?rank_by=price", None)
+        .await;
+    assert_eq!(order(&offers), ["lst-third", "lst-op"], "{offers}");
+    assert_eq!(offers[1]["available"], 1, "{offers}");
+}
