@@ -30,8 +30,7 @@ use uuid::Uuid;
 
 use crate::app::App;
 use crate::store::{
-    AgentStatus, ChangeSet, Listing, MarketRefusal, Notice, PostError, Principal, Role, StoreError,
-    StoredQuote,
+    ChangeSet, Listing, MarketRefusal, Notice, PostError, Principal, Role, StoreError, StoredQuote,
 };
 
 /// Most hosts one reservation request may ask for.
@@ -131,15 +130,7 @@ impl Market {
     /// The hosts of `listing` a reservation may get now: its hosts whose agents are
     /// online (the book then leaves out those held).
     async fn hosts_on_offer(&self, listing: &Listing) -> Result<Vec<Uuid>, StoreError> {
-        let mut out = Vec::with_capacity(listing.hosts.len());
-        for h in &listing.hosts {
-            if let Some(a) = self.app.store.agent(*h).await? {
-                if a.status == AgentStatus::Online {
-                    out.push(*h);
-                }
-            }
-        }
-        Ok(out)
+        self.app.store.online_hosts_of(&listing.id).await
     }
 
     /// The provider's minimum price for `listing` (its request's), and its goal.

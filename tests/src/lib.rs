@@ -684,3 +684,26 @@ pub async fn accept_provider(tc: &TestController, provider: &str) {
         .await;
     assert_eq!(status, 201, "{body}");
 }
+
+/// `n` enrolled hosts of `provider`, which the store shows online, and the provider
+/// accepted with an agreement.
+pub async fn online_hosts(tc: &TestController, provider: &str, n: usize) -> Vec<Uuid> {
+    let store = tc.ctl().app.store.clone();
+    let now = tc.clock.now_ms();
+    let mut hosts = Vec::new();
+    for i in 0..n {
+        let name = format!("{provider}-host-{i}");
+        let (_, identity) = tc.enroll(&name, &[("provider", provider)]).await;
+        store
+            .set_status(
+                identity.agent_id,
+                surplus_controller::store::AgentStatus::Online,
+                now,
+            )
+            .await
+            .unwrap();
+        hosts.push(identity.agent_id);
+    }
+    accept_provider(tc, provider).await;
+    hosts
+}

@@ -646,24 +646,12 @@ async fn a_session_in_a_real_browser() {
     // The client buys: erin's host is on offer; bob reserves it from the offer's
     // page, sees it among his reservations and releases it; a quote he accepted is
     // on the pricing history's chart.
-    let (_, erin_host) = tc.enroll("erin-host", &[("provider", "erin")]).await;
-    let now = clock::system().now_ms();
-    tc.ctl()
-        .app
-        .store
-        .set_status(
-            erin_host.agent_id,
-            surplus_controller::store::AgentStatus::Online,
-            now,
-        )
-        .await
-        .unwrap();
-    surplus_tests::accept_provider(&tc, "erin").await;
+    let erin_host = surplus_tests::online_hosts(&tc, "erin", 1).await[0];
     surplus_tests::list_hosts(
         tc.ctl(),
         "lst-erin",
         "erin",
-        &[erin_host.agent_id],
+        &[erin_host],
         &[
             surplus_market::resell::PricingMode::Immediate,
             surplus_market::resell::PricingMode::OnDemand,

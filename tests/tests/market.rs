@@ -449,29 +449,6 @@ async fn a_reserved_host_is_its_holders_alone_until_the_reservation_ends() {
     agent.stop().await;
 }
 
-/// `n` enrolled hosts of `provider`, which the store shows online, and the provider
-/// accepted with an agreement.
-async fn online_hosts(tc: &TestController, provider: &str, n: usize) -> Vec<uuid::Uuid> {
-    let store = tc.ctl().app.store.clone();
-    let now = tc.clock.now_ms();
-    let mut hosts = Vec::new();
-    for i in 0..n {
-        let name = format!("{provider}-host-{i}");
-        let (_, identity) = tc.enroll(&name, &[("provider", provider)]).await;
-        store
-            .set_status(
-                identity.agent_id,
-                surplus_controller::store::AgentStatus::Online,
-                now,
-            )
-            .await
-            .unwrap();
-        hosts.push(identity.agent_id);
-    }
-    accept_provider(tc, provider).await;
-    hosts
-}
-
 /// Ten hosts, a hundred clients asking for one each at once, through the API.
 async fn a_hundred_ask_for_ten(database_url: Option<String>) {
     let mut config = test_config();
@@ -479,7 +456,7 @@ async fn a_hundred_ask_for_ten(database_url: Option<String>) {
         config.database_url = url;
     }
     let tc = TestController::start_with(config, clock::system()).await;
-    let hosts = online_hosts(&tc, "bob", 10).await;
+    let hosts = surplus_tests::online_hosts(&tc, "bob", 10).await;
     list_hosts(
         tc.ctl(),
         "lst-ten",
@@ -544,8 +521,8 @@ async fn when_the_operators_own_capacity_is_busy_idle_third_party_capacity_ranks
     let mut config = test_config();
     config.market.primary_provider = Some("op".into());
     let tc = TestController::start_with(config, clock::system()).await;
-    let own = online_hosts(&tc, "op", 10).await;
-    let third = online_hosts(&tc, "third", 1).await;
+    let own = surplus_tests::online_hosts(&tc, "op", 10).await;
+    let third = surplus_tests::online_hosts(&tc, "third", 1).await;
     let modes = [PricingMode::OnDemand];
     let none = Interruptibility::NoInterruptions;
     list_hosts(tc.ctl(), "lst-op", "op", &own, &modes, (20, 10), none).await;

@@ -1304,6 +1304,9 @@ pub trait ReservationStore: Send + Sync + std::fmt::Debug + 'static {
         now_ms: UnixMillis,
     ) -> Result<Option<Reservation>, StoreError>;
 
+    /// The hosts `listing` sells whose agents are online now, in id order.
+    async fn online_hosts_of(&self, listing: &str) -> Result<Vec<Uuid>, StoreError>;
+
     /// A listing that sells `host`, if one does (listed or not): such a host is
     /// controlled only by the holder of its reservation.
     async fn selling_listing(&self, host: Uuid) -> Result<Option<String>, StoreError>;

@@ -2146,7 +2146,7 @@ macro_rules! sql_stores {
             ) -> Result<Result<Vec<Reservation>, MarketRefusal>, PostError> {
                 let mut tx = self.write_tx().await.map_err(StoreError::from)?;
                 $store::lock(&mut tx, Lock::Listing(listing)).await.map_err(StoreError::from)?;
-                let mut book = read_book(&mut tx, listing).await?;
+                let mut book = read_live_book(&mut tx, listing, now_ms, &request.ids).await?;
                 let made = match book.handle_reserve(now_ms, request, available) {
                     Ok(made) => made,
                     Err(refusal) => return Ok(Err(refusal)),
@@ -2185,7 +2185,7 @@ macro_rules! sql_stores {
             ) -> Result<Result<Ended, MarketRefusal>, PostError> {
                 let mut tx = self.write_tx().await.map_err(StoreError::from)?;
                 $store::lock(&mut tx, Lock::Listing(listing)).await.map_err(StoreError::from)?;
-                let mut book = read_book(&mut tx, listing).await?;
+                let mut book = read_live_book(&mut tx, listing, now_ms, &[id]).await?;
                 let ended = match book.handle_release(now_ms, id, by) {
                     Ok(ended) => ended,
                     Err(refusal) => return Ok(Err(refusal)),
@@ -2216,7 +2216,7 @@ macro_rules! sql_stores {
                     $store::lock(&mut tx, Lock::Listing(&listing)).await.map_err(StoreError::from)?;
                     // Read under the lock: another controller that got here first has
                     // recorded these ends, and the book reports nothing twice.
-                    let mut book = read_book(&mut tx, &listing).await?;
+                    let mut book = read_live_book(&mut tx, &listing, now_ms, &[]).await?;
                     let ended = book.poll_expired(now_ms);
                     let rows: Vec<Reservation> = ended
                         .iter()
@@ -2250,6 +2250,15 @@ macro_rules! sql_stores {
                     .fetch_optional(self.reader())
                     .await?;
                 record.map(|r| parse_json(&r, "reservation")).transpose()
+            }
+
+            async fn online_hosts_of(&self, listing: &str) -> Result<Vec<Uuid>, StoreError> {
+                let hosts: Vec<String> = sqlx::query_scalar("SELECT h.host FROM listing_hosts h JOIN agents a ON a.id = h.host WHERE h.listing = $1 AND a.status = $2 ORDER BY h.host")
+                    .bind(listing)
+                    .bind(AgentStatus::Online.as_str())
+                    .fetch_all(self.reader())
+                    .await?;
+                hosts.iter().map(|h| parse_uuid(h)).collect()
             }
 
             async fn selling_listing(&self, host: Uuid) -> Result<Option<String>, StoreError> {
@@ -2464,6 +2473,38 @@ macro_rules! sql_stores {
 
         /// A listing's reservations as a book, read on `conn` (inside the writing
         /// transaction, after its lock, for a change).
+        /// The part of a listing's book a step decides on: every reservation not
+        /// recorded as ended or holding after `now_ms` (what can hold a host, expire
+        /// or be released), and the ones named by `ids` (a duplicate id, an ended
+        /// reservation released again), however old. Ended history stays out, so a
+        /// step's cost does not grow with it.
+        async fn read_live_book(conn: &mut $conn, listing: &str, now_ms: UnixMillis, ids: &[Uuid]) -> Result<Book, StoreError> {
+            let mut records: Vec<String> = sqlx::query_scalar("SELECT record FROM reservations WHERE listing = $1 AND (ended = 0 OR until_ms IS NULL OR until_ms > $2)")
+                .bind(listing)
+                .bind(now_ms)
+                .fetch_all(&mut *conn)
+                .await?;
+            for id in ids {
+                let named: Option<(String, String, i64, Option<i64>)> = sqlx::query_as("SELECT record, listing, ended, until_ms FROM reservations WHERE id = $1")
+                    .bind(id.to_string())
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                // Read above unless it ended before now or is another listing's (an id
+                // is unique across listings: the book then refuses it as a duplicate).
+                if let Some((record, of, ended, until)) = named {
+                    let read = of == listing && (ended == 0 || until.is_none_or(|u| u > now_ms));
+                    if !read {
+                        records.push(record);
+                    }
+                }
+            }
+            let rows = records
+                .iter()
+                .map(|r| parse_json::<Reservation>(r, "reservation"))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Book::from_rows(rows))
+        }
+
         async fn read_book(conn: &mut $conn, listing: &str) -> Result<Book, StoreError> {
             let records: Vec<String> = sqlx::query_scalar("SELECT record FROM reservations WHERE listing = $1")
                 .bind(listing)
