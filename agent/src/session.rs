@@ -361,6 +361,44 @@ fn record_notice(path: &std::path::Path, n: &HostNotice) -> std::io::Result<()> 
     f.sync_data()
 }
 
+/// Schedules the stop of the instances an interruption's notice names, at its
+/// deadline (by this host's clock). A notice delivered twice stops them twice, which
+/// changes nothing; a notice that names no instance or no deadline schedules nothing.
+fn stop_at_deadline(control: &Arc<ControlPlane>, n: &HostNotice) {
+    #[derive(serde::Deserialize)]
+    struct Interrupting {
+        deadline_ms: i64,
+        #[serde(default)]
+        instances: Vec<String>,
+    }
+    let Ok(notice) = serde_json::from_str::<Interrupting>(&n.body_json) else {
+        tracing::warn!(key = %n.key, "an interruption's notice without a deadline");
+        return;
+    };
+    if notice.instances.is_empty() {
+        return;
+    }
+    let wait_ms = notice
+        .deadline_ms
+        .saturating_sub(surplus_protocol::clock::SystemClock.now_ms())
+        .max(0);
+    let control = control.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(wait_ms as u64)).await;
+        tracing::info!(instances = ?notice.instances, "an interruption's grace is over: stopping its instances");
+        // One at a time: an instance already gone does not keep the others running.
+        for id in notice.instances {
+            let command = surplus_protocol::control::Command::Lifecycle {
+                op: surplus_protocol::control::Lifecycle::Stop,
+                ids: vec![id.clone()],
+            };
+            if let Err(e) = control.handle(command).await {
+                tracing::warn!(instance = %id, error = %e, "stopping an instance of an interruption");
+            }
+        }
+    });
+}
+
 /// Answers one stream the controller opened: the one place controller requests are
 /// matched. There is no request that runs an arbitrary command.
 async fn serve_controller_stream(mut send: SendStream, mut recv: RecvStream, serving: Serving) {
@@ -439,6 +477,11 @@ async fn serve_controller_stream(mut send: SendStream, mut recv: RecvStream, ser
                 tracing::warn!(kind = %n.kind, key = %n.key, details = %n.body_json, "the marketplace says about this host");
             } else {
                 tracing::info!(kind = %n.kind, key = %n.key, details = %n.body_json, "the marketplace says about this host");
+            }
+            // An interruption's deadline is kept here, on the host: its instances stop
+            // then even if the controller cannot reach this agent at that moment.
+            if n.kind == "reservation.interrupting" {
+                stop_at_deadline(&control, &n);
             }
             // An append with fsync: off the runtime's threads.
             let key = n.key.clone();

@@ -227,6 +227,10 @@ pub struct MarketConfig {
     /// How far back the guidance beside a bid form looks.
     #[serde(with = "humantime_serde")]
     pub guidance_window: Duration,
+    /// The grace of an interruption's notice: the holder keeps the host (and pays
+    /// for it) this long after the notice, then its instances are stopped.
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
     /// The marketplace operator's own provider account, if it sells capacity too: when
     /// more of its listed hosts than `utilisation_threshold` are reserved, searches
     /// show idle third-party capacity first.
@@ -244,6 +248,7 @@ impl Default for MarketConfig {
                 surplus_market::quote::DEFAULT_VALIDITY_MS as u64,
             ),
             guidance_window: Duration::from_secs(7 * 86_400),
+            grace: Duration::from_millis(surplus_market::interrupt::DEFAULT_GRACE_MS as u64),
             primary_provider: None,
             utilisation_threshold: surplus_market::interrupt::DEFAULT_UTILISATION_THRESHOLD,
         }

@@ -18,7 +18,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use surplus_api::market::{HostAccess, ReservationView, ReserveRequest};
+use surplus_api::market::{
+    HostAccess, InterruptNotice, InterruptionView, ReclaimRequest, ReservationView, ReserveRequest,
+};
 use surplus_market::billing;
 use surplus_market::offers::{Offer, OfferQuery, OfferStats};
 use surplus_market::quote::{self, Quote, Term};
@@ -525,10 +527,12 @@ impl Market {
             (Some(l), true) => Some(self.access(l, r.host).await?),
             _ => None,
         };
+        let interruption = self.app.store.interruption(r.id).await?;
         Ok(ReservationView {
             reservation: r,
             currency,
             access,
+            interruption,
         })
     }
 
@@ -643,11 +647,150 @@ impl Market {
             let listing = ended.first().and_then(|r| listings.get(&r.listing));
             ended_changes(listing, ended, "expired")
         };
-        let ended = self.app.store.expire_reservations(now, &changes).await?;
+        let mut ended = self.app.store.expire_reservations(now, &changes).await?;
         for e in &ended {
             tracing::info!(reservation = %e.reservation, host = %e.host, "reservation term ended");
         }
+        // Interruptions whose grace is over: each applied once, at its deadline.
+        for (listing, id, _) in self.app.store.due_interruptions(now).await? {
+            let changes =
+                |ended: &[Reservation]| ended_changes(listings.get(&listing), ended, "interrupted");
+            if let Some(e) = self
+                .app
+                .store
+                .apply_interruption(&listing, id, &changes, now)
+                .await?
+            {
+                tracing::info!(reservation = %e.reservation, host = %e.host, why = %e.why, "reservation interrupted");
+                ended.push(e);
+            }
+        }
         Ok(ended)
+    }
+
+    /// A provider takes capacity back (fulfilment-based interruption, A8): of its
+    /// reservations held now (on `host`, of `listing`, as asked) that allow it, the
+    /// ones `interrupt::choose_reclaim` takes under its goal are given notice with
+    /// the grace (`market.grace`): the holder is told (outbox, webhook) and so is the
+    /// host's agent, which stops the holder's instances there at the deadline even if
+    /// the controller cannot reach it then; at the deadline the tick ends the
+    /// reservation. Do-not-interrupt reservations are never taken. Admins reclaim for
+    /// the provider of the listing they name.
+    pub async fn reclaim(
+        &self,
+        caller: &Principal,
+        body: ReclaimRequest,
+    ) -> Result<Vec<InterruptionView>, MarketError> {
+        let listings: Vec<Listing> = match (caller.role, &body.listing) {
+            (Role::Provider, _) | (Role::Admin, Some(_)) => self
+                .app
+                .store
+                .listings()
+                .await?
+                .into_iter()
+                .filter(|l| caller.role == Role::Admin || l.provider == caller.account)
+                .filter(|l| body.listing.as_ref().is_none_or(|id| &l.id == id))
+                .collect(),
+            (Role::Admin, None) => {
+                return Err(invalid(
+                    "listing",
+                    "an admin reclaims for the listing it names",
+                ));
+            }
+            _ => {
+                return Err(MarketError::Forbidden(
+                    "taking capacity back needs the provider role".into(),
+                ));
+            }
+        };
+        if let Some(id) = &body.listing {
+            if listings.is_empty() {
+                return Err(MarketError::NotFound(format!("listing {id} not found")));
+            }
+        }
+        if body.count == Some(0) || body.count.is_some_and(|c| c > MAX_COUNT) {
+            return Err(invalid("count", format!("1 to {MAX_COUNT} hosts")));
+        }
+        let now = self.now();
+        let mut out = Vec::new();
+        for listing in &listings {
+            let (_, goal) = self.terms_of(listing).await?;
+            let book = self.app.store.reservation_book(&listing.id).await?;
+            let mut candidates = Vec::new();
+            for r in book.reservations().filter(|r| r.holds_at(now)) {
+                if body.host.is_some_and(|h| h != r.host)
+                    || self.app.store.interruption(r.id).await?.is_some()
+                {
+                    continue;
+                }
+                candidates.push(surplus_market::interrupt::Candidate {
+                    reservation: r.id,
+                    host: r.host,
+                    interruptibility: r.interruptibility,
+                    price: r.price,
+                    started_at_ms: r.starts_at_ms,
+                });
+            }
+            let wanted = match (body.count, body.host) {
+                (Some(c), _) => c as usize,
+                (None, Some(_)) => candidates.len(),
+                (None, None) => 1,
+            }
+            .saturating_sub(out.len());
+            if wanted == 0 {
+                break;
+            }
+            let taken = surplus_market::interrupt::choose_reclaim(&candidates, wanted, goal);
+            if taken.is_empty() {
+                continue;
+            }
+            let grace = self.app.config.market.grace.as_millis() as i64;
+            let notice = surplus_market::interrupt::notice(
+                now,
+                surplus_market::interrupt::Cause::ProviderReclaim,
+                None,
+                grace,
+            );
+            let picks: Vec<(Uuid, InterruptNotice)> =
+                taken.iter().map(|id| (*id, notice)).collect();
+            // The holder's instances on each host, for its agent to stop at the deadline.
+            let mut instances: BTreeMap<Uuid, Vec<String>> = BTreeMap::new();
+            for r in book.reservations().filter(|r| taken.contains(&r.id)) {
+                let ids = self
+                    .app
+                    .store
+                    .agent_instances(r.host)
+                    .await?
+                    .into_iter()
+                    .filter(|i| {
+                        i.account == r.holder
+                            && i.owner_role == Role::Client
+                            && i.record.state
+                                != surplus_protocol::control::InstanceState::Terminated
+                    })
+                    .map(|i| i.record.id)
+                    .collect();
+                instances.insert(r.host, ids);
+            }
+            let changes = |noticed: &[Reservation]| {
+                interruption_changes(listing, noticed, &notice, &instances)
+            };
+            let noticed = self
+                .app
+                .store
+                .notice_interruptions(&listing.id, &picks, &changes, now)
+                .await??;
+            for r in noticed {
+                tracing::info!(reservation = %r.id, host = %r.host, deadline_ms = notice.deadline_ms, "reservation given notice: the provider takes its capacity back");
+                out.push(InterruptionView {
+                    reservation: r.id,
+                    listing: r.listing.clone(),
+                    host: r.host,
+                    notice,
+                });
+            }
+        }
+        Ok(out)
     }
 
     /// Who may use `host` for `caller` now (run, start, reboot, modify, snapshot:
@@ -811,6 +954,43 @@ fn made_changes(
             currency: listing.currency.clone(),
             price: q.price,
             at_ms: made.first().map_or(q.issued_at_ms, |r| r.starts_at_ms),
+        });
+    }
+    set
+}
+
+/// The notices of an interruption: to the holder (outbox, API, console, webhook) and
+/// to the host's agent, with the instances it stops at the deadline.
+fn interruption_changes(
+    listing: &Listing,
+    noticed: &[Reservation],
+    notice: &InterruptNotice,
+    instances: &BTreeMap<Uuid, Vec<String>>,
+) -> ChangeSet {
+    let mut set = ChangeSet::default();
+    for r in noticed {
+        let body = serde_json::json!({
+            "reservation": r.id,
+            "listing": listing.id,
+            "host": r.host,
+            "cause": notice.cause,
+            "grace_ms": notice.grace_ms,
+            "deadline_ms": notice.deadline_ms,
+        });
+        set.notices.push(Notice {
+            key: format!("reservation.interrupting:{}", r.id),
+            recipient: format!("client:{}", r.holder),
+            kind: "reservation.interrupting".into(),
+            body: body.clone(),
+        });
+        let mut to_agent = body;
+        to_agent["instances"] =
+            serde_json::json!(instances.get(&r.host).cloned().unwrap_or_default());
+        set.notices.push(Notice {
+            key: format!("reservation.interrupting:{}:agent", r.id),
+            recipient: crate::resell::agent_recipient(r.host),
+            kind: "reservation.interrupting".into(),
+            body: to_agent,
         });
     }
     set

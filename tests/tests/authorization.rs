@@ -739,6 +739,11 @@ fn matrix(r: &Resources) -> Vec<Case> {
         case("GET", "/v1/reservations/{id}", format!("/v1/reservations/{}", uuid::Uuid::nil()), [404, 404, 404, 404, 401]),
         case("GET", "/v1/reservations/{id}", "/v1/reservations/not-a-uuid", [400, 400, 400, 400, 401]),
         case("POST", "/v1/reservations/{id}/release", format!("/v1/reservations/{}/release", uuid::Uuid::nil()), [404, 404, 404, 404, 401]),
+        // A provider takes its own capacity back (nothing is reserved here: none
+        // taken); an admin names the listing.
+        with_body("POST", "/v1/reclaims", "/v1/reclaims", json!({"count": 1}), [400, 403, 202, 403, 401]),
+        with_body("POST", "/v1/reclaims", "/v1/reclaims", json!({"listing": listing}), [202, 403, 202, 403, 401]),
+        with_body("POST", "/v1/reclaims", "/v1/reclaims", json!({"listing": "lst-none"}), [404, 403, 404, 403, 401]),
         case("GET", "/v1/pricing/history", "/v1/pricing/history?bucket=day", [200, 200, 200, 200, 401]),
         case("GET", "/v1/pricing/history", "/v1/pricing/history?kind=gold", [400, 400, 400, 400, 401]),
         // Each principal's own webhook.

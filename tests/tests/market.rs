@@ -22,6 +22,16 @@ use surplus_tests::{
 const GET: Method = Method::GET;
 const POST: Method = Method::POST;
 
+/// The first notification of `kind` among `notices`.
+fn notice_of<'a>(notices: &'a Value, kind: &str) -> &'a Value {
+    notices
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["kind"] == kind)
+        .unwrap_or_else(|| panic!("no {kind} in {notices}"))
+}
+
 /// Waits until instance `id`, described by `token`, is in `state`.
 async fn until_state(tc: &TestController, token: &str, id: &str, state: &str) -> Value {
     let deadline = tokio::time::Instant::now() + PATIENCE;
@@ -238,12 +248,7 @@ async fn a_reserved_host_is_its_holders_alone_until_the_reservation_ends() {
 
     // Bob is told the price.
     let (_, notices) = tc.api_as(&bob, GET, "/v1/notifications", None).await;
-    let made_notice = notices
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["kind"] == "reservation.made")
-        .unwrap_or_else(|| panic!("{notices}"));
+    let made_notice = notice_of(&notices, "reservation.made");
     assert_eq!(
         (
             &made_notice["body"]["price"],
@@ -562,4 +567,126 @@ async fn when_the_operators_own_capacity_is_busy_idle_third_party_capacity_ranks
         .await;
     assert_eq!(order(&offers), ["lst-third", "lst-op"], "{offers}");
     assert_eq!(offers[1]["available"], 1, "{offers}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_takes_back_what_it_may_and_the_agent_stops_it_when_the_grace_ends() {
+    let tag = "reclaim";
+    let _cgroups = CgroupGuard(
+        control_config(DriverKind::Process, tag)
+            .process
+            .cgroup_parent,
+    );
+    let mut config = test_config();
+    config.market.grace = std::time::Duration::from_secs(2);
+    // The controller applies interruptions well after the agent's own deadline, so
+    // that the agent is seen stopping the instance by itself.
+    config.market.tick = std::time::Duration::from_secs(6);
+    let tc = TestController::start_with(config, clock::system()).await;
+    let mut events = tc.events();
+    let (mut agent_config, identity) = tc.enroll("host-bob", &[("provider", "bob")]).await;
+    agent_config.control = control_config(DriverKind::Process, tag);
+    let agent = RunningAgent::spawn(agent_config, clock::system());
+    let host = identity.agent_id;
+    events
+        .until("bob's host online", |e| *e == RegistryEvent::Online(host))
+        .await;
+    // A second host of bob's, sold without interruptions.
+    let other = surplus_tests::online_hosts(&tc, "bob", 1).await[0];
+    let modes = [PricingMode::OnDemand];
+    list_hosts(
+        tc.ctl(),
+        "lst-fulfil",
+        "bob",
+        &[host],
+        &modes,
+        (30, 20),
+        Interruptibility::FulfilmentBased,
+    )
+    .await;
+    list_hosts(
+        tc.ctl(),
+        "lst-dni",
+        "bob",
+        &[other],
+        &modes,
+        (30, 20),
+        Interruptibility::NoInterruptions,
+    )
+    .await;
+    let alice = tc.token_for("alice", "client").await;
+    let bob = tc.token_for("bob", "provider").await;
+    let mut held = Vec::new();
+    for listing in ["lst-fulfil", "lst-dni"] {
+        let (status, made) = tc
+            .api_as(
+                &alice,
+                POST,
+                "/v1/reservations",
+                Some(json!({"listing": listing, "mode": "on_demand"})),
+            )
+            .await;
+        assert_eq!(status, 201, "{made}");
+        held.push(made[0]["reservation"]["id"].as_str().unwrap().to_owned());
+    }
+    let run = json!({"action": "RunInstances", "command": ["sleep", "600"], "agent_id": host, "limits": {"millicpus": 500, "memory_bytes": 268_435_456}});
+    let (status, ran) = tc.api_as(&alice, POST, "/v1/control", Some(run)).await;
+    assert_eq!(status, 200, "{ran}");
+    let instance = ran["instances"][0]["id"].as_str().unwrap().to_owned();
+
+    // Bob wants two hosts back: only the one that allows it is taken.
+    let (status, taken) = tc
+        .api_as(&bob, POST, "/v1/reclaims", Some(json!({"count": 2})))
+        .await;
+    assert_eq!(status, 202, "{taken}");
+    assert_eq!(taken.as_array().unwrap().len(), 1, "{taken}");
+    assert_eq!(
+        (&taken[0]["reservation"], &taken[0]["host"]),
+        (&json!(held[0]), &json!(host))
+    );
+    assert_eq!(taken[0]["notice"]["grace_ms"], 2_000, "{taken}");
+    let (_, again) = tc
+        .api_as(&bob, POST, "/v1/reclaims", Some(json!({"count": 2})))
+        .await;
+    assert_eq!(
+        again,
+        json!([]),
+        "under notice already; the other may not be taken"
+    );
+
+    // Alice is told, with the deadline; her reservation shows it.
+    let (_, notices) = tc.api_as(&alice, GET, "/v1/notifications", None).await;
+    let told = notice_of(&notices, "reservation.interrupting");
+    assert_eq!(told["body"]["cause"], "provider_reclaim", "{told}");
+    let (_, mine) = tc
+        .api_as(&alice, GET, &format!("/v1/reservations/{}", held[0]), None)
+        .await;
+    assert_eq!(
+        mine["interruption"]["deadline_ms"], taken[0]["notice"]["deadline_ms"],
+        "{mine}"
+    );
+
+    // The agent stops the instance when the grace ends, by itself; then the
+    // controller ends the reservation and terminates it.
+    until_state(&tc, &alice, &instance, "stopped").await;
+    until_state(&tc, &alice, &instance, "terminated").await;
+    let (_, ended) = tc
+        .api_as(&alice, GET, &format!("/v1/reservations/{}", held[0]), None)
+        .await;
+    assert_eq!(
+        ended["reservation"]["state"]["why"]["kind"], "interrupted",
+        "{ended}"
+    );
+    assert_eq!(
+        ended["reservation"]["state"]["at_ms"], taken[0]["notice"]["deadline_ms"],
+        "ended at the deadline: {ended}"
+    );
+    let (_, kept) = tc
+        .api_as(&alice, GET, &format!("/v1/reservations/{}", held[1]), None)
+        .await;
+    assert_eq!(
+        kept["reservation"]["state"]["state"], "active",
+        "do-not-interrupt: {kept}"
+    );
+    agent.stop().await;
 }

@@ -149,6 +149,7 @@ story!(a_resell_step_applies_once_over_the_version_it_read);
 story!(a_webhook_batch_takes_a_few_of_each_account_and_reads_keep_the_newest);
 story!(a_host_is_reserved_once_even_by_a_hundred_concurrent_requests);
 story!(terms_end_once_and_a_quote_is_honoured_once);
+story!(an_interruption_keeps_its_notice_and_ends_once_at_its_deadline);
 story!(prices_are_kept_once_and_answered_by_the_question);
 
 mod stories {
@@ -358,6 +359,127 @@ mod stories {
         assert_eq!(again[0].host, first.host, "the released host, and only it");
         assert_eq!(s.reservations_of("late").await.unwrap(), again);
         assert!(s.reservations_of("nobody").await.unwrap().is_empty());
+    }
+
+    pub async fn an_interruption_keeps_its_notice_and_ends_once_at_its_deadline(
+        _f: &Fixture,
+        s: Arc<dyn Store>,
+    ) {
+        use surplus_market::interrupt::{Cause, notice};
+        use surplus_market::resell::{Goal, Interruptibility, PricingMode};
+        let hosts: Vec<Uuid> = (1..=2).map(Uuid::from_u128).collect();
+        let nothing = |_: &[Reservation]| ChangeSet::default();
+        let request = |n: u128, i: Interruptibility| ReservationRequest {
+            ids: vec![Uuid::from_u128(3_000 + n)],
+            listing: "lst-3".into(),
+            holder: "alice".into(),
+            mode: PricingMode::OnDemand,
+            interruptibility: i,
+            goal: Goal::None,
+            price: 30,
+            upfront: 0,
+            term_ms: None,
+        };
+        let fulfil = s
+            .reserve(
+                "lst-3",
+                &hosts,
+                request(1, Interruptibility::FulfilmentBased),
+                None,
+                &nothing,
+                10,
+            )
+            .await
+            .unwrap()
+            .unwrap()
+            .remove(0);
+        let kept = s
+            .reserve(
+                "lst-3",
+                &hosts,
+                request(2, Interruptibility::NoInterruptions),
+                None,
+                &nothing,
+                10,
+            )
+            .await
+            .unwrap()
+            .unwrap()
+            .remove(0);
+        let given = notice(100, Cause::ProviderReclaim, None, 1_000);
+        // A do-not-interrupt reservation refuses the whole step: nothing stored.
+        let refused = s
+            .notice_interruptions(
+                "lst-3",
+                &[(fulfil.id, given), (kept.id, given)],
+                &nothing,
+                100,
+            )
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(refused.rule, "do_not_interrupt");
+        assert_eq!(s.interruption(fulfil.id).await.unwrap(), None);
+        let told = |rs: &[Reservation]| ChangeSet {
+            notices: rs
+                .iter()
+                .map(|r| Notice {
+                    key: format!("interrupting:{}", r.id),
+                    recipient: "client:alice".into(),
+                    kind: "reservation.interrupting".into(),
+                    body: serde_json::json!({}),
+                })
+                .collect(),
+            ..ChangeSet::default()
+        };
+        let noticed = s
+            .notice_interruptions("lst-3", &[(fulfil.id, given)], &told, 100)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(noticed.len(), 1);
+        assert_eq!(s.interruption(fulfil.id).await.unwrap(), Some(given));
+        assert_eq!(s.notices("client:alice", 10).await.unwrap().len(), 1);
+        let later = notice(500, Cause::ProviderReclaim, None, 1_000);
+        let twice = s
+            .notice_interruptions("lst-3", &[(fulfil.id, later)], &told, 500)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(twice.is_empty(), "the first notice stands");
+        assert_eq!(s.interruption(fulfil.id).await.unwrap(), Some(given));
+
+        // Due at its deadline, 1 100; applied once by four at once, ending it then.
+        assert!(s.due_interruptions(1_099).await.unwrap().is_empty());
+        assert_eq!(s.due_interruptions(5_000).await.unwrap().len(), 1);
+        let appliers: Vec<_> = (0..4)
+            .map(|_| {
+                let s = s.clone();
+                let id = fulfil.id;
+                tokio::spawn(async move {
+                    s.apply_interruption(
+                        "lst-3",
+                        id,
+                        &|_: &[Reservation]| ChangeSet::default(),
+                        5_000,
+                    )
+                    .await
+                    .unwrap()
+                })
+            })
+            .collect();
+        let mut ended = Vec::new();
+        for a in appliers {
+            ended.extend(a.await.unwrap());
+        }
+        assert_eq!(ended.len(), 1, "{ended:?}");
+        assert_eq!(ended[0].at_ms, 1_100, "at the deadline, not when applied");
+        assert!(s.due_interruptions(6_000).await.unwrap().is_empty());
+        assert_eq!(s.holding(fulfil.host, 1_100).await.unwrap(), None);
+        assert_eq!(
+            s.holding(kept.host, 6_000).await.unwrap().map(|r| r.id),
+            Some(kept.id)
+        );
     }
 
     pub async fn terms_end_once_and_a_quote_is_honoured_once(_f: &Fixture, s: Arc<dyn Store>) {

@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 pub use surplus_market::history::{Bucket, Guidance, PricePoint};
+pub use surplus_market::interrupt::Notice as InterruptNotice;
 pub use surplus_market::offers::{ModePrice, Offer};
 pub use surplus_market::quote::Quote;
 pub use surplus_market::resell::PricingMode;
@@ -77,6 +78,42 @@ pub struct ReservationView {
     pub currency: String,
     /// How to reach and control the host (while it holds it).
     pub access: Option<HostAccess>,
+    /// Its notice of interruption, if one was given: why, and the deadline until
+    /// which it keeps the host.
+    #[serde(default)]
+    pub interruption: Option<InterruptNotice>,
+}
+
+/// `POST /v1/reclaims`: a provider takes capacity back for its own customers
+/// (fulfilment-based interruption). Reservations that allow it are given notice; at
+/// the end of its grace each ends and its instances stop.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ReclaimRequest {
+    /// Only reservations on this host (all of them that allow it, unless `count`).
+    #[serde(default)]
+    pub host: Option<Uuid>,
+    /// Only this listing's.
+    #[serde(default)]
+    pub listing: Option<String>,
+    /// How many hosts to take back (default: 1, or every one on `host`).
+    #[serde(default)]
+    pub count: Option<u32>,
+}
+
+/// A reservation given notice of interruption.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct InterruptionView {
+    /// The reservation.
+    pub reservation: Uuid,
+    /// Its listing.
+    pub listing: String,
+    /// The host taken back.
+    pub host: Uuid,
+    /// The notice: cause, grace and deadline.
+    pub notice: InterruptNotice,
 }
 
 /// `GET /v1/pricing/history`: the points asked for, a chart's series and the

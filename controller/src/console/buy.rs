@@ -162,6 +162,11 @@ async fn reservations(State(ctl): State<Arc<Controller>>, signed: Signed, caller
                     td { (time(r.starts_at_ms)) }
                     td { @match r.end_ms() { Some(e) => (time(e)), None => "when released" } }
                     td.state { @match r.state {
+                        ReservationState::Active if v.interruption.is_some() => {
+                            @let n = v.interruption.expect("matched");
+                            "interrupted (" (name_of(&n.cause)) "): stops at " (time(n.deadline_ms))
+                            " — " (((n.deadline_ms - now) / 1000).max(0)) " s of grace left"
+                        },
                         ReservationState::Active if r.holds_at(now) => "active",
                         ReservationState::Active => "ending",
                         ReservationState::Ended { why, .. } => (why.to_string()),

@@ -16,6 +16,7 @@ pub(super) fn routes() -> Vec<Route> {
         route("GET", "/v1/reservations", Token, list_reservations),
         route("GET", "/v1/reservations/{id}", Token, show_reservation),
         route("POST", "/v1/reservations/{id}/release", Token, release),
+        route("POST", "/v1/reclaims", Token, reclaim),
         route("GET", "/v1/pricing/history", Token, pricing_history),
     ]
 }
@@ -184,6 +185,23 @@ pub(crate) async fn release(
         .tasks
         .spawn(async move { ctl2.control.stop_unreserved(Some(host)).await });
     Ok(Json(view))
+}
+
+/// A provider takes capacity back for its own customers (fulfilment-based
+/// interruption): of its reservations held now that allow it (`host`, `listing`,
+/// `count` choose which: 1 by default, every one on `host`), the cheapest, then the
+/// most recent, are given notice with the grace; the holder is told, and the host's
+/// agent stops the holder's instances there at the deadline, when the reservation
+/// ends. Do-not-interrupt reservations are never taken. An admin names the listing.
+#[utoipa::path(post, path = "/v1/reclaims", tag = "market", request_body = ReclaimRequest, responses((status = 202, description = "The reservations given notice (none when none may be taken)", body = Vec<InterruptionView>)))]
+pub(crate) async fn reclaim(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    body: Result<Json<ReclaimRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<Vec<InterruptionView>>), ApiError> {
+    let Json(body) = body?;
+    let taken = ctl.market.reclaim(&caller.0, body).await?;
+    Ok((StatusCode::ACCEPTED, Json(taken)))
 }
 
 /// Most points `GET /v1/pricing/history` returns.

@@ -83,6 +83,7 @@ use super::*;
         market::list_reservations,
         market::show_reservation,
         market::release,
+        market::reclaim,
         market::pricing_history,
     ),
     components(schemas(ErrorBody)),

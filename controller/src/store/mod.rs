@@ -604,6 +604,7 @@ pub struct Delivery {
 
 pub use surplus_market::Refusal as MarketRefusal;
 pub use surplus_market::history::{HistoryQuery, PricePoint};
+pub use surplus_market::interrupt::Notice as InterruptNotice;
 pub use surplus_market::outbox::DeliveryAttempt;
 pub use surplus_market::reservations::{Book, Ended, Request as ReservationRequest, Reservation};
 
@@ -1288,6 +1289,43 @@ pub trait ReservationStore: Send + Sync + std::fmt::Debug + 'static {
         now_ms: UnixMillis,
         changes: StepChanges<'_, Reservation>,
     ) -> Result<Vec<Ended>, PostError>;
+
+    /// Gives notice of interrupting the reservations `picks` of `listing` (each with
+    /// its notice) at `now_ms`, with the `changes` of the reservations noticed, in one
+    /// transaction under the listing's lock. Each must be one the book may interrupt
+    /// for its notice's cause (`Book::check_interrupt`), else the whole step is
+    /// refused with nothing stored; one already under notice keeps its first notice
+    /// and is left out of the answer.
+    async fn notice_interruptions(
+        &self,
+        listing: &str,
+        picks: &[(Uuid, InterruptNotice)],
+        changes: StepChanges<'_, Reservation>,
+        now_ms: UnixMillis,
+    ) -> Result<Result<Vec<Reservation>, MarketRefusal>, PostError>;
+
+    /// Interruptions whose grace ended at or before `now_ms` and not yet applied:
+    /// (listing, reservation, notice), earliest deadline first.
+    async fn due_interruptions(
+        &self,
+        now_ms: UnixMillis,
+    ) -> Result<Vec<(String, Uuid, InterruptNotice)>, StoreError>;
+
+    /// Applies a due interruption once: ends the reservation at its notice's deadline
+    /// (`Book::handle_interrupt`) with the `changes` of it, under the listing's lock,
+    /// and marks the interruption done whatever the book says (a reservation released
+    /// during its grace has nothing left to end: `None`). `None` too when another
+    /// controller applied it first.
+    async fn apply_interruption(
+        &self,
+        listing: &str,
+        reservation: Uuid,
+        changes: StepChanges<'_, Reservation>,
+        now_ms: UnixMillis,
+    ) -> Result<Option<Ended>, PostError>;
+
+    /// The notice of interruption of a reservation, if one was given.
+    async fn interruption(&self, reservation: Uuid) -> Result<Option<InterruptNotice>, StoreError>;
 
     /// The reservations that held a host at some instant of `[from_ms, to_ms)`: the
     /// ones a billing run of that period charges.

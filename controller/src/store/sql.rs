@@ -2234,6 +2234,105 @@ macro_rules! sql_stores {
                 Ok(all)
             }
 
+            async fn notice_interruptions(
+                &self,
+                listing: &str,
+                picks: &[(Uuid, InterruptNotice)],
+                changes: StepChanges<'_, Reservation>,
+                now_ms: UnixMillis,
+            ) -> Result<Result<Vec<Reservation>, MarketRefusal>, PostError> {
+                let mut tx = self.write_tx().await.map_err(StoreError::from)?;
+                $store::lock(&mut tx, Lock::Listing(listing)).await.map_err(StoreError::from)?;
+                let ids: Vec<Uuid> = picks.iter().map(|(id, _)| *id).collect();
+                let book = read_live_book(&mut tx, listing, now_ms, &ids).await?;
+                let mut noticed = Vec::new();
+                for (id, notice) in picks {
+                    let r = match book.check_interrupt(now_ms, *id, notice.cause) {
+                        Ok(r) => r.clone(),
+                        Err(refusal) => return Ok(Err(refusal)),
+                    };
+                    let inserted = sqlx::query("INSERT INTO interruptions (reservation, listing, host, record, deadline_ms) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (reservation) DO NOTHING")
+                        .bind(id.to_string())
+                        .bind(listing)
+                        .bind(r.host.to_string())
+                        .bind(json_text(notice))
+                        .bind(notice.deadline_ms)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(StoreError::from)?
+                        .rows_affected();
+                    if inserted > 0 {
+                        noticed.push(r);
+                    }
+                }
+                if !noticed.is_empty() {
+                    apply_in(&mut tx, &changes(&noticed), now_ms).await?;
+                }
+                tx.commit().await.map_err(StoreError::from)?;
+                Ok(Ok(noticed))
+            }
+
+            async fn due_interruptions(&self, now_ms: UnixMillis) -> Result<Vec<(String, Uuid, InterruptNotice)>, StoreError> {
+                let rows = sqlx::query("SELECT listing, reservation, record FROM interruptions WHERE done = 0 AND deadline_ms <= $1 ORDER BY deadline_ms, reservation")
+                    .bind(now_ms)
+                    .fetch_all(self.reader())
+                    .await?;
+                rows.iter()
+                    .map(|r| {
+                        let id: String = r.try_get("reservation")?;
+                        let record: String = r.try_get("record")?;
+                        Ok((r.try_get("listing")?, parse_uuid(&id)?, parse_json(&record, "interruption")?))
+                    })
+                    .collect()
+            }
+
+            async fn apply_interruption(
+                &self,
+                listing: &str,
+                reservation: Uuid,
+                changes: StepChanges<'_, Reservation>,
+                now_ms: UnixMillis,
+            ) -> Result<Option<Ended>, PostError> {
+                let mut tx = self.write_tx().await.map_err(StoreError::from)?;
+                $store::lock(&mut tx, Lock::Listing(listing)).await.map_err(StoreError::from)?;
+                let record: Option<String> = sqlx::query_scalar("SELECT record FROM interruptions WHERE reservation = $1 AND done = 0")
+                    .bind(reservation.to_string())
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(StoreError::from)?;
+                let Some(record) = record else {
+                    return Ok(None);
+                };
+                let notice: InterruptNotice = parse_json(&record, "interruption")?;
+                sqlx::query("UPDATE interruptions SET done = 1 WHERE reservation = $1")
+                    .bind(reservation.to_string())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::from)?;
+                let mut book = read_live_book(&mut tx, listing, now_ms, &[reservation]).await?;
+                // Ended at the deadline, however late the tick: the holder kept the host
+                // (and paid for it) through the grace, and no longer.
+                let ended = match book.handle_interrupt(notice.deadline_ms, reservation, notice.cause) {
+                    Ok(ended) => {
+                        let r = book.get(reservation).expect("the book interrupted it").clone();
+                        put_reservation(&mut tx, &r, false, now_ms).await?;
+                        apply_in(&mut tx, &changes(std::slice::from_ref(&r)), now_ms).await?;
+                        Some(ended)
+                    }
+                    Err(_) => None,
+                };
+                tx.commit().await.map_err(StoreError::from)?;
+                Ok(ended)
+            }
+
+            async fn interruption(&self, reservation: Uuid) -> Result<Option<InterruptNotice>, StoreError> {
+                let record: Option<String> = sqlx::query_scalar("SELECT record FROM interruptions WHERE reservation = $1")
+                    .bind(reservation.to_string())
+                    .fetch_optional(self.reader())
+                    .await?;
+                record.map(|r| parse_json(&r, "interruption")).transpose()
+            }
+
             async fn reservations_in(&self, from_ms: UnixMillis, to_ms: UnixMillis) -> Result<Vec<Reservation>, StoreError> {
                 let records: Vec<String> = sqlx::query_scalar("SELECT record FROM reservations WHERE starts_at_ms < $2 AND (until_ms IS NULL OR until_ms > $1) ORDER BY starts_at_ms, id")
                     .bind(from_ms)

@@ -3,8 +3,8 @@
 use anyhow::Context;
 use clap::Subcommand;
 use surplus_api::market::{
-    Offer, PriceHistory, PricingMode, Quote, QuoteRequest, ReservationState, ReservationView,
-    ReserveRequest, svg_chart,
+    InterruptionView, Offer, PriceHistory, PricingMode, Quote, QuoteRequest, ReclaimRequest,
+    ReservationState, ReservationView, ReserveRequest, svg_chart,
 };
 use surplus_market::records::name_of;
 
@@ -45,6 +45,20 @@ pub enum Command {
     Reservations {
         #[command(subcommand)]
         command: ReservationsCommand,
+    },
+    /// (provider) Take capacity back for your own customers: reservations that allow
+    /// it are given notice, and their instances stop when the grace ends.
+    Reclaim {
+        /// Only reservations on this host (every one of them that allows it, unless
+        /// --count).
+        #[arg(long)]
+        host: Option<uuid::Uuid>,
+        /// Only this listing's (an admin names one).
+        #[arg(long)]
+        listing: Option<String>,
+        /// How many hosts (default 1, or every one on --host).
+        #[arg(long)]
+        count: Option<u32>,
     },
     /// What capacity sold for.
     Pricing {
@@ -230,6 +244,32 @@ pub async fn run(client: &Client, json: bool, command: Command) -> anyhow::Resul
             let made: Vec<ReservationView> = client.post("/v1/reservations", &body).await?;
             print(json, &made, || show_reservations(&made));
         }
+        Command::Reclaim {
+            host,
+            listing,
+            count,
+        } => {
+            let body = ReclaimRequest {
+                host,
+                listing,
+                count,
+            };
+            let taken: Vec<InterruptionView> = client.post("/v1/reclaims", &body).await?;
+            print(json, &taken, || {
+                if taken.is_empty() {
+                    println!("nothing taken: no reservation held now allows it");
+                }
+                let now = now_ms();
+                for t in &taken {
+                    println!(
+                        "reservation {} on host {}: its instances stop {}",
+                        t.reservation,
+                        t.host,
+                        when(Some(t.notice.deadline_ms), now)
+                    );
+                }
+            });
+        }
         Command::Reservations { command } => match command {
             ReservationsCommand::List => {
                 let list: Vec<ReservationView> = client.get("/v1/reservations").await?;
@@ -349,6 +389,10 @@ fn show_reservations(list: &[ReservationView]) {
     for v in list {
         let r = &v.reservation;
         let state = match r.state {
+            ReservationState::Active if v.interruption.is_some() => format!(
+                "interrupted {}",
+                when(v.interruption.map(|n| n.deadline_ms), now)
+            ),
             ReservationState::Active if r.holds_at(now) => "active".to_owned(),
             ReservationState::Active => "ending".to_owned(),
             ReservationState::Ended { why, .. } => why.to_string(),
