@@ -231,6 +231,9 @@ pub struct MarketConfig {
     /// for it) this long after the notice, then its instances are stopped.
     #[serde(with = "humantime_serde")]
     pub grace: Duration,
+    /// How long before a term ends its holder is told.
+    #[serde(with = "humantime_serde")]
+    pub expiry_lead: Duration,
     /// The marketplace operator's own provider account, if it sells capacity too: when
     /// more of its listed hosts than `utilisation_threshold` are reserved, searches
     /// show idle third-party capacity first.
@@ -249,6 +252,9 @@ impl Default for MarketConfig {
             ),
             guidance_window: Duration::from_secs(7 * 86_400),
             grace: Duration::from_millis(surplus_market::interrupt::DEFAULT_GRACE_MS as u64),
+            expiry_lead: Duration::from_millis(
+                surplus_market::interrupt::DEFAULT_EXPIRY_LEAD_MS as u64,
+            ),
             primary_provider: None,
             utilisation_threshold: surplus_market::interrupt::DEFAULT_UTILISATION_THRESHOLD,
         }

@@ -651,6 +651,7 @@ impl Market {
         for e in &ended {
             tracing::info!(reservation = %e.reservation, host = %e.host, "reservation term ended");
         }
+        self.announce_expiries(now).await?;
         // Interruptions whose grace is over: each applied once, at its deadline.
         for (listing, id, _) in self.app.store.due_interruptions(now).await? {
             let changes =
@@ -666,6 +667,41 @@ impl Market {
             }
         }
         Ok(ended)
+    }
+
+    /// Tells each holder whose term ends within `market.expiry_lead` that it does,
+    /// from `interrupt::expiry_notice_at` on: once (the notice's key is the
+    /// reservation's, and the outbox keeps a key once, however many ticks and
+    /// controllers ask).
+    async fn announce_expiries(&self, now: UnixMillis) -> Result<(), MarketError> {
+        let lead = self.app.config.market.expiry_lead.as_millis() as i64;
+        let mut set = ChangeSet::default();
+        for r in self
+            .app
+            .store
+            .ending_within(now, now.saturating_add(lead))
+            .await?
+        {
+            let Some(ends) = r.ends_at_ms else { continue };
+            if now < surplus_market::interrupt::expiry_notice_at(r.starts_at_ms, ends, lead) {
+                continue;
+            }
+            set.notices.push(Notice {
+                key: format!("reservation.expiring:{}", r.id),
+                recipient: format!("client:{}", r.holder),
+                kind: "reservation.expiring".into(),
+                body: serde_json::json!({
+                    "reservation": r.id,
+                    "listing": r.listing,
+                    "host": r.host,
+                    "ends_at_ms": ends,
+                }),
+            });
+        }
+        if !set.notices.is_empty() {
+            self.app.store.apply_changes(&set, now).await?;
+        }
+        Ok(())
     }
 
     /// A provider takes capacity back (fulfilment-based interruption, A8): of its

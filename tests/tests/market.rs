@@ -347,7 +347,36 @@ async fn a_reserved_host_is_its_holders_alone_until_the_reservation_ends() {
         .await;
     assert_eq!(status, 200, "{ran}");
     let on_term = ran["instances"][0]["id"].as_str().unwrap().to_owned();
-    controller_clock.advance_ms(3_600_000);
+    // A minute before its end (the lead is two), alice is told it is ending.
+    controller_clock.advance_ms(3_540_000);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let (_, notices) = tc.api_as(&alice, GET, "/v1/notifications", None).await;
+        let expiring: Vec<&Value> = notices
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["kind"] == "reservation.expiring")
+            .collect();
+        if let [one] = expiring.as_slice() {
+            assert_eq!(
+                one["body"]["reservation"], made[0]["reservation"]["id"],
+                "{one}"
+            );
+            break;
+        }
+        assert!(expiring.is_empty(), "told once: {notices}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no expiry notice: {notices}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        until_state(&tc, &alice, &on_term, "running").await["state"] == "running",
+        "still hers until the end"
+    );
+    controller_clock.advance_ms(60_000);
     let stopped = until_state(&tc, &alice, &on_term, "terminated").await;
     assert!(
         stopped["state_reason"]

@@ -1335,6 +1335,14 @@ pub trait ReservationStore: Send + Sync + std::fmt::Debug + 'static {
         to_ms: UnixMillis,
     ) -> Result<Vec<Reservation>, StoreError>;
 
+    /// Reservations not recorded as ended whose term ends in `(now_ms, until_ms]`:
+    /// the ones whose expiry is announced now.
+    async fn ending_within(
+        &self,
+        now_ms: UnixMillis,
+        until_ms: UnixMillis,
+    ) -> Result<Vec<Reservation>, StoreError>;
+
     /// The reservation holding `host` at `now_ms`, if one does.
     async fn holding(
         &self,

@@ -2342,6 +2342,15 @@ macro_rules! sql_stores {
                 records.iter().map(|r| parse_json(r, "reservation")).collect()
             }
 
+            async fn ending_within(&self, now_ms: UnixMillis, until_ms: UnixMillis) -> Result<Vec<Reservation>, StoreError> {
+                let records: Vec<String> = sqlx::query_scalar("SELECT record FROM reservations WHERE ended = 0 AND until_ms > $1 AND until_ms <= $2 ORDER BY until_ms, id")
+                    .bind(now_ms)
+                    .bind(until_ms)
+                    .fetch_all(self.reader())
+                    .await?;
+                records.iter().map(|r| parse_json(r, "reservation")).collect()
+            }
+
             async fn holding(&self, host: Uuid, now_ms: UnixMillis) -> Result<Option<Reservation>, StoreError> {
                 let record: Option<String> = sqlx::query_scalar("SELECT record FROM reservations WHERE host = $1 AND starts_at_ms <= $2 AND (until_ms IS NULL OR until_ms > $2) ORDER BY starts_at_ms DESC, id LIMIT 1")
                     .bind(host.to_string())
