@@ -15,6 +15,7 @@ pub mod control;
 pub mod enroll;
 pub mod identity;
 pub mod inventory;
+pub mod local;
 pub mod meter;
 pub mod metrics;
 pub mod net;

@@ -29,6 +29,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Take capacity on this host back for your own customers (the host's provider):
+    /// reservations that allow it are given notice, and their instances stop when the
+    /// grace ends. Asks the agent running here, over its session.
+    Reclaim {
+        /// How many of this host's reservations (default: every one that allows it).
+        #[arg(long, conflicts_with = "instance")]
+        count: Option<u32>,
+        /// The reservation whose holder runs this instance here.
+        #[arg(long)]
+        instance: Option<String>,
+    },
     /// Enroll this host with a one-time join token.
     Enroll {
         /// The join token (`surplus tokens create` or `surplus-controller token create`).
@@ -270,6 +281,34 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             }
             if !fully {
                 anyhow::bail!("the driver is not fully compatible");
+            }
+        }
+        Command::Reclaim { count, instance } => {
+            let socket = config.data_dir.join(surplus_agent::local::SOCKET_FILE);
+            let request = surplus_agent::local::LocalRequest::Reclaim(
+                surplus_protocol::messages::ReclaimRequest { count, instance },
+            );
+            let answer = surplus_agent::local::ask(&socket, &request)
+                .await
+                .with_context(|| {
+                    format!(
+                        "asking the agent at {} (is `surplus-agent run` running here?)",
+                        socket.display()
+                    )
+                })?;
+            match answer {
+                Ok(taken) if taken.is_empty() => {
+                    println!("nothing taken: no reservation on this host allows it")
+                }
+                Ok(taken) => {
+                    for t in taken {
+                        println!(
+                            "reservation {} given notice: its instances stop at {} (Unix ms)",
+                            t.reservation, t.deadline_ms
+                        );
+                    }
+                }
+                Err(why) => anyhow::bail!("the controller refused: {why}"),
             }
         }
         Command::Security { root, json } => {

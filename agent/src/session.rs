@@ -361,6 +361,17 @@ fn record_notice(path: &std::path::Path, n: &HostNotice) -> std::io::Result<()> 
     f.sync_data()
 }
 
+/// Forgets the session a local request would go over, however the session ends.
+struct ClearOnDrop(crate::local::Current);
+
+impl Drop for ClearOnDrop {
+    fn drop(&mut self) {
+        if let Ok(mut c) = self.0.lock() {
+            *c = None;
+        }
+    }
+}
+
 /// Schedules the stop of the instances an interruption's notice names, at its
 /// deadline (by this host's clock). A notice delivered twice stops them twice, which
 /// changes nothing; a notice that names no instance or no deadline schedules nothing.
@@ -684,11 +695,31 @@ impl Runner {
         )
         .map_err(SessionError::Metering)?;
         self.metrics.watch_spool(meter.spool.clone());
+        // The local socket: requests of commands on this host, over the session.
+        let current = crate::local::Current::default();
+        let socket = self.config.data_dir.join(crate::local::SOCKET_FILE);
+        match crate::local::bind(&socket) {
+            Ok(listener) => {
+                tokio::spawn(crate::local::serve(
+                    listener,
+                    current.clone(),
+                    self.config.max_frame_size,
+                    self.config.request_timeout,
+                    cancel.child_token(),
+                ));
+            }
+            Err(e) => {
+                tracing::warn!(path = %socket.display(), error = %e, "no local socket: `surplus-agent reclaim` cannot reach this agent");
+            }
+        }
         let mut attempt = 0u32;
         loop {
             // The session watches `cancel` itself, at points where stopping loses
             // nothing (never in the middle of a renewal).
-            match self.session(&cancel, &mut attempt, &control, &meter).await {
+            match self
+                .session(&cancel, &mut attempt, &control, &meter, &current)
+                .await
+            {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_final() => {
                     tracing::error!(agent_id = %self.identity.agent_id, error = %e, "agent stops");
@@ -730,11 +761,15 @@ impl Runner {
         attempt: &mut u32,
         control: &Arc<ControlPlane>,
         meter: &Arc<MeterHandle>,
+        current: &crate::local::Current,
     ) -> Result<(), SessionError> {
         let session = tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
             opened = Session::open_with(None, &self.config, &self.identity, Some(control.isolation())) => opened?,
         };
+        // Local requests go over this session while it lasts.
+        *current.lock().expect("not poisoned") = Some(session.connection.clone());
+        let _current = ClearOnDrop(current.clone());
         *attempt = 0;
         let metrics = self.metrics.clone();
         let _connected = metrics.session_opened();

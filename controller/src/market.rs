@@ -669,6 +669,57 @@ impl Market {
         Ok(ended)
     }
 
+    /// A reclaim sent by a host's agent (`surplus-agent reclaim`): the host's provider
+    /// (its `provider` label) takes back `count` of this host's reservations (every
+    /// one that allows it without a count), or the one whose holder runs `instance`
+    /// here, as [`Market::reclaim`] does for the API. The answer says why nothing was
+    /// taken, in words for the operator at the host.
+    pub async fn reclaim_from_host(
+        &self,
+        host: Uuid,
+        request: surplus_protocol::messages::ReclaimRequest,
+    ) -> Result<Vec<surplus_protocol::messages::Reclaimed>, String> {
+        let agent = match self.app.store.agent(host).await {
+            Ok(Some(a)) => a,
+            Ok(None) => return Err(format!("agent {host} is not enrolled")),
+            Err(e) => {
+                tracing::error!(%host, error = %e, "reclaim from a host");
+                return Err("storage failure".into());
+            }
+        };
+        let provider = surplus_market::billing::provider_of(&agent.labels);
+        let count = match &request.instance {
+            Some(id) => match self.app.store.instance(id).await {
+                Ok(Some(i)) if i.agent_id == host => None,
+                Ok(_) => return Err(format!("instance {id} does not run on this host")),
+                Err(e) => {
+                    tracing::error!(%host, error = %e, "reclaim from a host");
+                    return Err("storage failure".into());
+                }
+            },
+            None => request.count,
+        };
+        let caller = Principal {
+            account: provider,
+            role: Role::Provider,
+        };
+        let body = ReclaimRequest {
+            host: Some(host),
+            listing: None,
+            count,
+        };
+        match self.reclaim(&caller, body).await {
+            Ok(taken) => Ok(taken
+                .into_iter()
+                .map(|t| surplus_protocol::messages::Reclaimed {
+                    reservation: t.reservation,
+                    deadline_ms: t.notice.deadline_ms,
+                })
+                .collect()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     /// Tells each holder whose term ends within `market.expiry_lead` that it does,
     /// from `interrupt::expiry_notice_at` on: once (the notice's key is the
     /// reservation's, and the outbox keeps a key once, however many ticks and

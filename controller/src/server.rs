@@ -680,6 +680,9 @@ async fn handle(ctl: &Controller, agent_id: Uuid, session_id: Uuid, request: Mes
             }
         }
         Message::UsageBatch(batch) => ctl.metering.ingest(agent_id, batch).await,
+        Message::Reclaim(request) => {
+            Message::ReclaimResult(ctl.market.reclaim_from_host(agent_id, request).await)
+        }
         other => Message::error(
             ErrorCode::Unexpected,
             format!(

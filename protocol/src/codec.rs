@@ -617,6 +617,21 @@ mod tests {
                     effective_from_ms: at,
                 })
             }),
+            (
+                proptest::option::of(any::<u32>()),
+                proptest::option::of(text())
+            )
+                .prop_map(|(count, instance)| Message::Reclaim(ReclaimRequest { count, instance })),
+            (any::<u128>(), any::<i64>(), text()).prop_map(|(id, at, why)| {
+                Message::ReclaimResult(if at % 2 == 0 {
+                    Ok(vec![Reclaimed {
+                        reservation: uuid::Uuid::from_u128(id),
+                        deadline_ms: at,
+                    }])
+                } else {
+                    Err(why)
+                })
+            }),
         ]
     }
 

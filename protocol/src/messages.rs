@@ -93,6 +93,11 @@ pub enum Message {
     HostNotice(HostNotice),
     /// Agent → controller: the notice is recorded on the host.
     HostNoticeAck(HostNoticeAck),
+    /// Agent → controller: the host's provider takes capacity on this host back
+    /// (`surplus-agent reclaim`).
+    Reclaim(ReclaimRequest),
+    /// Controller → agent: the reservations given notice, or why none could be.
+    ReclaimResult(Result<Vec<Reclaimed>, String>),
 }
 
 impl Message {
@@ -129,6 +134,8 @@ impl Message {
             Message::MeteringAck(_) => "metering-ack",
             Message::HostNotice(_) => "host-notice",
             Message::HostNoticeAck(_) => "host-notice-ack",
+            Message::Reclaim(_) => "reclaim",
+            Message::ReclaimResult(_) => "reclaim-result",
         }
     }
 
@@ -430,6 +437,26 @@ pub struct HostNotice {
     pub body_json: String,
     /// When the controller queued it.
     pub created_at_ms: UnixMillis,
+}
+
+/// What the host's provider takes back: a number of this host's reservations that
+/// allow it (all of them without a count), or the reservation whose holder runs an
+/// instance here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReclaimRequest {
+    /// How many (none: every one on this host that allows it).
+    pub count: Option<u32>,
+    /// The instance whose reservation is taken.
+    pub instance: Option<String>,
+}
+
+/// A reservation on this host given notice of interruption.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reclaimed {
+    /// The reservation.
+    pub reservation: uuid::Uuid,
+    /// When its instances stop.
+    pub deadline_ms: UnixMillis,
 }
 
 /// Receipt of a [`HostNotice`].

@@ -659,7 +659,9 @@ async fn a_provider_takes_back_what_it_may_and_the_agent_stops_it_when_the_grace
         held.push(made[0]["reservation"]["id"].as_str().unwrap().to_owned());
     }
     let run = json!({"action": "RunInstances", "command": ["sleep", "600"], "agent_id": host, "limits": {"millicpus": 500, "memory_bytes": 268_435_456}});
-    let (status, ran) = tc.api_as(&alice, POST, "/v1/control", Some(run)).await;
+    let (status, ran) = tc
+        .api_as(&alice, POST, "/v1/control", Some(run.clone()))
+        .await;
     assert_eq!(status, 200, "{ran}");
     let instance = ran["instances"][0]["id"].as_str().unwrap().to_owned();
 
@@ -717,5 +719,69 @@ async fn a_provider_takes_back_what_it_may_and_the_agent_stops_it_when_the_grace
         kept["reservation"]["state"]["state"], "active",
         "do-not-interrupt: {kept}"
     );
+
+    // From the host itself: `surplus-agent reclaim --instance` asks the running agent,
+    // which asks the controller over its session.
+    let (status, made) = tc
+        .api_as(
+            &alice,
+            POST,
+            "/v1/reservations",
+            Some(json!({"listing": "lst-fulfil", "mode": "on_demand"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{made}");
+    let again = made[0]["reservation"]["id"].as_str().unwrap().to_owned();
+    let (status, ran) = tc.api_as(&alice, POST, "/v1/control", Some(run)).await;
+    assert_eq!(status, 200, "{ran}");
+    let instance = ran["instances"][0]["id"].as_str().unwrap().to_owned();
+    let agent_dir = tc.agent_dir("host-bob");
+    let out = tokio::process::Command::new(surplus_tests::bin("surplus-agent"))
+        .arg("--data-dir")
+        .arg(&agent_dir)
+        .args(["reclaim", "--instance", &instance])
+        .output()
+        .await
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.contains(&again),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, noticed) = tc
+        .api_as(&alice, GET, &format!("/v1/reservations/{again}"), None)
+        .await;
+    assert_eq!(
+        noticed["interruption"]["cause"], "provider_reclaim",
+        "{noticed}"
+    );
+    // Nothing else on this host may be taken; a host's reclaim says so.
+    let out = tokio::process::Command::new(surplus_tests::bin("surplus-agent"))
+        .arg("--data-dir")
+        .arg(&agent_dir)
+        .args(["reclaim", "--count", "1"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("nothing taken"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     agent.stop().await;
+    // With the agent gone, the command says what it could not reach.
+    let out = tokio::process::Command::new(surplus_tests::bin("surplus-agent"))
+        .arg("--data-dir")
+        .arg(&agent_dir)
+        .args(["reclaim"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("surplus-agent run"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
