@@ -87,7 +87,10 @@ async fn answer(
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut read = BufReader::new(read).take(MAX_LINE as u64);
-    read.read_line(&mut line).await?;
+    // A client that sends nothing does not hold a task for ever.
+    tokio::time::timeout(Duration::from_secs(10), read.read_line(&mut line))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request line"))??;
     let answer: LocalAnswer = match serde_json::from_str::<LocalRequest>(&line) {
         Err(e) => Err(format!("not a request: {e}")),
         Ok(LocalRequest::Reclaim(request)) => {

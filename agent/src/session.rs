@@ -333,6 +333,10 @@ struct Serving {
     max_frame: usize,
     /// Where the notices the controller sends about this host are recorded.
     notices: std::path::PathBuf,
+    /// This host's clock, and how far the controller's is ahead of it (measured at
+    /// hello): an interruption's deadline is the controller's instant.
+    clock: Arc<dyn Clock>,
+    controller_ahead_ms: i64,
 }
 
 /// The file under the data directory where the marketplace's notices about this host
@@ -375,7 +379,12 @@ impl Drop for ClearOnDrop {
 /// Schedules the stop of the instances an interruption's notice names, at its
 /// deadline (by this host's clock). A notice delivered twice stops them twice, which
 /// changes nothing; a notice that names no instance or no deadline schedules nothing.
-fn stop_at_deadline(control: &Arc<ControlPlane>, n: &HostNotice) {
+fn stop_at_deadline(
+    control: &Arc<ControlPlane>,
+    n: &HostNotice,
+    clock: &dyn Clock,
+    controller_ahead_ms: i64,
+) {
     #[derive(serde::Deserialize)]
     struct Interrupting {
         deadline_ms: i64,
@@ -389,9 +398,12 @@ fn stop_at_deadline(control: &Arc<ControlPlane>, n: &HostNotice) {
     if notice.instances.is_empty() {
         return;
     }
+    // The deadline on this host's clock: never sooner for a host clock that runs
+    // ahead of the controller's.
     let wait_ms = notice
         .deadline_ms
-        .saturating_sub(surplus_protocol::clock::SystemClock.now_ms())
+        .saturating_sub(controller_ahead_ms)
+        .saturating_sub(clock.now_ms())
         .max(0);
     let control = control.clone();
     tokio::spawn(async move {
@@ -421,6 +433,8 @@ async fn serve_controller_stream(mut send: SendStream, mut recv: RecvStream, ser
         conn,
         max_frame,
         notices,
+        clock,
+        controller_ahead_ms,
     } = serving;
     let request = match quic::read_frame(&mut recv, max_frame).await {
         Ok(envelope) => envelope.message,
@@ -492,7 +506,7 @@ async fn serve_controller_stream(mut send: SendStream, mut recv: RecvStream, ser
             // An interruption's deadline is kept here, on the host: its instances stop
             // then even if the controller cannot reach this agent at that moment.
             if n.kind == "reservation.interrupting" {
-                stop_at_deadline(&control, &n);
+                stop_at_deadline(&control, &n, clock.as_ref(), controller_ahead_ms);
             }
             // An append with fsync: off the runtime's threads.
             let key = n.key.clone();
@@ -817,6 +831,8 @@ impl Runner {
             conn: session.connection.clone(),
             max_frame: self.config.max_frame_size,
             notices: self.config.data_dir.join(NOTICES_FILE),
+            clock: self.clock.clone(),
+            controller_ahead_ms: ack.server_time_ms - self.clock.now_ms(),
         };
 
         loop {

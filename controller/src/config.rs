@@ -391,6 +391,8 @@ impl ControllerConfig {
             ("market.tick", self.market.tick),
             ("market.quote_validity", self.market.quote_validity),
             ("market.guidance_window", self.market.guidance_window),
+            ("market.grace", self.market.grace),
+            ("market.expiry_lead", self.market.expiry_lead),
         ] {
             if d.is_zero() {
                 return Err(format!("{name} must be more than zero"));

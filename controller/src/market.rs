@@ -643,29 +643,41 @@ impl Market {
             .into_iter()
             .map(|l| (l.id.clone(), l))
             .collect();
+        let mut ended = Vec::new();
+        // Interruptions whose grace is over first, each at its deadline: one that fell
+        // before its term's end is an interruption, however late this tick runs.
+        for (listing, id, _) in self.app.store.due_interruptions(now).await? {
+            let changes =
+                |ended: &[Reservation]| ended_changes(listings.get(&listing), ended, "interrupted");
+            match self
+                .app
+                .store
+                .apply_interruption(&listing, id, &changes, now)
+                .await
+            {
+                Ok(Some(e)) => {
+                    tracing::info!(reservation = %e.reservation, host = %e.host, why = %e.why, "reservation interrupted");
+                    ended.push(e);
+                }
+                Ok(None) => {}
+                // One that cannot be applied now does not hold up the others.
+                Err(e) => tracing::warn!(reservation = %id, error = %e, "applying an interruption"),
+            }
+        }
+        // Then the terms about to end are announced, before those that ended are
+        // recorded, so a term that ended between two ticks is still announced.
+        if let Err(e) = self.announce_expiries(now).await {
+            tracing::warn!(error = %e, "announcing the end of terms");
+        }
         let changes = |ended: &[Reservation]| {
             let listing = ended.first().and_then(|r| listings.get(&r.listing));
             ended_changes(listing, ended, "expired")
         };
-        let mut ended = self.app.store.expire_reservations(now, &changes).await?;
-        for e in &ended {
+        let expired = self.app.store.expire_reservations(now, &changes).await?;
+        for e in &expired {
             tracing::info!(reservation = %e.reservation, host = %e.host, "reservation term ended");
         }
-        self.announce_expiries(now).await?;
-        // Interruptions whose grace is over: each applied once, at its deadline.
-        for (listing, id, _) in self.app.store.due_interruptions(now).await? {
-            let changes =
-                |ended: &[Reservation]| ended_changes(listings.get(&listing), ended, "interrupted");
-            if let Some(e) = self
-                .app
-                .store
-                .apply_interruption(&listing, id, &changes, now)
-                .await?
-            {
-                tracing::info!(reservation = %e.reservation, host = %e.host, why = %e.why, "reservation interrupted");
-                ended.push(e);
-            }
-        }
+        ended.extend(expired);
         Ok(ended)
     }
 
@@ -690,7 +702,26 @@ impl Market {
         let provider = surplus_market::billing::provider_of(&agent.labels);
         let count = match &request.instance {
             Some(id) => match self.app.store.instance(id).await {
-                Ok(Some(i)) if i.agent_id == host => None,
+                Ok(Some(i))
+                    if i.agent_id == host
+                        && i.record.state
+                            != surplus_protocol::control::InstanceState::Terminated =>
+                {
+                    match self.app.store.holding(host, self.now()).await {
+                        Ok(Some(r)) if r.holder == i.account && i.owner_role == Role::Client => {
+                            None
+                        }
+                        Ok(_) => {
+                            return Err(format!(
+                                "instance {id} is not run by the client that holds this host now"
+                            ));
+                        }
+                        Err(e) => {
+                            tracing::error!(%host, error = %e, "reclaim from a host");
+                            return Err("storage failure".into());
+                        }
+                    }
+                }
                 Ok(_) => return Err(format!("instance {id} does not run on this host")),
                 Err(e) => {
                     tracing::error!(%host, error = %e, "reclaim from a host");
@@ -730,13 +761,10 @@ impl Market {
         for r in self
             .app
             .store
-            .ending_within(now, now.saturating_add(lead))
+            .ending_within(now.saturating_add(lead))
             .await?
         {
             let Some(ends) = r.ends_at_ms else { continue };
-            if now < surplus_market::interrupt::expiry_notice_at(r.starts_at_ms, ends, lead) {
-                continue;
-            }
             set.notices.push(Notice {
                 key: format!("reservation.expiring:{}", r.id),
                 recipient: format!("client:{}", r.holder),
@@ -818,14 +846,18 @@ impl Market {
                     started_at_ms: r.starts_at_ms,
                 });
             }
+            // A count is over every listing; on a host without one, every reservation
+            // there that allows it; else one.
             let wanted = match (body.count, body.host) {
-                (Some(c), _) => c as usize,
+                (Some(c), _) => (c as usize).saturating_sub(out.len()),
                 (None, Some(_)) => candidates.len(),
-                (None, None) => 1,
-            }
-            .saturating_sub(out.len());
+                (None, None) => 1usize.saturating_sub(out.len()),
+            };
             if wanted == 0 {
-                break;
+                if body.count.is_some() || body.host.is_none() {
+                    break;
+                }
+                continue;
             }
             let taken = surplus_market::interrupt::choose_reclaim(&candidates, wanted, goal);
             if taken.is_empty() {
@@ -862,11 +894,14 @@ impl Market {
             let changes = |noticed: &[Reservation]| {
                 interruption_changes(listing, noticed, &notice, &instances)
             };
-            let noticed = self
+            let (noticed, skipped) = self
                 .app
                 .store
                 .notice_interruptions(&listing.id, &picks, &changes, now)
-                .await??;
+                .await?;
+            for refusal in skipped {
+                tracing::info!(listing = %listing.id, %refusal, "not taken back");
+            }
             for r in noticed {
                 tracing::info!(reservation = %r.id, host = %r.host, deadline_ms = notice.deadline_ms, "reservation given notice: the provider takes its capacity back");
                 out.push(InterruptionView {
@@ -896,7 +931,19 @@ impl Market {
     ) -> Result<Option<Reservation>, MarketError> {
         let now = self.now();
         match self.app.store.holding(host, now).await? {
-            Some(r) if caller.role == Role::Client && r.holder == caller.account => Ok(Some(r)),
+            Some(r) if caller.role == Role::Client && r.holder == caller.account => {
+                // Under notice, the host takes no new work: what runs stops at the
+                // deadline, and what would start now would not be in the agent's notice.
+                if let Some(n) = self.app.store.interruption(r.id).await? {
+                    return Err(MarketError::Forbidden(format!(
+                        "host {host} is being taken back ({}): its reservation {} ends at {}",
+                        surplus_market::records::name_of(&n.cause),
+                        r.id,
+                        n.deadline_ms
+                    )));
+                }
+                Ok(Some(r))
+            }
             Some(r) => Err(MarketError::Forbidden(format!(
                 "host {host} is reserved ({}); only the client that holds it may use it",
                 r.id

@@ -623,16 +623,8 @@ async fn a_provider_takes_back_what_it_may_and_the_agent_stops_it_when_the_grace
     // A second host of bob's, sold without interruptions.
     let other = surplus_tests::online_hosts(&tc, "bob", 1).await[0];
     let modes = [PricingMode::OnDemand];
-    list_hosts(
-        tc.ctl(),
-        "lst-fulfil",
-        "bob",
-        &[host],
-        &modes,
-        (30, 20),
-        Interruptibility::FulfilmentBased,
-    )
-    .await;
+    // The host's own listing is made second: a reclaim on a host looks at every
+    // listing of the provider.
     list_hosts(
         tc.ctl(),
         "lst-dni",
@@ -641,6 +633,16 @@ async fn a_provider_takes_back_what_it_may_and_the_agent_stops_it_when_the_grace
         &modes,
         (30, 20),
         Interruptibility::NoInterruptions,
+    )
+    .await;
+    list_hosts(
+        tc.ctl(),
+        "lst-fulfil",
+        "bob",
+        &[host],
+        &modes,
+        (30, 20),
+        Interruptibility::FulfilmentBased,
     )
     .await;
     let alice = tc.token_for("alice", "client").await;

@@ -407,19 +407,6 @@ mod stories {
             .unwrap()
             .remove(0);
         let given = notice(100, Cause::ProviderReclaim, None, 1_000);
-        // A do-not-interrupt reservation refuses the whole step: nothing stored.
-        let refused = s
-            .notice_interruptions(
-                "lst-3",
-                &[(fulfil.id, given), (kept.id, given)],
-                &nothing,
-                100,
-            )
-            .await
-            .unwrap()
-            .unwrap_err();
-        assert_eq!(refused.rule, "do_not_interrupt");
-        assert_eq!(s.interruption(fulfil.id).await.unwrap(), None);
         let told = |rs: &[Reservation]| ChangeSet {
             notices: rs
                 .iter()
@@ -432,19 +419,23 @@ mod stories {
                 .collect(),
             ..ChangeSet::default()
         };
-        let noticed = s
-            .notice_interruptions("lst-3", &[(fulfil.id, given)], &told, 100)
+        // A do-not-interrupt reservation is left out, with the book's reason; the
+        // other is noticed, with its notices.
+        let (noticed, skipped) = s
+            .notice_interruptions("lst-3", &[(fulfil.id, given), (kept.id, given)], &told, 100)
             .await
-            .unwrap()
             .unwrap();
         assert_eq!(noticed.len(), 1);
+        assert_eq!(noticed[0].id, fulfil.id);
+        assert_eq!(skipped.len(), 1);
+        assert_eq!(skipped[0].rule, "do_not_interrupt");
+        assert_eq!(s.interruption(kept.id).await.unwrap(), None);
         assert_eq!(s.interruption(fulfil.id).await.unwrap(), Some(given));
         assert_eq!(s.notices("client:alice", 10).await.unwrap().len(), 1);
         let later = notice(500, Cause::ProviderReclaim, None, 1_000);
-        let twice = s
+        let (twice, _) = s
             .notice_interruptions("lst-3", &[(fulfil.id, later)], &told, 500)
             .await
-            .unwrap()
             .unwrap();
         assert!(twice.is_empty(), "the first notice stands");
         assert_eq!(s.interruption(fulfil.id).await.unwrap(), Some(given));
@@ -452,6 +443,15 @@ mod stories {
         // Due at its deadline, 1 100; applied once by four at once, ending it then.
         assert!(s.due_interruptions(1_099).await.unwrap().is_empty());
         assert_eq!(s.due_interruptions(5_000).await.unwrap().len(), 1);
+        // Past its deadline the reservation holds nothing, and a release is too late,
+        // even before the interruption is applied.
+        assert_eq!(s.holding(fulfil.host, 5_000).await.unwrap(), None);
+        let late = s
+            .release_reservation("lst-3", fulfil.id, "alice", &nothing, 5_000)
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(late.rule, "ended", "{late}");
         let appliers: Vec<_> = (0..4)
             .map(|_| {
                 let s = s.clone();

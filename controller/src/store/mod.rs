@@ -1292,17 +1292,17 @@ pub trait ReservationStore: Send + Sync + std::fmt::Debug + 'static {
 
     /// Gives notice of interrupting the reservations `picks` of `listing` (each with
     /// its notice) at `now_ms`, with the `changes` of the reservations noticed, in one
-    /// transaction under the listing's lock. Each must be one the book may interrupt
-    /// for its notice's cause (`Book::check_interrupt`), else the whole step is
-    /// refused with nothing stored; one already under notice keeps its first notice
-    /// and is left out of the answer.
+    /// transaction under the listing's lock: the reservations noticed, and the book's
+    /// refusal of each pick it may not interrupt (`Book::check_interrupt`: ended or
+    /// released since it was chosen, or not for this cause), which is left out. One
+    /// already under notice keeps its first notice and is left out too.
     async fn notice_interruptions(
         &self,
         listing: &str,
         picks: &[(Uuid, InterruptNotice)],
         changes: StepChanges<'_, Reservation>,
         now_ms: UnixMillis,
-    ) -> Result<Result<Vec<Reservation>, MarketRefusal>, PostError>;
+    ) -> Result<(Vec<Reservation>, Vec<MarketRefusal>), PostError>;
 
     /// Interruptions whose grace ended at or before `now_ms` and not yet applied:
     /// (listing, reservation, notice), earliest deadline first.
@@ -1335,15 +1335,13 @@ pub trait ReservationStore: Send + Sync + std::fmt::Debug + 'static {
         to_ms: UnixMillis,
     ) -> Result<Vec<Reservation>, StoreError>;
 
-    /// Reservations not recorded as ended whose term ends in `(now_ms, until_ms]`:
+    /// Reservations not recorded as ended whose term ends at or before `until_ms`:
     /// the ones whose expiry is announced now.
-    async fn ending_within(
-        &self,
-        now_ms: UnixMillis,
-        until_ms: UnixMillis,
-    ) -> Result<Vec<Reservation>, StoreError>;
+    async fn ending_within(&self, until_ms: UnixMillis) -> Result<Vec<Reservation>, StoreError>;
 
-    /// The reservation holding `host` at `now_ms`, if one does.
+    /// The reservation holding `host` at `now_ms`, if one does (one whose notice of
+    /// interruption is past its deadline holds nothing, even before the tick records
+    /// its end).
     async fn holding(
         &self,
         host: Uuid,

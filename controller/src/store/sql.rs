@@ -2146,7 +2146,7 @@ macro_rules! sql_stores {
             ) -> Result<Result<Vec<Reservation>, MarketRefusal>, PostError> {
                 let mut tx = self.write_tx().await.map_err(StoreError::from)?;
                 $store::lock(&mut tx, Lock::Listing(listing)).await.map_err(StoreError::from)?;
-                let mut book = read_live_book(&mut tx, listing, now_ms, &request.ids).await?;
+                let mut book = read_live_book(&mut tx, listing, &request.ids).await?;
                 let made = match book.handle_reserve(now_ms, request, available) {
                     Ok(made) => made,
                     Err(refusal) => return Ok(Err(refusal)),
@@ -2185,7 +2185,21 @@ macro_rules! sql_stores {
             ) -> Result<Result<Ended, MarketRefusal>, PostError> {
                 let mut tx = self.write_tx().await.map_err(StoreError::from)?;
                 $store::lock(&mut tx, Lock::Listing(listing)).await.map_err(StoreError::from)?;
-                let mut book = read_live_book(&mut tx, listing, now_ms, &[id]).await?;
+                // A notice whose deadline passed ends the reservation then: a release
+                // after it is too late (the tick records the interruption).
+                let due: Option<i64> = sqlx::query_scalar("SELECT deadline_ms FROM interruptions WHERE reservation = $1 AND done = 0 AND deadline_ms <= $2")
+                    .bind(id.to_string())
+                    .bind(now_ms)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(StoreError::from)?;
+                if let Some(deadline) = due {
+                    return Ok(Err(MarketRefusal {
+                        rule: "ended",
+                        message: format!("reservation {id} was interrupted at {deadline}"),
+                    }));
+                }
+                let mut book = read_live_book(&mut tx, listing, &[id]).await?;
                 let ended = match book.handle_release(now_ms, id, by) {
                     Ok(ended) => ended,
                     Err(refusal) => return Ok(Err(refusal)),
@@ -2216,7 +2230,7 @@ macro_rules! sql_stores {
                     $store::lock(&mut tx, Lock::Listing(&listing)).await.map_err(StoreError::from)?;
                     // Read under the lock: another controller that got here first has
                     // recorded these ends, and the book reports nothing twice.
-                    let mut book = read_live_book(&mut tx, &listing, now_ms, &[]).await?;
+                    let mut book = read_live_book(&mut tx, &listing, &[]).await?;
                     let ended = book.poll_expired(now_ms);
                     let rows: Vec<Reservation> = ended
                         .iter()
@@ -2240,16 +2254,22 @@ macro_rules! sql_stores {
                 picks: &[(Uuid, InterruptNotice)],
                 changes: StepChanges<'_, Reservation>,
                 now_ms: UnixMillis,
-            ) -> Result<Result<Vec<Reservation>, MarketRefusal>, PostError> {
+            ) -> Result<(Vec<Reservation>, Vec<MarketRefusal>), PostError> {
                 let mut tx = self.write_tx().await.map_err(StoreError::from)?;
                 $store::lock(&mut tx, Lock::Listing(listing)).await.map_err(StoreError::from)?;
                 let ids: Vec<Uuid> = picks.iter().map(|(id, _)| *id).collect();
-                let book = read_live_book(&mut tx, listing, now_ms, &ids).await?;
+                let book = read_live_book(&mut tx, listing, &ids).await?;
                 let mut noticed = Vec::new();
+                let mut skipped = Vec::new();
                 for (id, notice) in picks {
                     let r = match book.check_interrupt(now_ms, *id, notice.cause) {
                         Ok(r) => r.clone(),
-                        Err(refusal) => return Ok(Err(refusal)),
+                        // Released or ended since it was chosen, or one the book may
+                        // not interrupt: left out, the others still noticed.
+                        Err(refusal) => {
+                            skipped.push(refusal);
+                            continue;
+                        }
                     };
                     let inserted = sqlx::query("INSERT INTO interruptions (reservation, listing, host, record, deadline_ms) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (reservation) DO NOTHING")
                         .bind(id.to_string())
@@ -2269,7 +2289,7 @@ macro_rules! sql_stores {
                     apply_in(&mut tx, &changes(&noticed), now_ms).await?;
                 }
                 tx.commit().await.map_err(StoreError::from)?;
-                Ok(Ok(noticed))
+                Ok((noticed, skipped))
             }
 
             async fn due_interruptions(&self, now_ms: UnixMillis) -> Result<Vec<(String, Uuid, InterruptNotice)>, StoreError> {
@@ -2309,7 +2329,7 @@ macro_rules! sql_stores {
                     .execute(&mut *tx)
                     .await
                     .map_err(StoreError::from)?;
-                let mut book = read_live_book(&mut tx, listing, now_ms, &[reservation]).await?;
+                let mut book = read_live_book(&mut tx, listing, &[reservation]).await?;
                 // Ended at the deadline, however late the tick: the holder kept the host
                 // (and paid for it) through the grace, and no longer.
                 let ended = match book.handle_interrupt(notice.deadline_ms, reservation, notice.cause) {
@@ -2342,9 +2362,8 @@ macro_rules! sql_stores {
                 records.iter().map(|r| parse_json(r, "reservation")).collect()
             }
 
-            async fn ending_within(&self, now_ms: UnixMillis, until_ms: UnixMillis) -> Result<Vec<Reservation>, StoreError> {
-                let records: Vec<String> = sqlx::query_scalar("SELECT record FROM reservations WHERE ended = 0 AND until_ms > $1 AND until_ms <= $2 ORDER BY until_ms, id")
-                    .bind(now_ms)
+            async fn ending_within(&self, until_ms: UnixMillis) -> Result<Vec<Reservation>, StoreError> {
+                let records: Vec<String> = sqlx::query_scalar("SELECT record FROM reservations WHERE ended = 0 AND until_ms <= $1 ORDER BY until_ms, id")
                     .bind(until_ms)
                     .fetch_all(self.reader())
                     .await?;
@@ -2352,7 +2371,7 @@ macro_rules! sql_stores {
             }
 
             async fn holding(&self, host: Uuid, now_ms: UnixMillis) -> Result<Option<Reservation>, StoreError> {
-                let record: Option<String> = sqlx::query_scalar("SELECT record FROM reservations WHERE host = $1 AND starts_at_ms <= $2 AND (until_ms IS NULL OR until_ms > $2) ORDER BY starts_at_ms DESC, id LIMIT 1")
+                let record: Option<String> = sqlx::query_scalar("SELECT record FROM reservations WHERE host = $1 AND starts_at_ms <= $2 AND (until_ms IS NULL OR until_ms > $2) AND NOT EXISTS (SELECT 1 FROM interruptions n WHERE n.reservation = reservations.id AND n.deadline_ms <= $2) ORDER BY starts_at_ms DESC, id LIMIT 1")
                     .bind(host.to_string())
                     .bind(now_ms)
                     .fetch_optional(self.reader())
@@ -2582,26 +2601,24 @@ macro_rules! sql_stores {
         /// A listing's reservations as a book, read on `conn` (inside the writing
         /// transaction, after its lock, for a change).
         /// The part of a listing's book a step decides on: every reservation not
-        /// recorded as ended or holding after `now_ms` (what can hold a host, expire
-        /// or be released), and the ones named by `ids` (a duplicate id, an ended
-        /// reservation released again), however old. Ended history stays out, so a
-        /// step's cost does not grow with it.
-        async fn read_live_book(conn: &mut $conn, listing: &str, now_ms: UnixMillis, ids: &[Uuid]) -> Result<Book, StoreError> {
-            let mut records: Vec<String> = sqlx::query_scalar("SELECT record FROM reservations WHERE listing = $1 AND (ended = 0 OR until_ms IS NULL OR until_ms > $2)")
+        /// recorded as ended (what can hold a host, expire or be released: an ended
+        /// one holds nothing after its end, which is at or before now), and the ones
+        /// named by `ids` (a duplicate id, an ended reservation released again),
+        /// however old. Ended history stays out, so a step's cost does not grow with it.
+        async fn read_live_book(conn: &mut $conn, listing: &str, ids: &[Uuid]) -> Result<Book, StoreError> {
+            let mut records: Vec<String> = sqlx::query_scalar("SELECT record FROM reservations WHERE listing = $1 AND ended = 0")
                 .bind(listing)
-                .bind(now_ms)
                 .fetch_all(&mut *conn)
                 .await?;
             for id in ids {
-                let named: Option<(String, String, i64, Option<i64>)> = sqlx::query_as("SELECT record, listing, ended, until_ms FROM reservations WHERE id = $1")
+                let named: Option<(String, String, i64)> = sqlx::query_as("SELECT record, listing, ended FROM reservations WHERE id = $1")
                     .bind(id.to_string())
                     .fetch_optional(&mut *conn)
                     .await?;
-                // Read above unless it ended before now or is another listing's (an id
-                // is unique across listings: the book then refuses it as a duplicate).
-                if let Some((record, of, ended, until)) = named {
-                    let read = of == listing && (ended == 0 || until.is_none_or(|u| u > now_ms));
-                    if !read {
+                // Read above unless it ended or is another listing's (an id is unique
+                // across listings: the book then refuses it as a duplicate).
+                if let Some((record, of, ended)) = named {
+                    if of != listing || ended != 0 {
                         records.push(record);
                     }
                 }
@@ -2613,6 +2630,7 @@ macro_rules! sql_stores {
             Ok(Book::from_rows(rows))
         }
 
+        /// A listing's whole book, history included.
         async fn read_book(conn: &mut $conn, listing: &str) -> Result<Book, StoreError> {
             let records: Vec<String> = sqlx::query_scalar("SELECT record FROM reservations WHERE listing = $1")
                 .bind(listing)
