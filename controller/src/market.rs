@@ -864,10 +864,11 @@ impl Market {
                 continue;
             }
             let grace = self.app.config.market.grace.as_millis() as i64;
+            // Never shorter than the listing promises, nor than the default.
             let notice = surplus_market::interrupt::notice(
                 now,
                 surplus_market::interrupt::Cause::ProviderReclaim,
-                None,
+                listing.grace_ms,
                 grace,
             );
             let picks: Vec<(Uuid, InterruptNotice)> =

@@ -584,7 +584,8 @@ impl Events {
 /// A listing `id` of `provider`'s `hosts`, stored as an accepted resell request leaves
 /// it (the pipeline's validation is the resell tests' business): in size category
 /// `small`, zone `<provider>-1`, selling `modes` at `price` an hour (minor units of
-/// EUR) with the provider's `minimum`, with `interruptibility`.
+/// EUR) with the provider's `minimum`, with `interruptibility` and a promised grace of
+/// 3 s.
 pub async fn list_hosts(
     ctl: &Controller,
     id: &str,
@@ -602,7 +603,8 @@ pub async fn list_hosts(
         "resource_sets": [{"kind": "compute", "zone": zone, "hosts": hosts, "system": {}, "compatibility": {"level": "bare_metal"}}],
         "pricing": {"modes": modes, "currency": "EUR", "minimum_price": minimum, "immediate_price": price},
         "interruptibility": interruptibility,
-        "goal": "none"
+        "goal": "none",
+        "grace_ms": 3_000
     }))
     .expect("a resell request");
     let request = Uuid::now_v7();
@@ -649,6 +651,7 @@ pub async fn list_hosts(
         next_retest_at_ms: None,
         last_retest_at_ms: None,
         retest: None,
+        grace_ms: Some(3_000),
     };
     let step = ResellStep {
         listings: vec![listing],

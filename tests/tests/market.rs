@@ -677,7 +677,10 @@ async fn a_provider_takes_back_what_it_may_and_the_agent_stops_it_when_the_grace
         (&taken[0]["reservation"], &taken[0]["host"]),
         (&json!(held[0]), &json!(host))
     );
-    assert_eq!(taken[0]["notice"]["grace_ms"], 2_000, "{taken}");
+    assert_eq!(
+        taken[0]["notice"]["grace_ms"], 3_000,
+        "the listing's promise, longer than the default: {taken}"
+    );
     let (_, again) = tc
         .api_as(&bob, POST, "/v1/reclaims", Some(json!({"count": 2})))
         .await;

@@ -777,6 +777,7 @@ mod stories {
             next_retest_at_ms: None,
             last_retest_at_ms: None,
             retest: None,
+            grace_ms: None,
         };
         let twice = ResellStep {
             listings: vec![listing("lst-1"), listing("lst-2")],

@@ -82,6 +82,9 @@ pub struct Listing {
     /// The re-test under way, if one is.
     #[serde(default)]
     pub retest: Option<crate::quality::Retest>,
+    /// The grace its provider promises before an interruption, ms (the request's).
+    #[serde(default)]
+    pub grace_ms: Option<i64>,
 }
 
 /// The listings of a request whose pipeline was accepted: one per resource set and
@@ -163,6 +166,7 @@ pub fn offer(
                 next_retest_at_ms: None,
                 last_retest_at_ms: None,
                 retest: None,
+                grace_ms: request.grace_ms,
             })
         })
         .collect()
@@ -427,6 +431,8 @@ mod tests {
             next_retest_at_ms: None,
             last_retest_at_ms: None,
             retest: None,
+
+            grace_ms: None,
         }
     }
 

@@ -569,6 +569,8 @@ mod tests {
             next_retest_at_ms: None,
             last_retest_at_ms: None,
             retest: None,
+
+            grace_ms: None,
         }
     }
 

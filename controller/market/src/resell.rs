@@ -219,6 +219,11 @@ pub struct ResellRequest {
     /// Where the provider's own monitoring can be read, if anywhere (a URL).
     #[serde(default)]
     pub monitoring: Option<String>,
+    /// The grace the provider promises before an interruption stops a client's
+    /// instances, ms: a notice's grace is never shorter (nor shorter than the
+    /// marketplace's default).
+    #[serde(default)]
+    pub grace_ms: Option<i64>,
 }
 
 /// A problem with a field of a request.
@@ -394,6 +399,11 @@ pub fn validate(request: &ResellRequest) -> Vec<FieldError> {
             "pricing.immediate_price".into(),
             "the immediate mode needs an immediate price".into(),
         );
+    }
+    if let Some(g) = request.grace_ms {
+        if let Err(refusal) = crate::interrupt::check_listing_grace(g) {
+            err("grace_ms".into(), refusal.message);
+        }
     }
     if let Some(m) = &request.monitoring {
         if !(m.starts_with("https://") || m.starts_with("http://")) {
@@ -1275,6 +1285,7 @@ mod tests {
         r.pricing.currency = "eur".into();
         r.pricing.immediate_price = Some(10);
         r.pricing.modes.push(PricingMode::Spot);
+        r.grace_ms = Some(-1);
         assert_eq!(
             fields(&validate(&r)),
             [
@@ -1290,6 +1301,7 @@ mod tests {
                 "pricing.modes",
                 "pricing.currency",
                 "pricing.immediate_price",
+                "grace_ms",
             ]
         );
     }
