@@ -337,6 +337,8 @@ struct Serving {
     /// hello): an interruption's deadline is the controller's instant.
     clock: Arc<dyn Clock>,
     controller_ahead_ms: i64,
+    /// Ends the agent's timers with the agent (as a process's end would).
+    cancel: CancellationToken,
 }
 
 /// The file under the data directory where the marketplace's notices about this host
@@ -376,6 +378,42 @@ impl Drop for ClearOnDrop {
     }
 }
 
+/// Schedules again the stops of the interruptions recorded in `path` whose deadline
+/// is at most an hour past (an agent restarted during a grace still stops the
+/// instances at the deadline; older ones were stopped, or terminated, long ago).
+/// The controller's lead is not known before a session: none is assumed.
+async fn rearm_interruptions(
+    control: &Arc<ControlPlane>,
+    path: &std::path::Path,
+    clock: &dyn Clock,
+    cancel: &CancellationToken,
+) {
+    let Ok(text) = tokio::fs::read_to_string(path).await else {
+        return;
+    };
+    let now = clock.now_ms();
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if v["kind"] != "reservation.interrupting" {
+            continue;
+        }
+        let deadline = v["body"]["deadline_ms"].as_i64().unwrap_or(i64::MIN);
+        if deadline < now.saturating_sub(3_600_000) {
+            continue;
+        }
+        let n = HostNotice {
+            key: v["key"].as_str().unwrap_or_default().to_owned(),
+            kind: "reservation.interrupting".into(),
+            body_json: v["body"].to_string(),
+            created_at_ms: v["created_at_ms"].as_i64().unwrap_or_default(),
+        };
+        tracing::info!(key = %n.key, deadline_ms = deadline, "an interruption noticed before this start: its deadline still holds");
+        stop_at_deadline(control, &n, clock, 0, cancel);
+    }
+}
+
 /// Schedules the stop of the instances an interruption's notice names, at its
 /// deadline (by this host's clock). A notice delivered twice stops them twice, which
 /// changes nothing; a notice that names no instance or no deadline schedules nothing.
@@ -384,6 +422,7 @@ fn stop_at_deadline(
     n: &HostNotice,
     clock: &dyn Clock,
     controller_ahead_ms: i64,
+    cancel: &CancellationToken,
 ) {
     #[derive(serde::Deserialize)]
     struct Interrupting {
@@ -406,8 +445,13 @@ fn stop_at_deadline(
         .saturating_sub(clock.now_ms())
         .max(0);
     let control = control.clone();
+    let cancel = cancel.clone();
     tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(wait_ms as u64)).await;
+        tokio::select! {
+            // The agent stops: the notice, recorded, is scheduled again at its start.
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(wait_ms as u64)) => {}
+        }
         tracing::info!(instances = ?notice.instances, "an interruption's grace is over: stopping its instances");
         // One at a time: an instance already gone does not keep the others running.
         for id in notice.instances {
@@ -435,6 +479,7 @@ async fn serve_controller_stream(mut send: SendStream, mut recv: RecvStream, ser
         notices,
         clock,
         controller_ahead_ms,
+        cancel,
     } = serving;
     let request = match quic::read_frame(&mut recv, max_frame).await {
         Ok(envelope) => envelope.message,
@@ -506,7 +551,7 @@ async fn serve_controller_stream(mut send: SendStream, mut recv: RecvStream, ser
             // An interruption's deadline is kept here, on the host: its instances stop
             // then even if the controller cannot reach this agent at that moment.
             if n.kind == "reservation.interrupting" {
-                stop_at_deadline(&control, &n, clock.as_ref(), controller_ahead_ms);
+                stop_at_deadline(&control, &n, clock.as_ref(), controller_ahead_ms, &cancel);
             }
             // An append with fsync: off the runtime's threads.
             let key = n.key.clone();
@@ -709,6 +754,14 @@ impl Runner {
         )
         .map_err(SessionError::Metering)?;
         self.metrics.watch_spool(meter.spool.clone());
+        // Deadlines of interruptions noticed before a restart still hold.
+        rearm_interruptions(
+            &control,
+            &self.config.data_dir.join(NOTICES_FILE),
+            self.clock.as_ref(),
+            &cancel,
+        )
+        .await;
         // The local socket: requests of commands on this host, over the session.
         let current = crate::local::Current::default();
         let socket = self.config.data_dir.join(crate::local::SOCKET_FILE);
@@ -833,6 +886,7 @@ impl Runner {
             notices: self.config.data_dir.join(NOTICES_FILE),
             clock: self.clock.clone(),
             controller_ahead_ms: ack.server_time_ms - self.clock.now_ms(),
+            cancel: cancel.clone(),
         };
 
         loop {

@@ -615,7 +615,7 @@ async fn a_provider_takes_back_what_it_may_and_the_agent_stops_it_when_the_grace
     let mut events = tc.events();
     let (mut agent_config, identity) = tc.enroll("host-bob", &[("provider", "bob")]).await;
     agent_config.control = control_config(DriverKind::Process, tag);
-    let agent = RunningAgent::spawn(agent_config, clock::system());
+    let mut agent = RunningAgent::spawn(agent_config.clone(), clock::system());
     let host = identity.agent_id;
     events
         .until("bob's host online", |e| *e == RegistryEvent::Online(host))
@@ -702,8 +702,31 @@ async fn a_provider_takes_back_what_it_may_and_the_agent_stops_it_when_the_grace
         "{mine}"
     );
 
-    // The agent stops the instance when the grace ends, by itself; then the
+    // The agent keeps the deadline, even across a restart during the grace: once
+    // the notice is recorded on the host, the agent is restarted, takes its
+    // instance back, and stops it when the grace ends, by itself; then the
     // controller ends the reservation and terminates it.
+    let recorded = tc
+        .agent_dir("host-bob")
+        .join(surplus_agent::session::NOTICES_FILE);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !std::fs::read_to_string(&recorded)
+        .unwrap_or_default()
+        .contains("reservation.interrupting")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the notice never reached the host"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    agent.stop().await;
+    let mut events = tc.events();
+    agent = RunningAgent::spawn(agent_config, clock::system());
+    events
+        .until("bob's host back", |e| *e == RegistryEvent::Online(host))
+        .await;
+    until_state(&tc, &alice, &instance, "running").await;
     until_state(&tc, &alice, &instance, "stopped").await;
     until_state(&tc, &alice, &instance, "terminated").await;
     let (_, ended) = tc
