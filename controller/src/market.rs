@@ -844,6 +844,7 @@ impl Market {
                     interruptibility: r.interruptibility,
                     price: r.price,
                     started_at_ms: r.starts_at_ms,
+                    goal: Some(r.goal),
                 });
             }
             // A count is over every listing; on a host without one, every reservation

@@ -340,6 +340,10 @@ pub struct Candidate {
     pub price: Price,
     /// When it started (the first tie-break: the most recent is taken first).
     pub started_at_ms: UnixMillis,
+    /// The provider's goal recorded with it, by which "don't care" is judged (as the
+    /// book judges it); none: the reclaim's.
+    #[serde(default)]
+    pub goal: Option<Goal>,
 }
 
 /// The reservations a provider's reclaim of `count` units takes from `candidates`
@@ -349,7 +353,14 @@ pub struct Candidate {
 pub fn choose_reclaim(candidates: &[Candidate], count: usize, goal: Goal) -> Vec<Uuid> {
     let mut eligible: Vec<&Candidate> = candidates
         .iter()
-        .filter(|c| may_interrupt(c.interruptibility, goal, Cause::ProviderReclaim).is_ok())
+        .filter(|c| {
+            may_interrupt(
+                c.interruptibility,
+                c.goal.unwrap_or(goal),
+                Cause::ProviderReclaim,
+            )
+            .is_ok()
+        })
         .collect();
     eligible.sort_by(|a, b| {
         a.price
@@ -759,6 +770,7 @@ mod tests {
             interruptibility: label,
             price,
             started_at_ms: started,
+            goal: None,
         }
     }
 
@@ -782,6 +794,19 @@ mod tests {
                 vec![
                     candidate(1, PriceBased, 5, 0),
                     candidate(2, FulfilmentBased, 50, 0),
+                ],
+                2,
+                Goal::CapacityBackAtShortNotice,
+                vec![2],
+            ),
+            (
+                "\"don't care\" by the goal recorded with it, not the reclaim's",
+                vec![
+                    Candidate {
+                        goal: Some(Goal::MaximiseUtilisation),
+                        ..candidate(1, DontCare, 5, 0)
+                    },
+                    candidate(2, DontCare, 50, 0),
                 ],
                 2,
                 Goal::CapacityBackAtShortNotice,

@@ -1230,14 +1230,23 @@ impl Sim {
                 interruptibility: r.interruptibility,
                 price: r.price,
                 started_at_ms: r.starts_at_ms,
+                goal: Some(r.goal),
             })
             .collect();
         let count = self.rng.range(1, 2) as usize;
         let chosen = interrupt::choose_reclaim(&candidates, count, goal);
-        // Cheapest first, then the most recently started, then the lowest id.
+        // Each by the goal recorded with it; cheapest first, then the most recently
+        // started, then the lowest id.
         let mut expected: Vec<&Candidate> = candidates
             .iter()
-            .filter(|c| allowed(c.interruptibility, goal, Cause::ProviderReclaim).is_ok())
+            .filter(|c| {
+                allowed(
+                    c.interruptibility,
+                    c.goal.unwrap_or(goal),
+                    Cause::ProviderReclaim,
+                )
+                .is_ok()
+            })
             .collect();
         expected.sort_by_key(|c| (c.price, std::cmp::Reverse(c.started_at_ms), c.reservation));
         let expected: Vec<Uuid> = expected.iter().take(count).map(|c| c.reservation).collect();
