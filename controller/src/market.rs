@@ -150,8 +150,8 @@ impl Market {
     }
 
     /// The offers matching `pairs` (the query of `GET /v1/offers`), ranked as asked.
-    /// `decorated` are the offered listings with their rating, uptime and
-    /// utilisation filled in.
+    /// `decorated` are the listings of providers that may sell now, with their
+    /// rating, uptime and utilisation filled in (`http::resell::find_listings`).
     pub async fn offers(
         &self,
         pairs: &[(String, String)],
@@ -159,11 +159,7 @@ impl Market {
     ) -> Result<Vec<Offer>, MarketError> {
         let query = OfferQuery::parse(pairs).map_err(MarketError::Fields)?;
         let now = self.now();
-        let selling = self.selling_providers().await?;
-        let listings: Vec<Listing> = decorated
-            .into_iter()
-            .filter(|l| l.listed && selling.contains(&l.provider))
-            .collect();
+        let listings: Vec<Listing> = decorated.into_iter().filter(|l| l.listed).collect();
         let reservations = self.app.store.listing_reservations(now).await?;
         let mut stats = BTreeMap::new();
         let mut minimums = BTreeMap::new();
@@ -635,6 +631,17 @@ impl Market {
     /// control path stop what ran on hosts whose holders hold them no more).
     pub async fn tick(&self) -> Result<Vec<Ended>, MarketError> {
         let now = self.now();
+        let lead = self.app.config.market.expiry_lead.as_millis() as i64;
+        let due = self.app.store.due_interruptions(now).await?;
+        let ending = self
+            .app
+            .store
+            .ending_within(now.saturating_add(lead))
+            .await?;
+        // Most ticks: nothing due, and nothing more is read.
+        if due.is_empty() && ending.is_empty() {
+            return Ok(Vec::new());
+        }
         let listings: BTreeMap<String, Listing> = self
             .app
             .store
@@ -646,7 +653,7 @@ impl Market {
         let mut ended = Vec::new();
         // Interruptions whose grace is over first, each at its deadline: one that fell
         // before its term's end is an interruption, however late this tick runs.
-        for (listing, id, _) in self.app.store.due_interruptions(now).await? {
+        for (listing, id, _) in due {
             let changes =
                 |ended: &[Reservation]| ended_changes(listings.get(&listing), ended, "interrupted");
             match self
@@ -666,7 +673,7 @@ impl Market {
         }
         // Then the terms about to end are announced, before those that ended are
         // recorded, so a term that ended between two ticks is still announced.
-        if let Err(e) = self.announce_expiries(now).await {
+        if let Err(e) = self.announce_expiries(&ending, now).await {
             tracing::warn!(error = %e, "announcing the end of terms");
         }
         let changes = |ended: &[Reservation]| {
@@ -751,19 +758,17 @@ impl Market {
         }
     }
 
-    /// Tells each holder whose term ends within `market.expiry_lead` that it does,
-    /// from `interrupt::expiry_notice_at` on: once (the notice's key is the
-    /// reservation's, and the outbox keeps a key once, however many ticks and
-    /// controllers ask).
-    async fn announce_expiries(&self, now: UnixMillis) -> Result<(), MarketError> {
-        let lead = self.app.config.market.expiry_lead.as_millis() as i64;
+    /// Tells the holder of each of `ending` (terms that end within
+    /// `market.expiry_lead`, as `interrupt::expiry_notice_at` places the notice) that
+    /// it does: once (the notice's key is the reservation's, and the outbox keeps a
+    /// key once, however many ticks and controllers ask).
+    async fn announce_expiries(
+        &self,
+        ending: &[Reservation],
+        now: UnixMillis,
+    ) -> Result<(), MarketError> {
         let mut set = ChangeSet::default();
-        for r in self
-            .app
-            .store
-            .ending_within(now.saturating_add(lead))
-            .await?
-        {
+        for r in ending {
             let Some(ends) = r.ends_at_ms else { continue };
             set.notices.push(Notice {
                 key: format!("reservation.expiring:{}", r.id),

@@ -2398,7 +2398,8 @@ macro_rules! sql_stores {
             async fn unreserved_instances(&self, now_ms: UnixMillis) -> Result<Vec<InstanceRow>, StoreError> {
                 // Not terminated and not on a host its owner holds now; and the host is
                 // held by another client now, or its owner's own reservation of it ended.
-                sqlx::query("SELECT i.* FROM instances i WHERE i.state <> 'terminated' \
+                // Only hosts that were ever reserved are looked at (every tick asks).
+                sqlx::query("SELECT i.* FROM instances i WHERE i.agent_id IN (SELECT r.host FROM reservations r) AND i.state <> 'terminated' \
                     AND NOT EXISTS (SELECT 1 FROM reservations r WHERE r.host = i.agent_id AND i.owner_role = 'client' AND r.holder = i.account AND r.starts_at_ms <= $1 AND (r.until_ms IS NULL OR r.until_ms > $1)) \
                     AND EXISTS (SELECT 1 FROM reservations r WHERE r.host = i.agent_id AND ( \
                         (r.starts_at_ms <= $1 AND (r.until_ms IS NULL OR r.until_ms > $1)) \
