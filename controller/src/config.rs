@@ -234,6 +234,9 @@ pub struct MarketConfig {
     /// How long before a term ends its holder is told.
     #[serde(with = "humantime_serde")]
     pub expiry_lead: Duration,
+    /// How often each listing's spot market clears (it also clears on demand).
+    #[serde(with = "humantime_serde")]
+    pub spot_period: Duration,
     /// The marketplace operator's own provider account, if it sells capacity too: when
     /// more of its listed hosts than `utilisation_threshold` are reserved, searches
     /// show idle third-party capacity first.
@@ -255,6 +258,7 @@ impl Default for MarketConfig {
             expiry_lead: Duration::from_millis(
                 surplus_market::interrupt::DEFAULT_EXPIRY_LEAD_MS as u64,
             ),
+            spot_period: Duration::from_millis(surplus_market::spot::DEFAULT_PERIOD_MS as u64),
             primary_provider: None,
             utilisation_threshold: surplus_market::interrupt::DEFAULT_UTILISATION_THRESHOLD,
         }
@@ -393,6 +397,7 @@ impl ControllerConfig {
             ("market.guidance_window", self.market.guidance_window),
             ("market.grace", self.market.grace),
             ("market.expiry_lead", self.market.expiry_lead),
+            ("market.spot_period", self.market.spot_period),
         ] {
             if d.is_zero() {
                 return Err(format!("{name} must be more than zero"));

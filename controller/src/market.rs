@@ -35,6 +35,9 @@ use crate::store::{
     ChangeSet, Listing, MarketRefusal, Notice, PostError, Principal, Role, StoreError, StoredQuote,
 };
 
+mod auctions;
+mod spot;
+
 /// Most hosts one reservation request may ask for.
 pub const MAX_COUNT: u32 = 100;
 
@@ -378,7 +381,7 @@ impl Market {
             PricingMode::Spot | PricingMode::Auction => {
                 return Err(invalid(
                     "mode",
-                    "spot and auction capacity is bought by bidding, not reserved at a price",
+                    "spot and auction capacity is bought by bidding (POST /v1/bids), not reserved at a price",
                 ));
             }
         };
@@ -609,6 +612,17 @@ impl Market {
                 "only the client that holds a reservation may release it".into(),
             ));
         }
+        // A spot host is its bid's: released alone, the next clearing would give the
+        // bid a host again.
+        if r.mode == PricingMode::Spot && r.holder == caller.account {
+            return Err(MarketRefusal {
+                rule: "spot_bid",
+                message: format!(
+                    "reservation {id} is a host won by a spot bid: cancel the bid (POST /v1/bids/{{id}}/cancel; GET /v1/bids lists it) to give its hosts back"
+                ),
+            }
+            .into());
+        }
         let now = self.now();
         let listing = self.app.store.listing(&r.listing).await?;
         let changes = |ended: &[Reservation]| ended_changes(listing.as_ref(), ended, "released");
@@ -627,8 +641,9 @@ impl Market {
         Ok(self.view(r).await?)
     }
 
-    /// Records the terms that ended (the first half of a tick; [`drive`] then has the
-    /// control path stop what ran on hosts whose holders hold them no more).
+    /// Records the interruptions and terms that ended and clears the spot markets due
+    /// (the first half of a tick; [`drive`] then has the control path stop what ran
+    /// on hosts whose holders hold them no more).
     pub async fn tick(&self) -> Result<Vec<Ended>, MarketError> {
         let now = self.now();
         let lead = self.app.config.market.expiry_lead.as_millis() as i64;
@@ -638,8 +653,10 @@ impl Market {
             .store
             .ending_within(now.saturating_add(lead))
             .await?;
+        let clearings = self.app.store.due_spot_markets(now).await?;
+        let closing = self.app.store.due_auctions(now).await?;
         // Most ticks: nothing due, and nothing more is read.
-        if due.is_empty() && ending.is_empty() {
+        if due.is_empty() && ending.is_empty() && clearings.is_empty() && closing.is_empty() {
             return Ok(Vec::new());
         }
         let listings: BTreeMap<String, Listing> = self
@@ -685,6 +702,10 @@ impl Market {
             tracing::info!(reservation = %e.reservation, host = %e.host, "reservation term ended");
         }
         ended.extend(expired);
+        // Auctions close and spot markets clear last, so that the hosts freed above go
+        // to the bids that won them.
+        self.close_due(closing, &listings, now).await;
+        self.clear_due(clearings, &listings, now).await;
         Ok(ended)
     }
 
@@ -882,25 +903,10 @@ impl Market {
             // The holder's instances on each host, for its agent to stop at the deadline.
             let mut instances: BTreeMap<Uuid, Vec<String>> = BTreeMap::new();
             for r in book.reservations().filter(|r| taken.contains(&r.id)) {
-                let ids = self
-                    .app
-                    .store
-                    .agent_instances(r.host)
-                    .await?
-                    .into_iter()
-                    .filter(|i| {
-                        i.account == r.holder
-                            && i.owner_role == Role::Client
-                            && i.record.state
-                                != surplus_protocol::control::InstanceState::Terminated
-                    })
-                    .map(|i| i.record.id)
-                    .collect();
-                instances.insert(r.host, ids);
+                instances.insert(r.host, self.holder_instances(r).await?);
             }
-            let changes = |noticed: &[Reservation]| {
-                interruption_changes(listing, noticed, &notice, &instances)
-            };
+            let changes =
+                |noticed: &[Reservation]| interruption_changes(noticed, &notice, &instances);
             let (noticed, skipped) = self
                 .app
                 .store
@@ -1103,38 +1109,46 @@ fn made_changes(
 /// The notices of an interruption: to the holder (outbox, API, console, webhook) and
 /// to the host's agent, with the instances it stops at the deadline.
 fn interruption_changes(
-    listing: &Listing,
     noticed: &[Reservation],
     notice: &InterruptNotice,
     instances: &BTreeMap<Uuid, Vec<String>>,
 ) -> ChangeSet {
     let mut set = ChangeSet::default();
     for r in noticed {
-        let body = serde_json::json!({
-            "reservation": r.id,
-            "listing": listing.id,
-            "host": r.host,
-            "cause": notice.cause,
-            "grace_ms": notice.grace_ms,
-            "deadline_ms": notice.deadline_ms,
-        });
         set.notices.push(Notice {
             key: format!("reservation.interrupting:{}", r.id),
             recipient: format!("client:{}", r.holder),
             kind: "reservation.interrupting".into(),
-            body: body.clone(),
+            body: notice_body(r, notice),
         });
-        let mut to_agent = body;
-        to_agent["instances"] =
-            serde_json::json!(instances.get(&r.host).cloned().unwrap_or_default());
-        set.notices.push(Notice {
-            key: format!("reservation.interrupting:{}:agent", r.id),
-            recipient: crate::resell::agent_recipient(r.host),
-            kind: "reservation.interrupting".into(),
-            body: to_agent,
-        });
+        let ids = instances.get(&r.host).cloned().unwrap_or_default();
+        set.notices.push(agent_notice(r, notice, ids));
     }
     set
+}
+
+/// What a notice of interruption says of a reservation.
+fn notice_body(r: &Reservation, n: &InterruptNotice) -> serde_json::Value {
+    serde_json::json!({
+        "reservation": r.id,
+        "listing": r.listing,
+        "host": r.host,
+        "cause": n.cause,
+        "grace_ms": n.grace_ms,
+        "deadline_ms": n.deadline_ms,
+    })
+}
+
+/// The notice to a host's agent: which instances to stop at the deadline.
+fn agent_notice(r: &Reservation, n: &InterruptNotice, instances: Vec<String>) -> Notice {
+    let mut body = notice_body(r, n);
+    body["instances"] = serde_json::json!(instances);
+    Notice {
+        key: format!("reservation.interrupting:{}:agent", r.id),
+        recipient: crate::resell::agent_recipient(r.host),
+        kind: "reservation.interrupting".into(),
+        body,
+    }
 }
 
 /// The notices of reservations that ended (`how`: released, expired): to the holder

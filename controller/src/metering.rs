@@ -665,10 +665,24 @@ impl Metering {
             .reservations_in(period.from_ms, period.to_ms)
             .await?
         {
-            let Some(charge) = r.charge(period.from_ms, period.to_ms, now) else {
+            // A spot host pays the clearing price in force over each stretch.
+            let charges = if r.mode == surplus_market::resell::PricingMode::Spot {
+                let prices = self
+                    .app
+                    .store
+                    .spot_prices(&r.listing, period.from_ms, period.to_ms)
+                    .await?;
+                r.charges_at(&prices, period.from_ms, period.to_ms, now)
+            } else {
+                r.charge(period.from_ms, period.to_ms, now)
+                    .into_iter()
+                    .collect()
+            };
+            if charges.is_empty() {
                 run.nothing_due += 1;
                 continue;
-            };
+            }
+            let amount: i64 = charges.iter().map(|c| c.amount).sum();
             if !listings.contains_key(&r.listing) {
                 let l = self.app.store.listing(&r.listing).await?;
                 listings.insert(r.listing.clone(), l);
@@ -693,28 +707,31 @@ impl Metering {
                 &r.holder,
                 &listing.provider,
                 &listing.currency,
-                charge.amount,
+                amount,
                 bps,
             );
             posting.kind = "reservation".into();
             posting.memo = format!("reservation {} of {}", r.id, r.holder);
-            let line = InvoiceLine {
-                invoice_id: period.invoice_id(&r.holder),
-                client: r.holder.clone(),
-                provider: listing.provider.clone(),
-                from_ms: period.from_ms,
-                to_ms: period.to_ms,
-                instance_id: r.id.to_string(),
-                commission: billing::commission(charge.amount, bps),
-                currency: listing.currency.clone(),
-                posting_key: key.clone(),
-                kind: "charge".into(),
-                charge: charge.clone(),
-            };
-            match self.app.store.post(&posting, &[line], now).await {
+            let lines: Vec<InvoiceLine> = charges
+                .into_iter()
+                .map(|charge| InvoiceLine {
+                    invoice_id: period.invoice_id(&r.holder),
+                    client: r.holder.clone(),
+                    provider: listing.provider.clone(),
+                    from_ms: period.from_ms,
+                    to_ms: period.to_ms,
+                    instance_id: r.id.to_string(),
+                    commission: billing::commission(charge.amount, bps),
+                    currency: listing.currency.clone(),
+                    posting_key: key.clone(),
+                    kind: "charge".into(),
+                    charge,
+                })
+                .collect();
+            match self.app.store.post(&posting, &lines, now).await {
                 Ok(Applied::Posted) => {
                     run.posted += 1;
-                    *run.charged.entry(listing.currency.clone()).or_default() += charge.amount;
+                    *run.charged.entry(listing.currency.clone()).or_default() += amount;
                 }
                 Ok(Applied::Duplicate) => run.already_billed += 1,
                 Err(PostError::Ledger(e)) => run.failed.push(BillingFailure {

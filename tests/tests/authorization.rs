@@ -744,6 +744,24 @@ fn matrix(r: &Resources) -> Vec<Case> {
         with_body("POST", "/v1/reclaims", "/v1/reclaims", json!({"count": 1}), [400, 403, 202, 403, 401]),
         with_body("POST", "/v1/reclaims", "/v1/reclaims", json!({"listing": listing}), [202, 403, 202, 403, 401]),
         with_body("POST", "/v1/reclaims", "/v1/reclaims", json!({"listing": "lst-none"}), [404, 403, 404, 403, 401]),
+        // Spot bids are clients'; a market is cleared on demand by its provider or an
+        // admin (lst-alice sells no spot: nobody has bid on it).
+        with_body("POST", "/v1/bids", "/v1/bids", json!({"listing": "lst-none", "max_price": 20}), [403, 404, 403, 403, 401]),
+        with_body("POST", "/v1/bids", "/v1/bids", json!({"listing": listing, "max_price": 20, "quantity": 0}), [403, 400, 403, 403, 401]),
+        case("GET", "/v1/bids", "/v1/bids", [200, 200, 200, 200, 401]),
+        case("GET", "/v1/bids/{id}", format!("/v1/bids/{}", uuid::Uuid::nil()), [404, 404, 404, 404, 401]),
+        case("GET", "/v1/bids/{id}", "/v1/bids/not-a-uuid", [400, 400, 400, 400, 401]),
+        case("POST", "/v1/bids/{id}/cancel", format!("/v1/bids/{}/cancel", uuid::Uuid::nil()), [403, 404, 403, 403, 401]),
+        case("GET", "/v1/spot/{listing}", format!("/v1/spot/{listing}"), [404, 404, 404, 404, 401]),
+        case("POST", "/v1/spot/{listing}/clear", format!("/v1/spot/{listing}/clear"), [404, 403, 404, 403, 401]),
+        // Auctions: a listing's provider (or an admin) auctions its hosts (lst-alice
+        // sells no auction); every token reads them; clients bid.
+        with_body("POST", "/v1/auctions", "/v1/auctions", json!({"listing": listing, "kind": {"type": "sealed_second", "reserve": 20}, "ends_at_ms": hour + 3_600_000}), [400, 403, 400, 403, 401]),
+        with_body("POST", "/v1/auctions", "/v1/auctions", json!({"listing": "lst-none", "kind": {"type": "sealed_second", "reserve": 20}, "ends_at_ms": hour + 3_600_000}), [404, 404, 404, 404, 401]),
+        case("GET", "/v1/auctions", "/v1/auctions?open=true", [200, 200, 200, 200, 401]),
+        case("GET", "/v1/auctions", "/v1/auctions?colour=red", [400, 400, 400, 400, 401]),
+        case("GET", "/v1/auctions/{id}", format!("/v1/auctions/{}", uuid::Uuid::nil()), [404, 404, 404, 404, 401]),
+        with_body("POST", "/v1/auctions/{id}/bids", format!("/v1/auctions/{}/bids", uuid::Uuid::nil()), json!({"amount": 20}), [403, 404, 403, 403, 401]),
         case("GET", "/v1/pricing/history", "/v1/pricing/history?bucket=day", [200, 200, 200, 200, 401]),
         case("GET", "/v1/pricing/history", "/v1/pricing/history?kind=gold", [400, 400, 400, 400, 401]),
         // Each principal's own webhook.

@@ -717,6 +717,88 @@ async fn a_session_in_a_real_browser() {
     .await;
     assert!(b.text("#unavailable").await.contains("Not offered now"));
 
+    // Spot and auctions: fay sells her host by both; bob bids on the spot market
+    // from the offer's page (the minimum beside the form) and sees his bid; fay
+    // auctions the host and bob buys it now from the auction's page, whose bids and
+    // outcome show once it closed.
+    let fay_host = surplus_tests::online_hosts(&tc, "fay", 1).await[0];
+    surplus_tests::list_hosts(
+        tc.ctl(),
+        "lst-fay",
+        "fay",
+        &[fay_host],
+        &[
+            surplus_market::resell::PricingMode::Spot,
+            surplus_market::resell::PricingMode::Auction,
+        ],
+        (40, 30),
+        surplus_market::resell::Interruptibility::PriceBased,
+    )
+    .await;
+    b.visit(
+        &format!("{base}/console/offers/lst-fay"),
+        "client-offer-spot",
+    )
+    .await;
+    assert!(
+        b.text("#spot").await.contains("Minimum 30 EUR"),
+        "{}",
+        b.text("#spot").await
+    );
+    assert!(
+        b.text("#spot-guidance")
+            .await
+            .contains("minimum is the guide")
+    );
+    b.fill("#bid input[name=max_price]", "35").await;
+    b.click("#bid button[type=submit]").await;
+    assert_eq!(b.url().await, "/console/reservations");
+    b.shot("client-bids").await;
+    let bid_row = b.text("#bids tbody tr").await;
+    assert!(
+        bid_row.contains("lst-fay") && bid_row.contains("live") && bid_row.contains("35"),
+        "{bid_row}"
+    );
+    let fay = tc.token_for("fay", "provider").await;
+    let (status, auction) = tc
+        .api_as(
+            &fay,
+            reqwest::Method::POST,
+            "/v1/auctions",
+            Some(serde_json::json!({
+                "listing": "lst-fay",
+                "kind": {"type": "english", "reserve": 40, "increment": 5, "buy_now": 60},
+                "ends_at_ms": clock::system().now_ms() + 3_600_000,
+            })),
+        )
+        .await;
+    assert_eq!(status, 201, "{auction}");
+    b.visit(&format!("{base}/console/auctions"), "client-auctions")
+        .await;
+    let row = b
+        .text(&format!(
+            "tr[data-auction='{}']",
+            auction["id"].as_str().unwrap()
+        ))
+        .await;
+    assert!(row.contains("English") && row.contains("open"), "{row}");
+    b.click(&format!(
+        "tr[data-auction='{}'] a",
+        auction["id"].as_str().unwrap()
+    ))
+    .await;
+    assert!(b.text("#lowest").await.contains("40 EUR"));
+    b.fill("#bid input[name=amount]", "60").await;
+    b.click("#bid button[type=submit]").await;
+    b.shot("client-auction-closed").await;
+    assert!(b.text("#auction-state").await.contains("closed"));
+    assert!(
+        b.text("#outcome").await.contains("bob won at 60 EUR"),
+        "{}",
+        b.text("#outcome").await
+    );
+    assert_eq!(b.count("#auction-bids tbody tr").await, 1);
+
     // Every role can read the API's reference, rendered from its OpenAPI document.
     b.visit(&format!("{base}/console/api"), "api-reference")
         .await;

@@ -813,3 +813,282 @@ async fn a_provider_takes_back_what_it_may_and_the_agent_stops_it_when_the_grace
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The invoice lines of reservation `id` among `invoices` (`GET /v1/invoices`), as
+/// (rate, amount), by rate.
+fn lines_of(invoices: &Value, id: &str) -> Vec<(i64, i64)> {
+    let mut out = Vec::new();
+    for invoice in invoices.as_array().unwrap() {
+        for line in invoice["lines"].as_array().into_iter().flatten() {
+            if line["instance_id"] == id {
+                out.push((
+                    line["rate"].as_i64().unwrap(),
+                    line["amount"].as_i64().unwrap(),
+                ));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbid_on_the_spot_market_the_agent_stops_the_instance_when_the_grace_ends() {
+    let tag = "spot";
+    let _cgroups = CgroupGuard(
+        control_config(DriverKind::Process, tag)
+            .process
+            .cgroup_parent,
+    );
+    // The controller's clock is turned by hand (clearings, deadlines, the billing
+    // run); the agent keeps the system's, and its deadline is the controller's
+    // corrected by the offset it measured when it connected.
+    let controller_clock = clock::ManualClock::new(clock::system().now_ms());
+    let mut config = test_config();
+    config.market.tick = std::time::Duration::from_millis(100);
+    config.market.grace = std::time::Duration::from_secs(2);
+    // Only clearings on demand: the test says when the market clears.
+    config.market.spot_period = std::time::Duration::from_secs(24 * 3600);
+    config.billing_grace = std::time::Duration::ZERO;
+    let tc = TestController::start_with(config, controller_clock.clone()).await;
+    let mut events = tc.events();
+    let (mut agent_config, identity) = tc.enroll("host-bob", &[("provider", "bob")]).await;
+    agent_config.control = control_config(DriverKind::Process, tag);
+    let agent = RunningAgent::spawn(agent_config, clock::system());
+    let host = identity.agent_id;
+    events
+        .until("bob's host online", |e| *e == RegistryEvent::Online(host))
+        .await;
+    accept_provider(&tc, "bob").await;
+    // One unit per millisecond at the minimum: the charges of seconds are exact.
+    const MINIMUM: i64 = 3_600_000;
+    list_hosts(
+        tc.ctl(),
+        "lst-spot",
+        "bob",
+        &[host],
+        &[PricingMode::Spot],
+        (MINIMUM as u64, MINIMUM as u64),
+        Interruptibility::PriceBased,
+    )
+    .await;
+    let alice = tc.token_for("alice", "client").await;
+    let carol = tc.token_for("carol", "client").await;
+    let bob = tc.token_for("bob", "provider").await;
+
+    // Refused when made: below the minimum, or a listing without spot.
+    let (status, low) = tc
+        .api_as(
+            &alice,
+            POST,
+            "/v1/bids",
+            Some(json!({"listing": "lst-spot", "max_price": MINIMUM - 1})),
+        )
+        .await;
+    assert_eq!((status, &low["error"]), (400, &json!("minimum")), "{low}");
+    // Nobody has bid: nothing to clear yet.
+    let (status, none) = tc.api_as(&bob, POST, "/v1/spot/lst-spot/clear", None).await;
+    assert_eq!(status, 404, "{none}");
+
+    // Alice bids alone: she wins the host at the minimum.
+    let (status, a) = tc
+        .api_as(
+            &alice,
+            POST,
+            "/v1/bids",
+            Some(json!({"listing": "lst-spot", "max_price": 2 * MINIMUM, "client_token": "a-1"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{a}");
+    let a_id = a["bid"]["id"].as_str().unwrap().to_owned();
+    let (_, again) = tc
+        .api_as(
+            &alice,
+            POST,
+            "/v1/bids",
+            Some(json!({"listing": "lst-spot", "max_price": 2 * MINIMUM, "client_token": "a-1"})),
+        )
+        .await;
+    assert_eq!(again["bid"]["id"], a_id, "a retry is the same bid: {again}");
+    let (status, cleared) = tc.api_as(&bob, POST, "/v1/spot/lst-spot/clear", None).await;
+    assert_eq!(status, 200, "{cleared}");
+    assert_eq!(
+        (&cleared["price"], &cleared["capacity"]),
+        (&json!(MINIMUM), &json!(1)),
+        "{cleared}"
+    );
+    let (_, a) = tc
+        .api_as(&alice, GET, &format!("/v1/bids/{a_id}"), None)
+        .await;
+    assert_eq!(a["allocated"], 1, "{a}");
+    let held = a["reservations"][0].as_str().unwrap().to_owned();
+    let (_, r) = tc
+        .api_as(&alice, GET, &format!("/v1/reservations/{held}"), None)
+        .await;
+    assert_eq!(
+        (&r["reservation"]["mode"], &r["reservation"]["host"]),
+        (&json!("spot"), &json!(host)),
+        "{r}"
+    );
+    let started = r["reservation"]["starts_at_ms"].as_i64().unwrap();
+    // A spot host goes back by cancelling its bid, not alone.
+    let (status, refused) = tc
+        .api_as(
+            &alice,
+            POST,
+            &format!("/v1/reservations/{held}/release"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, &refused["error"]),
+        (409, &json!("spot_bid")),
+        "{refused}"
+    );
+
+    // She runs on the host she won.
+    let run = json!({"action": "RunInstances", "command": ["sleep", "600"], "agent_id": host, "limits": {"millicpus": 500, "memory_bytes": 268_435_456}});
+    let (status, ran) = tc.api_as(&alice, POST, "/v1/control", Some(run)).await;
+    assert_eq!(status, 200, "{ran}");
+    let instance = ran["instances"][0]["id"].as_str().unwrap().to_owned();
+
+    // A second later Carol outbids her: the price is Alice's maximum, the highest
+    // losing bid, and Alice is given notice with the listing's grace (3 s).
+    controller_clock.advance_ms(1_000);
+    let (status, c) = tc
+        .api_as(
+            &carol,
+            POST,
+            "/v1/bids",
+            Some(json!({"listing": "lst-spot", "max_price": 3 * MINIMUM})),
+        )
+        .await;
+    assert_eq!(status, 201, "{c}");
+    let c_id = c["bid"]["id"].as_str().unwrap().to_owned();
+    let (_, cleared) = tc.api_as(&bob, POST, "/v1/spot/lst-spot/clear", None).await;
+    assert_eq!(cleared["price"], 2 * MINIMUM, "{cleared}");
+    let (_, r) = tc
+        .api_as(&alice, GET, &format!("/v1/reservations/{held}"), None)
+        .await;
+    let notice = r["interruption"].clone();
+    assert_eq!(
+        (&notice["cause"], &notice["grace_ms"]),
+        (&json!("outbid"), &json!(3_000)),
+        "{r}"
+    );
+    let deadline = notice["deadline_ms"].as_i64().unwrap();
+    let (_, notices) = tc.api_as(&alice, GET, "/v1/notifications", None).await;
+    assert_eq!(
+        notice_of(&notices, "reservation.interrupting")["body"]["cause"],
+        "outbid"
+    );
+    let (status, busy) = tc
+        .api_as(
+            &carol,
+            POST,
+            "/v1/control",
+            Some(json!({"action": "RunInstances", "command": ["true"], "agent_id": host})),
+        )
+        .await;
+    assert_eq!(
+        status, 403,
+        "Alice holds the host through her grace: {busy}"
+    );
+
+    // The agent stops Alice's instance when the grace ends, by itself (the
+    // controller's clock has not reached the deadline); then the controller ends
+    // the reservation at the deadline and terminates what ran.
+    until_state(&tc, &alice, &instance, "stopped").await;
+    let (_, still) = tc
+        .api_as(&alice, GET, &format!("/v1/reservations/{held}"), None)
+        .await;
+    assert_eq!(still["reservation"]["state"]["state"], "active", "{still}");
+    controller_clock.advance_ms(3_000);
+    until_state(&tc, &alice, &instance, "terminated").await;
+    let (_, ended) = tc
+        .api_as(&alice, GET, &format!("/v1/reservations/{held}"), None)
+        .await;
+    assert_eq!(
+        (
+            &ended["reservation"]["state"]["why"]["kind"],
+            &ended["reservation"]["state"]["at_ms"]
+        ),
+        (&json!("interrupted"), &json!(deadline)),
+        "{ended}"
+    );
+
+    // The next clearing gives Carol the host, at the same price.
+    let (_, cleared) = tc.api_as(&bob, POST, "/v1/spot/lst-spot/clear", None).await;
+    assert_eq!(cleared["price"], 2 * MINIMUM, "{cleared}");
+    let (_, c) = tc
+        .api_as(&carol, GET, &format!("/v1/bids/{c_id}"), None)
+        .await;
+    assert_eq!(
+        (&c["allocated"], c["reservations"].as_array().unwrap().len()),
+        (&json!(1), 1),
+        "{c}"
+    );
+    let (status, ran) = tc
+        .api_as(
+            &carol,
+            POST,
+            "/v1/control",
+            Some(json!({"action": "RunInstances", "command": ["sleep", "600"], "agent_id": host})),
+        )
+        .await;
+    assert_eq!(status, 200, "the host is Carol's now: {ran}");
+    let (_, history) = tc
+        .api_as(&carol, GET, "/v1/pricing/history?kind=spot", None)
+        .await;
+    let prices: Vec<i64> = history["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["price"].as_i64().unwrap())
+        .collect();
+    assert_eq!(prices, [MINIMUM, 2 * MINIMUM, 2 * MINIMUM], "{history}");
+
+    // Alice's invoice: her second at the first clearing's price, her grace at the
+    // second's, each line at its clearing price.
+    controller_clock.advance_ms(3 * 3_600_000);
+    let from = started - started.rem_euclid(3_600_000);
+    let (status, billed) = tc
+        .api_post(
+            "/v1/billing/runs",
+            json!({"from_ms": from, "to_ms": from + 2 * 3_600_000}),
+        )
+        .await;
+    assert_eq!(status, 200, "{billed}");
+    let (_, invoices) = tc.api_as(&alice, GET, "/v1/invoices", None).await;
+    let first = (deadline - 3_000) - started;
+    assert_eq!(first, 1_000);
+    assert_eq!(
+        lines_of(&invoices, &held),
+        [(MINIMUM, first), (2 * MINIMUM, 2 * 3_000)],
+        "{invoices}"
+    );
+
+    // Carol cancels: her host is released, and she controls it no more.
+    let (status, cancelled) = tc
+        .api_as(&carol, POST, &format!("/v1/bids/{c_id}/cancel"), None)
+        .await;
+    assert_eq!(
+        (status, &cancelled["state"]),
+        (200, &json!("cancelled")),
+        "{cancelled}"
+    );
+    assert_eq!(cancelled["reservations"], json!([]), "{cancelled}");
+    let (status, again) = tc
+        .api_as(&carol, POST, &format!("/v1/bids/{c_id}/cancel"), None)
+        .await;
+    assert_eq!(
+        (status, &again["error"]),
+        (409, &json!("cancelled")),
+        "{again}"
+    );
+    let (status, gone) = tc
+        .api_as(&alice, GET, &format!("/v1/bids/{c_id}"), None)
+        .await;
+    assert_eq!(status, 404, "another's bid: {gone}");
+    drop(agent);
+}

@@ -151,9 +151,383 @@ story!(a_host_is_reserved_once_even_by_a_hundred_concurrent_requests);
 story!(terms_end_once_and_a_quote_is_honoured_once);
 story!(an_interruption_keeps_its_notice_and_ends_once_at_its_deadline);
 story!(prices_are_kept_once_and_answered_by_the_question);
+story!(a_spot_market_clears_once_and_moves_hosts_by_rank);
+story!(an_auction_closes_once_and_gives_the_winner_a_host);
 
 mod stories {
     use super::*;
+
+    pub async fn a_spot_market_clears_once_and_moves_hosts_by_rank(
+        _f: &Fixture,
+        s: Arc<dyn Store>,
+    ) {
+        use surplus_market::interrupt::{Cause, notice};
+        use surplus_market::resell::{Goal, PricingMode};
+        use surplus_market::spot::{Bid, Supply};
+        let hosts: Vec<Uuid> = (1..=2).map(Uuid::from_u128).collect();
+        let bid = |n: u128, client: &str, max_price, quantity, at| Bid {
+            id: Uuid::from_u128(n),
+            class: "lst-s".into(),
+            client: client.into(),
+            max_price,
+            quantity,
+            all_or_nothing: false,
+            placed_at_ms: at,
+        };
+        let (placed, new) = s
+            .place_bid(&bid(1, "alice", 50, 2, 10), 1_000, 10)
+            .await
+            .unwrap();
+        assert!(new);
+        assert_eq!(placed.allocated, 0);
+        let (_, again) = s
+            .place_bid(&bid(1, "alice", 50, 2, 10), 1_000, 11)
+            .await
+            .unwrap();
+        assert!(!again, "a bid is stored once");
+        assert_eq!(
+            s.due_spot_markets(1_009).await.unwrap(),
+            Vec::<String>::new()
+        );
+        assert_eq!(s.due_spot_markets(1_010).await.unwrap(), ["lst-s"]);
+        let supply = Supply {
+            class: "lst-s".into(),
+            capacity: 2,
+            minimum: 20,
+        };
+        let notice_at = |now| move |cause: Cause| notice(now, cause, None, 500);
+        let new_id = |at: i64| {
+            move |bid: Uuid, n: u32| {
+                Uuid::from_u128(bid.as_u128() * 1_000_000 + at as u128 * 10 + u128::from(n))
+            }
+        };
+        let priced = |c: &SpotCleared| ChangeSet {
+            prices: c
+                .cleared
+                .clearing
+                .classes
+                .iter()
+                .map(|k| PricePoint {
+                    id: format!("spot:{}", c.cleared.at_ms),
+                    kind: surplus_market::history::PriceKind::Spot,
+                    listing: "lst-s".into(),
+                    provider: "bob".into(),
+                    zone: "z".into(),
+                    category: "medium".into(),
+                    currency: "EUR".into(),
+                    price: k.price,
+                    at_ms: c.cleared.at_ms,
+                })
+                .collect(),
+            ..ChangeSet::default()
+        };
+        // Four controllers poll the due market at once: it clears once.
+        let clearers: Vec<_> = (0..4)
+            .map(|_| {
+                let (s, hosts, supply) = (s.clone(), hosts.clone(), supply.clone());
+                tokio::spawn(async move {
+                    let (notice, new_id) = (notice_at(1_010), new_id(1_010));
+                    let inputs = SpotInputs {
+                        supply: Some(supply),
+                        available: &hosts,
+                        goal: Goal::None,
+                        notice: &notice,
+                        new_id: &new_id,
+                    };
+                    s.clear_spot("lst-s", inputs, &priced, 1_010).await.unwrap()
+                })
+            })
+            .collect();
+        let mut cleared = Vec::new();
+        for c in clearers {
+            cleared.extend(c.await.unwrap());
+        }
+        assert_eq!(cleared.len(), 1, "cleared once");
+        let first = &cleared[0];
+        assert_eq!(
+            first.cleared.clearing.classes[0].price, 20,
+            "supply meets demand: the minimum"
+        );
+        assert_eq!(first.made.len(), 2);
+        assert!(
+            first
+                .made
+                .iter()
+                .all(|r| r.mode == PricingMode::Spot && r.holder == "alice" && r.price == 20)
+        );
+        assert_eq!(
+            s.spot_bid(Uuid::from_u128(1))
+                .await
+                .unwrap()
+                .unwrap()
+                .allocated,
+            2
+        );
+        assert_eq!(
+            s.bid_reservations(Uuid::from_u128(1)).await.unwrap().len(),
+            2
+        );
+        let row = s.spot_market("lst-s").await.unwrap().unwrap();
+        assert_eq!(
+            (row.price, row.cleared_at_ms, row.next_clearing_at_ms),
+            (Some(20), Some(1_010), 2_010)
+        );
+
+        // Carol outbids one unit on demand: Alice's newest host is given notice, and
+        // the price is Alice's maximum.
+        s.place_bid(&bid(2, "carol", 80, 1, 1_500), 1_000, 1_500)
+            .await
+            .unwrap();
+        assert!(s.request_clearing("lst-s", 1_500).await.unwrap());
+        assert!(!s.request_clearing("lst-none", 1_500).await.unwrap());
+        assert_eq!(s.due_spot_markets(1_500).await.unwrap(), ["lst-s"]);
+        let (notice, ids) = (notice_at(1_500), new_id(1_500));
+        let inputs = SpotInputs {
+            supply: Some(supply.clone()),
+            available: &hosts,
+            goal: Goal::None,
+            notice: &notice,
+            new_id: &ids,
+        };
+        let second = s
+            .clear_spot("lst-s", inputs, &priced, 1_500)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(second.cleared.clearing.classes[0].price, 50);
+        assert!(
+            second.made.is_empty(),
+            "no host is free until the grace ends"
+        );
+        assert_eq!(second.noticed.len(), 1);
+        assert_eq!(second.noticed[0].1.cause, Cause::Outbid);
+        assert_eq!(second.previous, Some((1_010, 20)));
+        assert_eq!(
+            s.spot_market("lst-s")
+                .await
+                .unwrap()
+                .unwrap()
+                .next_clearing_at_ms,
+            2_010,
+            "on demand leaves the period"
+        );
+        assert_eq!(
+            s.spot_prices("lst-s", 1_200, 3_000).await.unwrap(),
+            [(1_010, 20), (1_500, 50)]
+        );
+
+        // Alice cancels: her other host is released (the noticed one ends by the
+        // interruption at its deadline, not by her act).
+        let nothing = |_: &[Reservation]| ChangeSet::default();
+        let (cancelled, released) = s
+            .cancel_bid(Uuid::from_u128(1), "alice", &nothing, 1_600)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(cancelled.cancelled_at_ms, Some(1_600));
+        assert_eq!(
+            released.len(),
+            2,
+            "a host under notice before its deadline is released too"
+        );
+        let refused = s
+            .cancel_bid(Uuid::from_u128(1), "alice", &nothing, 1_700)
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(refused.rule, "cancelled");
+        let refused = s
+            .cancel_bid(Uuid::from_u128(2), "alice", &nothing, 1_700)
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(refused.rule, "unknown_bid", "another's bid");
+        assert_eq!(s.spot_bids_of("alice").await.unwrap().len(), 1);
+        // The next clearing gives Carol a free host.
+        assert!(s.request_clearing("lst-s", 1_800).await.unwrap());
+        let (notice, ids) = (notice_at(1_800), new_id(1_800));
+        let inputs = SpotInputs {
+            supply: Some(supply),
+            available: &hosts,
+            goal: Goal::None,
+            notice: &notice,
+            new_id: &ids,
+        };
+        let third = s
+            .clear_spot("lst-s", inputs, &priced, 1_800)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(third.made.len(), 1);
+        assert_eq!(
+            (third.made[0].holder.as_str(), third.made[0].price),
+            ("carol", 20)
+        );
+        // Not due: nothing happens.
+        let (notice, ids) = (notice_at(1_900), new_id(1_900));
+        let inputs = SpotInputs {
+            supply: None,
+            available: &hosts,
+            goal: Goal::None,
+            notice: &notice,
+            new_id: &ids,
+        };
+        assert!(
+            s.clear_spot("lst-s", inputs, &priced, 1_900)
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    pub async fn an_auction_closes_once_and_gives_the_winner_a_host(
+        _f: &Fixture,
+        s: Arc<dyn Store>,
+    ) {
+        use surplus_market::auction::{Auction, Bid, Kind, Reason};
+        use surplus_market::resell::{Goal, Interruptibility, PricingMode};
+        let hosts = [Uuid::from_u128(7)];
+        let inputs = || AuctionInputs {
+            available: &hosts,
+            goal: Goal::None,
+            interruptibility: Interruptibility::NoInterruptions,
+        };
+        let sealed = Auction::new(
+            Uuid::from_u128(100),
+            Kind::SealedSecond { reserve: 30 },
+            20,
+            0,
+            1_000,
+        )
+        .unwrap();
+        let stored = StoredAuction {
+            auction: sealed,
+            listing: "lst-a".into(),
+            provider: "bob".into(),
+            term_ms: Some(3_600_000),
+            reservation: None,
+            closed_at_ms: None,
+            created_at_ms: 0,
+        };
+        s.create_auction(&stored).await.unwrap();
+        let id = stored.auction.id;
+        let nothing = |_: &AuctionStep| ChangeSet::default();
+        let bid = |n: u128, bidder: &str, amount| Bid {
+            id: Uuid::from_u128(n),
+            bidder: bidder.into(),
+            amount,
+        };
+        for (n, who, amount, at) in [(1, "alice", 50, 10), (2, "carol", 40, 20)] {
+            let step = s
+                .bid_auction(id, bid(n, who, amount), inputs(), &nothing, at)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(step.accepted, Some(Uuid::from_u128(n)));
+            assert!(step.closed.is_none());
+        }
+        let low = s
+            .bid_auction(id, bid(3, "dave", 10), inputs(), &nothing, 30)
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(low.rule, "provider_minimum", "{low}");
+        let unknown = s
+            .bid_auction(Uuid::nil(), bid(4, "dave", 90), inputs(), &nothing, 30)
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(unknown.rule, "unknown_auction");
+        assert!(s.due_auctions(999).await.unwrap().is_empty());
+        assert_eq!(
+            s.due_auctions(1_000).await.unwrap(),
+            [("lst-a".to_owned(), id)]
+        );
+        // Four controllers close it at once: once, Alice winning at Carol's bid.
+        let closers: Vec<_> = (0..4)
+            .map(|_| {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let hosts = [Uuid::from_u128(7)];
+                    let inputs = AuctionInputs {
+                        available: &hosts,
+                        goal: Goal::None,
+                        interruptibility: Interruptibility::NoInterruptions,
+                    };
+                    let nothing = |_: &AuctionStep| ChangeSet::default();
+                    s.close_auction(id, inputs, &nothing, 1_005).await.unwrap()
+                })
+            })
+            .collect();
+        let mut closed = Vec::new();
+        for c in closers {
+            closed.extend(c.await.unwrap());
+        }
+        assert_eq!(closed.len(), 1, "closed once");
+        let outcome = closed[0].closed.clone().unwrap();
+        assert_eq!(outcome.reason, Reason::SecondPrice);
+        let winner = outcome.winner.unwrap();
+        assert_eq!((winner.bidder.as_str(), winner.price), ("alice", 40));
+        let r = closed[0].made.clone().unwrap();
+        assert_eq!(
+            (r.id, r.holder.as_str(), r.price, r.mode, r.host),
+            (id, "alice", 40, PricingMode::Auction, hosts[0])
+        );
+        assert_eq!(r.ends_at_ms, Some(1_005 + 3_600_000));
+        let kept = s.auction(id).await.unwrap().unwrap();
+        assert_eq!(
+            (kept.reservation, kept.closed_at_ms),
+            (Some(id), Some(1_005))
+        );
+        assert!(s.due_auctions(5_000).await.unwrap().is_empty());
+        let late = s
+            .bid_auction(id, bid(5, "dave", 90), inputs(), &nothing, 1_010)
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(late.rule, "ended");
+
+        // A buy-now bid closes an English auction in its own transaction; with its
+        // only host held, the winner gets none and is told why.
+        let english = Auction::new(
+            Uuid::from_u128(200),
+            Kind::English {
+                reserve: 30,
+                increment: 5,
+                buy_now: Some(100),
+            },
+            20,
+            0,
+            10_000,
+        )
+        .unwrap();
+        s.create_auction(&StoredAuction {
+            auction: english,
+            term_ms: None,
+            ..stored.clone()
+        })
+        .await
+        .unwrap();
+        let step = s
+            .bid_auction(
+                Uuid::from_u128(200),
+                bid(6, "carol", 100),
+                inputs(),
+                &nothing,
+                2_000,
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(step.closed.as_ref().unwrap().reason, Reason::BuyNow);
+        assert!(step.made.is_none());
+        assert_eq!(step.unfilled.as_ref().unwrap().rule, "sold_out");
+        assert_eq!(s.auctions(Some("lst-a"), false, 10).await.unwrap().len(), 2);
+        assert!(
+            s.auctions(None, true, 10).await.unwrap().is_empty(),
+            "both closed"
+        );
+    }
 
     pub async fn prices_are_kept_once_and_answered_by_the_question(
         _f: &Fixture,

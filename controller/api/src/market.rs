@@ -3,12 +3,16 @@
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+pub use surplus_market::auction::{
+    Kind as AuctionKind, Outcome as AuctionOutcome, PublicView as AuctionPublic,
+};
 pub use surplus_market::history::{Bucket, Guidance, PricePoint};
 pub use surplus_market::interrupt::Notice as InterruptNotice;
 pub use surplus_market::offers::{ModePrice, Offer};
 pub use surplus_market::quote::Quote;
 pub use surplus_market::resell::PricingMode;
 pub use surplus_market::reservations::{EndReason, Reservation, State as ReservationState};
+pub use surplus_market::spot::Bid as SpotBid;
 
 /// `POST /v1/quotes`: a price for one listing, held for a short time.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -114,6 +118,126 @@ pub struct InterruptionView {
     pub host: Uuid,
     /// The notice: cause, grace and deadline.
     pub notice: InterruptNotice,
+}
+
+/// `POST /v1/bids`: a bid on a listing's spot market. The market clears every period
+/// (and on demand) at one uniform price: the hosts go to the highest bids, and every
+/// winner pays the highest losing bid or the provider minimum, whichever is higher.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct BidRequest {
+    /// The listing (it must sell `spot`).
+    pub listing: String,
+    /// The most it pays per host-hour, minor units (at least the provider minimum).
+    pub max_price: u64,
+    /// Hosts wanted (default 1).
+    #[serde(default)]
+    pub quantity: Option<u32>,
+    /// Filled whole or not at all (default: it may be filled in part).
+    #[serde(default)]
+    pub all_or_nothing: bool,
+    /// Makes a retried request safe: the same token answers with the bid it placed.
+    #[serde(default)]
+    pub client_token: Option<String>,
+}
+
+/// A spot bid as its bidder sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct BidView {
+    /// The bid (its `class` is its listing).
+    pub bid: SpotBid,
+    /// `live` or `cancelled`.
+    pub state: String,
+    /// When it was cancelled.
+    pub cancelled_at_ms: Option<i64>,
+    /// Hosts the last clearing gave it.
+    pub allocated: u32,
+    /// The reservations of the hosts it holds now (see `GET /v1/reservations/{id}`).
+    pub reservations: Vec<Uuid>,
+}
+
+/// `GET /v1/spot/{listing}`: a listing's spot market.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SpotView {
+    /// The listing.
+    pub listing: String,
+    /// Its currency.
+    pub currency: String,
+    /// The provider minimum: the least a bid may be.
+    pub minimum: u64,
+    /// Hosts it sells now by spot (online, not held by other reservations).
+    pub capacity: u32,
+    /// The last clearing's price, if it cleared.
+    pub price: Option<u64>,
+    /// When it cleared last.
+    pub cleared_at_ms: Option<i64>,
+    /// When it clears next (periodically; sooner on demand).
+    pub next_clearing_at_ms: Option<i64>,
+    /// The period between clearings.
+    pub period_ms: Option<i64>,
+    /// The range of prices that won over the recent period.
+    pub guidance: Option<Guidance>,
+}
+
+/// `POST /v1/auctions`: a provider (or an admin) sells one host of a listing by
+/// auction: English (`reserve`, `increment`, optional `buy_now`), Dutch (`start`,
+/// `decrement`, `every_ms`, `floor`), sealed first-price or sealed second-price
+/// (`reserve`). Prices are per host-hour; the reserve or floor is at least the
+/// provider minimum.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct AuctionRequest {
+    /// The listing (it must sell `auction`).
+    pub listing: String,
+    /// The engine and its parameters.
+    pub kind: AuctionKind,
+    /// Opens at, Unix ms (default now).
+    #[serde(default)]
+    pub starts_at_ms: Option<i64>,
+    /// Ends at, Unix ms (a bid at this instant is refused).
+    pub ends_at_ms: i64,
+    /// How long the winner holds the host, hours (default: until it releases it).
+    #[serde(default)]
+    pub term_hours: Option<u64>,
+}
+
+/// `POST /v1/auctions/{id}/bids`: a client's bid.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct AuctionBidRequest {
+    /// Per host-hour, minor units.
+    pub amount: u64,
+    /// Makes a retried request safe: the same token is the same bid.
+    #[serde(default)]
+    pub client_token: Option<String>,
+}
+
+/// An auction as anyone sees it: before the close of a sealed auction, no amount and
+/// no bidder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct AuctionView {
+    /// The auction.
+    pub id: Uuid,
+    /// The listing whose host it sells.
+    pub listing: String,
+    /// Its provider.
+    pub provider: String,
+    /// Its currency.
+    pub currency: String,
+    /// How long the winner holds the host (none: until released).
+    pub term_ms: Option<i64>,
+    /// Engine, phase, prices, bids (as the engine shows them now) and outcome.
+    pub auction: AuctionPublic,
+    /// The winner's reservation, once closed with a sale.
+    pub reservation: Option<Uuid>,
+    /// When it closed.
+    pub closed_at_ms: Option<i64>,
 }
 
 /// `GET /v1/pricing/history`: the points asked for, a chart's series and the

@@ -253,6 +253,58 @@ impl Reservation {
         })
     }
 
+    /// What a spot reservation owes for `[from_ms, to_ms)` as of `now_ms` at the
+    /// clearing prices of its class (rule 6 with the price of each period): `prices`
+    /// are the clearings as (instant, price), and the price in force at an instant is
+    /// that of the last clearing at or before it (its own `price`, the clearing that
+    /// gave it the host, before the first). One charge per stretch of one price, in
+    /// time order, each rounded half up; none for a stretch that owes nothing.
+    pub fn charges_at(
+        &self,
+        prices: &[(UnixMillis, Price)],
+        from_ms: UnixMillis,
+        to_ms: UnixMillis,
+        now_ms: UnixMillis,
+    ) -> Vec<crate::billing::Charge> {
+        let (start, end) = self.billing_window(now_ms);
+        let (lo, hi) = (start.max(from_ms), end.min(to_ms));
+        if hi <= lo {
+            return Vec::new();
+        }
+        let mut points: Vec<(UnixMillis, Price)> = prices.to_vec();
+        points.sort();
+        // The stretches of one price within [lo, hi).
+        let mut price = points
+            .iter()
+            .rev()
+            .find(|(at, _)| *at <= lo)
+            .map_or(self.price, |(_, p)| *p);
+        let mut stretches: Vec<(i64, Price)> = Vec::new();
+        let mut at = lo;
+        for (t, p) in points.iter().filter(|(t, _)| *t > lo && *t < hi) {
+            if *p != price {
+                stretches.push((t - at, price));
+                at = *t;
+                price = *p;
+            }
+        }
+        stretches.push((hi - at, price));
+        stretches
+            .into_iter()
+            .filter_map(|(held, price)| {
+                let rate = i64::try_from(price).unwrap_or(i64::MAX);
+                let amount = crate::billing::prorate(rate, held as u128, HOUR_MS as u128);
+                (amount > 0).then(|| crate::billing::Charge {
+                    meter: "spot_host_hours".into(),
+                    quantity: held as f64 / HOUR_MS as f64,
+                    unit: "host-hour".into(),
+                    rate,
+                    amount,
+                })
+            })
+            .collect()
+    }
+
     fn ended(&self, at_ms: UnixMillis, why: EndReason) -> Ended {
         Ended {
             reservation: self.id,
@@ -678,6 +730,85 @@ mod tests {
             }
             assert_eq!(r.charge(from, to, now).map(|c| c.amount), owed, "{rule}");
         }
+    }
+
+    /// A spot reservation pays each clearing's price for the stretch it was in force:
+    /// (name, clearings, period, charges as (hours held in minutes, rate, amount)).
+    #[test]
+    fn a_spot_reservation_pays_the_clearing_price_of_each_stretch() {
+        type Case = (
+            &'static str,
+            Vec<(i64, Price)>,
+            (i64, i64),
+            Vec<(i64, i64, i64)>,
+        );
+        const H: i64 = HOUR_MS;
+        const M: i64 = 60_000;
+        let cases: Vec<Case> = vec![
+            (
+                "no clearing since: its own price",
+                vec![],
+                (0, H),
+                vec![(60, 30, 30)],
+            ),
+            (
+                "one change half way",
+                vec![(0, 30), (H / 2, 50)],
+                (0, H),
+                vec![(30, 30, 15), (30, 50, 25)],
+            ),
+            (
+                "a clearing at the same price splits nothing",
+                vec![(0, 30), (H / 2, 30)],
+                (0, H),
+                vec![(60, 30, 30)],
+            ),
+            (
+                "the price in force before the period counts",
+                vec![(-H, 40)],
+                (0, H),
+                vec![(60, 40, 40)],
+            ),
+            (
+                "a clearing at the period's end belongs to the next",
+                vec![(H, 90)],
+                (0, H),
+                vec![(60, 30, 30)],
+            ),
+            (
+                "a stretch owing nothing is left out",
+                vec![(0, 30), (1_000, 0)],
+                (0, H),
+                vec![],
+            ),
+        ];
+        for (name, prices, (from, to), want) in cases {
+            let r = Book::default()
+                .handle_reserve(0, request(vec![id(1)], "alice", PriceBased, None), &[id(9)])
+                .unwrap()
+                .remove(0);
+            let got: Vec<(i64, i64, i64)> = r
+                .charges_at(&prices, from, to, 2 * H)
+                .iter()
+                .map(|c| {
+                    (
+                        (c.quantity * H as f64 / M as f64).round() as i64,
+                        c.rate,
+                        c.amount,
+                    )
+                })
+                .collect();
+            assert_eq!(got, want, "{name}");
+        }
+        // With one price throughout it is the plain charge.
+        let r = Book::default()
+            .handle_reserve(0, request(vec![id(1)], "alice", PriceBased, None), &[id(9)])
+            .unwrap()
+            .remove(0);
+        assert_eq!(
+            r.charges_at(&[], 0, H / 3, H).first().map(|c| c.amount),
+            r.charge(0, H / 3, H).map(|c| c.amount)
+        );
     }
 
     /// One step of a lifecycle script. Reservations are numbered from 1 in the order

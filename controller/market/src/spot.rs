@@ -71,6 +71,17 @@
 //!    A clearing polled late clears once and skips the periods it missed; an on-demand
 //!    clearing leaves the periodic schedule as it was.
 //!
+//! 10. **Hosts** ([`assign`]). A unit is one host; the shell holds a bid's units as
+//!     reservations. After a clearing, a bid holding more hosts than it was allocated
+//!     (counting only those not already under notice) gives notice on the surplus,
+//!     the most recently started first (then the higher reservation id), for the
+//!     rule 8 reason ([`reason`]); a notice is never withdrawn. A bid allocated more
+//!     than it holds gets free hosts, in the allocations' rank and the hosts' id
+//!     order, as many as there are: a host under notice is still its holder's until
+//!     the grace ends, so the bid that took its capacity gets it at the first
+//!     clearing after that. A bid that is no longer live holds nothing (its holder
+//!     released its hosts when it cancelled).
+//!
 //! # Why cheaper bids lose after an all-or-nothing marginal bid
 //!
 //! Filling them instead (and lowering the price to the cheapest winner so that nobody
@@ -484,6 +495,90 @@ pub fn interruptions(previous: &Clearing, next: &Clearing, live: &[Bid]) -> Vec<
                 price: after.map(|c| c.price),
                 max_price: held.max_price,
             });
+        }
+    }
+    out
+}
+
+/// One host a bid holds, as the shell's reservation of it (rule 10).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Held {
+    /// The reservation.
+    pub reservation: Uuid,
+    /// The bid it was given to.
+    pub bid: Uuid,
+    /// When it started.
+    pub started_at_ms: UnixMillis,
+    /// Whether it is under notice already (it counts for nothing then).
+    pub noticed: bool,
+}
+
+/// What a clearing does to the hosts of its class (rule 10).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Assignment {
+    /// Reservations to give notice, with why.
+    pub notices: Vec<(Uuid, InterruptReason)>,
+    /// Free hosts given to each bid, in the allocations' rank.
+    pub fills: Vec<(Uuid, Vec<Uuid>)>,
+}
+
+/// Why a bid holding more than `class` allocates it loses the rest (rule 8): its
+/// maximum below the new price, else outbid.
+pub fn reason(class: &ClassClearing, max_price: Price) -> InterruptReason {
+    if class.price > max_price {
+        InterruptReason::PriceAboveMax
+    } else {
+        InterruptReason::Outbid
+    }
+}
+
+/// The hosts a clearing takes and gives (rule 10): `class` is the clearing of the
+/// class, `bids` its live bids, `held` the reservations its bids hold, `free` the
+/// class's hosts nobody holds.
+pub fn assign(class: &ClassClearing, bids: &[Bid], held: &[Held], free: &[Uuid]) -> Assignment {
+    let allocated: HashMap<Uuid, u32> = class
+        .allocations
+        .iter()
+        .map(|a| (a.bid, a.quantity))
+        .collect();
+    let max: HashMap<Uuid, Price> = bids.iter().map(|b| (b.id, b.max_price)).collect();
+    let mut holding: HashMap<Uuid, Vec<&Held>> = HashMap::new();
+    for h in held
+        .iter()
+        .filter(|h| !h.noticed && max.contains_key(&h.bid))
+    {
+        holding.entry(h.bid).or_default().push(h);
+    }
+    let mut out = Assignment::default();
+    let mut surplus: Vec<(Uuid, Vec<&Held>)> = holding.into_iter().collect();
+    surplus.sort_by_key(|(bid, _)| *bid);
+    let mut count: HashMap<Uuid, u32> = HashMap::new();
+    for (bid, mut hs) in surplus {
+        let keep = allocated.get(&bid).copied().unwrap_or(0) as usize;
+        count.insert(bid, hs.len().min(keep) as u32);
+        if hs.len() <= keep {
+            continue;
+        }
+        // The newest go first; the earliest keep their hosts.
+        hs.sort_by_key(|h| (Reverse(h.started_at_ms), Reverse(h.reservation)));
+        let why = reason(class, max[&bid]);
+        for h in &hs[..hs.len() - keep] {
+            out.notices.push((h.reservation, why));
+        }
+    }
+    out.notices.sort_by_key(|(id, _)| *id);
+    let mut free = {
+        let mut f: Vec<Uuid> = free.to_vec();
+        f.sort();
+        f.dedup();
+        f.into_iter()
+    };
+    for a in &class.allocations {
+        let have = count.get(&a.bid).copied().unwrap_or(0);
+        let want = a.quantity.saturating_sub(have) as usize;
+        let hosts: Vec<Uuid> = free.by_ref().take(want).collect();
+        if !hosts.is_empty() {
+            out.fills.push((a.bid, hosts));
         }
     }
     out
@@ -1204,6 +1299,167 @@ mod tests {
             }),
         ) {
             prop_assert_eq!(clear(&supplies, &bids), clear(&supplies, &shuffled));
+        }
+    }
+
+    fn held(r: u128, b: u128, at: UnixMillis, noticed: bool) -> Held {
+        Held {
+            reservation: id(r),
+            bid: id(b),
+            started_at_ms: at,
+            noticed,
+        }
+    }
+
+    /// Rule 10, case by case: (name, capacity, bids, held, free hosts, notices as
+    /// (reservation, reason), fills as (bid, hosts)).
+    #[test]
+    fn assign_table() {
+        use InterruptReason::{Outbid, PriceAboveMax};
+        type Case = (
+            &'static str,
+            u32,
+            Vec<Bid>,
+            Vec<Held>,
+            Vec<u128>,
+            Vec<(u128, InterruptReason)>,
+            Vec<(u128, Vec<u128>)>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "a first clearing fills from the free hosts in id order",
+                2,
+                vec![bid(1, 50, 1, false, 0), bid(2, 40, 1, false, 1)],
+                vec![],
+                vec![12, 11],
+                vec![],
+                vec![(1, vec![11]), (2, vec![12])],
+            ),
+            (
+                "a bid holding its allocation keeps it and gets nothing more",
+                1,
+                vec![bid(1, 50, 1, false, 0)],
+                vec![held(100, 1, 0, false)],
+                vec![],
+                vec![],
+                vec![],
+            ),
+            (
+                "outbid within its maximum: notice, and the winner waits for the host",
+                1,
+                vec![bid(1, 50, 1, false, 0), bid(2, 80, 1, false, 1)],
+                vec![held(100, 1, 0, false)],
+                vec![],
+                vec![(100, Outbid)],
+                vec![],
+            ),
+            (
+                "priced out: the marginal price above its maximum",
+                1,
+                vec![
+                    bid(1, 50, 1, false, 0),
+                    bid(2, 80, 1, false, 1),
+                    bid(3, 60, 1, false, 2),
+                ],
+                vec![held(100, 1, 0, false)],
+                vec![],
+                vec![(100, PriceAboveMax)],
+                vec![],
+            ),
+            (
+                "a partial loss gives up the newest host first",
+                2,
+                vec![bid(1, 50, 3, false, 0), bid(2, 80, 1, false, 1)],
+                vec![held(100, 1, 5, false), held(101, 1, 9, false)],
+                vec![],
+                vec![(101, Outbid)],
+                vec![],
+            ),
+            (
+                "a host under notice counts for nothing: the bid is filled again from a free host",
+                2,
+                vec![bid(1, 50, 1, false, 0)],
+                vec![held(100, 1, 0, true)],
+                vec![7],
+                vec![],
+                vec![(1, vec![7])],
+            ),
+            (
+                "a cancelled bid's hosts are not the clearing's to take",
+                1,
+                vec![bid(2, 80, 1, false, 1)],
+                vec![held(100, 1, 0, false)],
+                vec![],
+                vec![],
+                vec![],
+            ),
+            (
+                "fewer free hosts than wanted: the better-ranked bid first",
+                2,
+                vec![bid(1, 50, 1, false, 0), bid(2, 80, 1, false, 1)],
+                vec![],
+                vec![9],
+                vec![],
+                vec![(2, vec![9])],
+            ),
+        ];
+        for (name, capacity, bids, held, free, notices, fills) in cases {
+            let clearing = clear(&[supply("c", capacity, 10)], &bids);
+            let class = clearing.class("c").unwrap();
+            let free: Vec<Uuid> = free.into_iter().map(id).collect();
+            let got = assign(class, &bids, &held, &free);
+            let want = Assignment {
+                notices: notices.into_iter().map(|(r, why)| (id(r), why)).collect(),
+                fills: fills
+                    .into_iter()
+                    .map(|(b, hs)| (id(b), hs.into_iter().map(id).collect()))
+                    .collect(),
+            };
+            assert_eq!(got, want, "{name}");
+        }
+    }
+
+    proptest! {
+        /// After an assignment no bid holds more hosts (not under notice) than it was
+        /// allocated, no free host is given twice, and the hosts held in all never
+        /// exceed the capacity plus those under notice.
+        #[test]
+        fn assign_never_exceeds_the_allocation(
+            (supplies, bids) in market(),
+            holds in proptest::collection::vec((0usize..40, 0i64..5, any::<bool>()), 0..12),
+            free in proptest::collection::vec(0u128..30, 0..12),
+        ) {
+            let clearing = clear(&supplies, &bids);
+            for class in &clearing.classes {
+                let live: Vec<Bid> = bids.iter().filter(|b| b.class == class.class).cloned().collect();
+                if live.is_empty() { continue; }
+                let held: Vec<Held> = holds.iter().enumerate().map(|(n, (b, at, noticed))| Held {
+                    reservation: id(1_000 + n as u128),
+                    bid: live[b % live.len()].id,
+                    started_at_ms: *at,
+                    noticed: *noticed,
+                }).collect();
+                let free: Vec<Uuid> = free.iter().map(|n| id(5_000 + n)).collect();
+                let a = assign(class, &live, &held, &free);
+                let noticed: HashSet<Uuid> = a.notices.iter().map(|(r, _)| *r).collect();
+                let mut given = HashSet::new();
+                for b in &live {
+                    let keeps = held.iter().filter(|h| h.bid == b.id && !h.noticed && !noticed.contains(&h.reservation)).count();
+                    let gets: usize = a.fills.iter().filter(|(x, _)| *x == b.id).map(|(_, hs)| hs.len()).sum();
+                    let allocated = class.allocations.iter().find(|x| x.bid == b.id).map_or(0, |x| x.quantity as usize);
+                    prop_assert!(keeps + gets <= allocated.max(keeps), "{b:?}: keeps {keeps} gets {gets} of {allocated}");
+                    prop_assert!(keeps <= allocated, "{b:?} keeps {keeps} of {allocated}");
+                }
+                for (_, hs) in &a.fills {
+                    for h in hs {
+                        prop_assert!(given.insert(*h), "host {h} given twice");
+                        prop_assert!(free.contains(h));
+                    }
+                }
+                for (r, _) in &a.notices {
+                    prop_assert!(held.iter().any(|h| h.reservation == *r && !h.noticed), "noticed {r} twice");
+                }
+            }
         }
     }
 }

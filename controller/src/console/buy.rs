@@ -12,7 +12,8 @@ use axum::response::Redirect;
 use axum::routing::{get, post};
 use maud::{Markup, PreEscaped, html};
 use surplus_api::market::{
-    ModePrice, Offer, PricingMode, ReservationState, ReserveRequest, svg_chart,
+    AuctionBidRequest, AuctionKind, AuctionRequest, AuctionView, BidRequest, ModePrice, Offer,
+    PricingMode, ReservationState, ReserveRequest, svg_chart,
 };
 use surplus_market::records::name_of;
 
@@ -27,6 +28,11 @@ pub(super) fn routes() -> Router<Arc<Controller>> {
         .route("/console/offers/{id}", get(offer))
         .route("/console/reservations", get(reservations).post(reserve))
         .route("/console/reservations/{id}/release", post(release))
+        .route("/console/bids", post(place_bid))
+        .route("/console/auctions", get(auctions).post(create_auction))
+        .route("/console/auctions/{id}", get(auction))
+        .route("/console/auctions/{id}/bids", post(bid_auction))
+        .route("/console/bids/{id}/cancel", post(cancel_bid))
         .route("/console/pricing", get(pricing))
 }
 
@@ -99,6 +105,15 @@ async fn offer(State(ctl): State<Arc<Controller>>, signed: Signed, Path(id): Pat
         market::price_history(&ctl, Some(&format!("category={}", view.listing.category))).await?;
     let now = ctl.app.clock.now_ms();
     let l = &view.listing;
+    let spot = match l.pricing_modes.contains(&PricingMode::Spot) {
+        true => Some(
+            ctl.market
+                .spot(&id)
+                .await
+                .map_err(crate::http::ApiError::from)?,
+        ),
+        false => None,
+    };
     Ok(page(
         &format!("Offer {id}"),
         &signed,
@@ -127,6 +142,30 @@ async fn offer(State(ctl): State<Arc<Controller>>, signed: Signed, Path(id): Pat
                         label { "Term (h, reserved) " input name="term_hours" size="6"; }
                         button type="submit" { "Reserve" }
                     }
+                    @if let Some(v) = &spot {
+                        h2 { "Bid on the spot market" }
+                        p #spot {
+                            "Minimum " (v.minimum) " " (v.currency) " / h · " (v.capacity) " host(s) by spot · "
+                            @match v.price {
+                                Some(p) => { "last cleared at " (p) " " (v.currency) } ,
+                                None => "not cleared yet",
+                            }
+                            @if let Some(t) = v.next_clearing_at_ms { " · next clearing in " (((t - now) / 1000).max(0)) " s" }
+                        }
+                        @match &v.guidance {
+                            Some(g) => p #spot-guidance { "Spot bids won recently at " (g.low) " to " (g.high) " " (v.currency) " (median " (g.median) ")" },
+                            None => p #spot-guidance { "No spot price won recently: the minimum is the guide." },
+                        }
+                        form #bid method="post" action="/console/bids" {
+                            input type="hidden" name="csrf" value=(signed.csrf);
+                            input type="hidden" name="listing" value=(id);
+                            input type="hidden" name="client_token" value=(uuid::Uuid::now_v7());
+                            label { "Maximum / h " input name="max_price" value=(v.minimum) size="8"; }
+                            label { "Hosts " input name="quantity" value="1" size="3"; }
+                            label { input type="checkbox" name="all_or_nothing" value="true"; " all or nothing" }
+                            button type="submit" { "Bid" }
+                        }
+                    }
                 }
                 None => { p.empty #unavailable { "Not offered now: nothing free, or its provider may not sell." } }
             }
@@ -144,7 +183,8 @@ async fn offer(State(ctl): State<Arc<Controller>>, signed: Signed, Path(id): Pat
 }
 
 async fn reservations(State(ctl): State<Arc<Controller>>, signed: Signed, caller: Caller) -> Page {
-    let axum::Json(list) = market::list_reservations(State(ctl.clone()), caller).await?;
+    let axum::Json(list) = market::list_reservations(State(ctl.clone()), caller.clone()).await?;
+    let axum::Json(bids) = market::list_bids(State(ctl.clone()), caller).await?;
     let now = ctl.app.clock.now_ms();
     Ok(page(
         "Reservations",
@@ -181,6 +221,26 @@ async fn reservations(State(ctl): State<Arc<Controller>>, signed: Signed, caller
                 } } }
             }
             @if list.is_empty() { p.empty { "No reservation yet: find capacity under " a href="/console/offers" { "Offers" } "." } }
+            h2 { "Spot bids" }
+            table #bids {
+                thead { tr {
+                    th { "Bid" } th { "Listing" } th { "Maximum / h" } th { "Hosts" } th { "Placed" }
+                    th { "State" } th { "Allocated" } th { "Held" } th {}
+                } }
+                tbody { @for v in &bids { @let b = &v.bid; tr data-bid=(b.id) {
+                    td { code { (b.id) } } td { (b.class) } td.num { (b.max_price) }
+                    td.num { (b.quantity) @if b.all_or_nothing { " (all or nothing)" } }
+                    td { (time(b.placed_at_ms)) } td.state { (v.state) }
+                    td.num { (v.allocated) } td.num { (v.reservations.len()) }
+                    td { @if v.cancelled_at_ms.is_none() {
+                        form method="post" action={ "/console/bids/" (b.id) "/cancel" } {
+                            input type="hidden" name="csrf" value=(signed.csrf);
+                            button type="submit" { "Cancel" }
+                        }
+                    } }
+                } } }
+            }
+            @if bids.is_empty() { p.empty { "No spot bid." } }
         },
     ))
 }
@@ -190,15 +250,6 @@ async fn reserve(
     caller: Caller,
     form: FormFields,
 ) -> Result<Redirect, PageError> {
-    let number = |key: &str| -> Result<Option<u64>, PageError> {
-        form.non_empty(key)
-            .map(|v| {
-                v.trim()
-                    .parse::<u64>()
-                    .map_err(|_| PageError::bad_request(format!("{key}: {v:?} is not a number")))
-            })
-            .transpose()
-    };
     let mode = form.non_empty("mode").unwrap_or("on_demand");
     let listing = form.non_empty("listing").unwrap_or_default().to_owned();
     let mode: PricingMode = surplus_market::records::from_name(mode)
@@ -220,9 +271,9 @@ async fn reserve(
     let body = ReserveRequest {
         listing,
         mode,
-        count: number("count")?.map(|c| u32::try_from(c).unwrap_or(u32::MAX)),
+        count: number(&form, "count")?.map(|c| u32::try_from(c).unwrap_or(u32::MAX)),
         quote,
-        term_hours: number("term_hours")?,
+        term_hours: number(&form, "term_hours")?,
         client_token: form.non_empty("client_token").map(str::to_owned),
     };
     let _ = market::reserve(State(ctl), caller, Ok(axum::Json(body))).await?;
@@ -235,6 +286,32 @@ async fn release(
     Path(id): Path<String>,
 ) -> Result<Redirect, PageError> {
     let _ = market::release(State(ctl), caller, Path(id)).await?;
+    Ok(Redirect::to("/console/reservations"))
+}
+
+async fn place_bid(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    form: FormFields,
+) -> Result<Redirect, PageError> {
+    let body = BidRequest {
+        listing: form.non_empty("listing").unwrap_or_default().to_owned(),
+        max_price: number(&form, "max_price")?
+            .ok_or_else(|| PageError::bad_request("max_price: a bid names its maximum"))?,
+        quantity: number(&form, "quantity")?.map(|c| u32::try_from(c).unwrap_or(u32::MAX)),
+        all_or_nothing: form.non_empty("all_or_nothing").is_some(),
+        client_token: form.non_empty("client_token").map(str::to_owned),
+    };
+    let _ = market::place_bid(State(ctl), caller, Ok(axum::Json(body))).await?;
+    Ok(Redirect::to("/console/reservations"))
+}
+
+async fn cancel_bid(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Redirect, PageError> {
+    let _ = market::cancel_bid(State(ctl), caller, Path(id)).await?;
     Ok(Redirect::to("/console/reservations"))
 }
 
@@ -277,4 +354,208 @@ async fn pricing(
             }
         },
     ))
+}
+
+fn auction_type(kind: &AuctionKind) -> &'static str {
+    match kind {
+        AuctionKind::English { .. } => "English",
+        AuctionKind::Dutch { .. } => "Dutch",
+        AuctionKind::SealedFirst { .. } => "sealed first-price",
+        AuctionKind::SealedSecond { .. } => "sealed second-price",
+    }
+}
+
+fn auction_row(v: &AuctionView) -> Markup {
+    let a = &v.auction;
+    html! {
+        tr data-auction=(v.id) {
+            td { a href={ "/console/auctions/" (v.id) } { code { (v.id) } } }
+            td { (v.listing) } td { (auction_type(&a.kind)) } td.state { (name_of(&a.phase)) }
+            td { (time(a.ends_at_ms)) }
+            td.num { @if let Some(p) = a.current_price { (p) " " (v.currency) } @else { "-" } }
+            td.num { (a.bid_count) }
+            td { @match a.outcome.as_ref().map(|o| &o.winner) {
+                Some(Some(w)) => { (w.bidder) " at " (w.price) " " (v.currency) },
+                Some(None) => "no sale",
+                None => "-",
+            } }
+        }
+    }
+}
+
+async fn auctions(State(ctl): State<Arc<Controller>>, signed: Signed) -> Page {
+    let list = ctl
+        .market
+        .auctions(None, false)
+        .await
+        .map_err(crate::http::ApiError::from)?;
+    let provider = signed.principal.role == crate::store::Role::Provider;
+    Ok(page(
+        "Auctions",
+        &signed,
+        html! {
+            h1 { "Auctions" }
+            table #auctions {
+                thead { tr {
+                    th { "Auction" } th { "Listing" } th { "Type" } th { "State" } th { "Ends" }
+                    th { "Price" } th { "Bids" } th { "Outcome" }
+                } }
+                tbody { @for v in &list { (auction_row(v)) } }
+            }
+            @if list.is_empty() { p.empty { "No auction yet." } }
+            @if provider {
+                h2 { "Auction a host" }
+                form #create-auction method="post" action="/console/auctions" {
+                    input type="hidden" name="csrf" value=(signed.csrf);
+                    label { "Listing " input name="listing" size="12"; }
+                    label { "Type " select name="type" {
+                        option value="english" { "English" } option value="dutch" { "Dutch" }
+                        option value="sealed_first" { "sealed first-price" } option value="sealed_second" { "sealed second-price" }
+                    } }
+                    label { "Reserve " input name="reserve" size="6"; }
+                    label { "Increment " input name="increment" size="6"; }
+                    label { "Buy now " input name="buy_now" size="6"; }
+                    label { "Start " input name="start" size="6"; }
+                    label { "Decrement " input name="decrement" size="6"; }
+                    label { "Every (ms) " input name="every_ms" size="6"; }
+                    label { "Floor " input name="floor" size="6"; }
+                    label { "Ends in (s) " input name="ends_in" value="3600" size="6"; }
+                    label { "Term (h) " input name="term_hours" size="6"; }
+                    button type="submit" { "Create" }
+                }
+            }
+        },
+    ))
+}
+
+async fn auction(
+    State(ctl): State<Arc<Controller>>,
+    signed: Signed,
+    Path(id): Path<String>,
+) -> Page {
+    let axum::Json(v) = market::show_auction(
+        State(ctl.clone()),
+        Caller(signed.principal.clone()),
+        Path(id),
+    )
+    .await?;
+    let a = &v.auction;
+    let client = signed.principal.role == crate::store::Role::Client;
+    let guidance = market::price_history(&ctl, Some("kind=auction"))
+        .await?
+        .guidance;
+    Ok(page(
+        &format!("Auction {}", v.id),
+        &signed,
+        html! {
+            h1 { "Auction " code { (v.id) } }
+            p #auction-state { (auction_type(&a.kind)) " auction of a host of " (v.listing) " (" (v.provider) ") · "
+                (name_of(&a.phase)) " · ends " (time(a.ends_at_ms))
+                @if let Some(t) = v.term_ms { " · the winner holds the host " (t / 3_600_000) " h" } }
+            @if let Some(p) = a.current_price { p #current { "Price now: " (p) " " (v.currency) " / h" } }
+            @if let Some(p) = a.lowest_acceptable { p #lowest { "Lowest bid accepted now: " (p) " " (v.currency) } }
+            @match &guidance {
+                Some(g) => p #guidance { "Auctions won recently at " (g.low) " to " (g.high) " (median " (g.median) ")" },
+                None => p #guidance { "No auction sold recently." },
+            }
+            @if client && a.lowest_acceptable.is_some() {
+                form #bid method="post" action={ "/console/auctions/" (v.id) "/bids" } {
+                    input type="hidden" name="csrf" value=(signed.csrf);
+                    input type="hidden" name="client_token" value=(uuid::Uuid::now_v7());
+                    label { "Bid / h " input name="amount" value=(a.lowest_acceptable.unwrap_or_default()) size="8"; }
+                    button type="submit" { "Bid" }
+                }
+            }
+            h2 { "Bids (" (a.bid_count) ")" }
+            @if a.bids.is_empty() && a.bid_count > 0 { p #sealed { "Sealed: the bids are shown after the close." } }
+            table #auction-bids {
+                thead { tr { th { "At" } th { "Bidder" } th { "Amount" } } }
+                tbody { @for b in &a.bids { tr { td { (time(b.at_ms)) } td { (b.bidder) } td.num { (b.amount) " " (v.currency) } } } }
+            }
+            @if let Some(o) = &a.outcome {
+                h2 { "Outcome" }
+                p #outcome { @match &o.winner {
+                    Some(w) => { (w.bidder) " won at " (w.price) " " (v.currency) " / h (" (name_of(&o.reason)) ")" },
+                    None => "No sale.",
+                } }
+            }
+        },
+    ))
+}
+
+async fn create_auction(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    form: FormFields,
+) -> Result<Redirect, PageError> {
+    let need = |key: &str| -> Result<u64, PageError> {
+        number(&form, key)?
+            .ok_or_else(|| PageError::bad_request(format!("{key}: needed for this type")))
+    };
+    let kind = match form.non_empty("type").unwrap_or("english") {
+        "english" => AuctionKind::English {
+            reserve: need("reserve")?,
+            increment: need("increment")?,
+            buy_now: number(&form, "buy_now")?,
+        },
+        "dutch" => AuctionKind::Dutch {
+            start: need("start")?,
+            decrement: need("decrement")?,
+            every_ms: i64::try_from(need("every_ms")?).unwrap_or(i64::MAX),
+            floor: need("floor")?,
+        },
+        "sealed_first" => AuctionKind::SealedFirst {
+            reserve: need("reserve")?,
+        },
+        "sealed_second" => AuctionKind::SealedSecond {
+            reserve: need("reserve")?,
+        },
+        other => {
+            return Err(PageError::bad_request(format!(
+                "type: {other:?} is not an auction type"
+            )));
+        }
+    };
+    let ends_in = i64::try_from(need("ends_in")?).unwrap_or(i64::MAX);
+    let body = AuctionRequest {
+        listing: form.non_empty("listing").unwrap_or_default().to_owned(),
+        kind,
+        starts_at_ms: None,
+        ends_at_ms: ctl
+            .app
+            .clock
+            .now_ms()
+            .saturating_add(ends_in.saturating_mul(1000)),
+        term_hours: number(&form, "term_hours")?,
+    };
+    let (_, axum::Json(v)) =
+        market::create_auction(State(ctl), caller, Ok(axum::Json(body))).await?;
+    Ok(Redirect::to(&format!("/console/auctions/{}", v.id)))
+}
+
+async fn bid_auction(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    form: FormFields,
+) -> Result<Redirect, PageError> {
+    let amount = number(&form, "amount")?
+        .ok_or_else(|| PageError::bad_request("amount: a bid names its amount"))?;
+    let body = AuctionBidRequest {
+        amount,
+        client_token: form.non_empty("client_token").map(str::to_owned),
+    };
+    let _ = market::bid_auction(State(ctl), caller, Path(id.clone()), Ok(axum::Json(body))).await?;
+    Ok(Redirect::to(&format!("/console/auctions/{id}")))
+}
+
+/// A form's number field, if filled.
+fn number(form: &FormFields, key: &str) -> Result<Option<u64>, PageError> {
+    form.non_empty(key)
+        .map(|v| {
+            v.trim()
+                .parse::<u64>()
+                .map_err(|_| PageError::bad_request(format!("{key}: {v:?} is not a number")))
+        })
+        .transpose()
 }

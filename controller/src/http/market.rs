@@ -18,6 +18,16 @@ pub(super) fn routes() -> Vec<Route> {
         route("POST", "/v1/reservations/{id}/release", Token, release),
         route("POST", "/v1/reclaims", Token, reclaim),
         route("GET", "/v1/pricing/history", Token, pricing_history),
+        route("POST", "/v1/bids", Token, place_bid),
+        route("GET", "/v1/bids", Token, list_bids),
+        route("GET", "/v1/bids/{id}", Token, show_bid),
+        route("POST", "/v1/bids/{id}/cancel", Token, cancel_bid),
+        route("GET", "/v1/spot/{listing}", Token, show_spot),
+        route("POST", "/v1/spot/{listing}/clear", Token, clear_spot),
+        route("POST", "/v1/auctions", Token, create_auction),
+        route("GET", "/v1/auctions", Token, list_auctions),
+        route("GET", "/v1/auctions/{id}", Token, show_auction),
+        route("POST", "/v1/auctions/{id}/bids", Token, bid_auction),
     ]
 }
 
@@ -34,8 +44,8 @@ impl From<MarketError> for ApiError {
             MarketError::Refused(r) => {
                 let status = match r.rule {
                     "not_holder" => StatusCode::FORBIDDEN,
-                    "unknown" => StatusCode::NOT_FOUND,
-                    "minimum" | "term" | "validity" | "not_cheaper" | "units" => {
+                    "unknown" | "unknown_bid" | "unknown_auction" => StatusCode::NOT_FOUND,
+                    "minimum" | "term" | "validity" | "not_cheaper" | "units" | "quantity" => {
                         StatusCode::BAD_REQUEST
                     }
                     _ => StatusCode::CONFLICT,
@@ -261,4 +271,192 @@ pub(crate) async fn price_history(
         series,
         guidance,
     })
+}
+
+/// Bids on a listing's spot market for the calling client: a maximum price per
+/// host-hour and a quantity, filled in part unless `all_or_nothing`. The market
+/// clears every `market.spot_period` (10 s by default) and on demand at one uniform
+/// price: the highest bids win, ties to the earlier bid, then the lower id; the price
+/// is the highest losing bid or the provider minimum, whichever is higher. A bid
+/// below the minimum is refused now, not at the clearing. Each host won is a
+/// reservation (see `GET /v1/reservations`), price-based: a later clearing that the
+/// bid loses gives notice with the listing's grace. A retry with the same
+/// `client_token` answers with the bid placed the first time.
+#[utoipa::path(post, path = "/v1/bids", tag = "market", request_body = BidRequest, responses(
+    (status = 201, description = "The bid (or, for a retry with the same client token, the bid placed the first time)", body = BidView),
+    (status = 400, description = "Below the provider minimum, or a bad quantity", body = ErrorBody),
+    (status = 402, description = "A prepaid client cannot pay its maximum for an hour", body = ErrorBody),
+))]
+pub(crate) async fn place_bid(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    body: Result<Json<BidRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<BidView>), ApiError> {
+    let Json(body) = body?;
+    let (view, _) = ctl.market.bid(&caller.0, body).await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+/// The calling client's spot bids, newest first.
+#[utoipa::path(get, path = "/v1/bids", tag = "market", responses((status = 200, description = "The caller's bids", body = Vec<BidView>)))]
+pub(crate) async fn list_bids(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+) -> ApiResult<Vec<BidView>> {
+    Ok(Json(ctl.market.bids(&caller.0).await?))
+}
+
+fn bid_id(text: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(text).map_err(|_| {
+        ApiError::bad_request(format!("{text:?} is not a bid id (a UUID)")).with_field("id".into())
+    })
+}
+
+/// One of the calling client's bids: what the last clearing gave it and the hosts
+/// it holds.
+#[utoipa::path(get, path = "/v1/bids/{id}", tag = "market", params(("id" = Uuid, Path, description = "The bid")), responses((status = 200, description = "The bid", body = BidView)))]
+pub(crate) async fn show_bid(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<BidView> {
+    let id = bid_id(&id)?;
+    Ok(Json(ctl.market.bid_of(&caller.0, id).await?))
+}
+
+/// Cancels a bid: it takes part in no clearing from now on, and the hosts it holds
+/// are released (billing stops now; the holder's instances there are stopped and
+/// terminated).
+#[utoipa::path(post, path = "/v1/bids/{id}/cancel", tag = "market", params(("id" = Uuid, Path, description = "The bid")), responses((status = 200, description = "The cancelled bid", body = BidView)))]
+pub(crate) async fn cancel_bid(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<BidView> {
+    let id = bid_id(&id)?;
+    let view = ctl.market.cancel_bid(&caller.0, id).await?;
+    let ctl2 = ctl.clone();
+    ctl.app
+        .tasks
+        .spawn(async move { ctl2.control.stop_unreserved(None).await });
+    Ok(Json(view))
+}
+
+/// A listing's spot market (every token): the provider minimum, the hosts it sells
+/// by spot now, the last clearing's price and time, the next clearing, and the
+/// guidance beside a bid form (the range of spot prices that won recently for the
+/// provider's category in its zone).
+#[utoipa::path(get, path = "/v1/spot/{listing}", tag = "market", params(("listing" = String, Path, description = "The listing")), responses((status = 200, description = "The market", body = SpotView)))]
+pub(crate) async fn show_spot(
+    State(ctl): State<Arc<Controller>>,
+    _caller: Caller,
+    Path(listing): Path<String>,
+) -> ApiResult<SpotView> {
+    Ok(Json(ctl.market.spot(&listing).await?))
+}
+
+/// Clears a listing's spot market now (on demand), by its provider or an admin; the
+/// periodic schedule stays as it was.
+#[utoipa::path(post, path = "/v1/spot/{listing}/clear", tag = "market", params(("listing" = String, Path, description = "The listing")), responses((status = 200, description = "The market after the clearing", body = SpotView)))]
+pub(crate) async fn clear_spot(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    Path(listing): Path<String>,
+) -> ApiResult<SpotView> {
+    Ok(Json(ctl.market.clear_now(&caller.0, &listing).await?))
+}
+
+/// Puts one host of a listing up for auction (its provider, or an admin): English
+/// ascending (reserve, minimum increment, optional buy-now price that ends it at
+/// once), Dutch descending (start price, decrement every `every_ms`, floor), sealed
+/// first-price or sealed second-price (reserve; bids hidden until the close). The
+/// reserve or floor is at least the provider minimum. At the end (or at a buy-now or
+/// a Dutch take) it closes once, and the winner gets a reservation of a free host at
+/// its price, for `term_hours` or until released.
+#[utoipa::path(post, path = "/v1/auctions", tag = "market", request_body = AuctionRequest, responses(
+    (status = 201, description = "The auction", body = AuctionView),
+    (status = 400, description = "A parameter the engine refuses, named", body = ErrorBody),
+))]
+pub(crate) async fn create_auction(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    body: Result<Json<AuctionRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<AuctionView>), ApiError> {
+    let Json(body) = body?;
+    let view = ctl.market.create_auction(&caller.0, body).await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+/// Auctions, newest first (every token): `listing` for one listing's, `open=true`
+/// for those not closed. A sealed auction shows no bid until its close.
+#[utoipa::path(get, path = "/v1/auctions", tag = "market", params(
+    ("listing" = Option<String>, Query, description = "Only this listing's"),
+    ("open" = Option<bool>, Query, description = "Only those not closed"),
+), responses((status = 200, description = "The auctions", body = Vec<AuctionView>)))]
+pub(crate) async fn list_auctions(
+    State(ctl): State<Arc<Controller>>,
+    _caller: Caller,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> ApiResult<Vec<AuctionView>> {
+    let mut listing = None;
+    let mut open = false;
+    for (key, value) in crate::http::form_pairs(query.as_deref().unwrap_or("")) {
+        match key.as_str() {
+            "listing" => listing = Some(value),
+            "open" => {
+                open = value.parse().map_err(|_| {
+                    ApiError::bad_request(format!("open: {value:?} is not true or false"))
+                        .with_field("open".into())
+                })?
+            }
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "{other}: not a filter of auctions (listing, open)"
+                ))
+                .with_field(other.into()));
+            }
+        }
+    }
+    Ok(Json(ctl.market.auctions(listing.as_deref(), open).await?))
+}
+
+fn auction_id(text: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(text).map_err(|_| {
+        ApiError::bad_request(format!("{text:?} is not an auction id (a UUID)"))
+            .with_field("id".into())
+    })
+}
+
+/// One auction (every token): its engine, phase, current and lowest acceptable
+/// price, its bids (a sealed auction's only after the close) and its outcome.
+#[utoipa::path(get, path = "/v1/auctions/{id}", tag = "market", params(("id" = Uuid, Path, description = "The auction")), responses((status = 200, description = "The auction", body = AuctionView)))]
+pub(crate) async fn show_auction(
+    State(ctl): State<Arc<Controller>>,
+    _caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<AuctionView> {
+    let id = auction_id(&id)?;
+    Ok(Json(ctl.market.auction(id).await?))
+}
+
+/// Bids on an auction for the calling client, judged now: refused with the rule and
+/// the numbers when it is before the start (`not_started`), at or after the end
+/// (`ended`), below the reserve (`reserve`), below the current price plus the
+/// increment (`increment`) or below the Dutch price now (`price`). A buy-now bid or
+/// a Dutch take closes the auction at once. A retry with the same `client_token` is
+/// the same bid.
+#[utoipa::path(post, path = "/v1/auctions/{id}/bids", tag = "market", params(("id" = Uuid, Path, description = "The auction")), request_body = AuctionBidRequest, responses(
+    (status = 201, description = "The auction after the bid", body = AuctionView),
+    (status = 409, description = "Refused by the engine's rule, named", body = ErrorBody),
+))]
+pub(crate) async fn bid_auction(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    body: Result<Json<AuctionBidRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<AuctionView>), ApiError> {
+    let id = auction_id(&id)?;
+    let Json(body) = body?;
+    let view = ctl.market.bid_auction(&caller.0, id, body).await?;
+    Ok((StatusCode::CREATED, Json(view)))
 }

@@ -627,6 +627,10 @@ pub struct ChangeSet {
 /// ended), applied in the transaction that stores the decision.
 pub type StepChanges<'a, T> = &'a (dyn Fn(&[T]) -> ChangeSet + Send + Sync);
 
+/// The change set of one decision `T` (such as a spot clearing), applied in the
+/// transaction that stores it.
+pub type DecisionChanges<'a, T> = &'a (dyn Fn(&T) -> ChangeSet + Send + Sync);
+
 /// An immediate quote as stored: the client it was given to and whether it was used.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredQuote {
@@ -1402,6 +1406,224 @@ pub trait PriceHistoryStore: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<Vec<PricePoint>, StoreError>;
 }
 
+/// A spot bid as stored (issue 16).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredBid {
+    /// The bid; its class is its listing.
+    pub bid: surplus_market::spot::Bid,
+    /// When its holder cancelled it (it takes no part from then on).
+    pub cancelled_at_ms: Option<UnixMillis>,
+    /// Units the last clearing gave it.
+    pub allocated: u32,
+}
+
+/// A listing's spot market as stored: its timers and its last clearing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpotRow {
+    /// The listing (the market's one class).
+    pub listing: String,
+    /// Time between periodic clearings.
+    pub period_ms: i64,
+    /// When the next periodic clearing is due.
+    pub next_clearing_at_ms: UnixMillis,
+    /// When a clearing on demand was asked for, if one is pending.
+    pub requested_at_ms: Option<UnixMillis>,
+    /// The last clearing's price.
+    pub price: Option<u64>,
+    /// When it cleared last.
+    pub cleared_at_ms: Option<UnixMillis>,
+}
+
+/// What a clearing needs that is not in the market's rows: the shell reads it.
+pub struct SpotInputs<'a> {
+    /// The class's supply now (`None`: the listing sells no spot capacity now, and the
+    /// clearing changes no host).
+    pub supply: Option<surplus_market::spot::Supply>,
+    /// The listing's hosts on offer (listed and online).
+    pub available: &'a [Uuid],
+    /// The provider's goal, recorded with each reservation made.
+    pub goal: surplus_market::resell::Goal,
+    /// The notice a cause gets now (with the listing's grace).
+    pub notice: &'a (dyn Fn(surplus_market::interrupt::Cause) -> InterruptNotice + Send + Sync),
+    /// The id of the `n`th reservation a bid gets at this clearing.
+    pub new_id: &'a (dyn Fn(Uuid, u32) -> Uuid + Send + Sync),
+}
+
+/// What one clearing of a listing's spot market did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpotCleared {
+    /// The engine's clearing.
+    pub cleared: surplus_market::spot::Cleared,
+    /// The reservations it made (hosts given to bids).
+    pub made: Vec<Reservation>,
+    /// The reservations it gave notice, each with its notice.
+    pub noticed: Vec<(Reservation, InterruptNotice)>,
+    /// The clearing before it, if there was one: (when, its price).
+    pub previous: Option<(UnixMillis, u64)>,
+}
+
+/// The spot market's rows (issue 16).
+#[async_trait]
+pub trait SpotStore: Send + Sync + std::fmt::Debug + 'static {
+    /// Stores `bid` (its class is its listing) under the listing's lock, opening the
+    /// listing's market (clearing every `period_ms`) if it has none. A bid with the
+    /// same id comes back as it was stored (a retried request), with `false`.
+    async fn place_bid(
+        &self,
+        bid: &surplus_market::spot::Bid,
+        period_ms: i64,
+        now_ms: UnixMillis,
+    ) -> Result<(StoredBid, bool), StoreError>;
+
+    /// One bid.
+    async fn spot_bid(&self, id: Uuid) -> Result<Option<StoredBid>, StoreError>;
+
+    /// A client's bids, newest first.
+    async fn spot_bids_of(&self, bidder: &str) -> Result<Vec<StoredBid>, StoreError>;
+
+    /// Cancels bid `id` of `by` at `now_ms` and releases the hosts it holds
+    /// (`Book::handle_release`, the holder's own act), with the `changes` of the
+    /// reservations ended, in one transaction under the listing's lock. Refused as
+    /// `unknown_bid` (not `by`'s) or `cancelled`.
+    async fn cancel_bid(
+        &self,
+        id: Uuid,
+        by: &str,
+        changes: StepChanges<'_, Reservation>,
+        now_ms: UnixMillis,
+    ) -> Result<Result<(StoredBid, Vec<Reservation>), MarketRefusal>, PostError>;
+
+    /// A listing's spot market.
+    async fn spot_market(&self, listing: &str) -> Result<Option<SpotRow>, StoreError>;
+
+    /// Asks for a clearing of `listing`'s market at `now_ms` (`false`: it has none).
+    async fn request_clearing(&self, listing: &str, now_ms: UnixMillis)
+    -> Result<bool, StoreError>;
+
+    /// The listings whose market is due to clear at `now_ms`.
+    async fn due_spot_markets(&self, now_ms: UnixMillis) -> Result<Vec<String>, StoreError>;
+
+    /// Clears `listing`'s market if it is due at `now_ms`, in one transaction under the
+    /// listing's lock: `SpotMarket::poll_clearing` on its rows and the supply given,
+    /// `spot::assign` of the hosts, the reservations made and noticed, the bids'
+    /// allocations, the market's timers, and the `changes` of it all. `None` when it
+    /// was not due (another controller cleared it first).
+    async fn clear_spot(
+        &self,
+        listing: &str,
+        inputs: SpotInputs<'_>,
+        changes: DecisionChanges<'_, SpotCleared>,
+        now_ms: UnixMillis,
+    ) -> Result<Option<SpotCleared>, PostError>;
+
+    /// The live reservations a bid holds.
+    async fn bid_reservations(&self, bid: Uuid) -> Result<Vec<Reservation>, StoreError>;
+
+    /// A listing's spot clearing prices in force during `[from_ms, to_ms)`, as
+    /// (instant, price): those within it and the last one before it.
+    async fn spot_prices(
+        &self,
+        listing: &str,
+        from_ms: UnixMillis,
+        to_ms: UnixMillis,
+    ) -> Result<Vec<(UnixMillis, u64)>, StoreError>;
+}
+
+/// An auction as stored (issue 16): the engine's state and what its lot is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredAuction {
+    /// The engine's state, bids included.
+    pub auction: surplus_market::auction::Auction,
+    /// The listing whose host is the lot.
+    pub listing: String,
+    /// Its provider.
+    pub provider: String,
+    /// How long the winner holds the host (`None`: until released).
+    pub term_ms: Option<i64>,
+    /// The winner's reservation (its id is the auction's), once closed with a sale
+    /// and a host to give.
+    pub reservation: Option<Uuid>,
+    /// When it closed.
+    pub closed_at_ms: Option<UnixMillis>,
+    /// When it was made.
+    pub created_at_ms: UnixMillis,
+}
+
+/// What a close needs that is not in the auction's row.
+pub struct AuctionInputs<'a> {
+    /// The listing's hosts on offer (listed and online): the winner gets the lowest free.
+    pub available: &'a [Uuid],
+    /// The provider's goal, recorded with the reservation.
+    pub goal: surplus_market::resell::Goal,
+    /// The listing's interruptibility, given to the reservation.
+    pub interruptibility: surplus_market::resell::Interruptibility,
+}
+
+/// What one step of an auction did: a bid accepted, and the close if it came.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuctionStep {
+    /// The auction after the step.
+    pub auction: StoredAuction,
+    /// The bid accepted (`None` for a close alone).
+    pub accepted: Option<Uuid>,
+    /// The bid that can no longer win because of it.
+    pub superseded: Option<Uuid>,
+    /// The outcome, when the step closed the auction.
+    pub closed: Option<surplus_market::auction::Outcome>,
+    /// The winner's reservation, when the close gave it a host.
+    pub made: Option<Reservation>,
+    /// Why the winner got no host (every host of the listing held), when it did not.
+    pub unfilled: Option<MarketRefusal>,
+}
+
+/// The auctions' rows (issue 16).
+#[async_trait]
+pub trait AuctionStore: Send + Sync + std::fmt::Debug + 'static {
+    /// Stores a new auction.
+    async fn create_auction(&self, a: &StoredAuction) -> Result<(), StoreError>;
+
+    /// One auction.
+    async fn auction(&self, id: Uuid) -> Result<Option<StoredAuction>, StoreError>;
+
+    /// Auctions, newest first: of one listing, or all; only those not closed when
+    /// `open`; at most `limit`.
+    async fn auctions(
+        &self,
+        listing: Option<&str>,
+        open: bool,
+        limit: u32,
+    ) -> Result<Vec<StoredAuction>, StoreError>;
+
+    /// Bids on auction `id` at `now_ms` (`Auction::handle_bid`) under its listing's
+    /// lock; a bid that ends it (a buy-now, a Dutch take) closes it in the same
+    /// transaction, with `inputs` for the winner's host. The engine's refusal comes
+    /// back as the inner error, with nothing stored. `changes` of the step apply in
+    /// its transaction.
+    async fn bid_auction(
+        &self,
+        id: Uuid,
+        bid: surplus_market::auction::Bid,
+        inputs: AuctionInputs<'_>,
+        changes: DecisionChanges<'_, AuctionStep>,
+        now_ms: UnixMillis,
+    ) -> Result<Result<AuctionStep, MarketRefusal>, PostError>;
+
+    /// Auctions due to close at `now_ms`: (listing, id), earliest first.
+    async fn due_auctions(&self, now_ms: UnixMillis) -> Result<Vec<(String, Uuid)>, StoreError>;
+
+    /// Closes auction `id` if it is due at `now_ms` (`Auction::poll_close`), under its
+    /// listing's lock and only while it is not closed: the outcome, the winner's
+    /// reservation of a free host, and `changes`, in one transaction. `None` when it
+    /// was not due or another controller closed it first.
+    async fn close_auction(
+        &self,
+        id: Uuid,
+        inputs: AuctionInputs<'_>,
+        changes: DecisionChanges<'_, AuctionStep>,
+        now_ms: UnixMillis,
+    ) -> Result<Option<AuctionStep>, PostError>;
+}
+
 /// The storage contract: every capability's store, on one backend.
 pub trait Store:
     RegistryStore
@@ -1414,6 +1636,8 @@ pub trait Store:
     + NoticeStore
     + ReservationStore
     + PriceHistoryStore
+    + SpotStore
+    + AuctionStore
 {
 }
 
@@ -1428,5 +1652,7 @@ impl<T> Store for T where
         + NoticeStore
         + ReservationStore
         + PriceHistoryStore
+        + SpotStore
+        + AuctionStore
 {
 }

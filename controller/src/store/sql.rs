@@ -2558,6 +2558,495 @@ macro_rules! sql_stores {
                 > 0)
         }
 
+        fn stored_bid(row: &$row) -> Result<StoredBid, StoreError> {
+            let record: String = row.try_get("record")?;
+            let allocated: i64 = row.try_get("allocated")?;
+            Ok(StoredBid {
+                bid: parse_json(&record, "spot bid")?,
+                cancelled_at_ms: row.try_get("cancelled_at_ms")?,
+                allocated: u32::try_from(allocated).unwrap_or(u32::MAX),
+            })
+        }
+
+        async fn spot_bid_in(conn: &mut $conn, id: Uuid) -> Result<Option<StoredBid>, StoreError> {
+            sqlx::query("SELECT record, cancelled_at_ms, allocated FROM spot_bids WHERE id = $1")
+                .bind(id.to_string())
+                .fetch_optional(&mut *conn)
+                .await?
+                .as_ref()
+                .map(stored_bid)
+                .transpose()
+        }
+
+        fn price_i64(p: u64) -> Result<i64, StoreError> {
+            i64::try_from(p).map_err(|_| StoreError::Corrupt(format!("price {p} out of range")))
+        }
+
+        #[async_trait]
+        impl SpotStore for $store {
+            async fn place_bid(&self, bid: &surplus_market::spot::Bid, period_ms: i64, now_ms: UnixMillis) -> Result<(StoredBid, bool), StoreError> {
+                let mut tx = self.write_tx().await?;
+                $store::lock(&mut tx, Lock::Listing(&bid.class)).await?;
+                if let Some(b) = spot_bid_in(&mut tx, bid.id).await? {
+                    return Ok((b, false));
+                }
+                sqlx::query("INSERT INTO spot_markets (listing, period_ms, next_clearing_at_ms) VALUES ($1, $2, $3) ON CONFLICT (listing) DO NOTHING")
+                    .bind(&bid.class)
+                    .bind(period_ms)
+                    .bind(now_ms.saturating_add(period_ms))
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("INSERT INTO spot_bids (id, listing, bidder, record, placed_at_ms) VALUES ($1, $2, $3, $4, $5)")
+                    .bind(bid.id.to_string())
+                    .bind(&bid.class)
+                    .bind(&bid.client)
+                    .bind(json_text(bid))
+                    .bind(bid.placed_at_ms)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok((StoredBid { bid: bid.clone(), cancelled_at_ms: None, allocated: 0 }, true))
+            }
+
+            async fn spot_bid(&self, id: Uuid) -> Result<Option<StoredBid>, StoreError> {
+                let mut conn = self.reader().acquire().await?;
+                spot_bid_in(&mut conn, id).await
+            }
+
+            async fn spot_bids_of(&self, bidder: &str) -> Result<Vec<StoredBid>, StoreError> {
+                let rows = sqlx::query("SELECT record, cancelled_at_ms, allocated FROM spot_bids WHERE bidder = $1 ORDER BY placed_at_ms DESC, id DESC")
+                    .bind(bidder)
+                    .fetch_all(self.reader())
+                    .await?;
+                rows.iter().map(stored_bid).collect()
+            }
+
+            async fn cancel_bid(&self, id: Uuid, by: &str, changes: StepChanges<'_, Reservation>, now_ms: UnixMillis) -> Result<Result<(StoredBid, Vec<Reservation>), MarketRefusal>, PostError> {
+                let unknown = || MarketRefusal { rule: "unknown_bid", message: format!("bid {id} not found") };
+                let listing: Option<String> = sqlx::query_scalar("SELECT listing FROM spot_bids WHERE id = $1 AND bidder = $2")
+                    .bind(id.to_string())
+                    .bind(by)
+                    .fetch_optional(self.reader())
+                    .await
+                    .map_err(StoreError::from)?;
+                let Some(listing) = listing else { return Ok(Err(unknown())) };
+                let mut tx = self.write_tx().await.map_err(StoreError::from)?;
+                $store::lock(&mut tx, Lock::Listing(&listing)).await.map_err(StoreError::from)?;
+                let Some(mut stored) = spot_bid_in(&mut tx, id).await? else { return Ok(Err(unknown())) };
+                if let Some(at) = stored.cancelled_at_ms {
+                    return Ok(Err(MarketRefusal { rule: "cancelled", message: format!("bid {id} was cancelled at {at}") }));
+                }
+                sqlx::query("UPDATE spot_bids SET cancelled_at_ms = $2, allocated = 0 WHERE id = $1")
+                    .bind(id.to_string())
+                    .bind(now_ms)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::from)?;
+                stored.cancelled_at_ms = Some(now_ms);
+                stored.allocated = 0;
+                // Its hosts end by its holder's act; one whose notice's deadline passed
+                // ended by the interruption (the tick records it).
+                let held: Vec<String> = sqlx::query_scalar("SELECT a.reservation FROM spot_allocations a JOIN reservations r ON r.id = a.reservation LEFT JOIN interruptions i ON i.reservation = a.reservation AND i.deadline_ms <= $2 WHERE a.bid = $1 AND r.ended = 0 AND i.reservation IS NULL")
+                    .bind(id.to_string())
+                    .bind(now_ms)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(StoreError::from)?;
+                let mut book = read_live_book(&mut tx, &listing, &[]).await?;
+                let mut ended = Vec::new();
+                for r in held {
+                    let r = parse_uuid(&r)?;
+                    if book.handle_release(now_ms, r, by).is_ok() {
+                        let r = book.get(r).expect("the book released it").clone();
+                        put_reservation(&mut tx, &r, false, now_ms).await?;
+                        ended.push(r);
+                    }
+                }
+                if !ended.is_empty() {
+                    apply_in(&mut tx, &changes(&ended), now_ms).await?;
+                }
+                tx.commit().await.map_err(StoreError::from)?;
+                Ok(Ok((stored, ended)))
+            }
+
+            async fn spot_market(&self, listing: &str) -> Result<Option<SpotRow>, StoreError> {
+                let row = sqlx::query("SELECT period_ms, next_clearing_at_ms, requested_at_ms, price, cleared_at_ms FROM spot_markets WHERE listing = $1")
+                    .bind(listing)
+                    .fetch_optional(self.reader())
+                    .await?;
+                row.map(|row| -> Result<SpotRow, StoreError> {
+                    let price: Option<i64> = row.try_get("price")?;
+                    Ok(SpotRow {
+                        listing: listing.to_string(),
+                        period_ms: row.try_get("period_ms")?,
+                        next_clearing_at_ms: row.try_get("next_clearing_at_ms")?,
+                        requested_at_ms: row.try_get("requested_at_ms")?,
+                        price: price.map(|p| p.max(0) as u64),
+                        cleared_at_ms: row.try_get("cleared_at_ms")?,
+                    })
+                })
+                .transpose()
+            }
+
+            async fn request_clearing(&self, listing: &str, now_ms: UnixMillis) -> Result<bool, StoreError> {
+                let done = sqlx::query("UPDATE spot_markets SET requested_at_ms = CASE WHEN requested_at_ms IS NULL OR requested_at_ms > $2 THEN $2 ELSE requested_at_ms END WHERE listing = $1")
+                    .bind(listing)
+                    .bind(now_ms)
+                    .execute(self.writer())
+                    .await?;
+                Ok(done.rows_affected() > 0)
+            }
+
+            async fn due_spot_markets(&self, now_ms: UnixMillis) -> Result<Vec<String>, StoreError> {
+                Ok(sqlx::query_scalar("SELECT listing FROM spot_markets WHERE next_clearing_at_ms <= $1 OR requested_at_ms <= $1 ORDER BY listing")
+                    .bind(now_ms)
+                    .fetch_all(self.reader())
+                    .await?)
+            }
+
+            async fn clear_spot(&self, listing: &str, inputs: SpotInputs<'_>, changes: DecisionChanges<'_, SpotCleared>, now_ms: UnixMillis) -> Result<Option<SpotCleared>, PostError> {
+                use surplus_market::spot;
+                let mut tx = self.write_tx().await.map_err(StoreError::from)?;
+                $store::lock(&mut tx, Lock::Listing(listing)).await.map_err(StoreError::from)?;
+                let row = sqlx::query("SELECT period_ms, next_clearing_at_ms, requested_at_ms, last, price, cleared_at_ms FROM spot_markets WHERE listing = $1")
+                    .bind(listing)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(StoreError::from)?;
+                let Some(row) = row else { return Ok(None) };
+                let last: Option<String> = row.try_get("last").map_err(StoreError::from)?;
+                let previous_price: Option<i64> = row.try_get("price").map_err(StoreError::from)?;
+                let previous_at: Option<i64> = row.try_get("cleared_at_ms").map_err(StoreError::from)?;
+                let previous = previous_at.zip(previous_price.map(|p| p.max(0) as u64));
+                let bid_rows = sqlx::query("SELECT record, cancelled_at_ms, allocated FROM spot_bids WHERE listing = $1 AND cancelled_at_ms IS NULL ORDER BY placed_at_ms, id")
+                    .bind(listing)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(StoreError::from)?;
+                let stored: Vec<StoredBid> = bid_rows.iter().map(stored_bid).collect::<Result<_, _>>()?;
+                let previous_next: i64 = row.try_get("next_clearing_at_ms").map_err(StoreError::from)?;
+                let mut market = spot::SpotMarket {
+                    period_ms: row.try_get("period_ms").map_err(StoreError::from)?,
+                    next_clearing_at_ms: previous_next,
+                    requested_at_ms: row.try_get("requested_at_ms").map_err(StoreError::from)?,
+                    supplies: inputs.supply.clone().into_iter().collect(),
+                    bids: stored.iter().map(|b| b.bid.clone()).collect(),
+                    last: last.as_deref().map(|l| parse_json(l, "spot clearing")).transpose()?,
+                };
+                let Some(cleared) = market.poll_clearing(now_ms) else { return Ok(None) };
+                let class = cleared.clearing.class(listing).cloned();
+                // Claimed by a conditional update on the timer read above: a second
+                // clearing of the same period finds it moved and changes nothing.
+                let claimed = sqlx::query("UPDATE spot_markets SET next_clearing_at_ms = $2, requested_at_ms = NULL, last = $3, price = COALESCE($4, price), cleared_at_ms = $5 WHERE listing = $1 AND next_clearing_at_ms = $6")
+                    .bind(listing)
+                    .bind(market.next_clearing_at_ms)
+                    .bind(json_text(&cleared.clearing))
+                    .bind(class.as_ref().map(|c| price_i64(c.price)).transpose()?)
+                    .bind(now_ms)
+                    .bind(previous_next)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::from)?
+                    .rows_affected();
+                if claimed == 0 {
+                    return Ok(None);
+                }
+                let mut made = Vec::new();
+                let mut noticed = Vec::new();
+                if let (Some(_), Some(class)) = (&inputs.supply, &class) {
+                    let rows = sqlx::query("SELECT a.bid, r.record, i.reservation AS noticed FROM spot_allocations a JOIN reservations r ON r.id = a.reservation LEFT JOIN interruptions i ON i.reservation = a.reservation WHERE a.listing = $1 AND r.ended = 0")
+                        .bind(listing)
+                        .fetch_all(&mut *tx)
+                        .await
+                        .map_err(StoreError::from)?;
+                    let mut held = Vec::with_capacity(rows.len());
+                    for row in &rows {
+                        let record: String = row.try_get("record").map_err(StoreError::from)?;
+                        let r: Reservation = parse_json(&record, "reservation")?;
+                        let noticed: Option<String> = row.try_get("noticed").map_err(StoreError::from)?;
+                        if !r.holds_from(now_ms) {
+                            continue;
+                        }
+                        held.push(spot::Held {
+                            reservation: r.id,
+                            bid: parse_uuid(row.try_get("bid").map_err(StoreError::from)?)?,
+                            started_at_ms: r.starts_at_ms,
+                            noticed: noticed.is_some(),
+                        });
+                    }
+                    let mut book = read_live_book(&mut tx, listing, &[]).await?;
+                    let free = book.free(now_ms, inputs.available);
+                    let assignment = spot::assign(class, &market.bids, &held, &free);
+                    for (id, why) in &assignment.notices {
+                        let cause = surplus_market::interrupt::Cause::from(*why);
+                        let r = match book.check_interrupt(now_ms, *id, cause) {
+                            Ok(r) => r.clone(),
+                            Err(refusal) => {
+                                tracing::info!(reservation = %id, %refusal, "spot host not taken back");
+                                continue;
+                            }
+                        };
+                        let notice = (inputs.notice)(cause);
+                        let inserted = sqlx::query("INSERT INTO interruptions (reservation, listing, host, record, deadline_ms) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (reservation) DO NOTHING")
+                            .bind(id.to_string())
+                            .bind(listing)
+                            .bind(r.host.to_string())
+                            .bind(json_text(&notice))
+                            .bind(notice.deadline_ms)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(StoreError::from)?
+                            .rows_affected();
+                        if inserted > 0 {
+                            noticed.push((r, notice));
+                        }
+                    }
+                    for (bid_id, hosts) in &assignment.fills {
+                        let Some(bid) = market.bids.iter().find(|b| b.id == *bid_id) else { continue };
+                        let request = ReservationRequest {
+                            ids: (0..hosts.len() as u32).map(|n| (inputs.new_id)(*bid_id, n)).collect(),
+                            listing: listing.to_string(),
+                            holder: bid.client.clone(),
+                            mode: surplus_market::resell::PricingMode::Spot,
+                            interruptibility: surplus_market::resell::Interruptibility::PriceBased,
+                            goal: inputs.goal,
+                            price: class.price,
+                            upfront: 0,
+                            term_ms: None,
+                        };
+                        match book.handle_reserve(now_ms, request, hosts) {
+                            Ok(rs) => {
+                                for r in rs {
+                                    put_reservation(&mut tx, &r, true, now_ms).await?;
+                                    sqlx::query("INSERT INTO spot_allocations (reservation, bid, listing) VALUES ($1, $2, $3)")
+                                        .bind(r.id.to_string())
+                                        .bind(bid_id.to_string())
+                                        .bind(listing)
+                                        .execute(&mut *tx)
+                                        .await
+                                        .map_err(StoreError::from)?;
+                                    made.push(r);
+                                }
+                            }
+                            Err(refusal) => tracing::warn!(bid = %bid_id, %refusal, "spot hosts not given"),
+                        }
+                    }
+                }
+                // What each live bid was allocated, where it changed.
+                for b in &stored {
+                    let now = class
+                        .as_ref()
+                        .and_then(|c| c.allocations.iter().find(|a| a.bid == b.bid.id))
+                        .map_or(0, |a| a.quantity);
+                    if now != b.allocated {
+                        sqlx::query("UPDATE spot_bids SET allocated = $2 WHERE id = $1")
+                            .bind(b.bid.id.to_string())
+                            .bind(i64::from(now))
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(StoreError::from)?;
+                    }
+                }
+                let result = SpotCleared { cleared, made, noticed, previous };
+                apply_in(&mut tx, &changes(&result), now_ms).await?;
+                tx.commit().await.map_err(StoreError::from)?;
+                Ok(Some(result))
+            }
+
+            async fn bid_reservations(&self, bid: Uuid) -> Result<Vec<Reservation>, StoreError> {
+                let records: Vec<String> = sqlx::query_scalar("SELECT r.record FROM spot_allocations a JOIN reservations r ON r.id = a.reservation WHERE a.bid = $1 ORDER BY r.starts_at_ms, r.id")
+                    .bind(bid.to_string())
+                    .fetch_all(self.reader())
+                    .await?;
+                records.iter().map(|r| parse_json(r, "reservation")).collect()
+            }
+
+            async fn spot_prices(&self, listing: &str, from_ms: UnixMillis, to_ms: UnixMillis) -> Result<Vec<(UnixMillis, u64)>, StoreError> {
+                let mut out: Vec<(UnixMillis, i64)> = sqlx::query_as("SELECT at_ms, price FROM price_history WHERE listing = $1 AND kind = 'spot' AND at_ms < $2 ORDER BY at_ms DESC LIMIT 1")
+                    .bind(listing)
+                    .bind(from_ms)
+                    .fetch_all(self.reader())
+                    .await?;
+                out.extend(
+                    sqlx::query_as::<_, (i64, i64)>("SELECT at_ms, price FROM price_history WHERE listing = $1 AND kind = 'spot' AND at_ms >= $2 AND at_ms < $3 ORDER BY at_ms")
+                        .bind(listing)
+                        .bind(from_ms)
+                        .bind(to_ms)
+                        .fetch_all(self.reader())
+                        .await?,
+                );
+                Ok(out.into_iter().map(|(at, p)| (at, p.max(0) as u64)).collect())
+            }
+        }
+
+        fn stored_auction(row: &$row) -> Result<StoredAuction, StoreError> {
+            let record: String = row.try_get("record")?;
+            let reservation: Option<String> = row.try_get("reservation")?;
+            Ok(StoredAuction {
+                auction: parse_json(&record, "auction")?,
+                listing: row.try_get("listing")?,
+                provider: row.try_get("provider")?,
+                term_ms: row.try_get("term_ms")?,
+                reservation: reservation.as_deref().map(parse_uuid).transpose()?,
+                closed_at_ms: row.try_get("closed_at_ms")?,
+                created_at_ms: row.try_get("created_at_ms")?,
+            })
+        }
+
+        const AUCTION_COLUMNS: &str = "id, listing, provider, record, term_ms, closed_at_ms, reservation, created_at_ms";
+
+        async fn auction_in(conn: &mut $conn, id: Uuid) -> Result<Option<StoredAuction>, StoreError> {
+            sqlx::query(&format!("SELECT {AUCTION_COLUMNS} FROM auctions WHERE id = $1"))
+                .bind(id.to_string())
+                .fetch_optional(&mut *conn)
+                .await?
+                .as_ref()
+                .map(stored_auction)
+                .transpose()
+        }
+
+        /// Writes an auction that was open when read: `false` when it was closed
+        /// meanwhile (nothing written).
+        async fn put_open_auction(conn: &mut $conn, a: &StoredAuction) -> Result<bool, StoreError> {
+            Ok(sqlx::query("UPDATE auctions SET record = $2, due_at_ms = $3, closed_at_ms = $4, reservation = $5 WHERE id = $1 AND closed_at_ms IS NULL")
+                .bind(a.auction.id.to_string())
+                .bind(json_text(&a.auction))
+                .bind(a.auction.next_deadline())
+                .bind(a.closed_at_ms)
+                .bind(a.reservation.map(|r| r.to_string()))
+                .execute(&mut *conn)
+                .await?
+                .rows_affected() > 0)
+        }
+
+        /// Closes `a` if it is due at `now_ms`: its outcome, and the winner's
+        /// reservation of the lowest free host (its id is the auction's).
+        async fn close_in(conn: &mut $conn, a: &mut StoredAuction, inputs: &AuctionInputs<'_>, now_ms: UnixMillis) -> Result<Option<(surplus_market::auction::Outcome, Option<Reservation>, Option<MarketRefusal>)>, StoreError> {
+            let Some(outcome) = a.auction.poll_close(now_ms) else { return Ok(None) };
+            a.closed_at_ms = Some(now_ms);
+            let (mut made, mut unfilled) = (None, None);
+            if let Some(w) = &outcome.winner {
+                let mut book = read_live_book(&mut *conn, &a.listing, &[a.auction.id]).await?;
+                let request = ReservationRequest {
+                    ids: vec![a.auction.id],
+                    listing: a.listing.clone(),
+                    holder: w.bidder.clone(),
+                    mode: surplus_market::resell::PricingMode::Auction,
+                    interruptibility: inputs.interruptibility,
+                    goal: inputs.goal,
+                    price: w.price,
+                    upfront: 0,
+                    term_ms: a.term_ms,
+                };
+                match book.handle_reserve(now_ms, request, inputs.available) {
+                    Ok(mut rs) => {
+                        let r = rs.remove(0);
+                        put_reservation(&mut *conn, &r, true, now_ms).await?;
+                        a.reservation = Some(r.id);
+                        made = Some(r);
+                    }
+                    Err(refusal) => unfilled = Some(refusal),
+                }
+            }
+            Ok(Some((outcome, made, unfilled)))
+        }
+
+        #[async_trait]
+        impl AuctionStore for $store {
+            async fn create_auction(&self, a: &StoredAuction) -> Result<(), StoreError> {
+                sqlx::query("INSERT INTO auctions (id, listing, provider, record, term_ms, due_at_ms, closed_at_ms, reservation, created_at_ms) VALUES ($1, $2, $3, $4, $5, $6, NULL, NULL, $7)")
+                    .bind(a.auction.id.to_string())
+                    .bind(&a.listing)
+                    .bind(&a.provider)
+                    .bind(json_text(&a.auction))
+                    .bind(a.term_ms)
+                    .bind(a.auction.next_deadline())
+                    .bind(a.created_at_ms)
+                    .execute(self.writer())
+                    .await?;
+                Ok(())
+            }
+
+            async fn auction(&self, id: Uuid) -> Result<Option<StoredAuction>, StoreError> {
+                let mut conn = self.reader().acquire().await?;
+                auction_in(&mut conn, id).await
+            }
+
+            async fn auctions(&self, listing: Option<&str>, open: bool, limit: u32) -> Result<Vec<StoredAuction>, StoreError> {
+                let rows = sqlx::query(&format!("SELECT {AUCTION_COLUMNS} FROM auctions WHERE ($1 IS NULL OR listing = $1) AND ($2 = 0 OR closed_at_ms IS NULL) ORDER BY created_at_ms DESC, id DESC LIMIT $3"))
+                    .bind(listing)
+                    .bind(i64::from(open))
+                    .bind(i64::from(limit))
+                    .fetch_all(self.reader())
+                    .await?;
+                rows.iter().map(stored_auction).collect()
+            }
+
+            async fn bid_auction(&self, id: Uuid, bid: surplus_market::auction::Bid, inputs: AuctionInputs<'_>, changes: DecisionChanges<'_, AuctionStep>, now_ms: UnixMillis) -> Result<Result<AuctionStep, MarketRefusal>, PostError> {
+                let unknown = || MarketRefusal { rule: "unknown_auction", message: format!("auction {id} not found") };
+                let listing: Option<String> = sqlx::query_scalar("SELECT listing FROM auctions WHERE id = $1")
+                    .bind(id.to_string())
+                    .fetch_optional(self.reader())
+                    .await
+                    .map_err(StoreError::from)?;
+                let Some(listing) = listing else { return Ok(Err(unknown())) };
+                let mut tx = self.write_tx().await.map_err(StoreError::from)?;
+                $store::lock(&mut tx, Lock::Listing(&listing)).await.map_err(StoreError::from)?;
+                let Some(mut a) = auction_in(&mut tx, id).await? else { return Ok(Err(unknown())) };
+                let accepted = match a.auction.handle_bid(now_ms, bid) {
+                    Ok(accepted) => accepted,
+                    Err(refusal) => return Ok(Err(refusal)),
+                };
+                let closed = match accepted.ends {
+                    true => close_in(&mut tx, &mut a, &inputs, now_ms).await?,
+                    false => None,
+                };
+                if !put_open_auction(&mut tx, &a).await? {
+                    return Ok(Err(MarketRefusal { rule: "ended", message: format!("auction {id} closed") }));
+                }
+                let (closed, made, unfilled) = match closed {
+                    Some((o, m, u)) => (Some(o), m, u),
+                    None => (None, None, None),
+                };
+                let step = AuctionStep { auction: a, accepted: Some(accepted.bid), superseded: accepted.superseded, closed, made, unfilled };
+                apply_in(&mut tx, &changes(&step), now_ms).await?;
+                tx.commit().await.map_err(StoreError::from)?;
+                Ok(Ok(step))
+            }
+
+            async fn due_auctions(&self, now_ms: UnixMillis) -> Result<Vec<(String, Uuid)>, StoreError> {
+                let rows: Vec<(String, String)> = sqlx::query_as("SELECT listing, id FROM auctions WHERE due_at_ms <= $1 AND closed_at_ms IS NULL ORDER BY due_at_ms, id")
+                    .bind(now_ms)
+                    .fetch_all(self.reader())
+                    .await?;
+                rows.into_iter().map(|(l, id)| Ok((l, parse_uuid(&id)?))).collect()
+            }
+
+            async fn close_auction(&self, id: Uuid, inputs: AuctionInputs<'_>, changes: DecisionChanges<'_, AuctionStep>, now_ms: UnixMillis) -> Result<Option<AuctionStep>, PostError> {
+                let listing: Option<String> = sqlx::query_scalar("SELECT listing FROM auctions WHERE id = $1")
+                    .bind(id.to_string())
+                    .fetch_optional(self.reader())
+                    .await
+                    .map_err(StoreError::from)?;
+                let Some(listing) = listing else { return Ok(None) };
+                let mut tx = self.write_tx().await.map_err(StoreError::from)?;
+                $store::lock(&mut tx, Lock::Listing(&listing)).await.map_err(StoreError::from)?;
+                let Some(mut a) = auction_in(&mut tx, id).await? else { return Ok(None) };
+                if a.closed_at_ms.is_some() {
+                    return Ok(None);
+                }
+                let Some((outcome, made, unfilled)) = close_in(&mut tx, &mut a, &inputs, now_ms).await? else { return Ok(None) };
+                // Closed only if it was not: of two replicas the second writes nothing.
+                if !put_open_auction(&mut tx, &a).await? {
+                    return Ok(None);
+                }
+                let step = AuctionStep { auction: a, accepted: None, superseded: None, closed: Some(outcome), made, unfilled };
+                apply_in(&mut tx, &changes(&step), now_ms).await?;
+                tx.commit().await.map_err(StoreError::from)?;
+                Ok(Some(step))
+            }
+        }
+
         #[async_trait]
         impl PriceHistoryStore for $store {
             async fn record_price(&self, p: &PricePoint) -> Result<bool, StoreError> {

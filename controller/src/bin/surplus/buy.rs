@@ -3,8 +3,9 @@
 use anyhow::Context;
 use clap::Subcommand;
 use surplus_api::market::{
+    AuctionBidRequest, AuctionKind, AuctionRequest, AuctionView, BidRequest, BidView,
     InterruptionView, Offer, PriceHistory, PricingMode, Quote, QuoteRequest, ReclaimRequest,
-    ReservationState, ReservationView, ReserveRequest, svg_chart,
+    ReservationState, ReservationView, ReserveRequest, SpotView, svg_chart,
 };
 use surplus_market::records::name_of;
 
@@ -40,6 +41,40 @@ pub enum Command {
         /// Makes a retry safe: the same token answers with what it reserved before.
         #[arg(long)]
         client_token: Option<String>,
+    },
+    /// Bid on a listing's spot market: the hosts go to the highest bids at one
+    /// uniform price, cleared every period; a host won is a reservation that a
+    /// later, higher bid can take back after a notice.
+    Bid {
+        /// The listing (`lst-...`).
+        listing: String,
+        /// The most you pay per host-hour, minor units.
+        #[arg(long)]
+        max_price: u64,
+        /// Hosts wanted.
+        #[arg(long, default_value_t = 1)]
+        quantity: u32,
+        /// All the hosts or none (default: filled in part).
+        #[arg(long)]
+        all_or_nothing: bool,
+        /// Makes a retry safe: the same token answers with the bid placed before.
+        #[arg(long)]
+        client_token: Option<String>,
+    },
+    /// Your spot bids.
+    Bids {
+        #[command(subcommand)]
+        command: BidsCommand,
+    },
+    /// A listing's spot market: its minimum, capacity, last price and guidance.
+    Spot {
+        #[command(subcommand)]
+        command: SpotCommand,
+    },
+    /// Auctions of hosts: list, show, create (provider), bid (client).
+    Auctions {
+        #[command(subcommand)]
+        command: AuctionsCommand,
     },
     /// Your reservations.
     Reservations {
@@ -81,6 +116,137 @@ pub enum ReservationsCommand {
     Release {
         /// The reservation.
         id: uuid::Uuid,
+    },
+}
+
+/// `surplus bids`.
+#[derive(Subcommand)]
+pub enum BidsCommand {
+    /// Your bids, newest first.
+    List,
+    /// One bid: what the last clearing gave it and the hosts it holds.
+    Show {
+        /// The bid.
+        id: uuid::Uuid,
+    },
+    /// Cancel a bid: the hosts it holds are released.
+    Cancel {
+        /// The bid.
+        id: uuid::Uuid,
+    },
+}
+
+/// `surplus auctions`.
+#[derive(Subcommand)]
+pub enum AuctionsCommand {
+    /// Auctions, newest first.
+    List {
+        /// Only this listing's.
+        #[arg(long)]
+        listing: Option<String>,
+        /// Only those not closed.
+        #[arg(long)]
+        open: bool,
+    },
+    /// One auction: its phase, prices, bids (sealed: after the close) and outcome.
+    Show {
+        /// The auction.
+        id: uuid::Uuid,
+    },
+    /// (provider) Put one host of a listing up for auction.
+    Create(Box<CreateAuctionArgs>),
+    /// Bid on an auction.
+    Bid {
+        /// The auction.
+        id: uuid::Uuid,
+        /// Per host-hour, minor units.
+        #[arg(long)]
+        amount: u64,
+        /// Makes a retry safe: the same token is the same bid.
+        #[arg(long)]
+        client_token: Option<String>,
+    },
+}
+
+/// `surplus auctions create`.
+#[derive(clap::Args)]
+pub struct CreateAuctionArgs {
+    /// The listing (`lst-...`).
+    pub listing: String,
+    /// english, dutch, sealed_first or sealed_second.
+    #[arg(long = "type")]
+    pub kind: String,
+    /// English and sealed: the lowest bid accepted.
+    #[arg(long)]
+    pub reserve: Option<u64>,
+    /// English: how much each bid must exceed the last by.
+    #[arg(long)]
+    pub increment: Option<u64>,
+    /// English: a bid at this price ends the auction at once.
+    #[arg(long)]
+    pub buy_now: Option<u64>,
+    /// Dutch: the price at the start.
+    #[arg(long)]
+    pub start: Option<u64>,
+    /// Dutch: how much the price falls at each step.
+    #[arg(long)]
+    pub decrement: Option<u64>,
+    /// Dutch: milliseconds between steps.
+    #[arg(long)]
+    pub every_ms: Option<i64>,
+    /// Dutch: the lowest price.
+    #[arg(long)]
+    pub floor: Option<u64>,
+    /// Ends this many seconds from now.
+    #[arg(long)]
+    pub ends_in: u64,
+    /// How long the winner holds the host, hours (default: until released).
+    #[arg(long)]
+    pub term_hours: Option<u64>,
+}
+
+fn auction_kind(a: &CreateAuctionArgs) -> anyhow::Result<AuctionKind> {
+    let need = |v: Option<u64>, name: &str| {
+        v.with_context(|| format!("--{name} is needed for a {} auction", a.kind))
+    };
+    Ok(match a.kind.as_str() {
+        "english" => AuctionKind::English {
+            reserve: need(a.reserve, "reserve")?,
+            increment: need(a.increment, "increment")?,
+            buy_now: a.buy_now,
+        },
+        "dutch" => AuctionKind::Dutch {
+            start: need(a.start, "start")?,
+            decrement: need(a.decrement, "decrement")?,
+            every_ms: a
+                .every_ms
+                .context("--every-ms is needed for a dutch auction")?,
+            floor: need(a.floor, "floor")?,
+        },
+        "sealed_first" => AuctionKind::SealedFirst {
+            reserve: need(a.reserve, "reserve")?,
+        },
+        "sealed_second" => AuctionKind::SealedSecond {
+            reserve: need(a.reserve, "reserve")?,
+        },
+        other => anyhow::bail!(
+            "{other:?} is not an auction type (english, dutch, sealed_first, sealed_second)"
+        ),
+    })
+}
+
+/// `surplus spot`.
+#[derive(Subcommand)]
+pub enum SpotCommand {
+    /// A listing's spot market.
+    Show {
+        /// The listing.
+        listing: String,
+    },
+    /// (provider, admin) Clear a listing's spot market now.
+    Clear {
+        /// The listing.
+        listing: String,
     },
 }
 
@@ -270,6 +436,98 @@ pub async fn run(client: &Client, json: bool, command: Command) -> anyhow::Resul
                 }
             });
         }
+        Command::Bid {
+            listing,
+            max_price,
+            quantity,
+            all_or_nothing,
+            client_token,
+        } => {
+            let body = BidRequest {
+                listing,
+                max_price,
+                quantity: Some(quantity),
+                all_or_nothing,
+                client_token,
+            };
+            let b: BidView = client.post("/v1/bids", &body).await?;
+            print(json, &b, || {
+                println!(
+                    "bid {} placed: up to {} an hour for {} host(s) of {}; it takes part in the next clearing",
+                    b.bid.id, b.bid.max_price, b.bid.quantity, b.bid.class
+                );
+            });
+        }
+        Command::Bids { command } => match command {
+            BidsCommand::List => {
+                let list: Vec<BidView> = client.get("/v1/bids").await?;
+                print(json, &list, || show_bids(&list));
+            }
+            BidsCommand::Show { id } => {
+                let b: BidView = client.get(&format!("/v1/bids/{id}")).await?;
+                print(json, &b, || show_bids(std::slice::from_ref(&b)));
+            }
+            BidsCommand::Cancel { id } => {
+                let b: BidView = client.post_empty(&format!("/v1/bids/{id}/cancel")).await?;
+                print(json, &b, || {
+                    println!("bid {id} cancelled; the hosts it held are released");
+                });
+            }
+        },
+        Command::Spot { command } => {
+            let v: SpotView = match command {
+                SpotCommand::Show { listing } => client.get(&format!("/v1/spot/{listing}")).await?,
+                SpotCommand::Clear { listing } => {
+                    client
+                        .post_empty(&format!("/v1/spot/{listing}/clear"))
+                        .await?
+                }
+            };
+            print(json, &v, || show_spot(&v));
+        }
+        Command::Auctions { command } => match command {
+            AuctionsCommand::List { listing, open } => {
+                let q = query(&[
+                    ("listing", listing),
+                    ("open", open.then(|| "true".to_owned())),
+                ]);
+                let list: Vec<AuctionView> = client.get(&format!("/v1/auctions?{q}")).await?;
+                print(json, &list, || show_auctions(&list));
+            }
+            AuctionsCommand::Show { id } => {
+                let a: AuctionView = client.get(&format!("/v1/auctions/{id}")).await?;
+                print(json, &a, || show_auction(&a));
+            }
+            AuctionsCommand::Create(args) => {
+                let body = AuctionRequest {
+                    kind: auction_kind(&args)?,
+                    listing: args.listing,
+                    starts_at_ms: None,
+                    ends_at_ms: now_ms().saturating_add(
+                        i64::try_from(args.ends_in)
+                            .unwrap_or(i64::MAX)
+                            .saturating_mul(1000),
+                    ),
+                    term_hours: args.term_hours,
+                };
+                let a: AuctionView = client.post("/v1/auctions", &body).await?;
+                print(json, &a, || show_auction(&a));
+            }
+            AuctionsCommand::Bid {
+                id,
+                amount,
+                client_token,
+            } => {
+                let body = AuctionBidRequest {
+                    amount,
+                    client_token,
+                };
+                let a: AuctionView = client
+                    .post(&format!("/v1/auctions/{id}/bids"), &body)
+                    .await?;
+                print(json, &a, || show_auction(&a));
+            }
+        },
         Command::Reservations { command } => match command {
             ReservationsCommand::List => {
                 let list: Vec<ReservationView> = client.get("/v1/reservations").await?;
@@ -445,5 +703,135 @@ fn show_history(h: &PriceHistory, svg: Option<&std::path::Path>) {
     }
     if let Some(path) = svg {
         println!("chart written to {}", path.display());
+    }
+}
+
+fn show_bids(list: &[BidView]) {
+    let mut t = table(&[
+        "ID",
+        "LISTING",
+        "MAX/H",
+        "QUANTITY",
+        "ALL-OR-NOTHING",
+        "PLACED",
+        "STATE",
+        "ALLOCATED",
+        "HOSTS HELD",
+    ]);
+    let now = now_ms();
+    for v in list {
+        let b = &v.bid;
+        t.add_row([
+            b.id.to_string(),
+            b.class.clone(),
+            b.max_price.to_string(),
+            b.quantity.to_string(),
+            if b.all_or_nothing { "yes" } else { "no" }.to_string(),
+            when(Some(b.placed_at_ms), now),
+            v.state.clone(),
+            v.allocated.to_string(),
+            v.reservations.len().to_string(),
+        ]);
+    }
+    println!("{t}");
+}
+
+fn show_spot(v: &SpotView) {
+    let now = now_ms();
+    println!("listing:        {}", v.listing);
+    println!("minimum:        {} {} an hour", v.minimum, v.currency);
+    println!("capacity:       {} host(s)", v.capacity);
+    match v.price {
+        Some(p) => println!(
+            "last price:     {p} {} (cleared {})",
+            v.currency,
+            when(v.cleared_at_ms, now)
+        ),
+        None => println!("last price:     - (not cleared yet)"),
+    }
+    match v.next_clearing_at_ms {
+        Some(t) => println!("next clearing:  {}", when(Some(t), now)),
+        None => println!("next clearing:  at the first bid"),
+    }
+    match &v.guidance {
+        Some(g) => println!(
+            "recently won:   {} to {} (median {}, {} prices)",
+            g.low, g.high, g.median, g.count
+        ),
+        None => println!("recently won:   nothing"),
+    }
+}
+
+fn show_auctions(list: &[AuctionView]) {
+    let mut t = table(&[
+        "ID", "LISTING", "TYPE", "PHASE", "ENDS", "PRICE", "BIDS", "WINNER",
+    ]);
+    let now = now_ms();
+    for v in list {
+        let a = &v.auction;
+        t.add_row([
+            v.id.to_string(),
+            v.listing.clone(),
+            auction_type(&a.kind).to_owned(),
+            name_of(&a.phase),
+            when(Some(a.ends_at_ms), now),
+            a.current_price
+                .map_or("-".into(), |p| format!("{p} {}", v.currency)),
+            a.bid_count.to_string(),
+            a.outcome
+                .as_ref()
+                .and_then(|o| o.winner.as_ref())
+                .map_or("-".into(), |w| format!("{} at {}", w.bidder, w.price)),
+        ]);
+    }
+    println!("{t}");
+}
+
+fn auction_type(kind: &AuctionKind) -> &'static str {
+    match kind {
+        AuctionKind::English { .. } => "english",
+        AuctionKind::Dutch { .. } => "dutch",
+        AuctionKind::SealedFirst { .. } => "sealed_first",
+        AuctionKind::SealedSecond { .. } => "sealed_second",
+    }
+}
+
+fn show_auction(v: &AuctionView) {
+    let now = now_ms();
+    let a = &v.auction;
+    println!("auction:        {} ({})", v.id, auction_type(&a.kind));
+    println!("listing:        {} of {}", v.listing, v.provider);
+    println!("phase:          {}", name_of(&a.phase));
+    println!("ends:           {}", when(Some(a.ends_at_ms), now));
+    if let Some(p) = a.current_price {
+        println!("price now:      {p} {}", v.currency);
+    }
+    if let Some(p) = a.lowest_acceptable {
+        println!("lowest bid now: {p} {}", v.currency);
+    }
+    println!("bids:           {}", a.bid_count);
+    for b in &a.bids {
+        println!(
+            "  {} {} {} {}",
+            when(Some(b.at_ms), now),
+            b.bidder,
+            b.amount,
+            v.currency
+        );
+    }
+    if let Some(o) = &a.outcome {
+        match &o.winner {
+            Some(w) => println!(
+                "outcome:        {} won at {} {} ({})",
+                w.bidder,
+                w.price,
+                v.currency,
+                name_of(&o.reason)
+            ),
+            None => println!("outcome:        no sale"),
+        }
+    }
+    if let Some(r) = v.reservation {
+        println!("reservation:    {r}");
     }
 }

@@ -1,0 +1,328 @@
+//! The auctions' shell (issue 16): a provider sells one host of a listing by an
+//! English, Dutch or sealed auction; clients bid; the auction closes once, and the
+//! winner gets a reservation of a free host at the price the engine decided.
+//!
+//! The rules are `surplus_market::auction`'s. Every step (a bid, a close) is one
+//! transaction under the listing's lock on the auction's row; the close is a timer
+//! row (`due_at_ms`) that every controller's tick polls, written only while the
+//! auction is not closed, so it closes once however many replicas share the
+//! database. A buy-now or a Dutch take closes it in the bid's own transaction.
+
+use std::collections::BTreeMap;
+
+use surplus_api::market::{AuctionBidRequest, AuctionRequest, AuctionView};
+use surplus_market::auction::{Auction, Bid};
+use surplus_market::resell::PricingMode;
+use surplus_protocol::clock::UnixMillis;
+use uuid::Uuid;
+
+use super::{
+    ChangeSet, Listing, Market, MarketError, Notice, Principal, Role, invalid, made_changes,
+    require_client,
+};
+use crate::store::{AuctionInputs, AuctionStep, StoredAuction};
+
+/// Most auctions one listing answers with.
+pub const LIST_LIMIT: u32 = 500;
+
+impl Market {
+    /// Puts one host of a listing up for auction: its provider, or an admin. The
+    /// listing must sell `auction`; the engine checks its parameters (the reserve or
+    /// floor at least the provider minimum, the end after the start, ...) and a
+    /// refusal names the rule.
+    pub async fn create_auction(
+        &self,
+        caller: &Principal,
+        body: AuctionRequest,
+    ) -> Result<AuctionView, MarketError> {
+        let listing = self
+            .app
+            .store
+            .listing(&body.listing)
+            .await?
+            .ok_or_else(|| MarketError::NotFound(format!("listing {} not found", body.listing)))?;
+        match caller.role {
+            Role::Admin => {}
+            Role::Provider if listing.provider == caller.account => {}
+            _ => {
+                return Err(MarketError::Forbidden(
+                    "a listing's host is auctioned by its provider or an admin".into(),
+                ));
+            }
+        }
+        if !listing.pricing_modes.contains(&PricingMode::Auction) {
+            return Err(invalid(
+                "listing",
+                format!("listing {} does not sell by auction", listing.id),
+            ));
+        }
+        let term_ms = match body.term_hours {
+            Some(t) if !(1..=surplus_market::offers::MAX_PERIOD_HOURS).contains(&t) => {
+                return Err(invalid(
+                    "term_hours",
+                    format!(
+                        "{t}: a term is 1 to {} hours",
+                        surplus_market::offers::MAX_PERIOD_HOURS
+                    ),
+                ));
+            }
+            Some(t) => Some(
+                i64::try_from(t)
+                    .unwrap_or(i64::MAX)
+                    .saturating_mul(3_600_000),
+            ),
+            None => None,
+        };
+        let now = self.now();
+        let (minimum, _) = self.terms_of(&listing).await?;
+        let auction = Auction::new(
+            Uuid::now_v7(),
+            body.kind,
+            minimum,
+            body.starts_at_ms.unwrap_or(now),
+            body.ends_at_ms,
+        )
+        .map_err(|r| {
+            invalid(
+                if r.rule == "times" {
+                    "ends_at_ms"
+                } else {
+                    "kind"
+                },
+                r.to_string(),
+            )
+        })?;
+        let stored = StoredAuction {
+            auction,
+            listing: listing.id.clone(),
+            provider: listing.provider.clone(),
+            term_ms,
+            reservation: None,
+            closed_at_ms: None,
+            created_at_ms: now,
+        };
+        self.app.store.create_auction(&stored).await?;
+        tracing::info!(auction = %stored.auction.id, listing = %listing.id, "auction created");
+        Ok(view(stored, &listing.currency, now))
+    }
+
+    /// Auctions, newest first: of one listing or all, only open ones if asked.
+    pub async fn auctions(
+        &self,
+        listing: Option<&str>,
+        open: bool,
+    ) -> Result<Vec<AuctionView>, MarketError> {
+        let now = self.now();
+        let mut currencies: BTreeMap<String, String> = BTreeMap::new();
+        let mut out = Vec::new();
+        for a in self.app.store.auctions(listing, open, LIST_LIMIT).await? {
+            if !currencies.contains_key(&a.listing) {
+                let c = self.currency_of(&a.listing).await?;
+                currencies.insert(a.listing.clone(), c);
+            }
+            let currency = currencies[&a.listing].clone();
+            out.push(view(a, &currency, now));
+        }
+        Ok(out)
+    }
+
+    async fn currency_of(&self, listing: &str) -> Result<String, MarketError> {
+        Ok(self
+            .app
+            .store
+            .listing(listing)
+            .await?
+            .map(|l| l.currency)
+            .unwrap_or_default())
+    }
+
+    /// One auction.
+    pub async fn auction(&self, id: Uuid) -> Result<AuctionView, MarketError> {
+        let a = self
+            .app
+            .store
+            .auction(id)
+            .await?
+            .ok_or_else(|| MarketError::NotFound(format!("auction {id} not found")))?;
+        let currency = self.currency_of(&a.listing).await?;
+        Ok(view(a, &currency, self.now()))
+    }
+
+    /// A client's bid on an auction, judged when it is made (never at the close): a
+    /// refusal names the engine's rule and the numbers. A prepaid client must be able
+    /// to pay its bid for an hour. A bid that ends the auction (a buy-now, a Dutch
+    /// take) closes it at once and gives the winner its host.
+    pub async fn bid_auction(
+        &self,
+        caller: &Principal,
+        id: Uuid,
+        body: AuctionBidRequest,
+    ) -> Result<AuctionView, MarketError> {
+        require_client(caller)?;
+        let bid_id = match &body.client_token {
+            Some(t) if t.is_empty() || t.len() > 64 || t.chars().any(char::is_control) => {
+                return Err(invalid(
+                    "client_token",
+                    "1 to 64 characters, none of them control characters",
+                ));
+            }
+            Some(t) => super::token_id(&caller.account, &format!("auction\0{id}\0{t}"), 0),
+            None => Uuid::now_v7(),
+        };
+        let a = self
+            .app
+            .store
+            .auction(id)
+            .await?
+            .ok_or_else(|| MarketError::NotFound(format!("auction {id} not found")))?;
+        // A retry of a bid the auction took is answered as it stands.
+        if a.auction.bids.iter().any(|b| b.id == bid_id) {
+            return self.auction(id).await;
+        }
+        let listing = self
+            .app
+            .store
+            .listing(&a.listing)
+            .await?
+            .ok_or_else(|| MarketError::NotFound(format!("listing {} not found", a.listing)))?;
+        self.check_funds(caller, &listing.currency, 1, body.amount, None)
+            .await?;
+        let (_, goal) = self.terms_of(&listing).await?;
+        let available = self.hosts_on_offer(&listing).await?;
+        let inputs = AuctionInputs {
+            available: &available,
+            goal,
+            interruptibility: listing.interruptibility,
+        };
+        let now = self.now();
+        let bid = Bid {
+            id: bid_id,
+            bidder: caller.account.clone(),
+            amount: body.amount,
+        };
+        let changes = |step: &AuctionStep| step_changes(&listing, step);
+        let step = self
+            .app
+            .store
+            .bid_auction(id, bid, inputs, &changes, now)
+            .await??;
+        tracing::info!(auction = %id, bidder = %caller.account, amount = body.amount, closed = step.closed.is_some(), "auction bid accepted");
+        Ok(view(step.auction, &listing.currency, now))
+    }
+
+    /// Closes the auctions due at `now` (the tick's part); one that fails does not
+    /// hold up the others.
+    pub(super) async fn close_due(
+        &self,
+        due: Vec<(String, Uuid)>,
+        listings: &BTreeMap<String, Listing>,
+        now: UnixMillis,
+    ) {
+        for (listing, id) in due {
+            let Some(listing) = listings.get(&listing) else {
+                continue;
+            };
+            if let Err(e) = self.close_auction(listing, id, now).await {
+                tracing::warn!(auction = %id, error = %e, "closing an auction");
+            }
+        }
+    }
+
+    async fn close_auction(
+        &self,
+        listing: &Listing,
+        id: Uuid,
+        now: UnixMillis,
+    ) -> Result<Option<AuctionStep>, MarketError> {
+        let (_, goal) = self.terms_of(listing).await?;
+        let available = self.hosts_on_offer(listing).await?;
+        let inputs = AuctionInputs {
+            available: &available,
+            goal,
+            interruptibility: listing.interruptibility,
+        };
+        let changes = |step: &AuctionStep| step_changes(listing, step);
+        let step = self
+            .app
+            .store
+            .close_auction(id, inputs, &changes, now)
+            .await?;
+        if let Some(s) = &step {
+            tracing::info!(auction = %id, reason = ?s.closed.as_ref().map(|o| o.reason), winner = ?s.made.as_ref().map(|r| &r.holder), "auction closed");
+        }
+        Ok(step)
+    }
+}
+
+fn view(a: StoredAuction, currency: &str, now: UnixMillis) -> AuctionView {
+    AuctionView {
+        id: a.auction.id,
+        listing: a.listing,
+        provider: a.provider,
+        currency: currency.into(),
+        term_ms: a.term_ms,
+        auction: a.auction.public_view(now),
+        reservation: a.reservation,
+        closed_at_ms: a.closed_at_ms,
+    }
+}
+
+/// What an auction's step changes beside its row: the bidder it outbid is told; at
+/// the close, the sale's price goes into the pricing history, the winner and the
+/// provider are told (the provider with the price, as for any reservation), or the
+/// winner learns that no host was free to give.
+fn step_changes(listing: &Listing, step: &AuctionStep) -> ChangeSet {
+    let a = &step.auction.auction;
+    let mut set = match &step.made {
+        Some(r) => made_changes(listing, std::slice::from_ref(r), None, 0),
+        None => ChangeSet::default(),
+    };
+    if let Some(old) = step.superseded {
+        let bidder_of = |id: Uuid| a.bids.iter().find(|b| b.id == id).map(|b| b.bidder.clone());
+        if let (Some(old_bidder), Some(new)) = (bidder_of(old), step.accepted) {
+            if bidder_of(new).as_ref() != Some(&old_bidder) {
+                set.notices.push(Notice {
+                    key: format!("auction.outbid:{old}"),
+                    recipient: format!("client:{old_bidder}"),
+                    kind: "auction.outbid".into(),
+                    body: serde_json::json!({"auction": a.id, "listing": listing.id, "bid": old}),
+                });
+            }
+        }
+    }
+    if let Some(o) = &step.closed {
+        if let Some(w) = &o.winner {
+            set.prices.push(surplus_market::history::PricePoint {
+                id: format!("auction:{}", a.id),
+                kind: surplus_market::history::PriceKind::Auction,
+                listing: listing.id.clone(),
+                provider: listing.provider.clone(),
+                zone: listing.zone.clone(),
+                category: listing.category.clone(),
+                currency: listing.currency.clone(),
+                price: w.price,
+                at_ms: o.decided_at_ms,
+            });
+            set.notices.push(Notice {
+                key: format!("auction.won:{}", a.id),
+                recipient: format!("client:{}", w.bidder),
+                kind: "auction.won".into(),
+                body: serde_json::json!({
+                    "auction": a.id,
+                    "listing": listing.id,
+                    "price": w.price,
+                    "currency": listing.currency,
+                    "reservation": step.made.as_ref().map(|r| r.id),
+                    "unfilled": step.unfilled.as_ref().map(|r| r.message.clone()),
+                }),
+            });
+        }
+        set.notices.push(Notice {
+            key: format!("auction.closed:{}", a.id),
+            recipient: crate::resell::provider_recipient(&listing.provider),
+            kind: "auction.closed".into(),
+            body: serde_json::json!({"auction": a.id, "listing": listing.id, "outcome": o}),
+        });
+    }
+    set
+}
