@@ -499,6 +499,14 @@ impl Market {
         ))
     }
 
+    /// Whether `caller` is a prepaid client in `currency` (its bids hold funds).
+    async fn prepaid(&self, caller: &Principal, currency: &str) -> Result<bool, StoreError> {
+        let account = surplus_market::ledger::client(&caller.account);
+        Ok(prepaid_balance(self.app.store.as_ref(), &account, currency)
+            .await?
+            .is_some())
+    }
+
     /// The reservations `ids` if a first attempt made them all for `caller`.
     async fn made_before(
         &self,

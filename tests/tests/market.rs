@@ -1092,3 +1092,187 @@ async fn outbid_on_the_spot_market_the_agent_stops_the_instance_when_the_grace_e
     assert_eq!(status, 404, "another's bid: {gone}");
     drop(agent);
 }
+
+/// The balance of `account` in EUR among `/v1/ledger/balances`.
+fn balance_of(balances: &Value, account: &str) -> i64 {
+    balances
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["account"] == account && b["currency"] == "EUR")
+        .map_or(0, |b| b["balance"].as_i64().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_auction_holds_a_prepaid_bidders_funds_and_closes_once_with_a_host_for_the_winner() {
+    let controller_clock = clock::ManualClock::new(clock::system().now_ms());
+    let mut config = test_config();
+    config.market.tick = std::time::Duration::from_millis(50);
+    let tc = TestController::start_with(config, controller_clock.clone()).await;
+    let host = surplus_tests::online_hosts(&tc, "bob", 1).await[0];
+    list_hosts(
+        tc.ctl(),
+        "lst-auction",
+        "bob",
+        &[host],
+        &[PricingMode::Auction],
+        (30, 20),
+        Interruptibility::NoInterruptions,
+    )
+    .await;
+    let bob = tc.token_for("bob", "provider").await;
+    let carol = tc.token_for("carol", "client").await;
+    let dave = tc.token_for("dave", "client").await;
+    // Dave is prepaid with 100 EUR.
+    let (status, _) = tc
+        .api_as(
+            &tc.admin_token,
+            Method::PUT,
+            "/v1/ledger/accounts/client:dave",
+            Some(json!({"allow_negative": false})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, paid) = tc
+        .api_post("/v1/payments", json!({"account": "dave", "currency": "EUR", "amount": 100, "kind": "topup", "key": "dave-1"}))
+        .await;
+    assert_eq!(status, 200, "{paid}");
+
+    let now = controller_clock.now_ms();
+    let ends = now + 60_000;
+    let english = json!({"type": "english", "reserve": 30, "increment": 5, "buy_now": null});
+    let (status, refused) = tc
+        .api_as(&bob, POST, "/v1/auctions", Some(json!({"listing": "lst-auction", "kind": {"type": "english", "reserve": 10, "increment": 5, "buy_now": null}, "ends_at_ms": ends})))
+        .await;
+    assert_eq!(
+        (status, &refused["field"]),
+        (400, &json!("kind")),
+        "a reserve below the minimum: {refused}"
+    );
+    let (status, auction) = tc
+        .api_as(&bob, POST, "/v1/auctions", Some(json!({"listing": "lst-auction", "kind": english, "ends_at_ms": ends, "term_hours": 2})))
+        .await;
+    assert_eq!(status, 201, "{auction}");
+    let id = auction["id"].as_str().unwrap().to_owned();
+    let bids = format!("/v1/auctions/{id}/bids");
+
+    // Dave bids 60: 60 of his 100 are held.
+    let (status, after) = tc
+        .api_as(
+            &dave,
+            POST,
+            &bids,
+            Some(json!({"amount": 60, "client_token": "d-1"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{after}");
+    assert_eq!(after["auction"]["current_price"], 60);
+    let (_, retried) = tc
+        .api_as(
+            &dave,
+            POST,
+            &bids,
+            Some(json!({"amount": 60, "client_token": "d-1"})),
+        )
+        .await;
+    assert_eq!(
+        retried["auction"]["bid_count"], 1,
+        "a retry is the same bid: {retried}"
+    );
+    let (_, balances) = tc.api_get("/v1/ledger/balances").await;
+    assert_eq!(
+        (
+            balance_of(&balances, "client:dave"),
+            balance_of(&balances, "hold:dave")
+        ),
+        (40, 60),
+        "{balances}"
+    );
+    // Below the price plus the increment: refused, with the rule.
+    let (status, low) = tc
+        .api_as(&carol, POST, &bids, Some(json!({"amount": 62})))
+        .await;
+    assert_eq!((status, &low["error"]), (409, &json!("increment")), "{low}");
+    // Carol outbids him: his hold is given back, and he is told.
+    let (status, _) = tc
+        .api_as(&carol, POST, &bids, Some(json!({"amount": 70})))
+        .await;
+    assert_eq!(status, 201);
+    let (_, balances) = tc.api_get("/v1/ledger/balances").await;
+    assert_eq!(
+        (
+            balance_of(&balances, "client:dave"),
+            balance_of(&balances, "hold:dave")
+        ),
+        (100, 0),
+        "{balances}"
+    );
+    let (_, notices) = tc.api_as(&dave, GET, "/v1/notifications", None).await;
+    notice_of(&notices, "auction.outbid");
+    // He cannot hold more than he has: 402, nothing stored.
+    let (status, poor) = tc
+        .api_as(&dave, POST, &bids, Some(json!({"amount": 200})))
+        .await;
+    assert_eq!(
+        (status, &poor["error"]),
+        (402, &json!("insufficient_funds")),
+        "{poor}"
+    );
+    let (_, shown) = tc
+        .api_as(&dave, GET, &format!("/v1/auctions/{id}"), None)
+        .await;
+    assert_eq!(
+        (&shown["auction"]["bid_count"], &shown["auction"]["phase"]),
+        (&json!(2), &json!("open")),
+        "{shown}"
+    );
+
+    // At the end the market's tick closes it, once: Carol wins at her bid and holds
+    // the host for the term; the sale is in the pricing history.
+    controller_clock.advance_ms(60_000);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let closed = loop {
+        let (_, a) = tc
+            .api_as(&carol, GET, &format!("/v1/auctions/{id}"), None)
+            .await;
+        if a["auction"]["phase"] == "closed" {
+            break a;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never closed: {a}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let winner = &closed["auction"]["outcome"]["winner"];
+    assert_eq!(
+        (&winner["bidder"], &winner["price"]),
+        (&json!("carol"), &json!(70)),
+        "{closed}"
+    );
+    assert_eq!(closed["reservation"], json!(id), "{closed}");
+    let (_, r) = tc
+        .api_as(&carol, GET, &format!("/v1/reservations/{id}"), None)
+        .await;
+    assert_eq!(
+        (
+            &r["reservation"]["mode"],
+            &r["reservation"]["price"],
+            &r["reservation"]["host"]
+        ),
+        (&json!("auction"), &json!(70), &json!(host)),
+        "{r}"
+    );
+    assert_eq!(
+        r["reservation"]["ends_at_ms"].as_i64().unwrap()
+            - r["reservation"]["starts_at_ms"].as_i64().unwrap(),
+        2 * 3_600_000
+    );
+    let (_, history) = tc
+        .api_as(&carol, GET, "/v1/pricing/history?kind=auction", None)
+        .await;
+    assert_eq!(history["points"][0]["price"], 70, "{history}");
+    let (status, late) = tc
+        .api_as(&dave, POST, &bids, Some(json!({"amount": 90})))
+        .await;
+    assert_eq!((status, &late["error"]), (409, &json!("ended")), "{late}");
+    let (_, open) = tc.api_as(&dave, GET, "/v1/auctions?open=true", None).await;
+    assert_eq!(open, json!([]));
+}

@@ -153,6 +153,7 @@ story!(an_interruption_keeps_its_notice_and_ends_once_at_its_deadline);
 story!(prices_are_kept_once_and_answered_by_the_question);
 story!(a_spot_market_clears_once_and_moves_hosts_by_rank);
 story!(an_auction_closes_once_and_gives_the_winner_a_host);
+story!(a_hold_is_placed_and_given_back_once_and_a_prepaid_client_holds_only_what_it_has);
 
 mod stories {
     use super::*;
@@ -175,13 +176,23 @@ mod stories {
             placed_at_ms: at,
         };
         let (placed, new) = s
-            .place_bid(&bid(1, "alice", 50, 2, 10), 1_000, 10)
+            .place_bid(
+                &bid(1, "alice", 50, 2, 10),
+                1_000,
+                &ChangeSet::default(),
+                10,
+            )
             .await
             .unwrap();
         assert!(new);
         assert_eq!(placed.allocated, 0);
         let (_, again) = s
-            .place_bid(&bid(1, "alice", 50, 2, 10), 1_000, 11)
+            .place_bid(
+                &bid(1, "alice", 50, 2, 10),
+                1_000,
+                &ChangeSet::default(),
+                11,
+            )
             .await
             .unwrap();
         assert!(!again, "a bid is stored once");
@@ -275,9 +286,14 @@ mod stories {
 
         // Carol outbids one unit on demand: Alice's newest host is given notice, and
         // the price is Alice's maximum.
-        s.place_bid(&bid(2, "carol", 80, 1, 1_500), 1_000, 1_500)
-            .await
-            .unwrap();
+        s.place_bid(
+            &bid(2, "carol", 80, 1, 1_500),
+            1_000,
+            &ChangeSet::default(),
+            1_500,
+        )
+        .await
+        .unwrap();
         assert!(s.request_clearing("lst-s", 1_500).await.unwrap());
         assert!(!s.request_clearing("lst-none", 1_500).await.unwrap());
         assert_eq!(s.due_spot_markets(1_500).await.unwrap(), ["lst-s"]);
@@ -527,6 +543,90 @@ mod stories {
             s.auctions(None, true, 10).await.unwrap().is_empty(),
             "both closed"
         );
+    }
+
+    pub async fn a_hold_is_placed_and_given_back_once_and_a_prepaid_client_holds_only_what_it_has(
+        _f: &Fixture,
+        s: Arc<dyn Store>,
+    ) {
+        use surplus_market::ledger::{Entry, Posting};
+        s.set_account_policy("client:dave", false, 1).await.unwrap();
+        let pay = Posting {
+            key: "pay-dave".into(),
+            kind: "payment".into(),
+            memo: String::new(),
+            entries: vec![
+                Entry {
+                    account: "external".into(),
+                    currency: "EUR".into(),
+                    amount: -100,
+                },
+                Entry {
+                    account: "client:dave".into(),
+                    currency: "EUR".into(),
+                    amount: 100,
+                },
+            ],
+        };
+        s.post(&pay, &[], 2).await.unwrap();
+        let place = |key: &str, amount| ChangeSet {
+            holds: vec![HoldChange::Place {
+                key: key.into(),
+                client: "dave".into(),
+                currency: "EUR".into(),
+                amount,
+            }],
+            ..ChangeSet::default()
+        };
+        let release = |key: &str| ChangeSet {
+            holds: vec![HoldChange::Release { key: key.into() }],
+            ..ChangeSet::default()
+        };
+        let balance = |account: &'static str| {
+            let s = s.clone();
+            async move {
+                s.balances(Some(account))
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .find(|(_, c, _)| c == "EUR")
+                    .map_or(0, |(_, _, b)| b)
+            }
+        };
+        s.apply_changes(&place("a", 70), 3).await.unwrap();
+        s.apply_changes(&place("a", 70), 4).await.unwrap();
+        assert_eq!(
+            (balance("client:dave").await, balance("hold:dave").await),
+            (30, 70),
+            "held once"
+        );
+        // A second hold beyond what is left is refused whole, with what came before it.
+        let both = ChangeSet {
+            notices: vec![Notice {
+                key: "n".into(),
+                recipient: "client:dave".into(),
+                kind: "k".into(),
+                body: serde_json::json!({}),
+            }],
+            ..place("b", 31)
+        };
+        let refused = s.apply_changes(&both, 5).await.unwrap_err();
+        assert!(matches!(refused, PostError::Ledger(_)), "{refused:?}");
+        assert_eq!(balance("client:dave").await, 30);
+        assert!(
+            s.notices("client:dave", 10).await.unwrap().is_empty(),
+            "nothing of a refused step"
+        );
+        // Given back once; a release of nothing held changes nothing.
+        s.apply_changes(&release("a"), 6).await.unwrap();
+        s.apply_changes(&release("a"), 7).await.unwrap();
+        s.apply_changes(&release("never"), 8).await.unwrap();
+        assert_eq!(
+            (balance("client:dave").await, balance("hold:dave").await),
+            (100, 0)
+        );
+        s.apply_changes(&place("b", 31), 9).await.unwrap();
+        assert_eq!(balance("hold:dave").await, 31);
     }
 
     pub async fn prices_are_kept_once_and_answered_by_the_question(
@@ -993,17 +1093,15 @@ mod stories {
         // account without a webhook.
         for n in 0..5 {
             let set = ChangeSet {
-                postings: vec![],
                 notices: vec![notice(n, "provider:busy")],
-                prices: vec![],
+                ..ChangeSet::default()
             };
             s.apply_changes(&set, 10 + i64::from(n)).await.unwrap();
         }
         for (n, to) in [(5, "provider:quiet"), (6, "provider:silent")] {
             let set = ChangeSet {
-                postings: vec![],
                 notices: vec![notice(n, to)],
-                prices: vec![],
+                ..ChangeSet::default()
             };
             s.apply_changes(&set, 20).await.unwrap();
         }
@@ -2931,7 +3029,7 @@ mod stories {
                 (payout("s1-out", "acme", "EUR", 900), Vec::new()),
             ],
             notices: vec![notice("s1")],
-            prices: vec![],
+            ..ChangeSet::default()
         };
         assert_eq!(
             s.apply_changes(&sale, 10).await.unwrap(),
@@ -2961,7 +3059,7 @@ mod stories {
                 (payout("s2-out", "acme", "EUR", 101), Vec::new()),
             ],
             notices: vec![notice("s2")],
-            prices: vec![],
+            ..ChangeSet::default()
         };
         match s.apply_changes(&overdrawn, 12).await {
             Err(PostError::Ledger(LedgerError::Insufficient {

@@ -35,6 +35,45 @@ pub fn pool(account: &str) -> String {
     format!("pool:{account}")
 }
 
+/// A client's held funds: what its bids that may win hold (A hold account never goes
+/// below zero: it holds only what was put in).
+pub fn held(account: &str) -> String {
+    format!("hold:{account}")
+}
+
+/// The posting that holds `amount` of `client`'s funds under `key` (a bid that may
+/// win): from its account to its held funds. For a prepaid client the ledger's rule
+/// refuses it without the funds, so a bid it cannot pay is refused when it is made.
+pub fn hold_posting(key: &str, client_account: &str, currency: &str, amount: i64) -> Posting {
+    Posting {
+        key: format!("hold:{key}"),
+        kind: "hold".into(),
+        memo: format!("funds held for {key}"),
+        entries: vec![
+            Entry {
+                account: client(client_account),
+                currency: currency.into(),
+                amount: -amount,
+            },
+            Entry {
+                account: held(client_account),
+                currency: currency.into(),
+                amount,
+            },
+        ],
+    }
+}
+
+/// The posting that gives back what [`hold_posting`] held under `key` (the bid lost,
+/// was cancelled, or the auction closed and its charges are billed as used).
+pub fn release_posting(key: &str, client_account: &str, currency: &str, amount: i64) -> Posting {
+    let mut p = hold_posting(key, client_account, currency, amount.saturating_neg());
+    p.key = format!("hold:{key}:release");
+    p.kind = "release".into();
+    p.memo = format!("funds held for {key} given back");
+    p
+}
+
 /// Whether an account may go below zero unless told otherwise: clients are billed
 /// after use (postpaid) and `external` is the outside world; providers and the
 /// marketplace can only hold what they earned.
@@ -42,13 +81,13 @@ pub fn default_allows_negative(account: &str) -> bool {
     account == EXTERNAL || account.starts_with("client:")
 }
 
-/// Checks an account name: `external`, `marketplace`, or `client:`/`provider:`/`pool:`
-/// followed by 1 to 64 of `[A-Za-z0-9_.-]`.
+/// Checks an account name: `external`, `marketplace`, or `client:`/`provider:`/`pool:`/
+/// `hold:` followed by 1 to 64 of `[A-Za-z0-9_.-]`.
 pub fn validate_account(name: &str) -> Result<(), String> {
     if name == EXTERNAL || name == MARKETPLACE {
         return Ok(());
     }
-    let rest = ["client:", "provider:", "pool:"]
+    let rest = ["client:", "provider:", "pool:", "hold:"]
         .iter()
         .find_map(|p| name.strip_prefix(p));
     match rest {
@@ -61,7 +100,7 @@ pub fn validate_account(name: &str) -> Result<(), String> {
             Ok(())
         }
         _ => Err(format!(
-            "account {name:?}: must be external, marketplace, or client:/provider:/pool: followed by 1 to 64 of A-Z a-z 0-9 _ . -"
+            "account {name:?}: must be external, marketplace, or client:/provider:/pool:/hold: followed by 1 to 64 of A-Z a-z 0-9 _ . -"
         )),
     }
 }

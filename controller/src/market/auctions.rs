@@ -20,7 +20,7 @@ use super::{
     ChangeSet, Listing, Market, MarketError, Notice, Principal, Role, invalid, made_changes,
     require_client,
 };
-use crate::store::{AuctionInputs, AuctionStep, StoredAuction};
+use crate::store::{AuctionInputs, AuctionStep, HoldChange, StoredAuction};
 
 /// Most auctions one listing answers with.
 pub const LIST_LIMIT: u32 = 500;
@@ -149,8 +149,8 @@ impl Market {
     }
 
     /// A client's bid on an auction, judged when it is made (never at the close): a
-    /// refusal names the engine's rule and the numbers. A prepaid client must be able
-    /// to pay its bid for an hour. A bid that ends the auction (a buy-now, a Dutch
+    /// refusal names the engine's rule and the numbers. A prepaid client's bid holds
+    /// its amount for an hour until it is outbid or the auction closes. A bid that ends the auction (a buy-now, a Dutch
     /// take) closes it at once and gives the winner its host.
     pub async fn bid_auction(
         &self,
@@ -185,8 +185,10 @@ impl Market {
             .listing(&a.listing)
             .await?
             .ok_or_else(|| MarketError::NotFound(format!("listing {} not found", a.listing)))?;
-        self.check_funds(caller, &listing.currency, 1, body.amount, None)
-            .await?;
+        // A prepaid client's bid holds its amount for an hour, in the bid's
+        // transaction (402 without the funds, nothing stored); the hold is given
+        // back when the bid is outbid or replaced, and every hold at the close.
+        let prepaid = self.prepaid(caller, &listing.currency).await?;
         let (_, goal) = self.terms_of(&listing).await?;
         let available = self.hosts_on_offer(&listing).await?;
         let inputs = AuctionInputs {
@@ -200,7 +202,20 @@ impl Market {
             bidder: caller.account.clone(),
             amount: body.amount,
         };
-        let changes = |step: &AuctionStep| step_changes(&listing, step);
+        let hold = prepaid.then(|| HoldChange::Place {
+            key: auction_hold(bid_id),
+            client: caller.account.clone(),
+            currency: listing.currency.clone(),
+            amount: i64::try_from(body.amount).unwrap_or(i64::MAX),
+        });
+        let changes = |step: &AuctionStep| {
+            let mut set = step_changes(&listing, step);
+            // Placed before anything is given back (the bid may close the auction).
+            if let Some(h) = &hold {
+                set.holds.insert(0, h.clone());
+            }
+            set
+        };
         let step = self
             .app
             .store
@@ -267,16 +282,34 @@ fn view(a: StoredAuction, currency: &str, now: UnixMillis) -> AuctionView {
     }
 }
 
-/// What an auction's step changes beside its row: the bidder it outbid is told; at
-/// the close, the sale's price goes into the pricing history, the winner and the
-/// provider are told (the provider with the price, as for any reservation), or the
-/// winner learns that no host was free to give.
+/// The key of the hold of an auction bid's funds.
+fn auction_hold(bid: Uuid) -> String {
+    format!("auction-bid:{bid}")
+}
+
+/// What an auction's step changes beside its row: the bidder it outbid is told and
+/// its hold given back; at the close, every hold is given back (the winner's
+/// reservation is billed as it is used), the sale's price goes into the pricing
+/// history, the winner and the provider are told (the provider with the price, as
+/// for any reservation), or the winner learns that no host was free to give.
 fn step_changes(listing: &Listing, step: &AuctionStep) -> ChangeSet {
     let a = &step.auction.auction;
     let mut set = match &step.made {
         Some(r) => made_changes(listing, std::slice::from_ref(r), None, 0),
         None => ChangeSet::default(),
     };
+    if let Some(old) = step.superseded {
+        set.holds.push(HoldChange::Release {
+            key: auction_hold(old),
+        });
+    }
+    if step.closed.is_some() {
+        for b in &a.bids {
+            set.holds.push(HoldChange::Release {
+                key: auction_hold(b.id),
+            });
+        }
+    }
     if let Some(old) = step.superseded {
         let bidder_of = |id: Uuid| a.bids.iter().find(|b| b.id == id).map(|b| b.bidder.clone());
         if let (Some(old_bidder), Some(new)) = (bidder_of(old), step.accepted) {

@@ -31,7 +31,7 @@ use super::{
     ChangeSet, Listing, Market, MarketError, Notice, Principal, Reservation, Role, agent_notice,
     invalid, made_changes, notice_body, require_client,
 };
-use crate::store::{SpotCleared, SpotInputs, StoreError, StoredBid};
+use crate::store::{HoldChange, SpotCleared, SpotInputs, StoreError, StoredBid};
 
 /// Most hosts one bid may ask for.
 pub const MAX_QUANTITY: u32 = super::MAX_COUNT;
@@ -40,8 +40,8 @@ impl Market {
     /// Places a bid for the caller (a client) on a listing that sells spot: refused
     /// when it is made if its maximum is below the provider minimum, its quantity is
     /// zero or too large, or it is all-or-nothing for more hosts than the listing
-    /// has. A prepaid client must be able to pay its maximum for every host for an
-    /// hour. With a client token, a retry answers with the bid placed the first time.
+    /// has. A prepaid client's bid holds its maximum for every host for an hour (402
+    /// without the funds). With a client token, a retry answers with the bid placed the first time.
     /// `true` when it was placed now.
     pub async fn bid(
         &self,
@@ -90,12 +90,23 @@ impl Market {
             placed_at_ms: now,
         };
         surplus_market::spot::check_bid(&bid, supply.as_ref().map(|(s, _)| s))?;
-        self.check_funds(caller, &listing.currency, quantity, body.max_price, None)
-            .await?;
+        // A prepaid client's bid holds its maximum for every host for an hour, in the
+        // bid's transaction (refused, with nothing stored, without the funds); the
+        // hold is given back when the bid is cancelled. Hosts won are billed as used.
+        let mut changes = ChangeSet::default();
+        if self.prepaid(caller, &listing.currency).await? {
+            let amount = body.max_price.saturating_mul(u64::from(quantity));
+            changes.holds.push(HoldChange::Place {
+                key: spot_hold(id),
+                client: caller.account.clone(),
+                currency: listing.currency.clone(),
+                amount: i64::try_from(amount).unwrap_or(i64::MAX),
+            });
+        }
         let (stored, placed) = self
             .app
             .store
-            .place_bid(&bid, self.spot_period_ms(), now)
+            .place_bid(&bid, self.spot_period_ms(), &changes, now)
             .await?;
         if !placed {
             return self.retried(stored, &body).await.map(|v| (v, false));
@@ -219,8 +230,11 @@ impl Market {
             }
             _ => return Err(MarketError::NotFound(format!("bid {id} not found"))),
         };
-        let changes =
-            |ended: &[Reservation]| super::ended_changes(listing.as_ref(), ended, "released");
+        let changes = |ended: &[Reservation]| {
+            let mut set = super::ended_changes(listing.as_ref(), ended, "released");
+            set.holds.push(HoldChange::Release { key: spot_hold(id) });
+            set
+        };
         let (stored, ended) = self
             .app
             .store
@@ -397,6 +411,11 @@ impl Market {
             .map(|i| i.record.id)
             .collect())
     }
+}
+
+/// The key of the hold of a spot bid's funds.
+fn spot_hold(bid: Uuid) -> String {
+    format!("spot-bid:{bid}")
 }
 
 /// The id of the `n`th reservation bid `bid` gets at the clearing of `listing` at

@@ -621,6 +621,30 @@ pub struct ChangeSet {
     pub notices: Vec<Notice>,
     /// Prices to record (an id already recorded is left as it is).
     pub prices: Vec<PricePoint>,
+    /// Funds to hold or give back (after the postings).
+    pub holds: Vec<HoldChange>,
+}
+
+/// A ledger hold placed or given back in a step (`ledger::hold_posting`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum HoldChange {
+    /// Hold `amount` of `client`'s funds under `key`, once: refused by the ledger's
+    /// rule (and the whole step with it) when a prepaid client lacks the funds.
+    Place {
+        /// The hold's key, such as `auction-bid:{id}`.
+        key: String,
+        /// The client account (without `client:`).
+        client: String,
+        /// Its currency.
+        currency: String,
+        /// Minor units.
+        amount: i64,
+    },
+    /// Give back what is held under `key`, once (nothing when nothing is held).
+    Release {
+        /// The hold's key.
+        key: String,
+    },
 }
 
 /// The change set a market step makes of what it decided (the reservations made or
@@ -1466,14 +1490,17 @@ pub struct SpotCleared {
 #[async_trait]
 pub trait SpotStore: Send + Sync + std::fmt::Debug + 'static {
     /// Stores `bid` (its class is its listing) under the listing's lock, opening the
-    /// listing's market (clearing every `period_ms`) if it has none. A bid with the
-    /// same id comes back as it was stored (a retried request), with `false`.
+    /// listing's market (clearing every `period_ms`) if it has none, with `changes`
+    /// (the hold of a prepaid client's funds) in the same transaction: a refused
+    /// posting stores nothing. A bid with the same id comes back as it was stored (a
+    /// retried request), with `false`.
     async fn place_bid(
         &self,
         bid: &surplus_market::spot::Bid,
         period_ms: i64,
+        changes: &ChangeSet,
         now_ms: UnixMillis,
-    ) -> Result<(StoredBid, bool), StoreError>;
+    ) -> Result<(StoredBid, bool), PostError>;
 
     /// One bid.
     async fn spot_bid(&self, id: Uuid) -> Result<Option<StoredBid>, StoreError>;

@@ -2528,17 +2528,55 @@ macro_rules! sql_stores {
         /// through the ledger's rule (under its lock), notices, prices.
         async fn apply_in(conn: &mut $conn, changes: &ChangeSet, now_ms: UnixMillis) -> Result<Vec<crate::ledger::Applied>, PostError> {
             let mut applied = Vec::with_capacity(changes.postings.len());
-            if !changes.postings.is_empty() {
+            if !changes.postings.is_empty() || !changes.holds.is_empty() {
                 $store::lock(&mut *conn, Lock::Ledger).await.map_err(StoreError::from)?;
             }
             for (posting, lines) in &changes.postings {
                 applied.push(post_in(&mut *conn, posting, lines, now_ms).await?);
+            }
+            for hold in &changes.holds {
+                apply_hold(&mut *conn, hold, now_ms).await?;
             }
             queue_notices(&mut *conn, &changes.notices, now_ms).await.map_err(StoreError::from)?;
             for p in &changes.prices {
                 record_price_in(&mut *conn, p).await?;
             }
             Ok(applied)
+        }
+
+        /// Places or gives back a ledger hold, once per key.
+        async fn apply_hold(conn: &mut $conn, hold: &HoldChange, now_ms: UnixMillis) -> Result<(), PostError> {
+            match hold {
+                HoldChange::Place { key, client, currency, amount } => {
+                    let placed = sqlx::query("INSERT INTO holds (key, client, currency, amount, held_at_ms) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (key) DO NOTHING")
+                        .bind(key)
+                        .bind(client)
+                        .bind(currency)
+                        .bind(*amount)
+                        .bind(now_ms)
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(StoreError::from)?
+                        .rows_affected();
+                    if placed > 0 {
+                        let posting = crate::ledger::hold_posting(key, client, currency, *amount);
+                        post_in(&mut *conn, &posting, &[], now_ms).await?;
+                    }
+                }
+                HoldChange::Release { key } => {
+                    let row: Option<(String, String, i64)> = sqlx::query_as("UPDATE holds SET released_at_ms = $2 WHERE key = $1 AND released_at_ms IS NULL RETURNING client, currency, amount")
+                        .bind(key)
+                        .bind(now_ms)
+                        .fetch_optional(&mut *conn)
+                        .await
+                        .map_err(StoreError::from)?;
+                    if let Some((client, currency, amount)) = row {
+                        let posting = crate::ledger::release_posting(key, &client, &currency, amount);
+                        post_in(&mut *conn, &posting, &[], now_ms).await?;
+                    }
+                }
+            }
+            Ok(())
         }
 
         async fn record_price_in(conn: &mut $conn, p: &PricePoint) -> Result<bool, StoreError> {
@@ -2584,9 +2622,9 @@ macro_rules! sql_stores {
 
         #[async_trait]
         impl SpotStore for $store {
-            async fn place_bid(&self, bid: &surplus_market::spot::Bid, period_ms: i64, now_ms: UnixMillis) -> Result<(StoredBid, bool), StoreError> {
-                let mut tx = self.write_tx().await?;
-                $store::lock(&mut tx, Lock::Listing(&bid.class)).await?;
+            async fn place_bid(&self, bid: &surplus_market::spot::Bid, period_ms: i64, changes: &ChangeSet, now_ms: UnixMillis) -> Result<(StoredBid, bool), PostError> {
+                let mut tx = self.write_tx().await.map_err(StoreError::from)?;
+                $store::lock(&mut tx, Lock::Listing(&bid.class)).await.map_err(StoreError::from)?;
                 if let Some(b) = spot_bid_in(&mut tx, bid.id).await? {
                     return Ok((b, false));
                 }
@@ -2595,7 +2633,8 @@ macro_rules! sql_stores {
                     .bind(period_ms)
                     .bind(now_ms.saturating_add(period_ms))
                     .execute(&mut *tx)
-                    .await?;
+                    .await
+                    .map_err(StoreError::from)?;
                 sqlx::query("INSERT INTO spot_bids (id, listing, bidder, record, placed_at_ms) VALUES ($1, $2, $3, $4, $5)")
                     .bind(bid.id.to_string())
                     .bind(&bid.class)
@@ -2603,8 +2642,10 @@ macro_rules! sql_stores {
                     .bind(json_text(bid))
                     .bind(bid.placed_at_ms)
                     .execute(&mut *tx)
-                    .await?;
-                tx.commit().await?;
+                    .await
+                    .map_err(StoreError::from)?;
+                apply_in(&mut tx, changes, now_ms).await?;
+                tx.commit().await.map_err(StoreError::from)?;
                 Ok((StoredBid { bid: bid.clone(), cancelled_at_ms: None, allocated: 0 }, true))
             }
 
@@ -2662,9 +2703,7 @@ macro_rules! sql_stores {
                         ended.push(r);
                     }
                 }
-                if !ended.is_empty() {
-                    apply_in(&mut tx, &changes(&ended), now_ms).await?;
-                }
+                apply_in(&mut tx, &changes(&ended), now_ms).await?;
                 tx.commit().await.map_err(StoreError::from)?;
                 Ok(Ok((stored, ended)))
             }
