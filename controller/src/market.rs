@@ -41,6 +41,21 @@ mod spot;
 /// Most hosts one reservation request may ask for.
 pub const MAX_COUNT: u32 = 100;
 
+/// The highest price a bid may name, minor units per host-hour (ten billion of a
+/// currency's units an hour): every amount the market derives from a bid stays far
+/// inside what the ledger and the store hold.
+pub const MAX_PRICE: u64 = 1_000_000_000_000;
+
+fn check_price(field: &str, price: u64) -> Result<(), MarketError> {
+    if price > MAX_PRICE {
+        return Err(invalid(
+            field,
+            format!("{price}: a price is at most {MAX_PRICE} minor units an hour"),
+        ));
+    }
+    Ok(())
+}
+
 /// Why a market request failed; the API maps each to a status.
 #[derive(Debug, thiserror::Error)]
 pub enum MarketError {

@@ -665,14 +665,16 @@ impl Metering {
             .reservations_in(period.from_ms, period.to_ms)
             .await?
         {
-            // A spot host pays the clearing price in force over each stretch.
+            // A spot host pays the clearing price in force over each stretch, never
+            // more than its bid's maximum.
             let charges = if r.mode == surplus_market::resell::PricingMode::Spot {
                 let prices = self
                     .app
                     .store
                     .spot_prices(&r.listing, period.from_ms, period.to_ms)
                     .await?;
-                r.charges_at(&prices, period.from_ms, period.to_ms, now)
+                let cap = self.app.store.bid_of(r.id).await?.map(|b| b.bid.max_price);
+                r.charges_at(&prices, cap, period.from_ms, period.to_ms, now)
             } else {
                 r.charge(period.from_ms, period.to_ms, now)
                     .into_iter()

@@ -955,6 +955,24 @@ async fn outbid_on_the_spot_market_the_agent_stops_the_instance_when_the_grace_e
     // A second later Carol outbids her: the price is Alice's maximum, the highest
     // losing bid, and Alice is given notice with the listing's grace (3 s).
     controller_clock.advance_ms(1_000);
+    // Carol is prepaid: her bid holds its maximum for an hour until it wins.
+    let (status, _) = tc
+        .api_as(
+            &tc.admin_token,
+            Method::PUT,
+            "/v1/ledger/accounts/client:carol",
+            Some(json!({"allow_negative": false})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let funds = 20 * MINIMUM;
+    let (status, paid) = tc
+        .api_post(
+            "/v1/payments",
+            json!({"account": "carol", "currency": "EUR", "amount": funds, "kind": "topup", "key": "carol-1"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{paid}");
     let (status, c) = tc
         .api_as(
             &carol,
@@ -965,6 +983,15 @@ async fn outbid_on_the_spot_market_the_agent_stops_the_instance_when_the_grace_e
         .await;
     assert_eq!(status, 201, "{c}");
     let c_id = c["bid"]["id"].as_str().unwrap().to_owned();
+    let (_, balances) = tc.api_get("/v1/ledger/balances").await;
+    assert_eq!(
+        (
+            balance_of(&balances, "client:carol"),
+            balance_of(&balances, "hold:carol")
+        ),
+        (funds - 3 * MINIMUM, 3 * MINIMUM),
+        "{balances}"
+    );
     let (_, cleared) = tc.api_as(&bob, POST, "/v1/spot/lst-spot/clear", None).await;
     assert_eq!(cleared["price"], 2 * MINIMUM, "{cleared}");
     let (_, r) = tc
@@ -1037,6 +1064,15 @@ async fn outbid_on_the_spot_market_the_agent_stops_the_instance_when_the_grace_e
         )
         .await;
     assert_eq!(status, 200, "the host is Carol's now: {ran}");
+    let (_, balances) = tc.api_get("/v1/ledger/balances").await;
+    assert_eq!(
+        (
+            balance_of(&balances, "client:carol"),
+            balance_of(&balances, "hold:carol")
+        ),
+        (funds, 0),
+        "her bid won: what it held is hers again, and her host is billed as used: {balances}"
+    );
     let (_, history) = tc
         .api_as(&carol, GET, "/v1/pricing/history?kind=spot", None)
         .await;

@@ -19,7 +19,8 @@
 //! - **Bids are judged when they are made**, never at the close: a bid before the start
 //!   is refused (`not_started`), a bid at or after the end, or after a buy-now or a
 //!   Dutch take ended the auction, is refused (`ended`), a bid whose id is already in
-//!   the auction is refused (`duplicate_bid`, so a retried request is recognised), a
+//!   the auction or was replaced in it is refused (`duplicate_bid`, so a retried
+//!   request is recognised), a
 //!   bid without a bidder is refused (`bidder`), and a bid below the provider minimum
 //!   is refused (`provider_minimum`) before any rule of the engine is asked. A refusal
 //!   names its rule and the numbers, and changes nothing.
@@ -279,6 +280,10 @@ pub struct Auction {
     /// bidder's later one is gone). Sealed amounts are here: show clients
     /// [`Auction::public_view`], not this.
     pub bids: Vec<PlacedBid>,
+    /// The ids of sealed bids replaced by their bidder's later one: a replaced bid
+    /// sent again is a `duplicate_bid` too, not a new bid.
+    #[serde(default)]
+    pub replaced: Vec<Uuid>,
     /// When a buy-now or a Dutch take ended it before its end time.
     pub ended_early_at_ms: Option<UnixMillis>,
     /// Its outcome, once closed.
@@ -361,6 +366,7 @@ impl Auction {
             starts_at_ms,
             ends_at_ms,
             bids: Vec::new(),
+            replaced: Vec::new(),
             ended_early_at_ms: None,
             outcome: None,
         })
@@ -443,7 +449,7 @@ impl Auction {
             }
             Phase::Open => {}
         }
-        if self.bids.iter().any(|b| b.id == bid.id) {
+        if self.bids.iter().any(|b| b.id == bid.id) || self.replaced.contains(&bid.id) {
             return Err(refuse(
                 "duplicate_bid",
                 format!("bid {} was made already", bid.id),
@@ -536,6 +542,7 @@ impl Auction {
                 }
                 let earlier = self.bids.iter().position(|b| b.bidder == placed.bidder);
                 let superseded = earlier.map(|i| self.bids.remove(i).id);
+                self.replaced.extend(superseded);
                 self.bids.push(placed);
                 Ok(Accepted {
                     bid: bid.id,
@@ -1314,6 +1321,10 @@ mod tests {
         s.handle_bid(1_150, bid(2, "b", 250)).unwrap();
         let replaced = s.handle_bid(1_200, bid(3, "a", 300)).unwrap();
         assert_eq!(replaced.superseded, Some(id(1)), "the bidder's earlier bid");
+        assert_eq!(s.bids.len(), 2);
+        // The replaced bid sent again (a late retry) does not come back.
+        let again = s.handle_bid(1_300, bid(1, "a", 250)).unwrap_err();
+        assert_eq!(again.rule, "duplicate_bid");
         assert_eq!(s.bids.len(), 2);
     }
 

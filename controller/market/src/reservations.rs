@@ -257,11 +257,14 @@ impl Reservation {
     /// clearing prices of its class (rule 6 with the price of each period): `prices`
     /// are the clearings as (instant, price), and the price in force at an instant is
     /// that of the last clearing at or before it (its own `price`, the clearing that
-    /// gave it the host, before the first). One charge per stretch of one price, in
-    /// time order, each rounded half up; none for a stretch that owes nothing.
+    /// gave it the host, before the first), and never more than `cap` (the bid's
+    /// maximum: a holder given notice because the price passed its maximum pays no
+    /// more than its maximum through the grace). One charge per stretch of one price,
+    /// in time order, each rounded half up; none for a stretch that owes nothing.
     pub fn charges_at(
         &self,
         prices: &[(UnixMillis, Price)],
+        cap: Option<Price>,
         from_ms: UnixMillis,
         to_ms: UnixMillis,
         now_ms: UnixMillis,
@@ -271,14 +274,16 @@ impl Reservation {
         if hi <= lo {
             return Vec::new();
         }
-        let mut points: Vec<(UnixMillis, Price)> = prices.to_vec();
+        let capped = |p: Price| cap.map_or(p, |c| p.min(c));
+        let mut points: Vec<(UnixMillis, Price)> =
+            prices.iter().map(|(at, p)| (*at, capped(*p))).collect();
         points.sort();
         // The stretches of one price within [lo, hi).
         let mut price = points
             .iter()
             .rev()
             .find(|(at, _)| *at <= lo)
-            .map_or(self.price, |(_, p)| *p);
+            .map_or(capped(self.price), |(_, p)| *p);
         let mut stretches: Vec<(i64, Price)> = Vec::new();
         let mut at = lo;
         for (t, p) in points.iter().filter(|(t, _)| *t > lo && *t < hi) {
@@ -788,7 +793,7 @@ mod tests {
                 .unwrap()
                 .remove(0);
             let got: Vec<(i64, i64, i64)> = r
-                .charges_at(&prices, from, to, 2 * H)
+                .charges_at(&prices, None, from, to, 2 * H)
                 .iter()
                 .map(|c| {
                     (
@@ -800,13 +805,26 @@ mod tests {
                 .collect();
             assert_eq!(got, want, "{name}");
         }
+        // Never above the cap: 30 until half way, then 50 capped at 40.
+        let r = Book::default()
+            .handle_reserve(0, request(vec![id(1)], "alice", PriceBased, None), &[id(9)])
+            .unwrap()
+            .remove(0);
+        let capped: Vec<(i64, i64)> = r
+            .charges_at(&[(0, 30), (H / 2, 50)], Some(40), 0, H, 2 * H)
+            .iter()
+            .map(|c| (c.rate, c.amount))
+            .collect();
+        assert_eq!(capped, [(30, 15), (40, 20)]);
         // With one price throughout it is the plain charge.
         let r = Book::default()
             .handle_reserve(0, request(vec![id(1)], "alice", PriceBased, None), &[id(9)])
             .unwrap()
             .remove(0);
         assert_eq!(
-            r.charges_at(&[], 0, H / 3, H).first().map(|c| c.amount),
+            r.charges_at(&[], None, 0, H / 3, H)
+                .first()
+                .map(|c| c.amount),
             r.charge(0, H / 3, H).map(|c| c.amount)
         );
     }

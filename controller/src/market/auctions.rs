@@ -20,7 +20,7 @@ use super::{
     ChangeSet, Listing, Market, MarketError, Notice, Principal, Role, invalid, made_changes,
     require_client,
 };
-use crate::store::{AuctionInputs, AuctionStep, HoldChange, StoredAuction};
+use crate::store::{AuctionInputs, AuctionStep, HoldChange, StoreError, StoredAuction};
 
 /// Most auctions one listing answers with.
 pub const LIST_LIMIT: u32 = 500;
@@ -159,6 +159,7 @@ impl Market {
         body: AuctionBidRequest,
     ) -> Result<AuctionView, MarketError> {
         require_client(caller)?;
+        super::check_price("amount", body.amount)?;
         let bid_id = match &body.client_token {
             Some(t) if t.is_empty() || t.len() > 64 || t.chars().any(char::is_control) => {
                 return Err(invalid(
@@ -176,7 +177,7 @@ impl Market {
             .await?
             .ok_or_else(|| MarketError::NotFound(format!("auction {id} not found")))?;
         // A retry of a bid the auction took is answered as it stands.
-        if a.auction.bids.iter().any(|b| b.id == bid_id) {
+        if a.auction.bids.iter().any(|b| b.id == bid_id) || a.auction.replaced.contains(&bid_id) {
             return self.auction(id).await;
         }
         let listing = self
@@ -208,37 +209,61 @@ impl Market {
             currency: listing.currency.clone(),
             amount: i64::try_from(body.amount).unwrap_or(i64::MAX),
         });
-        let changes = |step: &AuctionStep| {
-            let mut set = step_changes(&listing, step);
-            // Placed before anything is given back (the bid may close the auction).
-            if let Some(h) = &hold {
-                set.holds.insert(0, h.clone());
-            }
-            set
-        };
-        let step = self
+        let changes = |step: &AuctionStep| step_changes(&listing, step, hold.clone());
+        let step = match self
             .app
             .store
             .bid_auction(id, bid, inputs, &changes, now)
-            .await??;
+            .await?
+        {
+            Ok(step) => step,
+            // Raced a retry of itself: the other attempt placed it.
+            Err(r) if r.rule == "duplicate_bid" && body.client_token.is_some() => {
+                return self.auction(id).await;
+            }
+            Err(r) => return Err(r.into()),
+        };
         tracing::info!(auction = %id, bidder = %caller.account, amount = body.amount, closed = step.closed.is_some(), "auction bid accepted");
         Ok(view(step.auction, &listing.currency, now))
     }
 
-    /// Closes the auctions due at `now` (the tick's part); one that fails does not
-    /// hold up the others.
+    /// Closes the auctions due at `now` (the tick's part), reading each listing's
+    /// terms and hosts on offer once; one that fails does not hold up the others.
     pub(super) async fn close_due(
         &self,
         due: Vec<(String, Uuid)>,
         listings: &BTreeMap<String, Listing>,
         now: UnixMillis,
     ) {
-        for (listing, id) in due {
-            let Some(listing) = listings.get(&listing) else {
+        let mut by_listing: BTreeMap<&str, Vec<Uuid>> = BTreeMap::new();
+        for (listing, id) in &due {
+            by_listing.entry(listing).or_default().push(*id);
+        }
+        for (id, auctions) in by_listing {
+            let Some(listing) = listings.get(id) else {
                 continue;
             };
-            if let Err(e) = self.close_auction(listing, id, now).await {
-                tracing::warn!(auction = %id, error = %e, "closing an auction");
+            let read = async {
+                let (_, goal) = self.terms_of(listing).await?;
+                let available = self.hosts_on_offer(listing).await?;
+                Ok::<_, StoreError>((goal, available))
+            };
+            let (goal, available) = match read.await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(listing = %id, error = %e, "closing auctions");
+                    continue;
+                }
+            };
+            for auction in auctions {
+                let inputs = AuctionInputs {
+                    available: &available,
+                    goal,
+                    interruptibility: listing.interruptibility,
+                };
+                if let Err(e) = self.close_auction(listing, auction, inputs, now).await {
+                    tracing::warn!(auction = %auction, error = %e, "closing an auction");
+                }
             }
         }
     }
@@ -247,16 +272,10 @@ impl Market {
         &self,
         listing: &Listing,
         id: Uuid,
+        inputs: AuctionInputs<'_>,
         now: UnixMillis,
     ) -> Result<Option<AuctionStep>, MarketError> {
-        let (_, goal) = self.terms_of(listing).await?;
-        let available = self.hosts_on_offer(listing).await?;
-        let inputs = AuctionInputs {
-            available: &available,
-            goal,
-            interruptibility: listing.interruptibility,
-        };
-        let changes = |step: &AuctionStep| step_changes(listing, step);
+        let changes = |step: &AuctionStep| step_changes(listing, step, None);
         let step = self
             .app
             .store
@@ -288,11 +307,13 @@ fn auction_hold(bid: Uuid) -> String {
 }
 
 /// What an auction's step changes beside its row: the bidder it outbid is told and
-/// its hold given back; at the close, every hold is given back (the winner's
-/// reservation is billed as it is used), the sale's price goes into the pricing
-/// history, the winner and the provider are told (the provider with the price, as
-/// for any reservation), or the winner learns that no host was free to give.
-fn step_changes(listing: &Listing, step: &AuctionStep) -> ChangeSet {
+/// its hold given back (before the new bid's hold, `placed`, is taken: a sealed
+/// bidder replacing its own bid needs the funds of one of them, not both); at the
+/// close, every hold is given back (the winner's reservation is billed as it is
+/// used), the sale's price goes into the pricing history, the winner and the
+/// provider are told (the provider with the price, as for any reservation), or the
+/// winner learns that no host was free to give.
+fn step_changes(listing: &Listing, step: &AuctionStep, placed: Option<HoldChange>) -> ChangeSet {
     let a = &step.auction.auction;
     let mut set = match &step.made {
         Some(r) => made_changes(listing, std::slice::from_ref(r), None, 0),
@@ -303,6 +324,7 @@ fn step_changes(listing: &Listing, step: &AuctionStep) -> ChangeSet {
             key: auction_hold(old),
         });
     }
+    set.holds.extend(placed);
     if step.closed.is_some() {
         for b in &a.bids {
             set.holds.push(HoldChange::Release {

@@ -41,7 +41,7 @@ impl Market {
     /// when it is made if its maximum is below the provider minimum, its quantity is
     /// zero or too large, or it is all-or-nothing for more hosts than the listing
     /// has. A prepaid client's bid holds its maximum for every host for an hour (402
-    /// without the funds). With a client token, a retry answers with the bid placed the first time.
+    /// without the funds) until it wins hosts or is cancelled. With a client token, a retry answers with the bid placed the first time.
     /// `true` when it was placed now.
     pub async fn bid(
         &self,
@@ -56,6 +56,7 @@ impl Market {
                 format!("{quantity}: a bid is for 1 to {MAX_QUANTITY} hosts"),
             ));
         }
+        super::check_price("max_price", body.max_price)?;
         let id = match &body.client_token {
             Some(t) => {
                 if t.is_empty() || t.len() > 64 || t.chars().any(char::is_control) {
@@ -92,7 +93,8 @@ impl Market {
         surplus_market::spot::check_bid(&bid, supply.as_ref().map(|(s, _)| s))?;
         // A prepaid client's bid holds its maximum for every host for an hour, in the
         // bid's transaction (refused, with nothing stored, without the funds); the
-        // hold is given back when the bid is cancelled. Hosts won are billed as used.
+        // hold is given back when the bid first wins hosts (they are billed as they
+        // are used) or is cancelled.
         let mut changes = ChangeSet::default();
         if self.prepaid(caller, &listing.currency).await? {
             let amount = body.max_price.saturating_mul(u64::from(quantity));
@@ -428,17 +430,19 @@ fn spot_reservation_id(listing: &str, bid: Uuid, at_ms: UnixMillis, n: u32) -> U
 }
 
 /// Whether a clearing's price goes into the pricing history: when it gave hosts
-/// (every spot reservation has a point at its start), or when someone holds or wins
-/// capacity and the price differs from the clearing before or the hour changed since
-/// (so a steady price still draws a point an hour on the chart). Billing reads the
-/// price in force from these points: a holder pays the price of the last point at or
-/// before each instant, which is the clearing price whenever someone holds a host.
+/// (every spot reservation has a point at its start), or when a spot reservation
+/// holds a host and the price differs from the clearing before or the hour changed
+/// since (so a steady price still draws a point an hour on the chart). A clearing
+/// with nobody holding is left out, and the next one that gives hosts records its
+/// price. So while anyone holds a host, every change of price is a point, and
+/// billing, which charges the last point at or before each instant (never above
+/// the holder's maximum), charges the clearing price.
 fn recorded(c: &SpotCleared, class: &surplus_market::spot::ClassClearing) -> bool {
     const HOUR_MS: i64 = 3_600_000;
     let changed = c.previous.is_none_or(|(at, price)| {
         price != class.price || at.div_euclid(HOUR_MS) != c.cleared.at_ms.div_euclid(HOUR_MS)
     });
-    !c.made.is_empty() || ((class.allocated() > 0 || !c.noticed.is_empty()) && changed)
+    !c.made.is_empty() || (c.holding > 0 && changed)
 }
 
 /// What a clearing changes beside its rows: the clearing price in the history (see
@@ -462,6 +466,15 @@ fn cleared_changes(listing: &Listing, c: &SpotCleared) -> ChangeSet {
             currency: listing.currency.clone(),
             price: class.price,
             at_ms: c.cleared.at_ms,
+        });
+    }
+    // A bid that won hosts has what it held given back: its hosts are billed as
+    // they are used.
+    let mut winners: Vec<Uuid> = c.won.clone();
+    winners.dedup();
+    for bid in winners {
+        set.holds.push(HoldChange::Release {
+            key: spot_hold(bid),
         });
     }
     for (r, n) in &c.noticed {

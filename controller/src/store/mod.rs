@@ -1461,7 +1461,8 @@ pub struct SpotRow {
 /// What a clearing needs that is not in the market's rows: the shell reads it.
 pub struct SpotInputs<'a> {
     /// The class's supply now (`None`: the listing sells no spot capacity now, and the
-    /// clearing changes no host).
+    /// clearing changes no host). Its capacity is counted again under the listing's
+    /// lock: the hosts of `available` that no other kind of reservation holds.
     pub supply: Option<surplus_market::spot::Supply>,
     /// The listing's hosts on offer (listed and online).
     pub available: &'a [Uuid],
@@ -1484,6 +1485,10 @@ pub struct SpotCleared {
     pub noticed: Vec<(Reservation, InterruptNotice)>,
     /// The clearing before it, if there was one: (when, its price).
     pub previous: Option<(UnixMillis, u64)>,
+    /// The bids that were given hosts.
+    pub won: Vec<Uuid>,
+    /// Spot reservations holding a host when it cleared (under notice or not).
+    pub holding: usize,
 }
 
 /// The spot market's rows (issue 16).
@@ -1543,8 +1548,11 @@ pub trait SpotStore: Send + Sync + std::fmt::Debug + 'static {
         now_ms: UnixMillis,
     ) -> Result<Option<SpotCleared>, PostError>;
 
-    /// The live reservations a bid holds.
+    /// The reservations a bid was given, oldest first.
     async fn bid_reservations(&self, bid: Uuid) -> Result<Vec<Reservation>, StoreError>;
+
+    /// The bid a spot reservation's host was given to.
+    async fn bid_of(&self, reservation: Uuid) -> Result<Option<StoredBid>, StoreError>;
 
     /// A listing's spot clearing prices in force during `[from_ms, to_ms)`, as
     /// (instant, price): those within it and the last one before it.

@@ -2764,11 +2764,24 @@ macro_rules! sql_stores {
                     .map_err(StoreError::from)?;
                 let stored: Vec<StoredBid> = bid_rows.iter().map(stored_bid).collect::<Result<_, _>>()?;
                 let previous_next: i64 = row.try_get("next_clearing_at_ms").map_err(StoreError::from)?;
+                // The capacity as it is now, under the lock: the hosts on offer that
+                // no other kind of reservation holds.
+                let mut book = read_live_book(&mut tx, listing, &[]).await?;
+                let taken: std::collections::BTreeSet<Uuid> = book
+                    .reservations()
+                    .filter(|r| r.mode != surplus_market::resell::PricingMode::Spot && r.holds_from(now_ms))
+                    .map(|r| r.host)
+                    .collect();
+                let on_offer: std::collections::BTreeSet<&Uuid> = inputs.available.iter().filter(|h| !taken.contains(h)).collect();
+                let supply = inputs.supply.clone().map(|mut s| {
+                    s.capacity = u32::try_from(on_offer.len()).unwrap_or(u32::MAX);
+                    s
+                });
                 let mut market = spot::SpotMarket {
                     period_ms: row.try_get("period_ms").map_err(StoreError::from)?,
                     next_clearing_at_ms: previous_next,
                     requested_at_ms: row.try_get("requested_at_ms").map_err(StoreError::from)?,
-                    supplies: inputs.supply.clone().into_iter().collect(),
+                    supplies: supply.clone().into_iter().collect(),
                     bids: stored.iter().map(|b| b.bid.clone()).collect(),
                     last: last.as_deref().map(|l| parse_json(l, "spot clearing")).transpose()?,
                 };
@@ -2792,7 +2805,9 @@ macro_rules! sql_stores {
                 }
                 let mut made = Vec::new();
                 let mut noticed = Vec::new();
-                if let (Some(_), Some(class)) = (&inputs.supply, &class) {
+                let mut won = Vec::new();
+                let mut holding = 0;
+                if let (Some(_), Some(class)) = (&supply, &class) {
                     let rows = sqlx::query("SELECT a.bid, r.record, i.reservation AS noticed FROM spot_allocations a JOIN reservations r ON r.id = a.reservation LEFT JOIN interruptions i ON i.reservation = a.reservation WHERE a.listing = $1 AND r.ended = 0")
                         .bind(listing)
                         .fetch_all(&mut *tx)
@@ -2813,7 +2828,7 @@ macro_rules! sql_stores {
                             noticed: noticed.is_some(),
                         });
                     }
-                    let mut book = read_live_book(&mut tx, listing, &[]).await?;
+                    holding = held.len();
                     let free = book.free(now_ms, inputs.available);
                     let assignment = spot::assign(class, &market.bids, &held, &free);
                     for (id, why) in &assignment.notices {
@@ -2866,6 +2881,7 @@ macro_rules! sql_stores {
                                         .map_err(StoreError::from)?;
                                     made.push(r);
                                 }
+                                won.push(*bid_id);
                             }
                             Err(refusal) => tracing::warn!(bid = %bid_id, %refusal, "spot hosts not given"),
                         }
@@ -2886,7 +2902,7 @@ macro_rules! sql_stores {
                             .map_err(StoreError::from)?;
                     }
                 }
-                let result = SpotCleared { cleared, made, noticed, previous };
+                let result = SpotCleared { cleared, made, noticed, previous, won, holding };
                 apply_in(&mut tx, &changes(&result), now_ms).await?;
                 tx.commit().await.map_err(StoreError::from)?;
                 Ok(Some(result))
@@ -2898,6 +2914,16 @@ macro_rules! sql_stores {
                     .fetch_all(self.reader())
                     .await?;
                 records.iter().map(|r| parse_json(r, "reservation")).collect()
+            }
+
+            async fn bid_of(&self, reservation: Uuid) -> Result<Option<StoredBid>, StoreError> {
+                sqlx::query("SELECT b.record, b.cancelled_at_ms, b.allocated FROM spot_allocations a JOIN spot_bids b ON b.id = a.bid WHERE a.reservation = $1")
+                    .bind(reservation.to_string())
+                    .fetch_optional(self.reader())
+                    .await?
+                    .as_ref()
+                    .map(stored_bid)
+                    .transpose()
             }
 
             async fn spot_prices(&self, listing: &str, from_ms: UnixMillis, to_ms: UnixMillis) -> Result<Vec<(UnixMillis, u64)>, StoreError> {
