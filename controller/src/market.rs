@@ -951,6 +951,23 @@ impl Market {
         Ok(out)
     }
 
+    /// The holder's instances on a reservation's host, not terminated.
+    async fn holder_instances(&self, r: &Reservation) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .app
+            .store
+            .agent_instances(r.host)
+            .await?
+            .into_iter()
+            .filter(|i| {
+                i.account == r.holder
+                    && i.owner_role == Role::Client
+                    && i.record.state != surplus_protocol::control::InstanceState::Terminated
+            })
+            .map(|i| i.record.id)
+            .collect())
+    }
+
     /// Who may use `host` for `caller` now (run, start, reboot, modify, snapshot:
     /// what keeps or adds work there): `Ok(Some(r))` for the holder of its reservation
     /// `r`; `Err` (403) for anyone else while it is reserved, and for everyone on a

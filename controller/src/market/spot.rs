@@ -7,8 +7,8 @@
 //! the engine's ([`surplus_market::spot::clear`], [`surplus_market::spot::assign`]);
 //! this module reads the supply, has the store clear the market in one transaction
 //! under the listing's lock while its timer row is due (so a clearing happens once
-//! however many controllers poll), and then tells each noticed host's agent which
-//! instances to stop at the deadline.
+//! however many controllers poll), telling each noticed holder, and its host's agent
+//! which instances to stop at the deadline, in the clearing's transaction.
 //!
 //! A host a bid wins is a reservation (mode `spot`, price-based), used and billed like
 //! any other: its holder's instances run there, and a billing run charges it the
@@ -380,38 +380,7 @@ impl Market {
         if let Some(class) = cleared.cleared.clearing.class(&listing.id) {
             tracing::info!(listing = %listing.id, price = class.price, capacity = class.capacity, allocated = class.allocated(), made = cleared.made.len(), noticed = cleared.noticed.len(), "spot market cleared");
         }
-        // The agents of the hosts taken back learn which instances to stop at the
-        // deadline (after the clearing committed: a crash between the two leaves the
-        // tick to stop them once the reservation ended).
-        if !cleared.noticed.is_empty() {
-            let mut set = ChangeSet::default();
-            for (r, n) in &cleared.noticed {
-                let instances = self.holder_instances(r).await?;
-                set.notices.push(agent_notice(r, n, instances));
-            }
-            self.app.store.apply_changes(&set, now).await?;
-        }
         Ok(Some(cleared))
-    }
-
-    /// The holder's instances on a reservation's host, not terminated.
-    pub(super) async fn holder_instances(
-        &self,
-        r: &Reservation,
-    ) -> Result<Vec<String>, StoreError> {
-        Ok(self
-            .app
-            .store
-            .agent_instances(r.host)
-            .await?
-            .into_iter()
-            .filter(|i| {
-                i.account == r.holder
-                    && i.owner_role == Role::Client
-                    && i.record.state != surplus_protocol::control::InstanceState::Terminated
-            })
-            .map(|i| i.record.id)
-            .collect())
     }
 }
 
@@ -446,8 +415,9 @@ fn recorded(c: &SpotCleared, class: &surplus_market::spot::ClassClearing) -> boo
 }
 
 /// What a clearing changes beside its rows: the clearing price in the history (see
-/// [`recorded`]), the provider's notice of each host given (with the price), and the
-/// holder's notice of each host taken back.
+/// [`recorded`]), the provider's notice of each host given (with the price), the
+/// holds of bids that won given back, and the notice of each host taken back to its
+/// holder and to its agent (with the instances it stops at the deadline).
 fn cleared_changes(listing: &Listing, c: &SpotCleared) -> ChangeSet {
     let mut set = made_changes(listing, &c.made, None, 0);
     if let Some(class) = c
@@ -484,6 +454,8 @@ fn cleared_changes(listing: &Listing, c: &SpotCleared) -> ChangeSet {
             kind: "reservation.interrupting".into(),
             body: notice_body(r, n),
         });
+        let instances = c.stopping.get(&r.id).cloned().unwrap_or_default();
+        set.notices.push(agent_notice(r, n, instances));
     }
     set
 }

@@ -1485,6 +1485,9 @@ pub struct SpotCleared {
     pub noticed: Vec<(Reservation, InterruptNotice)>,
     /// The clearing before it, if there was one: (when, its price).
     pub previous: Option<(UnixMillis, u64)>,
+    /// The holder's instances (not terminated) on each noticed reservation's host, by
+    /// reservation: what its agent stops at the deadline.
+    pub stopping: BTreeMap<Uuid, Vec<String>>,
     /// The bids that were given hosts.
     pub won: Vec<Uuid>,
     /// Spot reservations holding a host when it cleared (under notice or not).

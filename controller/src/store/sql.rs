@@ -2806,6 +2806,7 @@ macro_rules! sql_stores {
                 let mut made = Vec::new();
                 let mut noticed = Vec::new();
                 let mut won = Vec::new();
+                let mut stopping = std::collections::BTreeMap::new();
                 let mut holding = 0;
                 if let (Some(_), Some(class)) = (&supply, &class) {
                     let rows = sqlx::query("SELECT a.bid, r.record, i.reservation AS noticed FROM spot_allocations a JOIN reservations r ON r.id = a.reservation LEFT JOIN interruptions i ON i.reservation = a.reservation WHERE a.listing = $1 AND r.ended = 0")
@@ -2852,6 +2853,22 @@ macro_rules! sql_stores {
                             .map_err(StoreError::from)?
                             .rows_affected();
                         if inserted > 0 {
+                            // What the host's agent stops at the deadline, told in this
+                            // same transaction.
+                            let ids: Vec<String> = sqlx::query("SELECT * FROM instances WHERE agent_id = $1 AND account = $2 AND owner_role = 'client' ORDER BY created_at_ms, id")
+                                .bind(r.host.to_string())
+                                .bind(&r.holder)
+                                .fetch_all(&mut *tx)
+                                .await
+                                .map_err(StoreError::from)?
+                                .iter()
+                                .map(instance_from_row)
+                                .collect::<Result<Vec<_>, _>>()?
+                                .into_iter()
+                                .filter(|i| i.record.state != surplus_protocol::control::InstanceState::Terminated)
+                                .map(|i| i.record.id)
+                                .collect();
+                            stopping.insert(r.id, ids);
                             noticed.push((r, notice));
                         }
                     }
@@ -2902,7 +2919,7 @@ macro_rules! sql_stores {
                             .map_err(StoreError::from)?;
                     }
                 }
-                let result = SpotCleared { cleared, made, noticed, previous, won, holding };
+                let result = SpotCleared { cleared, made, noticed, previous, stopping, won, holding };
                 apply_in(&mut tx, &changes(&result), now_ms).await?;
                 tx.commit().await.map_err(StoreError::from)?;
                 Ok(Some(result))
