@@ -48,6 +48,7 @@ pub mod listings;
 pub mod offers;
 pub mod outbox;
 pub mod pipeline;
+pub mod pool;
 pub mod quality;
 pub mod quote;
 pub mod records;
