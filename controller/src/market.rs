@@ -1,5 +1,6 @@
 //! The buying side's shell (issue 16): offers, quotes, reservations, their ends, and
-//! who may control a reserved host.
+//! who may control a reserved host; the spot market (`market::spot`) and auctions
+//! (`market::auctions`) make reservations of the hosts they sell.
 //!
 //! Thin around `surplus_market`: the offers and their prices are
 //! `surplus_market::offers`, quotes and terms `surplus_market::quote`, the book of
@@ -664,8 +665,8 @@ impl Market {
         Ok(self.view(r).await?)
     }
 
-    /// Records the interruptions and terms that ended and clears the spot markets due
-    /// (the first half of a tick; [`drive`] then has the control path stop what ran
+    /// Records the interruptions and terms that ended, closes the auctions and clears
+    /// the spot markets due (the first half of a tick; [`drive`] then has the control path stop what ran
     /// on hosts whose holders hold them no more).
     pub async fn tick(&self) -> Result<Vec<Ended>, MarketError> {
         let now = self.now();
