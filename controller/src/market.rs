@@ -1132,19 +1132,36 @@ fn made_changes(
         });
     }
     if let Some(q) = quote {
-        set.prices.push(surplus_market::history::PricePoint {
-            id: format!("quote:{}", q.id),
-            kind: surplus_market::history::PriceKind::Quote,
-            listing: listing.id.clone(),
-            provider: listing.provider.clone(),
-            zone: listing.zone.clone(),
-            category: listing.category.clone(),
-            currency: listing.currency.clone(),
-            price: q.price,
-            at_ms: made.first().map_or(q.issued_at_ms, |r| r.starts_at_ms),
-        });
+        set.prices.push(price_point(
+            listing,
+            surplus_market::history::PriceKind::Quote,
+            format!("quote:{}", q.id),
+            q.price,
+            made.first().map_or(q.issued_at_ms, |r| r.starts_at_ms),
+        ));
     }
     set
+}
+
+/// A price `listing` sold at, for the pricing history.
+fn price_point(
+    listing: &Listing,
+    kind: surplus_market::history::PriceKind,
+    id: String,
+    price: u64,
+    at_ms: UnixMillis,
+) -> surplus_market::history::PricePoint {
+    surplus_market::history::PricePoint {
+        id,
+        kind,
+        listing: listing.id.clone(),
+        provider: listing.provider.clone(),
+        zone: listing.zone.clone(),
+        category: listing.category.clone(),
+        currency: listing.currency.clone(),
+        price,
+        at_ms,
+    }
 }
 
 /// The notices of an interruption: to the holder (outbox, API, console, webhook) and

@@ -242,15 +242,7 @@ impl Reservation {
         if held <= 0 {
             return None;
         }
-        let rate = i64::try_from(self.price).unwrap_or(i64::MAX);
-        let amount = crate::billing::prorate(rate, held as u128, HOUR_MS as u128);
-        (amount > 0).then(|| crate::billing::Charge {
-            meter: "host_hours".into(),
-            quantity: held as f64 / HOUR_MS as f64,
-            unit: "host-hour".into(),
-            rate,
-            amount,
-        })
+        host_hours("host_hours", held, self.price)
     }
 
     /// What a spot reservation owes for `[from_ms, to_ms)` as of `now_ms` at the
@@ -296,17 +288,7 @@ impl Reservation {
         stretches.push((hi - at, price));
         stretches
             .into_iter()
-            .filter_map(|(held, price)| {
-                let rate = i64::try_from(price).unwrap_or(i64::MAX);
-                let amount = crate::billing::prorate(rate, held as u128, HOUR_MS as u128);
-                (amount > 0).then(|| crate::billing::Charge {
-                    meter: "spot_host_hours".into(),
-                    quantity: held as f64 / HOUR_MS as f64,
-                    unit: "host-hour".into(),
-                    rate,
-                    amount,
-                })
-            })
+            .filter_map(|(held, price)| host_hours("spot_host_hours", held, price))
             .collect()
     }
 
@@ -320,6 +302,20 @@ impl Reservation {
             why,
         }
     }
+}
+
+/// `held_ms` of a host at `price` an hour under `meter`, rounded half up to a minor
+/// unit; `None` when that owes nothing.
+fn host_hours(meter: &str, held_ms: i64, price: Price) -> Option<crate::billing::Charge> {
+    let rate = i64::try_from(price).unwrap_or(i64::MAX);
+    let amount = crate::billing::prorate(rate, held_ms.max(0) as u128, HOUR_MS as u128);
+    (amount > 0).then(|| crate::billing::Charge {
+        meter: meter.into(),
+        quantity: held_ms as f64 / HOUR_MS as f64,
+        unit: "host-hour".into(),
+        rate,
+        amount,
+    })
 }
 
 /// A reservation that ended: the shell stops and terminates the holder's instances on

@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use super::{
     ChangeSet, Listing, Market, MarketError, Notice, Principal, Role, invalid, made_changes,
-    require_client,
+    price_point, require_client,
 };
 use crate::store::{AuctionInputs, AuctionStep, HoldChange, StoreError, StoredAuction};
 
@@ -347,17 +347,13 @@ fn step_changes(listing: &Listing, step: &AuctionStep, placed: Option<HoldChange
     }
     if let Some(o) = &step.closed {
         if let Some(w) = &o.winner {
-            set.prices.push(surplus_market::history::PricePoint {
-                id: format!("auction:{}", a.id),
-                kind: surplus_market::history::PriceKind::Auction,
-                listing: listing.id.clone(),
-                provider: listing.provider.clone(),
-                zone: listing.zone.clone(),
-                category: listing.category.clone(),
-                currency: listing.currency.clone(),
-                price: w.price,
-                at_ms: o.decided_at_ms,
-            });
+            set.prices.push(price_point(
+                listing,
+                surplus_market::history::PriceKind::Auction,
+                format!("auction:{}", a.id),
+                w.price,
+                o.decided_at_ms,
+            ));
             set.notices.push(Notice {
                 key: format!("auction.won:{}", a.id),
                 recipient: format!("client:{}", w.bidder),

@@ -29,7 +29,7 @@ use uuid::Uuid;
 
 use super::{
     ChangeSet, Listing, Market, MarketError, Notice, Principal, Reservation, Role, agent_notice,
-    invalid, made_changes, notice_body, require_client,
+    invalid, made_changes, notice_body, price_point, require_client,
 };
 use crate::store::{HoldChange, SpotCleared, SpotInputs, StoreError, StoredBid};
 
@@ -426,17 +426,13 @@ fn cleared_changes(listing: &Listing, c: &SpotCleared) -> ChangeSet {
         .class(&listing.id)
         .filter(|class| recorded(c, class))
     {
-        set.prices.push(surplus_market::history::PricePoint {
-            id: format!("spot:{}:{}", listing.id, c.cleared.at_ms),
-            kind: surplus_market::history::PriceKind::Spot,
-            listing: listing.id.clone(),
-            provider: listing.provider.clone(),
-            zone: listing.zone.clone(),
-            category: listing.category.clone(),
-            currency: listing.currency.clone(),
-            price: class.price,
-            at_ms: c.cleared.at_ms,
-        });
+        set.prices.push(price_point(
+            listing,
+            surplus_market::history::PriceKind::Spot,
+            format!("spot:{}:{}", listing.id, c.cleared.at_ms),
+            class.price,
+            c.cleared.at_ms,
+        ));
     }
     // A bid that won hosts has what it held given back: its hosts are billed as
     // they are used.
