@@ -41,6 +41,7 @@ pub mod acceptance;
 pub mod auction;
 pub mod billing;
 pub mod catalog;
+pub mod cohort;
 pub mod history;
 pub mod interrupt;
 pub mod ledger;

@@ -58,6 +58,7 @@ pub type Price = u64;
 
 /// A pool's allocation rules.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Policy {
     /// The least a bid may be.
     pub minimum: Price,
@@ -71,6 +72,7 @@ pub struct Policy {
 
 /// A user's request for slots.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Request {
     /// The request.
     pub id: Uuid,
@@ -86,6 +88,7 @@ pub struct Request {
 
 /// Why a request holds, waits or lost its slots.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "rule", rename_all = "snake_case")]
 pub enum Why {
     /// It holds all it asked for.
@@ -430,6 +433,529 @@ pub fn burst(
     Burst { units, cost, short }
 }
 
+/// How a pool prices what it allocates (the pool's bidding method).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(tag = "method", rename_all = "snake_case")]
+pub enum Method {
+    /// English, ascending: a bid may only be raised; each holder pays its own bid.
+    English,
+    /// Dutch, descending: the pool asks a price that falls by `step` each cycle that
+    /// ends with a slot free (from the maximum, down to the minimum) and rises by
+    /// `step` each cycle that ends with a request waiting; only bids at or above it
+    /// take part, and every holder pays it.
+    Dutch {
+        /// Change of the asking price per cycle.
+        step: Price,
+    },
+    /// Spot-like with a minimum: every holder pays the cycle's price, the best bid
+    /// left waiting (or the minimum when none waits), never above its own bid.
+    Spot,
+}
+
+/// Whether `method` lets a bid of `old` become `new` (made at any time; a bid below
+/// the minimum is kept, and takes no part in the cycles until raised).
+pub fn check_rebid(method: Method, old: Price, new: Price) -> Result<(), Refusal> {
+    if method == Method::English && new < old {
+        return Err(refuse(
+            "ascending",
+            format!("an English pool's bids only rise: {new} is below the bid {old}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The first asking price of a pool with `method` (the Dutch clock starts at the
+/// maximum, or at the minimum when uncapped).
+pub fn opening_price(method: Method, policy: &Policy) -> Price {
+    match method {
+        Method::Dutch { .. } => policy.maximum.unwrap_or(policy.minimum),
+        _ => policy.minimum,
+    }
+}
+
+/// One cycle under a bidding method: the admission, what each holder pays per
+/// slot-hour until the next cycle, and the asking price of the next cycle.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Cycle {
+    /// Who holds which slots, and why.
+    pub admission: Admission,
+    /// The price each request holding slots pays per slot-hour.
+    pub prices: BTreeMap<Uuid, Price>,
+    /// The asking price after this cycle.
+    pub asking: Price,
+}
+
+/// One allocation cycle under `method` ([`admit`] among the requests that take part,
+/// then the prices): under Dutch, a bid below `asking` takes no part in this cycle.
+#[allow(clippy::too_many_arguments)]
+pub fn cycle(
+    method: Method,
+    policy: &Policy,
+    asking: Price,
+    members: &BTreeSet<String>,
+    slots: &[Uuid],
+    requests: &[Request],
+    usage: &BTreeMap<String, f64>,
+    held: &BTreeMap<Uuid, Vec<Uuid>>,
+) -> Cycle {
+    let asking = asking.max(policy.minimum);
+    let taking: Vec<Request> = match method {
+        Method::Dutch { .. } => requests
+            .iter()
+            .filter(|r| r.bid >= asking)
+            .cloned()
+            .collect(),
+        _ => requests.to_vec(),
+    };
+    let admission = admit(policy, members, slots, &taking, usage, held);
+    let held_count = |id: &Uuid| admission.holds.get(id).map_or(0, |h| h.len() as u32);
+    let waiting_best = taking
+        .iter()
+        .filter(|r| admission.why.contains_key(&r.id) && held_count(&r.id) < r.count)
+        .map(|r| r.bid)
+        .max();
+    let free = slots
+        .len()
+        .saturating_sub(admission.holds.values().map(Vec::len).sum());
+    let mut prices = BTreeMap::new();
+    for r in &taking {
+        if held_count(&r.id) == 0 {
+            continue;
+        }
+        let price = match method {
+            Method::English => r.bid,
+            Method::Dutch { .. } => asking.min(r.bid),
+            Method::Spot => waiting_best
+                .unwrap_or(policy.minimum)
+                .max(policy.minimum)
+                .min(r.bid),
+        };
+        prices.insert(r.id, price);
+    }
+    let next = match method {
+        Method::Dutch { step } => {
+            let top = policy.maximum.unwrap_or(Price::MAX);
+            if free > 0 {
+                asking.saturating_sub(step).max(policy.minimum)
+            } else if waiting_best.is_some() {
+                asking.saturating_add(step).min(top)
+            } else {
+                asking
+            }
+        }
+        _ => policy.minimum,
+    };
+    Cycle {
+        admission,
+        prices,
+        asking: next,
+    }
+}
+
+/// What holding a slot from `from_ms` to `to_ms` at `price` per slot-hour costs, in
+/// minor units of the pool's currency, rounded half up.
+pub fn charge(price: Price, from_ms: UnixMillis, to_ms: UnixMillis) -> i64 {
+    let rate = i64::try_from(price).unwrap_or(i64::MAX);
+    let held = to_ms.saturating_sub(from_ms).max(0) as u128;
+    crate::billing::prorate(rate, held, 3_600_000)
+}
+
+/// A user's decayed usage at `now_ms` from the stretches its requests held slots
+/// (`(from, to)`, one per slot): each slot-hour counts half as much per
+/// `half_life_ms` that passed since it ended.
+pub fn usage_of(
+    stretches: &[(UnixMillis, UnixMillis)],
+    now_ms: UnixMillis,
+    half_life_ms: i64,
+) -> f64 {
+    stretches
+        .iter()
+        .map(|(from, to)| {
+            let to = (*to).min(now_ms);
+            let hours = to.saturating_sub(*from).max(0) as f64 / 3_600_000.0;
+            decay(hours, now_ms.saturating_sub(to), half_life_ms, 0.0)
+        })
+        .sum()
+}
+
+/// What a pool's currency is (each is a ledger currency).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum CurrencyKind {
+    /// Money in a named currency: users pay from their own balance in it.
+    Money,
+    /// The pool's own credits, issued by its owner to its users.
+    Credits,
+    /// Units such as CPU-hours, issued by its owner like credits.
+    Units,
+}
+
+/// A pool's burst policy as its owner stores it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct BurstSettings {
+    /// The owner's client account that holds (and pays for) what is burst into.
+    pub account: String,
+    /// The most a burst pays per host-hour, in `currency`.
+    pub max_price: Price,
+    /// The most bursts spend in a budget period, in `currency`.
+    pub budget: Price,
+    /// The money bursts are paid in (the market listing's currency).
+    pub currency: String,
+    /// The budget period.
+    pub period_ms: i64,
+    /// How long a burst is kept at least (and charged to the budget up front).
+    pub min_hours: u32,
+}
+
+/// A pool's settings (FIG. 11): its policy, bidding method, currency and timing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Settings {
+    /// The allocation rules.
+    pub policy: Policy,
+    /// The bidding method.
+    pub method: Method,
+    /// The ledger currency bids and charges are in.
+    pub currency: String,
+    /// What that currency is.
+    pub currency_kind: CurrencyKind,
+    /// How often allocations are re-decided.
+    pub cycle_ms: i64,
+    /// How long a user keeps a slot it lost.
+    pub notice_ms: i64,
+    /// Half-life of a user's usage in the fairness rank.
+    pub half_life_ms: i64,
+    /// The most users the pool admits.
+    pub max_users: u32,
+    /// The owner's burst policy, if any.
+    pub burst: Option<BurstSettings>,
+}
+
+/// Checks settings a pool owner gives, naming each bad field.
+pub fn check_settings(s: &Settings) -> Result<(), Vec<(&'static str, String)>> {
+    let mut bad = Vec::new();
+    if let Some(max) = s.policy.maximum.filter(|m| *m < s.policy.minimum) {
+        bad.push((
+            "maximum",
+            format!("{max} is below the minimum {}", s.policy.minimum),
+        ));
+    }
+    if s.policy.cap_per_user == Some(0) {
+        bad.push(("cap_per_user", "a cap is at least one slot".into()));
+    }
+    if let Method::Dutch { step } = s.method {
+        if s.policy.maximum.is_none() {
+            bad.push((
+                "maximum",
+                "a Dutch pool's clock starts at its maximum".into(),
+            ));
+        }
+        if step == 0 {
+            bad.push(("step", "a Dutch pool's price moves by at least 1".into()));
+        }
+    }
+    if let Err(e) = crate::ledger::validate_currency(&s.currency) {
+        bad.push(("currency", e));
+    }
+    for (field, ms, least) in [
+        ("cycle_ms", s.cycle_ms, 1_000),
+        ("notice_ms", s.notice_ms, 0),
+        ("half_life_ms", s.half_life_ms, 1),
+    ] {
+        if ms < least || ms > 366 * 86_400_000 {
+            bad.push((field, format!("{ms}: from {least} ms to a year")));
+        }
+    }
+    if s.max_users == 0 {
+        bad.push(("max_users", "a pool admits at least one user".into()));
+    }
+    if let Some(b) = &s.burst {
+        if let Err(e) = crate::ledger::validate_currency(&b.currency) {
+            bad.push(("burst.currency", e));
+        }
+        if b.period_ms < 60_000 || b.period_ms > 366 * 86_400_000 {
+            bad.push((
+                "burst.period_ms",
+                format!("{}: from a minute to a year", b.period_ms),
+            ));
+        }
+        if b.min_hours == 0 || b.min_hours > 8784 {
+            bad.push((
+                "burst.min_hours",
+                format!("{}: from 1 to 8784", b.min_hours),
+            ));
+        }
+    }
+    if bad.is_empty() { Ok(()) } else { Err(bad) }
+}
+
+/// The start of the budget period `now_ms` falls in.
+pub fn period_start(now_ms: UnixMillis, period_ms: i64) -> UnixMillis {
+    now_ms - now_ms.rem_euclid(period_ms.max(1))
+}
+
+/// What a slot is (the FIG. 10 list): kept as it was when it joined the pool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SlotFacts {
+    /// `reservation` (its pricing mode in `mode`) or `host`.
+    pub kind: String,
+    /// The reservation's pricing mode (`on_demand`, `reserved`, `spot`, ...).
+    pub mode: Option<String>,
+    /// The listing it was reserved from.
+    pub listing: Option<String>,
+    /// The instance type (size category).
+    pub instance_type: Option<String>,
+    /// CPUs and memory.
+    pub cpus: Option<u32>,
+    /// Memory in bytes.
+    pub memory_bytes: Option<u64>,
+    /// Operating system.
+    pub platform: Option<String>,
+    /// Zone.
+    pub zone: Option<String>,
+    /// Shared or dedicated host.
+    pub tenancy: String,
+    /// When its term ends, if it does.
+    pub until_ms: Option<UnixMillis>,
+}
+
+/// A slot as a cycle sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotState {
+    /// The slot (its reservation's id, or its host's).
+    pub id: Uuid,
+    /// When its owner's hold of it ends (a term's end), if it does.
+    pub until_ms: Option<UnixMillis>,
+    /// Whether it is leaving the pool (taken back by its owner).
+    pub leaving: bool,
+}
+
+/// A slot given to a request, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Allocation {
+    /// The allocation.
+    pub id: Uuid,
+    /// The request it serves.
+    pub request: Uuid,
+    /// The request's user.
+    pub user: String,
+    /// The slot.
+    pub slot: Uuid,
+    /// Per slot-hour, until repriced.
+    pub price: Price,
+    /// From when the user holds the slot (later than when it was made while the slot's
+    /// previous holder is under notice).
+    pub from_ms: UnixMillis,
+    /// When it ends, if known: the slot's term end, or the deadline of its notice.
+    pub until_ms: Option<UnixMillis>,
+    /// Whether it was given notice (it ends at `until_ms` and is kept no more).
+    pub noticed: bool,
+    /// Up to when it was charged.
+    pub charged_to_ms: UnixMillis,
+}
+
+impl Allocation {
+    /// Whether its user holds the slot at `now_ms`.
+    pub fn holds_at(&self, now_ms: UnixMillis) -> bool {
+        self.from_ms <= now_ms && self.until_ms.is_none_or(|u| u > now_ms)
+    }
+}
+
+/// An allocation a cycle makes (the shell gives it an id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Made {
+    /// The request served.
+    pub request: Uuid,
+    /// Its user.
+    pub user: String,
+    /// The slot.
+    pub slot: Uuid,
+    /// Per slot-hour.
+    pub price: Price,
+    /// From when it holds the slot.
+    pub from_ms: UnixMillis,
+    /// The slot's term end, if any.
+    pub until_ms: Option<UnixMillis>,
+}
+
+/// A stretch of an allocation charged to its user, in the pool's currency.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Charged {
+    /// The allocation.
+    pub allocation: Uuid,
+    /// Its request.
+    pub request: Uuid,
+    /// The user who pays.
+    pub user: String,
+    /// The slot.
+    pub slot: Uuid,
+    /// The stretch.
+    pub from_ms: UnixMillis,
+    /// Its end (the allocation is charged up to here).
+    pub to_ms: UnixMillis,
+    /// Per slot-hour.
+    pub price: Price,
+    /// What it costs ([`charge`]).
+    pub amount: i64,
+}
+
+/// What one cycle of a pool reads.
+#[derive(Debug, Clone, Copy)]
+pub struct CycleInput<'a> {
+    /// The bidding method.
+    pub method: Method,
+    /// The policy.
+    pub policy: &'a Policy,
+    /// The asking price (Dutch).
+    pub asking: Price,
+    /// Who may hold slots.
+    pub members: &'a BTreeSet<String>,
+    /// The pool's slots.
+    pub slots: &'a [SlotState],
+    /// The requests not cancelled.
+    pub requests: &'a [Request],
+    /// The allocations not over.
+    pub allocations: &'a [Allocation],
+    /// Each user's decayed usage.
+    pub usage: &'a BTreeMap<String, f64>,
+    /// Now.
+    pub now_ms: UnixMillis,
+    /// The pool's notice period.
+    pub notice_ms: i64,
+}
+
+/// What one cycle decides ([`plan`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Plan {
+    /// The admission and prices.
+    pub cycle: Cycle,
+    /// Allocations given notice, with their deadline.
+    pub ended: Vec<(Uuid, UnixMillis)>,
+    /// Allocations made.
+    pub made: Vec<Made>,
+    /// Allocations kept at a new price.
+    pub repriced: Vec<(Uuid, Price)>,
+    /// What each allocation owes since it was last charged (then charged up to
+    /// `to_ms`; an amount of zero is not posted).
+    pub charges: Vec<Charged>,
+}
+
+/// One cycle of a pool (the rule of a cycle): first what each allocation owes up to
+/// now at its price; then [`cycle`] over the slots still in the pool and within their
+/// term, each request keeping (as held) the allocations not under notice; an
+/// allocation the cycle no longer gives its request gets notice and ends after the
+/// pool's notice period (or at its slot's term end, if sooner); a slot given to
+/// another request is held by it from the previous holder's deadline, so two users
+/// never hold one slot at once; kept allocations take the cycle's price.
+pub fn plan(input: CycleInput<'_>) -> Plan {
+    let now = input.now_ms;
+    let mut out = Plan::default();
+    for a in input.allocations {
+        let end = a.until_ms.map_or(now, |u| u.min(now));
+        let from = a.from_ms.max(a.charged_to_ms);
+        if end > from {
+            out.charges.push(Charged {
+                allocation: a.id,
+                request: a.request,
+                user: a.user.clone(),
+                slot: a.slot,
+                from_ms: from,
+                to_ms: end,
+                price: a.price,
+                amount: charge(a.price, from, end),
+            });
+        }
+    }
+    let live: BTreeMap<Uuid, &SlotState> = input
+        .slots
+        .iter()
+        .filter(|s| !s.leaving && s.until_ms.is_none_or(|u| u > now))
+        .map(|s| (s.id, s))
+        .collect();
+    let kept = |a: &Allocation| !a.noticed && a.until_ms.is_none_or(|u| u > now);
+    let mut held: BTreeMap<Uuid, Vec<Uuid>> = BTreeMap::new();
+    for a in input.allocations.iter().filter(|a| kept(a)) {
+        if live.contains_key(&a.slot) {
+            held.entry(a.request).or_default().push(a.slot);
+        }
+    }
+    let slot_ids: Vec<Uuid> = live.keys().copied().collect();
+    out.cycle = cycle(
+        input.method,
+        input.policy,
+        input.asking,
+        input.members,
+        &slot_ids,
+        input.requests,
+        input.usage,
+        &held,
+    );
+    let holds = &out.cycle.admission.holds;
+    let gives = |request: Uuid, slot: Uuid| holds.get(&request).is_some_and(|s| s.contains(&slot));
+    // Until when each slot stays with a holder that is leaving it.
+    let mut busy_until: BTreeMap<Uuid, UnixMillis> = BTreeMap::new();
+    for a in input.allocations {
+        let deadline = if kept(a) && !gives(a.request, a.slot) {
+            let mut deadline = now.saturating_add(input.notice_ms.max(0));
+            if let Some(u) = a.until_ms {
+                deadline = deadline.min(u);
+            }
+            if let Some(u) = input
+                .slots
+                .iter()
+                .find(|s| s.id == a.slot)
+                .and_then(|s| s.until_ms)
+            {
+                deadline = deadline.min(u);
+            }
+            out.ended.push((a.id, deadline.max(now)));
+            deadline.max(now)
+        } else if a.noticed {
+            a.until_ms.unwrap_or(now)
+        } else {
+            continue;
+        };
+        let e = busy_until.entry(a.slot).or_insert(deadline);
+        *e = (*e).max(deadline);
+    }
+    let by_request: BTreeMap<Uuid, &Request> = input.requests.iter().map(|r| (r.id, r)).collect();
+    for (request, slots) in holds {
+        let price = out
+            .cycle
+            .prices
+            .get(request)
+            .copied()
+            .unwrap_or(input.policy.minimum);
+        for slot in slots {
+            let existing = input
+                .allocations
+                .iter()
+                .find(|a| kept(a) && a.request == *request && a.slot == *slot);
+            match existing {
+                Some(a) if a.price != price => out.repriced.push((a.id, price)),
+                Some(_) => {}
+                None => out.made.push(Made {
+                    request: *request,
+                    user: by_request
+                        .get(request)
+                        .map(|r| r.user.clone())
+                        .unwrap_or_default(),
+                    slot: *slot,
+                    price,
+                    from_ms: busy_until.get(slot).copied().unwrap_or(now).max(now),
+                    until_ms: live.get(slot).and_then(|s| s.until_ms),
+                }),
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -590,6 +1116,303 @@ mod tests {
         assert_eq!(decay(8.0, 0, 1_000, 0.0), 8.0);
         assert_eq!(decay(8.0, 1_000, 1_000, 0.0), 4.0);
         assert_eq!(decay(8.0, 3_000, 1_000, 1.0), 2.0);
+    }
+
+    #[test]
+    fn each_bidding_method_prices_its_holders() {
+        let m = members(&["a", "b", "c"]);
+        let slots = [id(101), id(102)];
+        let none = BTreeMap::new();
+        let usage = BTreeMap::new();
+        let p = policy(true, None);
+        let reqs = [
+            req(1, "a", 1, 50, 0),
+            req(2, "b", 1, 40, 1),
+            req(3, "c", 1, 30, 2),
+        ];
+        // English: each pays its own bid.
+        let c = cycle(Method::English, &p, 10, &m, &slots, &reqs, &usage, &none);
+        assert_eq!(c.prices, [(id(1), 50), (id(2), 40)].into());
+        // Spot: every holder pays the best bid left waiting.
+        let c = cycle(Method::Spot, &p, 10, &m, &slots, &reqs, &usage, &none);
+        assert_eq!(c.prices, [(id(1), 30), (id(2), 30)].into());
+        // ... or the minimum when nobody waits.
+        let c = cycle(Method::Spot, &p, 10, &m, &slots, &reqs[..2], &usage, &none);
+        assert_eq!(c.prices, [(id(1), 10), (id(2), 10)].into());
+        // Dutch: only bids at or above the asking price take part, and pay it; a
+        // request left waiting raises the next asking price.
+        let dutch = Method::Dutch { step: 5 };
+        let c = cycle(dutch, &p, 45, &m, &slots, &reqs, &usage, &none);
+        assert_eq!(c.prices, [(id(1), 45)].into());
+        assert!(
+            !c.admission.why.contains_key(&id(2)),
+            "40 < 45 takes no part"
+        );
+        assert_eq!(c.asking, 40, "a slot stayed free: the price falls");
+        let c = cycle(dutch, &p, 30, &m, &slots, &reqs, &usage, &none);
+        assert_eq!(c.prices, [(id(1), 30), (id(2), 30)].into());
+        assert_eq!(c.asking, 35, "a request waits: the price rises");
+        let c = cycle(dutch, &p, 12, &m, &slots, &reqs[..1], &usage, &none);
+        assert_eq!(c.asking, 10, "never below the minimum");
+        assert_eq!(opening_price(dutch, &p), 100);
+        assert_eq!(opening_price(Method::Spot, &p), 10);
+    }
+
+    #[test]
+    fn an_english_bid_only_rises() {
+        assert_eq!(
+            check_rebid(Method::English, 20, 19).unwrap_err().rule,
+            "ascending"
+        );
+        assert!(check_rebid(Method::English, 20, 21).is_ok());
+        assert!(
+            check_rebid(Method::Spot, 20, 5).is_ok(),
+            "below the minimum is kept"
+        );
+        assert!(check_rebid(Method::Dutch { step: 1 }, 20, 5).is_ok());
+    }
+
+    #[test]
+    fn charges_and_usage_follow_the_hours_held() {
+        assert_eq!(charge(100, 0, 3_600_000), 100);
+        assert_eq!(charge(100, 0, 1_800_000), 50);
+        assert_eq!(charge(3, 0, 600_000), 1, "half up: 0.5");
+        assert_eq!(charge(100, 10, 0), 0, "a stretch backwards costs nothing");
+        let h = 3_600_000;
+        // Two slot-hours ending now count 2; one ended a half-life ago counts half.
+        assert!((usage_of(&[(0, 2 * h)], 2 * h, h) - 2.0).abs() < 1e-9);
+        assert!((usage_of(&[(0, h)], 2 * h, h) - 0.5).abs() < 1e-9);
+        // A stretch still running counts up to now.
+        assert!((usage_of(&[(0, 10 * h)], h, h) - 1.0).abs() < 1e-9);
+    }
+
+    fn alloc(n: u128, request: u128, user: &str, slot: u128, price: Price) -> Allocation {
+        Allocation {
+            id: id(n),
+            request: id(request),
+            user: user.into(),
+            slot: id(slot),
+            price,
+            from_ms: 0,
+            until_ms: None,
+            noticed: false,
+            charged_to_ms: 0,
+        }
+    }
+
+    fn slot(n: u128) -> SlotState {
+        SlotState {
+            id: id(n),
+            until_ms: None,
+            leaving: false,
+        }
+    }
+
+    #[test]
+    fn a_cycle_charges_gives_notice_and_hands_a_slot_on_at_the_deadline() {
+        let h = 3_600_000;
+        let m = members(&["a", "b"]);
+        let p = policy(true, None);
+        let slots = [slot(101)];
+        let held = [alloc(7, 1, "a", 101, 20)];
+        let reqs = [req(1, "a", 1, 20, 0), req(2, "b", 1, 90, 5)];
+        let input = CycleInput {
+            method: Method::English,
+            policy: &p,
+            asking: 10,
+            members: &m,
+            slots: &slots,
+            requests: &reqs,
+            allocations: &held,
+            usage: &BTreeMap::new(),
+            now_ms: h,
+            notice_ms: 60_000,
+        };
+        let plan = plan(input);
+        assert_eq!(plan.charges.len(), 1);
+        assert_eq!((plan.charges[0].amount, plan.charges[0].to_ms), (20, h));
+        assert_eq!(plan.ended, vec![(id(7), h + 60_000)], "a's notice");
+        assert_eq!(plan.made.len(), 1);
+        assert_eq!(
+            (
+                plan.made[0].request,
+                plan.made[0].from_ms,
+                plan.made[0].price
+            ),
+            (id(2), h + 60_000, 90),
+            "b holds it from a's deadline, at its bid"
+        );
+
+        // A slot whose term ended, or that leaves, is given to nobody, and what held it
+        // ends (at the term's end at the latest).
+        let mut gone = slot(101);
+        gone.until_ms = Some(h + 1000);
+        let slots = [gone];
+        let plan = super::plan(CycleInput {
+            slots: &slots,
+            requests: &reqs[..1],
+            ..input
+        });
+        assert!(plan.ended.is_empty(), "kept until the term ends");
+        let plan = super::plan(CycleInput {
+            slots: &slots,
+            requests: &reqs[..1],
+            now_ms: h + 1000,
+            ..input
+        });
+        assert_eq!(plan.ended, vec![(id(7), h + 1000)]);
+        assert!(plan.made.is_empty());
+        let mut leaving = slot(101);
+        leaving.leaving = true;
+        let plan = super::plan(CycleInput {
+            slots: &[leaving],
+            requests: &reqs[..1],
+            ..input
+        });
+        assert_eq!(plan.ended, vec![(id(7), h + 60_000)]);
+
+        // A request cancelled (gone from the requests) or whose user was removed
+        // loses its slot with notice; a bid lowered below the minimum too.
+        for (name, reqs, members) in [
+            ("cancelled", vec![], m.clone()),
+            ("removed", vec![req(1, "a", 1, 20, 0)], members(&["b"])),
+            ("below the minimum", vec![req(1, "a", 1, 1, 0)], m.clone()),
+        ] {
+            let plan = super::plan(CycleInput {
+                requests: &reqs,
+                members: &members,
+                ..input
+            });
+            assert_eq!(plan.ended, vec![(id(7), h + 60_000)], "{name}");
+        }
+
+        // Kept at the cycle's price (spot: the minimum when nobody waits).
+        let plan = super::plan(CycleInput {
+            method: Method::Spot,
+            requests: &reqs[..1],
+            ..input
+        });
+        assert_eq!(plan.repriced, vec![(id(7), 10)]);
+        assert!(plan.ended.is_empty() && plan.made.is_empty());
+    }
+
+    /// Applies a plan to the stored allocations, as the store does.
+    fn apply(allocations: &mut Vec<Allocation>, plan: &Plan, next_id: &mut u128) {
+        for c in &plan.charges {
+            if let Some(a) = allocations.iter_mut().find(|a| a.id == c.allocation) {
+                a.charged_to_ms = c.to_ms;
+            }
+        }
+        for (a, until) in &plan.ended {
+            let a = allocations.iter_mut().find(|x| x.id == *a).unwrap();
+            a.until_ms = Some(*until);
+            a.noticed = true;
+        }
+        for (a, price) in &plan.repriced {
+            allocations.iter_mut().find(|x| x.id == *a).unwrap().price = *price;
+        }
+        for m in &plan.made {
+            *next_id += 1;
+            allocations.push(Allocation {
+                id: id(*next_id),
+                request: m.request,
+                user: m.user.clone(),
+                slot: m.slot,
+                price: m.price,
+                from_ms: m.from_ms,
+                until_ms: m.until_ms,
+                noticed: false,
+                charged_to_ms: m.from_ms,
+            });
+        }
+    }
+
+    proptest! {
+        /// Over a run of cycles with requests coming and going: no two allocations of
+        /// one slot overlap in time, only members hold slots, and every stretch held
+        /// is charged exactly once at its price.
+        #[test]
+        fn cycles_never_give_a_slot_twice(
+            steps in proptest::collection::vec(
+                (0u128..6, 0u32..3, 0u64..120, any::<bool>()),
+                1..30,
+            ),
+            preemptible: bool,
+            method in 0u8..3,
+        ) {
+            let method = match method {
+                0 => Method::English,
+                1 => Method::Dutch { step: 7 },
+                _ => Method::Spot,
+            };
+            let p = policy(preemptible, Some(2));
+            let users = ["a", "b", "c"];
+            let mut members = members(&users);
+            let slots: Vec<SlotState> = (101..104).map(slot).collect();
+            let mut requests: Vec<Request> = Vec::new();
+            let mut allocations: Vec<Allocation> = Vec::new();
+            let mut asking = opening_price(method, &p);
+            let mut charged_ms: BTreeMap<Uuid, i64> = BTreeMap::new();
+            let mut next_id = 1000;
+            let step_ms = 600_000;
+            for (n, (who, count, bid, cancel)) in steps.into_iter().enumerate() {
+                let now = (n as i64 + 1) * step_ms;
+                let user = users[(who % 3) as usize];
+                if cancel {
+                    requests.retain(|r| r.user != user);
+                    if who == 5 {
+                        members.remove(user);
+                    }
+                } else {
+                    requests.push(req(who * 100 + n as u128, user, count, bid, now));
+                }
+                let live: Vec<Allocation> = allocations
+                    .iter()
+                    .filter(|a| a.until_ms.is_none_or(|u| u > a.charged_to_ms))
+                    .cloned()
+                    .collect();
+                let plan = plan(CycleInput {
+                    method,
+                    policy: &p,
+                    asking,
+                    members: &members,
+                    slots: &slots,
+                    requests: &requests,
+                    allocations: &live,
+                    usage: &BTreeMap::new(),
+                    now_ms: now,
+                    notice_ms: 900_000,
+                });
+                for c in &plan.charges {
+                    prop_assert_eq!(c.amount, charge(c.price, c.from_ms, c.to_ms));
+                    *charged_ms.entry(c.allocation).or_default() += c.to_ms - c.from_ms;
+                }
+                for m in &plan.made {
+                    prop_assert!(members.contains(&m.user), "{} is no member", m.user);
+                }
+                asking = plan.cycle.asking;
+                apply(&mut allocations, &plan, &mut next_id);
+                for (i, a) in allocations.iter().enumerate() {
+                    for b in &allocations[i + 1..] {
+                        if a.slot != b.slot {
+                            continue;
+                        }
+                        let a_end = a.until_ms.unwrap_or(i64::MAX);
+                        let b_end = b.until_ms.unwrap_or(i64::MAX);
+                        prop_assert!(
+                            a_end <= b.from_ms || b_end <= a.from_ms,
+                            "slot {} held twice: {:?} and {:?}", a.slot, a, b
+                        );
+                    }
+                }
+            }
+            // Every stretch held is charged once: what each allocation was charged for
+            // is exactly from its start to where it was charged up to.
+            for a in &allocations {
+                let held = (a.charged_to_ms - a.from_ms).max(0);
+                prop_assert_eq!(charged_ms.get(&a.id).copied().unwrap_or(0), held);
+            }
+        }
     }
 
     #[test]
