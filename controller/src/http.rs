@@ -30,6 +30,7 @@ pub mod billing;
 pub(crate) mod control;
 pub(crate) mod market;
 pub(crate) mod openapi;
+pub(crate) mod pools;
 pub(crate) mod resell;
 pub(crate) mod validation;
 
@@ -367,7 +368,8 @@ where
         "GET" => MethodFilter::GET,
         "POST" => MethodFilter::POST,
         "PUT" => MethodFilter::PUT,
-        other => panic!("route {path}: method {other} is not GET, POST or PUT"),
+        "DELETE" => MethodFilter::DELETE,
+        other => panic!("route {path}: method {other} is not GET, POST, PUT or DELETE"),
     };
     Route {
         method,
@@ -396,6 +398,7 @@ fn table() -> Vec<Route> {
     all.extend(billing::routes());
     all.extend(resell::routes());
     all.extend(market::routes());
+    all.extend(pools::routes());
     all
 }
 

@@ -37,6 +37,7 @@ use crate::store::{
 };
 
 mod auctions;
+mod pools;
 mod spot;
 
 /// Most hosts one reservation request may ask for.
@@ -55,6 +56,18 @@ fn check_price(field: &str, price: u64) -> Result<(), MarketError> {
         ));
     }
     Ok(())
+}
+
+/// A client token (that makes a retried request safe) is 1 to 64 characters, none
+/// of them control characters (400 otherwise).
+fn check_client_token(token: Option<&str>) -> Result<(), MarketError> {
+    match token {
+        Some(t) if t.is_empty() || t.len() > 64 || t.chars().any(char::is_control) => Err(invalid(
+            "client_token",
+            "1 to 64 characters, none of them control characters",
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Why a market request failed; the API maps each to a status.
@@ -292,14 +305,7 @@ impl Market {
                 format!("{count}: a request reserves 1 to {MAX_COUNT} hosts"),
             ));
         }
-        if let Some(t) = &body.client_token {
-            if t.is_empty() || t.len() > 64 || t.chars().any(char::is_control) {
-                return Err(invalid(
-                    "client_token",
-                    "1 to 64 characters, none of them control characters",
-                ));
-            }
-        }
+        check_client_token(body.client_token.as_deref())?;
         let ids: Vec<Uuid> = (0..count)
             .map(|n| match &body.client_token {
                 Some(t) => token_id(&caller.account, t, n),
@@ -679,8 +685,14 @@ impl Market {
             .await?;
         let clearings = self.app.store.due_spot_markets(now).await?;
         let closing = self.app.store.due_auctions(now).await?;
+        let cycling = self.app.store.due_pools(now).await?;
         // Most ticks: nothing due, and nothing more is read.
-        if due.is_empty() && ending.is_empty() && clearings.is_empty() && closing.is_empty() {
+        if due.is_empty()
+            && ending.is_empty()
+            && clearings.is_empty()
+            && closing.is_empty()
+            && cycling.is_empty()
+        {
             return Ok(Vec::new());
         }
         let listings: BTreeMap<String, Listing> = self
@@ -730,6 +742,8 @@ impl Market {
         // to the bids that won them.
         self.close_due(closing, &listings, now).await;
         self.clear_due(clearings, &listings, now).await;
+        // Pools cycle after, on the capacity their owners hold now.
+        self.cycle_due_pools(cycling, now).await;
         Ok(ended)
     }
 
@@ -984,6 +998,10 @@ impl Market {
         host: Uuid,
     ) -> Result<Option<Reservation>, MarketError> {
         let now = self.now();
+        // A pooled host is its pool's: only the member holding its allocation uses it.
+        if let Some(held) = self.pool_gate(caller, host, now).await? {
+            return Ok(held);
+        }
         match self.app.store.holding(host, now).await? {
             Some(r) if caller.role == Role::Client && r.holder == caller.account => {
                 // Under notice, the host takes no new work: what runs stops at the

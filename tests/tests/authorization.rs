@@ -332,7 +332,18 @@ async fn every_route_answers_every_caller_as_its_principal_allows() {
     .await;
     let listing = "lst-alice".to_owned();
 
+    // A pool of alice's (as pool owner).
+    let made_pool = api
+        .ok(
+            pool,
+            "POST",
+            "/v1/pools",
+            json!({"name": "lab", "currency": "LABCRED", "minimum": 1}),
+        )
+        .await;
+    let pool_id = made_pool["id"].as_str().unwrap().to_owned();
     let cases = matrix(&Resources {
+        pool: pool_id,
         resell,
         resell_doc,
         listing,
@@ -629,6 +640,7 @@ async fn every_route_answers_every_caller_as_its_principal_allows() {
 /// volumes and invoices, a validation run, the hour billed, the rate card, a resell
 /// request and a listing.
 struct Resources {
+    pool: String,
     resell: String,
     resell_doc: Value,
     listing: String,
@@ -654,7 +666,7 @@ struct Resources {
 /// bob's; calls that change state are idempotent or come in the order they need.
 #[rustfmt::skip]
 fn matrix(r: &Resources) -> Vec<Case> {
-    let Resources { resell, resell_doc, listing, a, b, i_a, i_b, v_a, v_b, v_b2, inv_a, inv_b, run_id, run_b, agreement, hour, plan, run } = r;
+    let Resources { pool, resell, resell_doc, listing, a, b, i_a, i_b, v_a, v_b, v_b2, inv_a, inv_b, run_id, run_b, agreement, hour, plan, run } = r;
     vec![
         // Open to all.
         case("GET", "/v1/health", "/v1/health", [200, 200, 200, 200, 200]),
@@ -762,6 +774,33 @@ fn matrix(r: &Resources) -> Vec<Case> {
         case("GET", "/v1/auctions", "/v1/auctions?colour=red", [400, 400, 400, 400, 401]),
         case("GET", "/v1/auctions/{id}", format!("/v1/auctions/{}", uuid::Uuid::nil()), [404, 404, 404, 404, 401]),
         with_body("POST", "/v1/auctions/{id}/bids", format!("/v1/auctions/{}/bids", uuid::Uuid::nil()), json!({"amount": 20}), [403, 404, 403, 403, 401]),
+        // Pools: pool owners make and run theirs (alice's pool is the pool owner's);
+        // its members (client alice, once let in) see it and bid; nobody else sees it.
+        with_body("POST", "/v1/pools", "/v1/pools", json!({"name": "x", "minimum": 1}), [400, 403, 403, 400, 401]),
+        with_body("POST", "/v1/pools", "/v1/pools", json!({"name": "x", "currency": "XCRED"}), [201, 403, 403, 201, 401]),
+        case("GET", "/v1/pools", "/v1/pools", [200, 200, 200, 200, 401]),
+        case("GET", "/v1/pools/{id}", format!("/v1/pools/{pool}"), [200, 404, 404, 200, 401]),
+        case("GET", "/v1/pools/{id}", "/v1/pools/nope", [400, 400, 400, 400, 401]),
+        with_body("PUT", "/v1/pools/{id}/policy", format!("/v1/pools/{pool}/policy"), json!({"minimum": 2}), [200, 403, 403, 200, 401]),
+        with_body("PUT", "/v1/pools/{id}/policy", format!("/v1/pools/{pool}/policy"), json!({"method": "auction"}), [400, 403, 403, 400, 401]),
+        with_body("POST", "/v1/pools/{id}/members", format!("/v1/pools/{pool}/members"), json!({"member": "alice", "organisation": "Lab"}), [201, 403, 403, 201, 401]),
+        case("GET", "/v1/pools/{id}", format!("/v1/pools/{pool}"), [200, 200, 404, 200, 401]),
+        case("DELETE", "/v1/pools/{id}/members/{member}", format!("/v1/pools/{pool}/members/bob"), [404, 403, 403, 404, 401]),
+        with_body("POST", "/v1/pools/{id}/slots", format!("/v1/pools/{pool}/slots"), json!({"slot": uuid::Uuid::nil()}), [404, 403, 403, 404, 401]),
+        case("DELETE", "/v1/pools/{id}/slots/{slot}", format!("/v1/pools/{pool}/slots/{}", uuid::Uuid::nil()), [404, 403, 403, 404, 401]),
+        with_body("POST", "/v1/pools/{id}/credits", format!("/v1/pools/{pool}/credits"), json!({"member": "alice", "amount": 100, "client_token": "authz"}), [201, 403, 403, 201, 401]),
+        with_body("POST", "/v1/pools/{id}/credits", format!("/v1/pools/{pool}/credits"), json!({"member": "bob", "amount": 100}), [400, 403, 403, 400, 401]),
+        with_body("POST", "/v1/pools/{id}/requests", format!("/v1/pools/{pool}/requests"), json!({"count": 1, "bid": 2, "client_token": "authz"}), [403, 201, 403, 403, 401]),
+        with_body("POST", "/v1/pools/{id}/requests", format!("/v1/pools/{pool}/requests"), json!({"count": 1, "bid": 1}), [403, 400, 403, 403, 401]),
+        case("GET", "/v1/pools/{id}/requests", format!("/v1/pools/{pool}/requests"), [200, 200, 404, 200, 401]),
+        case("GET", "/v1/pools/{id}/usage", format!("/v1/pools/{pool}/usage"), [200, 200, 404, 200, 401]),
+        case("POST", "/v1/pools/{id}/cycle", format!("/v1/pools/{pool}/cycle"), [200, 403, 403, 200, 401]),
+        with_body("POST", "/v1/pool-accounts", "/v1/pool-accounts", json!({"owner": "alice"}), [403, 204, 403, 403, 401]),
+        with_body("POST", "/v1/pool-accounts", "/v1/pool-accounts", json!({"owner": "a b"}), [403, 400, 403, 403, 401]),
+        case("GET", "/v1/pool-requests/{id}", format!("/v1/pool-requests/{}", uuid::Uuid::nil()), [404, 404, 404, 404, 401]),
+        with_body("POST", "/v1/pool-requests/{id}/bid", format!("/v1/pool-requests/{}/bid", uuid::Uuid::nil()), json!({"bid": 3}), [404, 404, 404, 404, 401]),
+        case("POST", "/v1/pool-requests/{id}/cancel", format!("/v1/pool-requests/{}/cancel", uuid::Uuid::nil()), [404, 404, 404, 404, 401]),
+        case("GET", "/v1/pool-requests/{id}/explain", format!("/v1/pool-requests/{}/explain", uuid::Uuid::nil()), [404, 404, 404, 404, 401]),
         case("GET", "/v1/pricing/history", "/v1/pricing/history?bucket=day", [200, 200, 200, 200, 401]),
         case("GET", "/v1/pricing/history", "/v1/pricing/history?kind=gold", [400, 400, 400, 400, 401]),
         // Each principal's own webhook.

@@ -1312,3 +1312,487 @@ async fn an_auction_holds_a_prepaid_bidders_funds_and_closes_once_with_a_host_fo
     let (_, open) = tc.api_as(&dave, GET, "/v1/auctions?open=true", None).await;
     assert_eq!(open, json!([]));
 }
+
+/// The balance of `account` in `currency` among `/v1/ledger/balances`.
+fn balance_in(balances: &Value, account: &str, currency: &str) -> i64 {
+    balances
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["account"] == account && b["currency"] == currency)
+        .map_or(0, |b| b["balance"].as_i64().unwrap())
+}
+
+/// Private pools end to end (issue 17): a pool owner builds a pool from two hosts
+/// its account reserved and names two members; alice's instances run on the pool's
+/// slots; brian bids higher in the next cycle and takes them, alice is told and her
+/// instance is stopped when the notice ends; a third request bursts into a market
+/// reservation under the policy's maximum price, and once the budget is spent the
+/// next burst is refused with that reason; what members were charged is the owner's
+/// income in the pool's credits, and the owner's invoice bills the hosts it reserved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_shares_its_owners_hosts_by_bid_and_bursts_within_its_budget() {
+    let guards = [
+        CgroupGuard(
+            control_config(DriverKind::Process, "pool-1")
+                .process
+                .cgroup_parent,
+        ),
+        CgroupGuard(
+            control_config(DriverKind::Process, "pool-2")
+                .process
+                .cgroup_parent,
+        ),
+    ];
+    let controller_clock = clock::ManualClock::new(clock::system().now_ms());
+    let mut config = test_config();
+    config.market.tick = std::time::Duration::from_millis(100);
+    config.billing_grace = std::time::Duration::ZERO;
+    let tc = TestController::start_with(config, controller_clock.clone()).await;
+    let mut events = tc.events();
+    let mut agents = Vec::new();
+    let mut hosts = Vec::new();
+    for (n, tag) in ["pool-1", "pool-2"].into_iter().enumerate() {
+        let (mut agent_config, identity) =
+            tc.enroll(&format!("lab-{n}"), &[("provider", "bob")]).await;
+        agent_config.control = control_config(DriverKind::Process, tag);
+        agents.push(RunningAgent::spawn(agent_config, clock::system()));
+        hosts.push(identity.agent_id);
+    }
+    events
+        .until_all("the lab's hosts online", &hosts, |e| match e {
+            RegistryEvent::Online(id) => Some(*id),
+            _ => None,
+        })
+        .await;
+    accept_provider(&tc, "bob").await;
+    list_hosts(
+        tc.ctl(),
+        "lst-lab",
+        "bob",
+        &hosts,
+        &[PricingMode::OnDemand],
+        (100, 100),
+        Interruptibility::NoInterruptions,
+    )
+    .await;
+    // Market capacity beyond the pool: dave's, one listing within the burst's
+    // maximum price and one above it.
+    let market = surplus_tests::online_hosts(&tc, "dave", 3).await;
+    for (id, hosts, price) in [
+        ("lst-cheap", &market[..2], 40),
+        ("lst-dear", &market[2..], 80),
+    ] {
+        list_hosts(
+            tc.ctl(),
+            id,
+            "dave",
+            hosts,
+            &[PricingMode::OnDemand],
+            (price, price),
+            Interruptibility::NoInterruptions,
+        )
+        .await;
+    }
+
+    // The university's client account reserves the two lab hosts.
+    let uni_client = tc.token_for("uni", "client").await;
+    let (status, reserved) = tc
+        .api_as(
+            &uni_client,
+            POST,
+            "/v1/reservations",
+            Some(json!({"listing": "lst-lab", "mode": "on_demand", "count": 2})),
+        )
+        .await;
+    assert_eq!(status, 201, "{reserved}");
+    let started = controller_clock.now_ms();
+    let slots: Vec<String> = reserved
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["reservation"]["id"].as_str().unwrap().to_owned())
+        .collect();
+
+    // As pool owner it builds a pool of them: English bids in its own credits,
+    // preemptible, a two-second notice, and a burst policy (40 EUR a host-hour at
+    // most, 50 EUR a day). Cycles run when the owner says.
+    let uni = tc.token_for("uni", "pool_owner").await;
+    let (status, refused) = tc
+        .api_as(
+            &uni,
+            POST,
+            "/v1/pools",
+            Some(json!({"name": "lab", "currency": "LAB", "method": "dutch"})),
+        )
+        .await;
+    assert_eq!(
+        (status, &refused["field"]),
+        (400, &json!("step")),
+        "{refused}"
+    );
+    let (status, pool) = tc
+        .api_as(
+            &uni,
+            POST,
+            "/v1/pools",
+            Some(json!({
+                "name": "lab", "currency": "LAB", "currency_kind": "credits", "method": "english",
+                "minimum": 5, "maximum": 1000, "preemptible": true, "notice_seconds": 2,
+                "cycle_seconds": 86_400,
+                "burst": {"account": "uni", "max_price": 50, "budget": 50, "currency": "EUR",
+                          "period_ms": 86_400_000, "min_hours": 1}
+            })),
+        )
+        .await;
+    assert_eq!(status, 201, "{pool}");
+    let pool_id = pool["id"].as_str().unwrap().to_owned();
+    let path = |p: &str| format!("/v1/pools/{pool_id}{p}");
+    for slot in &slots {
+        let (status, added) = tc
+            .api_as(&uni, POST, &path("/slots"), Some(json!({"slot": slot})))
+            .await;
+        assert_eq!(status, 201, "{added}");
+    }
+    let (status, again) = tc
+        .api_as(&uni, POST, &path("/slots"), Some(json!({"slot": slots[0]})))
+        .await;
+    assert_eq!(
+        (status, &again["error"]),
+        (409, &json!("slot_taken")),
+        "{again}"
+    );
+    let (status, shown) = tc.api_as(&uni, GET, &path(""), None).await;
+    assert_eq!(status, 200);
+    let facts = &shown["slots"][0]["facts"];
+    assert_eq!(
+        (
+            &facts["kind"],
+            &facts["mode"],
+            &facts["zone"],
+            &facts["instance_type"]
+        ),
+        (
+            &json!("reservation"),
+            &json!("on_demand"),
+            &json!("bob-1"),
+            &json!("small")
+        ),
+        "{shown}"
+    );
+    for (member, name) in [("alice", "Alice"), ("brian", "Brian")] {
+        let (status, _) = tc
+            .api_as(
+                &uni,
+                POST,
+                &path("/members"),
+                Some(json!({"member": member, "name": name, "organisation": "Physics"})),
+            )
+            .await;
+        assert_eq!(status, 201);
+        let (status, issued) = tc
+            .api_as(
+                &uni,
+                POST,
+                &path("/credits"),
+                Some(json!({"member": member, "amount": 1000, "client_token": member})),
+            )
+            .await;
+        assert_eq!(
+            (status, &issued["applied"]),
+            (201, &json!("posted")),
+            "{issued}"
+        );
+    }
+    let alice = tc.token_for("alice", "client").await;
+    let brian = tc.token_for("brian", "client").await;
+    let mallory = tc.token_for("mallory", "client").await;
+    let (status, hidden) = tc.api_as(&mallory, GET, &path(""), None).await;
+    assert_eq!(status, 404, "a stranger does not see the pool: {hidden}");
+    let (status, refused) = tc
+        .api_as(
+            &mallory,
+            POST,
+            &path("/requests"),
+            Some(json!({"count": 1, "bid": 50})),
+        )
+        .await;
+    assert_eq!(status, 404, "{refused}");
+
+    // Alice asks for both slots at 10 credits a slot-hour, and gets them at the
+    // cycle; her instances run there, nobody else's.
+    let (status, ra) = tc
+        .api_as(
+            &alice,
+            POST,
+            &path("/requests"),
+            Some(json!({"count": 2, "bid": 10})),
+        )
+        .await;
+    assert_eq!(status, 201, "{ra}");
+    let ra = ra["request"]["id"].as_str().unwrap().to_owned();
+    let (status, cycled) = tc.api_as(&uni, POST, &path("/cycle"), None).await;
+    assert_eq!(status, 200, "{cycled}");
+    let (_, mine) = tc
+        .api_as(&alice, GET, &format!("/v1/pool-requests/{ra}"), None)
+        .await;
+    assert_eq!(mine["why"]["rule"], "holds", "{mine}");
+    assert_eq!(mine["allocations"].as_array().unwrap().len(), 2, "{mine}");
+    let mut instances = std::collections::BTreeMap::new();
+    for host in &hosts {
+        let run = json!({"action": "RunInstances", "command": ["sleep", "600"], "agent_id": host,
+                         "limits": {"millicpus": 500, "memory_bytes": 268_435_456}});
+        let (status, ran) = tc.api_as(&alice, POST, "/v1/control", Some(run)).await;
+        assert_eq!(status, 200, "{ran}");
+        instances.insert(
+            *host,
+            ran["instances"][0]["id"].as_str().unwrap().to_owned(),
+        );
+    }
+    for (who, token) in [
+        ("the owner's own client account", &uni_client),
+        ("a stranger", &mallory),
+    ] {
+        let run = json!({"action": "RunInstances", "command": ["true"], "agent_id": hosts[0]});
+        let (status, refused) = tc.api_as(token, POST, "/v1/control", Some(run)).await;
+        assert_eq!(status, 403, "{who} may not use a pooled host: {refused}");
+    }
+
+    // Half an hour later Brian bids 20 for both: the cycle gives him both, and
+    // Alice is told; she keeps them for the two-second notice.
+    controller_clock.advance_ms(1_800_000);
+    let (status, rb) = tc
+        .api_as(
+            &brian,
+            POST,
+            &path("/requests"),
+            Some(json!({"count": 2, "bid": 20})),
+        )
+        .await;
+    assert_eq!(status, 201, "{rb}");
+    let rb = rb["request"]["id"].as_str().unwrap().to_owned();
+    tc.api_as(&uni, POST, &path("/cycle"), None).await;
+    let deadline = controller_clock.now_ms() + 2_000;
+    let (_, why) = tc
+        .api_as(
+            &alice,
+            GET,
+            &format!("/v1/pool-requests/{ra}/explain"),
+            None,
+        )
+        .await;
+    assert_eq!(why["rule"], "preempted", "{why}");
+    assert!(
+        why["explanation"].as_str().unwrap().contains(&rb),
+        "names the request that took them: {why}"
+    );
+    let (_, notices) = tc.api_as(&alice, GET, "/v1/notifications", None).await;
+    let ending = notice_of(&notices, "pool.slot_ending");
+    assert_eq!(
+        (
+            &ending["body"]["deadline_ms"],
+            &ending["body"]["why"]["rule"]
+        ),
+        (&json!(deadline), &json!("preempted")),
+        "{ending}"
+    );
+    let run = json!({"action": "RunInstances", "command": ["true"], "agent_id": hosts[0]});
+    let (status, busy) = tc
+        .api_as(&brian, POST, "/v1/control", Some(run.clone()))
+        .await;
+    assert_eq!(status, 403, "Alice holds it through her notice: {busy}");
+    // The notice ends: her instances are stopped and terminated, and the hosts are
+    // Brian's.
+    controller_clock.advance_ms(2_000);
+    for id in instances.values() {
+        until_state(&tc, &alice, id, "terminated").await;
+    }
+    let (status, ran) = tc.api_as(&brian, POST, "/v1/control", Some(run)).await;
+    assert_eq!(status, 200, "the host is Brian's now: {ran}");
+    let (status, refused) = tc
+        .api_as(
+            &alice,
+            POST,
+            "/v1/control",
+            Some(json!({"action": "RunInstances", "command": ["true"], "agent_id": hosts[1]})),
+        )
+        .await;
+    assert_eq!(status, 403, "{refused}");
+
+    // An English pool's bids only rise.
+    let (status, lower) = tc
+        .api_as(
+            &alice,
+            POST,
+            &format!("/v1/pool-requests/{ra}/bid"),
+            Some(json!({"bid": 9})),
+        )
+        .await;
+    assert_eq!(
+        (status, &lower["error"]),
+        (409, &json!("ascending")),
+        "{lower}"
+    );
+
+    // A third request, at 12: the pool is full, so it bursts into the market's
+    // cheaper listing (40 EUR, within the maximum 50), which costs 40 of the day's
+    // budget of 50; Alice's first request, still short, is refused a burst: the
+    // budget would be passed.
+    let (status, rc) = tc
+        .api_as(
+            &alice,
+            POST,
+            &path("/requests"),
+            Some(json!({"count": 1, "bid": 12})),
+        )
+        .await;
+    assert_eq!(status, 201, "{rc}");
+    let rc = rc["request"]["id"].as_str().unwrap().to_owned();
+    tc.api_as(&uni, POST, &path("/cycle"), None).await;
+    let (_, usage) = tc.api_as(&uni, GET, &path("/usage"), None).await;
+    let bursts = usage["bursts"].as_array().unwrap();
+    assert_eq!(bursts.len(), 1, "{usage}");
+    assert_eq!(
+        (
+            &bursts[0]["source"],
+            &bursts[0]["price"],
+            &usage["burst_spent"]
+        ),
+        (&json!("market:lst-cheap"), &json!(40), &json!(40)),
+        "{usage}"
+    );
+    let burst = bursts[0]["slot"].as_str().unwrap().to_owned();
+    let (_, why) = tc
+        .api_as(
+            &alice,
+            GET,
+            &format!("/v1/pool-requests/{ra}/explain"),
+            None,
+        )
+        .await;
+    assert_eq!(why["why"]["burst"]["rule"], "budget_spent", "{why}");
+    // The burst is given at the cycle its slot joined for (run by the tick).
+    let deadline_wait = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let (_, r) = tc
+            .api_as(&alice, GET, &format!("/v1/pool-requests/{rc}"), None)
+            .await;
+        if r["allocations"].as_array().unwrap().len() == 1 {
+            assert_eq!(r["allocations"][0]["allocation"]["slot"], burst, "{r}");
+            assert_eq!(r["why"]["rule"], "holds", "{r}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline_wait,
+            "the burst slot never given: {r}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (_, r) = tc
+        .api_as(&uni_client, GET, &format!("/v1/reservations/{burst}"), None)
+        .await;
+    assert_eq!(
+        (&r["reservation"]["listing"], &r["reservation"]["holder"]),
+        (&json!("lst-cheap"), &json!("uni")),
+        "the burst is a market reservation the owner holds and pays: {r}"
+    );
+
+    // An hour on, a last cycle charges what was held; members' billing records
+    // add up to the owner's income in credits, and each member's balance is what
+    // it was issued less its charges.
+    controller_clock.advance_ms(3_600_000);
+    tc.api_as(&uni, POST, &path("/cycle"), None).await;
+    let (_, usage) = tc.api_as(&uni, GET, &path("/usage"), None).await;
+    let (_, balances) = tc.api_get("/v1/ledger/balances").await;
+    let charged = |m: &str| {
+        usage["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|u| u["member"] == m)
+            .map(|u| {
+                let records: i64 = u["charges"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|c| c["amount"].as_i64().unwrap())
+                    .sum();
+                assert_eq!(u["charged"].as_i64().unwrap(), records, "{u}");
+                records
+            })
+            .unwrap()
+    };
+    let (a, b) = (charged("alice"), charged("brian"));
+    // Alice: two slots for half an hour at 10 (her two seconds of notice round to
+    // nothing) and the burst slot for the hour at 12; Brian: two slots for the
+    // hour at 20, from Alice's deadline.
+    assert_eq!((a, b), (5 + 5 + 12, 20 + 20), "{usage}");
+    assert_eq!(usage["total"].as_i64().unwrap(), a + b, "{usage}");
+    assert_eq!(
+        balance_in(&balances, "pool:uni", "LAB"),
+        a + b,
+        "{balances}"
+    );
+    assert_eq!(
+        balance_in(&balances, "client:alice", "LAB"),
+        1000 - a,
+        "{balances}"
+    );
+    assert_eq!(
+        balance_in(&balances, "client:brian", "LAB"),
+        1000 - b,
+        "{balances}"
+    );
+    assert_eq!(
+        balance_in(&balances, "external", "LAB"),
+        -2000,
+        "{balances}"
+    );
+    let record = &usage["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["member"] == "brian")
+        .unwrap()["holding"][0];
+    assert_eq!(
+        (
+            &record["customer"],
+            &record["bid"],
+            &record["zone"],
+            &record["tenancy"]
+        ),
+        (
+            &json!("uni"),
+            &json!(20),
+            &json!("bob-1"),
+            &json!("dedicated")
+        ),
+        "{record}"
+    );
+    assert_eq!(record["instances"].as_array().unwrap().len(), 1, "{record}");
+
+    // The owner's invoice: the two lab hosts at 100 EUR and the burst at 40, by
+    // the hour, from its money.
+    controller_clock.advance_ms(3_600_000);
+    let from = started - started.rem_euclid(3_600_000);
+    let (status, billed) = tc
+        .api_post(
+            "/v1/billing/runs",
+            json!({"from_ms": from, "to_ms": from + 3 * 3_600_000}),
+        )
+        .await;
+    assert_eq!(status, 200, "{billed}");
+    let (_, invoices) = tc.api_as(&uni_client, GET, "/v1/invoices", None).await;
+    let mut rates: Vec<i64> = invoices
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|i| i["lines"].as_array().unwrap().iter())
+        .map(|l| l["rate"].as_i64().unwrap())
+        .collect();
+    rates.sort();
+    rates.dedup();
+    assert_eq!(rates, [40, 100], "{invoices}");
+    drop(agents);
+    drop(guards);
+}

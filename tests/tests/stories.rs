@@ -154,6 +154,7 @@ story!(prices_are_kept_once_and_answered_by_the_question);
 story!(a_spot_market_clears_once_and_moves_hosts_by_rank);
 story!(an_auction_closes_once_and_gives_the_winner_a_host);
 story!(a_hold_is_placed_and_given_back_once_and_a_prepaid_client_holds_only_what_it_has);
+story!(a_pool_cycles_once_charges_once_and_a_slot_is_in_one_pool_at_a_time);
 
 mod stories {
     use super::*;
@@ -542,6 +543,227 @@ mod stories {
         assert!(
             s.auctions(None, true, 10).await.unwrap().is_empty(),
             "both closed"
+        );
+    }
+
+    pub async fn a_pool_cycles_once_charges_once_and_a_slot_is_in_one_pool_at_a_time(
+        _f: &Fixture,
+        s: Arc<dyn Store>,
+    ) {
+        use surplus_market::ledger::{Entry, Posting};
+        use surplus_market::pool::{self, CurrencyKind, Method, Policy, Settings};
+        let settings = Settings {
+            policy: Policy {
+                minimum: 5,
+                maximum: None,
+                cap_per_user: None,
+                preemptible: true,
+            },
+            method: Method::English,
+            currency: "LAB".into(),
+            currency_kind: CurrencyKind::Credits,
+            cycle_ms: 1_000,
+            notice_ms: 100,
+            half_life_ms: 3_600_000,
+            max_users: 1,
+            burst: None,
+        };
+        let new_pool = |n: u128| StoredPool {
+            id: Uuid::from_u128(n),
+            owner: "uni".into(),
+            name: format!("pool {n}"),
+            settings: settings.clone(),
+            asking: 5,
+            next_cycle_at_ms: 1_000,
+            requested_at_ms: None,
+            cycled_at_ms: None,
+            created_at_ms: 0,
+        };
+        let (p1, p2) = (new_pool(1), new_pool(2));
+        s.create_pool(&p1).await.unwrap();
+        s.create_pool(&p2).await.unwrap();
+        let host = Uuid::from_u128(77);
+        let slot = |pool: Uuid| PoolSlotRow {
+            slot: host,
+            pool,
+            host,
+            account: "uni".into(),
+            facts: SlotFacts {
+                kind: "host".into(),
+                mode: None,
+                listing: None,
+                instance_type: None,
+                cpus: Some(2),
+                memory_bytes: None,
+                platform: None,
+                zone: None,
+                tenancy: "dedicated".into(),
+                until_ms: None,
+            },
+            burst: false,
+            added_at_ms: 0,
+            leaving_at_ms: None,
+        };
+        s.add_pool_slot(&slot(p1.id), 0).await.unwrap().unwrap();
+        let taken = s.add_pool_slot(&slot(p2.id), 0).await.unwrap().unwrap_err();
+        assert_eq!(taken.rule, "slot_taken", "a slot is in one pool at a time");
+        let member = |m: &str| PoolMember {
+            member: m.into(),
+            name: m.into(),
+            organisation: "Physics".into(),
+            added_at_ms: 0,
+        };
+        s.put_pool_member(p1.id, &member("alice"), 1)
+            .await
+            .unwrap()
+            .unwrap();
+        let full = s
+            .put_pool_member(p1.id, &member("brian"), 1)
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(full.rule, "pool_full_of_users");
+        let request = pool::Request {
+            id: Uuid::from_u128(10),
+            user: "alice".into(),
+            count: 1,
+            bid: 10,
+            placed_at_ms: 0,
+        };
+        let stored = StoredPoolRequest {
+            pool: p1.id,
+            request: request.clone(),
+            cancelled_at_ms: None,
+            why: None,
+        };
+        assert!(s.place_pool_request(&stored).await.unwrap());
+        assert!(!s.place_pool_request(&stored).await.unwrap(), "stored once");
+        assert_eq!(s.due_pools(999).await.unwrap(), Vec::<Uuid>::new());
+        assert_eq!(s.due_pools(1_000).await.unwrap(), [p1.id, p2.id]);
+
+        // What the shell decides: the plan, and each charge posted from the member
+        // to the owner.
+        let decide = |state: &PoolState| {
+            let members = state.members.iter().map(|m| m.member.clone()).collect();
+            let slots: Vec<pool::SlotState> = state
+                .slots
+                .iter()
+                .map(|(r, until)| pool::SlotState {
+                    id: r.slot,
+                    until_ms: *until,
+                    leaving: r.leaving_at_ms.is_some(),
+                })
+                .collect();
+            let requests: Vec<pool::Request> =
+                state.requests.iter().map(|r| r.request.clone()).collect();
+            let now = state.pool.cycled_at_ms.map_or(1_000, |_| 3_601_000);
+            let plan = pool::plan(pool::CycleInput {
+                method: state.pool.settings.method,
+                policy: &state.pool.settings.policy,
+                asking: state.pool.asking,
+                members: &members,
+                slots: &slots,
+                requests: &requests,
+                allocations: &state.allocations,
+                usage: &Default::default(),
+                now_ms: now,
+                notice_ms: state.pool.settings.notice_ms,
+            });
+            let mut changes = ChangeSet::default();
+            for c in plan.charges.iter().filter(|c| c.amount > 0) {
+                let entry = |account: String, amount| Entry {
+                    account,
+                    currency: "LAB".into(),
+                    amount,
+                };
+                changes.postings.push((
+                    Posting {
+                        key: format!("pool-charge:{}:{}", c.allocation, c.to_ms),
+                        kind: "pool".into(),
+                        memo: String::new(),
+                        entries: vec![
+                            entry(format!("client:{}", c.user), -c.amount),
+                            entry("pool:uni".into(), c.amount),
+                        ],
+                    },
+                    Vec::new(),
+                ));
+            }
+            PoolDecision {
+                plan,
+                why: Default::default(),
+                changes,
+            }
+        };
+        // Four controllers race for the cycle: one runs it.
+        let racers: Vec<_> = (0..4)
+            .map(|_| {
+                let s = s.clone();
+                tokio::spawn(
+                    async move { s.run_pool_cycle(Uuid::from_u128(1), &decide, 1_000).await },
+                )
+            })
+            .collect();
+        let mut ran = 0;
+        for r in racers {
+            if r.await.unwrap().unwrap().is_some() {
+                ran += 1;
+            }
+        }
+        assert_eq!(ran, 1, "a cycle runs once");
+        let held = s.pool_allocations(p1.id, false).await.unwrap();
+        assert_eq!(held.len(), 1);
+        assert_eq!((held[0].0.user.as_str(), held[0].1), ("alice", host));
+        assert!(
+            s.allocation_on(host, "alice", 1_000)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            s.allocation_on(host, "brian", 1_000)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(
+            s.pool_slot_on(host, 1_000).await.unwrap().map(|r| r.pool),
+            Some(p1.id)
+        );
+        assert!(s.due_pools(1_999).await.unwrap().contains(&p2.id));
+        assert!(
+            !s.due_pools(1_999).await.unwrap().contains(&p1.id),
+            "its timer moved"
+        );
+
+        // An hour on, twice: one charge of 10 for the hour, posted once.
+        s.request_pool_cycle(p1.id, 3_601_000).await.unwrap();
+        for _ in 0..2 {
+            let _ = s.run_pool_cycle(p1.id, &decide, 3_601_000).await.unwrap();
+        }
+        let charges = s.pool_charges(p1.id).await.unwrap();
+        assert_eq!(charges.len(), 1, "{charges:?}");
+        assert_eq!(
+            (charges[0].amount, charges[0].member.as_str()),
+            (10, "alice")
+        );
+        let balances = s.balances(Some("pool:uni")).await.unwrap();
+        assert_eq!(balances, [("pool:uni".to_owned(), "LAB".to_owned(), 10)]);
+
+        // The slot leaves: another pool may take it once it has gone.
+        assert!(s.leave_pool_slot(p1.id, host, 3_700_000).await.unwrap());
+        let early = s.add_pool_slot(&slot(p2.id), 3_650_000).await.unwrap();
+        assert!(early.is_err(), "not before it has left");
+        s.add_pool_slot(&slot(p2.id), 3_700_000)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            s.pool_slot_on(host, 3_700_000)
+                .await
+                .unwrap()
+                .map(|r| r.pool),
+            Some(p2.id)
         );
     }
 

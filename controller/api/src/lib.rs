@@ -12,6 +12,7 @@ pub mod agents;
 pub mod billing;
 pub mod control;
 pub mod market;
+pub mod pools;
 pub mod resell;
 pub mod validation;
 

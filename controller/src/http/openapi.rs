@@ -95,6 +95,24 @@ use super::*;
         market::list_auctions,
         market::show_auction,
         market::bid_auction,
+        pools::create_pool,
+        pools::list_pools,
+        pools::show_pool,
+        pools::set_pool_policy,
+        pools::add_pool_slot,
+        pools::remove_pool_slot,
+        pools::put_pool_member,
+        pools::remove_pool_member,
+        pools::credit_pool_member,
+        pools::place_pool_request,
+        pools::list_pool_requests,
+        pools::pool_usage,
+        pools::cycle_pool,
+        pools::grant_pool_account,
+        pools::show_pool_request,
+        pools::rebid_pool_request,
+        pools::cancel_pool_request,
+        pools::explain_pool_request,
     ),
     components(schemas(ErrorBody)),
     modifiers(&Shared),
@@ -106,6 +124,7 @@ use super::*;
         (name = "billing", description = "Metering, usage, invoices, statements and the ledger"),
         (name = "resell", description = "Providers of capacity and their agreements"),
         (name = "market", description = "Offers, quotes, reservations and the pricing history"),
+        (name = "pools", description = "Private pools: slots, members, requests, bursts"),
     )
 )]
 struct ApiDoc;
@@ -177,6 +196,7 @@ fn operation<'a>(
         "GET" => item.get.as_mut(),
         "POST" => item.post.as_mut(),
         "PUT" => item.put.as_mut(),
+        "DELETE" => item.delete.as_mut(),
         _ => None,
     }
 }

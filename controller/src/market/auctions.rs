@@ -160,13 +160,8 @@ impl Market {
     ) -> Result<AuctionView, MarketError> {
         require_client(caller)?;
         super::check_price("amount", body.amount)?;
+        super::check_client_token(body.client_token.as_deref())?;
         let bid_id = match &body.client_token {
-            Some(t) if t.is_empty() || t.len() > 64 || t.chars().any(char::is_control) => {
-                return Err(invalid(
-                    "client_token",
-                    "1 to 64 characters, none of them control characters",
-                ));
-            }
             Some(t) => super::token_id(&caller.account, &format!("auction\0{id}\0{t}"), 0),
             None => Uuid::now_v7(),
         };

@@ -57,16 +57,9 @@ impl Market {
             ));
         }
         super::check_price("max_price", body.max_price)?;
+        super::check_client_token(body.client_token.as_deref())?;
         let id = match &body.client_token {
-            Some(t) => {
-                if t.is_empty() || t.len() > 64 || t.chars().any(char::is_control) {
-                    return Err(invalid(
-                        "client_token",
-                        "1 to 64 characters, none of them control characters",
-                    ));
-                }
-                super::token_id(&caller.account, &format!("bid\0{t}"), 0)
-            }
+            Some(t) => super::token_id(&caller.account, &format!("bid\0{t}"), 0),
             None => Uuid::now_v7(),
         };
         if let Some(b) = self.app.store.spot_bid(id).await? {

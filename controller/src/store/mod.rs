@@ -7,6 +7,8 @@
 //! balances and invoice lines; a usage batch with its cursors) is one method, one
 //! transaction. [`open`] picks the backend from the configured database URL.
 
+mod pools;
+mod pools_sql;
 pub mod postgres;
 mod sql;
 pub mod sqlite;
@@ -17,6 +19,11 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use surplus_protocol::clock::UnixMillis;
 use uuid::Uuid;
+
+pub use pools::{
+    PoolBurst, PoolCharge, PoolDecide, PoolDecision, PoolMember, PoolSlotRow, PoolState, PoolStore,
+    SlotFacts, StoredPool, StoredPoolRequest,
+};
 
 /// Opens (creating or migrating as needed) the database that `database_url` names:
 /// `postgres://...` (or `postgresql://`), `sqlite://PATH`, or empty for
@@ -1676,6 +1683,7 @@ pub trait Store:
     + PriceHistoryStore
     + SpotStore
     + AuctionStore
+    + PoolStore
 {
 }
 
@@ -1692,5 +1700,6 @@ impl<T> Store for T where
         + PriceHistoryStore
         + SpotStore
         + AuctionStore
+        + PoolStore
 {
 }

@@ -166,6 +166,9 @@ impl PgStore {
             Lock::Listing(listing) => {
                 sqlx::query("SELECT pg_advisory_xact_lock(7174, hashtext($1))").bind(listing)
             }
+            Lock::Pool(pool) => {
+                sqlx::query("SELECT pg_advisory_xact_lock(7175, hashtext($1))").bind(pool)
+            }
         };
         query.execute(conn).await?;
         Ok(())
@@ -183,6 +186,7 @@ super::sql::sql_stores!(
     sqlx::postgres::PgRow,
     sqlx::PgConnection
 );
+super::pools_sql::pool_sql!(PgStore, sqlx::postgres::PgRow);
 
 /// `url` without its password.
 pub fn redact(url: &str) -> String {

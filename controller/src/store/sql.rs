@@ -45,6 +45,8 @@ pub(super) enum Lock<'a> {
     Usage(&'a str),
     /// A change of one listing's reservations: the book read and written.
     Listing(&'a str),
+    /// A change of one pool's slots or allocations.
+    Pool(&'a str),
 }
 
 pub(super) fn parse_uuid(s: &str) -> Result<Uuid, StoreError> {
@@ -2396,14 +2398,17 @@ macro_rules! sql_stores {
             }
 
             async fn unreserved_instances(&self, now_ms: UnixMillis) -> Result<Vec<InstanceRow>, StoreError> {
-                // Not terminated and not on a host its owner holds now; and the host is
-                // held by another client now, or its owner's own reservation of it ended.
-                // Only hosts that were ever reserved are looked at (every tick asks).
-                sqlx::query("SELECT i.* FROM instances i WHERE i.agent_id IN (SELECT r.host FROM reservations r) AND i.state <> 'terminated' \
+                // Not terminated and not on a host its owner holds now (by a reservation
+                // or a pool allocation); and the host is held by another client now, or
+                // its owner's own reservation of it or pool allocation on it ended. Only
+                // hosts that were ever reserved or pooled are looked at (every tick asks).
+                sqlx::query("SELECT i.* FROM instances i WHERE (i.agent_id IN (SELECT r.host FROM reservations r) OR i.agent_id IN (SELECT a.host FROM pool_allocations a)) AND i.state <> 'terminated' \
                     AND NOT EXISTS (SELECT 1 FROM reservations r WHERE r.host = i.agent_id AND i.owner_role = 'client' AND r.holder = i.account AND r.starts_at_ms <= $1 AND (r.until_ms IS NULL OR r.until_ms > $1)) \
-                    AND EXISTS (SELECT 1 FROM reservations r WHERE r.host = i.agent_id AND ( \
+                    AND NOT EXISTS (SELECT 1 FROM pool_allocations a WHERE a.host = i.agent_id AND i.owner_role = 'client' AND a.member = i.account AND a.from_ms <= $1 AND (a.until_ms IS NULL OR a.until_ms > $1)) \
+                    AND (EXISTS (SELECT 1 FROM reservations r WHERE r.host = i.agent_id AND ( \
                         (r.starts_at_ms <= $1 AND (r.until_ms IS NULL OR r.until_ms > $1)) \
                         OR (i.owner_role = 'client' AND r.holder = i.account AND r.until_ms IS NOT NULL AND r.until_ms <= $1))) \
+                      OR EXISTS (SELECT 1 FROM pool_allocations a WHERE a.host = i.agent_id AND i.owner_role = 'client' AND a.member = i.account AND a.until_ms IS NOT NULL AND a.until_ms <= $1)) \
                     ORDER BY i.agent_id, i.created_at_ms, i.id")
                     .bind(now_ms)
                     .fetch_all(self.reader())

@@ -134,3 +134,4 @@ impl SqliteStore {
 }
 
 super::sql::sql_stores!(SqliteStore, sqlx::Sqlite, SqliteRow, sqlx::SqliteConnection);
+super::pools_sql::pool_sql!(SqliteStore, SqliteRow);

@@ -42,6 +42,11 @@ impl Client {
         self.call(reqwest::Method::PUT, path, Some(body)).await
     }
 
+    /// `DELETE path`.
+    pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        self.call(reqwest::Method::DELETE, path, None::<&()>).await
+    }
+
     async fn call<T: DeserializeOwned, B: Serialize + ?Sized>(
         &self,
         method: reqwest::Method,
@@ -69,7 +74,9 @@ impl Client {
             .await
             .context("reading the controller's answer")?;
         if status.is_success() {
-            return serde_json::from_slice(&bytes)
+            // An empty answer (204) reads as JSON null.
+            let body: &[u8] = if bytes.is_empty() { b"null" } else { &bytes };
+            return serde_json::from_slice(body)
                 .with_context(|| format!("unexpected answer from {url}"));
         }
         let detail = serde_json::from_slice::<ErrorBody>(&bytes)

@@ -12,6 +12,7 @@ mod client;
 mod control;
 mod ledger;
 mod market;
+mod pools;
 mod resell;
 mod validation;
 
@@ -65,6 +66,11 @@ enum Command {
     Market(market::Command),
     #[command(flatten)]
     Buy(buy::Command),
+    /// Private pools: make and run your own (pool owner), or bid in one (member).
+    Pools {
+        #[command(subcommand)]
+        command: pools::Command,
+    },
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -115,6 +121,7 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         Command::Resell(c) => resell::run(&client, cli.json, c).await,
         Command::Market(c) => market::run(&client, cli.json, c).await,
         Command::Buy(c) => buy::run(&client, cli.json, c).await,
+        Command::Pools { command } => pools::run(&client, cli.json, command).await,
     }
 }
 

@@ -1,0 +1,641 @@
+//! The SQL of private pools (issue 17), written once for both backends as
+//! `sql.rs` is: [`pool_sql!`] expands to `PoolStore` for one backend's store type, in
+//! the module where `sql_stores!` expanded (it uses that expansion's helpers:
+//! `apply_in`, `lock`, the row parsers).
+//!
+//! A cycle is one transaction under the pool's lock: read, have the shell's
+//! decision plan it (`surplus_market::pool::plan`), write the plan with its postings
+//! and notices, and claim the cycle's timer by a conditional update, so that of two
+//! controllers polling one pool exactly one runs each cycle.
+
+macro_rules! pool_sql {
+    ($store:ident, $row:ty) => {
+        fn stored_pool(row: &$row) -> Result<StoredPool, StoreError> {
+            Ok(StoredPool {
+                id: parse_uuid(row.try_get("id")?)?,
+                owner: row.try_get("owner")?,
+                name: row.try_get("name")?,
+                settings: parse_json(row.try_get("record")?, "pool settings")?,
+                asking: row.try_get::<i64, _>("asking")?.max(0) as u64,
+                next_cycle_at_ms: row.try_get("next_cycle_at_ms")?,
+                requested_at_ms: row.try_get("requested_at_ms")?,
+                cycled_at_ms: row.try_get("cycled_at_ms")?,
+                created_at_ms: row.try_get("created_at_ms")?,
+            })
+        }
+
+        fn pool_slot_row(row: &$row) -> Result<PoolSlotRow, StoreError> {
+            Ok(PoolSlotRow {
+                slot: parse_uuid(row.try_get("slot")?)?,
+                pool: parse_uuid(row.try_get("pool")?)?,
+                host: parse_uuid(row.try_get("host")?)?,
+                account: row.try_get("account")?,
+                facts: parse_json(row.try_get("record")?, "pool slot")?,
+                burst: row.try_get::<i64, _>("burst")? != 0,
+                added_at_ms: row.try_get("added_at_ms")?,
+                leaving_at_ms: row.try_get("leaving_at_ms")?,
+            })
+        }
+
+        fn pool_member_row(row: &$row) -> Result<PoolMember, StoreError> {
+            Ok(PoolMember {
+                member: row.try_get("member")?,
+                name: row.try_get("name")?,
+                organisation: row.try_get("organisation")?,
+                added_at_ms: row.try_get("added_at_ms")?,
+            })
+        }
+
+        fn pool_request_row(row: &$row) -> Result<StoredPoolRequest, StoreError> {
+            let why: Option<String> = row.try_get("why")?;
+            Ok(StoredPoolRequest {
+                pool: parse_uuid(row.try_get("pool")?)?,
+                request: parse_json(row.try_get("record")?, "pool request")?,
+                cancelled_at_ms: row.try_get("cancelled_at_ms")?,
+                why: why.as_deref().map(|w| parse_json(w, "pool request why")).transpose()?,
+            })
+        }
+
+        fn pool_allocation_row(row: &$row) -> Result<(surplus_market::pool::Allocation, Uuid), StoreError> {
+            Ok((
+                surplus_market::pool::Allocation {
+                    id: parse_uuid(row.try_get("id")?)?,
+                    request: parse_uuid(row.try_get("request")?)?,
+                    user: row.try_get("member")?,
+                    slot: parse_uuid(row.try_get("slot")?)?,
+                    price: row.try_get::<i64, _>("price")?.max(0) as u64,
+                    from_ms: row.try_get("from_ms")?,
+                    until_ms: row.try_get("until_ms")?,
+                    noticed: row.try_get::<i64, _>("noticed")? != 0,
+                    charged_to_ms: row.try_get("charged_to_ms")?,
+                },
+                parse_uuid(row.try_get("host")?)?,
+            ))
+        }
+
+        fn pool_price(p: u64) -> Result<i64, StoreError> {
+            i64::try_from(p).map_err(|_| StoreError::Corrupt(format!("price {p} out of range")))
+        }
+
+        const POOL_COLUMNS: &str = "SELECT id, owner, name, record, asking, next_cycle_at_ms, requested_at_ms, cycled_at_ms, created_at_ms FROM pools";
+        const POOL_ALLOCATION_COLUMNS: &str = "SELECT id, request, member, slot, host, price, from_ms, until_ms, noticed, charged_to_ms, done FROM pool_allocations";
+
+        #[async_trait]
+        impl PoolStore for $store {
+            async fn create_pool(&self, p: &StoredPool) -> Result<(), StoreError> {
+                sqlx::query("INSERT INTO pools (id, owner, name, record, asking, next_cycle_at_ms, requested_at_ms, cycled_at_ms, created_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)")
+                    .bind(p.id.to_string())
+                    .bind(&p.owner)
+                    .bind(&p.name)
+                    .bind(json_text(&p.settings))
+                    .bind(pool_price(p.asking)?)
+                    .bind(p.next_cycle_at_ms)
+                    .bind(p.requested_at_ms)
+                    .bind(p.cycled_at_ms)
+                    .bind(p.created_at_ms)
+                    .execute(self.writer())
+                    .await?;
+                Ok(())
+            }
+
+            async fn pool(&self, id: Uuid) -> Result<Option<StoredPool>, StoreError> {
+                sqlx::query(&format!("{POOL_COLUMNS} WHERE id = $1"))
+                    .bind(id.to_string())
+                    .fetch_optional(self.reader())
+                    .await?
+                    .as_ref()
+                    .map(stored_pool)
+                    .transpose()
+            }
+
+            async fn pools(&self) -> Result<Vec<StoredPool>, StoreError> {
+                sqlx::query(&format!("{POOL_COLUMNS} ORDER BY created_at_ms, id"))
+                    .fetch_all(self.reader())
+                    .await?
+                    .iter()
+                    .map(stored_pool)
+                    .collect()
+            }
+
+            async fn set_pool_settings(&self, id: Uuid, settings: &surplus_market::pool::Settings) -> Result<(), StoreError> {
+                sqlx::query("UPDATE pools SET record = $2 WHERE id = $1")
+                    .bind(id.to_string())
+                    .bind(json_text(settings))
+                    .execute(self.writer())
+                    .await?;
+                Ok(())
+            }
+
+            async fn grant_pool_account(&self, owner: &str, account: &str, now_ms: UnixMillis) -> Result<(), StoreError> {
+                sqlx::query("INSERT INTO pool_accounts (owner, account, granted_at_ms) VALUES ($1, $2, $3) ON CONFLICT (owner, account) DO NOTHING")
+                    .bind(owner)
+                    .bind(account)
+                    .bind(now_ms)
+                    .execute(self.writer())
+                    .await?;
+                Ok(())
+            }
+
+            async fn pool_accounts(&self, owner: &str) -> Result<Vec<String>, StoreError> {
+                Ok(sqlx::query_scalar("SELECT account FROM pool_accounts WHERE owner = $1 ORDER BY account")
+                    .bind(owner)
+                    .fetch_all(self.reader())
+                    .await?)
+            }
+
+            async fn add_pool_slot(&self, slot: &PoolSlotRow, now_ms: UnixMillis) -> Result<Result<(), MarketRefusal>, StoreError> {
+                let mut tx = self.write_tx().await?;
+                $store::lock(&mut tx, Lock::Pool(&slot.pool.to_string())).await?;
+                // A slot that left a pool (its deadline passed) may join another.
+                sqlx::query("DELETE FROM pool_slots WHERE slot = $1 AND leaving_at_ms IS NOT NULL AND leaving_at_ms <= $2")
+                    .bind(slot.slot.to_string())
+                    .bind(now_ms)
+                    .execute(&mut *tx)
+                    .await?;
+                let inserted = sqlx::query("INSERT INTO pool_slots (slot, pool, host, account, record, burst, added_at_ms, leaving_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, NULL) ON CONFLICT (slot) DO NOTHING")
+                    .bind(slot.slot.to_string())
+                    .bind(slot.pool.to_string())
+                    .bind(slot.host.to_string())
+                    .bind(&slot.account)
+                    .bind(json_text(&slot.facts))
+                    .bind(i64::from(slot.burst))
+                    .bind(slot.added_at_ms)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if inserted == 0 {
+                    let pool: Option<String> = sqlx::query_scalar("SELECT pool FROM pool_slots WHERE slot = $1")
+                        .bind(slot.slot.to_string())
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                    return Ok(Err(MarketRefusal {
+                        rule: "slot_taken",
+                        message: format!(
+                            "slot {} is in pool {} already: a slot is in one pool at a time",
+                            slot.slot,
+                            pool.unwrap_or_default()
+                        ),
+                    }));
+                }
+                tx.commit().await?;
+                Ok(Ok(()))
+            }
+
+            async fn leave_pool_slot(&self, pool: Uuid, slot: Uuid, leaving_at_ms: UnixMillis) -> Result<bool, StoreError> {
+                Ok(sqlx::query("UPDATE pool_slots SET leaving_at_ms = $3 WHERE pool = $1 AND slot = $2 AND leaving_at_ms IS NULL")
+                    .bind(pool.to_string())
+                    .bind(slot.to_string())
+                    .bind(leaving_at_ms)
+                    .execute(self.writer())
+                    .await?
+                    .rows_affected()
+                    > 0)
+            }
+
+            async fn pool_slots(&self, pool: Uuid) -> Result<Vec<PoolSlotRow>, StoreError> {
+                sqlx::query("SELECT * FROM pool_slots WHERE pool = $1 ORDER BY added_at_ms, slot")
+                    .bind(pool.to_string())
+                    .fetch_all(self.reader())
+                    .await?
+                    .iter()
+                    .map(pool_slot_row)
+                    .collect()
+            }
+
+            async fn pool_slot_on(&self, host: Uuid, now_ms: UnixMillis) -> Result<Option<PoolSlotRow>, StoreError> {
+                sqlx::query("SELECT * FROM pool_slots WHERE host = $1 AND (leaving_at_ms IS NULL OR leaving_at_ms > $2) ORDER BY added_at_ms DESC, slot LIMIT 1")
+                    .bind(host.to_string())
+                    .bind(now_ms)
+                    .fetch_optional(self.reader())
+                    .await?
+                    .as_ref()
+                    .map(pool_slot_row)
+                    .transpose()
+            }
+
+            async fn pooled_slots(&self, now_ms: UnixMillis) -> Result<Vec<Uuid>, StoreError> {
+                let ids: Vec<String> = sqlx::query_scalar("SELECT slot FROM pool_slots WHERE leaving_at_ms IS NULL OR leaving_at_ms > $1")
+                    .bind(now_ms)
+                    .fetch_all(self.reader())
+                    .await?;
+                ids.iter().map(|s| parse_uuid(s)).collect()
+            }
+
+            async fn put_pool_member(&self, pool: Uuid, m: &PoolMember, max_users: u32) -> Result<Result<(), MarketRefusal>, StoreError> {
+                let mut tx = self.write_tx().await?;
+                $store::lock(&mut tx, Lock::Pool(&pool.to_string())).await?;
+                let others: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM pool_members WHERE pool = $1 AND member <> $2")
+                    .bind(pool.to_string())
+                    .bind(&m.member)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                if others >= i64::from(max_users) {
+                    return Ok(Err(MarketRefusal {
+                        rule: "pool_full_of_users",
+                        message: format!("the pool admits {max_users} users and has {others}"),
+                    }));
+                }
+                sqlx::query("INSERT INTO pool_members (pool, member, name, organisation, added_at_ms) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (pool, member) DO UPDATE SET name = excluded.name, organisation = excluded.organisation")
+                    .bind(pool.to_string())
+                    .bind(&m.member)
+                    .bind(&m.name)
+                    .bind(&m.organisation)
+                    .bind(m.added_at_ms)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(Ok(()))
+            }
+
+            async fn remove_pool_member(&self, pool: Uuid, member: &str) -> Result<bool, StoreError> {
+                Ok(sqlx::query("DELETE FROM pool_members WHERE pool = $1 AND member = $2")
+                    .bind(pool.to_string())
+                    .bind(member)
+                    .execute(self.writer())
+                    .await?
+                    .rows_affected()
+                    > 0)
+            }
+
+            async fn pool_members(&self, pool: Uuid) -> Result<Vec<PoolMember>, StoreError> {
+                sqlx::query("SELECT * FROM pool_members WHERE pool = $1 ORDER BY added_at_ms, member")
+                    .bind(pool.to_string())
+                    .fetch_all(self.reader())
+                    .await?
+                    .iter()
+                    .map(pool_member_row)
+                    .collect()
+            }
+
+            async fn pools_of_member(&self, member: &str) -> Result<Vec<Uuid>, StoreError> {
+                let ids: Vec<String> = sqlx::query_scalar("SELECT pool FROM pool_members WHERE member = $1 ORDER BY pool")
+                    .bind(member)
+                    .fetch_all(self.reader())
+                    .await?;
+                ids.iter().map(|s| parse_uuid(s)).collect()
+            }
+
+            async fn place_pool_request(&self, r: &StoredPoolRequest) -> Result<bool, StoreError> {
+                Ok(sqlx::query("INSERT INTO pool_requests (id, pool, member, record, placed_at_ms, cancelled_at_ms, why) VALUES ($1, $2, $3, $4, $5, NULL, NULL) ON CONFLICT (id) DO NOTHING")
+                    .bind(r.request.id.to_string())
+                    .bind(r.pool.to_string())
+                    .bind(&r.request.user)
+                    .bind(json_text(&r.request))
+                    .bind(r.request.placed_at_ms)
+                    .execute(self.writer())
+                    .await?
+                    .rows_affected()
+                    > 0)
+            }
+
+            async fn pool_request(&self, id: Uuid) -> Result<Option<StoredPoolRequest>, StoreError> {
+                sqlx::query("SELECT * FROM pool_requests WHERE id = $1")
+                    .bind(id.to_string())
+                    .fetch_optional(self.reader())
+                    .await?
+                    .as_ref()
+                    .map(pool_request_row)
+                    .transpose()
+            }
+
+            async fn pool_requests(&self, pool: Uuid) -> Result<Vec<StoredPoolRequest>, StoreError> {
+                sqlx::query("SELECT * FROM pool_requests WHERE pool = $1 ORDER BY placed_at_ms, id")
+                    .bind(pool.to_string())
+                    .fetch_all(self.reader())
+                    .await?
+                    .iter()
+                    .map(pool_request_row)
+                    .collect()
+            }
+
+            async fn set_pool_bid(&self, id: Uuid, bid: u64) -> Result<bool, StoreError> {
+                let mut tx = self.write_tx().await?;
+                let Some(row) = sqlx::query("SELECT * FROM pool_requests WHERE id = $1 AND cancelled_at_ms IS NULL")
+                    .bind(id.to_string())
+                    .fetch_optional(&mut *tx)
+                    .await?
+                else {
+                    return Ok(false);
+                };
+                let mut r = pool_request_row(&row)?;
+                $store::lock(&mut tx, Lock::Pool(&r.pool.to_string())).await?;
+                r.request.bid = bid;
+                sqlx::query("UPDATE pool_requests SET record = $2 WHERE id = $1")
+                    .bind(id.to_string())
+                    .bind(json_text(&r.request))
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(true)
+            }
+
+            async fn set_pool_request_why(&self, id: Uuid, why: &serde_json::Value) -> Result<(), StoreError> {
+                sqlx::query("UPDATE pool_requests SET why = $2 WHERE id = $1")
+                    .bind(id.to_string())
+                    .bind(json_text(why))
+                    .execute(self.writer())
+                    .await?;
+                Ok(())
+            }
+
+            async fn cancel_pool_request(&self, id: Uuid, now_ms: UnixMillis) -> Result<bool, StoreError> {
+                Ok(sqlx::query("UPDATE pool_requests SET cancelled_at_ms = $2 WHERE id = $1 AND cancelled_at_ms IS NULL")
+                    .bind(id.to_string())
+                    .bind(now_ms)
+                    .execute(self.writer())
+                    .await?
+                    .rows_affected()
+                    > 0)
+            }
+
+            async fn pool_allocations(&self, pool: Uuid, all: bool) -> Result<Vec<(surplus_market::pool::Allocation, Uuid)>, StoreError> {
+                sqlx::query(&format!("{POOL_ALLOCATION_COLUMNS} WHERE pool = $1 AND ($2 = 1 OR done = 0) ORDER BY from_ms, id"))
+                    .bind(pool.to_string())
+                    .bind(i64::from(all))
+                    .fetch_all(self.reader())
+                    .await?
+                    .iter()
+                    .map(pool_allocation_row)
+                    .collect()
+            }
+
+            async fn allocation_on(&self, host: Uuid, member: &str, now_ms: UnixMillis) -> Result<Option<surplus_market::pool::Allocation>, StoreError> {
+                Ok(sqlx::query(&format!("{POOL_ALLOCATION_COLUMNS} WHERE host = $1 AND member = $2 AND from_ms <= $3 AND (until_ms IS NULL OR until_ms > $3) ORDER BY from_ms DESC, id LIMIT 1"))
+                    .bind(host.to_string())
+                    .bind(member)
+                    .bind(now_ms)
+                    .fetch_optional(self.reader())
+                    .await?
+                    .as_ref()
+                    .map(pool_allocation_row)
+                    .transpose()?
+                    .map(|(a, _)| a))
+            }
+
+            async fn pool_charges(&self, pool: Uuid) -> Result<Vec<PoolCharge>, StoreError> {
+                let mut out = Vec::new();
+                for row in sqlx::query("SELECT member, request, slot, from_ms, to_ms, price, amount, currency FROM pool_charges WHERE pool = $1 ORDER BY from_ms, key")
+                    .bind(pool.to_string())
+                    .fetch_all(self.reader())
+                    .await?
+                {
+                    out.push(PoolCharge {
+                        member: row.try_get("member")?,
+                        request: parse_uuid(row.try_get("request")?)?,
+                        slot: parse_uuid(row.try_get("slot")?)?,
+                        from_ms: row.try_get("from_ms")?,
+                        to_ms: row.try_get("to_ms")?,
+                        price: row.try_get::<i64, _>("price")?.max(0) as u64,
+                        amount: row.try_get("amount")?,
+                        currency: row.try_get("currency")?,
+                    });
+                }
+                Ok(out)
+            }
+
+            async fn request_pool_cycle(&self, pool: Uuid, now_ms: UnixMillis) -> Result<(), StoreError> {
+                sqlx::query("UPDATE pools SET requested_at_ms = $2 WHERE id = $1 AND requested_at_ms IS NULL")
+                    .bind(pool.to_string())
+                    .bind(now_ms)
+                    .execute(self.writer())
+                    .await?;
+                Ok(())
+            }
+
+            async fn due_pools(&self, now_ms: UnixMillis) -> Result<Vec<Uuid>, StoreError> {
+                let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM pools WHERE next_cycle_at_ms <= $1 OR requested_at_ms <= $1 ORDER BY id")
+                    .bind(now_ms)
+                    .fetch_all(self.reader())
+                    .await?;
+                ids.iter().map(|s| parse_uuid(s)).collect()
+            }
+
+            async fn run_pool_cycle(&self, pool: Uuid, decide: PoolDecide<'_>, now_ms: UnixMillis) -> Result<Option<PoolDecision>, PostError> {
+                let id = pool.to_string();
+                let mut tx = self.write_tx().await.map_err(StoreError::from)?;
+                $store::lock(&mut tx, Lock::Pool(&id)).await.map_err(StoreError::from)?;
+                let Some(row) = sqlx::query(&format!("{POOL_COLUMNS} WHERE id = $1"))
+                    .bind(&id)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(StoreError::from)?
+                else {
+                    return Ok(None);
+                };
+                let stored = stored_pool(&row)?;
+                let due = stored.next_cycle_at_ms <= now_ms || stored.requested_at_ms.is_some_and(|r| r <= now_ms);
+                if !due {
+                    return Ok(None);
+                }
+                // Slots, each with when its owner's hold of it ends.
+                let mut slots = Vec::new();
+                for row in sqlx::query("SELECT s.*, r.record AS reservation, n.deadline_ms AS deadline FROM pool_slots s LEFT JOIN reservations r ON r.id = s.slot LEFT JOIN interruptions n ON n.reservation = s.slot WHERE s.pool = $1 ORDER BY s.added_at_ms, s.slot")
+                    .bind(&id)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(StoreError::from)?
+                {
+                    let slot = pool_slot_row(&row)?;
+                    let reservation: Option<String> = row.try_get("reservation").map_err(StoreError::from)?;
+                    let until = match reservation {
+                        Some(text) => {
+                            let r: Reservation = parse_json(&text, "reservation")?;
+                            let deadline: Option<i64> = row.try_get("deadline").map_err(StoreError::from)?;
+                            let mut until = r.end_ms();
+                            if let Some(d) = deadline {
+                                until = Some(until.map_or(d, |u| u.min(d)));
+                            }
+                            until
+                        }
+                        None => None,
+                    };
+                    slots.push((slot, until));
+                }
+                let members = sqlx::query("SELECT * FROM pool_members WHERE pool = $1 ORDER BY added_at_ms, member")
+                    .bind(&id)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(StoreError::from)?
+                    .iter()
+                    .map(pool_member_row)
+                    .collect::<Result<Vec<_>, _>>()?;
+                let requests = sqlx::query("SELECT * FROM pool_requests WHERE pool = $1 AND cancelled_at_ms IS NULL ORDER BY placed_at_ms, id")
+                    .bind(&id)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(StoreError::from)?
+                    .iter()
+                    .map(pool_request_row)
+                    .collect::<Result<Vec<_>, _>>()?;
+                let rows = sqlx::query(&format!("{POOL_ALLOCATION_COLUMNS} WHERE pool = $1 AND (done = 0 OR until_ms > $2) ORDER BY from_ms, id"))
+                    .bind(&id)
+                    .bind(now_ms.saturating_sub(stored.settings.half_life_ms.saturating_mul(8)))
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(StoreError::from)?;
+                let mut allocations = Vec::new();
+                let mut stretches: std::collections::BTreeMap<String, Vec<(i64, i64)>> = Default::default();
+                for row in &rows {
+                    let over = row.try_get::<i64, _>("done").map_err(StoreError::from)? != 0;
+                    let (a, _) = pool_allocation_row(row)?;
+                    stretches
+                        .entry(a.user.clone())
+                        .or_default()
+                        .push((a.from_ms, a.until_ms.unwrap_or(now_ms).min(now_ms)));
+                    if !over {
+                        allocations.push(a);
+                    }
+                }
+                let state = PoolState {
+                    pool: stored.clone(),
+                    slots,
+                    members,
+                    requests,
+                    allocations,
+                    stretches,
+                };
+                let decision = decide(&state);
+                let plan = &decision.plan;
+                // Claimed by a conditional update on the timers read above.
+                let claimed = sqlx::query("UPDATE pools SET asking = $2, next_cycle_at_ms = $3, requested_at_ms = NULL, cycled_at_ms = $4 WHERE id = $1 AND next_cycle_at_ms = $5 AND COALESCE(requested_at_ms, -1) = $6")
+                    .bind(&id)
+                    .bind(pool_price(plan.cycle.asking)?)
+                    .bind(now_ms.saturating_add(stored.settings.cycle_ms))
+                    .bind(now_ms)
+                    .bind(stored.next_cycle_at_ms)
+                    .bind(stored.requested_at_ms.unwrap_or(-1))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::from)?
+                    .rows_affected();
+                if claimed == 0 {
+                    return Ok(None);
+                }
+                for c in &plan.charges {
+                    sqlx::query("UPDATE pool_allocations SET charged_to_ms = $2 WHERE id = $1")
+                        .bind(c.allocation.to_string())
+                        .bind(c.to_ms)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(StoreError::from)?;
+                    if c.amount > 0 {
+                        sqlx::query("INSERT INTO pool_charges (key, pool, member, request, slot, from_ms, to_ms, price, amount, currency) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (key) DO NOTHING")
+                            .bind(format!("pool-charge:{}:{}", c.allocation, c.to_ms))
+                            .bind(&id)
+                            .bind(&c.user)
+                            .bind(c.request.to_string())
+                            .bind(c.slot.to_string())
+                            .bind(c.from_ms)
+                            .bind(c.to_ms)
+                            .bind(pool_price(c.price)?)
+                            .bind(c.amount)
+                            .bind(&stored.settings.currency)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(StoreError::from)?;
+                    }
+                }
+                for (a, until) in &plan.ended {
+                    sqlx::query("UPDATE pool_allocations SET until_ms = $2, noticed = 1 WHERE id = $1")
+                        .bind(a.to_string())
+                        .bind(until)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(StoreError::from)?;
+                }
+                for (a, price) in &plan.repriced {
+                    sqlx::query("UPDATE pool_allocations SET price = $2 WHERE id = $1")
+                        .bind(a.to_string())
+                        .bind(pool_price(*price)?)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(StoreError::from)?;
+                }
+                for m in &plan.made {
+                    let Some((slot, _)) = state.slots.iter().find(|(s, _)| s.slot == m.slot) else { continue };
+                    sqlx::query("INSERT INTO pool_allocations (id, pool, request, member, slot, host, price, from_ms, until_ms, noticed, charged_to_ms, done) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, $8, 0)")
+                        .bind(Uuid::now_v7().to_string())
+                        .bind(&id)
+                        .bind(m.request.to_string())
+                        .bind(&m.user)
+                        .bind(m.slot.to_string())
+                        .bind(slot.host.to_string())
+                        .bind(pool_price(m.price)?)
+                        .bind(m.from_ms)
+                        .bind(m.until_ms)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(StoreError::from)?;
+                }
+                // Over: ended and charged to its end.
+                sqlx::query("UPDATE pool_allocations SET done = 1 WHERE pool = $1 AND done = 0 AND until_ms IS NOT NULL AND until_ms <= charged_to_ms")
+                    .bind(&id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::from)?;
+                for (request, why) in &decision.why {
+                    sqlx::query("UPDATE pool_requests SET why = $2 WHERE id = $1")
+                        .bind(request.to_string())
+                        .bind(json_text(why))
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(StoreError::from)?;
+                }
+                // Slots whose deadline to leave passed are gone.
+                sqlx::query("DELETE FROM pool_slots WHERE pool = $1 AND leaving_at_ms IS NOT NULL AND leaving_at_ms <= $2")
+                    .bind(&id)
+                    .bind(now_ms)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::from)?;
+                apply_in(&mut tx, &decision.changes, now_ms).await?;
+                tx.commit().await.map_err(StoreError::from)?;
+                Ok(Some(decision))
+            }
+
+            async fn put_pool_burst(&self, pool: Uuid, b: &PoolBurst) -> Result<(), StoreError> {
+                sqlx::query("INSERT INTO pool_bursts (slot, pool, request, source, price, started_at_ms, ended_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (slot) DO NOTHING")
+                    .bind(b.slot.to_string())
+                    .bind(pool.to_string())
+                    .bind(b.request.to_string())
+                    .bind(&b.source)
+                    .bind(pool_price(b.price)?)
+                    .bind(b.started_at_ms)
+                    .bind(b.ended_at_ms)
+                    .execute(self.writer())
+                    .await?;
+                Ok(())
+            }
+
+            async fn pool_bursts(&self, pool: Uuid) -> Result<Vec<PoolBurst>, StoreError> {
+                let mut out = Vec::new();
+                for row in sqlx::query("SELECT * FROM pool_bursts WHERE pool = $1 ORDER BY started_at_ms, slot")
+                    .bind(pool.to_string())
+                    .fetch_all(self.reader())
+                    .await?
+                {
+                    out.push(PoolBurst {
+                        slot: parse_uuid(row.try_get("slot")?)?,
+                        request: parse_uuid(row.try_get("request")?)?,
+                        source: row.try_get("source")?,
+                        price: row.try_get::<i64, _>("price")?.max(0) as u64,
+                        started_at_ms: row.try_get("started_at_ms")?,
+                        ended_at_ms: row.try_get("ended_at_ms")?,
+                    });
+                }
+                Ok(out)
+            }
+
+            async fn end_pool_burst(&self, slot: Uuid, now_ms: UnixMillis) -> Result<(), StoreError> {
+                sqlx::query("UPDATE pool_bursts SET ended_at_ms = $2 WHERE slot = $1 AND ended_at_ms IS NULL")
+                    .bind(slot.to_string())
+                    .bind(now_ms)
+                    .execute(self.writer())
+                    .await?;
+                Ok(())
+            }
+        }
+    };
+}
+
+pub(crate) use pool_sql;
