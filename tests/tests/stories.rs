@@ -661,7 +661,7 @@ mod stories {
                 method: state.pool.settings.method,
                 policy: &state.pool.settings.policy,
                 asking: state.pool.asking,
-                members: &members,
+                members: pool::Members::Single(&members),
                 slots: &slots,
                 requests: &requests,
                 allocations: &state.allocations,

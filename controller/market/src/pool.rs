@@ -474,12 +474,59 @@ pub fn opening_price(method: Method, policy: &Policy) -> Price {
     }
 }
 
+/// Who may hold a pool's slots: a pool's own members, or, for pools merged into one
+/// market, the entities with their users, slots and lending limits
+/// ([`crate::cohort`]).
+#[derive(Debug, Clone, Copy)]
+pub enum Members<'a> {
+    /// One owner's pool and its members.
+    Single(&'a BTreeSet<String>),
+    /// A merged pool (its policy and slots are the cycle's own).
+    Merged(&'a crate::cohort::MergedPool),
+}
+
+impl Members<'_> {
+    /// Whether `user` may take part.
+    pub fn admits(&self, user: &str) -> bool {
+        match self {
+            Members::Single(m) => m.contains(user),
+            Members::Merged(m) => m.entity_of(user).is_some_and(|e| m.member(e).is_some()),
+        }
+    }
+
+    fn admit(
+        &self,
+        policy: &Policy,
+        slots: &[Uuid],
+        requests: &[Request],
+        usage: &BTreeMap<String, f64>,
+        held: &BTreeMap<Uuid, Vec<Uuid>>,
+    ) -> (Admission, BTreeMap<Uuid, crate::cohort::MergedWhy>) {
+        match self {
+            Members::Single(m) => (
+                admit(policy, m, slots, requests, usage, held),
+                BTreeMap::new(),
+            ),
+            Members::Merged(m) => {
+                let live: BTreeSet<&Uuid> = slots.iter().collect();
+                let mut pool = (*m).clone();
+                pool.policy = policy.clone();
+                pool.slots.retain(|s| live.contains(&s.id));
+                let out = crate::cohort::admit_merged(&pool, requests, usage, held);
+                (out.admission, out.merged_why)
+            }
+        }
+    }
+}
+
 /// One cycle under a bidding method: the admission, what each holder pays per
 /// slot-hour until the next cycle, and the asking price of the next cycle.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Cycle {
     /// Who holds which slots, and why.
     pub admission: Admission,
+    /// Why, where a rule of merged pools decided.
+    pub merged_why: BTreeMap<Uuid, crate::cohort::MergedWhy>,
     /// The price each request holding slots pays per slot-hour.
     pub prices: BTreeMap<Uuid, Price>,
     /// The asking price after this cycle.
@@ -493,7 +540,7 @@ pub fn cycle(
     method: Method,
     policy: &Policy,
     asking: Price,
-    members: &BTreeSet<String>,
+    members: Members<'_>,
     slots: &[Uuid],
     requests: &[Request],
     usage: &BTreeMap<String, f64>,
@@ -508,7 +555,7 @@ pub fn cycle(
             .collect(),
         _ => requests.to_vec(),
     };
-    let admission = admit(policy, members, slots, &taking, usage, held);
+    let (admission, merged_why) = members.admit(policy, slots, &taking, usage, held);
     let held_count = |id: &Uuid| admission.holds.get(id).map_or(0, |h| h.len() as u32);
     let waiting_best = taking
         .iter()
@@ -548,6 +595,7 @@ pub fn cycle(
     };
     Cycle {
         admission,
+        merged_why,
         prices,
         asking: next,
     }
@@ -814,7 +862,7 @@ pub struct CycleInput<'a> {
     /// The asking price (Dutch).
     pub asking: Price,
     /// Who may hold slots.
-    pub members: &'a BTreeSet<String>,
+    pub members: Members<'a>,
     /// The pool's slots.
     pub slots: &'a [SlotState],
     /// The requests not cancelled.
@@ -1131,28 +1179,82 @@ mod tests {
             req(3, "c", 1, 30, 2),
         ];
         // English: each pays its own bid.
-        let c = cycle(Method::English, &p, 10, &m, &slots, &reqs, &usage, &none);
+        let c = cycle(
+            Method::English,
+            &p,
+            10,
+            Members::Single(&m),
+            &slots,
+            &reqs,
+            &usage,
+            &none,
+        );
         assert_eq!(c.prices, [(id(1), 50), (id(2), 40)].into());
         // Spot: every holder pays the best bid left waiting.
-        let c = cycle(Method::Spot, &p, 10, &m, &slots, &reqs, &usage, &none);
+        let c = cycle(
+            Method::Spot,
+            &p,
+            10,
+            Members::Single(&m),
+            &slots,
+            &reqs,
+            &usage,
+            &none,
+        );
         assert_eq!(c.prices, [(id(1), 30), (id(2), 30)].into());
         // ... or the minimum when nobody waits.
-        let c = cycle(Method::Spot, &p, 10, &m, &slots, &reqs[..2], &usage, &none);
+        let c = cycle(
+            Method::Spot,
+            &p,
+            10,
+            Members::Single(&m),
+            &slots,
+            &reqs[..2],
+            &usage,
+            &none,
+        );
         assert_eq!(c.prices, [(id(1), 10), (id(2), 10)].into());
         // Dutch: only bids at or above the asking price take part, and pay it; a
         // request left waiting raises the next asking price.
         let dutch = Method::Dutch { step: 5 };
-        let c = cycle(dutch, &p, 45, &m, &slots, &reqs, &usage, &none);
+        let c = cycle(
+            dutch,
+            &p,
+            45,
+            Members::Single(&m),
+            &slots,
+            &reqs,
+            &usage,
+            &none,
+        );
         assert_eq!(c.prices, [(id(1), 45)].into());
         assert!(
             !c.admission.why.contains_key(&id(2)),
             "40 < 45 takes no part"
         );
         assert_eq!(c.asking, 40, "a slot stayed free: the price falls");
-        let c = cycle(dutch, &p, 30, &m, &slots, &reqs, &usage, &none);
+        let c = cycle(
+            dutch,
+            &p,
+            30,
+            Members::Single(&m),
+            &slots,
+            &reqs,
+            &usage,
+            &none,
+        );
         assert_eq!(c.prices, [(id(1), 30), (id(2), 30)].into());
         assert_eq!(c.asking, 35, "a request waits: the price rises");
-        let c = cycle(dutch, &p, 12, &m, &slots, &reqs[..1], &usage, &none);
+        let c = cycle(
+            dutch,
+            &p,
+            12,
+            Members::Single(&m),
+            &slots,
+            &reqs[..1],
+            &usage,
+            &none,
+        );
         assert_eq!(c.asking, 10, "never below the minimum");
         assert_eq!(opening_price(dutch, &p), 100);
         assert_eq!(opening_price(Method::Spot, &p), 10);
@@ -1220,7 +1322,7 @@ mod tests {
             method: Method::English,
             policy: &p,
             asking: 10,
-            members: &m,
+            members: Members::Single(&m),
             slots: &slots,
             requests: &reqs,
             allocations: &held,
@@ -1280,7 +1382,7 @@ mod tests {
         ] {
             let plan = super::plan(CycleInput {
                 requests: &reqs,
-                members: &members,
+                members: Members::Single(&members),
                 ..input
             });
             assert_eq!(plan.ended, vec![(id(7), h + 60_000)], "{name}");
@@ -1375,7 +1477,7 @@ mod tests {
                     method,
                     policy: &p,
                     asking,
-                    members: &members,
+                    members: Members::Single(&members),
                     slots: &slots,
                     requests: &requests,
                     allocations: &live,

@@ -256,7 +256,7 @@ fn decide(
         method: s.method,
         policy: &s.policy,
         asking: state.pool.asking,
-        members: &members,
+        members: pool::Members::Single(&members),
         slots: &slots,
         requests: &requests,
         allocations: &state.allocations,
