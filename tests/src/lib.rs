@@ -237,6 +237,24 @@ impl TestController {
         (status, r.json().await.expect("JSON body"))
     }
 
+    /// `surplus <args> --json` run as a user runs it, with `token`: the parsed
+    /// answer, or the error text.
+    pub async fn cli(&self, token: &str, args: &[&str]) -> Result<serde_json::Value, String> {
+        let out = tokio::process::Command::new(bin("surplus"))
+            .args(["--controller", &self.url(), "--token", token, "--json"])
+            .args(args)
+            .env_remove("SURPLUS_CONFIG")
+            .env("HOME", self.root.path())
+            .output()
+            .await
+            .expect("surplus runs");
+        if out.status.success() {
+            Ok(serde_json::from_slice(&out.stdout).expect("--json prints JSON"))
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
     /// An API token for `account` in `role`, made with the admin token.
     pub async fn token_for(&self, account: &str, role: &str) -> String {
         let (status, body) = self

@@ -795,6 +795,14 @@ fn matrix(r: &Resources) -> Vec<Case> {
         case("GET", "/v1/pools/{id}/requests", format!("/v1/pools/{pool}/requests"), [200, 200, 404, 200, 401]),
         case("GET", "/v1/pools/{id}/usage", format!("/v1/pools/{pool}/usage"), [200, 200, 404, 200, 401]),
         case("POST", "/v1/pools/{id}/cycle", format!("/v1/pools/{pool}/cycle"), [200, 403, 403, 200, 401]),
+        // Merging: the owner invites bob (the admin finds him invited); the creator
+        // has joined already, an admin was never invited; the owner sets its own
+        // limits; it cannot leave as the last entity that joined; then dissolves.
+        with_body("POST", "/v1/pools/{id}/entities", format!("/v1/pools/{pool}/entities"), json!({"entity": "bob", "rights": ["users"]}), [409, 403, 403, 201, 401]),
+        with_body("POST", "/v1/pools/{id}/join", format!("/v1/pools/{pool}/join"), json!({"pool": uuid::Uuid::nil()}), [409, 403, 403, 409, 401]),
+        with_body("PUT", "/v1/pools/{id}/limits", format!("/v1/pools/{pool}/limits"), json!({"lending_limit": 1}), [403, 403, 403, 200, 401]),
+        case("POST", "/v1/pools/{id}/leave", format!("/v1/pools/{pool}/leave"), [409, 403, 403, 409, 401]),
+        case("DELETE", "/v1/pools/{id}", format!("/v1/pools/{pool}"), [409, 403, 403, 200, 401]),
         with_body("POST", "/v1/pool-accounts", "/v1/pool-accounts", json!({"owner": "alice"}), [403, 204, 403, 403, 401]),
         with_body("POST", "/v1/pool-accounts", "/v1/pool-accounts", json!({"owner": "a b"}), [403, 400, 403, 403, 401]),
         case("GET", "/v1/pool-requests/{id}", format!("/v1/pool-requests/{}", uuid::Uuid::nil()), [404, 404, 404, 404, 401]),

@@ -557,19 +557,7 @@ mod through_the_controller {
 
     /// `surplus <args> --json` as a user runs it; the parsed answer, or the error text.
     async fn cli(tc: &TestController, token: &str, args: &[&str]) -> Result<Value, String> {
-        let out = tokio::process::Command::new(bin("surplus"))
-            .args(["--controller", &tc.url(), "--token", token, "--json"])
-            .args(args)
-            .env_remove("SURPLUS_CONFIG")
-            .env("HOME", tc.root.path())
-            .output()
-            .await
-            .expect("surplus runs");
-        if out.status.success() {
-            Ok(serde_json::from_slice(&out.stdout).expect("--json prints JSON"))
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
+        tc.cli(token, args).await
     }
 
     fn response(v: Value) -> ControlResponse {

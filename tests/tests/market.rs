@@ -1775,11 +1775,10 @@ async fn a_pool_shares_its_owners_hosts_by_bid_and_bursts_within_its_budget() {
     // the hour, from its money.
     controller_clock.advance_ms(3_600_000);
     let from = started - started.rem_euclid(3_600_000);
+    let now = controller_clock.now_ms();
+    let to = now - now.rem_euclid(3_600_000);
     let (status, billed) = tc
-        .api_post(
-            "/v1/billing/runs",
-            json!({"from_ms": from, "to_ms": from + 3 * 3_600_000}),
-        )
+        .api_post("/v1/billing/runs", json!({"from_ms": from, "to_ms": to}))
         .await;
     assert_eq!(status, 200, "{billed}");
     let (_, invoices) = tc.api_as(&uni_client, GET, "/v1/invoices", None).await;
@@ -1795,4 +1794,270 @@ async fn a_pool_shares_its_owners_hosts_by_bid_and_bursts_within_its_budget() {
     assert_eq!(rates, [40, 100], "{invoices}");
     drop(agents);
     drop(guards);
+}
+
+/// Merged pools (issue 17, FIG. 14) through the `surplus pools` CLI: two pool
+/// owners merge their pools, each with the rights it was given and its own lending
+/// and borrowing limits; a user of one borrows the other's idle slot within the
+/// limits, gives it back with notice when its owner's user wants it, each slot's
+/// charges go to the entity whose slot it is, and an entity leaving takes its slot
+/// back after the notice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merged_pools_lend_within_their_limits_and_a_leaving_entity_takes_its_slots_back() {
+    let controller_clock = clock::ManualClock::new(clock::system().now_ms());
+    let tc = TestController::start_with(test_config(), controller_clock.clone()).await;
+    let hosts = surplus_tests::online_hosts(&tc, "bob", 3).await;
+    list_hosts(
+        tc.ctl(),
+        "lst-lab",
+        "bob",
+        &hosts,
+        &[PricingMode::OnDemand],
+        (100, 100),
+        Interruptibility::NoInterruptions,
+    )
+    .await;
+    let mut reserved = std::collections::BTreeMap::new();
+    for (account, count) in [("uni", 2), ("poly", 1)] {
+        let token = tc.token_for(account, "client").await;
+        let (status, made) = tc
+            .api_as(
+                &token,
+                POST,
+                "/v1/reservations",
+                Some(json!({"listing": "lst-lab", "mode": "on_demand", "count": count})),
+            )
+            .await;
+        assert_eq!(status, 201, "{made}");
+        let ids: Vec<String> = made
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["reservation"]["id"].as_str().unwrap().to_owned())
+            .collect();
+        reserved.insert(account, ids);
+    }
+    let uni = tc.token_for("uni", "pool_owner").await;
+    let poly = tc.token_for("poly", "pool_owner").await;
+    let alice = tc.token_for("alice", "client").await;
+    let pat = tc.token_for("pat", "client").await;
+    let cli = |token: &str, args: &[&str]| {
+        let (tc, token) = (&tc, token.to_owned());
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            tc.cli(&token, &args).await
+        }
+    };
+
+    // Each builds its own pool of its own slots and users.
+    let mut pools = Vec::new();
+    for (token, name, account, user) in [
+        (&uni, "uni", "uni", "alice"),
+        (&poly, "poly", "poly", "pat"),
+    ] {
+        let made = cli(
+            token,
+            &[
+                "pools",
+                "create",
+                name,
+                "--currency",
+                "LAB",
+                "--method",
+                "english",
+                "--minimum",
+                "1",
+                "--notice-seconds",
+                "60",
+            ],
+        )
+        .await
+        .unwrap();
+        let id = made["id"].as_str().unwrap().to_owned();
+        for slot in &reserved[account] {
+            cli(token, &["pools", "add-slot", &id, slot]).await.unwrap();
+        }
+        cli(
+            token,
+            &["pools", "add-member", &id, user, "--organisation", name],
+        )
+        .await
+        .unwrap();
+        pools.push(id);
+    }
+    let (merged, theirs) = (pools[0].clone(), pools[1].clone());
+    // Uni invites poly with the right to manage users only; poly merges its pool in,
+    // lending none of its slot and borrowing at most one; uni lends at most one.
+    let invited = cli(
+        &uni,
+        &["pools", "invite", &merged, "poly", "--rights", "users"],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        invited["entities"].as_array().unwrap().len(),
+        2,
+        "{invited}"
+    );
+    let err = cli(&poly, &["pools", "join", &merged, "--pool", &merged])
+        .await
+        .unwrap_err();
+    assert!(err.contains("unknown_pool"), "{err}");
+    let joined = cli(
+        &poly,
+        &[
+            "pools",
+            "join",
+            &merged,
+            "--pool",
+            &theirs,
+            "--lending-limit",
+            "0",
+            "--borrowing-limit",
+            "1",
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(joined["slots"].as_array().unwrap().len(), 3, "{joined}");
+    let owners: Vec<&str> = joined["slots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["entity"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        (
+            owners.iter().filter(|o| **o == "uni").count(),
+            owners.iter().filter(|o| **o == "poly").count()
+        ),
+        (2, 1),
+        "each slot keeps its owner: {joined}"
+    );
+    let gone = cli(&poly, &["pools", "show", &theirs]).await.unwrap();
+    assert!(gone["dissolved_at_ms"].is_i64(), "{gone}");
+    cli(&uni, &["pools", "limits", &merged, "--lending-limit", "1"])
+        .await
+        .unwrap();
+    for (token, user) in [(&uni, "alice"), (&poly, "pat")] {
+        cli(
+            token,
+            &[
+                "pools", "credit", &merged, "--user", user, "--amount", "1000",
+            ],
+        )
+        .await
+        .unwrap();
+    }
+    // Poly was not given the policy right.
+    let err = cli(&poly, &["pools", "policy", &merged, "--minimum", "2"])
+        .await
+        .unwrap_err();
+    assert!(err.contains("403") && err.contains("policy"), "{err}");
+    let err = cli(&poly, &["pools", "remove-member", &merged, "alice"])
+        .await
+        .unwrap_err();
+    assert!(
+        err.contains("403"),
+        "one entity does not remove another's users: {err}"
+    );
+
+    // Pat asks for two: his entity's slot, and one of uni's borrowed.
+    let rp = cli(
+        &pat,
+        &["pools", "request", &merged, "--count", "2", "--bid", "5"],
+    )
+    .await
+    .unwrap();
+    let rp = rp["request"]["id"].as_str().unwrap().to_owned();
+    cli(&uni, &["pools", "cycle", &merged]).await.unwrap();
+    let mine = cli(&pat, &["pools", "requests", &merged]).await.unwrap();
+    assert_eq!(
+        mine[0]["allocations"].as_array().unwrap().len(),
+        2,
+        "{mine}"
+    );
+
+    // Half an hour on, Alice wants both of uni's: the lent one comes back to her,
+    // with notice for Pat, although the pool does not preempt.
+    controller_clock.advance_ms(1_800_000);
+    let ra = cli(
+        &alice,
+        &["pools", "request", &merged, "--count", "2", "--bid", "3"],
+    )
+    .await
+    .unwrap();
+    let ra = ra["request"]["id"].as_str().unwrap().to_owned();
+    cli(&uni, &["pools", "cycle", &merged]).await.unwrap();
+    let why = cli(&pat, &["pools", "explain", &rp]).await.unwrap();
+    assert_eq!(
+        (&why["rule"], &why["why"]["merged"]["rule"]),
+        (&json!("preempted"), &json!("reclaimed")),
+        "{why}"
+    );
+    let why = cli(&alice, &["pools", "explain", &ra]).await.unwrap();
+    assert_eq!(why["rule"], "holds", "{why}");
+    // Pat's half hour on each slot went to the entity whose slot it was.
+    let (_, balances) = tc.api_get("/v1/ledger/balances").await;
+    assert_eq!(
+        (
+            balance_in(&balances, "pool:uni", "LAB"),
+            balance_in(&balances, "pool:poly", "LAB")
+        ),
+        (3, 3),
+        "{balances}"
+    );
+
+    // Poly leaves: its slot comes back after the notice, and Pat's allocation on
+    // it ends then.
+    let left = cli(&poly, &["pools", "leave", &merged]).await.unwrap();
+    let leaving = left["entities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["entity"] == "poly")
+        .unwrap()["leaving_at_ms"]
+        .as_i64()
+        .unwrap();
+    cli(&uni, &["pools", "cycle", &merged]).await.unwrap();
+    let mine = cli(&pat, &["pools", "requests", &merged]).await.unwrap();
+    assert_eq!(
+        mine[0]["why"]["rule"], "not_member",
+        "pat leaves with poly: {mine}"
+    );
+    for a in mine[0]["allocations"].as_array().unwrap() {
+        assert_eq!(
+            (&a["allocation"]["noticed"], &a["allocation"]["until_ms"]),
+            (&json!(true), &json!(leaving)),
+            "{mine}"
+        );
+    }
+    let (_, notices) = tc.api_as(&pat, GET, "/v1/notifications", None).await;
+    let ends: Vec<i64> = notices
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["kind"] == "pool.slot_ending")
+        .map(|n| n["body"]["deadline_ms"].as_i64().unwrap())
+        .collect();
+    assert!(ends.contains(&leaving), "{notices}");
+    let err = cli(&poly, &["pools", "add-slot", &theirs, &reserved["poly"][0]])
+        .await
+        .unwrap_err();
+    assert!(err.contains("dissolved"), "{err}");
+    controller_clock.advance_ms(60_000);
+    cli(&uni, &["pools", "cycle", &merged]).await.unwrap();
+    let shown = cli(&uni, &["pools", "show", &merged]).await.unwrap();
+    assert_eq!(shown["slots"].as_array().unwrap().len(), 2, "{shown}");
+    assert_eq!(shown["entities"].as_array().unwrap().len(), 1, "{shown}");
+    let err = cli(&pat, &["pools", "show", &merged]).await.unwrap_err();
+    assert!(err.contains("404"), "pat left with poly: {err}");
+    let again = cli(&poly, &["pools", "create", "poly-2", "--currency", "LAB"])
+        .await
+        .unwrap();
+    let again = again["id"].as_str().unwrap().to_owned();
+    cli(&poly, &["pools", "add-slot", &again, &reserved["poly"][0]])
+        .await
+        .expect("its slot is its own again");
 }

@@ -578,6 +578,7 @@ mod stories {
             requested_at_ms: None,
             cycled_at_ms: None,
             created_at_ms: 0,
+            dissolved_at_ms: None,
         };
         let (p1, p2) = (new_pool(1), new_pool(2));
         s.create_pool(&p1).await.unwrap();
@@ -586,6 +587,7 @@ mod stories {
         let slot = |pool: Uuid| PoolSlotRow {
             slot: host,
             pool,
+            entity: "uni".into(),
             host,
             account: "uni".into(),
             facts: SlotFacts {
@@ -609,6 +611,7 @@ mod stories {
         assert_eq!(taken.rule, "slot_taken", "a slot is in one pool at a time");
         let member = |m: &str| PoolMember {
             member: m.into(),
+            entity: "uni".into(),
             name: m.into(),
             organisation: "Physics".into(),
             added_at_ms: 0,
@@ -764,6 +767,76 @@ mod stories {
                 .unwrap()
                 .map(|r| r.pool),
             Some(p2.id)
+        );
+
+        // Poly merges its pool into p1, once, and only when invited: its slot and
+        // its user move, still its own.
+        let mut p3 = new_pool(3);
+        p3.owner = "poly".into();
+        s.create_pool(&p3).await.unwrap();
+        let mut theirs = slot(p3.id);
+        (theirs.slot, theirs.host, theirs.entity) =
+            (Uuid::from_u128(78), Uuid::from_u128(78), "poly".into());
+        s.add_pool_slot(&theirs, 3_700_000).await.unwrap().unwrap();
+        let mut pat = member("pat");
+        pat.entity = "poly".into();
+        s.put_pool_member(p3.id, &pat, 1).await.unwrap().unwrap();
+        let refused = s
+            .join_pool(p1.id, p3.id, "poly", 3_800_000)
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(refused.rule, "not_invited");
+        let invited = PoolEntity {
+            entity: "poly".into(),
+            rights: [surplus_market::cohort::Right::Users].into(),
+            lending_limit: Some(0),
+            borrowing_limit: None,
+            invited_at_ms: 3_800_000,
+            joined_at_ms: None,
+            leaving_at_ms: None,
+        };
+        s.put_pool_entity(p1.id, &invited).await.unwrap();
+        s.join_pool(p1.id, p3.id, "poly", 3_800_000)
+            .await
+            .unwrap()
+            .unwrap();
+        let again = s
+            .join_pool(p1.id, p3.id, "poly", 3_800_001)
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(again.rule, "joined");
+        let moved = s.pool_slots(p1.id).await.unwrap();
+        assert_eq!(
+            moved
+                .iter()
+                .map(|r| (r.slot, r.entity.as_str()))
+                .collect::<Vec<_>>(),
+            [(Uuid::from_u128(78), "poly")]
+        );
+        let members = s.pool_members(p1.id).await.unwrap();
+        assert!(
+            members
+                .iter()
+                .any(|m| m.member == "pat" && m.entity == "poly"),
+            "{members:?}"
+        );
+        assert!(
+            s.pool(p3.id)
+                .await
+                .unwrap()
+                .unwrap()
+                .dissolved_at_ms
+                .is_some()
+        );
+        assert!(s.pool_slots(p3.id).await.unwrap().is_empty());
+        // Leaving: its slots leave at its deadline, once.
+        assert!(s.leave_pool_entity(p1.id, "poly", 3_900_000).await.unwrap());
+        assert!(!s.leave_pool_entity(p1.id, "poly", 3_900_000).await.unwrap());
+        assert_eq!(
+            s.pool_slots(p1.id).await.unwrap()[0].leaving_at_ms,
+            Some(3_900_000)
         );
     }
 

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+pub use surplus_market::cohort::Right;
 pub use surplus_market::pool::{
     Allocation, BurstSettings, CurrencyKind, Method, Policy, Request as PoolBid, Settings,
     SlotFacts, Why,
@@ -76,6 +77,8 @@ pub struct PoolCreate {
 pub struct SlotView {
     /// The slot: its reservation's id, or its host's.
     pub slot: Uuid,
+    /// The entity (pool owner) whose slot it is.
+    pub entity: String,
     /// The host it runs on.
     pub host: Uuid,
     /// The owner's account that holds it.
@@ -98,6 +101,8 @@ pub struct SlotView {
 pub struct MemberView {
     /// The member's client account.
     pub member: String,
+    /// The entity (pool owner) whose user it is.
+    pub entity: String,
     /// Its name.
     pub name: String,
     /// Its organisation.
@@ -130,6 +135,71 @@ pub struct PoolView {
     pub slots: Vec<SlotView>,
     /// Its members.
     pub members: Vec<MemberView>,
+    /// The entities of a merged pool (empty: the owner's own pool).
+    pub entities: Vec<EntityView>,
+    /// When it is dissolved, if it is.
+    pub dissolved_at_ms: Option<i64>,
+}
+
+/// An entity of a merged pool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct EntityView {
+    /// The entity (a pool owner account).
+    pub entity: String,
+    /// What it may change: `policy`, `users`, `slots`, `dissolve`.
+    pub rights: Vec<Right>,
+    /// The most of its slots lent to other entities' users at once (`null`: no bound).
+    pub lending_limit: Option<u32>,
+    /// The most other entities' slots its users borrow at once (`null`: no bound).
+    pub borrowing_limit: Option<u32>,
+    /// When it was invited.
+    pub invited_at_ms: i64,
+    /// When it joined (`null`: invited only).
+    pub joined_at_ms: Option<i64>,
+    /// When it leaves, if it is leaving.
+    pub leaving_at_ms: Option<i64>,
+}
+
+/// `POST /v1/pools/{id}/entities`: invites a pool owner into a merged pool, with
+/// the rights it will have.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct InviteRequest {
+    /// The pool owner account.
+    pub entity: String,
+    /// What it may change: `policy`, `users`, `slots`, `dissolve`.
+    #[serde(default)]
+    pub rights: Vec<Right>,
+}
+
+/// `POST /v1/pools/{id}/join`: an invited entity merges its own pool in.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct JoinRequest {
+    /// Its pool, whose slots, members and requests move into the merged pool.
+    pub pool: Uuid,
+    /// The most of its slots lent to others' users at once (default: no bound).
+    #[serde(default)]
+    pub lending_limit: Option<u32>,
+    /// The most others' slots its users borrow at once (default: no bound).
+    #[serde(default)]
+    pub borrowing_limit: Option<u32>,
+}
+
+/// `PUT /v1/pools/{id}/limits`: an entity's own lending and borrowing limits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct LimitsRequest {
+    /// The most of its slots lent to others' users at once (`null`: no bound).
+    #[serde(default)]
+    pub lending_limit: Option<u32>,
+    /// The most others' slots its users borrow at once (`null`: no bound).
+    #[serde(default)]
+    pub borrowing_limit: Option<u32>,
 }
 
 /// `POST /v1/pools/{id}/slots`: a reservation the owner's accounts hold, or one of

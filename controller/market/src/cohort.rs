@@ -83,6 +83,7 @@ use crate::refuse;
 
 /// What an entity may change in a merged pool, given at the merge (rule 1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Right {
     /// Change the pool's [`Policy`].

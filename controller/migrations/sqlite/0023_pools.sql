@@ -28,10 +28,12 @@ CREATE TABLE pool_accounts (
 );
 -- A pool's slots: a reservation (on-demand, long-term, spot) or an enrolled host of
 -- one of the owner's accounts. The slot is the primary key: in one pool at a time.
+-- `entity` is the pool owner whose slot it is (in a merged pool, each keeps its own).
 -- `record` is what the slot is (`PoolSlot` as JSON: kind, size, platform, zone, term).
 CREATE TABLE pool_slots (
     slot           TEXT PRIMARY KEY,
     pool           TEXT NOT NULL,
+    entity         TEXT NOT NULL,
     host           TEXT NOT NULL,
     account        TEXT NOT NULL,
     record         TEXT NOT NULL,
@@ -41,14 +43,30 @@ CREATE TABLE pool_slots (
 );
 CREATE INDEX pool_slots_pool ON pool_slots (pool);
 CREATE INDEX pool_slots_host ON pool_slots (host);
--- Who may take part in a pool.
+-- Who may take part in a pool, and (in a merged pool) which entity's user each is.
 CREATE TABLE pool_members (
     pool           TEXT NOT NULL,
     member         TEXT NOT NULL,
+    entity         TEXT NOT NULL,
     name           TEXT NOT NULL,
     organisation   TEXT NOT NULL,
     added_at_ms    BIGINT NOT NULL,
     PRIMARY KEY (pool, member)
+);
+-- The entities of a merged pool (FIG. 14): each a pool owner, with the rights it
+-- was given at the merge (`surplus_market::cohort::Right`s as JSON), how much of its
+-- capacity its users lend and may borrow, when it joined (NULL: invited, not yet
+-- joined) and when it leaves.
+CREATE TABLE pool_entities (
+    pool             TEXT NOT NULL,
+    entity           TEXT NOT NULL,
+    rights           TEXT NOT NULL,
+    lending_limit    BIGINT,
+    borrowing_limit  BIGINT,
+    invited_at_ms    BIGINT NOT NULL,
+    joined_at_ms     BIGINT,
+    leaving_at_ms    BIGINT,
+    PRIMARY KEY (pool, entity)
 );
 -- Members' requests (`surplus_market::pool::Request` as JSON); `why` is what the
 -- last cycle decided of it (`pool::Why`, and the burst's reason, as JSON).

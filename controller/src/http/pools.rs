@@ -11,7 +11,12 @@ pub(super) fn routes() -> Vec<Route> {
         route("POST", "/v1/pools", Token, create_pool),
         route("GET", "/v1/pools", Token, list_pools),
         route("GET", "/v1/pools/{id}", Token, show_pool),
+        route("DELETE", "/v1/pools/{id}", Token, dissolve_pool),
         route("PUT", "/v1/pools/{id}/policy", Token, set_pool_policy),
+        route("POST", "/v1/pools/{id}/entities", Token, invite_pool_entity),
+        route("POST", "/v1/pools/{id}/join", Token, join_pool),
+        route("PUT", "/v1/pools/{id}/limits", Token, set_pool_limits),
+        route("POST", "/v1/pools/{id}/leave", Token, leave_pool),
         route("POST", "/v1/pools/{id}/slots", Token, add_pool_slot),
         route(
             "DELETE",
@@ -312,4 +317,77 @@ pub(crate) async fn explain_pool_request(
 ) -> ApiResult<ExplainView> {
     let id = uuid_of("request", "id", &id)?;
     Ok(Json(ctl.market.explain_pool_request(&caller.0, id).await?))
+}
+
+/// Dissolves a pool (its owner, or in a merged pool an entity with the `dissolve`
+/// right): its requests are cancelled now and its slots go back to their entities
+/// after the notice period, when a last cycle charges what was held.
+#[utoipa::path(delete, path = "/v1/pools/{id}", tag = "pools", params(("id" = Uuid, Path, description = "The pool")), responses((status = 200, description = "The pool, dissolving", body = PoolView)))]
+pub(crate) async fn dissolve_pool(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<PoolView> {
+    let id = uuid_of("pool", "id", &id)?;
+    Ok(Json(ctl.market.dissolve_pool(&caller.0, id).await?))
+}
+
+/// Invites a pool owner into a merged pool (FIG. 14), with the rights it will have
+/// (`policy`, `users`, `slots`, `dissolve`); an entity with the `policy` right
+/// invites. At the first invitation the pool's owner becomes its first entity, with
+/// every right.
+#[utoipa::path(post, path = "/v1/pools/{id}/entities", tag = "pools", params(("id" = Uuid, Path, description = "The pool")), request_body = InviteRequest, responses((status = 201, description = "The pool", body = PoolView)))]
+pub(crate) async fn invite_pool_entity(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    body: Result<Json<InviteRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<PoolView>), ApiError> {
+    let id = uuid_of("pool", "id", &id)?;
+    let Json(body) = body?;
+    Ok((
+        StatusCode::CREATED,
+        Json(ctl.market.invite_pool_entity(&caller.0, id, body).await?),
+    ))
+}
+
+/// An invited pool owner merges its own pool in (409 `not_invited`, `joined`,
+/// `unknown_pool`): that pool's slots (still its own), members and requests move,
+/// with its lending and borrowing limits.
+#[utoipa::path(post, path = "/v1/pools/{id}/join", tag = "pools", params(("id" = Uuid, Path, description = "The merged pool")), request_body = JoinRequest, responses((status = 200, description = "The merged pool", body = PoolView)))]
+pub(crate) async fn join_pool(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    body: Result<Json<JoinRequest>, JsonRejection>,
+) -> ApiResult<PoolView> {
+    let id = uuid_of("pool", "id", &id)?;
+    let Json(body) = body?;
+    Ok(Json(ctl.market.join_pool(&caller.0, id, body).await?))
+}
+
+/// An entity of a merged pool sets how many of its slots its users lend to
+/// others' and how many others' slots its users may borrow.
+#[utoipa::path(put, path = "/v1/pools/{id}/limits", tag = "pools", params(("id" = Uuid, Path, description = "The merged pool")), request_body = LimitsRequest, responses((status = 200, description = "The merged pool", body = PoolView)))]
+pub(crate) async fn set_pool_limits(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    body: Result<Json<LimitsRequest>, JsonRejection>,
+) -> ApiResult<PoolView> {
+    let id = uuid_of("pool", "id", &id)?;
+    let Json(body) = body?;
+    Ok(Json(ctl.market.set_pool_limits(&caller.0, id, body).await?))
+}
+
+/// An entity leaves a merged pool: its slots go back to it after the notice period,
+/// and the allocations on them, and its users' elsewhere, end then with notice.
+#[utoipa::path(post, path = "/v1/pools/{id}/leave", tag = "pools", params(("id" = Uuid, Path, description = "The merged pool")), responses((status = 200, description = "The merged pool", body = PoolView)))]
+pub(crate) async fn leave_pool(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<PoolView> {
+    let id = uuid_of("pool", "id", &id)?;
+    Ok(Json(ctl.market.leave_pool(&caller.0, id).await?))
 }

@@ -18,10 +18,12 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use surplus_api::market::ReserveRequest;
 use surplus_api::pools::{
-    AllocationView, BurstView, ChargeView, CreditRequest, CreditView, ExplainView, MemberRequest,
-    MemberUsage, MemberView, PoolBidRequest, PoolCreate, PoolRecordView, PoolRequestView,
-    PoolSettingsBody, PoolUsageView, PoolView, SlotView,
+    AllocationView, BurstView, ChargeView, CreditRequest, CreditView, EntityView, ExplainView,
+    InviteRequest, JoinRequest, LimitsRequest, MemberRequest, MemberUsage, MemberView,
+    PoolBidRequest, PoolCreate, PoolRecordView, PoolRequestView, PoolSettingsBody, PoolUsageView,
+    PoolView, SlotView,
 };
+use surplus_market::cohort::{self, Right};
 use surplus_market::ledger;
 use surplus_market::pool::{
     self, CurrencyKind, Method, Plan, Policy, Settings, SlotFacts, SlotState, Why,
@@ -187,6 +189,16 @@ fn refused(rule: &'static str, message: impl Into<String>) -> MarketError {
     })
 }
 
+/// An entity as the merged pool's rules see it.
+fn cohort_member(e: &crate::store::PoolEntity) -> cohort::Member {
+    cohort::Member {
+        entity: e.entity.clone(),
+        rights: e.rights.clone(),
+        lending_limit: e.lending_limit,
+        borrowing_limit: e.borrowing_limit,
+    }
+}
+
 /// The notice to a member.
 fn member_notice(
     pool: &StoredPool,
@@ -215,7 +227,37 @@ fn decide(
     now_ms: UnixMillis,
 ) -> PoolDecision {
     let s = &state.pool.settings;
-    let members: BTreeSet<String> = state.members.iter().map(|m| m.member.clone()).collect();
+    // In a merged pool, the entities not leaving and their users take part.
+    let entities: Vec<cohort::Member> = state
+        .entities
+        .iter()
+        .filter(|e| e.leaving_at_ms.is_none())
+        .map(cohort_member)
+        .collect();
+    let in_pool: BTreeSet<&str> = entities.iter().map(|e| e.entity.as_str()).collect();
+    let members: BTreeSet<String> = state
+        .members
+        .iter()
+        .filter(|m| state.entities.is_empty() || in_pool.contains(m.entity.as_str()))
+        .map(|m| m.member.clone())
+        .collect();
+    let merged = (!state.entities.is_empty()).then(|| cohort::MergedPool {
+        policy: s.policy.clone(),
+        members: entities.clone(),
+        slots: state
+            .slots
+            .iter()
+            .map(|(row, _)| cohort::Slot {
+                id: row.slot,
+                owner: row.entity.clone(),
+            })
+            .collect(),
+        users: state
+            .members
+            .iter()
+            .map(|m| (m.member.clone(), m.entity.clone()))
+            .collect(),
+    });
     let slots: Vec<SlotState> = state
         .slots
         .iter()
@@ -231,6 +273,16 @@ fn decide(
     let mut requests = Vec::new();
     for r in &state.requests {
         let q = &r.request;
+        if !members.contains(&q.user) {
+            why.insert(
+                q.id,
+                serde_json::json!({
+                    "rule": "not_member",
+                    "message": format!("{} is not a member of this pool (or its entity is leaving it)", q.user),
+                }),
+            );
+            continue;
+        }
         let cycle_cost = pool::charge(q.bid, 0, s.cycle_ms).saturating_mul(i64::from(q.count));
         match balances.get(&q.user).copied().flatten() {
             Some(balance) if balance < cycle_cost => {
@@ -256,7 +308,9 @@ fn decide(
         method: s.method,
         policy: &s.policy,
         asking: state.pool.asking,
-        members: pool::Members::Single(&members),
+        members: merged
+            .as_ref()
+            .map_or(pool::Members::Single(&members), pool::Members::Merged),
         slots: &slots,
         requests: &requests,
         allocations: &state.allocations,
@@ -266,7 +320,14 @@ fn decide(
     });
     for q in &requests {
         let value = match plan.cycle.admission.why.get(&q.id) {
-            Some(w) => serde_json::to_value(w).unwrap_or_default(),
+            Some(w) => {
+                let mut v = serde_json::to_value(w).unwrap_or_default();
+                // A rule of merged pools that decided it, besides.
+                if let Some(m) = plan.cycle.merged_why.get(&q.id) {
+                    v["merged"] = serde_json::to_value(m).unwrap_or_default();
+                }
+                v
+            }
             None => match pool::check_request(&s.policy, &members, q) {
                 Err(refusal) => {
                     serde_json::json!({"rule": refusal.rule, "message": refusal.message})
@@ -307,7 +368,13 @@ fn decide(
                         amount: -amount,
                     },
                     ledger::Entry {
-                        account: ledger::pool(&state.pool.owner),
+                        account: ledger::pool(
+                            state
+                                .slots
+                                .iter()
+                                .find(|(r, _)| r.slot == c.slot)
+                                .map_or(&state.pool.owner, |(r, _)| &r.entity),
+                        ),
                         currency: s.currency.clone(),
                         amount,
                     },
@@ -386,7 +453,16 @@ impl Market {
         let p = self.app.store.pool(id).await?.ok_or_else(missing)?;
         let ok = match caller.role {
             Role::Admin => true,
-            Role::PoolOwner => p.owner == caller.account,
+            Role::PoolOwner => {
+                p.owner == caller.account
+                    || self
+                        .app
+                        .store
+                        .pool_entities(id)
+                        .await?
+                        .iter()
+                        .any(|e| e.entity == caller.account)
+            }
             Role::Client => self
                 .app
                 .store
@@ -403,6 +479,43 @@ impl Market {
     async fn owned_pool(&self, caller: &Principal, id: Uuid) -> Result<StoredPool, MarketError> {
         self.require_pool_owner(caller)?;
         self.visible_pool(caller, id).await
+    }
+
+    /// Pool `id` and the entity `caller` changes it as, if it holds `right`: its
+    /// owner (every right) while the pool is its own; in a merged pool an entity
+    /// that joined and is not leaving, with the right given at the merge (403
+    /// `no_right` otherwise); an admin acts as the owner.
+    async fn acting(
+        &self,
+        caller: &Principal,
+        id: Uuid,
+        right: Right,
+    ) -> Result<(StoredPool, String), MarketError> {
+        let p = self.owned_pool(caller, id).await?;
+        if p.dissolved_at_ms.is_some() {
+            return Err(refused("dissolved", format!("pool {id} is dissolved")));
+        }
+        if caller.role == Role::Admin {
+            let owner = p.owner.clone();
+            return Ok((p, owner));
+        }
+        let entities: Vec<cohort::Member> = self
+            .app
+            .store
+            .pool_entities(id)
+            .await?
+            .iter()
+            .filter(|e| e.joined_at_ms.is_some() && e.leaving_at_ms.is_none())
+            .map(cohort_member)
+            .collect();
+        if entities.is_empty() && p.owner == caller.account {
+            return Ok((p, caller.account.clone()));
+        }
+        cohort::check_change(&entities, &caller.account, right).map_err(|r| match r.rule {
+            "no_right" | "not_in_pool" => MarketError::Forbidden(r.message),
+            _ => MarketError::Refused(r),
+        })?;
+        Ok((p, caller.account.clone()))
     }
 
     /// `POST /v1/pools`.
@@ -425,6 +538,7 @@ impl Market {
             requested_at_ms: None,
             cycled_at_ms: None,
             created_at_ms: now,
+            dissolved_at_ms: None,
             settings,
         };
         self.app.store.create_pool(&p).await?;
@@ -439,7 +553,7 @@ impl Market {
         id: Uuid,
         body: PoolSettingsBody,
     ) -> Result<PoolView, MarketError> {
-        let p = self.owned_pool(caller, id).await?;
+        let (p, _) = self.acting(caller, id, Right::Policy).await?;
         let settings = settings_of(body, Some(&p.settings))?;
         self.check_burst_account(&p.owner, &settings).await?;
         self.app.store.set_pool_settings(id, &settings).await?;
@@ -521,6 +635,7 @@ impl Market {
                     .find(|(a, _)| a.slot == s.slot && a.holds_at(now))
                     .map(|(a, _)| a.user.clone()),
                 slot: s.slot,
+                entity: s.entity,
                 host: s.host,
                 account: s.account,
                 facts: s.facts,
@@ -537,6 +652,7 @@ impl Market {
             .into_iter()
             .map(|m| MemberView {
                 member: m.member,
+                entity: m.entity,
                 name: m.name,
                 organisation: m.organisation,
                 added_at_ms: m.added_at_ms,
@@ -553,7 +669,220 @@ impl Market {
             created_at_ms: p.created_at_ms,
             slots,
             members,
+            entities: self
+                .app
+                .store
+                .pool_entities(p.id)
+                .await?
+                .into_iter()
+                .map(|e| EntityView {
+                    entity: e.entity,
+                    rights: e.rights.into_iter().collect(),
+                    lending_limit: e.lending_limit,
+                    borrowing_limit: e.borrowing_limit,
+                    invited_at_ms: e.invited_at_ms,
+                    joined_at_ms: e.joined_at_ms,
+                    leaving_at_ms: e.leaving_at_ms,
+                })
+                .collect(),
+            dissolved_at_ms: p.dissolved_at_ms,
         })
+    }
+
+    /// `POST /v1/pools/{id}/entities`: invites a pool owner into the pool, which
+    /// becomes (or is) a merged pool, with the rights it will have; an entity with
+    /// the `policy` right invites. The pool's owner, at the first invitation, becomes
+    /// its first entity with every right.
+    pub async fn invite_pool_entity(
+        &self,
+        caller: &Principal,
+        id: Uuid,
+        body: InviteRequest,
+    ) -> Result<PoolView, MarketError> {
+        let (p, _) = self.acting(caller, id, Right::Policy).await?;
+        if ledger::validate_account(&ledger::pool(&body.entity)).is_err() {
+            return Err(invalid(
+                "entity",
+                format!("{:?} is not an account name", body.entity),
+            ));
+        }
+        let now = self.now();
+        let entities = self.app.store.pool_entities(id).await?;
+        if entities.iter().any(|e| e.entity == body.entity) || body.entity == p.owner {
+            return Err(refused(
+                "invited",
+                format!("{} is in pool {id} already", body.entity),
+            ));
+        }
+        if entities.is_empty() {
+            self.app
+                .store
+                .put_pool_entity(
+                    id,
+                    &crate::store::PoolEntity {
+                        entity: p.owner.clone(),
+                        rights: [Right::Policy, Right::Users, Right::Slots, Right::Dissolve].into(),
+                        lending_limit: None,
+                        borrowing_limit: None,
+                        invited_at_ms: now,
+                        joined_at_ms: Some(now),
+                        leaving_at_ms: None,
+                    },
+                )
+                .await?;
+        }
+        self.app
+            .store
+            .put_pool_entity(
+                id,
+                &crate::store::PoolEntity {
+                    entity: body.entity.clone(),
+                    rights: body.rights.into_iter().collect(),
+                    lending_limit: None,
+                    borrowing_limit: None,
+                    invited_at_ms: now,
+                    joined_at_ms: None,
+                    leaving_at_ms: None,
+                },
+            )
+            .await?;
+        tracing::info!(pool = %id, entity = %body.entity, "entity invited");
+        self.pool_view(p).await
+    }
+
+    /// `POST /v1/pools/{id}/join`: an invited pool owner merges its own pool in,
+    /// with its lending and borrowing limits; its slots stay its own.
+    pub async fn join_pool(
+        &self,
+        caller: &Principal,
+        id: Uuid,
+        body: JoinRequest,
+    ) -> Result<PoolView, MarketError> {
+        let p = self.owned_pool(caller, id).await?;
+        let now = self.now();
+        self.app
+            .store
+            .join_pool(id, body.pool, &caller.account, now)
+            .await??;
+        self.set_limits(
+            &p,
+            &caller.account,
+            body.lending_limit,
+            body.borrowing_limit,
+        )
+        .await?;
+        tracing::info!(pool = %id, entity = %caller.account, from = %body.pool, "pool merged");
+        self.pool_view(p).await
+    }
+
+    async fn set_limits(
+        &self,
+        p: &StoredPool,
+        entity: &str,
+        lending_limit: Option<u32>,
+        borrowing_limit: Option<u32>,
+    ) -> Result<(), MarketError> {
+        let Some(mut e) = self
+            .app
+            .store
+            .pool_entities(p.id)
+            .await?
+            .into_iter()
+            .find(|e| e.entity == entity && e.joined_at_ms.is_some())
+        else {
+            return Err(MarketError::Forbidden(format!(
+                "{entity} has not joined pool {}",
+                p.id
+            )));
+        };
+        e.lending_limit = lending_limit;
+        e.borrowing_limit = borrowing_limit;
+        self.app.store.put_pool_entity(p.id, &e).await?;
+        Ok(())
+    }
+
+    /// `PUT /v1/pools/{id}/limits`: an entity sets how much of its capacity its
+    /// users lend and may borrow, from the next cycle.
+    pub async fn set_pool_limits(
+        &self,
+        caller: &Principal,
+        id: Uuid,
+        body: LimitsRequest,
+    ) -> Result<PoolView, MarketError> {
+        let p = self.owned_pool(caller, id).await?;
+        self.set_limits(
+            &p,
+            &caller.account,
+            body.lending_limit,
+            body.borrowing_limit,
+        )
+        .await?;
+        self.pool_view(p).await
+    }
+
+    /// `POST /v1/pools/{id}/leave`: an entity leaves a merged pool: its slots go
+    /// back to it after the notice period, and the allocations on them, and its
+    /// users' elsewhere in the pool, end then with notice (at a cycle run now).
+    pub async fn leave_pool(&self, caller: &Principal, id: Uuid) -> Result<PoolView, MarketError> {
+        let p = self.owned_pool(caller, id).await?;
+        let now = self.now();
+        let staying = self
+            .app
+            .store
+            .pool_entities(id)
+            .await?
+            .iter()
+            .filter(|e| {
+                e.joined_at_ms.is_some() && e.leaving_at_ms.is_none() && e.entity != caller.account
+            })
+            .count();
+        if staying == 0 {
+            return Err(refused(
+                "last_entity",
+                format!(
+                    "{} is the last entity of pool {id}: dissolve it instead",
+                    caller.account
+                ),
+            ));
+        }
+        if !self
+            .app
+            .store
+            .leave_pool_entity(
+                id,
+                &caller.account,
+                now.saturating_add(p.settings.notice_ms),
+            )
+            .await?
+        {
+            return Err(refused(
+                "not_in_pool",
+                format!(
+                    "{} is not an entity of pool {id}, or is leaving already",
+                    caller.account
+                ),
+            ));
+        }
+        self.app.store.request_pool_cycle(id, now).await?;
+        self.pool_view(p).await
+    }
+
+    /// `DELETE /v1/pools/{id}`: dissolves a pool (the `dissolve` right): its requests
+    /// are cancelled now, its slots go back after the notice period, and a last
+    /// cycle then charges what was held.
+    pub async fn dissolve_pool(
+        &self,
+        caller: &Principal,
+        id: Uuid,
+    ) -> Result<PoolView, MarketError> {
+        let (p, _) = self.acting(caller, id, Right::Dissolve).await?;
+        let now = self.now();
+        self.app
+            .store
+            .dissolve_pool(id, now.saturating_add(p.settings.notice_ms), now)
+            .await?;
+        let p = self.app.store.pool(id).await?.unwrap_or(p);
+        self.pool_view(p).await
     }
 
     /// `POST /v1/pool-accounts`: client `caller` lets pool owner `owner` put the
@@ -598,6 +927,7 @@ impl Market {
         id: Uuid,
         accounts: &BTreeSet<String>,
         pool: Uuid,
+        entity: &str,
     ) -> Result<PoolSlotRow, MarketError> {
         let now = self.now();
         if let Some(r) = self.app.store.reservation(id).await? {
@@ -619,6 +949,7 @@ impl Market {
             return Ok(PoolSlotRow {
                 slot: id,
                 pool,
+                entity: entity.to_owned(),
                 host: r.host,
                 account: r.holder.clone(),
                 facts: SlotFacts {
@@ -658,6 +989,7 @@ impl Market {
             return Ok(PoolSlotRow {
                 slot: id,
                 pool,
+                entity: entity.to_owned(),
                 host: id,
                 account: provider,
                 facts: SlotFacts {
@@ -701,9 +1033,9 @@ impl Market {
         id: Uuid,
         slot: Uuid,
     ) -> Result<PoolView, MarketError> {
-        let p = self.owned_pool(caller, id).await?;
-        let accounts = self.owner_accounts(&p.owner).await?;
-        let row = self.slot_of(slot, &accounts, id).await?;
+        let (p, entity) = self.acting(caller, id, Right::Slots).await?;
+        let accounts = self.owner_accounts(&entity).await?;
+        let row = self.slot_of(slot, &accounts, id, &entity).await?;
         self.app.store.add_pool_slot(&row, self.now()).await??;
         tracing::info!(pool = %id, %slot, "slot pooled");
         self.pool_view(p).await
@@ -717,8 +1049,22 @@ impl Market {
         id: Uuid,
         slot: Uuid,
     ) -> Result<PoolView, MarketError> {
-        let p = self.owned_pool(caller, id).await?;
+        let (p, entity) = self.acting(caller, id, Right::Slots).await?;
         let now = self.now();
+        let theirs = self
+            .app
+            .store
+            .pool_slots(id)
+            .await?
+            .into_iter()
+            .find(|s| s.slot == slot)
+            .map(|s| s.entity);
+        if theirs.as_ref().is_some_and(|e| *e != entity) && caller.role != Role::Admin {
+            return Err(MarketError::Forbidden(format!(
+                "slot {slot} is {}'s: an entity takes back its own slots",
+                theirs.unwrap_or_default()
+            )));
+        }
         if !self
             .app
             .store
@@ -740,7 +1086,7 @@ impl Market {
         id: Uuid,
         body: MemberRequest,
     ) -> Result<PoolView, MarketError> {
-        let p = self.owned_pool(caller, id).await?;
+        let (p, entity) = self.acting(caller, id, Right::Users).await?;
         if ledger::validate_account(&ledger::client(&body.member)).is_err() {
             return Err(invalid(
                 "member",
@@ -758,6 +1104,7 @@ impl Market {
         }
         let m = PoolMember {
             member: body.member,
+            entity,
             name,
             organisation,
             added_at_ms: self.now(),
@@ -777,7 +1124,21 @@ impl Market {
         id: Uuid,
         member: &str,
     ) -> Result<PoolView, MarketError> {
-        let p = self.owned_pool(caller, id).await?;
+        let (p, entity) = self.acting(caller, id, Right::Users).await?;
+        let theirs = self
+            .app
+            .store
+            .pool_members(id)
+            .await?
+            .into_iter()
+            .find(|m| m.member == member)
+            .map(|m| m.entity);
+        if theirs.as_ref().is_some_and(|e| *e != entity) && caller.role != Role::Admin {
+            return Err(MarketError::Forbidden(format!(
+                "{member} is {}'s user: an entity removes its own users",
+                theirs.unwrap_or_default()
+            )));
+        }
         if !self.app.store.remove_pool_member(id, member).await? {
             return Err(MarketError::NotFound(format!(
                 "{member} is not a member of pool {id}"
@@ -796,7 +1157,7 @@ impl Market {
         id: Uuid,
         body: CreditRequest,
     ) -> Result<CreditView, MarketError> {
-        let p = self.owned_pool(caller, id).await?;
+        let (p, _) = self.acting(caller, id, Right::Users).await?;
         super::check_client_token(body.client_token.as_deref())?;
         if p.settings.currency_kind == CurrencyKind::Money {
             return Err(refused(
@@ -877,6 +1238,9 @@ impl Market {
         super::check_client_token(body.client_token.as_deref())?;
         let p = self.visible_pool(caller, id).await?;
         super::check_price("bid", body.bid)?;
+        if p.dissolved_at_ms.is_some() {
+            return Err(refused("dissolved", format!("pool {id} is dissolved")));
+        }
         if body.count > super::MAX_COUNT {
             return Err(invalid(
                 "count",
@@ -1222,7 +1586,7 @@ impl Market {
         caller: &Principal,
         id: Uuid,
     ) -> Result<PoolView, MarketError> {
-        let p = self.owned_pool(caller, id).await?;
+        let (p, _) = self.acting(caller, id, Right::Policy).await?;
         let now = self.now();
         self.app.store.request_pool_cycle(id, now).await?;
         self.cycle_pool(id, now).await?;
@@ -1478,7 +1842,7 @@ impl Market {
                 match unit {
                     pool::Unit::Own { slot } => {
                         let accounts = self.owner_accounts(&p.owner).await?;
-                        let mut row = self.slot_of(*slot, &accounts, p.id).await?;
+                        let mut row = self.slot_of(*slot, &accounts, p.id, &p.owner).await?;
                         row.burst = true;
                         if self.app.store.add_pool_slot(&row, now).await?.is_ok() {
                             self.app
@@ -1678,7 +2042,9 @@ impl Market {
             .await?;
         for v in made {
             let accounts = self.owner_accounts(&p.owner).await?;
-            let mut row = self.slot_of(v.reservation.id, &accounts, p.id).await?;
+            let mut row = self
+                .slot_of(v.reservation.id, &accounts, p.id, &p.owner)
+                .await?;
             row.burst = true;
             self.app.store.add_pool_slot(&row, now).await??;
             self.app

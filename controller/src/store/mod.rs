@@ -21,8 +21,8 @@ use surplus_protocol::clock::UnixMillis;
 use uuid::Uuid;
 
 pub use pools::{
-    PoolBurst, PoolCharge, PoolDecide, PoolDecision, PoolMember, PoolSlotRow, PoolState, PoolStore,
-    SlotFacts, StoredPool, StoredPoolRequest,
+    PoolBurst, PoolCharge, PoolDecide, PoolDecision, PoolEntity, PoolMember, PoolSlotRow,
+    PoolState, PoolStore, SlotFacts, StoredPool, StoredPoolRequest,
 };
 
 /// Opens (creating or migrating as needed) the database that `database_url` names:

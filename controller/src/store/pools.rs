@@ -32,6 +32,8 @@ pub struct StoredPool {
     pub cycled_at_ms: Option<UnixMillis>,
     /// When it was made.
     pub created_at_ms: UnixMillis,
+    /// When it is dissolved (its slots gone), if it is.
+    pub dissolved_at_ms: Option<UnixMillis>,
 }
 
 /// A slot of a pool.
@@ -41,6 +43,8 @@ pub struct PoolSlotRow {
     pub slot: Uuid,
     /// The pool.
     pub pool: Uuid,
+    /// The pool owner whose slot it is (in a merged pool each keeps its own).
+    pub entity: String,
     /// The host it runs on.
     pub host: Uuid,
     /// The owner's account that holds it.
@@ -60,12 +64,33 @@ pub struct PoolSlotRow {
 pub struct PoolMember {
     /// The client account.
     pub member: String,
+    /// The entity (pool owner) whose user it is.
+    pub entity: String,
     /// Its name.
     pub name: String,
     /// Its organisation.
     pub organisation: String,
     /// When it was let in.
     pub added_at_ms: UnixMillis,
+}
+
+/// An entity of a merged pool (FIG. 14).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolEntity {
+    /// The entity (a pool owner account).
+    pub entity: String,
+    /// What it may change, given at the merge.
+    pub rights: std::collections::BTreeSet<surplus_market::cohort::Right>,
+    /// The most of its slots its users lend to others' (`None`: all).
+    pub lending_limit: Option<u32>,
+    /// The most slots its users borrow from others' (`None`: unbounded).
+    pub borrowing_limit: Option<u32>,
+    /// When it was invited.
+    pub invited_at_ms: UnixMillis,
+    /// When it joined (`None`: invited only).
+    pub joined_at_ms: Option<UnixMillis>,
+    /// When it leaves, if it is leaving.
+    pub leaving_at_ms: Option<UnixMillis>,
 }
 
 /// A member's request as stored.
@@ -129,6 +154,8 @@ pub struct PoolState {
     pub slots: Vec<(PoolSlotRow, Option<UnixMillis>)>,
     /// Its members.
     pub members: Vec<PoolMember>,
+    /// Its entities, if it is a merged pool.
+    pub entities: Vec<PoolEntity>,
     /// Its requests not cancelled.
     pub requests: Vec<StoredPoolRequest>,
     /// Its allocations not over.
@@ -283,6 +310,42 @@ pub trait PoolStore: Send + Sync + std::fmt::Debug + 'static {
         decide: PoolDecide<'_>,
         now_ms: UnixMillis,
     ) -> Result<Option<PoolDecision>, PostError>;
+
+    /// Invites an entity into a merged pool, or changes its rights and limits.
+    async fn put_pool_entity(&self, pool: Uuid, entity: &PoolEntity) -> Result<(), StoreError>;
+
+    /// A pool's entities.
+    async fn pool_entities(&self, pool: Uuid) -> Result<Vec<PoolEntity>, StoreError>;
+
+    /// Entity `entity`, invited into `pool`, merges its own pool `from` into it in one
+    /// transaction: `from`'s slots, members, requests and allocations move (each
+    /// slot and member keeping `entity` as its owner) and `from` is dissolved.
+    /// Refused as `not_invited`, `joined` (already) or `unknown_pool`.
+    async fn join_pool(
+        &self,
+        pool: Uuid,
+        from: Uuid,
+        entity: &str,
+        now_ms: UnixMillis,
+    ) -> Result<Result<(), MarketRefusal>, StoreError>;
+
+    /// An entity leaves a merged pool at `leaving_at_ms`: its slots leave then
+    /// (`false`: it is not in the pool, or leaving already).
+    async fn leave_pool_entity(
+        &self,
+        pool: Uuid,
+        entity: &str,
+        leaving_at_ms: UnixMillis,
+    ) -> Result<bool, StoreError>;
+
+    /// Dissolves a pool at `at_ms`: every slot leaves then and every request is
+    /// cancelled now (`false`: dissolved already).
+    async fn dissolve_pool(
+        &self,
+        pool: Uuid,
+        at_ms: UnixMillis,
+        now_ms: UnixMillis,
+    ) -> Result<bool, StoreError>;
 
     /// Records a burst.
     async fn put_pool_burst(&self, pool: Uuid, burst: &PoolBurst) -> Result<(), StoreError>;

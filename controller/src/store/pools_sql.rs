@@ -21,6 +21,7 @@ macro_rules! pool_sql {
                 requested_at_ms: row.try_get("requested_at_ms")?,
                 cycled_at_ms: row.try_get("cycled_at_ms")?,
                 created_at_ms: row.try_get("created_at_ms")?,
+                dissolved_at_ms: row.try_get("dissolved_at_ms")?,
             })
         }
 
@@ -28,6 +29,7 @@ macro_rules! pool_sql {
             Ok(PoolSlotRow {
                 slot: parse_uuid(row.try_get("slot")?)?,
                 pool: parse_uuid(row.try_get("pool")?)?,
+                entity: row.try_get("entity")?,
                 host: parse_uuid(row.try_get("host")?)?,
                 account: row.try_get("account")?,
                 facts: parse_json(row.try_get("record")?, "pool slot")?,
@@ -40,9 +42,23 @@ macro_rules! pool_sql {
         fn pool_member_row(row: &$row) -> Result<PoolMember, StoreError> {
             Ok(PoolMember {
                 member: row.try_get("member")?,
+                entity: row.try_get("entity")?,
                 name: row.try_get("name")?,
                 organisation: row.try_get("organisation")?,
                 added_at_ms: row.try_get("added_at_ms")?,
+            })
+        }
+
+        fn pool_entity_row(row: &$row) -> Result<PoolEntity, StoreError> {
+            let limit = |v: Option<i64>| v.map(|l| u32::try_from(l.max(0)).unwrap_or(u32::MAX));
+            Ok(PoolEntity {
+                entity: row.try_get("entity")?,
+                rights: parse_json(row.try_get("rights")?, "pool entity rights")?,
+                lending_limit: limit(row.try_get("lending_limit")?),
+                borrowing_limit: limit(row.try_get("borrowing_limit")?),
+                invited_at_ms: row.try_get("invited_at_ms")?,
+                joined_at_ms: row.try_get("joined_at_ms")?,
+                leaving_at_ms: row.try_get("leaving_at_ms")?,
             })
         }
 
@@ -77,13 +93,13 @@ macro_rules! pool_sql {
             i64::try_from(p).map_err(|_| StoreError::Corrupt(format!("price {p} out of range")))
         }
 
-        const POOL_COLUMNS: &str = "SELECT id, owner, name, record, asking, next_cycle_at_ms, requested_at_ms, cycled_at_ms, created_at_ms FROM pools";
+        const POOL_COLUMNS: &str = "SELECT id, owner, name, record, asking, next_cycle_at_ms, requested_at_ms, cycled_at_ms, created_at_ms, dissolved_at_ms FROM pools";
         const POOL_ALLOCATION_COLUMNS: &str = "SELECT id, request, member, slot, host, price, from_ms, until_ms, noticed, charged_to_ms, done FROM pool_allocations";
 
         #[async_trait]
         impl PoolStore for $store {
             async fn create_pool(&self, p: &StoredPool) -> Result<(), StoreError> {
-                sqlx::query("INSERT INTO pools (id, owner, name, record, asking, next_cycle_at_ms, requested_at_ms, cycled_at_ms, created_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)")
+                sqlx::query("INSERT INTO pools (id, owner, name, record, asking, next_cycle_at_ms, requested_at_ms, cycled_at_ms, created_at_ms, dissolved_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)")
                     .bind(p.id.to_string())
                     .bind(&p.owner)
                     .bind(&p.name)
@@ -93,6 +109,7 @@ macro_rules! pool_sql {
                     .bind(p.requested_at_ms)
                     .bind(p.cycled_at_ms)
                     .bind(p.created_at_ms)
+                    .bind(p.dissolved_at_ms)
                     .execute(self.writer())
                     .await?;
                 Ok(())
@@ -152,7 +169,7 @@ macro_rules! pool_sql {
                     .bind(now_ms)
                     .execute(&mut *tx)
                     .await?;
-                let inserted = sqlx::query("INSERT INTO pool_slots (slot, pool, host, account, record, burst, added_at_ms, leaving_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, NULL) ON CONFLICT (slot) DO NOTHING")
+                let inserted = sqlx::query("INSERT INTO pool_slots (slot, pool, entity, host, account, record, burst, added_at_ms, leaving_at_ms) VALUES ($1, $2, $8, $3, $4, $5, $6, $7, NULL) ON CONFLICT (slot) DO NOTHING")
                     .bind(slot.slot.to_string())
                     .bind(slot.pool.to_string())
                     .bind(slot.host.to_string())
@@ -160,6 +177,7 @@ macro_rules! pool_sql {
                     .bind(json_text(&slot.facts))
                     .bind(i64::from(slot.burst))
                     .bind(slot.added_at_ms)
+                    .bind(&slot.entity)
                     .execute(&mut *tx)
                     .await?
                     .rows_affected();
@@ -235,12 +253,13 @@ macro_rules! pool_sql {
                         message: format!("the pool admits {max_users} users and has {others}"),
                     }));
                 }
-                sqlx::query("INSERT INTO pool_members (pool, member, name, organisation, added_at_ms) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (pool, member) DO UPDATE SET name = excluded.name, organisation = excluded.organisation")
+                sqlx::query("INSERT INTO pool_members (pool, member, entity, name, organisation, added_at_ms) VALUES ($1, $2, $6, $3, $4, $5) ON CONFLICT (pool, member) DO UPDATE SET name = excluded.name, organisation = excluded.organisation, entity = excluded.entity")
                     .bind(pool.to_string())
                     .bind(&m.member)
                     .bind(&m.name)
                     .bind(&m.organisation)
                     .bind(m.added_at_ms)
+                    .bind(&m.entity)
                     .execute(&mut *tx)
                     .await?;
                 tx.commit().await?;
@@ -403,7 +422,7 @@ macro_rules! pool_sql {
             }
 
             async fn due_pools(&self, now_ms: UnixMillis) -> Result<Vec<Uuid>, StoreError> {
-                let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM pools WHERE next_cycle_at_ms <= $1 OR requested_at_ms <= $1 ORDER BY id")
+                let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM pools WHERE (next_cycle_at_ms <= $1 OR requested_at_ms <= $1 OR dissolved_at_ms <= $1) AND (dissolved_at_ms IS NULL OR cycled_at_ms IS NULL OR cycled_at_ms < dissolved_at_ms) ORDER BY id")
                     .bind(now_ms)
                     .fetch_all(self.reader())
                     .await?;
@@ -423,7 +442,13 @@ macro_rules! pool_sql {
                     return Ok(None);
                 };
                 let stored = stored_pool(&row)?;
-                let due = stored.next_cycle_at_ms <= now_ms || stored.requested_at_ms.is_some_and(|r| r <= now_ms);
+                // A dissolved pool cycles once more after its slots have gone (to charge
+                // the notice), then no more.
+                let finished = stored.dissolved_at_ms.is_some_and(|d| stored.cycled_at_ms.is_some_and(|c| c >= d));
+                let due = !finished
+                    && (stored.next_cycle_at_ms <= now_ms
+                        || stored.requested_at_ms.is_some_and(|r| r <= now_ms)
+                        || stored.dissolved_at_ms.is_some_and(|d| d <= now_ms));
                 if !due {
                     return Ok(None);
                 }
@@ -459,6 +484,14 @@ macro_rules! pool_sql {
                     .iter()
                     .map(pool_member_row)
                     .collect::<Result<Vec<_>, _>>()?;
+                let entities = sqlx::query("SELECT * FROM pool_entities WHERE pool = $1 AND joined_at_ms IS NOT NULL ORDER BY joined_at_ms, entity")
+                    .bind(&id)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(StoreError::from)?
+                    .iter()
+                    .map(pool_entity_row)
+                    .collect::<Result<Vec<_>, _>>()?;
                 let requests = sqlx::query("SELECT * FROM pool_requests WHERE pool = $1 AND cancelled_at_ms IS NULL ORDER BY placed_at_ms, id")
                     .bind(&id)
                     .fetch_all(&mut *tx)
@@ -490,6 +523,7 @@ macro_rules! pool_sql {
                     pool: stored.clone(),
                     slots,
                     members,
+                    entities,
                     requests,
                     allocations,
                     stretches,
@@ -581,6 +615,18 @@ macro_rules! pool_sql {
                         .await
                         .map_err(StoreError::from)?;
                 }
+                // Entities whose deadline to leave passed are gone, with their users.
+                for statement in [
+                    "DELETE FROM pool_members WHERE pool = $1 AND entity IN (SELECT entity FROM pool_entities WHERE pool = $1 AND leaving_at_ms IS NOT NULL AND leaving_at_ms <= $2)",
+                    "DELETE FROM pool_entities WHERE pool = $1 AND leaving_at_ms IS NOT NULL AND leaving_at_ms <= $2",
+                ] {
+                    sqlx::query(statement)
+                        .bind(&id)
+                        .bind(now_ms)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(StoreError::from)?;
+                }
                 // Slots whose deadline to leave passed are gone.
                 sqlx::query("DELETE FROM pool_slots WHERE pool = $1 AND leaving_at_ms IS NOT NULL AND leaving_at_ms <= $2")
                     .bind(&id)
@@ -591,6 +637,154 @@ macro_rules! pool_sql {
                 apply_in(&mut tx, &decision.changes, now_ms).await?;
                 tx.commit().await.map_err(StoreError::from)?;
                 Ok(Some(decision))
+            }
+
+            async fn put_pool_entity(&self, pool: Uuid, e: &PoolEntity) -> Result<(), StoreError> {
+                sqlx::query("INSERT INTO pool_entities (pool, entity, rights, lending_limit, borrowing_limit, invited_at_ms, joined_at_ms, leaving_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (pool, entity) DO UPDATE SET rights = excluded.rights, lending_limit = excluded.lending_limit, borrowing_limit = excluded.borrowing_limit")
+                    .bind(pool.to_string())
+                    .bind(&e.entity)
+                    .bind(json_text(&e.rights))
+                    .bind(e.lending_limit.map(i64::from))
+                    .bind(e.borrowing_limit.map(i64::from))
+                    .bind(e.invited_at_ms)
+                    .bind(e.joined_at_ms)
+                    .bind(e.leaving_at_ms)
+                    .execute(self.writer())
+                    .await?;
+                Ok(())
+            }
+
+            async fn pool_entities(&self, pool: Uuid) -> Result<Vec<PoolEntity>, StoreError> {
+                sqlx::query("SELECT * FROM pool_entities WHERE pool = $1 ORDER BY invited_at_ms, entity")
+                    .bind(pool.to_string())
+                    .fetch_all(self.reader())
+                    .await?
+                    .iter()
+                    .map(pool_entity_row)
+                    .collect()
+            }
+
+            async fn join_pool(&self, pool: Uuid, from: Uuid, entity: &str, now_ms: UnixMillis) -> Result<Result<(), MarketRefusal>, StoreError> {
+                let (to, from_id) = (pool.to_string(), from.to_string());
+                let mut tx = self.write_tx().await?;
+                // Both pools' locks, in one order, so two merges never wait on each other.
+                let (first, second) = if to < from_id { (&to, &from_id) } else { (&from_id, &to) };
+                $store::lock(&mut tx, Lock::Pool(first)).await?;
+                $store::lock(&mut tx, Lock::Pool(second)).await?;
+                let joined: Option<Option<i64>> = sqlx::query_scalar("SELECT joined_at_ms FROM pool_entities WHERE pool = $1 AND entity = $2")
+                    .bind(&to)
+                    .bind(entity)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                match joined {
+                    None => {
+                        return Ok(Err(MarketRefusal {
+                            rule: "not_invited",
+                            message: format!("{entity} was not invited into pool {pool}"),
+                        }));
+                    }
+                    Some(Some(_)) => {
+                        return Ok(Err(MarketRefusal {
+                            rule: "joined",
+                            message: format!("{entity} has joined pool {pool} already"),
+                        }));
+                    }
+                    Some(None) => {}
+                }
+                let theirs: Option<String> = sqlx::query_scalar("SELECT owner FROM pools WHERE id = $1 AND dissolved_at_ms IS NULL")
+                    .bind(&from_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if theirs.as_deref() != Some(entity) || pool == from {
+                    return Ok(Err(MarketRefusal {
+                        rule: "unknown_pool",
+                        message: format!("{entity} has no pool {from} to merge"),
+                    }));
+                }
+                for statement in [
+                    "UPDATE pool_slots SET pool = $1, entity = $3 WHERE pool = $2",
+                    "UPDATE pool_requests SET pool = $1 WHERE pool = $2",
+                    "UPDATE pool_allocations SET pool = $1 WHERE pool = $2",
+                    "UPDATE pool_charges SET pool = $1 WHERE pool = $2",
+                    "UPDATE pool_bursts SET pool = $1 WHERE pool = $2",
+                    "INSERT INTO pool_members (pool, member, entity, name, organisation, added_at_ms) SELECT $1, member, $3, name, organisation, added_at_ms FROM pool_members WHERE pool = $2 ON CONFLICT (pool, member) DO NOTHING",
+                    "DELETE FROM pool_members WHERE pool = $2",
+                ] {
+                    sqlx::query(statement)
+                        .bind(&to)
+                        .bind(&from_id)
+                        .bind(entity)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                sqlx::query("UPDATE pools SET dissolved_at_ms = $2, cycled_at_ms = $2 WHERE id = $1")
+                    .bind(&from_id)
+                    .bind(now_ms)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("UPDATE pool_entities SET joined_at_ms = $3 WHERE pool = $1 AND entity = $2")
+                    .bind(&to)
+                    .bind(entity)
+                    .bind(now_ms)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("UPDATE pools SET requested_at_ms = $2 WHERE id = $1 AND requested_at_ms IS NULL")
+                    .bind(&to)
+                    .bind(now_ms)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(Ok(()))
+            }
+
+            async fn leave_pool_entity(&self, pool: Uuid, entity: &str, leaving_at_ms: UnixMillis) -> Result<bool, StoreError> {
+                let mut tx = self.write_tx().await?;
+                $store::lock(&mut tx, Lock::Pool(&pool.to_string())).await?;
+                let left = sqlx::query("UPDATE pool_entities SET leaving_at_ms = $3 WHERE pool = $1 AND entity = $2 AND joined_at_ms IS NOT NULL AND leaving_at_ms IS NULL")
+                    .bind(pool.to_string())
+                    .bind(entity)
+                    .bind(leaving_at_ms)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if left == 0 {
+                    return Ok(false);
+                }
+                sqlx::query("UPDATE pool_slots SET leaving_at_ms = $3 WHERE pool = $1 AND entity = $2 AND (leaving_at_ms IS NULL OR leaving_at_ms > $3)")
+                    .bind(pool.to_string())
+                    .bind(entity)
+                    .bind(leaving_at_ms)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(true)
+            }
+
+            async fn dissolve_pool(&self, pool: Uuid, at_ms: UnixMillis, now_ms: UnixMillis) -> Result<bool, StoreError> {
+                let mut tx = self.write_tx().await?;
+                $store::lock(&mut tx, Lock::Pool(&pool.to_string())).await?;
+                let done = sqlx::query("UPDATE pools SET dissolved_at_ms = $2, requested_at_ms = COALESCE(requested_at_ms, $3) WHERE id = $1 AND dissolved_at_ms IS NULL")
+                    .bind(pool.to_string())
+                    .bind(at_ms)
+                    .bind(now_ms)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if done == 0 {
+                    return Ok(false);
+                }
+                sqlx::query("UPDATE pool_slots SET leaving_at_ms = $2 WHERE pool = $1 AND (leaving_at_ms IS NULL OR leaving_at_ms > $2)")
+                    .bind(pool.to_string())
+                    .bind(at_ms)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("UPDATE pool_requests SET cancelled_at_ms = $2 WHERE pool = $1 AND cancelled_at_ms IS NULL")
+                    .bind(pool.to_string())
+                    .bind(now_ms)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(true)
             }
 
             async fn put_pool_burst(&self, pool: Uuid, b: &PoolBurst) -> Result<(), StoreError> {

@@ -4,9 +4,9 @@
 
 use clap::Subcommand;
 use surplus_api::pools::{
-    BurstSettings, CreditRequest, CreditView, CurrencyKind, ExplainView, MemberRequest,
-    PoolAccountGrant, PoolBidRequest, PoolCreate, PoolRequestView, PoolSettingsBody, PoolUsageView,
-    PoolView, RebidRequest, SlotRequest,
+    BurstSettings, CreditRequest, CreditView, CurrencyKind, ExplainView, InviteRequest,
+    JoinRequest, LimitsRequest, MemberRequest, PoolAccountGrant, PoolBidRequest, PoolCreate,
+    PoolRequestView, PoolSettingsBody, PoolUsageView, PoolView, RebidRequest, Right, SlotRequest,
 };
 
 use crate::client::{Client, now_ms, print, table, when};
@@ -128,6 +128,51 @@ pub enum Command {
     },
     /// (pool owner) Run a pool's cycle now.
     Cycle {
+        /// The pool.
+        id: uuid::Uuid,
+    },
+    /// (pool owner) Invite another pool owner into a merged pool, with its rights.
+    Invite {
+        /// The pool.
+        id: uuid::Uuid,
+        /// The pool owner account invited.
+        entity: String,
+        /// What it may change: policy, users, slots, dissolve (comma separated).
+        #[arg(long, value_delimiter = ',')]
+        rights: Vec<String>,
+    },
+    /// (pool owner) Merge your own pool into a pool you were invited into.
+    Join {
+        /// The merged pool.
+        id: uuid::Uuid,
+        /// Your pool, whose slots, members and requests move.
+        #[arg(long)]
+        pool: uuid::Uuid,
+        /// The most of your slots lent to others' users at once.
+        #[arg(long)]
+        lending_limit: Option<u32>,
+        /// The most others' slots your users borrow at once.
+        #[arg(long)]
+        borrowing_limit: Option<u32>,
+    },
+    /// (pool owner) Set your lending and borrowing limits in a merged pool.
+    Limits {
+        /// The merged pool.
+        id: uuid::Uuid,
+        /// The most of your slots lent to others' users at once (none: no bound).
+        #[arg(long)]
+        lending_limit: Option<u32>,
+        /// The most others' slots your users borrow at once (none: no bound).
+        #[arg(long)]
+        borrowing_limit: Option<u32>,
+    },
+    /// (pool owner) Leave a merged pool: your slots come back after the notice.
+    Leave {
+        /// The merged pool.
+        id: uuid::Uuid,
+    },
+    /// (pool owner) Dissolve a pool: requests end now, slots after the notice.
+    Dissolve {
         /// The pool.
         id: uuid::Uuid,
     },
@@ -390,6 +435,57 @@ pub async fn run(client: &Client, json: bool, command: Command) -> anyhow::Resul
             let p: PoolView = client.post_empty(&format!("/v1/pools/{id}/cycle")).await?;
             print(json, &p, || show_pool(&p));
         }
+        Command::Invite { id, entity, rights } => {
+            let rights = rights
+                .iter()
+                .map(|r| {
+                    serde_json::from_value::<Right>(serde_json::json!(r)).map_err(|_| {
+                        anyhow::anyhow!("--rights {r:?}: policy, users, slots or dissolve")
+                    })
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let p: PoolView = client
+                .post(
+                    &format!("/v1/pools/{id}/entities"),
+                    &InviteRequest { entity, rights },
+                )
+                .await?;
+            print(json, &p, || show_pool(&p));
+        }
+        Command::Join {
+            id,
+            pool,
+            lending_limit,
+            borrowing_limit,
+        } => {
+            let body = JoinRequest {
+                pool,
+                lending_limit,
+                borrowing_limit,
+            };
+            let p: PoolView = client.post(&format!("/v1/pools/{id}/join"), &body).await?;
+            print(json, &p, || show_pool(&p));
+        }
+        Command::Limits {
+            id,
+            lending_limit,
+            borrowing_limit,
+        } => {
+            let body = LimitsRequest {
+                lending_limit,
+                borrowing_limit,
+            };
+            let p: PoolView = client.put(&format!("/v1/pools/{id}/limits"), &body).await?;
+            print(json, &p, || show_pool(&p));
+        }
+        Command::Leave { id } => {
+            let p: PoolView = client.post_empty(&format!("/v1/pools/{id}/leave")).await?;
+            print(json, &p, || show_pool(&p));
+        }
+        Command::Dissolve { id } => {
+            let p: PoolView = client.delete(&format!("/v1/pools/{id}")).await?;
+            print(json, &p, || show_pool(&p));
+        }
     }
     Ok(())
 }
@@ -473,11 +569,44 @@ fn show_pool(p: &PoolView) {
         ]);
     }
     println!("{t}");
-    let mut t = table(&["MEMBER", "NAME", "ORGANISATION"]);
+    let mut t = table(&["MEMBER", "ENTITY", "NAME", "ORGANISATION"]);
     for m in &p.members {
-        t.add_row([m.member.clone(), m.name.clone(), m.organisation.clone()]);
+        t.add_row([
+            m.member.clone(),
+            m.entity.clone(),
+            m.name.clone(),
+            m.organisation.clone(),
+        ]);
     }
     println!("{t}");
+    if !p.entities.is_empty() {
+        let mut t = table(&[
+            "ENTITY",
+            "RIGHTS",
+            "LENDS AT MOST",
+            "BORROWS AT MOST",
+            "STATE",
+        ]);
+        let limit = |l: Option<u32>| l.map_or("-".into(), |l| l.to_string());
+        for e in &p.entities {
+            t.add_row([
+                e.entity.clone(),
+                e.rights
+                    .iter()
+                    .map(|r| r.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                limit(e.lending_limit),
+                limit(e.borrowing_limit),
+                match (e.joined_at_ms, e.leaving_at_ms) {
+                    (_, Some(at)) => format!("leaving {}", when(Some(at), now)),
+                    (Some(_), None) => "joined".into(),
+                    (None, None) => "invited".into(),
+                },
+            ]);
+        }
+        println!("{t}");
+    }
 }
 
 fn show_requests(list: &[PoolRequestView]) {
