@@ -1555,7 +1555,7 @@ impl Market {
             .settings
             .burst
             .as_ref()
-            .map_or(0, |b| burst_spent(&bursts, b, now));
+            .map_or(0, |b| burst_spent(&bursts, b, now, now));
         Ok(PoolUsageView {
             pool: id,
             currency: p.settings.currency.clone(),
@@ -1652,23 +1652,34 @@ impl Market {
     }
 }
 
-/// What bursts charged to the budget in the period `now_ms` falls in: each for its
-/// hours held in the period, at least its minimum duration.
-fn burst_spent(bursts: &[PoolBurst], b: &pool::BurstSettings, now_ms: UnixMillis) -> u64 {
+/// Whole hours from `from_ms` to `to_ms`, a part counting whole.
+fn hours_between(from_ms: UnixMillis, to_ms: UnixMillis) -> u64 {
+    ((to_ms - from_ms).max(0) + HOUR_MS - 1).div_euclid(HOUR_MS) as u64
+}
+
+/// What bursts cost the budget of the period `now_ms` falls in, if those not given
+/// back are held until `until_ms`: each market burst its price for every hour (a
+/// part counting whole) it is held in the period, and at least its minimum
+/// duration. Bursts into the owner's own slots cost nothing.
+fn burst_spent(
+    bursts: &[PoolBurst],
+    b: &pool::BurstSettings,
+    now_ms: UnixMillis,
+    until_ms: UnixMillis,
+) -> u64 {
     let start = pool::period_start(now_ms, b.period_ms);
     bursts
         .iter()
         .filter(|x| x.source != "own" && x.ended_at_ms.is_none_or(|e| e > start))
         .map(|x| {
             let from = x.started_at_ms.max(start);
-            let to = x.ended_at_ms.unwrap_or(now_ms).min(now_ms);
-            let hours = ((to - from).max(0) + HOUR_MS - 1) / HOUR_MS;
+            let hours = hours_between(from, x.ended_at_ms.unwrap_or(until_ms));
             let hours = if x.started_at_ms >= start {
-                hours.max(i64::from(b.min_hours))
+                hours.max(u64::from(b.min_hours))
             } else {
                 hours
             };
-            x.price.saturating_mul(hours.max(0) as u64)
+            x.price.saturating_mul(hours)
         })
         .sum()
 }
@@ -1746,7 +1757,6 @@ impl Market {
         let holds = &decision.plan.cycle.admission.holds;
         let in_use: BTreeSet<Uuid> = holds.values().flatten().copied().collect();
         let policy = p.settings.burst.clone();
-        let spent = policy.as_ref().map_or(0, |b| burst_spent(&bursts, b, now));
         let pooled: BTreeMap<Uuid, PoolSlotRow> = self
             .app
             .store
@@ -1758,37 +1768,58 @@ impl Market {
         let min_ms = policy
             .as_ref()
             .map_or(0, |x| i64::from(x.min_hours) * HOUR_MS);
+        // The budget is never passed: a burst kept is paid at least until the next
+        // cycle and a notice after it, when it could be given back at the earliest.
+        let horizon = now
+            .saturating_add(p.settings.cycle_ms)
+            .saturating_add(p.settings.notice_ms);
+        let mut kept: Vec<PoolBurst> = bursts.clone();
         let mut leaving = false;
-        for b in bursts.iter().filter(|b| b.ended_at_ms.is_none()) {
+        // Newest first: the last burst made is the first given back.
+        for b in bursts.iter().rev().filter(|b| b.ended_at_ms.is_none()) {
             let past_minimum = now.saturating_sub(b.started_at_ms) >= min_ms;
+            let give_back = |kept: &mut Vec<PoolBurst>, until: UnixMillis| {
+                if let Some(k) = kept.iter_mut().find(|k| k.slot == b.slot) {
+                    k.ended_at_ms = Some(until);
+                }
+            };
             match pooled.get(&b.slot) {
                 // Gone from the pool (its holder's notice is over): given back.
                 None => self.end_burst(p, b, "left the pool", now).await?,
                 Some(s) if s.leaving_at_ms.is_some_and(|t| t <= now) => {
                     self.end_burst(p, b, "left the pool", now).await?
                 }
-                Some(s) if s.leaving_at_ms.is_some() => {}
+                Some(s) if s.leaving_at_ms.is_some() => {
+                    give_back(&mut kept, s.leaving_at_ms.unwrap_or(now));
+                }
                 // Nobody holds it: given back at once.
                 Some(_) if !in_use.contains(&b.slot) && past_minimum => {
                     self.app.store.leave_pool_slot(p.id, b.slot, now).await?;
                     self.end_burst(p, b, "no longer needed", now).await?;
+                    give_back(&mut kept, now);
                 }
-                // The budget is spent: its holder keeps it for the notice period.
+                // Kept until the horizon it would pass the budget: its holder keeps
+                // it for the notice period, then it is given back.
                 Some(_)
-                    if past_minimum
-                        && b.source != "own"
-                        && policy.as_ref().is_none_or(|x| spent >= x.budget) =>
+                    if b.source != "own"
+                        && policy
+                            .as_ref()
+                            .is_none_or(|x| burst_spent(&kept, x, now, horizon) > x.budget) =>
                 {
                     let deadline = now.saturating_add(p.settings.notice_ms);
                     self.app
                         .store
                         .leave_pool_slot(p.id, b.slot, deadline)
                         .await?;
+                    give_back(&mut kept, deadline);
                     leaving = true;
                 }
                 Some(_) => {}
             }
         }
+        let spent = policy
+            .as_ref()
+            .map_or(0, |x| burst_spent(&kept, x, now, horizon));
         if leaving {
             self.app.store.request_pool_cycle(p.id, now).await?;
         }
@@ -1822,7 +1853,12 @@ impl Market {
                 Some(b) => self.burst_offers(&b.currency).await?,
                 None => Vec::new(),
             };
-            let hours = policy.as_ref().map_or(1, |b| b.min_hours);
+            // A new burst is paid at least its minimum, and until the next cycle
+            // and a notice after it.
+            let hours = policy.as_ref().map_or(1, |b| {
+                let until = hours_between(now, horizon);
+                b.min_hours.max(u32::try_from(until).unwrap_or(u32::MAX))
+            });
             let decided = pool::burst(
                 policy
                     .as_ref()

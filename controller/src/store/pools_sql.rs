@@ -530,11 +530,22 @@ macro_rules! pool_sql {
                 };
                 let decision = decide(&state);
                 let plan = &decision.plan;
+                // The next cycle: a period on, or sooner at the first deadline this
+                // one set or found (a slot leaving, an allocation ending or starting),
+                // so that what ends is charged and given back on time.
+                let next = state
+                    .slots
+                    .iter()
+                    .filter_map(|(s, _)| s.leaving_at_ms)
+                    .chain(plan.ended.iter().map(|(_, until)| *until))
+                    .chain(plan.made.iter().map(|m| m.from_ms))
+                    .filter(|t| *t > now_ms)
+                    .fold(now_ms.saturating_add(stored.settings.cycle_ms), i64::min);
                 // Claimed by a conditional update on the timers read above.
                 let claimed = sqlx::query("UPDATE pools SET asking = $2, next_cycle_at_ms = $3, requested_at_ms = NULL, cycled_at_ms = $4 WHERE id = $1 AND next_cycle_at_ms = $5 AND COALESCE(requested_at_ms, -1) = $6")
                     .bind(&id)
                     .bind(pool_price(plan.cycle.asking)?)
-                    .bind(now_ms.saturating_add(stored.settings.cycle_ms))
+                    .bind(next)
                     .bind(now_ms)
                     .bind(stored.next_cycle_at_ms)
                     .bind(stored.requested_at_ms.unwrap_or(-1))
