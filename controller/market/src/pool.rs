@@ -900,6 +900,13 @@ pub struct Plan {
 /// pool's notice period (or at its slot's term end, if sooner); a slot given to
 /// another request is held by it from the previous holder's deadline, so two users
 /// never hold one slot at once; kept allocations take the cycle's price.
+///
+/// A slot that could be held by nobody new is not offered: one kept whose term ends
+/// within the notice period (the next holder would start at its end) stays with the
+/// request keeping it while that request takes part, outside the cycle, not counted
+/// against its count, its user's cap or an entity's lending limits; one nobody keeps
+/// whose term ends by the deadline of its last holder's notice is given to nobody.
+/// (Found by the seeded simulation `tests/pool_term.rs`.)
 pub fn plan(input: CycleInput<'_>) -> Plan {
     let now = input.now_ms;
     let mut out = Plan::default();
@@ -919,19 +926,75 @@ pub fn plan(input: CycleInput<'_>) -> Plan {
             });
         }
     }
+    let kept = |a: &Allocation| !a.noticed && a.until_ms.is_none_or(|u| u > now);
+    // A slot is offered while someone could still hold it: within its term, and,
+    // when nobody keeps it, its term ending after the notice of whoever leaves it.
+    let noticed_until = |slot: Uuid| {
+        input
+            .allocations
+            .iter()
+            .filter(|a| a.slot == slot && a.noticed)
+            .filter_map(|a| a.until_ms)
+            .max()
+            .unwrap_or(now)
+    };
+    // A slot kept whose term ends within the notice period could be handed to nobody
+    // (the next holder would start at its end): it stays with the request keeping it,
+    // outside the cycle, while that request takes part; it is not counted against
+    // the request's count nor its user's cap.
+    let notice_end = now.saturating_add(input.notice_ms.max(0));
+    let asking = input.asking.max(input.policy.minimum);
+    let takes_part = |r: &Request| {
+        input.members.admits(&r.user)
+            && r.bid >= input.policy.minimum
+            && input.policy.maximum.is_none_or(|m| r.bid <= m)
+            && (!matches!(input.method, Method::Dutch { .. }) || r.bid >= asking)
+    };
+    let by_request: BTreeMap<Uuid, &Request> = input.requests.iter().map(|r| (r.id, r)).collect();
+    let ending = |s: &SlotState| s.until_ms.is_some_and(|u| u <= notice_end);
+    let mut carried: BTreeMap<Uuid, Vec<Uuid>> = BTreeMap::new();
+    let mut frozen: BTreeSet<Uuid> = BTreeSet::new();
+    for a in input.allocations.iter().filter(|a| kept(a)) {
+        let Some(slot) = input.slots.iter().find(|s| s.id == a.slot) else {
+            continue;
+        };
+        if slot.leaving || !ending(slot) || slot.until_ms.is_some_and(|u| u <= now) {
+            continue;
+        }
+        frozen.insert(a.slot);
+        if by_request.get(&a.request).is_some_and(|r| takes_part(r)) {
+            carried.entry(a.request).or_default().push(a.slot);
+        }
+    }
     let live: BTreeMap<Uuid, &SlotState> = input
         .slots
         .iter()
         .filter(|s| !s.leaving && s.until_ms.is_none_or(|u| u > now))
+        .filter(|s| !frozen.contains(&s.id))
+        .filter(|s| {
+            let kept_by_someone = input.allocations.iter().any(|a| a.slot == s.id && kept(a));
+            kept_by_someone || s.until_ms.is_none_or(|u| u > noticed_until(s.id))
+        })
         .map(|s| (s.id, s))
         .collect();
-    let kept = |a: &Allocation| !a.noticed && a.until_ms.is_none_or(|u| u > now);
     let mut held: BTreeMap<Uuid, Vec<Uuid>> = BTreeMap::new();
     for a in input.allocations.iter().filter(|a| kept(a)) {
         if live.contains_key(&a.slot) {
             held.entry(a.request).or_default().push(a.slot);
         }
     }
+    // What each request still wants beyond what it carries.
+    let wanting: Vec<Request> = input
+        .requests
+        .iter()
+        .filter_map(|r| {
+            let k = carried.get(&r.id).map_or(0, |c| c.len() as u32);
+            (r.count > k).then(|| Request {
+                count: r.count - k,
+                ..r.clone()
+            })
+        })
+        .collect();
     let slot_ids: Vec<Uuid> = live.keys().copied().collect();
     out.cycle = cycle(
         input.method,
@@ -939,10 +1002,52 @@ pub fn plan(input: CycleInput<'_>) -> Plan {
         input.asking,
         input.members,
         &slot_ids,
-        input.requests,
+        &wanting,
         input.usage,
         &held,
     );
+    for (request, slots) in &carried {
+        let k = slots.len() as u32;
+        out.cycle
+            .admission
+            .holds
+            .entry(*request)
+            .or_default()
+            .extend(slots.iter().copied());
+        let why = out.cycle.admission.why.get(request).cloned();
+        out.cycle.admission.why.insert(
+            *request,
+            match why {
+                Some(Why::PoolFull { rank, got, wanted }) => Why::PoolFull {
+                    rank,
+                    got: got + k,
+                    wanted: wanted + k,
+                },
+                Some(Why::UserCap { cap, got, wanted }) => Why::UserCap {
+                    cap,
+                    got: got + k,
+                    wanted: wanted + k,
+                },
+                Some(other) => other,
+                // It wants nothing more: it holds all it asked for; its rank is
+                // that of its bid among the requests taking part.
+                None => Why::Holds {
+                    rank: input
+                        .requests
+                        .iter()
+                        .filter(|o| takes_part(o))
+                        .filter(|o| {
+                            (o.bid, Reverse(o.placed_at_ms))
+                                > (
+                                    by_request[request].bid,
+                                    Reverse(by_request[request].placed_at_ms),
+                                )
+                        })
+                        .count(),
+                },
+            },
+        );
+    }
     let holds = &out.cycle.admission.holds;
     let gives = |request: Uuid, slot: Uuid| holds.get(&request).is_some_and(|s| s.contains(&slot));
     // Until when each slot stays with a holder that is leaving it.
@@ -971,21 +1076,16 @@ pub fn plan(input: CycleInput<'_>) -> Plan {
         let e = busy_until.entry(a.slot).or_insert(deadline);
         *e = (*e).max(deadline);
     }
-    let by_request: BTreeMap<Uuid, &Request> = input.requests.iter().map(|r| (r.id, r)).collect();
     for (request, slots) in holds {
-        let price = out
-            .cycle
-            .prices
-            .get(request)
-            .copied()
-            .unwrap_or(input.policy.minimum);
+        let priced = out.cycle.prices.get(request).copied();
+        let price = priced.unwrap_or(input.policy.minimum);
         for slot in slots {
             let existing = input
                 .allocations
                 .iter()
                 .find(|a| kept(a) && a.request == *request && a.slot == *slot);
             match existing {
-                Some(a) if a.price != price => out.repriced.push((a.id, price)),
+                Some(a) if priced.is_some() && a.price != price => out.repriced.push((a.id, price)),
                 Some(_) => {}
                 None => out.made.push(Made {
                     request: *request,
@@ -999,6 +1099,33 @@ pub fn plan(input: CycleInput<'_>) -> Plan {
                     until_ms: live.get(slot).and_then(|s| s.until_ms),
                 }),
             }
+        }
+    }
+    // A slot handed on at a deadline at or after its term's end would never be held:
+    // it is not given, and its request is told it is short by it.
+    let (never, made): (Vec<Made>, Vec<Made>) = std::mem::take(&mut out.made)
+        .into_iter()
+        .partition(|m| m.until_ms.is_some_and(|u| m.from_ms >= u));
+    out.made = made;
+    for m in never {
+        let holds = &mut out.cycle.admission.holds;
+        if let Some(slots) = holds.get_mut(&m.request) {
+            slots.retain(|s| *s != m.slot);
+            if slots.is_empty() {
+                holds.remove(&m.request);
+            }
+        }
+        let got = holds.get(&m.request).map_or(0, |s| s.len() as u32);
+        if let Some(why) = out.cycle.admission.why.get_mut(&m.request) {
+            *why = match *why {
+                Why::Holds { rank } | Why::PoolFull { rank, .. } => Why::PoolFull {
+                    rank,
+                    got,
+                    wanted: by_request.get(&m.request).map_or(got, |r| r.count),
+                },
+                Why::UserCap { cap, wanted, .. } => Why::UserCap { cap, got, wanted },
+                ref other => other.clone(),
+            };
         }
     }
     out
@@ -1396,6 +1523,65 @@ mod tests {
         });
         assert_eq!(plan.repriced, vec![(id(7), 10)]);
         assert!(plan.ended.is_empty() && plan.made.is_empty());
+    }
+
+    #[test]
+    fn a_slot_ending_within_the_notice_stays_with_its_holder() {
+        let h = 3_600_000;
+        let m = members(&["a", "b"]);
+        let p = policy(true, None);
+        let mut ending = slot(101);
+        ending.until_ms = Some(2 * h);
+        let slots = [ending, slot(102)];
+        let held = [alloc(7, 1, "a", 101, 20)];
+        // b outbids a, but a's slot ends within the notice: b gets the other one,
+        // and a keeps its slot to the end of its term.
+        let reqs = [req(1, "a", 1, 20, 0), req(2, "b", 1, 90, 5)];
+        let input = CycleInput {
+            method: Method::English,
+            policy: &p,
+            asking: 10,
+            members: Members::Single(&m),
+            slots: &slots,
+            requests: &reqs,
+            allocations: &held,
+            usage: &BTreeMap::new(),
+            now_ms: 2 * h - 600_000,
+            notice_ms: 900_000,
+        };
+        let plan = plan(input);
+        assert!(plan.ended.is_empty(), "{plan:?}");
+        assert_eq!(
+            plan.made
+                .iter()
+                .map(|m| (m.request, m.slot))
+                .collect::<Vec<_>>(),
+            [(id(2), id(102))]
+        );
+        assert_eq!(plan.cycle.admission.holds[&id(1)], [id(101)]);
+        assert!(matches!(
+            plan.cycle.admission.why[&id(1)],
+            Why::Holds { .. }
+        ));
+        // With only that slot, b waits (and would burst) rather than being handed a
+        // slot it could never hold.
+        let plan = super::plan(CycleInput {
+            slots: &slots[..1],
+            ..input
+        });
+        assert!(plan.made.is_empty() && plan.ended.is_empty(), "{plan:?}");
+        assert!(matches!(
+            plan.cycle.admission.why[&id(2)],
+            Why::PoolFull { got: 0, .. }
+        ));
+        // a's request gone: its allocation ends at the term, and nobody gets the slot.
+        let plan = super::plan(CycleInput {
+            slots: &slots[..1],
+            requests: &reqs[1..],
+            ..input
+        });
+        assert_eq!(plan.ended, [(id(7), 2 * h)]);
+        assert!(plan.made.is_empty(), "{plan:?}");
     }
 
     /// Applies a plan to the stored allocations, as the store does.

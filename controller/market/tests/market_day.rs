@@ -71,6 +71,9 @@ use surplus_market::reservations::{Book, EndReason, Request, Reservation, State}
 use surplus_market::spot::{self, SpotMarket, Supply};
 use uuid::Uuid;
 
+mod sim;
+use sim::SplitMix64;
+
 const DEFAULT_SEED: u64 = 0x5EED_DA7E_2026_0016;
 /// The given (or default) seed and this many minus one derived from it.
 const RUNS: usize = 8;
@@ -93,42 +96,6 @@ const INTERRUPTIBILITIES: [Interruptibility; 4] = [
     Interruptibility::FulfilmentBased,
     Interruptibility::NoInterruptions,
 ];
-
-/// SplitMix64: the simulation's only source of chance, so a seed replays a day.
-#[derive(Debug, Clone)]
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// In `0..n` (`n > 0`; the modulo bias does not matter here).
-    fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-
-    /// In `lo..=hi`.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo + 1)
-    }
-
-    fn chance(&mut self, per_mille: u64) -> bool {
-        self.below(1000) < per_mille
-    }
-
-    fn index(&mut self, len: usize) -> usize {
-        self.below(len as u64) as usize
-    }
-
-    fn uuid(&mut self) -> Uuid {
-        Uuid::from_u64_pair(self.next_u64(), self.next_u64())
-    }
-}
 
 /// Where the simulation is: every assertion message starts with it.
 #[derive(Debug, Clone, Copy)]
@@ -1728,25 +1695,10 @@ impl Sim {
     }
 }
 
-fn base_seed() -> u64 {
-    let Ok(text) = std::env::var("SURPLUS_SIM_SEED") else {
-        return DEFAULT_SEED;
-    };
-    let text = text.trim();
-    let parsed = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
-        Some(hex) => u64::from_str_radix(&hex.replace('_', ""), 16),
-        None => text.replace('_', "").parse(),
-    };
-    parsed.unwrap_or_else(|e| panic!("SURPLUS_SIM_SEED={text:?} is not a u64 ({e})"))
-}
-
 #[test]
 fn a_market_day_keeps_every_promise() {
-    let base = base_seed();
-    let mut derive = SplitMix64(base);
-    let seeds: Vec<u64> = std::iter::once(base)
-        .chain((1..RUNS).map(|_| derive.next_u64()))
-        .collect();
+    let seeds = sim::seeds(DEFAULT_SEED, RUNS);
+    let base = seeds[0];
     let mut total = Stats::default();
     for seed in seeds {
         eprintln!("market day seed: 0x{seed:016x}");
