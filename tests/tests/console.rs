@@ -868,6 +868,249 @@ async fn a_session_in_a_real_browser() {
     .await;
     assert_eq!(b.title().await, "Not allowed · Surplus");
 
+    // Private pools: an owner builds one from its slots, a member bids in it.
+    a_pool_is_built_and_bid_in(&mut b, &tc).await;
+
     b.close().await;
     agent.stop().await;
+}
+
+/// Signs the browser in with `token` from the sign-in page.
+async fn sign_in_as(b: &mut Browser, base: &str, token: &str, step: &str) {
+    b.visit(&format!("{base}/console/sign-in"), step).await;
+    b.fill("#token", token).await;
+    b.click("button[type=submit]").await;
+}
+
+/// Chooses `value` in the select `css`, or ticks the checkbox `css`.
+async fn pick(b: &Browser, css: &str) {
+    b.client
+        .find(fantoccini::Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("no {css:?}: {e}"))
+        .click()
+        .await
+        .unwrap();
+}
+
+/// Private pools in the browser (issue 17, source 001 FIG. 10-12): the client
+/// account "uni" reserves two hosts; as pool owner it makes an English pool in its
+/// own credits from the form (a Dutch one without a step is refused, the form kept),
+/// finds the two reservations among its slots outside any pool and adds them one by
+/// one, lets alice and brian in and issues alice credits. Alice opens the pool and
+/// bids (one bid below the minimum is refused with the reason); the owner runs the
+/// cycle; alice's request holds a slot on one of the hosts, and her usage shows.
+async fn a_pool_is_built_and_bid_in(b: &mut Browser, tc: &TestController) {
+    use surplus_market::resell::{Interruptibility, PricingMode};
+    let base = tc.url();
+    let lab = surplus_tests::online_hosts(tc, "gus", 2).await;
+    surplus_tests::list_hosts(
+        tc.ctl(),
+        "lst-gus",
+        "gus",
+        &lab,
+        &[PricingMode::OnDemand],
+        (100, 100),
+        Interruptibility::NoInterruptions,
+    )
+    .await;
+    let uni_client = tc.token_for("uni", "client").await;
+    let (status, reserved) = tc
+        .api_as(
+            &uni_client,
+            reqwest::Method::POST,
+            "/v1/reservations",
+            Some(serde_json::json!({"listing": "lst-gus", "mode": "on_demand", "count": 2})),
+        )
+        .await;
+    assert_eq!(status, 201, "{reserved}");
+    let slots: Vec<String> = reserved
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["reservation"]["id"].as_str().unwrap().to_owned())
+        .collect();
+
+    // The owner makes the pool from the form; what the API refuses keeps the form.
+    let uni = tc.token_for("uni", "pool_owner").await;
+    sign_in_as(b, &base, &uni, "pool-owner-sign-in").await;
+    b.visit(&format!("{base}/console/pools"), "pools-none")
+        .await;
+    assert!(b.text("header nav").await.contains("Pools"));
+    assert_eq!(b.count("#pools tbody tr").await, 0);
+    b.fill("#create-pool input[name=name]", "lab").await;
+    b.fill("#create-pool input[name=currency]", "LAB").await;
+    pick(b, "#create-pool select[name=method] option[value=dutch]").await;
+    b.click("#create-pool button[type=submit]").await;
+    b.shot("pool-refused").await;
+    assert!(
+        b.text(".error").await.contains("step"),
+        "{}",
+        b.text("main").await
+    );
+    pick(b, "#create-pool select[name=method] option[value=english]").await;
+    pick(
+        b,
+        "#create-pool select[name=currency_kind] option[value=credits]",
+    )
+    .await;
+    b.fill("#create-pool input[name=minimum]", "5").await;
+    b.fill("#create-pool input[name=maximum]", "1000").await;
+    b.fill("#create-pool input[name=cycle_seconds]", "3600")
+        .await;
+    b.fill("#create-pool input[name=notice_seconds]", "60")
+        .await;
+    pick(b, "#create-pool input[name=preemptible]").await;
+    assert_eq!(
+        b.client
+            .find(fantoccini::Locator::Css("#create-pool input[name=name]"))
+            .await
+            .unwrap()
+            .prop("value")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("lab"),
+        "the refused form kept what was typed"
+    );
+    b.click("#create-pool button[type=submit]").await;
+    let path = b.url().await;
+    let Some(pool) = path.strip_prefix("/console/pools/").map(str::to_owned) else {
+        panic!(
+            "sent to the pool's page, not {path}: {}",
+            b.text("main").await
+        );
+    };
+    b.shot("pool-created").await;
+    let settings = b.text("#pool-settings").await;
+    for want in [
+        "English",
+        "LAB (credits)",
+        "5 LAB / slot-hour",
+        "1000 LAB",
+        "preemptible: a better bid",
+        "every 1 h; notice 1 min",
+    ] {
+        assert!(settings.contains(want), "{want} in {settings}");
+    }
+
+    // FIG. 10: its two reservations, outside any pool, added one by one.
+    assert_eq!(b.count("#own-slots tbody tr").await, 2);
+    assert_eq!(b.count("#pool-slots tbody tr").await, 0);
+    let row = b
+        .text(&format!("#own-slots tr[data-slot='{}']", slots[0]))
+        .await;
+    assert!(
+        row.contains("lst-gus")
+            && row.contains("small")
+            && row.contains("gus-1")
+            && row.contains("until released"),
+        "{row}"
+    );
+    for (n, slot) in slots.iter().enumerate() {
+        b.click(&format!("#own-slots tr[data-slot='{slot}'] button"))
+            .await;
+        assert_eq!(b.url().await, path, "{}", b.text("main").await);
+        assert_eq!(b.count("#own-slots tbody tr").await, 1 - n);
+        assert_eq!(b.count("#pool-slots tbody tr").await, n + 1);
+        let pooled = b.text(&format!("#pool-slots tr[data-slot='{slot}']")).await;
+        assert!(
+            pooled.contains("reservation / on_demand") && pooled.contains("uni"),
+            "{pooled}"
+        );
+    }
+    b.shot("pool-slots").await;
+
+    // FIG. 11: its users, and credits for alice.
+    for (member, name) in [("alice", "Alice"), ("brian", "Brian")] {
+        b.fill("#add-member input[name=member]", member).await;
+        b.fill("#add-member input[name=name]", name).await;
+        b.fill("#add-member input[name=organisation]", "Physics")
+            .await;
+        b.click("#add-member button").await;
+        let row = b
+            .text(&format!("#pool-members tr[data-member='{member}']"))
+            .await;
+        assert!(row.contains(name) && row.contains("Physics"), "{row}");
+    }
+    b.fill("#credit input[name=member]", "alice").await;
+    b.fill("#credit input[name=amount]", "1000").await;
+    b.click("#credit button").await;
+    b.shot("pool-members").await;
+    assert_eq!(
+        b.text("#pool-members tr[data-member='alice'] td.balance")
+            .await,
+        "1000 LAB"
+    );
+
+    // Alice finds the pool among hers and bids; below the minimum is refused.
+    let alice = tc.token_for("alice", "client").await;
+    sign_in_as(b, &base, &alice, "member-sign-in").await;
+    b.visit(&format!("{base}/console/pools"), "member-pools")
+        .await;
+    let row = b.text(&format!("tr[data-pool='{pool}']")).await;
+    assert!(row.contains("lab") && row.contains("uni"), "{row}");
+    b.click(&format!("tr[data-pool='{pool}'] a")).await;
+    assert_eq!(b.url().await, path);
+    assert_eq!(b.count("#pool-slots tbody tr").await, 2);
+    assert_eq!(
+        b.count("#own-slots, #add-member, #cycle").await,
+        0,
+        "no owner's forms"
+    );
+    assert!(b.text("#my-balance").await.contains("1000 LAB"));
+    b.fill("#pool-bid input[name=bid]", "2").await;
+    b.click("#pool-bid button").await;
+    b.shot("member-bid-refused").await;
+    let refused = b.text(".error").await;
+    assert!(
+        refused.contains("the bid 2 is below the pool's minimum 5"),
+        "{refused}"
+    );
+    b.fill("#pool-bid input[name=count]", "1").await;
+    b.fill("#pool-bid input[name=bid]", "10").await;
+    b.click("#pool-bid button").await;
+    assert_eq!(b.url().await, path, "{}", b.text("main").await);
+    b.shot("member-bid").await;
+    let request = b.text("#pool-requests tbody tr").await;
+    assert!(
+        request.contains("not yet cycled") && request.contains("10 LAB"),
+        "{request}"
+    );
+
+    // The owner runs the cycle; alice's request holds a slot on one of the hosts.
+    sign_in_as(b, &base, &uni, "owner-again").await;
+    b.visit(&format!("{base}{path}"), "owner-pool").await;
+    b.click("#cycle button").await;
+    assert_eq!(b.url().await, path, "{}", b.text("main").await);
+    b.shot("owner-cycled").await;
+    let request = b.text("#pool-requests tbody tr").await;
+    assert!(
+        request.contains("alice") && request.contains("holds"),
+        "{request}"
+    );
+    assert!(b.text("#pool-usage").await.contains("alice"));
+    assert!(b.text("#pool-slots").await.contains("alice"));
+
+    sign_in_as(b, &base, &alice, "member-again").await;
+    b.visit(&format!("{base}{path}"), "member-holds").await;
+    let rule = b.text("#pool-requests tbody tr td.rule").await;
+    assert_eq!(rule, "holds");
+    let why = b.text("#pool-requests tbody tr td.why").await;
+    assert!(why.contains("holds all 1 slots"), "{why}");
+    let hosts = b.text("#pool-requests tbody tr td.hosts").await;
+    assert!(
+        lab.iter().any(|h| hosts.contains(&h.to_string())),
+        "one of the lab hosts: {hosts}"
+    );
+    assert_eq!(
+        b.count("#pool-usage tbody tr").await,
+        1,
+        "her own usage only"
+    );
+    let usage = b.text("#pool-usage tr[data-member='alice']").await;
+    assert!(
+        usage.contains("small") && usage.contains("bid 10"),
+        "{usage}"
+    );
 }

@@ -550,7 +550,7 @@ async fn bid_auction(
 }
 
 /// A form's number field, if filled.
-fn number(form: &FormFields, key: &str) -> Result<Option<u64>, PageError> {
+pub(super) fn number(form: &FormFields, key: &str) -> Result<Option<u64>, PageError> {
     form.non_empty(key)
         .map(|v| {
             v.trim()

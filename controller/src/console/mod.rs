@@ -44,6 +44,7 @@ mod fleet;
 mod instances;
 mod market;
 mod money;
+mod pools;
 mod providers;
 mod usage;
 mod view;
@@ -272,6 +273,7 @@ pub(crate) fn router(ctl: Arc<Controller>) -> Router<Arc<Controller>> {
         .merge(instances::routes())
         .merge(market::routes())
         .merge(money::routes())
+        .merge(pools::routes())
         .merge(providers::routes())
         .merge(usage::routes())
         .route_layer(middleware::from_fn_with_state(ctl, signed_in));

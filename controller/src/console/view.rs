@@ -37,6 +37,7 @@ pub fn page(title: &str, signed: &Signed, body: Markup) -> Markup {
             ("/console/offers", "Offers"),
             ("/console/reservations", "Reservations"),
             ("/console/auctions", "Auctions"),
+            ("/console/pools", "Pools"),
             ("/console/pricing", "Prices"),
             ("/console/listings", "Listings"),
             ("/console/notifications", "Notices"),
@@ -54,6 +55,7 @@ pub fn page(title: &str, signed: &Signed, body: Markup) -> Markup {
             ("/console/api", "API"),
         ],
         Role::PoolOwner => &[
+            ("/console/pools", "Pools"),
             ("/console/balances", "Balances"),
             ("/console/listings", "Listings"),
             ("/console/notifications", "Notices"),

@@ -1025,6 +1025,30 @@ impl Market {
             .and_then(|i| i.os.name))
     }
 
+    /// The reservations pool `pool`'s owner may add to it (FIG. 10): those its
+    /// accounts hold now and that are in no pool, each with what it is (its
+    /// instance type, size, platform, zone and term end). For the pool's owner (or an
+    /// admin) only.
+    pub async fn poolable_slots(
+        &self,
+        caller: &Principal,
+        pool: Uuid,
+    ) -> Result<Vec<(Reservation, SlotFacts)>, MarketError> {
+        let p = self.owned_pool(caller, pool).await?;
+        let accounts = self.owner_accounts(&p.owner).await?;
+        let mut out = Vec::new();
+        for (id, r) in self.own_free_slots(&accounts, self.now()).await? {
+            // One that stopped holding since it was read is not offered.
+            match self.slot_of(id, &accounts, pool).await {
+                Ok(row) => out.push((r, row.facts)),
+                Err(e @ MarketError::Store(_)) => return Err(e),
+                Err(_) => {}
+            }
+        }
+        out.sort_by_key(|(r, _)| (r.starts_at_ms, r.id));
+        Ok(out)
+    }
+
     /// `POST /v1/pools/{id}/slots`: a slot the owner's accounts hold joins the pool
     /// (409 `slot_taken` when it is in a pool already).
     pub async fn add_pool_slot(
