@@ -1025,21 +1025,26 @@ impl Market {
             .and_then(|i| i.os.name))
     }
 
-    /// The reservations pool `pool`'s owner may add to it (FIG. 10): those its
-    /// accounts hold now and that are in no pool, each with what it is (its
-    /// instance type, size, platform, zone and term end). For the pool's owner (or an
-    /// admin) only.
+    /// The reservations `caller` may add to pool `pool` (FIG. 10): those its accounts
+    /// hold now and that are in no pool, each with what it is (its instance type,
+    /// size, platform, zone and term end). For the pool's owner, an entity of a
+    /// merged pool with the `slots` right, or an admin (for the owner); none for one
+    /// without the right or for a dissolved pool.
     pub async fn poolable_slots(
         &self,
         caller: &Principal,
         pool: Uuid,
     ) -> Result<Vec<(Reservation, SlotFacts)>, MarketError> {
-        let p = self.owned_pool(caller, pool).await?;
-        let accounts = self.owner_accounts(&p.owner).await?;
+        let entity = match self.acting(caller, pool, Right::Slots).await {
+            Ok((_, entity)) => entity,
+            Err(e @ (MarketError::Store(_) | MarketError::NotFound(_))) => return Err(e),
+            Err(_) => return Ok(Vec::new()),
+        };
+        let accounts = self.owner_accounts(&entity).await?;
         let mut out = Vec::new();
         for (id, r) in self.own_free_slots(&accounts, self.now()).await? {
             // One that stopped holding since it was read is not offered.
-            match self.slot_of(id, &accounts, pool).await {
+            match self.slot_of(id, &accounts, pool, &entity).await {
                 Ok(row) => out.push((r, row.facts)),
                 Err(e @ MarketError::Store(_)) => return Err(e),
                 Err(_) => {}
