@@ -443,7 +443,7 @@ impl Control {
         caller: &Principal,
         host: Uuid,
         run: bool,
-    ) -> Result<Option<crate::market::Reservation>, ControlError> {
+    ) -> Result<Option<crate::market::Held>, ControlError> {
         if !run && caller.role == Role::Admin {
             return Ok(None);
         }
@@ -888,7 +888,7 @@ impl Control {
                 let new_limits = limits.map(|c| c.apply(row.record.spec.limits));
                 if let Some(l) = &new_limits {
                     l.validate("limits")?;
-                    if let Some(r) = &reservation {
+                    if let Some(r) = reservation.as_ref().and_then(|h| h.reservation()) {
                         self.fits_reservation(r, l, Some(&instance_id)).await?;
                     }
                 }
@@ -1205,7 +1205,7 @@ impl Control {
             Some(t) => self.app.store.instance_by_token(caller, t).await?.is_some(),
             None => false,
         };
-        if let (Some(r), false) = (&reservation, retry) {
+        if let (Some(r), false) = (reservation.as_ref().and_then(|h| h.reservation()), retry) {
             self.fits_reservation(r, &spec.limits, None).await?;
         }
         // The host's rate card as of this request goes with the instance: what the

@@ -40,6 +40,28 @@ mod auctions;
 mod pools;
 mod spot;
 
+/// What lets a caller use a host the market or a pool has (the control path's
+/// question, [`Market::gate`]).
+#[derive(Debug, Clone)]
+pub enum Held {
+    /// Its reservation of the host (through a pool, the pool's reservation as the
+    /// member its allocation holds: its size bounds the member's instances).
+    Reservation(Reservation),
+    /// A pool's host slot its allocation holds: the pool charges for it, so its
+    /// instances carry no rate card.
+    PoolHost,
+}
+
+impl Held {
+    /// The reservation, if it is one.
+    pub fn reservation(&self) -> Option<&Reservation> {
+        match self {
+            Held::Reservation(r) => Some(r),
+            Held::PoolHost => None,
+        }
+    }
+}
+
 /// Most hosts one reservation request may ask for.
 pub const MAX_COUNT: u32 = 100;
 
@@ -662,6 +684,8 @@ impl Market {
             .release_reservation(&r.listing, id, &caller.account, &changes, now)
             .await??;
         tracing::info!(reservation = %id, holder = %caller.account, host = %ended.host, "released");
+        self.wake_pools(std::iter::once((ended.host, ended.reservation)), now)
+            .await;
         let r = self
             .app
             .store
@@ -738,6 +762,9 @@ impl Market {
             tracing::info!(reservation = %e.reservation, host = %e.host, "reservation term ended");
         }
         ended.extend(expired);
+        // A pool whose slot's reservation ended re-decides at once.
+        self.wake_pools(ended.iter().map(|e| (e.host, e.reservation)), now)
+            .await;
         // Auctions close and spot markets clear last, so that the hosts freed above go
         // to the bids that won them.
         self.close_due(closing, &listings, now).await;
@@ -984,23 +1011,21 @@ impl Market {
     }
 
     /// Who may use `host` for `caller` now (run, start, reboot, modify, snapshot:
-    /// what keeps or adds work there): `Ok(Some(r))` for the holder of its reservation
-    /// `r`; `Err` (403) for anyone else while it is reserved, and for everyone on a
+    /// what keeps or adds work there): on a pooled host, only the member whose
+    /// allocation holds it ([`Held::Reservation`] of the pool's reservation as that
+    /// member holds it, or [`Held::PoolHost`]); otherwise `Ok(Some(Held::Reservation(r)))`
+    /// for the holder of its reservation `r`; `Err` (403) for anyone else while it is reserved, and for everyone on a
     /// host a listing sells that nobody holds (reserve it first); `Ok(None)` on a host
     /// the market does not sell (the owner rules of the control path apply). What
     /// only ends work (stop, terminate, delete a volume) is its owner's to do
     /// anywhere and is not asked here; nor is reading (describe, status, logs), which
     /// the owner rules decide. A host stays sold while its listing is delisted: nobody
     /// uses it until the listing is relisted and the host reserved.
-    pub async fn gate(
-        &self,
-        caller: &Principal,
-        host: Uuid,
-    ) -> Result<Option<Reservation>, MarketError> {
+    pub async fn gate(&self, caller: &Principal, host: Uuid) -> Result<Option<Held>, MarketError> {
         let now = self.now();
         // A pooled host is its pool's: only the member holding its allocation uses it.
         if let Some(held) = self.pool_gate(caller, host, now).await? {
-            return Ok(held);
+            return Ok(Some(held));
         }
         match self.app.store.holding(host, now).await? {
             Some(r) if caller.role == Role::Client && r.holder == caller.account => {
@@ -1014,7 +1039,7 @@ impl Market {
                         n.deadline_ms
                     )));
                 }
-                Ok(Some(r))
+                Ok(Some(Held::Reservation(r)))
             }
             Some(r) => Err(MarketError::Forbidden(format!(
                 "host {host} is reserved ({}); only the client that holds it may use it",

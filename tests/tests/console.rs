@@ -903,12 +903,12 @@ async fn pick(b: &Browser, css: &str) {
 async fn a_pool_is_built_and_bid_in(b: &mut Browser, tc: &TestController) {
     use surplus_market::resell::{Interruptibility, PricingMode};
     let base = tc.url();
-    let lab = surplus_tests::online_hosts(tc, "gus", 2).await;
+    let gus = surplus_tests::online_hosts(tc, "gus", 2).await;
     surplus_tests::list_hosts(
         tc.ctl(),
         "lst-gus",
         "gus",
-        &lab,
+        &gus,
         &[PricingMode::OnDemand],
         (100, 100),
         Interruptibility::NoInterruptions,
@@ -930,6 +930,16 @@ async fn a_pool_is_built_and_bid_in(b: &mut Browser, tc: &TestController) {
         .iter()
         .map(|r| r["reservation"]["id"].as_str().unwrap().to_owned())
         .collect();
+    // The client account lets the pool owner pool what it holds.
+    let (status, granted) = tc
+        .api_as(
+            &uni_client,
+            reqwest::Method::POST,
+            "/v1/pool-accounts",
+            Some(serde_json::json!({"owner": "uni"})),
+        )
+        .await;
+    assert_eq!(status, 204, "{granted}");
 
     // The owner makes the pool from the form; what the API refuses keeps the form.
     let uni = tc.token_for("uni", "pool_owner").await;
@@ -939,7 +949,6 @@ async fn a_pool_is_built_and_bid_in(b: &mut Browser, tc: &TestController) {
     assert!(b.text("header nav").await.contains("Pools"));
     assert_eq!(b.count("#pools tbody tr").await, 0);
     b.fill("#create-pool input[name=name]", "lab").await;
-    b.fill("#create-pool input[name=currency]", "LAB").await;
     pick(b, "#create-pool select[name=method] option[value=dutch]").await;
     b.click("#create-pool button[type=submit]").await;
     b.shot("pool-refused").await;
@@ -982,12 +991,23 @@ async fn a_pool_is_built_and_bid_in(b: &mut Browser, tc: &TestController) {
         );
     };
     b.shot("pool-created").await;
+    // Its credits are a currency of its own, named by the pool.
+    let (_, made) = tc
+        .api_as(
+            &uni,
+            reqwest::Method::GET,
+            &format!("/v1/pools/{pool}"),
+            None,
+        )
+        .await;
+    let lab = made["settings"]["currency"].as_str().unwrap().to_owned();
+    assert!(lab.starts_with('P'), "{made}");
     let settings = b.text("#pool-settings").await;
     for want in [
         "English",
-        "LAB (credits)",
-        "5 LAB / slot-hour",
-        "1000 LAB",
+        &format!("{lab} (credits)"),
+        &format!("5 {lab} / slot-hour"),
+        &format!("1000 {lab}"),
         "preemptible: a better bid",
         "every 1 h; notice 1 min",
     ] {
@@ -1040,7 +1060,7 @@ async fn a_pool_is_built_and_bid_in(b: &mut Browser, tc: &TestController) {
     assert_eq!(
         b.text("#pool-members tr[data-member='alice'] td.balance")
             .await,
-        "1000 LAB"
+        format!("1000 {lab}")
     );
 
     // Alice finds the pool among hers and bids; below the minimum is refused.
@@ -1058,7 +1078,7 @@ async fn a_pool_is_built_and_bid_in(b: &mut Browser, tc: &TestController) {
         0,
         "no owner's forms"
     );
-    assert!(b.text("#my-balance").await.contains("1000 LAB"));
+    assert!(b.text("#my-balance").await.contains(&format!("1000 {lab}")));
     b.fill("#pool-bid input[name=bid]", "2").await;
     b.click("#pool-bid button").await;
     b.shot("member-bid-refused").await;
@@ -1074,7 +1094,7 @@ async fn a_pool_is_built_and_bid_in(b: &mut Browser, tc: &TestController) {
     b.shot("member-bid").await;
     let request = b.text("#pool-requests tbody tr").await;
     assert!(
-        request.contains("not yet cycled") && request.contains("10 LAB"),
+        request.contains("not yet cycled") && request.contains(&format!("10 {lab}")),
         "{request}"
     );
 
@@ -1100,7 +1120,7 @@ async fn a_pool_is_built_and_bid_in(b: &mut Browser, tc: &TestController) {
     assert!(why.contains("holds all 1 slots"), "{why}");
     let hosts = b.text("#pool-requests tbody tr td.hosts").await;
     assert!(
-        lab.iter().any(|h| hosts.contains(&h.to_string())),
+        gus.iter().any(|h| hosts.contains(&h.to_string())),
         "one of the lab hosts: {hosts}"
     );
     assert_eq!(

@@ -1413,6 +1413,16 @@ async fn a_pool_shares_its_owners_hosts_by_bid_and_bursts_within_its_budget() {
         .iter()
         .map(|r| r["reservation"]["id"].as_str().unwrap().to_owned())
         .collect();
+    // It lets its pool owner account pool what it holds, and pay bursts.
+    let (status, granted) = tc
+        .api_as(
+            &uni_client,
+            POST,
+            "/v1/pool-accounts",
+            Some(json!({"owner": "uni"})),
+        )
+        .await;
+    assert_eq!(status, 204, "{granted}");
 
     // As pool owner it builds a pool of them: English bids in its own credits,
     // preemptible, a two-second notice, and a burst policy (40 EUR a host-hour at
@@ -1423,7 +1433,7 @@ async fn a_pool_shares_its_owners_hosts_by_bid_and_bursts_within_its_budget() {
             &uni,
             POST,
             "/v1/pools",
-            Some(json!({"name": "lab", "currency": "LAB", "method": "dutch"})),
+            Some(json!({"name": "lab", "method": "dutch"})),
         )
         .await;
     assert_eq!(
@@ -1437,7 +1447,7 @@ async fn a_pool_shares_its_owners_hosts_by_bid_and_bursts_within_its_budget() {
             POST,
             "/v1/pools",
             Some(json!({
-                "name": "lab", "currency": "LAB", "currency_kind": "credits", "method": "english",
+                "name": "lab", "currency_kind": "credits", "method": "english",
                 "minimum": 5, "maximum": 1000, "preemptible": true, "notice_seconds": 2,
                 "cycle_seconds": 3000,
                 "burst": {"account": "uni", "max_price": 50, "budget": 50, "currency": "EUR",
@@ -1447,6 +1457,21 @@ async fn a_pool_shares_its_owners_hosts_by_bid_and_bursts_within_its_budget() {
         .await;
     assert_eq!(status, 201, "{pool}");
     let pool_id = pool["id"].as_str().unwrap().to_owned();
+    // Its credits are a currency of its own, named by the pool.
+    let lab = pool["settings"]["currency"].as_str().unwrap().to_owned();
+    let (status, minted) = tc
+        .api_as(
+            &uni,
+            POST,
+            "/v1/pools",
+            Some(json!({"name": "mint", "currency": "EUR", "currency_kind": "credits"})),
+        )
+        .await;
+    assert_eq!(
+        (status, &minted["field"]),
+        (400, &json!("currency")),
+        "no pool issues money: {minted}"
+    );
     let path = |p: &str| format!("/v1/pools/{pool_id}{p}");
     for slot in &slots {
         let (status, added) = tc
@@ -1737,26 +1762,18 @@ async fn a_pool_shares_its_owners_hosts_by_bid_and_bursts_within_its_budget() {
     // hour at 20, from Alice's deadline.
     assert_eq!((a, b), (5 + 5 + 10, 20 + 20), "{usage}");
     assert_eq!(usage["total"].as_i64().unwrap(), a + b, "{usage}");
+    assert_eq!(balance_in(&balances, "pool:uni", &lab), a + b, "{balances}");
     assert_eq!(
-        balance_in(&balances, "pool:uni", "LAB"),
-        a + b,
-        "{balances}"
-    );
-    assert_eq!(
-        balance_in(&balances, "client:alice", "LAB"),
+        balance_in(&balances, "client:alice", &lab),
         1000 - a,
         "{balances}"
     );
     assert_eq!(
-        balance_in(&balances, "client:brian", "LAB"),
+        balance_in(&balances, "client:brian", &lab),
         1000 - b,
         "{balances}"
     );
-    assert_eq!(
-        balance_in(&balances, "external", "LAB"),
-        -2000,
-        "{balances}"
-    );
+    assert_eq!(balance_in(&balances, "external", &lab), -2000, "{balances}");
     let record = &usage["members"]
         .as_array()
         .unwrap()
@@ -1827,8 +1844,10 @@ async fn merged_pools_lend_within_their_limits_and_a_leaving_entity_takes_its_sl
     )
     .await;
     let mut reserved = std::collections::BTreeMap::new();
+    let mut clients = std::collections::BTreeMap::new();
     for (account, count) in [("uni", 2), ("poly", 1)] {
         let token = tc.token_for(account, "client").await;
+        clients.insert(account, token.clone());
         let (status, made) = tc
             .api_as(
                 &token,
@@ -1859,7 +1878,13 @@ async fn merged_pools_lend_within_their_limits_and_a_leaving_entity_takes_its_sl
         }
     };
 
-    // Each builds its own pool of its own slots and users.
+    // Each client account lets its pool owner pool what it holds; then each builds
+    // its own pool of its own slots and users.
+    for account in ["uni", "poly"] {
+        cli(&clients[account], &["pools", "grant", account])
+            .await
+            .unwrap();
+    }
     let mut pools = Vec::new();
     for (token, name, account, user) in [
         (&uni, "uni", "uni", "alice"),
@@ -1871,8 +1896,6 @@ async fn merged_pools_lend_within_their_limits_and_a_leaving_entity_takes_its_sl
                 "pools",
                 "create",
                 name,
-                "--currency",
-                "LAB",
                 "--method",
                 "english",
                 "--minimum",
@@ -1896,6 +1919,14 @@ async fn merged_pools_lend_within_their_limits_and_a_leaving_entity_takes_its_sl
         pools.push(id);
     }
     let (merged, theirs) = (pools[0].clone(), pools[1].clone());
+    // Uni may not pool what poly's account holds: poly granted its capacity to
+    // poly only.
+    let err = cli(&uni, &["pools", "add-slot", &merged, &reserved["poly"][0]])
+        .await
+        .unwrap_err();
+    assert!(err.contains("403"), "{err}");
+    let shown = cli(&uni, &["pools", "show", &merged]).await.unwrap();
+    let lab = shown["settings"]["currency"].as_str().unwrap().to_owned();
     // Uni invites poly with the right to manage users only; poly merges its pool in,
     // lending none of its slot and borrowing at most one; uni lends at most one.
     let invited = cli(
@@ -2011,8 +2042,8 @@ async fn merged_pools_lend_within_their_limits_and_a_leaving_entity_takes_its_sl
     let (_, balances) = tc.api_get("/v1/ledger/balances").await;
     assert_eq!(
         (
-            balance_in(&balances, "pool:uni", "LAB"),
-            balance_in(&balances, "pool:poly", "LAB")
+            balance_in(&balances, "pool:uni", &lab),
+            balance_in(&balances, "pool:poly", &lab)
         ),
         (3, 3),
         "{balances}"
@@ -2062,9 +2093,7 @@ async fn merged_pools_lend_within_their_limits_and_a_leaving_entity_takes_its_sl
     assert_eq!(shown["entities"].as_array().unwrap().len(), 1, "{shown}");
     let err = cli(&pat, &["pools", "show", &merged]).await.unwrap_err();
     assert!(err.contains("404"), "pat left with poly: {err}");
-    let again = cli(&poly, &["pools", "create", "poly-2", "--currency", "LAB"])
-        .await
-        .unwrap();
+    let again = cli(&poly, &["pools", "create", "poly-2"]).await.unwrap();
     let again = again["id"].as_str().unwrap().to_owned();
     cli(&poly, &["pools", "add-slot", &again, &reserved["poly"][0]])
         .await

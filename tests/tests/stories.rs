@@ -553,6 +553,7 @@ mod stories {
         use surplus_market::ledger::{Entry, Posting};
         use surplus_market::pool::{self, CurrencyKind, Method, Policy, Settings};
         let settings = Settings {
+            request_type: pool::RequestType::Auction,
             policy: Policy {
                 minimum: 5,
                 maximum: None,
@@ -646,65 +647,71 @@ mod stories {
 
         // What the shell decides: the plan, and each charge posted from the member
         // to the owner.
-        let decide = |state: &PoolState| {
-            let members = state.members.iter().map(|m| m.member.clone()).collect();
-            let slots: Vec<pool::SlotState> = state
-                .slots
-                .iter()
-                .map(|(r, until)| pool::SlotState {
-                    id: r.slot,
-                    until_ms: *until,
-                    leaving: r.leaving_at_ms.is_some(),
-                })
-                .collect();
-            let requests: Vec<pool::Request> =
-                state.requests.iter().map(|r| r.request.clone()).collect();
-            let now = state.pool.cycled_at_ms.map_or(1_000, |_| 3_601_000);
-            let plan = pool::plan(pool::CycleInput {
-                method: state.pool.settings.method,
-                policy: &state.pool.settings.policy,
-                asking: state.pool.asking,
-                members: pool::Members::Single(&members),
-                slots: &slots,
-                requests: &requests,
-                allocations: &state.allocations,
-                usage: &Default::default(),
-                now_ms: now,
-                notice_ms: state.pool.settings.notice_ms,
-            });
-            let mut changes = ChangeSet::default();
-            for c in plan.charges.iter().filter(|c| c.amount > 0) {
-                let entry = |account: String, amount| Entry {
-                    account,
-                    currency: "LAB".into(),
-                    amount,
-                };
-                changes.postings.push((
-                    Posting {
-                        key: format!("pool-charge:{}:{}", c.allocation, c.to_ms),
-                        kind: "pool".into(),
-                        memo: String::new(),
-                        entries: vec![
-                            entry(format!("client:{}", c.user), -c.amount),
-                            entry("pool:uni".into(), c.amount),
-                        ],
-                    },
-                    Vec::new(),
-                ));
-            }
-            PoolDecision {
-                plan,
-                why: Default::default(),
-                changes,
+        let decide = |now: i64| {
+            move |state: &PoolState| {
+                let members = state.members.iter().map(|m| m.member.clone()).collect();
+                let slots: Vec<pool::SlotState> = state
+                    .slots
+                    .iter()
+                    .map(|(r, until)| pool::SlotState {
+                        id: r.slot,
+                        // As the shell does: a slot leaving ends when it leaves.
+                        until_ms: match (*until, r.leaving_at_ms) {
+                            (Some(u), Some(l)) => Some(u.min(l)),
+                            (u, l) => u.or(l),
+                        },
+                        leaving: r.leaving_at_ms.is_some(),
+                    })
+                    .collect();
+                let requests: Vec<pool::Request> =
+                    state.requests.iter().map(|r| r.request.clone()).collect();
+                let plan = pool::plan(pool::CycleInput {
+                    method: state.pool.settings.method,
+                    policy: &state.pool.settings.policy,
+                    asking: state.pool.asking,
+                    members: pool::Members::Single(&members),
+                    slots: &slots,
+                    requests: &requests,
+                    allocations: &state.allocations,
+                    usage: &Default::default(),
+                    now_ms: now,
+                    notice_ms: state.pool.settings.notice_ms,
+                });
+                let mut changes = ChangeSet::default();
+                for c in plan.charges.iter().filter(|c| c.amount > 0) {
+                    let entry = |account: String, amount| Entry {
+                        account,
+                        currency: "LAB".into(),
+                        amount,
+                    };
+                    changes.postings.push((
+                        Posting {
+                            key: format!("pool-charge:{}:{}", c.allocation, c.to_ms),
+                            kind: "pool".into(),
+                            memo: String::new(),
+                            entries: vec![
+                                entry(format!("client:{}", c.user), -c.amount),
+                                entry("pool:uni".into(), c.amount),
+                            ],
+                        },
+                        Vec::new(),
+                    ));
+                }
+                PoolDecision {
+                    plan,
+                    why: Default::default(),
+                    changes,
+                }
             }
         };
         // Four controllers race for the cycle: one runs it.
         let racers: Vec<_> = (0..4)
             .map(|_| {
                 let s = s.clone();
-                tokio::spawn(
-                    async move { s.run_pool_cycle(Uuid::from_u128(1), &decide, 1_000).await },
-                )
+                tokio::spawn(async move {
+                    s.run_pool_cycle(Uuid::from_u128(1), &decide(1_000), 1_000)
+                        .await
+                })
             })
             .collect();
         let mut ran = 0;
@@ -718,13 +725,13 @@ mod stories {
         assert_eq!(held.len(), 1);
         assert_eq!((held[0].0.user.as_str(), held[0].1), ("alice", host));
         assert!(
-            s.allocation_on(host, "alice", 1_000)
+            s.allocation_on(p1.id, host, "alice", 1_000)
                 .await
                 .unwrap()
                 .is_some()
         );
         assert!(
-            s.allocation_on(host, "brian", 1_000)
+            s.allocation_on(p1.id, host, "brian", 1_000)
                 .await
                 .unwrap()
                 .is_none()
@@ -742,7 +749,10 @@ mod stories {
         // An hour on, twice: one charge of 10 for the hour, posted once.
         s.request_pool_cycle(p1.id, 3_601_000).await.unwrap();
         for _ in 0..2 {
-            let _ = s.run_pool_cycle(p1.id, &decide, 3_601_000).await.unwrap();
+            let _ = s
+                .run_pool_cycle(p1.id, &decide(3_601_000), 3_601_000)
+                .await
+                .unwrap();
         }
         let charges = s.pool_charges(p1.id).await.unwrap();
         assert_eq!(charges.len(), 1, "{charges:?}");
@@ -757,6 +767,19 @@ mod stories {
         assert!(s.leave_pool_slot(p1.id, host, 3_700_000).await.unwrap());
         let early = s.add_pool_slot(&slot(p2.id), 3_650_000).await.unwrap();
         assert!(early.is_err(), "not before it has left");
+        let charged = s.add_pool_slot(&slot(p2.id), 3_700_000).await.unwrap();
+        assert!(
+            charged.is_err(),
+            "nor before what held it is charged to its end"
+        );
+        // The cycle at its deadline ends and charges alice's allocation; the slot
+        // is gone from p1.
+        s.request_pool_cycle(p1.id, 3_700_000).await.unwrap();
+        s.run_pool_cycle(p1.id, &decide(3_700_000), 3_700_000)
+            .await
+            .unwrap()
+            .expect("the cycle runs");
+        assert!(s.pool_slots(p1.id).await.unwrap().is_empty());
         s.add_pool_slot(&slot(p2.id), 3_700_000)
             .await
             .unwrap()

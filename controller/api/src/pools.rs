@@ -6,8 +6,8 @@ use uuid::Uuid;
 
 pub use surplus_market::cohort::Right;
 pub use surplus_market::pool::{
-    Allocation, BurstSettings, CurrencyKind, Method, Policy, Request as PoolBid, Settings,
-    SlotFacts, Why,
+    Allocation, BurstSettings, CurrencyKind, Method, Policy, Request as PoolBid, RequestType,
+    Settings, SlotFacts, Why,
 };
 
 /// A pool's settings as an owner gives them (`POST /v1/pools`,
@@ -16,6 +16,13 @@ pub use surplus_market::pool::{
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PoolSettingsBody {
+    /// A name for people (required when creating; set only then).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// `auction` (the default: requests bid, by the bidding method) or
+    /// `fixed_price` (everyone pays the minimum; no bidding).
+    #[serde(default)]
+    pub request_type: Option<RequestType>,
     /// The least a bid may be, per slot-hour (default 0).
     #[serde(default)]
     pub minimum: Option<u64>,
@@ -36,7 +43,9 @@ pub struct PoolSettingsBody {
     /// The Dutch clock's step per cycle.
     #[serde(default)]
     pub step: Option<u64>,
-    /// The ledger currency of bids and charges (required when creating).
+    /// The ledger currency of a pool paid in money (required for it when creating).
+    /// A pool's own credits or units are a currency of its own, named by the pool
+    /// (leave this out). Set when the pool is made.
     #[serde(default)]
     pub currency: Option<String>,
     /// `money`, `credits` (the default) or `units`.
@@ -60,16 +69,8 @@ pub struct PoolSettingsBody {
     pub burst: Option<BurstSettings>,
 }
 
-/// `POST /v1/pools`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-pub struct PoolCreate {
-    /// A name for people.
-    pub name: String,
-    /// The settings.
-    #[serde(flatten)]
-    pub settings: PoolSettingsBody,
-}
+/// `POST /v1/pools`: the settings with the pool's name.
+pub type PoolCreate = PoolSettingsBody;
 
 /// A slot of a pool.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -451,6 +451,10 @@ pub enum Method {
     /// Spot-like with a minimum: every holder pays the cycle's price, the best bid
     /// left waiting (or the minimum when none waits), never above its own bid.
     Spot,
+    /// No bidding: a pool whose request type is a fixed price (see
+    /// [`Settings::method_in_force`]); every holder pays the minimum, and requests
+    /// rank as at equal bids (the lighter user first, then the earlier request).
+    Fixed,
 }
 
 /// Whether `method` lets a bid of `old` become `new` (made at any time; a bid below
@@ -553,6 +557,14 @@ pub fn cycle(
             .filter(|r| r.bid >= asking)
             .cloned()
             .collect(),
+        // At a fixed price every request stands as if it bid the minimum.
+        Method::Fixed => requests
+            .iter()
+            .map(|r| Request {
+                bid: policy.minimum,
+                ..r.clone()
+            })
+            .collect(),
         _ => requests.to_vec(),
     };
     let (admission, merged_why) = members.admit(policy, slots, &taking, usage, held);
@@ -577,6 +589,7 @@ pub fn cycle(
                 .unwrap_or(policy.minimum)
                 .max(policy.minimum)
                 .min(r.bid),
+            Method::Fixed => policy.minimum,
         };
         prices.insert(r.id, price);
     }
@@ -658,10 +671,25 @@ pub struct BurstSettings {
     pub min_hours: u32,
 }
 
+/// What a pool's requests are (FIG. 11's request type).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum RequestType {
+    /// Bids, decided by the bidding method.
+    #[default]
+    Auction,
+    /// A fixed price, the pool's minimum, for everyone; no bidding.
+    FixedPrice,
+}
+
 /// A pool's settings (FIG. 11): its policy, bidding method, currency and timing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Settings {
+    /// Bids or a fixed price.
+    #[serde(default)]
+    pub request_type: RequestType,
     /// The allocation rules.
     pub policy: Policy,
     /// The bidding method.
@@ -680,6 +708,17 @@ pub struct Settings {
     pub max_users: u32,
     /// The owner's burst policy, if any.
     pub burst: Option<BurstSettings>,
+}
+
+impl Settings {
+    /// The method a cycle prices by: the bidding method, or [`Method::Fixed`] for a
+    /// fixed-price pool.
+    pub fn method_in_force(&self) -> Method {
+        match self.request_type {
+            RequestType::Auction => self.method,
+            RequestType::FixedPrice => Method::Fixed,
+        }
+    }
 }
 
 /// Checks settings a pool owner gives, naming each bad field.
@@ -891,6 +930,8 @@ pub struct Plan {
     /// What each allocation owes since it was last charged (then charged up to
     /// `to_ms`; an amount of zero is not posted).
     pub charges: Vec<Charged>,
+    /// The slots the cycle offered (in the pool, within their term, not leaving).
+    pub offered: Vec<Uuid>,
 }
 
 /// One cycle of a pool (the rule of a cycle): first what each allocation owes up to
@@ -911,7 +952,14 @@ pub fn plan(input: CycleInput<'_>) -> Plan {
     let now = input.now_ms;
     let mut out = Plan::default();
     for a in input.allocations {
-        let end = a.until_ms.map_or(now, |u| u.min(now));
+        // Never past its slot's end: a slot that ended takes what held it with it.
+        let slot_end = input
+            .slots
+            .iter()
+            .find(|s| s.id == a.slot)
+            .and_then(|s| s.until_ms)
+            .unwrap_or(i64::MAX);
+        let end = a.until_ms.map_or(now, |u| u.min(now)).min(slot_end);
         let from = a.from_ms.max(a.charged_to_ms);
         if end > from {
             out.charges.push(Charged {
@@ -996,6 +1044,7 @@ pub fn plan(input: CycleInput<'_>) -> Plan {
         })
         .collect();
     let slot_ids: Vec<Uuid> = live.keys().copied().collect();
+    out.offered = slot_ids.clone();
     out.cycle = cycle(
         input.method,
         input.policy,
@@ -1385,6 +1434,44 @@ mod tests {
         assert_eq!(c.asking, 10, "never below the minimum");
         assert_eq!(opening_price(dutch, &p), 100);
         assert_eq!(opening_price(Method::Spot, &p), 10);
+        // A fixed price: no bidding; the earlier request ranks first whatever it
+        // bid, and pays the minimum.
+        let late_and_high = [req(4, "a", 1, 90, 9), req(5, "b", 1, 15, 1)];
+        let c = cycle(
+            Method::English,
+            &p,
+            10,
+            Members::Single(&m),
+            &slots[..1],
+            &late_and_high,
+            &usage,
+            &none,
+        );
+        assert_eq!(c.prices, [(id(4), 90)].into());
+        let c = cycle(
+            Method::Fixed,
+            &p,
+            10,
+            Members::Single(&m),
+            &slots[..1],
+            &late_and_high,
+            &usage,
+            &none,
+        );
+        assert_eq!(c.prices, [(id(5), 10)].into());
+        let fixed = Settings {
+            request_type: RequestType::FixedPrice,
+            policy: p.clone(),
+            method: Method::English,
+            currency: "LAB".into(),
+            currency_kind: CurrencyKind::Credits,
+            cycle_ms: 60_000,
+            notice_ms: 0,
+            half_life_ms: 1,
+            max_users: 1,
+            burst: None,
+        };
+        assert_eq!(fixed.method_in_force(), Method::Fixed);
     }
 
     #[test]

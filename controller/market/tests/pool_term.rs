@@ -329,6 +329,7 @@ impl Sim {
         let max_price = rng.range(20, 80);
         let min_hours = rng.range(1, 3) as u32;
         let settings = Settings {
+            request_type: pool::RequestType::Auction,
             policy: policy.clone(),
             method,
             currency: CREDITS.into(),

@@ -18,8 +18,8 @@ use axum::routing::{get, post};
 use maud::{Markup, html};
 use surplus_api::pools::{
     BurstSettings, CreditRequest, CurrencyKind, MemberRequest, Method, PoolBidRequest, PoolCreate,
-    PoolRequestView, PoolSettingsBody, PoolUsageView, PoolView, RebidRequest, Settings, SlotFacts,
-    SlotRequest,
+    PoolRequestView, PoolSettingsBody, PoolUsageView, PoolView, RebidRequest, RequestType,
+    Settings, SlotFacts, SlotRequest,
 };
 use surplus_market::ledger;
 use surplus_market::records::{Role, from_name, name_of};
@@ -86,6 +86,7 @@ fn method_words(m: Method) -> String {
             "spot: every holder pays the best bid left waiting (or the minimum), never above its own"
                 .into()
         }
+        Method::Fixed => "fixed price: everyone pays the minimum; no bidding".into(),
     }
 }
 
@@ -94,6 +95,7 @@ fn method_name(m: Method) -> &'static str {
         Method::English => "English",
         Method::Dutch { .. } => "Dutch",
         Method::Spot => "spot",
+        Method::Fixed => "fixed price",
     }
 }
 
@@ -119,8 +121,8 @@ fn settings(v: &PoolView, owner_view: bool, now: UnixMillis) -> Markup {
     html! {
         dl.facts #pool-settings {
             dt { "Owner" } dd { (v.owner) }
-            dt { "Request type" } dd { "bids for slots, per slot-hour" }
-            dt { "Bidding method" } dd { (method_words(s.method)) }
+            dt { "Request type" } dd { @match s.request_type { RequestType::Auction => "auction: bids for slots, per slot-hour", RequestType::FixedPrice => "fixed price: the minimum, per slot-hour" } }
+            dt { "Bidding method" } dd { (method_words(s.method_in_force())) }
             dt { "Currency" } dd { (c) " (" (name_of(&s.currency_kind)) ")" }
             dt { "Minimum price" } dd { (p.minimum) " " (c) " / slot-hour" }
             dt { "Maximum price" } dd { @match p.maximum { Some(m) => { (m) " " (c) " / slot-hour" }, None => "uncapped" } }
@@ -321,7 +323,7 @@ async fn pools_page(
                 } }
                 tbody { @for p in &list { tr data-pool=(p.id) {
                     td { a href={ "/console/pools/" (p.id) } { (p.name) } }
-                    td { (p.owner) } td { (method_name(p.settings.method)) }
+                    td { (p.owner) } td { (method_name(p.settings.method_in_force())) }
                     td { (p.settings.currency) " (" (name_of(&p.settings.currency_kind)) ")" }
                     td.num { (p.settings.policy.minimum) } td.num { (or_dash(p.settings.policy.maximum)) }
                     td.num { (p.slots.len()) } td.num { (p.slots.iter().filter(|s| s.held_by.is_some()).count()) }
@@ -340,6 +342,7 @@ async fn pools_page(
                     (field("name", "Name", ""))
                     (field("currency", "Currency (a ledger currency: your credits, units, or money)", ""))
                     label { "Currency kind " (select("currency_kind", &[("credits", "credits"), ("units", "units"), ("money", "money")], "credits")) }
+                    label { "Request type " (select("request_type", &[("auction", "auction (bids)"), ("fixed_price", "fixed price (the minimum)")], "auction")) }
                     label { "Bidding method " (select("method", &[("english", "English (ascending)"), ("dutch", "Dutch (descending)"), ("spot", "spot")], "english")) }
                     (field("step", "Step (Dutch: the asking price's change per cycle)", ""))
                     (field("minimum", "Minimum price per slot-hour", "0"))
@@ -415,23 +418,31 @@ fn create_body(f: &FormFields) -> Result<PoolCreate, PageError> {
             })
         }
     };
-    Ok(PoolCreate {
-        name: f.get("name").unwrap_or_default().to_owned(),
-        settings: PoolSettingsBody {
-            minimum: number(f, "minimum")?,
-            maximum: number(f, "maximum")?,
-            cap_per_user: count(f, "cap_per_user")?,
-            preemptible: Some(f.non_empty("preemptible").is_some()),
-            method: f.non_empty("method").map(str::to_owned),
-            step: number(f, "step")?,
-            currency: f.non_empty("currency").map(str::to_owned),
-            currency_kind,
-            cycle_seconds: number(f, "cycle_seconds")?,
-            notice_seconds: number(f, "notice_seconds")?,
-            half_life_hours: number(f, "half_life_hours")?,
-            max_users: count(f, "max_users")?,
-            burst,
-        },
+    Ok(PoolSettingsBody {
+        name: Some(f.get("name").unwrap_or_default().to_owned()),
+        request_type: f
+            .non_empty("request_type")
+            .map(|t| {
+                from_name::<RequestType>(t).ok_or_else(|| {
+                    PageError::bad_request(format!(
+                        "request_type: {t:?} is not one of auction, fixed_price"
+                    ))
+                })
+            })
+            .transpose()?,
+        minimum: number(f, "minimum")?,
+        maximum: number(f, "maximum")?,
+        cap_per_user: count(f, "cap_per_user")?,
+        preemptible: Some(f.non_empty("preemptible").is_some()),
+        method: f.non_empty("method").map(str::to_owned),
+        step: number(f, "step")?,
+        currency: f.non_empty("currency").map(str::to_owned),
+        currency_kind,
+        cycle_seconds: number(f, "cycle_seconds")?,
+        notice_seconds: number(f, "notice_seconds")?,
+        half_life_hours: number(f, "half_life_hours")?,
+        max_users: count(f, "max_users")?,
+        burst,
     })
 }
 

@@ -254,8 +254,8 @@ pub(crate) async fn cycle_pool(
     Ok(Json(ctl.market.cycle_pool_now(&caller.0, id).await?))
 }
 
-/// A client account lets a pool owner put the capacity it holds in pools, and pay
-/// bursts from it.
+/// A client lets a pool owner put the reservations it holds in pools, and pay
+/// bursts from it; a provider, the hosts it provides that no listing sells.
 #[utoipa::path(post, path = "/v1/pool-accounts", tag = "pools", request_body = PoolAccountGrant, responses((status = 204, description = "Granted")))]
 pub(crate) async fn grant_pool_account(
     State(ctl): State<Arc<Controller>>,
@@ -352,8 +352,9 @@ pub(crate) async fn invite_pool_entity(
 }
 
 /// An invited pool owner merges its own pool in (409 `not_invited`, `joined`,
-/// `unknown_pool`): that pool's slots (still its own), members and requests move,
-/// with its lending and borrowing limits.
+/// `unknown_pool`, `dissolved`, `merged`, `bursting`, `allocated`): that pool's
+/// slots (still its own) and members move, its requests (bids in its own currency)
+/// end, with its lending and borrowing limits.
 #[utoipa::path(post, path = "/v1/pools/{id}/join", tag = "pools", params(("id" = Uuid, Path, description = "The merged pool")), request_body = JoinRequest, responses((status = 200, description = "The merged pool", body = PoolView)))]
 pub(crate) async fn join_pool(
     State(ctl): State<Arc<Controller>>,

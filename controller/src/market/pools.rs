@@ -32,7 +32,7 @@ use surplus_market::resell::PricingMode;
 use surplus_protocol::clock::UnixMillis;
 use uuid::Uuid;
 
-use super::{Market, MarketError, Reservation, invalid};
+use super::{Held, Market, MarketError, Reservation, invalid};
 use crate::store::{
     ChangeSet, MarketRefusal, Notice, PoolBurst, PoolDecision, PoolMember, PoolSlotRow, PoolState,
     Principal, Role, StoredPool, StoredPoolRequest,
@@ -54,7 +54,22 @@ fn check_name(field: &str, text: &str) -> Result<(), MarketError> {
 }
 
 /// Settings from what an owner gave, over `base` (the defaults, or the pool's).
-fn settings_of(body: PoolSettingsBody, base: Option<&Settings>) -> Result<Settings, MarketError> {
+/// The ledger currency of pool `id`'s own credits or units: its own, so that no pool
+/// owner issues a currency anyone else uses (money least of all).
+fn own_currency(id: Uuid) -> String {
+    format!("P{}", id.simple().to_string()[20..].to_uppercase())
+}
+
+/// Settings from what an owner gave, over `base` (the pool's, when changing them);
+/// `own` is the pool's own currency (for credits and units).
+fn settings_of(
+    body: PoolSettingsBody,
+    base: Option<&Settings>,
+    own: &str,
+) -> Result<Settings, MarketError> {
+    if body.name.is_some() && base.is_some() {
+        return Err(invalid("name", "a pool's name is set when it is made"));
+    }
     let secs = |field: &str, v: Option<u64>, default: i64| -> Result<i64, MarketError> {
         match v {
             None => Ok(default),
@@ -101,10 +116,37 @@ fn settings_of(body: PoolSettingsBody, base: Option<&Settings>) -> Result<Settin
             ));
         }
     };
-    let currency = match (body.currency, base) {
-        (Some(c), _) => c,
-        (None, Some(b)) => b.currency.clone(),
-        (None, None) => return Err(invalid("currency", "a pool names its currency")),
+    // What a pool is paid in is set when it is made: charges already made are in it.
+    let kind = body
+        .currency_kind
+        .or(base.map(|b| b.currency_kind))
+        .unwrap_or(CurrencyKind::Credits);
+    let currency = match (base, kind, body.currency) {
+        (Some(b), _, given) => {
+            if given.is_some_and(|c| c != b.currency) || kind != b.currency_kind {
+                return Err(invalid(
+                    "currency",
+                    "a pool's currency is set when it is made",
+                ));
+            }
+            b.currency.clone()
+        }
+        (None, CurrencyKind::Money, Some(c)) => c,
+        (None, CurrencyKind::Money, None) => {
+            return Err(invalid(
+                "currency",
+                "a pool paid in money names its currency",
+            ));
+        }
+        (None, _, Some(c)) => {
+            return Err(invalid(
+                "currency",
+                format!(
+                    "{c:?}: a pool's own credits or units are a currency of its own, named by the pool; leave currency out"
+                ),
+            ));
+        }
+        (None, _, None) => own.to_owned(),
     };
     let base = base.cloned();
     let policy = Policy {
@@ -132,13 +174,14 @@ fn settings_of(body: PoolSettingsBody, base: Option<&Settings>) -> Result<Settin
         }
     }
     let settings = Settings {
+        request_type: body
+            .request_type
+            .or(base.as_ref().map(|b| b.request_type))
+            .unwrap_or_default(),
         policy,
         method,
         currency,
-        currency_kind: body
-            .currency_kind
-            .or(base.as_ref().map(|b| b.currency_kind))
-            .unwrap_or(CurrencyKind::Credits),
+        currency_kind: kind,
         cycle_ms: secs(
             "cycle_seconds",
             body.cycle_seconds,
@@ -263,7 +306,11 @@ fn decide(
         .iter()
         .map(|(row, until)| SlotState {
             id: row.slot,
-            until_ms: *until,
+            // A slot leaving ends for its holders when it leaves.
+            until_ms: match (*until, row.leaving_at_ms) {
+                (Some(u), Some(l)) => Some(u.min(l)),
+                (u, l) => u.or(l),
+            },
             leaving: row.leaving_at_ms.is_some(),
         })
         .collect();
@@ -305,7 +352,7 @@ fn decide(
         .map(|(user, st)| (user.clone(), pool::usage_of(st, now_ms, s.half_life_ms)))
         .collect();
     let plan: Plan = pool::plan(pool::CycleInput {
-        method: s.method,
+        method: s.method_in_force(),
         policy: &s.policy,
         asking: state.pool.asking,
         members: merged
@@ -341,14 +388,18 @@ fn decide(
         };
         why.insert(q.id, value);
     }
+    let mut plan = plan;
     let mut changes = ChangeSet::default();
     let mut left: BTreeMap<String, Option<i64>> = balances.clone();
-    for c in plan.charges.iter().filter(|c| c.amount > 0) {
+    for c in plan.charges.iter_mut().filter(|c| c.amount > 0) {
         let mut amount = c.amount;
         if let Some(Some(balance)) = left.get_mut(&c.user) {
             amount = amount.min((*balance).max(0));
             *balance -= amount;
         }
+        // What a member could not pay is written off: its billing record says what
+        // it paid.
+        c.amount = amount;
         if amount == 0 {
             continue;
         }
@@ -525,14 +576,19 @@ impl Market {
         body: PoolCreate,
     ) -> Result<PoolView, MarketError> {
         self.require_pool_owner(caller)?;
-        check_name("name", &body.name)?;
-        let settings = settings_of(body.settings, None)?;
+        let Some(name) = body.name.clone() else {
+            return Err(invalid("name", "a pool has a name"));
+        };
+        check_name("name", &name)?;
+        let id = Uuid::now_v7();
+        let body = PoolSettingsBody { name: None, ..body };
+        let settings = settings_of(body, None, &own_currency(id))?;
         self.check_burst_account(&caller.account, &settings).await?;
         let now = self.now();
         let p = StoredPool {
-            id: Uuid::now_v7(),
+            id,
             owner: caller.account.clone(),
-            name: body.name.trim().to_owned(),
+            name: name.trim().to_owned(),
             asking: pool::opening_price(settings.method, &settings.policy),
             next_cycle_at_ms: now.saturating_add(settings.cycle_ms),
             requested_at_ms: None,
@@ -553,18 +609,25 @@ impl Market {
         id: Uuid,
         body: PoolSettingsBody,
     ) -> Result<PoolView, MarketError> {
-        let (p, _) = self.acting(caller, id, Right::Policy).await?;
-        let settings = settings_of(body, Some(&p.settings))?;
-        self.check_burst_account(&p.owner, &settings).await?;
+        let (p, entity) = self.acting(caller, id, Right::Policy).await?;
+        let settings = settings_of(body, Some(&p.settings), &p.settings.currency)?;
+        // A burst policy is paid by an account of the entity that sets it.
+        if settings.burst != p.settings.burst {
+            self.check_burst_account(&entity, &settings).await?;
+        }
         self.app.store.set_pool_settings(id, &settings).await?;
         self.pool_view(StoredPool { settings, ..p }).await
     }
 
-    /// A burst is paid by one of the owner's accounts: its own name as a client, or
-    /// one that granted it (400 otherwise).
+    /// A burst is paid by a client account that granted `owner` its capacity (400
+    /// otherwise).
     async fn check_burst_account(&self, owner: &str, s: &Settings) -> Result<(), MarketError> {
         if let Some(b) = &s.burst {
-            if !self.owner_accounts(owner).await?.contains(&b.account) {
+            if !self
+                .owner_accounts(owner)
+                .await?
+                .contains(&ledger::client(&b.account))
+            {
                 return Err(invalid(
                     "burst.account",
                     format!(
@@ -699,7 +762,7 @@ impl Market {
         id: Uuid,
         body: InviteRequest,
     ) -> Result<PoolView, MarketError> {
-        let (p, _) = self.acting(caller, id, Right::Policy).await?;
+        let (p, inviter) = self.acting(caller, id, Right::Policy).await?;
         if ledger::validate_account(&ledger::pool(&body.entity)).is_err() {
             return Err(invalid(
                 "entity",
@@ -708,6 +771,18 @@ impl Market {
         }
         let now = self.now();
         let entities = self.app.store.pool_entities(id).await?;
+        // An entity gives no right it has not: the owner of a pool not yet merged,
+        // and an admin, have them all.
+        let own: BTreeSet<Right> = match entities.iter().find(|e| e.entity == inviter) {
+            Some(e) if caller.role != Role::Admin => e.rights.clone(),
+            _ => [Right::Policy, Right::Users, Right::Slots, Right::Dissolve].into(),
+        };
+        if let Some(r) = body.rights.iter().find(|r| !own.contains(r)) {
+            return Err(MarketError::Forbidden(format!(
+                "{inviter} may not give the `{}` right: it was not given to it",
+                r.as_str()
+            )));
+        }
         if entities.iter().any(|e| e.entity == body.entity) || body.entity == p.owner {
             return Err(refused(
                 "invited",
@@ -825,6 +900,15 @@ impl Market {
     /// users' elsewhere in the pool, end then with notice (at a cycle run now).
     pub async fn leave_pool(&self, caller: &Principal, id: Uuid) -> Result<PoolView, MarketError> {
         let p = self.owned_pool(caller, id).await?;
+        if caller.account == p.owner {
+            return Err(refused(
+                "owner_stays",
+                format!(
+                    "{} made pool {id} and pays its bursts: it dissolves it rather than leave",
+                    p.owner
+                ),
+            ));
+        }
         let now = self.now();
         let staying = self
             .app
@@ -885,14 +969,23 @@ impl Market {
         self.pool_view(p).await
     }
 
-    /// `POST /v1/pool-accounts`: client `caller` lets pool owner `owner` put the
-    /// capacity it holds in pools.
+    /// `POST /v1/pool-accounts`: a client lets pool owner `owner` put the
+    /// reservations it holds in pools (and pay bursts from it); a provider, the hosts
+    /// it provides that no listing sells.
     pub async fn grant_pool_account(
         &self,
         caller: &Principal,
         owner: &str,
     ) -> Result<(), MarketError> {
-        super::require_client(caller)?;
+        let account = match caller.role {
+            Role::Client => ledger::client(&caller.account),
+            Role::Provider => ledger::provider(&caller.account),
+            _ => {
+                return Err(MarketError::Forbidden(
+                    "a client grants its reservations, a provider its hosts".into(),
+                ));
+            }
+        };
         if ledger::validate_account(&ledger::pool(owner)).is_err() {
             return Err(invalid(
                 "owner",
@@ -901,23 +994,21 @@ impl Market {
         }
         self.app
             .store
-            .grant_pool_account(owner, &caller.account, self.now())
+            .grant_pool_account(owner, &account, self.now())
             .await?;
         Ok(())
     }
 
-    /// The client accounts whose capacity `owner` may pool: those that granted it,
-    /// and its own name as a client.
+    /// The accounts whose capacity `owner` may pool, as ledger names (`client:alice`,
+    /// `provider:bob`): those that granted it, and no others.
     async fn owner_accounts(&self, owner: &str) -> Result<BTreeSet<String>, MarketError> {
-        let mut accounts: BTreeSet<String> = self
+        Ok(self
             .app
             .store
             .pool_accounts(owner)
             .await?
             .into_iter()
-            .collect();
-        accounts.insert(owner.to_owned());
-        Ok(accounts)
+            .collect())
     }
 
     /// What slot `id` is, if `accounts` hold it now: a reservation of one of them, or
@@ -931,7 +1022,7 @@ impl Market {
     ) -> Result<PoolSlotRow, MarketError> {
         let now = self.now();
         if let Some(r) = self.app.store.reservation(id).await? {
-            if !accounts.contains(&r.holder) {
+            if !accounts.contains(&ledger::client(&r.holder)) {
                 return Err(MarketError::Forbidden(format!(
                     "reservation {id} is held by {}, not by one of this owner's accounts (the account grants it with POST /v1/pool-accounts)",
                     r.holder
@@ -971,10 +1062,19 @@ impl Market {
         }
         if let Some(agent) = self.app.store.agent(id).await? {
             let provider = surplus_market::billing::provider_of(&agent.labels);
-            if !accounts.contains(&provider) {
+            if !accounts.contains(&ledger::provider(&provider)) {
                 return Err(MarketError::Forbidden(format!(
                     "host {id} is provided by {provider}, not by one of this owner's accounts"
                 )));
+            }
+            if let Some(r) = self.app.store.holding(id, now).await? {
+                return Err(refused(
+                    "host_sold",
+                    format!(
+                        "host {id} is held by reservation {}: it is not its provider's to pool",
+                        r.id
+                    ),
+                ));
             }
             if let Some(listing) = self.app.store.selling_listing(id).await? {
                 return Err(refused(
@@ -1131,9 +1231,24 @@ impl Market {
                 format!("at most {MAX_NAME} characters, none of them control characters"),
             ));
         }
+        let theirs = self
+            .app
+            .store
+            .pool_members(id)
+            .await?
+            .into_iter()
+            .find(|m| m.member == body.member)
+            .map(|m| m.entity);
+        if theirs.as_ref().is_some_and(|e| *e != entity) && caller.role != Role::Admin {
+            return Err(MarketError::Forbidden(format!(
+                "{} is {}'s user: an entity changes its own users",
+                body.member,
+                theirs.unwrap_or_default()
+            )));
+        }
         let m = PoolMember {
             member: body.member,
-            entity,
+            entity: theirs.unwrap_or(entity),
             name,
             organisation,
             added_at_ms: self.now(),
@@ -1186,7 +1301,7 @@ impl Market {
         id: Uuid,
         body: CreditRequest,
     ) -> Result<CreditView, MarketError> {
-        let (p, _) = self.acting(caller, id, Right::Users).await?;
+        let (p, entity) = self.acting(caller, id, Right::Users).await?;
         super::check_client_token(body.client_token.as_deref())?;
         if p.settings.currency_kind == CurrencyKind::Money {
             return Err(refused(
@@ -1203,18 +1318,27 @@ impl Market {
                 format!("{}: from 1 to {}", body.amount, super::MAX_PRICE),
             ));
         }
-        if !self
+        match self
             .app
             .store
             .pool_members(id)
             .await?
-            .iter()
-            .any(|m| m.member == body.member)
+            .into_iter()
+            .find(|m| m.member == body.member)
         {
-            return Err(invalid(
-                "member",
-                format!("{} is not a member of pool {id}", body.member),
-            ));
+            None => {
+                return Err(invalid(
+                    "member",
+                    format!("{} is not a member of pool {id}", body.member),
+                ));
+            }
+            Some(m) if m.entity != entity && caller.role != Role::Admin => {
+                return Err(MarketError::Forbidden(format!(
+                    "{} is {}'s user: an entity issues credits to its own users",
+                    m.member, m.entity
+                )));
+            }
+            Some(_) => {}
         }
         let key = format!(
             "pool-credit:{id}:{}",
@@ -1323,10 +1447,34 @@ impl Market {
         let ok = match caller.role {
             Role::Admin => true,
             Role::Client => r.request.user == caller.account,
-            Role::PoolOwner => p.owner == caller.account,
+            Role::PoolOwner => self.runs_pool(caller, &p).await?,
             Role::Provider => false,
         };
         if ok { Ok((r, p)) } else { Err(missing()) }
+    }
+
+    /// Whether pool owner `caller` runs pool `p`: its owner, or an entity that joined
+    /// it (one only invited sees the pool, not its members' requests and usage).
+    async fn runs_pool(&self, caller: &Principal, p: &StoredPool) -> Result<bool, MarketError> {
+        Ok(p.owner == caller.account
+            || self
+                .app
+                .store
+                .pool_entities(p.id)
+                .await?
+                .iter()
+                .any(|e| e.entity == caller.account && e.joined_at_ms.is_some()))
+    }
+
+    /// Refuses an entity only invited into `p` what only those who run it see.
+    async fn require_runs(&self, caller: &Principal, p: &StoredPool) -> Result<(), MarketError> {
+        if caller.role == Role::PoolOwner && !self.runs_pool(caller, p).await? {
+            return Err(MarketError::Forbidden(format!(
+                "{} is invited into pool {}, not in it: it sees its requests and usage once it has joined",
+                caller.account, p.id
+            )));
+        }
+        Ok(())
     }
 
     /// `GET /v1/pool-requests/{id}`.
@@ -1346,6 +1494,7 @@ impl Market {
         id: Uuid,
     ) -> Result<Vec<PoolRequestView>, MarketError> {
         let p = self.visible_pool(caller, id).await?;
+        self.require_runs(caller, &p).await?;
         let mut out = Vec::new();
         for r in self.app.store.pool_requests(p.id).await? {
             if caller.role == Role::Client && r.request.user != caller.account {
@@ -1402,7 +1551,8 @@ impl Market {
                 format!("pool request {id} was cancelled"),
             ));
         }
-        pool::check_rebid(p.settings.method, r.request.bid, bid).map_err(MarketError::Refused)?;
+        pool::check_rebid(p.settings.method_in_force(), r.request.bid, bid)
+            .map_err(MarketError::Refused)?;
         if let Some(max) = p.settings.policy.maximum.filter(|m| bid > *m) {
             return Err(invalid(
                 "bid",
@@ -1479,6 +1629,7 @@ impl Market {
         id: Uuid,
     ) -> Result<PoolUsageView, MarketError> {
         let p = self.visible_pool(caller, id).await?;
+        self.require_runs(caller, &p).await?;
         let now = self.now();
         let charges = self.app.store.pool_charges(id).await?;
         let allocations = self.app.store.pool_allocations(id, true).await?;
@@ -1621,6 +1772,26 @@ impl Market {
         self.cycle_pool(id, now).await?;
         let p = self.app.store.pool(id).await?.unwrap_or(p);
         self.pool_view(p).await
+    }
+
+    /// Asks for a cycle of each pool that holds one of `ended` (host, reservation)
+    /// as a slot: its allocations end, and are charged, when their slot does.
+    pub(super) async fn wake_pools(
+        &self,
+        ended: impl Iterator<Item = (Uuid, Uuid)>,
+        now: UnixMillis,
+    ) {
+        for (host, reservation) in ended {
+            match self.app.store.pool_slot_on(host, now).await {
+                Ok(Some(slot)) if slot.slot == reservation => {
+                    if let Err(e) = self.app.store.request_pool_cycle(slot.pool, now).await {
+                        tracing::warn!(pool = %slot.pool, error = %e, "waking a pool");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(%host, error = %e, "finding a pooled slot"),
+            }
+        }
     }
 
     /// Runs the pools whose cycle is due (from the market's tick); one that fails
@@ -1783,8 +1954,18 @@ impl Market {
         now: UnixMillis,
     ) -> Result<(), MarketError> {
         let bursts = self.app.store.pool_bursts(p.id).await?;
+        // In use: given by this cycle, or still held by someone under notice.
         let holds = &decision.plan.cycle.admission.holds;
-        let in_use: BTreeSet<Uuid> = holds.values().flatten().copied().collect();
+        let mut in_use: BTreeSet<Uuid> = holds.values().flatten().copied().collect();
+        in_use.extend(
+            self.app
+                .store
+                .pool_allocations(p.id, false)
+                .await?
+                .into_iter()
+                .filter(|(a, _)| a.until_ms.is_none_or(|u| u > now))
+                .map(|(a, _)| a.slot),
+        );
         let policy = p.settings.burst.clone();
         let pooled: BTreeMap<Uuid, PoolSlotRow> = self
             .app
@@ -1814,9 +1995,13 @@ impl Market {
             };
             match pooled.get(&b.slot) {
                 // Gone from the pool (its holder's notice is over): given back.
-                None => self.end_burst(p, b, "left the pool", now).await?,
+                None => {
+                    self.end_burst(p, b, "left the pool", now).await?;
+                    give_back(&mut kept, now);
+                }
                 Some(s) if s.leaving_at_ms.is_some_and(|t| t <= now) => {
-                    self.end_burst(p, b, "left the pool", now).await?
+                    self.end_burst(p, b, "left the pool", now).await?;
+                    give_back(&mut kept, now);
                 }
                 Some(s) if s.leaving_at_ms.is_some() => {
                     give_back(&mut kept, s.leaving_at_ms.unwrap_or(now));
@@ -1853,16 +2038,22 @@ impl Market {
             self.app.store.request_pool_cycle(p.id, now).await?;
         }
         // What the pool could not give: requests short after the cycle, less the
-        // slots it has free (bursts not yet allocated among them).
-        let free = pooled
-            .values()
-            .filter(|s| s.leaving_at_ms.is_none() && !in_use.contains(&s.slot))
+        // slots it offered and nobody holds (bursts not yet allocated among them).
+        let free = decision
+            .plan
+            .offered
+            .iter()
+            .filter(|s| !in_use.contains(s))
             .count() as u32;
-        // In rank order: the best-ranked request left short bursts first.
+        // In rank order: the best-ranked request left short bursts first; not one
+        // that a merged pool's lending or borrowing limit left short (a burst slot
+        // is the owner's, which it could not borrow either).
         let mut short: Vec<(usize, Uuid, u32)> = Vec::new();
         for (request, why) in &decision.plan.cycle.admission.why {
             if let Why::PoolFull { rank, got, wanted } = why {
-                short.push((*rank, *request, wanted.saturating_sub(*got)));
+                if !decision.plan.cycle.merged_why.contains_key(request) {
+                    short.push((*rank, *request, wanted.saturating_sub(*got)));
+                }
             }
         }
         short.sort();
@@ -2033,7 +2224,7 @@ impl Market {
             .into_iter()
             .collect();
         let mut out = Vec::new();
-        for a in accounts {
+        for a in accounts.iter().filter_map(|a| a.strip_prefix("client:")) {
             for r in self.app.store.reservations_of(a).await? {
                 if r.holds_at(now) && !pooled.contains(&r.id) {
                     out.push((r.id, r));
@@ -2106,27 +2297,40 @@ impl Market {
             )
             .await?;
         for v in made {
-            let accounts = self.owner_accounts(&p.owner).await?;
-            let mut row = self
-                .slot_of(v.reservation.id, &accounts, p.id, &p.owner)
-                .await?;
-            row.burst = true;
-            self.app.store.add_pool_slot(&row, now).await??;
+            let r = &v.reservation;
+            // The listing's price may have moved since the offers were read: never
+            // above the policy's maximum.
+            if r.price > b.max_price {
+                self.release(&holder, r.id).await?;
+                return Err(refused(
+                    "above_maximum_price",
+                    format!(
+                        "listing {listing} now costs {} a host-hour, above the burst maximum {}",
+                        r.price, b.max_price
+                    ),
+                ));
+            }
+            // Counted against the budget first: should the slot not join the pool, the
+            // next cycle finds the burst outside it and gives it back.
             self.app
                 .store
                 .put_pool_burst(
                     p.id,
                     &PoolBurst {
-                        slot: v.reservation.id,
+                        slot: r.id,
                         request,
                         source: format!("market:{listing}"),
-                        price,
+                        price: r.price,
                         started_at_ms: now,
                         ended_at_ms: None,
                     },
                 )
                 .await?;
-            tracing::info!(pool = %p.id, reservation = %v.reservation.id, %listing, price, "burst into the market");
+            let accounts: BTreeSet<String> = [ledger::client(&b.account)].into();
+            let mut row = self.slot_of(r.id, &accounts, p.id, &p.owner).await?;
+            row.burst = true;
+            self.app.store.add_pool_slot(&row, now).await??;
+            tracing::info!(pool = %p.id, reservation = %r.id, %listing, price = r.price, quoted = price, "burst into the market");
         }
         Ok(())
     }
@@ -2140,13 +2344,25 @@ impl Market {
         caller: &Principal,
         host: Uuid,
         now: UnixMillis,
-    ) -> Result<Option<Option<Reservation>>, MarketError> {
+    ) -> Result<Option<Held>, MarketError> {
         let Some(slot) = self.app.store.pool_slot_on(host, now).await? else {
             return Ok(None);
         };
         let reservation = if slot.facts.kind == "reservation" {
             match self.app.store.holding(host, now).await? {
-                Some(r) if r.id == slot.slot => Some(r),
+                Some(r) if r.id == slot.slot => {
+                    // Under notice, the host takes no new work.
+                    if let Some(n) = self.app.store.interruption(r.id).await? {
+                        return Err(MarketError::Forbidden(format!(
+                            "host {host} is being taken back from pool {} ({}): its reservation {} ends at {}",
+                            slot.pool,
+                            surplus_market::records::name_of(&n.cause),
+                            r.id,
+                            n.deadline_ms
+                        )));
+                    }
+                    Some(r)
+                }
                 // Its reservation holds the host no more: the pool has it no more.
                 _ => return Ok(None),
             }
@@ -2156,7 +2372,7 @@ impl Market {
         let allocation = if caller.role == Role::Client {
             self.app
                 .store
-                .allocation_on(host, &caller.account, now)
+                .allocation_on(slot.pool, slot.slot, &caller.account, now)
                 .await?
         } else {
             None
@@ -2167,10 +2383,13 @@ impl Market {
                 slot.pool,
                 a.until_ms.unwrap_or(now)
             ))),
-            Some(_) => Ok(Some(reservation.map(|mut r| {
-                r.holder = caller.account.clone();
-                r
-            }))),
+            Some(_) => Ok(Some(match reservation {
+                Some(mut r) => {
+                    r.holder = caller.account.clone();
+                    Held::Reservation(r)
+                }
+                None => Held::PoolHost,
+            })),
             None => Err(MarketError::Forbidden(format!(
                 "host {host} is a slot of pool {}: only the member it is allocated to may use it",
                 slot.pool

@@ -282,10 +282,11 @@ pub trait PoolStore: Send + Sync + std::fmt::Debug + 'static {
         all: bool,
     ) -> Result<Vec<(Allocation, Uuid)>, StoreError>;
 
-    /// A member's allocation that holds `host` at `now_ms`.
+    /// A member's allocation of `pool`'s `slot` that holds it at `now_ms`.
     async fn allocation_on(
         &self,
-        host: Uuid,
+        pool: Uuid,
+        slot: Uuid,
         member: &str,
         now_ms: UnixMillis,
     ) -> Result<Option<Allocation>, StoreError>;
@@ -318,9 +319,11 @@ pub trait PoolStore: Send + Sync + std::fmt::Debug + 'static {
     async fn pool_entities(&self, pool: Uuid) -> Result<Vec<PoolEntity>, StoreError>;
 
     /// Entity `entity`, invited into `pool`, merges its own pool `from` into it in one
-    /// transaction: `from`'s slots, members, requests and allocations move (each
-    /// slot and member keeping `entity` as its owner) and `from` is dissolved.
-    /// Refused as `not_invited`, `joined` (already) or `unknown_pool`.
+    /// transaction: `from`'s slots and members move (each keeping `entity` as its
+    /// owner), its requests (bids in its own currency) are cancelled and `from` is
+    /// dissolved. Refused as `not_invited`, `joined` (already), `unknown_pool`,
+    /// `dissolved` (`pool` is), `merged` (`from` has entities), `bursting` or
+    /// `allocated` (`from` has bursts or allocations not over).
     async fn join_pool(
         &self,
         pool: Uuid,

@@ -163,8 +163,9 @@ macro_rules! pool_sql {
             async fn add_pool_slot(&self, slot: &PoolSlotRow, now_ms: UnixMillis) -> Result<Result<(), MarketRefusal>, StoreError> {
                 let mut tx = self.write_tx().await?;
                 $store::lock(&mut tx, Lock::Pool(&slot.pool.to_string())).await?;
-                // A slot that left a pool (its deadline passed) may join another.
-                sqlx::query("DELETE FROM pool_slots WHERE slot = $1 AND leaving_at_ms IS NOT NULL AND leaving_at_ms <= $2")
+                // A slot that left a pool (its deadline passed, nothing of its last
+                // allocations left to charge) may join another.
+                sqlx::query("DELETE FROM pool_slots WHERE slot = $1 AND leaving_at_ms IS NOT NULL AND leaving_at_ms <= $2 AND NOT EXISTS (SELECT 1 FROM pool_allocations a WHERE a.pool = pool_slots.pool AND a.slot = pool_slots.slot AND a.done = 0)")
                     .bind(slot.slot.to_string())
                     .bind(now_ms)
                     .execute(&mut *tx)
@@ -378,9 +379,10 @@ macro_rules! pool_sql {
                     .collect()
             }
 
-            async fn allocation_on(&self, host: Uuid, member: &str, now_ms: UnixMillis) -> Result<Option<surplus_market::pool::Allocation>, StoreError> {
-                Ok(sqlx::query(&format!("{POOL_ALLOCATION_COLUMNS} WHERE host = $1 AND member = $2 AND from_ms <= $3 AND (until_ms IS NULL OR until_ms > $3) ORDER BY from_ms DESC, id LIMIT 1"))
-                    .bind(host.to_string())
+            async fn allocation_on(&self, pool: Uuid, slot: Uuid, member: &str, now_ms: UnixMillis) -> Result<Option<surplus_market::pool::Allocation>, StoreError> {
+                Ok(sqlx::query(&format!("{POOL_ALLOCATION_COLUMNS} WHERE pool = $1 AND slot = $2 AND member = $3 AND from_ms <= $4 AND (until_ms IS NULL OR until_ms > $4) ORDER BY from_ms DESC, id LIMIT 1"))
+                    .bind(pool.to_string())
+                    .bind(slot.to_string())
                     .bind(member)
                     .bind(now_ms)
                     .fetch_optional(self.reader())
@@ -422,7 +424,7 @@ macro_rules! pool_sql {
             }
 
             async fn due_pools(&self, now_ms: UnixMillis) -> Result<Vec<Uuid>, StoreError> {
-                let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM pools WHERE (next_cycle_at_ms <= $1 OR requested_at_ms <= $1 OR dissolved_at_ms <= $1) AND (dissolved_at_ms IS NULL OR cycled_at_ms IS NULL OR cycled_at_ms < dissolved_at_ms) ORDER BY id")
+                let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM pools WHERE (next_cycle_at_ms <= $1 OR requested_at_ms <= $1 OR dissolved_at_ms <= $1) AND (dissolved_at_ms IS NULL OR cycled_at_ms IS NULL OR cycled_at_ms < dissolved_at_ms OR EXISTS (SELECT 1 FROM pool_allocations a WHERE a.pool = pools.id AND a.done = 0)) ORDER BY id")
                     .bind(now_ms)
                     .fetch_all(self.reader())
                     .await?;
@@ -444,7 +446,12 @@ macro_rules! pool_sql {
                 let stored = stored_pool(&row)?;
                 // A dissolved pool cycles once more after its slots have gone (to charge
                 // the notice), then no more.
-                let finished = stored.dissolved_at_ms.is_some_and(|d| stored.cycled_at_ms.is_some_and(|c| c >= d));
+                let open: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM pool_allocations WHERE pool = $1 AND done = 0")
+                    .bind(&id)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(StoreError::from)?;
+                let finished = open == 0 && stored.dissolved_at_ms.is_some_and(|d| stored.cycled_at_ms.is_some_and(|c| c >= d));
                 let due = !finished
                     && (stored.next_cycle_at_ms <= now_ms
                         || stored.requested_at_ms.is_some_and(|r| r <= now_ms)
@@ -638,8 +645,9 @@ macro_rules! pool_sql {
                         .await
                         .map_err(StoreError::from)?;
                 }
-                // Slots whose deadline to leave passed are gone.
-                sqlx::query("DELETE FROM pool_slots WHERE pool = $1 AND leaving_at_ms IS NOT NULL AND leaving_at_ms <= $2")
+                // Slots whose deadline to leave passed, or whose reservation ended, are
+                // gone once their allocations are charged to their end.
+                sqlx::query("DELETE FROM pool_slots WHERE pool = $1 AND ((leaving_at_ms IS NOT NULL AND leaving_at_ms <= $2) OR slot IN (SELECT r.id FROM reservations r WHERE r.until_ms IS NOT NULL AND r.until_ms <= $2)) AND NOT EXISTS (SELECT 1 FROM pool_allocations a WHERE a.pool = pool_slots.pool AND a.slot = pool_slots.slot AND a.done = 0)")
                     .bind(&id)
                     .bind(now_ms)
                     .execute(&mut *tx)
@@ -712,12 +720,52 @@ macro_rules! pool_sql {
                         message: format!("{entity} has no pool {from} to merge"),
                     }));
                 }
+                let open: Option<String> = sqlx::query_scalar("SELECT id FROM pools WHERE id = $1 AND dissolved_at_ms IS NULL")
+                    .bind(&to)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if open.is_none() {
+                    return Ok(Err(MarketRefusal {
+                        rule: "dissolved",
+                        message: format!("pool {pool} is dissolved"),
+                    }));
+                }
+                // Only a pool of its own, settled: another's entities, users or slots,
+                // or allocations not charged to their end in its own currency, do not
+                // move.
+                let merged: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM pool_entities WHERE pool = $1")
+                    .bind(&from_id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                let open_allocations: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM pool_allocations WHERE pool = $1 AND done = 0")
+                    .bind(&from_id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                if merged > 0 {
+                    return Ok(Err(MarketRefusal {
+                        rule: "merged",
+                        message: format!("pool {from} is a merged pool: only a pool of one owner merges into another"),
+                    }));
+                }
+                let bursts: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM pool_bursts WHERE pool = $1 AND ended_at_ms IS NULL")
+                    .bind(&from_id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                if bursts > 0 {
+                    return Ok(Err(MarketRefusal {
+                        rule: "bursting",
+                        message: format!("pool {from} holds {bursts} bursts: they are given back before it merges"),
+                    }));
+                }
+                if open_allocations > 0 {
+                    return Ok(Err(MarketRefusal {
+                        rule: "allocated",
+                        message: format!("pool {from} has {open_allocations} allocations not yet over: cancel its requests and let them end first"),
+                    }));
+                }
                 for statement in [
                     "UPDATE pool_slots SET pool = $1, entity = $3 WHERE pool = $2",
-                    "UPDATE pool_requests SET pool = $1 WHERE pool = $2",
-                    "UPDATE pool_allocations SET pool = $1 WHERE pool = $2",
-                    "UPDATE pool_charges SET pool = $1 WHERE pool = $2",
-                    "UPDATE pool_bursts SET pool = $1 WHERE pool = $2",
+
                     "INSERT INTO pool_members (pool, member, entity, name, organisation, added_at_ms) SELECT $1, member, $3, name, organisation, added_at_ms FROM pool_members WHERE pool = $2 ON CONFLICT (pool, member) DO NOTHING",
                     "DELETE FROM pool_members WHERE pool = $2",
                 ] {
@@ -728,6 +776,12 @@ macro_rules! pool_sql {
                         .execute(&mut *tx)
                         .await?;
                 }
+                // Its requests were bids in its own currency: they end with it.
+                sqlx::query("UPDATE pool_requests SET cancelled_at_ms = $2 WHERE pool = $1 AND cancelled_at_ms IS NULL")
+                    .bind(&from_id)
+                    .bind(now_ms)
+                    .execute(&mut *tx)
+                    .await?;
                 sqlx::query("UPDATE pools SET dissolved_at_ms = $2, cycled_at_ms = $2 WHERE id = $1")
                     .bind(&from_id)
                     .bind(now_ms)

@@ -2398,17 +2398,23 @@ macro_rules! sql_stores {
             }
 
             async fn unreserved_instances(&self, now_ms: UnixMillis) -> Result<Vec<InstanceRow>, StoreError> {
-                // Not terminated and not on a host its owner holds now (by a reservation
-                // or a pool allocation); and the host is held by another client now, or
-                // its owner's own reservation of it or pool allocation on it ended. Only
+                // Not terminated and not on a host its owner holds now (by a reservation,
+                // or by a pool allocation of a slot still pooled whose reservation still
+                // holds the host); and the host is held by another client now, or its
+                // owner's own reservation of it, pool allocation on it or that
+                // allocation's reservation ended. Only
                 // hosts that were ever reserved or pooled are looked at (every tick asks).
                 sqlx::query("SELECT i.* FROM instances i WHERE (i.agent_id IN (SELECT r.host FROM reservations r) OR i.agent_id IN (SELECT a.host FROM pool_allocations a)) AND i.state <> 'terminated' \
                     AND NOT EXISTS (SELECT 1 FROM reservations r WHERE r.host = i.agent_id AND i.owner_role = 'client' AND r.holder = i.account AND r.starts_at_ms <= $1 AND (r.until_ms IS NULL OR r.until_ms > $1)) \
-                    AND NOT EXISTS (SELECT 1 FROM pool_allocations a WHERE a.host = i.agent_id AND i.owner_role = 'client' AND a.member = i.account AND a.from_ms <= $1 AND (a.until_ms IS NULL OR a.until_ms > $1)) \
+                    AND NOT EXISTS (SELECT 1 FROM pool_allocations a JOIN pool_slots s ON s.slot = a.slot AND s.pool = a.pool WHERE a.host = i.agent_id AND i.owner_role = 'client' AND a.member = i.account AND a.from_ms <= $1 AND (a.until_ms IS NULL OR a.until_ms > $1) \
+                        AND (s.leaving_at_ms IS NULL OR s.leaving_at_ms > $1) \
+                        AND (NOT EXISTS (SELECT 1 FROM reservations r WHERE r.id = a.slot) OR EXISTS (SELECT 1 FROM reservations r WHERE r.id = a.slot AND r.starts_at_ms <= $1 AND (r.until_ms IS NULL OR r.until_ms > $1)))) \
                     AND (EXISTS (SELECT 1 FROM reservations r WHERE r.host = i.agent_id AND ( \
                         (r.starts_at_ms <= $1 AND (r.until_ms IS NULL OR r.until_ms > $1)) \
                         OR (i.owner_role = 'client' AND r.holder = i.account AND r.until_ms IS NOT NULL AND r.until_ms <= $1))) \
-                      OR EXISTS (SELECT 1 FROM pool_allocations a WHERE a.host = i.agent_id AND i.owner_role = 'client' AND a.member = i.account AND a.until_ms IS NOT NULL AND a.until_ms <= $1)) \
+                      OR EXISTS (SELECT 1 FROM pool_allocations a WHERE a.host = i.agent_id AND i.owner_role = 'client' AND a.member = i.account AND ( \
+                        (a.until_ms IS NOT NULL AND a.until_ms <= $1) \
+                        OR EXISTS (SELECT 1 FROM reservations r WHERE r.id = a.slot AND r.until_ms IS NOT NULL AND r.until_ms <= $1)))) \
                     ORDER BY i.agent_id, i.created_at_ms, i.id")
                     .bind(now_ms)
                     .fetch_all(self.reader())

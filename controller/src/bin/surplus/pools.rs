@@ -6,7 +6,8 @@ use clap::Subcommand;
 use surplus_api::pools::{
     BurstSettings, CreditRequest, CreditView, CurrencyKind, ExplainView, InviteRequest,
     JoinRequest, LimitsRequest, MemberRequest, PoolAccountGrant, PoolBidRequest, PoolCreate,
-    PoolRequestView, PoolSettingsBody, PoolUsageView, PoolView, RebidRequest, Right, SlotRequest,
+    PoolRequestView, PoolSettingsBody, PoolUsageView, PoolView, RebidRequest, RequestType, Right,
+    SlotRequest,
 };
 
 use crate::client::{Client, now_ms, print, table, when};
@@ -190,6 +191,9 @@ pub struct CreateArgs {
 /// A pool's settings on the command line.
 #[derive(clap::Args)]
 pub struct SettingsArgs {
+    /// auction (bids, the default) or fixed_price (everyone pays the minimum).
+    #[arg(long)]
+    pub request_type: Option<String>,
     /// The ledger currency of bids and charges (required to create).
     #[arg(long)]
     pub currency: Option<String>,
@@ -274,7 +278,15 @@ impl SettingsArgs {
                 "a burst policy needs --burst-account, --burst-max-price and --burst-budget"
             ),
         };
+        let request_type = match self.request_type.as_deref() {
+            None => None,
+            Some("auction") => Some(RequestType::Auction),
+            Some("fixed_price") => Some(RequestType::FixedPrice),
+            Some(other) => anyhow::bail!("--request-type {other:?}: auction or fixed_price"),
+        };
         Ok(PoolSettingsBody {
+            name: None,
+            request_type,
             minimum: self.minimum,
             maximum: self.maximum,
             cap_per_user: self.cap_per_user,
@@ -305,8 +317,8 @@ pub async fn run(client: &Client, json: bool, command: Command) -> anyhow::Resul
         Command::Create(args) => {
             let args = *args;
             let body = PoolCreate {
-                name: args.name,
-                settings: args.settings.body()?,
+                name: Some(args.name),
+                ..args.settings.body()?
             };
             let p: PoolView = client.post("/v1/pools", &body).await?;
             print(json, &p, || show_pool(&p));
@@ -491,10 +503,14 @@ pub async fn run(client: &Client, json: bool, command: Command) -> anyhow::Resul
 }
 
 fn method_name(p: &PoolView) -> String {
+    if p.settings.request_type == RequestType::FixedPrice {
+        return "fixed price".into();
+    }
     match p.settings.method {
         surplus_api::pools::Method::English => "english".into(),
         surplus_api::pools::Method::Dutch { step } => format!("dutch (step {step})"),
         surplus_api::pools::Method::Spot => "spot".into(),
+        surplus_api::pools::Method::Fixed => "fixed".into(),
     }
 }
 
