@@ -805,7 +805,7 @@ mod stories {
         pat.entity = "poly".into();
         s.put_pool_member(p3.id, &pat, 1).await.unwrap().unwrap();
         let refused = s
-            .join_pool(p1.id, p3.id, "poly", 3_800_000)
+            .join_pool(p1.id, p3.id, "poly", (Some(0), None), 3_800_000)
             .await
             .unwrap()
             .unwrap_err();
@@ -820,12 +820,19 @@ mod stories {
             leaving_at_ms: None,
         };
         s.put_pool_entity(p1.id, &invited).await.unwrap();
-        s.join_pool(p1.id, p3.id, "poly", 3_800_000)
+        let creator = PoolEntity {
+            entity: "uni".into(),
+            rights: [surplus_market::cohort::Right::Policy].into(),
+            joined_at_ms: Some(3_800_000),
+            ..invited.clone()
+        };
+        s.put_pool_entity(p1.id, &creator).await.unwrap();
+        s.join_pool(p1.id, p3.id, "poly", (Some(0), None), 3_800_000)
             .await
             .unwrap()
             .unwrap();
         let again = s
-            .join_pool(p1.id, p3.id, "poly", 3_800_001)
+            .join_pool(p1.id, p3.id, "poly", (Some(0), None), 3_800_001)
             .await
             .unwrap()
             .unwrap_err();
@@ -855,8 +862,26 @@ mod stories {
         );
         assert!(s.pool_slots(p3.id).await.unwrap().is_empty());
         // Leaving: its slots leave at its deadline, once.
-        assert!(s.leave_pool_entity(p1.id, "poly", 3_900_000).await.unwrap());
-        assert!(!s.leave_pool_entity(p1.id, "poly", 3_900_000).await.unwrap());
+        assert_eq!(
+            s.leave_pool_entity(p1.id, "uni", 3_900_000)
+                .await
+                .unwrap()
+                .unwrap_err()
+                .rule,
+            "owner_stays"
+        );
+        assert!(
+            s.leave_pool_entity(p1.id, "poly", 3_900_000)
+                .await
+                .unwrap()
+                .unwrap()
+        );
+        assert!(
+            !s.leave_pool_entity(p1.id, "poly", 3_900_000)
+                .await
+                .unwrap()
+                .unwrap()
+        );
         assert_eq!(
             s.pool_slots(p1.id).await.unwrap()[0].leaving_at_ms,
             Some(3_900_000)

@@ -67,6 +67,9 @@ pub struct PoolSettingsBody {
     /// "pool full, no burst policy").
     #[serde(default)]
     pub burst: Option<BurstSettings>,
+    /// `true` removes the burst policy (`PUT /v1/pools/{id}/policy`).
+    #[serde(default)]
+    pub remove_burst: Option<bool>,
 }
 
 /// `POST /v1/pools`: the settings with the pool's name.

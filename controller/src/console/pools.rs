@@ -419,6 +419,7 @@ fn create_body(f: &FormFields) -> Result<PoolCreate, PageError> {
         }
     };
     Ok(PoolSettingsBody {
+        remove_burst: None,
         name: Some(f.get("name").unwrap_or_default().to_owned()),
         request_type: f
             .non_empty("request_type")

@@ -203,9 +203,16 @@ fn settings_of(
             .max_users
             .or(base.as_ref().map(|b| b.max_users))
             .unwrap_or(100),
-        burst: match body.burst {
-            Some(b) => Some(b),
-            None => base.and_then(|b| b.burst),
+        burst: match (body.burst, body.remove_burst.unwrap_or(false)) {
+            (Some(_), true) => {
+                return Err(invalid(
+                    "remove_burst",
+                    "a burst policy is given or removed, not both",
+                ));
+            }
+            (Some(b), false) => Some(b),
+            (None, true) => None,
+            (None, false) => base.and_then(|b| b.burst),
         },
     };
     if let Some(b) = &settings.burst {
@@ -837,15 +844,14 @@ impl Market {
         let now = self.now();
         self.app
             .store
-            .join_pool(id, body.pool, &caller.account, now)
+            .join_pool(
+                id,
+                body.pool,
+                &caller.account,
+                (body.lending_limit, body.borrowing_limit),
+                now,
+            )
             .await??;
-        self.set_limits(
-            &p,
-            &caller.account,
-            body.lending_limit,
-            body.borrowing_limit,
-        )
-        .await?;
         tracing::info!(pool = %id, entity = %caller.account, from = %body.pool, "pool merged");
         self.pool_view(p).await
     }
@@ -900,35 +906,8 @@ impl Market {
     /// users' elsewhere in the pool, end then with notice (at a cycle run now).
     pub async fn leave_pool(&self, caller: &Principal, id: Uuid) -> Result<PoolView, MarketError> {
         let p = self.owned_pool(caller, id).await?;
-        if caller.account == p.owner {
-            return Err(refused(
-                "owner_stays",
-                format!(
-                    "{} made pool {id} and pays its bursts: it dissolves it rather than leave",
-                    p.owner
-                ),
-            ));
-        }
         let now = self.now();
-        let staying = self
-            .app
-            .store
-            .pool_entities(id)
-            .await?
-            .iter()
-            .filter(|e| {
-                e.joined_at_ms.is_some() && e.leaving_at_ms.is_none() && e.entity != caller.account
-            })
-            .count();
-        if staying == 0 {
-            return Err(refused(
-                "last_entity",
-                format!(
-                    "{} is the last entity of pool {id}: dissolve it instead",
-                    caller.account
-                ),
-            ));
-        }
+        // Under the pool's lock: its owner stays, and so does the last entity.
         if !self
             .app
             .store
@@ -937,7 +916,7 @@ impl Market {
                 &caller.account,
                 now.saturating_add(p.settings.notice_ms),
             )
-            .await?
+            .await??
         {
             return Err(refused(
                 "not_in_pool",
@@ -1551,6 +1530,7 @@ impl Market {
                 format!("pool request {id} was cancelled"),
             ));
         }
+        // Checked again against the bid it has under the pool's lock.
         pool::check_rebid(p.settings.method_in_force(), r.request.bid, bid)
             .map_err(MarketError::Refused)?;
         if let Some(max) = p.settings.policy.maximum.filter(|m| bid > *m) {
@@ -1559,7 +1539,8 @@ impl Market {
                 format!("the bid {bid} is above the pool's maximum {max}"),
             ));
         }
-        self.app.store.set_pool_bid(id, bid).await?;
+        let only_rise = p.settings.method_in_force() == Method::English;
+        self.app.store.set_pool_bid(id, bid, only_rise).await??;
         self.pool_request_of(caller, id).await
     }
 

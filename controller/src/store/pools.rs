@@ -261,8 +261,14 @@ pub trait PoolStore: Send + Sync + std::fmt::Debug + 'static {
     /// A pool's requests, cancelled ones included, oldest first.
     async fn pool_requests(&self, pool: Uuid) -> Result<Vec<StoredPoolRequest>, StoreError>;
 
-    /// Changes a live request's bid (`false`: none such).
-    async fn set_pool_bid(&self, id: Uuid, bid: u64) -> Result<bool, StoreError>;
+    /// Changes a live request's bid under its pool's lock (`false`: none such);
+    /// with `only_rise`, refused as `ascending` when lower than the bid it has.
+    async fn set_pool_bid(
+        &self,
+        id: Uuid,
+        bid: u64,
+        only_rise: bool,
+    ) -> Result<Result<bool, MarketRefusal>, StoreError>;
 
     /// Replaces what a request is told (a burst's reason added to its cycle's).
     async fn set_pool_request_why(
@@ -329,17 +335,19 @@ pub trait PoolStore: Send + Sync + std::fmt::Debug + 'static {
         pool: Uuid,
         from: Uuid,
         entity: &str,
+        limits: (Option<u32>, Option<u32>),
         now_ms: UnixMillis,
     ) -> Result<Result<(), MarketRefusal>, StoreError>;
 
     /// An entity leaves a merged pool at `leaving_at_ms`: its slots leave then
-    /// (`false`: it is not in the pool, or leaving already).
+    /// (`false`: it is not in the pool, or leaving already). Refused as
+    /// `owner_stays` for the pool's owner and `last_entity` for the last one in it.
     async fn leave_pool_entity(
         &self,
         pool: Uuid,
         entity: &str,
         leaving_at_ms: UnixMillis,
-    ) -> Result<bool, StoreError>;
+    ) -> Result<Result<bool, MarketRefusal>, StoreError>;
 
     /// Dissolves a pool at `at_ms`: every slot leaves then and every request is
     /// cancelled now (`false`: dissolved already).

@@ -328,17 +328,29 @@ macro_rules! pool_sql {
                     .collect()
             }
 
-            async fn set_pool_bid(&self, id: Uuid, bid: u64) -> Result<bool, StoreError> {
+            async fn set_pool_bid(&self, id: Uuid, bid: u64, only_rise: bool) -> Result<Result<bool, MarketRefusal>, StoreError> {
                 let mut tx = self.write_tx().await?;
+                let pool: Option<String> = sqlx::query_scalar("SELECT pool FROM pool_requests WHERE id = $1")
+                    .bind(id.to_string())
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                let Some(pool) = pool else { return Ok(Ok(false)) };
+                // Read again under the pool's lock: the bid compared is the one changed.
+                $store::lock(&mut tx, Lock::Pool(&pool)).await?;
                 let Some(row) = sqlx::query("SELECT * FROM pool_requests WHERE id = $1 AND cancelled_at_ms IS NULL")
                     .bind(id.to_string())
                     .fetch_optional(&mut *tx)
                     .await?
                 else {
-                    return Ok(false);
+                    return Ok(Ok(false));
                 };
                 let mut r = pool_request_row(&row)?;
-                $store::lock(&mut tx, Lock::Pool(&r.pool.to_string())).await?;
+                if only_rise && bid < r.request.bid {
+                    return Ok(Err(MarketRefusal {
+                        rule: "ascending",
+                        message: format!("an English pool's bids only rise: {bid} is below the bid {}", r.request.bid),
+                    }));
+                }
                 r.request.bid = bid;
                 sqlx::query("UPDATE pool_requests SET record = $2 WHERE id = $1")
                     .bind(id.to_string())
@@ -346,7 +358,7 @@ macro_rules! pool_sql {
                     .execute(&mut *tx)
                     .await?;
                 tx.commit().await?;
-                Ok(true)
+                Ok(Ok(true))
             }
 
             async fn set_pool_request_why(&self, id: Uuid, why: &serde_json::Value) -> Result<(), StoreError> {
@@ -683,7 +695,7 @@ macro_rules! pool_sql {
                     .collect()
             }
 
-            async fn join_pool(&self, pool: Uuid, from: Uuid, entity: &str, now_ms: UnixMillis) -> Result<Result<(), MarketRefusal>, StoreError> {
+            async fn join_pool(&self, pool: Uuid, from: Uuid, entity: &str, limits: (Option<u32>, Option<u32>), now_ms: UnixMillis) -> Result<Result<(), MarketRefusal>, StoreError> {
                 let (to, from_id) = (pool.to_string(), from.to_string());
                 let mut tx = self.write_tx().await?;
                 // Both pools' locks, in one order, so two merges never wait on each other.
@@ -787,10 +799,12 @@ macro_rules! pool_sql {
                     .bind(now_ms)
                     .execute(&mut *tx)
                     .await?;
-                sqlx::query("UPDATE pool_entities SET joined_at_ms = $3 WHERE pool = $1 AND entity = $2")
+                sqlx::query("UPDATE pool_entities SET joined_at_ms = $3, lending_limit = $4, borrowing_limit = $5 WHERE pool = $1 AND entity = $2")
                     .bind(&to)
                     .bind(entity)
                     .bind(now_ms)
+                    .bind(limits.0.map(i64::from))
+                    .bind(limits.1.map(i64::from))
                     .execute(&mut *tx)
                     .await?;
                 sqlx::query("UPDATE pools SET requested_at_ms = $2 WHERE id = $1 AND requested_at_ms IS NULL")
@@ -802,9 +816,30 @@ macro_rules! pool_sql {
                 Ok(Ok(()))
             }
 
-            async fn leave_pool_entity(&self, pool: Uuid, entity: &str, leaving_at_ms: UnixMillis) -> Result<bool, StoreError> {
+            async fn leave_pool_entity(&self, pool: Uuid, entity: &str, leaving_at_ms: UnixMillis) -> Result<Result<bool, MarketRefusal>, StoreError> {
                 let mut tx = self.write_tx().await?;
                 $store::lock(&mut tx, Lock::Pool(&pool.to_string())).await?;
+                let owner: Option<String> = sqlx::query_scalar("SELECT owner FROM pools WHERE id = $1")
+                    .bind(pool.to_string())
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if owner.as_deref() == Some(entity) {
+                    return Ok(Err(MarketRefusal {
+                        rule: "owner_stays",
+                        message: format!("{entity} made pool {pool} and pays its bursts: it dissolves it rather than leave"),
+                    }));
+                }
+                let staying: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM pool_entities WHERE pool = $1 AND entity <> $2 AND joined_at_ms IS NOT NULL AND leaving_at_ms IS NULL")
+                    .bind(pool.to_string())
+                    .bind(entity)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                if staying == 0 {
+                    return Ok(Err(MarketRefusal {
+                        rule: "last_entity",
+                        message: format!("{entity} is the last entity of pool {pool}: dissolve it instead"),
+                    }));
+                }
                 let left = sqlx::query("UPDATE pool_entities SET leaving_at_ms = $3 WHERE pool = $1 AND entity = $2 AND joined_at_ms IS NOT NULL AND leaving_at_ms IS NULL")
                     .bind(pool.to_string())
                     .bind(entity)
@@ -813,7 +848,7 @@ macro_rules! pool_sql {
                     .await?
                     .rows_affected();
                 if left == 0 {
-                    return Ok(false);
+                    return Ok(Ok(false));
                 }
                 sqlx::query("UPDATE pool_slots SET leaving_at_ms = $3 WHERE pool = $1 AND entity = $2 AND (leaving_at_ms IS NULL OR leaving_at_ms > $3)")
                     .bind(pool.to_string())
@@ -822,7 +857,7 @@ macro_rules! pool_sql {
                     .execute(&mut *tx)
                     .await?;
                 tx.commit().await?;
-                Ok(true)
+                Ok(Ok(true))
             }
 
             async fn dissolve_pool(&self, pool: Uuid, at_ms: UnixMillis, now_ms: UnixMillis) -> Result<bool, StoreError> {

@@ -248,6 +248,9 @@ pub struct SettingsArgs {
     /// Burst: the least hours a burst is kept.
     #[arg(long, default_value_t = 1)]
     pub burst_min_hours: u32,
+    /// Remove the burst policy (`pools policy`).
+    #[arg(long)]
+    pub no_burst: bool,
 }
 
 impl SettingsArgs {
@@ -285,6 +288,7 @@ impl SettingsArgs {
             Some(other) => anyhow::bail!("--request-type {other:?}: auction or fixed_price"),
         };
         Ok(PoolSettingsBody {
+            remove_burst: self.no_burst.then_some(true),
             name: None,
             request_type,
             minimum: self.minimum,
