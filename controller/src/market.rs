@@ -993,8 +993,24 @@ impl Market {
         Ok(out)
     }
 
-    /// The holder's instances on a reservation's host, not terminated.
+    /// The holder's instances on a reservation's host, and those of the members of
+    /// a pool that holds it as a slot, not terminated.
     async fn holder_instances(&self, r: &Reservation) -> Result<Vec<String>, StoreError> {
+        // On a pooled reservation, its members' instances stop with it too.
+        let now = self.now();
+        let members: std::collections::BTreeSet<String> =
+            match self.app.store.pool_slot_on(r.host, now).await? {
+                Some(slot) if slot.slot == r.id => self
+                    .app
+                    .store
+                    .pool_allocations(slot.pool, false)
+                    .await?
+                    .into_iter()
+                    .filter(|(a, _)| a.slot == r.id)
+                    .map(|(a, _)| a.user)
+                    .collect(),
+                _ => Default::default(),
+            };
         Ok(self
             .app
             .store
@@ -1002,7 +1018,7 @@ impl Market {
             .await?
             .into_iter()
             .filter(|i| {
-                i.account == r.holder
+                (i.account == r.holder || members.contains(&i.account))
                     && i.owner_role == Role::Client
                     && i.record.state != surplus_protocol::control::InstanceState::Terminated
             })

@@ -2866,9 +2866,11 @@ macro_rules! sql_stores {
                         if inserted > 0 {
                             // What the host's agent stops at the deadline, told in this
                             // same transaction.
-                            let ids: Vec<String> = sqlx::query("SELECT * FROM instances WHERE agent_id = $1 AND account = $2 AND owner_role = 'client' ORDER BY created_at_ms, id")
+                            // The holder's, and on a pooled reservation its members'.
+                            let ids: Vec<String> = sqlx::query("SELECT * FROM instances WHERE agent_id = $1 AND owner_role = 'client' AND (account = $2 OR account IN (SELECT a.member FROM pool_allocations a WHERE a.slot = $3 AND a.done = 0)) ORDER BY created_at_ms, id")
                                 .bind(r.host.to_string())
                                 .bind(&r.holder)
+                                .bind(r.id.to_string())
                                 .fetch_all(&mut *tx)
                                 .await
                                 .map_err(StoreError::from)?
