@@ -60,7 +60,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use surplus_market::Refusal;
 use surplus_market::auction::{self, Auction, Kind, Phase, Reason};
 use surplus_market::billing::bill_posting;
 use surplus_market::interrupt::{self, Candidate, Cause, DEFAULT_GRACE_MS};
@@ -71,8 +70,9 @@ use surplus_market::reservations::{Book, EndReason, Request, Reservation, State}
 use surplus_market::spot::{self, SpotMarket, Supply};
 use uuid::Uuid;
 
+#[macro_use]
 mod sim;
-use sim::SplitMix64;
+use sim::{SplitMix64, Where};
 
 const DEFAULT_SEED: u64 = 0x5EED_DA7E_2026_0016;
 /// The given (or default) seed and this many minus one derived from it.
@@ -118,29 +118,7 @@ impl fmt::Display for Ctx {
     }
 }
 
-impl Ctx {
-    fn ok<T, E: fmt::Debug>(self, result: Result<T, E>, what: impl fmt::Display) -> T {
-        result.unwrap_or_else(|e| panic!("{self}: {what}: {e:?}"))
-    }
-
-    fn refused<T: fmt::Debug>(
-        self,
-        result: Result<T, Refusal>,
-        rule: &str,
-        what: impl fmt::Display,
-    ) {
-        match result {
-            Ok(v) => panic!("{self}: {what}: expected the refusal `{rule}`, got {v:?}"),
-            Err(e) => assert_eq!(e.rule, rule, "{self}: {what}: {e}"),
-        }
-    }
-}
-
-macro_rules! ensure {
-    ($ctx:expr, $cond:expr, $($msg:tt)+) => {
-        assert!($cond, "{}: {}", $ctx, format_args!($($msg)+))
-    };
-}
+impl sim::Where for Ctx {}
 
 /// What may interrupt a reservation, written from the table of `interrupt`'s rule 1
 /// rather than through the engine: `Err` names the refusal's rule.

@@ -106,7 +106,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use surplus_market::Refusal;
 use surplus_market::cohort::{self, Member, MergedPool, MergedWhy, Right, Slot};
 use surplus_market::ledger::{self, Applied, Entry, Ledger, Posting};
 use surplus_market::pool::{
@@ -115,8 +114,9 @@ use surplus_market::pool::{
 };
 use uuid::Uuid;
 
+#[macro_use]
 mod sim;
-use sim::SplitMix64;
+use sim::{SplitMix64, Where};
 
 const DEFAULT_SEED: u64 = 0x5EED_B001_2026_0017;
 /// The given (or default) seed and this many minus one derived from it.
@@ -188,29 +188,7 @@ impl fmt::Display for Ctx {
     }
 }
 
-impl Ctx {
-    fn ok<T, E: fmt::Debug>(self, result: Result<T, E>, what: impl fmt::Display) -> T {
-        result.unwrap_or_else(|e| panic!("{self}: {what}: {e:?}"))
-    }
-
-    fn refused<T: fmt::Debug>(
-        self,
-        result: Result<T, Refusal>,
-        rule: &str,
-        what: impl fmt::Display,
-    ) {
-        match result {
-            Ok(v) => panic!("{self}: {what}: expected the refusal `{rule}`, got {v:?}"),
-            Err(e) => assert_eq!(e.rule, rule, "{self}: {what}: {e}"),
-        }
-    }
-}
-
-macro_rules! ensure {
-    ($ctx:expr, $cond:expr, $($msg:tt)+) => {
-        assert!($cond, "{}: {}", $ctx, format_args!($($msg)+))
-    };
-}
+impl sim::Where for Ctx {}
 
 /// A slot burst into.
 #[derive(Debug, Clone)]

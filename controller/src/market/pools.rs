@@ -239,6 +239,22 @@ fn refused(rule: &'static str, message: impl Into<String>) -> MarketError {
     })
 }
 
+/// Refuses `acting` (an entity) changing what `owner`, another entity, owns; an
+/// admin acts for every entity.
+fn require_own(
+    caller: &Principal,
+    acting: &str,
+    owner: Option<&str>,
+    what: impl FnOnce(&str) -> String,
+) -> Result<(), MarketError> {
+    match owner {
+        Some(o) if o != acting && caller.role != Role::Admin => {
+            Err(MarketError::Forbidden(what(o)))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// An entity as the merged pool's rules see it.
 fn cohort_member(e: &crate::store::PoolEntity) -> cohort::Member {
     cohort::Member {
@@ -948,6 +964,18 @@ impl Market {
         self.pool_view(p).await
     }
 
+    /// The entity whose user `member` of `pool` is, if it is one.
+    async fn member_entity(&self, pool: Uuid, member: &str) -> Result<Option<String>, MarketError> {
+        Ok(self
+            .app
+            .store
+            .pool_members(pool)
+            .await?
+            .into_iter()
+            .find(|m| m.member == member)
+            .map(|m| m.entity))
+    }
+
     /// `POST /v1/pool-accounts`: a client lets pool owner `owner` put the
     /// reservations it holds in pools (and pay bursts from it); a provider, the hosts
     /// it provides that no listing sells.
@@ -1167,12 +1195,9 @@ impl Market {
             .into_iter()
             .find(|s| s.slot == slot)
             .map(|s| s.entity);
-        if theirs.as_ref().is_some_and(|e| *e != entity) && caller.role != Role::Admin {
-            return Err(MarketError::Forbidden(format!(
-                "slot {slot} is {}'s: an entity takes back its own slots",
-                theirs.unwrap_or_default()
-            )));
-        }
+        require_own(caller, &entity, theirs.as_deref(), |o| {
+            format!("slot {slot} is {o}'s: an entity takes back its own slots")
+        })?;
         if !self
             .app
             .store
@@ -1210,21 +1235,13 @@ impl Market {
                 format!("at most {MAX_NAME} characters, none of them control characters"),
             ));
         }
-        let theirs = self
-            .app
-            .store
-            .pool_members(id)
-            .await?
-            .into_iter()
-            .find(|m| m.member == body.member)
-            .map(|m| m.entity);
-        if theirs.as_ref().is_some_and(|e| *e != entity) && caller.role != Role::Admin {
-            return Err(MarketError::Forbidden(format!(
-                "{} is {}'s user: an entity changes its own users",
-                body.member,
-                theirs.unwrap_or_default()
-            )));
-        }
+        let theirs = self.member_entity(id, &body.member).await?;
+        require_own(caller, &entity, theirs.as_deref(), |o| {
+            format!(
+                "{} is {o}'s user: an entity changes its own users",
+                body.member
+            )
+        })?;
         let m = PoolMember {
             member: body.member,
             entity: theirs.unwrap_or(entity),
@@ -1248,20 +1265,10 @@ impl Market {
         member: &str,
     ) -> Result<PoolView, MarketError> {
         let (p, entity) = self.acting(caller, id, Right::Users).await?;
-        let theirs = self
-            .app
-            .store
-            .pool_members(id)
-            .await?
-            .into_iter()
-            .find(|m| m.member == member)
-            .map(|m| m.entity);
-        if theirs.as_ref().is_some_and(|e| *e != entity) && caller.role != Role::Admin {
-            return Err(MarketError::Forbidden(format!(
-                "{member} is {}'s user: an entity removes its own users",
-                theirs.unwrap_or_default()
-            )));
-        }
+        let theirs = self.member_entity(id, member).await?;
+        require_own(caller, &entity, theirs.as_deref(), |o| {
+            format!("{member} is {o}'s user: an entity removes its own users")
+        })?;
         if !self.app.store.remove_pool_member(id, member).await? {
             return Err(MarketError::NotFound(format!(
                 "{member} is not a member of pool {id}"
@@ -1297,28 +1304,18 @@ impl Market {
                 format!("{}: from 1 to {}", body.amount, super::MAX_PRICE),
             ));
         }
-        match self
-            .app
-            .store
-            .pool_members(id)
-            .await?
-            .into_iter()
-            .find(|m| m.member == body.member)
-        {
-            None => {
-                return Err(invalid(
-                    "member",
-                    format!("{} is not a member of pool {id}", body.member),
-                ));
-            }
-            Some(m) if m.entity != entity && caller.role != Role::Admin => {
-                return Err(MarketError::Forbidden(format!(
-                    "{} is {}'s user: an entity issues credits to its own users",
-                    m.member, m.entity
-                )));
-            }
-            Some(_) => {}
-        }
+        let Some(theirs) = self.member_entity(id, &body.member).await? else {
+            return Err(invalid(
+                "member",
+                format!("{} is not a member of pool {id}", body.member),
+            ));
+        };
+        require_own(caller, &entity, Some(&theirs), |o| {
+            format!(
+                "{} is {o}'s user: an entity issues credits to its own users",
+                body.member
+            )
+        })?;
         let key = format!(
             "pool-credit:{id}:{}",
             body.client_token

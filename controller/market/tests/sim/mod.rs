@@ -1,7 +1,38 @@
 //! What the seeded simulations (`market_day.rs`, `pool_term.rs`) share: their one
 //! source of chance and the seeds a run replays.
 
+use std::fmt;
+
+use surplus_market::Refusal;
 use uuid::Uuid;
+
+/// Asserts `$cond`, the message starting with where the simulation is (`$ctx`).
+macro_rules! ensure {
+    ($ctx:expr, $cond:expr, $($msg:tt)+) => {
+        assert!($cond, "{}: {}", $ctx, format_args!($($msg)+))
+    };
+}
+
+/// Where a simulation is (its seed and step): every failure names it.
+pub trait Where: fmt::Display + Copy {
+    /// `result`'s value, or a failure naming where and `what`.
+    fn ok<T, E: fmt::Debug>(self, result: Result<T, E>, what: impl fmt::Display) -> T {
+        result.unwrap_or_else(|e| panic!("{self}: {what}: {e:?}"))
+    }
+
+    /// Fails unless `result` is refused by `rule`.
+    fn refused<T: fmt::Debug>(
+        self,
+        result: Result<T, Refusal>,
+        rule: &str,
+        what: impl fmt::Display,
+    ) {
+        match result {
+            Ok(v) => panic!("{self}: {what}: expected the refusal `{rule}`, got {v:?}"),
+            Err(e) => assert_eq!(e.rule, rule, "{self}: {what}: {e}"),
+        }
+    }
+}
 
 /// SplitMix64: a simulation's only source of chance, so a seed replays its run.
 #[derive(Debug, Clone)]
