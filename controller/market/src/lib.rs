@@ -10,10 +10,15 @@
 //! - [`billing`]: rating usage into invoice lines and postings.
 //! - [`acceptance`]: whether a host's validation results let it sell.
 //! - [`auction`]: English, Dutch and sealed auctions of capacity, as engines.
+//! - [`exchange`]: the usage exchange between controllers: per-user minutes, the
+//!   sequence that makes every row count once, usage per subscription period.
 //! - [`history`]: pricing history: filters, chart buckets, and the range of winning
 //!   prices shown beside a bid form.
 //! - [`interrupt`]: which causes may interrupt which reservations (C6), notices and
 //!   their grace, a provider's reclaim, and the defaults a provider's goal picks (C7).
+//! - [`brokerage`]: subscriptions, margins over and under their limits, netting across
+//!   users and clouds, offset costs, billing records, estimated contributions and the
+//!   settlement of a bundle between its contributors (issue 18).
 //! - [`catalog`]: the size category a host's measurements put it in, and the rank
 //!   of listings a client is shown.
 //! - [`reservations`]: the book of reserved hosts: a host held by one reservation
@@ -33,6 +38,8 @@
 //!   relisted) with the provider's advisory, and clients' ratings.
 //! - [`quote`]: prices that are set, not bid: the immediate quote, fixed on-demand
 //!   and long-term terms.
+//! - [`stagger`]: contribution intervals, staggered contributions that hold an amount
+//!   over a whole interval, their independent check, and a bundle's price (issue 18).
 //! - [`spot`]: the spot market's uniform-price clearing per resource class.
 //! - [`usage`]: what a batch of usage records adds: new, duplicate or refused, and
 //!   each counter's delta.
@@ -40,8 +47,10 @@
 pub mod acceptance;
 pub mod auction;
 pub mod billing;
+pub mod brokerage;
 pub mod catalog;
 pub mod cohort;
+pub mod exchange;
 pub mod history;
 pub mod interrupt;
 pub mod ledger;
@@ -56,6 +65,7 @@ pub mod records;
 pub mod resell;
 pub mod reservations;
 pub mod spot;
+pub mod stagger;
 pub mod usage;
 
 /// An input an engine of this crate refuses; it changed nothing. Each engine's module
