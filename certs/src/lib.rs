@@ -32,6 +32,7 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName as TlsName, RootCertStore, SignatureScheme};
 use surplus_protocol::clock::UnixMillis;
 use surplus_protocol::messages::IssuedCertificate;
+use surplus_protocol::peer::{CONTROLLER_URI_PREFIX, PEER_ALPN};
 use surplus_protocol::{AGENT_URI_PREFIX, ALPN, ENROLL_ALPN};
 use uuid::Uuid;
 
@@ -274,6 +275,227 @@ impl CertAuthority {
             not_after_ms: not_after_ms.div_euclid(1000) * 1000,
         })
     }
+}
+
+impl CertAuthority {
+    /// The certificate this controller presents on peer links, with a fresh key: its
+    /// one URI name is `surplus://controller/<id>` beside the server `names`, and it
+    /// serves both as client and as server. Returns `(certificate PEM, key PEM)`.
+    pub fn issue_controller(
+        &self,
+        controller_id: Uuid,
+        names: &[String],
+        now_ms: UnixMillis,
+        lifetime_ms: i64,
+    ) -> Result<(String, String), CertError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(names.to_vec())?;
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("controller {controller_id}"));
+        params
+            .subject_alt_names
+            .push(SanType::URI(controller_uri(controller_id).try_into()?));
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.not_before = to_time(now_ms - 3_600_000);
+        params.not_after = to_time(now_ms + lifetime_ms);
+        params.serial_number = Some(random_serial());
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}
+
+/// The URI SAN of a controller id.
+pub fn controller_uri(id: Uuid) -> String {
+    format!("{CONTROLLER_URI_PREFIX}{id}")
+}
+
+/// The controller id a DER certificate names, if it names one.
+pub fn controller_id_of(der: &[u8]) -> Option<Uuid> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|name| match name {
+        x509_parser::extensions::GeneralName::URI(uri) => uri
+            .strip_prefix(CONTROLLER_URI_PREFIX)
+            .and_then(|id| Uuid::parse_str(id).ok()),
+        _ => None,
+    })
+}
+
+/// The CAs of this controller's peers, by peer id: each peer is trusted with its own
+/// CA only, and a removed peer's CA is dropped at once (shared with the TLS verifier).
+#[derive(Debug, Clone, Default)]
+pub struct PeerTrust(Arc<RwLock<std::collections::HashMap<Uuid, CertificateDer<'static>>>>);
+
+impl PeerTrust {
+    /// Replaces the whole set (reloaded from storage): `(peer id, CA PEM)`. A CA that
+    /// does not parse is left out and named in the error list.
+    pub fn replace(&self, peers: impl IntoIterator<Item = (Uuid, String)>) -> Vec<(Uuid, String)> {
+        let mut map = std::collections::HashMap::new();
+        let mut bad = Vec::new();
+        for (id, pem) in peers {
+            match first_cert(&pem, "peer CA") {
+                Ok(der) => {
+                    map.insert(id, der);
+                }
+                Err(e) => bad.push((id, e.to_string())),
+            }
+        }
+        *self.0.write().expect("peer trust lock poisoned") = map;
+        bad
+    }
+
+    /// Whether `id` is a peer now.
+    pub fn contains(&self, id: &Uuid) -> bool {
+        self.0
+            .read()
+            .expect("peer trust lock poisoned")
+            .contains_key(id)
+    }
+
+    fn ca_of(&self, id: &Uuid) -> Option<CertificateDer<'static>> {
+        self.0
+            .read()
+            .expect("peer trust lock poisoned")
+            .get(id)
+            .cloned()
+    }
+}
+
+/// Why a peer's certificate was refused.
+#[derive(Debug)]
+struct NotAPeer(String);
+
+impl std::fmt::Display for NotAPeer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NotAPeer {}
+
+fn not_a_peer(why: String) -> rustls::Error {
+    rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+        Arc::new(NotAPeer(why)),
+    )))
+}
+
+/// Client verifier of the peer endpoint: the certificate must name a controller that
+/// is a peer now and chain to that peer's own CA (another peer's CA does not do).
+#[derive(Debug)]
+struct PeerCertVerifier {
+    trust: PeerTrust,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ClientCertVerifier for PeerCertVerifier {
+    fn root_hint_subjects(&self) -> &[TlsName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let id = controller_id_of(end_entity).ok_or_else(|| {
+            not_a_peer(format!(
+                "client certificate carries no {CONTROLLER_URI_PREFIX}<uuid> name"
+            ))
+        })?;
+        let ca = self
+            .trust
+            .ca_of(&id)
+            .ok_or_else(|| not_a_peer(format!("controller {id} is not a peer of this one")))?;
+        let mut roots = RootCertStore::empty();
+        roots.add(ca)?;
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+            .build()
+            .map_err(|e| rustls::Error::General(e.to_string()))?
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// TLS of the controller's peer endpoint: TLS 1.3, ALPN `surplus-peer/1`, the
+/// controller certificate (chained to our CA), and a client certificate required from
+/// a controller that is a peer now, chained to that peer's CA.
+pub fn peer_server_config(
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+    trust: PeerTrust,
+) -> Result<rustls::ServerConfig, CertError> {
+    let verifier = Arc::new(PeerCertVerifier {
+        trust,
+        provider: provider(),
+    });
+    tls13_server(
+        Some(verifier),
+        server_chain(cert_pem, ca_pem)?,
+        key_from_pem(key_pem, "controller key")?,
+        PEER_ALPN,
+    )
+}
+
+/// TLS of a controller dialing its peer: trusts only the peer's CA (pinned at
+/// peering) and presents this controller's certificate.
+pub fn peer_client_config(
+    peer_ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<rustls::ClientConfig, CertError> {
+    let mut roots = RootCertStore::empty();
+    roots.add(first_cert(peer_ca_pem, "peer CA certificate")?)?;
+    let mut config = tls13_client()?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            certs_from_pem(cert_pem, "controller certificate")?,
+            key_from_pem(key_pem, "controller key")?,
+        )?;
+    config.alpn_protocols = vec![PEER_ALPN.to_vec()];
+    config.enable_early_data = false;
+    Ok(config)
 }
 
 /// A new agent key pair (ECDSA P-256). Returns `(key, key PEM)`.

@@ -60,6 +60,8 @@ pub struct Controller {
     pub market: crate::market::Market,
     /// Signed-in browsers of the web console.
     pub console: crate::console::Sessions,
+    /// Peering with other controllers and the links to them.
+    pub federation: crate::federation::Federation,
 }
 
 impl Controller {
@@ -83,7 +85,10 @@ impl Controller {
             tasks: tokio_util::task::TaskTracker::new(),
         });
         let validation = Validations::new(app.clone());
+        let federation =
+            crate::federation::Federation::new(app.clone(), ca.cert_pem(), ca.fingerprint());
         Self {
+            federation,
             agents: Agents::new(app.clone(), ca, revoked),
             validation: validation.clone(),
             resell: crate::resell::Resell::new(app.clone(), validation),

@@ -22,6 +22,8 @@ pub struct ControllerConfig {
     pub session_listen: SocketAddr,
     /// UDP address of the enrollment endpoint (join token for certificate).
     pub enroll_listen: SocketAddr,
+    /// UDP address of peer links with other controllers (federation, issue 18).
+    pub peer_listen: SocketAddr,
     /// TCP address of the HTTP API; loopback by default.
     pub http_listen: SocketAddr,
     /// How long a client may take to send a request's line and headers, from when the
@@ -51,6 +53,13 @@ pub struct ControllerConfig {
     pub advertise_session: Vec<String>,
     /// Enrollment addresses written into join tokens; empty: derived likewise.
     pub advertise_enroll: Vec<String>,
+    /// Peer-link addresses given to controllers that peer with this one; empty:
+    /// derived likewise.
+    pub advertise_peer: Vec<String>,
+    /// How long after a minute ends a host cloud waits for its agents' usage of it
+    /// before sending that minute to its brokers (usage arriving later is not sent).
+    #[serde(with = "humantime_serde")]
+    pub peer_usage_lag: Duration,
     /// Lifetime of agent certificates.
     #[serde(with = "humantime_serde")]
     pub agent_cert_lifetime: Duration,
@@ -123,6 +132,7 @@ impl Default for ControllerConfig {
             database_url: String::new(),
             session_listen: "0.0.0.0:7070".parse().expect("literal"),
             enroll_listen: "0.0.0.0:7071".parse().expect("literal"),
+            peer_listen: "0.0.0.0:7072".parse().expect("literal"),
             http_listen: "127.0.0.1:7080".parse().expect("literal"),
             http_header_read_timeout: Duration::from_secs(10),
             http_body_read_timeout: Duration::from_secs(30),
@@ -133,6 +143,8 @@ impl Default for ControllerConfig {
             server_names: vec!["localhost".into(), "127.0.0.1".into()],
             advertise_session: Vec::new(),
             advertise_enroll: Vec::new(),
+            advertise_peer: Vec::new(),
+            peer_usage_lag: Duration::from_secs(90),
             agent_cert_lifetime: Duration::from_secs(24 * 3600),
             cert_backdate: Duration::from_secs(300),
             join_token_ttl: Duration::from_secs(30 * 60),
@@ -303,6 +315,7 @@ impl ControllerConfig {
                     .with_list_parse_key("server_names")
                     .with_list_parse_key("advertise_session")
                     .with_list_parse_key("advertise_enroll")
+                    .with_list_parse_key("advertise_peer")
                     .source(env),
             )
             .build()?
@@ -325,6 +338,11 @@ impl ControllerConfig {
             self.enroll_listen,
             &self.server_names,
         )
+    }
+
+    /// Peer-link addresses given to controllers that peer with this one.
+    pub fn peer_addresses(&self) -> Vec<String> {
+        advertised(&self.advertise_peer, self.peer_listen, &self.server_names)
     }
 
     /// Refuses settings the controller cannot run with, naming the field.

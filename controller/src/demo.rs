@@ -111,6 +111,7 @@ pub async fn run_with(
     let mut config = dir.load_config()?;
     config.session_listen = "127.0.0.1:0".parse()?;
     config.enroll_listen = "127.0.0.1:0".parse()?;
+    config.peer_listen = "127.0.0.1:0".parse()?;
     if std::net::TcpListener::bind(config.http_listen).is_err() {
         config.http_listen = "127.0.0.1:0".parse()?;
     }

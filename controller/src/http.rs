@@ -27,6 +27,7 @@ use uuid::Uuid;
 
 pub(crate) mod agents;
 pub mod billing;
+pub(crate) mod brokerage;
 pub(crate) mod control;
 pub(crate) mod market;
 pub(crate) mod openapi;
@@ -399,6 +400,7 @@ fn table() -> Vec<Route> {
     all.extend(resell::routes());
     all.extend(market::routes());
     all.extend(pools::routes());
+    all.extend(brokerage::routes());
     all
 }
 

@@ -14,12 +14,14 @@
 
 pub mod agents;
 pub mod app;
+pub mod brokerage;
 pub mod config;
 pub mod console;
 pub mod control;
 pub mod datadir;
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod federation;
 pub mod http;
 pub mod link;
 pub mod market;

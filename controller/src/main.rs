@@ -50,6 +50,11 @@ enum Command {
         #[command(subcommand)]
         command: AgentCommand,
     },
+    /// Peering with other controllers (federation).
+    Peer {
+        #[command(subcommand)]
+        command: PeerCommand,
+    },
     /// A fresh controller and one local agent in one process (Ctrl-C stops it).
     #[cfg(feature = "demo")]
     Demo,
@@ -65,6 +70,48 @@ enum TokenCommand {
         /// Label for the agent that enrolls with it, key=value (repeatable).
         #[arg(long = "label")]
         labels: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PeerCommand {
+    /// Print a one-time peering token for another controller to join with.
+    Invite {
+        /// What the joining controller will be to this one: host-cloud (it sends the
+        /// usage of this controller's subscribers it hosts) or marketplace-cloud (it
+        /// receives this controller's brokered bundles).
+        #[arg(long)]
+        role: String,
+        /// Lifetime, such as 30m or 2h.
+        #[arg(long, default_value = "30m")]
+        ttl: humantime::Duration,
+    },
+    /// Join the controller that printed TOKEN (it must be running); this controller
+    /// then keeps a link to it up while serving.
+    Join {
+        /// The peering token.
+        token: String,
+        /// A name for this controller on the other side.
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// List peers.
+    List,
+    /// Remove a peer: a running controller drops its CA and closes its link within
+    /// seconds; its messages are refused from then on.
+    Remove {
+        /// Peer controller id.
+        id: Uuid,
+    },
+    /// Send an account's usage to a broker peer from now on.
+    Share {
+        /// The broker's controller id.
+        peer: Uuid,
+        /// The client account here.
+        account: String,
+        /// The user it is known as at the broker (default: the account's name).
+        #[arg(long = "as")]
+        user: Option<String>,
     },
 }
 
@@ -151,6 +198,76 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
                             format!("agent {id} was already revoked")
                         }
                     );
+                }
+            }
+        }
+        Command::Peer { command } => {
+            surplus_controller::init_logs(Default::default(), "warn");
+            let config = dir.load_config()?;
+            let ca = dir.load_ca()?;
+            let store = dir.open_store(&config.database_url).await?;
+            let ctl =
+                surplus_controller::Controller::new(config, store, clock, ca, Default::default());
+            let fed = &ctl.federation;
+            match command {
+                PeerCommand::Invite { role, ttl } => {
+                    let role = surplus_protocol::peer::PeerRole::parse(&role)
+                        .filter(|r| *r != surplus_protocol::peer::PeerRole::Broker)
+                        .with_context(|| {
+                            format!("--role {role:?}: expected host-cloud or marketplace-cloud")
+                        })?;
+                    let ttl: Duration = ttl.into();
+                    let invitation = fed.invite(role, ttl).await?;
+                    println!("{}", invitation.token);
+                    eprintln!(
+                        "expires in {}; on the other controller: surplus-controller peer join <token>",
+                        humantime::format_duration(ttl)
+                    );
+                }
+                PeerCommand::Join { token, name } => {
+                    let peer = fed.join(&token, &name).await?;
+                    println!(
+                        "joined {} ({}) as its {}; CA fingerprint {}",
+                        peer.id,
+                        peer.name,
+                        match fed.peer_role_at_broker(&token) {
+                            Some(r) => r,
+                            None => "peer".into(),
+                        },
+                        peer.fingerprint
+                    );
+                }
+                PeerCommand::List => {
+                    for p in ctl.app.store.peers().await? {
+                        println!(
+                            "{}  {:<17} {:<8} {}  {}",
+                            p.id,
+                            p.role.as_str(),
+                            if p.removed_at_ms.is_some() {
+                                "removed"
+                            } else {
+                                "active"
+                            },
+                            p.name,
+                            p.addresses.join(",")
+                        );
+                    }
+                }
+                PeerCommand::Remove { id } => {
+                    if fed.remove(id).await? {
+                        println!("peer {id} removed");
+                    } else {
+                        anyhow::bail!("no active peer {id}");
+                    }
+                }
+                PeerCommand::Share {
+                    peer,
+                    account,
+                    user,
+                } => {
+                    let user = user.unwrap_or_else(|| account.clone());
+                    fed.share(peer, &account, &user).await?;
+                    println!("usage of {account} goes to {peer} as user {user} from now on");
                 }
             }
         }

@@ -32,6 +32,8 @@ pub struct RunningController {
     pub enroll_addr: SocketAddr,
     /// Bound TCP address of the HTTP API.
     pub http_addr: SocketAddr,
+    /// Bound UDP address of peer links.
+    pub peer_addr: SocketAddr,
     cancel: CancellationToken,
     endpoints: Vec<Endpoint>,
     /// Every task of this controller, so that shutdown can wait for all of them: after
@@ -81,22 +83,44 @@ pub async fn start(
         revoked_list.clone(),
     )?;
     let enroll_tls = surplus_certs::enroll_server_config(ca.cert_pem(), &server_cert, &server_key)?;
+    let controller_id = store.controller_id(Uuid::now_v7(), clock.now_ms()).await?;
+    let identity = crate::federation::issue_identity(
+        &ca,
+        controller_id,
+        &config.server_names,
+        clock.now_ms(),
+    )?;
+    let peer_trust = surplus_certs::PeerTrust::default();
+    let peer_tls = surplus_certs::peer_server_config(
+        ca.cert_pem(),
+        &identity.cert_pem,
+        &identity.key_pem,
+        peer_trust.clone(),
+    )?;
     let session_ep = server_endpoint(session_tls, config.session_listen, &config)?;
     let enroll_ep = server_endpoint(enroll_tls, config.enroll_listen, &config)?;
+    // Peer links carry no heartbeats of their own: QUIC keep-alives hold them open.
+    let peer_ep = server_endpoint(
+        peer_tls,
+        config.peer_listen,
+        &ControllerConfig {
+            keep_alive: crate::federation::keep_alive(&config),
+            ..config.clone()
+        },
+    )?;
     let http_listener = tokio::net::TcpListener::bind(config.http_listen)
         .await
         .with_context(|| format!("binding TCP {}", config.http_listen))?;
     config.session_listen = session_ep.local_addr()?;
     config.enroll_listen = enroll_ep.local_addr()?;
+    config.peer_listen = peer_ep.local_addr()?;
     config.http_listen = http_listener.local_addr()?;
 
-    let controller = Arc::new(Controller::new(
-        config.clone(),
-        store,
-        clock,
-        ca,
-        revoked_list,
-    ));
+    let mut controller = Controller::new(config.clone(), store, clock, ca, revoked_list);
+    controller.federation.trust = peer_trust;
+    controller.federation.set_identity(identity);
+    let controller = Arc::new(controller);
+    controller.federation.reload().await;
     let cancel = CancellationToken::new();
     let tasks = controller.app.tasks.clone();
     tasks.spawn(accept_loop(
@@ -114,6 +138,11 @@ pub async fn start(
         tasks.clone(),
     ));
     tasks.spawn(maintenance(controller.clone(), cancel.clone()));
+    tasks.spawn(crate::federation::drive(
+        controller.clone(),
+        peer_ep.clone(),
+        cancel.clone(),
+    ));
     tasks.spawn(controller.resell.clone().drive(cancel.clone()));
     tasks.spawn(crate::market::drive(controller.clone(), cancel.clone()));
     tasks.spawn(crate::notices::Notifier::new(controller.app.clone()).drive(cancel.clone()));
@@ -128,6 +157,7 @@ pub async fn start(
     tracing::info!(
         session = %config.session_listen,
         enroll = %config.enroll_listen,
+        peer = %config.peer_listen,
         http = %config.http_listen,
         ca_fingerprint = %surplus_certs::fingerprint_display(&surplus_certs::fingerprint(controller_ca_der(&controller).as_ref())),
         "controller listening"
@@ -137,8 +167,9 @@ pub async fn start(
         session_addr: config.session_listen,
         enroll_addr: config.enroll_listen,
         http_addr: config.http_listen,
+        peer_addr: config.peer_listen,
         cancel,
-        endpoints: vec![session_ep, enroll_ep],
+        endpoints: vec![session_ep, enroll_ep, peer_ep],
         tasks,
         lock,
     })
@@ -308,6 +339,22 @@ async fn serve_enrollment(ctl: Arc<Controller>, incoming: Incoming) {
             Message::EnrollRequest(req) => match ctl.agents.enroll(&req).await {
                 Ok(enrolled) => Message::Enrolled(enrolled),
                 Err(reply) => Message::Error(reply),
+            },
+            Message::Peer(p) => match *p {
+                surplus_protocol::peer::PeerMessage::Join(join) => {
+                    let answer = match ctl.federation.accept_join(&join).await {
+                        Ok(joined) => surplus_protocol::peer::PeerMessage::Joined(joined),
+                        Err(why) => surplus_protocol::peer::PeerMessage::Refused(why),
+                    };
+                    Message::Peer(Box::new(answer))
+                }
+                other => Message::error(
+                    ErrorCode::Unexpected,
+                    format!(
+                        "the enrollment endpoint serves enroll-request and peer-join only, not {}",
+                        other.kind()
+                    ),
+                ),
             },
             other => Message::error(
                 ErrorCode::Unexpected,

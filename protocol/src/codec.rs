@@ -632,6 +632,21 @@ mod tests {
                     Err(why)
                 })
             }),
+            (any::<u64>(), text(), any::<i64>(), any::<u64>()).prop_map(
+                |(seq, user, at, units)| {
+                    Message::Peer(Box::new(crate::peer::PeerMessage::Usage(
+                        crate::peer::UsageBatch {
+                            rows: vec![crate::peer::PeerUsageRow {
+                                seq,
+                                resource: "os_instances".into(),
+                                user,
+                                minute_ms: at,
+                                unit_ms: units,
+                            }],
+                        },
+                    )))
+                }
+            ),
         ]
     }
 

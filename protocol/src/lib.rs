@@ -13,6 +13,7 @@ pub mod codec;
 pub mod control;
 pub mod inventory;
 pub mod messages;
+pub mod peer;
 #[cfg(feature = "net")]
 pub mod quic;
 pub mod security;

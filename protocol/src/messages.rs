@@ -98,6 +98,8 @@ pub enum Message {
     Reclaim(ReclaimRequest),
     /// Controller → agent: the reservations given notice, or why none could be.
     ReclaimResult(Result<Vec<Reclaimed>, String>),
+    /// Controller ↔ controller: federation (`crate::peer`); refused on agent sessions.
+    Peer(Box<crate::peer::PeerMessage>),
 }
 
 impl Message {
@@ -136,6 +138,7 @@ impl Message {
             Message::HostNoticeAck(_) => "host-notice-ack",
             Message::Reclaim(_) => "reclaim",
             Message::ReclaimResult(_) => "reclaim-result",
+            Message::Peer(p) => p.kind(),
         }
     }
 

@@ -47,6 +47,7 @@ pub fn test_config() -> ControllerConfig {
     ControllerConfig {
         session_listen: "127.0.0.1:0".parse().expect("literal"),
         enroll_listen: "127.0.0.1:0".parse().expect("literal"),
+        peer_listen: "127.0.0.1:0".parse().expect("literal"),
         http_listen: "127.0.0.1:0".parse().expect("literal"),
         heartbeat_interval: Duration::from_millis(500),
         missed_heartbeats: 4,
@@ -115,6 +116,7 @@ impl TestController {
         // Keep the bound ports so a restart comes back on the same addresses.
         self.config.session_listen = running.session_addr;
         self.config.enroll_listen = running.enroll_addr;
+        self.config.peer_listen = running.peer_addr;
         self.config.http_listen = running.http_addr;
         self.running = Some(running);
     }

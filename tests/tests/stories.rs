@@ -155,9 +155,183 @@ story!(a_spot_market_clears_once_and_moves_hosts_by_rank);
 story!(an_auction_closes_once_and_gives_the_winner_a_host);
 story!(a_hold_is_placed_and_given_back_once_and_a_prepaid_client_holds_only_what_it_has);
 story!(a_pool_cycles_once_charges_once_and_a_slot_is_in_one_pool_at_a_time);
+story!(a_peering_invitation_is_taken_once_and_peer_usage_counts_once);
 
 mod stories {
     use super::*;
+
+    /// Federation (issue 18): racing joiners take an invitation once; a usage batch
+    /// delivered again and again, concurrently, is kept once; a removed peer's usage is
+    /// refused; the controller's id is made once.
+    pub async fn a_peering_invitation_is_taken_once_and_peer_usage_counts_once(
+        _f: &Fixture,
+        s: Arc<dyn Store>,
+    ) {
+        use surplus_protocol::peer::{PeerRole, PeerUsageRow};
+        let me = s.controller_id(Uuid::from_u128(1), 0).await.unwrap();
+        assert_eq!(s.controller_id(Uuid::from_u128(2), 5).await.unwrap(), me);
+        s.create_peer_invite("hash", PeerRole::HostCloud, 0, 1_000)
+            .await
+            .unwrap();
+        let joiner = |n: u128| StoredPeer {
+            id: Uuid::from_u128(100 + n),
+            name: format!("host {n}"),
+            role: PeerRole::MarketplaceCloud,
+            our_role: PeerRole::Broker,
+            ca_pem: "pem".into(),
+            fingerprint: "ab".into(),
+            addresses: vec![format!("127.0.0.1:{n}")],
+            server_name: String::new(),
+            dials: false,
+            joined_at_ms: 10,
+            removed_at_ms: None,
+            last_seen_ms: None,
+            out_seq: 0,
+            acked_seq: 0,
+            in_seq: 0,
+        };
+        let racers: Vec<_> = (0..8)
+            .map(|n| {
+                let (s, j) = (s.clone(), joiner(n));
+                tokio::spawn(async move { s.take_peer_invite("hash", &j, 10).await.unwrap() })
+            })
+            .collect();
+        let mut taken = Vec::new();
+        for r in racers {
+            match r.await.unwrap() {
+                Ok(role) => taken.push(role),
+                Err(why) => assert_eq!(why, JoinRefusal::Used),
+            }
+        }
+        assert_eq!(
+            taken,
+            vec![PeerRole::HostCloud],
+            "one joiner takes the invitation"
+        );
+        let peers = s.peers().await.unwrap();
+        assert_eq!(peers.len(), 1);
+        let peer = peers[0].id;
+        assert_eq!(peers[0].role, PeerRole::HostCloud, "the invitation's role");
+        assert_eq!(
+            s.take_peer_invite("nope", &joiner(9), 10).await.unwrap(),
+            Err(JoinRefusal::Unknown)
+        );
+        s.create_peer_invite("late", PeerRole::HostCloud, 0, 5)
+            .await
+            .unwrap();
+        assert_eq!(
+            s.take_peer_invite("late", &joiner(9), 10).await.unwrap(),
+            Err(JoinRefusal::Expired)
+        );
+
+        let rows: Vec<_> = (1..=20u64)
+            .map(|seq| PeerUsageRow {
+                seq,
+                user: "alice".into(),
+                resource: "os_instances".into(),
+                minute_ms: 60_000 * seq as i64,
+                unit_ms: 1_000 * seq,
+            })
+            .collect();
+        let senders: Vec<_> = (0..6)
+            .map(|n| {
+                let s = s.clone();
+                // Overlapping batches: 1..=10, 1..=20, 1..=10, ...
+                let batch = rows[..if n % 2 == 0 { 10 } else { 20 }].to_vec();
+                tokio::spawn(async move { s.receive_peer_usage(peer, &batch, 20).await.unwrap() })
+            })
+            .collect();
+        for r in senders {
+            let ack = r
+                .await
+                .unwrap()
+                .expect("never a gap: every batch starts at row 1");
+            assert!(ack == 10 || ack == 20, "{ack}");
+        }
+        let kept = s.peer_usage_in(0, i64::MAX).await.unwrap();
+        assert_eq!(kept.len(), 20, "every row once");
+        assert_eq!(
+            kept.iter().map(|r| r.row.unit_ms).sum::<u64>(),
+            rows.iter().map(|r| r.unit_ms).sum::<u64>()
+        );
+        assert_eq!(s.peers().await.unwrap()[0].in_seq, 20);
+        let gap = s.receive_peer_usage(peer, &rows[..0], 20).await.unwrap();
+        assert_eq!(
+            gap,
+            Ok(20),
+            "an empty batch is acknowledged where it stands"
+        );
+        let far = PeerUsageRow {
+            seq: 25,
+            ..rows[0].clone()
+        };
+        assert_eq!(
+            s.receive_peer_usage(peer, &[far], 20)
+                .await
+                .unwrap()
+                .unwrap_err()
+                .rule,
+            "gap"
+        );
+
+        // Nothing shared: an export makes no row but moves on.
+        s.put_peer(&StoredPeer {
+            id: Uuid::from_u128(500),
+            role: PeerRole::Broker,
+            our_role: PeerRole::HostCloud,
+            dials: true,
+            ..joiner(0)
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            s.put_peer(&StoredPeer {
+                id: Uuid::from_u128(500),
+                ..joiner(0)
+            })
+            .await
+            .unwrap(),
+            Err(JoinRefusal::AlreadyPeer),
+            "an active peer is not replaced"
+        );
+        let broker = Uuid::from_u128(500);
+        let share = PeerShare {
+            peer: broker,
+            account: "bob".into(),
+            user: "bob.here".into(),
+            through_ms: 0,
+        };
+        assert_eq!(s.share_with_peer(&share).await.unwrap(), share);
+        let other = PeerShare {
+            user: "robert".into(),
+            through_ms: 60_000,
+            ..share.clone()
+        };
+        assert_eq!(
+            s.share_with_peer(&other).await.unwrap(),
+            share,
+            "a share stands as it was made"
+        );
+        assert_eq!(s.export_peer_usage(broker, 600_000).await.unwrap(), 0);
+        assert_eq!(s.peer_shares(broker).await.unwrap()[0].through_ms, 600_000);
+        assert!(s.peer_usage_out(broker, 0, 10).await.unwrap().is_empty());
+
+        assert!(s.remove_peer(peer, 30).await.unwrap());
+        assert!(!s.remove_peer(peer, 31).await.unwrap(), "removed once");
+        assert_eq!(
+            s.put_peer(&StoredPeer {
+                id: peer,
+                ..joiner(0)
+            })
+            .await
+            .unwrap(),
+            Err(JoinRefusal::Removed),
+            "a removed peer stays removed"
+        );
+        let refused = s.receive_peer_usage(peer, &rows[..1], 40).await.unwrap();
+        assert_eq!(refused.unwrap_err().rule, "not_peer");
+    }
 
     pub async fn a_spot_market_clears_once_and_moves_hosts_by_rank(
         _f: &Fixture,

@@ -10,6 +10,7 @@
 
 pub mod agents;
 pub mod billing;
+pub mod brokerage;
 pub mod control;
 pub mod market;
 pub mod pools;

@@ -14,8 +14,10 @@
 //!    gaps and sends them in order; a row is sent again until the receiver acknowledges
 //!    it. The receiver keeps rows after the last one it holds, skips rows it holds
 //!    (`duplicate`), and refuses a batch that would leave a gap (`gap`), out of order
-//!    (`order`), or with a row that is not a whole minute (`minute`) or of an unknown
-//!    resource (`resource`): nothing of a refused batch is kept, so a row counts exactly
+//!    (`order`), or with a row that is not a whole minute (`minute`), of an unknown
+//!    resource (`resource`), of a user no subscription could name (`user`: 1 to 64
+//!    of `[A-Za-z0-9_.-]`), or counting more than a million units over the minute
+//!    (`units`): nothing of a refused batch is kept, so a row counts exactly
 //!    once however often it arrives.
 //! 3. **Periods** ([`used_in_period`]). What a user used of a resource in a
 //!    subscription period is its unit-milliseconds over the period divided by the
@@ -47,6 +49,19 @@ pub fn is_resource(resource: &str) -> bool {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         })
+}
+
+/// Most unit-milliseconds one row may count: a million units busy for the whole minute.
+pub const MAX_UNIT_MS: u64 = 1_000_000 * MINUTE_MS as u64;
+
+/// Whether `user` is a name a subscription can carry (and so a ledger account):
+/// 1 to 64 of `[A-Za-z0-9_.-]`.
+pub fn is_user(user: &str) -> bool {
+    !user.is_empty()
+        && user.len() <= 64
+        && user
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
 /// A counter's delta from one instance's usage record.
@@ -150,10 +165,22 @@ pub fn accept(have: u64, rows: &[PeerUsageRow]) -> Result<Accepted<'_>, Refusal>
                 ),
             ));
         }
-        if row.user.is_empty() || row.user.len() > 128 {
+        if !is_user(&row.user) {
             return Err(refuse(
                 "user",
-                format!("row {} names no user, or one over 128 bytes", row.seq),
+                format!(
+                    "row {} names the user {:?}: 1 to 64 of letters, digits, `.`, `_`, `-`",
+                    row.seq, row.user
+                ),
+            ));
+        }
+        if row.unit_ms > MAX_UNIT_MS {
+            return Err(refuse(
+                "units",
+                format!(
+                    "row {} counts {} unit-ms in one minute, more than {MAX_UNIT_MS}",
+                    row.seq, row.unit_ms
+                ),
             ));
         }
         if row.seq <= through {
@@ -260,6 +287,12 @@ mod tests {
         let mut unknown = row(1);
         unknown.resource = "gpus".into();
         assert_eq!(accept(0, &[unknown]).unwrap_err().rule, "resource");
+        let mut odd_user = row(1);
+        odd_user.user = "bob@here".into();
+        assert_eq!(accept(0, &[odd_user]).unwrap_err().rule, "user");
+        let mut huge = row(1);
+        huge.unit_ms = MAX_UNIT_MS + 1;
+        assert_eq!(accept(0, &[huge]).unwrap_err().rule, "units");
         let mut app = row(1);
         app.resource = "app.postgres".into();
         assert!(accept(0, &[app]).is_ok());

@@ -118,6 +118,13 @@ use super::*;
         pools::join_pool,
         pools::set_pool_limits,
         pools::leave_pool,
+        brokerage::list_peers,
+        brokerage::brokerage_usage,
+        brokerage::brokerage_margins,
+        brokerage::plan_bundle,
+        brokerage::create_subscription,
+        brokerage::list_subscriptions,
+        brokerage::show_subscriptions,
     ),
     components(schemas(ErrorBody)),
     modifiers(&Shared),
@@ -130,6 +137,7 @@ use super::*;
         (name = "resell", description = "Providers of capacity and their agreements"),
         (name = "market", description = "Offers, quotes, reservations and the pricing history"),
         (name = "pools", description = "Private pools: slots, members, requests, bursts"),
+        (name = "brokerage", description = "Federation with other controllers and the brokerage of unused subscriptions"),
     )
 )]
 struct ApiDoc;

@@ -7,6 +7,8 @@
 //! balances and invoice lines; a usage batch with its cursors) is one method, one
 //! transaction. [`open`] picks the backend from the configured database URL.
 
+mod federation;
+mod federation_sql;
 mod pools;
 mod pools_sql;
 pub mod postgres;
@@ -20,6 +22,9 @@ use serde::{Deserialize, Serialize};
 use surplus_protocol::clock::UnixMillis;
 use uuid::Uuid;
 
+pub use federation::{
+    FederationStore, JoinRefusal, PeerShare, PeerUsageIn, StoredPeer, StoredSubscription,
+};
 pub use pools::{
     PoolBurst, PoolCharge, PoolDecide, PoolDecision, PoolEntity, PoolMember, PoolSlotRow,
     PoolState, PoolStore, SlotFacts, StoredPool, StoredPoolRequest,
@@ -1684,6 +1689,7 @@ pub trait Store:
     + SpotStore
     + AuctionStore
     + PoolStore
+    + FederationStore
 {
 }
 
@@ -1701,5 +1707,6 @@ impl<T> Store for T where
         + SpotStore
         + AuctionStore
         + PoolStore
+        + FederationStore
 {
 }

@@ -187,6 +187,7 @@ super::sql::sql_stores!(
     sqlx::PgConnection
 );
 super::pools_sql::pool_sql!(PgStore, sqlx::postgres::PgRow);
+super::federation_sql::federation_sql!(PgStore, sqlx::postgres::PgRow);
 
 /// `url` without its password.
 pub fn redact(url: &str) -> String {

@@ -135,3 +135,4 @@ impl SqliteStore {
 
 super::sql::sql_stores!(SqliteStore, sqlx::Sqlite, SqliteRow, sqlx::SqliteConnection);
 super::pools_sql::pool_sql!(SqliteStore, SqliteRow);
+super::federation_sql::federation_sql!(SqliteStore, SqliteRow);

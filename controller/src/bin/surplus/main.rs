@@ -7,6 +7,7 @@
 
 mod agents;
 mod billing;
+mod brokerage;
 mod buy;
 mod client;
 mod control;
@@ -71,6 +72,16 @@ enum Command {
         #[command(subcommand)]
         command: pools::Command,
     },
+    /// Subscribers' short-term limits per resource and period (admin).
+    Subscriptions {
+        #[command(subcommand)]
+        command: brokerage::SubscriptionCommand,
+    },
+    /// Brokerage of unused subscriptions: margins across users and clouds (admin).
+    Brokerage {
+        #[command(subcommand)]
+        command: brokerage::BrokerageCommand,
+    },
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -122,6 +133,10 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         Command::Market(c) => market::run(&client, cli.json, c).await,
         Command::Buy(c) => buy::run(&client, cli.json, c).await,
         Command::Pools { command } => pools::run(&client, cli.json, command).await,
+        Command::Subscriptions { command } => {
+            brokerage::subscriptions(&client, cli.json, command).await
+        }
+        Command::Brokerage { command } => brokerage::brokerage(&client, cli.json, command).await,
     }
 }
 

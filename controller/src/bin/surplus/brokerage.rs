@@ -1,0 +1,334 @@
+//! `surplus subscriptions` and `surplus brokerage`: subscribers' limits and the
+//! margins over and under them across users and clouds (issue 18).
+
+use clap::Subcommand;
+use surplus_api::brokerage::{
+    BundlePlanRequest, BundlePlanView, MarginsView, SubscriptionCreate, SubscriptionView,
+};
+
+use crate::client::{Client, print, table};
+
+/// `surplus subscriptions`.
+#[derive(Subcommand)]
+pub enum SubscriptionCommand {
+    /// Make or replace a user's subscription of a resource (admin).
+    Create {
+        /// The user.
+        #[arg(long)]
+        user: String,
+        /// os_instances, cpu_cores, memory_gb or app.<name>.
+        #[arg(long)]
+        resource: String,
+        /// The short-term period: 1m, 5m, 10m, 15m, 30m, 1h, 8h, 12h or 24h.
+        #[arg(long)]
+        period: String,
+        /// Units per period without overage.
+        #[arg(long)]
+        limit: u64,
+        /// Minor units per unit over the limit per period.
+        #[arg(long)]
+        overage_rate: i64,
+        /// The client account billed the netted overage (default: the user).
+        #[arg(long)]
+        administrator: Option<String>,
+        /// The rate's currency (default EUR).
+        #[arg(long)]
+        currency: Option<String>,
+    },
+    /// Every subscription (admin).
+    List,
+    /// One user's subscriptions (admin).
+    Show {
+        /// The user.
+        user: String,
+    },
+}
+
+/// `surplus brokerage`.
+#[derive(Subcommand)]
+pub enum BrokerageCommand {
+    /// The margins of a window, laid out like FIG. 4: each user's usage across clouds
+    /// against its limit per period, the net margin across users and clouds, the
+    /// offset cost, and the totals (admin).
+    Margins {
+        /// Only this user's subscriptions (netted across its clouds only).
+        #[arg(long)]
+        user: Option<String>,
+        /// Only this resource.
+        #[arg(long)]
+        resource: Option<String>,
+        /// Only subscriptions of this period (15m, 1h, ...).
+        #[arg(long)]
+        period: Option<String>,
+        /// Window start, ms since the epoch (default: a day before --until).
+        #[arg(long)]
+        from: Option<i64>,
+        /// Window end, ms since the epoch (default: the end of the last whole period).
+        #[arg(long)]
+        until: Option<i64>,
+    },
+    /// Bundles of the subscribers' unused capacity.
+    Bundle {
+        #[command(subcommand)]
+        command: BundleCommand,
+    },
+}
+
+/// `surplus brokerage bundle`.
+#[derive(Subcommand)]
+pub enum BundleCommand {
+    /// Plan a bundle holding an amount over an interval from the subscribers'
+    /// estimated contributions, staggered; shows who contributes what, when, and the
+    /// price, or where it falls short (admin). Nothing is stored.
+    Plan {
+        /// The resource, such as os_instances.
+        #[arg(long)]
+        resource: String,
+        /// Units held at every instant.
+        #[arg(long)]
+        amount: u64,
+        /// The interval's start, ms since the epoch.
+        #[arg(long)]
+        from: i64,
+        /// The interval's end, ms since the epoch.
+        #[arg(long)]
+        until: i64,
+        /// Share of the average under-consumption estimated, basis points (5000 = 50%).
+        #[arg(long)]
+        share_bps: Option<u32>,
+        /// How far back the estimates look, such as 48h.
+        #[arg(long)]
+        history: Option<String>,
+        /// Minor units per unit-hour.
+        #[arg(long)]
+        rate: Option<u64>,
+        /// The least a contributor is paid.
+        #[arg(long)]
+        floor: Option<u64>,
+    },
+}
+
+pub async fn subscriptions(
+    client: &Client,
+    json: bool,
+    command: SubscriptionCommand,
+) -> anyhow::Result<()> {
+    let subs: Vec<SubscriptionView> = match command {
+        SubscriptionCommand::Create {
+            user,
+            resource,
+            period,
+            limit,
+            overage_rate,
+            administrator,
+            currency,
+        } => {
+            let body = SubscriptionCreate {
+                user,
+                resource,
+                period,
+                limit,
+                overage_rate,
+                administrator,
+                currency,
+            };
+            let made: SubscriptionView = client.post("/v1/subscriptions", &body).await?;
+            if json {
+                print(json, &made, || {});
+                return Ok(());
+            }
+            vec![made]
+        }
+        SubscriptionCommand::List => client.get("/v1/subscriptions").await?,
+        SubscriptionCommand::Show { user } => {
+            let path: String = form_urlencoded::byte_serialize(user.as_bytes()).collect();
+            client.get(&format!("/v1/subscriptions/{path}")).await?
+        }
+    };
+    print(json, &subs, || {
+        let mut t = table(&[
+            "USER",
+            "RESOURCE",
+            "PERIOD",
+            "LIMIT",
+            "OVERAGE RATE",
+            "ADMINISTRATOR",
+        ]);
+        for s in &subs {
+            t.add_row(vec![
+                s.user.clone(),
+                s.resource.clone(),
+                s.period.clone(),
+                s.limit.to_string(),
+                format!("{} {}", s.overage_rate, s.currency),
+                s.administrator.clone(),
+            ]);
+        }
+        println!("{t}");
+    });
+    Ok(())
+}
+
+pub async fn brokerage(
+    client: &Client,
+    json: bool,
+    command: BrokerageCommand,
+) -> anyhow::Result<()> {
+    let (user, resource, period, from, until) = match command {
+        BrokerageCommand::Margins {
+            user,
+            resource,
+            period,
+            from,
+            until,
+        } => (user, resource, period, from, until),
+        BrokerageCommand::Bundle {
+            command:
+                BundleCommand::Plan {
+                    resource,
+                    amount,
+                    from,
+                    until,
+                    share_bps,
+                    history,
+                    rate,
+                    floor,
+                },
+        } => {
+            let body = BundlePlanRequest {
+                resource,
+                amount,
+                from,
+                until,
+                share_bps,
+                history,
+                rate_per_unit_hour: rate,
+                floor_per_contributor: floor,
+            };
+            let plan: BundlePlanView = client.post("/v1/brokerage/bundles/plan", &body).await?;
+            print(json, &plan, || show_plan(&plan));
+            return Ok(());
+        }
+    };
+    let mut q = form_urlencoded::Serializer::new(String::new());
+    for (k, v) in [
+        ("user", user),
+        ("resource", resource),
+        ("period", period),
+        ("from", from.map(|v| v.to_string())),
+        ("until", until.map(|v| v.to_string())),
+    ] {
+        if let Some(v) = v {
+            q.append_pair(k, &v);
+        }
+    }
+    let view: MarginsView = client
+        .get(&format!("/v1/brokerage/margins?{}", q.finish()))
+        .await?;
+    print(json, &view, || show_margins(&view));
+    Ok(())
+}
+
+/// FIG. 4: a column per period; per user its usage and margin; then the net margin,
+/// the offset cost and the excess capacity per period; the totals at the end. One
+/// block per subscriber and resource.
+fn show_margins(view: &MarginsView) {
+    println!("clouds: {}", view.clouds.join(", "));
+    for sub in &view.subscribers {
+        for r in &sub.table.resources {
+            println!(
+                "\n{}: {} per {} ms, overage {} per unit over",
+                sub.administrator, r.resource, r.period_ms, r.overage_rate
+            );
+            let mut header = vec!["".to_owned()];
+            header.extend(r.periods.iter().map(|p| clock_label(*p)));
+            header.push("TOTAL".into());
+            let header: Vec<&str> = header.iter().map(String::as_str).collect();
+            let mut t = table(&header);
+            for u in &r.users {
+                let mut row = vec![format!("{} (limit {})", u.user, u.limit)];
+                row.extend(
+                    u.cells
+                        .iter()
+                        .map(|c| format!("{} ({:+})", c.used, c.margin)),
+                );
+                row.push(format!("{:+}", u.marginal_total));
+                t.add_row(row);
+            }
+            let mut net = vec!["net margin".to_owned()];
+            net.extend(r.net_margins.iter().map(|m| format!("{m:+}")));
+            net.push(format!("{:+}", r.marginal_total));
+            t.add_row(net);
+            let mut cost = vec!["offset cost".to_owned()];
+            cost.extend(r.offset_costs.iter().map(i64::to_string));
+            cost.push(r.aggregate_offset_cost.to_string());
+            t.add_row(cost);
+            let mut excess = vec!["excess capacity".to_owned()];
+            excess.extend(r.excess_capacity.iter().map(u64::to_string));
+            excess.push(r.excess_capacity.iter().sum::<u64>().to_string());
+            t.add_row(excess);
+            println!("{t}");
+        }
+        for b in &sub.billing {
+            println!(
+                "bill {}: {} {} ({} unit-periods over, netted)",
+                b.administrator, b.resource, b.amount, b.net_over
+            );
+        }
+    }
+    if !view.unsubscribed.is_empty() {
+        println!(
+            "{} minutes of use by users without a subscription were left out",
+            view.unsubscribed.len()
+        );
+    }
+}
+
+/// A bundle's arrangement as a timeline: who contributes what, when.
+fn show_plan(plan: &BundlePlanView) {
+    let mut t = table(&["CONTRIBUTOR", "ESTIMATE", "AVAILABLE FROM", "UNTIL"]);
+    for e in &plan.estimates {
+        t.add_row(vec![
+            e.user.clone(),
+            e.amount.to_string(),
+            clock_label(e.from),
+            clock_label(e.until),
+        ]);
+    }
+    println!("{t}");
+    if let Some(a) = &plan.arrangement {
+        let mut t = table(&["CONTRIBUTOR", "AMOUNT", "FROM", "UNTIL", "PAID INCREMENTS"]);
+        for c in &a.contributions {
+            t.add_row(vec![
+                c.contributor.clone(),
+                c.amount.to_string(),
+                clock_label(c.from),
+                clock_label(c.until),
+                c.paid_increments.to_string(),
+            ]);
+        }
+        println!("{t}");
+        if let Some(p) = &plan.price {
+            println!(
+                "price {} (per contributor: {:?})",
+                p.total, p.per_contributor
+            );
+        }
+    }
+    for s in &plan.shortfalls {
+        println!(
+            "short {}..{}: {} {} needed, {} available",
+            clock_label(s.from),
+            clock_label(s.until),
+            s.needed,
+            s.resource,
+            s.available
+        );
+    }
+}
+
+/// `HH:MM` (UTC) of a period's start.
+fn clock_label(ms: i64) -> String {
+    let minutes = ms.div_euclid(60_000).rem_euclid(24 * 60);
+    format!("{:02}:{:02}", minutes / 60, minutes % 60)
+}

@@ -1,0 +1,445 @@
+//! Brokerage (issue 18, C10), the shell: subscriptions kept in the store, and the
+//! margin table of a window built from this controller's own metering and the usage
+//! its host clouds sent (`federation`). The rules are `surplus_market::brokerage`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use surplus_api::brokerage::{MarginsView, SubscriptionCreate, SubscriptionView};
+use surplus_market::Refusal;
+use surplus_market::brokerage::{self, Subscription, UsageRow};
+use surplus_market::exchange::{self, MINUTE_MS};
+use surplus_protocol::clock::UnixMillis;
+
+use crate::app::Controller;
+use crate::store::{StoreError, StoredSubscription};
+
+/// The name of this controller's own usage in a margin table.
+pub const LOCAL: &str = "local";
+
+/// What went wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerageError {
+    /// The input broke a rule (the field or rule is named).
+    #[error("{0}")]
+    Refused(#[from] Refusal),
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A period's name (`1h`) as milliseconds; `None` when it is not a duration.
+pub fn period_ms(text: &str) -> Option<i64> {
+    humantime::parse_duration(text.trim())
+        .ok()
+        .and_then(|d| i64::try_from(d.as_millis()).ok())
+}
+
+/// A period in milliseconds as its short name (`15m`, `1h`, `24h`).
+pub fn period_name(ms: i64) -> String {
+    match ms {
+        ms if ms > 0 && ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
+        ms if ms > 0 && ms % 60_000 == 0 => format!("{}m", ms / 60_000),
+        ms => humantime::format_duration(Duration::from_millis(ms.max(0) as u64))
+            .to_string()
+            .replace(' ', ""),
+    }
+}
+
+fn view(s: &StoredSubscription) -> SubscriptionView {
+    SubscriptionView {
+        user: s.subscription.user.clone(),
+        resource: s.subscription.resource.clone(),
+        period: period_name(s.subscription.period_ms),
+        period_ms: s.subscription.period_ms,
+        limit: s.subscription.limit,
+        overage_rate: s.subscription.overage_rate,
+        administrator: s.administrator.clone(),
+        currency: s.currency.clone(),
+        created_at_ms: s.created_at_ms,
+        updated_at_ms: s.updated_at_ms,
+    }
+}
+
+fn refused(rule: &'static str, message: String) -> BrokerageError {
+    BrokerageError::Refused(Refusal { rule, message })
+}
+
+/// Makes or replaces a user's subscription of a resource.
+pub async fn put_subscription(
+    ctl: &Controller,
+    body: SubscriptionCreate,
+) -> Result<SubscriptionView, BrokerageError> {
+    let period = period_ms(&body.period).ok_or_else(|| {
+        refused(
+            "period",
+            format!(
+                "period {:?} is not a duration such as 15m or 1h",
+                body.period
+            ),
+        )
+    })?;
+    let subscription = Subscription {
+        user: body.user,
+        resource: body.resource,
+        period_ms: period,
+        limit: body.limit,
+        overage_rate: body.overage_rate,
+    };
+    brokerage::check_subscription(&subscription)?;
+    let administrator = body
+        .administrator
+        .unwrap_or_else(|| subscription.user.clone());
+    if surplus_market::ledger::validate_account(&format!("client:{administrator}")).is_err() {
+        return Err(refused(
+            "administrator",
+            format!("administrator {administrator:?} is not a client account name"),
+        ));
+    }
+    let currency = body.currency.unwrap_or_else(|| "EUR".into());
+    if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_uppercase()) {
+        return Err(refused(
+            "currency",
+            format!("currency {currency:?} is not a three-letter code such as EUR"),
+        ));
+    }
+    let now = ctl.app.clock.now_ms();
+    let existing = ctl.app.store.subscriptions().await?;
+    let created_at_ms = existing
+        .iter()
+        .find(|s| {
+            s.subscription.user == subscription.user
+                && s.subscription.resource == subscription.resource
+        })
+        .map_or(now, |s| s.created_at_ms);
+    // A subscriber's subscriptions of one resource and period length net at one rate
+    // (`mixed_rates`): refused here, when it is made, rather than in every margin
+    // table after.
+    if let Some(other) = existing.iter().find(|s| {
+        s.administrator == administrator
+            && s.subscription.resource == subscription.resource
+            && s.subscription.period_ms == subscription.period_ms
+            && s.subscription.user != subscription.user
+            && (s.subscription.overage_rate != subscription.overage_rate || s.currency != currency)
+    }) {
+        return Err(refused(
+            "mixed_rates",
+            format!(
+                "{}'s {} per {} costs {} {} per unit over: a subscriber's subscriptions of a resource and period net at one rate",
+                other.subscription.user,
+                other.subscription.resource,
+                period_name(other.subscription.period_ms),
+                other.subscription.overage_rate,
+                other.currency
+            ),
+        ));
+    }
+    let stored = StoredSubscription {
+        subscription,
+        administrator,
+        currency,
+        created_at_ms,
+        updated_at_ms: now,
+    };
+    ctl.app.store.put_subscription(&stored).await?;
+    Ok(view(&stored))
+}
+
+/// Every subscription, or one user's.
+pub async fn subscriptions(
+    ctl: &Controller,
+    user: Option<&str>,
+) -> Result<Vec<SubscriptionView>, StoreError> {
+    Ok(ctl
+        .app
+        .store
+        .subscriptions()
+        .await?
+        .iter()
+        .filter(|s| user.is_none_or(|u| s.subscription.user == u))
+        .map(view)
+        .collect())
+}
+
+/// Which part of the margins to compute.
+#[derive(Debug, Clone, Default)]
+pub struct MarginQuery {
+    /// Only this user's subscriptions (netted across its clouds only).
+    pub user: Option<String>,
+    /// Only this resource.
+    pub resource: Option<String>,
+    /// Only subscriptions of this period length.
+    pub period_ms: Option<i64>,
+    /// Window start (default: a day before `until`).
+    pub from: Option<UnixMillis>,
+    /// Window end (default: the end of the last whole period).
+    pub until: Option<UnixMillis>,
+}
+
+/// The margin table of a window: subscriptions against the usage of every cloud.
+pub async fn margins(ctl: &Controller, q: &MarginQuery) -> Result<MarginsView, BrokerageError> {
+    let stored: Vec<StoredSubscription> = ctl
+        .app
+        .store
+        .subscriptions()
+        .await?
+        .into_iter()
+        .filter(|s| {
+            q.user.as_ref().is_none_or(|u| &s.subscription.user == u)
+                && q.resource
+                    .as_ref()
+                    .is_none_or(|r| &s.subscription.resource == r)
+                && q.period_ms.is_none_or(|p| s.subscription.period_ms == p)
+        })
+        .collect();
+    // Every allowed period divides a day, so a window of whole days (or ending on the
+    // grid of the common multiple) holds whole periods of each.
+    let grid = stored
+        .iter()
+        .map(|s| s.subscription.period_ms)
+        .fold(q.period_ms.unwrap_or(MINUTE_MS), lcm);
+    // The last whole period whose usage has arrived from every cloud: a host cloud
+    // sends a minute `peer_usage_lag` after it ends, and pushes within seconds.
+    let settled =
+        ctl.app.clock.now_ms() - ctl.app.config.peer_usage_lag.as_millis() as i64 - MINUTE_MS;
+    let until = q.until.unwrap_or(settled.div_euclid(grid) * grid);
+    let from = q
+        .from
+        .unwrap_or(until.saturating_sub(86_400_000_i64.max(grid)));
+    if from >= until || until.saturating_sub(from) > brokerage::MAX_WINDOW_MS {
+        return Err(refused(
+            "from",
+            format!("from {from} must be before until {until}, at most 31 days"),
+        ));
+    }
+    // Usage per cloud, user, resource and minute, then per subscription period.
+    let mut minutes: BTreeMap<(String, String, String, i64), u128> = BTreeMap::new();
+    let deltas = ctl.app.store.local_usage_deltas(None, from, until).await?;
+    for (user, resource, minute, unit_ms) in exchange::minute_usage(&deltas, from, until) {
+        *minutes
+            .entry((LOCAL.into(), user, resource.into(), minute))
+            .or_default() += u128::from(unit_ms);
+    }
+    for r in ctl.app.store.peer_usage_in(from, until).await? {
+        *minutes
+            .entry((
+                r.peer.to_string(),
+                r.row.user,
+                r.row.resource,
+                r.row.minute_ms,
+            ))
+            .or_default() += u128::from(r.row.unit_ms);
+    }
+    let subscribed_by_anyone: std::collections::BTreeSet<(String, String)> = ctl
+        .app
+        .store
+        .subscriptions()
+        .await?
+        .into_iter()
+        .map(|s| (s.subscription.user, s.subscription.resource))
+        .collect();
+    let period_of: BTreeMap<(&str, &str), i64> = stored
+        .iter()
+        .map(|s| {
+            (
+                (
+                    s.subscription.user.as_str(),
+                    s.subscription.resource.as_str(),
+                ),
+                s.subscription.period_ms,
+            )
+        })
+        .collect();
+    let mut per_period: BTreeMap<(String, String, String, i64), u128> = BTreeMap::new();
+    let mut clouds: Vec<String> = vec![LOCAL.into()];
+    let mut unsubscribed = Vec::new();
+    for ((cloud, user, resource, minute), unit_ms) in minutes {
+        let Some(period) = period_of.get(&(user.as_str(), resource.as_str())) else {
+            // Subscribed but not in this query's selection: not this table's. Not
+            // subscribed at all: listed, never counted.
+            let wanted = q.user.as_ref().is_none_or(|u| u == &user)
+                && q.resource.as_ref().is_none_or(|r| r == &resource);
+            if wanted && !subscribed_by_anyone.contains(&(user.clone(), resource.clone())) {
+                unsubscribed.push(surplus_api::brokerage::UsageMinute {
+                    cloud,
+                    user,
+                    resource,
+                    minute_ms: minute,
+                    unit_ms: u64::try_from(unit_ms).unwrap_or(u64::MAX),
+                });
+            }
+            continue;
+        };
+        if !clouds.contains(&cloud) {
+            clouds.push(cloud.clone());
+        }
+        let start = minute.div_euclid(*period) * period;
+        *per_period
+            .entry((cloud, user, resource, start))
+            .or_default() += unit_ms;
+    }
+    let usage: Vec<UsageRow> = per_period
+        .into_iter()
+        .map(|((cloud, user, resource, start), unit_ms)| UsageRow {
+            used: exchange::used_in_period(unit_ms, period_of[&(user.as_str(), resource.as_str())]),
+            cloud,
+            user,
+            resource,
+            period_start: start,
+        })
+        .collect();
+    // Each subscriber's users net among themselves only: one organisation's unused
+    // limits do not pay for another's overage.
+    let mut by_administrator: BTreeMap<&str, Vec<Subscription>> = BTreeMap::new();
+    for s in &stored {
+        by_administrator
+            .entry(s.administrator.as_str())
+            .or_default()
+            .push(s.subscription.clone());
+    }
+    let mut subscribers = Vec::new();
+    for (administrator, subs) in by_administrator {
+        let users: std::collections::BTreeSet<&str> =
+            subs.iter().map(|s| s.user.as_str()).collect();
+        let theirs: Vec<UsageRow> = usage
+            .iter()
+            .filter(|u| users.contains(u.user.as_str()))
+            .cloned()
+            .collect();
+        let table = brokerage::margins(&subs, &theirs, from, until)?;
+        let billing = brokerage::billing_records(&table, administrator);
+        subscribers.push(surplus_api::brokerage::SubscriberMargins {
+            administrator: administrator.to_owned(),
+            table,
+            billing,
+        });
+    }
+    Ok(MarginsView {
+        clouds,
+        from,
+        until,
+        subscribers,
+        unsubscribed,
+    })
+}
+
+fn gcd(a: i64, b: i64) -> i64 {
+    if b == 0 { a.abs() } else { gcd(b, a % b) }
+}
+
+fn lcm(a: i64, b: i64) -> i64 {
+    if a <= 0 || b <= 0 {
+        return a.max(b).max(1);
+    }
+    a / gcd(a, b) * b
+}
+
+/// Plans a bundle: each subscriber of the resource is estimated from its margins
+/// over the look-back window (a share of its average under-consumption, available
+/// over the whole interval in increments of its subscription's period), and the
+/// estimates are staggered to hold the amount at every instant of the interval.
+pub async fn plan_bundle(
+    ctl: &Controller,
+    body: &surplus_api::brokerage::BundlePlanRequest,
+) -> Result<surplus_api::brokerage::BundlePlanView, BrokerageError> {
+    use surplus_market::brokerage::{EstimateInput, Window};
+    use surplus_market::stagger::{self, Need, PriceTerms, Unarranged};
+    let history = match &body.history {
+        Some(h) => period_ms(h)
+            .filter(|ms| *ms > 0 && *ms <= brokerage::MAX_WINDOW_MS)
+            .ok_or_else(|| {
+                refused(
+                    "history",
+                    format!("history {h:?} is not a duration of at most 31 days, such as 48h"),
+                )
+            })?,
+        None => 2 * 86_400_000,
+    };
+    let subs = ctl.app.store.subscriptions().await?;
+    let subs: Vec<_> = subs
+        .iter()
+        .filter(|s| s.subscription.resource == body.resource)
+        .collect();
+    let mut estimates = Vec::new();
+    for period in subs
+        .iter()
+        .map(|s| s.subscription.period_ms)
+        .collect::<std::collections::BTreeSet<_>>()
+    {
+        let now = ctl.app.clock.now_ms();
+        let until = now.div_euclid(period) * period;
+        let from = until - history.div_euclid(period).max(1) * period;
+        let view = margins(
+            ctl,
+            &MarginQuery {
+                resource: Some(body.resource.clone()),
+                period_ms: Some(period),
+                from: Some(from),
+                until: Some(until),
+                ..MarginQuery::default()
+            },
+        )
+        .await?;
+        for s in subs.iter().filter(|s| s.subscription.period_ms == period) {
+            let Some(margins) = view
+                .subscribers
+                .iter()
+                .find_map(|t| t.table.margins_of(&s.subscription.user, &body.resource))
+            else {
+                continue;
+            };
+            estimates.push(brokerage::estimate(&EstimateInput {
+                user: s.subscription.user.clone(),
+                resource: body.resource.clone(),
+                margins,
+                share_bps: body.share_bps.unwrap_or(5_000),
+                from: body.from,
+                until: body.until,
+                availability: vec![Window {
+                    from: body.from,
+                    until: body.until,
+                }],
+                increment_ms: period,
+            })?);
+        }
+    }
+    let available: Vec<_> = estimates
+        .iter()
+        .flat_map(|e| e.availability.iter().cloned())
+        .collect();
+    let need = Need {
+        resource: body.resource.clone(),
+        amount: body.amount,
+        from: body.from,
+        until: body.until,
+    };
+    let (arrangement, shortfalls) = match stagger::arrange(std::slice::from_ref(&need), &available)
+    {
+        Ok(a) => (Some(a), Vec::new()),
+        Err(Unarranged::Short(short)) => (None, short),
+        Err(Unarranged::Refused(r)) => return Err(r.into()),
+    };
+    let price = arrangement
+        .as_ref()
+        .map(|a| {
+            stagger::price_bundle(
+                a,
+                &PriceTerms {
+                    rate_per_unit_hour: [(
+                        body.resource.clone(),
+                        body.rate_per_unit_hour.unwrap_or(0),
+                    )]
+                    .into_iter()
+                    .collect(),
+                    floor_per_contributor: body.floor_per_contributor.unwrap_or(0),
+                },
+            )
+        })
+        .transpose()?;
+    Ok(surplus_api::brokerage::BundlePlanView {
+        estimates,
+        arrangement,
+        price,
+        shortfalls,
+    })
+}

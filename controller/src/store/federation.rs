@@ -1,0 +1,190 @@
+//! What the store keeps of federation (issue 18): this controller's id among its
+//! peers, invitations, peers with their pinned CAs, shares, and the usage exchanged;
+//! the trait both backends implement (`federation_sql.rs`).
+
+use async_trait::async_trait;
+use surplus_market::Refusal;
+use surplus_market::exchange::MeterDelta;
+use surplus_protocol::clock::UnixMillis;
+use surplus_protocol::peer::{PeerRole, PeerUsageRow};
+use uuid::Uuid;
+
+use super::StoreError;
+
+/// A peer as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredPeer {
+    /// The peer controller's id (`surplus://controller/<id>`).
+    pub id: Uuid,
+    /// Its name, for people.
+    pub name: String,
+    /// What it is to this controller.
+    pub role: PeerRole,
+    /// What this controller is to it.
+    pub our_role: PeerRole,
+    /// Its CA, pinned at peering: the only CA its certificate may chain to.
+    pub ca_pem: String,
+    /// The CA's SHA-256, hex.
+    pub fingerprint: String,
+    /// Where to dial it (`host:port`).
+    pub addresses: Vec<String>,
+    /// Its TLS server name.
+    pub server_name: String,
+    /// Whether this controller keeps the link up (the joiner dials).
+    pub dials: bool,
+    /// When it joined.
+    pub joined_at_ms: UnixMillis,
+    /// When it was removed.
+    pub removed_at_ms: Option<UnixMillis>,
+    /// When a message of it last arrived.
+    pub last_seen_ms: Option<UnixMillis>,
+    /// The last usage row made for it.
+    pub out_seq: u64,
+    /// The last usage row it acknowledged.
+    pub acked_seq: u64,
+    /// The last usage row received from it.
+    pub in_seq: u64,
+}
+
+/// Why a join was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JoinRefusal {
+    /// No invitation with this secret.
+    Unknown,
+    /// The invitation has expired.
+    Expired,
+    /// The invitation was used.
+    Used,
+    /// The controller is a peer already.
+    AlreadyPeer,
+    /// The controller was a peer and was removed: it cannot join again under its id.
+    Removed,
+}
+
+/// An account shared with a broker peer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerShare {
+    /// The broker.
+    pub peer: Uuid,
+    /// The account here.
+    pub account: String,
+    /// The user it is known as there.
+    pub user: String,
+    /// Minutes before this are exported.
+    pub through_ms: UnixMillis,
+}
+
+/// A usage row received from a peer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerUsageIn {
+    /// The host cloud it came from.
+    pub peer: Uuid,
+    /// The row.
+    pub row: PeerUsageRow,
+}
+
+/// A subscription as stored: the pure rule's record, who pays its overage, in what.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredSubscription {
+    /// The limit, period and rate.
+    pub subscription: surplus_market::brokerage::Subscription,
+    /// The subscriber's administrator: the client account billed the overage.
+    pub administrator: String,
+    /// The overage rate's currency.
+    pub currency: String,
+    /// When it was made.
+    pub created_at_ms: UnixMillis,
+    /// When it last changed.
+    pub updated_at_ms: UnixMillis,
+}
+
+/// Federation's and brokerage's storage.
+#[async_trait]
+pub trait FederationStore: Send + Sync + std::fmt::Debug + 'static {
+    /// This controller's id among its peers: `candidate` if none was stored yet.
+    async fn controller_id(&self, candidate: Uuid, now_ms: UnixMillis) -> Result<Uuid, StoreError>;
+
+    /// Records an invitation by the hash of its secret.
+    async fn create_peer_invite(
+        &self,
+        secret_hash: &str,
+        role: PeerRole,
+        now_ms: UnixMillis,
+        expires_at_ms: UnixMillis,
+    ) -> Result<(), StoreError>;
+
+    /// Takes an invitation once and records the joining controller as a peer of the
+    /// invitation's role, in one transaction.
+    async fn take_peer_invite(
+        &self,
+        secret_hash: &str,
+        joiner: &StoredPeer,
+        now_ms: UnixMillis,
+    ) -> Result<Result<PeerRole, JoinRefusal>, StoreError>;
+
+    /// Records a peer this controller joined; refused when it is a peer already or
+    /// was removed.
+    async fn put_peer(&self, peer: &StoredPeer) -> Result<Result<(), JoinRefusal>, StoreError>;
+
+    /// Every peer, removed ones too.
+    async fn peers(&self) -> Result<Vec<StoredPeer>, StoreError>;
+
+    /// Removes a peer; false if it was not an active one.
+    async fn remove_peer(&self, id: Uuid, now_ms: UnixMillis) -> Result<bool, StoreError>;
+
+    /// Notes that a peer was heard from.
+    async fn touch_peer(&self, id: Uuid, now_ms: UnixMillis) -> Result<(), StoreError>;
+
+    /// Shares an account's usage with a broker peer from `through_ms` on; if it is
+    /// shared already, the share as it stands (unchanged).
+    async fn share_with_peer(&self, share: &PeerShare) -> Result<PeerShare, StoreError>;
+
+    /// A peer's shares.
+    async fn peer_shares(&self, peer: Uuid) -> Result<Vec<PeerShare>, StoreError>;
+
+    /// Exports the whole minutes of the peer's shares before `until_ms` as numbered
+    /// rows, in one transaction; returns how many rows were made.
+    async fn export_peer_usage(&self, peer: Uuid, until_ms: UnixMillis) -> Result<u64, StoreError>;
+
+    /// Rows made for a peer after `after_seq`, at most `limit`.
+    async fn peer_usage_out(
+        &self,
+        peer: Uuid,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<PeerUsageRow>, StoreError>;
+
+    /// The peer acknowledged rows through `through_seq`.
+    async fn peer_usage_acked(&self, peer: Uuid, through_seq: u64) -> Result<(), StoreError>;
+
+    /// Stores a batch received from a peer, each row once (see
+    /// `surplus_market::exchange::accept`); the acknowledgement, or why it was refused.
+    async fn receive_peer_usage(
+        &self,
+        peer: Uuid,
+        rows: &[PeerUsageRow],
+        now_ms: UnixMillis,
+    ) -> Result<Result<u64, Refusal>, StoreError>;
+
+    /// Rows received from peers for minutes in `[from_ms, until_ms)`.
+    async fn peer_usage_in(
+        &self,
+        from_ms: UnixMillis,
+        until_ms: UnixMillis,
+    ) -> Result<Vec<PeerUsageIn>, StoreError>;
+
+    /// Makes or replaces a user's subscription of a resource.
+    async fn put_subscription(&self, s: &StoredSubscription) -> Result<(), StoreError>;
+
+    /// Every subscription, by user and resource.
+    async fn subscriptions(&self) -> Result<Vec<StoredSubscription>, StoreError>;
+
+    /// This controller's own metering of client accounts' instances, as deltas whose
+    /// `user` is the account, for records starting in `[from_ms, until_ms)`.
+    async fn local_usage_deltas(
+        &self,
+        accounts: Option<&[String]>,
+        from_ms: UnixMillis,
+        until_ms: UnixMillis,
+    ) -> Result<Vec<MeterDelta>, StoreError>;
+}
