@@ -871,8 +871,81 @@ async fn a_session_in_a_real_browser() {
     // Private pools: an owner builds one from its slots, a member bids in it.
     a_pool_is_built_and_bid_in(&mut b, &tc).await;
 
+    // Brokerage: subscriptions, their margins laid out like FIG. 4, a bundle's plan.
+    margins_and_a_bundle_are_drawn(&mut b, &tc).await;
+
     b.close().await;
     agent.stop().await;
+}
+
+/// Brokerage in the browser (issue 18, source 003 FIG. 4 and 5): the admin
+/// subscribes two users of one subscriber from the form (a period the source does not
+/// know is refused with the reason, the form kept); the margin table has a column per
+/// minute, each user's row with its use and margin, and the net margin, offset cost
+/// and excess capacity rows; a bundle of one instance over the coming hour is drawn
+/// as a timeline with the contributor's bar, and one of nine is named short.
+async fn margins_and_a_bundle_are_drawn(b: &mut Browser, tc: &TestController) {
+    let base = tc.url();
+    sign_in_as(b, &base, &tc.admin_token, "brokerage-sign-in").await;
+    b.visit(
+        &format!("{base}/console/brokerage?period=1m"),
+        "brokerage-empty",
+    )
+    .await;
+    assert!(b.text("header nav").await.contains("Brokerage"));
+    assert_eq!(b.count("#subscriptions tbody tr").await, 0);
+    let subscribe = async |b: &mut Browser, user: &str, limit: &str, period: &str| {
+        b.fill("#subscribe input[name=user]", user).await;
+        b.fill("#subscribe input[name=period]", period).await;
+        b.fill("#subscribe input[name=limit]", limit).await;
+        b.fill("#subscribe input[name=overage_rate]", "50").await;
+        b.fill("#subscribe input[name=administrator]", "acme").await;
+        b.click("#subscribe button[type=submit]").await;
+    };
+    subscribe(b, "erin", "2", "7m").await;
+    b.shot("subscription-refused").await;
+    assert!(
+        b.text(".error").await.contains("period"),
+        "{}",
+        b.text("main").await
+    );
+    subscribe(b, "erin", "2", "1m").await;
+    subscribe(b, "frank", "1", "1m").await;
+    b.visit(
+        &format!("{base}/console/brokerage?period=1m"),
+        "brokerage-margins",
+    )
+    .await;
+    assert_eq!(b.count("#subscriptions tbody tr").await, 2);
+    // A day of minutes: one column each, plus the users' and the totals.
+    let table = "table.margins[data-administrator=acme][data-resource=os_instances]";
+    assert_eq!(b.count(&format!("{table} thead th")).await, 1 + 1440 + 1);
+    assert_eq!(b.count(&format!("{table} tbody tr[data-user]")).await, 2);
+    let erin = b.text(&format!("{table} tr[data-user=erin]")).await;
+    assert!(erin.contains("0 (-2)"), "{erin}");
+    let net = b.text(&format!("{table} tr.net")).await;
+    assert!(net.contains("-3") && net.contains("-4320"), "netted: {net}");
+    let excess = b.text(&format!("{table} tr.excess")).await;
+    assert!(excess.contains("4320"), "{excess}");
+
+    b.fill("#plan input[name=amount]", "1").await;
+    b.fill("#plan input[name=starts_in]", "10").await;
+    b.fill("#plan input[name=lasts]", "60").await;
+    b.click("#plan button[type=submit]").await;
+    b.shot("bundle-timeline").await;
+    assert!(
+        b.text("#plan-summary").await.contains("by 1 contributors"),
+        "{}",
+        b.text("main").await
+    );
+    assert_eq!(b.count("#timeline rect.contribution").await, 1);
+    b.fill("#plan input[name=amount]", "9").await;
+    b.click("#plan button[type=submit]").await;
+    let short = b.text(".shortfall").await;
+    assert!(
+        short.contains("9 os_instances needed, 1 available"),
+        "{short}"
+    );
 }
 
 /// Signs the browser in with `token` from the sign-in page.

@@ -172,6 +172,10 @@ async fn usage_survives_controller_and_agent_crashes_exactly_once(database_url: 
             format!("127.0.0.1:{enroll}"),
         ),
         (
+            "SURPLUS_CONTROLLER_PEER_LISTEN",
+            format!("127.0.0.1:{}", free_udp_port()),
+        ),
+        (
             "SURPLUS_CONTROLLER_HTTP_LISTEN",
             format!("127.0.0.1:{http}"),
         ),

@@ -70,6 +70,10 @@ fn an_operator_enrolls_watches_and_revokes_an_agent_with_the_binaries() {
             format!("127.0.0.1:{enroll}"),
         ),
         (
+            "SURPLUS_CONTROLLER_PEER_LISTEN",
+            format!("127.0.0.1:{}", free_udp_port()),
+        ),
+        (
             "SURPLUS_CONTROLLER_HTTP_LISTEN",
             format!("127.0.0.1:{http}"),
         ),
@@ -364,6 +368,10 @@ fn serve_env(log_filter: &str) -> Vec<(&'static str, String)> {
         ),
         (
             "SURPLUS_CONTROLLER_ENROLL_LISTEN",
+            format!("127.0.0.1:{}", free_udp_port()),
+        ),
+        (
+            "SURPLUS_CONTROLLER_PEER_LISTEN",
             format!("127.0.0.1:{}", free_udp_port()),
         ),
         (

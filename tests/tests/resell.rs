@@ -828,6 +828,10 @@ async fn a_controller_killed_mid_pipeline_resumes_the_request_and_finishes_it_on
             format!("127.0.0.1:{}", free_udp_port()),
         ),
         (
+            "SURPLUS_CONTROLLER_PEER_LISTEN",
+            format!("127.0.0.1:{}", free_udp_port()),
+        ),
+        (
             "SURPLUS_CONTROLLER_HTTP_LISTEN",
             format!("127.0.0.1:{http}"),
         ),

@@ -39,6 +39,7 @@ use crate::http::{ApiError, Caller};
 use crate::store::Principal;
 
 mod api_docs;
+mod brokerage;
 mod buy;
 mod fleet;
 mod instances;
@@ -268,6 +269,7 @@ pub(crate) fn router(ctl: Arc<Controller>) -> Router<Arc<Controller>> {
         .route("/console/", get(home))
         .route("/console/sign-out", axum::routing::post(sign_out))
         .merge(api_docs::routes())
+        .merge(brokerage::routes())
         .merge(buy::routes())
         .merge(fleet::routes())
         .merge(instances::routes())

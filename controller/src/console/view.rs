@@ -25,6 +25,7 @@ pub fn page(title: &str, signed: &Signed, body: Markup) -> Markup {
             ("/console/listings", "Listings"),
             ("/console/auctions", "Auctions"),
             ("/console/pricing", "Prices"),
+            ("/console/brokerage", "Brokerage"),
             ("/console/notifications", "Notices"),
             ("/console/api", "API"),
         ],

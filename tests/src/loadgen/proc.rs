@@ -280,6 +280,10 @@ impl ControllerProcess {
                 format!("127.0.0.1:{}", port(true)?),
             ),
             (
+                "SURPLUS_CONTROLLER_PEER_LISTEN".to_owned(),
+                format!("127.0.0.1:{}", port(true)?),
+            ),
+            (
                 "SURPLUS_CONTROLLER_HTTP_LISTEN".to_owned(),
                 format!("127.0.0.1:{http}"),
             ),
