@@ -443,3 +443,99 @@ pub async fn plan_bundle(
         shortfalls,
     })
 }
+
+/// Posts the netted overage of a window through the ledger (the administrator's
+/// client account pays the house, less the marketplace's commission) and queues a
+/// notice to the administrator, one transaction per record, once per key.
+pub async fn bill(
+    ctl: &Controller,
+    req: &surplus_api::brokerage::BillRequest,
+) -> Result<Vec<surplus_api::brokerage::BillView>, BrokerageError> {
+    let period_ms = match &req.period {
+        Some(p) => Some(
+            period_ms(p)
+                .filter(|ms| brokerage::PERIODS_MS.contains(ms))
+                .ok_or_else(|| {
+                    refused(
+                        "period",
+                        format!(
+                            "period {p:?} is not one of 1m, 5m, 10m, 15m, 30m, 1h, 8h, 12h, 24h"
+                        ),
+                    )
+                })?,
+        ),
+        None => None,
+    };
+    let view = margins(
+        ctl,
+        &MarginQuery {
+            user: None,
+            resource: req.resource.clone(),
+            period_ms,
+            from: Some(req.from),
+            until: Some(req.until),
+        },
+    )
+    .await?;
+    let stored = ctl.app.store.subscriptions().await?;
+    let now = ctl.app.clock.now_ms();
+    let mut out = Vec::new();
+    for sub in &view.subscribers {
+        for record in &sub.billing {
+            let currency = stored
+                .iter()
+                .find(|s| {
+                    s.administrator == sub.administrator
+                        && s.subscription.resource == record.resource
+                        && s.subscription.period_ms == record.period_ms
+                })
+                .map_or_else(|| "EUR".to_owned(), |s| s.currency.clone());
+            let key = format!(
+                "overage:{}:{}:{}:{}:{}",
+                record.administrator, record.resource, record.period_ms, record.from, record.until
+            );
+            let outcome = match brokerage::overage_posting(
+                &key,
+                record,
+                surplus_market::billing::HOUSE_PROVIDER,
+                &currency,
+                ctl.app.config.commission_bps,
+            ) {
+                None => "nothing",
+                Some(posting) => {
+                    let changes = crate::store::ChangeSet {
+                        postings: vec![(posting, Vec::new())],
+                        notices: vec![crate::store::Notice {
+                            key: key.clone(),
+                            recipient: format!("client:{}", record.administrator),
+                            kind: "brokerage.overage".into(),
+                            body: serde_json::json!({ "record": record, "currency": currency }),
+                        }],
+                        ..crate::store::ChangeSet::default()
+                    };
+                    match ctl.app.store.apply_changes(&changes, now).await {
+                        Ok(applied) => match applied.first() {
+                            Some(surplus_market::ledger::Applied::Duplicate) => "duplicate",
+                            _ => "posted",
+                        },
+                        Err(crate::store::PostError::Ledger(e)) => {
+                            return Err(refused("ledger", e.to_string()));
+                        }
+                        Err(crate::store::PostError::Store(e)) => return Err(e.into()),
+                    }
+                }
+            };
+            out.push(surplus_api::brokerage::BillView {
+                administrator: record.administrator.clone(),
+                resource: record.resource.clone(),
+                period_ms: record.period_ms,
+                net_over: record.net_over,
+                amount: record.amount,
+                currency,
+                key,
+                outcome: outcome.into(),
+            });
+        }
+    }
+    Ok(out)
+}

@@ -793,6 +793,8 @@ fn matrix(r: &Resources) -> Vec<Case> {
         case("GET", "/v1/subscriptions/{user}", "/v1/subscriptions/nobody", [404, 403, 403, 403, 401]),
         case("GET", "/v1/brokerage/margins", "/v1/brokerage/margins?period=1h", [200, 403, 403, 403, 401]),
         case("GET", "/v1/brokerage/margins", "/v1/brokerage/margins?period=7m", [400, 403, 403, 403, 401]),
+        with_body("POST", "/v1/brokerage/bills", "/v1/brokerage/bills", json!({"from": 1_699_999_200_000i64, "until": 1_700_002_800_000i64, "period": "1h"}), [200, 403, 403, 403, 401]),
+        with_body("POST", "/v1/brokerage/bills", "/v1/brokerage/bills", json!({"from": 5, "until": 1}), [400, 403, 403, 403, 401]),
         with_body("POST", "/v1/brokerage/bundles/plan", "/v1/brokerage/bundles/plan", json!({"resource": "os_instances", "amount": 5, "from": 1_800_000_000_000i64, "until": 1_800_003_600_000i64}), [200, 403, 403, 403, 401]),
         with_body("POST", "/v1/brokerage/bundles/plan", "/v1/brokerage/bundles/plan", json!({"resource": "os_instances", "amount": 5, "from": 2, "until": 1}), [400, 403, 403, 403, 401]),
         case("GET", "/v1/pools/{id}", format!("/v1/pools/{pool}"), [200, 404, 404, 200, 401]),

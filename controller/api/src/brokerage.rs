@@ -179,3 +179,43 @@ pub struct BundlePlanView {
     /// Where even every estimated contribution together falls short, and by how much.
     pub shortfalls: Vec<surplus_market::stagger::Shortfall>,
 }
+
+/// `POST /v1/brokerage/bills`: post the netted overage of a window of whole periods
+/// through the ledger and notify each subscriber's administrator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct BillRequest {
+    /// The window's start, ms since the epoch (on every subscription's period grid).
+    pub from: i64,
+    /// The window's end (exclusive).
+    pub until: i64,
+    /// Only subscriptions of this period (15m, 1h, ...).
+    #[serde(default)]
+    pub period: Option<String>,
+    /// Only this resource.
+    #[serde(default)]
+    pub resource: Option<String>,
+}
+
+/// One billing record as posted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct BillView {
+    /// The administrator billed (`client:<administrator>` pays).
+    pub administrator: String,
+    /// The resource.
+    pub resource: String,
+    /// The period length, ms.
+    pub period_ms: i64,
+    /// Unit-periods over the limits, netted across the subscriber's users and clouds.
+    pub net_over: u64,
+    /// Minor units.
+    pub amount: i64,
+    /// The currency.
+    pub currency: String,
+    /// The posting's idempotency key: billing a window again posts nothing twice.
+    pub key: String,
+    /// `posted`, `duplicate` (posted before under this key) or `nothing` (no overage).
+    pub outcome: String,
+}

@@ -5,7 +5,8 @@
 //!
 //! 1. **Minutes** ([`minute_usage`]). A host cloud turns its own metering into rows of
 //!    one user, one resource and one minute: the unit-milliseconds used in that minute.
-//!    A usage record counts in the minute its sampling period started in. `os_instances`
+//!    A usage record's delta is spread over the minutes its sampling period covers,
+//!    in proportion to the time in each ([`split_by_minute`]), exactly. `os_instances`
 //!    is the instances' running time (`state_ms.running`), `cpu_cores` their CPU time
 //!    (`cpu_ns`, a core busy for a millisecond is one core-millisecond), `memory_gb`
 //!    their memory integrated over time (`memory_byte_ms`, GiB). Sums are taken per
@@ -73,6 +74,8 @@ pub struct MeterDelta {
     pub meter: String,
     /// Start of the record's sampling period.
     pub start_ms: UnixMillis,
+    /// Its end (exclusive).
+    pub end_ms: UnixMillis,
     /// What the record added to its counter.
     pub delta: u64,
 }
@@ -87,18 +90,19 @@ pub fn minute_usage(
     until: UnixMillis,
 ) -> Vec<(String, &'static str, UnixMillis, u64)> {
     let mut sums: BTreeMap<(UnixMillis, &str, &'static str), u128> = BTreeMap::new();
+    let first = from.div_euclid(MINUTE_MS) * MINUTE_MS;
     for d in deltas {
-        if d.start_ms < from || d.start_ms >= until {
-            continue;
-        }
         let resource = match d.meter.as_str() {
             meters::STATE_MS_RUNNING => "os_instances",
             meters::CPU_NS => "cpu_cores",
             meters::MEMORY_BYTE_MS => "memory_gb",
             _ => continue,
         };
-        let minute = d.start_ms.div_euclid(MINUTE_MS) * MINUTE_MS;
-        *sums.entry((minute, &d.user, resource)).or_default() += u128::from(d.delta);
+        for (minute, part) in split_by_minute(d.start_ms, d.end_ms, d.delta) {
+            if minute >= first && minute < until {
+                *sums.entry((minute, &d.user, resource)).or_default() += u128::from(part);
+            }
+        }
     }
     sums.into_iter()
         .filter_map(|((minute, user, resource), sum)| {
@@ -117,6 +121,30 @@ pub fn minute_usage(
             })
         })
         .collect()
+}
+
+/// A record's delta spread over the minutes its period `[start, end)` covers, in
+/// proportion to the time in each; the parts add up to the delta exactly. A record
+/// without length counts whole in the minute it starts.
+pub fn split_by_minute(start: UnixMillis, end: UnixMillis, delta: u64) -> Vec<(UnixMillis, u64)> {
+    let minute_of = |t: UnixMillis| t.div_euclid(MINUTE_MS) * MINUTE_MS;
+    if end <= start {
+        return vec![(minute_of(start), delta)];
+    }
+    let len = i128::from(end) - i128::from(start);
+    let share =
+        |t: UnixMillis| (i128::from(delta) * (i128::from(t) - i128::from(start)) / len) as u64;
+    let mut parts = Vec::new();
+    let mut m = minute_of(start);
+    while m < end {
+        let (a, b) = (m.max(start), m.saturating_add(MINUTE_MS).min(end));
+        let part = share(b) - share(a);
+        if part > 0 {
+            parts.push((m, part));
+        }
+        m = m.saturating_add(MINUTE_MS);
+    }
+    parts
 }
 
 /// What a receiver does with a batch.
@@ -234,6 +262,7 @@ mod tests {
             user: user.into(),
             meter: meter.into(),
             start_ms,
+            end_ms: start_ms,
             delta,
         }
     }
@@ -296,6 +325,32 @@ mod tests {
         let mut app = row(1);
         app.resource = "app.postgres".into();
         assert!(accept(0, &[app]).is_ok());
+    }
+
+    #[test]
+    fn a_record_across_a_minute_is_split_by_its_time_in_each() {
+        // 1 s of running from 59.5 s: half in each minute.
+        assert_eq!(
+            split_by_minute(59_500, 60_500, 1_000),
+            vec![(0, 500), (60_000, 500)]
+        );
+        // Odd amounts are kept whole: the parts add up to the delta.
+        let parts = split_by_minute(10_000, 190_001, 1_000_003);
+        assert_eq!(parts.iter().map(|p| p.1).sum::<u64>(), 1_000_003);
+        assert_eq!(parts.len(), 4);
+        assert_eq!(split_by_minute(70_000, 70_000, 9), vec![(60_000, 9)]);
+        let d = MeterDelta {
+            user: "alice".into(),
+            meter: meters::STATE_MS_RUNNING.into(),
+            start_ms: 59_000,
+            end_ms: 61_000,
+            delta: 2_000,
+        };
+        assert_eq!(
+            minute_usage(std::slice::from_ref(&d), 60_000, 120_000),
+            vec![("alice".into(), "os_instances", 60_000, 1_000)],
+            "only the part inside the window"
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub(super) fn routes() -> Vec<Route> {
         route("GET", "/v1/brokerage/usage", Token, brokerage_usage),
         route("GET", "/v1/brokerage/margins", Token, brokerage_margins),
         route("POST", "/v1/brokerage/bundles/plan", Token, plan_bundle),
+        route("POST", "/v1/brokerage/bills", Token, post_bills),
         route("POST", "/v1/subscriptions", Token, create_subscription),
         route("GET", "/v1/subscriptions", Token, list_subscriptions),
         route("GET", "/v1/subscriptions/{user}", Token, show_subscriptions),
@@ -289,4 +290,27 @@ pub(crate) async fn plan_bundle(
         );
     }
     Ok(Json(crate::brokerage::plan_bundle(&ctl, &body).await?))
+}
+
+/// Posts the netted overage of a window of whole periods (FIG. 4's billing records)
+/// through the ledger, each subscriber's administrator paying the house less the
+/// marketplace's commission, and notifies the administrator; once per record and
+/// window, however often it is asked (admins).
+#[utoipa::path(post, path = "/v1/brokerage/bills", tag = "brokerage", request_body = BillRequest, responses((status = 200, description = "Each record and what became of it", body = Vec<BillView>)))]
+pub(crate) async fn post_bills(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    body: Result<Json<BillRequest>, JsonRejection>,
+) -> Result<Json<Vec<BillView>>, ApiError> {
+    caller.require(Role::Admin)?;
+    let Json(body) = body?;
+    if body.until <= ctl.app.clock.now_ms() && body.from < body.until {
+        Ok(Json(crate::brokerage::bill(&ctl, &body).await?))
+    } else {
+        Err(ApiError::bad_request(format!(
+            "the window {}..{} must be non-empty and in the past",
+            body.from, body.until
+        ))
+        .with_field("until".into()))
+    }
 }

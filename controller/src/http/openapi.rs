@@ -122,6 +122,7 @@ use super::*;
         brokerage::brokerage_usage,
         brokerage::brokerage_margins,
         brokerage::plan_bundle,
+        brokerage::post_bills,
         brokerage::create_subscription,
         brokerage::list_subscriptions,
         brokerage::show_subscriptions,

@@ -254,7 +254,7 @@ macro_rules! federation_sql {
                     let account: String = share.try_get("account")?;
                     let user: String = share.try_get("user_name")?;
                     let from: i64 = share.try_get("through_ms")?;
-                    let rows = sqlx::query("SELECT u.meter, u.start_ms, u.delta FROM usage_records u JOIN instances i ON i.id = u.subject WHERE u.account = $1 AND i.owner_role = 'client' AND u.kind = 'counter' AND u.start_ms >= $2 AND u.start_ms < $3 AND u.end_ms >= $2 AND u.meter IN ('state_ms.running', 'cpu_ns', 'memory_byte_ms')")
+                    let rows = sqlx::query("SELECT u.meter, u.start_ms, u.end_ms, u.delta FROM usage_records u JOIN instances i ON i.id = u.subject WHERE u.account = $1 AND i.owner_role = 'client' AND u.kind = 'counter' AND u.end_ms > $2 AND u.start_ms < $3 AND u.meter IN ('state_ms.running', 'cpu_ns', 'memory_byte_ms')")
                         .bind(&account)
                         .bind(from)
                         .bind(until)
@@ -267,6 +267,7 @@ macro_rules! federation_sql {
                                 user: user.clone(),
                                 meter: r.try_get("meter")?,
                                 start_ms: r.try_get("start_ms")?,
+                                end_ms: r.try_get("end_ms")?,
                                 delta: r.try_get::<i64, _>("delta")?.max(0) as u64,
                             })
                         })
@@ -417,7 +418,7 @@ macro_rules! federation_sql {
             }
 
             async fn local_usage_deltas(&self, accounts: Option<&[String]>, from_ms: UnixMillis, until_ms: UnixMillis) -> Result<Vec<surplus_market::exchange::MeterDelta>, StoreError> {
-                let rows = sqlx::query("SELECT u.account, u.meter, u.start_ms, u.delta FROM usage_records u JOIN instances i ON i.id = u.subject WHERE i.owner_role = 'client' AND u.kind = 'counter' AND u.start_ms >= $1 AND u.start_ms < $2 AND u.meter IN ('state_ms.running', 'cpu_ns', 'memory_byte_ms') ORDER BY u.start_ms")
+                let rows = sqlx::query("SELECT u.account, u.meter, u.start_ms, u.end_ms, u.delta FROM usage_records u JOIN instances i ON i.id = u.subject WHERE i.owner_role = 'client' AND u.kind = 'counter' AND u.end_ms > $1 AND u.start_ms < $2 AND u.meter IN ('state_ms.running', 'cpu_ns', 'memory_byte_ms') ORDER BY u.start_ms")
                     .bind(from_ms)
                     .bind(until_ms)
                     .fetch_all(self.reader())
@@ -433,6 +434,7 @@ macro_rules! federation_sql {
                         user: account,
                         meter: r.try_get("meter")?,
                         start_ms: r.try_get("start_ms")?,
+                        end_ms: r.try_get("end_ms")?,
                         delta: r.try_get::<i64, _>("delta")?.max(0) as u64,
                     });
                 }

@@ -3,7 +3,8 @@
 
 use clap::Subcommand;
 use surplus_api::brokerage::{
-    BundlePlanRequest, BundlePlanView, MarginsView, SubscriptionCreate, SubscriptionView,
+    BillRequest, BillView, BundlePlanRequest, BundlePlanView, MarginsView, SubscriptionCreate,
+    SubscriptionView,
 };
 
 use crate::client::{Client, print, table};
@@ -66,6 +67,22 @@ pub enum BrokerageCommand {
         /// Window end, ms since the epoch (default: the end of the last whole period).
         #[arg(long)]
         until: Option<i64>,
+    },
+    /// Post the netted overage of a window of whole periods through the ledger and
+    /// notify each subscriber's administrator; once per record and window (admin).
+    Bill {
+        /// Window start, ms since the epoch.
+        #[arg(long)]
+        from: i64,
+        /// Window end, ms since the epoch.
+        #[arg(long)]
+        until: i64,
+        /// Only subscriptions of this period (15m, 1h, ...).
+        #[arg(long)]
+        period: Option<String>,
+        /// Only this resource.
+        #[arg(long)]
+        resource: Option<String>,
     },
     /// Bundles of the subscribers' unused capacity.
     Bundle {
@@ -182,6 +199,34 @@ pub async fn brokerage(
             from,
             until,
         } => (user, resource, period, from, until),
+        BrokerageCommand::Bill {
+            from,
+            until,
+            period,
+            resource,
+        } => {
+            let body = BillRequest {
+                from,
+                until,
+                period,
+                resource,
+            };
+            let bills: Vec<BillView> = client.post("/v1/brokerage/bills", &body).await?;
+            print(json, &bills, || {
+                let mut t = table(&["ADMINISTRATOR", "RESOURCE", "OVER", "AMOUNT", "OUTCOME"]);
+                for b in &bills {
+                    t.add_row(vec![
+                        b.administrator.clone(),
+                        b.resource.clone(),
+                        b.net_over.to_string(),
+                        format!("{} {}", b.amount, b.currency),
+                        b.outcome.clone(),
+                    ]);
+                }
+                println!("{t}");
+            });
+            return Ok(());
+        }
         BrokerageCommand::Bundle {
             command:
                 BundleCommand::Plan {
