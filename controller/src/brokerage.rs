@@ -9,10 +9,13 @@ use surplus_api::brokerage::{MarginsView, SubscriptionCreate, SubscriptionView};
 use surplus_market::Refusal;
 use surplus_market::brokerage::{self, Subscription, UsageRow};
 use surplus_market::exchange::{self, MINUTE_MS};
+use surplus_market::tender::{self, Terms};
 use surplus_protocol::clock::UnixMillis;
+use surplus_protocol::peer::{PeerRole, TenderOffer, TenderReply};
+use uuid::Uuid;
 
 use crate::app::Controller;
-use crate::store::{StoreError, StoredSubscription};
+use crate::store::{StoreError, StoredBundle, StoredSubscription, StoredTender};
 
 /// The name of this controller's own usage in a margin table.
 pub const LOCAL: &str = "local";
@@ -538,4 +541,359 @@ pub async fn bill(
         }
     }
     Ok(out)
+}
+
+/// The settings key of this controller's standing terms for tenders.
+const TENDER_TERMS: &str = "tender_terms";
+
+/// This controller's standing terms for tenders (as a marketplace cloud); none set:
+/// it buys nothing.
+pub async fn tender_terms(ctl: &Controller) -> Result<Terms, BrokerageError> {
+    Ok(match ctl.app.store.setting(TENDER_TERMS).await? {
+        Some(text) => serde_json::from_str(&text).map_err(|e| {
+            StoreError::Corrupt(format!("the stored tender terms do not read: {e}"))
+        })?,
+        None => Terms {
+            currency: "EUR".into(),
+            resources: BTreeMap::new(),
+        },
+    })
+}
+
+/// Sets this controller's standing terms for tenders.
+pub async fn put_tender_terms(ctl: &Controller, terms: &Terms) -> Result<(), BrokerageError> {
+    tender::check_terms(terms)?;
+    let text = serde_json::to_string(terms).expect("terms serialize");
+    ctl.app
+        .store
+        .put_setting(TENDER_TERMS, &text, ctl.app.clock.now_ms())
+        .await?;
+    Ok(())
+}
+
+/// A marketplace cloud's side: answers a broker's tender by the standing terms, once
+/// (a tender received again gets the answer recorded the first time).
+pub async fn answer_tender(
+    ctl: &Controller,
+    peer: Uuid,
+    offer: &TenderOffer,
+) -> Result<TenderReply, BrokerageError> {
+    let now = ctl.app.clock.now_ms();
+    let reply = tender::answer(&tender_terms(ctl).await?, offer, now);
+    let stored = ctl
+        .app
+        .store
+        .put_tender(&StoredTender {
+            offer: offer.clone(),
+            direction: "in".into(),
+            bundle: None,
+            peer,
+            state: state_of(offer.amount, reply.accepted_amount).into(),
+            accepted_amount: reply.accepted_amount,
+            price: reply.price,
+            reason: reply.reason.clone(),
+            created_at_ms: now,
+            answered_at_ms: Some(now),
+        })
+        .await?;
+    if stored.peer != peer || stored.direction != "in" || stored.offer != *offer {
+        return Err(refused(
+            "tender_id",
+            format!(
+                "tender {} is known here as another tender; a tender's id is not reused",
+                offer.id
+            ),
+        ));
+    }
+    Ok(TenderReply {
+        id: offer.id,
+        accepted_amount: stored.accepted_amount,
+        price: stored.price,
+        reason: stored.reason,
+    })
+}
+
+fn state_of(offered: u64, accepted: u64) -> &'static str {
+    match accepted {
+        0 => "rejected",
+        a if a >= offered => "accepted",
+        _ => "part",
+    }
+}
+
+/// A tender as the API shows it.
+pub fn tender_view(t: &StoredTender) -> surplus_api::brokerage::TenderView {
+    surplus_api::brokerage::TenderView {
+        id: t.offer.id.to_string(),
+        direction: t.direction.clone(),
+        bundle: t.bundle.map(|b| b.to_string()),
+        peer: t.peer.to_string(),
+        resource: t.offer.resource.clone(),
+        amount: t.offer.amount,
+        from_ms: t.offer.from_ms,
+        until_ms: t.offer.until_ms,
+        offered_price: t.offer.price,
+        currency: t.offer.currency.clone(),
+        state: t.state.clone(),
+        accepted_amount: t.accepted_amount,
+        price: t.price,
+        reason: t.reason.clone(),
+        created_at_ms: t.created_at_ms,
+        answered_at_ms: t.answered_at_ms,
+    }
+}
+
+/// A bundle as the API shows it, with its tenders.
+pub async fn bundle_view(
+    ctl: &Controller,
+    b: &StoredBundle,
+) -> Result<surplus_api::brokerage::BundleView, BrokerageError> {
+    let tenders = ctl.app.store.bundle_tenders(b.id).await?;
+    Ok(surplus_api::brokerage::BundleView {
+        id: b.id.to_string(),
+        resource: b.resource.clone(),
+        amount: b.amount,
+        from_ms: b.from_ms,
+        until_ms: b.until_ms,
+        price: b.price,
+        currency: b.currency.clone(),
+        arrangement: b.arrangement.clone(),
+        contributors: b.contributors.clone(),
+        placed: tenders.iter().map(|t| t.accepted_amount).sum(),
+        created_at_ms: b.created_at_ms,
+        settled_at_ms: b.settled_at_ms,
+        tenders: tenders.iter().map(tender_view).collect(),
+    })
+}
+
+/// A broker's side: plans the bundle and tenders it to `clouds` one after another,
+/// each offered what the ones before it left, recording every tender and answer.
+/// A cloud whose answer does not come stops the placement (it may have taken the
+/// tender): the clouds after it are not offered anything.
+pub async fn tender(
+    ctl: &Controller,
+    req: &surplus_api::brokerage::TenderRequest,
+) -> Result<surplus_api::brokerage::BundleView, BrokerageError> {
+    let currency = req.currency.clone().unwrap_or_else(|| "EUR".into());
+    if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_uppercase()) {
+        return Err(refused(
+            "currency",
+            format!("currency {currency:?}: three capital letters (ISO 4217)"),
+        ));
+    }
+    if req.clouds.is_empty() {
+        return Err(refused(
+            "clouds",
+            "name at least one marketplace cloud to tender to".into(),
+        ));
+    }
+    let peers = ctl.app.store.peers().await?;
+    let mut clouds = Vec::new();
+    for c in &req.clouds {
+        let peer = Uuid::parse_str(c)
+            .ok()
+            .and_then(|id| {
+                peers
+                    .iter()
+                    .find(|p| p.id == id && p.removed_at_ms.is_none())
+            })
+            .ok_or_else(|| refused("clouds", format!("{c} is not a peer of this controller")))?;
+        if peer.role != PeerRole::MarketplaceCloud {
+            return Err(refused(
+                "clouds",
+                format!(
+                    "peer {c} is this controller's {}, not a marketplace cloud: it is not tendered to",
+                    peer.role
+                ),
+            ));
+        }
+        if clouds.contains(&peer.id) {
+            return Err(refused("clouds", format!("{c} is named twice")));
+        }
+        clouds.push(peer.id);
+    }
+    let plan = plan_bundle(ctl, &req.bundle).await?;
+    let (Some(arrangement), Some(price)) = (plan.arrangement, plan.price) else {
+        let short: Vec<String> = plan
+            .shortfalls
+            .iter()
+            .map(|s| {
+                format!(
+                    "{} of {} from {} to {}",
+                    s.available, s.needed, s.from, s.until
+                )
+            })
+            .collect();
+        return Err(refused(
+            "short",
+            format!(
+                "the subscribers' estimated contributions do not hold {} {} over the interval: {}",
+                req.bundle.amount,
+                req.bundle.resource,
+                short.join("; ")
+            ),
+        ));
+    };
+    let subs = ctl.app.store.subscriptions().await?;
+    let contributors = arrangement
+        .contributors()
+        .into_iter()
+        .map(|c| {
+            let admin = subs
+                .iter()
+                .find(|s| {
+                    s.subscription.user == c && s.subscription.resource == req.bundle.resource
+                })
+                .map_or(c, |s| s.administrator.as_str());
+            (c.to_owned(), surplus_market::ledger::client(admin))
+        })
+        .collect();
+    let now = ctl.app.clock.now_ms();
+    let bundle = StoredBundle {
+        id: Uuid::now_v7(),
+        resource: req.bundle.resource.clone(),
+        amount: req.bundle.amount,
+        from_ms: req.bundle.from,
+        until_ms: req.bundle.until,
+        price: price.total,
+        currency: currency.clone(),
+        arrangement,
+        contributors,
+        created_at_ms: now,
+        settled_at_ms: None,
+    };
+    ctl.app.store.create_bundle(&bundle).await?;
+    let template = TenderOffer {
+        id: Uuid::nil(),
+        resource: bundle.resource.clone(),
+        amount: bundle.amount,
+        from_ms: bundle.from_ms,
+        until_ms: bundle.until_ms,
+        price: bundle.price,
+        currency,
+    };
+    let mut placement = tender::Placement::new(bundle.amount, bundle.price);
+    for peer in clouds {
+        let Some(offer) = placement.next(&template, Uuid::now_v7()) else {
+            break;
+        };
+        let mut row = StoredTender {
+            offer: offer.clone(),
+            direction: "out".into(),
+            bundle: Some(bundle.id),
+            peer,
+            state: "sent".into(),
+            accepted_amount: 0,
+            price: 0,
+            reason: None,
+            created_at_ms: ctl.app.clock.now_ms(),
+            answered_at_ms: None,
+        };
+        ctl.app.store.put_tender(&row).await?;
+        let answer = ctl.federation.send_tender(peer, &offer).await;
+        row.answered_at_ms = Some(ctl.app.clock.now_ms());
+        let stop = match answer {
+            Ok(Err(why)) => {
+                row.state = "rejected".into();
+                row.reason = Some(format!("refused: {why}"));
+                false
+            }
+            Ok(Ok(reply)) => match placement.record(&reply) {
+                Ok(()) => {
+                    row.state = state_of(offer.amount, reply.accepted_amount).into();
+                    row.accepted_amount = reply.accepted_amount;
+                    row.price = reply.price;
+                    row.reason = reply.reason;
+                    false
+                }
+                Err(refusal) => {
+                    row.state = "invalid".into();
+                    row.reason = Some(refusal.message);
+                    false
+                }
+            },
+            Err(e) => {
+                row.state = "unanswered".into();
+                row.reason = Some(format!("{e:#}"));
+                true
+            }
+        };
+        ctl.app.store.answer_tender(&row).await?;
+        if stop {
+            break;
+        }
+    }
+    bundle_view(ctl, &bundle).await
+}
+
+/// Pays out every bundle whose interval has ended: each accepted tender's price goes
+/// from the accepting cloud's account, less the marketplace's commission, to the
+/// contributors in proportion to what each held, with a report to each contributor's
+/// administrator; one transaction per bundle, once.
+pub async fn settle_due(ctl: &Controller) -> Result<usize, BrokerageError> {
+    let now = ctl.app.clock.now_ms();
+    let mut settled = 0;
+    for b in ctl.app.store.due_bundles(now).await? {
+        let provided = tender::provided(&b.arrangement);
+        let mut changes = crate::store::ChangeSet::default();
+        for t in ctl.app.store.bundle_tenders(b.id).await? {
+            if t.accepted_amount == 0 || !matches!(t.state.as_str(), "accepted" | "part") {
+                continue;
+            }
+            let settlement = brokerage::settle(
+                i64::try_from(t.price).unwrap_or(i64::MAX),
+                ctl.app.config.commission_bps,
+                &provided,
+            )?;
+            let key = format!("brokerage:settle:{}", t.offer.id);
+            let account_of = |c: &str| {
+                b.contributors
+                    .get(c)
+                    .cloned()
+                    .unwrap_or_else(|| surplus_market::ledger::client(c))
+            };
+            changes.postings.push((
+                brokerage::settlement_posting(
+                    &key,
+                    &format!("peer-{}", t.peer),
+                    &b.currency,
+                    &settlement,
+                    account_of,
+                ),
+                Vec::new(),
+            ));
+            for share in &settlement.shares {
+                let held = provided
+                    .iter()
+                    .find(|(c, _)| *c == share.contributor)
+                    .map_or(0, |(_, v)| *v);
+                changes.notices.push(crate::store::Notice {
+                    key: format!("{key}:{}", share.contributor),
+                    recipient: account_of(&share.contributor),
+                    kind: "brokerage.contribution".into(),
+                    body: serde_json::json!({
+                        "bundle": b.id,
+                        "tender": t.offer.id,
+                        "marketplace_cloud": t.peer,
+                        "contributor": share.contributor,
+                        "resource": b.resource,
+                        "from_ms": b.from_ms,
+                        "until_ms": b.until_ms,
+                        "held_unit_ms": held.to_string(),
+                        "amount": share.amount,
+                        "currency": b.currency,
+                    }),
+                });
+            }
+        }
+        match ctl.app.store.settle_bundle(b.id, &changes, now).await {
+            Ok(true) => settled += 1,
+            Ok(false) => {}
+            Err(crate::store::PostError::Ledger(e)) => {
+                tracing::error!(bundle = %b.id, error = %e, "bundle not settled");
+            }
+            Err(crate::store::PostError::Store(e)) => return Err(e.into()),
+        }
+    }
+    Ok(settled)
 }

@@ -371,6 +371,43 @@ impl Federation {
         Ok(())
     }
 
+    /// Sends a tender over the link to `peer` and waits for its answer; a request
+    /// that breaks is sent again (the same tender gets the answer recorded the first
+    /// time), up to three times. The answer, or why the peer refused to answer.
+    pub async fn send_tender(
+        &self,
+        peer: Uuid,
+        offer: &surplus_protocol::peer::TenderOffer,
+    ) -> anyhow::Result<Result<surplus_protocol::peer::TenderReply, String>> {
+        let mut last = anyhow!("no link to peer {peer}");
+        for attempt in 0..3u32 {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(300 << attempt)).await;
+            }
+            let Some(conn) = self.link(peer) else {
+                last = anyhow!("no link to peer {peer} is up");
+                continue;
+            };
+            match quic::request(
+                &conn,
+                &Message::Peer(Box::new(PeerMessage::Tender(offer.clone()))),
+                self.app.config.max_frame_size,
+                self.app.config.request_timeout,
+            )
+            .await
+            {
+                Ok(Message::Peer(p)) => match *p {
+                    PeerMessage::TenderAnswer(reply) => return Ok(Ok(reply)),
+                    PeerMessage::Refused(why) => return Ok(Err(why)),
+                    other => bail!("peer {peer} answered a tender with {}", other.kind()),
+                },
+                Ok(other) => bail!("peer {peer} answered a tender with {}", other.kind()),
+                Err(e) => last = anyhow::Error::from(e).context(format!("tender to {peer}")),
+            }
+        }
+        Err(last)
+    }
+
     /// What a token makes its joiner at the inviter (for the joiner's report).
     pub fn peer_role_at_broker(&self, token: &str) -> Option<String> {
         PeerToken::parse(token).ok().map(|t| t.role.to_string())
@@ -485,7 +522,8 @@ async fn connect(
 }
 
 /// The peer endpoint's work: accepting links, dialing the peers this controller
-/// dials (with backoff), reloading the peers, and the usage exchange.
+/// dials (with backoff), reloading the peers, the usage exchange, and paying out
+/// bundles whose interval ended.
 pub async fn drive(ctl: Arc<Controller>, endpoint: Endpoint, cancel: CancellationToken) {
     let tasks = ctl.app.tasks.clone();
     {
@@ -521,6 +559,11 @@ pub async fn drive(ctl: Arc<Controller>, endpoint: Endpoint, cancel: Cancellatio
             _ = tick.tick() => {}
         }
         ctl.federation.reload().await;
+        match crate::brokerage::settle_due(&ctl).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(bundles = n, "brokered bundles paid out"),
+            Err(e) => tracing::warn!(error = %e, "bundles not paid out"),
+        }
         let Ok(peers) = ctl.app.store.peers().await else {
             continue;
         };
@@ -732,6 +775,26 @@ async fn handle(ctl: &Controller, peer: Uuid, request: Message) -> PeerMessage {
     };
     match *request {
         PeerMessage::Ping => PeerMessage::Pong,
+        PeerMessage::Tender(_) if role != PeerRole::Broker => PeerMessage::Refused(format!(
+            "controller {peer} is this controller's {role}, not its broker: it sends no tenders here"
+        )),
+        PeerMessage::Tender(_) if our_role != PeerRole::MarketplaceCloud => {
+            PeerMessage::Refused(format!(
+                "this controller is {peer}'s {our_role}, not a marketplace cloud: it takes no tenders"
+            ))
+        }
+        PeerMessage::Tender(offer) => {
+            match crate::brokerage::answer_tender(ctl, peer, &offer).await {
+                Ok(reply) => PeerMessage::TenderAnswer(reply),
+                Err(crate::brokerage::BrokerageError::Refused(r)) => {
+                    PeerMessage::Refused(r.message)
+                }
+                Err(e) => {
+                    tracing::error!(%peer, error = %e, "tender not recorded");
+                    PeerMessage::Refused("the tender could not be recorded; send it again".into())
+                }
+            }
+        }
         PeerMessage::Usage(_) if role != PeerRole::HostCloud => PeerMessage::Refused(format!(
             "controller {peer} is this controller's {role}, not a host cloud: it sends no usage here"
         )),

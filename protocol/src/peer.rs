@@ -148,6 +148,12 @@ pub enum PeerMessage {
     Ping,
     /// Answer to [`PeerMessage::Ping`].
     Pong,
+    /// Broker → marketplace cloud: capacity offered for an interval (answered by
+    /// [`PeerMessage::TenderAnswer`]; a tender sent again gets the answer recorded
+    /// the first time).
+    Tender(TenderOffer),
+    /// Marketplace cloud → broker: accepted (whole or part) or rejected.
+    TenderAnswer(TenderReply),
 }
 
 impl PeerMessage {
@@ -162,6 +168,8 @@ impl PeerMessage {
             PeerMessage::Refused(_) => "peer-refused",
             PeerMessage::Ping => "peer-ping",
             PeerMessage::Pong => "peer-pong",
+            PeerMessage::Tender(_) => "peer-tender",
+            PeerMessage::TenderAnswer(_) => "peer-tender-answer",
         }
     }
 }
@@ -234,6 +242,42 @@ pub struct UsagePull {
     pub after_seq: u64,
     /// Most rows wanted.
     pub limit: u32,
+}
+
+/// A bundle offered to a marketplace cloud: `amount` units of `resource` held at
+/// every instant of `[from_ms, until_ms)`, for `price` minor units of `currency` in
+/// all.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct TenderOffer {
+    /// The tender (one per bundle and marketplace cloud).
+    pub id: Uuid,
+    /// `os_instances`, `cpu_cores`, `memory_gb` or `app.<name>`.
+    pub resource: String,
+    /// Units held at every instant.
+    pub amount: u64,
+    /// The interval's start, ms since the epoch.
+    pub from_ms: UnixMillis,
+    /// The interval's end (exclusive).
+    pub until_ms: UnixMillis,
+    /// The price of the whole amount over the whole interval, minor units.
+    pub price: u64,
+    /// ISO 4217 code.
+    pub currency: String,
+}
+
+/// A marketplace cloud's answer to a [`TenderOffer`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct TenderReply {
+    /// The tender answered.
+    pub id: Uuid,
+    /// Units taken: the whole amount, part of it, or 0 (rejected).
+    pub accepted_amount: u64,
+    /// What the marketplace cloud pays for them, minor units.
+    pub price: u64,
+    /// Why it took less than the whole, if it did.
+    pub reason: Option<String>,
 }
 
 #[cfg(test)]

@@ -184,6 +184,32 @@ async fn eventually<T>(
     }
 }
 
+/// The broker's peer that is not `other`.
+async fn market_id_of(broker: &Cloud, other: &str) -> String {
+    eventually("the second peer", Duration::from_secs(10), async || {
+        broker
+            .get("/v1/peers")
+            .await?
+            .as_array()?
+            .iter()
+            .find_map(|p| (p["id"] != other).then(|| p["id"].as_str().unwrap().to_owned()))
+    })
+    .await
+}
+
+/// An account's balance in EUR at `cloud` (0 when it has none).
+async fn balance(cloud: &Cloud, account: &str) -> i64 {
+    let all = cloud
+        .get(&format!("/v1/ledger/balances?account={account}"))
+        .await
+        .unwrap();
+    all.as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["currency"] == "EUR")
+        .map_or(0, |b| b["balance"].as_i64().unwrap())
+}
+
 /// The controller id a controller's peer list shows for its one peer.
 fn only_peer(list: &Value) -> Option<String> {
     list.as_array()?.first()?["id"].as_str().map(str::to_owned)
@@ -209,9 +235,11 @@ async fn a_host_clouds_usage_reaches_its_broker_once_and_a_removed_peer_is_cut_o
     let root = tempfile::tempdir().unwrap();
     let broker = Cloud::init(root.path(), "broker");
     let host = Cloud::init(root.path(), "host");
+    let market = Cloud::init(root.path(), "market");
     let mut broker_proc = broker.serve();
     let _host_proc = host.serve();
-    for c in [&broker, &host] {
+    let _market_proc = market.serve();
+    for c in [&broker, &host, &market] {
         eventually("the API", Duration::from_secs(20), async || {
             c.get("/v1/peers").await
         })
@@ -585,6 +613,183 @@ async fn a_host_clouds_usage_reaches_its_broker_once_and_a_removed_peer_is_cut_o
     );
     assert_eq!(short["from"], json!(last + 600_000));
     assert_eq!(short["until"], json!(last + 1_200_000));
+
+    // A marketplace cloud joins the broker and buys instances from tenders at up to
+    // 5000 an hour. The broker tenders bob's unused instance for the rest of this
+    // minute and the next at 6000 an hour: rejected, and recorded so on both sides.
+    let token = broker
+        .peer(&["invite", "--role", "marketplace-cloud"])
+        .unwrap();
+    market.peer(&["join", &token, "--name", "market"]).unwrap();
+    let market_id = market_id_of(&broker, &host_id).await;
+    eventually("the market's link", Duration::from_secs(20), async || {
+        (broker.peer_view(&market_id).await?["linked"] == true).then_some(())
+    })
+    .await;
+    let terms = |rate: &str| {
+        market.cli(&[
+            "brokerage",
+            "terms",
+            "set",
+            "--resource",
+            "os_instances",
+            "--max-rate",
+            rate,
+            "--max-amount",
+            "1",
+            "--currency",
+            "EUR",
+        ])
+    };
+    terms("5000").unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let from = now.div_euclid(60_000) * 60_000;
+    let (start, end) = (from.to_string(), (from + 120_000).to_string());
+    let tender = |to: &str| {
+        broker.cli(&[
+            "brokerage",
+            "bundle",
+            "tender",
+            "--resource",
+            "os_instances",
+            "--amount",
+            "1",
+            "--from",
+            &start,
+            "--until",
+            &end,
+            "--history",
+            "1h",
+            "--rate",
+            "6000",
+            "--cloud",
+            to,
+        ])
+    };
+    assert!(
+        tender(&host_id)
+            .unwrap_err()
+            .contains("not a marketplace cloud"),
+        "a host cloud is not tendered to"
+    );
+    let acme_before = balance(&broker, "client:acme").await;
+    let commission_before = balance(&broker, "marketplace").await;
+    let rejected = tender(&market_id).unwrap();
+    assert_eq!(
+        rejected["price"],
+        json!(200),
+        "one instance, 2 minutes at 6000 an hour"
+    );
+    let t = &rejected["tenders"][0];
+    assert_eq!(
+        (t["state"].as_str(), t["accepted_amount"].as_u64()),
+        (Some("rejected"), Some(0)),
+        "{rejected}"
+    );
+    assert!(
+        t["reason"]
+            .as_str()
+            .unwrap()
+            .contains("above this cloud's 5000"),
+        "{t}"
+    );
+    // At 6000 the marketplace cloud takes it; its answer is recorded on both sides.
+    terms("6000").unwrap();
+    let accepted = tender(&market_id).unwrap();
+    let t = &accepted["tenders"][0];
+    assert_eq!(
+        (
+            t["state"].as_str(),
+            t["accepted_amount"].as_u64(),
+            t["price"].as_u64()
+        ),
+        (Some("accepted"), Some(1), Some(200)),
+        "{accepted}"
+    );
+    assert_eq!(accepted["placed"], json!(1));
+    assert_eq!(accepted["contributors"]["bob"], "client:acme");
+    let received = market.cli(&["brokerage", "tenders"]).unwrap();
+    let theirs: Vec<_> = received
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["id"].as_str().unwrap(),
+                t["direction"].as_str().unwrap(),
+                t["state"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert!(
+        theirs.contains(&(t["id"].as_str().unwrap(), "in", "accepted")),
+        "{received}"
+    );
+    assert!(
+        theirs.contains(&(
+            rejected["tenders"][0]["id"].as_str().unwrap(),
+            "in",
+            "rejected"
+        )),
+        "{received}"
+    );
+
+    // When the interval ends the broker pays bob's administrator from the marketplace
+    // cloud's account, less its 10% commission, once, with a report to acme.
+    let paid = eventually(
+        "the bundle paid out",
+        Duration::from_secs(180),
+        async || {
+            let bundles = broker.cli(&["brokerage", "bundle", "list"]).ok()?;
+            let b = bundles
+                .as_array()?
+                .iter()
+                .find(|b| b["id"] == accepted["id"])?
+                .clone();
+            b["settled_at_ms"].as_i64().map(|_| b)
+        },
+    )
+    .await;
+    assert!(paid["settled_at_ms"].as_i64().unwrap() >= from + 120_000);
+    assert_eq!(
+        balance(&broker, &format!("client:peer-{market_id}")).await,
+        -200
+    );
+    assert_eq!(balance(&broker, "client:acme").await, acme_before + 180);
+    assert_eq!(
+        balance(&broker, "marketplace").await,
+        commission_before + 20
+    );
+    let (st, acme) = broker
+        .call(
+            &broker.admin,
+            reqwest::Method::POST,
+            "/v1/api-tokens",
+            Some(json!({"account": "acme", "role": "client"})),
+        )
+        .await;
+    assert_eq!(st, 201, "{acme}");
+    let (st, notes) = broker
+        .call(
+            acme["token"].as_str().unwrap(),
+            reqwest::Method::GET,
+            "/v1/notifications",
+            None,
+        )
+        .await;
+    assert_eq!(st, 200);
+    let report = notes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["kind"] == "brokerage.contribution")
+        .unwrap_or_else(|| panic!("no report: {notes}"));
+    assert_eq!(report["body"]["contributor"], "bob");
+    assert_eq!(report["body"]["amount"], json!(180));
+    assert_eq!(report["body"]["held_unit_ms"], "120000");
 
     // The broker removes the host cloud: the link is cut within seconds and stays cut
     // though the host cloud keeps redialing.

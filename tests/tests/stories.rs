@@ -156,9 +156,152 @@ story!(an_auction_closes_once_and_gives_the_winner_a_host);
 story!(a_hold_is_placed_and_given_back_once_and_a_prepaid_client_holds_only_what_it_has);
 story!(a_pool_cycles_once_charges_once_and_a_slot_is_in_one_pool_at_a_time);
 story!(a_peering_invitation_is_taken_once_and_peer_usage_counts_once);
+story!(a_tender_keeps_its_first_answer_and_a_bundle_is_paid_out_once);
 
 mod stories {
     use super::*;
+
+    /// Tenders (issue 18): a tender received again keeps its first answer; a bundle is
+    /// due once its interval ended, and paid out once however many settle it at once.
+    pub async fn a_tender_keeps_its_first_answer_and_a_bundle_is_paid_out_once(
+        _f: &Fixture,
+        s: Arc<dyn Store>,
+    ) {
+        use surplus_market::stagger::{Arrangement, Contribution};
+        use surplus_protocol::peer::TenderOffer;
+        let offer = TenderOffer {
+            id: Uuid::from_u128(7),
+            resource: "cpu_cores".into(),
+            amount: 4,
+            from_ms: 1_000,
+            until_ms: 61_000,
+            price: 800,
+            currency: "EUR".into(),
+        };
+        let answered = |accepted_amount, state: &str| StoredTender {
+            offer: offer.clone(),
+            direction: "in".into(),
+            bundle: None,
+            peer: Uuid::from_u128(9),
+            state: state.into(),
+            accepted_amount,
+            price: 200 * accepted_amount,
+            reason: None,
+            created_at_ms: 500,
+            answered_at_ms: Some(500),
+        };
+        assert_eq!(
+            s.put_tender(&answered(3, "part")).await.unwrap(),
+            answered(3, "part")
+        );
+        let again = s.put_tender(&answered(4, "accepted")).await.unwrap();
+        assert_eq!(
+            (again.state.as_str(), again.accepted_amount),
+            ("part", 3),
+            "the first answer stands"
+        );
+
+        let bundle = StoredBundle {
+            id: Uuid::from_u128(20),
+            resource: "cpu_cores".into(),
+            amount: 4,
+            from_ms: 1_000,
+            until_ms: 61_000,
+            price: 800,
+            currency: "EUR".into(),
+            arrangement: Arrangement {
+                needs: Vec::new(),
+                contributions: vec![Contribution {
+                    contributor: "bob".into(),
+                    resource: "cpu_cores".into(),
+                    amount: 4,
+                    from: 1_000,
+                    until: 61_000,
+                    paid_increments: 1,
+                }],
+                sub_intervals: Vec::new(),
+            },
+            contributors: [("bob".to_owned(), "client:acme".to_owned())]
+                .into_iter()
+                .collect(),
+            created_at_ms: 900,
+            settled_at_ms: None,
+        };
+        s.create_bundle(&bundle).await.unwrap();
+        let mut sent = StoredTender {
+            offer: TenderOffer {
+                id: Uuid::from_u128(21),
+                ..offer.clone()
+            },
+            direction: "out".into(),
+            bundle: Some(bundle.id),
+            state: "sent".into(),
+            accepted_amount: 0,
+            price: 0,
+            ..answered(0, "sent")
+        };
+        s.put_tender(&sent).await.unwrap();
+        sent.state = "accepted".into();
+        sent.accepted_amount = 4;
+        sent.price = 800;
+        sent.answered_at_ms = Some(950);
+        s.answer_tender(&sent).await.unwrap();
+        assert_eq!(
+            s.bundle_tenders(bundle.id).await.unwrap(),
+            vec![sent.clone()]
+        );
+        assert_eq!(s.tenders(10).await.unwrap().len(), 2);
+        assert!(
+            s.due_bundles(60_999).await.unwrap().is_empty(),
+            "not before its end"
+        );
+        assert_eq!(s.due_bundles(61_000).await.unwrap(), vec![bundle.clone()]);
+
+        let posting = surplus_market::ledger::Posting {
+            key: "brokerage:settle:21".into(),
+            kind: "brokerage".into(),
+            memo: "test".into(),
+            entries: vec![
+                surplus_market::ledger::Entry {
+                    account: "client:peer-9".into(),
+                    currency: "EUR".into(),
+                    amount: -800,
+                },
+                surplus_market::ledger::Entry {
+                    account: "client:acme".into(),
+                    currency: "EUR".into(),
+                    amount: 800,
+                },
+            ],
+        };
+        let changes = ChangeSet {
+            postings: vec![(posting, Vec::new())],
+            ..ChangeSet::default()
+        };
+        let racers: Vec<_> = (0..4)
+            .map(|_| {
+                let (s, c) = (s.clone(), changes.clone());
+                tokio::spawn(async move {
+                    s.settle_bundle(Uuid::from_u128(20), &c, 61_000)
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        let mut settled = 0;
+        for r in racers {
+            settled += usize::from(r.await.unwrap());
+        }
+        assert_eq!(settled, 1, "one settlement wins");
+        assert!(s.due_bundles(70_000).await.unwrap().is_empty());
+        assert_eq!(s.bundles(10).await.unwrap()[0].settled_at_ms, Some(61_000));
+        let acme = s.balances(Some("client:acme")).await.unwrap();
+        assert_eq!(
+            acme,
+            vec![("client:acme".to_owned(), "EUR".to_owned(), 800)],
+            "paid once"
+        );
+    }
 
     /// Federation (issue 18): racing joiners take an invitation once; a usage batch
     /// delivered again and again, concurrently, is kept once; a removed peer's usage is

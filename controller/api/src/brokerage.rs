@@ -219,3 +219,89 @@ pub struct BillView {
     /// `posted`, `duplicate` (posted before under this key) or `nothing` (no overage).
     pub outcome: String,
 }
+
+/// `POST /v1/brokerage/tenders`: plan a bundle and tender it to marketplace clouds,
+/// one after another, each offered what the ones before it left.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct TenderRequest {
+    /// The bundle, planned as `POST /v1/brokerage/bundles/plan` plans it.
+    pub bundle: BundlePlanRequest,
+    /// The marketplace clouds (peer controller ids), in the order they are offered it.
+    pub clouds: Vec<String>,
+    /// The price's currency (default EUR).
+    #[serde(default)]
+    pub currency: Option<String>,
+}
+
+/// A tender this controller sent (`out`, as broker) or answered (`in`, as
+/// marketplace cloud).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct TenderView {
+    /// The tender.
+    pub id: String,
+    /// `out` or `in`.
+    pub direction: String,
+    /// The bundle it offers (`out` only).
+    pub bundle: Option<String>,
+    /// The other controller.
+    pub peer: String,
+    /// The resource.
+    pub resource: String,
+    /// Units offered.
+    pub amount: u64,
+    /// The interval's start, ms since the epoch.
+    pub from_ms: i64,
+    /// The interval's end (exclusive).
+    pub until_ms: i64,
+    /// The price offered for all of it, minor units.
+    pub offered_price: u64,
+    /// ISO 4217 code.
+    pub currency: String,
+    /// `sent`, `accepted`, `part`, `rejected`, `unanswered` or `invalid`.
+    pub state: String,
+    /// Units taken.
+    pub accepted_amount: u64,
+    /// What is paid for them.
+    pub price: u64,
+    /// Why less than the whole was taken, or why the answer did not count.
+    pub reason: Option<String>,
+    /// When it was sent or received.
+    pub created_at_ms: i64,
+    /// When it was answered.
+    pub answered_at_ms: Option<i64>,
+}
+
+/// A bundle this controller tendered, with its tenders.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct BundleView {
+    /// The bundle.
+    pub id: String,
+    /// The resource.
+    pub resource: String,
+    /// Units held at every instant of the interval.
+    pub amount: u64,
+    /// The interval's start, ms since the epoch.
+    pub from_ms: i64,
+    /// The interval's end (exclusive).
+    pub until_ms: i64,
+    /// The price of all of it, minor units.
+    pub price: u64,
+    /// ISO 4217 code.
+    pub currency: String,
+    /// Who contributes what, when.
+    pub arrangement: surplus_market::stagger::Arrangement,
+    /// Each contributor to the ledger account its share is paid to.
+    pub contributors: std::collections::BTreeMap<String, String>,
+    /// Units the marketplace clouds took in all.
+    pub placed: u64,
+    /// When it was tendered.
+    pub created_at_ms: i64,
+    /// When the accepted tenders were paid out to the contributors.
+    pub settled_at_ms: Option<i64>,
+    /// Its tenders, in the order they were sent.
+    pub tenders: Vec<TenderView>,
+}

@@ -133,7 +133,7 @@
 //! provided sums above `u64::MAX`; `nothing_provided` when there is money to split and
 //! nobody provided anything. [`settlement_posting`] is its posting: the accepting
 //! cloud's client account pays, the marketplace gets the commission, each contributor's
-//! provider account its share.
+//! account its share.
 //!
 //! # Invariants (checked by property tests)
 //!
@@ -912,13 +912,14 @@ pub fn settle(
 }
 
 /// The posting of a settlement under `key`: `accepting`'s client account pays the
-/// payment, the marketplace gets the commission, each contributor's provider account
-/// its share. Zero lines are left out.
+/// payment, the marketplace gets the commission, each contributor's account (as
+/// `account_of` names it) its share. Zero lines are left out.
 pub fn settlement_posting(
     key: &str,
     accepting: &str,
     currency: &str,
     settlement: &Settlement,
+    account_of: impl Fn(&str) -> String,
 ) -> Posting {
     let line = |account: String, amount: i64| Entry {
         account,
@@ -934,7 +935,7 @@ pub fn settlement_posting(
             .shares
             .iter()
             .filter(|s| s.amount != 0)
-            .map(|s| line(ledger::provider(&s.contributor), s.amount)),
+            .map(|s| line(account_of(&s.contributor), s.amount)),
     );
     Posting {
         key: key.to_owned(),
@@ -1599,7 +1600,7 @@ mod tests {
     #[test]
     fn postings_balance_and_leave_zero_lines_out() {
         let s = settle(1000, 1000, &provided(&[("a", 1), ("z", 0)])).unwrap();
-        let p = settlement_posting("bundle-1", "acme", "EUR", &s);
+        let p = settlement_posting("bundle-1", "acme", "EUR", &s, ledger::provider);
         assert_eq!(p.entries.iter().map(|e| e.amount).sum::<i64>(), 0);
         let accounts: Vec<_> = p
             .entries

@@ -66,6 +66,7 @@ pub mod resell;
 pub mod reservations;
 pub mod spot;
 pub mod stagger;
+pub mod tender;
 pub mod usage;
 
 /// An input an engine of this crate refuses; it changed nothing. Each engine's module

@@ -288,6 +288,7 @@ fn a_contributor_estimated_from_its_table_is_paid_for_what_it_provided() {
         .collect();
     // 8500 × 120/132 = 7727.27 and 8500 × 12/132 = 772.73: the unit left goes to dave.
     assert_eq!(shares, vec![("carol", 7727), ("dave", 773)]);
-    let posting = brokerage::settlement_posting("bundle:1", "othercloud", "EUR", &s);
+    let posting =
+        brokerage::settlement_posting("bundle:1", "othercloud", "EUR", &s, ledger::provider);
     assert!(ledger::check(&posting, |_, _| 0, ledger::default_allows_negative).is_ok());
 }

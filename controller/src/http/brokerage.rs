@@ -14,6 +14,11 @@ pub(super) fn routes() -> Vec<Route> {
         route("GET", "/v1/brokerage/margins", Token, brokerage_margins),
         route("POST", "/v1/brokerage/bundles/plan", Token, plan_bundle),
         route("POST", "/v1/brokerage/bills", Token, post_bills),
+        route("POST", "/v1/brokerage/tenders", Token, create_tender),
+        route("GET", "/v1/brokerage/tenders", Token, list_tenders),
+        route("GET", "/v1/brokerage/bundles", Token, list_bundles),
+        route("GET", "/v1/brokerage/tender-terms", Token, get_tender_terms),
+        route("PUT", "/v1/brokerage/tender-terms", Token, put_tender_terms),
         route("POST", "/v1/subscriptions", Token, create_subscription),
         route("GET", "/v1/subscriptions", Token, list_subscriptions),
         route("GET", "/v1/subscriptions/{user}", Token, show_subscriptions),
@@ -268,6 +273,12 @@ pub(crate) async fn plan_bundle(
 ) -> Result<Json<BundlePlanView>, ApiError> {
     caller.require(Role::Admin)?;
     let Json(body) = body?;
+    check_plan(&body)?;
+    Ok(Json(crate::brokerage::plan_bundle(&ctl, &body).await?))
+}
+
+/// A bundle's resource, interval and amount, checked before it is planned.
+fn check_plan(body: &BundlePlanRequest) -> Result<(), ApiError> {
     if !surplus_market::exchange::is_resource(&body.resource) {
         return Err(ApiError::bad_request(format!(
             "resource {:?} is not one of os_instances, cpu_cores, memory_gb, app.<name>",
@@ -289,7 +300,87 @@ pub(crate) async fn plan_bundle(
             ApiError::bad_request("amount must be more than zero").with_field("amount".into())
         );
     }
-    Ok(Json(crate::brokerage::plan_bundle(&ctl, &body).await?))
+    Ok(())
+}
+
+/// Plans a bundle and tenders it to marketplace clouds over their peer links, one
+/// after another, each offered what the clouds before it left; every tender and
+/// answer is recorded. At the interval's end the accepted tenders are paid out to
+/// the contributors (admins).
+#[utoipa::path(post, path = "/v1/brokerage/tenders", tag = "brokerage", request_body = TenderRequest, responses((status = 201, description = "The bundle and its tenders", body = BundleView)))]
+pub(crate) async fn create_tender(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    body: Result<Json<TenderRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<BundleView>), ApiError> {
+    caller.require(Role::Admin)?;
+    let Json(body) = body?;
+    check_plan(&body.bundle)?;
+    if body.bundle.until <= ctl.app.clock.now_ms() {
+        return Err(ApiError::bad_request(format!(
+            "the interval {}..{} has ended: only capacity still to come is tendered",
+            body.bundle.from, body.bundle.until
+        ))
+        .with_field("until".into()));
+    }
+    Ok((
+        StatusCode::CREATED,
+        Json(crate::brokerage::tender(&ctl, &body).await?),
+    ))
+}
+
+/// The tenders this controller sent (`out`) and answered (`in`), newest first
+/// (admins).
+#[utoipa::path(get, path = "/v1/brokerage/tenders", tag = "brokerage", responses((status = 200, description = "The tenders", body = Vec<TenderView>)))]
+pub(crate) async fn list_tenders(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+) -> Result<Json<Vec<TenderView>>, ApiError> {
+    caller.require(Role::Admin)?;
+    let tenders = ctl.app.store.tenders(500).await?;
+    Ok(Json(
+        tenders.iter().map(crate::brokerage::tender_view).collect(),
+    ))
+}
+
+/// The bundles this controller tendered, newest first, with their tenders and
+/// whether they were paid out (admins).
+#[utoipa::path(get, path = "/v1/brokerage/bundles", tag = "brokerage", responses((status = 200, description = "The bundles", body = Vec<BundleView>)))]
+pub(crate) async fn list_bundles(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+) -> Result<Json<Vec<BundleView>>, ApiError> {
+    caller.require(Role::Admin)?;
+    let mut out = Vec::new();
+    for b in ctl.app.store.bundles(200).await? {
+        out.push(crate::brokerage::bundle_view(&ctl, &b).await?);
+    }
+    Ok(Json(out))
+}
+
+/// This controller's standing terms for tenders, as a marketplace cloud: per
+/// resource the most it pays per unit-hour and takes of one tender (admins).
+#[utoipa::path(get, path = "/v1/brokerage/tender-terms", tag = "brokerage", responses((status = 200, description = "The terms", body = surplus_market::tender::Terms)))]
+pub(crate) async fn get_tender_terms(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+) -> Result<Json<surplus_market::tender::Terms>, ApiError> {
+    caller.require(Role::Admin)?;
+    Ok(Json(crate::brokerage::tender_terms(&ctl).await?))
+}
+
+/// Sets this controller's standing terms for tenders; tenders are answered by them
+/// from now on (admins).
+#[utoipa::path(put, path = "/v1/brokerage/tender-terms", tag = "brokerage", request_body = surplus_market::tender::Terms, responses((status = 200, description = "The terms in force", body = surplus_market::tender::Terms)))]
+pub(crate) async fn put_tender_terms(
+    State(ctl): State<Arc<Controller>>,
+    caller: Caller,
+    body: Result<Json<surplus_market::tender::Terms>, JsonRejection>,
+) -> Result<Json<surplus_market::tender::Terms>, ApiError> {
+    caller.require(Role::Admin)?;
+    let Json(terms) = body?;
+    crate::brokerage::put_tender_terms(&ctl, &terms).await?;
+    Ok(Json(terms))
 }
 
 /// Posts the netted overage of a window of whole periods (FIG. 4's billing records)

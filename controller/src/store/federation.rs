@@ -98,6 +98,58 @@ pub struct StoredSubscription {
     pub updated_at_ms: UnixMillis,
 }
 
+/// A bundle this controller placed with marketplace clouds, as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredBundle {
+    /// The bundle.
+    pub id: Uuid,
+    /// Its resource.
+    pub resource: String,
+    /// Units held at every instant.
+    pub amount: u64,
+    /// The interval's start.
+    pub from_ms: UnixMillis,
+    /// The interval's end (exclusive).
+    pub until_ms: UnixMillis,
+    /// Its whole price, minor units.
+    pub price: u64,
+    /// ISO 4217 code.
+    pub currency: String,
+    /// Who contributes what, when.
+    pub arrangement: surplus_market::stagger::Arrangement,
+    /// Each contributor to the account its share is paid to.
+    pub contributors: std::collections::BTreeMap<String, String>,
+    /// When it was planned and tendered.
+    pub created_at_ms: UnixMillis,
+    /// When its accepted tenders were paid out.
+    pub settled_at_ms: Option<UnixMillis>,
+}
+
+/// A tender sent (`out`) or answered (`in`), as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredTender {
+    /// What was offered (its id is the tender's).
+    pub offer: surplus_protocol::peer::TenderOffer,
+    /// `out` or `in`.
+    pub direction: String,
+    /// The bundle (`out` only).
+    pub bundle: Option<Uuid>,
+    /// The other controller.
+    pub peer: Uuid,
+    /// `sent`, `accepted`, `part`, `rejected`, `unanswered` or `invalid`.
+    pub state: String,
+    /// Units taken.
+    pub accepted_amount: u64,
+    /// What is paid for them.
+    pub price: u64,
+    /// Why less than the whole was taken, or why the answer did not count.
+    pub reason: Option<String>,
+    /// When it was sent or received.
+    pub created_at_ms: UnixMillis,
+    /// When it was answered.
+    pub answered_at_ms: Option<UnixMillis>,
+}
+
 /// Federation's and brokerage's storage.
 #[async_trait]
 pub trait FederationStore: Send + Sync + std::fmt::Debug + 'static {
@@ -178,6 +230,37 @@ pub trait FederationStore: Send + Sync + std::fmt::Debug + 'static {
 
     /// Every subscription, by user and resource.
     async fn subscriptions(&self) -> Result<Vec<StoredSubscription>, StoreError>;
+
+    /// Records a bundle about to be tendered.
+    async fn create_bundle(&self, bundle: &StoredBundle) -> Result<(), StoreError>;
+
+    /// Bundles, newest first, at most `limit`.
+    async fn bundles(&self, limit: u32) -> Result<Vec<StoredBundle>, StoreError>;
+
+    /// Bundles whose interval ended by `now_ms` and that are not settled yet.
+    async fn due_bundles(&self, now_ms: UnixMillis) -> Result<Vec<StoredBundle>, StoreError>;
+
+    /// Marks a bundle settled and applies `changes` (its payments and reports) in one
+    /// transaction; false (and nothing applied) when it was settled already.
+    async fn settle_bundle(
+        &self,
+        id: Uuid,
+        changes: &super::ChangeSet,
+        now_ms: UnixMillis,
+    ) -> Result<bool, super::PostError>;
+
+    /// Records a tender; if one with its id is stored already, that one as it stands
+    /// (unchanged): a tender received again keeps its first answer.
+    async fn put_tender(&self, tender: &StoredTender) -> Result<StoredTender, StoreError>;
+
+    /// Records the answer to a tender this controller sent.
+    async fn answer_tender(&self, tender: &StoredTender) -> Result<(), StoreError>;
+
+    /// Tenders, newest first, at most `limit`.
+    async fn tenders(&self, limit: u32) -> Result<Vec<StoredTender>, StoreError>;
+
+    /// The tenders of a bundle, in the order they were sent.
+    async fn bundle_tenders(&self, bundle: Uuid) -> Result<Vec<StoredTender>, StoreError>;
 
     /// This controller's own metering of client accounts' instances, as deltas whose
     /// `user` is the account, for records starting in `[from_ms, until_ms)`.

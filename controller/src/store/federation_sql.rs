@@ -49,6 +49,45 @@ macro_rules! federation_sql {
             i64::try_from(v).unwrap_or(i64::MAX)
         }
 
+        fn stored_bundle(row: &$row) -> Result<StoredBundle, StoreError> {
+            Ok(StoredBundle {
+                id: parse_uuid(row.try_get("id")?)?,
+                resource: row.try_get("resource")?,
+                amount: row.try_get::<i64, _>("amount")?.max(0) as u64,
+                from_ms: row.try_get("from_ms")?,
+                until_ms: row.try_get("until_ms")?,
+                price: row.try_get::<i64, _>("price")?.max(0) as u64,
+                currency: row.try_get("currency")?,
+                arrangement: parse_json(row.try_get("arrangement")?, "bundle arrangement")?,
+                contributors: parse_json(row.try_get("contributors")?, "bundle contributors")?,
+                created_at_ms: row.try_get("created_at_ms")?,
+                settled_at_ms: row.try_get("settled_at_ms")?,
+            })
+        }
+
+        fn stored_tender(row: &$row) -> Result<StoredTender, StoreError> {
+            let bundle: Option<String> = row.try_get("bundle")?;
+            Ok(StoredTender {
+                offer: parse_json(row.try_get("offer")?, "tender offer")?,
+                direction: row.try_get("direction")?,
+                bundle: bundle.as_deref().map(parse_uuid).transpose()?,
+                peer: parse_uuid(row.try_get("peer")?)?,
+                state: row.try_get("state")?,
+                accepted_amount: row.try_get::<i64, _>("accepted_amount")?.max(0) as u64,
+                price: row.try_get::<i64, _>("price")?.max(0) as u64,
+                reason: row.try_get("reason")?,
+                created_at_ms: row.try_get("created_at_ms")?,
+                answered_at_ms: row.try_get("answered_at_ms")?,
+            })
+        }
+
+        fn money(v: u64) -> i64 {
+            i64::try_from(v).unwrap_or(i64::MAX)
+        }
+
+        const BUNDLE_COLUMNS: &str = "SELECT id, resource, amount, from_ms, until_ms, price, currency, arrangement, contributors, created_at_ms, settled_at_ms FROM bundles";
+        const TENDER_COLUMNS: &str = "SELECT id, direction, bundle, peer, offer, state, accepted_amount, price, reason, created_at_ms, answered_at_ms FROM tenders";
+
         const PEER_COLUMNS: &str = "SELECT id, name, role, our_role, ca_pem, fingerprint, addresses, server_name, dials, joined_at_ms, removed_at_ms, last_seen_ms, out_seq, acked_seq, in_seq FROM peers";
         const PEER_INSERT: &str = "INSERT INTO peers (id, name, role, our_role, ca_pem, fingerprint, addresses, server_name, dials, joined_at_ms, removed_at_ms, last_seen_ms) VALUES ($1, $2, $3, $10, $4, $5, $6, $7, $8, $9, NULL, NULL) ON CONFLICT (id) DO NOTHING";
 
@@ -414,6 +453,116 @@ macro_rules! federation_sql {
                             updated_at_ms: r.try_get("updated_at_ms")?,
                         })
                     })
+                    .collect()
+            }
+
+            async fn create_bundle(&self, b: &StoredBundle) -> Result<(), StoreError> {
+                sqlx::query("INSERT INTO bundles (id, resource, amount, from_ms, until_ms, price, currency, arrangement, contributors, created_at_ms, settled_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, NULL)")
+                    .bind(b.id.to_string())
+                    .bind(&b.resource)
+                    .bind(money(b.amount))
+                    .bind(b.from_ms)
+                    .bind(b.until_ms)
+                    .bind(money(b.price))
+                    .bind(&b.currency)
+                    .bind(json_text(&b.arrangement))
+                    .bind(json_text(&b.contributors))
+                    .bind(b.created_at_ms)
+                    .execute(self.writer())
+                    .await?;
+                Ok(())
+            }
+
+            async fn bundles(&self, limit: u32) -> Result<Vec<StoredBundle>, StoreError> {
+                sqlx::query(&format!("{BUNDLE_COLUMNS} ORDER BY created_at_ms DESC, id DESC LIMIT $1"))
+                    .bind(i64::from(limit))
+                    .fetch_all(self.reader())
+                    .await?
+                    .iter()
+                    .map(stored_bundle)
+                    .collect()
+            }
+
+            async fn due_bundles(&self, now_ms: UnixMillis) -> Result<Vec<StoredBundle>, StoreError> {
+                sqlx::query(&format!("{BUNDLE_COLUMNS} WHERE settled_at_ms IS NULL AND until_ms <= $1 ORDER BY until_ms, id"))
+                    .bind(now_ms)
+                    .fetch_all(self.reader())
+                    .await?
+                    .iter()
+                    .map(stored_bundle)
+                    .collect()
+            }
+
+            async fn settle_bundle(&self, id: Uuid, changes: &ChangeSet, now_ms: UnixMillis) -> Result<bool, PostError> {
+                let mut tx = self.write_tx().await.map_err(StoreError::from)?;
+                $store::lock(&mut tx, Lock::Ledger).await?;
+                let marked = sqlx::query("UPDATE bundles SET settled_at_ms = $2 WHERE id = $1 AND settled_at_ms IS NULL")
+                    .bind(id.to_string())
+                    .bind(now_ms)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::from)?
+                    .rows_affected();
+                if marked == 0 {
+                    return Ok(false);
+                }
+                apply_in(&mut tx, changes, now_ms).await?;
+                tx.commit().await.map_err(StoreError::from)?;
+                Ok(true)
+            }
+
+            async fn put_tender(&self, t: &StoredTender) -> Result<StoredTender, StoreError> {
+                sqlx::query("INSERT INTO tenders (id, direction, bundle, peer, offer, state, accepted_amount, price, reason, created_at_ms, answered_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (id) DO NOTHING")
+                    .bind(t.offer.id.to_string())
+                    .bind(&t.direction)
+                    .bind(t.bundle.map(|b| b.to_string()))
+                    .bind(t.peer.to_string())
+                    .bind(json_text(&t.offer))
+                    .bind(&t.state)
+                    .bind(money(t.accepted_amount))
+                    .bind(money(t.price))
+                    .bind(&t.reason)
+                    .bind(t.created_at_ms)
+                    .bind(t.answered_at_ms)
+                    .execute(self.writer())
+                    .await?;
+                let row = sqlx::query(&format!("{TENDER_COLUMNS} WHERE id = $1"))
+                    .bind(t.offer.id.to_string())
+                    .fetch_one(self.writer())
+                    .await?;
+                stored_tender(&row)
+            }
+
+            async fn answer_tender(&self, t: &StoredTender) -> Result<(), StoreError> {
+                sqlx::query("UPDATE tenders SET state = $2, accepted_amount = $3, price = $4, reason = $5, answered_at_ms = $6 WHERE id = $1")
+                    .bind(t.offer.id.to_string())
+                    .bind(&t.state)
+                    .bind(money(t.accepted_amount))
+                    .bind(money(t.price))
+                    .bind(&t.reason)
+                    .bind(t.answered_at_ms)
+                    .execute(self.writer())
+                    .await?;
+                Ok(())
+            }
+
+            async fn tenders(&self, limit: u32) -> Result<Vec<StoredTender>, StoreError> {
+                sqlx::query(&format!("{TENDER_COLUMNS} ORDER BY created_at_ms DESC, id DESC LIMIT $1"))
+                    .bind(i64::from(limit))
+                    .fetch_all(self.reader())
+                    .await?
+                    .iter()
+                    .map(stored_tender)
+                    .collect()
+            }
+
+            async fn bundle_tenders(&self, bundle: Uuid) -> Result<Vec<StoredTender>, StoreError> {
+                sqlx::query(&format!("{TENDER_COLUMNS} WHERE bundle = $1 ORDER BY created_at_ms, id"))
+                    .bind(bundle.to_string())
+                    .fetch_all(self.reader())
+                    .await?
+                    .iter()
+                    .map(stored_tender)
                     .collect()
             }
 

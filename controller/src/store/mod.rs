@@ -23,7 +23,8 @@ use surplus_protocol::clock::UnixMillis;
 use uuid::Uuid;
 
 pub use federation::{
-    FederationStore, JoinRefusal, PeerShare, PeerUsageIn, StoredPeer, StoredSubscription,
+    FederationStore, JoinRefusal, PeerShare, PeerUsageIn, StoredBundle, StoredPeer,
+    StoredSubscription, StoredTender,
 };
 pub use pools::{
     PoolBurst, PoolCharge, PoolDecide, PoolDecision, PoolEntity, PoolMember, PoolSlotRow,

@@ -3,9 +3,10 @@
 
 use clap::Subcommand;
 use surplus_api::brokerage::{
-    BillRequest, BillView, BundlePlanRequest, BundlePlanView, MarginsView, SubscriptionCreate,
-    SubscriptionView,
+    BillRequest, BillView, BundlePlanRequest, BundlePlanView, BundleView, MarginsView,
+    SubscriptionCreate, SubscriptionView, TenderRequest, TenderView,
 };
+use surplus_market::tender::{ResourceTerms, Terms};
 
 use crate::client::{Client, print, table};
 
@@ -89,6 +90,13 @@ pub enum BrokerageCommand {
         #[command(subcommand)]
         command: BundleCommand,
     },
+    /// The tenders this controller sent (out) and answered (in), newest first (admin).
+    Tenders,
+    /// The terms by which this controller answers tenders, as a marketplace cloud.
+    Terms {
+        #[command(subcommand)]
+        command: TermsCommand,
+    },
 }
 
 /// `surplus brokerage bundle`.
@@ -97,31 +105,94 @@ pub enum BundleCommand {
     /// Plan a bundle holding an amount over an interval from the subscribers'
     /// estimated contributions, staggered; shows who contributes what, when, and the
     /// price, or where it falls short (admin). Nothing is stored.
-    Plan {
-        /// The resource, such as os_instances.
+    Plan(PlanArgs),
+    /// Plan a bundle and tender it to marketplace clouds, one after another, each
+    /// offered what the ones before it left; shows each answer (admin). At the
+    /// interval's end the accepted tenders are paid out to the contributors.
+    Tender {
+        #[command(flatten)]
+        plan: PlanArgs,
+        /// A marketplace cloud (peer controller id); repeat for more, in order.
+        #[arg(long = "cloud", required = true)]
+        clouds: Vec<String>,
+        /// The price's currency (default EUR).
+        #[arg(long)]
+        currency: Option<String>,
+    },
+    /// The bundles tendered, with their tenders and whether they were paid out (admin).
+    List,
+}
+
+/// What a bundle holds, and how it is estimated and priced.
+#[derive(clap::Args)]
+pub struct PlanArgs {
+    /// The resource, such as os_instances.
+    #[arg(long)]
+    resource: String,
+    /// Units held at every instant.
+    #[arg(long)]
+    amount: u64,
+    /// The interval's start, ms since the epoch.
+    #[arg(long)]
+    from: i64,
+    /// The interval's end, ms since the epoch.
+    #[arg(long)]
+    until: i64,
+    /// Share of the average under-consumption estimated, basis points (5000 = 50%).
+    #[arg(long)]
+    share_bps: Option<u32>,
+    /// How far back the estimates look, such as 48h.
+    #[arg(long)]
+    history: Option<String>,
+    /// Minor units per unit-hour.
+    #[arg(long)]
+    rate: Option<u64>,
+    /// The least a contributor is paid.
+    #[arg(long)]
+    floor: Option<u64>,
+}
+
+impl PlanArgs {
+    fn request(self) -> BundlePlanRequest {
+        BundlePlanRequest {
+            resource: self.resource,
+            amount: self.amount,
+            from: self.from,
+            until: self.until,
+            share_bps: self.share_bps,
+            history: self.history,
+            rate_per_unit_hour: self.rate,
+            floor_per_contributor: self.floor,
+        }
+    }
+}
+
+/// `surplus brokerage terms`.
+#[derive(Subcommand)]
+pub enum TermsCommand {
+    /// This controller's standing terms for tenders, as a marketplace cloud (admin).
+    Show,
+    /// Buy a resource from tenders: at most a rate per unit-hour and an amount per
+    /// tender (replaces that resource's terms; admin).
+    Set {
+        /// The resource, such as cpu_cores.
         #[arg(long)]
         resource: String,
-        /// Units held at every instant.
+        /// The most paid per unit-hour, minor units.
         #[arg(long)]
-        amount: u64,
-        /// The interval's start, ms since the epoch.
+        max_rate: u64,
+        /// The most units taken of one tender.
         #[arg(long)]
-        from: i64,
-        /// The interval's end, ms since the epoch.
+        max_amount: u64,
+        /// The currency paid in (replaces the terms' currency).
         #[arg(long)]
-        until: i64,
-        /// Share of the average under-consumption estimated, basis points (5000 = 50%).
+        currency: Option<String>,
+    },
+    /// Stop buying a resource from tenders (admin).
+    Remove {
+        /// The resource.
         #[arg(long)]
-        share_bps: Option<u32>,
-        /// How far back the estimates look, such as 48h.
-        #[arg(long)]
-        history: Option<String>,
-        /// Minor units per unit-hour.
-        #[arg(long)]
-        rate: Option<u64>,
-        /// The least a contributor is paid.
-        #[arg(long)]
-        floor: Option<u64>,
+        resource: String,
     },
 }
 
@@ -228,30 +299,89 @@ pub async fn brokerage(
             return Ok(());
         }
         BrokerageCommand::Bundle {
+            command: BundleCommand::Plan(plan),
+        } => {
+            let plan: BundlePlanView = client
+                .post("/v1/brokerage/bundles/plan", &plan.request())
+                .await?;
+            print(json, &plan, || show_plan(&plan));
+            return Ok(());
+        }
+        BrokerageCommand::Bundle {
             command:
-                BundleCommand::Plan {
-                    resource,
-                    amount,
-                    from,
-                    until,
-                    share_bps,
-                    history,
-                    rate,
-                    floor,
+                BundleCommand::Tender {
+                    plan,
+                    clouds,
+                    currency,
                 },
         } => {
-            let body = BundlePlanRequest {
-                resource,
-                amount,
-                from,
-                until,
-                share_bps,
-                history,
-                rate_per_unit_hour: rate,
-                floor_per_contributor: floor,
+            let body = TenderRequest {
+                bundle: plan.request(),
+                clouds,
+                currency,
             };
-            let plan: BundlePlanView = client.post("/v1/brokerage/bundles/plan", &body).await?;
-            print(json, &plan, || show_plan(&plan));
+            let bundle: BundleView = client.post("/v1/brokerage/tenders", &body).await?;
+            print(json, &bundle, || {
+                show_bundles(std::slice::from_ref(&bundle))
+            });
+            return Ok(());
+        }
+        BrokerageCommand::Bundle {
+            command: BundleCommand::List,
+        } => {
+            let bundles: Vec<BundleView> = client.get("/v1/brokerage/bundles").await?;
+            print(json, &bundles, || show_bundles(&bundles));
+            return Ok(());
+        }
+        BrokerageCommand::Tenders => {
+            let tenders: Vec<TenderView> = client.get("/v1/brokerage/tenders").await?;
+            print(json, &tenders, || show_tenders(&tenders));
+            return Ok(());
+        }
+        BrokerageCommand::Terms { command } => {
+            let mut terms: Terms = client.get("/v1/brokerage/tender-terms").await?;
+            let changed = match command {
+                TermsCommand::Show => false,
+                TermsCommand::Set {
+                    resource,
+                    max_rate,
+                    max_amount,
+                    currency,
+                } => {
+                    terms.resources.insert(
+                        resource,
+                        ResourceTerms {
+                            max_rate_per_unit_hour: max_rate,
+                            max_amount,
+                        },
+                    );
+                    if let Some(c) = currency {
+                        terms.currency = c;
+                    }
+                    true
+                }
+                TermsCommand::Remove { resource } => {
+                    if terms.resources.remove(&resource).is_none() {
+                        anyhow::bail!("the terms do not buy {resource}");
+                    }
+                    true
+                }
+            };
+            if changed {
+                terms = client.put("/v1/brokerage/tender-terms", &terms).await?;
+            }
+            print(json, &terms, || {
+                println!("currency {}", terms.currency);
+                let mut t = table(&["RESOURCE", "MAX PER UNIT-HOUR", "MAX AMOUNT"]);
+                for (r, rt) in &terms.resources {
+                    t.add_row(vec![
+                        r.clone(),
+                        rt.max_rate_per_unit_hour.to_string(),
+                        rt.max_amount.to_string(),
+                    ]);
+                }
+                println!("{t}");
+            });
             return Ok(());
         }
     };
@@ -369,6 +499,63 @@ fn show_plan(plan: &BundlePlanView) {
             s.resource,
             s.available
         );
+    }
+}
+
+fn show_tenders(tenders: &[TenderView]) {
+    let mut t = table(&[
+        "TENDER",
+        "DIRECTION",
+        "PEER",
+        "RESOURCE",
+        "OFFERED",
+        "STATE",
+        "TAKEN",
+        "PRICE",
+        "REASON",
+    ]);
+    for x in tenders {
+        t.add_row(vec![
+            x.id.clone(),
+            x.direction.clone(),
+            x.peer.clone(),
+            x.resource.clone(),
+            format!(
+                "{} for {} {} ({}..{})",
+                x.amount,
+                x.offered_price,
+                x.currency,
+                clock_label(x.from_ms),
+                clock_label(x.until_ms)
+            ),
+            x.state.clone(),
+            x.accepted_amount.to_string(),
+            x.price.to_string(),
+            x.reason.clone().unwrap_or_default(),
+        ]);
+    }
+    println!("{t}");
+}
+
+fn show_bundles(bundles: &[BundleView]) {
+    for b in bundles {
+        println!(
+            "bundle {}: {} {} {}..{}, price {} {}, placed {}{}",
+            b.id,
+            b.amount,
+            b.resource,
+            clock_label(b.from_ms),
+            clock_label(b.until_ms),
+            b.price,
+            b.currency,
+            b.placed,
+            if b.settled_at_ms.is_some() {
+                ", paid out"
+            } else {
+                ""
+            }
+        );
+        show_tenders(&b.tenders);
     }
 }
 
