@@ -9,9 +9,10 @@ use surplus_api::brokerage::{MarginsView, SubscriptionCreate, SubscriptionView};
 use surplus_market::Refusal;
 use surplus_market::brokerage::{self, Subscription, UsageRow};
 use surplus_market::exchange::{self, MINUTE_MS};
+use surplus_market::provision::{self, Provision, ProvisionInput};
 use surplus_market::tender::{self, Terms};
 use surplus_protocol::clock::UnixMillis;
-use surplus_protocol::peer::{PeerRole, TenderOffer, TenderReply};
+use surplus_protocol::peer::{PeerRole, TenderOffer, TenderReply, TenderShortfall};
 use uuid::Uuid;
 
 use crate::app::Controller;
@@ -179,6 +180,41 @@ pub struct MarginQuery {
     pub until: Option<UnixMillis>,
 }
 
+/// Usage in `[from, until)` per cloud (`local` or a host cloud's id), user, resource
+/// and minute, unit-milliseconds.
+async fn usage_minutes(
+    ctl: &Controller,
+    from: UnixMillis,
+    until: UnixMillis,
+) -> Result<BTreeMap<(String, String, String, i64), u128>, BrokerageError> {
+    let mut minutes: BTreeMap<(String, String, String, i64), u128> = BTreeMap::new();
+    let deltas = ctl.app.store.local_usage_deltas(None, from, until).await?;
+    for (user, resource, minute, unit_ms) in exchange::minute_usage(&deltas, from, until) {
+        *minutes
+            .entry((LOCAL.into(), user, resource.into(), minute))
+            .or_default() += u128::from(unit_ms);
+    }
+    for r in ctl.app.store.peer_usage_in(from, until).await? {
+        *minutes
+            .entry((
+                r.peer.to_string(),
+                r.row.user,
+                r.row.resource,
+                r.row.minute_ms,
+            ))
+            .or_default() += u128::from(r.row.unit_ms);
+    }
+    Ok(minutes)
+}
+
+/// The end of the last whole minute whose usage has arrived from every cloud: a host
+/// cloud sends a minute `peer_usage_lag` after it ends, and pushes within seconds.
+fn judged_until(ctl: &Controller) -> UnixMillis {
+    let settled =
+        ctl.app.clock.now_ms() - ctl.app.config.peer_usage_lag.as_millis() as i64 - MINUTE_MS;
+    settled.div_euclid(MINUTE_MS) * MINUTE_MS
+}
+
 /// The margin table of a window: subscriptions against the usage of every cloud.
 pub async fn margins(ctl: &Controller, q: &MarginQuery) -> Result<MarginsView, BrokerageError> {
     let stored: Vec<StoredSubscription> = ctl
@@ -201,10 +237,8 @@ pub async fn margins(ctl: &Controller, q: &MarginQuery) -> Result<MarginsView, B
         .iter()
         .map(|s| s.subscription.period_ms)
         .fold(q.period_ms.unwrap_or(MINUTE_MS), lcm);
-    // The last whole period whose usage has arrived from every cloud: a host cloud
-    // sends a minute `peer_usage_lag` after it ends, and pushes within seconds.
-    let settled =
-        ctl.app.clock.now_ms() - ctl.app.config.peer_usage_lag.as_millis() as i64 - MINUTE_MS;
+    // The last whole period whose usage has arrived from every cloud.
+    let settled = judged_until(ctl);
     let until = q.until.unwrap_or(settled.div_euclid(grid) * grid);
     let from = q
         .from
@@ -216,23 +250,7 @@ pub async fn margins(ctl: &Controller, q: &MarginQuery) -> Result<MarginsView, B
         ));
     }
     // Usage per cloud, user, resource and minute, then per subscription period.
-    let mut minutes: BTreeMap<(String, String, String, i64), u128> = BTreeMap::new();
-    let deltas = ctl.app.store.local_usage_deltas(None, from, until).await?;
-    for (user, resource, minute, unit_ms) in exchange::minute_usage(&deltas, from, until) {
-        *minutes
-            .entry((LOCAL.into(), user, resource.into(), minute))
-            .or_default() += u128::from(unit_ms);
-    }
-    for r in ctl.app.store.peer_usage_in(from, until).await? {
-        *minutes
-            .entry((
-                r.peer.to_string(),
-                r.row.user,
-                r.row.resource,
-                r.row.minute_ms,
-            ))
-            .or_default() += u128::from(r.row.unit_ms);
-    }
+    let minutes = usage_minutes(ctl, from, until).await?;
     let subscribed_by_anyone: std::collections::BTreeSet<(String, String)> = ctl
         .app
         .store
@@ -621,8 +639,11 @@ fn state_of(offered: u64, accepted: u64) -> &'static str {
     }
 }
 
-/// A tender as the API shows it.
-pub fn tender_view(t: &StoredTender) -> surplus_api::brokerage::TenderView {
+/// A tender as the API shows it, with the shortfalls reported to it.
+pub fn tender_view(
+    t: &StoredTender,
+    shortfalls: Vec<provision::Gap>,
+) -> surplus_api::brokerage::TenderView {
     surplus_api::brokerage::TenderView {
         id: t.offer.id.to_string(),
         direction: t.direction.clone(),
@@ -640,7 +661,25 @@ pub fn tender_view(t: &StoredTender) -> surplus_api::brokerage::TenderView {
         reason: t.reason.clone(),
         created_at_ms: t.created_at_ms,
         answered_at_ms: t.answered_at_ms,
+        shortfalls,
     }
+}
+
+/// Tenders as the API shows them.
+pub async fn tender_views(
+    ctl: &Controller,
+    tenders: &[StoredTender],
+) -> Result<Vec<surplus_api::brokerage::TenderView>, BrokerageError> {
+    let mut out = Vec::with_capacity(tenders.len());
+    for t in tenders {
+        let shortfalls = if t.direction == "in" {
+            ctl.app.store.tender_shortfalls(t.offer.id).await?
+        } else {
+            Vec::new()
+        };
+        out.push(tender_view(t, shortfalls));
+    }
+    Ok(out)
 }
 
 /// A bundle as the API shows it, with its tenders.
@@ -649,6 +688,14 @@ pub async fn bundle_view(
     b: &StoredBundle,
 ) -> Result<surplus_api::brokerage::BundleView, BrokerageError> {
     let tenders = ctl.app.store.bundle_tenders(b.id).await?;
+    let taken = taken_by(&tenders);
+    let sold: u64 = taken.iter().sum();
+    let through = judged_until(ctl).min(b.until_ms);
+    let provision = if sold > 0 && through > b.from_ms {
+        Some(provision_of(ctl, b, sold, b.from_ms, through).await?)
+    } else {
+        None
+    };
     Ok(surplus_api::brokerage::BundleView {
         id: b.id.to_string(),
         resource: b.resource.clone(),
@@ -659,10 +706,18 @@ pub async fn bundle_view(
         currency: b.currency.clone(),
         arrangement: b.arrangement.clone(),
         contributors: b.contributors.clone(),
-        placed: tenders.iter().map(|t| t.accepted_amount).sum(),
+        placed: sold,
         created_at_ms: b.created_at_ms,
         settled_at_ms: b.settled_at_ms,
-        tenders: tenders.iter().map(tender_view).collect(),
+        held: provision
+            .as_ref()
+            .map(Provision::held)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(who, ms)| (who, u64::try_from(ms).unwrap_or(u64::MAX)))
+            .collect(),
+        provision,
+        tenders: tender_views(ctl, &tenders).await?,
     })
 }
 
@@ -761,6 +816,7 @@ pub async fn tender(
         contributors,
         created_at_ms: now,
         settled_at_ms: None,
+        reported_through_ms: None,
     };
     ctl.app.store.create_bundle(&bundle).await?;
     let template = TenderOffer {
@@ -826,64 +882,192 @@ pub async fn tender(
     bundle_view(ctl, &bundle).await
 }
 
-/// Pays out every bundle whose interval has ended: each accepted tender's price goes
-/// from the accepting cloud's account, less the marketplace's commission, to the
-/// contributors in proportion to what each held, with a report to each contributor's
-/// administrator; one transaction per bundle, once.
+/// What a bundle's contributors provided in the whole minutes of `[from, until)`,
+/// each keeping what its own use needs (`provision::provide`), judged by the usage
+/// of every cloud.
+async fn provision_of(
+    ctl: &Controller,
+    b: &StoredBundle,
+    sold: u64,
+    from: UnixMillis,
+    until: UnixMillis,
+) -> Result<Provision, BrokerageError> {
+    let limits: BTreeMap<String, u64> = ctl
+        .app
+        .store
+        .subscriptions()
+        .await?
+        .into_iter()
+        .filter(|s| s.subscription.resource == b.resource)
+        .map(|s| (s.subscription.user, s.subscription.limit))
+        .collect();
+    let mut used: BTreeMap<(String, i64), u128> = BTreeMap::new();
+    if from < until {
+        for ((_, user, resource, minute), unit_ms) in usage_minutes(ctl, from, until).await? {
+            if resource == b.resource {
+                *used.entry((user, minute)).or_default() += unit_ms;
+            }
+        }
+    }
+    Ok(provision::provide(
+        ProvisionInput {
+            arrangement: &b.arrangement,
+            sold,
+            from,
+            until,
+            limits: &limits,
+        },
+        |user, minute| {
+            used.get(&(user.to_owned(), minute))
+                .map_or(0, |u| exchange::used_in_period(*u, MINUTE_MS))
+        },
+    ))
+}
+
+/// The units each accepted tender of a bundle took, in the order they were placed.
+fn taken_by(tenders: &[StoredTender]) -> Vec<u64> {
+    tenders
+        .iter()
+        .map(|t| {
+            if matches!(t.state.as_str(), "accepted" | "part") {
+                t.accepted_amount
+            } else {
+                0
+            }
+        })
+        .collect()
+}
+
+/// Judges the provision of every bundle under way up to the last minute whose usage
+/// has arrived, and tells each accepting cloud what falls short of what it took; the
+/// bundle's report timer moves once every cloud concerned has noted it.
+pub async fn watch_bundles(ctl: &Controller) -> Result<(), BrokerageError> {
+    let judged = judged_until(ctl);
+    for b in ctl.app.store.open_bundles(judged).await? {
+        let start = b.reported_through_ms.unwrap_or(b.from_ms).max(b.from_ms);
+        let through = judged.min(b.until_ms);
+        if through <= start {
+            continue;
+        }
+        let tenders = ctl.app.store.bundle_tenders(b.id).await?;
+        let taken = taken_by(&tenders);
+        let sold: u64 = taken.iter().sum();
+        if sold == 0 {
+            ctl.app.store.bundle_reported(b.id, through).await?;
+            continue;
+        }
+        let p = provision_of(ctl, &b, sold, start, through).await?;
+        let mut all_noted = true;
+        for gap in &p.gaps {
+            for (t, missing) in tenders
+                .iter()
+                .zip(provision::split_short(gap.missing, &taken))
+            {
+                if missing == 0 {
+                    continue;
+                }
+                let report = TenderShortfall {
+                    id: t.offer.id,
+                    from_ms: gap.from,
+                    until_ms: gap.until,
+                    missing,
+                };
+                if let Err(e) = ctl.federation.send_shortfall(t.peer, report).await {
+                    tracing::warn!(bundle = %b.id, peer = %t.peer, error = %format!("{e:#}"), "shortfall not reported yet");
+                    all_noted = false;
+                }
+            }
+        }
+        if all_noted {
+            ctl.app.store.bundle_reported(b.id, through).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Pays out every bundle whose interval has ended and whose usage has arrived: each
+/// accepting cloud pays its price pro rata to the unit-minutes it was given of those
+/// it bought (`provision::payable`), from its account `client:peer-<id>`; the
+/// marketplace keeps its commission, and the rest goes to the subscribers in
+/// proportion to what each actually provided (kept of its plan or stood in with),
+/// with a report to each subscriber's administrator; one transaction per bundle, once.
 pub async fn settle_due(ctl: &Controller) -> Result<usize, BrokerageError> {
     let now = ctl.app.clock.now_ms();
     let mut settled = 0;
-    for b in ctl.app.store.due_bundles(now).await? {
-        let provided = tender::provided(&b.arrangement);
+    for b in ctl.app.store.due_bundles(judged_until(ctl)).await? {
+        let tenders = ctl.app.store.bundle_tenders(b.id).await?;
+        let taken = taken_by(&tenders);
+        let sold: u64 = taken.iter().sum();
         let mut changes = crate::store::ChangeSet::default();
-        for t in ctl.app.store.bundle_tenders(b.id).await? {
-            if t.accepted_amount == 0 || !matches!(t.state.as_str(), "accepted" | "part") {
-                continue;
-            }
-            let settlement = brokerage::settle(
-                i64::try_from(t.price).unwrap_or(i64::MAX),
-                ctl.app.config.commission_bps,
-                &provided,
-            )?;
-            let key = format!("brokerage:settle:{}", t.offer.id);
+        if sold > 0 {
+            let p = provision_of(ctl, &b, sold, b.from_ms, b.until_ms).await?;
+            let held = p.held();
+            let subs = ctl.app.store.subscriptions().await?;
             let account_of = |c: &str| {
-                b.contributors
-                    .get(c)
-                    .cloned()
-                    .unwrap_or_else(|| surplus_market::ledger::client(c))
+                b.contributors.get(c).cloned().unwrap_or_else(|| {
+                    let admin = subs
+                        .iter()
+                        .find(|s| s.subscription.user == c && s.subscription.resource == b.resource)
+                        .map_or(c, |s| s.administrator.as_str());
+                    surplus_market::ledger::client(admin)
+                })
             };
-            changes.postings.push((
-                brokerage::settlement_posting(
-                    &key,
-                    &format!("peer-{}", t.peer),
-                    &b.currency,
-                    &settlement,
-                    account_of,
-                ),
-                Vec::new(),
-            ));
-            for share in &settlement.shares {
-                let held = provided
-                    .iter()
-                    .find(|(c, _)| *c == share.contributor)
-                    .map_or(0, |(_, v)| *v);
-                changes.notices.push(crate::store::Notice {
-                    key: format!("{key}:{}", share.contributor),
-                    recipient: account_of(&share.contributor),
-                    kind: "brokerage.contribution".into(),
-                    body: serde_json::json!({
-                        "bundle": b.id,
-                        "tender": t.offer.id,
-                        "marketplace_cloud": t.peer,
-                        "contributor": share.contributor,
-                        "resource": b.resource,
-                        "from_ms": b.from_ms,
-                        "until_ms": b.until_ms,
-                        "held_unit_ms": held.to_string(),
-                        "amount": share.amount,
-                        "currency": b.currency,
-                    }),
-                });
+            for (i, t) in tenders.iter().enumerate() {
+                let payment = provision::payable(t.price, i, &taken, &p);
+                if taken[i] == 0 || payment == 0 || held.is_empty() {
+                    continue;
+                }
+                let settlement = brokerage::settle(
+                    i64::try_from(payment).unwrap_or(i64::MAX),
+                    ctl.app.config.commission_bps,
+                    &held,
+                )?;
+                let key = format!("brokerage:settle:{}", t.offer.id);
+                changes.postings.push((
+                    brokerage::settlement_posting(
+                        &key,
+                        &format!("peer-{}", t.peer),
+                        &b.currency,
+                        &settlement,
+                        account_of,
+                    ),
+                    Vec::new(),
+                ));
+                // A report to every subscriber that was planned or stood in, even one
+                // that provided nothing in the end.
+                let mut reported: std::collections::BTreeSet<&str> =
+                    b.contributors.keys().map(String::as_str).collect();
+                reported.extend(held.iter().map(|(c, _)| c.as_str()));
+                for contributor in reported {
+                    let amount = settlement
+                        .shares
+                        .iter()
+                        .find(|s| s.contributor == contributor)
+                        .map_or(0, |s| s.amount);
+                    let held_ms = held
+                        .iter()
+                        .find(|(c, _)| c == contributor)
+                        .map_or(0, |(_, v)| *v);
+                    changes.notices.push(crate::store::Notice {
+                        key: format!("{key}:{contributor}"),
+                        recipient: account_of(contributor),
+                        kind: "brokerage.contribution".into(),
+                        body: serde_json::json!({
+                            "bundle": b.id,
+                            "tender": t.offer.id,
+                            "marketplace_cloud": t.peer,
+                            "contributor": contributor,
+                            "planned": b.contributors.contains_key(contributor),
+                            "resource": b.resource,
+                            "from_ms": b.from_ms,
+                            "until_ms": b.until_ms,
+                            "held_unit_ms": held_ms.to_string(),
+                            "paid_by_the_cloud": payment,
+                            "amount": amount,
+                            "currency": b.currency,
+                        }),
+                    });
+                }
             }
         }
         match ctl.app.store.settle_bundle(b.id, &changes, now).await {

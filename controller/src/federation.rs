@@ -408,6 +408,32 @@ impl Federation {
         Err(last)
     }
 
+    /// Tells `peer` that a tender it accepted falls short; `Ok` once it noted it.
+    pub async fn send_shortfall(
+        &self,
+        peer: Uuid,
+        shortfall: surplus_protocol::peer::TenderShortfall,
+    ) -> anyhow::Result<()> {
+        let conn = self
+            .link(peer)
+            .with_context(|| format!("no link to peer {peer} is up"))?;
+        match quic::request(
+            &conn,
+            &Message::Peer(Box::new(PeerMessage::Shortfall(shortfall))),
+            self.app.config.max_frame_size,
+            self.app.config.request_timeout,
+        )
+        .await?
+        {
+            Message::Peer(p) => match *p {
+                PeerMessage::ShortfallNoted => Ok(()),
+                PeerMessage::Refused(why) => bail!("peer {peer} refused the shortfall: {why}"),
+                other => bail!("peer {peer} answered a shortfall with {}", other.kind()),
+            },
+            other => bail!("peer {peer} answered a shortfall with {}", other.kind()),
+        }
+    }
+
     /// What a token makes its joiner at the inviter (for the joiner's report).
     pub fn peer_role_at_broker(&self, token: &str) -> Option<String> {
         PeerToken::parse(token).ok().map(|t| t.role.to_string())
@@ -559,6 +585,9 @@ pub async fn drive(ctl: Arc<Controller>, endpoint: Endpoint, cancel: Cancellatio
             _ = tick.tick() => {}
         }
         ctl.federation.reload().await;
+        if let Err(e) = crate::brokerage::watch_bundles(&ctl).await {
+            tracing::warn!(error = %e, "bundles under way not judged");
+        }
         match crate::brokerage::settle_due(&ctl).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(bundles = n, "brokered bundles paid out"),
@@ -782,6 +811,37 @@ async fn handle(ctl: &Controller, peer: Uuid, request: Message) -> PeerMessage {
             PeerMessage::Refused(format!(
                 "this controller is {peer}'s {our_role}, not a marketplace cloud: it takes no tenders"
             ))
+        }
+        PeerMessage::Shortfall(_) if role != PeerRole::Broker => PeerMessage::Refused(format!(
+            "controller {peer} is this controller's {role}, not its broker: it reports no shortfalls here"
+        )),
+        PeerMessage::Shortfall(s) => {
+            let gap = surplus_market::provision::Gap {
+                from: s.from_ms,
+                until: s.until_ms,
+                missing: s.missing,
+            };
+            if gap.from >= gap.until || gap.missing == 0 {
+                return PeerMessage::Refused(
+                    "a shortfall needs a span and a missing amount".into(),
+                );
+            }
+            match ctl.app.store.tender_shortfall(s.id, peer, gap, now).await {
+                Ok(true) => {
+                    tracing::warn!(%peer, tender = %s.id, from = s.from_ms, until = s.until_ms, missing = s.missing, "a brokered tender falls short");
+                    PeerMessage::ShortfallNoted
+                }
+                Ok(false) => PeerMessage::Refused(format!(
+                    "tender {} is not one this controller answered for {peer}",
+                    s.id
+                )),
+                Err(e) => {
+                    tracing::error!(%peer, error = %e, "shortfall not recorded");
+                    PeerMessage::Refused(
+                        "the shortfall could not be recorded; send it again".into(),
+                    )
+                }
+            }
         }
         PeerMessage::Tender(offer) => {
             match crate::brokerage::answer_tender(ctl, peer, &offer).await {

@@ -154,6 +154,12 @@ pub enum PeerMessage {
     Tender(TenderOffer),
     /// Marketplace cloud → broker: accepted (whole or part) or rejected.
     TenderAnswer(TenderReply),
+    /// Broker → marketplace cloud: what a tender sold falls short (its contributors
+    /// took it back and nobody could stand in); answered by
+    /// [`PeerMessage::ShortfallNoted`]. Sent again until answered; kept once.
+    Shortfall(TenderShortfall),
+    /// Marketplace cloud → broker: the shortfall is recorded.
+    ShortfallNoted,
 }
 
 impl PeerMessage {
@@ -170,6 +176,8 @@ impl PeerMessage {
             PeerMessage::Pong => "peer-pong",
             PeerMessage::Tender(_) => "peer-tender",
             PeerMessage::TenderAnswer(_) => "peer-tender-answer",
+            PeerMessage::Shortfall(_) => "peer-shortfall",
+            PeerMessage::ShortfallNoted => "peer-shortfall-noted",
         }
     }
 }
@@ -278,6 +286,19 @@ pub struct TenderReply {
     pub price: u64,
     /// Why it took less than the whole, if it did.
     pub reason: Option<String>,
+}
+
+/// Units of a tender missing over a span of its interval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenderShortfall {
+    /// The tender.
+    pub id: Uuid,
+    /// Start.
+    pub from_ms: UnixMillis,
+    /// End (exclusive).
+    pub until_ms: UnixMillis,
+    /// Units missing at every instant of it.
+    pub missing: u64,
 }
 
 #[cfg(test)]

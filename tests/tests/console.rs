@@ -946,6 +946,75 @@ async fn margins_and_a_bundle_are_drawn(b: &mut Browser, tc: &TestController) {
         short.contains("9 os_instances needed, 1 available"),
         "{short}"
     );
+
+    // A bundle tendered and a tender answered with a shortfall reported to it, as the
+    // federation stores them, are listed with their state.
+    use surplus_controller::store::{StoredBundle, StoredTender};
+    let store = &tc.ctl().app.store;
+    let offer = surplus_protocol::peer::TenderOffer {
+        id: uuid::Uuid::now_v7(),
+        resource: "os_instances".into(),
+        amount: 2,
+        from_ms: 1_800_000_000_000,
+        until_ms: 1_800_000_600_000,
+        price: 300,
+        currency: "EUR".into(),
+    };
+    let bundle = StoredBundle {
+        id: uuid::Uuid::now_v7(),
+        resource: "os_instances".into(),
+        amount: 2,
+        from_ms: offer.from_ms,
+        until_ms: offer.until_ms,
+        price: 300,
+        currency: "EUR".into(),
+        arrangement: surplus_market::stagger::Arrangement {
+            needs: Vec::new(),
+            contributions: Vec::new(),
+            sub_intervals: Vec::new(),
+        },
+        contributors: Default::default(),
+        created_at_ms: 1,
+        settled_at_ms: None,
+        reported_through_ms: None,
+    };
+    store.create_bundle(&bundle).await.unwrap();
+    let peer = uuid::Uuid::from_u128(77);
+    store
+        .put_tender(&StoredTender {
+            offer: offer.clone(),
+            direction: "in".into(),
+            bundle: None,
+            peer,
+            state: "part".into(),
+            accepted_amount: 1,
+            price: 150,
+            reason: Some("this cloud takes at most 1 units".into()),
+            created_at_ms: 2,
+            answered_at_ms: Some(2),
+        })
+        .await
+        .unwrap();
+    let gap = surplus_market::provision::Gap {
+        from: offer.from_ms,
+        until: offer.from_ms + 120_000,
+        missing: 1,
+    };
+    assert!(
+        store
+            .tender_shortfall(offer.id, peer, gap, 3)
+            .await
+            .unwrap()
+    );
+    b.visit(
+        &format!("{base}/console/brokerage?period=1m"),
+        "brokerage-tenders",
+    )
+    .await;
+    assert_eq!(b.count("#bundles tbody tr").await, 1);
+    let row = b.text("#tenders tbody tr").await;
+    assert!(row.contains("part") && row.contains("at most 1"), "{row}");
+    assert!(row.contains("1 short"), "{row}");
 }
 
 /// Signs the browser in with `token` from the sign-in page.

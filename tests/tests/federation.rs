@@ -614,9 +614,12 @@ async fn a_host_clouds_usage_reaches_its_broker_once_and_a_removed_peer_is_cut_o
     assert_eq!(short["from"], json!(last + 600_000));
     assert_eq!(short["until"], json!(last + 1_200_000));
 
-    // A marketplace cloud joins the broker and buys instances from tenders at up to
-    // 5000 an hour. The broker tenders bob's unused instance for the rest of this
-    // minute and the next at 6000 an hour: rejected, and recorded so on both sides.
+    // Alice's subscription grows to three instances: with her one running she leaves
+    // two unused, as bob does. A marketplace cloud joins the broker and buys
+    // instances from tenders at up to 5000 an hour. The broker tenders one instance
+    // from each of them for the rest of this minute and the next two at 6000 an
+    // hour: rejected, and recorded so on both sides.
+    sub("alice.host-a", "3").unwrap();
     let token = broker
         .peer(&["invite", "--role", "marketplace-cloud"])
         .unwrap();
@@ -636,7 +639,7 @@ async fn a_host_clouds_usage_reaches_its_broker_once_and_a_removed_peer_is_cut_o
             "--max-rate",
             rate,
             "--max-amount",
-            "1",
+            "2",
             "--currency",
             "EUR",
         ])
@@ -647,7 +650,7 @@ async fn a_host_clouds_usage_reaches_its_broker_once_and_a_removed_peer_is_cut_o
         .unwrap()
         .as_millis() as i64;
     let from = now.div_euclid(60_000) * 60_000;
-    let (start, end) = (from.to_string(), (from + 120_000).to_string());
+    let (start, end) = (from.to_string(), (from + 180_000).to_string());
     let tender = |to: &str| {
         broker.cli(&[
             "brokerage",
@@ -656,7 +659,7 @@ async fn a_host_clouds_usage_reaches_its_broker_once_and_a_removed_peer_is_cut_o
             "--resource",
             "os_instances",
             "--amount",
-            "1",
+            "2",
             "--from",
             &start,
             "--until",
@@ -680,8 +683,8 @@ async fn a_host_clouds_usage_reaches_its_broker_once_and_a_removed_peer_is_cut_o
     let rejected = tender(&market_id).unwrap();
     assert_eq!(
         rejected["price"],
-        json!(200),
-        "one instance, 2 minutes at 6000 an hour"
+        json!(600),
+        "two instances, 3 minutes at 6000 an hour"
     );
     let t = &rejected["tenders"][0];
     assert_eq!(
@@ -706,11 +709,12 @@ async fn a_host_clouds_usage_reaches_its_broker_once_and_a_removed_peer_is_cut_o
             t["accepted_amount"].as_u64(),
             t["price"].as_u64()
         ),
-        (Some("accepted"), Some(1), Some(200)),
+        (Some("accepted"), Some(2), Some(600)),
         "{accepted}"
     );
-    assert_eq!(accepted["placed"], json!(1));
+    assert_eq!(accepted["placed"], json!(2));
     assert_eq!(accepted["contributors"]["bob"], "client:acme");
+    assert_eq!(accepted["contributors"]["alice.host-a"], "client:acme");
     let received = market.cli(&["brokerage", "tenders"]).unwrap();
     let theirs: Vec<_> = received
         .as_array()
@@ -737,11 +741,28 @@ async fn a_host_clouds_usage_reaches_its_broker_once_and_a_removed_peer_is_cut_o
         "{received}"
     );
 
-    // When the interval ends the broker pays bob's administrator from the marketplace
-    // cloud's account, less its 10% commission, once, with a report to acme.
+    // Alice's own demand rises to her whole limit: she takes back the instance she
+    // contributed, and bob, with room beside his, stands in for it.
+    for _ in 0..2 {
+        let (st, run) = host
+            .call(
+                &alice,
+                reqwest::Method::POST,
+                "/v1/control",
+                Some(json!({"action": "RunInstances", "command": ["/bin/sh", "-c", "sleep 600"]})),
+            )
+            .await;
+        assert_eq!(st, 200, "{run}");
+    }
+
+    // When the interval ends (and its usage has arrived) the broker pays out: the
+    // marketplace cloud's account pays the whole price (nothing fell short), the
+    // marketplace keeps its 10% commission, and acme, both contributors'
+    // administrator, gets the rest, once, with a report per contributor by what each
+    // actually provided.
     let paid = eventually(
         "the bundle paid out",
-        Duration::from_secs(180),
+        Duration::from_secs(300),
         async || {
             let bundles = broker.cli(&["brokerage", "bundle", "list"]).ok()?;
             let b = bundles
@@ -753,15 +774,27 @@ async fn a_host_clouds_usage_reaches_its_broker_once_and_a_removed_peer_is_cut_o
         },
     )
     .await;
-    assert!(paid["settled_at_ms"].as_i64().unwrap() >= from + 120_000);
+    assert!(paid["settled_at_ms"].as_i64().unwrap() >= from + 180_000);
+    let minutes = paid["provision"]["minutes"].as_array().unwrap();
+    assert_eq!(minutes.len(), 3, "{paid}");
+    assert!(
+        minutes.iter().all(|m| m["short"] == 0),
+        "bob covers what alice takes back: {paid}"
+    );
+    let last = &minutes[2];
+    assert_eq!(
+        last["kept"]["alice.host-a"], 0,
+        "her own use comes first: {last}"
+    );
+    assert_eq!(last["substituted"]["bob"], 1, "bob stands in: {last}");
     assert_eq!(
         balance(&broker, &format!("client:peer-{market_id}")).await,
-        -200
+        -600
     );
-    assert_eq!(balance(&broker, "client:acme").await, acme_before + 180);
+    assert_eq!(balance(&broker, "client:acme").await, acme_before + 540);
     assert_eq!(
         balance(&broker, "marketplace").await,
-        commission_before + 20
+        commission_before + 60
     );
     let (st, acme) = broker
         .call(
@@ -781,15 +814,41 @@ async fn a_host_clouds_usage_reaches_its_broker_once_and_a_removed_peer_is_cut_o
         )
         .await;
     assert_eq!(st, 200);
-    let report = notes
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["kind"] == "brokerage.contribution")
-        .unwrap_or_else(|| panic!("no report: {notes}"));
-    assert_eq!(report["body"]["contributor"], "bob");
-    assert_eq!(report["body"]["amount"], json!(180));
-    assert_eq!(report["body"]["held_unit_ms"], "120000");
+    let report = |who: &str| {
+        notes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["kind"] == "brokerage.contribution" && n["body"]["contributor"] == who)
+            .unwrap_or_else(|| panic!("no report for {who}: {notes}"))["body"]
+            .clone()
+    };
+    let (bob_report, alice_report) = (report("bob"), report("alice.host-a"));
+    let held = |r: &Value| r["held_unit_ms"].as_str().unwrap().parse::<u64>().unwrap();
+    // Bob held his own plan and stood in for alice for at least the last minute;
+    // alice kept her instance for at most the first two (her own instances may have
+    // needed all of her limit from the first).
+    assert!(
+        held(&bob_report) >= 240_000,
+        "bob held more than his plan: {bob_report}"
+    );
+    assert!(
+        held(&alice_report) <= 120_000,
+        "alice less than hers: {alice_report}"
+    );
+    assert_eq!(
+        held(&bob_report) + held(&alice_report),
+        360_000,
+        "two instances for three minutes in all"
+    );
+    assert_eq!(alice_report["planned"], true);
+    assert_eq!(bob_report["paid_by_the_cloud"], json!(600));
+    assert_eq!(
+        bob_report["amount"].as_i64().unwrap() + alice_report["amount"].as_i64().unwrap(),
+        540,
+        "the shares are the payment less the commission"
+    );
+    assert!(bob_report["amount"].as_i64() > alice_report["amount"].as_i64());
 
     // The broker removes the host cloud: the link is cut within seconds and stays cut
     // though the host cloud keeps redialing.

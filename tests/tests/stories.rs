@@ -226,6 +226,7 @@ mod stories {
                 .collect(),
             created_at_ms: 900,
             settled_at_ms: None,
+            reported_through_ms: None,
         };
         s.create_bundle(&bundle).await.unwrap();
         let mut sent = StoredTender {
@@ -251,6 +252,49 @@ mod stories {
             vec![sent.clone()]
         );
         assert_eq!(s.tenders(10).await.unwrap().len(), 2);
+        // Failover's timers and reports: judged up to a minute, never back; a gap
+        // reported twice is kept once, and only for a tender answered for that peer.
+        assert!(
+            s.open_bundles(999).await.unwrap().is_empty(),
+            "not before it begins"
+        );
+        assert_eq!(s.open_bundles(1_000).await.unwrap().len(), 1);
+        s.bundle_reported(bundle.id, 31_000).await.unwrap();
+        s.bundle_reported(bundle.id, 21_000).await.unwrap();
+        assert_eq!(
+            s.open_bundles(40_000).await.unwrap()[0].reported_through_ms,
+            Some(31_000)
+        );
+        let gap = surplus_market::provision::Gap {
+            from: 1_000,
+            until: 61_000,
+            missing: 1,
+        };
+        assert!(
+            s.tender_shortfall(offer.id, Uuid::from_u128(9), gap, 70_000)
+                .await
+                .unwrap()
+        );
+        assert!(
+            s.tender_shortfall(offer.id, Uuid::from_u128(9), gap, 71_000)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !s.tender_shortfall(offer.id, Uuid::from_u128(8), gap, 71_000)
+                .await
+                .unwrap(),
+            "another peer's"
+        );
+        assert!(
+            !s.tender_shortfall(Uuid::from_u128(21), Uuid::from_u128(9), gap, 71_000)
+                .await
+                .unwrap(),
+            "a tender sent, not answered"
+        );
+        assert_eq!(s.tender_shortfalls(offer.id).await.unwrap(), vec![gap]);
+        let mut bundle = bundle;
+        bundle.reported_through_ms = Some(31_000);
         assert!(
             s.due_bundles(60_999).await.unwrap().is_empty(),
             "not before its end"

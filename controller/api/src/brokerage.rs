@@ -272,6 +272,8 @@ pub struct TenderView {
     pub created_at_ms: i64,
     /// When it was answered.
     pub answered_at_ms: Option<i64>,
+    /// What the broker reported falls short of it (`in` only): spans and units missing.
+    pub shortfalls: Vec<surplus_market::provision::Gap>,
 }
 
 /// A bundle this controller tendered, with its tenders.
@@ -302,6 +304,12 @@ pub struct BundleView {
     pub created_at_ms: i64,
     /// When the accepted tenders were paid out to the contributors.
     pub settled_at_ms: Option<i64>,
+    /// What each subscriber provided so far (kept of its plan or stood in with),
+    /// unit-milliseconds: what the payout is split by.
+    pub held: std::collections::BTreeMap<String, u64>,
+    /// Minute by minute up to the last whose usage arrived: what each contributor
+    /// kept, who stood in, and what fell short (once any of it was sold).
+    pub provision: Option<surplus_market::provision::Provision>,
     /// Its tenders, in the order they were sent.
     pub tenders: Vec<TenderView>,
 }

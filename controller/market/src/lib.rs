@@ -59,6 +59,7 @@ pub mod offers;
 pub mod outbox;
 pub mod pipeline;
 pub mod pool;
+pub mod provision;
 pub mod quality;
 pub mod quote;
 pub mod records;

@@ -20,11 +20,8 @@
 //! other cloud's word and is checked before it counts ([`Placement::record`]): it must
 //! name the tender, take at most what was offered, and at the offered price pro rata.
 //!
-//! # Settlement ([`provided`])
-//!
-//! Each accepted tender's payment is split between the bundle's contributors by
-//! [`crate::brokerage::settle`], in proportion to the unit-milliseconds each one's
-//! contributions hold ([`provided`]).
+//! What an accepted tender is paid, and how the payment is split between the
+//! subscribers that actually provided the capacity, is [`crate::provision`]'s.
 //!
 //! # Invariants (property tests)
 //!
@@ -39,7 +36,6 @@ use surplus_protocol::clock::UnixMillis;
 use surplus_protocol::peer::{TenderOffer, TenderReply};
 use uuid::Uuid;
 
-use crate::stagger::Arrangement;
 use crate::{Refusal, exchange};
 
 const HOUR_MS: u128 = 3_600_000;
@@ -263,17 +259,6 @@ impl Placement {
     }
 }
 
-/// What each contributor of `arrangement` holds, unit-milliseconds, in order of name:
-/// the weights a settlement splits a payment by.
-pub fn provided(arrangement: &Arrangement) -> Vec<(String, u128)> {
-    let mut by: BTreeMap<&str, u128> = BTreeMap::new();
-    for c in &arrangement.contributions {
-        let ms = u128::try_from(c.until.saturating_sub(c.from)).unwrap_or(0);
-        *by.entry(&c.contributor).or_default() += u128::from(c.amount) * ms;
-    }
-    by.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -431,35 +416,6 @@ mod tests {
         assert_eq!((p.taken(), p.paid()), (0, 0));
         p.record(&reply(2, 400)).unwrap();
         assert_eq!(p.record(&reply(2, 400)).unwrap_err().rule, "not_tendered");
-    }
-
-    #[test]
-    fn contributors_weigh_what_they_hold() {
-        use crate::stagger::Contribution;
-        let c = |who: &str, amount, from, until| Contribution {
-            contributor: who.into(),
-            resource: "cpu_cores".into(),
-            amount,
-            from,
-            until,
-            paid_increments: 1,
-        };
-        let a = Arrangement {
-            needs: Vec::new(),
-            contributions: vec![
-                c("bob", 2, 0, H),
-                c("alice", 1, 0, 2 * H),
-                c("bob", 1, H, 2 * H),
-            ],
-            sub_intervals: Vec::new(),
-        };
-        assert_eq!(
-            provided(&a),
-            vec![
-                ("alice".into(), 2 * H as u128),
-                ("bob".into(), 3 * H as u128)
-            ]
-        );
     }
 
     proptest! {

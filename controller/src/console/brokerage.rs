@@ -2,8 +2,10 @@
 //! a form to make one; the margin tables laid out like FIG. 4 (a column per period,
 //! each user's use across clouds and its margin, then the net margin, the offset cost
 //! and the excess capacity, with the totals); and a bundle's plan drawn as a
-//! timeline: who contributes what, when. Every page reads and acts through the API's
-//! handlers; a refusal is the page again with the API's reason.
+//! timeline: who contributes what, when; the bundles tendered (placed, held by whom,
+//! paid out) and every tender sent or answered with its shortfalls. Every page reads
+//! and acts through the API's handlers; a refusal is the page again with the API's
+//! reason.
 
 use std::sync::Arc;
 
@@ -61,10 +63,12 @@ async fn brokerage_page(
 ) -> Page {
     let Json(subs) = brokerage::list_subscriptions(State(ctl.clone()), caller.clone()).await?;
     let margins: Result<MarginsView, PageError> =
-        brokerage::brokerage_margins(State(ctl.clone()), caller, RawQuery(query))
+        brokerage::brokerage_margins(State(ctl.clone()), caller.clone(), RawQuery(query))
             .await
             .map(|Json(v)| v)
             .map_err(PageError::from);
+    let Json(bundles) = brokerage::list_bundles(State(ctl.clone()), caller.clone()).await?;
+    let Json(tenders) = brokerage::list_tenders(State(ctl.clone()), caller.clone()).await?;
     let v = |k: &str, default: &str| f.get(k).unwrap_or(default).to_owned();
     let field = |name: &str, label: &str, default: &str| {
         html! { label { (label) " " input name=(name) value=(v(name, default)) size="10"; } }
@@ -105,6 +109,30 @@ async fn brokerage_page(
                 button type="submit" { "Plan" }
             }
             @if let Some((request, view)) = plan { (timeline(request, view)) }
+            h2 { "Bundles tendered" }
+            table #bundles {
+                thead { tr { th { "Bundle" } th { "Resource" } th { "Amount" } th { "Interval (UTC)" } th { "Price" } th { "Placed" } th { "Held (unit-min)" } th { "Paid out" } } }
+                tbody { @for b in &bundles { tr {
+                    td { (b.id) } td { (b.resource) } td.num { (b.amount) }
+                    td { (clock(b.from_ms)) "–" (clock(b.until_ms)) }
+                    td.num { (b.price) " " (b.currency) } td.num { (b.placed) }
+                    td { @for (who, ms) in &b.held { (who) " " (ms / 60_000) " " } }
+                    td { @if let Some(t) = b.settled_at_ms { (time(t)) } @else { "not yet" } }
+                } } }
+            }
+            @if bundles.is_empty() { p.empty { "No bundle tendered yet (surplus brokerage bundle tender)." } }
+            h2 { "Tenders" }
+            table #tenders {
+                thead { tr { th { "Direction" } th { "Peer" } th { "Resource" } th { "Offered" } th { "State" } th { "Taken" } th { "Price" } th { "Reason" } th { "Shortfalls" } } }
+                tbody { @for t in &tenders { tr {
+                    td { (t.direction) } td { (t.peer) } td { (t.resource) }
+                    td { (t.amount) " for " (t.offered_price) " " (t.currency) ", " (clock(t.from_ms)) "–" (clock(t.until_ms)) }
+                    td { (t.state) } td.num { (t.accepted_amount) } td.num { (t.price) }
+                    td { (t.reason.clone().unwrap_or_default()) }
+                    td { @for g in &t.shortfalls { (g.missing) " short " (clock(g.from)) "–" (clock(g.until)) " " } }
+                } } }
+            }
+            @if tenders.is_empty() { p.empty { "No tender sent or answered yet." } }
         },
     ))
 }

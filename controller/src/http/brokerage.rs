@@ -338,9 +338,7 @@ pub(crate) async fn list_tenders(
 ) -> Result<Json<Vec<TenderView>>, ApiError> {
     caller.require(Role::Admin)?;
     let tenders = ctl.app.store.tenders(500).await?;
-    Ok(Json(
-        tenders.iter().map(crate::brokerage::tender_view).collect(),
-    ))
+    Ok(Json(crate::brokerage::tender_views(&ctl, &tenders).await?))
 }
 
 /// The bundles this controller tendered, newest first, with their tenders and

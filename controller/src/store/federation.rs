@@ -123,6 +123,9 @@ pub struct StoredBundle {
     pub created_at_ms: UnixMillis,
     /// When its accepted tenders were paid out.
     pub settled_at_ms: Option<UnixMillis>,
+    /// The end of the minutes whose provision was judged and whose shortfalls were
+    /// reported.
+    pub reported_through_ms: Option<UnixMillis>,
 }
 
 /// A tender sent (`out`) or answered (`in`), as stored.
@@ -248,6 +251,30 @@ pub trait FederationStore: Send + Sync + std::fmt::Debug + 'static {
         changes: &super::ChangeSet,
         now_ms: UnixMillis,
     ) -> Result<bool, super::PostError>;
+
+    /// Bundles not settled whose interval began by `now_ms`.
+    async fn open_bundles(&self, now_ms: UnixMillis) -> Result<Vec<StoredBundle>, StoreError>;
+
+    /// Notes that a bundle's provision was judged and reported up to `through_ms`
+    /// (never moves back).
+    async fn bundle_reported(&self, id: Uuid, through_ms: UnixMillis) -> Result<(), StoreError>;
+
+    /// Adds a shortfall the broker reported to a tender this controller answered; false
+    /// when the tender is not known here as one from `peer` (a gap reported again is
+    /// kept once).
+    async fn tender_shortfall(
+        &self,
+        id: Uuid,
+        peer: Uuid,
+        gap: surplus_market::provision::Gap,
+        now_ms: UnixMillis,
+    ) -> Result<bool, StoreError>;
+
+    /// The shortfalls reported to a tender, in time order.
+    async fn tender_shortfalls(
+        &self,
+        id: Uuid,
+    ) -> Result<Vec<surplus_market::provision::Gap>, StoreError>;
 
     /// Records a tender; if one with its id is stored already, that one as it stands
     /// (unchanged): a tender received again keeps its first answer.

@@ -62,6 +62,7 @@ macro_rules! federation_sql {
                 contributors: parse_json(row.try_get("contributors")?, "bundle contributors")?,
                 created_at_ms: row.try_get("created_at_ms")?,
                 settled_at_ms: row.try_get("settled_at_ms")?,
+                reported_through_ms: row.try_get("reported_through_ms")?,
             })
         }
 
@@ -85,7 +86,7 @@ macro_rules! federation_sql {
             i64::try_from(v).unwrap_or(i64::MAX)
         }
 
-        const BUNDLE_COLUMNS: &str = "SELECT id, resource, amount, from_ms, until_ms, price, currency, arrangement, contributors, created_at_ms, settled_at_ms FROM bundles";
+        const BUNDLE_COLUMNS: &str = "SELECT id, resource, amount, from_ms, until_ms, price, currency, arrangement, contributors, created_at_ms, settled_at_ms, reported_through_ms FROM bundles";
         const TENDER_COLUMNS: &str = "SELECT id, direction, bundle, peer, offer, state, accepted_amount, price, reason, created_at_ms, answered_at_ms FROM tenders";
 
         const PEER_COLUMNS: &str = "SELECT id, name, role, our_role, ca_pem, fingerprint, addresses, server_name, dials, joined_at_ms, removed_at_ms, last_seen_ms, out_seq, acked_seq, in_seq FROM peers";
@@ -509,6 +510,61 @@ macro_rules! federation_sql {
                 apply_in(&mut tx, changes, now_ms).await?;
                 tx.commit().await.map_err(StoreError::from)?;
                 Ok(true)
+            }
+
+            async fn open_bundles(&self, now_ms: UnixMillis) -> Result<Vec<StoredBundle>, StoreError> {
+                sqlx::query(&format!("{BUNDLE_COLUMNS} WHERE settled_at_ms IS NULL AND from_ms <= $1 ORDER BY from_ms, id"))
+                    .bind(now_ms)
+                    .fetch_all(self.reader())
+                    .await?
+                    .iter()
+                    .map(stored_bundle)
+                    .collect()
+            }
+
+            async fn bundle_reported(&self, id: Uuid, through_ms: UnixMillis) -> Result<(), StoreError> {
+                sqlx::query("UPDATE bundles SET reported_through_ms = $2 WHERE id = $1 AND (reported_through_ms IS NULL OR reported_through_ms < $2)")
+                    .bind(id.to_string())
+                    .bind(through_ms)
+                    .execute(self.writer())
+                    .await?;
+                Ok(())
+            }
+
+            async fn tender_shortfall(&self, id: Uuid, peer: Uuid, gap: surplus_market::provision::Gap, now_ms: UnixMillis) -> Result<bool, StoreError> {
+                let known: Option<String> = sqlx::query_scalar("SELECT id FROM tenders WHERE id = $1 AND peer = $2 AND direction = 'in'")
+                    .bind(id.to_string())
+                    .bind(peer.to_string())
+                    .fetch_optional(self.writer())
+                    .await?;
+                if known.is_none() {
+                    return Ok(false);
+                }
+                sqlx::query("INSERT INTO tender_shortfalls (tender, from_ms, until_ms, missing, reported_at_ms) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tender, from_ms, until_ms, missing) DO NOTHING")
+                    .bind(id.to_string())
+                    .bind(gap.from)
+                    .bind(gap.until)
+                    .bind(money(gap.missing))
+                    .bind(now_ms)
+                    .execute(self.writer())
+                    .await?;
+                Ok(true)
+            }
+
+            async fn tender_shortfalls(&self, id: Uuid) -> Result<Vec<surplus_market::provision::Gap>, StoreError> {
+                sqlx::query("SELECT from_ms, until_ms, missing FROM tender_shortfalls WHERE tender = $1 ORDER BY from_ms, until_ms, missing")
+                    .bind(id.to_string())
+                    .fetch_all(self.reader())
+                    .await?
+                    .iter()
+                    .map(|r| {
+                        Ok(surplus_market::provision::Gap {
+                            from: r.try_get("from_ms")?,
+                            until: r.try_get("until_ms")?,
+                            missing: r.try_get::<i64, _>("missing")?.max(0) as u64,
+                        })
+                    })
+                    .collect()
             }
 
             async fn put_tender(&self, t: &StoredTender) -> Result<StoredTender, StoreError> {
