@@ -60,6 +60,7 @@ fn view(s: &StoredSubscription) -> SubscriptionView {
         overage_rate: s.subscription.overage_rate,
         administrator: s.administrator.clone(),
         currency: s.currency.clone(),
+        availability: s.availability.iter().map(ToString::to_string).collect(),
         created_at_ms: s.created_at_ms,
         updated_at_ms: s.updated_at_ms,
     }
@@ -107,6 +108,14 @@ pub async fn put_subscription(
             format!("currency {currency:?} is not a three-letter code such as EUR"),
         ));
     }
+    let mut availability = body
+        .availability
+        .unwrap_or_default()
+        .iter()
+        .map(|w| brokerage::DailyWindow::parse(w))
+        .collect::<Result<Vec<_>, _>>()?;
+    availability.sort();
+    availability.dedup();
     let now = ctl.app.clock.now_ms();
     let existing = ctl.app.store.subscriptions().await?;
     let created_at_ms = existing
@@ -142,6 +151,7 @@ pub async fn put_subscription(
         subscription,
         administrator,
         currency,
+        availability,
         created_at_ms,
         updated_at_ms: now,
     };
@@ -363,7 +373,7 @@ pub async fn plan_bundle(
     ctl: &Controller,
     body: &surplus_api::brokerage::BundlePlanRequest,
 ) -> Result<surplus_api::brokerage::BundlePlanView, BrokerageError> {
-    use surplus_market::brokerage::{EstimateInput, Window};
+    use surplus_market::brokerage::EstimateInput;
     use surplus_market::stagger::{self, Need, PriceTerms, Unarranged};
     let history = match &body.history {
         Some(h) => period_ms(h)
@@ -416,10 +426,7 @@ pub async fn plan_bundle(
                 share_bps: body.share_bps.unwrap_or(5_000),
                 from: body.from,
                 until: body.until,
-                availability: vec![Window {
-                    from: body.from,
-                    until: body.until,
-                }],
+                availability: brokerage::daily_availability(&s.availability, body.from, body.until),
                 increment_ms: period,
             })?);
         }

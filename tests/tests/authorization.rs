@@ -789,6 +789,8 @@ fn matrix(r: &Resources) -> Vec<Case> {
         with_body("POST", "/v1/subscriptions", "/v1/subscriptions", json!({"user": "carol", "resource": "os_instances", "period": "1h", "limit": 10, "overage_rate": 50}), [201, 403, 403, 403, 401]),
         with_body("POST", "/v1/subscriptions", "/v1/subscriptions", json!({"user": "carol", "resource": "os_instances", "period": "7m", "limit": 10, "overage_rate": 50}), [400, 403, 403, 403, 401]),
         with_body("POST", "/v1/subscriptions", "/v1/subscriptions", json!({"user": "carol", "resource": "gpus", "period": "1h", "limit": 10, "overage_rate": 50}), [400, 403, 403, 403, 401]),
+        with_body("POST", "/v1/subscriptions", "/v1/subscriptions", json!({"user": "dora", "resource": "os_instances", "period": "1h", "limit": 4, "overage_rate": 50, "availability": ["09:00-17:00", "22:00-06:00"]}), [201, 403, 403, 403, 401]),
+        with_body("POST", "/v1/subscriptions", "/v1/subscriptions", json!({"user": "dora", "resource": "os_instances", "period": "1h", "limit": 4, "overage_rate": 50, "availability": ["25:00-26:00"]}), [400, 403, 403, 403, 401]),
         case("GET", "/v1/subscriptions", "/v1/subscriptions", [200, 403, 403, 403, 401]),
         case("GET", "/v1/subscriptions/{user}", "/v1/subscriptions/nobody", [404, 403, 403, 403, 401]),
         case("GET", "/v1/brokerage/margins", "/v1/brokerage/margins?period=1h", [200, 403, 403, 403, 401]),

@@ -947,6 +947,33 @@ async fn margins_and_a_bundle_are_drawn(b: &mut Browser, tc: &TestController) {
         "{short}"
     );
 
+    // Gina leaves five instances unused but only lends them from three to four hours
+    // from now (UTC, every day): the coming hour's bundle does not count on her; lent
+    // at any time, it does.
+    let minute_of_day = |offset_min: i64| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+            / 60;
+        let m = (now + offset_min).rem_euclid(1440);
+        format!("{:02}:{:02}", m / 60, m % 60)
+    };
+    let later = format!("{}-{}", minute_of_day(180), minute_of_day(240));
+    for (window, available) in [
+        (later.as_str(), "1 available"),
+        ("00:00-24:00", "3 available"),
+    ] {
+        b.fill("#subscribe input[name=availability]", window).await;
+        subscribe(b, "gina", "5", "1m").await;
+        let row = b.text("#subscriptions tbody").await;
+        assert!(row.contains(&window.replace("-00:00", "-24:00")), "{row}");
+        b.fill("#plan input[name=amount]", "9").await;
+        b.click("#plan button[type=submit]").await;
+        let short = b.text(".shortfall").await;
+        assert!(short.contains(available), "{window}: {short}");
+    }
+
     // A bundle tendered and a tender answered with a shortfall reported to it, as the
     // federation stores them, are listed with their state.
     use surplus_controller::store::{StoredBundle, StoredTender};

@@ -77,6 +77,11 @@ pub struct SubscriptionCreate {
     /// The rate's currency (default EUR).
     #[serde(default)]
     pub currency: Option<String>,
+    /// When the user's unused capacity may be contributed, every day (UTC), such as
+    /// `["09:00-17:00"]`; a window may run past midnight (`22:00-06:00`). Default: at
+    /// any time.
+    #[serde(default)]
+    pub availability: Option<Vec<String>>,
 }
 
 /// A subscription.
@@ -99,6 +104,9 @@ pub struct SubscriptionView {
     pub administrator: String,
     /// The rate's currency.
     pub currency: String,
+    /// When its unused capacity may be contributed, every day (UTC); empty: at any
+    /// time.
+    pub availability: Vec<String>,
     /// When it was made, ms since the epoch.
     pub created_at_ms: i64,
     /// When it last changed.

@@ -355,6 +355,100 @@ pub struct Window {
     pub until: UnixMillis,
 }
 
+/// A window of every day (UTC) in which a subscriber's unused capacity may be
+/// contributed: minutes of the day, `[from_minute, until_minute)`; a window whose end
+/// is not after its start runs past midnight (`22:00-06:00`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct DailyWindow {
+    /// Start, minutes after midnight (0 to 1439).
+    pub from_minute: u32,
+    /// End, minutes after midnight (1 to 1440).
+    pub until_minute: u32,
+}
+
+impl DailyWindow {
+    /// Reads `HH:MM-HH:MM` (`24:00` or `00:00` as an end: midnight).
+    pub fn parse(text: &str) -> Result<Self, Refusal> {
+        let bad = || {
+            refuse(
+                "availability",
+                format!("availability {text:?}: HH:MM-HH:MM, such as 09:00-17:00 (UTC)"),
+            )
+        };
+        let minute = |t: &str| -> Option<u32> {
+            let (h, m) = t.trim().split_once(':')?;
+            if h.len() != 2 || m.len() != 2 {
+                return None;
+            }
+            let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
+            (m < 60 && (h < 24 || (h == 24 && m == 0))).then_some(h * 60 + m)
+        };
+        let (a, b) = text.split_once('-').ok_or_else(bad)?;
+        let from_minute = minute(a).ok_or_else(bad)?;
+        // `00:00` as an end is midnight, the end of the day.
+        let until_minute = match minute(b).ok_or_else(bad)? {
+            0 => 1440,
+            m => m,
+        };
+        if from_minute >= 1440 || from_minute == until_minute {
+            return Err(bad());
+        }
+        Ok(Self {
+            from_minute,
+            until_minute,
+        })
+    }
+}
+
+impl std::fmt::Display for DailyWindow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hm = |m: u32| format!("{:02}:{:02}", m / 60, m % 60);
+        write!(f, "{}-{}", hm(self.from_minute), hm(self.until_minute))
+    }
+}
+
+/// The spans of `[from, until)` inside any of `daily` (all of it when `daily` is
+/// empty), in time order, touching spans merged.
+pub fn daily_availability(
+    daily: &[DailyWindow],
+    from: UnixMillis,
+    until: UnixMillis,
+) -> Vec<Window> {
+    if from >= until {
+        return Vec::new();
+    }
+    if daily.is_empty() {
+        return vec![Window { from, until }];
+    }
+    const MIN: i64 = 60_000;
+    let mut spans = Vec::new();
+    let mut day = from.div_euclid(DAY_MS) * DAY_MS - DAY_MS;
+    while day < until {
+        for w in daily {
+            let start = day + i64::from(w.from_minute) * MIN;
+            let mut end = day + i64::from(w.until_minute) * MIN;
+            if w.until_minute <= w.from_minute {
+                end += DAY_MS;
+            }
+            let (a, b) = (start.max(from), end.min(until));
+            if a < b {
+                spans.push(Window { from: a, until: b });
+            }
+        }
+        day += DAY_MS;
+    }
+    spans.sort();
+    let mut merged: Vec<Window> = Vec::new();
+    for s in spans {
+        match merged.last_mut() {
+            Some(m) if s.from <= m.until => m.until = m.until.max(s.until),
+            _ => merged.push(s),
+        }
+    }
+    merged
+}
+
 /// What [`estimate`] reads.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -949,6 +1043,67 @@ pub fn settlement_posting(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn daily_windows_read_and_cut_an_interval() {
+        let w = DailyWindow::parse("09:00-17:00").unwrap();
+        assert_eq!((w.from_minute, w.until_minute), (540, 1020));
+        assert_eq!(w.to_string(), "09:00-17:00");
+        assert_eq!(
+            DailyWindow::parse("22:00-24:00").unwrap().until_minute,
+            1440
+        );
+        for bad in [
+            "9-17",
+            "09:00",
+            "25:00-26:00",
+            "09:60-10:00",
+            "10:00-10:00",
+            "24:00-01:00",
+        ] {
+            assert_eq!(
+                DailyWindow::parse(bad).unwrap_err().rule,
+                "availability",
+                "{bad}"
+            );
+        }
+        let d = DAY_MS;
+        let h = HOUR_MS;
+        // Two days from 12:00: 12:00-17:00 on the first, 09:00-12:00 on the second.
+        assert_eq!(
+            daily_availability(&[w], 10 * d + 12 * h, 11 * d + 12 * h),
+            vec![
+                Window {
+                    from: 10 * d + 12 * h,
+                    until: 10 * d + 17 * h
+                },
+                Window {
+                    from: 11 * d + 9 * h,
+                    until: 11 * d + 12 * h
+                },
+            ]
+        );
+        // A night window runs past midnight, and one touching another merges with it.
+        let night = DailyWindow::parse("22:00-06:00").unwrap();
+        let morning = DailyWindow::parse("06:00-07:00").unwrap();
+        assert_eq!(
+            daily_availability(&[night, morning], 10 * d, 11 * d),
+            vec![
+                Window {
+                    from: 10 * d,
+                    until: 10 * d + 7 * h
+                },
+                Window {
+                    from: 10 * d + 22 * h,
+                    until: 11 * d
+                },
+            ]
+        );
+        assert_eq!(
+            daily_availability(&[], 5, 9),
+            vec![Window { from: 5, until: 9 }]
+        );
+    }
 
     const H: i64 = HOUR_MS;
 

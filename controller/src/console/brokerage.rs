@@ -81,10 +81,11 @@ async fn brokerage_page(
             @if let Some(e) = error { p.error role="alert" { (e) } }
             h2 { "Subscriptions" }
             table #subscriptions {
-                thead { tr { th { "User" } th { "Resource" } th { "Period" } th { "Limit" } th { "Overage rate" } th { "Administrator" } } }
+                thead { tr { th { "User" } th { "Resource" } th { "Period" } th { "Limit" } th { "Overage rate" } th { "Administrator" } th { "Available (UTC)" } } }
                 tbody { @for s in &subs { tr {
                     td { (s.user) } td { (s.resource) } td { (s.period) } td.num { (s.limit) }
                     td.num { (s.overage_rate) " " (s.currency) } td { (s.administrator) }
+                    td { @if s.availability.is_empty() { "any time" } @else { (s.availability.join(", ")) } }
                 } } }
             }
             @if subs.is_empty() { p.empty { "No subscription yet." } }
@@ -93,6 +94,7 @@ async fn brokerage_page(
                 (field("user", "User", "")) (field("resource", "Resource", "os_instances"))
                 (field("period", "Period", "1h")) (field("limit", "Limit", "10"))
                 (field("overage_rate", "Overage rate", "50")) (field("administrator", "Administrator", ""))
+                (field("availability", "Available (UTC, such as 09:00-17:00)", ""))
                 button type="submit" { "Subscribe" }
             }
             h2 { "Margins" }
@@ -243,6 +245,9 @@ async fn subscribe(
             overage_rate: number("overage_rate")?,
             administrator: form.non_empty("administrator").map(str::to_owned),
             currency: None,
+            availability: form
+                .non_empty("availability")
+                .map(|a| a.split(',').map(|w| w.trim().to_owned()).collect()),
         })
     })();
     let made = match body {

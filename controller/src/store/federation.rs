@@ -92,6 +92,8 @@ pub struct StoredSubscription {
     pub administrator: String,
     /// The overage rate's currency.
     pub currency: String,
+    /// When its unused capacity may be contributed, every day; empty: at any time.
+    pub availability: Vec<surplus_market::brokerage::DailyWindow>,
     /// When it was made.
     pub created_at_ms: UnixMillis,
     /// When it last changed.

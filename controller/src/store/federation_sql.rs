@@ -418,8 +418,8 @@ macro_rules! federation_sql {
 
             async fn put_subscription(&self, s: &StoredSubscription) -> Result<(), StoreError> {
                 let units = |v: u64| i64::try_from(v).map_err(|_| StoreError::Corrupt(format!("limit {v} out of range")));
-                sqlx::query("INSERT INTO subscriptions (user_name, resource, period_ms, limit_units, overage_rate, administrator, currency, created_at_ms, updated_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-                    ON CONFLICT (user_name, resource) DO UPDATE SET period_ms = excluded.period_ms, limit_units = excluded.limit_units, overage_rate = excluded.overage_rate, administrator = excluded.administrator, currency = excluded.currency, updated_at_ms = excluded.updated_at_ms")
+                sqlx::query("INSERT INTO subscriptions (user_name, resource, period_ms, limit_units, overage_rate, administrator, currency, created_at_ms, updated_at_ms, availability) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+                    ON CONFLICT (user_name, resource) DO UPDATE SET period_ms = excluded.period_ms, limit_units = excluded.limit_units, overage_rate = excluded.overage_rate, administrator = excluded.administrator, currency = excluded.currency, updated_at_ms = excluded.updated_at_ms, availability = excluded.availability")
                     .bind(&s.subscription.user)
                     .bind(&s.subscription.resource)
                     .bind(s.subscription.period_ms)
@@ -429,13 +429,14 @@ macro_rules! federation_sql {
                     .bind(&s.currency)
                     .bind(s.created_at_ms)
                     .bind(s.updated_at_ms)
+                    .bind(json_text(&s.availability))
                     .execute(self.writer())
                     .await?;
                 Ok(())
             }
 
             async fn subscriptions(&self) -> Result<Vec<StoredSubscription>, StoreError> {
-                sqlx::query("SELECT user_name, resource, period_ms, limit_units, overage_rate, administrator, currency, created_at_ms, updated_at_ms FROM subscriptions ORDER BY user_name, resource")
+                sqlx::query("SELECT user_name, resource, period_ms, limit_units, overage_rate, administrator, currency, created_at_ms, updated_at_ms, availability FROM subscriptions ORDER BY user_name, resource")
                     .fetch_all(self.reader())
                     .await?
                     .iter()
@@ -450,6 +451,7 @@ macro_rules! federation_sql {
                             },
                             administrator: r.try_get("administrator")?,
                             currency: r.try_get("currency")?,
+                            availability: parse_json(r.try_get("availability")?, "subscription availability")?,
                             created_at_ms: r.try_get("created_at_ms")?,
                             updated_at_ms: r.try_get("updated_at_ms")?,
                         })

@@ -36,6 +36,10 @@ pub enum SubscriptionCommand {
         /// The rate's currency (default EUR).
         #[arg(long)]
         currency: Option<String>,
+        /// When the user's unused capacity may be contributed, every day (UTC), such
+        /// as 09:00-17:00; repeat for more windows (default: at any time).
+        #[arg(long = "availability")]
+        availability: Vec<String>,
     },
     /// Every subscription (admin).
     List,
@@ -210,6 +214,7 @@ pub async fn subscriptions(
             overage_rate,
             administrator,
             currency,
+            availability,
         } => {
             let body = SubscriptionCreate {
                 user,
@@ -219,6 +224,7 @@ pub async fn subscriptions(
                 overage_rate,
                 administrator,
                 currency,
+                availability: (!availability.is_empty()).then_some(availability),
             };
             let made: SubscriptionView = client.post("/v1/subscriptions", &body).await?;
             if json {
@@ -241,6 +247,7 @@ pub async fn subscriptions(
             "LIMIT",
             "OVERAGE RATE",
             "ADMINISTRATOR",
+            "AVAILABLE (UTC)",
         ]);
         for s in &subs {
             t.add_row(vec![
@@ -250,6 +257,11 @@ pub async fn subscriptions(
                 s.limit.to_string(),
                 format!("{} {}", s.overage_rate, s.currency),
                 s.administrator.clone(),
+                if s.availability.is_empty() {
+                    "any time".to_owned()
+                } else {
+                    s.availability.join(", ")
+                },
             ]);
         }
         println!("{t}");
