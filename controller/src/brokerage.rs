@@ -391,6 +391,28 @@ pub async fn plan_bundle(
         .iter()
         .filter(|s| s.subscription.resource == body.resource)
         .collect();
+    let until = match (body.until, body.interval) {
+        (Some(until), None) => until,
+        (None, Some(rule)) => {
+            let periods: Vec<i64> = subs.iter().map(|s| s.subscription.period_ms).collect();
+            body.from + stagger::interval_for(rule, &periods)?
+        }
+        _ => {
+            return Err(refused(
+                "until",
+                "give the interval's end (until) or its rule (interval), one of the two".into(),
+            ));
+        }
+    };
+    if body.from >= until || until - body.from > stagger::DAY_MS * 7 {
+        return Err(refused(
+            "until",
+            format!(
+                "the interval {}..{until} must not be empty, and at most 7 days",
+                body.from
+            ),
+        ));
+    }
     let mut estimates = Vec::new();
     for period in subs
         .iter()
@@ -398,15 +420,15 @@ pub async fn plan_bundle(
         .collect::<std::collections::BTreeSet<_>>()
     {
         let now = ctl.app.clock.now_ms();
-        let until = now.div_euclid(period) * period;
-        let from = until - history.div_euclid(period).max(1) * period;
+        let seen_until = now.div_euclid(period) * period;
+        let seen_from = seen_until - history.div_euclid(period).max(1) * period;
         let view = margins(
             ctl,
             &MarginQuery {
                 resource: Some(body.resource.clone()),
                 period_ms: Some(period),
-                from: Some(from),
-                until: Some(until),
+                from: Some(seen_from),
+                until: Some(seen_until),
                 ..MarginQuery::default()
             },
         )
@@ -425,8 +447,8 @@ pub async fn plan_bundle(
                 margins,
                 share_bps: body.share_bps.unwrap_or(5_000),
                 from: body.from,
-                until: body.until,
-                availability: brokerage::daily_availability(&s.availability, body.from, body.until),
+                until,
+                availability: brokerage::daily_availability(&s.availability, body.from, until),
                 increment_ms: period,
             })?);
         }
@@ -439,7 +461,21 @@ pub async fn plan_bundle(
         resource: body.resource.clone(),
         amount: body.amount,
         from: body.from,
-        until: body.until,
+        until,
+    };
+    let intervals = match body.hold_minimum {
+        Some(minimum) => stagger::dynamic_intervals(
+            &body.resource,
+            minimum,
+            body.from,
+            until,
+            &available,
+            until - body.from,
+        )?
+        .into_iter()
+        .map(|(from, until)| surplus_market::brokerage::Window { from, until })
+        .collect(),
+        None => Vec::new(),
     };
     let (arrangement, shortfalls) = match stagger::arrange(std::slice::from_ref(&need), &available)
     {
@@ -465,6 +501,9 @@ pub async fn plan_bundle(
         })
         .transpose()?;
     Ok(surplus_api::brokerage::BundlePlanView {
+        from: body.from,
+        until,
+        intervals,
         estimates,
         arrangement,
         price,
@@ -775,6 +814,53 @@ pub async fn tender(
         clouds.push(peer.id);
     }
     let plan = plan_bundle(ctl, &req.bundle).await?;
+    let now = ctl.app.clock.now_ms();
+    if plan.from % MINUTE_MS != 0 || plan.until % MINUTE_MS != 0 {
+        return Err(refused(
+            "from",
+            format!(
+                "a tendered interval starts and ends on a whole minute, not {}..{}",
+                plan.from, plan.until
+            ),
+        ));
+    }
+    if plan.from < now.div_euclid(MINUTE_MS) * MINUTE_MS {
+        return Err(refused(
+            "from",
+            format!(
+                "the interval {}..{} has begun: only time to come is tendered (this minute at the earliest)",
+                plan.from, plan.until
+            ),
+        ));
+    }
+    // A subscriber's unused capacity goes into one bundle at a time: two bundles over
+    // the same time would plan, and sell, the same units. A bundle nobody took (or may
+    // have taken) holds nothing.
+    let mut holding = None;
+    for b in ctl.app.store.open_bundles(i64::MAX).await? {
+        if b.resource != req.bundle.resource || b.from_ms >= plan.until || plan.from >= b.until_ms {
+            continue;
+        }
+        let tenders = ctl.app.store.bundle_tenders(b.id).await?;
+        if tenders.iter().any(|t| {
+            matches!(
+                t.state.as_str(),
+                "accepted" | "part" | "sent" | "unanswered"
+            )
+        }) {
+            holding = Some(b);
+            break;
+        }
+    }
+    if let Some(other) = holding {
+        return Err(refused(
+            "overlapping_bundle",
+            format!(
+                "bundle {} holds {} from {} to {}: a subscriber's unused capacity is tendered in one bundle at a time",
+                other.id, other.resource, other.from_ms, other.until_ms
+            ),
+        ));
+    }
     let (Some(arrangement), Some(price)) = (plan.arrangement, plan.price) else {
         let short: Vec<String> = plan
             .shortfalls
@@ -810,13 +896,12 @@ pub async fn tender(
             (c.to_owned(), surplus_market::ledger::client(admin))
         })
         .collect();
-    let now = ctl.app.clock.now_ms();
     let bundle = StoredBundle {
         id: Uuid::now_v7(),
         resource: req.bundle.resource.clone(),
         amount: req.bundle.amount,
-        from_ms: req.bundle.from,
-        until_ms: req.bundle.until,
+        from_ms: plan.from,
+        until_ms: plan.until,
         price: price.total,
         currency: currency.clone(),
         arrangement,
@@ -899,14 +984,17 @@ async fn provision_of(
     from: UnixMillis,
     until: UnixMillis,
 ) -> Result<Provision, BrokerageError> {
-    let limits: BTreeMap<String, u64> = ctl
+    let subs: Vec<StoredSubscription> = ctl
         .app
         .store
         .subscriptions()
         .await?
         .into_iter()
         .filter(|s| s.subscription.resource == b.resource)
-        .map(|s| (s.subscription.user, s.subscription.limit))
+        .collect();
+    let limits: BTreeMap<String, u64> = subs
+        .iter()
+        .map(|s| (s.subscription.user.clone(), s.subscription.limit))
         .collect();
     let mut used: BTreeMap<(String, i64), u128> = BTreeMap::new();
     if from < until {
@@ -928,6 +1016,14 @@ async fn provision_of(
             used.get(&(user.to_owned(), minute))
                 .map_or(0, |u| exchange::used_in_period(*u, MINUTE_MS))
         },
+        |user, minute| {
+            subs.iter()
+                .find(|s| s.subscription.user == user)
+                .is_some_and(|s| {
+                    !brokerage::daily_availability(&s.availability, minute, minute + MINUTE_MS)
+                        .is_empty()
+                })
+        },
     ))
 }
 
@@ -945,49 +1041,132 @@ fn taken_by(tenders: &[StoredTender]) -> Vec<u64> {
         .collect()
 }
 
-/// Judges the provision of every bundle under way up to the last minute whose usage
-/// has arrived, and tells each accepting cloud what falls short of what it took; the
-/// bundle's report timer moves once every cloud concerned has noted it.
-pub async fn watch_bundles(ctl: &Controller) -> Result<(), BrokerageError> {
-    let judged = judged_until(ctl);
-    for b in ctl.app.store.open_bundles(judged).await? {
-        let start = b.reported_through_ms.unwrap_or(b.from_ms).max(b.from_ms);
-        let through = judged.min(b.until_ms);
-        if through <= start {
-            continue;
+/// How long after a bundle's interval ends the answers of tenders still unanswered
+/// may come; after it the bundle is paid out without them.
+const ANSWER_GRACE_MS: i64 = 10 * MINUTE_MS;
+
+/// The brokerage's own loop: every few seconds, tenders whose answer did not come are
+/// sent again, bundles under way are judged and their shortfalls reported, and
+/// bundles whose interval ended are paid out. Apart from the peer links' loop, so
+/// that a slow peer holds up neither.
+pub async fn drive(ctl: std::sync::Arc<Controller>, cancel: tokio_util::sync::CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
         }
-        let tenders = ctl.app.store.bundle_tenders(b.id).await?;
-        let taken = taken_by(&tenders);
-        let sold: u64 = taken.iter().sum();
-        if sold == 0 {
-            ctl.app.store.bundle_reported(b.id, through).await?;
-            continue;
+        if let Err(e) = watch_bundles(&ctl).await {
+            tracing::warn!(error = %e, "bundles under way not judged");
         }
-        let p = provision_of(ctl, &b, sold, start, through).await?;
-        let mut all_noted = true;
-        for gap in &p.gaps {
-            for (t, missing) in tenders
-                .iter()
-                .zip(provision::split_short(gap.missing, &taken))
-            {
-                if missing == 0 {
-                    continue;
+        match settle_due(&ctl).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(bundles = n, "brokered bundles paid out"),
+            Err(e) => tracing::warn!(error = %e, "bundles not paid out"),
+        }
+    }
+}
+
+/// Sends again a tender whose answer did not come (the marketplace cloud answers a
+/// tender it knows with its first answer) and records the answer once it is checked.
+async fn ask_again(ctl: &Controller, t: &StoredTender) -> Result<(), BrokerageError> {
+    let Ok(answer) = ctl.federation.send_tender(t.peer, &t.offer).await else {
+        return Ok(());
+    };
+    let mut row = t.clone();
+    row.answered_at_ms = Some(ctl.app.clock.now_ms());
+    match answer {
+        Err(why) => {
+            row.state = "rejected".into();
+            row.reason = Some(format!("refused: {why}"));
+        }
+        Ok(reply) => {
+            let mut check = tender::Placement::new(t.offer.amount, t.offer.price);
+            check.next(&t.offer, t.offer.id);
+            match check.record(&reply) {
+                Ok(()) => {
+                    row.state = state_of(t.offer.amount, reply.accepted_amount).into();
+                    row.accepted_amount = reply.accepted_amount;
+                    row.price = reply.price;
+                    row.reason = reply.reason;
                 }
-                let report = TenderShortfall {
-                    id: t.offer.id,
-                    from_ms: gap.from,
-                    until_ms: gap.until,
-                    missing,
-                };
-                if let Err(e) = ctl.federation.send_shortfall(t.peer, report).await {
-                    tracing::warn!(bundle = %b.id, peer = %t.peer, error = %format!("{e:#}"), "shortfall not reported yet");
-                    all_noted = false;
+                Err(refusal) => {
+                    row.state = "invalid".into();
+                    row.reason = Some(refusal.message);
                 }
             }
         }
-        if all_noted {
-            ctl.app.store.bundle_reported(b.id, through).await?;
+    }
+    ctl.app.store.answer_tender(&row).await?;
+    Ok(())
+}
+
+/// Judges the provision of every bundle under way up to the last minute whose usage
+/// has arrived, and tells each accepting cloud what falls short of what it took; the
+/// bundle's report timer moves once every cloud concerned has noted it. A tender
+/// whose answer did not come is asked again first.
+pub async fn watch_bundles(ctl: &Controller) -> Result<(), BrokerageError> {
+    let judged = judged_until(ctl);
+    for b in ctl.app.store.open_bundles(ctl.app.clock.now_ms()).await? {
+        if let Err(e) = watch_bundle(ctl, &b, judged).await {
+            tracing::warn!(bundle = %b.id, error = %e, "bundle not judged");
         }
+    }
+    Ok(())
+}
+
+async fn watch_bundle(
+    ctl: &Controller,
+    b: &StoredBundle,
+    judged: UnixMillis,
+) -> Result<(), BrokerageError> {
+    let mut tenders = ctl.app.store.bundle_tenders(b.id).await?;
+    let waiting: Vec<&StoredTender> = tenders
+        .iter()
+        .filter(|t| matches!(t.state.as_str(), "sent" | "unanswered"))
+        .collect();
+    if !waiting.is_empty() {
+        for t in waiting {
+            ask_again(ctl, t).await?;
+        }
+        tenders = ctl.app.store.bundle_tenders(b.id).await?;
+    }
+    let start = b.reported_through_ms.unwrap_or(b.from_ms).max(b.from_ms);
+    let through = judged.min(b.until_ms);
+    if through <= start {
+        return Ok(());
+    }
+    let taken = taken_by(&tenders);
+    let sold: u64 = taken.iter().sum();
+    if sold == 0 {
+        ctl.app.store.bundle_reported(b.id, through).await?;
+        return Ok(());
+    }
+    let p = provision_of(ctl, b, sold, start, through).await?;
+    let mut all_noted = true;
+    for gap in &p.gaps {
+        for (t, missing) in tenders
+            .iter()
+            .zip(provision::split_short(gap.missing, &taken))
+        {
+            if missing == 0 {
+                continue;
+            }
+            let report = TenderShortfall {
+                id: t.offer.id,
+                from_ms: gap.from,
+                until_ms: gap.until,
+                missing,
+            };
+            if let Err(e) = ctl.federation.send_shortfall(t.peer, report).await {
+                tracing::warn!(bundle = %b.id, peer = %t.peer, error = %format!("{e:#}"), "shortfall not reported yet");
+                all_noted = false;
+            }
+        }
+    }
+    if all_noted {
+        ctl.app.store.bundle_reported(b.id, through).await?;
     }
     Ok(())
 }
@@ -1003,6 +1182,12 @@ pub async fn settle_due(ctl: &Controller) -> Result<usize, BrokerageError> {
     let mut settled = 0;
     for b in ctl.app.store.due_bundles(judged_until(ctl)).await? {
         let tenders = ctl.app.store.bundle_tenders(b.id).await?;
+        let waiting = tenders
+            .iter()
+            .any(|t| matches!(t.state.as_str(), "sent" | "unanswered"));
+        if waiting && now < b.until_ms + ANSWER_GRACE_MS {
+            continue;
+        }
         let taken = taken_by(&tenders);
         let sold: u64 = taken.iter().sum();
         let mut changes = crate::store::ChangeSet::default();

@@ -548,8 +548,8 @@ async fn connect(
 }
 
 /// The peer endpoint's work: accepting links, dialing the peers this controller
-/// dials (with backoff), reloading the peers, the usage exchange, and paying out
-/// bundles whose interval ended.
+/// dials (with backoff), reloading the peers, the usage exchange, and (in its own
+/// task) the brokerage's loop over bundles.
 pub async fn drive(ctl: Arc<Controller>, endpoint: Endpoint, cancel: CancellationToken) {
     let tasks = ctl.app.tasks.clone();
     {
@@ -573,6 +573,7 @@ pub async fn drive(ctl: Arc<Controller>, endpoint: Endpoint, cancel: Cancellatio
             }
         });
     }
+    tasks.spawn(crate::brokerage::drive(ctl.clone(), cancel.clone()));
     // Per peer: its dialing backoff, and whether its work (export, dial, push) is
     // under way, so that one slow peer holds up neither the others nor the reload.
     let backoff: Arc<Mutex<HashMap<Uuid, (tokio::time::Instant, Duration)>>> = Arc::default();
@@ -585,14 +586,6 @@ pub async fn drive(ctl: Arc<Controller>, endpoint: Endpoint, cancel: Cancellatio
             _ = tick.tick() => {}
         }
         ctl.federation.reload().await;
-        if let Err(e) = crate::brokerage::watch_bundles(&ctl).await {
-            tracing::warn!(error = %e, "bundles under way not judged");
-        }
-        match crate::brokerage::settle_due(&ctl).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(bundles = n, "brokered bundles paid out"),
-            Err(e) => tracing::warn!(error = %e, "bundles not paid out"),
-        }
         let Ok(peers) = ctl.app.store.peers().await else {
             continue;
         };
@@ -832,7 +825,7 @@ async fn handle(ctl: &Controller, peer: Uuid, request: Message) -> PeerMessage {
                     PeerMessage::ShortfallNoted
                 }
                 Ok(false) => PeerMessage::Refused(format!(
-                    "tender {} is not one this controller answered for {peer}",
+                    "tender {} is not one this controller took from {peer}, or the shortfall is not inside what it took",
                     s.id
                 )),
                 Err(e) => {

@@ -603,6 +603,33 @@ async fn a_host_clouds_usage_reaches_its_broker_once_and_a_removed_peer_is_cut_o
         json!(100 / 6 + 1),
         "an instance for 10 minutes at 100 an hour, rounded up"
     );
+    // By the common interval of the subscribers' periods (one minute each) instead of
+    // an end, with the longest intervals that hold one instance.
+    let common = broker
+        .cli(&[
+            "brokerage",
+            "bundle",
+            "plan",
+            "--resource",
+            "os_instances",
+            "--amount",
+            "1",
+            "--from",
+            &start,
+            "--interval",
+            "common",
+            "--hold-minimum",
+            "1",
+            "--history",
+            "1h",
+        ])
+        .unwrap();
+    assert_eq!(common["until"], json!(last + 600_000 + 60_000), "{common}");
+    assert_eq!(
+        common["intervals"],
+        json!([{"from": last + 600_000, "until": last + 660_000}]),
+        "{common}"
+    );
     let five = plan("5").unwrap();
     assert!(five["arrangement"].is_null(), "{five}");
     let short = &five["shortfalls"][0];
@@ -715,6 +742,12 @@ async fn a_host_clouds_usage_reaches_its_broker_once_and_a_removed_peer_is_cut_o
     assert_eq!(accepted["placed"], json!(2));
     assert_eq!(accepted["contributors"]["bob"], "client:acme");
     assert_eq!(accepted["contributors"]["alice.host-a"], "client:acme");
+    assert!(
+        tender(&market_id)
+            .unwrap_err()
+            .contains("one bundle at a time"),
+        "the same capacity is not tendered twice"
+    );
     let received = market.cli(&["brokerage", "tenders"]).unwrap();
     let theirs: Vec<_> = received
         .as_array()

@@ -292,6 +292,24 @@ mod stories {
                 .unwrap(),
             "a tender sent, not answered"
         );
+        let outside = surplus_market::provision::Gap {
+            from: 0,
+            until: 61_000,
+            missing: 1,
+        };
+        assert!(
+            !s.tender_shortfall(offer.id, Uuid::from_u128(9), outside, 71_000)
+                .await
+                .unwrap(),
+            "outside its interval"
+        );
+        let more = surplus_market::provision::Gap { missing: 4, ..gap };
+        assert!(
+            !s.tender_shortfall(offer.id, Uuid::from_u128(9), more, 71_000)
+                .await
+                .unwrap(),
+            "more than it took"
+        );
         assert_eq!(s.tender_shortfalls(offer.id).await.unwrap(), vec![gap]);
         let mut bundle = bundle;
         bundle.reported_through_ms = Some(31_000);

@@ -156,8 +156,20 @@ pub struct BundlePlanRequest {
     pub amount: u64,
     /// The interval's start, ms since the epoch.
     pub from: i64,
-    /// The interval's end (exclusive).
-    pub until: i64,
+    /// The interval's end (exclusive); or leave it out and give `interval`.
+    #[serde(default)]
+    pub until: Option<i64>,
+    /// How long the interval is, instead of `until`: `{"rule": "common"}` (the least
+    /// common multiple of the subscribers' periods), `{"rule": "fixed", "ms": 3600000}`
+    /// (1, 2, 12 or 24 hours) or `{"rule": "requested", "ms": N}` (what a marketplace
+    /// cloud asked for, up to a day).
+    #[serde(default)]
+    pub interval: Option<surplus_market::stagger::IntervalRule>,
+    /// Also cut the interval into the longest consecutive intervals over each of which
+    /// the subscribers, each for the whole of it, hold at least this many units
+    /// ([0056]: intervals that change over time to hold a minimum).
+    #[serde(default)]
+    pub hold_minimum: Option<u64>,
     /// The share of each user's average under-consumption estimated, basis points
     /// (default 5000: 50%).
     #[serde(default)]
@@ -178,6 +190,12 @@ pub struct BundlePlanRequest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BundlePlanView {
+    /// The interval planned, ms since the epoch (its end from `until` or `interval`).
+    pub from: i64,
+    /// Its end (exclusive).
+    pub until: i64,
+    /// The consecutive intervals holding `hold_minimum`, when it was asked.
+    pub intervals: Vec<surplus_market::brokerage::Window>,
     /// Each subscriber's estimated contribution.
     pub estimates: Vec<surplus_market::brokerage::Estimate>,
     /// The arrangement, when one holds the amount over the whole interval.

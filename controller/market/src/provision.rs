@@ -5,7 +5,8 @@
 //!
 //! A contributor's own use comes first. In each whole minute judged, each contributor
 //! keeps of what the arrangement plans for it only what its limit leaves beside its
-//! own use that minute (`room` = limit − own use, never below 0). When what the
+//! own use that minute (`room` = limit − own use, never below 0; none outside the
+//! subscriber's availability). When what the
 //! contributors keep falls below what the accepting clouds bought (`sold`), the
 //! broker substitutes the spare room of the resource's other subscribers (and of
 //! contributors with room beyond their plan): the most spare first, a tie to the name
@@ -100,8 +101,13 @@ pub struct ProvisionInput<'a> {
 }
 
 /// Judges the whole minutes of `[from, until)`: `own_use(user, minute)` is the units
-/// the user used itself in the minute.
-pub fn provide(input: ProvisionInput<'_>, own_use: impl Fn(&str, UnixMillis) -> u64) -> Provision {
+/// the user used itself in the minute; `lends(user, minute)` whether the minute is
+/// inside the user's availability (outside it, it has no room to give).
+pub fn provide(
+    input: ProvisionInput<'_>,
+    own_use: impl Fn(&str, UnixMillis) -> u64,
+    lends: impl Fn(&str, UnixMillis) -> bool,
+) -> Provision {
     let mut out = Provision::default();
     let first = input.from.div_euclid(MINUTE_MS) * MINUTE_MS;
     let mut minute = first;
@@ -113,6 +119,9 @@ pub fn provide(input: ProvisionInput<'_>, own_use: impl Fn(&str, UnixMillis) -> 
             }
         }
         let room = |who: &str| -> u64 {
+            if !lends(who, minute) {
+                return 0;
+            }
             input
                 .limits
                 .get(who)
@@ -244,6 +253,7 @@ mod tests {
                 limits: &l,
             },
             |_, _| 1,
+            |_, _| true,
         );
         assert!(p.gaps.is_empty());
         assert!(p.minutes.iter().all(|m| m.substituted.is_empty()));
@@ -276,6 +286,7 @@ mod tests {
                 limits: &l,
             },
             own,
+            |_, _| true,
         );
         assert_eq!(p.minutes[1].kept["alice"], 0);
         assert_eq!(
@@ -307,6 +318,7 @@ mod tests {
                 limits: &l,
             },
             own,
+            |_, _| true,
         );
         assert_eq!(
             p.gaps,
@@ -326,8 +338,36 @@ mod tests {
                 limits: &l,
             },
             own,
+            |_, _| true,
         );
         assert_eq!(partial.minutes.len(), 2);
+        // Bob lends only in minute 2: minute 1 is short by both.
+        let p = provide(
+            ProvisionInput {
+                arrangement: &a,
+                sold: 2,
+                from: 0,
+                until: 4 * M,
+                limits: &l,
+            },
+            own,
+            |who, minute| who != "bob" || minute == 2 * M,
+        );
+        assert_eq!(
+            p.gaps,
+            vec![
+                Gap {
+                    from: M,
+                    until: 2 * M,
+                    missing: 2
+                },
+                Gap {
+                    from: 2 * M,
+                    until: 3 * M,
+                    missing: 1
+                },
+            ]
+        );
     }
 
     #[test]
@@ -395,6 +435,7 @@ mod tests {
             let p = provide(
                 ProvisionInput { arrangement: &a, sold, from: 0, until: 6 * M, limits: &l },
                 own,
+                |_, _| true,
             );
             prop_assert_eq!(p.minutes.len(), 6);
             for m in &p.minutes {

@@ -5,7 +5,8 @@
 //!
 //! A marketplace cloud answers by the standing [`Terms`] its operator set: per
 //! resource, the most it pays per unit-hour and the most units it takes of one
-//! tender. The rules, in order: an interval that is empty or has ended is rejected; so
+//! tender. The rules, in order: an interval that is empty, longer than 7 days, ended,
+//! or begun more than two minutes ago (a tender sells time to come) is rejected; so
 //! is an amount of 0, another currency than the terms', a resource the terms do not
 //! name, and a price above the resource's rate (`price × 1 h > rate × amount ×
 //! length`, exact). A tender of more units than the terms take is accepted in part:
@@ -39,6 +40,13 @@ use uuid::Uuid;
 use crate::{Refusal, exchange};
 
 const HOUR_MS: u128 = 3_600_000;
+
+/// The longest interval a tender may cover.
+pub const MAX_INTERVAL_MS: i64 = 7 * 86_400_000;
+
+/// How long ago a tender's interval may have begun (the minute under way, and clocks
+/// that differ a little).
+pub const BEGUN_SLACK_MS: i64 = 120_000;
 
 /// What a marketplace cloud takes of one resource.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,11 +126,20 @@ fn reject(offer: &TenderOffer, why: String) -> TenderReply {
 
 /// The answer of a cloud with `terms` to `offer` at `now` (see the module's rules).
 pub fn answer(terms: &Terms, offer: &TenderOffer, now: UnixMillis) -> TenderReply {
-    if offer.until_ms <= offer.from_ms {
-        return reject(offer, "the interval is empty".into());
+    let Some(length) = offer.until_ms.checked_sub(offer.from_ms).filter(|l| *l > 0) else {
+        return reject(offer, "the interval is empty or out of range".into());
+    };
+    if length > MAX_INTERVAL_MS {
+        return reject(offer, "the interval is longer than 7 days".into());
     }
     if offer.until_ms <= now {
         return reject(offer, "the interval has ended".into());
+    }
+    if offer.from_ms < now.saturating_sub(BEGUN_SLACK_MS) {
+        return reject(
+            offer,
+            "the interval began more than two minutes ago: a tender sells time to come".into(),
+        );
     }
     if offer.amount == 0 {
         return reject(offer, "the tender offers no units".into());
@@ -139,7 +156,9 @@ pub fn answer(terms: &Terms, offer: &TenderOffer, now: UnixMillis) -> TenderRepl
     let Some(t) = terms.resources.get(&offer.resource) else {
         return reject(offer, format!("this cloud does not buy {}", offer.resource));
     };
-    let length = u128::try_from(offer.until_ms - offer.from_ms).expect("positive");
+    // At most u64 × 3.6e6 on the left and u64 × u64 × 6.1e8 on the right: both fit
+    // in u128 (the interval is at most 7 days).
+    let length = u128::try_from(length).expect("positive");
     if u128::from(offer.price) * HOUR_MS
         > u128::from(t.max_rate_per_unit_hour) * u128::from(offer.amount) * length
     {
@@ -351,8 +370,27 @@ mod tests {
             assert_eq!(r.accepted_amount, 0, "{why}");
             assert!(r.reason.as_deref().unwrap().contains(why), "{r:?}");
         }
-        // A tender for an interval under way is still answered.
-        assert_eq!(answer(&t, &offer(4, 1), 11 * H).accepted_amount, 4);
+        // A tender whose interval began in the last two minutes is still answered;
+        // one that began before is not, nor one longer than a week.
+        assert_eq!(
+            answer(&t, &offer(4, 1), 10 * H + 119_000).accepted_amount,
+            4
+        );
+        let late = answer(&t, &offer(4, 1), 11 * H);
+        assert!(late.reason.unwrap().contains("began"));
+        let long = TenderOffer {
+            from_ms: i64::MIN,
+            ..offer(4, 1)
+        };
+        assert!(
+            answer(&t, &long, 9 * H).reason.unwrap().contains("empty"),
+            "overflow"
+        );
+        let week = TenderOffer {
+            until_ms: 10 * H + MAX_INTERVAL_MS + 1,
+            ..offer(4, 1)
+        };
+        assert!(answer(&t, &week, 9 * H).reason.unwrap().contains("7 days"));
     }
 
     #[test]

@@ -180,16 +180,14 @@ fn margin_tables(m: &MarginsView) -> Markup {
 fn timeline(request: &BundlePlanRequest, view: &BundlePlanView) -> Markup {
     const WIDTH: f64 = 600.0;
     const ROW: f64 = 24.0;
-    let span = (request.until - request.from).max(1) as f64;
-    let x = |t: i64| {
-        ((t.clamp(request.from, request.until) - request.from) as f64 / span * WIDTH).round()
-    };
+    let span = (view.until - view.from).max(1) as f64;
+    let x = |t: i64| ((t.clamp(view.from, view.until) - view.from) as f64 / span * WIDTH).round();
     html! {
         @match &view.arrangement {
             Some(a) => {
                 @let contributors: Vec<&str> = a.contributors().into_iter().collect();
                 p #plan-summary {
-                    (request.amount) " " (request.resource) " from " (clock(request.from)) " to " (clock(request.until))
+                    (request.amount) " " (request.resource) " from " (clock(view.from)) " to " (clock(view.until))
                     " by " (contributors.len()) " contributors"
                     @if let Some(p) = &view.price { ", for " (p.total) }
                     "."
@@ -204,8 +202,8 @@ fn timeline(request: &BundlePlanRequest, view: &BundlePlanView) -> Markup {
                             }
                         }
                     }
-                    text x="160" y=(ROW * contributors.len() as f64 + 22.0) font-size="11" { (clock(request.from)) }
-                    text x=(WIDTH + 130.0) y=(ROW * contributors.len() as f64 + 22.0) font-size="11" { (clock(request.until)) }
+                    text x="160" y=(ROW * contributors.len() as f64 + 22.0) font-size="11" { (clock(view.from)) }
+                    text x=(WIDTH + 130.0) y=(ROW * contributors.len() as f64 + 22.0) font-size="11" { (clock(view.until)) }
                 }
             }
             None => {
@@ -291,7 +289,9 @@ async fn plan(
             resource: form.non_empty("resource").unwrap_or("").to_owned(),
             amount: number("amount")?,
             from: starts,
-            until: starts.saturating_add(lasts),
+            until: Some(starts.saturating_add(lasts)),
+            interval: None,
+            hold_minimum: None,
             share_bps: None,
             history: None,
             rate_per_unit_hour: Some(number("rate")?),

@@ -286,13 +286,20 @@ fn check_plan(body: &BundlePlanRequest) -> Result<(), ApiError> {
         ))
         .with_field("resource".into()));
     }
-    if body.from >= body.until
-        || body.until.saturating_sub(body.from) > surplus_market::stagger::DAY_MS * 7
+    if let Some(until) = body.until
+        && (body.from >= until
+            || until.saturating_sub(body.from) > surplus_market::stagger::DAY_MS * 7)
     {
         return Err(ApiError::bad_request(format!(
-            "the interval {}..{} must not be empty, and at most 7 days",
-            body.from, body.until
+            "the interval {}..{until} must not be empty, and at most 7 days",
+            body.from
         ))
+        .with_field("until".into()));
+    }
+    if body.until.is_some() == body.interval.is_some() {
+        return Err(ApiError::bad_request(
+            "give the interval's end (until) or its rule (interval), one of the two",
+        )
         .with_field("until".into()));
     }
     if body.amount == 0 {
@@ -316,13 +323,6 @@ pub(crate) async fn create_tender(
     caller.require(Role::Admin)?;
     let Json(body) = body?;
     check_plan(&body.bundle)?;
-    if body.bundle.until <= ctl.app.clock.now_ms() {
-        return Err(ApiError::bad_request(format!(
-            "the interval {}..{} has ended: only capacity still to come is tendered",
-            body.bundle.from, body.bundle.until
-        ))
-        .with_field("until".into()));
-    }
     Ok((
         StatusCode::CREATED,
         Json(crate::brokerage::tender(&ctl, &body).await?),

@@ -262,8 +262,9 @@ pub trait FederationStore: Send + Sync + std::fmt::Debug + 'static {
     async fn bundle_reported(&self, id: Uuid, through_ms: UnixMillis) -> Result<(), StoreError>;
 
     /// Adds a shortfall the broker reported to a tender this controller answered; false
-    /// when the tender is not known here as one from `peer` (a gap reported again is
-    /// kept once).
+    /// when the tender is not known here as one from `peer` that it took, or the gap
+    /// is not inside its interval or misses more than it took (a gap reported again
+    /// is kept once).
     async fn tender_shortfall(
         &self,
         id: Uuid,

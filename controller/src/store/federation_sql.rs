@@ -534,12 +534,22 @@ macro_rules! federation_sql {
             }
 
             async fn tender_shortfall(&self, id: Uuid, peer: Uuid, gap: surplus_market::provision::Gap, now_ms: UnixMillis) -> Result<bool, StoreError> {
-                let known: Option<String> = sqlx::query_scalar("SELECT id FROM tenders WHERE id = $1 AND peer = $2 AND direction = 'in'")
+                let Some(row) = sqlx::query(&format!("{TENDER_COLUMNS} WHERE id = $1 AND peer = $2 AND direction = 'in'"))
                     .bind(id.to_string())
                     .bind(peer.to_string())
                     .fetch_optional(self.writer())
-                    .await?;
-                if known.is_none() {
+                    .await?
+                else {
+                    return Ok(false);
+                };
+                // Only what the tender sold can fall short, and only inside its interval.
+                let t = stored_tender(&row)?;
+                if !matches!(t.state.as_str(), "accepted" | "part")
+                    || gap.missing > t.accepted_amount
+                    || gap.from < t.offer.from_ms
+                    || gap.until > t.offer.until_ms
+                    || gap.from >= gap.until
+                {
                     return Ok(false);
                 }
                 sqlx::query("INSERT INTO tender_shortfalls (tender, from_ms, until_ms, missing, reported_at_ms) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tender, from_ms, until_ms, missing) DO NOTHING")

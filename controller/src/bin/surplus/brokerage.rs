@@ -6,6 +6,7 @@ use surplus_api::brokerage::{
     BillRequest, BillView, BundlePlanRequest, BundlePlanView, BundleView, MarginsView,
     SubscriptionCreate, SubscriptionView, TenderRequest, TenderView,
 };
+use surplus_market::stagger::IntervalRule;
 use surplus_market::tender::{ResourceTerms, Terms};
 
 use crate::client::{Client, print, table};
@@ -139,9 +140,21 @@ pub struct PlanArgs {
     /// The interval's start, ms since the epoch.
     #[arg(long)]
     from: i64,
-    /// The interval's end, ms since the epoch.
+    /// The interval's end, ms since the epoch (or --interval).
+    #[arg(
+        long,
+        required_unless_present = "interval",
+        conflicts_with = "interval"
+    )]
+    until: Option<i64>,
+    /// The interval's length instead of --until: `common` (the least common multiple
+    /// of the subscribers' periods), `fixed:1h` (1h, 2h, 12h or 24h) or
+    /// `requested:45m` (what a marketplace cloud asked for).
+    #[arg(long, value_parser = parse_interval)]
+    interval: Option<IntervalRule>,
+    /// Also cut the interval into the longest intervals each holding this many units.
     #[arg(long)]
-    until: i64,
+    hold_minimum: Option<u64>,
     /// Share of the average under-consumption estimated, basis points (5000 = 50%).
     #[arg(long)]
     share_bps: Option<u32>,
@@ -163,11 +176,31 @@ impl PlanArgs {
             amount: self.amount,
             from: self.from,
             until: self.until,
+            interval: self.interval,
+            hold_minimum: self.hold_minimum,
             share_bps: self.share_bps,
             history: self.history,
             rate_per_unit_hour: self.rate,
             floor_per_contributor: self.floor,
         }
+    }
+}
+
+/// Reads `common`, `fixed:1h` or `requested:45m`.
+fn parse_interval(text: &str) -> Result<IntervalRule, String> {
+    let ms = |d: &str| {
+        humantime::parse_duration(d)
+            .ok()
+            .and_then(|d| i64::try_from(d.as_millis()).ok())
+            .ok_or_else(|| format!("{d:?} is not a duration such as 1h"))
+    };
+    match text.split_once(':') {
+        None if text == "common" => Ok(IntervalRule::Common),
+        Some(("fixed", d)) => Ok(IntervalRule::Fixed(ms(d)?)),
+        Some(("requested", d)) => Ok(IntervalRule::Requested(ms(d)?)),
+        _ => Err(format!(
+            "{text:?}: common, fixed:<1h|2h|12h|24h> or requested:<duration>"
+        )),
     }
 }
 
@@ -501,6 +534,13 @@ fn show_plan(plan: &BundlePlanView) {
                 p.total, p.per_contributor
             );
         }
+    }
+    for w in &plan.intervals {
+        println!(
+            "interval {}..{} holds the minimum",
+            clock_label(w.from),
+            clock_label(w.until)
+        );
     }
     for s in &plan.shortfalls {
         println!(
