@@ -18,6 +18,10 @@
 //!   broker into numbered rows (`FederationStore::export_peer_usage`) and pushes them
 //!   until acknowledged; a broker pulls what it lacks whenever a link comes up. The
 //!   rows are kept once each (`surplus_market::exchange`).
+//! - **Tenders.** A broker offers a bundle to a marketplace cloud (`send_tender`),
+//!   which answers by its standing terms and keeps its first answer; the broker
+//!   reports what an accepted tender falls short (`send_shortfall`), kept once. The
+//!   rules are `crate::brokerage`'s and `surplus_market::{tender, provision}`'s.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
